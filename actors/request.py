@@ -1,0 +1,108 @@
+"""What a generation request asks for, and what comes back per token.
+
+Shared by the engines (single-process reference and the heterogeneous Executor),
+the Frontend and the embedding API. Plain data, validated on construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (bad field, prompt too long...)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling and stopping for one request (OpenAI/vLLM meanings).
+
+    ``temperature == 0`` is greedy.  ``top_k <= 0`` and ``top_p == 1`` disable
+    those filters.  ``seed`` makes a sampled request reproducible on its own,
+    whatever else is in the batch.
+    """
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # number of top logprobs to return per token; None = none
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> RequestError:
+            return RequestError(msg)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise bad(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise bad(f"top_k must be an integer, got {self.top_k!r}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
+        ):
+            raise bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop must be a list of non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids must be non-negative integers")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request, as the engine reports it.
+
+    ``finish_reason`` is set on the request's last event: ``"stop"`` (EOS, stop
+    token or stop string), ``"length"`` (max_tokens or the context end),
+    ``"abort"`` (cancelled) or ``"error"`` (then ``error`` says why and
+    ``token_id`` is -1).
+    """
+
+    request_id: int
+    token_id: int
+    index: int  # position of this token in the output, from 0
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: what ``generate`` returns per prompt."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)

@@ -1,0 +1,42 @@
+"""The ``fdctl`` command: a click group whose sub-commands live one per module.
+
+Each sub-command module is imported only when it runs, so ``fdctl --help`` and a
+shard daemon start without importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# sub-command name -> (module under fastdecode.cli, attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, attr, _ = COMMANDS[name]
+        module = importlib.import_module(f"fastdecode.cli.{module_name}")
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastdecode")
+def main() -> None:
+    """fastdecode: LLM serving with the KV-cache on the CPUs of many hosts."""
+
+
+if __name__ == "__main__":
+    main()
