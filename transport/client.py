@@ -1,0 +1,186 @@
+"""The calling end of a channel: a DEALER socket with request ids, timeouts and heartbeats.
+
+Requests are matched to futures by id.  Every ``heartbeat_interval_s`` the client
+sends a Ping; when nothing at all was heard from the peer since the previous Ping,
+a liveness counter drops by one, and anything received resets it.  At zero the
+peer is declared dead (the Paranoid Pirate pattern): every waiting request fails
+with ``PeerDeadError`` and so does every later one.  A peer is therefore found
+dead within ``(liveness + 1) * heartbeat_interval_s`` of its last sign of life.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import zmq
+import zmq.asyncio
+
+from fastdecode.transport.codec import Codec
+from fastdecode.transport.control_messages import ErrorReply, Ping, Pong
+from fastdecode.transport.errors import PeerDeadError, ProtocolError, RemoteRequestError, RequestTimeoutError
+from fastdecode.transport.messages import Message
+from fastdecode.transport.sockets import SendKeeper, make_socket
+
+log = logging.getLogger(__name__)
+
+
+class RpcClient:
+    def __init__(
+        self,
+        address: str,
+        codec: Codec,
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        timeout_s: float = 60.0,
+        heartbeat_interval_s: float = 1.0,
+        liveness: int = 3,
+        name: str = "rpc-client",
+    ) -> None:
+        if timeout_s <= 0 or heartbeat_interval_s <= 0:
+            raise ValueError("timeout_s and heartbeat_interval_s must be positive")
+        if isinstance(liveness, bool) or not isinstance(liveness, int) or liveness < 1:
+            raise ValueError(f"liveness must be a positive integer, got {liveness!r}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_liveness = liveness
+        self._codec = codec
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._name = name
+        self._request_ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._keeper = SendKeeper()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._dead_error: PeerDeadError | None = None
+        self._liveness = liveness
+        self._last_recv_s = 0.0
+
+    @property
+    def is_alive(self) -> bool:
+        return self._sock is not None and self._dead_error is None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        if self._sock is not None:
+            raise RuntimeError(f"{self._name}: already started")
+        loop = asyncio.get_running_loop()
+        sock = make_socket(self._ctx, zmq.DEALER, max_message_bytes=self._codec.max_message_bytes)
+        try:
+            sock.connect(self.address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise OSError(f"{self._name}: cannot connect to {self.address}: {exc}") from exc
+        self._sock = sock
+        self._last_recv_s = loop.time()
+        self._tasks = [
+            loop.create_task(self._receive_loop(), name=f"{self._name}-recv"),
+            loop.create_task(self._heartbeat_loop(), name=f"{self._name}-heartbeat"),
+        ]
+
+    async def request(self, message: Message, *, timeout_s: float | None = None) -> Message:
+        """Send one request and return its reply (of type ``message.REPLY``).
+
+        Raises RemoteRequestError (error reply), RequestTimeoutError, PeerDeadError
+        or ProtocolError (unencodable request or malformed reply).
+        """
+        if self._dead_error is not None:
+            raise PeerDeadError(str(self._dead_error))
+        if self._sock is None:
+            raise RuntimeError(f"{self._name}: not started")
+        request_id = next(self._request_ids)
+        frames = self._codec.encode(request_id, message)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await self._keeper.send(self._sock, frames)
+                reply = await future
+        except TimeoutError:
+            if self._dead_error is not None:
+                raise PeerDeadError(str(self._dead_error)) from None
+            raise RequestTimeoutError(
+                f"{type(message).__name__} to {self.address} got no reply within {timeout:g} s"
+            ) from None
+        finally:
+            self._waiting.pop(request_id, None)
+        if type(reply) is ErrorReply:
+            raise RemoteRequestError(reply.code, reply.message)
+        if message.REPLY is not None and type(reply) is not message.REPLY:
+            raise ProtocolError(f"{type(message).__name__} answered with {type(reply).__name__}")
+        return reply
+
+    async def ping(self, *, timeout_s: float | None = None) -> None:
+        await self.request(Ping(), timeout_s=timeout_s)
+
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            self._last_recv_s = loop.time()
+            self._liveness = self.max_liveness
+            try:
+                request_id, reply = self._codec.decode(frames)
+            except ProtocolError as exc:
+                log.warning("%s: bad reply from %s: %s", self._name, self.address, exc)
+                future = self._waiting.get(exc.request_id) if exc.request_id is not None else None
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+                continue
+            future = self._waiting.get(request_id)
+            if future is not None and not future.done():
+                future.set_result(reply)
+            elif type(reply) is not Pong:
+                log.debug("%s: late or unknown reply %d (%s)", self._name, request_id, type(reply).__name__)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        ping_sent_s: float | None = None
+        while self._dead_error is None:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            if ping_sent_s is not None and self._last_recv_s < ping_sent_s:
+                self._liveness -= 1
+                if self._liveness <= 0:
+                    silent_s = loop.time() - self._last_recv_s
+                    self._fail_all(PeerDeadError(f"{self.address} silent for {silent_s:.2f} s "
+                                                 f"({self.max_liveness} heartbeats missed)"))
+                    return
+            ping_sent_s = loop.time()
+            try:
+                await self._keeper.send(self._sock, self._codec.encode(next(self._request_ids), Ping()))
+            except zmq.ZMQError as exc:
+                log.warning("%s: heartbeat to %s not sent: %s", self._name, self.address, exc)
+
+    def _fail_all(self, error: PeerDeadError, *, is_closing: bool = False) -> None:
+        if self._dead_error is None:
+            self._dead_error = error
+            log.log(logging.INFO if is_closing else logging.WARNING, "%s: %s", self._name, error)
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(PeerDeadError(str(error)))
+
+    async def close(self) -> None:
+        """Fail every waiting request with PeerDeadError, stop the tasks, close the socket."""
+        self._fail_all(PeerDeadError(f"client of {self.address} closed"), is_closing=True)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in self._tasks:
+            if task is not current:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._tasks = []
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None

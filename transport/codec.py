@@ -1,0 +1,260 @@
+"""The wire codec: a msgpack envelope in frame 0, large numpy arrays as their own frames.
+
+Frame 0 is ``msgpack([VERSION, kind, request_id, [field values...]])``.  A numpy
+array field is a msgpack ext (code 1) holding ``[dtype name, shape, payload]``,
+where payload is either the raw bytes (arrays of at most ``inline_threshold``
+bytes) or the index of the frame that carries them.  Big arrays are therefore
+never copied into the envelope: the sender passes them to ZeroMQ with
+``copy=False`` and the receiver wraps the frame in a read-only ``np.frombuffer``
+view.  Decoding is strict: anything unexpected raises ``ProtocolError``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Sequence
+
+import ml_dtypes  # noqa: F401  (registers the "bfloat16" dtype name with numpy)
+import msgpack
+import numpy as np
+
+from fastdecode.transport.errors import ProtocolError
+from fastdecode.transport.messages import MAX_REQUEST_ID, Channel, FieldSpec, Message, Schema
+
+VERSION = 1
+ARRAY_EXT_CODE = 1
+DEFAULT_INLINE_THRESHOLD = 256
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+MAX_NDIM = 8
+
+DTYPES = MappingProxyType(
+    {
+        name: np.dtype(name)
+        for name in (
+            "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+            "float16", "float32", "float64", "bfloat16",
+        )
+    }
+)
+
+
+@dataclass(frozen=True)
+class _ArrayRef:
+    """An array descriptor read from frame 0, resolved against the frames afterwards."""
+
+    dtype_name: str
+    shape: tuple[int, ...]
+    payload: bytes | int  # inline bytes or frame index
+
+
+@dataclass(frozen=True)
+class _BadExt:
+    """A malformed ext seen while unpacking; reported once the request id is known."""
+
+    reason: str
+
+
+def _ext_hook(code: int, data: bytes) -> _ArrayRef | _BadExt:
+    if code != ARRAY_EXT_CODE:
+        return _BadExt(f"unknown msgpack ext code {code}")
+    try:
+        desc = msgpack.unpackb(data, use_list=False, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        return _BadExt(f"bad array descriptor: {exc}")
+    if not (isinstance(desc, tuple) and len(desc) == 3):
+        return _BadExt("array descriptor must be [dtype, shape, payload]")
+    dtype_name, shape, payload = desc
+    if not isinstance(dtype_name, str) or not isinstance(shape, tuple) or len(shape) > MAX_NDIM:
+        return _BadExt("array descriptor has a bad dtype or shape")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return _BadExt(f"array shape must be non-negative integers, got {shape!r}")
+    if isinstance(payload, bool) or not isinstance(payload, (bytes, int)):
+        return _BadExt("array payload must be bytes or a frame index")
+    return _ArrayRef(dtype_name, shape, payload)
+
+
+def _frame_buffer(frame: Any) -> memoryview:
+    """A memoryview over a zmq.Frame, bytes, memoryview or ndarray, without copying."""
+    buffer = getattr(frame, "buffer", None)
+    return buffer if isinstance(buffer, memoryview) else memoryview(frame)
+
+
+def _check_scalar(spec: FieldSpec, value: Any) -> Any:
+    kind = spec.kind
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "bytes" and isinstance(value, bytes):
+        return value
+    if kind == "int_tuple" and isinstance(value, (tuple, list)):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    if kind == "str_tuple" and isinstance(value, (tuple, list)):
+        if all(isinstance(v, str) for v in value):
+            return tuple(value)
+    raise ProtocolError(f"field {spec.name!r} must be {kind}, got {type(value).__name__}")
+
+
+class Codec:
+    """Encodes and decodes the messages of one channel.
+
+    ``encode`` returns the frames to hand to ``send_multipart(copy=False)``;
+    ``decode`` takes the frames from ``recv_multipart(copy=False)`` (zmq.Frame,
+    bytes or any buffer) and returns ``(request_id, message)``.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
+    ) -> None:
+        if max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be at least 1024, got {max_message_bytes}")
+        if inline_threshold < 0:
+            raise ValueError(f"inline_threshold must be >= 0, got {inline_threshold}")
+        self.channel = channel
+        self.max_message_bytes = max_message_bytes
+        self.inline_threshold = inline_threshold
+
+    # ---------------------------------------------------------------- encode
+    def encode(self, request_id: int, message: Message) -> list[Any]:
+        schema = self.channel.by_class(type(message))
+        if schema is None:
+            raise TypeError(f"{type(message).__name__} is not a message of channel {self.channel.name}")
+        if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_REQUEST_ID:
+            raise ValueError(f"request_id must be an integer in [0, 2**63), got {request_id!r}")
+        frames: list[Any] = [b""]
+        values = []
+        num_bytes = 0
+        for spec in schema.fields:
+            value = getattr(message, spec.name)
+            if value is None:
+                if not spec.is_optional:
+                    raise ValueError(f"{schema.cls.__name__}.{spec.name} must not be None")
+                values.append(None)
+            elif spec.kind == "array":
+                ext, frame = self._encode_array(spec, value, len(frames))
+                values.append(ext)
+                if frame is not None:
+                    frames.append(frame)
+                    num_bytes += frame.nbytes
+            else:
+                values.append(_check_scalar(spec, value))
+        frames[0] = msgpack.packb([VERSION, schema.kind, request_id, values], use_bin_type=True)
+        num_bytes += len(frames[0])
+        if num_bytes > self.max_message_bytes:
+            raise ProtocolError(
+                f"{schema.cls.__name__} is {num_bytes} bytes, over the maximum of {self.max_message_bytes}",
+                request_id=request_id,
+            )
+        return frames
+
+    def _encode_array(self, spec: FieldSpec, value: Any, frame_index: int) -> tuple[msgpack.ExtType, Any]:
+        if not isinstance(value, np.ndarray):
+            raise ProtocolError(f"field {spec.name!r} must be a numpy array, got {type(value).__name__}")
+        name = value.dtype.name
+        if name not in DTYPES or value.ndim > MAX_NDIM:
+            raise ProtocolError(f"field {spec.name!r}: dtype {value.dtype} / rank {value.ndim} cannot travel")
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        value = np.ascontiguousarray(value)  # no copy when already C-contiguous
+        shape = list(value.shape)
+        if value.nbytes <= self.inline_threshold:
+            desc = msgpack.packb([name, shape, value.tobytes()], use_bin_type=True)
+            return msgpack.ExtType(ARRAY_EXT_CODE, desc), None
+        desc = msgpack.packb([name, shape, frame_index], use_bin_type=True)
+        return msgpack.ExtType(ARRAY_EXT_CODE, desc), value.reshape(-1).view(np.uint8)
+
+    # ---------------------------------------------------------------- decode
+    def decode(self, frames: Sequence[Any]) -> tuple[int, Message]:
+        if not frames:
+            raise ProtocolError("empty message")
+        buffers = [_frame_buffer(f) for f in frames]
+        num_bytes = sum(b.nbytes for b in buffers)
+        envelope = self._unpack_envelope(buffers[0])
+        request_id = envelope[2]
+        if num_bytes > self.max_message_bytes:
+            raise ProtocolError(f"message of {num_bytes} bytes is over the maximum of {self.max_message_bytes}",
+                                request_id=request_id)
+        version, kind, _, values = envelope
+        if version != VERSION:
+            raise ProtocolError(f"unsupported protocol version {version!r}", request_id=request_id)
+        schema = self.channel.by_kind(kind) if isinstance(kind, int) and not isinstance(kind, bool) else None
+        if schema is None:
+            raise ProtocolError(f"unknown message kind {kind!r} on channel {self.channel.name}",
+                                request_id=request_id)
+        try:
+            kwargs = self._decode_fields(schema, values, buffers)
+            return request_id, schema.cls(**kwargs)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{schema.cls.__name__}: {exc}", request_id=request_id) from None
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"invalid {schema.cls.__name__}: {exc}", request_id=request_id) from None
+
+    @staticmethod
+    def _unpack_envelope(buffer: memoryview) -> tuple:
+        try:
+            envelope = msgpack.unpackb(buffer, use_list=False, raw=False, ext_hook=_ext_hook, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ProtocolError(f"frame 0 is not a msgpack envelope: {exc}") from None
+        if not (isinstance(envelope, tuple) and len(envelope) == 4):
+            raise ProtocolError("envelope must be [version, kind, request_id, fields]")
+        request_id = envelope[2]
+        if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_REQUEST_ID:
+            raise ProtocolError(f"bad request id {request_id!r}")
+        if not isinstance(envelope[3], tuple):
+            raise ProtocolError("envelope fields must be an array", request_id=request_id)
+        return envelope
+
+    def _decode_fields(self, schema: Schema, values: tuple, buffers: list[memoryview]) -> dict[str, Any]:
+        if len(values) != len(schema.fields):
+            raise ProtocolError(f"expected {len(schema.fields)} fields, got {len(values)}")
+        used = [False] * len(buffers)
+        kwargs: dict[str, Any] = {}
+        for spec, value in zip(schema.fields, values):
+            if value is None:
+                if not spec.is_optional:
+                    raise ProtocolError(f"field {spec.name!r} must not be null")
+                kwargs[spec.name] = None
+            elif isinstance(value, _BadExt):
+                raise ProtocolError(f"field {spec.name!r}: {value.reason}")
+            elif spec.kind == "array":
+                if not isinstance(value, _ArrayRef):
+                    raise ProtocolError(f"field {spec.name!r} must be an array")
+                kwargs[spec.name] = self._resolve_array(spec, value, buffers, used)
+            elif isinstance(value, _ArrayRef):
+                raise ProtocolError(f"field {spec.name!r} must not be an array")
+            else:
+                kwargs[spec.name] = _check_scalar(spec, value)
+        if not all(used[1:]):
+            raise ProtocolError(f"frame count mismatch: {len(buffers) - 1} array frames, {sum(used)} referenced")
+        return kwargs
+
+    @staticmethod
+    def _resolve_array(spec: FieldSpec, ref: _ArrayRef, buffers: list[memoryview], used: list[bool]) -> np.ndarray:
+        dtype = DTYPES.get(ref.dtype_name)
+        if dtype is None:
+            raise ProtocolError(f"field {spec.name!r}: dtype {ref.dtype_name!r} is not allowed")
+        if isinstance(ref.payload, int):
+            index = ref.payload
+            if not 1 <= index < len(buffers) or used[index]:
+                raise ProtocolError(f"field {spec.name!r}: bad or reused frame index {index}")
+            used[index] = True
+            data: Any = buffers[index]
+        else:
+            data = ref.payload
+        expected = math.prod(ref.shape) * dtype.itemsize
+        num_bytes = len(data) if isinstance(data, bytes) else data.nbytes
+        if num_bytes != expected:
+            raise ProtocolError(f"field {spec.name!r}: {ref.shape} {ref.dtype_name} needs {expected} bytes")
+        array = np.frombuffer(data, dtype=dtype).reshape(ref.shape)
+        array.flags.writeable = False
+        return array

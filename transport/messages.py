@@ -1,0 +1,143 @@
+"""Typed wire messages: the base class, field schemas and the per-channel kind table.
+
+A message is a frozen dataclass deriving from ``Message`` with a small-int ``KIND``
+class attribute.  Its fields may be ``int``, ``float``, ``bool``, ``str``,
+``bytes``, ``numpy.ndarray``, ``tuple[int, ...]`` or ``tuple[str, ...]``, each
+optionally ``| None``.  A ``Channel`` collects the message classes one pair of
+actors exchange and maps kind tags to classes; the codec only ever decodes a kind
+into a class through that table.  Semantic checks (shapes, ranges) live in each
+message's ``__post_init__`` and therefore run on both encode and decode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+
+MAX_KIND = 255
+MAX_REQUEST_ID = 2**63 - 1
+
+
+class Message:
+    """Base of every wire message.  Subclasses are frozen dataclasses with a unique ``KIND``."""
+
+    KIND: ClassVar[int] = -1
+    # For a request: the message class of its successful reply (an ErrorReply may always come instead).
+    REPLY: ClassVar[type["Message"] | None] = None
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one dataclass field travels: ``kind`` is one of SCALAR_KINDS, "array", "int_tuple", "str_tuple"."""
+
+    name: str
+    kind: str
+    is_optional: bool
+
+
+SCALAR_KINDS: dict[type, str] = {bool: "bool", int: "int", float: "float", str: "str", bytes: "bytes"}
+_TUPLE_KINDS: dict[type, str] = {int: "int_tuple", str: "str_tuple"}
+
+
+def _field_kind(owner: type, name: str, annotation: object) -> tuple[str, bool]:
+    """Map a type annotation to (field kind, is_optional), refusing anything the wire cannot carry."""
+    is_optional = False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) != 1 or len(typing.get_args(annotation)) != 2:
+            raise TypeError(f"{owner.__name__}.{name}: only 'X | None' unions are supported")
+        is_optional = True
+        annotation = members[0]
+        origin = typing.get_origin(annotation)
+    if annotation in SCALAR_KINDS:
+        return SCALAR_KINDS[annotation], is_optional
+    if annotation is np.ndarray:
+        return "array", is_optional
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in _TUPLE_KINDS:
+            return _TUPLE_KINDS[args[0]], is_optional
+    raise TypeError(f"{owner.__name__}.{name}: unsupported wire type {annotation!r}")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The decoded layout of one message class."""
+
+    cls: type[Message]
+    kind: int
+    fields: tuple[FieldSpec, ...]
+
+
+def schema_of(cls: type[Message]) -> Schema:
+    if not (isinstance(cls, type) and issubclass(cls, Message) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{cls!r} is not a Message dataclass")
+    if not isinstance(cls.KIND, int) or not 0 <= cls.KIND <= MAX_KIND:
+        raise TypeError(f"{cls.__name__}.KIND must be an int in [0, {MAX_KIND}], got {cls.KIND!r}")
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        kind, is_optional = _field_kind(cls, f.name, hints[f.name])
+        specs.append(FieldSpec(f.name, kind, is_optional))
+    return Schema(cls, cls.KIND, tuple(specs))
+
+
+class Channel:
+    """The message classes of one actor pair, indexed by kind tag and by class.
+
+    Built once at import time of the channel's module; read-only afterwards.
+    """
+
+    def __init__(self, name: str, messages: Sequence[type[Message]]) -> None:
+        self.name = name
+        by_kind: dict[int, Schema] = {}
+        by_class: dict[type[Message], Schema] = {}
+        for cls in messages:
+            schema = schema_of(cls)
+            if schema.kind in by_kind:
+                other = by_kind[schema.kind].cls.__name__
+                raise TypeError(f"channel {name}: kind {schema.kind} used by {other} and {cls.__name__}")
+            by_kind[schema.kind] = schema
+            by_class[cls] = schema
+        self._by_kind = types.MappingProxyType(by_kind)
+        self._by_class = types.MappingProxyType(by_class)
+
+    def by_kind(self, kind: int) -> Schema | None:
+        return self._by_kind.get(kind)
+
+    def by_class(self, cls: type) -> Schema | None:
+        return self._by_class.get(cls)
+
+    @property
+    def message_classes(self) -> tuple[type[Message], ...]:
+        return tuple(self._by_class)
+
+    @property
+    def request_classes(self) -> tuple[type[Message], ...]:
+        """The classes that expect a reply (their REPLY is set)."""
+        return tuple(cls for cls in self._by_class if cls.REPLY is not None)
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name!r}, {len(self._by_kind)} kinds)"
+
+
+def require_array(value: object, name: str, *, ndim: int, dtypes: Sequence[str]) -> np.ndarray:
+    """Check a message field is an ndarray of the given rank and one of the dtype names; return it."""
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(value).__name__}")
+    if value.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {value.shape}")
+    if value.dtype.name not in dtypes:
+        raise ValueError(f"{name} dtype must be one of {', '.join(dtypes)}, got {value.dtype.name}")
+    return value
+
+
+def require_int(value: object, name: str, *, min_value: int = 0, max_value: int = MAX_REQUEST_ID) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not min_value <= value <= max_value:
+        raise ValueError(f"{name} must be an integer in [{min_value}, {max_value}], got {value!r}")
+    return value

@@ -1,0 +1,123 @@
+"""The serving end of a channel: a ROUTER socket that decodes requests and sends replies.
+
+``RpcServer`` answers heartbeats itself, on the event loop, so a peer stays alive
+while a long request runs elsewhere.  A message that does not decode gets an
+error reply when its request id could be read, and is otherwise dropped with a
+log line.  Every other request goes to the ``on_request(peer, request_id,
+message)`` callback, which must not block; replies go back through ``reply``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from fastdecode.transport.codec import Codec
+from fastdecode.transport.control_messages import PROTOCOL, ErrorReply, Ping, Pong
+from fastdecode.transport.errors import ProtocolError
+from fastdecode.transport.messages import Message
+from fastdecode.transport.sockets import SendKeeper, make_socket
+
+log = logging.getLogger(__name__)
+
+RequestCallback = Callable[[bytes, int, Message], None]
+
+
+class RpcServer:
+    def __init__(
+        self,
+        address: str,
+        codec: Codec,
+        on_request: RequestCallback,
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        name: str = "rpc",
+    ) -> None:
+        self._requested_address = address
+        self._codec = codec
+        self._on_request = on_request
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._name = name
+        self._sock: zmq.asyncio.Socket | None = None
+        self._recv_task: asyncio.Task | None = None
+        self._keeper = SendKeeper()
+        self.address: str | None = None
+        self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
+        self.num_protocol_errors = 0
+
+    async def start(self) -> str:
+        """Bind and start receiving; returns the bound address (a ``:0`` or ``:*`` tcp port is resolved)."""
+        if self._sock is not None:
+            raise RuntimeError(f"{self._name}: already started")
+        sock = make_socket(self._ctx, zmq.ROUTER, max_message_bytes=self._codec.max_message_bytes)
+        address = self._requested_address
+        if address.startswith("tcp://") and address.endswith(":0"):
+            address = address[:-2] + ":*"
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise OSError(f"{self._name}: cannot bind {self._requested_address}: {exc}") from exc
+        self._sock = sock
+        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+        self.address = endpoint.decode() if isinstance(endpoint, bytes) and endpoint else address
+        self._recv_task = asyncio.get_running_loop().create_task(self._receive_loop(), name=f"{self._name}-recv")
+        return self.address
+
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                await self._handle_frames(frames)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the server; logged with traceback
+                log.exception("%s: error handling a message", self._name)
+
+    async def _handle_frames(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            self.num_dropped += 1
+            log.warning("%s: dropped a message without body", self._name)
+            return
+        peer = frames[0].bytes
+        try:
+            request_id, message = self._codec.decode(frames[1:])
+        except ProtocolError as exc:
+            self.num_protocol_errors += 1
+            if exc.request_id is None:
+                self.num_dropped += 1
+                log.warning("%s: dropped an unreadable message: %s", self._name, exc)
+            else:
+                log.warning("%s: protocol error in request %d: %s", self._name, exc.request_id, exc)
+                await self.reply(peer, exc.request_id, ErrorReply(PROTOCOL, str(exc)))
+            return
+        if type(message) is Ping:
+            await self.reply(peer, request_id, Pong())
+            return
+        self._on_request(peer, request_id, message)
+
+    async def reply(self, peer: bytes, request_id: int, message: Message) -> None:
+        """Send a reply to one peer; a reply that cannot be encoded becomes an error reply."""
+        if self._sock is None or self._sock.closed:
+            log.debug("%s: socket closed, reply to %d not sent", self._name, request_id)
+            return
+        try:
+            frames = self._codec.encode(request_id, message)
+        except (ProtocolError, ValueError, TypeError) as exc:
+            log.error("%s: reply to %d cannot be encoded: %s", self._name, request_id, exc)
+            frames = self._codec.encode(request_id, ErrorReply(PROTOCOL, f"reply cannot be encoded: {exc}"))
+        await self._keeper.send(self._sock, [peer, *frames])
+
+    async def close(self) -> None:
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            try:
+                await self._recv_task
+            except asyncio.CancelledError:
+                pass
+            self._recv_task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
