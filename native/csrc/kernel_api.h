@@ -1,0 +1,113 @@
+// Internal interface between the dispatcher and the per-ISA kernel translation units.
+// This header holds only plain structs and `static inline` helpers: every ISA unit gets its own
+// private copy, so no weak symbol compiled for AVX-512 can leak into the baseline path.
+#ifndef FASTDECODE_KERNEL_API_H
+#define FASTDECODE_KERNEL_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace fdn {
+
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxGroup = 16;
+
+// One attention work item: one sequence, one KV head, one chunk of whole pages.
+struct ChunkTask {
+    const uint8_t *base;      // pool memory
+    const int32_t *pages;     // page indices of this chunk
+    size_t page_bytes;
+    size_t k_offset;          // byte offset of this head's K^T block [D][P] inside a page
+    size_t v_offset;          // byte offset of this head's V block [P][D] inside a page
+    int32_t num_pages;
+    int32_t num_tokens;       // tokens in the chunk: every page full except maybe the last
+    int32_t page_size;
+    int32_t head_dim;
+    int32_t group;            // query heads sharing this KV head
+    const void *q;            // [group][head_dim] of q_dtype
+    int32_t q_dtype;
+    float scale;              // 1/sqrt(head_dim)
+    float *acc;               // out: [group][head_dim], unnormalised
+    float *m;                 // out: [group], running max of scaled scores
+    float *l;                 // out: [group], sum of exp(score - m)
+};
+
+// Merges one (sequence, KV head)'s chunk partials in chunk order and writes the group's outputs.
+struct MergeTask {
+    const float *acc;         // [num_chunks][group][head_dim]
+    const float *m;           // [num_chunks][group]
+    const float *l;           // [num_chunks][group]
+    int32_t num_chunks;
+    int32_t group;
+    int32_t head_dim;
+    void *out;                // first of `group` rows [head_dim] of out_dtype
+    int32_t out_dtype;
+    float *lse;               // first of `group` floats, or nullptr
+};
+
+struct KernelTable {
+    void (*chunk[3])(const ChunkTask *task);   // indexed by the KV dtype
+    void (*merge)(const MergeTask *task);
+    double (*read_sum)(const float *data, size_t count);
+};
+
+const KernelTable *kernels_generic();
+const KernelTable *kernels_avx2();     // only linked when the compiler supports the flags
+const KernelTable *kernels_avx512();
+
+// ---- scalar dtype conversions (round to nearest even), shared by all units ----
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);   // quiet NaN
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) {
+        float mag = (float)m * (1.0f / 16777216.0f);   // m * 2^-24, exact
+        return sign ? -mag : mag;
+    }
+    if (e == 31) return bits_f32(sign | 0x7F800000u | (m << 13));
+    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t x = f32_bits(f);
+    uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u | ((a >> 13) & 0x3FFu) : 0u));
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);        // rounds to infinity
+    if (a >= 0x38800000u)                                            // normal half
+        return (uint16_t)(sign | ((a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13));
+    if (a < 0x33000000u) return (uint16_t)sign;                      // below half the smallest subnormal
+    uint32_t e = a >> 23, m = (a & 0x7FFFFFu) | 0x800000u;
+    uint32_t shift = 126u - e, r = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return (uint16_t)(sign | r);
+}
+
+static inline size_t dtype_size(int dtype) { return dtype == 0 ? 4 : 2; }
+
+static inline float load_scalar(const void *p, size_t i, int dtype) {
+    if (dtype == 0) return ((const float *)p)[i];
+    if (dtype == 1) return f16_to_f32(((const uint16_t *)p)[i]);
+    return bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void store_scalar(void *p, size_t i, int dtype, float f) {
+    if (dtype == 0) ((float *)p)[i] = f;
+    else if (dtype == 1) ((uint16_t *)p)[i] = f32_to_f16(f);
+    else ((uint16_t *)p)[i] = f32_to_bf16(f);
+}
+
+}  // namespace fdn
+#endif

@@ -1,0 +1,209 @@
+// KV pool: creation (mapping, pre-faulting by the team), sequences, bulk append and read-back.
+#include "pool.h"
+
+#include <omp.h>
+#include <string.h>
+#include <sys/mman.h>
+
+namespace fdn {
+
+static bool valid_dtype(int32_t dtype) { return dtype == FD_F32 || dtype == FD_F16 || dtype == FD_BF16; }
+
+int32_t pool_create(const fd_pool_config &c, const KernelTable *kernels, int32_t isa, fd_pool **out) {
+    if (c.num_layers < 1 || c.num_kv_heads < 1) return set_error("num_layers and num_kv_heads must be >= 1"), FD_EINVAL;
+    if (c.head_dim < 16 || c.head_dim > kMaxHeadDim || c.head_dim % 16)
+        return set_error("head_dim must be a multiple of 16 in [16, %d], got %d", kMaxHeadDim, c.head_dim), FD_EINVAL;
+    if (c.page_size < 16 || c.page_size > 256 || c.page_size % 16)
+        return set_error("page_size must be a multiple of 16 in [16, 256], got %d", c.page_size), FD_EINVAL;
+    if (!valid_dtype(c.kv_dtype)) return set_error("unknown kv dtype code %d", c.kv_dtype), FD_EINVAL;
+    if (c.chunk_pages < 1) return set_error("chunk_pages must be >= 1"), FD_EINVAL;
+    if (c.num_threads < 1 || c.num_threads > 4096) return set_error("num_threads must be in [1, 4096]"), FD_EINVAL;
+    if (c.num_cpus < 0 || (c.num_cpus > 0 && !c.cpu_list)) return set_error("bad cpu list"), FD_EINVAL;
+    for (int i = 0; i < c.num_cpus; ++i)
+        if (c.cpu_list[i] < 0 || c.cpu_list[i] >= CPU_SETSIZE) return set_error("bad cpu %d", c.cpu_list[i]), FD_EINVAL;
+
+    fd_pool *pool = new fd_pool();
+    pool->num_layers = c.num_layers;
+    pool->num_kv_heads = c.num_kv_heads;
+    pool->head_dim = c.head_dim;
+    pool->kv_dtype = c.kv_dtype;
+    pool->page_size = c.page_size;
+    pool->chunk_pages = c.chunk_pages;
+    pool->isa = isa;
+    pool->kernels = kernels;
+    pool->team.num_threads = c.num_threads;
+    pool->team.cpus.assign(c.cpu_list, c.cpu_list + c.num_cpus);
+    pool->elem_bytes = dtype_size(c.kv_dtype);
+    pool->block_bytes = (size_t)c.head_dim * c.page_size * pool->elem_bytes;
+    pool->page_bytes = 2 * (size_t)c.num_kv_heads * pool->block_bytes;
+    pool->num_pages = c.capacity_bytes > 0 ? c.capacity_bytes / (int64_t)pool->page_bytes : 0;
+    if (pool->num_pages < 1 || pool->num_pages > INT32_MAX) {
+        set_error("capacity_bytes %lld holds %lld pages of %zu bytes; need between 1 and 2^31-1",
+                  (long long)c.capacity_bytes, (long long)pool->num_pages, pool->page_bytes);
+        delete pool;
+        return FD_EINVAL;
+    }
+    pool->map_bytes = (size_t)pool->num_pages * pool->page_bytes;
+    void *mem = mmap(nullptr, pool->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+        set_error("mmap of %zu bytes failed", pool->map_bytes);
+        delete pool;
+        return FD_ENOMEM;
+    }
+    madvise(mem, pool->map_bytes, MADV_HUGEPAGE);
+    pool->base = static_cast<uint8_t *>(mem);
+    // Pre-fault: the team's threads touch the pages first.
+    const int64_t num_pages = pool->num_pages;
+    const size_t page_bytes = pool->page_bytes;
+    uint8_t *base = pool->base;
+    {
+        CallerPin pin(pool->team);
+        const Team &team = pool->team;
+#pragma omp parallel num_threads(team.num_threads)
+        {
+            if (omp_get_thread_num() > 0) pin_worker(team, omp_get_thread_num());
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < num_pages; ++p) memset(base + (size_t)p * page_bytes, 0, page_bytes);
+        }
+    }
+    pool->free_pages.resize((size_t)num_pages);
+    for (int64_t i = 0; i < num_pages; ++i) pool->free_pages[(size_t)i] = (int32_t)(num_pages - 1 - i);
+    *out = pool;
+    return FD_OK;
+}
+
+void pool_destroy(fd_pool *pool) {
+    if (pool->base) munmap(pool->base, pool->map_bytes);
+    delete pool;
+}
+
+int32_t pool_seq_allocate(fd_pool &pool, int64_t seq_id) {
+    if (pool.seqs.count(seq_id)) return set_error("sequence %lld is already allocated", (long long)seq_id), FD_EEXIST;
+    SeqState &s = pool.seqs[seq_id];
+    s.pages.resize((size_t)pool.num_layers);
+    s.lens.assign((size_t)pool.num_layers, 0);
+    return FD_OK;
+}
+
+int32_t pool_seq_free(fd_pool &pool, int64_t seq_id) {
+    auto it = pool.seqs.find(seq_id);
+    if (it == pool.seqs.end()) return set_error("unknown sequence %lld", (long long)seq_id), FD_ENOENT;
+    for (const auto &layer_pages : it->second.pages)
+        pool.free_pages.insert(pool.free_pages.end(), layer_pages.rbegin(), layer_pages.rend());
+    pool.seqs.erase(it);
+    return FD_OK;
+}
+
+int32_t pool_find(fd_pool &pool, int64_t seq_id, int32_t layer, SeqState **out) {
+    if (layer < 0 || layer >= pool.num_layers)
+        return set_error("layer %d out of range [0, %d)", layer, pool.num_layers), FD_EINVAL;
+    auto it = pool.seqs.find(seq_id);
+    if (it == pool.seqs.end()) return set_error("unknown sequence %lld", (long long)seq_id), FD_ENOENT;
+    *out = &it->second;
+    return FD_OK;
+}
+
+static inline void copy_elem(void *dst, size_t di, int32_t ddt, const void *src, size_t si, int32_t sdt) {
+    if (ddt == sdt) {
+        if (ddt == FD_F32) static_cast<float *>(dst)[di] = static_cast<const float *>(src)[si];
+        else static_cast<uint16_t *>(dst)[di] = static_cast<const uint16_t *>(src)[si];
+    } else {
+        store_scalar(dst, di, ddt, load_scalar(src, si, sdt));
+    }
+}
+
+void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+                      const void *k, const void *v, int32_t src_dtype) {
+    const int P = pool.page_size, D = pool.head_dim;
+    uint8_t *page = pool.page_ptr(pages[(size_t)(pos / P)]);
+    const int slot = (int)(pos % P);
+    const int h0 = head < 0 ? 0 : head, h1 = head < 0 ? pool.num_kv_heads : head + 1;
+    for (int h = h0; h < h1; ++h) {
+        uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
+        const size_t src = (size_t)h * D, vdst = (size_t)slot * D;
+        for (int d = 0; d < D; ++d) {
+            copy_elem(kb, (size_t)d * P + slot, pool.kv_dtype, k, src + d, src_dtype);
+            copy_elem(vb, vdst + d, pool.kv_dtype, v, src + d, src_dtype);
+        }
+    }
+}
+
+int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, const void *k,
+                    const void *v, int32_t src_dtype) {
+    if (!valid_dtype(src_dtype)) return set_error("unknown source dtype code %d", src_dtype), FD_EINVAL;
+    if (num_tokens < 0 || num_tokens > INT32_MAX) return set_error("bad token count %lld", (long long)num_tokens), FD_EINVAL;
+    SeqState *s = nullptr;
+    const int32_t l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? pool.num_layers : layer + 1;
+    if (int32_t st = pool_find(pool, seq_id, l0, &s)) return st;
+    if (num_tokens == 0) return FD_OK;
+    int64_t needed = 0;
+    for (int32_t l = l0; l < l1; ++l)
+        needed += pool.pages_for(s->lens[l] + num_tokens) - (int64_t)s->pages[l].size();
+    if (needed > (int64_t)pool.free_pages.size())
+        return set_error("KV pool full: append of %lld tokens needs %lld pages, %zu free", (long long)num_tokens,
+                         (long long)needed, pool.free_pages.size()), FD_EFULL;
+    // Plan the write units first (may allocate), then reserve pages (cannot fail).
+    std::vector<int64_t> unit_layer, unit_page;
+    for (int32_t l = l0; l < l1; ++l) {
+        for (int64_t p = s->lens[l] / pool.page_size; p < pool.pages_for(s->lens[l] + num_tokens); ++p) {
+            unit_layer.push_back(l);
+            unit_page.push_back(p);
+        }
+    }
+    for (int32_t l = l0; l < l1; ++l) {
+        const int64_t want = pool.pages_for(s->lens[l] + num_tokens);
+        s->pages[l].reserve((size_t)want);
+        while ((int64_t)s->pages[l].size() < want) {
+            s->pages[l].push_back(pool.free_pages.back());
+            pool.free_pages.pop_back();
+        }
+    }
+    const size_t token_elems = (size_t)pool.num_kv_heads * pool.head_dim, es = dtype_size(src_dtype);
+    const int64_t num_units = (int64_t)unit_layer.size(), P = pool.page_size;
+    const fd_pool &cpool = pool;
+    const Team &team = pool.team;
+    CallerPin pin(team);
+#pragma omp parallel num_threads(team.num_threads)
+    {
+        if (omp_get_thread_num() > 0) pin_worker(team, omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < num_units; ++u) {
+            const int32_t l = (int32_t)unit_layer[(size_t)u];
+            const int64_t start = s->lens[l], page = unit_page[(size_t)u];
+            const int64_t pos0 = page * P > start ? page * P : start;
+            const int64_t pos1 = (page + 1) * P < start + num_tokens ? (page + 1) * P : start + num_tokens;
+            const size_t layer_base = (size_t)(l - l0) * (size_t)num_tokens * token_elems;
+            for (int64_t pos = pos0; pos < pos1; ++pos) {
+                const size_t off = (layer_base + (size_t)(pos - start) * token_elems) * es;
+                pool_write_token(cpool, s->pages[l], pos, -1, static_cast<const uint8_t *>(k) + off,
+                                 static_cast<const uint8_t *>(v) + off, src_dtype);
+            }
+        }
+    }
+    for (int32_t l = l0; l < l1; ++l) s->lens[l] += num_tokens;
+    return FD_OK;
+}
+
+int32_t pool_read(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, float *k_out, float *v_out) {
+    SeqState *s = nullptr;
+    if (int32_t st = pool_find(pool, seq_id, layer, &s)) return st;
+    if (num_tokens != s->lens[layer])
+        return set_error("read buffer holds %lld tokens, sequence has %lld", (long long)num_tokens,
+                         (long long)s->lens[layer]), FD_EINVAL;
+    const int P = pool.page_size, D = pool.head_dim, H = pool.num_kv_heads;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const uint8_t *page = pool.page_ptr(s->pages[layer][(size_t)(t / P)]);
+        const int slot = (int)(t % P);
+        for (int h = 0; h < H; ++h) {
+            const uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
+            float *ko = k_out + ((size_t)t * H + h) * D, *vo = v_out + ((size_t)t * H + h) * D;
+            for (int d = 0; d < D; ++d) {
+                ko[d] = load_scalar(kb, (size_t)d * P + slot, pool.kv_dtype);
+                vo[d] = load_scalar(vb, (size_t)slot * D + d, pool.kv_dtype);
+            }
+        }
+    }
+    return FD_OK;
+}
+
+}  // namespace fdn

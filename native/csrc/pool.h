@@ -1,0 +1,82 @@
+// The paged KV pool: one mapping of fixed-size pages, page tables per (sequence, layer).
+//
+// A page holds page_size tokens of one layer for all KV heads. Inside a page, for each head h, a K^T
+// block [D][P] (head-dim major, so scores for a page come out as vectors over tokens), then for each
+// head a V block [P][D]. A GQA group therefore reads two contiguous blocks per page and KV head.
+#ifndef FASTDECODE_POOL_H
+#define FASTDECODE_POOL_H
+
+#include <stdint.h>
+
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "fdnative.h"
+#include "kernel_api.h"
+#include "team.h"
+
+namespace fdn {
+
+struct SeqState {
+    std::vector<std::vector<int32_t>> pages;   // [layer] -> page indices
+    std::vector<int64_t> lens;                 // [layer] -> tokens
+};
+
+// Attention scratch, reused across calls (grown, never shrunk).
+struct WorkItem {
+    int32_t batch_index, head, first_page, num_pages, num_tokens;
+    int32_t is_last;       // this chunk holds the new token: write it before attending
+};
+
+struct AttendScratch {
+    std::vector<WorkItem> items;
+    std::vector<int64_t> group_first_item;   // [(b, h)] -> first item; one past the end appended
+    std::vector<float> acc, m, l;
+    std::vector<SeqState *> seqs;
+};
+
+void set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+}  // namespace fdn
+
+struct fd_pool {
+    int32_t num_layers = 0, num_kv_heads = 0, head_dim = 0, kv_dtype = 0, page_size = 0, chunk_pages = 0;
+    int32_t isa = 0;
+    fdn::Team team;
+    const fdn::KernelTable *kernels = nullptr;
+    size_t elem_bytes = 0, block_bytes = 0, page_bytes = 0;
+    int64_t num_pages = 0;
+    uint8_t *base = nullptr;
+    size_t map_bytes = 0;
+    std::vector<int32_t> free_pages;
+    std::unordered_map<int64_t, fdn::SeqState> seqs;
+    fdn::AttendScratch scratch;
+    std::mutex mutex;
+
+    size_t k_offset(int head) const { return (size_t)head * block_bytes; }
+    size_t v_offset(int head) const { return (size_t)(num_kv_heads + head) * block_bytes; }
+    uint8_t *page_ptr(int32_t page) const { return base + (size_t)page * page_bytes; }
+    int64_t pages_for(int64_t num_tokens) const { return (num_tokens + page_size - 1) / page_size; }
+};
+
+namespace fdn {
+
+int32_t pool_create(const fd_pool_config &config, const KernelTable *kernels, int32_t isa, fd_pool **out);
+void pool_destroy(fd_pool *pool);
+int32_t pool_seq_allocate(fd_pool &pool, int64_t seq_id);
+int32_t pool_seq_free(fd_pool &pool, int64_t seq_id);
+int32_t pool_find(fd_pool &pool, int64_t seq_id, int32_t layer, SeqState **out);
+int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, const void *k,
+                    const void *v, int32_t src_dtype);
+int32_t pool_read(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, float *k_out, float *v_out);
+// Writes token `pos` of one KV head (or all heads when head < 0) from k, v rows [Hkv][D] of src_dtype.
+void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+                      const void *k, const void *v, int32_t src_dtype);
+int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *seq_ids, int32_t num_q_heads,
+                    const void *q, int32_t q_dtype, const void *k, const void *v, int32_t in_dtype, void *out,
+                    int32_t out_dtype, float *lse);
+
+}  // namespace fdn
+#endif
