@@ -1,0 +1,77 @@
+"""A KV node as the scheduler sees it: memory in pages, bytes per token, a time model.
+
+A node is any place that holds KV-cache and attends over it: a CPU KVShard today,
+a GPU "KV node" later.  Memory is counted in pages of ``page_size`` tokens; a
+sequence of ``n`` tokens holds ``ceil(n / page_size)`` pages in every layer, so
+here a page means one page in each of the ``num_layers`` layers:
+``page_bytes = page_size * kv_bytes_per_token`` with ``kv_bytes_per_token``
+summed over all layers.  One attend call covers one layer, so it reads
+``kv_bytes_per_token / num_layers`` bytes per token of context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class AttendTimeModel(Protocol):
+    """What the scheduler needs from a node's time model (``ShardPerfModel`` is one)."""
+
+    def predict(self, kv_bytes: float) -> float: ...
+
+
+def _positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NodeModel:
+    """One KV node: identity, memory, layout and attend-time model.
+
+    ``perf`` is the node's (mutable, online-updated) time model; the rest is
+    fixed when the node registers.
+    """
+
+    node_id: int
+    capacity_bytes: int
+    kv_bytes_per_token: int  # all layers, K and V
+    num_layers: int
+    page_size: int  # tokens per page
+    perf: AttendTimeModel
+
+    def __post_init__(self) -> None:
+        if isinstance(self.node_id, bool) or not isinstance(self.node_id, int) or self.node_id < 0:
+            raise ValueError(f"node_id must be a non-negative integer, got {self.node_id!r}")
+        if isinstance(self.capacity_bytes, bool) or not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be a non-negative integer, got {self.capacity_bytes!r}")
+        _positive_int(self.kv_bytes_per_token, "kv_bytes_per_token")
+        _positive_int(self.num_layers, "num_layers")
+        _positive_int(self.page_size, "page_size")
+        if not callable(getattr(self.perf, "predict", None)):
+            raise ValueError("perf must have a predict(kv_bytes) method")
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_size * self.kv_bytes_per_token
+
+    @property
+    def num_pages(self) -> int:
+        """Pages the node can hold (each spanning all layers)."""
+        return self.capacity_bytes // self.page_bytes
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages a sequence of ``num_tokens`` tokens holds: ceil(num_tokens / page_size)."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        return -(-num_tokens // self.page_size)
+
+    def read_bytes(self, num_tokens: float) -> float:
+        """Bytes one attend call (one layer) reads for ``num_tokens`` tokens of context."""
+        return num_tokens * self.kv_bytes_per_token / self.num_layers
+
+    def predict_attend_s(self, num_tokens: float) -> float:
+        """Predicted seconds of one attend call over ``num_tokens`` tokens of context (0 for none)."""
+        if num_tokens <= 0:
+            return 0.0
+        return self.perf.predict(self.read_bytes(num_tokens))

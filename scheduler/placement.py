@@ -1,0 +1,74 @@
+"""Placement: which node a new sequence lives on.
+
+A new sequence goes to the node whose predicted attend time after adding it is
+lowest, among the nodes with room for it.  The load of a node is the sum of its
+resident sequences' expected final lengths (prompt + max_tokens), so a node
+filled with sequences that will grow long counts as busy before they have grown.
+
+Room means, in pages of each node (``ceil(tokens / page_size)`` per layer):
+- now: the pages in use plus the new prompt's (and its first generated token's)
+  pages fit in the node's memory;
+- later: the pages every resident will hold at its expected final length, plus
+  the new one's, fit in ``overcommit`` times the node's memory.  With
+  ``overcommit == 1`` a sequence that stops at max_tokens never runs out of
+  memory; above 1 more sequences run (most stop early at EOS) and a node that
+  does fill up preempts its youngest sequence (see ``preemption``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fastdecode.scheduler.node import NodeModel
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """A node and what its resident sequences hold now and will hold at the end."""
+
+    node: NodeModel
+    num_used_pages: int = 0  # pages the residents hold now
+    num_committed_pages: int = 0  # pages the residents will hold at their expected final lengths
+    num_final_tokens: int = 0  # sum of the residents' expected final lengths
+
+    def has_room(self, prompt_len: int, expected_final_len: int, overcommit: float = 1.0) -> bool:
+        node = self.node
+        if self.num_used_pages + node.pages_for(prompt_len + 1) > node.num_pages:
+            return False
+        return self.num_committed_pages + node.pages_for(expected_final_len) <= node.num_pages * overcommit
+
+    def predicted_attend_s(self, extra_tokens: int = 0) -> float:
+        """Predicted attend time over all residents at their final lengths, plus ``extra_tokens``."""
+        return self.node.predict_attend_s(self.num_final_tokens + extra_tokens)
+
+
+def check_lengths(prompt_len: int, expected_final_len: int) -> None:
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
+        raise ValueError(f"prompt_len must be a positive integer, got {prompt_len!r}")
+    if isinstance(expected_final_len, bool) or not isinstance(expected_final_len, int):
+        raise ValueError(f"expected_final_len must be an integer, got {expected_final_len!r}")
+    if expected_final_len <= prompt_len:
+        raise ValueError(f"expected_final_len ({expected_final_len}) must exceed prompt_len ({prompt_len})")
+
+
+def choose_node(
+    loads: Iterable[NodeLoad], prompt_len: int, expected_final_len: int, *, overcommit: float = 1.0
+) -> int | None:
+    """The node id with the lowest predicted attend time after adding the sequence, or None if none has room.
+
+    Ties go to the lower node id, so the choice is deterministic.
+    """
+    check_lengths(prompt_len, expected_final_len)
+    best: tuple[float, int] | None = None
+    for load in loads:
+        if not load.has_room(prompt_len, expected_final_len, overcommit):
+            continue
+        key = (load.predicted_attend_s(expected_final_len), load.node.node_id)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[1]
+
+
+def can_ever_fit(nodes: Iterable[NodeModel], expected_final_len: int) -> bool:
+    """Whether some node, empty, could hold a sequence of ``expected_final_len`` tokens."""
+    return any(node.pages_for(expected_final_len) <= node.num_pages for node in nodes)

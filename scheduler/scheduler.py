@@ -1,0 +1,223 @@
+"""The scheduler the Executor calls each step: admission, placement, split, preemption.
+
+Use from the Executor's step loop::
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=256), nodes, gpu=gpu_model)
+    sched.add_request(seq_id, prompt_len, max_tokens)      # on each new request
+    plan = sched.schedule()                                # once per step, before running it
+    #   free plan.preempted KV; prefill plan.admitted on their node_id;
+    #   decode plan.minibatches[0] and [1] in the two-stage pipeline
+    sched.on_tokens(seq_ids_that_got_a_token)              # after the step's sampling (and prefills')
+    sched.on_finished(seq_id)                              # after its last token was counted
+    sched.observe_attend(node_id, kv_bytes, seconds)       # measured attend calls
+    sched.observe_dense(batch, seconds)                    # measured dense steps
+
+Pure logic: plain numbers in, typed decisions out, deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from fastdecode.scheduler.admission import AdmissionPolicy
+from fastdecode.scheduler.config import SchedulerConfig
+from fastdecode.scheduler.decisions import Admission, Preemption, StepPlan
+from fastdecode.scheduler.node import NodeModel
+from fastdecode.scheduler.perf_model import GpuPerfModel
+from fastdecode.scheduler.placement import NodeLoad, can_ever_fit, check_lengths, choose_node
+from fastdecode.scheduler.preemption import Resident, choose_victims, youngest
+from fastdecode.scheduler.sequences import SequenceRecord, SequenceTable
+from fastdecode.scheduler.split import SplitItem, StepTimeModel, split_minibatches
+
+
+class Scheduler:
+    """Owns the sequence bookkeeping; decides each step from the node and GPU models."""
+
+    def __init__(self, config: SchedulerConfig, nodes: Iterable[NodeModel], gpu: GpuPerfModel | None = None) -> None:
+        self.config = config
+        self.gpu = gpu
+        self._nodes: dict[int, NodeModel] = {}
+        for node in nodes:
+            self.add_node(node)
+        if not self._nodes:
+            raise ValueError("the scheduler needs at least one node")
+        self._table = SequenceTable()
+        self._admission = AdmissionPolicy(config)
+        self._num_steps = 0
+
+    # --- nodes ---------------------------------------------------------------------
+    @property
+    def nodes(self) -> dict[int, NodeModel]:
+        return dict(self._nodes)
+
+    def add_node(self, node: NodeModel) -> None:
+        if node.node_id in self._nodes:
+            raise ValueError(f"node {node.node_id} is already registered")
+        layers = {n.num_layers for n in self._nodes.values()}
+        if layers and node.num_layers not in layers:
+            raise ValueError(f"node {node.node_id} has {node.num_layers} layers, the others {layers.pop()}")
+        self._nodes[node.node_id] = node
+
+    def remove_node(self, node_id: int) -> list[Preemption]:
+        """Take a node away (it died or is drained): its sequences are requeued with their progress."""
+        if node_id not in self._nodes:
+            raise KeyError(f"unknown node {node_id}")
+        if len(self._nodes) == 1:
+            raise ValueError("cannot remove the last node")
+        on_node = sorted(r.seq_id for r in self._table.running() if r.node_id == node_id)
+        preempted = [self._preempt(seq_id) for seq_id in on_node]
+        del self._nodes[node_id]
+        return preempted
+
+    def node_loads(self) -> dict[int, NodeLoad]:
+        return self._table.node_loads(self._nodes)
+
+    # --- requests ------------------------------------------------------------------
+    @property
+    def admission(self) -> AdmissionPolicy:
+        return self._admission
+
+    @property
+    def num_waiting(self) -> int:
+        return self._table.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self._table.num_running
+
+    def sequence(self, seq_id: int) -> SequenceRecord:
+        """A copy of a sequence's scheduling state."""
+        return dataclasses.replace(self._table.get(seq_id))
+
+    def add_request(self, seq_id: int, prompt_len: int, max_tokens: int) -> None:
+        """Queue a new sequence; ValueError if it is malformed or could never fit on any node."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        check_lengths(prompt_len, prompt_len + max_tokens)
+        if not can_ever_fit(self._nodes.values(), prompt_len + max_tokens):
+            raise ValueError(
+                f"sequence {seq_id} needs {prompt_len + max_tokens} tokens of KV-cache, more than any node holds"
+            )
+        self._table.add(seq_id, prompt_len, max_tokens)
+        self._admission.on_arrival(prompt_len, max_tokens)
+
+    def abort(self, seq_id: int) -> bool:
+        """Forget a waiting or running sequence (the caller frees its KV). False if unknown."""
+        if seq_id not in self._table:
+            return False
+        self._table.remove(seq_id)
+        return True
+
+    def on_tokens(self, seq_ids: Iterable[int]) -> None:
+        """Each of ``seq_ids`` (running) got one more token."""
+        records = [self._table.get(seq_id) for seq_id in seq_ids]
+        for record in records:
+            if not record.is_running:
+                raise ValueError(f"sequence {record.seq_id} is not running")
+            if record.num_generated >= record.max_tokens:
+                raise ValueError(f"sequence {record.seq_id} already has its {record.max_tokens} tokens")
+        for record in records:
+            record.num_generated += 1
+
+    def on_finished(self, seq_id: int) -> None:
+        """A sequence ended (EOS, stop or max_tokens): forget it and re-plan admission."""
+        record = self._table.remove(seq_id)
+        self._admission.on_finish(record.num_generated, record.max_tokens)
+
+    def on_out_of_memory(self, node_id: int) -> Preemption | None:
+        """A node reported it cannot allocate: preempt its youngest sequence (None if it runs none)."""
+        if node_id not in self._nodes:
+            raise KeyError(f"unknown node {node_id}")
+        victim = youngest(self._residents(node_id))
+        return None if victim is None else self._preempt(victim.seq_id)
+
+    # --- measurements --------------------------------------------------------------
+    def observe_attend(self, node_id: int, kv_bytes: float, seconds: float) -> float:
+        """Feed a measured attend call to the node's model; returns the prediction's relative error."""
+        perf = self._nodes[node_id].perf
+        observe = getattr(perf, "observe", None)
+        if observe is None:
+            raise TypeError(f"node {node_id}'s time model does not learn from measurements")
+        return observe(kv_bytes, seconds)
+
+    def observe_dense(self, batch: int, seconds: float) -> float:
+        if self.gpu is None:
+            raise ValueError("no GPU model to update")
+        return self.gpu.observe(batch, seconds)
+
+    # --- the step ------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Decide the coming step: preemptions, admissions and the two mini-batches."""
+        self._num_steps += 1
+        preempted = [self._preempt(seq_id) for seq_id in self._overflowing()]
+        admitted_ids = self._admit()
+        running = list(self._table.running())
+        items = [SplitItem(r.seq_id, r.node_id, r.context_len, r.minibatch) for r in running]
+        num_layers = next(iter(self._nodes.values())).num_layers
+        step_model = StepTimeModel(self._nodes, num_layers, self.gpu.predict if self.gpu else None)
+        assignment, step_s = split_minibatches(items, step_model, self.config.rebalance_threshold)
+        halves: tuple[list[int], list[int]] = ([], [])
+        for record in running:
+            record.minibatch = assignment[record.seq_id]
+            halves[record.minibatch].append(record.seq_id)
+        admitted = tuple(
+            Admission(r.seq_id, r.node_id, r.minibatch, r.context_len, r.num_generated)
+            for r in (self._table.get(i) for i in admitted_ids)
+        )
+        return StepPlan(
+            step_index=self._num_steps,
+            preempted=tuple(preempted),
+            admitted=admitted,
+            minibatches=(tuple(sorted(halves[0])), tuple(sorted(halves[1]))),
+            predicted_step_s=step_s,
+            total_context=sum(item.context_len for item in items),
+        )
+
+    def _residents(self, node_id: int) -> list[Resident]:
+        node = self._nodes[node_id]
+        return [
+            Resident(r.seq_id, r.arrival_index, node.pages_for(r.context_len))
+            for r in self._table.running()
+            if r.node_id == node_id
+        ]
+
+    def _overflowing(self) -> list[int]:
+        """Victims on every node whose residents need more pages for the coming step than it has."""
+        needed = dict.fromkeys(self._nodes, 0)
+        for record in self._table.running():
+            needed[record.node_id] += self._nodes[record.node_id].pages_for(record.context_len)
+        victims: list[int] = []
+        for node_id in sorted(self._nodes):
+            if needed[node_id] > self._nodes[node_id].num_pages:
+                victims += choose_victims(self._residents(node_id), self._nodes[node_id].num_pages)
+        return victims
+
+    def _preempt(self, seq_id: int) -> Preemption:
+        node_id = self._table.get(seq_id).node_id
+        record = self._table.requeue(seq_id)
+        return Preemption(seq_id, node_id, record.num_generated)
+
+    def _admit(self) -> list[int]:
+        waiting = list(self._table.waiting())
+        num = self._admission.num_to_admit(list(self._table.running()), waiting)
+        if num == 0:
+            return []
+        loads = self._table.node_loads(self._nodes)
+        admitted: list[int] = []
+        for record in waiting[:num]:
+            node_id = choose_node(
+                loads.values(), record.context_len, record.expected_final_len, overcommit=self.config.overcommit
+            )
+            if node_id is None:
+                break  # first come, first served: the head waits for room
+            self._table.start(record.seq_id, node_id, self._num_steps)
+            node, load = self._nodes[node_id], loads[node_id]
+            loads[node_id] = NodeLoad(
+                node,
+                load.num_used_pages + node.pages_for(record.context_len + 1),
+                load.num_committed_pages + node.pages_for(record.expected_final_len),
+                load.num_final_tokens + record.expected_final_len,
+            )
+            admitted.append(record.seq_id)
+        self._admission.on_admitted(len(admitted))
+        return admitted

@@ -1,0 +1,132 @@
+"""Bookkeeping of every sequence the scheduler knows: waiting (FCFS) and running.
+
+Token convention (shared with the Executor): ``num_generated`` counts the tokens
+already sampled for the sequence.  While a decode step runs, the node holds the
+KV of ``context_len = prompt_len + num_generated`` tokens (the step appends the
+last sampled token's K/V).  A preempted sequence keeps its ``num_generated``;
+it is prefilled again with ``prompt_len + num_generated`` tokens (its prompt and
+all its output), which ends by sampling its next token, so nothing is lost.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fastdecode.scheduler.placement import NodeLoad
+from fastdecode.scheduler.node import NodeModel
+
+
+@dataclass
+class SequenceRecord:
+    """One request's scheduling state (the scheduler owns and mutates it)."""
+
+    seq_id: int
+    prompt_len: int
+    max_tokens: int
+    arrival_index: int  # order of arrival; a preempted sequence keeps it
+    num_generated: int = 0
+    node_id: int | None = None  # set while running
+    minibatch: int | None = None  # 0 (A) or 1 (B) while running
+    admit_step: int | None = None  # step of the latest admission
+    num_preemptions: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + self.num_generated
+
+    @property
+    def expected_final_len(self) -> int:
+        return self.prompt_len + self.max_tokens
+
+    @property
+    def num_remaining(self) -> int:
+        return self.max_tokens - self.num_generated
+
+    @property
+    def is_running(self) -> bool:
+        return self.node_id is not None
+
+
+class SequenceTable:
+    """Waiting queue (FCFS by arrival, preempted sequences back in their arrival order) and running set."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, SequenceRecord] = {}
+        self._waiting: deque[int] = deque()
+        self._running: dict[int, SequenceRecord] = {}
+        self._num_arrivals = 0
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._records
+
+    def get(self, seq_id: int) -> SequenceRecord:
+        try:
+            return self._records[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown sequence {seq_id}") from None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def waiting(self) -> Iterator[SequenceRecord]:
+        return (self._records[i] for i in self._waiting)
+
+    def running(self) -> Iterator[SequenceRecord]:
+        return iter(self._running.values())
+
+    def add(self, seq_id: int, prompt_len: int, max_tokens: int) -> SequenceRecord:
+        if seq_id in self._records:
+            raise ValueError(f"sequence {seq_id} is already known")
+        record = SequenceRecord(seq_id, prompt_len, max_tokens, arrival_index=self._num_arrivals)
+        self._num_arrivals += 1
+        self._records[seq_id] = record
+        self._waiting.append(seq_id)
+        return record
+
+    def start(self, seq_id: int, node_id: int, step: int) -> SequenceRecord:
+        """Move the head of the waiting queue to running on ``node_id`` (mini-batch still unassigned)."""
+        if not self._waiting or self._waiting[0] != seq_id:
+            raise ValueError(f"sequence {seq_id} is not at the head of the waiting queue")
+        self._waiting.popleft()
+        record = self._records[seq_id]
+        record.node_id, record.minibatch, record.admit_step = node_id, None, step
+        self._running[seq_id] = record
+        return record
+
+    def requeue(self, seq_id: int) -> SequenceRecord:
+        """Take a running sequence off its node and put it back in the queue by its arrival order."""
+        record = self._running.pop(seq_id)
+        record.node_id = record.minibatch = None
+        record.num_preemptions += 1
+        position = next(
+            (i for i, other in enumerate(self._waiting) if self._records[other].arrival_index > record.arrival_index),
+            len(self._waiting),
+        )
+        self._waiting.insert(position, seq_id)
+        return record
+
+    def remove(self, seq_id: int) -> SequenceRecord:
+        """Forget a sequence (finished or aborted), wherever it is."""
+        record = self.get(seq_id)
+        del self._records[seq_id]
+        if self._running.pop(seq_id, None) is None:
+            self._waiting.remove(seq_id)
+        return record
+
+    def node_loads(self, nodes: dict[int, NodeModel]) -> dict[int, NodeLoad]:
+        """Per node: pages held now, pages committed at the expected final lengths, sum of final lengths."""
+        used = dict.fromkeys(nodes, 0)
+        committed = dict.fromkeys(nodes, 0)
+        final = dict.fromkeys(nodes, 0)
+        for record in self._running.values():
+            node = nodes[record.node_id]
+            used[node.node_id] += node.pages_for(record.context_len)
+            committed[node.node_id] += node.pages_for(record.expected_final_len)
+            final[node.node_id] += record.expected_final_len
+        return {i: NodeLoad(nodes[i], used[i], committed[i], final[i]) for i in nodes}
