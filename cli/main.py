@@ -11,6 +11,8 @@ import click
 
 # sub-command name -> (module under fastdecode.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "generate": ("generate", "generate", "Generate a continuation of one prompt."),
+    "make-random-model": ("make_random_model", "make_random_model_command", "Write a random:<preset> model as a HF folder."),
 }
 
 

@@ -1,0 +1,92 @@
+"""Incremental detokenization with stop strings (vLLM semantics).
+
+``Detokenizer.add(token_id)`` returns the newly complete text: it never ends in
+half a UTF-8 character (byte-level and byte-fallback tokens can split one), and
+it holds back text that may be the start of a stop string.  When a stop string
+appears, the text is cut just before it and ``hit_stop`` is True; the stop
+string itself is not part of the output.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+# prompt tokens kept as decoding context (a word's leading space depends on its left neighbour)
+_CONTEXT_TOKENS = 5
+_REPLACEMENT = "\ufffd"
+
+
+class _Decoder(Protocol):
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str: ...
+
+
+class Detokenizer:
+    """Turns one request's generated tokens into text, piece by piece."""
+
+    def __init__(self, tokenizer: _Decoder, prompt_token_ids: Sequence[int], stop: Sequence[str] = (),
+                 *, skip_special_tokens: bool = True) -> None:
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError("stop strings must be non-empty strings")
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0  # start of the decoding window
+        self._read_offset = len(self._token_ids)  # tokens before this are already turned into text
+        self._stop = tuple(stop)
+        self._pending = ""  # decoded text held back as a possible stop-string start
+        self._text: list[str] = []
+        self.is_stopped = False
+
+    @property
+    def text(self) -> str:
+        """All text returned so far."""
+        return "".join(self._text)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Feed one generated token; return ``(new_text, hit_stop)``."""
+        if self.is_stopped:
+            return "", True
+        self._token_ids.append(token_id)
+        before = self._decode(self._token_ids[self._prefix_offset:self._read_offset])
+        after = self._decode(self._token_ids[self._prefix_offset:])
+        if len(after) <= len(before) or after.endswith(_REPLACEMENT):
+            return "", False  # an incomplete character (or nothing visible yet)
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._token_ids)
+        return self._release(after[len(before):])
+
+    def finish(self) -> str:
+        """End of generation: release what was held back (a partial character shows as U+FFFD)."""
+        if self.is_stopped:
+            return ""
+        before = self._decode(self._token_ids[self._prefix_offset:self._read_offset])
+        after = self._decode(self._token_ids[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self._token_ids)
+        piece = self._pending + after[len(before):]
+        self._pending = ""
+        self._text.append(piece)
+        return piece
+
+    def _release(self, new_text: str) -> tuple[str, bool]:
+        pending = self._pending + new_text
+        found = [index for index in (pending.find(s) for s in self._stop) if index >= 0]
+        if found:
+            piece, self._pending, self.is_stopped = pending[: min(found)], "", True
+            self._text.append(piece)
+            return piece, True
+        held = self._held_length(pending)
+        piece, self._pending = pending[: len(pending) - held], pending[len(pending) - held:]
+        self._text.append(piece)
+        return piece, False
+
+    def _held_length(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that begins some stop string."""
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest

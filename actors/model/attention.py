@@ -1,0 +1,136 @@
+"""The attention part in plain torch: causal prefill and a per-sequence KV cache.
+
+Used by tests and single-process runs; the KVShard's native library does the
+same job on CPU hosts and is checked against this.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[T, Hkv, D] -> [Hq, T, D], query head h reading KV head h // (Hq/Hkv)."""
+    group = num_heads // kv.shape[1]
+    return kv.transpose(0, 1).repeat_interleave(group, dim=0)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of one prompt: q[T,Hq,D], k/v[T,Hkv,D] -> o[T,Hq,D]."""
+    num_heads = q.shape[1]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), _expand_kv(k, num_heads), _expand_kv(v, num_heads), is_causal=True
+    )
+    return o.transpose(0, 1)
+
+
+def prefill_attention_ragged(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
+) -> torch.Tensor:
+    """Causal attention for several prompts laid end to end (flat layout), each on its own."""
+    if sum(seq_lens) != q.shape[0]:
+        raise ValueError(f"seq_lens sum to {sum(seq_lens)} but there are {q.shape[0]} tokens")
+    parts = [
+        prefill_attention(qs, ks, vs)
+        for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))
+    ]
+    return torch.cat(parts) if parts else q.new_empty(q.shape)
+
+
+class _SequenceCache:
+    """One sequence's K and V for every layer, in buffers that double when full."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.num_tokens = [0] * num_layers
+        shape = (16, num_kv_heads, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        start = self.num_tokens[layer]
+        end = start + k.shape[0]
+        if end > self.keys[layer].shape[0]:
+            capacity = max(end, 2 * self.keys[layer].shape[0])
+            for store in (self.keys, self.values):
+                grown = store[layer].new_empty((capacity, *store[layer].shape[1:]))
+                grown[:start] = store[layer][:start]
+                store[layer] = grown
+        self.keys[layer][start:end] = k
+        self.values[layer][start:end] = v
+        self.num_tokens[layer] = end
+
+
+class TorchKVCache:
+    """Per-sequence KV cache with the KVShard's verbs: allocate, free, append, attend."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._sequences: dict[int, _SequenceCache] = {}
+
+    @classmethod
+    def for_model(cls, model: "torch.nn.Module") -> "TorchKVCache":
+        config = model.config
+        return cls(config.num_layers, config.num_kv_heads, config.head_dim, dtype=model.dtype, device=model.device)
+
+    def allocate(self, seq_id: int) -> None:
+        if seq_id in self._sequences:
+            raise KeyError(f"sequence {seq_id} is already allocated")
+        self._sequences[seq_id] = _SequenceCache(
+            self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
+        )
+
+    def free(self, seq_id: int) -> None:
+        if self._sequences.pop(seq_id, None) is None:
+            raise KeyError(f"sequence {seq_id} is not allocated")
+
+    def num_tokens(self, seq_id: int, layer: int = 0) -> int:
+        return self._sequence(seq_id).num_tokens[layer]
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return list(self._sequences)
+
+    def append(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add k, v [T, Hkv, D] at the end of the sequence's cache for ``layer``."""
+        expected = (self.num_kv_heads, self.head_dim)
+        if k.dim() != 3 or tuple(k.shape[1:]) != expected or k.shape != v.shape:
+            raise ValueError(f"k and v must both be [T, {expected[0]}, {expected[1]}], got {tuple(k.shape)}, "
+                             f"{tuple(v.shape)}")
+        self._sequence(seq_id).append(layer, k, v)
+
+    def attend(self, layer: int, seq_ids: list[int], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence: append its k, v, then attend q over the whole cache.
+
+        q[B,Hq,D], k/v[B,Hkv,D] -> o[B,Hq,D]; row i belongs to ``seq_ids[i]``.
+        """
+        if not (q.shape[0] == k.shape[0] == v.shape[0] == len(seq_ids)):
+            raise ValueError(f"q, k, v and seq_ids must have the same length, got {q.shape[0]}, {k.shape[0]}, "
+                             f"{v.shape[0]}, {len(seq_ids)}")
+        num_heads = q.shape[1]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        out = torch.empty_like(q)
+        for row, seq_id in enumerate(seq_ids):
+            cache = self._sequence(seq_id)
+            cache.append(layer, k[row:row + 1], v[row:row + 1])
+            length = cache.num_tokens[layer]
+            keys = _expand_kv(cache.keys[layer][:length], num_heads)  # [Hq, L, D]
+            values = _expand_kv(cache.values[layer][:length], num_heads)
+            scores = torch.matmul(keys.float(), q[row].float().unsqueeze(-1)).squeeze(-1) * scale  # [Hq, L]
+            weights = torch.softmax(scores, dim=-1)
+            out[row] = torch.matmul(weights.unsqueeze(1), values.float()).squeeze(1).to(q.dtype)
+        return out
+
+    def _sequence(self, seq_id: int) -> _SequenceCache:
+        try:
+            return self._sequences[seq_id]
+        except KeyError:
+            raise KeyError(f"sequence {seq_id} is not allocated") from None

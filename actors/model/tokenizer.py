@@ -1,0 +1,145 @@
+"""``Tokenizer``: a ``tokenizers`` tokenizer plus what transformers keeps beside it.
+
+BOS handling, EOS ids, special tokens and the chat template (rendered with
+jinja2 the way transformers renders it: ``messages``, ``add_generation_prompt``,
+``bos_token``, ``eos_token``, ``raise_exception``).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from fastdecode.actors.model.errors import ModelError
+from fastdecode.actors.model.jsonfile import read_json, write_json
+
+
+def _raise_exception(message: str) -> None:
+    raise ModelError(f"chat template: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile_chat_template(source: str) -> Any:
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelError(f"chat template does not parse: {exc.message} (line {exc.lineno})") from None
+
+
+class Tokenizer:
+    """Text <-> token ids for one model."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+        chat_template: str | None = None,
+        add_bos_token: bool | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = None if bos_token is None else backend.token_to_id(bos_token)
+        eos_id = None if eos_token is None else backend.token_to_id(eos_token)
+        self.eos_token_ids: tuple[int, ...] = eos_token_ids or (() if eos_id is None else (eos_id,))
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+        self._template = None if chat_template is None else _compile_chat_template(chat_template)
+        self.special_token_ids = frozenset(
+            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        if self._template is None:
+            raise ModelError("this model's tokenizer has no chat template")
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat (the template writes any BOS itself)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    # ----- HF directory files ----------------------------------------------
+    @classmethod
+    def from_dir(cls, folder: Path, *, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
+        """Read ``tokenizer.json`` and (if present) ``tokenizer_config.json``/``chat_template.jinja``."""
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise ModelError(f"missing tokenizer file {path}")
+        try:
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust library raises a bare Exception on parse errors
+            raise ModelError(f"corrupt tokenizer file {path}: {str(exc).splitlines()[0]}") from None
+        config = read_json(Path(folder) / "tokenizer_config.json", required=False)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+            template = named.get("default")
+        jinja_file = Path(folder) / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        return cls(
+            backend,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+            eos_token_ids=eos_token_ids,
+            chat_template=template if isinstance(template, str) else None,
+            add_bos_token=config.get("add_bos_token"),
+        )
+
+    def save(self, folder: Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` that transformers loads."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1 << 30,
+        }
+        if self.add_bos_token is not None:
+            config["add_bos_token"] = self.add_bos_token
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        write_json(folder / "tokenizer_config.json", config)
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+

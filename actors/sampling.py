@@ -1,0 +1,150 @@
+"""Batched token sampling over logits[B, V] with per-row ``SamplingParams``.
+
+Order per row (vLLM's): min_tokens masks EOS/stop ids; repetition, frequency and
+presence penalties; greedy rows take the argmax here; others divide by the
+temperature, keep the top-k then the top-p nucleus, and draw with the row's own
+``torch.Generator`` when it has a seed, so a seeded request's tokens never depend
+on what else is in the batch.  Logprobs are those of the raw model distribution.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastdecode.actors.request import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs of one running request (the engine keeps it across steps)."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] raw logprob of the chosen token
+    top_token_ids: torch.Tensor | None = None  # [B, N] by decreasing logprob
+    top_logprobs: torch.Tensor | None = None  # [B, N]
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A request's own generator (None without a seed: it then shares torch's default one)."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed % (1 << 64))
+    return generator
+
+
+def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    table = torch.full((len(rows), max(width, 1)), pad, dtype=torch.int64)
+    for index, row in enumerate(rows):
+        if row:
+            table[index, : len(row)] = torch.as_tensor(list(row), dtype=torch.int64)
+    return table.to(device)
+
+
+def _token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] how often each token occurs in each row's list."""
+    table = _padded(rows, vocab_size, device)
+    counts = torch.zeros((len(rows), vocab_size + 1), dtype=torch.float32, device=device)
+    counts.scatter_add_(1, table, torch.ones_like(table, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    device, vocab_size = logits.device, logits.shape[1]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+    output_counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
+    repetition = [r.params.repetition_penalty for r in rows]
+    if any(p != 1.0 for p in repetition):
+        seen = (output_counts > 0) | (_token_counts([r.prompt_token_ids for r in rows], vocab_size, device) > 0)
+        penalty = column(repetition).expand_as(logits)
+        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(seen, scaled, logits))
+    logits -= column([r.params.frequency_penalty for r in rows]) * output_counts
+    logits -= column([r.params.presence_penalty for r in rows]) * (output_counts > 0).float()
+
+
+def _top_k_top_p_mask(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """True where a token falls outside its row's top-k or top-p set (the best one never does)."""
+    device, vocab_size = logits.device, logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab_size, device=device).unsqueeze(0)
+    k = torch.tensor([vocab_size if k <= 0 else min(k, vocab_size) for k in top_k], device=device).unsqueeze(1)
+    removed_sorted = ranks >= k
+    sorted_logits = sorted_logits.masked_fill(removed_sorted, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the better-ranked tokens
+    p = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(1)
+    removed_sorted |= mass_before > p
+    removed_sorted[:, 0] = False
+    return torch.zeros_like(removed_sorted).scatter(1, order, removed_sorted)
+
+
+@torch.no_grad()
+def sample(
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    *,
+    eos_token_ids: Sequence[int] = (),
+) -> SamplerOutput:
+    """One token per row of ``logits`` [B, V] (rows in the order of ``rows``)."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits must be [len(rows), vocab], got {tuple(logits.shape)} for {len(rows)} rows")
+    device, vocab_size = logits.device, logits.shape[1]
+    logits = logits.float().clone()
+    num_top = max((r.params.logprobs or 0 for r in rows), default=0)
+    wants_logprobs = any(r.params.logprobs is not None for r in rows)
+    raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
+
+    masked = [
+        (index, token_id)
+        for index, row in enumerate(rows)
+        if len(row.output_token_ids) < row.params.min_tokens
+        for token_id in {*row.params.stop_token_ids, *(() if row.params.ignore_eos else eos_token_ids)}
+        if 0 <= token_id < vocab_size
+    ]
+    if masked:
+        row_index, token_index = zip(*masked)
+        logits[list(row_index), list(token_index)] = float("-inf")
+    if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty for r in rows):
+        _apply_penalties(logits, rows)
+
+    is_greedy = [r.params.is_greedy for r in rows]
+    token_ids = logits.argmax(dim=-1)
+    if not all(is_greedy):
+        temperature = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(is_greedy, rows)],
+                                   dtype=torch.float32, device=device).unsqueeze(1)
+        scaled = logits / temperature
+        top_k = [r.params.top_k for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            scaled = scaled.masked_fill(_top_k_top_p_mask(scaled, top_k, top_p), float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        # exponential race: argmax(p / E) with E ~ Exp(1) draws from p
+        noise = torch.empty_like(probs).exponential_()
+        for index, row in enumerate(rows):
+            if row.generator is not None and not is_greedy[index]:
+                noise[index].exponential_(generator=row.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        token_ids = torch.where(torch.tensor(is_greedy, device=device), token_ids, sampled)
+
+    if raw_logprobs is None:
+        return SamplerOutput(token_ids=token_ids)
+    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    if num_top == 0:
+        return SamplerOutput(token_ids=token_ids, logprobs=chosen)
+    top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_token_ids=top_ids, top_logprobs=top_values)

@@ -1,0 +1,148 @@
+"""``fdctl generate``: one prompt in, its continuation on stdout.
+
+Parsing (``GenerateOptions``) is kept apart from the engine call
+(``run_generate``), which for now is the single-process reference.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+
+class OneLineError(click.ClickException):
+    """Printed as a single ``Error: <message>`` line on stderr; exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+class OneLineCommand(click.Command):
+    """A click command whose usage errors are one line too (no usage block)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise OneLineError(exc.format_message()) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise OneLineError(exc.format_message()) from None
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn the errors bad input causes (model, request, usage) into ``OneLineError``."""
+    from fastdecode.actors.model.errors import ModelError
+    from fastdecode.actors.request import RequestError
+
+    try:
+        yield
+    except (ModelError, RequestError, click.UsageError) as exc:
+        message = exc.format_message() if isinstance(exc, click.UsageError) else str(exc)
+        raise OneLineError(message) from None
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    model: str = "smollm2"
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    is_chat: bool = False
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    model_seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+        if self.is_chat and self.prompt is None:
+            raise click.UsageError("--chat needs --prompt")
+
+
+def parse_prompt_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise click.UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise click.UsageError("--prompt-ids is empty")
+    return ids
+
+
+def run_generate(options: GenerateOptions) -> Any:
+    """Load the model, tokenize the prompt, generate; returns a ``GenerationResult``."""
+    from fastdecode.actors.model import load_model
+    from fastdecode.actors.reference import check_prompt, reference_generate
+    from fastdecode.actors.request import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
+        top_k=options.top_k, seed=options.seed, ignore_eos=options.ignore_eos, stop=options.stop,
+    )
+    model, tokenizer = load_model(options.model, dtype=options.dtype, device=options.device, seed=options.model_seed)
+    if options.prompt_token_ids is not None:
+        prompt_ids = list(options.prompt_token_ids)
+    elif options.is_chat:
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": options.prompt}])
+    else:
+        prompt_ids = tokenizer.encode(options.prompt or "")
+    check_prompt(prompt_ids, model)
+    click.echo(f"{options.model} on {model.device} ({str(model.dtype).removeprefix('torch.')}): "
+               f"{len(prompt_ids)} prompt tokens, up to {options.max_tokens} new", err=True)
+    return reference_generate(model, tokenizer, prompt_ids, params)
+
+
+@click.command("generate", cls=OneLineCommand)
+@click.option("--model", default="smollm2", show_default=True,
+              help="HF model folder, 'smollm2' or 'random:<preset>'.")
+@click.option("--prompt", default=None, help="Prompt text (tokenized as the model's tokenizer does).")
+@click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--chat", "is_chat", is_flag=True, help="Wrap --prompt as a user message in the chat template.")
+@click.option("--max-tokens", default=16, show_default=True, type=int, help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 disables.")
+@click.option("--seed", default=None, type=int, help="Sampling seed (also the weights' seed for random: models).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past EOS.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+def generate(model: str, prompt: str | None, prompt_ids: str | None, is_chat: bool, max_tokens: int,
+             temperature: float, top_p: float, top_k: int, seed: int | None, dtype: str, device: str,
+             ignore_eos: bool, stop: tuple[str, ...], as_json: bool) -> None:
+    """Generate a continuation of one prompt and print it."""
+    with one_line_errors():
+        options = GenerateOptions(
+            model=model, prompt=prompt,
+            prompt_token_ids=None if prompt_ids is None else parse_prompt_ids(prompt_ids),
+            is_chat=is_chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, model_seed=seed or 0, dtype=dtype, device=device, ignore_eos=ignore_eos, stop=stop,
+        )
+        result = run_generate(options)
+    if as_json:
+        line = {"prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
+                "text": result.text, "finish_reason": result.finish_reason}
+        click.echo(json.dumps(line, ensure_ascii=False))
+    else:
+        sys.stdout.write(result.text + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,34 @@
+"""``fdctl make-random-model``: write a ``random:<preset>`` model as a HF folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fastdecode.cli.generate import OneLineCommand, OneLineError, one_line_errors
+
+
+def make_random_model(preset: str, seed: int, out: Path, dtype: str = "float32") -> None:
+    """Generate the preset's weights on the CPU (as ``load_model('random:<preset>', seed=seed,
+    device='cpu')`` does) and write config, safetensors and tokenizer files into ``out``."""
+    import torch
+
+    from fastdecode.actors.model.hf_dir import write_hf_model
+    from fastdecode.actors.model.loader import random_model, resolve_dtype
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OneLineError(f"--out {out} exists and is not an empty folder")
+    model, tokenizer = random_model(preset, seed=seed, dtype=resolve_dtype(dtype), device=torch.device("cpu"))
+    write_hf_model(out, model, tokenizer)
+
+
+@click.command("make-random-model", cls=OneLineCommand)
+@click.option("--preset", required=True, help="tiny, smollm2-135m, llama3-8b, llama3-70b or qwen2-7b.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Weights seed.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to create.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+def make_random_model_command(preset: str, seed: int, out: Path, dtype: str) -> None:
+    """Write a seeded random model (config.json, safetensors, tokenizer) that transformers loads."""
+    with one_line_errors():
+        make_random_model(preset, seed, out, dtype)
+    click.echo(f"wrote random:{preset} (seed {seed}) to {out}", err=True)
