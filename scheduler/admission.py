@@ -17,10 +17,15 @@ checks through placement):
   expected end, plus the group) stays under a limit, by default the steady
   state's total plus ``sls_load_headroom``.
 
-The expected output length is re-planned as sequences finish: it is the mean
-``max_tokens`` of arrivals times the observed fraction of ``max_tokens`` that
-finished sequences used.  An early finish (EOS before ``max_tokens``) updates
-that fraction, which raises the rate, and credits its freed slot at once.
+The plan is redone as sequences finish: the expected output length is the
+mean ``max_tokens`` of arrivals times the observed fraction of ``max_tokens``
+that finished sequences used (EWMA, the first samples weighing 1/n).  Early
+finishes (EOS before ``max_tokens``) lower it, which raises the rate ``r`` so
+that B sequences stay running, and lower the context limit and each live
+sequence's expected remaining steps to match.  Freed slots are refilled at
+the rate, not at once: refilling every slot as it frees would keep whatever
+age structure the batch has (a cohort stays a cohort), while the steady rate
+spreads the ages out again.
 """
 from __future__ import annotations
 
@@ -41,12 +46,12 @@ class _Seq(Protocol):
     max_tokens: int
 
 
-def predicted_peak_context(items: Iterable[tuple[int, int]]) -> int:
-    """Peak over future steps of the total context of (context_len, num_remaining_steps) items.
+def predicted_peak_context(items: Iterable[tuple[int, int]], horizon: int | None = None) -> int:
+    """Peak total context of (context_len, num_remaining_steps) items over the next ``horizon`` steps.
 
     Each item grows by one token per step and leaves after its remaining steps;
-    the total is highest just before some item leaves, so only those instants
-    are checked.
+    the total is highest just before some item leaves or at the horizon, so only
+    those instants are checked.  ``horizon=None`` looks until the last one leaves.
     """
     ordered = sorted(items, key=lambda item: -item[1])
     peak = 0
@@ -57,8 +62,25 @@ def predicted_peak_context(items: Iterable[tuple[int, int]]) -> int:
         count += 1
         is_last_of_tie = index + 1 == len(ordered) or ordered[index + 1][1] != num_remaining
         if is_last_of_tie:
-            peak = max(peak, context_sum + max(num_remaining - 1, 0) * count)
+            steps = max(num_remaining - 1, 0)
+            if horizon is not None:
+                steps = min(steps, horizon)
+            peak = max(peak, context_sum + steps * count)
     return peak
+
+
+class _RunningMean:
+    """Exponentially weighted mean whose first samples weigh 1/n (no bias towards a start value)."""
+
+    def __init__(self, rate: float, initial: float | None = None) -> None:
+        self._rate = rate
+        self._count = 0
+        self.value = initial
+
+    def add(self, sample: float) -> None:
+        self._count += 1
+        weight = max(self._rate, 1.0 / self._count)
+        self.value = sample if self.value is None or self._count == 1 else self.value + weight * (sample - self.value)
 
 
 class AdmissionPolicy:
@@ -66,19 +88,18 @@ class AdmissionPolicy:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self._mean_prompt_len: float | None = None
-        self._mean_max_tokens: float | None = None
-        self._completion_fraction = 1.0
+        self._prompt_len = _RunningMean(config.estimate_rate)
+        self._max_tokens = _RunningMean(config.estimate_rate)
+        self._completion = _RunningMean(config.estimate_rate, initial=1.0)  # fraction of max_tokens used
         self._credit = 0.0
-        self._has_started = False
 
     # --- estimates -----------------------------------------------------------------
     @property
     def expected_output_len(self) -> float:
         """Expected tokens a sequence generates: mean max_tokens times the observed fraction used."""
-        if self._mean_max_tokens is None:
+        if self._max_tokens.value is None:
             return 1.0
-        return max(1.0, self._mean_max_tokens * self._completion_fraction)
+        return max(1.0, self._max_tokens.value * self._completion.value)
 
     @property
     def rate_per_step(self) -> float:
@@ -100,31 +121,24 @@ class AdmissionPolicy:
         """Limit on the predicted total context (tokens), None before the first arrival."""
         if self.config.max_total_context is not None:
             return self.config.max_total_context
-        if self._mean_prompt_len is None:
+        if self._prompt_len.value is None:
             return None
-        steady = self.config.max_num_seqs * (self._mean_prompt_len + self.expected_output_len / 2.0)
+        steady = self.config.max_num_seqs * (self._prompt_len.value + self.expected_output_len / 2.0)
         return math.ceil(steady * (1.0 + self.config.sls_load_headroom))
 
     def expected_remaining(self, seq: _Seq) -> int:
         """Steps a sequence is expected to run still (at least 1, at most to max_tokens)."""
-        expected_total = min(seq.max_tokens, math.ceil(seq.max_tokens * self._completion_fraction))
+        expected_total = min(seq.max_tokens, math.ceil(seq.max_tokens * self._completion.value - 1e-9))
         return max(1, expected_total - seq.num_generated)
 
     # --- events --------------------------------------------------------------------
     def on_arrival(self, prompt_len: int, max_tokens: int) -> None:
-        rate = self.config.estimate_rate
-        if self._mean_prompt_len is None or self._mean_max_tokens is None:
-            self._mean_prompt_len, self._mean_max_tokens = float(prompt_len), float(max_tokens)
-        else:
-            self._mean_prompt_len += rate * (prompt_len - self._mean_prompt_len)
-            self._mean_max_tokens += rate * (max_tokens - self._mean_max_tokens)
+        self._prompt_len.add(prompt_len)
+        self._max_tokens.add(max_tokens)
 
     def on_finish(self, num_generated: int, max_tokens: int) -> None:
         """A sequence finished after ``num_generated`` of its ``max_tokens``: re-plan."""
-        fraction = min(1.0, max(num_generated, 1) / max_tokens)
-        self._completion_fraction += self.config.estimate_rate * (fraction - self._completion_fraction)
-        if num_generated < max_tokens:
-            self._credit = min(self._credit + 1.0, self._credit_cap())
+        self._completion.add(min(1.0, max(num_generated, 1) / max_tokens))
 
     def on_admitted(self, num_admitted: int) -> None:
         self._credit = max(0.0, self._credit - num_admitted)
@@ -134,12 +148,11 @@ class AdmissionPolicy:
         """How many sequences from the head of ``waiting`` to admit this step (call once per step)."""
         num_slots = max(0, self.config.max_num_seqs - len(running))
         num_candidates = min(num_slots, len(waiting))
-        if self.config.admission == "all-at-once" or num_candidates == 0:
+        if self.config.admission == "all-at-once":
             return num_candidates
         group = self.group_size
-        if not self._has_started or not running:
+        if not running:
             self._credit = max(self._credit, float(group))  # cold start: the first group goes at once
-            self._has_started = True
         else:
             self._credit = min(self._credit + self.rate_per_step, self._credit_cap())
         num = min(num_candidates, group * math.floor(self._credit / group))

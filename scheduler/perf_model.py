@@ -82,43 +82,26 @@ class _Moments:
         self.cov_xx += dx * (x - self.mean_x)
         self.cov_xy += dx * (y - self.mean_y)
 
-    def scaled(self, total_weight: float) -> _Moments:
-        out = _Moments()
-        factor = total_weight / self.weight if self.weight else 0.0
-        out.weight, out.mean_x, out.mean_y = self.weight * factor, self.mean_x, self.mean_y
-        out.cov_xx, out.cov_xy = self.cov_xx * factor, self.cov_xy * factor
-        return out
-
-    def merged(self, other: _Moments) -> _Moments:
-        if other.weight == 0:
-            return self
-        if self.weight == 0:
-            return other
-        out = _Moments()
-        out.weight = self.weight + other.weight
-        share = other.weight / out.weight
-        dx, dy = other.mean_x - self.mean_x, other.mean_y - self.mean_y
-        out.mean_x = self.mean_x + share * dx
-        out.mean_y = self.mean_y + share * dy
-        between = self.weight * share
-        out.cov_xx = self.cov_xx + other.cov_xx + between * dx * dx
-        out.cov_xy = self.cov_xy + other.cov_xy + between * dx * dy
-        return out
-
 
 class ShardPerfModel:
     """Attend time of one node: ``overhead_s + kv_bytes / bandwidth_bytes_per_s``.
 
-    The fit combines two sets of weighted moments of (bytes, seconds): the
-    calibration benchmark, kept as a fixed prior of total weight
-    ``prior_weight``, and the measured calls, each of weight 1 with older ones
-    scaled by ``1 - update_rate`` per new call.  The prior keeps the fit
-    well-posed when live calls all read about the same number of bytes (a flat,
-    load-stabilised batch); the recent calls let it follow a shard whose speed
-    drifts.  When the sizes are too alike to separate overhead from bandwidth
-    (relative spread under ``MIN_RELATIVE_SPREAD``), the slope is kept and only
-    the overhead is refitted.  The fit never yields a negative overhead (it
-    falls back to a line through the origin) nor a non-positive bandwidth.
+    ``calibrate`` fits a start-up benchmark by ordinary least squares.  Online,
+    each measured call has weight 1 and older ones are scaled by ``1 - update_rate``
+    (an exponentially weighted fit that follows a shard whose speed drifts).  The
+    refit passes through the weighted mean of the recent calls, so the model
+    predicts where the shard actually operates, and takes its slope from them
+    shrunk towards the calibrated slope::
+
+        slope = (C_xy + strength * calibrated_slope) / (C_xx + strength)
+
+    with ``C`` the recent calls' weighted co-moments and ``strength`` the
+    calibration's spread of sizes at a total weight of ``prior_weight`` (at least
+    ``prior_weight`` calls spread by ``MIN_RELATIVE_SPREAD`` around the recent
+    mean).  Live calls that all read about the same bytes (a flat, load-stabilised
+    batch) so keep the calibrated slope and correct the overhead; calls over a
+    wide range of sizes re-measure the slope.  A fit with a negative overhead
+    falls back to a line through the origin; the bandwidth stays positive.
     """
 
     MIN_RELATIVE_SPREAD = 0.05
@@ -136,7 +119,8 @@ class ShardPerfModel:
         self._prior_weight = float(prior_weight)
         self._overhead_s = float(overhead_s)
         self._seconds_per_byte = 1.0 / float(bandwidth_bytes_per_s)
-        self._prior = _Moments()
+        self._prior_slope = self._seconds_per_byte
+        self._prior_variance = 0.0  # of the calibration sizes
         self._recent = _Moments()
         self.errors = ErrorTracker(update_rate)
 
@@ -151,12 +135,18 @@ class ShardPerfModel:
         pairs = [(_check_size(b, "kv_bytes"), _check_time(s, "seconds")) for b, s in samples]
         if len({b for b, _ in pairs}) < 2:
             raise ValueError("calibration needs samples at two or more distinct kv_bytes sizes")
-        model = cls(0.0, 1.0, update_rate=update_rate, prior_weight=prior_weight)
-        moments = _Moments()
+        m = _Moments()
         for kv_bytes, seconds in pairs:
-            moments.add(kv_bytes, seconds)
-        model._fit(moments, force=True)
-        model._prior = moments.scaled(prior_weight)
+            m.add(kv_bytes, seconds)
+        slope = m.cov_xy / m.cov_xx
+        if slope <= 0:
+            raise ValueError("calibration samples do not grow with kv_bytes; cannot fit a bandwidth")
+        intercept = m.mean_y - slope * m.mean_x
+        if intercept < 0:  # fit through the origin instead
+            intercept = 0.0
+            slope = (m.cov_xy / m.weight + m.mean_x * m.mean_y) / (m.cov_xx / m.weight + m.mean_x**2)
+        model = cls(intercept, 1.0 / slope, update_rate=update_rate, prior_weight=prior_weight)
+        model._prior_variance = m.cov_xx / m.weight
         return model
 
     @property
@@ -181,27 +171,23 @@ class ShardPerfModel:
         seconds = _check_time(seconds, "seconds")
         error = self.errors.record(self.predict(kv_bytes), seconds)
         self._recent.add(kv_bytes, seconds, decay=1.0 - self._rate)
-        self._fit(self._prior.merged(self._recent), force=False)
+        self._refit()
         return error
 
-    def _fit(self, m: _Moments, *, force: bool) -> None:
-        variance = m.cov_xx / m.weight
-        if force or variance > (self.MIN_RELATIVE_SPREAD * m.mean_x) ** 2:
-            slope = m.cov_xy / m.cov_xx if m.cov_xx > 0 else 0.0
-            if slope > 0:
-                intercept = m.mean_y - slope * m.mean_x
-                if intercept >= 0:
-                    self._overhead_s, self._seconds_per_byte = intercept, slope
-                    return
-                # A negative overhead: fit a line through the origin instead.
-                second_moment = variance + m.mean_x**2
-                self._overhead_s = 0.0
-                self._seconds_per_byte = (m.cov_xy / m.weight + m.mean_x * m.mean_y) / second_moment
-                return
-            if force:
-                raise ValueError("calibration samples do not grow with kv_bytes; cannot fit a bandwidth")
-        # Sizes too alike (or a non-positive slope): keep the slope, refit the overhead.
-        self._overhead_s = max(0.0, m.mean_y - self._seconds_per_byte * m.mean_x)
+    def _refit(self) -> None:
+        m = self._recent
+        floor = (self.MIN_RELATIVE_SPREAD * m.mean_x) ** 2
+        strength = self._prior_weight * max(self._prior_variance, floor)
+        if strength == 0.0:  # only calls of 0 bytes so far: all of it is overhead
+            self._overhead_s = m.mean_y
+            return
+        slope = (m.cov_xy + strength * self._prior_slope) / (m.cov_xx + strength)
+        slope = max(slope, 1e-3 * self._prior_slope)
+        intercept = m.mean_y - slope * m.mean_x
+        if intercept < 0:
+            intercept = 0.0
+            slope = m.mean_y / m.mean_x
+        self._overhead_s, self._seconds_per_byte = intercept, slope
 
 
 class GpuPerfModel:

@@ -1,0 +1,158 @@
+from dataclasses import dataclass
+
+import pytest
+
+from fastdecode.scheduler.admission import AdmissionPolicy, predicted_peak_context
+from fastdecode.scheduler.config import SchedulerConfig
+
+
+@dataclass
+class Seq:
+    prompt_len: int
+    max_tokens: int
+    num_generated: int = 0
+    stop_at: int | None = None  # finishes early after this many tokens
+
+    @property
+    def context_len(self):
+        return self.prompt_len + self.num_generated
+
+    @property
+    def is_done(self):
+        return self.num_generated >= (self.stop_at or self.max_tokens)
+
+
+def drive(policy, waiting, num_steps):
+    """Admit, then give every running sequence a token, for ``num_steps`` steps; returns per-step history."""
+    running, history = [], []
+    for _ in range(num_steps):
+        num = policy.num_to_admit(running, waiting)
+        running += waiting[:num]
+        del waiting[:num]
+        policy.on_admitted(num)
+        history.append((num, len(running), sum(s.context_len for s in running)))
+        for seq in running:
+            seq.num_generated += 1
+        for seq in [s for s in running if s.is_done]:
+            running.remove(seq)
+            policy.on_finish(seq.num_generated, seq.max_tokens)
+    return history
+
+
+def make_policy(mode="sls", batch=64, **kwargs):
+    return AdmissionPolicy(SchedulerConfig(max_num_seqs=batch, admission=mode, **kwargs))
+
+
+def arrivals(policy, count, prompt=32, max_tokens=256, stop_at=None):
+    seqs = [Seq(prompt, max_tokens, stop_at=stop_at) for _ in range(count)]
+    for seq in seqs:
+        policy.on_arrival(seq.prompt_len, seq.max_tokens)
+    return seqs
+
+
+def test_sls_ramps_up_at_the_steady_rate_instead_of_all_at_once():
+    policy = make_policy()
+    waiting = arrivals(policy, 1000)
+    assert policy.rate_per_step == pytest.approx(64 / 256)
+    assert policy.group_size == 1 and policy.steps_between_groups == pytest.approx(4.0)
+    history = drive(policy, waiting, 1200)
+    counts = [running for _, running, _ in history]
+    assert history[0][0] == 1  # cold start: the first group at once
+    assert counts[127] == pytest.approx(32, abs=2)  # half way up the ramp
+    assert counts[255] == pytest.approx(64, abs=2)
+    assert max(counts) <= 64
+    assert max(num for num, _, _ in history) <= 2  # never a burst
+
+
+def test_all_at_once_fills_every_slot_and_its_context_peaks():
+    aao = make_policy("all-at-once")
+    history_aao = drive(aao, arrivals(aao, 1000), 1200)
+    assert history_aao[0][:2] == (64, 64)
+    sls = make_policy()
+    history_sls = drive(sls, arrivals(sls, 1000), 1200)
+    peak_aao = max(ctx for _, _, ctx in history_aao)
+    peak_sls = max(ctx for _, _, ctx in history_sls)
+    assert peak_aao == pytest.approx(64 * (32 + 256), rel=0.01)
+    # SLS steady state: B sequences with ages spread over the output length: B * (P + O/2), flat.
+    steady = [ctx for _, _, ctx in history_sls[400:1200]]
+    target = 64 * (32 + 128)
+    assert max(steady) <= 1.05 * target and min(steady) >= 0.95 * target
+    assert peak_sls <= 0.6 * peak_aao
+
+
+def test_early_finishes_replan_the_rate_and_keep_the_batch_full():
+    policy = make_policy()
+    waiting = arrivals(policy, 3000, stop_at=128)  # everyone stops at half of max_tokens
+    before = policy.rate_per_step
+    history = drive(policy, waiting, 1500)
+    assert policy.expected_output_len == pytest.approx(128, rel=0.05)
+    assert policy.rate_per_step == pytest.approx(2 * before, rel=0.05)
+    counts = [running for _, running, _ in history[800:]]
+    assert min(counts) >= 60 and max(counts) <= 64
+    # and the total context is flat at the new steady state B * (P + 128/2)
+    contexts = [ctx for _, _, ctx in history[800:]]
+    assert max(contexts) <= 1.1 * 64 * (32 + 64)
+
+
+def test_the_first_early_finish_replans_at_once():
+    policy = make_policy(batch=4, max_total_context=10**9)
+    arrivals(policy, 10, prompt=8, max_tokens=400)
+    assert policy.rate_per_step == pytest.approx(4 / 400)
+    limit = make_policy(batch=4)
+    arrivals(limit, 10, prompt=8, max_tokens=400)
+    before = limit.context_limit
+    for p in (policy, limit):
+        p.on_finish(100, 400)  # EOS after a quarter of max_tokens
+    assert policy.expected_output_len == pytest.approx(100)
+    assert policy.rate_per_step == pytest.approx(4 / 100)
+    assert limit.context_limit < before
+    assert policy.expected_remaining(Seq(8, 400, num_generated=30)) == 70
+    policy.on_finish(400, 400)  # a full-length one pulls the estimate back up
+    assert policy.expected_output_len == pytest.approx(250)
+
+
+def test_context_limit_holds_admission_back():
+    policy = make_policy(batch=64, max_total_context=2000)
+    waiting = arrivals(policy, 100, prompt=100, max_tokens=100)
+    history = drive(policy, waiting, 300)
+    contexts = [ctx for _, _, ctx in history]
+    assert max(contexts) <= 2000
+    assert max(contexts) >= 1700  # the limit, not something else, is what holds it
+    assert max(running for _, running, _ in history) < 20
+
+
+def test_an_idle_system_admits_a_prompt_larger_than_the_limit():
+    policy = make_policy(batch=8, max_total_context=100)
+    waiting = arrivals(policy, 2, prompt=500, max_tokens=10)
+    assert policy.num_to_admit([], waiting) == 1
+
+
+def test_max_num_seqs_bounds_both_modes():
+    for mode in ("sls", "all-at-once"):
+        policy = make_policy(mode, batch=3, sls_min_group_size=8, max_total_context=10**9)
+        waiting = arrivals(policy, 20)
+        assert policy.num_to_admit([], waiting) == 3
+        assert policy.num_to_admit(waiting[:3], waiting[3:]) == 0
+
+
+def test_predicted_peak_context():
+    assert predicted_peak_context([]) == 0
+    assert predicted_peak_context([(10, 1)]) == 10
+    # one sequence of 10 tokens running 5 more steps peaks at 10 + 4
+    assert predicted_peak_context([(10, 5)]) == 14
+    # a long one and a short one: either both just before the short leaves, or the long one alone at its end
+    assert predicted_peak_context([(100, 3), (10, 50)]) == max(100 + 2 + 10 + 2, 10 + 49)
+    assert predicted_peak_context([(100, 3), (10, 200)]) == 10 + 199
+    assert predicted_peak_context([(5, 2), (5, 2)]) == 12
+    # over a short horizon only the next steps count
+    assert predicted_peak_context([(100, 3), (10, 200)], horizon=1) == 101 + 11
+    assert predicted_peak_context([(100, 3), (10, 200)], horizon=10) == 102 + 12
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="admission"):
+        SchedulerConfig(admission="greedy")
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        SchedulerConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="overcommit"):
+        SchedulerConfig(overcommit=0.5)
