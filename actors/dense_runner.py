@@ -1,0 +1,80 @@
+"""Runs the dense part of the model off the event loop, and moves activations to the host.
+
+One dedicated thread does all the model's torch work, in order, so mini-batch A's
+attention round trip (awaited on the event loop) overlaps with mini-batch B's dense
+work (on this thread). This is the only place that touches CUDA streams: device
+tensors bound for CPU shards are copied into pinned host memory on a separate copy
+stream, and the event loop waits for that copy's event on a second thread, so the
+compute thread can already enqueue the next dense work.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class DenseRunner:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-dense")
+        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-copywait")
+        self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self.busy_s = 0.0  # host-side time spent in dense calls (CPU device: the compute time)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """Run ``fn(*args)`` on the compute thread under ``torch.inference_mode``."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._compute, self._call, fn, args)
+
+    def _call(self, fn, args):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            result = fn(*args)
+        self.busy_s += time.perf_counter() - t0
+        return result
+
+    async def to_host(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Host copies of device tensors (the tensors themselves on a CPU device)."""
+        if not self.is_cuda:
+            return tensors
+        loop = asyncio.get_running_loop()
+        hosts, done = await loop.run_in_executor(self._compute, self._start_copy, tensors)
+        await loop.run_in_executor(self._waiter, done.synchronize)
+        return hosts
+
+    def _start_copy(self, tensors):
+        ready = torch.cuda.Event()
+        ready.record()  # on the compute thread's current stream, after the producing kernels
+        hosts = []
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(ready)
+            for t in tensors:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(self._copy_stream)
+                hosts.append(host)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return tuple(hosts), done
+
+    async def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A device copy of a host tensor, ordered before later dense work."""
+        if not self.is_cuda:
+            return host
+        return await self.run(self._upload, host)
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        if not host.is_pinned():
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=True)
+        self._waiter.shutdown(wait=True)

@@ -1,0 +1,71 @@
+"""One request's generation state inside the Executor, and its token stream out."""
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fastdecode.actors.request import SamplingParams, TokenEvent
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no KV
+    RUNNING = "running"  # KV on a node, decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request being generated. ``seq_id`` doubles as the request id."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    events: asyncio.Queue  # of TokenEvent, read by the request's stream
+    generator: torch.Generator | None = None  # set for seeded sampling
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    node_index: int | None = None  # which KV node holds it while RUNNING
+    num_cached: int = 0  # tokens whose K/V are on the node
+    arrival_s: float = field(default_factory=time.monotonic)
+    admitted_order: int = -1  # larger = admitted later (the youngest is preempted first)
+    is_abort_requested: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def expected_final_len(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def emit(self, event: TokenEvent) -> None:
+        self.events.put_nowait(event)
+
+
+def finish_reason_after(
+    seq: Sequence, token_id: int, *, eos_token_ids: frozenset[int], max_model_len: int
+) -> str | None:
+    """Why ``seq`` stops after ``token_id`` was appended to its output, or None.
+
+    EOS counts only once ``min_tokens`` are out and unless ``ignore_eos``;
+    explicit stop token ids always stop. Stop *strings* are the detokenizer's
+    business, since they need text.
+    """
+    params = seq.params
+    num_out = len(seq.output_ids)
+    if token_id in params.stop_token_ids and num_out >= params.min_tokens:
+        return "stop"
+    if not params.ignore_eos and token_id in eos_token_ids and num_out >= params.min_tokens:
+        return "stop"
+    if num_out >= params.max_tokens or seq.num_tokens >= max_model_len:
+        return "length"
+    return None
