@@ -19,6 +19,11 @@ split (per node, sequences by context, longest first, each to the half with
 less context on that node, ties to the half with fewer sequences) would make
 the step at least ``rebalance_threshold`` faster, it replaces the current one.
 Moving a sequence is free: its KV stays on its node, only its turn changes.
+
+A single mini-batch is also a candidate: for a small batch with short
+contexts the GPU step is weight-bound and barely depends on the count, so
+reading the weights once (everything in A, B empty, no overlap) beats reading
+them twice.  The caller must accept an empty mini-batch.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ class SplitItem:
     minibatch: int | None = None  # None for a sequence not yet assigned
 
 
-DenseTime = Callable[[int], float]  # sequences -> seconds of a whole dense step (all layers)
+DenseTime = Callable[[float], float]  # sequences -> seconds of a whole dense step (all layers)
 
 
 class StepTimeModel:
@@ -51,13 +56,15 @@ class StepTimeModel:
         self.num_layers = num_layers
         self.dense_time = dense_time
 
-    def layer_times(self, counts: Sequence[int], contexts: Sequence[Mapping[int, int]]) -> tuple[list[float], list[dict[int, float]]]:
+    def layer_times(
+        self, counts: Sequence[float], contexts: Sequence[Mapping[int, float]]
+    ) -> tuple[list[float], list[dict[int, float]]]:
         """Per mini-batch: GPU seconds per layer, and per node attend seconds."""
         gpu = [self.dense_time(n) / self.num_layers if self.dense_time and n else 0.0 for n in counts]
         attend = [{i: self.nodes[i].predict_attend_s(c) for i, c in ctx.items()} for ctx in contexts]
         return gpu, attend
 
-    def cycle_s(self, counts: Sequence[int], contexts: Sequence[Mapping[int, int]]) -> float:
+    def cycle_s(self, counts: Sequence[float], contexts: Sequence[Mapping[int, float]]) -> float:
         """Seconds per layer of the two-mini-batch pipeline (see the module docstring)."""
         gpu, attend = self.layer_times(counts, contexts)
         slowest = [max(a.values(), default=0.0) for a in attend]
@@ -121,21 +128,22 @@ def split_minibatches(
         counts[best_half] += 1
         contexts[best_half][item.node_id] = contexts[best_half].get(item.node_id, 0) + item.context_len
     current_s = model.num_layers * model.cycle_s(counts, contexts)
-    if current_s <= _ideal_step_s(items, model) * (1.0 + rebalance_threshold):
-        return assignment, current_s  # already about as good as an even split
-    candidate = fresh_split(items)
-    candidate_s = model.step_s(items, candidate)
-    if candidate_s <= current_s * (1.0 - rebalance_threshold):
-        return candidate, candidate_s
+    even_s, single_s = _reference_step_s(items, model)
+    if current_s <= min(even_s, single_s) * (1.0 + rebalance_threshold):
+        return assignment, current_s  # already about as good as it gets
+    candidates = [fresh_split(items), {it.seq_id: 0 for it in items}]
+    best_s, best = min((model.step_s(items, c), index) for index, c in enumerate(candidates))
+    if best_s <= current_s * (1.0 - rebalance_threshold):
+        return candidates[best], best_s
     return assignment, current_s
 
 
-def _ideal_step_s(items: Sequence[SplitItem], model: StepTimeModel) -> float:
-    """Step time of a perfectly even split (half the count, half of each node's context)."""
-    total: dict[int, float] = {}
+def _reference_step_s(items: Sequence[SplitItem], model: StepTimeModel) -> tuple[float, float]:
+    """Step times of a perfectly even split (half the count and of each node's context) and of one mini-batch."""
+    total: dict[int, int] = {}
     for item in items:
         total[item.node_id] = total.get(item.node_id, 0) + item.context_len
-    half = len(items) / 2
-    gpu = model.dense_time(half) / model.num_layers if model.dense_time and items else 0.0
-    attend = max((model.nodes[i].predict_attend_s(c / 2) for i, c in total.items()), default=0.0)
-    return model.num_layers * max(2 * gpu, 2 * attend)
+    halves = [{i: c / 2 for i, c in total.items()}] * 2
+    even = model.cycle_s([len(items) / 2] * 2, halves)
+    single = model.cycle_s([len(items), 0], [total, {}])
+    return model.num_layers * even, model.num_layers * single

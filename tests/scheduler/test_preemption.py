@@ -1,0 +1,116 @@
+import random
+
+import pytest
+
+from fastdecode.scheduler.config import SchedulerConfig
+from fastdecode.scheduler.node import NodeModel
+from fastdecode.scheduler.perf_model import ShardPerfModel
+from fastdecode.scheduler.preemption import Resident, choose_victims, youngest
+from fastdecode.scheduler.scheduler import Scheduler
+
+KV = 1024  # bytes per token, all layers
+PAGE = 16
+
+
+def node(node_id, capacity_tokens, speed=1.0):
+    return NodeModel(node_id, capacity_tokens * KV, KV, 2, PAGE, ShardPerfModel(10e-6, speed * 1e9))
+
+
+def test_choose_victims_youngest_first_until_it_fits():
+    residents = [Resident(10, 0, 5), Resident(11, 3, 4), Resident(12, 1, 2), Resident(13, 2, 3)]
+    assert choose_victims(residents, 14) == []
+    assert choose_victims(residents, 13) == [11]  # arrival 3 is the youngest
+    assert choose_victims(residents, 7) == [11, 13]
+    assert choose_victims(residents, 0) == [11, 13, 12, 10]
+    assert youngest(residents).seq_id == 11
+    assert youngest([]) is None
+
+
+def run_to_completion(sched, targets, max_steps=20_000):
+    """Drive the scheduler like the Executor would; returns the per-sequence produced token indices."""
+    produced = {seq_id: [] for seq_id in targets}
+    preempted_log = []
+    for _ in range(max_steps):
+        if not (sched.num_waiting or sched.num_running):
+            return produced, preempted_log
+        plan = sched.schedule()
+        for p in plan.preempted:
+            preempted_log.append(p)
+            assert p.num_generated == len(produced[p.seq_id])  # progress kept
+        for a in plan.admitted:
+            rec = sched.sequence(a.seq_id)
+            assert a.num_prefill_tokens == rec.prompt_len + len(produced[a.seq_id])  # prompt + its own output
+            assert a.num_generated == len(produced[a.seq_id])
+        # memory: what the running sequences hold during this step fits every node
+        held = {}
+        for seq_id in plan.minibatches[0] + plan.minibatches[1]:
+            rec = sched.sequence(seq_id)
+            held[rec.node_id] = held.get(rec.node_id, 0) + sched.nodes[rec.node_id].pages_for(rec.context_len)
+        for node_id, pages in held.items():
+            assert pages <= sched.nodes[node_id].num_pages
+        running = plan.minibatches[0] + plan.minibatches[1]
+        for seq_id in running:
+            produced[seq_id].append(len(produced[seq_id]))  # token index i, whatever the batch
+        sched.on_tokens(running)
+        for seq_id in running:
+            if len(produced[seq_id]) == targets[seq_id]:
+                sched.on_finished(seq_id)
+    raise AssertionError("did not finish")
+
+
+@pytest.mark.parametrize("admission", ["sls", "all-at-once"])
+def test_nodes_too_small_for_all_every_request_completes_with_all_its_tokens(admission):
+    rng = random.Random(7)
+    # 2 small nodes; overcommit lets more in than fits at max_tokens, so nodes do fill up and preempt.
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=16, admission=admission, overcommit=3.0), [node(0, 640), node(1, 960, 2.0)]
+    )
+    targets = {}
+    for seq_id in range(40):
+        prompt, max_tokens = rng.randint(8, 60), rng.randint(20, 200)
+        sched.add_request(seq_id, prompt, max_tokens)
+        targets[seq_id] = rng.randint(max_tokens // 2, max_tokens)
+    produced, preempted = run_to_completion(sched, targets)
+    assert preempted, "the test must exercise preemption"
+    for seq_id, target in targets.items():
+        assert produced[seq_id] == list(range(target))
+    assert sched.num_running == sched.num_waiting == 0
+
+
+def test_out_of_memory_report_preempts_the_youngest_and_requeues_it_by_arrival():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, admission="all-at-once"), [node(0, 10_000)])
+    for seq_id in range(4):
+        sched.add_request(seq_id, 10, 50)
+    sched.add_request(99, 10, 50)  # arrives last
+    plan = sched.schedule()
+    assert len(plan.admitted) == 5
+    sched.on_tokens([0, 1, 2, 3, 99])
+    victim = sched.on_out_of_memory(0)
+    assert (victim.seq_id, victim.node_id, victim.num_generated) == (99, 0, 1)
+    assert sched.sequence(99).num_preemptions == 1 and not sched.sequence(99).is_running
+    again = sched.on_out_of_memory(0)
+    assert again.seq_id == 3
+    sched.add_request(100, 10, 50)
+    plan = sched.schedule()
+    # requeued by arrival: 3 before 99, both before the newcomer 100
+    assert [a.seq_id for a in plan.admitted] == [3, 99, 100]
+    assert plan.admitted[1].is_resumed and plan.admitted[1].num_prefill_tokens == 11
+    assert sched.on_out_of_memory(0).seq_id == 100  # 99 keeps its age: the newcomer is younger
+    with pytest.raises(KeyError):
+        sched.on_out_of_memory(5)
+
+
+def test_removing_a_node_requeues_its_sequences():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, admission="all-at-once"), [node(0, 10_000), node(1, 10_000)])
+    for seq_id in range(6):
+        sched.add_request(seq_id, 10, 50)
+    sched.schedule()
+    on_one = [s for s in range(6) if sched.sequence(s).node_id == 1]
+    assert on_one
+    preempted = sched.remove_node(1)
+    assert sorted(p.seq_id for p in preempted) == on_one
+    plan = sched.schedule()
+    assert sorted(a.seq_id for a in plan.admitted) == on_one
+    assert all(a.node_id == 0 for a in plan.admitted)
+    with pytest.raises(ValueError, match="last node"):
+        sched.remove_node(0)
