@@ -68,7 +68,7 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def smollm2_dir() -> Path:
+def smollm2_dir(*, convert: bool = True) -> Path:
     """The converted HF folder of the default model, converting it on first use."""
     from fastdecode.actors.model.gguf_convert import convert_gguf
 
@@ -78,7 +78,8 @@ def smollm2_dir() -> Path:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     folder = cache_dir() / "models" / f"smollm2-{digest.hexdigest()[:12]}-v{CONVERTER_VERSION}"
-    convert_gguf(gguf_path, folder)
+    if convert:
+        convert_gguf(gguf_path, folder)
     return folder
 
 
@@ -96,6 +97,9 @@ def resolve_config(name: str) -> ModelConfig:
     if name == DEFAULT_MODEL:
         from fastdecode.actors.model.gguf_convert import config_from_gguf, open_gguf
 
+        converted = smollm2_dir(convert=False)
+        if converted.is_dir():
+            return read_hf_config(converted)
         return config_from_gguf(open_gguf(smollm2_gguf_path()))
     if Path(name).is_dir():
         return read_hf_config(Path(name))

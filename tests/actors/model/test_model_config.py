@@ -1,0 +1,117 @@
+"""ModelConfig parsing, validation and size helpers; model names without weights."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from fastdecode.actors.model import ModelConfig, ModelError, resolve_config
+from fastdecode.actors.model.config import Llama3RopeScaling
+from fastdecode.actors.model.presets import PRESETS
+
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+}
+QWEN2_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "sliding_window": 131072,
+    "use_sliding_window": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
+}
+
+
+def test_llama31_config_parses():
+    config = ModelConfig.from_hf_dict(LLAMA31_8B)
+    assert config.head_dim == 128 and config.num_kv_heads == 8 and not config.qkv_bias
+    assert config.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
+    assert config.eos_token_ids == (128001, 128008, 128009) and config.bos_token_id == 128000
+    preset = PRESETS["llama3-8b"]
+    assert dataclasses.replace(config, bos_token_id=preset.bos_token_id, eos_token_ids=preset.eos_token_ids) == preset
+
+
+def test_qwen2_config_has_qkv_bias_and_inactive_window():
+    config = ModelConfig.from_hf_dict(QWEN2_7B)
+    assert config.qkv_bias and config.architecture == "Qwen2ForCausalLM" and config.eos_token_ids == (151643,)
+
+
+def test_transformers5_rope_parameters_form():
+    raw = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    raw["rope_parameters"] = {"rope_theta": 500000.0, **LLAMA31_8B["rope_scaling"]}
+    assert ModelConfig.from_hf_dict(raw) == ModelConfig.from_hf_dict(LLAMA31_8B)
+
+
+def test_to_hf_dict_round_trips():
+    for config in PRESETS.values():
+        assert ModelConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope_scaling type 'yarn'"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"num_key_value_heads": 5}, "multiple of num_kv_heads"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"eos_token_id": 999999999}, "outside the vocabulary"),
+        ({"num_hidden_layers": "many"}, "malformed"),
+    ],
+)
+def test_bad_configs_are_refused_clearly(change, message):
+    with pytest.raises(ModelError, match=message) as info:
+        ModelConfig.from_hf_dict({**LLAMA31_8B, **change})
+    assert "\n" not in str(info.value)
+
+
+def test_missing_field_is_named():
+    raw = dict(LLAMA31_8B)
+    del raw["hidden_size"]
+    with pytest.raises(ModelError, match="hidden_size"):
+        ModelConfig.from_hf_dict(raw)
+
+
+def test_active_sliding_window_is_refused():
+    mistral = {**LLAMA31_8B, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+               "rope_scaling": None, "sliding_window": 4096, "max_position_embeddings": 32768}
+    with pytest.raises(ModelError, match="sliding window"):
+        ModelConfig.from_hf_dict(mistral)
+    assert ModelConfig.from_hf_dict({**mistral, "sliding_window": None}).architecture == "MistralForCausalLM"
+    with pytest.raises(ModelError, match="sliding window"):
+        ModelConfig.from_hf_dict({**QWEN2_7B, "use_sliding_window": True, "max_window_layers": 20})
+
+
+def test_sizes_of_known_models():
+    # published parameter counts: Llama-3.1-8B 8.03B, 70B 70.55B, Qwen2-7B 7.62B, SmolLM2-135M 134.5M
+    assert round(PRESETS["llama3-8b"].num_params / 1e9, 2) == 8.03
+    assert round(PRESETS["llama3-70b"].num_params / 1e9, 2) == 70.55
+    assert round(PRESETS["qwen2-7b"].num_params / 1e9, 2) == 7.62
+    assert round(PRESETS["smollm2-135m"].num_params / 1e6, 1) == 134.5
+    assert PRESETS["llama3-8b"].kv_bytes_per_token(2) == 128 * 1024  # DESIGN.md: 128 KiB per token
+    assert PRESETS["llama3-8b"].weight_bytes(2) == 2 * PRESETS["llama3-8b"].num_params
+
+
+def test_presets_match_their_documented_shapes():
+    tiny = PRESETS["tiny"]
+    assert (tiny.num_layers, tiny.hidden_size, tiny.num_heads, tiny.num_kv_heads) == (2, 64, 4, 2)
+    assert tiny.vocab_size >= 256 and tiny.max_position_embeddings >= 2048
+    assert PRESETS["qwen2-7b"].qkv_bias and PRESETS["smollm2-135m"].tie_word_embeddings
+
+
+def test_resolve_config_by_name(tmp_path):
+    assert resolve_config("random:llama3-70b") is PRESETS["llama3-70b"]
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_7B))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151643, 151645]}))
+    assert resolve_config(str(tmp_path)).eos_token_ids == (151643, 151645)
+    with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
+        resolve_config("no-such-model")
+    with pytest.raises(ModelError, match="unknown random preset 'huge'"):
+        resolve_config("random:huge")

