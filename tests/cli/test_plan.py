@@ -1,0 +1,66 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fastdecode.cli.main import main
+from fastdecode.scheduler.gpu_profile import GPU_SPECS
+from fastdecode.scheduler.model_shape import LLAMA3_8B
+
+BASE = ["plan", "--prompt-len", "128", "--output-len", "1024"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [*BASE, *args])
+
+
+def test_json_plan_for_70b_on_h200():
+    result = run("--model", "llama3-70b", "--gpu", "h200", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    for key in ("batch_size", "num_shards", "tokens_per_s", "ms_per_token", "host_memory_gib"):
+        assert key in plan
+    assert plan["model"] == "llama3-70b" and plan["gpu"] == "h200"
+    assert plan["bound"] == "gpu"
+    assert plan["batch_size"] > 10 * plan["gpu_only_max_batch"] > 0
+    assert plan["host_memory_gib"] == pytest.approx(plan["batch_size"] * 1152 * 320 * 1024 / 2**30)
+
+
+def test_text_plan_and_options():
+    result = run("--model", "llama3-8b", "--gpu", "a10", "--shard-gbps", "40", "--max-latency-ms", "80")
+    assert result.exit_code == 0, result.output
+    assert "batch size" in result.output and "tokens/s" in result.output and "why:" in result.output
+    assert "(40 GB/s)" in result.output
+    fp8 = json.loads(run("--model", "llama3-70b", "--gpu", "h100", "--dtype", "float8", "--json").output)
+    assert fp8["weights_gib"] == pytest.approx(65.7, abs=0.3)  # 1 byte per weight fits an H100
+
+
+def test_measured_profile_file(tmp_path):
+    profile = GPU_SPECS["h100"].sweep(LLAMA3_8B, batches=(1, 16, 128, 512, 2048))
+    path = tmp_path / "h100.json"
+    path.write_text(json.dumps(profile.to_json_dict()))
+    from_file = json.loads(run("--model", "llama3-8b", "--gpu-profile", str(path), "--json").output)
+    analytical = json.loads(run("--model", "llama3-8b", "--gpu", "h100", "--json").output)
+    assert from_file["tokens_per_s"] == pytest.approx(analytical["tokens_per_s"], rel=0.1)
+    # a profile of a different model is refused
+    result = run("--model", "llama3-70b", "--gpu-profile", str(path))
+    assert result.exit_code != 0 and "32-layer" in result.output
+
+
+def test_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    cases = [
+        (("--model", "llama3-8b", "--gpu", "h100", "--gpu-profile", str(bad)), "not both"),
+        (("--model", "llama3-8b", "--gpu-profile", str(bad)), "cannot read GPU profile"),
+        (("--model", "llama3-8b", "--gpu-profile", str(tmp_path / "missing.json")), "cannot read GPU profile"),
+        (("--model", "no-such-model"), "unknown model"),
+        (("--model", "llama3-70b", "--gpu", "a10"), "do not fit"),
+        (("--model", "llama3-8b", "--max-latency-ms", "0.1"), "latency"),
+        (("--model", "llama3-8b", "--shard-gbps", "-1"), "bandwidths"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code != 0, args
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
