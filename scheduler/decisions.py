@@ -8,9 +8,11 @@ from dataclasses import dataclass
 class Admission:
     """Start (or resume) a sequence: prefill ``num_prefill_tokens`` tokens, KV on ``node_id``.
 
-    For a fresh sequence that is its prompt (``num_generated == 0``).  For one
-    that was preempted it is the prompt followed by the ``num_generated`` tokens
-    it already produced; the prefill then samples its next token.
+    For a fresh sequence that is its prompt (``num_generated == 0``) and the
+    prefill samples its first token.  For one that was preempted it is the
+    prompt followed by the tokens it produced but the last one
+    (``prompt + num_generated - 1``) and nothing is sampled: the next decode step
+    feeds the last token and samples the next, as if it had never left.
     """
 
     seq_id: int

@@ -161,7 +161,7 @@ class Scheduler:
             record.minibatch = assignment[record.seq_id]
             halves[record.minibatch].append(record.seq_id)
         admitted = tuple(
-            Admission(r.seq_id, r.node_id, r.minibatch, r.context_len, r.num_generated)
+            Admission(r.seq_id, r.node_id, r.minibatch, r.prefill_len, r.num_generated)
             for r in (self._table.get(i) for i in admitted_ids)
         )
         return StepPlan(

@@ -3,9 +3,11 @@
 Token convention (shared with the Executor): ``num_generated`` counts the tokens
 already sampled for the sequence.  While a decode step runs, the node holds the
 KV of ``context_len = prompt_len + num_generated`` tokens (the step appends the
-last sampled token's K/V).  A preempted sequence keeps its ``num_generated``;
-it is prefilled again with ``prompt_len + num_generated`` tokens (its prompt and
-all its output), which ends by sampling its next token, so nothing is lost.
+last sampled token's K/V).  A fresh sequence is prefilled with its prompt, which
+samples its first token.  A preempted sequence keeps its ``num_generated``; it
+is rebuilt by prefilling its prompt and its output but the last token
+(``prefill_len``), without sampling; the next decode step feeds that last
+token and samples the one after, so nothing is lost or sampled twice.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ class SequenceRecord:
     @property
     def context_len(self) -> int:
         return self.prompt_len + self.num_generated
+
+    @property
+    def prefill_len(self) -> int:
+        """Tokens to prefill on (re)admission: the prompt, plus the output but its last token."""
+        return self.prompt_len + max(self.num_generated - 1, 0)
 
     @property
     def expected_final_len(self) -> int:
