@@ -1,9 +1,9 @@
 // The fused decode step for one layer and a batch: append each sequence's new k, v, then attend.
 //
-// Work is split by the data only: each (sequence, KV head) is cut into chunks of chunk_pages pages;
-// every chunk is one work item (scheduled dynamically over the team) producing a partial softmax
-// state; a second loop merges each (sequence, KV head)'s chunks in chunk order. The thread count
-// therefore never changes the arithmetic: 1 and N threads give bitwise-equal outputs.
+// Work is split by the data only: each sequence is cut into chunks of chunk_pages pages; every chunk
+// (all KV heads, pages read front to back) is one work item, scheduled dynamically over the team,
+// producing partial softmax states; a second loop merges each sequence's chunks in chunk order. The
+// thread count therefore never changes the arithmetic: 1 and N threads give bitwise-equal outputs.
 #include <math.h>
 #include <omp.h>
 
@@ -51,27 +51,27 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     const int H = pool.num_kv_heads, G = num_q_heads / H, D = pool.head_dim, P = pool.page_size;
     const int chunk_tokens = pool.chunk_pages * P;
     sc.items.clear();
-    sc.group_first_item.clear();
+    sc.seq_first_item.clear();
     for (int64_t b = 0; b < batch; ++b) {
-        sc.seqs[(size_t)b]->pages[layer].reserve((size_t)pool.pages_for(sc.seqs[(size_t)b]->lens[layer] + 1));
-        const int64_t n = sc.seqs[(size_t)b]->lens[layer] + 1;
+        SeqState &s = *sc.seqs[(size_t)b];
+        s.pages[layer].reserve((size_t)pool.pages_for(s.lens[layer] + 1));
+        const int64_t n = s.lens[layer] + 1;
         const int64_t num_chunks = (n + chunk_tokens - 1) / chunk_tokens;
-        for (int h = 0; h < H; ++h) {
-            sc.group_first_item.push_back((int64_t)sc.items.size());
-            for (int64_t c = 0; c < num_chunks; ++c) {
-                const int64_t t0 = c * chunk_tokens, t1 = std::min<int64_t>(n, t0 + chunk_tokens);
-                sc.items.push_back(WorkItem{(int32_t)b, h, (int32_t)(t0 / P), (int32_t)pool.pages_for(t1 - t0),
-                                            (int32_t)(t1 - t0), c == num_chunks - 1});
-            }
+        sc.seq_first_item.push_back((int64_t)sc.items.size());
+        for (int64_t c = 0; c < num_chunks; ++c) {
+            const int64_t t0 = c * chunk_tokens, t1 = std::min<int64_t>(n, t0 + chunk_tokens);
+            sc.items.push_back(WorkItem{(int32_t)b, (int32_t)(t0 / P), (int32_t)pool.pages_for(t1 - t0),
+                                        (int32_t)(t1 - t0), c == num_chunks - 1});
         }
     }
-    sc.group_first_item.push_back((int64_t)sc.items.size());
-    const size_t num_items = sc.items.size();
-    if (sc.acc.size() < num_items * G * D) sc.acc.resize(num_items * G * D);
-    if (sc.m.size() < num_items * G) {
-        sc.m.resize(num_items * G);
-        sc.l.resize(num_items * G);
+    sc.seq_first_item.push_back((int64_t)sc.items.size());
+    const size_t num_items = sc.items.size(), row_floats = (size_t)num_q_heads * D;
+    if (sc.acc.size() < num_items * row_floats) sc.acc.resize(num_items * row_floats);
+    if (sc.m.size() < num_items * num_q_heads) {
+        sc.m.resize(num_items * num_q_heads);
+        sc.l.resize(num_items * num_q_heads);
     }
+    if (sc.q.size() < (size_t)batch * row_floats) sc.q.resize((size_t)batch * row_floats);
     for (int64_t b = 0; b < batch; ++b) {
         SeqState &s = *sc.seqs[(size_t)b];
         if ((int64_t)s.pages[layer].size() < pool.pages_for(s.lens[layer] + 1)) {
@@ -81,60 +81,60 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
         s.lens[layer] += 1;
     }
 
-    const size_t q_es = dtype_size(q_dtype), in_es = dtype_size(in_dtype), out_es = dtype_size(out_dtype);
-    const size_t token_elems = (size_t)H * D;
+    const size_t token_bytes = (size_t)H * D * dtype_size(in_dtype), out_row_bytes = row_floats * dtype_size(out_dtype);
     const float scale = 1.0f / sqrtf((float)D);
     const fd_pool &cpool = pool;
     const KernelTable &kt = *pool.kernels;
-    const int64_t num_groups = batch * H;
     const Team &team = pool.team;
     CallerPin pin(team);
 #pragma omp parallel num_threads(team.num_threads)
     {
         if (omp_get_thread_num() > 0) pin_worker(team, omp_get_thread_num());
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            float *qf = sc.q.data() + (size_t)b * row_floats;
+            for (size_t i = 0; i < row_floats; ++i) qf[i] = load_scalar(q, (size_t)b * row_floats + i, q_dtype) * scale;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (size_t i = 0; i < num_items; ++i) {
             const WorkItem &it = sc.items[i];
-            const std::vector<int32_t> &pages = sc.seqs[(size_t)it.batch_index]->pages[layer];
-            const int64_t n = sc.seqs[(size_t)it.batch_index]->lens[layer];
+            const SeqState &s = *sc.seqs[(size_t)it.batch_index];
+            const std::vector<int32_t> &pages = s.pages[layer];
             if (it.is_last) {
-                const size_t off = (size_t)it.batch_index * token_elems * in_es;
-                pool_write_token(cpool, pages, n - 1, it.head, static_cast<const uint8_t *>(k) + off,
+                const size_t off = (size_t)it.batch_index * token_bytes;
+                pool_write_token(cpool, pages, s.lens[layer] - 1, -1, static_cast<const uint8_t *>(k) + off,
                                  static_cast<const uint8_t *>(v) + off, in_dtype);
             }
             ChunkTask task;
             task.base = cpool.base;
             task.pages = pages.data() + it.first_page;
             task.page_bytes = cpool.page_bytes;
-            task.k_offset = cpool.k_offset(it.head);
-            task.v_offset = cpool.v_offset(it.head);
+            task.block_bytes = cpool.block_bytes;
             task.num_pages = it.num_pages;
             task.num_tokens = it.num_tokens;
             task.page_size = P;
             task.head_dim = D;
+            task.num_kv_heads = H;
             task.group = G;
-            task.q = static_cast<const uint8_t *>(q) + ((size_t)it.batch_index * num_q_heads + (size_t)it.head * G) * D * q_es;
-            task.q_dtype = q_dtype;
-            task.scale = scale;
-            task.acc = sc.acc.data() + i * G * D;
-            task.m = sc.m.data() + i * G;
-            task.l = sc.l.data() + i * G;
+            task.q = sc.q.data() + (size_t)it.batch_index * row_floats;
+            task.acc = sc.acc.data() + i * row_floats;
+            task.m = sc.m.data() + i * num_q_heads;
+            task.l = sc.l.data() + i * num_q_heads;
             kt.chunk[cpool.kv_dtype](&task);
         }
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t gi = 0; gi < num_groups; ++gi) {
-            const int64_t first = sc.group_first_item[(size_t)gi];
-            const size_t row = (size_t)(gi / H) * num_q_heads + (size_t)(gi % H) * G;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < batch; ++b) {
+            const int64_t first = sc.seq_first_item[(size_t)b];
             MergeTask task;
-            task.acc = sc.acc.data() + (size_t)first * G * D;
-            task.m = sc.m.data() + (size_t)first * G;
-            task.l = sc.l.data() + (size_t)first * G;
-            task.num_chunks = (int32_t)(sc.group_first_item[(size_t)gi + 1] - first);
-            task.group = G;
+            task.acc = sc.acc.data() + (size_t)first * row_floats;
+            task.m = sc.m.data() + (size_t)first * num_q_heads;
+            task.l = sc.l.data() + (size_t)first * num_q_heads;
+            task.num_chunks = (int32_t)(sc.seq_first_item[(size_t)b + 1] - first);
+            task.num_rows = num_q_heads;
             task.head_dim = D;
-            task.out = static_cast<uint8_t *>(out) + row * D * out_es;
+            task.out = static_cast<uint8_t *>(out) + (size_t)b * out_row_bytes;
             task.out_dtype = out_dtype;
-            task.lse = lse ? lse + row : nullptr;
+            task.lse = lse ? lse + (size_t)b * num_q_heads : nullptr;
             kt.merge(&task);
         }
     }

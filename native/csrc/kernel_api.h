@@ -13,37 +13,36 @@ namespace fdn {
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxGroup = 16;
 
-// One attention work item: one sequence, one KV head, one chunk of whole pages.
+// One attention work item: one sequence, one chunk of whole pages, all KV heads (each page is read
+// front to back: head h's K^T block [D][P] then its V block [P][D], then head h+1).
 struct ChunkTask {
     const uint8_t *base;      // pool memory
     const int32_t *pages;     // page indices of this chunk
     size_t page_bytes;
-    size_t k_offset;          // byte offset of this head's K^T block [D][P] inside a page
-    size_t v_offset;          // byte offset of this head's V block [P][D] inside a page
+    size_t block_bytes;       // one K^T or V block of one head; a head takes 2 blocks
     int32_t num_pages;
     int32_t num_tokens;       // tokens in the chunk: every page full except maybe the last
     int32_t page_size;
     int32_t head_dim;
-    int32_t group;            // query heads sharing this KV head
-    const void *q;            // [group][head_dim] of q_dtype
-    int32_t q_dtype;
-    float scale;              // 1/sqrt(head_dim)
-    float *acc;               // out: [group][head_dim], unnormalised
-    float *m;                 // out: [group], running max of scaled scores
-    float *l;                 // out: [group], sum of exp(score - m)
+    int32_t num_kv_heads;
+    int32_t group;            // query heads per KV head
+    const float *q;           // [num_kv_heads * group][head_dim], already scaled by 1/sqrt(head_dim)
+    float *acc;               // out: [num_kv_heads * group][head_dim], unnormalised
+    float *m;                 // out: [num_kv_heads * group], running max of scaled scores
+    float *l;                 // out: [num_kv_heads * group], sum of exp(score - m)
 };
 
-// Merges one (sequence, KV head)'s chunk partials in chunk order and writes the group's outputs.
+// Merges one sequence's chunk partials in chunk order and writes its output rows.
 struct MergeTask {
-    const float *acc;         // [num_chunks][group][head_dim]
-    const float *m;           // [num_chunks][group]
-    const float *l;           // [num_chunks][group]
+    const float *acc;         // [num_chunks][num_rows][head_dim]
+    const float *m;           // [num_chunks][num_rows]
+    const float *l;           // [num_chunks][num_rows]
     int32_t num_chunks;
-    int32_t group;
+    int32_t num_rows;         // query heads
     int32_t head_dim;
-    void *out;                // first of `group` rows [head_dim] of out_dtype
+    void *out;                // num_rows rows [head_dim] of out_dtype
     int32_t out_dtype;
-    float *lse;               // first of `group` floats, or nullptr
+    float *lse;               // num_rows floats, or nullptr
 };
 
 struct KernelTable {

@@ -2,6 +2,7 @@
 // (plus AVX2/FMA/F16C) only; chosen at run time when the CPU and OS support it.
 #include <immintrin.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include "kernel_api.h"
 #include "simd_exp.h"

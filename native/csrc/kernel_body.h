@@ -1,10 +1,17 @@
+
+
+
+
+
+
+
+
 // The attention and read kernels, written once over a small SIMD vocabulary `V`.
 // Each kernel_<isa>.cpp defines `struct V` (register type R, lane count W, score tile TV, register
 // budget ACC and the operations used below) inside an anonymous namespace, then includes this file
 // inside that same anonymous namespace, so every instantiation has internal linkage.
 //
-// Page layout (see pool.cpp): for each KV head a K^T block [D][P] then, after all K blocks, a V block
-// [P][D] per head. Scores for one page come out as vectors over tokens (no horizontal sums), and the
+// Page layout (see pool.h): for each KV head a K^T block [D][P] followed by its V block [P][D]. Scores for one page come out as vectors over tokens (no horizontal sums), and the
 // V accumulation keeps a tile of the group's outputs in registers while it walks the page's tokens.
 
 template <int DT>
@@ -13,6 +20,11 @@ static inline V::R load_kv(const uint8_t *p, size_t idx) {
     else if constexpr (DT == 1) return V::load_f16(reinterpret_cast<const uint16_t *>(p) + idx);
     else return V::load_bf16(reinterpret_cast<const uint16_t *>(p) + idx);
 }
+
+#ifndef FD_PREFETCH_STEPS
+#define FD_PREFETCH_STEPS 1
+#endif
+static constexpr int kPrefetchSteps = FD_PREFETCH_STEPS;   // head blocks ahead
 
 static inline void prefetch_lines(const uint8_t *p, size_t num_bytes) {
     for (size_t off = 0; off < num_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
@@ -122,57 +134,60 @@ static inline void page_step(const uint8_t *kb, const uint8_t *vb, int D, int P,
 
 template <int DT>
 static void chunk_kernel(const fdn::ChunkTask *task) {
-    const int D = task->head_dim, P = task->page_size, G = task->group;
-    alignas(64) float q[fdn::kMaxGroup * fdn::kMaxHeadDim];
+    const int D = task->head_dim, P = task->page_size, G = task->group, H = task->num_kv_heads;
+    const size_t block = task->block_bytes;
     alignas(64) float s[4 * 256];
-    for (int i = 0; i < G * D; ++i) q[i] = fdn::load_scalar(task->q, (size_t)i, task->q_dtype) * task->scale;
-    for (int g = 0; g < G; ++g) {
-        task->m[g] = -INFINITY;
-        task->l[g] = 0.0f;
+    for (int r = 0; r < H * G; ++r) {
+        task->m[r] = -INFINITY;
+        task->l[r] = 0.0f;
     }
-    memset(task->acc, 0, sizeof(float) * (size_t)G * D);
+    memset(task->acc, 0, sizeof(float) * (size_t)H * G * D);
     int remaining = task->num_tokens;
+    const int num_steps = task->num_pages * H;
     for (int pi = 0; pi < task->num_pages; ++pi) {
         const uint8_t *page = task->base + (size_t)task->pages[pi] * task->page_bytes;
-        const uint8_t *kb = page + task->k_offset, *vb = page + task->v_offset;
         const int n = remaining < P ? remaining : P;
         remaining -= n;
-        const uint8_t *pf_k = nullptr, *pf_v = nullptr;
-        if (pi + 1 < task->num_pages) {
-            const uint8_t *next = task->base + (size_t)task->pages[pi + 1] * task->page_bytes;
-            pf_k = next + task->k_offset;
-            pf_v = next + task->v_offset;
-        }
-        for (int g0 = 0; g0 < G; g0 += 4) {
-            const int gb = G - g0 < 4 ? G - g0 : 4;
-            const float *qg = q + g0 * D;
-            float *mg = task->m + g0, *lg = task->l + g0, *ag = task->acc + (size_t)g0 * D;
-            switch (gb) {
-                case 1: page_step<DT, 1>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
-                case 2: page_step<DT, 2>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
-                case 3: page_step<DT, 3>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
-                default: page_step<DT, 4>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
+        for (int h = 0; h < H; ++h) {
+            const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
+            // Prefetch the head block kPrefetchSteps ahead in reading order, one row per head-dim step.
+            const uint8_t *pf_k = nullptr, *pf_v = nullptr;
+            const int ahead = pi * H + h + kPrefetchSteps;
+            if (ahead < num_steps) {
+                pf_k = task->base + (size_t)task->pages[ahead / H] * task->page_bytes + 2 * block * (ahead % H);
+                pf_v = pf_k + block;
             }
-            pf_k = pf_v = nullptr;
+            for (int g0 = 0; g0 < G; g0 += 4) {
+                const int gb = G - g0 < 4 ? G - g0 : 4, r0 = h * G + g0;
+                const float *qg = task->q + (size_t)r0 * D;
+                float *mg = task->m + r0, *lg = task->l + r0, *ag = task->acc + (size_t)r0 * D;
+                switch (gb) {
+                    case 1: page_step<DT, 1>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
+                    case 2: page_step<DT, 2>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
+                    case 3: page_step<DT, 3>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
+                    default: page_step<DT, 4>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
+                }
+                pf_k = pf_v = nullptr;
+            }
         }
     }
 }
 
 static void merge_kernel(const fdn::MergeTask *task) {
-    const int D = task->head_dim, G = task->group, C = task->num_chunks;
+    const int D = task->head_dim, R = task->num_rows, C = task->num_chunks;
     alignas(64) float o[fdn::kMaxHeadDim];
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < R; ++g) {
         float M = -INFINITY;
-        for (int c = 0; c < C; ++c) M = task->m[c * G + g] > M ? task->m[c * G + g] : M;
+        for (int c = 0; c < C; ++c) M = task->m[c * R + g] > M ? task->m[c * R + g] : M;
         float L = 0.0f;
         for (int d = 0; d < D; d += V::W) V::store(o + d, V::zero());
         for (int c = 0; c < C; ++c) {
-            const float mc = task->m[c * G + g];
+            const float mc = task->m[c * R + g];
             if (mc == -INFINITY) continue;
             const float w = expf(mc - M);
-            L += task->l[c * G + g] * w;
+            L += task->l[c * R + g] * w;
             const V::R wv = V::set1(w);
-            const float *ac = task->acc + ((size_t)c * G + g) * D;
+            const float *ac = task->acc + ((size_t)c * R + g) * D;
             for (int d = 0; d < D; d += V::W) V::store(o + d, V::fma(wv, V::load(ac + d), V::load(o + d)));
         }
         const float inv = 1.0f / L;

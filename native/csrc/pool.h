@@ -1,8 +1,9 @@
 // The paged KV pool: one mapping of fixed-size pages, page tables per (sequence, layer).
 //
 // A page holds page_size tokens of one layer for all KV heads. Inside a page, for each head h, a K^T
-// block [D][P] (head-dim major, so scores for a page come out as vectors over tokens), then for each
-// head a V block [P][D]. A GQA group therefore reads two contiguous blocks per page and KV head.
+// block [D][P] (head-dim major, so scores for a page come out as vectors over tokens) followed by
+// its V block [P][D]. A GQA group reads one contiguous span per page and KV head, and attention
+// reads each page front to back.
 #ifndef FASTDECODE_POOL_H
 #define FASTDECODE_POOL_H
 
@@ -26,14 +27,14 @@ struct SeqState {
 
 // Attention scratch, reused across calls (grown, never shrunk).
 struct WorkItem {
-    int32_t batch_index, head, first_page, num_pages, num_tokens;
+    int32_t batch_index, first_page, num_pages, num_tokens;
     int32_t is_last;       // this chunk holds the new token: write it before attending
 };
 
 struct AttendScratch {
     std::vector<WorkItem> items;
-    std::vector<int64_t> group_first_item;   // [(b, h)] -> first item; one past the end appended
-    std::vector<float> acc, m, l;
+    std::vector<int64_t> seq_first_item;     // [b] -> first item; one past the end appended
+    std::vector<float> q, acc, m, l;         // q: [B][Hq][D] float32, scaled
     std::vector<SeqState *> seqs;
 };
 
@@ -55,8 +56,8 @@ struct fd_pool {
     fdn::AttendScratch scratch;
     std::mutex mutex;
 
-    size_t k_offset(int head) const { return (size_t)head * block_bytes; }
-    size_t v_offset(int head) const { return (size_t)(num_kv_heads + head) * block_bytes; }
+    size_t k_offset(int head) const { return 2 * (size_t)head * block_bytes; }
+    size_t v_offset(int head) const { return (2 * (size_t)head + 1) * block_bytes; }
     uint8_t *page_ptr(int32_t page) const { return base + (size_t)page * page_bytes; }
     int64_t pages_for(int64_t num_tokens) const { return (num_tokens + page_size - 1) / page_size; }
 };

@@ -1,0 +1,10 @@
+"""Fixtures for the native-library tests."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

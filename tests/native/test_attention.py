@@ -1,0 +1,98 @@
+"""Fused append+attend against a float64 NumPy reference: every ISA, dtype, GQA group and head dim."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastdecode.native.lib import KVPool
+
+from native_reference import DTYPES, ISAS, attention_reference, random_kv
+
+TOLERANCE = {"float32": 2e-5, "float16": 1e-3, "bfloat16": 8e-3}   # output rounding dominates
+
+
+def run_attend(rng, *, isa, kv_dtype, q_dtype, group, head_dim, lengths, num_kv_heads=2, page_size=32,
+               out_dtype=None, num_threads=2, chunk_tokens=512):
+    """Caches lengths[b]-1 tokens per sequence, then one attend that appends the last token.
+    Returns (o, lse, o_ref, lse_ref)."""
+    capacity = sum(-(-n // page_size) for n in lengths) * 2 * num_kv_heads * head_dim * page_size * 4
+    num_q_heads = num_kv_heads * group
+    with KVPool(num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
+                capacity_bytes=capacity, page_size=page_size, num_threads=num_threads, isa=isa,
+                chunk_tokens=chunk_tokens) as pool:
+        keys, values = [], []
+        for seq_id, n in enumerate(lengths):
+            pool.allocate(seq_id)
+            k, v, k_ref, v_ref = random_kv(rng, (n, num_kv_heads, head_dim), kv_dtype, q_dtype)
+            pool.append(seq_id, 1, k[:-1], v[:-1])
+            keys.append(k_ref)
+            values.append(v_ref)
+        k_new = np.stack([k[-1] for k in keys]).astype(np.float32).astype(DTYPES[q_dtype])
+        v_new = np.stack([v[-1] for v in values]).astype(np.float32).astype(DTYPES[q_dtype])
+        q = rng.standard_normal((len(lengths), num_q_heads, head_dim), dtype=np.float32).astype(DTYPES[q_dtype])
+        out = np.empty(q.shape, DTYPES[out_dtype or q_dtype])
+        lse = np.empty(q.shape[:2], np.float32)
+        result = pool.attend(1, np.arange(len(lengths)), q, k_new, v_new, out=out, lse=lse)
+        assert result is out
+        assert [pool.seq_len(i, 1) for i in range(len(lengths))] == list(lengths)
+        assert [pool.seq_len(i, 0) for i in range(len(lengths))] == [0] * len(lengths)
+    o_ref, lse_ref = attention_reference(q, keys, values)
+    return out, lse, o_ref, lse_ref
+
+
+def assert_close(out, lse, o_ref, lse_ref, out_dtype):
+    tol = TOLERANCE[out_dtype]
+    np.testing.assert_allclose(out.astype(np.float64), o_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse, lse_ref, rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("q_dtype", list(DTYPES))
+@pytest.mark.parametrize("kv_dtype", list(DTYPES))
+@pytest.mark.parametrize("isa", ISAS)
+def test_page_boundaries_every_path(rng, isa, kv_dtype, q_dtype, group, head_dim):
+    lengths = [1, 31, 32, 33]     # 1, page-1, page, page+1 with the default page of 32
+    out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype=kv_dtype, q_dtype=q_dtype, group=group,
+                                          head_dim=head_dim, lengths=lengths)
+    assert out.dtype == DTYPES[q_dtype]
+    assert_close(out, lse, o_ref, lse_ref, q_dtype)
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("isa", ISAS)
+def test_other_page_sizes_and_odd_groups(rng, isa, page_size):
+    lengths = [1, page_size - 1, page_size, page_size + 1, 3 * page_size + 5]
+    for group in (2, 3, 5):
+        out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype="bfloat16", q_dtype="float32", group=group,
+                                              head_dim=128, lengths=lengths, page_size=page_size,
+                                              chunk_tokens=4 * page_size)
+        assert_close(out, lse, o_ref, lse_ref, "float32")
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
+def test_output_dtype_may_differ_from_q(rng, out_dtype):
+    out, lse, o_ref, lse_ref = run_attend(rng, isa=ISAS[-1], kv_dtype="float16", q_dtype="float16", group=4,
+                                          head_dim=128, lengths=[5, 70], out_dtype=out_dtype)
+    assert out.dtype == DTYPES[out_dtype]
+    assert_close(out, lse, o_ref, lse_ref, out_dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ISAS)
+def test_single_32k_sequence(rng, isa):
+    out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype="bfloat16", q_dtype="bfloat16", group=4,
+                                          head_dim=128, lengths=[32768])
+    assert_close(out, lse, o_ref, lse_ref, "bfloat16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("isa", "kv_dtype", "q_dtype"),
+                         [(isa, "bfloat16", "float32") for isa in ISAS] + [(ISAS[-1], "float16", "float16"),
+                                                                            (ISAS[-1], "float32", "bfloat16")])
+def test_ragged_batch_up_to_32k_tokens(rng, isa, kv_dtype, q_dtype):
+    lengths = [1, 33, 511, 512, 513, 2000, 7000, 22198]   # 32768 tokens in all
+    assert sum(lengths) == 32768
+    out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype=kv_dtype, q_dtype=q_dtype, group=8,
+                                          head_dim=64, lengths=lengths)
+    assert_close(out, lse, o_ref, lse_ref, q_dtype)
