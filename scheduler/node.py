@@ -10,6 +10,7 @@ summed over all layers.  One attend call covers one layer, so it reads
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,7 @@ class AttendTimeModel(Protocol):
 
 
 def _positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -41,9 +42,10 @@ class NodeModel:
     perf: AttendTimeModel
 
     def __post_init__(self) -> None:
-        if isinstance(self.node_id, bool) or not isinstance(self.node_id, int) or self.node_id < 0:
+        if isinstance(self.node_id, bool) or not isinstance(self.node_id, numbers.Integral) or self.node_id < 0:
             raise ValueError(f"node_id must be a non-negative integer, got {self.node_id!r}")
-        if isinstance(self.capacity_bytes, bool) or not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 0:
+        capacity = self.capacity_bytes
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
             raise ValueError(f"capacity_bytes must be a non-negative integer, got {self.capacity_bytes!r}")
         _positive_int(self.kv_bytes_per_token, "kv_bytes_per_token")
         _positive_int(self.num_layers, "num_layers")

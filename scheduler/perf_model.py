@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
+
 def _check_time(seconds: float, what: str) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"{what} must be a positive finite number of seconds, got {seconds!r}")
     return float(seconds)
 
 
 def _check_size(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a non-negative finite number, got {value!r}")
     return float(value)
 
@@ -204,9 +206,9 @@ class GpuPerfModel:
         self._rate = _check_rate(update_rate)
         grouped: dict[int, list[float]] = {}
         for batch, seconds in samples:
-            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
                 raise ValueError(f"batch sizes must be positive integers, got {batch!r}")
-            grouped.setdefault(batch, []).append(_check_time(seconds, "seconds"))
+            grouped.setdefault(int(batch), []).append(_check_time(seconds, "seconds"))
         if len(grouped) < 2:
             raise ValueError("a GPU sweep needs samples at two or more distinct batch sizes")
         self._batches = sorted(grouped)
@@ -239,8 +241,9 @@ class GpuPerfModel:
 
     def observe(self, batch: int, seconds: float) -> float:
         """Record a measured dense step; returns the relative error of its prediction."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        batch = int(batch)
         seconds = _check_time(seconds, "seconds")
         error = self.errors.record(self.predict(batch), seconds)
         xs, ys = self._batches, self._seconds

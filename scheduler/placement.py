@@ -16,6 +16,7 @@ Room means, in pages of each node (``ceil(tokens / page_size)`` per layer):
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -43,9 +44,9 @@ class NodeLoad:
 
 
 def check_lengths(prompt_len: int, expected_final_len: int) -> None:
-    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, numbers.Integral) or prompt_len < 1:
         raise ValueError(f"prompt_len must be a positive integer, got {prompt_len!r}")
-    if isinstance(expected_final_len, bool) or not isinstance(expected_final_len, int):
+    if isinstance(expected_final_len, bool) or not isinstance(expected_final_len, numbers.Integral):
         raise ValueError(f"expected_final_len must be an integer, got {expected_final_len!r}")
     if expected_final_len <= prompt_len:
         raise ValueError(f"expected_final_len ({expected_final_len}) must exceed prompt_len ({prompt_len})")

@@ -17,6 +17,7 @@ Pure logic: plain numbers in, typed decisions out, deterministic.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterable
 
 from fastdecode.scheduler.admission import AdmissionPolicy
@@ -91,7 +92,7 @@ class Scheduler:
 
     def add_request(self, seq_id: int, prompt_len: int, max_tokens: int) -> None:
         """Queue a new sequence; ValueError if it is malformed or could never fit on any node."""
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         check_lengths(prompt_len, prompt_len + max_tokens)
         if not can_ever_fit(self._nodes.values(), prompt_len + max_tokens):

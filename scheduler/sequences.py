@@ -90,7 +90,7 @@ class SequenceTable:
     def add(self, seq_id: int, prompt_len: int, max_tokens: int) -> SequenceRecord:
         if seq_id in self._records:
             raise ValueError(f"sequence {seq_id} is already known")
-        record = SequenceRecord(seq_id, prompt_len, max_tokens, arrival_index=self._num_arrivals)
+        record = SequenceRecord(seq_id, int(prompt_len), int(max_tokens), arrival_index=self._num_arrivals)
         self._num_arrivals += 1
         self._records[seq_id] = record
         self._waiting.append(seq_id)
