@@ -10,6 +10,7 @@ mini-batch and GPU and shards strictly alternate.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,12 @@ class DecodeStep:
         self.runner = runner
         self.trace = trace
         self.step_index = 0
+        self._attend_times: list[tuple[int, int, float]] = []  # (node, context tokens, seconds)
+
+    def drain_attend_times(self) -> list[tuple[int, int, float]]:
+        """Measured attend calls since the last drain: (node index, tokens of context read, seconds)."""
+        times, self._attend_times = self._attend_times, []
+        return times
 
     async def run(self, minibatches: list[MiniBatch], *, is_pipelined: bool) -> list[torch.Tensor]:
         """Logits ``[rows, vocab]`` for each mini-batch, in order."""
@@ -108,8 +115,11 @@ class DecodeStep:
         if node.is_host:
             q, k, v = host
         rows = slice(start, end)
-        t0 = self.trace.now() if self.trace is not None else 0.0
+        t0 = time.perf_counter()
         o = await node.attend(layer, mb.seq_ids[rows], q[rows], k[rows], v[rows])
+        t1 = time.perf_counter()
+        self._attend_times.append((node_index, sum(s.num_tokens for s in mb.seqs[rows]), t1 - t0))
         if self.trace is not None:
-            self.trace.add(self.step_index, mb.index, node.node_id, "attend", t0, self.trace.now())
+            origin = self.trace.origin_s
+            self.trace.add(self.step_index, mb.index, node.node_id, "attend", t0 - origin, t1 - origin)
         return o
