@@ -15,6 +15,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "make-random-model": ("make_random_model", "make_random_model_command", "Write a random:<preset> model as a HF folder."),
     "plan": ("plan", "plan", "Plan batch size, shards, tokens/s and host memory for a model."),
     "trace-plot": ("trace_plot", "trace_plot", "Render a step trace as a PNG timeline."),
+    "serve": ("serve", "serve_command", "Serve a model over OpenAI-compatible HTTP and WebSocket."),
+    "start-gpu": ("serve", "start_gpu_command", "GPU-host daemon: Executor and Frontend in front of remote shards."),
+    "client": ("client", "client", "Stream one prompt from a running server over WebSocket."),
 }
 
 

@@ -1,0 +1,41 @@
+"""The Frontend's aiohttp application: routes, guards, health and metrics."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from fastdecode.actors.frontend.metrics import CONTENT_TYPE
+from fastdecode.actors.frontend.middleware import api_key_middleware, errors_middleware
+from fastdecode.actors.frontend.openai_routes import chat_completions, completions, models
+from fastdecode.actors.frontend.state import STATE, FrontendState
+from fastdecode.actors.frontend.websocket import stream_socket
+
+MAX_BODY_BYTES = 16 << 20
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 once the engine can serve, 503 before (starting) and after (stopping); no key needed."""
+    if request.app[STATE].is_ready:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "starting"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    cluster = state.llm.cluster if state.llm is not None else None
+    body = await state.metrics.render(cluster)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+def build_app(state: FrontendState) -> web.Application:
+    """The HTTP and WebSocket app around ``state`` (attach the engine to ``state.llm`` when it is up)."""
+    app = web.Application(middlewares=[errors_middleware, api_key_middleware], client_max_size=MAX_BODY_BYTES)
+    app[STATE] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/stream", stream_socket)
+    return app

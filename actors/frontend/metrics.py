@@ -1,0 +1,83 @@
+"""Prometheus metrics of one Frontend, on its own registry (names follow vLLM's).
+
+Counters and histograms move as requests run; the engine gauges (queue,
+running sequences, KV bytes per node, step time) are read at scrape time.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                  0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class FrontendMetrics:
+    """All metrics of one app; nothing lives in the global registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_success = Counter(
+            "fastdecode_request_success", "Requests that ended, by finish reason (stop, length, abort, error).",
+            ["finished_reason"], registry=r)
+        self.request_rejected = Counter(
+            "fastdecode_request_rejected", "Requests refused before generating, by HTTP status code.",
+            ["status_code"], registry=r)
+        self.prompt_tokens = Counter("fastdecode_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.generation_tokens = Counter("fastdecode_generation_tokens", "Generated tokens.", registry=r)
+        self.time_to_first_token = Histogram(
+            "fastdecode_time_to_first_token_seconds", "Time from arrival to the first token.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "fastdecode_time_per_output_token_seconds", "Time between consecutive tokens of a request.",
+            buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "fastdecode_e2e_request_latency_seconds", "Time from arrival to the last token.",
+            buckets=_E2E_BUCKETS, registry=r)
+        self.num_requests_waiting = Gauge("fastdecode_num_requests_waiting", "Requests waiting to be admitted.",
+                                          registry=r)
+        self.num_requests_running = Gauge("fastdecode_num_requests_running", "Sequences in the decode batch.",
+                                          registry=r)
+        self.kv_used_bytes = Gauge("fastdecode_kv_used_bytes", "KV-cache bytes in use, per KV node.", ["node"],
+                                   registry=r)
+        self.kv_capacity_bytes = Gauge("fastdecode_kv_capacity_bytes", "KV-cache capacity in bytes, per KV node.",
+                                       ["node"], registry=r)
+        self.step_seconds = Gauge("fastdecode_step_seconds", "Duration of the last engine step.", registry=r)
+        self.num_steps = Gauge("fastdecode_num_steps", "Engine steps run since start.", registry=r)
+
+    # ---- per request ---------------------------------------------------------------------------
+    def on_rejected(self, status: int) -> None:
+        self.request_rejected.labels(status_code=str(status)).inc()
+
+    def on_admitted(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def on_token(self, since_previous_s: float, *, is_first: bool) -> None:
+        self.generation_tokens.inc()
+        (self.time_to_first_token if is_first else self.time_per_output_token).observe(since_previous_s)
+
+    def on_finished(self, finish_reason: str, e2e_s: float) -> None:
+        self.request_success.labels(finished_reason=finish_reason).inc()
+        self.e2e_request_latency.observe(e2e_s)
+
+    # ---- at scrape time ------------------------------------------------------------------------
+    async def render(self, cluster) -> bytes:
+        """Refresh the engine gauges from ``cluster`` (None while starting) and render the text format."""
+        if cluster is not None:
+            executor = cluster.executor
+            self.num_requests_waiting.set(executor.num_waiting)
+            self.num_requests_running.set(executor.num_running)
+            self.step_seconds.set(executor.last_step_s)
+            self.num_steps.set(executor.num_steps)
+            stats = await asyncio.gather(*(node.stats() for node in executor.nodes))
+            for node, node_stats in zip(executor.nodes, stats):
+                self.kv_used_bytes.labels(node=node.node_id).set(node_stats.used_bytes)
+                self.kv_capacity_bytes.labels(node=node.node_id).set(node_stats.capacity_bytes)
+        return generate_latest(self.registry)

@@ -1,0 +1,58 @@
+"""The two guards in front of every route: the API key, and errors as OpenAI JSON.
+
+A request that fails in any way gets a JSON error with its status; an
+unexpected failure is logged and answered with 500; the server goes on.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from fastdecode.actors.frontend.errors import ApiError
+from fastdecode.actors.frontend.state import STATE
+
+log = logging.getLogger("fastdecode.frontend")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROTECTED_PREFIX = "/v1/"
+
+
+def _presented_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.query.get("token")  # browsers cannot set headers on a WebSocket
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[STATE].metrics
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        metrics.on_rejected(exc.status)
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        metrics.on_rejected(exc.status)
+        return ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}").response()
+    except Exception as exc:  # a bug must cost one request, never the server
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        metrics.on_rejected(500)
+        return ApiError(500, f"internal error: {exc}").response()
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api_key = request.app[STATE].config.api_key
+    if api_key is not None and request.path.startswith(PROTECTED_PREFIX):
+        presented = _presented_key(request)
+        if presented is None or not hmac.compare_digest(presented.encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+    return await handler(request)

@@ -1,0 +1,249 @@
+"""Parsing and validation of request bodies: OpenAI completions and chat, and the
+WebSocket stream request.
+
+Each parser turns a decoded JSON object into a ``GenerateRequest`` or raises
+``ApiError(400)`` naming the bad field.  Value ranges are left to
+``SamplingParams``, which raises ``RequestError`` with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastdecode.actors.frontend.errors import ApiError, bad_request
+from fastdecode.actors.request import RequestError, SamplingParams
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request as the Frontend understood it."""
+
+    model: str | None
+    prompt: str | tuple[int, ...] | None = None  # text or token ids; None when ``messages`` is given
+    messages: tuple[dict[str, str], ...] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens/logprobs
+    max_tokens: int | None = None  # None: up to the end of the context
+    num_logprobs: int | None = None  # top logprobs per token; None: no logprobs at all
+    is_stream: bool = False
+    is_usage_streamed: bool = False
+
+    def sampling_params(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """The engine's parameters, checking that prompt plus output fit the context."""
+        room = max_model_len - num_prompt_tokens
+        if room < 1:
+            raise ApiError(400, f"the prompt has {num_prompt_tokens} tokens; this model's context is "
+                                f"{max_model_len} tokens and at least one must be generated",
+                           param="prompt", code="context_length_exceeded")
+        max_tokens = room if self.max_tokens is None else self.max_tokens
+        if max_tokens > room:
+            raise ApiError(400, f"this model's context is {max_model_len} tokens; the prompt has "
+                                f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more",
+                           param="max_tokens", code="context_length_exceeded")
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, **self.sampling)
+        except RequestError as exc:
+            raise bad_request(str(exc)) from None
+
+
+def decode_body(raw: bytes | str) -> dict[str, Any]:
+    """The JSON object of a request body."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def parse_completion(body: dict[str, Any]) -> GenerateRequest:
+    """``POST /v1/completions``."""
+    _refuse_unsupported(body)
+    if body.get("echo"):
+        raise bad_request("echo is not supported", "echo")
+    if body.get("suffix") is not None:
+        raise bad_request("suffix is not supported", "suffix")
+    prompt = _prompt(body.get("prompt"))
+    is_stream = _boolean(body, "stream")
+    return GenerateRequest(
+        model=_model(body), prompt=prompt, sampling=_sampling(body), max_tokens=_max_tokens(body, default=16),
+        num_logprobs=_logprobs_count(body, "logprobs"), is_stream=is_stream,
+        is_usage_streamed=_include_usage(body, is_stream),
+    )
+
+
+def parse_chat(body: dict[str, Any]) -> GenerateRequest:
+    """``POST /v1/chat/completions``."""
+    _refuse_unsupported(body)
+    if body.get("tools"):
+        raise bad_request("tools are not supported", "tools")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad_request("only the text response_format is supported", "response_format")
+    num_logprobs = None
+    if _boolean(body, "logprobs"):
+        num_logprobs = _logprobs_count(body, "top_logprobs") or 0
+    elif body.get("top_logprobs") is not None:
+        raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
+    is_stream = _boolean(body, "stream")
+    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return GenerateRequest(
+        model=_model(body), messages=_messages(body.get("messages")), sampling=_sampling(body),
+        max_tokens=_max_tokens(body, default=None, name=limit_name),
+        num_logprobs=num_logprobs, is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
+    )
+
+
+def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
+    """The one JSON message of a ``/v1/stream`` WebSocket: ``prompt`` or ``messages`` plus sampling fields."""
+    _refuse_unsupported(body)
+    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    if has_prompt == has_messages:
+        raise bad_request("give exactly one of prompt and messages")
+    return GenerateRequest(
+        model=_model(body),
+        prompt=_prompt(body["prompt"]) if has_prompt else None,
+        messages=_messages(body["messages"]) if has_messages else None,
+        sampling=_sampling(body), max_tokens=_max_tokens(body, default=None),
+        num_logprobs=_logprobs_count(body, "logprobs"), is_stream=True,
+    )
+
+
+# ---- fields ---------------------------------------------------------------------------------
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if value is not None and value != 1:
+            raise bad_request(f"{name} must be 1 (one choice per request), got {value!r}", name)
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported", "logit_bias")
+
+
+def _model(body: dict[str, Any]) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", "model")
+    return model
+
+
+def _prompt(value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one prompt
+    if isinstance(value, str):
+        if not value:
+            raise bad_request("the prompt is empty", "prompt")
+        return value
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        return tuple(value)
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        raise bad_request("only one prompt per request is supported", "prompt")
+    raise bad_request("prompt must be a non-empty string or a non-empty list of token ids", "prompt")
+
+
+def _messages(value: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("messages must be a non-empty list", "messages")
+    messages = []
+    for index, message in enumerate(value):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{param} must be an object", param)
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"{param}.role must be a non-empty string", f"{param}.role")
+        if isinstance(content, list):
+            parts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
+            if not all(isinstance(p, str) for p in parts):
+                raise bad_request(f"{param}.content: only text parts are supported", f"{param}.content")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise bad_request(f"{param}.content must be a string or a list of text parts", f"{param}.content")
+        messages.append({"role": role, "content": content})
+    return tuple(messages)
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if body.get(name) is not None:
+            fields[name] = _number(body, name)
+    for name in ("top_k", "min_tokens", "seed"):
+        if body.get(name) is not None:
+            fields[name] = _integer(body, name)
+    if body.get("ignore_eos") is not None:
+        fields["ignore_eos"] = _boolean(body, "ignore_eos")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad_request("stop must be a non-empty string or a list of them", "stop")
+        fields["stop"] = tuple(stop)
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None:
+        if not isinstance(stop_token_ids, list) or not all(_is_int(t) for t in stop_token_ids):
+            raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
+        fields["stop_token_ids"] = tuple(stop_token_ids)
+    return fields
+
+
+def _max_tokens(body: dict[str, Any], *, default: int | None, name: str = "max_tokens") -> int | None:
+    if body.get(name) is None:
+        return default
+    value = _integer(body, name)
+    if value < 1:
+        raise bad_request(f"{name} must be at least 1, got {value}", name)
+    return value
+
+
+def _logprobs_count(body: dict[str, Any], name: str) -> int | None:
+    if body.get(name) is None:
+        return None
+    value = _integer(body, name)
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    return value
+
+
+def _include_usage(body: dict[str, Any], is_stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not is_stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    if not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    return _boolean(options, "include_usage")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise bad_request(f"{name} must be an integer, got {value!r}", name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad_request(f"{name} must be a finite number, got {value!r}", name)
+    return float(value)
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false, got {value!r}", name)
+    return value

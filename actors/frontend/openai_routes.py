@@ -1,0 +1,73 @@
+"""The OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from fastdecode.actors.frontend.errors import ApiError
+from fastdecode.actors.frontend.generation import Generation, start_generation
+from fastdecode.actors.frontend.openai_request import GenerateRequest, decode_body, parse_chat, parse_completion
+from fastdecode.actors.frontend.openai_response import ResponseBuilder
+from fastdecode.actors.frontend.sse import EventStream
+from fastdecode.actors.frontend.state import STATE, FrontendState
+
+log = logging.getLogger("fastdecode.frontend")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_completion, is_chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_chat, is_chat=True)
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    card: dict[str, Any] = {"id": state.config.served_model_name, "object": "model", "created": 0,
+                            "owned_by": "fastdecode"}
+    if state.llm is not None:
+        card["max_model_len"] = state.llm.max_model_len
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], GenerateRequest], *,
+                    is_chat: bool) -> web.StreamResponse:
+    state = request.app[STATE]
+    llm = state.require_llm()
+    body = parse(decode_body(await request.read()))
+    state.check_model(body.model)
+    builder = ResponseBuilder.new(state.config.served_model_name, is_chat=is_chat, token_text=state.token_text)
+    async with start_generation(llm, state.metrics, body) as generation:
+        if body.is_stream:
+            return await _stream(request, state, body, builder, generation)
+        outputs = [out async for out in generation.outputs()]
+        if generation.finish_reason == "error":
+            raise ApiError(500, outputs[-1].error or "generation failed")
+        return web.json_response(builder.complete(outputs, generation.finish_reason, generation.usage(),
+                                                  wants_logprobs=body.num_logprobs is not None))
+
+
+async def _stream(request: web.Request, state: FrontendState, body: GenerateRequest, builder: ResponseBuilder,
+                  generation: Generation) -> web.StreamResponse:
+    wants_logprobs = body.num_logprobs is not None
+    events = await EventStream.open(request)
+    try:
+        if builder.is_chat:
+            await events.send(builder.role_chunk())
+        async for out in generation.outputs():
+            if out.finish_reason == "error":
+                await events.send(ApiError(500, out.error or "generation failed").body())
+                break
+            if not out.text and out.finish_reason is None and not wants_logprobs:
+                continue  # half a character: nothing to show yet
+            await events.send(builder.chunk(out, wants_logprobs=wants_logprobs))
+        if body.is_usage_streamed:
+            await events.send(builder.usage_chunk(generation.usage()))
+        await events.done()
+    except ConnectionResetError:
+        log.info("client left during a stream; request cancelled")
+    return events.response

@@ -1,0 +1,93 @@
+"""``GET /v1/stream``: token streaming over a WebSocket.
+
+The client sends one JSON request (``prompt`` or ``messages`` plus sampling
+fields).  The server answers ``{"type": "token", "text", "token_id"}`` per token
+(with ``logprob`` when asked), then ``{"type": "done", "finish_reason", "usage"}``,
+or ``{"type": "error", "message", "status"}``, and closes.  A client that
+closes early cancels its request.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from fastdecode.actors.frontend.errors import ApiError, bad_request
+from fastdecode.actors.frontend.generation import Generation, start_generation
+from fastdecode.actors.frontend.openai_request import decode_body, parse_stream_request
+from fastdecode.actors.frontend.state import STATE, FrontendState
+
+log = logging.getLogger("fastdecode.frontend")
+
+REQUEST_TIMEOUT_S = 60.0  # how long a connected client may take to send its request
+HEARTBEAT_S = 30.0
+
+
+async def stream_socket(request: web.Request) -> web.WebSocketResponse:
+    state = request.app[STATE]
+    state.require_llm()  # refuse before the upgrade while not ready (auth is checked by the middleware)
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S)
+    await ws.prepare(request)
+    try:
+        await _serve_one(ws, state)
+    except ApiError as exc:
+        state.metrics.on_rejected(exc.status)
+        await _send(ws, {"type": "error", "message": exc.message, "status": exc.status})
+    finally:
+        await ws.close()
+    return ws
+
+
+async def _serve_one(ws: web.WebSocketResponse, state: FrontendState) -> None:
+    try:
+        message = await ws.receive(timeout=REQUEST_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise bad_request(f"no request within {REQUEST_TIMEOUT_S:.0f} s") from None
+    if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+        return
+    if message.type is not WSMsgType.TEXT:
+        raise bad_request("send the request as one JSON text message")
+    body = parse_stream_request(decode_body(message.data))
+    state.check_model(body.model)
+    async with start_generation(state.require_llm(), state.metrics, body) as generation:
+        sender = asyncio.create_task(_send_outputs(ws, generation, wants_logprobs=body.num_logprobs is not None))
+        closed = asyncio.create_task(_wait_for_close(ws))
+        try:
+            await asyncio.wait({sender, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, closed):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+                    await task
+    # leaving the block closes the stream: an unfinished request is cancelled and its KV freed
+
+
+async def _send_outputs(ws: web.WebSocketResponse, generation: Generation, *, wants_logprobs: bool) -> None:
+    async for out in generation.outputs():
+        if out.finish_reason == "error":
+            await ws.send_json({"type": "error", "message": out.error or "generation failed", "status": 500})
+            return
+        if out.token_id >= 0:
+            message: dict[str, Any] = {"type": "token", "text": out.text, "token_id": out.token_id}
+            if wants_logprobs:
+                message["logprob"] = out.logprob
+                message["top_logprobs"] = [[t, lp] for t, lp in out.top_logprobs]
+            await ws.send_json(message)
+    await ws.send_json({"type": "done", "finish_reason": generation.finish_reason, "usage": generation.usage()})
+
+
+async def _wait_for_close(ws: web.WebSocketResponse) -> None:
+    """Returns when the client closes or the connection drops; other messages are ignored."""
+    while True:
+        message = await ws.receive()
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return
+
+
+async def _send(ws: web.WebSocketResponse, message: dict[str, Any]) -> None:
+    if not ws.closed:
+        with contextlib.suppress(ConnectionResetError):
+            await ws.send_json(message)

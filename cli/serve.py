@@ -1,0 +1,139 @@
+"""``fdctl serve`` (the whole embedded cluster behind the Frontend) and
+``fdctl start-gpu`` (the Executor and the Frontend in front of remote shards).
+
+Options become a ``ServeConfig``; ``fastdecode.actors.frontend.serve`` runs it.
+The API key may come from ``FASTDECODE_API_KEY`` (read here, nowhere else).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import click
+
+from fastdecode.cli.generate import OneLineCommand, OneLineError, one_line_errors
+
+API_KEY_ENV = "FASTDECODE_API_KEY"
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ByteSize(click.ParamType):
+    """A memory size: ``1073741824``, ``512M``, ``2G``, ``1.5GiB`` (binary units)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), flags=re.IGNORECASE)
+        if match is None:
+            self.fail(f"{value!r} is not a size like 512M or 2G", param, ctx)
+        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--model", default="smollm2", show_default=True,
+                     help="HF model folder, 'smollm2' or 'random:<preset>'."),
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind."),
+        click.option("--port", default=8000, show_default=True, type=int, help="Port to bind (0: any free one)."),
+        click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,
+                     help="Bearer key every /v1 request must present."),
+        click.option("--served-model-name", default=None, help="Model id in the API (default: --model)."),
+        click.option("--max-model-len", default=None, type=int, help="Context length (default: the model's)."),
+        click.option("--max-num-seqs", default=256, show_default=True, type=int,
+                     help="Most sequences decoded together; more wait in the queue."),
+        click.option("--max-queue", default=4096, show_default=True, type=int,
+                     help="Most requests waiting; past it requests get 429."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Weights' seed for random: models."),
+        click.option("--no-pipeline", "is_unpipelined", is_flag=True,
+                     help="One mini-batch per step instead of two overlapped ones."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
+                 max_model_len: int | None, max_num_seqs: int, max_queue: int, dtype: str, device: str, seed: int,
+                 is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
+                 kv_memory_bytes: int | None):
+    """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
+    from fastdecode.actors.cluster import ClusterConfig
+    from fastdecode.actors.executor import ExecutorConfig
+    from fastdecode.actors.frontend import FrontendConfig, ServeConfig
+    from fastdecode.scheduler import SchedulerConfig
+
+    try:
+        executor = ExecutorConfig(max_model_len=max_model_len, max_queue=max_queue, is_pipelined=not is_unpipelined,
+                                  scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
+        cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, num_shards=num_shards,
+                                shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
+                                executor=executor)
+        frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None)
+        return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port)
+    except ValueError as exc:
+        raise OneLineError(str(exc)) from None
+
+
+def run_server(config) -> None:
+    """Serve until SIGTERM/SIGINT; start-up failures become one line and exit code 2."""
+    from fastdecode.actors.frontend import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    model = config.cluster.model
+
+    def announce(url: str) -> None:
+        click.echo(f"serving {model} on {url}", err=True)
+
+    with one_line_errors():
+        try:
+            run_async(serve(config, on_ready=announce))
+        except (ValueError, OSError) as exc:  # a model the engine cannot serve, a busy port...
+            raise OneLineError(str(exc)) from None
+    click.echo("stopped", err=True)
+
+
+@click.command("serve", cls=OneLineCommand)
+@_common_options
+@click.option("--shards", "num_shards", default=None, type=int,
+              help="In-process KV shards (default 1; 0: single process, KV in torch).")
+@click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR",
+              help="A running shard daemon (repeatable); replaces in-process shards.")
+@click.option("--kv-memory", "kv_memory_bytes", default=None, type=ByteSize(),
+              help="KV memory per in-process shard, e.g. 2G (default: a share of free memory).")
+def serve_command(num_shards: int | None, shard_addresses: tuple[str, ...], kv_memory_bytes: int | None,
+                  **options: Any) -> None:
+    """Serve a model over OpenAI-compatible HTTP and WebSocket (the whole cluster in one process)."""
+    if num_shards is not None and shard_addresses:
+        raise OneLineError("give either --shards or --shard, not both")
+    if num_shards is None:
+        num_shards = 0 if shard_addresses else 1
+    run_server(build_config(num_shards=num_shards, shard_addresses=shard_addresses,
+                            kv_memory_bytes=kv_memory_bytes, **options))
+
+
+@click.command("start-gpu", cls=OneLineCommand)
+@_common_options
+@click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR", required=True,
+              help="A running shard daemon (repeatable; at least one).")
+def start_gpu_command(shard_addresses: tuple[str, ...], **options: Any) -> None:
+    """The GPU-host daemon: the Executor and the Frontend in front of remote shards."""
+    run_server(build_config(num_shards=0, shard_addresses=shard_addresses, kv_memory_bytes=None, **options))
