@@ -22,7 +22,7 @@ static inline V::R load_kv(const uint8_t *p, size_t idx) {
 }
 
 #ifndef FD_PREFETCH_STEPS
-#define FD_PREFETCH_STEPS 1
+#define FD_PREFETCH_STEPS 2
 #endif
 static constexpr int kPrefetchSteps = FD_PREFETCH_STEPS;   // head blocks ahead
 
