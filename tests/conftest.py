@@ -12,6 +12,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's torch work on one thread (restored afterwards).
+
+    Token-by-token decode of small models is launch-bound; on a small shared
+    machine two OpenMP threads mostly wait for each other (measured 5-10x slower
+    under load)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """``random:tiny`` (seed 0) in float32 on the CPU: ``(model, tokenizer)``."""

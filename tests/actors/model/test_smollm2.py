@@ -13,7 +13,7 @@ from fastdecode.actors.model.loader import smollm2_dir, smollm2_gguf_path
 from fastdecode.actors.reference import reference_generate
 from fastdecode.actors.request import SamplingParams
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPTS = [
     "The capital of France is",
@@ -111,7 +111,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(gguf_convert, "gguf_tensors", boom)
+    monkeypatch.setattr(gguf_convert, "gguf_tokenizer", boom)
     with pytest.raises(OSError, match="disk full"):
         convert_gguf(smollm2_gguf_path(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

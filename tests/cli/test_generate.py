@@ -1,0 +1,108 @@
+"""``fdctl generate`` and ``fdctl make-random-model``: output contract and one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from fastdecode.cli.main import main
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_json_line_has_the_issue_fields():
+    result = _run("generate", "--model", "random:tiny", "--prompt", "The capital of France is",
+                  "--max-tokens", "6", "--ignore-eos", "--json")
+    assert result.exit_code == 0, result.stderr
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(line) == {"prompt_token_ids", "token_ids", "text", "finish_reason"}
+    assert len(line["token_ids"]) == 6 and line["finish_reason"] == "length"
+    assert line["prompt_token_ids"][0] == 318  # BOS added as the tiny tokenizer asks
+    assert "random:tiny" in result.stderr  # logs go to stderr
+
+
+def test_prompt_ids_and_plain_output_match_the_json_text():
+    args = ["generate", "--model", "random:tiny", "--prompt-ids", "318,84,257", "--max-tokens", "5",
+            "--ignore-eos"]
+    plain = _run(*args)
+    as_json = _run(*args, "--json")
+    assert plain.exit_code == 0 and as_json.exit_code == 0
+    assert plain.stdout == json.loads(as_json.stdout)["text"] + "\n"
+    assert json.loads(as_json.stdout)["prompt_token_ids"] == [318, 84, 257]
+
+
+def test_sampling_options_and_seed_are_reproducible():
+    args = ["generate", "--model", "random:tiny", "--prompt", "hi", "--max-tokens", "8", "--temperature", "1.0",
+            "--top-p", "0.9", "--top-k", "20", "--seed", "7", "--ignore-eos", "--json"]
+    first, again = _run(*args), _run(*args)
+    assert first.exit_code == 0 and json.loads(first.stdout)["token_ids"] == json.loads(again.stdout)["token_ids"]
+
+
+def test_stop_string_option():
+    free = json.loads(_run("generate", "--model", "random:tiny", "--prompt", "hi", "--max-tokens", "16",
+                           "--ignore-eos", "--json").stdout)
+    stop = free["text"][4:6]
+    cut = json.loads(_run("generate", "--model", "random:tiny", "--prompt", "hi", "--max-tokens", "16",
+                          "--ignore-eos", "--stop", stop, "--json").stdout)
+    assert cut["finish_reason"] == "stop" and cut["text"] == free["text"][: free["text"].index(stop)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model", "--prompt", "x"], "unknown model 'no-such-model'"),
+        (["--model", "random:nope", "--prompt", "x"], "unknown random preset 'nope'"),
+        (["--model", "random:tiny", "--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+        (["--model", "random:tiny", "--prompt-ids", "1,99999"], "outside the vocabulary"),
+        (["--model", "random:tiny", "--prompt-ids", ",".join(["5"] * 2048)], "context is 2048"),
+        (["--model", "random:tiny"], "exactly one of --prompt and --prompt-ids"),
+        (["--model", "random:tiny", "--prompt", "x", "--max-tokens", "abc"], "'abc' is not a valid integer"),
+        (["--model", "random:tiny", "--prompt", "x", "--temperature", "-1"], "temperature must be in"),
+        (["--model", "random:tiny", "--prompt", "x", "--dtype", "int8"], "--dtype"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message):
+    result = _run("generate", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_missing_model_folder_files_as_a_real_process(tmp_path):
+    (tmp_path / "config.json").write_text("{broken")
+    proc = subprocess.run([sys.executable, "-m", "fastdecode.cli.main", "generate", "--model", str(tmp_path),
+                           "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "corrupt JSON file" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_make_random_model_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = _run("make-random-model", "--preset", "tiny", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "exists and is not an empty folder" in result.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_make_random_model_then_generate_from_the_folder(tmp_path):
+    out = tmp_path / "tiny"
+    made = _run("make-random-model", "--preset", "tiny", "--seed", "5", "--out", str(out))
+    assert made.exit_code == 0, made.stderr
+    from_folder = _run("generate", "--model", str(out), "--prompt", "hi", "--max-tokens", "8", "--ignore-eos",
+                       "--json")
+    from_preset = _run("generate", "--model", "random:tiny", "--seed", "5", "--prompt", "hi", "--max-tokens", "8",
+                       "--ignore-eos", "--json")
+    assert json.loads(from_folder.stdout)["token_ids"] == json.loads(from_preset.stdout)["token_ids"]
+
+
+@pytest.mark.slow
+def test_default_model_says_paris(smollm2_model, one_torch_thread):
+    result = _run("generate", "--prompt", "The capital of France is", "--max-tokens", "8")
+    assert result.exit_code == 0, result.stderr
+    assert "Paris" in result.stdout
