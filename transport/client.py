@@ -58,6 +58,10 @@ class RpcClient:
         self._last_recv_s = 0.0
 
     @property
+    def max_message_bytes(self) -> int:
+        return self._codec.max_message_bytes
+
+    @property
     def is_alive(self) -> bool:
         return self._sock is not None and self._dead_error is None
 

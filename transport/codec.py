@@ -1,17 +1,17 @@
 """The wire codec: a msgpack envelope in frame 0, large numpy arrays as their own frames.
 
-Frame 0 is ``msgpack([VERSION, kind, request_id, [field values...]])``.  A numpy
-array field is a msgpack ext (code 1) holding ``[dtype name, shape, payload]``,
-where payload is either the raw bytes (arrays of at most ``inline_threshold``
-bytes) or the index of the frame that carries them.  Big arrays are therefore
-never copied into the envelope: the sender passes them to ZeroMQ with
-``copy=False`` and the receiver wraps the frame in a read-only ``np.frombuffer``
-view.  Decoding is strict: anything unexpected raises ``ProtocolError``.
+Frame 0 is ``msgpack([VERSION, kind, request_id, [field values...]])``.  The
+channel's schema says which fields are arrays; an array field's value is
+``[dtype name, shape, payload]`` where payload is either the raw bytes (arrays of
+at most ``inline_threshold`` bytes) or the index of the frame that carries them.
+Big arrays are therefore never copied into the envelope: the sender passes them
+to ZeroMQ with ``copy=False`` and the receiver wraps the frame in a read-only
+``np.frombuffer`` view.  Decoding is strict: anything unexpected raises
+``ProtocolError`` (with the request id once it is known).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Sequence
 
@@ -23,7 +23,6 @@ from fastdecode.transport.errors import ProtocolError
 from fastdecode.transport.messages import MAX_REQUEST_ID, Channel, FieldSpec, Message, Schema
 
 VERSION = 1
-ARRAY_EXT_CODE = 1
 DEFAULT_INLINE_THRESHOLD = 256
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_NDIM = 8
@@ -39,52 +38,21 @@ DTYPES = MappingProxyType(
 )
 
 
-@dataclass(frozen=True)
-class _ArrayRef:
-    """An array descriptor read from frame 0, resolved against the frames afterwards."""
-
-    dtype_name: str
-    shape: tuple[int, ...]
-    payload: bytes | int  # inline bytes or frame index
-
-
-@dataclass(frozen=True)
-class _BadExt:
-    """A malformed ext seen while unpacking; reported once the request id is known."""
-
-    reason: str
-
-
-def _ext_hook(code: int, data: bytes) -> _ArrayRef | _BadExt:
-    if code != ARRAY_EXT_CODE:
-        return _BadExt(f"unknown msgpack ext code {code}")
-    try:
-        desc = msgpack.unpackb(data, use_list=False, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        return _BadExt(f"bad array descriptor: {exc}")
-    if not (isinstance(desc, tuple) and len(desc) == 3):
-        return _BadExt("array descriptor must be [dtype, shape, payload]")
-    dtype_name, shape, payload = desc
-    if not isinstance(dtype_name, str) or not isinstance(shape, tuple) or len(shape) > MAX_NDIM:
-        return _BadExt("array descriptor has a bad dtype or shape")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        return _BadExt(f"array shape must be non-negative integers, got {shape!r}")
-    if isinstance(payload, bool) or not isinstance(payload, (bytes, int)):
-        return _BadExt("array payload must be bytes or a frame index")
-    return _ArrayRef(dtype_name, shape, payload)
-
-
 def _frame_buffer(frame: Any) -> memoryview:
     """A memoryview over a zmq.Frame, bytes, memoryview or ndarray, without copying."""
     buffer = getattr(frame, "buffer", None)
     return buffer if isinstance(buffer, memoryview) else memoryview(frame)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_scalar(spec: FieldSpec, value: Any) -> Any:
     kind = spec.kind
-    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+    if kind == "int" and _is_int(value):
         return value
-    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind == "float" and (isinstance(value, float) or _is_int(value)):
         return float(value)
     if kind == "bool" and isinstance(value, bool):
         return value
@@ -92,21 +60,21 @@ def _check_scalar(spec: FieldSpec, value: Any) -> Any:
         return value
     if kind == "bytes" and isinstance(value, bytes):
         return value
-    if kind == "int_tuple" and isinstance(value, (tuple, list)):
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return tuple(value)
-    if kind == "str_tuple" and isinstance(value, (tuple, list)):
-        if all(isinstance(v, str) for v in value):
-            return tuple(value)
+    if kind == "int_tuple" and isinstance(value, (tuple, list)) and all(_is_int(v) for v in value):
+        return tuple(value)
+    if kind == "str_tuple" and isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
     raise ProtocolError(f"field {spec.name!r} must be {kind}, got {type(value).__name__}")
 
 
 class Codec:
     """Encodes and decodes the messages of one channel.
 
-    ``encode`` returns the frames to hand to ``send_multipart(copy=False)``;
-    ``decode`` takes the frames from ``recv_multipart(copy=False)`` (zmq.Frame,
-    bytes or any buffer) and returns ``(request_id, message)``.
+    ``encode`` returns the frames to hand to ``send_multipart(copy=False)``: frame
+    0 as bytes, then one flat uint8 ndarray view per big array (no copy when the
+    array is C-contiguous).  ``decode`` takes the frames from
+    ``recv_multipart(copy=False)`` (zmq.Frame, bytes or any buffer) and returns
+    ``(request_id, message)`` whose arrays are read-only views on those frames.
     """
 
     def __init__(
@@ -129,7 +97,7 @@ class Codec:
         schema = self.channel.by_class(type(message))
         if schema is None:
             raise TypeError(f"{type(message).__name__} is not a message of channel {self.channel.name}")
-        if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_REQUEST_ID:
+        if not _is_int(request_id) or not 0 <= request_id <= MAX_REQUEST_ID:
             raise ValueError(f"request_id must be an integer in [0, 2**63), got {request_id!r}")
         frames: list[Any] = [b""]
         values = []
@@ -141,8 +109,8 @@ class Codec:
                     raise ValueError(f"{schema.cls.__name__}.{spec.name} must not be None")
                 values.append(None)
             elif spec.kind == "array":
-                ext, frame = self._encode_array(spec, value, len(frames))
-                values.append(ext)
+                desc, frame = self._encode_array(spec, value, len(frames))
+                values.append(desc)
                 if frame is not None:
                     frames.append(frame)
                     num_bytes += frame.nbytes
@@ -157,7 +125,7 @@ class Codec:
             )
         return frames
 
-    def _encode_array(self, spec: FieldSpec, value: Any, frame_index: int) -> tuple[msgpack.ExtType, Any]:
+    def _encode_array(self, spec: FieldSpec, value: Any, frame_index: int) -> tuple[list, np.ndarray | None]:
         if not isinstance(value, np.ndarray):
             raise ProtocolError(f"field {spec.name!r} must be a numpy array, got {type(value).__name__}")
         name = value.dtype.name
@@ -166,12 +134,9 @@ class Codec:
         if not value.dtype.isnative:
             value = value.astype(value.dtype.newbyteorder("="))
         value = np.ascontiguousarray(value)  # no copy when already C-contiguous
-        shape = list(value.shape)
         if value.nbytes <= self.inline_threshold:
-            desc = msgpack.packb([name, shape, value.tobytes()], use_bin_type=True)
-            return msgpack.ExtType(ARRAY_EXT_CODE, desc), None
-        desc = msgpack.packb([name, shape, frame_index], use_bin_type=True)
-        return msgpack.ExtType(ARRAY_EXT_CODE, desc), value.reshape(-1).view(np.uint8)
+            return [name, value.shape, value.tobytes()], None
+        return [name, value.shape, frame_index], value.reshape(-1).view(np.uint8)
 
     # ---------------------------------------------------------------- decode
     def decode(self, frames: Sequence[Any]) -> tuple[int, Message]:
@@ -187,7 +152,7 @@ class Codec:
         version, kind, _, values = envelope
         if version != VERSION:
             raise ProtocolError(f"unsupported protocol version {version!r}", request_id=request_id)
-        schema = self.channel.by_kind(kind) if isinstance(kind, int) and not isinstance(kind, bool) else None
+        schema = self.channel.by_kind(kind) if _is_int(kind) else None
         if schema is None:
             raise ProtocolError(f"unknown message kind {kind!r} on channel {self.channel.name}",
                                 request_id=request_id)
@@ -202,13 +167,13 @@ class Codec:
     @staticmethod
     def _unpack_envelope(buffer: memoryview) -> tuple:
         try:
-            envelope = msgpack.unpackb(buffer, use_list=False, raw=False, ext_hook=_ext_hook, strict_map_key=True)
+            envelope = msgpack.unpackb(buffer, use_list=False, raw=False, strict_map_key=True)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ProtocolError(f"frame 0 is not a msgpack envelope: {exc}") from None
         if not (isinstance(envelope, tuple) and len(envelope) == 4):
             raise ProtocolError("envelope must be [version, kind, request_id, fields]")
         request_id = envelope[2]
-        if isinstance(request_id, bool) or not isinstance(request_id, int) or not 0 <= request_id <= MAX_REQUEST_ID:
+        if not _is_int(request_id) or not 0 <= request_id <= MAX_REQUEST_ID:
             raise ProtocolError(f"bad request id {request_id!r}")
         if not isinstance(envelope[3], tuple):
             raise ProtocolError("envelope fields must be an array", request_id=request_id)
@@ -224,14 +189,8 @@ class Codec:
                 if not spec.is_optional:
                     raise ProtocolError(f"field {spec.name!r} must not be null")
                 kwargs[spec.name] = None
-            elif isinstance(value, _BadExt):
-                raise ProtocolError(f"field {spec.name!r}: {value.reason}")
             elif spec.kind == "array":
-                if not isinstance(value, _ArrayRef):
-                    raise ProtocolError(f"field {spec.name!r} must be an array")
-                kwargs[spec.name] = self._resolve_array(spec, value, buffers, used)
-            elif isinstance(value, _ArrayRef):
-                raise ProtocolError(f"field {spec.name!r} must not be an array")
+                kwargs[spec.name] = self._decode_array(spec, value, buffers, used)
             else:
                 kwargs[spec.name] = _check_scalar(spec, value)
         if not all(used[1:]):
@@ -239,22 +198,28 @@ class Codec:
         return kwargs
 
     @staticmethod
-    def _resolve_array(spec: FieldSpec, ref: _ArrayRef, buffers: list[memoryview], used: list[bool]) -> np.ndarray:
-        dtype = DTYPES.get(ref.dtype_name)
+    def _decode_array(spec: FieldSpec, desc: Any, buffers: list[memoryview], used: list[bool]) -> np.ndarray:
+        if not (isinstance(desc, tuple) and len(desc) == 3):
+            raise ProtocolError(f"field {spec.name!r} must be an array descriptor [dtype, shape, payload]")
+        dtype_name, shape, payload = desc
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise ProtocolError(f"field {spec.name!r}: dtype {ref.dtype_name!r} is not allowed")
-        if isinstance(ref.payload, int):
-            index = ref.payload
-            if not 1 <= index < len(buffers) or used[index]:
-                raise ProtocolError(f"field {spec.name!r}: bad or reused frame index {index}")
-            used[index] = True
-            data: Any = buffers[index]
+            raise ProtocolError(f"field {spec.name!r}: dtype {dtype_name!r} is not allowed")
+        if not (isinstance(shape, tuple) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
+            raise ProtocolError(f"field {spec.name!r}: bad shape {shape!r}")
+        if _is_int(payload):
+            if not 1 <= payload < len(buffers) or used[payload]:
+                raise ProtocolError(f"field {spec.name!r}: bad or reused frame index {payload}")
+            used[payload] = True
+            data: Any = buffers[payload]
+            num_bytes = data.nbytes
+        elif isinstance(payload, bytes):
+            data, num_bytes = payload, len(payload)
         else:
-            data = ref.payload
-        expected = math.prod(ref.shape) * dtype.itemsize
-        num_bytes = len(data) if isinstance(data, bytes) else data.nbytes
+            raise ProtocolError(f"field {spec.name!r}: payload must be bytes or a frame index")
+        expected = math.prod(shape) * dtype.itemsize
         if num_bytes != expected:
-            raise ProtocolError(f"field {spec.name!r}: {ref.shape} {ref.dtype_name} needs {expected} bytes")
-        array = np.frombuffer(data, dtype=dtype).reshape(ref.shape)
+            raise ProtocolError(f"field {spec.name!r}: {shape} {dtype_name} needs {expected} bytes, got {num_bytes}")
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
         array.flags.writeable = False
         return array

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastdecode.transport.codec import ARRAY_EXT_CODE, VERSION, Codec
+from fastdecode.transport.codec import VERSION, Codec
 from fastdecode.transport.control_messages import ErrorReply, Ok, Ping, Pong
 from fastdecode.transport.errors import ProtocolError
 from fastdecode.transport.shard_messages import (
@@ -118,8 +118,8 @@ def _envelope(kind, request_id, values, version=VERSION) -> bytes:
     return msgpack.packb([version, kind, request_id, values], use_bin_type=True)
 
 
-def _array_ext(dtype: str, shape, payload) -> msgpack.ExtType:
-    return msgpack.ExtType(ARRAY_EXT_CODE, msgpack.packb([dtype, list(shape), payload], use_bin_type=True))
+def _array_ext(dtype: str, shape, payload) -> list:
+    return [dtype, list(shape), payload]
 
 
 @pytest.mark.parametrize(
@@ -145,6 +145,9 @@ def _array_ext(dtype: str, shape, payload) -> msgpack.ExtType:
         ([_envelope(21, 5, [_array_ext("float32", (4,), b"x" * 16), None])], True),  # wrong rank
         ([_envelope(21, 5, [_array_ext("float32", (1, -2, 2), 1), None]), b"x" * 16], True),
         ([_envelope(21, 5, [msgpack.ExtType(9, b""), None])], True),
+        ([_envelope(21, 5, [["float32", [1, 1, 1]], None])], True),  # descriptor too short
+        ([_envelope(21, 5, [["float32", [1, 1, 1], 1.5], None])], True),  # payload neither bytes nor index
+        ([_envelope(23, 5, [_array_ext("float32", (1,), b"abcd")])], True),  # GetStats has no fields
         ([_envelope(21, 5, [_array_ext("float32", (1, 1, 1), b"abcd"), "lse"])], True),
         ([_envelope(22, 5, [0, _array_ext("int64", (1,), b"\0" * 8), _array_ext("float32", (1, 4, 2), b"\0" * 32),
                             _array_ext("float32", (1, 3, 2), b"\0" * 24), _array_ext("float32", (1, 3, 2), b"\0" * 24),
@@ -183,8 +186,11 @@ def test_message_validation_runs_on_construction() -> None:
     with pytest.raises(ValueError):
         AttendResult(np.zeros((2, 4, 8), np.int32))
     with pytest.raises(ValueError):
-        Attend(0, np.array([1, 1]), np.zeros((2, 4, 8), np.float32), np.zeros((2, 2, 8), np.float32),
-               np.zeros((2, 2, 8), np.float32))
+        Attend(0, np.array([1, 2]), np.zeros((2, 4, 8), np.float32), np.zeros((2, 2, 8), np.float32),
+               np.zeros((2, 2, 8), np.float32))  # seq_ids must be int64
+    with pytest.raises(ValueError):
+        Attend(0, np.array([1, 2], np.int64), np.zeros((2, 4, 8), np.float32), np.zeros((2, 2, 8), np.float32),
+               np.zeros((3, 2, 8), np.float32))
 
 
 def _valid_encodings() -> list[list[bytes]]:

@@ -1,0 +1,289 @@
+"""The KVShard actor: a KV pool in host memory and attention over it, behind on_<message> handlers.
+
+Plain logic (no sockets): the actor runtime serves it, on one worker thread, so
+no handler here ever runs concurrently with another.  The pool is created by the
+first ``Configure`` (a daemon starts knowing only its memory and threads).  Every
+failure of one request (unknown sequence, wrong shapes, pool full, not yet
+configured) raises ``ActorError`` and leaves the shard serving.
+
+Speed figures for the scheduler's performance model ``T = a + bytes / bandwidth``:
+a short calibration at configure time fits ``a`` (``attend_overhead_s``) and the
+bandwidth (``calibrated_gbps``) from attends over two context lengths;
+``attn_gbps`` is then a moving figure over real attend calls (bytes of KV read /
+seconds inside the native call).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from fastdecode.actors.runtime import ActorError
+from fastdecode.native.lib import ISA_NAMES, KVPool, NativeError
+from fastdecode.transport.shard_messages import (
+    Allocate,
+    AppendPrompt,
+    Attend,
+    AttendResult,
+    Configure,
+    Free,
+    GetStats,
+    ShardStats,
+)
+
+log = logging.getLogger(__name__)
+
+# ErrorReply codes a shard answers with (besides the runtime's protocol/unsupported/internal)
+NOT_CONFIGURED = "not_configured"
+BUSY = "busy"
+BAD_REQUEST = "bad_request"
+UNKNOWN_SEQUENCE = "unknown_sequence"
+ALREADY_EXISTS = "already_exists"
+POOL_FULL = "pool_full"
+OUT_OF_MEMORY = "out_of_memory"
+_NATIVE_CODES = {1: BAD_REQUEST, 2: OUT_OF_MEMORY, 3: ALREADY_EXISTS, 4: UNKNOWN_SEQUENCE, 5: POOL_FULL}
+
+GBPS_SMOOTHING = 0.1  # weight of the newest attend call in the moving bandwidth
+CALIBRATION_SEQ_ID = 1 << 62  # calibration sequences live only while the pool is otherwise empty
+CALIBRATION_NUM_SEQS = 8
+CALIBRATION_MAX_TOKENS = 2048
+CALIBRATION_NUM_RUNS = 5
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """What a shard daemon is started with; the model shape comes later, by Configure."""
+
+    kv_memory_bytes: int
+    num_threads: int | None = None  # None: every CPU this process may run on
+    page_size: int = 32
+    cpu_list: tuple[int, ...] | None = None
+    isa: str | None = None  # None: the best this CPU has
+    is_calibrating: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kv_memory_bytes, bool) or not isinstance(self.kv_memory_bytes, int) \
+                or self.kv_memory_bytes < 1 << 20:
+            raise ValueError(f"kv_memory_bytes must be at least 1 MiB, got {self.kv_memory_bytes!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
+        if not isinstance(self.page_size, int) or not 1 <= self.page_size <= 4096:
+            raise ValueError(f"page_size must be an integer in [1, 4096], got {self.page_size!r}")
+        if self.cpu_list is not None and (not self.cpu_list or any(c < 0 for c in self.cpu_list)):
+            raise ValueError(f"cpu_list must list non-negative CPU numbers, got {self.cpu_list!r}")
+        if self.isa is not None and self.isa not in ISA_NAMES:
+            raise ValueError(f"isa must be one of {', '.join(ISA_NAMES)}, got {self.isa!r}")
+
+
+@contextlib.contextmanager
+def _as_actor_errors() -> Iterator[None]:
+    """Native failures and argument errors of one request become ActorError for that request."""
+    try:
+        yield
+    except NativeError as exc:
+        raise ActorError(_NATIVE_CODES.get(exc.status, "native_error"), str(exc)) from None
+    except ValueError as exc:
+        raise ActorError(BAD_REQUEST, str(exc)) from None
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """The array itself when C-contiguous and aligned (a received frame usually is), else an aligned copy."""
+    return np.require(array, requirements=("C", "A"))
+
+
+class KVShard:
+    """Owns one KVPool; handlers run on the actor's worker thread."""
+
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self._pool: KVPool | None = None
+        self._shape: Configure | None = None
+        self._lengths: dict[int, list[int]] = {}  # seq_id -> tokens per layer (for bytes read)
+        self._calibrated_gbps = 0.0
+        self._attend_overhead_s = 0.0
+        self._ewma_bytes = 0.0
+        self._ewma_seconds = 0.0
+        self._num_attend_calls = 0
+
+    # ------------------------------------------------------------ configure
+    def on_configure(self, message: Configure) -> ShardStats:
+        if self._shape == message:
+            return self.on_get_stats(GetStats())
+        if self._pool is not None:
+            if self._lengths:
+                raise ActorError(BUSY, f"the pool holds {len(self._lengths)} sequences configured for "
+                                       f"{self._describe(self._shape)}; free them before configuring "
+                                       f"{self._describe(message)}")
+            self._pool.close()
+            self._pool, self._shape = None, None
+        with _as_actor_errors():
+            self._pool = KVPool(
+                num_layers=message.num_layers, num_kv_heads=message.num_kv_heads, head_dim=message.head_dim,
+                kv_dtype=message.kv_dtype, capacity_bytes=self.config.kv_memory_bytes,
+                page_size=self.config.page_size, num_threads=self.config.num_threads,
+                cpu_list=list(self.config.cpu_list) if self.config.cpu_list else None, isa=self.config.isa,
+            )
+        self._shape = message
+        self._ewma_bytes = self._ewma_seconds = 0.0
+        self._num_attend_calls = 0
+        if self.config.is_calibrating:
+            self._calibrate()
+        log.info("configured for %s: %d pages of %d tokens, %s, %d threads, %.1f GB/s calibrated",
+                 self._describe(message), self._pool.num_total_pages, self._pool.page_size, self._pool.isa,
+                 self._pool.num_threads, self._calibrated_gbps)
+        return self.on_get_stats(GetStats())
+
+    @staticmethod
+    def _describe(shape: Configure | None) -> str:
+        if shape is None:
+            return "nothing"
+        return f"{shape.num_layers} layers x {shape.num_kv_heads} kv heads x {shape.head_dim} ({shape.kv_dtype})"
+
+    def _calibrate(self) -> None:
+        """Time attends over two context lengths on layer 0; fit overhead and bandwidth. Leaves the pool empty."""
+        pool = self._require_pool()
+        shape = self._shape
+        assert shape is not None
+        num_seqs = CALIBRATION_NUM_SEQS
+        pages_per_seq = pool.num_free_pages // (num_seqs * 2)  # layer 0 only; half the pool at most
+        long_tokens = min(CALIBRATION_MAX_TOKENS, pages_per_seq * pool.page_size - CALIBRATION_NUM_RUNS * 2 - 1)
+        if long_tokens < 2 * pool.page_size:
+            log.warning("pool too small to calibrate; attention bandwidth unknown until the first attends")
+            return
+        dtype = np.dtype(shape.kv_dtype)
+        seq_ids = np.arange(CALIBRATION_SEQ_ID, CALIBRATION_SEQ_ID + num_seqs, dtype=np.int64)
+        q = np.zeros((num_seqs, shape.num_kv_heads, shape.head_dim), dtype)
+        kv = np.zeros((num_seqs, shape.num_kv_heads, shape.head_dim), dtype)
+        bytes_per_token = pool.bytes_per_token
+        points = []
+        try:
+            for seq_id in seq_ids:
+                pool.allocate(int(seq_id))
+            for target in (1, long_tokens):
+                filler = np.zeros((target - 1, shape.num_kv_heads, shape.head_dim), dtype)
+                for seq_id in seq_ids:
+                    if len(filler):
+                        pool.append(int(seq_id), 0, filler, filler)
+                times = []
+                for run in range(CALIBRATION_NUM_RUNS):
+                    start = time.perf_counter()
+                    pool.attend(0, seq_ids, q, kv, kv)
+                    times.append(time.perf_counter() - start)
+                context = pool.seq_len(int(seq_ids[0]), 0) - CALIBRATION_NUM_RUNS // 2
+                points.append((num_seqs * context * bytes_per_token, float(np.median(times))))
+                for seq_id in seq_ids:  # start the next length from empty sequences
+                    pool.free(int(seq_id))
+                    pool.allocate(int(seq_id))
+        finally:
+            for seq_id in seq_ids:
+                with contextlib.suppress(NativeError):
+                    pool.free(int(seq_id))
+        (bytes_short, t_short), (bytes_long, t_long) = points
+        if t_long > t_short:
+            self._calibrated_gbps = (bytes_long - bytes_short) / (t_long - t_short) / 1e9
+            self._attend_overhead_s = max(0.0, t_short - bytes_short / (self._calibrated_gbps * 1e9))
+        else:  # too fast to tell apart: all of it is bandwidth
+            self._calibrated_gbps = bytes_long / t_long / 1e9
+            self._attend_overhead_s = 0.0
+
+    # ------------------------------------------------------------ sequences
+    def _require_pool(self) -> KVPool:
+        if self._pool is None:
+            raise ActorError(NOT_CONFIGURED, "send Configure (the model's KV shape) first")
+        return self._pool
+
+    def on_allocate(self, message: Allocate) -> None:
+        """All or nothing: on any failure the sequences this message allocated are freed again."""
+        pool = self._require_pool()
+        num_layers = self._shape.num_layers if self._shape else 0
+        done: list[int] = []
+        try:
+            with _as_actor_errors():
+                for seq_id in message.seq_ids:
+                    pool.allocate(seq_id)
+                    done.append(seq_id)
+        except ActorError:
+            for seq_id in done:
+                pool.free(seq_id)
+            raise
+        for seq_id in done:
+            self._lengths[seq_id] = [0] * num_layers
+
+    def on_free(self, message: Free) -> None:
+        """Frees every known sequence of the message; unknown ones are reported after the others are freed."""
+        pool = self._require_pool()
+        unknown = []
+        for seq_id in message.seq_ids:
+            if self._lengths.pop(seq_id, None) is None:
+                unknown.append(seq_id)
+                continue
+            with _as_actor_errors():
+                pool.free(seq_id)
+        if unknown:
+            raise ActorError(UNKNOWN_SEQUENCE, f"no such sequence(s): {unknown[:16]}")
+
+    def on_append_prompt(self, message: AppendPrompt) -> None:
+        pool = self._require_pool()
+        lengths = self._lengths.get(message.seq_id)
+        if lengths is None:
+            raise ActorError(UNKNOWN_SEQUENCE, f"no such sequence: {message.seq_id}")
+        with _as_actor_errors():
+            pool.append(message.seq_id, None, _aligned(message.k), _aligned(message.v))
+        num_tokens = message.k.shape[1]
+        for layer in range(len(lengths)):
+            lengths[layer] += num_tokens
+
+    # ------------------------------------------------------------ attention
+    def on_attend(self, message: Attend) -> AttendResult:
+        pool = self._require_pool()
+        layer = message.layer
+        if self._shape is None or layer >= self._shape.num_layers:
+            raise ActorError(BAD_REQUEST, f"layer {layer} out of range for {self._describe(self._shape)}")
+        seq_ids = message.seq_ids
+        lse = np.empty(message.q.shape[:2], np.float32) if message.want_lse else None
+        with _as_actor_errors():
+            start = time.perf_counter()
+            o = pool.attend(layer, seq_ids, _aligned(message.q), _aligned(message.k), _aligned(message.v), lse=lse)
+            seconds = time.perf_counter() - start
+        num_tokens_read = 0
+        for seq_id in seq_ids.tolist():
+            lengths = self._lengths[seq_id]
+            lengths[layer] += 1
+            num_tokens_read += lengths[layer]
+        self._record_attend(num_tokens_read * pool.bytes_per_token, seconds)
+        return AttendResult(o, lse)
+
+    def _record_attend(self, num_bytes: int, seconds: float) -> None:
+        weight = 1.0 if self._num_attend_calls == 0 else GBPS_SMOOTHING
+        self._ewma_bytes += weight * (num_bytes - self._ewma_bytes)
+        self._ewma_seconds += weight * (seconds - self._ewma_seconds)
+        self._num_attend_calls += 1
+
+    # ------------------------------------------------------------ stats
+    def on_get_stats(self, message: GetStats) -> ShardStats:
+        pool, shape = self._pool, self._shape
+        measured = self._ewma_bytes / self._ewma_seconds / 1e9 if self._ewma_seconds > 0 else self._calibrated_gbps
+        common = dict(attn_gbps=measured, calibrated_gbps=self._calibrated_gbps,
+                      attend_overhead_s=self._attend_overhead_s, num_attend_calls=self._num_attend_calls)
+        if pool is None or shape is None:
+            return ShardStats(capacity_bytes=self.config.kv_memory_bytes, used_bytes=0, num_sequences=0,
+                              num_free_pages=0, num_total_pages=0, page_size=self.config.page_size,
+                              bytes_per_token=0, num_threads=self.config.num_threads or 0,
+                              isa=self.config.isa or "", **common)
+        return ShardStats(
+            capacity_bytes=pool.capacity_bytes, used_bytes=pool.used_bytes, num_sequences=len(self._lengths),
+            num_free_pages=pool.num_free_pages, num_total_pages=pool.num_total_pages, page_size=pool.page_size,
+            bytes_per_token=pool.bytes_per_token, num_threads=pool.num_threads, isa=pool.isa,
+            num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+            kv_dtype=shape.kv_dtype, **common,
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self._lengths.clear()

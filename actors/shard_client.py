@@ -1,0 +1,162 @@
+"""What the Executor calls to use a KVShard, local (embedded) or remote, and the embedded shard itself.
+
+    client = await ShardClient.connect("tcp://10.0.0.7:5555")
+    await client.configure(num_layers=32, num_kv_heads=8, head_dim=128, kv_dtype="bfloat16")
+    await client.allocate([1, 2]); await client.append_prompt(1, k, v)
+    o, lse = await client.attend(layer, seq_ids, q, k, v, want_lse=True)
+
+Errors: RemoteRequestError (the shard refused this request: ``.code`` says why),
+RequestTimeoutError, PeerDeadError (no heartbeat answer within the window; the
+client is dead for good, connect a new one), ProtocolError.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import zmq.asyncio
+
+from fastdecode.actors.kvshard import KVShard, ShardConfig
+from fastdecode.actors.runtime import ActorServer
+from fastdecode.transport.client import RpcClient
+from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec
+from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
+from fastdecode.transport.shard_messages import (
+    SHARD_CHANNEL,
+    Allocate,
+    AppendPrompt,
+    Attend,
+    Configure,
+    Free,
+    GetStats,
+    ShardStats,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_APPEND_CHUNK_BYTES = 256 << 20  # a long prompt's K/V travels in chunks of at most this (k and v together)
+
+
+class ShardClient:
+    """An async client of one KVShard.  Safe to use from many tasks of one event loop at once."""
+
+    def __init__(self, rpc: RpcClient) -> None:
+        self._rpc = rpc
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str,
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        timeout_s: float = 60.0,
+        heartbeat_interval_s: float = 1.0,
+        liveness: int = 3,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> ShardClient:
+        """Connect and wait for the shard to answer a ping (PeerDeadError if it does not within the window)."""
+        rpc = RpcClient(address, Codec(SHARD_CHANNEL, max_message_bytes=max_message_bytes), ctx=ctx,
+                        timeout_s=timeout_s, heartbeat_interval_s=heartbeat_interval_s, liveness=liveness,
+                        name=f"shard-client {address}")
+        rpc.start()
+        try:
+            await rpc.ping(timeout_s=heartbeat_interval_s * (liveness + 1))
+        except RequestTimeoutError:
+            await rpc.close()
+            raise PeerDeadError(f"no KVShard answers at {address}") from None
+        except BaseException:
+            await rpc.close()
+            raise
+        return cls(rpc)
+
+    @property
+    def address(self) -> str:
+        return self._rpc.address
+
+    @property
+    def is_alive(self) -> bool:
+        return self._rpc.is_alive
+
+    async def configure(self, *, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str) -> ShardStats:
+        message = Configure(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype)
+        return await self._rpc.request(message)
+
+    async def allocate(self, seq_ids: list[int]) -> None:
+        await self._rpc.request(Allocate(tuple(int(s) for s in seq_ids)))
+
+    async def free(self, seq_ids: list[int]) -> None:
+        await self._rpc.request(Free(tuple(int(s) for s in seq_ids)))
+
+    async def append_prompt(self, seq_id: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Ship a prompt's K/V, k and v [L, T, Hkv, D], in token chunks small enough for one message each.
+
+        Chunks are appended in order; if one fails, the earlier ones stay appended
+        (free the sequence on error).
+        """
+        if k.ndim != 4 or k.shape != v.shape:
+            raise ValueError(f"k and v must both be [L, T, Hkv, D], got {k.shape} and {v.shape}")
+        num_tokens = k.shape[1]
+        bytes_per_token = 2 * k.nbytes // max(num_tokens, 1)
+        chunk = max(1, min(MAX_APPEND_CHUNK_BYTES, self._rpc.max_message_bytes // 2) // max(bytes_per_token, 1))
+        for start in range(0, max(num_tokens, 1), chunk):
+            part = slice(start, start + chunk)
+            await self._rpc.request(AppendPrompt(int(seq_id), k[:, part], v[:, part]))
+
+    async def attend(
+        self, layer: int, seq_ids: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, want_lse: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Append k, v [B, Hkv, D] and attend with q [B, Hq, D]; returns (o [B, Hq, D], lse [B, Hq] or None).
+
+        The returned arrays are read-only views on the received frames.  Do not
+        modify q, k, v while the call is in flight (they are sent without a copy).
+        """
+        ids = np.asarray(seq_ids, dtype=np.int64)
+        result = await self._rpc.request(Attend(int(layer), ids, q, k, v, bool(want_lse)))
+        return result.o, result.lse
+
+    async def stats(self) -> ShardStats:
+        return await self._rpc.request(GetStats())
+
+    async def close(self) -> None:
+        await self._rpc.close()
+
+
+@dataclass
+class EmbeddedShard:
+    """A KVShard served in this process and event loop (``--shards N``); ``await stop()`` ends it."""
+
+    server: ActorServer
+    actor: KVShard
+
+    @property
+    def address(self) -> str | None:
+        return self.server.address
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+async def start_embedded_shard(
+    *,
+    threads: int | None,
+    kv_memory_bytes: int,
+    ctx: zmq.asyncio.Context | None = None,
+    page_size: int = 32,
+    cpu_list: tuple[int, ...] | None = None,
+    isa: str | None = None,
+    is_calibrating: bool = True,
+) -> tuple[str, EmbeddedShard]:
+    """Serve a KVShard over a fresh ``inproc://`` address of ``ctx`` (default: the process-wide Context).
+
+    It goes through the same codec and runtime as a remote shard.  Connect with
+    ``ShardClient.connect(address, ctx=<same ctx>)``.
+    """
+    config = ShardConfig(kv_memory_bytes=kv_memory_bytes, num_threads=threads, page_size=page_size,
+                         cpu_list=cpu_list, isa=isa, is_calibrating=is_calibrating)
+    actor = KVShard(config)
+    address = f"inproc://fastdecode-shard-{uuid.uuid4().hex[:16]}"
+    server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx or zmq.asyncio.Context.instance(), name="kvshard")
+    bound = await server.start()
+    return bound, EmbeddedShard(server, actor)

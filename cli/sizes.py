@@ -1,0 +1,61 @@
+"""Parsing byte sizes given on the command line: ``256MiB``, ``16GiB``, ``1.5G``, ``4096``.
+
+Every unit is binary, as memory sizes usually are: K, KB and KiB all mean 1024
+bytes (likewise M, G, T); a plain number is bytes.
+"""
+from __future__ import annotations
+
+import re
+
+import click
+
+_UNITS = {"": 1, "b": 1} | {
+    prefix + suffix: 1 << (10 * power)
+    for power, prefix in enumerate("kmgt", start=1)
+    for suffix in ("", "b", "ib")
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``; ValueError with a clear message for anything else (or a size below 1 byte)."""
+    if not isinstance(text, str):
+        raise ValueError(f"a size must be text like '256MiB', got {text!r}")
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a size: use a number with an optional unit, e.g. 256MiB or 16GiB")
+    number, unit = match.groups()
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"unknown size unit {unit!r} in {text!r}; use KiB, MiB, GiB or TiB (or none for bytes)")
+    size = int(float(number) * factor) if "." in number else int(number) * factor
+    if size < 1:
+        raise ValueError(f"size {text!r} is less than one byte")
+    return size
+
+
+def format_size(num_bytes: int) -> str:
+    """The largest binary unit that keeps the number at least 1: ``format_size(3 << 30) == '3.00 GiB'``."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+class SizeParamType(click.ParamType):
+    """A click parameter type for sizes: ``@click.option("--kv-memory", type=SIZE)``."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeParamType()

@@ -1,0 +1,105 @@
+"""``fdctl start-shard``: run one KVShard as a daemon on a CPU host.
+
+    fdctl start-shard --listen tcp://0.0.0.0:5555 --threads 16 --kv-memory 64GiB
+
+Logs go to stderr; once the shard accepts requests it prints exactly one line
+``ready <address>`` on stderr (a ``:0`` port is resolved to the real one).  SIGTERM
+or SIGINT closes the socket, frees the pool and exits 0.  The model's KV shape
+arrives later from the Executor (Configure).  Imports no torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import click
+
+from fastdecode.cli.sizes import SIZE, format_size
+
+log = logging.getLogger("fastdecode.start_shard")
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """``"0-3,8,10-11"`` -> (0, 1, 2, 3, 8, 10, 11); ValueError for anything else."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"cannot read {part!r} in cpu list {text!r}: use e.g. 0-7,16-23")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"range {part!r} in cpu list {text!r} goes backwards")
+        cpus.extend(range(first, last + 1))
+    if len(set(cpus)) != len(cpus):
+        raise ValueError(f"cpu list {text!r} names a CPU twice")
+    return tuple(cpus)
+
+
+def _cpu_list_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return parse_cpu_list(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+async def _serve(listen: str, config) -> None:  # noqa: ANN001 - ShardConfig, imported lazily
+    from fastdecode.actors.kvshard import KVShard
+    from fastdecode.actors.runtime import serve_actor
+    from fastdecode.transport.shard_messages import SHARD_CHANNEL
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def ready(address: str) -> None:
+        print(f"ready {address}", file=sys.stderr, flush=True)
+
+    await serve_actor(KVShard(config), SHARD_CHANNEL, listen, stop, on_ready=ready)
+    log.info("shard on %s stopped", listen)
+
+
+@click.command("start-shard")
+@click.option("--listen", required=True, help="Address to bind: tcp://HOST:PORT (PORT 0: any free one) or ipc://PATH.")
+@click.option("--kv-memory", required=True, type=SIZE, help="KV pool size, e.g. 256MiB or 16GiB.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Attention threads (default: every CPU this process may use).")
+@click.option("--page-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Tokens per KV page.")
+@click.option("--cpu-list", default=None, callback=_cpu_list_option, help="Pin the threads to these CPUs: 0-7,16-23.")
+@click.option("--isa", type=click.Choice(["generic", "avx2", "avx512"]), default=None,
+              help="Attention kernel (default: the best this CPU has).")
+@click.option("--no-calibrate", is_flag=True, help="Skip the short attention benchmark at configure time.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int, cpu_list: tuple[int, ...] | None,
+                isa: str | None, no_calibrate: bool, log_level: str) -> None:
+    """Run one KVShard (KV-cache and attention on this host's CPUs) until SIGTERM/SIGINT."""
+    logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not listen.startswith(("tcp://", "ipc://")):
+        raise click.BadParameter("must start with tcp:// or ipc://", param_hint="--listen")
+    from fastdecode.actors.kvshard import ShardConfig
+    from fastdecode.actors.loop import run_event_loop
+    from fastdecode.transport.sockets import is_loopback_address
+
+    try:
+        config = ShardConfig(kv_memory_bytes=kv_memory, num_threads=threads, page_size=page_size, cpu_list=cpu_list,
+                             isa=isa, is_calibrating=not no_calibrate)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not is_loopback_address(listen):
+        log.warning("listening on %s without authentication or encryption: any host that reaches it can use "
+                    "this shard (CURVE security comes later); prefer a private network", listen)
+    log.info("starting KVShard on %s with %s of KV memory, %s threads", listen, format_size(kv_memory),
+             threads or "all")
+    try:
+        run_event_loop(_serve(listen, config))
+    except OSError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
