@@ -1,0 +1,21 @@
+"""The app before its engine is attached (model still loading): not healthy, 503 with a JSON error."""
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from fastdecode.actors.frontend import FrontendConfig, FrontendState, build_app
+
+
+async def test_not_ready_until_the_engine_is_attached():
+    state = FrontendState(FrontendConfig(served_model_name="m"))
+    async with TestClient(TestServer(build_app(state))) as client:
+        health = await client.get("/health")
+        assert health.status == 503
+        response = await client.post("/v1/completions", json={"prompt": "x"})
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "not_ready"
+        models = await client.get("/v1/models")
+        assert [m["id"] for m in (await models.json())["data"]] == ["m"]
+        metrics = await client.get("/metrics")
+        assert metrics.status == 200
+        assert 'fastdecode_request_rejected_total{status_code="503"} 1.0' in await metrics.text()

@@ -1,0 +1,98 @@
+"""``/v1/stream`` with a real ``websockets`` client: tokens, done, errors, keys, disconnects."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from conftest import API_KEY
+from fastdecode.actors.reference import reference_generate
+from fastdecode.actors.request import SamplingParams
+from metrics_scrape import scrape
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+PROMPT = "The capital of France is"
+
+
+async def stream(url: str, request: dict, *, headers=AUTH) -> list[dict]:
+    """Every message of one WebSocket request, until the server closes."""
+    async with connect(url, additional_headers=headers) as ws:
+        await ws.send(json.dumps(request))
+        return [json.loads(raw) async for raw in ws]
+
+
+async def test_stream_tokens_then_done(tiny_server, tiny_model):
+    model, tokenizer = tiny_model
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    expected = reference_generate(model, tokenizer, tokenizer.encode(PROMPT), params)
+    messages = await stream(tiny_server.ws_url, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+                                                 "ignore_eos": True})
+    tokens, done = messages[:-1], messages[-1]
+    assert [m["type"] for m in tokens] == ["token"] * 16
+    assert [m["token_id"] for m in tokens] == expected.token_ids
+    assert "".join(m["text"] for m in tokens) == expected.text
+    assert done == {"type": "done", "finish_reason": "length",
+                    "usage": {"prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 16,
+                              "total_tokens": len(expected.prompt_token_ids) + 16}}
+
+
+async def test_chat_messages_and_logprobs(tiny_server, tiny_model):
+    tokenizer = tiny_model[1]
+    chat = [{"role": "user", "content": "Hi"}]
+    messages = await stream(tiny_server.ws_url, {"messages": chat, "max_tokens": 5, "temperature": 0,
+                                                 "ignore_eos": True, "logprobs": 2})
+    assert messages[-1]["usage"]["prompt_tokens"] == len(tokenizer.encode_chat(chat))
+    tokens = messages[:-1]
+    assert all(m["logprob"] <= 0 and len(m["top_logprobs"]) == 2 for m in tokens)
+    assert all(m["top_logprobs"][0][0] == m["token_id"] for m in tokens)  # greedy picks the top one
+
+
+@pytest.mark.parametrize(("request_text", "fragment"), [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"max_tokens": 4}), "prompt and messages"),
+    (json.dumps({"prompt": "x", "temperature": -2}), "temperature"),
+    (json.dumps({"prompt": "x", "model": "other"}), "does not exist"),
+])
+async def test_bad_request_gets_an_error_message(tiny_server, request_text, fragment):
+    async with connect(tiny_server.ws_url, additional_headers=AUTH) as ws:
+        await ws.send(request_text)
+        messages = [json.loads(raw) async for raw in ws]
+    assert len(messages) == 1 and messages[0]["type"] == "error"
+    assert fragment in messages[0]["message"]
+    assert (await stream(tiny_server.ws_url, {"prompt": "x", "max_tokens": 2}))[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["missing", "wrong"])
+async def test_missing_or_wrong_key_is_refused_with_401(tiny_server, headers):
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(tiny_server.ws_url, additional_headers=headers):
+            pass
+    assert refused.value.response.status_code == 401
+
+
+async def test_key_as_token_query_parameter(tiny_server):
+    messages = await stream(f"{tiny_server.ws_url}?token={API_KEY}", {"prompt": "x", "max_tokens": 3}, headers={})
+    assert messages[-1]["type"] == "done" and messages[-1]["usage"]["completion_tokens"] == 3
+
+
+async def test_client_that_closes_cancels_its_request(tiny_server):
+    aborted = ("fastdecode_request_success_total", (("finished_reason", "abort"),))
+    num_aborted = (await scrape(tiny_server.url)).get(aborted, 0)
+    async with connect(tiny_server.ws_url, additional_headers=AUTH) as ws:
+        await ws.send(json.dumps({"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}))
+        for _ in range(3):
+            assert json.loads(await ws.recv())["type"] == "token"
+    def is_freed(samples: dict) -> bool:
+        kv_used = [v for (name, _), v in samples.items() if name == "fastdecode_kv_used_bytes"]
+        return samples[("fastdecode_num_requests_running", ())] == 0 and kv_used == [0]
+
+    for _ in range(250):  # the server notices the close, cancels the request, the next step frees its KV
+        after = await scrape(tiny_server.url)
+        if after.get(aborted, 0) == num_aborted + 1 and is_freed(after):
+            break
+        await asyncio.sleep(0.02)
+    assert after.get(aborted, 0) == num_aborted + 1
+    assert is_freed(after)

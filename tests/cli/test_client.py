@@ -1,0 +1,98 @@
+"""``fdctl client`` against a live server: tokens printed as they arrive, a summary, one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import select
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+_HELPER = Path(__file__).resolve().parents[1] / "actors" / "frontend" / "live_server.py"
+_spec = importlib.util.spec_from_file_location("frontend_live_server", _HELPER)
+live_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(live_server)
+
+KEY = "client-key"
+PROMPT = "The capital of France is"
+SUMMARY = re.compile(r"^(\d+) tokens, time to first token \d+ ms, [\d.]+ tokens/s \(finish: (\w+)\)$")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server.LiveServer(*live_server.TINY_ARGS, "--shards", "0", "--api-key", KEY) as running:
+        yield running
+
+
+def client(*args: str) -> list[str]:
+    return [live_server.FDCTL, "client", *args]
+
+
+def test_tokens_arrive_before_the_stream_ends(server):
+    process = subprocess.Popen(
+        client("--url", server.ws_url, "--api-key", KEY, "--max-tokens", "400", "--ignore-eos", "--jsonl", PROMPT),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        assert ready, "no output within 60 s"
+        first = json.loads(process.stdout.readline())
+        first_at = time.monotonic()
+        assert first["type"] == "token"
+        assert process.poll() is None, "the client had already finished: output was not incremental"
+        rest = [json.loads(line) for line in process.stdout]
+        last_at = time.monotonic()
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+    assert [m["type"] for m in rest] == ["token"] * 399 + ["done"]
+    assert last_at > first_at
+    summary = SUMMARY.match(process.stderr.read().strip().splitlines()[-1])
+    assert summary and summary.group(1) == "400" and summary.group(2) == "length"
+
+
+def test_plain_output_is_the_greedy_text(server, tiny_model):
+    from fastdecode.actors.reference import reference_generate
+    from fastdecode.actors.request import SamplingParams
+
+    model, tokenizer = tiny_model
+    expected = reference_generate(model, tokenizer, tokenizer.encode(PROMPT),
+                                  SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    result = subprocess.run(client("--url", server.ws_url, "--api-key", KEY, "--max-tokens", "20", "--ignore-eos",
+                                   PROMPT), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected.text + "\n"
+    assert SUMMARY.match(result.stderr.strip().splitlines()[-1]).group(1) == "20"
+
+
+def test_chat_mode(server):
+    result = subprocess.run(client("--url", server.ws_url, "--api-key", KEY, "--max-tokens", "5", "--chat", "Hi"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert SUMMARY.match(result.stderr.strip())
+
+
+def _one_line_failure(*args: str) -> str:
+    result = subprocess.run(client(*args), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def test_wrong_key_is_one_line(server):
+    assert "HTTP 401" in _one_line_failure("--url", server.ws_url, "--api-key", "wrong", "hello")
+
+
+def test_server_error_is_one_line(server):
+    assert "temperature" in _one_line_failure("--url", server.ws_url, "--api-key", KEY, "--temperature", "-1", "x")
+
+
+def test_nothing_listening_is_one_line():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert "cannot stream" in _one_line_failure("--url", f"ws://127.0.0.1:{port}/v1/stream", "hello")

@@ -1,0 +1,105 @@
+"""``fdctl serve`` and ``fdctl start-gpu``: start-up refusals as one line (exit 2), clean stop on
+a signal, and the default model served live (greedy output equal to ``fdctl generate``'s engine)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fastdecode.cli.main import main
+from fastdecode.cli.serve import ByteSize
+
+_HELPER = Path(__file__).resolve().parents[1] / "actors" / "frontend" / "live_server.py"
+_spec = importlib.util.spec_from_file_location("frontend_live_server", _HELPER)
+live_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(live_server)
+
+TINY = ["--model", "random:tiny", "--dtype", "float32", "--device", "cpu", "--port", "0"]
+
+
+def refuse(*args: str) -> str:
+    """Run ``fdctl`` in-process; it must fail with exit 2 and one ``Error:`` line on stderr."""
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def test_usage_errors_are_one_line():
+    assert "--shards or --shard" in refuse("serve", *TINY, "--shards", "1", "--shard", "tcp://127.0.0.1:5555")
+    assert "--shard" in refuse("start-gpu", *TINY)
+    assert "max_num_seqs" in refuse("serve", *TINY, "--shards", "0", "--max-num-seqs", "0")
+    assert "size" in refuse("serve", *TINY, "--kv-memory", "lots")
+    assert "port" in refuse("serve", *TINY[:-1], "70000")
+
+
+def test_unknown_model_is_refused_at_start():
+    assert "unknown model" in refuse("serve", "--model", "no-such-model", "--shards", "0", "--port", "0")
+
+
+def test_sliding_window_model_is_refused_at_start(tmp_path):
+    from fastdecode.cli.make_random_model import make_random_model
+
+    folder = tmp_path / "windowed"
+    make_random_model("tiny", 0, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["sliding_window"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "sliding window" in refuse("serve", "--model", str(folder), "--shards", "0", "--port", "0")
+
+
+def test_busy_port_is_refused():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert "cannot listen" in refuse("serve", *TINY[:-1], str(port), "--shards", "0")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1048576", 1 << 20), ("512M", 512 << 20), ("2G", 2 << 30),
+                                                ("1.5GiB", 3 << 29), ("64kb", 64 << 10)])
+def test_kv_memory_sizes(text, expected):
+    assert ByteSize().convert(text, None, None) == expected
+
+
+def test_sigint_stops_cleanly():
+    server = live_server.LiveServer(*live_server.TINY_ARGS, "--shards", "0")
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(30) == 0
+    assert "stopped" in server.log()
+    assert server.stop() == 0
+
+
+def test_help_lists_the_commands():
+    result = subprocess.run([live_server.FDCTL, "--help"], capture_output=True, text=True, check=True)
+    assert all(name in result.stdout for name in ("serve", "start-gpu", "client"))
+
+
+# ---- the default model, live -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_model_served_equals_generate(smollm2_model):
+    openai = pytest.importorskip("openai")
+    from fastdecode.actors.reference import reference_generate
+    from fastdecode.actors.request import SamplingParams
+
+    model, tokenizer = smollm2_model
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = "The three primary colors are"
+    with live_server.LiveServer("--model", "smollm2", "--dtype", "float32", "--device", "cpu") as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        chat = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
+                                              stream=True)
+        chat_text = "".join(chunk.choices[0].delta.content or "" for chunk in chat)
+        completion = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0)
+    greedy_chat = SamplingParams(max_tokens=24, temperature=0.0)
+    assert chat_text == reference_generate(model, tokenizer, tokenizer.encode_chat(messages), greedy_chat).text
+    assert "Paris" in chat_text
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    assert completion.choices[0].text == reference_generate(model, tokenizer, tokenizer.encode(prompt), greedy).text
