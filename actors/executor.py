@@ -101,7 +101,7 @@ def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_to
         kv_bytes_per_token=kv_bytes_per_token,
         num_layers=num_layers,
         page_size=stats.page_size,
-        perf=ShardPerfModel(DEFAULT_ATTEND_OVERHEAD_S, bandwidth),
+        perf=ShardPerfModel(stats.attend_overhead_s or DEFAULT_ATTEND_OVERHEAD_S, bandwidth),
     )
 
 

@@ -31,6 +31,7 @@ class NodeStats:
     num_total_pages: int  # pages of page_size tokens for one (sequence, layer)
     num_sequences: int
     attn_gbps: float | None  # measured attention bandwidth, None until measured
+    attend_overhead_s: float | None = None  # per-call overhead from the node's calibration
 
 
 class KVNode(abc.ABC):
@@ -135,7 +136,8 @@ class ShardKVNode(KVNode):
 
     async def stats(self) -> NodeStats:
         s = await self.client.stats()
-        return NodeStats(s.capacity_bytes, s.used_bytes, s.num_sequences, s.attn_gbps)
+        return NodeStats(s.capacity_bytes, s.used_bytes, s.page_size, s.num_total_pages, s.num_sequences,
+                         s.attn_gbps or s.calibrated_gbps, s.attend_overhead_s)
 
     async def close(self) -> None:
         await self.client.close()

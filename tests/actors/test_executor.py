@@ -107,3 +107,22 @@ async def test_cancelled_requests_free_their_kv(tiny_model):
         # and the cluster keeps serving
         tokens, reason = await collect(cluster.submit(prompts(tokenizer)[0], GREEDY))
         assert reason == "length" and len(tokens) == GREEDY.max_tokens
+
+
+@pytest.mark.slow
+async def test_two_shard_daemons_over_tcp(tiny_model, references):
+    from daemons import shard_daemons
+
+    _, tokenizer = tiny_model
+    with shard_daemons(2) as daemons:
+        config = ClusterConfig(**TINY, shard_addresses=tuple(address for _, address in daemons))
+        async with await Cluster.start(config) as cluster:
+            outputs = await run_greedy(cluster, prompts(tokenizer))
+            assert all(used == 0 for used in await cluster.kv_used_bytes())
+            placed = [s.num_attend_calls for s in await asyncio.gather(*(n.client.stats() for n in cluster.executor.nodes))]
+            assert all(calls > 0 for calls in placed), f"every daemon attends for someone: {placed}"
+        for proc, _ in daemons:
+            assert proc.poll() is None  # the daemons outlive the client
+    for prompt, ours in zip(prompts(tokenizer), outputs):
+        tokens, gaps = references[tuple(prompt)]
+        assert_same_greedy(ours, tokens, gaps, label="2 daemons over tcp")
