@@ -24,7 +24,10 @@ def check_prompt(prompt_token_ids: Sequence[int], model: LlamaModel) -> None:
     config = model.config
     if not prompt_token_ids:
         raise RequestError("the prompt is empty")
-    bad = [t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size]
+    bad = [
+        t for t in prompt_token_ids
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size
+    ]
     if bad:
         raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary (size {config.vocab_size})")
     if len(prompt_token_ids) >= config.max_position_embeddings:

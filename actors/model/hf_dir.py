@@ -36,7 +36,8 @@ def read_hf_config(folder: Path) -> ModelConfig:
     bos = generation.get("bos_token_id")
     try:
         if eos is not None:
-            config = dataclasses.replace(config, eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])))
+            eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+            config = dataclasses.replace(config, eos_token_ids=eos_ids)
         if bos is not None:
             config = dataclasses.replace(config, bos_token_id=int(bos))
     except (TypeError, ValueError) as exc:

@@ -50,7 +50,9 @@ def load_hf_weights(model: LlamaModel, get_tensor: Callable[[str], torch.Tensor 
         if tensor is None:
             raise ModelError(f"the checkpoint lacks tensor {name!r}")
         if tuple(tensor.shape) != tuple(target.shape):
-            raise ModelError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}")
+            raise ModelError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}"
+            )
         target.copy_(tensor)
 
 

@@ -52,6 +52,16 @@ def test_stop_string_option():
     assert cut["finish_reason"] == "stop" and cut["text"] == free["text"][: free["text"].index(stop)]
 
 
+def test_chat_wraps_the_prompt_in_the_template():
+    result = _run("generate", "--model", "random:tiny", "--prompt", "hi", "--chat", "--max-tokens", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    from fastdecode.actors.model import load_model
+
+    _, tokenizer = load_model("random:tiny", device="cpu")
+    prompt_ids = json.loads(result.stdout)["prompt_token_ids"]
+    assert tokenizer.decode(prompt_ids, skip_special_tokens=False) == "<|bos|>user: hi\nassistant:"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -91,6 +91,9 @@ def test_transformers_loads_written_model_with_same_greedy_tokens(written_tiny):
                                                                           ignore_eos=True))
     assert_same_greedy(result.token_ids, reference, gaps, label="make-random-model tiny")
     assert hf_tokenizer.decode(result.token_ids, skip_special_tokens=True) == result.text
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages) == hf_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
 
 
 def test_sharded_folder_round_trips(tmp_path, monkeypatch, tiny_model):
