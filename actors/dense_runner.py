@@ -20,8 +20,11 @@ T = TypeVar("T")
 
 
 class DenseRunner:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, is_synchronous: bool = False) -> None:
+        """``is_synchronous``: wait for the GPU after each call, so host-side busy time
+        equals GPU busy time (for step traces; costs a little speed)."""
         self.device = device
+        self.is_synchronous = is_synchronous
         self.is_cuda = device.type == "cuda"
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-dense")
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-copywait")
@@ -37,6 +40,8 @@ class DenseRunner:
         t0 = time.perf_counter()
         with torch.inference_mode():
             result = fn(*args)
+        if self.is_cuda and self.is_synchronous:
+            torch.cuda.current_stream(self.device).synchronize()
         self.busy_s += time.perf_counter() - t0
         return result
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
+from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
 from fastdecode.actors.prefill import prefill
@@ -39,8 +40,12 @@ class ExecutorConfig:
     max_queue: int = 4096
     is_pipelined: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # batch sizes of the start-up dense-step sweep (the scheduler's GPU model); () skips it
+    profile_batches: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(b < 1 for b in self.profile_batches) or len(set(self.profile_batches)) == 1:
+            raise ValueError("profile_batches must be two or more distinct positive batch sizes")
         if self.max_queue < 0:
             raise ValueError("max_queue must be non-negative")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -119,10 +124,11 @@ class Executor:
         self.kv_bytes_per_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
         self.trace = trace
         self.gpu_model = gpu_model
-        self.runner = DenseRunner(model.device)
+        self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
         self.decoder = DecodeStep(model, nodes, self.runner, trace)
         self.scheduler: Scheduler | None = None  # made by start(), from the nodes' capacities
         self.last_plan: StepPlan | None = None
+        self.predicted_steps_s: list[float] = []  # with a trace: the plan's prediction of each traced step
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._wakeup = asyncio.Event()
@@ -136,6 +142,9 @@ class Executor:
         num_layers = self.model.config.num_layers
         models = [node_model(i, s, num_layers=num_layers, kv_bytes_per_token=self.kv_bytes_per_token)
                   for i, s in enumerate(stats)]
+        if self.gpu_model is None and self.config.profile_batches:
+            self.gpu_model = await self.runner.run(measure_dense_profile, self.model, self.config.profile_batches)
+            log.info("dense step times: %s", ", ".join(f"B={b}: {s * 1e3:.2f} ms" for b, s in self.gpu_model.samples))
         self.scheduler = Scheduler(self.config.scheduler, models, gpu=self.gpu_model)
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
 
@@ -293,6 +302,7 @@ class Executor:
         if self.trace is not None:
             self.trace.add_step(self.decoder.step_index, trace_start, self.trace.now(),
                                 sum(len(mb.seqs) for mb in minibatches))
+            self.predicted_steps_s.append(self.last_plan.predicted_step_s)
         for node_index, num_tokens, seconds in self.decoder.drain_attend_times():
             self.scheduler.observe_attend(node_index, num_tokens * self.kv_bytes_per_token
                                           / self.model.config.num_layers, seconds)

@@ -126,3 +126,25 @@ async def test_two_shard_daemons_over_tcp(tiny_model, references):
     for prompt, ours in zip(prompts(tokenizer), outputs):
         tokens, gaps = references[tuple(prompt)]
         assert_same_greedy(ours, tokens, gaps, label="2 daemons over tcp")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_shards", [1, 3], ids=["1-shard", "3-shards"])
+@pytest.mark.parametrize("is_pipelined", [True, False], ids=["pipeline", "no-pipeline"])
+async def test_greedy_matches_reference_on_cuda(tiny_model, references, num_shards, is_pipelined):
+    """The Executor on CUDA (float32, TF32 off) against the CPU float32 reference."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _, tokenizer = tiny_model
+    config = ClusterConfig(**{**TINY, "device": "cuda"}, num_shards=num_shards, shard_kv_memory_bytes=16 << 20,
+                           executor=ExecutorConfig(is_pipelined=is_pipelined))
+    async with await Cluster.start(config) as cluster:
+        assert cluster.model.device.type == "cuda"
+        outputs = await run_greedy(cluster, prompts(tokenizer))
+        assert all(used == 0 for used in await cluster.kv_used_bytes())
+    for prompt, ours in zip(prompts(tokenizer), outputs):
+        tokens, gaps = references[tuple(prompt)]
+        assert_same_greedy(ours, tokens, gaps, label=f"cuda, {num_shards} shards, pipeline={is_pipelined}")

@@ -1,0 +1,143 @@
+"""``fdctl bench offline``: a fixed batch generated to a fixed length, measured.
+
+Every request has a random prompt of exactly ``--prompt-len`` tokens and
+generates exactly ``--output-len`` tokens (EOS ignored, greedy). Prints a
+progress bar on stderr and, last on stdout, one JSON object: tokens/s, the
+decode step time, time to first token and time per output token percentiles,
+per-node busy fractions and the pipeline overlap from the step trace. With
+``--out DIR`` it also writes the trace (JSON) and its timeline (PNG).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+
+import click
+
+from fastdecode.cli.generate import OneLineCommand, OneLineError, one_line_errors
+from fastdecode.cli.sizes import parse_size
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
+
+
+async def run_offline(options: dict) -> dict:
+    from tqdm import tqdm
+
+    from fastdecode.actors.cluster import Cluster, ClusterConfig
+    from fastdecode.actors.executor import ExecutorConfig
+    from fastdecode.actors.request import SamplingParams
+    from fastdecode.scheduler import SchedulerConfig
+
+    batch, prompt_len, output_len = options["batch"], options["prompt_len"], options["output_len"]
+    config = ClusterConfig(
+        model=options["model"], seed=options["seed"], dtype=options["dtype"], device=options["device"],
+        num_shards=options["shards"], shard_addresses=tuple(options["shard"]),
+        shard_kv_memory_bytes=options["kv_memory"],
+        executor=ExecutorConfig(is_pipelined=options["pipeline"],
+                                scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"),
+                                profile_batches=tuple(sorted({1, max(2, batch // 2), batch}))),
+        is_tracing=True,
+    )
+    async with await Cluster.start(config) as cluster:
+        vocab = cluster.model.config.vocab_size
+        rng = random.Random(options["seed"])
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        bar = tqdm(total=batch * output_len, desc="tokens", unit="tok", file=None, mininterval=0.5)
+        ttft: list[float] = []
+        tpot: list[float] = []
+
+        async def one() -> None:
+            prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+            start = time.perf_counter()
+            first = last = None
+            count = 0
+            async for event in cluster.submit(prompt, params):
+                if event.error:
+                    raise RuntimeError(event.error)
+                last = time.perf_counter()
+                first = first or last
+                count += 1
+                bar.update(1)
+            ttft.append(first - start)
+            if count > 1:
+                tpot.append((last - first) / (count - 1))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(batch)))
+        wall = time.perf_counter() - start
+        bar.close()
+        trace = cluster.executor.trace
+        full_steps = [(e - s) for _, s, e, n in trace.steps if n == batch]
+        predicted = [p for (_, _, _, n), p in zip(trace.steps, cluster.executor.predicted_steps_s) if n == batch]
+        summary = trace.summary()
+        step_s = statistics.median(full_steps) if full_steps else None
+        result = {
+            "model": options["model"], "mode": "shards" if (options["shards"] or options["shard"]) else "local",
+            "device": str(cluster.model.device), "dtype": str(cluster.model.dtype).removeprefix("torch."),
+            "batch": batch, "prompt_len": prompt_len, "output_len": output_len,
+            "num_nodes": len(cluster.executor.nodes), "pipeline": options["pipeline"],
+            "tokens_per_s": batch * output_len / wall,
+            "decode_tokens_per_s": batch / step_s if step_s else None,
+            "step_ms": step_s * 1e3 if step_s else None,
+            "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "wall_s": wall,
+            "gpu_busy_fraction": summary["gpu_busy_s"] / summary["wall_s"] if summary["wall_s"] else None,
+            "node_busy_fraction": {k: v / summary["wall_s"] for k, v in summary["node_busy_s"].items()}
+            if summary["wall_s"] else {},
+            "overlap": summary["overlap"],
+        }
+        if predicted and step_s:
+            result["predicted_step_ms"] = statistics.median(predicted) * 1e3
+            result["prediction_error"] = result["predicted_step_ms"] / result["step_ms"] - 1
+        if options["out"]:
+            os.makedirs(options["out"], exist_ok=True)
+            tag = f"{result['mode']}-b{batch}-{'pipe' if options['pipeline'] else 'nopipe'}"
+            trace.write(os.path.join(options["out"], f"trace-{tag}.json"))
+            from fastdecode.cli.trace_plot import render_timeline
+
+            render_timeline(trace.to_json(), os.path.join(options["out"], f"timeline-{tag}.png"))
+        return result
+
+
+@click.group("bench")
+def bench() -> None:
+    """Benchmarks that print JSON figures."""
+
+
+@bench.command("offline", cls=OneLineCommand)
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--output-len", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(0), help="In-process KVShards.")
+@click.option("--shard", multiple=True, help="Address of a running shard daemon (repeatable).")
+@click.option("--kv-memory", default=None, help="KV memory per in-process shard, e.g. 4GiB.")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True)
+@click.option("--out", default=None, help="Folder for the trace JSON and timeline PNG.")
+def offline(**options) -> None:
+    """Generate a fixed batch to a fixed length and report throughput."""
+    if options["shard"]:
+        options["shards"] = 0
+    with one_line_errors():
+        try:
+            options["kv_memory"] = parse_size(options["kv_memory"]) if options["kv_memory"] else None
+        except ValueError as exc:
+            raise OneLineError(str(exc)) from None
+        result = asyncio.run(run_offline(options))
+    click.echo(json.dumps(result))
