@@ -1,0 +1,334 @@
+"""The KVShard: its logic without sockets, then through the embedded runtime, then a fuzzed live socket."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastdecode.actors.kvshard import KVShard, ShardConfig
+from fastdecode.actors.runtime import ActorError, ActorServer
+from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
+from fastdecode.native.lib import KVPool
+from fastdecode.transport.codec import Codec
+from fastdecode.transport.control_messages import ErrorReply
+from fastdecode.transport.errors import RemoteRequestError
+from fastdecode.transport.shard_messages import (
+    SHARD_CHANNEL,
+    Allocate,
+    AppendPrompt,
+    Attend,
+    AttendResult,
+    Configure,
+    Free,
+    GetStats,
+    ShardStats,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, NUM_Q_HEADS = 2, 2, 64, 8
+SHAPE = Configure(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, kv_dtype="bfloat16")
+MEMORY = 16 << 20
+
+
+def _rand(rng, shape, dtype=BF16) -> np.ndarray:
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _reference_pool() -> KVPool:
+    return KVPool(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, kv_dtype="bfloat16",
+                  capacity_bytes=MEMORY, page_size=32, num_threads=1)
+
+
+@pytest.fixture
+def shard():
+    actor = KVShard(ShardConfig(kv_memory_bytes=MEMORY, num_threads=1))
+    yield actor
+    actor.close()
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        ShardConfig(kv_memory_bytes=10)
+    with pytest.raises(ValueError):
+        ShardConfig(kv_memory_bytes=MEMORY, isa="sse9")
+    with pytest.raises(ValueError):
+        ShardConfig(kv_memory_bytes=MEMORY, num_threads=0)
+
+
+def test_requests_before_configure_are_refused(shard) -> None:
+    with pytest.raises(ActorError) as info:
+        shard.on_allocate(Allocate((1,)))
+    assert info.value.code == "not_configured"
+    stats = shard.on_get_stats(GetStats())
+    assert not stats.is_configured and stats.capacity_bytes == MEMORY
+
+
+def test_attend_matches_the_pool_bitwise_and_stats_move(shard) -> None:
+    rng = np.random.default_rng(1)
+    stats = shard.on_configure(SHAPE)
+    assert stats.is_configured and stats.num_layers == NUM_LAYERS and stats.kv_dtype == "bfloat16"
+    assert stats.calibrated_gbps > 0 and stats.used_bytes == 0 and stats.num_sequences == 0
+    reference = _reference_pool()
+    seq_ids = [3, 11]
+    shard.on_allocate(Allocate(tuple(seq_ids)))
+    for seq_id, length in zip(seq_ids, (5, 40)):
+        reference.allocate(seq_id)
+        k, v = _rand(rng, (NUM_LAYERS, length, NUM_KV_HEADS, HEAD_DIM)), _rand(rng, (NUM_LAYERS, length, NUM_KV_HEADS, HEAD_DIM))
+        shard.on_append_prompt(AppendPrompt(seq_id, k, v))
+        reference.append(seq_id, None, k, v)
+    for step in range(3):
+        for layer in range(NUM_LAYERS):
+            ids = np.array(seq_ids, np.int64)
+            q = _rand(rng, (2, NUM_Q_HEADS, HEAD_DIM))
+            k, v = _rand(rng, (2, NUM_KV_HEADS, HEAD_DIM)), _rand(rng, (2, NUM_KV_HEADS, HEAD_DIM))
+            result = shard.on_attend(Attend(layer, ids, q, k, v, want_lse=True))
+            lse = np.empty((2, NUM_Q_HEADS), np.float32)
+            expected = reference.attend(layer, ids, q, k, v, lse=lse)
+            assert result.o.dtype == BF16
+            assert np.array_equal(result.o.view(np.uint16), expected.view(np.uint16))
+            assert np.array_equal(result.lse, lse)
+    stats = shard.on_get_stats(GetStats())
+    assert stats.num_attend_calls == 6 and stats.attn_gbps > 0
+    assert stats.num_sequences == 2 and stats.used_bytes == reference.used_bytes
+    shard.on_free(Free(tuple(seq_ids)))
+    assert shard.on_get_stats(GetStats()).used_bytes == 0
+    reference.close()
+
+
+def test_bad_requests_get_errors_and_change_nothing(shard) -> None:
+    rng = np.random.default_rng(2)
+    shard.on_configure(SHAPE)
+    shard.on_allocate(Allocate((1,)))
+    with pytest.raises(ActorError) as info:
+        shard.on_allocate(Allocate((2, 1)))  # 1 exists: all or nothing, 2 is freed again
+    assert info.value.code == "already_exists"
+    assert shard.on_get_stats(GetStats()).num_sequences == 1
+    q, kv = _rand(rng, (1, NUM_Q_HEADS, HEAD_DIM)), _rand(rng, (1, NUM_KV_HEADS, HEAD_DIM))
+    cases = {
+        "unknown_sequence": Attend(0, np.array([9], np.int64), q, kv, kv),
+        "bad_request": Attend(NUM_LAYERS, np.array([1], np.int64), q, kv, kv),
+    }
+    for code, message in cases.items():
+        with pytest.raises(ActorError) as info:
+            shard.on_attend(message)
+        assert info.value.code == code
+    wrong_heads = _rand(rng, (1, 1, HEAD_DIM))
+    with pytest.raises(ActorError) as info:
+        shard.on_attend(Attend(0, np.array([1], np.int64), _rand(rng, (1, 2, HEAD_DIM)), wrong_heads, wrong_heads))
+    assert info.value.code == "bad_request"
+    with pytest.raises(ActorError) as info:
+        shard.on_append_prompt(AppendPrompt(1, _rand(rng, (1, 4, NUM_KV_HEADS, HEAD_DIM)),
+                                            _rand(rng, (1, 4, NUM_KV_HEADS, HEAD_DIM))))  # one layer, not two
+    assert info.value.code == "bad_request"
+    with pytest.raises(ActorError) as info:
+        shard.on_free(Free((1, 77)))
+    assert info.value.code == "unknown_sequence"
+    assert shard.on_get_stats(GetStats()).num_sequences == 0  # 1 was freed anyway
+
+
+def test_pool_full_is_an_error_for_that_request(shard) -> None:
+    shard.on_configure(SHAPE)
+    stats = shard.on_get_stats(GetStats())
+    tokens = stats.num_total_pages * stats.page_size // NUM_LAYERS  # more than fits with page rounding
+    shard.on_allocate(Allocate((1, 2)))
+    k = np.zeros((NUM_LAYERS, tokens, NUM_KV_HEADS, HEAD_DIM), BF16)
+    shard.on_append_prompt(AppendPrompt(1, k, k))
+    with pytest.raises(ActorError) as info:
+        shard.on_append_prompt(AppendPrompt(2, k, k))
+    assert info.value.code == "pool_full"
+    shard.on_free(Free((1,)))
+    shard.on_append_prompt(AppendPrompt(2, k, k))  # fits now
+
+
+def test_reconfigure_only_when_empty(shard) -> None:
+    shard.on_configure(SHAPE)
+    assert shard.on_configure(SHAPE).num_layers == NUM_LAYERS  # same shape: no-op
+    shard.on_allocate(Allocate((1,)))
+    other = Configure(num_layers=4, num_kv_heads=1, head_dim=32, kv_dtype="float32")
+    with pytest.raises(ActorError) as info:
+        shard.on_configure(other)
+    assert info.value.code == "busy"
+    shard.on_free(Free((1,)))
+    stats = shard.on_configure(other)
+    assert stats.num_layers == 4 and stats.kv_dtype == "float32"
+
+
+async def test_embedded_shard_through_client_matches_pool() -> None:
+    ctx = zmq.asyncio.Context()
+    rng = np.random.default_rng(3)
+    address, handle = await start_embedded_shard(threads=1, kv_memory_bytes=MEMORY, ctx=ctx)
+    assert address.startswith("inproc://")
+    client = await ShardClient.connect(address, ctx=ctx, heartbeat_interval_s=0.05)
+    stats = await client.configure(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                                   kv_dtype="bfloat16")
+    assert isinstance(stats, ShardStats) and stats.is_configured
+    reference = _reference_pool()
+    await client.allocate([5])
+    reference.allocate(5)
+    k = _rand(rng, (NUM_LAYERS, 70, NUM_KV_HEADS, HEAD_DIM))
+    v = _rand(rng, (NUM_LAYERS, 70, NUM_KV_HEADS, HEAD_DIM))
+    await client.append_prompt(5, k, v)
+    reference.append(5, None, k, v)
+    q = _rand(rng, (1, NUM_Q_HEADS, HEAD_DIM))
+    k1, v1 = _rand(rng, (1, NUM_KV_HEADS, HEAD_DIM)), _rand(rng, (1, NUM_KV_HEADS, HEAD_DIM))
+    o, lse = await client.attend(1, [5], q, k1, v1)
+    assert lse is None
+    assert np.array_equal(o.view(np.uint16), reference.attend(1, np.array([5]), q, k1, v1).view(np.uint16))
+    with pytest.raises(RemoteRequestError) as info:
+        await client.attend(0, [6], q, k1, v1)
+    assert info.value.code == "unknown_sequence"
+    assert (await client.stats()).num_sequences == 1
+    await client.close()
+    await handle.stop()
+    ctx.destroy(linger=0)
+    reference.close()
+
+
+class ShardInThread:
+    """A KVShard served over tcp by its own event loop in a background thread (for a blocking test client)."""
+
+    def __init__(self) -> None:
+        self.address: str | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.server: ActorServer | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        ctx = zmq.asyncio.Context()
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self.server = ActorServer(KVShard(ShardConfig(kv_memory_bytes=MEMORY, num_threads=1, is_calibrating=False)),
+                                  SHARD_CHANNEL, "tcp://127.0.0.1:0", ctx=ctx, max_message_bytes=1 << 20)
+        self.address = await self.server.start()
+        self._ready.set()
+        await self._stop.wait()
+        await self.server.stop()
+        ctx.destroy(linger=0)
+
+    def close(self) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_shard():
+    shard = ShardInThread()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(shard.address)
+    codec = Codec(SHARD_CHANNEL)
+
+    def call(message, request_id):
+        sock.send_multipart(codec.encode(request_id, message))
+        assert sock.poll(5000), "shard did not answer"
+        return codec.decode(sock.recv_multipart())
+
+    call(SHAPE, 1)
+    call(Allocate((1,)), 2)
+    k = np.ones((NUM_LAYERS, 3, NUM_KV_HEADS, HEAD_DIM), BF16)
+    call(AppendPrompt(1, k, k), 3)
+    yield shard, sock, codec, call
+    sock.close(linger=0)
+    ctx.term()
+    shard.close()
+
+
+def _valid_frames(codec) -> list[list[bytes]]:
+    rng = np.random.default_rng(4)
+    q, kv = _rand(rng, (1, NUM_Q_HEADS, HEAD_DIM)), _rand(rng, (1, NUM_KV_HEADS, HEAD_DIM))
+    messages = [Attend(0, np.array([1], np.int64), q, kv, kv), Allocate((9,)), GetStats(),
+                AppendPrompt(1, np.zeros((NUM_LAYERS, 2, NUM_KV_HEADS, HEAD_DIM), BF16),
+                             np.zeros((NUM_LAYERS, 2, NUM_KV_HEADS, HEAD_DIM), BF16))]
+    return [[bytes(f) for f in codec.encode(1000, m)] for m in messages]
+
+
+@st.composite
+def hostile_frames(draw, valid: list[list[bytes]]) -> list[bytes]:
+    frames = list(draw(st.sampled_from(valid)))
+    action = draw(st.sampled_from(["garbage", "truncate", "wrong_kind", "wrong_dtype", "wrong_shape",
+                                   "drop_frame", "oversized"]))
+    envelope = list(msgpack.unpackb(frames[0]))
+    if action == "garbage":
+        return draw(st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=5))
+    if action == "truncate":
+        frames[0] = frames[0][: draw(st.integers(0, len(frames[0]) - 1))]
+    elif action == "wrong_kind":
+        envelope[1] = draw(st.integers(-5, 300))
+    elif action in ("wrong_dtype", "wrong_shape"):
+        arrays = [i for i, v in enumerate(envelope[3]) if isinstance(v, list) and len(v) == 3]
+        if arrays:
+            index = draw(st.sampled_from(arrays))
+            desc = list(envelope[3][index])
+            if action == "wrong_dtype":
+                desc[0] = draw(st.sampled_from(["float64", "int8", "object", "complex64", "<f4", ""]))
+            else:
+                desc[1] = draw(st.lists(st.integers(0, 70), max_size=4))
+            envelope[3][index] = desc
+    elif action == "drop_frame" and len(frames) > 1:
+        del frames[draw(st.integers(1, len(frames) - 1))]
+    elif action == "oversized":
+        frames.append(b"\0" * ((1 << 20) + 1 - sum(len(f) for f in frames)))  # total just over the limit
+    if action in ("wrong_kind", "wrong_dtype", "wrong_shape"):
+        frames[0] = msgpack.packb(envelope)
+    return frames
+
+
+def test_live_shard_survives_hostile_messages(live_shard) -> None:
+    shard, sock, codec, call = live_shard
+    rng = np.random.default_rng(5)
+    q = _rand(rng, (1, NUM_Q_HEADS, HEAD_DIM))
+    kv = _rand(rng, (1, NUM_KV_HEADS, HEAD_DIM))
+    counts = {"error_reply": 0, "answered": 0}
+    checks = iter(range(10_000, 20_000))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+    @given(hostile_frames(_valid_frames(codec)))
+    def run(frames) -> None:
+        sock.send_multipart(frames)
+        check_id = next(checks)
+        # then a valid request: every reply before its answer must be an error reply (or none at all)
+        sock.send_multipart(codec.encode(check_id, GetStats()))
+        while True:
+            assert sock.poll(5000), "shard stopped answering"
+            request_id, reply = codec.decode(sock.recv_multipart())
+            if request_id == check_id:
+                assert type(reply) is ShardStats and reply.num_sequences >= 1
+                break
+            if type(reply) is ErrorReply:
+                counts["error_reply"] += 1
+            else:  # a mutation that stayed a valid request (e.g. a shape that still matches) is answered
+                assert request_id == 1000
+                counts["answered"] += 1
+
+    run()
+    assert counts["error_reply"] > 0 and shard.server.num_dropped > 0  # both outcomes were exercised
+    # afterwards a fresh sequence gets exactly the in-process pool's answer
+    reference = _reference_pool()
+    k = _rand(rng, (NUM_LAYERS, 7, NUM_KV_HEADS, HEAD_DIM))
+    assert type(call(Allocate((500,)), 90_000)[1]).__name__ == "Ok"
+    assert type(call(AppendPrompt(500, k, k), 90_001)[1]).__name__ == "Ok"
+    _, result = call(Attend(1, np.array([500], np.int64), q, kv, kv), 90_002)
+    reference.allocate(500)
+    reference.append(500, None, k, k)
+    expected = reference.attend(1, np.array([500], np.int64), q, kv, kv)
+    assert type(result) is AttendResult
+    assert np.array_equal(result.o.view(np.uint16), expected.view(np.uint16))
+    reference.close()

@@ -1,0 +1,162 @@
+"""``fdctl start-shard`` as a real subprocess: ready line, exact attend over tcp, timeouts, SIGKILL, SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+import zmq.asyncio
+from click.testing import CliRunner
+
+from fastdecode.actors.shard_client import ShardClient
+from fastdecode.cli.sizes import parse_size
+from fastdecode.cli.start_shard import parse_cpu_list, start_shard
+from fastdecode.native.lib import KVPool
+from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
+
+pytestmark = pytest.mark.timeout(60)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, NUM_Q_HEADS = 2, 2, 64, 8
+
+
+class ShardDaemon:
+    """``fdctl start-shard`` in a subprocess; a thread collects its stderr lines."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "fastdecode.cli.main", "start-shard", "--listen", "tcp://127.0.0.1:0",
+                   "--kv-memory", "32MiB", "--threads", "1", *args]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.seen: list[str] = []
+        while True:
+            try:
+                line = self.lines.get(timeout=30)
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.proc.kill()
+                raise AssertionError(f"no ready line; stderr so far: {self.seen}")
+            self.seen.append(line)
+            if line.startswith("ready "):
+                self.address = line.split()[1]
+                return
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def finish(self, timeout: float = 20) -> tuple[int, list[str]]:
+        returncode = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout)
+        while (line := self.lines.get_nowait() if not self.lines.empty() else None) is not None:
+            self.seen.append(line)
+        return returncode, self.seen
+
+
+def _rand(rng, shape) -> np.ndarray:
+    return rng.standard_normal(shape).astype(BF16)
+
+
+async def test_daemon_serves_exact_attention_and_exits_0_on_sigterm() -> None:
+    daemon = ShardDaemon()
+    ctx = zmq.asyncio.Context()
+    try:
+        assert daemon.address.startswith("tcp://127.0.0.1:") and not daemon.address.endswith(":0")
+        client = await ShardClient.connect(daemon.address, ctx=ctx, heartbeat_interval_s=0.2)
+        stats = await client.configure(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                                       kv_dtype="bfloat16")
+        assert stats.capacity_bytes <= 32 << 20 and stats.num_threads == 1 and stats.calibrated_gbps > 0
+        rng = np.random.default_rng(0)
+        reference = KVPool(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, kv_dtype="bfloat16",
+                           capacity_bytes=32 << 20, num_threads=1)
+        seq_ids = np.array([7, 8, 9], np.int64)
+        await client.allocate(seq_ids.tolist())
+        for seq_id, length in zip(seq_ids.tolist(), (1, 33, 100)):
+            k = _rand(rng, (NUM_LAYERS, length, NUM_KV_HEADS, HEAD_DIM))
+            v = _rand(rng, (NUM_LAYERS, length, NUM_KV_HEADS, HEAD_DIM))
+            await client.append_prompt(seq_id, k, v)
+            reference.allocate(seq_id)
+            reference.append(seq_id, None, k, v)
+        for layer in (0, 1, 0):
+            q = _rand(rng, (3, NUM_Q_HEADS, HEAD_DIM))
+            k, v = _rand(rng, (3, NUM_KV_HEADS, HEAD_DIM)), _rand(rng, (3, NUM_KV_HEADS, HEAD_DIM))
+            o, lse = await client.attend(layer, seq_ids, q, k, v, want_lse=True)
+            expected_lse = np.empty((3, NUM_Q_HEADS), np.float32)
+            expected = reference.attend(layer, seq_ids, q, k, v, lse=expected_lse)
+            assert np.array_equal(o.view(np.uint16), expected.view(np.uint16))  # bitwise
+            assert np.array_equal(lse, expected_lse)
+        reference.close()
+        assert (await client.stats()).num_attend_calls == 3
+        await client.close()
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        returncode, lines = daemon.finish()
+        ctx.destroy(linger=0)
+    assert returncode == 0
+    assert sum(line.startswith("ready ") for line in lines) == 1
+    assert any("stopped" in line for line in lines)
+
+
+async def test_stalled_daemon_times_out_then_killed_daemon_is_dead_within_window() -> None:
+    daemon = ShardDaemon("--no-calibrate")
+    ctx = zmq.asyncio.Context()
+    interval, liveness = 0.2, 3
+    try:
+        impatient = await ShardClient.connect(daemon.address, ctx=ctx, heartbeat_interval_s=interval,
+                                              liveness=liveness, timeout_s=0.1)
+        patient = await ShardClient.connect(daemon.address, ctx=ctx, heartbeat_interval_s=interval,
+                                            liveness=liveness, timeout_s=30.0)
+        os.kill(daemon.proc.pid, signal.SIGSTOP)  # alive but silent: the request times out first
+        start = time.monotonic()
+        with pytest.raises(RequestTimeoutError):
+            await impatient.stats()
+        assert time.monotonic() - start < 0.5
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+        await impatient.stats()  # answers again
+        assert impatient.is_alive and patient.is_alive
+
+        os.kill(daemon.proc.pid, signal.SIGSTOP)  # so that the requests below are surely in flight
+        waiting = asyncio.gather(*(patient.stats() for _ in range(3)), return_exceptions=True)
+        await asyncio.sleep(0.05)
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        start = time.monotonic()
+        results = await waiting  # only the heartbeats can end these (their timeout is 30 s)
+        elapsed = time.monotonic() - start
+        assert all(isinstance(r, PeerDeadError) for r in results), results
+        assert elapsed <= (liveness + 1) * interval + 0.3, elapsed
+        assert not patient.is_alive
+        with pytest.raises(PeerDeadError):
+            await patient.stats()
+        await impatient.close()
+        await patient.close()
+    finally:
+        daemon.proc.kill()
+        daemon.finish()
+        ctx.destroy(linger=0)
+
+
+def test_cli_argument_errors_are_clear() -> None:
+    runner = CliRunner()
+    result = runner.invoke(start_shard, ["--listen", "tcp://127.0.0.1:0", "--kv-memory", "12 parsecs"])
+    assert result.exit_code == 2 and "unknown size unit" in result.output
+    result = runner.invoke(start_shard, ["--listen", "udp://x", "--kv-memory", "1GiB"])
+    assert result.exit_code == 2 and "tcp://" in result.output
+    result = runner.invoke(start_shard, ["--listen", "tcp://127.0.0.1:0", "--kv-memory", "1GiB", "--cpu-list", "3-1"])
+    assert result.exit_code == 2 and "backwards" in result.output
+    assert parse_cpu_list("0-2,5") == (0, 1, 2, 5)
+    assert parse_size("256MiB") == 256 << 20 and parse_size("16GiB") == 16 << 30 and parse_size("4096") == 4096
+    with pytest.raises(ValueError, match="less than one byte"):
+        parse_size("0")
