@@ -186,7 +186,7 @@ def test_message_validation_runs_on_construction() -> None:
     with pytest.raises(ValueError):
         AttendResult(np.zeros((2, 4, 8), np.int32))
     with pytest.raises(ValueError):
-        Attend(0, np.array([1, 2]), np.zeros((2, 4, 8), np.float32), np.zeros((2, 2, 8), np.float32),
+        Attend(0, np.array([1, 2], np.int32), np.zeros((2, 4, 8), np.float32), np.zeros((2, 2, 8), np.float32),
                np.zeros((2, 2, 8), np.float32))  # seq_ids must be int64
     with pytest.raises(ValueError):
         Attend(0, np.array([1, 2], np.int64), np.zeros((2, 4, 8), np.float32), np.zeros((2, 2, 8), np.float32),
