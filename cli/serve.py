@@ -6,42 +6,16 @@ The API key may come from ``FASTDECODE_API_KEY`` (read here, nowhere else).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from fastdecode.cli.generate import OneLineCommand, OneLineError, one_line_errors
+from fastdecode.cli.sizes import SIZE
 
 API_KEY_ENV = "FASTDECODE_API_KEY"
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-class ByteSize(click.ParamType):
-    """A memory size: ``1073741824``, ``512M``, ``2G``, ``1.5GiB`` (binary units)."""
-
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), flags=re.IGNORECASE)
-        if match is None:
-            self.fail(f"{value!r} is not a size like 512M or 2G", param, ctx)
-        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-
-
-def run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on uvloop where it is installed, else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,6 +69,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
 def run_server(config) -> None:
     """Serve until SIGTERM/SIGINT; start-up failures become one line and exit code 2."""
     from fastdecode.actors.frontend import serve
+    from fastdecode.actors.loop import run_event_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -105,7 +80,7 @@ def run_server(config) -> None:
 
     with one_line_errors():
         try:
-            run_async(serve(config, on_ready=announce))
+            run_event_loop(serve(config, on_ready=announce))
         except (ValueError, OSError) as exc:  # a model the engine cannot serve, a busy port...
             raise OneLineError(str(exc)) from None
     click.echo("stopped", err=True)
@@ -117,8 +92,8 @@ def run_server(config) -> None:
               help="In-process KV shards (default 1; 0: single process, KV in torch).")
 @click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR",
               help="A running shard daemon (repeatable); replaces in-process shards.")
-@click.option("--kv-memory", "kv_memory_bytes", default=None, type=ByteSize(),
-              help="KV memory per in-process shard, e.g. 2G (default: a share of free memory).")
+@click.option("--kv-memory", "kv_memory_bytes", default=None, type=SIZE,
+              help="KV memory per in-process shard, e.g. 2GiB (default: a share of free memory).")
 def serve_command(num_shards: int | None, shard_addresses: tuple[str, ...], kv_memory_bytes: int | None,
                   **options: Any) -> None:
     """Serve a model over OpenAI-compatible HTTP and WebSocket (the whole cluster in one process)."""

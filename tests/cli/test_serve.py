@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import signal
 import socket
 import subprocess
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from fastdecode.actors.reference import reference_generate
+from fastdecode.actors.request import SamplingParams
 from fastdecode.cli.main import main
-from fastdecode.cli.serve import ByteSize
 
 _HELPER = Path(__file__).resolve().parents[1] / "actors" / "frontend" / "live_server.py"
 _spec = importlib.util.spec_from_file_location("frontend_live_server", _HELPER)
@@ -63,18 +68,40 @@ def test_busy_port_is_refused():
         assert "cannot listen" in refuse("serve", *TINY[:-1], str(port), "--shards", "0")
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1048576", 1 << 20), ("512M", 512 << 20), ("2G", 2 << 30),
-                                                ("1.5GiB", 3 << 29), ("64kb", 64 << 10)])
-def test_kv_memory_sizes(text, expected):
-    assert ByteSize().convert(text, None, None) == expected
-
-
 def test_sigint_stops_cleanly():
     server = live_server.LiveServer(*live_server.TINY_ARGS, "--shards", "0")
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(30) == 0
     assert "stopped" in server.log()
     assert server.stop() == 0
+
+
+def test_start_gpu_serves_in_front_of_a_shard_daemon(tiny_model):
+    with tempfile.TemporaryFile("w+") as shard_log:
+        shard = subprocess.Popen([live_server.FDCTL, "start-shard", "--listen", "tcp://127.0.0.1:0", "--kv-memory",
+                                  "64MiB", "--no-calibrate"], stdout=subprocess.DEVNULL, stderr=shard_log)
+        try:
+            address = None
+            for _ in range(600):
+                shard_log.seek(0)
+                found = re.search(r"ready (tcp://\S+)", shard_log.read())
+                if found or shard.poll() is not None:
+                    address = found and found.group(1)
+                    break
+                time.sleep(0.05)
+            assert address, "the shard daemon did not get ready"
+            with live_server.LiveServer(*live_server.TINY_ARGS, "--shard", address, command="start-gpu") as server:
+                body = json.dumps({"prompt": "Hello", "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+                request = urllib.request.Request(server.url + "/v1/completions", data=body.encode(),
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    text = json.loads(response.read())["choices"][0]["text"]
+        finally:
+            shard.terminate()
+            shard.wait(30)
+    model, tokenizer = tiny_model
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    assert text == reference_generate(model, tokenizer, tokenizer.encode("Hello"), params).text
 
 
 def test_help_lists_the_commands():
@@ -86,13 +113,10 @@ def test_help_lists_the_commands():
 @pytest.mark.slow
 def test_default_model_served_equals_generate(smollm2_model):
     openai = pytest.importorskip("openai")
-    from fastdecode.actors.reference import reference_generate
-    from fastdecode.actors.request import SamplingParams
-
     model, tokenizer = smollm2_model
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = "The three primary colors are"
-    with live_server.LiveServer("--model", "smollm2", "--dtype", "float32", "--device", "cpu") as server:
+    with live_server.LiveServer("--model", "smollm2", "--dtype", "float32", "--device", "cpu", "--kv-memory", "512MiB") as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         chat = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
                                               stream=True)

@@ -11,9 +11,10 @@ MAX_MODEL_LEN = 256
 
 @pytest.fixture(scope="session")
 def tiny_server():
-    """``random:tiny`` (float32, CPU, seed 0) behind ``--api-key test-key``, context 256."""
-    server = LiveServer(*TINY_ARGS, "--shards", "0", "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN),
-                        "--served-model-name", "tiny")
+    """``random:tiny`` (float32, CPU, seed 0) with one in-process KVShard, behind ``--api-key test-key``,
+    context 256."""
+    server = LiveServer(*TINY_ARGS, "--shards", "1", "--kv-memory", "256MiB", "--api-key", API_KEY,
+                        "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny")
     yield server
     assert server.stop() == 0, "the server did not stop cleanly on SIGTERM"
 

@@ -1,4 +1,4 @@
-"""A live ``fdctl serve`` subprocess for tests: started on a free port, stopped with SIGTERM.
+"""A live ``fdctl serve`` (or ``start-gpu``) subprocess for tests: started on a free port, stopped with SIGTERM.
 
 The server's stderr goes to a file (a pipe left unread would stall it); the
 ready line ``serving <model> on <url>`` gives the URL.
@@ -20,11 +20,12 @@ TINY_ARGS = ("--model", "random:tiny", "--dtype", "float32", "--device", "cpu", 
 
 
 class LiveServer:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, *args: str, command: str = "serve", env: dict[str, str] | None = None,
+                 start_timeout_s: float = 120.0) -> None:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="fdctl-serve-", suffix=".log", delete=False)
         full_env = {name: value for name, value in os.environ.items() if name != "FASTDECODE_API_KEY"}
         full_env.update({"HF_HUB_OFFLINE": "1", **(env or {})})
-        self.process = subprocess.Popen([FDCTL, "serve", "--port", "0", *args], stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen([FDCTL, command, "--port", "0", *args], stdout=subprocess.DEVNULL,
                                         stderr=self._log, env=full_env)
         self.url = self._wait_ready(start_timeout_s)
         self.ws_url = self.url.replace("http://", "ws://", 1) + "/v1/stream"
