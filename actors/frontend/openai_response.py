@@ -13,14 +13,6 @@ from typing import Any
 
 from fastdecode.actors.api import StreamOutput
 
-# engine finish reasons as OpenAI spells them (an abandoned stream is never answered)
-_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
-def finish_reason_name(reason: str | None) -> str | None:
-    return None if reason is None else _FINISH_REASONS.get(reason, reason)
-
-
 @dataclass(frozen=True)
 class ResponseBuilder:
     model: str
@@ -50,10 +42,10 @@ class ResponseBuilder:
         logprobs = self._logprobs(tokens) if wants_logprobs else None
         if self.is_chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish_reason_name(finish_reason)}
+                      "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs,
-                      "finish_reason": finish_reason_name(finish_reason)}
+                      "finish_reason": finish_reason}
         body = self._envelope([choice], is_chunk=False)
         body["usage"] = usage
         return body
@@ -67,7 +59,7 @@ class ResponseBuilder:
 
     def chunk(self, out: StreamOutput, *, wants_logprobs: bool) -> dict[str, Any]:
         logprobs = self._logprobs([out]) if wants_logprobs and out.token_id >= 0 else None
-        reason = finish_reason_name(out.finish_reason)
+        reason = out.finish_reason
         if self.is_chat:
             delta = {"content": out.text} if out.text or reason is None else {}
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
