@@ -16,7 +16,7 @@ import torch
 
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode
-from fastdecode.actors.model import load_model
+from fastdecode.actors.model import load_model, resolve_device
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
@@ -65,6 +65,14 @@ def split_threads(num_cpus: int, num_shards: int, *, is_cuda: bool) -> tuple[int
     return executor, per_shard
 
 
+def shard_cpu_lists(cpus: list[int], num_shards: int, per_shard: int) -> list[tuple[int, ...] | None]:
+    """Disjoint cores for each in-process shard's threads, so their teams do not fight
+    over the same cores; None (unpinned) where the cores do not go round."""
+    if num_shards * per_shard > len(cpus):
+        return [None] * num_shards
+    return [tuple(cpus[i * per_shard:(i + 1) * per_shard]) for i in range(num_shards)]
+
+
 def default_shard_kv_bytes(num_shards: int) -> int:
     """A third of the memory available now, shared by the shards, within sane bounds."""
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -84,9 +92,10 @@ class Cluster:
 
     @classmethod
     async def start(cls, config: ClusterConfig) -> "Cluster":
-        num_cpus = config.num_cpus or len(os.sched_getaffinity(0))
-        device = _resolve_device(config.device)
-        executor_threads, shard_threads = split_threads(num_cpus, config.num_shards, is_cuda=device.type == "cuda")
+        cpus = sorted(os.sched_getaffinity(0))[: config.num_cpus or None]
+        device = resolve_device(config.device)
+        executor_threads, shard_threads = split_threads(len(cpus), config.num_shards, is_cuda=device.type == "cuda")
+        shard_cpus = shard_cpu_lists(cpus[executor_threads:], config.num_shards, shard_threads)
         torch.set_num_threads(executor_threads)
         model, tokenizer = await asyncio.to_thread(
             load_model, config.model, dtype=config.dtype, device=str(device), seed=config.seed)
@@ -97,8 +106,9 @@ class Cluster:
         try:
             addresses = list(config.shard_addresses)
             kv_bytes = config.shard_kv_memory_bytes or default_shard_kv_bytes(config.num_shards)
-            for _ in range(config.num_shards):
-                address, handle = await start_embedded_shard(threads=shard_threads, kv_memory_bytes=kv_bytes)
+            for cpu_list in shard_cpus:
+                address, handle = await start_embedded_shard(threads=shard_threads, kv_memory_bytes=kv_bytes,
+                                                              cpu_list=cpu_list)
                 handles.append(handle)
                 addresses.append(address)
             for address in addresses:
@@ -144,12 +154,3 @@ async def _close_all(nodes: list[KVNode], handles) -> None:
     for handle in handles:
         await handle.stop()
 
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r} (auto, cpu or cuda)")
-    return torch.device(name)

@@ -110,6 +110,18 @@ def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_to
     )
 
 
+def halves_per_node(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Two mini-batches, each with half of every node's sequences (the pipeline was asked
+    for even where the scheduler's split saw no gain: the overlap is what is measured)."""
+    halves: list[list[Sequence]] = [[], []]
+    count: dict[int, int] = {}
+    for seq in sorted(seqs, key=lambda s: (s.node_index, s.seq_id)):
+        index = count.get(seq.node_index, 0)
+        halves[index % 2].append(seq)
+        count[seq.node_index] = index + 1
+    return [h for h in halves if h]
+
+
 class Executor:
     def __init__(self, model, nodes: list[KVNode], config: ExecutorConfig, *, eos_token_ids,
                  trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None) -> None:
@@ -296,6 +308,8 @@ class Executor:
     async def _decode(self, groups: list[list[Sequence]]) -> None:
         if not self.config.is_pipelined:
             groups = [[s for group in groups for s in group]]
+        elif len(groups) == 1 and len(groups[0]) > 1:
+            groups = halves_per_node(groups[0])
         minibatches = [MiniBatch.build(i, group) for i, group in enumerate(groups)]
         trace_start = self.trace.now() if self.trace is not None else 0.0
         logits = await self.decoder.run(minibatches, is_pipelined=self.config.is_pipelined)

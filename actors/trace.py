@@ -10,6 +10,17 @@ import time
 from dataclasses import dataclass, field
 
 
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total time covered by possibly overlapping intervals (two mini-batches in
+    flight on one node count once)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 @dataclass
 class StepTrace:
     """Busy intervals, seconds since the trace started."""
@@ -35,9 +46,10 @@ class StepTrace:
         sides strictly alternate, 1.0 when both are busy all the time.
         """
         wall = sum(end - start for _, start, end, _ in self.steps)
-        busy: dict[str, float] = {}
+        by_lane: dict[str, list[tuple[float, float]]] = {}
         for _, _, lane, _, start, end in self.intervals:
-            busy[lane] = busy.get(lane, 0.0) + (end - start)
+            by_lane.setdefault(lane, []).append((start, end))
+        busy = {lane: union_length(spans) for lane, spans in by_lane.items()}
         gpu = busy.pop("gpu", 0.0)
         node_max = max(busy.values(), default=0.0)
         return {
