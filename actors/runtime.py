@@ -17,13 +17,13 @@ event loop, same codec) or ``tcp://`` / ``ipc://`` (own process).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
-import zmq
 import zmq.asyncio
 
 from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec
@@ -84,7 +84,7 @@ class ActorServer:
         self._server = RpcServer(address, Codec(channel, max_message_bytes=max_message_bytes), self._on_request,
                                  ctx=ctx, name=self.name)
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: set[asyncio.Task] = set()
+        self._pending: set[asyncio.Future] = set()
         self._is_running = False
 
     @property
@@ -107,37 +107,36 @@ class ActorServer:
         return address
 
     def _on_request(self, peer: bytes, request_id: int, message: Message) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve_one(peer, request_id, message))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _serve_one(self, peer: bytes, request_id: int, message: Message) -> None:
-        try:
-            reply = await self._dispatch(message)
-        except asyncio.CancelledError:
-            reply = ErrorReply(ACTOR_STOPPED, f"{self.name} stopped before answering {type(message).__name__}")
-        try:
-            await self._server.reply(peer, request_id, reply)
-        except zmq.ZMQError as exc:
-            log.warning("%s: reply to request %d not sent: %s", self.name, request_id, exc)
-
-    async def _dispatch(self, message: Message) -> Message:
         cls = type(message)
         handler = self._handlers.get(cls)
         if handler is None:
-            return ErrorReply(UNSUPPORTED, f"{self.name} does not handle {cls.__name__}")
+            self._server.reply(peer, request_id, ErrorReply(UNSUPPORTED, f"{self.name} does not handle {cls.__name__}"))
+            return
         if not self._is_running or self._executor is None:
-            return ErrorReply(ACTOR_STOPPED, f"{self.name} is stopping")
-        try:
-            if self._is_async[cls]:
-                result = await handler(message)
-            else:
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, handler, message)
-        except ActorError as exc:
+            self._server.reply(peer, request_id, ErrorReply(ACTOR_STOPPED, f"{self.name} is stopping"))
+            return
+        loop = asyncio.get_running_loop()
+        if self._is_async[cls]:
+            future: asyncio.Future = loop.create_task(handler(message))
+        else:  # FIFO on the actor's one worker thread; no Task needed, the reply goes from the callback
+            future = loop.run_in_executor(self._executor, handler, message)
+        self._pending.add(future)
+        future.add_done_callback(functools.partial(self._finish, peer, request_id, cls))
+
+    def _finish(self, peer: bytes, request_id: int, cls: type[Message], future: asyncio.Future) -> None:
+        self._pending.discard(future)
+        self._server.reply(peer, request_id, self._reply_for(cls, future))
+
+    def _reply_for(self, cls: type[Message], future: asyncio.Future) -> Message:
+        if future.cancelled():
+            return ErrorReply(ACTOR_STOPPED, f"{self.name} stopped before answering {cls.__name__}")
+        exc = future.exception()
+        if isinstance(exc, ActorError):
             return ErrorReply(exc.code, exc.message)
-        except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the actor; logged, answered
-            log.exception("%s: %s failed", self.name, cls.__name__)
+        if exc is not None:  # a handler bug must not kill the actor: logged, answered
+            log.error("%s: %s failed", self.name, cls.__name__, exc_info=exc)
             return ErrorReply(INTERNAL, f"{type(exc).__name__}: {exc}")
+        result = future.result()
         if result is None:
             return Ok()
         if not isinstance(result, Message):
@@ -151,10 +150,11 @@ class ActorServer:
             return
         self._is_running = False
         pending = list(self._pending)
-        for task in pending:
-            task.cancel()
+        for future in pending:
+            future.cancel()  # a running handler finishes on its thread; its caller is answered now
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.sleep(0)  # let the done-callbacks send their replies
         executor, self._executor = self._executor, None
         close = getattr(self.actor, "close", None)
         if executor is not None:

@@ -7,7 +7,9 @@ k, v [B,8,128] bf16, seq_ids) and gets AttendResult(o [B,32,128] bf16) back from
 a server process that echoes q as o (transport, not math).  The same bytes also
 make a raw pyzmq round trip (DEALER/ROUTER, copy=False, no envelope, no asyncio)
 to a second server process; the two are interleaved repeat by repeat, and
-``overhead_ratio`` = our p50 / raw p50.
+``overhead_ratio`` = our p50 / raw p50.  A third server (raw frames over
+zmq.asyncio on both ends) separates what asyncio itself costs:
+``overhead_ratio_vs_raw_asyncio``.
 """
 from __future__ import annotations
 
@@ -53,12 +55,31 @@ async def _serve_ours(address: str) -> None:
 
     def on_request(peer: bytes, request_id: int, message) -> None:
         if isinstance(message, Attend):
-            loop.create_task(server.reply(peer, request_id, AttendResult(message.q)))
+            server.reply(peer, request_id, AttendResult(message.q))
 
     server = RpcServer(address, codec, on_request, name="bench-ours")
     print(f"ready {await server.start()}", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
     await server.close()
+
+
+async def _serve_raw_asyncio(address: str) -> None:
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(address)
+    print(f"ready {sock.getsockopt(zmq.LAST_ENDPOINT).decode()}", flush=True)
+    loop = asyncio.get_running_loop()
+    stdin_closed = loop.run_in_executor(None, sys.stdin.read)
+    while not stdin_closed.done():
+        recv = asyncio.ensure_future(sock.recv_multipart(copy=False))
+        await asyncio.wait([recv, stdin_closed], return_when=asyncio.FIRST_COMPLETED)
+        if recv.done():
+            frames = recv.result()
+            await sock.send_multipart([frames[0], frames[2]], copy=False)  # echo q (frame 2) as o
+        else:
+            recv.cancel()
+    sock.close(linger=0)
+    ctx.term()
 
 
 def _serve_raw(address: str) -> None:
@@ -95,7 +116,7 @@ def _percentile_us(samples: list[float], pct: float) -> float:
     return float(np.percentile(np.asarray(samples), pct) * 1e6)
 
 
-async def _bench_case(ours_address: str, raw_address: str, num_seqs: int, repeats: int) -> dict:
+async def _bench_case(addresses: dict[str, str], num_seqs: int, repeats: int) -> dict:
     rng = np.random.default_rng(num_seqs)
     q = rng.standard_normal((num_seqs, NUM_Q_HEADS, HEAD_DIM)).astype(BF16)
     k = rng.standard_normal((num_seqs, NUM_KV_HEADS, HEAD_DIM)).astype(BF16)
@@ -105,11 +126,13 @@ async def _bench_case(ours_address: str, raw_address: str, num_seqs: int, repeat
     raw_frames = [seq_ids, q.view(np.uint8), k.view(np.uint8), v.view(np.uint8)]
 
     actx = zmq.asyncio.Context()
-    client = RpcClient(ours_address, Codec(SHARD_CHANNEL), ctx=actx, heartbeat_interval_s=5.0, timeout_s=30.0)
+    client = RpcClient(addresses["ours"], Codec(SHARD_CHANNEL), ctx=actx, heartbeat_interval_s=5.0, timeout_s=30.0)
     client.start()
+    araw = actx.socket(zmq.DEALER)
+    araw.connect(addresses["raw_asyncio"])
     sctx = zmq.Context()
     raw = sctx.socket(zmq.DEALER)
-    raw.connect(raw_address)
+    raw.connect(addresses["raw"])
 
     async def ours_once() -> float:
         start = time.perf_counter()
@@ -118,7 +141,15 @@ async def _bench_case(ours_address: str, raw_address: str, num_seqs: int, repeat
         assert reply.o.shape == q.shape
         return elapsed
 
-    def raw_once() -> float:
+    async def raw_asyncio_once() -> float:
+        start = time.perf_counter()
+        await araw.send_multipart(raw_frames, copy=False)
+        frames = await araw.recv_multipart(copy=False)
+        elapsed = time.perf_counter() - start
+        assert len(frames[0]) == q.nbytes
+        return elapsed
+
+    async def raw_once() -> float:
         start = time.perf_counter()
         raw.send_multipart(raw_frames, copy=False)
         frames = raw.recv_multipart(copy=False)
@@ -126,32 +157,33 @@ async def _bench_case(ours_address: str, raw_address: str, num_seqs: int, repeat
         assert len(frames[0]) == q.nbytes
         return elapsed
 
+    runs = {"ours": ours_once, "raw_pyzmq": raw_once, "raw_pyzmq_asyncio": raw_asyncio_once}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
     for _ in range(max(5, repeats // 10)):  # warm-up: connections, allocator, caches
-        await ours_once()
-        raw_once()
-    ours, raw_samples = [], []
-    for i in range(repeats):  # interleaved, alternating which goes first
-        if i % 2:
-            ours.append(await ours_once())
-            raw_samples.append(raw_once())
-        else:
-            raw_samples.append(raw_once())
-            ours.append(await ours_once())
+        for name in order:
+            await runs[name]()
+    for i in range(repeats):  # interleaved, rotating which goes first
+        for name in order[i % 3:] + order[: i % 3]:
+            samples[name].append(await runs[name]())
     await client.close()
+    araw.close(linger=0)
     raw.close(linger=0)
     sctx.term()
     actx.destroy(linger=0)
 
     moved = q.nbytes + k.nbytes + v.nbytes + seq_ids.nbytes + q.nbytes  # request + reply payload
 
-    def summary(samples: list[float]) -> dict:
-        p50 = _percentile_us(samples, 50)
-        return {"p50_us": round(p50, 1), "p99_us": round(_percentile_us(samples, 99), 1),
+    def summary(values: list[float]) -> dict:
+        p50 = _percentile_us(values, 50)
+        return {"p50_us": round(p50, 1), "p99_us": round(_percentile_us(values, 99), 1),
                 "gbps": round(moved / (p50 * 1e-6) / 1e9, 3)}
 
-    result_ours, result_raw = summary(ours), summary(raw_samples)
-    return {"num_seqs": num_seqs, "bytes_per_round_trip": moved, "repeats": repeats, "ours": result_ours,
-            "raw_pyzmq": result_raw, "overhead_ratio": round(result_ours["p50_us"] / result_raw["p50_us"], 3)}
+    result = {name: summary(values) for name, values in samples.items()}
+    ours_p50 = result["ours"]["p50_us"]
+    return {"num_seqs": num_seqs, "bytes_per_round_trip": moved, "repeats": repeats, **result,
+            "overhead_ratio": round(ours_p50 / result["raw_pyzmq"]["p50_us"], 3),
+            "overhead_ratio_vs_raw_asyncio": round(ours_p50 / result["raw_pyzmq_asyncio"]["p50_us"], 3)}
 
 
 async def _bench_all(args: argparse.Namespace) -> dict:
@@ -159,11 +191,12 @@ async def _bench_all(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="fdbench") as tmp:
         for transport in args.transports:
             addresses = {mode: ("tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{tmp}/{mode}.sock")
-                         for mode in ("ours", "raw")}
+                         for mode in ("ours", "raw", "raw_asyncio")}
             servers = {mode: _start_server(mode, address) for mode, address in addresses.items()}
             try:
                 for num_seqs in args.num_seqs:
-                    case = await _bench_case(servers["ours"][1], servers["raw"][1], num_seqs, args.repeats)
+                    bound = {mode: address for mode, (_, address) in servers.items()}
+                    case = await _bench_case(bound, num_seqs, args.repeats)
                     cases.append({"transport": transport, **case})
             finally:
                 for proc, _ in servers.values():
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         mode, address = args.serve
         if mode == "ours":
             _run_loop(_serve_ours(address))
+        elif mode == "raw_asyncio":
+            _run_loop(_serve_raw_asyncio(address))
         else:
             _serve_raw(address)
         return
@@ -207,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for case in result["cases"]:
             print(f"{case['transport']:4s} B={case['num_seqs']:4d}  ours p50 {case['ours']['p50_us']:8.1f} us  "
-                  f"raw p50 {case['raw_pyzmq']['p50_us']:8.1f} us  ratio {case['overhead_ratio']:.3f}")
+                  f"raw p50 {case['raw_pyzmq']['p50_us']:8.1f} us  raw asyncio p50 {case['raw_pyzmq_asyncio']['p50_us']:8.1f} us  "
+                  f"ratio {case['overhead_ratio']:.3f} (vs asyncio {case['overhead_ratio_vs_raw_asyncio']:.3f})")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from fastdecode.transport.codec import Codec
 from fastdecode.transport.control_messages import ErrorReply, Ping, Pong
 from fastdecode.transport.errors import PeerDeadError, ProtocolError, RemoteRequestError, RequestTimeoutError
 from fastdecode.transport.messages import Message
-from fastdecode.transport.sockets import SendKeeper, make_socket
+from fastdecode.transport.sockets import make_socket, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ class RpcClient:
         self._name = name
         self._request_ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
-        self._keeper = SendKeeper()
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._dead_error: PeerDeadError | None = None
@@ -103,7 +102,7 @@ class RpcClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout):
-                await self._keeper.send(self._sock, frames)
+                await send_frames(self._sock, frames)
                 reply = await future
         except TimeoutError:
             if self._dead_error is not None:
@@ -158,7 +157,7 @@ class RpcClient:
                     return
             ping_sent_s = loop.time()
             try:
-                await self._keeper.send(self._sock, self._codec.encode(next(self._request_ids), Ping()))
+                send_frames(self._sock, self._codec.encode(next(self._request_ids), Ping()))
             except zmq.ZMQError as exc:
                 log.warning("%s: heartbeat to %s not sent: %s", self._name, self.address, exc)
 

@@ -19,7 +19,7 @@ from fastdecode.transport.codec import Codec
 from fastdecode.transport.control_messages import PROTOCOL, ErrorReply, Ping, Pong
 from fastdecode.transport.errors import ProtocolError
 from fastdecode.transport.messages import Message
-from fastdecode.transport.sockets import SendKeeper, make_socket
+from fastdecode.transport.sockets import make_socket, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ class RpcServer:
         self._name = name
         self._sock: zmq.asyncio.Socket | None = None
         self._recv_task: asyncio.Task | None = None
-        self._keeper = SendKeeper()
         self.address: str | None = None
         self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
         self.num_protocol_errors = 0
@@ -72,11 +71,11 @@ class RpcServer:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
             try:
-                await self._handle_frames(frames)
+                self._handle_frames(frames)
             except Exception:  # noqa: BLE001 - one bad message must not stop the server; logged with traceback
                 log.exception("%s: error handling a message", self._name)
 
-    async def _handle_frames(self, frames: list[zmq.Frame]) -> None:
+    def _handle_frames(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
             self.num_dropped += 1
             log.warning("%s: dropped a message without body", self._name)
@@ -91,15 +90,18 @@ class RpcServer:
                 log.warning("%s: dropped an unreadable message: %s", self._name, exc)
             else:
                 log.warning("%s: protocol error in request %d: %s", self._name, exc.request_id, exc)
-                await self.reply(peer, exc.request_id, ErrorReply(PROTOCOL, str(exc)))
+                self.reply(peer, exc.request_id, ErrorReply(PROTOCOL, str(exc)))
             return
         if type(message) is Ping:
-            await self.reply(peer, request_id, Pong())
+            self.reply(peer, request_id, Pong())
             return
         self._on_request(peer, request_id, message)
 
-    async def reply(self, peer: bytes, request_id: int, message: Message) -> None:
-        """Send a reply to one peer; a reply that cannot be encoded becomes an error reply."""
+    def reply(self, peer: bytes, request_id: int, message: Message) -> None:
+        """Send a reply to one peer now (no await needed); a reply that cannot be encoded becomes an error reply.
+
+        A peer that has gone away is skipped silently by the ROUTER socket.
+        """
         if self._sock is None or self._sock.closed:
             log.debug("%s: socket closed, reply to %d not sent", self._name, request_id)
             return
@@ -108,7 +110,10 @@ class RpcServer:
         except (ProtocolError, ValueError, TypeError) as exc:
             log.error("%s: reply to %d cannot be encoded: %s", self._name, request_id, exc)
             frames = self._codec.encode(request_id, ErrorReply(PROTOCOL, f"reply cannot be encoded: {exc}"))
-        await self._keeper.send(self._sock, [peer, *frames])
+        try:
+            send_frames(self._sock, [peer, *frames])
+        except zmq.ZMQError as exc:
+            log.warning("%s: reply to %d not sent: %s", self._name, request_id, exc)
 
     async def close(self) -> None:
         if self._recv_task is not None:

@@ -1,11 +1,10 @@
 """ZeroMQ socket set-up and zero-copy sending shared by the RPC client and server."""
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections import deque
 from typing import Any
 
-import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -36,50 +35,26 @@ def is_loopback_address(address: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
-class SendKeeper:
-    """Sends frames zero-copy and holds the big ones until ZeroMQ is done with them.
+def send_frames(sock: zmq.asyncio.Socket, frames: list[Any]) -> asyncio.Future:
+    """Send one multipart message without copying big buffers; returns the send's future.
 
-    Every frame of at least the socket's ``copy_threshold`` bytes (pyzmq copies
-    smaller ones, which is cheaper) becomes a ``zmq.Frame(copy=False, track=True)``;
-    the keeper holds those frames and their buffers until all their trackers are
-    done.  (Tracking the small frames too, as ``send_multipart(track=True)`` does,
-    was measured to double the round trip of a 1 MiB exchange.)  The caller must
-    not modify an array it sent before ``is_done`` of its send.
+    ``copy=False`` makes pyzmq wrap each buffer in a zero-copy message whose
+    reference it holds until libzmq is done with it (frames under the socket's
+    ``copy_threshold``, 64 KiB, are copied: cheaper than tracking them).  We do not
+    ask for ``track=True``: nothing here reuses a sent buffer, and on this 2-core
+    dev machine tracking made a 1.3 MiB attend round trip 35-40 % slower
+    (docs/benchmarks.md).  Consequence for callers: do not modify an array after
+    sending it (o, q, k, v are fresh per step).  A send that cannot complete at
+    once (high-water mark) finishes later; its failure is logged.
     """
-
-    def __init__(self) -> None:
-        self._pending: deque[list[zmq.Frame]] = deque()
-
-    async def send(self, sock: zmq.asyncio.Socket, frames: list[Any]) -> list[zmq.Frame]:
-        """Send ``frames`` as one multipart message; return the tracked frames (possibly none)."""
-        threshold = sock.copy_threshold
-        tracked: list[zmq.Frame] = []
-        parts: list[Any] = []
-        for frame in frames:
-            if not isinstance(frame, (bytes, zmq.Frame)) and _num_bytes(frame) >= threshold:
-                frame = zmq.Frame(frame, copy=False, track=True)
-                tracked.append(frame)
-            parts.append(frame)
-        await sock.send_multipart(parts, copy=False)
-        self._prune()
-        if tracked and not _is_done(tracked):
-            self._pending.append(tracked)
-        return tracked
-
-    def _prune(self) -> None:
-        while self._pending and _is_done(self._pending[0]):
-            self._pending.popleft()
-
-    @property
-    def num_pending(self) -> int:
-        """Sends whose big frames ZeroMQ still holds."""
-        self._prune()
-        return len(self._pending)
+    future = sock.send_multipart(frames, copy=False)
+    if not future.done():
+        future.add_done_callback(_log_send_failure)
+    elif future.exception() is not None:
+        raise future.exception()
+    return future
 
 
-def _num_bytes(frame: Any) -> int:
-    return frame.nbytes if isinstance(frame, np.ndarray) else memoryview(frame).nbytes
-
-
-def _is_done(frames: list[zmq.Frame]) -> bool:
-    return all(frame.tracker.done for frame in frames)
+def _log_send_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a queued send failed: %s", future.exception())

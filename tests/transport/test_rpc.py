@@ -41,12 +41,12 @@ class EchoServer:
     async def answer(self, peer, request_id, message) -> None:
         if isinstance(message, Free):
             if any(s >= 1000 for s in message.seq_ids):
-                await self.server.reply(peer, request_id, ErrorReply("too_big", "seq id over 999"))
+                self.server.reply(peer, request_id, ErrorReply("too_big", "seq id over 999"))
                 return
             await asyncio.sleep(sum(message.seq_ids) / 1000)
-            await self.server.reply(peer, request_id, Ok())
+            self.server.reply(peer, request_id, Ok())
         elif isinstance(message, AttendResult):
-            await self.server.reply(peer, request_id, message)
+            self.server.reply(peer, request_id, message)
 
 
 async def _pair(ctx, address, *, max_message_bytes=1 << 24, **client_kwargs):
@@ -128,7 +128,7 @@ async def test_wrong_reply_type_is_a_protocol_error(ctx) -> None:
     server = None
 
     def on_request(peer, request_id, message):
-        asyncio.ensure_future(server.reply(peer, request_id, Ok()))
+        server.reply(peer, request_id, Ok())
 
     server = RpcServer("inproc://rpc-wrong", codec, on_request, ctx=ctx)
     await server.start()
