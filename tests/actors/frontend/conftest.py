@@ -16,7 +16,7 @@ def tiny_server():
     server = LiveServer(*TINY_ARGS, "--shards", "1", "--kv-memory", "256MiB", "--api-key", API_KEY,
                         "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny")
     yield server
-    assert server.stop() == 0, "the server did not stop cleanly on SIGTERM"
+    assert server.stop() == 0, f"the server did not stop cleanly on SIGTERM:\n{server.log()}"
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ TINY_ARGS = ("--model", "random:tiny", "--dtype", "float32", "--device", "cpu", 
 class LiveServer:
     def __init__(self, *args: str, command: str = "serve", env: dict[str, str] | None = None,
                  start_timeout_s: float = 120.0) -> None:
+        self.final_log = ""
         self._log = tempfile.NamedTemporaryFile("w+", prefix="fdctl-serve-", suffix=".log", delete=False)
         full_env = {name: value for name, value in os.environ.items() if name != "FASTDECODE_API_KEY"}
         full_env.update({"HF_HUB_OFFLINE": "1", **(env or {})})
@@ -31,6 +32,9 @@ class LiveServer:
         self.ws_url = self.url.replace("http://", "ws://", 1) + "/v1/stream"
 
     def log(self) -> str:
+        """The server's stderr so far (after ``stop``: all of it)."""
+        if self._log.closed:
+            return self.final_log
         return Path(self._log.name).read_text(errors="replace")
 
     def _wait_ready(self, timeout_s: float) -> str:
@@ -45,7 +49,7 @@ class LiveServer:
         self.stop()
         raise RuntimeError(f"fdctl serve was not ready in {timeout_s} s:\n{self.log()}")
 
-    def stop(self, timeout_s: float = 30.0) -> int:
+    def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, then wait; returns the exit code (kills it if it does not stop)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -54,8 +58,10 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._log.close()
-        os.unlink(self._log.name)
+        if not self._log.closed:
+            self.final_log = self.log()
+            self._log.close()
+            os.unlink(self._log.name)
         return self.process.returncode
 
     def __enter__(self) -> "LiveServer":

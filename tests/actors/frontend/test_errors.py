@@ -126,7 +126,7 @@ async def test_server_keeps_serving_after_errors(tiny_server):
 def one_slot_server():
     server = LiveServer(*TINY_ARGS, "--shards", "0", "--max-num-seqs", "1", "--max-queue", "1")
     yield server
-    assert server.stop() == 0
+    assert server.stop() == 0, f"the server did not stop cleanly on SIGTERM:\n{server.log()}"
 
 
 async def _wait_for(url: str, name: str, value: float, labels: dict | None = None, timeout_s: float = 10.0) -> None:
