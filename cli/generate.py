@@ -5,6 +5,7 @@ Parsing (``GenerateOptions``) is kept apart from the engine call
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Iterator
@@ -69,12 +70,18 @@ class GenerateOptions:
     device: str = "auto"
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    num_shards: int = 0  # in-process KVShards; 0 with no addresses: the single-process reference
+    shard_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise click.UsageError("give exactly one of --prompt and --prompt-ids")
         if self.is_chat and self.prompt is None:
             raise click.UsageError("--chat needs --prompt")
+        if self.num_shards < 0:
+            raise click.UsageError("--shards must be non-negative")
+        if self.num_shards and self.shard_addresses:
+            raise click.UsageError("give either --shards or --shard, not both")
 
 
 def parse_prompt_ids(text: str) -> tuple[int, ...]:
@@ -107,7 +114,20 @@ def run_generate(options: GenerateOptions) -> Any:
     check_prompt(prompt_ids, model)
     click.echo(f"{options.model} on {model.device} ({str(model.dtype).removeprefix('torch.')}): "
                f"{len(prompt_ids)} prompt tokens, up to {options.max_tokens} new", err=True)
-    return reference_generate(model, tokenizer, prompt_ids, params)
+    if not options.num_shards and not options.shard_addresses:
+        return reference_generate(model, tokenizer, prompt_ids, params)
+    del model  # the cluster loads its own copy next to its shards
+    return asyncio.run(_generate_on_cluster(options, prompt_ids, params))
+
+
+async def _generate_on_cluster(options: GenerateOptions, prompt_ids: list[int], params) -> Any:
+    from fastdecode.actors.api import AsyncLLM
+    from fastdecode.actors.cluster import ClusterConfig
+
+    config = ClusterConfig(model=options.model, seed=options.model_seed, dtype=options.dtype, device=options.device,
+                           num_shards=options.num_shards, shard_addresses=options.shard_addresses)
+    async with await AsyncLLM.start(config) as llm:
+        return await llm.generate(prompt_ids, params)
 
 
 @click.command("generate", cls=OneLineCommand)
@@ -127,9 +147,13 @@ def run_generate(options: GenerateOptions) -> Any:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past EOS.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
+@click.option("--shards", "num_shards", default=0, show_default=True, type=int,
+              help="In-process KVShards (0: the single-process reference).")
+@click.option("--shard", "shard_addresses", multiple=True, help="Address of a running shard daemon (repeatable).")
 def generate(model: str, prompt: str | None, prompt_ids: str | None, is_chat: bool, max_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, dtype: str, device: str,
-             ignore_eos: bool, stop: tuple[str, ...], as_json: bool) -> None:
+             ignore_eos: bool, stop: tuple[str, ...], as_json: bool, num_shards: int,
+             shard_addresses: tuple[str, ...]) -> None:
     """Generate a continuation of one prompt and print it."""
     with one_line_errors():
         options = GenerateOptions(
@@ -137,6 +161,7 @@ def generate(model: str, prompt: str | None, prompt_ids: str | None, is_chat: bo
             prompt_token_ids=None if prompt_ids is None else parse_prompt_ids(prompt_ids),
             is_chat=is_chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, model_seed=seed or 0, dtype=dtype, device=device, ignore_eos=ignore_eos, stop=stop,
+            num_shards=num_shards, shard_addresses=shard_addresses,
         )
         result = run_generate(options)
     if as_json:
