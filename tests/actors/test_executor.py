@@ -119,8 +119,10 @@ async def test_two_shard_daemons_over_tcp(tiny_model, references):
         async with await Cluster.start(config) as cluster:
             outputs = await run_greedy(cluster, prompts(tokenizer))
             assert all(used == 0 for used in await cluster.kv_used_bytes())
-            placed = [s.num_attend_calls for s in await asyncio.gather(*(n.client.stats() for n in cluster.executor.nodes))]
-            assert all(calls > 0 for calls in placed), f"every daemon attends for someone: {placed}"
+            calls = [s.num_attend_calls for s in await asyncio.gather(*(n.client.stats() for n in cluster.executor.nodes))]
+            # placement is load-aware: a daemon calibrated faster may take every short sequence
+            num_layers = cluster.model.config.num_layers
+            assert sum(calls) >= num_layers * (GREEDY.max_tokens - 1), f"the daemons did the attention: {calls}"
         for proc, _ in daemons:
             assert proc.poll() is None  # the daemons outlive the client
     for prompt, ours in zip(prompts(tokenizer), outputs):
