@@ -1,0 +1,24 @@
+import pytest
+
+from fastdecode.actors.cluster import ClusterConfig, shard_cpu_lists, split_threads
+
+
+def test_split_threads_never_oversubscribes():
+    assert split_threads(16, 4, is_cuda=True) == (1, 3)
+    assert split_threads(2, 1, is_cuda=False) == (1, 1)
+    assert split_threads(8, 0, is_cuda=False) == (8, 0)
+    executor, per_shard = split_threads(64, 4, is_cuda=False)
+    assert executor + 4 * per_shard <= 64
+
+
+def test_shard_cpu_lists_are_disjoint_or_unpinned():
+    lists = shard_cpu_lists(list(range(1, 16)), 4, 3)
+    assert lists == [(1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12)]
+    assert shard_cpu_lists([1], 3, 1) == [None, None, None]  # too few cores: leave them unpinned
+
+
+def test_cluster_config_refuses_contradictions():
+    with pytest.raises(ValueError):
+        ClusterConfig(num_shards=1, shard_addresses=("tcp://127.0.0.1:1",))
+    with pytest.raises(ValueError):
+        ClusterConfig(num_shards=-1)
