@@ -64,6 +64,7 @@ class ShardConfig:
     cpu_list: tuple[int, ...] | None = None
     isa: str | None = None  # None: the best this CPU has
     is_calibrating: bool = True
+    slowdown_s_per_gb: float = 0.0  # testing: sleep this long per GB of KV each attend reads (a slower shard)
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_memory_bytes, bool) or not isinstance(self.kv_memory_bytes, int) \
@@ -77,6 +78,8 @@ class ShardConfig:
             raise ValueError(f"cpu_list must list non-negative CPU numbers, got {self.cpu_list!r}")
         if self.isa is not None and self.isa not in ISA_NAMES:
             raise ValueError(f"isa must be one of {', '.join(ISA_NAMES)}, got {self.isa!r}")
+        if not 0.0 <= self.slowdown_s_per_gb <= 1e3:
+            raise ValueError(f"slowdown_s_per_gb must be in [0, 1000], got {self.slowdown_s_per_gb!r}")
 
 
 @contextlib.contextmanager
@@ -172,6 +175,7 @@ class KVShard:
                 for run in range(CALIBRATION_NUM_RUNS):
                     start = time.perf_counter()
                     pool.attend(0, seq_ids, q, kv, kv)
+                    self._slow_down(num_seqs * pool.seq_len(int(seq_ids[0]), 0) * bytes_per_token)
                     times.append(time.perf_counter() - start)
                 context = pool.seq_len(int(seq_ids[0]), 0) - CALIBRATION_NUM_RUNS // 2
                 points.append((num_seqs * context * bytes_per_token, float(np.median(times))))
@@ -248,14 +252,19 @@ class KVShard:
         with _as_actor_errors():
             start = time.perf_counter()
             o = pool.attend(layer, seq_ids, _aligned(message.q), _aligned(message.k), _aligned(message.v), lse=lse)
-            seconds = time.perf_counter() - start
         num_tokens_read = 0
         for seq_id in seq_ids.tolist():
             lengths = self._lengths[seq_id]
             lengths[layer] += 1
             num_tokens_read += lengths[layer]
-        self._record_attend(num_tokens_read * pool.bytes_per_token, seconds)
+        self._slow_down(num_tokens_read * pool.bytes_per_token)
+        self._record_attend(num_tokens_read * pool.bytes_per_token, time.perf_counter() - start)
         return AttendResult(o, lse)
+
+    def _slow_down(self, num_bytes: int) -> None:
+        """With ``slowdown_s_per_gb`` (tests of uneven shards): wait in proportion to the bytes read."""
+        if self.config.slowdown_s_per_gb > 0:
+            time.sleep(self.config.slowdown_s_per_gb * num_bytes / 1e9)
 
     def _record_attend(self, num_bytes: int, seconds: float) -> None:
         weight = 1.0 if self._num_attend_calls == 0 else GBPS_SMOOTHING

@@ -147,6 +147,7 @@ async def start_embedded_shard(
     cpu_list: tuple[int, ...] | None = None,
     isa: str | None = None,
     is_calibrating: bool = True,
+    slowdown_s_per_gb: float = 0.0,
 ) -> tuple[str, EmbeddedShard]:
     """Serve a KVShard over a fresh ``inproc://`` address of ``ctx`` (default: the process-wide Context).
 
@@ -154,7 +155,8 @@ async def start_embedded_shard(
     ``ShardClient.connect(address, ctx=<same ctx>)``.
     """
     config = ShardConfig(kv_memory_bytes=kv_memory_bytes, num_threads=threads, page_size=page_size,
-                         cpu_list=cpu_list, isa=isa, is_calibrating=is_calibrating)
+                         cpu_list=cpu_list, isa=isa, is_calibrating=is_calibrating,
+                         slowdown_s_per_gb=slowdown_s_per_gb)
     actor = KVShard(config)
     address = f"inproc://fastdecode-shard-{uuid.uuid4().hex[:16]}"
     server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx or zmq.asyncio.Context.instance(), name="kvshard")

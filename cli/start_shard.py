@@ -75,10 +75,12 @@ async def _serve(listen: str, config) -> None:  # noqa: ANN001 - ShardConfig, im
 @click.option("--isa", type=click.Choice(["generic", "avx2", "avx512"]), default=None,
               help="Attention kernel (default: the best this CPU has).")
 @click.option("--no-calibrate", is_flag=True, help="Skip the short attention benchmark at configure time.")
+@click.option("--slowdown-s-per-gb", type=click.FloatRange(0.0, 1e3), default=0.0, show_default=True,
+              help="Testing: sleep this many seconds per GB of KV each attend reads (a slower shard).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int, cpu_list: tuple[int, ...] | None,
-                isa: str | None, no_calibrate: bool, log_level: str) -> None:
+                isa: str | None, no_calibrate: bool, slowdown_s_per_gb: float, log_level: str) -> None:
     """Run one KVShard (KV-cache and attention on this host's CPUs) until SIGTERM/SIGINT."""
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,7 +92,7 @@ def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int
 
     try:
         config = ShardConfig(kv_memory_bytes=kv_memory, num_threads=threads, page_size=page_size, cpu_list=cpu_list,
-                             isa=isa, is_calibrating=not no_calibrate)
+                             isa=isa, is_calibrating=not no_calibrate, slowdown_s_per_gb=slowdown_s_per_gb)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if not is_loopback_address(listen):
