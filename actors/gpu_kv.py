@@ -1,0 +1,212 @@
+"""The GPU KV node: sequences' KV-cache held next to the weights, batched decode attention.
+
+Memory is a preallocated pool per layer, ``[num_slots, Hkv, slot_len, D]`` for K and
+for V, one slot per sequence (``slot_len`` is the longest sequence the Executor
+admits). One attend call writes every row's new k, v with a single indexed store,
+then runs torch's fused ``scaled_dot_product_attention`` over the rows' slots, cut
+to the longest context among them, with a length mask. GQA needs no expanded KV:
+a KV head's query heads become the "query length" of the fused call. When the
+rows' slots are consecutive (the usual case: slots are handed out lowest first and
+rows are sorted) the slots are a view of the pool; otherwise they are gathered.
+
+To the scheduler it is one more node: NodeStats with one page per slot
+(``page_size = slot_len``) and an attend-time model calibrated at start-up from
+timed attends at two context lengths, like the KVShard's.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastdecode.actors.kv_nodes import KVNode, NodeStats
+
+
+@dataclass(frozen=True)
+class GpuKVConfig:
+    memory_bytes: int  # for the whole pool, K and V of every layer
+    slot_len: int  # tokens per sequence at most
+    is_calibrating: bool = True
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 1:
+            raise ValueError("GPU KV memory must be positive")
+        if self.slot_len < 2:
+            raise ValueError("slot_len must be at least 2 tokens")
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One mini-batch's rows as the pool sees them, for one step."""
+
+    slot_index: torch.Tensor  # [B] slots, on the device
+    positions: torch.Tensor  # [B] where the new token goes (length - 1)
+    mask: torch.Tensor  # [B, 1, 1, max_len] True where a key is held
+    max_len: int
+    first_slot: int | None  # the rows' slots are first_slot, first_slot + 1, ...; None: scattered
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GpuKVNode(KVNode):
+    """KV-cache in a torch pool on the Executor's device (CUDA, or the CPU in tests)."""
+
+    is_host = False
+
+    def __init__(self, node_id: str, config: GpuKVConfig, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.device = torch.device(device)
+        self.num_layers = num_layers
+        self.bytes_per_token_layer = 2 * num_kv_heads * head_dim * dtype.itemsize
+        slot_bytes = config.slot_len * self.bytes_per_token_layer * num_layers
+        self.num_slots = config.memory_bytes // slot_bytes
+        if self.num_slots < 1:
+            raise ValueError(f"GPU KV memory of {config.memory_bytes} bytes holds no sequence of {config.slot_len} "
+                             f"tokens ({slot_bytes} bytes each)")
+        shape = (num_layers, 2, self.num_slots, num_kv_heads, config.slot_len, head_dim)
+        self._pool = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._lengths = np.zeros(self.num_slots, dtype=np.int64)  # tokens held, per slot (all layers alike)
+        self._slot_of: dict[int, int] = {}
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() hands out the lowest first
+        self._arange = torch.arange(config.slot_len, device=self.device)
+        self._scale = 1.0 / math.sqrt(head_dim)
+        self._rows: dict[bytes, _Rows] = {}  # this step's mini-batches, by their seq_ids
+        self.attn_gbps: float | None = None
+        self.attend_overhead_s: float | None = None
+
+    @classmethod
+    def for_model(cls, node_id: str, model, config: GpuKVConfig) -> "GpuKVNode":
+        cfg = model.config
+        node = cls(node_id, config, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                   dtype=model.dtype, device=model.device)
+        if config.is_calibrating:
+            node.calibrate()
+        return node
+
+    # ---- KVNode verbs -------------------------------------------------------------------------
+    async def allocate(self, seq_ids: list[int]) -> None:
+        if len(seq_ids) > len(self._free_slots):
+            raise MemoryError(f"GPU KV node has {len(self._free_slots)} free slots, asked for {len(seq_ids)}")
+        if any(s in self._slot_of for s in seq_ids) or len(set(seq_ids)) != len(seq_ids):
+            raise KeyError(f"sequence already allocated among {seq_ids}")
+        for seq_id in seq_ids:
+            slot = self._free_slots.pop()
+            self._slot_of[seq_id] = slot
+            self._lengths[slot] = 0
+
+    async def free(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            slot = self._slot_of.pop(seq_id, None)
+            if slot is None:
+                raise KeyError(f"sequence {seq_id} is not allocated")
+            self._free_slots.append(slot)
+        self._free_slots.sort(reverse=True)
+        self._rows.clear()
+
+    async def append_prompt(self, seq_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        slot = self._slot(seq_id)
+        start, num_new = int(self._lengths[slot]), k.shape[1]
+        if start + num_new > self.config.slot_len:
+            raise ValueError(f"sequence {seq_id} would hold {start + num_new} tokens; slots hold "
+                             f"{self.config.slot_len}")
+        pool = self._pool[:, :, slot, :, start:start + num_new]  # [L, 2, Hkv, T, D]
+        pool[:, 0].copy_(k.transpose(1, 2))
+        pool[:, 1].copy_(v.transpose(1, 2))
+        self._lengths[slot] = start + num_new
+
+    async def attend(self, layer, seq_ids, q, k, v):
+        key = np.asarray(seq_ids, dtype=np.int64).tobytes()
+        rows = self._rows.get(key) if layer > 0 else None
+        if rows is None:  # a new step (layer 0): the rows' lengths grow by the new token
+            slots = np.fromiter((self._slot(int(s)) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+            if layer == 0:
+                if np.any(self._lengths[slots] >= self.config.slot_len):
+                    raise ValueError(f"a sequence outgrew its slot of {self.config.slot_len} tokens")
+                self._lengths[slots] += 1
+            rows = self._make_rows(slots)
+            if len(self._rows) >= 8:
+                self._rows.clear()
+            self._rows[key] = rows
+        return self.attend_rows(layer, rows, q, k, v)
+
+    async def stats(self) -> NodeStats:
+        used = int(self._lengths[list(self._slot_of.values())].sum()) * self.bytes_per_token_layer * self.num_layers
+        return NodeStats(self.config.memory_bytes, used, self.config.slot_len, self.num_slots * self.num_layers,
+                         len(self._slot_of), self.attn_gbps, self.attend_overhead_s)
+
+    async def close(self) -> None:
+        self._pool = self._pool.new_empty(0)
+
+    # ---- attention ----------------------------------------------------------------------------
+    def _make_rows(self, slots: np.ndarray) -> _Rows:
+        """Device-side indices and mask for attends over ``slots`` at their current lengths,
+        made once per step and reused by every layer."""
+        lengths = self._lengths[slots]
+        max_len = int(lengths.max())
+        is_run = bool(np.all(np.diff(slots) == 1))
+        slot_index = torch.from_numpy(slots).to(self.device)
+        length_t = torch.from_numpy(lengths).to(self.device)
+        mask = (self._arange[:max_len] < length_t[:, None]).view(len(slots), 1, 1, max_len)
+        return _Rows(slot_index, length_t - 1, mask, max_len, int(slots[0]) if is_run else None)
+
+    def attend_rows(self, layer: int, rows: _Rows, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+        """Store row i's k, v at ``rows.positions[i]`` of its slot, attend q over the slot up to
+        and with it. q[B,Hq,D], k/v[B,Hkv,D] -> o[B,Hq,D]."""
+        num_rows, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        pool = self._pool[layer]  # [2, S, Hkv, slot_len, D]
+        pool[:, rows.slot_index, :, rows.positions] = torch.stack((k, v), dim=1)  # [B, 2, Hkv, D]
+        if rows.first_slot is not None:
+            start = rows.first_slot
+            keys = pool[0, start:start + num_rows, :, :rows.max_len]
+            values = pool[1, start:start + num_rows, :, :rows.max_len]
+        else:
+            keys = pool[0].index_select(0, rows.slot_index)[:, :, :rows.max_len]
+            values = pool[1].index_select(0, rows.slot_index)[:, :, :rows.max_len]
+        query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=rows.mask, scale=self._scale)
+        return o.reshape(num_rows, num_heads, head_dim)
+
+    def calibrate(self, *, repeats: int = 3) -> None:
+        """Time attends over a batch of slots at two context lengths; fit overhead + bytes/s."""
+        num_rows = min(self.num_slots, 16)
+        slots = np.arange(num_rows, dtype=np.int64)
+        num_kv_heads, head_dim = self._pool.shape[3], self._pool.shape[5]
+        q = torch.zeros(num_rows, num_kv_heads, head_dim, dtype=self._pool.dtype, device=self.device)
+        samples = []
+        saved = self._lengths[slots].copy()
+        for context in sorted({max(2, self.config.slot_len // 8), self.config.slot_len}):
+            self._lengths[slots] = context
+            rows = self._make_rows(slots)
+            best = float("inf")
+            with torch.inference_mode():
+                self.attend_rows(0, rows, q, q, q)  # warm-up
+                for _ in range(repeats):
+                    _synchronize(self.device)
+                    t0 = time.perf_counter()
+                    self.attend_rows(0, rows, q, q, q)
+                    _synchronize(self.device)
+                    best = min(best, time.perf_counter() - t0)
+            samples.append((num_rows * context * self.bytes_per_token_layer, best))
+        self._lengths[slots] = saved
+        self._pool.zero_()
+        (b0, t0), (b1, t1) = samples[0], samples[-1]
+        seconds_per_byte = max((t1 - t0) / (b1 - b0), 1e-15) if b1 > b0 else t1 / b1
+        self.attn_gbps = 1e-9 / seconds_per_byte
+        self.attend_overhead_s = max(t0 - b0 * seconds_per_byte, 0.0)
+
+    def _slot(self, seq_id: int) -> int:
+        try:
+            return self._slot_of[seq_id]
+        except KeyError:
+            raise KeyError(f"sequence {seq_id} is not allocated") from None
