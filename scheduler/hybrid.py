@@ -1,0 +1,78 @@
+"""Hybrid or gpu-only: does adding CPU shards beside the GPU KV node pay, for a planned batch?
+
+Pure arithmetic on the calibrated models; the Cluster asks once at start-up.
+
+- gpu-only, ``n = min(B, gpu capacity)`` sequences of mean context ``c``, one
+  mini-batch, dense work and attention on the same device, one after the other:
+  ``step = T(n) + L * a_gpu(n c)``; tokens/s ``= n / step``.
+- hybrid, ``g`` sequences on the GPU node and ``B - g`` spread over the shards in
+  proportion to their bandwidth, two mini-batches of half of each: per layer and
+  mini-batch the GPU side takes ``T(B/2)/L + a_gpu(g c / 2)`` and the shard side
+  ``max_s a_s(r_s c / 2)``, and the pipeline runs a layer in twice the larger of
+  the two: ``step = 2 L max(gpu side, shard side)``.  Every ``g`` the GPU's memory
+  allows is tried, with the shards' memory as a limit; the best tokens/s is kept.
+
+``choose_mode`` returns "hybrid" only when its best tokens/s beats gpu-only's by
+``min_gain`` (a prediction error smaller than that must not make us slower).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastdecode.scheduler.node import NodeModel
+from fastdecode.scheduler.perf_model import GpuPerfModel
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    mode: str  # "gpu-only" or "hybrid"
+    gpu_only_tokens_per_s: float
+    hybrid_tokens_per_s: float
+    gpu_only_step_s: float
+    hybrid_step_s: float
+    gpu_only_batch: int
+    hybrid_gpu_sequences: int  # of the planned batch, on the GPU node in the best hybrid split
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _capacity(node: NodeModel, context_len: int) -> int:
+    return node.num_pages // node.pages_for(context_len)
+
+
+def gpu_only_step_s(gpu: GpuPerfModel, gpu_node: NodeModel, batch: int, mean_context: float) -> float:
+    return gpu.predict(batch) + gpu_node.num_layers * gpu_node.predict_attend_s(batch * mean_context)
+
+
+def hybrid_step_s(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel], batch: int,
+                  on_gpu: int, mean_context: float) -> float:
+    layers = gpu_node.num_layers
+    on_shards = batch - on_gpu
+    gpu_side = gpu.predict(batch / 2) / layers + gpu_node.predict_attend_s(on_gpu * mean_context / 2)
+    bandwidths = [1.0 / s.perf.predict(1e9) for s in shards]  # relative speeds
+    total = sum(bandwidths)
+    shard_side = max((s.predict_attend_s(on_shards * w / total * mean_context / 2) for s, w in zip(shards, bandwidths)),
+                     default=0.0)
+    return 2 * layers * max(gpu_side, shard_side)
+
+
+def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel], *, batch: int,
+                mean_context: float, final_len: int, min_gain: float = 0.03) -> ModeChoice:
+    """gpu-only or hybrid for ``batch`` sequences of ``mean_context`` tokens, ``final_len`` at most."""
+    if batch < 1 or mean_context <= 0 or final_len < 1:
+        raise ValueError("batch, mean_context and final_len must be positive")
+    gpu_cap = _capacity(gpu_node, final_len)
+    n = min(batch, gpu_cap)
+    only_step = gpu_only_step_s(gpu, gpu_node, n, mean_context) if n else float("inf")
+    only_rate = n / only_step if n else 0.0
+    shard_cap = sum(_capacity(s, final_len) for s in shards)
+    best = (0.0, float("inf"), 0)
+    for on_gpu in range(max(0, batch - shard_cap), min(batch, gpu_cap) + 1):
+        if not shards and on_gpu < batch:
+            continue
+        step = hybrid_step_s(gpu, gpu_node, shards, batch, on_gpu, mean_context)
+        if batch / step > best[0]:
+            best = (batch / step, step, on_gpu)
+    mode = "hybrid" if best[0] > only_rate * (1 + min_gain) else "gpu-only"
+    return ModeChoice(mode, only_rate, best[0], only_step, best[1], n, best[2])

@@ -1,0 +1,46 @@
+"""hybrid vs gpu-only: the start-up choice from the calibrated models."""
+from __future__ import annotations
+
+import pytest
+
+from fastdecode.scheduler import GpuPerfModel, NodeModel, ShardPerfModel
+from fastdecode.scheduler.hybrid import choose_mode
+
+LAYERS, TOKEN_BYTES = 32, 128 << 10  # Llama-3-8B bf16
+
+
+def node(node_id: int, capacity_tokens: int, gbps: float, overhead_s: float = 50e-6, page: int = 16) -> NodeModel:
+    return NodeModel(node_id, capacity_tokens * TOKEN_BYTES, TOKEN_BYTES, LAYERS, page,
+                     ShardPerfModel(overhead_s, gbps * 1e9))
+
+
+DENSE = GpuPerfModel([(1, 5e-3), (64, 6e-3), (256, 12e-3)])
+
+
+def test_gpu_only_when_the_gpu_holds_the_batch_and_shards_are_slow():
+    choice = choose_mode(DENSE, node(0, 64 * 640, 2000.0, page=640), [node(1, 10**6, 20.0)],
+                         batch=64, mean_context=576, final_len=640)
+    assert choice.mode == "gpu-only"
+    assert choice.gpu_only_batch == 64
+    assert choice.gpu_only_tokens_per_s >= choice.hybrid_tokens_per_s / 1.03
+
+
+def test_hybrid_when_gpu_memory_limits_the_batch():
+    # the GPU holds 16 sequences; fast shards take the rest of a batch of 256
+    choice = choose_mode(DENSE, node(0, 16 * 640, 2000.0, page=640), [node(i, 10**6, 200.0) for i in (1, 2, 3, 4)],
+                         batch=256, mean_context=576, final_len=640)
+    assert choice.mode == "hybrid"
+    assert choice.gpu_only_batch == 16
+    assert choice.hybrid_tokens_per_s > 1.03 * choice.gpu_only_tokens_per_s
+    assert 0 <= choice.hybrid_gpu_sequences <= 16
+
+
+def test_no_shard_room_means_no_hybrid_split():
+    choice = choose_mode(DENSE, node(0, 8 * 640, 2000.0, page=640), [node(1, 0, 200.0)],
+                         batch=64, mean_context=576, final_len=640)
+    assert choice.mode == "gpu-only" and choice.hybrid_tokens_per_s == 0.0
+
+
+def test_bad_plan_is_refused():
+    with pytest.raises(ValueError):
+        choose_mode(DENSE, node(0, 640, 2000.0), [], batch=0, mean_context=1, final_len=2)
