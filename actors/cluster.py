@@ -2,30 +2,42 @@
 
 Nodes are in-process KVShards (``num_shards``), running shard daemons
 (``shard_addresses``), or, with neither, one local torch KV-cache (the
-single-process mode). This is what ``fdctl generate``/``serve`` and the embedding
-API start.
+single-process mode). ``mode`` picks them explicitly: ``gpu-only`` (one GPU KV
+node on the Executor's device, the batch limited by ``gpu_kv_memory_bytes``),
+``shards`` (only shards) or ``hybrid`` (the GPU KV node and the shards; at
+start-up ``scheduler.hybrid.choose_mode`` compares the predicted tokens/s of both
+for the planned batch and drops the shards when they would not help). This is
+what ``fdctl generate``/``serve``/``bench`` and the embedding API start.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
+from fastdecode.actors.dense_profile import measure_dense_profile
+from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream, node_model
+from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode
 from fastdecode.actors.model import load_model, resolve_device
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
+from fastdecode.scheduler import GpuPerfModel
+from fastdecode.scheduler.hybrid import ModeChoice, choose_mode
 
 log = logging.getLogger("fastdecode.cluster")
 
 MIN_EMBEDDED_KV_BYTES = 64 << 20
 MAX_EMBEDDED_KV_BYTES = 8 << 30
+MODES = ("gpu-only", "shards", "hybrid")
+GPU_KV_FREE_FRACTION = 0.8  # default GPU KV pool: this share of the device memory free after loading
 
 
 @dataclass(frozen=True)
@@ -40,8 +52,24 @@ class ClusterConfig:
     num_cpus: int | None = None  # cores the embedded cluster may use; None: all
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     is_tracing: bool = False
+    mode: str | None = None  # one of MODES; None: shards if any are given, else the local torch KV
+    gpu_kv_memory_bytes: int | None = None  # GPU KV pool; None: a share of the free device memory
+    is_cuda_graphs: bool = True  # dense per-layer segments as CUDA graphs (CUDA devices only)
+    expected_mean_context: int | None = None  # hybrid choice's mean context; None: 3/4 of the max length
+    curve_dir: str | None = None  # CURVE keys for the links to shard daemons (fdctl keygen); None: plain
+    heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
+    liveness: int = 3
 
     def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        has_shards = bool(self.num_shards or self.shard_addresses)
+        if self.mode == "gpu-only" and has_shards:
+            raise ValueError("gpu-only mode takes no shards")
+        if self.mode in ("shards", "hybrid") and not has_shards:
+            raise ValueError(f"{self.mode} mode needs shards (num_shards or shard_addresses)")
+        if self.gpu_kv_memory_bytes is not None and self.gpu_kv_memory_bytes < 1 << 20:
+            raise ValueError("GPU KV memory must be at least 1 MiB")
         if self.num_shards < 0:
             raise ValueError("num_shards must be non-negative")
         if self.num_shards and self.shard_addresses:
@@ -50,6 +78,8 @@ class ClusterConfig:
             raise ValueError("shard KV memory must be at least 1 MiB")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError("num_cpus must be at least 1")
+        if self.heartbeat_interval_s <= 0 or self.liveness < 1:
+            raise ValueError("heartbeat_interval_s must be positive and liveness at least 1")
 
 
 def split_threads(num_cpus: int, num_shards: int, *, is_cuda: bool) -> tuple[int, int]:
@@ -83,7 +113,9 @@ def default_shard_kv_bytes(num_shards: int) -> int:
 class Cluster:
     """The running cluster. Use ``await Cluster.start(config)`` or ``async with``."""
 
-    def __init__(self, config: ClusterConfig, model, tokenizer, executor: Executor, handles) -> None:
+    def __init__(self, config: ClusterConfig, model, tokenizer, executor: Executor, handles,
+                 mode_choice: ModeChoice | None = None) -> None:
+        self.mode_choice = mode_choice  # hybrid mode: the start-up prediction that kept or dropped the shards
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -103,7 +135,11 @@ class Cluster:
         kv_dtype = KV_DTYPE_NAMES[model.dtype]
         nodes: list[KVNode] = []
         handles = []
+        factories: dict[int, object] = {}  # id(shard node) -> how to connect it again after a failure
         try:
+            links = ShardLinks.open(config, shape=dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                                                       head_dim=cfg.head_dim, kv_dtype=kv_dtype))
+            handles.append(links)
             addresses = list(config.shard_addresses)
             kv_bytes = config.shard_kv_memory_bytes or default_shard_kv_bytes(config.num_shards)
             for cpu_list in shard_cpus:
@@ -112,29 +148,48 @@ class Cluster:
                 handles.append(handle)
                 addresses.append(address)
             for address in addresses:
-                client = await ShardClient.connect(address)
-                nodes.append(ShardKVNode(client))
-                await client.configure(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                                       head_dim=cfg.head_dim, kv_dtype=kv_dtype)
+                connect = functools.partial(links.connect, address)
+                nodes.append(await connect())
+                factories[id(nodes[-1])] = connect
+            executor_config = config.executor
+            gpu_model = None
+            mode_choice = None
+            if config.mode in ("gpu-only", "hybrid"):
+                nodes.insert(0, await asyncio.to_thread(_make_gpu_node, config, model))
+                if config.mode == "hybrid":
+                    gpu_model, mode_choice = await _choose_mode(config, model, nodes)
+                    log.info("hybrid choice: %s", mode_choice)
+                    if mode_choice.mode == "gpu-only":
+                        await _close_all(nodes[1:], handles)
+                        del nodes[1:]
+                        handles = []
+                if len(nodes) == 1:  # nothing to overlap with: one mini-batch
+                    executor_config = dataclasses.replace(executor_config, is_pipelined=False)
             if not nodes:
                 kv_bytes = config.shard_kv_memory_bytes or default_shard_kv_bytes(1)
                 nodes.append(LocalKVNode.for_model("local", model, kv_bytes))
-            executor = Executor(model, nodes, config.executor,
+            executor = Executor(model, nodes, executor_config,
                                 eos_token_ids=tokenizer.eos_token_ids or cfg.eos_token_ids,
-                                trace=StepTrace() if config.is_tracing else None)
+                                trace=StepTrace() if config.is_tracing else None, gpu_model=gpu_model,
+                                node_factories=[factories.get(id(n)) for n in nodes])
+            if config.is_cuda_graphs and device.type == "cuda":
+                from fastdecode.actors.cuda_graphs import DenseGraphs
+
+                executor.decoder.graphs = DenseGraphs(model, max_batch=config.executor.max_num_seqs)
             await executor.start()
         except BaseException:
             await _close_all(nodes, handles)
             raise
         log.info("cluster up: model %s on %s (%s), %d KV node(s), executor threads %d, shard threads %d",
                  config.model, device, model.dtype, len(nodes), executor_threads, shard_threads)
-        return cls(config, model, tokenizer, executor, handles)
+        return cls(config, model, tokenizer, executor, handles, mode_choice)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         return self.executor.submit(prompt_ids, params)
 
     async def kv_used_bytes(self) -> list[int]:
-        stats = await asyncio.gather(*(n.stats() for n in self.executor.nodes))
+        """KV bytes in use on each live node (a failed node holds nothing for us)."""
+        stats = await asyncio.gather(*(n.stats() for n in self.executor.live_nodes))
         return [s.used_bytes for s in stats]
 
     async def stop(self) -> None:
@@ -146,6 +201,73 @@ class Cluster:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def max_len(config: ClusterConfig, model) -> int:
+    """The longest sequence the Executor admits (a GPU KV slot's length)."""
+    context = model.config.max_position_embeddings
+    return min(config.executor.max_model_len or context, context)
+
+
+def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
+    memory = config.gpu_kv_memory_bytes
+    if memory is None:
+        if model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            memory = int(free * GPU_KV_FREE_FRACTION)
+        else:
+            memory = default_shard_kv_bytes(1)
+    return GpuKVNode.for_model("gpu", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
+
+
+async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]) -> tuple[GpuPerfModel, ModeChoice]:
+    """The GPU's dense-step model and the gpu-only/hybrid choice for the planned batch."""
+    batch = config.executor.max_num_seqs
+    profile = config.executor.profile_batches or tuple(sorted({1, max(2, batch // 2), batch}))
+    gpu_model = await asyncio.to_thread(measure_dense_profile, model, profile)
+    kv_bytes_per_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
+    stats = await asyncio.gather(*(n.stats() for n in nodes))
+    models = [node_model(i, s, num_layers=model.config.num_layers, kv_bytes_per_token=kv_bytes_per_token)
+              for i, s in enumerate(stats)]
+    final_len = max_len(config, model)
+    mean_context = config.expected_mean_context or max(1, final_len * 3 // 4)
+    return gpu_model, choose_mode(gpu_model, models[0], models[1:], batch=batch, mean_context=mean_context,
+                                  final_len=final_len)
+
+
+@dataclass
+class ShardLinks:
+    """How the Executor reaches shard daemons: plain or CURVE sockets, heartbeats, and the model's KV shape."""
+
+    shape: dict
+    ctx: object | None  # a CURVE client Context, None for the process-wide plain one
+    heartbeat_interval_s: float
+    liveness: int
+
+    @classmethod
+    def open(cls, config: ClusterConfig, *, shape: dict) -> "ShardLinks":
+        ctx = None
+        if config.curve_dir is not None:
+            from fastdecode.transport.security import ClientKeys, client_context
+
+            ctx = client_context(ClientKeys.load(config.curve_dir))
+        return cls(shape, ctx, config.heartbeat_interval_s, config.liveness)
+
+    async def connect(self, address: str) -> ShardKVNode:
+        """Connect to a shard (in-process shards share the process-wide Context) and configure it."""
+        ctx = None if address.startswith("inproc://") else self.ctx
+        client = await ShardClient.connect(address, ctx=ctx, heartbeat_interval_s=self.heartbeat_interval_s,
+                                           liveness=self.liveness)
+        try:
+            await client.configure(**self.shape)
+        except BaseException:
+            await client.close()
+            raise
+        return ShardKVNode(client)
+
+    async def stop(self) -> None:
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
 
 
 async def _close_all(nodes: list[KVNode], handles) -> None:

@@ -51,6 +51,7 @@ class DecodeStep:
         self.runner = runner
         self.trace = trace
         self.step_index = 0
+        self.graphs = None  # a cuda_graphs.DenseGraphs: dense segments replayed as CUDA graphs
         self._attend_times: list[tuple[int, int, float]] = []  # (node, context tokens, seconds)
 
     def drain_attend_times(self) -> list[tuple[int, int, float]]:
@@ -79,15 +80,23 @@ class DecodeStep:
         tokens = torch.tensor([s.output_ids[-1] for s in mb.seqs], dtype=torch.long, device=device)
         positions = torch.tensor([s.num_tokens - 1 for s in mb.seqs], dtype=torch.long, device=device)
 
+        graphs = self.graphs if self.graphs is not None and self.graphs.can_run(len(mb.seqs)) else None
+
         def first(tokens, positions):
+            if graphs is not None:
+                return graphs.first(mb.index, tokens, positions)
             x = model.embed(tokens)
             return (x, *model.pre_attention(0, x, positions))
 
         def middle(layer, x, o, positions):
+            if graphs is not None:  # x and positions live in the graphs' static buffers
+                return graphs.middle(mb.index, layer, o)
             x = model.post_attention(layer, x, o)
             return (x, *model.pre_attention(layer + 1, x, positions))
 
         def last(layer, x, o):
+            if graphs is not None:
+                return graphs.last(mb.index, o)
             return model.logits(model.post_attention(layer, x, o))
 
         x, q, k, v = await self._dense(mb, "qkv", first, tokens, positions)

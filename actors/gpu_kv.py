@@ -136,7 +136,8 @@ class GpuKVNode(KVNode):
             if len(self._rows) >= 8:
                 self._rows.clear()
             self._rows[key] = rows
-        return self.attend_rows(layer, rows, q, k, v)
+        with torch.inference_mode():
+            return self.attend_rows(layer, rows, q, k, v)
 
     async def stats(self) -> NodeStats:
         used = int(self._lengths[list(self._slot_of.values())].sum()) * self.bytes_per_token_layer * self.num_layers

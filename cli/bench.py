@@ -42,11 +42,13 @@ async def run_offline(options: dict) -> dict:
     from fastdecode.scheduler import SchedulerConfig
 
     batch, prompt_len, output_len = options["batch"], options["prompt_len"], options["output_len"]
+    mode = options["mode"]
     config = ClusterConfig(
         model=options["model"], seed=options["seed"], dtype=options["dtype"], device=options["device"],
-        num_shards=options["shards"], shard_addresses=tuple(options["shard"]),
-        shard_kv_memory_bytes=options["kv_memory"],
-        executor=ExecutorConfig(is_pipelined=options["pipeline"],
+        num_shards=0 if mode == "gpu-only" else options["shards"], shard_addresses=tuple(options["shard"]),
+        shard_kv_memory_bytes=options["kv_memory"], mode=mode, gpu_kv_memory_bytes=options["gpu_kv_memory"],
+        is_cuda_graphs=options["cuda_graphs"], expected_mean_context=prompt_len + output_len // 2,
+        executor=ExecutorConfig(is_pipelined=options["pipeline"], max_model_len=prompt_len + output_len,
                                 scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"),
                                 profile_batches=tuple(sorted({1, max(2, batch // 2), batch}))),
         is_tracing=True,
@@ -85,10 +87,13 @@ async def run_offline(options: dict) -> dict:
         summary = trace.summary()
         step_s = statistics.median(full_steps) if full_steps else None
         result = {
-            "model": options["model"], "mode": "shards" if (options["shards"] or options["shard"]) else "local",
+            "model": options["model"],
+            "mode": mode or ("shards" if (options["shards"] or options["shard"]) else "local"),
+            "mode_choice": cluster.mode_choice.to_dict() if cluster.mode_choice else None,
             "device": str(cluster.model.device), "dtype": str(cluster.model.dtype).removeprefix("torch."),
             "batch": batch, "prompt_len": prompt_len, "output_len": output_len,
-            "num_nodes": len(cluster.executor.nodes), "pipeline": options["pipeline"],
+            "num_nodes": len(cluster.executor.nodes), "pipeline": cluster.executor.config.is_pipelined,
+            "cuda_graphs": cluster.executor.decoder.graphs is not None,
             "tokens_per_s": batch * output_len / wall,
             "decode_tokens_per_s": batch / step_s if step_s else None,
             "step_ms": step_s * 1e3 if step_s else None,
@@ -122,6 +127,10 @@ def bench() -> None:
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--output-len", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--mode", default=None, type=click.Choice(["gpu-only", "shards", "hybrid"]),
+              help="Where KV lives (default: shards if any, else the local torch KV).")
+@click.option("--gpu-kv-memory", default=None, help="GPU KV pool for gpu-only/hybrid, e.g. 20GiB.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True)
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(0), help="In-process KVShards.")
 @click.option("--shard", multiple=True, help="Address of a running shard daemon (repeatable).")
 @click.option("--kv-memory", default=None, help="KV memory per in-process shard, e.g. 4GiB.")
@@ -137,7 +146,17 @@ def offline(**options) -> None:
     with one_line_errors():
         try:
             options["kv_memory"] = parse_size(options["kv_memory"]) if options["kv_memory"] else None
+            options["gpu_kv_memory"] = parse_size(options["gpu_kv_memory"]) if options["gpu_kv_memory"] else None
         except ValueError as exc:
             raise OneLineError(str(exc)) from None
         result = asyncio.run(run_offline(options))
     click.echo(json.dumps(result))
+
+
+def _add_subcommands() -> None:
+    from fastdecode.cli.bench_roofline import roofline
+
+    bench.add_command(roofline)
+
+
+_add_subcommands()

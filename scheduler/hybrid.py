@@ -12,6 +12,8 @@ Pure arithmetic on the calibrated models; the Cluster asks once at start-up.
   the two: ``step = 2 L max(gpu side, shard side)``.  Every ``g`` the GPU's memory
   allows is tried, with the shards' memory as a limit; the best tokens/s is kept.
 
+Each shard-side layer also pays ``message_s`` for the attend messages (the
+per-message Python work the calibrated shard model leaves out).
 ``choose_mode`` returns "hybrid" only when its best tokens/s beats gpu-only's by
 ``min_gain`` (a prediction error smaller than that must not make us slower).
 """
@@ -21,6 +23,12 @@ from dataclasses import dataclass
 
 from fastdecode.scheduler.node import NodeModel
 from fastdecode.scheduler.perf_model import GpuPerfModel
+
+
+# Per attend message to the shards, beyond the node's calibrated call: the Executor's and the
+# shard's Python work per message (docs/benchmarks.md, H100 host: a layer took 8-14 ms at batch 64
+# over 4 in-process shards and two mini-batches, ~1 ms per message, against ~1.3 ms of KV reading).
+MESSAGE_S = 1e-3
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ def gpu_only_step_s(gpu: GpuPerfModel, gpu_node: NodeModel, batch: int, mean_con
 
 
 def hybrid_step_s(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel], batch: int,
-                  on_gpu: int, mean_context: float) -> float:
+                  on_gpu: int, mean_context: float, message_s: float = 0.0) -> float:
     layers = gpu_node.num_layers
     on_shards = batch - on_gpu
     gpu_side = gpu.predict(batch / 2) / layers + gpu_node.predict_attend_s(on_gpu * mean_context / 2)
@@ -54,11 +62,14 @@ def hybrid_step_s(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel
     total = sum(bandwidths)
     shard_side = max((s.predict_attend_s(on_shards * w / total * mean_context / 2) for s, w in zip(shards, bandwidths)),
                      default=0.0)
+    if on_shards:
+        shard_side += message_s
     return 2 * layers * max(gpu_side, shard_side)
 
 
 def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel], *, batch: int,
-                mean_context: float, final_len: int, min_gain: float = 0.03) -> ModeChoice:
+                mean_context: float, final_len: int, min_gain: float = 0.03,
+                message_s: float = MESSAGE_S) -> ModeChoice:
     """gpu-only or hybrid for ``batch`` sequences of ``mean_context`` tokens, ``final_len`` at most."""
     if batch < 1 or mean_context <= 0 or final_len < 1:
         raise ValueError("batch, mean_context and final_len must be positive")
@@ -71,7 +82,7 @@ def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel],
     for on_gpu in range(max(0, batch - shard_cap), min(batch, gpu_cap) + 1):
         if not shards and on_gpu < batch:
             continue
-        step = hybrid_step_s(gpu, gpu_node, shards, batch, on_gpu, mean_context)
+        step = hybrid_step_s(gpu, gpu_node, shards, batch, on_gpu, mean_context, message_s)
         if batch / step > best[0]:
             best = (batch / step, step, on_gpu)
     mode = "hybrid" if best[0] > only_rate * (1 + min_gain) else "gpu-only"

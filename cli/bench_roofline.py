@@ -1,0 +1,195 @@
+"""``fdctl bench roofline``: the gpu-only decode step against the HBM roofline, and against transformers.
+
+In one process: the device-to-device copy bandwidth of a large buffer (bytes read
+plus written), then for each batch size the gpu-only decode step (one model load,
+one GPU KV node; the step is the median time per output token once the whole
+batch decodes), and ``roofline_ms = (weight bytes read + KV bytes read) /
+bandwidth``. Weight bytes read are every parameter but the embedding table (of
+which a step reads B rows); KV bytes read are the batch's mean context in all
+layers. Optionally ``transformers`` ``generate`` with a static cache on the same
+random weights shape and batch: time per step from two generate lengths.
+Prints one JSON object last on stdout.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import click
+
+from fastdecode.cli.generate import OneLineCommand, one_line_errors
+
+
+def copy_bandwidth_gbps(device, num_bytes: int = 2 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth, counting bytes read and written, best of ``repeats``."""
+    import torch
+
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * num_bytes / best / 1e9
+
+
+async def decode_batch(executor, batch: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> dict:
+    """Run ``batch`` random prompts to exactly ``output_len`` tokens; TTFT and per-token times."""
+    from fastdecode.actors.request import SamplingParams
+
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    ttft: list[float] = []
+    tpot: list[float] = []
+
+    async def one() -> None:
+        start = time.perf_counter()
+        first = last = None
+        count = 0
+        async for event in executor.submit([rng.randrange(vocab) for _ in range(prompt_len)], params):
+            if event.error:
+                raise RuntimeError(event.error)
+            last = time.perf_counter()
+            first = first or last
+            count += 1
+        ttft.append(first - start)
+        if count > 1:
+            tpot.append((last - first) / (count - 1))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(batch)))
+    return {"wall_s": time.perf_counter() - start, "ttft_s": ttft, "tpot_s": tpot}
+
+
+async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is_graphs: bool, seed: int) -> list:
+    from fastdecode.actors.cuda_graphs import DenseGraphs
+    from fastdecode.actors.executor import Executor, ExecutorConfig
+    from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
+    from fastdecode.scheduler import SchedulerConfig
+
+    cfg = model.config
+    final_len = prompt_len + output_len
+    kv_token = cfg.kv_bytes_per_token(model.dtype.itemsize)
+    node = GpuKVNode.for_model("gpu", model, GpuKVConfig(memory_bytes=max(batches) * final_len * kv_token,
+                                                          slot_len=final_len))
+    graphs = DenseGraphs(model, max_batch=max(batches)) if is_graphs else None
+    rows = []
+    for batch in batches:
+        config = ExecutorConfig(max_model_len=final_len, is_pipelined=False,
+                                scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"))
+        executor = Executor(model, [node], config, eos_token_ids=())
+        executor.decoder.graphs = graphs
+        await executor.start()
+        try:
+            await decode_batch(executor, batch, prompt_len, 4, cfg.vocab_size, seed)  # warm-up, graph capture
+            run = await decode_batch(executor, batch, prompt_len, output_len, cfg.vocab_size, seed)
+        finally:
+            await executor.stop()
+        rows.append({"batch": batch, "step_ms": statistics.median(run["tpot_s"]) * 1e3,
+                     "tokens_per_s": batch * output_len / run["wall_s"]})
+    return rows
+
+
+def weight_bytes_read(model, batch: int) -> int:
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head_weight is not None:  # the embedding table is read B rows at a time
+        total -= model.embed_weight.numel() * model.embed_weight.element_size()
+        total += batch * model.config.hidden_size * model.embed_weight.element_size()
+    return total
+
+
+def transformers_step_ms(cfg, batch: int, prompt_len: int, output_len: int, device) -> float:
+    """transformers ``generate`` with a static cache: (t(1 + N) - t(1)) / N per step."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(hf).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
+
+    def timed(new_tokens: int) -> float:
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                                 pad_token_id=0)
+        torch.cuda.synchronize(device)
+        assert out.shape[1] == prompt_len + new_tokens
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up
+    step = (timed(1 + output_len) - timed(1)) / output_len
+    del model
+    torch.cuda.empty_cache()
+    return step * 1e3
+
+
+async def run_roofline(options: dict) -> dict:
+    import torch
+
+    from fastdecode.actors.model import load_model
+
+    device = torch.device(options["device"])
+    bandwidth = copy_bandwidth_gbps(device)
+    model, _ = await asyncio.to_thread(load_model, options["model"], dtype=options["dtype"], device=str(device),
+                                       seed=options["seed"])
+    batches = [int(b) for b in options["batches"].split(",")]
+    prompt_len, output_len = options["prompt_len"], options["output_len"]
+    mean_context = prompt_len + output_len / 2
+    kv_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
+    result = {"model": options["model"], "device": torch.cuda.get_device_name(device), "hbm_copy_gbps": bandwidth,
+              "prompt_len": prompt_len, "output_len": output_len, "rows": []}
+    for is_graphs in (True, False) if options["compare_eager"] else (True,):
+        rows = await gpu_only_steps(model, batches, prompt_len, output_len, is_graphs=is_graphs,
+                                    seed=options["seed"])
+        for row in rows:
+            read = weight_bytes_read(model, row["batch"]) + row["batch"] * mean_context * kv_token
+            row["roofline_ms"] = read / (bandwidth * 1e9) * 1e3
+            row["ratio"] = row["step_ms"] / row["roofline_ms"]
+            row["cuda_graphs"] = is_graphs
+        result["rows"].extend(rows)
+        click.echo(json.dumps(rows), err=True)
+    cfg = model.config
+    del model
+    torch.cuda.empty_cache()
+    if options["transformers_batches"]:
+        ours = {r["batch"]: r["step_ms"] for r in result["rows"] if r["cuda_graphs"]}
+        result["transformers"] = []
+        for batch in (int(b) for b in options["transformers_batches"].split(",")):
+            step = transformers_step_ms(cfg, batch, prompt_len, output_len, device)
+            result["transformers"].append({"batch": batch, "hf_step_ms": step, "ours_step_ms": ours.get(batch),
+                                           "speedup": step / ours[batch] if batch in ours else None})
+    return result
+
+
+@click.command("roofline", cls=OneLineCommand)
+@click.option("--model", default="random:llama3-8b", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--batches", default="1,2,4,8,16,32,64", show_default=True)
+@click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--output-len", default=32, show_default=True, type=click.IntRange(2))
+@click.option("--transformers-batches", default="16,64", show_default=True, help="'' to skip the comparison.")
+@click.option("--compare-eager/--no-compare-eager", default=False, show_default=True,
+              help="Also measure without CUDA graphs.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def roofline(**options) -> None:
+    """The gpu-only decode step against the HBM roofline (CUDA only)."""
+    with one_line_errors():
+        result = asyncio.run(run_roofline(options))
+    click.echo(json.dumps(result))
