@@ -6,6 +6,17 @@ ask the scheduler for a plan (``fastdecode.scheduler``: preemptions, admissions
 with placement, the two mini-batches), carry it out (free preempted KV, prefill
 admitted sequences on the Executor's device and ship their K/V to their node),
 then run one decode step over the mini-batches and sample.
+
+KV nodes fail and come back (``GuardedNode``, ``Reconnector``): at each step
+boundary a failed or draining node leaves the scheduler and the sequences it
+held are requeued; they are rebuilt on surviving nodes by prefilling prompt plus
+the tokens already generated, so their streams go on with no token duplicated or
+missing. Rows of a node that failed during a decode step are dropped from that
+step's sampling and decoded again once rebuilt; rows of the other nodes complete
+normally. A node that returns is a new epoch and is used again. With no node
+left, running requests end with an error and new ones are refused
+(``UnavailableError``) until one returns. ``drain()`` stops admitting and lets
+the accepted requests finish.
 """
 from __future__ import annotations
 
@@ -19,9 +30,12 @@ import torch
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
+from fastdecode.actors.guarded_node import GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
 from fastdecode.actors.prefill import prefill
+from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
+from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import SamplingRow, make_generator, sample
 from fastdecode.actors.sequence import Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
@@ -32,6 +46,8 @@ log = logging.getLogger("fastdecode.executor")
 # A node's attend-time model before it is measured: 100 us per call, 5 GB/s.
 DEFAULT_ATTEND_OVERHEAD_S = 1e-4
 DEFAULT_ATTEND_BYTES_PER_S = 5e9
+NODE_POLL_S = 0.5  # an idle Executor looks at its nodes' heartbeats this often
+DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,41 +76,8 @@ class QueueFullError(RequestError):
     """More requests waiting than ``max_queue`` allows."""
 
 
-class RequestStream:
-    """The token events of one request; closing it early cancels the request."""
-
-    def __init__(self, executor: "Executor", seq: Sequence) -> None:
-        self._executor = executor
-        self._seq = seq
-        self._is_done = False
-
-    @property
-    def request_id(self) -> int:
-        return self._seq.seq_id
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._is_done:
-            raise StopAsyncIteration
-        try:
-            event = await self._seq.events.get()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if event.finish_reason is not None:
-            self._is_done = True
-        return event
-
-    def cancel(self) -> None:
-        """Stop the request; its KV is freed before the next step."""
-        if not self._is_done:
-            self._is_done = True
-            self._executor.abort(self._seq.seq_id)
-
-    async def aclose(self) -> None:
-        self.cancel()
+class UnavailableError(RequestError):
+    """The Executor takes no request now: it is draining, or no KV node is alive (retry later)."""
 
 
 def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_token: int) -> NodeModel:
@@ -124,11 +107,16 @@ def halves_per_node(seqs: list[Sequence]) -> list[list[Sequence]]:
 
 class Executor:
     def __init__(self, model, nodes: list[KVNode], config: ExecutorConfig, *, eos_token_ids,
-                 trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None) -> None:
+                 trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None,
+                 node_factories: list[NodeFactory | None] | None = None,
+                 reconnect_backoff: Backoff = Backoff()) -> None:
+        """``node_factories[i]``, when given, makes a fresh node ``i`` after it failed (None: it never returns)."""
         if not nodes:
             raise ValueError("the Executor needs at least one KV node")
+        if node_factories is not None and len(node_factories) != len(nodes):
+            raise ValueError("give one node factory (or None) per node")
         self.model = model
-        self.nodes = nodes
+        self.nodes: list[GuardedNode] = [GuardedNode(node, epoch=1) for node in nodes]
         self.config = config
         context = model.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or context, context)
@@ -137,7 +125,7 @@ class Executor:
         self.trace = trace
         self.gpu_model = gpu_model
         self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
-        self.decoder = DecodeStep(model, nodes, self.runner, trace)
+        self.decoder = DecodeStep(model, self.nodes, self.runner, trace)  # the same list: restored nodes show
         self.scheduler: Scheduler | None = None  # made by start(), from the nodes' capacities
         self.last_plan: StepPlan | None = None
         self.predicted_steps_s: list[float] = []  # with a trace: the plan's prediction of each traced step
@@ -147,6 +135,11 @@ class Executor:
         self._task: asyncio.Task | None = None
         self.num_steps = 0
         self.last_step_s = 0.0
+        self.num_recovered = 0  # sequences rebuilt on another node after theirs failed or drained
+        self.is_draining = False
+        self._reconnector = Reconnector(node_factories or [None] * len(nodes), on_ready=self._wakeup.set,
+                                        backoff=reconnect_backoff)
+        self._orphans: dict[int, set[int]] = {}  # node index -> sequences a lost epoch of it may still hold
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -160,8 +153,20 @@ class Executor:
         self.scheduler = Scheduler(self.config.scheduler, models, gpu=self.gpu_model)
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait until the accepted ones finished (True) or ``timeout_s`` passed."""
+        self.is_draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._sequences and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self._sequences:
+            log.warning("drain deadline: %d request(s) still unfinished", len(self._sequences))
+        return not self._sequences
+
     async def stop(self) -> None:
         """Stop the loop; unfinished requests end with an error event."""
+        await self._reconnector.close()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -177,6 +182,10 @@ class Executor:
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        if self.is_draining:
+            raise UnavailableError("the server is shutting down and takes no new requests")
+        if not self.has_live_node:
+            raise UnavailableError("no KV node is reachable; retry when one returns")
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -214,12 +223,27 @@ class Executor:
     def num_running(self) -> int:
         return self.scheduler.num_running if self.scheduler else 0
 
+    @property
+    def live_nodes(self) -> list[GuardedNode]:
+        return [node for node in self.nodes if node.is_alive]
+
+    @property
+    def has_live_node(self) -> bool:
+        return any(node.is_alive for node in self.nodes)
+
     # ---- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
             if not self._sequences:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                try:
+                    await self._apply_node_changes()
+                except Exception:  # a node that fails while being restored is retried later
+                    log.exception("node bookkeeping failed")
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), NODE_POLL_S)
+                except TimeoutError:
+                    pass  # time to look at the nodes' heartbeats again
                 continue
             try:
                 await self.step()
@@ -233,25 +257,44 @@ class Executor:
         loop = asyncio.get_running_loop()
         start = loop.time()
         await self._reap()
+        await self._apply_node_changes()
+        if not self._sequences:
+            return
         plan = self.scheduler.schedule()
         self.last_plan = plan
         for preemption in plan.preempted:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
         for admission in plan.admitted:
             await self._prefill(self._sequences[admission.seq_id], admission.node_id)
-        minibatches = [[self._sequences[i] for i in ids if i in self._sequences] for ids in plan.minibatches]
+        minibatches = [[s for s in (self._sequences.get(i) for i in ids) if s is not None and self._is_placed(s)]
+                       for ids in plan.minibatches]
         minibatches = [mb for mb in minibatches if mb]
         if minibatches:
             await self._decode(minibatches)
         self.num_steps += 1
         self.last_step_s = loop.time() - start
 
+    def _is_placed(self, seq: Sequence) -> bool:
+        """The sequence's KV is on a live node, in the epoch it was placed in."""
+        if seq.status is not SeqStatus.RUNNING or seq.node_index is None:
+            return False
+        node = self.nodes[seq.node_index]
+        return node.is_alive and node.epoch == seq.node_epoch
+
     async def _release(self, seq: Sequence) -> None:
-        """Free the sequence's KV on its node, if it holds any."""
-        if seq.status is SeqStatus.RUNNING:
-            node_index, seq.node_index = seq.node_index, None
-            seq.status = SeqStatus.WAITING
-            await self.nodes[node_index].free([seq.seq_id])
+        """Free the sequence's KV on its node, if it holds any. KV on a dead node is remembered as an
+        orphan of that node, freed if the same shard comes back; an older epoch's KV is never sent to a newer one."""
+        if seq.status is not SeqStatus.RUNNING:
+            return
+        node_index, seq.node_index = seq.node_index, None
+        seq.status = SeqStatus.WAITING
+        node = self.nodes[node_index]
+        if node.epoch != seq.node_epoch:
+            return
+        try:
+            await node.free([seq.seq_id])
+        except NodeFailedError:
+            self._orphans.setdefault(node_index, set()).add(seq.seq_id)
 
     async def _finish(self, seq: Sequence, event: TokenEvent, *, is_counted: bool) -> None:
         """Leave the batch: forget it in the scheduler, free KV at once, tell the stream."""
@@ -279,6 +322,58 @@ class Executor:
             except Exception:  # the node may be what failed; the request has its error event anyway
                 log.exception("freeing sequence %d failed", seq.seq_id)
 
+    # ---- failed, draining and returning nodes -------------------------------------------------
+    async def _apply_node_changes(self) -> None:
+        """At a step boundary: retire failed nodes, take back returned ones, keep the scheduler in step."""
+        for index, node in enumerate(self.nodes):
+            node.refresh()
+            if not node.is_alive and not node.is_retired:
+                node.is_retired = True
+                log.warning("KV node %d (%s) leaves: %s; %d sequence(s) to rebuild elsewhere", index,
+                            node.node_id, node.failure,
+                            sum(1 for s in self._sequences.values() if s.node_index == index))
+                self._reconnector.watch(index)
+                if node.state is NodeState.DEAD:
+                    await node.close()  # stop its heartbeats; the reconnect makes a new client
+        for index, fresh in self._reconnector.take_ready():
+            await self._restore(index, fresh)
+        in_scheduler = self.scheduler.nodes
+        for index in sorted(in_scheduler):
+            if not self.nodes[index].is_alive and len(self.scheduler.nodes) > 1:
+                for preemption in self.scheduler.remove_node(index):
+                    await self._requeue(self._sequences[preemption.seq_id])
+        if not any(self.nodes[i].is_alive for i in self.scheduler.nodes) and self._sequences:
+            reasons = "; ".join(f"{n.node_id}: {n.failure}" for n in self.nodes)
+            await self._fail_all(f"no KV node is left ({reasons})")
+
+    async def _requeue(self, seq: Sequence) -> None:
+        """The scheduler requeued ``seq`` off a failed or draining node: drop its KV there, rebuild it later."""
+        await self._release(seq)
+        seq.is_recovering = True
+
+    async def _restore(self, index: int, fresh: KVNode) -> None:
+        """Node ``index`` came back: a new epoch; free what an older epoch may have left; schedule on it again."""
+        old = self.nodes[index]
+        orphans = sorted(self._orphans.get(index, set()))
+        try:
+            if orphans:
+                await free_leftovers(fresh, orphans)
+            stats = await fresh.stats()
+        except Exception as exc:  # it failed again at once: keep trying
+            log.warning("KV node %d failed again while coming back: %s: %s", index, type(exc).__name__, exc)
+            await fresh.close()
+            self._reconnector.watch(index)
+            return
+        self._orphans.pop(index, None)
+        node = GuardedNode(fresh, epoch=old.epoch + 1)
+        self.nodes[index] = node
+        if old.state is NodeState.DRAINING:
+            await old.close()
+        if index not in self.scheduler.nodes:
+            self.scheduler.add_node(node_model(index, stats, num_layers=self.model.config.num_layers,
+                                               kv_bytes_per_token=self.kv_bytes_per_token))
+        log.info("KV node %d (%s) is back as epoch %d", index, node.node_id, node.epoch)
+
     # ---- preemption and prefill --------------------------------------------------------------
     async def _preempt(self, seq: Sequence, node_index: int) -> None:
         log.info("node %d is full: preempting sequence %d (%d tokens out)", node_index, seq.seq_id,
@@ -296,11 +391,18 @@ class Executor:
         logits, k, v = await self.runner.run(prefill, self.model, tokens)
         if node.is_host:
             k, v = await self.runner.to_host(k, v)
-        await node.allocate([seq.seq_id])
-        seq.node_index = node_index
-        seq.status = SeqStatus.RUNNING
-        await node.append_prompt(seq.seq_id, k, v)
+        # placed from here on (as the scheduler sees it): a node failure requeues it at the next step
+        seq.node_index, seq.node_epoch, seq.status = node_index, node.epoch, SeqStatus.RUNNING
+        try:
+            await node.allocate([seq.seq_id])
+            await node.append_prompt(seq.seq_id, k, v)
+        except NodeFailedError as exc:
+            log.warning("prefill of sequence %d not placed: %s", seq.seq_id, exc)
+            return
         seq.num_cached = len(ids)
+        if seq.is_recovering:
+            seq.is_recovering = False
+            self.num_recovered += 1
         if not is_resumed:
             await self._sample_and_emit([seq], logits)
 
@@ -318,12 +420,22 @@ class Executor:
                                 sum(len(mb.seqs) for mb in minibatches))
             self.predicted_steps_s.append(self.last_plan.predicted_step_s)
         for node_index, num_tokens, seconds in self.decoder.drain_attend_times():
-            self.scheduler.observe_attend(node_index, num_tokens * self.kv_bytes_per_token
-                                          / self.model.config.num_layers, seconds)
+            if self.nodes[node_index].is_alive:
+                self.scheduler.observe_attend(node_index, num_tokens * self.kv_bytes_per_token
+                                              / self.model.config.num_layers, seconds)
         for mb, mb_logits in zip(minibatches, logits):
-            for seq in mb.seqs:
+            # rows whose node failed during the step got zeros from it: no token for them now;
+            # they are rebuilt elsewhere and decode this position again
+            rows = [row for row, seq in enumerate(mb.seqs) if self._is_placed(seq)]
+            if len(rows) < len(mb.seqs):
+                log.warning("step %d: %d row(s) of mini-batch %d lost their node; redone after the rebuild",
+                            self.decoder.step_index, len(mb.seqs) - len(rows), mb.index)
+                mb_logits = mb_logits[torch.tensor(rows, dtype=torch.long, device=mb_logits.device)]
+            seqs = [mb.seqs[row] for row in rows]
+            for seq in seqs:
                 seq.num_cached = seq.num_tokens
-            await self._sample_and_emit(mb.seqs, mb_logits)
+            if seqs:
+                await self._sample_and_emit(seqs, mb_logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         """Token ids, logprobs and top logprobs as Python values (runs on the dense thread)."""

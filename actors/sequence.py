@@ -29,11 +29,13 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     node_index: int | None = None  # which KV node holds it while RUNNING
+    node_epoch: int = 0  # that node's connection epoch when the sequence was placed on it
     num_cached: int = 0  # tokens whose K/V are on the node
     arrival_s: float = field(default_factory=time.monotonic)
     admitted_order: int = -1  # larger = admitted later (the youngest is preempted first)
     is_abort_requested: bool = False
     num_preemptions: int = 0
+    is_recovering: bool = False  # its node failed or drained: the next prefill rebuilds it elsewhere
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,173 @@
+"""A KV node as the Executor holds it: one connection epoch, and what became of it.
+
+The Executor wraps every KV node in a ``GuardedNode``. A transport failure of the
+node (no heartbeat answer, a timed-out request, a shard that lost its state or
+says it is draining) does not escape as an exception in the middle of a decode
+step: the node is marked failed (``DEAD``) or ``DRAINING`` and its attends from
+then on return zeros, so the step runs to its end for every other row and the
+Executor drops the rows of the failed node (their sequences are rebuilt
+elsewhere). Calls that place KV (allocate, append_prompt) raise
+``NodeFailedError`` instead. Each (re)connection is a new ``GuardedNode`` with the
+next epoch; a sequence remembers the epoch it was placed in, and what belongs to
+an older epoch is never sent to the new one.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+
+import numpy as np
+import torch
+
+from fastdecode.actors.kv_nodes import KVNode, NodeStats
+from fastdecode.actors.shard_drain import DRAINING
+from fastdecode.transport.control_messages import ACTOR_STOPPED
+from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
+
+log = logging.getLogger("fastdecode.executor")
+
+# Error replies meaning the shard no longer holds what this connection put there: kvshard's
+# NOT_CONFIGURED and UNKNOWN_SEQUENCE (spelt out, not imported: the Executor does not load the
+# native library; a test checks they agree) and the runtime's ACTOR_STOPPED.
+UNKNOWN_SEQUENCE = "unknown_sequence"
+LOST_STATE_CODES = frozenset({"not_configured", UNKNOWN_SEQUENCE, ACTOR_STOPPED})
+
+
+class NodeState(enum.Enum):
+    ALIVE = "alive"
+    DRAINING = "draining"  # refuses new work, still frees: its sequences move away as planned
+    DEAD = "dead"  # unreachable or lost its state: nothing more is sent to this epoch
+
+
+class NodeFailedError(Exception):
+    """A KV node failed or is draining; the Executor moves its sequences away."""
+
+    def __init__(self, node_id: str, reason: str) -> None:
+        super().__init__(f"KV node {node_id}: {reason}")
+        self.node_id = node_id
+        self.reason = reason
+
+
+def classify_failure(exc: BaseException) -> NodeState | None:
+    """The node state an error of one call implies, or None if it is not a node failure."""
+    if isinstance(exc, (PeerDeadError, RequestTimeoutError)):
+        return NodeState.DEAD
+    if isinstance(exc, RemoteRequestError):
+        if exc.code == DRAINING:
+            return NodeState.DRAINING
+        if exc.code in LOST_STATE_CODES:
+            return NodeState.DEAD
+    return None
+
+
+async def free_leftovers(node: KVNode, seq_ids: list[int]) -> None:
+    """Free what a lost epoch may have left on a node that came back (a restarted shard holds none of it)."""
+    try:
+        await node.free(seq_ids)
+    except RemoteRequestError as exc:
+        if exc.code != UNKNOWN_SEQUENCE:
+            raise
+        log.info("KV node %s did not hold %d leftover sequence(s): %s", node.node_id, len(seq_ids), exc.message)
+
+
+class GuardedNode(KVNode):
+    """One epoch of a KV node; see the module docstring."""
+
+    def __init__(self, inner: KVNode, *, epoch: int) -> None:
+        self.inner = inner
+        self.epoch = epoch
+        self.node_id = inner.node_id
+        self.is_host = inner.is_host
+        self.state = NodeState.ALIVE
+        self.failure: str | None = None
+        self.is_retired = False  # the Executor has moved this epoch's sequences away
+
+    @property
+    def is_alive(self) -> bool:
+        return self.state is NodeState.ALIVE
+
+    @property
+    def client(self):
+        """The ShardClient of a shard node (AttributeError for a local node)."""
+        return self.inner.client
+
+    def refresh(self) -> None:
+        """Notice a heartbeat loss that happened between calls."""
+        client = getattr(self.inner, "client", None)
+        if self.is_alive and client is not None and not client.is_alive:
+            self.mark(NodeState.DEAD, "no heartbeat answer")
+
+    def mark(self, state: NodeState, reason: str) -> None:
+        """Move to DRAINING or DEAD (never back: a node that returns is a new epoch)."""
+        if self.state is NodeState.DEAD or state is NodeState.ALIVE or state is self.state:
+            return
+        self.state = state
+        self.failure = reason
+        level = logging.INFO if state is NodeState.DRAINING else logging.WARNING
+        log.log(level, "KV node %s (epoch %d) is %s: %s", self.node_id, self.epoch, state.value, reason)
+
+    def _failed(self, exc: BaseException) -> NodeFailedError | None:
+        state = classify_failure(exc)
+        if state is None:
+            return None
+        self.mark(state, f"{type(exc).__name__}: {exc}")
+        return NodeFailedError(self.node_id, self.failure or str(exc))
+
+    def _require_alive(self) -> None:
+        if not self.is_alive:
+            raise NodeFailedError(self.node_id, self.failure or self.state.value)
+
+    async def allocate(self, seq_ids: list[int]) -> None:
+        self._require_alive()
+        try:
+            await self.inner.allocate(seq_ids)
+        except Exception as exc:
+            failed = self._failed(exc)
+            if failed is None:
+                raise
+            raise failed from exc
+
+    async def append_prompt(self, seq_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._require_alive()
+        try:
+            await self.inner.append_prompt(seq_id, k, v)
+        except Exception as exc:
+            failed = self._failed(exc)
+            if failed is None:
+                raise
+            raise failed from exc
+
+    async def attend(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> torch.Tensor:
+        """The node's output, or zeros once it failed (the Executor drops those rows)."""
+        if self.is_alive:
+            try:
+                return await self.inner.attend(layer, seq_ids, q, k, v)
+            except Exception as exc:
+                if self._failed(exc) is None:
+                    raise
+        return torch.zeros_like(q)
+
+    async def free(self, seq_ids: list[int]) -> None:
+        """Free on a live or draining node; raises NodeFailedError when the node is (or turns out) dead."""
+        if self.state is NodeState.DEAD:
+            raise NodeFailedError(self.node_id, self.failure or "dead")
+        try:
+            await self.inner.free(seq_ids)
+        except Exception as exc:
+            state = classify_failure(exc)
+            if state is None:
+                raise
+            if state is NodeState.DEAD:
+                self.mark(state, f"{type(exc).__name__}: {exc}")
+                raise NodeFailedError(self.node_id, self.failure or str(exc)) from exc
+            # a draining node refusing a free is not expected (it frees to drain); the KV stays there
+            log.warning("KV node %s refused to free %s: %s", self.node_id, seq_ids, exc)
+
+    async def stats(self) -> NodeStats:
+        if self.state is NodeState.DEAD:
+            raise NodeFailedError(self.node_id, self.failure or "dead")
+        return await self.inner.stats()
+
+    async def close(self) -> None:
+        await self.inner.close()

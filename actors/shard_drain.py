@@ -1,0 +1,75 @@
+"""A KVShard that can drain: on SIGTERM a shard daemon first lets the Executor move its sequences away.
+
+Once ``is_draining`` is set, every request that would place or use KV
+(Configure, Allocate, AppendPrompt, Attend) is refused with the error code
+``draining``; Free and GetStats are still served. The Executor takes that code
+as a planned removal: it stops sending work there, rebuilds the shard's
+sequences on the other nodes and frees them here. The daemon exits when the
+shard holds no sequence any more (or at its drain deadline).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastdecode.actors.runtime import ActorError
+from fastdecode.transport.shard_messages import (
+    Allocate,
+    AppendPrompt,
+    Attend,
+    AttendResult,
+    Configure,
+    Free,
+    GetStats,
+    ShardStats,
+)
+
+if TYPE_CHECKING:  # the Executor imports DRAINING without loading the native library
+    from fastdecode.actors.kvshard import KVShard
+
+DRAINING = "draining"  # the ErrorReply code of a draining shard
+
+
+class DrainableShard:
+    """Delegates to a KVShard; handlers run on the actor's one worker thread."""
+
+    def __init__(self, shard: "KVShard") -> None:
+        self.shard = shard
+        self.is_draining = False  # set from the event loop; read by handlers (a plain bool)
+        self._seq_ids: set[int] = set()
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._seq_ids)
+
+    def _refuse_if_draining(self) -> None:
+        if self.is_draining:
+            raise ActorError(DRAINING, "this shard is shutting down; move its sequences elsewhere")
+
+    def on_configure(self, message: Configure) -> ShardStats:
+        self._refuse_if_draining()
+        return self.shard.on_configure(message)
+
+    def on_allocate(self, message: Allocate) -> None:
+        self._refuse_if_draining()
+        self.shard.on_allocate(message)
+        self._seq_ids.update(message.seq_ids)
+
+    def on_free(self, message: Free) -> None:
+        try:
+            self.shard.on_free(message)
+        finally:  # unknown ids are reported after the known ones were freed
+            self._seq_ids.difference_update(message.seq_ids)
+
+    def on_append_prompt(self, message: AppendPrompt) -> None:
+        self._refuse_if_draining()
+        self.shard.on_append_prompt(message)
+
+    def on_attend(self, message: Attend) -> AttendResult:
+        self._refuse_if_draining()
+        return self.shard.on_attend(message)
+
+    def on_get_stats(self, message: GetStats) -> ShardStats:
+        return self.shard.on_get_stats(message)
+
+    def close(self) -> None:
+        self.shard.close()

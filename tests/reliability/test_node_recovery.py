@@ -1,0 +1,142 @@
+"""The Executor's recovery from failed, draining and returning KV nodes, on local nodes that can be
+killed at a chosen attend (no processes): every stream goes on with exactly its solo greedy tokens."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from fastdecode.actors.executor import Executor, ExecutorConfig, UnavailableError
+from fastdecode.actors.guarded_node import LOST_STATE_CODES, UNKNOWN_SEQUENCE, NodeState
+from fastdecode.actors.kv_nodes import LocalKVNode
+from fastdecode.actors.recovery import Backoff
+from fastdecode.actors.request import SamplingParams
+from greedy_compare import assert_same_greedy
+from reliability_helpers import KillableNode, Revivable, collect, reference_greedy
+
+FAST_BACKOFF = Backoff(initial_s=0.01, max_s=0.05)
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def make_requests(model, count: int, seed: int) -> list[tuple[list[int], SamplingParams]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(3, model.config.vocab_size) for _ in range(rng.randrange(2, 24))],
+             greedy(rng.randrange(12, 28))) for _ in range(count)]
+
+
+async def start_executor(model, num_nodes: int, *, is_pipelined: bool = True):
+    inners = [LocalKVNode.for_model(f"n{i}", model, 16 << 20) for i in range(num_nodes)]
+    nodes = [KillableNode(inner, f"n{i}") for i, inner in enumerate(inners)]
+    factories = [Revivable(inner, f"n{i}") for i, inner in enumerate(inners)]
+    executor = Executor(model, nodes, ExecutorConfig(is_pipelined=is_pipelined), eos_token_ids=[],
+                        node_factories=factories, reconnect_backoff=FAST_BACKOFF)
+    await executor.start()
+    return executor, nodes, factories, inners
+
+
+def check_solo(model, requests, outputs, label: str) -> None:
+    for (prompt, params), (tokens, reason) in zip(requests, outputs):
+        assert reason == "length" and len(tokens) == params.max_tokens, (label, reason, len(tokens))
+        ref_tokens, gaps = reference_greedy(model, prompt, params.max_tokens)
+        assert_same_greedy(tokens, ref_tokens, gaps, label=label, min_compared=4)
+
+
+@pytest.mark.parametrize("is_pipelined", [True, False], ids=["pipeline", "no-pipeline"])
+async def test_node_dying_mid_step_loses_and_repeats_no_token(tiny_model, one_torch_thread, is_pipelined):
+    model, _ = tiny_model
+    executor, nodes, _, inners = await start_executor(model, 3, is_pipelined=is_pipelined)
+    try:
+        nodes[1].die_at_attend = 3 * model.config.num_layers + 1  # inside the 4th step that uses it
+        requests = make_requests(model, 12, seed=1)
+        outputs = await asyncio.gather(*(collect(executor.submit(p, s)) for p, s in requests))
+        assert nodes[1].is_dead and executor.nodes[1].state is NodeState.DEAD
+        assert executor.num_recovered > 0
+        assert all(n == 0 for n in (len(inners[0]._num_tokens), len(inners[2]._num_tokens)))
+    finally:
+        await executor.stop()
+    check_solo(model, requests, outputs, f"node died, pipeline={is_pipelined}")
+
+
+async def test_draining_node_hands_its_sequences_over_and_is_freed(tiny_model, one_torch_thread):
+    model, _ = tiny_model
+    executor, nodes, _, inners = await start_executor(model, 2)
+    try:
+        requests = make_requests(model, 8, seed=2)
+        streams = [executor.submit(p, s) for p, s in requests]
+        first = await asyncio.gather(*(anext(s) for s in streams))  # every request has started
+        on_node0 = len(inners[0]._num_tokens)
+        assert on_node0 > 0
+        nodes[0].is_draining = True
+        rest = await asyncio.gather(*(collect(s) for s in streams))
+        assert executor.nodes[0].state is NodeState.DRAINING
+        assert nodes[0].num_freed >= on_node0 and not inners[0]._num_tokens  # all moved away and freed
+        assert executor.num_recovered >= on_node0
+    finally:
+        await executor.stop()
+    outputs = [([f.token_id, *tokens], reason) for f, (tokens, reason) in zip(first, rest)]
+    check_solo(model, requests, outputs, "drained node")
+
+
+async def test_no_node_left_fails_running_requests_and_refuses_until_one_returns(tiny_model, one_torch_thread):
+    model, _ = tiny_model
+    executor, nodes, factories, inners = await start_executor(model, 2)
+    try:
+        prompt = [5, 6, 7, 8]
+        streams = [executor.submit(prompt, greedy(200)) for _ in range(4)]
+        await asyncio.gather(*(anext(s) for s in streams))
+        for node in nodes:
+            node.is_dead = True
+        ends = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 10)
+        assert all(reason == "error" for _, reason in ends)
+        for _ in range(100):
+            if not executor.has_live_node:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(UnavailableError, match="no KV node"):
+            executor.submit(prompt, greedy(4))
+        factories[1].is_back = True  # the same node (its cache kept, as after a cut link) returns
+        for _ in range(200):
+            if executor.has_live_node:
+                break
+            await asyncio.sleep(0.01)
+        assert executor.nodes[1].is_alive and executor.nodes[1].epoch == 2
+        assert not inners[1]._num_tokens  # what the lost epoch left there was freed on return
+        tokens, reason = await collect(executor.submit(prompt, greedy(16)))
+        assert reason == "length"
+        ref_tokens, gaps = reference_greedy(model, prompt, 16)
+        assert_same_greedy(tokens, ref_tokens, gaps, label="after the node returned", min_compared=4)
+    finally:
+        await executor.stop()
+
+
+async def test_returned_node_is_used_again(tiny_model, one_torch_thread):
+    model, _ = tiny_model
+    executor, nodes, factories, inners = await start_executor(model, 2)
+    try:
+        nodes[0].die_at_attend = 1
+        requests = make_requests(model, 6, seed=3)
+        await asyncio.gather(*(collect(executor.submit(p, s)) for p, s in requests))
+        assert executor.nodes[0].state is NodeState.DEAD
+        factories[0].is_back = True
+        for _ in range(200):
+            if executor.nodes[0].is_alive:
+                break
+            await asyncio.sleep(0.01)
+        assert executor.nodes[0].epoch == 2
+        before = executor.nodes[0].inner.num_attends
+        requests = make_requests(model, 6, seed=4)
+        outputs = await asyncio.gather(*(collect(executor.submit(p, s)) for p, s in requests))
+        assert executor.nodes[0].inner.num_attends > before  # placement uses it again
+    finally:
+        await executor.stop()
+    check_solo(model, requests, outputs, "returned node")
+
+
+def test_lost_state_codes_match_the_shard():
+    kvshard = pytest.importorskip("fastdecode.actors.kvshard")
+    assert {kvshard.NOT_CONFIGURED, kvshard.UNKNOWN_SEQUENCE} <= LOST_STATE_CODES
+    assert UNKNOWN_SEQUENCE == kvshard.UNKNOWN_SEQUENCE
