@@ -72,6 +72,7 @@ class GenerateOptions:
     stop: tuple[str, ...] = ()
     num_shards: int = 0  # in-process KVShards; 0 with no addresses: the single-process reference
     shard_addresses: tuple[str, ...] = ()
+    curve_dir: str | None = None  # CURVE keys for the shard links (fdctl keygen)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompt_token_ids is None):
@@ -125,7 +126,8 @@ async def _generate_on_cluster(options: GenerateOptions, prompt_ids: list[int], 
     from fastdecode.actors.cluster import ClusterConfig
 
     config = ClusterConfig(model=options.model, seed=options.model_seed, dtype=options.dtype, device=options.device,
-                           num_shards=options.num_shards, shard_addresses=options.shard_addresses)
+                           num_shards=options.num_shards, shard_addresses=options.shard_addresses,
+                           curve_dir=options.curve_dir)
     async with await AsyncLLM.start(config) as llm:
         return await llm.generate(prompt_ids, params)
 
@@ -150,10 +152,12 @@ async def _generate_on_cluster(options: GenerateOptions, prompt_ids: list[int], 
 @click.option("--shards", "num_shards", default=0, show_default=True, type=int,
               help="In-process KVShards (0: the single-process reference).")
 @click.option("--shard", "shard_addresses", multiple=True, help="Address of a running shard daemon (repeatable).")
+@click.option("--curve-dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="CURVE key folder (fdctl keygen) for encrypted, authenticated shard links.")
 def generate(model: str, prompt: str | None, prompt_ids: str | None, is_chat: bool, max_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, dtype: str, device: str,
              ignore_eos: bool, stop: tuple[str, ...], as_json: bool, num_shards: int,
-             shard_addresses: tuple[str, ...]) -> None:
+             shard_addresses: tuple[str, ...], curve_dir: str | None) -> None:
     """Generate a continuation of one prompt and print it."""
     with one_line_errors():
         options = GenerateOptions(
@@ -161,7 +165,7 @@ def generate(model: str, prompt: str | None, prompt_ids: str | None, is_chat: bo
             prompt_token_ids=None if prompt_ids is None else parse_prompt_ids(prompt_ids),
             is_chat=is_chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, model_seed=seed or 0, dtype=dtype, device=device, ignore_eos=ignore_eos, stop=stop,
-            num_shards=num_shards, shard_addresses=shard_addresses,
+            num_shards=num_shards, shard_addresses=shard_addresses, curve_dir=curve_dir,
         )
         result = run_generate(options)
     if as_json:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "start-gpu": ("serve", "start_gpu_command", "GPU-host daemon: Executor and Frontend in front of remote shards."),
     "client": ("client", "client", "Stream one prompt from a running server over WebSocket."),
     "start-shard": ("start_shard", "start_shard", "CPU-host daemon: one KVShard (KV-cache and attention)."),
+    "keygen": ("keygen", "keygen", "Make CURVE keys for encrypted, authenticated shard links."),
 }
 
 

@@ -38,6 +38,13 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", default=0, show_default=True, type=int, help="Weights' seed for random: models."),
         click.option("--no-pipeline", "is_unpipelined", is_flag=True,
                      help="One mini-batch per step instead of two overlapped ones."),
+        click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True,
+                     type=click.FloatRange(0, 86400),
+                     help="On SIGTERM: seconds the accepted requests may still run (new ones get 503)."),
+        click.option("--curve-dir", default=None, type=click.Path(exists=True, file_okay=False),
+                     help="CURVE key folder (fdctl keygen) for encrypted, authenticated shard links."),
+        click.option("--insecure-bind-any", "is_insecure_bind_any", is_flag=True,
+                     help="Allow a non-loopback --host without --api-key."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -47,8 +54,14 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  max_model_len: int | None, max_num_seqs: int, max_queue: int, dtype: str, device: str, seed: int,
                  is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
-                 kv_memory_bytes: int | None):
+                 kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
+                 is_insecure_bind_any: bool = False):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
+    from fastdecode.transport.sockets import is_loopback_address
+
+    if not api_key and not is_insecure_bind_any and not is_loopback_address(f"tcp://{host}:{port}"):
+        raise OneLineError(f"refusing to serve on {host} without --api-key: anyone who reaches it could use it "
+                           "(give --api-key, or --insecure-bind-any to accept that)")
     from fastdecode.actors.cluster import ClusterConfig
     from fastdecode.actors.executor import ExecutorConfig
     from fastdecode.actors.frontend import FrontendConfig, ServeConfig
@@ -59,9 +72,9 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                                   scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
         cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
-                                executor=executor)
+                                executor=executor, curve_dir=curve_dir)
         frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None)
-        return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port)
+        return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port, drain_timeout_s=drain_timeout_s)
     except ValueError as exc:
         raise OneLineError(str(exc)) from None
 

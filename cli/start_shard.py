@@ -4,8 +4,13 @@
 
 Logs go to stderr; once the shard accepts requests it prints exactly one line
 ``ready <address>`` on stderr (a ``:0`` port is resolved to the real one).  SIGTERM
-or SIGINT closes the socket, frees the pool and exits 0.  The model's KV shape
-arrives later from the Executor (Configure).  Imports no torch.
+or SIGINT drains: the shard refuses new work with ``draining`` so the Executor
+moves its sequences away and frees them; once it holds none (or after
+``--drain-timeout``, or at a second signal) it closes the socket, frees the pool
+and exits 0.  With ``--curve-dir`` the link is CURVE-encrypted and only listed
+client keys get in; without keys it binds only to loopback unless
+``--insecure-bind-any``.  The model's KV shape arrives later from the Executor
+(Configure).  Imports no torch.
 """
 from __future__ import annotations
 
@@ -47,20 +52,38 @@ def _cpu_list_option(ctx: click.Context, param: click.Parameter, value: str | No
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-async def _serve(listen: str, config) -> None:  # noqa: ANN001 - ShardConfig, imported lazily
+DRAIN_POLL_S = 0.05
+
+
+async def _serve(listen: str, config, *, curve_dir: str | None, drain_timeout_s: float) -> None:  # noqa: ANN001
     from fastdecode.actors.kvshard import KVShard
-    from fastdecode.actors.runtime import serve_actor
+    from fastdecode.actors.runtime import ActorServer
+    from fastdecode.actors.shard_drain import DrainableShard
+    from fastdecode.transport.security import ServerKeys, server_context
     from fastdecode.transport.shard_messages import SHARD_CHANNEL
 
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    def ready(address: str) -> None:
+        loop.add_signal_handler(signum, lambda: (hurry if stop.is_set() else stop).set())
+    security = server_context(ServerKeys.load(curve_dir)) if curve_dir else None
+    actor = DrainableShard(KVShard(config))
+    server = ActorServer(actor, SHARD_CHANNEL, listen, ctx=security.ctx if security else None, name="kvshard")
+    try:
+        address = await server.start()
         print(f"ready {address}", file=sys.stderr, flush=True)
-
-    await serve_actor(KVShard(config), SHARD_CHANNEL, listen, stop, on_ready=ready)
+        await stop.wait()
+        actor.is_draining = True
+        log.info("draining: %d sequence(s) to move away (deadline %.0f s)", actor.num_sequences, drain_timeout_s)
+        deadline = loop.time() + drain_timeout_s
+        while actor.num_sequences and loop.time() < deadline and not hurry.is_set():
+            await asyncio.sleep(DRAIN_POLL_S)
+        if actor.num_sequences:
+            log.warning("stopping with %d sequence(s) not moved away", actor.num_sequences)
+    finally:
+        await server.stop()
+        if security is not None:
+            security.close()
     log.info("shard on %s stopped", listen)
 
 
@@ -77,10 +100,17 @@ async def _serve(listen: str, config) -> None:  # noqa: ANN001 - ShardConfig, im
 @click.option("--no-calibrate", is_flag=True, help="Skip the short attention benchmark at configure time.")
 @click.option("--slowdown-s-per-gb", type=click.FloatRange(0.0, 1e3), default=0.0, show_default=True,
               help="Testing: sleep this many seconds per GB of KV each attend reads (a slower shard).")
+@click.option("--curve-dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="CURVE key folder (fdctl keygen): encrypt the link, accept only its authorized client keys.")
+@click.option("--insecure-bind-any", "is_insecure_bind_any", is_flag=True,
+              help="Allow a non-loopback --listen without --curve-dir (anyone who reaches it can use it).")
+@click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(0, 86400), default=30.0,
+              show_default=True, help="On SIGTERM: seconds to wait for the Executor to move the sequences away.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int, cpu_list: tuple[int, ...] | None,
-                isa: str | None, no_calibrate: bool, slowdown_s_per_gb: float, log_level: str) -> None:
+                isa: str | None, no_calibrate: bool, slowdown_s_per_gb: float, log_level: str, curve_dir: str | None,
+                is_insecure_bind_any: bool, drain_timeout_s: float) -> None:
     """Run one KVShard (KV-cache and attention on this host's CPUs) until SIGTERM/SIGINT."""
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -95,13 +125,17 @@ def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int
                              isa=isa, is_calibrating=not no_calibrate, slowdown_s_per_gb=slowdown_s_per_gb)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if not is_loopback_address(listen):
-        log.warning("listening on %s without authentication or encryption: any host that reaches it can use "
-                    "this shard (CURVE security comes later); prefer a private network", listen)
+    if curve_dir is None and not is_loopback_address(listen):
+        if not is_insecure_bind_any:
+            raise click.UsageError(f"refusing to listen on {listen} without CURVE keys: give --curve-dir DIR "
+                                   "(make keys with fdctl keygen), or --insecure-bind-any to accept that any host "
+                                   "that reaches it can use this shard")
+        log.warning("listening on %s without authentication or encryption (--insecure-bind-any): any host that "
+                    "reaches it can use this shard", listen)
     log.info("starting KVShard on %s with %s of KV memory, %s threads", listen, format_size(kv_memory),
              threads or "all")
     try:
-        run_event_loop(_serve(listen, config))
-    except OSError as exc:
+        run_event_loop(_serve(listen, config, curve_dir=curve_dir, drain_timeout_s=drain_timeout_s))
+    except (OSError, ValueError) as exc:  # a busy port, unusable keys
         log.error("%s", exc)
         sys.exit(1)

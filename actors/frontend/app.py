@@ -13,10 +13,14 @@ MAX_BODY_BYTES = 16 << 20
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 once the engine can serve, 503 before (starting) and after (stopping); no key needed."""
-    if request.app[STATE].is_ready:
+    """200 once the engine can serve, 503 before (starting), while draining or stopping, and while no KV
+    node is reachable; no key needed."""
+    state = request.app[STATE]
+    if state.is_ready:
+        if not state.llm.cluster.executor.has_live_node:
+            return web.json_response({"status": "no_kv_node"}, status=503)
         return web.json_response({"status": "ok"})
-    return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "draining" if state.is_draining else "starting"}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:

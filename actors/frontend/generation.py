@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastdecode.actors.api import AsyncLLM, StreamOutput
-from fastdecode.actors.executor import QueueFullError
+from fastdecode.actors.executor import QueueFullError, UnavailableError
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
@@ -93,6 +93,8 @@ async def start_generation(llm: AsyncLLM, metrics: FrontendMetrics,
             first = await anext(stream)
         except QueueFullError as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full") from None
+        except UnavailableError as exc:
+            raise ApiError(503, f"{exc}", code="unavailable") from None
         except RequestError as exc:
             raise bad_request(str(exc), "prompt") from None
         metrics.on_admitted(len(prompt_ids))

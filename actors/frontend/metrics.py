@@ -51,6 +51,10 @@ class FrontendMetrics:
                                        ["node"], registry=r)
         self.step_seconds = Gauge("fastdecode_step_seconds", "Duration of the last engine step.", registry=r)
         self.num_steps = Gauge("fastdecode_num_steps", "Engine steps run since start.", registry=r)
+        self.sequences_recovered = Counter(
+            "fastdecode_sequences_recovered",
+            "Sequences rebuilt on another KV node after theirs failed or drained.", registry=r)
+        self._num_recovered_seen = 0
 
     # ---- per request ---------------------------------------------------------------------------
     def on_rejected(self, status: int) -> None:
@@ -76,8 +80,11 @@ class FrontendMetrics:
             self.num_requests_running.set(executor.num_running)
             self.step_seconds.set(executor.last_step_s)
             self.num_steps.set(executor.num_steps)
-            stats = await asyncio.gather(*(node.stats() for node in executor.nodes))
-            for node, node_stats in zip(executor.nodes, stats):
+            self.sequences_recovered.inc(executor.num_recovered - self._num_recovered_seen)
+            self._num_recovered_seen = executor.num_recovered
+            nodes = executor.live_nodes  # a failed node answers nothing; its gauges keep their last value
+            stats = await asyncio.gather(*(node.stats() for node in nodes))
+            for node, node_stats in zip(nodes, stats):
                 self.kv_used_bytes.labels(node=node.node_id).set(node_stats.used_bytes)
                 self.kv_capacity_bytes.labels(node=node.node_id).set(node_stats.capacity_bytes)
         return generate_latest(self.registry)

@@ -1,9 +1,11 @@
 """Running the Frontend: bind, start the cluster, serve until asked to stop, stop cleanly.
 
 The port is bound first, so ``/health`` answers 503 while the model loads and
-200 once it can serve.  SIGTERM and SIGINT (or the ``stop`` event) end the
-serving: the engine is detached (new requests get 503), in-flight requests end
-with an error, then the server closes.
+200 once it can serve.  SIGTERM and SIGINT (or the ``stop`` event) start a
+graceful stop: new requests get 503 at once, the accepted ones run to their end
+for up to ``drain_timeout_s``, then the engine stops (requests still unfinished
+end with an error) and the server closes.  A second signal skips the rest of the
+drain.
 """
 from __future__ import annotations
 
@@ -32,8 +34,11 @@ class ServeConfig:
     frontend: FrontendConfig
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the ready callback gets the real one)
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long accepted requests may still run
 
     def __post_init__(self) -> None:
+        if not 0 <= self.drain_timeout_s <= 24 * 3600:
+            raise ValueError(f"drain timeout must be in [0, 86400] s, got {self.drain_timeout_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.host:
@@ -44,9 +49,10 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
                 stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT or ``stop`` is set; ``on_ready(url)`` runs once requests can be served."""
     stop = stop or asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: stop draining
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, lambda: (hurry if stop.is_set() else stop).set())
     state = FrontendState(config.frontend)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -66,6 +72,7 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
             if on_ready is not None:
                 on_ready(f"http://{config.host}:{port}")
             await stop.wait()
+            await _drain(state, llm, config.drain_timeout_s, hurry)
             log.info("stopping")
         finally:
             state.llm = None
@@ -74,6 +81,23 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+async def _drain(state: FrontendState, llm: AsyncLLM, timeout_s: float, hurry: asyncio.Event) -> None:
+    """New requests get 503; accepted ones run until done, ``timeout_s`` or ``hurry``."""
+    state.is_draining = True
+    executor = llm.cluster.executor
+    log.info("draining: %d request(s) to finish (deadline %.0f s)", executor.num_waiting + executor.num_running,
+             timeout_s)
+    draining = asyncio.create_task(executor.drain(timeout_s))
+    hurrying = asyncio.create_task(hurry.wait())
+    await asyncio.wait({draining, hurrying}, return_when=asyncio.FIRST_COMPLETED)
+    hurrying.cancel()
+    if not draining.done():
+        draining.cancel()
+        log.warning("drain cut short by a second signal")
+    with contextlib.suppress(asyncio.CancelledError):
+        await draining
 
 
 async def _start_unless_stopped(cluster: ClusterConfig, stop: asyncio.Event) -> AsyncLLM | None:

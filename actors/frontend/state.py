@@ -30,13 +30,14 @@ class FrontendState:
         self.config = config
         self.metrics = FrontendMetrics()
         self.llm: AsyncLLM | None = None
+        self.is_draining = False  # stopping: running requests finish, new ones get 503
 
     @property
     def is_ready(self) -> bool:
-        return self.llm is not None
+        return self.llm is not None and not self.is_draining
 
     def require_llm(self) -> AsyncLLM:
-        if self.llm is None:
+        if self.llm is None or self.is_draining:
             raise ApiError(503, "the model is not ready (starting or stopping)", code="not_ready")
         return self.llm
 
