@@ -1,0 +1,81 @@
+"""CURVE on the shard link: an unlisted client key is refused (logged, no message reaches the shard),
+a client without CURVE gets nowhere, the listed key works; no keys means loopback only."""
+from __future__ import annotations
+
+import pytest
+import zmq
+from click.testing import CliRunner
+
+from daemons import shard_daemons
+from fastdecode.actors.shard_client import ShardClient
+from fastdecode.cli.main import main
+from fastdecode.transport.client import RpcClient
+from fastdecode.transport.codec import Codec
+from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
+from fastdecode.transport.security import ClientKeys, CurveKeyError, ServerKeys, client_context, write_keys
+from fastdecode.transport.shard_messages import SHARD_CHANNEL, Allocate, Configure
+
+SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=16, kv_dtype="float32")
+
+
+@pytest.mark.slow
+async def test_unlisted_key_is_refused_and_logged_listed_key_works(tmp_path):
+    write_keys(tmp_path)
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    stranger_ctx = client_context(ClientKeys(stranger_public, stranger_secret, ServerKeys.load(tmp_path).public))
+    good_ctx = client_context(ClientKeys.load(tmp_path))
+    try:
+        with shard_daemons(1, extra_args=("--no-calibrate", "--curve-dir", str(tmp_path))) as [(proc, address)]:
+            stranger = RpcClient(address, Codec(SHARD_CHANNEL), ctx=stranger_ctx, timeout_s=1.0,
+                                 heartbeat_interval_s=0.2)
+            stranger.start()
+            try:
+                with pytest.raises((RequestTimeoutError, PeerDeadError)):
+                    await stranger.request(Configure(**SHAPE))
+                with pytest.raises((RequestTimeoutError, PeerDeadError)):
+                    await stranger.request(Allocate((1, 2, 3)))
+            finally:
+                await stranger.close()
+            with pytest.raises(PeerDeadError):  # no CURVE at all: the handshake fails
+                await ShardClient.connect(address, heartbeat_interval_s=0.2)
+            client = await ShardClient.connect(address, ctx=good_ctx, heartbeat_interval_s=0.2)
+            try:
+                assert not (await client.stats()).is_configured  # the stranger's Configure never arrived
+                await client.configure(**SHAPE)
+                await client.allocate([7])
+                assert (await client.stats()).num_sequences == 1  # ... nor its Allocate
+                await client.free([7])
+            finally:
+                await client.close()
+        log = proc.stderr.read()
+        assert f"refused a CURVE client with unlisted key {stranger_public.decode()}" in log
+        assert "refused" not in log.replace(f"unlisted key {stranger_public.decode()}", "")  # only the stranger
+    finally:
+        stranger_ctx.destroy(linger=0)
+        good_ctx.destroy(linger=0)
+
+
+def test_key_folder_errors_are_clear(tmp_path):
+    with pytest.raises(CurveKeyError, match="fdctl keygen"):
+        ClientKeys.load(tmp_path)
+    write_keys(tmp_path)
+    with pytest.raises(CurveKeyError, match="refusing to overwrite"):
+        write_keys(tmp_path)
+    (tmp_path / "server.public").write_text("not a key\n")
+    with pytest.raises(CurveKeyError, match="z85"):
+        ServerKeys.load(tmp_path)
+    assert oct((tmp_path / "client.secret").stat().st_mode & 0o777) == "0o600"
+
+
+def test_keygen_command_writes_a_usable_folder(tmp_path):
+    result = CliRunner().invoke(main, ["keygen", "--out", str(tmp_path / "keys")])
+    assert result.exit_code == 0, result.output
+    server, client = ServerKeys.load(tmp_path / "keys"), ClientKeys.load(tmp_path / "keys")
+    assert client.public in server.authorized and client.server_public == server.public
+
+
+def test_without_keys_daemons_bind_only_to_loopback():
+    result = CliRunner().invoke(main, ["start-shard", "--listen", "tcp://0.0.0.0:0", "--kv-memory", "16MiB"])
+    assert result.exit_code == 2 and "--insecure-bind-any" in result.output
+    result = CliRunner().invoke(main, ["serve", "--model", "random:tiny", "--host", "0.0.0.0", "--port", "0"])
+    assert result.exit_code == 2 and "--insecure-bind-any" in result.output
