@@ -7,7 +7,10 @@ from message type to handler is built once, from the channel's classes, never
 from strings on the wire.  Plain handlers run one at a time, in arrival order,
 on ONE dedicated worker thread per actor (so blocking native calls never stall
 the event loop, and the actor's state is only touched by that thread); ``async``
-handlers run on the event loop.  A handler that raises ``ActorError`` answers
+handlers run on the event loop.  A plain handler's request costs no Task and no
+Future: the socket's reader callback queues it for the worker, the worker runs
+it, builds and encodes the reply, and hands the frames back to the loop with one
+``call_soon_threadsafe`` that sends them.  A handler that raises ``ActorError`` answers
 with that code; any other exception is logged and answered ``internal``.  When
 the actor stops, every request still waiting is answered ``actor_stopped``.
 
@@ -17,11 +20,13 @@ event loop, same codec) or ``tcp://`` / ``ipc://`` (own process).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import logging
+import queue
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any, Awaitable, Callable
 
 import zmq.asyncio
@@ -64,6 +69,47 @@ def build_handler_table(actor: object, channel: Channel) -> dict[type[Message], 
     return table
 
 
+class _Job:
+    """One request for a plain handler, from the reader callback to the worker thread and back."""
+
+    __slots__ = ("peer", "request_id", "cls", "handler", "message", "is_answered")
+
+    def __init__(self, peer: bytes, request_id: int, cls: type[Message], handler: Callable, message: Message) -> None:
+        self.peer, self.request_id, self.cls, self.handler, self.message = peer, request_id, cls, handler, message
+        self.is_answered = False  # set on the loop's thread when stop() answered it first
+
+
+class _Worker:
+    """The actor's one thread: runs queued callables in order until it takes None."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while (fn := self._queue.get()) is not None:
+            fn()
+
+    async def finish(self, last: Callable[[], None]) -> None:
+        """Run ``last`` after everything queued so far, then end the thread; waits for ``last`` only."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run_last() -> None:
+            try:
+                last()
+                done.set_result(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                done.set_exception(exc)
+
+        self._queue.put(run_last)
+        self._queue.put(None)
+        await asyncio.wrap_future(done)
+
+
 class ActorServer:
     """One actor behind one ROUTER socket; ``start()`` binds, ``stop()`` answers the waiting and closes."""
 
@@ -83,8 +129,10 @@ class ActorServer:
         self._is_async = {cls: inspect.iscoroutinefunction(h) for cls, h in self._handlers.items()}
         self._server = RpcServer(address, Codec(channel, max_message_bytes=max_message_bytes), self._on_request,
                                  ctx=ctx, name=self.name)
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: set[asyncio.Future] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: _Worker | None = None
+        self._jobs: set[_Job] = set()  # queued or running on the worker, not yet answered
+        self._tasks: set[asyncio.Task] = set()  # running async handlers
         self._is_running = False
 
     @property
@@ -100,7 +148,8 @@ class ActorServer:
         return self._server.num_dropped
 
     async def start(self) -> str:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self._loop = asyncio.get_running_loop()
+        self._worker = _Worker(self.name)
         address = await self._server.start()
         self._is_running = True
         log.info("%s: serving on %s", self.name, address)
@@ -112,31 +161,53 @@ class ActorServer:
         if handler is None:
             self._server.reply(peer, request_id, ErrorReply(UNSUPPORTED, f"{self.name} does not handle {cls.__name__}"))
             return
-        if not self._is_running or self._executor is None:
+        if not self._is_running or self._worker is None:
             self._server.reply(peer, request_id, ErrorReply(ACTOR_STOPPED, f"{self.name} is stopping"))
             return
-        loop = asyncio.get_running_loop()
         if self._is_async[cls]:
-            future: asyncio.Future = loop.create_task(handler(message))
-        else:  # FIFO on the actor's one worker thread; no Task needed, the reply goes from the callback
-            future = loop.run_in_executor(self._executor, handler, message)
-        self._pending.add(future)
-        future.add_done_callback(functools.partial(self._finish, peer, request_id, cls))
+            task = asyncio.get_running_loop().create_task(handler(message))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._finish_task, peer, request_id, cls))
+            return
+        job = _Job(peer, request_id, cls, handler, message)
+        self._jobs.add(job)
+        self._worker.submit(functools.partial(self._run_job, job))
 
-    def _finish(self, peer: bytes, request_id: int, cls: type[Message], future: asyncio.Future) -> None:
-        self._pending.discard(future)
-        self._server.reply(peer, request_id, self._reply_for(cls, future))
+    def _run_job(self, job: _Job) -> None:
+        """On the worker thread: run the handler, encode its reply, hand the frames to the loop."""
+        if job.is_answered:
+            return  # stop() answered it while it waited in the queue
+        try:
+            reply = self._reply_for(job.cls, job.handler(job.message), None)
+        except Exception as exc:  # noqa: BLE001 - turned into this request's error reply
+            reply = self._reply_for(job.cls, None, exc)
+        frames = self._server.encode_reply(job.request_id, reply)
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._send_job_reply, job, frames)
+        except RuntimeError:  # the loop is closed: nobody is left to answer
+            log.debug("%s: loop closed, reply to %d dropped", self.name, job.request_id)
 
-    def _reply_for(self, cls: type[Message], future: asyncio.Future) -> Message:
-        if future.cancelled():
-            return ErrorReply(ACTOR_STOPPED, f"{self.name} stopped before answering {cls.__name__}")
-        exc = future.exception()
+    def _send_job_reply(self, job: _Job, frames: list) -> None:
+        self._jobs.discard(job)
+        if not job.is_answered:
+            job.is_answered = True
+            self._server.send_encoded(job.peer, job.request_id, frames)
+
+    def _finish_task(self, peer: bytes, request_id: int, cls: type[Message], task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            reply: Message = ErrorReply(ACTOR_STOPPED, f"{self.name} stopped before answering {cls.__name__}")
+        else:
+            reply = self._reply_for(cls, task.result() if task.exception() is None else None, task.exception())
+        self._server.reply(peer, request_id, reply)
+
+    def _reply_for(self, cls: type[Message], result: Any, exc: BaseException | None) -> Message:
         if isinstance(exc, ActorError):
             return ErrorReply(exc.code, exc.message)
         if exc is not None:  # a handler bug must not kill the actor: logged, answered
             log.error("%s: %s failed", self.name, cls.__name__, exc_info=exc)
             return ErrorReply(INTERNAL, f"{type(exc).__name__}: {exc}")
-        result = future.result()
         if result is None:
             return Ok()
         if not isinstance(result, Message):
@@ -149,21 +220,24 @@ class ActorServer:
         if not self._is_running:
             return
         self._is_running = False
-        pending = list(self._pending)
-        for future in pending:
-            future.cancel()  # a running handler finishes on its thread; its caller is answered now
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        jobs, self._jobs = list(self._jobs), set()
+        for job in jobs:  # a running handler finishes on its thread; its caller is answered now
+            job.is_answered = True
+            self._server.reply(job.peer, job.request_id,
+                               ErrorReply(ACTOR_STOPPED, f"{self.name} stopped before answering {job.cls.__name__}"))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.sleep(0)  # let the done-callbacks send their replies
-        executor, self._executor = self._executor, None
+        worker, self._worker = self._worker, None
         close = getattr(self.actor, "close", None)
-        if executor is not None:
-            if callable(close):
-                try:
-                    await asyncio.get_running_loop().run_in_executor(executor, close)
-                except Exception:  # noqa: BLE001 - stopping must finish; the failure is logged
-                    log.exception("%s: close() failed", self.name)
-            executor.shutdown(wait=False, cancel_futures=True)
+        if worker is not None:
+            try:
+                await worker.finish(close if callable(close) else (lambda: None))
+            except Exception:  # noqa: BLE001 - stopping must finish; the failure is logged
+                log.exception("%s: close() failed", self.name)
         await self._server.close()
         log.info("%s: stopped", self.name)
 

@@ -6,12 +6,16 @@ a liveness counter drops by one, and anything received resets it.  At zero the
 peer is declared dead (the Paranoid Pirate pattern): every waiting request fails
 with ``PeerDeadError`` and so does every later one.  A peer is therefore found
 dead within ``(liveness + 1) * heartbeat_interval_s`` of its last sign of life.
+
+Replies arrive through a ``SocketPump`` (the loop's reader callback sets each
+request's future directly); a request's timeout is one timer, not a Task.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import time
 
 import zmq
 import zmq.asyncio
@@ -20,7 +24,8 @@ from fastdecode.transport.codec import Codec
 from fastdecode.transport.control_messages import ErrorReply, Ping, Pong
 from fastdecode.transport.errors import PeerDeadError, ProtocolError, RemoteRequestError, RequestTimeoutError
 from fastdecode.transport.messages import Message
-from fastdecode.transport.sockets import make_socket, send_frames
+from fastdecode.transport.pump import SocketPump
+from fastdecode.transport.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +55,12 @@ class RpcClient:
         self._name = name
         self._request_ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
-        self._sock: zmq.asyncio.Socket | None = None
+        self._pump: SocketPump | None = None
         self._tasks: list[asyncio.Task] = []
         self._dead_error: PeerDeadError | None = None
         self._liveness = liveness
         self._last_recv_s = 0.0
+        self._loop_time = time.monotonic  # the running loop's clock once started
 
     @property
     def max_message_bytes(self) -> int:
@@ -62,14 +68,14 @@ class RpcClient:
 
     @property
     def is_alive(self) -> bool:
-        return self._sock is not None and self._dead_error is None
+        return self._pump is not None and self._dead_error is None
 
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
     def start(self) -> None:
-        if self._sock is not None:
+        if self._pump is not None:
             raise RuntimeError(f"{self._name}: already started")
         loop = asyncio.get_running_loop()
         sock = make_socket(self._ctx, zmq.DEALER, max_message_bytes=self._codec.max_message_bytes)
@@ -78,12 +84,10 @@ class RpcClient:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise OSError(f"{self._name}: cannot connect to {self.address}: {exc}") from exc
-        self._sock = sock
+        self._loop_time = loop.time
         self._last_recv_s = loop.time()
-        self._tasks = [
-            loop.create_task(self._receive_loop(), name=f"{self._name}-recv"),
-            loop.create_task(self._heartbeat_loop(), name=f"{self._name}-heartbeat"),
-        ]
+        self._pump = SocketPump(sock, self._on_frames, name=self._name)
+        self._tasks = [loop.create_task(self._heartbeat_loop(), name=f"{self._name}-heartbeat")]
 
     async def request(self, message: Message, *, timeout_s: float | None = None) -> Message:
         """Send one request and return its reply (of type ``message.REPLY``).
@@ -93,24 +97,21 @@ class RpcClient:
         """
         if self._dead_error is not None:
             raise PeerDeadError(str(self._dead_error))
-        if self._sock is None:
+        pump = self._pump
+        if pump is None:
             raise RuntimeError(f"{self._name}: not started")
         request_id = next(self._request_ids)
         frames = self._codec.encode(request_id, message)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiting[request_id] = future
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        timer = loop.call_later(timeout, self._expire, future, message, timeout)
         try:
-            async with asyncio.timeout(timeout):
-                await send_frames(self._sock, frames)
-                reply = await future
-        except TimeoutError:
-            if self._dead_error is not None:
-                raise PeerDeadError(str(self._dead_error)) from None
-            raise RequestTimeoutError(
-                f"{type(message).__name__} to {self.address} got no reply within {timeout:g} s"
-            ) from None
+            pump.send(frames)
+            reply = await future
         finally:
+            timer.cancel()
             self._waiting.pop(request_id, None)
         if type(reply) is ErrorReply:
             raise RemoteRequestError(reply.code, reply.message)
@@ -121,29 +122,34 @@ class RpcClient:
     async def ping(self, *, timeout_s: float | None = None) -> None:
         await self.request(Ping(), timeout_s=timeout_s)
 
-    async def _receive_loop(self) -> None:
-        assert self._sock is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            self._last_recv_s = loop.time()
-            self._liveness = self.max_liveness
-            try:
-                request_id, reply = self._codec.decode(frames)
-            except ProtocolError as exc:
-                log.warning("%s: bad reply from %s: %s", self._name, self.address, exc)
-                future = self._waiting.get(exc.request_id) if exc.request_id is not None else None
-                if future is not None and not future.done():
-                    future.set_exception(exc)
-                continue
-            future = self._waiting.get(request_id)
+    def _expire(self, future: asyncio.Future, message: Message, timeout: float) -> None:
+        if future.done():
+            return
+        if self._dead_error is not None:
+            future.set_exception(PeerDeadError(str(self._dead_error)))
+        else:
+            future.set_exception(RequestTimeoutError(
+                f"{type(message).__name__} to {self.address} got no reply within {timeout:g} s"))
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        self._last_recv_s = self._loop_time()
+        self._liveness = self.max_liveness
+        try:
+            request_id, reply = self._codec.decode(frames)
+        except ProtocolError as exc:
+            log.warning("%s: bad reply from %s: %s", self._name, self.address, exc)
+            future = self._waiting.get(exc.request_id) if exc.request_id is not None else None
             if future is not None and not future.done():
-                future.set_result(reply)
-            elif type(reply) is not Pong:
-                log.debug("%s: late or unknown reply %d (%s)", self._name, request_id, type(reply).__name__)
+                future.set_exception(exc)
+            return
+        future = self._waiting.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(reply)
+        elif type(reply) is not Pong:
+            log.debug("%s: late or unknown reply %d (%s)", self._name, request_id, type(reply).__name__)
 
     async def _heartbeat_loop(self) -> None:
-        assert self._sock is not None
+        assert self._pump is not None
         loop = asyncio.get_running_loop()
         ping_sent_s: float | None = None
         while self._dead_error is None:
@@ -157,7 +163,7 @@ class RpcClient:
                     return
             ping_sent_s = loop.time()
             try:
-                send_frames(self._sock, self._codec.encode(next(self._request_ids), Ping()))
+                self._pump.send(self._codec.encode(next(self._request_ids), Ping()))
             except zmq.ZMQError as exc:
                 log.warning("%s: heartbeat to %s not sent: %s", self._name, self.address, exc)
 
@@ -184,6 +190,6 @@ class RpcClient:
                 except asyncio.CancelledError:
                     pass
         self._tasks = []
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        if self._pump is not None:
+            self._pump.close(linger_ms=0)
+            self._pump = None

@@ -12,30 +12,33 @@ to ZeroMQ with ``copy=False`` and the receiver wraps the frame in a read-only
 from __future__ import annotations
 
 import math
-from types import MappingProxyType
 from typing import Any, Sequence
 
-import ml_dtypes  # noqa: F401  (registers the "bfloat16" dtype name with numpy)
 import msgpack
 import numpy as np
 
 from fastdecode.transport.errors import ProtocolError
-from fastdecode.transport.messages import MAX_REQUEST_ID, Channel, FieldSpec, Message, Schema
+from fastdecode.transport.messages import (  # noqa: F401  (DTYPES is part of the codec's API)
+    DTYPE_NAMES,
+    DTYPES,
+    MAX_REQUEST_ID,
+    Channel,
+    FieldSpec,
+    Message,
+    Schema,
+)
 
 VERSION = 1
 DEFAULT_INLINE_THRESHOLD = 256
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_NDIM = 8
 
-DTYPES = MappingProxyType(
-    {
-        name: np.dtype(name)
-        for name in (
-            "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-            "float16", "float32", "float64", "bfloat16",
-        )
-    }
-)
+_ARRAY, _OTHER = 0, 1  # field plans: arrays, or scalars checked by _check_scalar
+
+
+def _plan(schema: Schema) -> tuple[tuple[str, int, FieldSpec], ...]:
+    """Per field: (name, _ARRAY or _OTHER, spec) so the hot loops compare small ints, not strings."""
+    return tuple((spec.name, _ARRAY if spec.kind == "array" else _OTHER, spec) for spec in schema.fields)
 
 
 def _frame_buffer(frame: Any) -> memoryview:
@@ -91,24 +94,29 @@ class Codec:
         self.channel = channel
         self.max_message_bytes = max_message_bytes
         self.inline_threshold = inline_threshold
+        # precomputed per class (encode) and per kind (decode): the channel is read-only after import
+        schemas = [channel.by_class(cls) for cls in channel.message_classes]
+        self._encode_plans = {s.cls: (s, _plan(s)) for s in schemas if s is not None}
+        self._decode_plans = {s.kind: (s, _plan(s)) for s in schemas if s is not None}
 
     # ---------------------------------------------------------------- encode
     def encode(self, request_id: int, message: Message) -> list[Any]:
-        schema = self.channel.by_class(type(message))
-        if schema is None:
+        plan = self._encode_plans.get(type(message))
+        if plan is None:
             raise TypeError(f"{type(message).__name__} is not a message of channel {self.channel.name}")
         if not _is_int(request_id) or not 0 <= request_id <= MAX_REQUEST_ID:
             raise ValueError(f"request_id must be an integer in [0, 2**63), got {request_id!r}")
+        schema, fields = plan
         frames: list[Any] = [b""]
         values = []
         num_bytes = 0
-        for spec in schema.fields:
-            value = getattr(message, spec.name)
+        for name, field_kind, spec in fields:
+            value = getattr(message, name)
             if value is None:
                 if not spec.is_optional:
-                    raise ValueError(f"{schema.cls.__name__}.{spec.name} must not be None")
+                    raise ValueError(f"{schema.cls.__name__}.{name} must not be None")
                 values.append(None)
-            elif spec.kind == "array":
+            elif field_kind == _ARRAY:
                 desc, frame = self._encode_array(spec, value, len(frames))
                 values.append(desc)
                 if frame is not None:
@@ -116,7 +124,7 @@ class Codec:
                     num_bytes += frame.nbytes
             else:
                 values.append(_check_scalar(spec, value))
-        frames[0] = msgpack.packb([VERSION, schema.kind, request_id, values], use_bin_type=True)
+        frames[0] = msgpack.packb((VERSION, schema.kind, request_id, values), use_bin_type=True)
         num_bytes += len(frames[0])
         if num_bytes > self.max_message_bytes:
             raise ProtocolError(
@@ -128,12 +136,16 @@ class Codec:
     def _encode_array(self, spec: FieldSpec, value: Any, frame_index: int) -> tuple[list, np.ndarray | None]:
         if not isinstance(value, np.ndarray):
             raise ProtocolError(f"field {spec.name!r} must be a numpy array, got {type(value).__name__}")
-        name = value.dtype.name
-        if name not in DTYPES or value.ndim > MAX_NDIM:
-            raise ProtocolError(f"field {spec.name!r}: dtype {value.dtype} / rank {value.ndim} cannot travel")
-        if not value.dtype.isnative:
+        name = DTYPE_NAMES.get(value.dtype)
+        if name is None:  # a foreign byte order travels in the native one; anything else cannot travel
+            if value.dtype.isnative or value.dtype.newbyteorder("=") not in DTYPE_NAMES:
+                raise ProtocolError(f"field {spec.name!r}: dtype {value.dtype} cannot travel")
             value = value.astype(value.dtype.newbyteorder("="))
-        value = np.ascontiguousarray(value)  # no copy when already C-contiguous
+            name = DTYPE_NAMES[value.dtype]
+        if value.ndim > MAX_NDIM:
+            raise ProtocolError(f"field {spec.name!r}: rank {value.ndim} cannot travel")
+        if not value.flags.c_contiguous:
+            value = np.ascontiguousarray(value)
         if value.nbytes <= self.inline_threshold:
             return [name, value.shape, value.tobytes()], None
         return [name, value.shape, frame_index], value.reshape(-1).view(np.uint8)
@@ -152,12 +164,13 @@ class Codec:
         version, kind, _, values = envelope
         if version != VERSION:
             raise ProtocolError(f"unsupported protocol version {version!r}", request_id=request_id)
-        schema = self.channel.by_kind(kind) if _is_int(kind) else None
-        if schema is None:
+        plan = self._decode_plans.get(kind) if _is_int(kind) else None
+        if plan is None:
             raise ProtocolError(f"unknown message kind {kind!r} on channel {self.channel.name}",
                                 request_id=request_id)
+        schema, fields = plan
         try:
-            kwargs = self._decode_fields(schema, values, buffers)
+            kwargs = self._decode_fields(fields, values, buffers)
             return request_id, schema.cls(**kwargs)
         except ProtocolError as exc:
             raise ProtocolError(f"{schema.cls.__name__}: {exc}", request_id=request_id) from None
@@ -179,41 +192,41 @@ class Codec:
             raise ProtocolError("envelope fields must be an array", request_id=request_id)
         return envelope
 
-    def _decode_fields(self, schema: Schema, values: tuple, buffers: list[memoryview]) -> dict[str, Any]:
-        if len(values) != len(schema.fields):
-            raise ProtocolError(f"expected {len(schema.fields)} fields, got {len(values)}")
+    def _decode_fields(self, fields: tuple, values: tuple, buffers: list[memoryview]) -> dict[str, Any]:
+        if len(values) != len(fields):
+            raise ProtocolError(f"expected {len(fields)} fields, got {len(values)}")
         used = [False] * len(buffers)
         kwargs: dict[str, Any] = {}
-        for spec, value in zip(schema.fields, values):
+        for (name, field_kind, spec), value in zip(fields, values):
             if value is None:
                 if not spec.is_optional:
-                    raise ProtocolError(f"field {spec.name!r} must not be null")
-                kwargs[spec.name] = None
-            elif spec.kind == "array":
-                kwargs[spec.name] = self._decode_array(spec, value, buffers, used)
+                    raise ProtocolError(f"field {name!r} must not be null")
+                kwargs[name] = None
+            elif field_kind == _ARRAY:
+                kwargs[name] = self._decode_array(spec, value, buffers, used)
             else:
-                kwargs[spec.name] = _check_scalar(spec, value)
+                kwargs[name] = _check_scalar(spec, value)
         if not all(used[1:]):
             raise ProtocolError(f"frame count mismatch: {len(buffers) - 1} array frames, {sum(used)} referenced")
         return kwargs
 
     @staticmethod
     def _decode_array(spec: FieldSpec, desc: Any, buffers: list[memoryview], used: list[bool]) -> np.ndarray:
-        if not (isinstance(desc, tuple) and len(desc) == 3):
+        if type(desc) is not tuple or len(desc) != 3:
             raise ProtocolError(f"field {spec.name!r} must be an array descriptor [dtype, shape, payload]")
         dtype_name, shape, payload = desc
-        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
             raise ProtocolError(f"field {spec.name!r}: dtype {dtype_name!r} is not allowed")
-        if not (isinstance(shape, tuple) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
-            raise ProtocolError(f"field {spec.name!r}: bad shape {shape!r}")
-        if _is_int(payload):
+        if type(shape) is not tuple or len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
+            raise ProtocolError(f"field {spec.name!r}: bad shape {shape!r}")  # msgpack gives bools as bool
+        if type(payload) is int:
             if not 1 <= payload < len(buffers) or used[payload]:
                 raise ProtocolError(f"field {spec.name!r}: bad or reused frame index {payload}")
             used[payload] = True
             data: Any = buffers[payload]
             num_bytes = data.nbytes
-        elif isinstance(payload, bytes):
+        elif type(payload) is bytes:
             data, num_bytes = payload, len(payload)
         else:
             raise ProtocolError(f"field {spec.name!r}: payload must be bytes or a frame index")

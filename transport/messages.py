@@ -16,10 +16,24 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
+import ml_dtypes  # noqa: F401  (registers the "bfloat16" dtype name with numpy)
 import numpy as np
 
 MAX_KIND = 255
 MAX_REQUEST_ID = 2**63 - 1
+
+# The dtypes an array field may have, by name, and back (native byte order only: a dict lookup is much
+# cheaper than numpy's ``dtype.name``, which is computed in Python on every access).
+DTYPES = types.MappingProxyType(
+    {
+        name: np.dtype(name)
+        for name in (
+            "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+            "float16", "float32", "float64", "bfloat16",
+        )
+    }
+)
+DTYPE_NAMES = types.MappingProxyType({dtype: name for name, dtype in DTYPES.items()})
 
 
 class Message:
@@ -132,7 +146,7 @@ def require_array(value: object, name: str, *, ndim: int, dtypes: Sequence[str])
         raise ValueError(f"{name} must be a numpy array, got {type(value).__name__}")
     if value.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {value.shape}")
-    if value.dtype.name not in dtypes:
+    if DTYPE_NAMES.get(value.dtype) not in dtypes:
         raise ValueError(f"{name} dtype must be one of {', '.join(dtypes)}, got {value.dtype.name}")
     return value
 

@@ -5,10 +5,11 @@ while a long request runs elsewhere.  A message that does not decode gets an
 error reply when its request id could be read, and is otherwise dropped with a
 log line.  Every other request goes to the ``on_request(peer, request_id,
 message)`` callback, which must not block; replies go back through ``reply``.
+Messages are received by a ``SocketPump`` (the loop's reader callback), so a
+request reaches ``on_request`` without a Task or Future of its own.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Callable
 
@@ -19,7 +20,8 @@ from fastdecode.transport.codec import Codec
 from fastdecode.transport.control_messages import PROTOCOL, ErrorReply, Ping, Pong
 from fastdecode.transport.errors import ProtocolError
 from fastdecode.transport.messages import Message
-from fastdecode.transport.sockets import make_socket, send_frames
+from fastdecode.transport.pump import SocketPump
+from fastdecode.transport.sockets import LINGER_MS, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +43,14 @@ class RpcServer:
         self._on_request = on_request
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._name = name
-        self._sock: zmq.asyncio.Socket | None = None
-        self._recv_task: asyncio.Task | None = None
+        self._pump: SocketPump | None = None
         self.address: str | None = None
         self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
         self.num_protocol_errors = 0
 
     async def start(self) -> str:
         """Bind and start receiving; returns the bound address (a ``:0`` or ``:*`` tcp port is resolved)."""
-        if self._sock is not None:
+        if self._pump is not None:
             raise RuntimeError(f"{self._name}: already started")
         sock = make_socket(self._ctx, zmq.ROUTER, max_message_bytes=self._codec.max_message_bytes)
         address = self._requested_address
@@ -60,20 +61,10 @@ class RpcServer:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise OSError(f"{self._name}: cannot bind {self._requested_address}: {exc}") from exc
-        self._sock = sock
         endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
         self.address = endpoint.decode() if isinstance(endpoint, bytes) and endpoint else address
-        self._recv_task = asyncio.get_running_loop().create_task(self._receive_loop(), name=f"{self._name}-recv")
+        self._pump = SocketPump(sock, self._handle_frames, name=self._name)
         return self.address
-
-    async def _receive_loop(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                self._handle_frames(frames)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the server; logged with traceback
-                log.exception("%s: error handling a message", self._name)
 
     def _handle_frames(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -102,27 +93,28 @@ class RpcServer:
 
         A peer that has gone away is skipped silently by the ROUTER socket.
         """
-        if self._sock is None or self._sock.closed:
+        self.send_encoded(peer, request_id, self.encode_reply(request_id, message))
+
+    def encode_reply(self, request_id: int, message: Message) -> list:
+        """The frames of a reply (thread-safe: the codec keeps no state); an unencodable one becomes an error reply."""
+        try:
+            return self._codec.encode(request_id, message)
+        except (ProtocolError, ValueError, TypeError) as exc:
+            log.error("%s: reply to %d cannot be encoded: %s", self._name, request_id, exc)
+            return self._codec.encode(request_id, ErrorReply(PROTOCOL, f"reply cannot be encoded: {exc}"))
+
+    def send_encoded(self, peer: bytes, request_id: int, frames: list) -> None:
+        """Send frames from ``encode_reply``; on the loop's thread only."""
+        if self._pump is None or self._pump.closed:
             log.debug("%s: socket closed, reply to %d not sent", self._name, request_id)
             return
         try:
-            frames = self._codec.encode(request_id, message)
-        except (ProtocolError, ValueError, TypeError) as exc:
-            log.error("%s: reply to %d cannot be encoded: %s", self._name, request_id, exc)
-            frames = self._codec.encode(request_id, ErrorReply(PROTOCOL, f"reply cannot be encoded: {exc}"))
-        try:
-            send_frames(self._sock, [peer, *frames])
+            self._pump.send([peer, *frames])
         except zmq.ZMQError as exc:
             log.warning("%s: reply to %d not sent: %s", self._name, request_id, exc)
 
     async def close(self) -> None:
-        if self._recv_task is not None:
-            self._recv_task.cancel()
-            try:
-                await self._recv_task
-            except asyncio.CancelledError:
-                pass
-            self._recv_task = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        """Stop receiving and close the socket (replies already sent get the socket's linger to leave)."""
+        if self._pump is not None:
+            self._pump.close(linger_ms=LINGER_MS)
+            self._pump = None

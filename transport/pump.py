@@ -1,0 +1,118 @@
+"""One ZeroMQ socket driven by the event loop's reader callback: no Future or Task per message.
+
+zmq.asyncio wraps every receive and send in a Future and wakes a Task per message; on the attend path that
+costs as much as the codec (docs/benchmarks.md, transport).  A ``SocketPump`` registers the socket's file
+descriptor with the running loop once.  When it signals, the pump receives every waiting multipart message
+without blocking and hands each to ``on_message`` right there, then flushes the sends that found the pipe full.
+``send`` tries at once without blocking (``copy=False``: big buffers are not copied) and queues, in order, only
+when ZeroMQ refuses (high-water mark).
+
+ZeroMQ's descriptor is edge-triggered: any operation on the socket may consume its signal while messages are
+waiting, so after a send the pump reads ``EVENTS`` and schedules a drain itself when input waits.  The socket
+belongs to the loop's thread; nothing else may touch it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGES_PER_CALLBACK = 64  # then yield to the loop's other callbacks, and go on in the next iteration
+MessageCallback = Callable[[list[zmq.Frame]], None]
+
+
+class SocketPump:
+    def __init__(self, sock: zmq.Socket, on_message: MessageCallback, *, name: str) -> None:
+        if isinstance(sock, zmq.asyncio.Socket):
+            raise TypeError("SocketPump drives a plain zmq.Socket, not a zmq.asyncio one")
+        self._sock = sock
+        self._on_message = on_message
+        self._name = name
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._unsent: deque[list[Any]] = deque()
+        self._is_drain_scheduled = False
+        self._loop.add_reader(self._fd, self._drain)
+        self._schedule_drain()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.closed
+
+    @property
+    def num_unsent(self) -> int:
+        return len(self._unsent)
+
+    def send(self, frames: list[Any]) -> None:
+        """Send one multipart message now, or queue it behind earlier ones that ZeroMQ could not take yet.
+
+        Raises zmq.ZMQError for a failure other than a full pipe (closed socket, bad frame).
+        """
+        if self._unsent:
+            self._unsent.append(frames)
+        else:
+            try:
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._unsent.append(frames)
+        self._check_events()
+
+    def _check_events(self) -> None:
+        if self._is_drain_scheduled or self._sock.closed:
+            return
+        wanted = zmq.POLLIN | (zmq.POLLOUT if self._unsent else 0)
+        if self._sock.getsockopt(zmq.EVENTS) & wanted:
+            self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        self._is_drain_scheduled = True
+        self._loop.call_soon(self._drain)
+
+    def _flush(self) -> None:
+        while self._unsent:
+            try:
+                self._sock.send_multipart(self._unsent[0], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.warning("%s: a queued send failed: %s", self._name, exc)
+            self._unsent.popleft()
+
+    def _drain(self) -> None:
+        self._is_drain_scheduled = False
+        sock = self._sock
+        if sock.closed:
+            return
+        self._flush()
+        for _ in range(MAX_MESSAGES_PER_CALLBACK):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self._on_message(frames)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the socket; logged with traceback
+                log.exception("%s: error handling a message", self._name)
+            if sock.closed:
+                return
+        else:
+            self._schedule_drain()  # more may be waiting: let the loop's other callbacks run first
+            return
+        self._flush()
+        self._check_events()
+
+    def close(self, *, linger_ms: int = 0) -> None:
+        """Stop watching the socket and close it; queued sends are dropped."""
+        if self._sock.closed:
+            return
+        self._loop.remove_reader(self._fd)
+        if self._unsent:
+            log.debug("%s: %d queued message(s) dropped at close", self._name, len(self._unsent))
+            self._unsent.clear()
+        self._sock.close(linger=linger_ms)
