@@ -52,7 +52,9 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
     api_key = request.app[STATE].config.api_key
     if api_key is not None and request.path.startswith(PROTECTED_PREFIX):
         presented = _presented_key(request)
-        if presented is None or not hmac.compare_digest(presented.encode(), api_key.encode()):
+        # a header may carry any byte (aiohttp hands non-UTF-8 ones over as surrogates): compare as bytes
+        if presented is None or not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                                                        api_key.encode()):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
     return await handler(request)
