@@ -41,8 +41,11 @@ class StepPlan:
 
     ``minibatches`` include the sequences admitted this step.  ``predicted_step_s``
     is the predicted pipelined decode step time (0 when no GPU model is known
-    and the nodes predict nothing).  ``total_context`` is the sum of the
-    running sequences' context lengths.
+    and the nodes predict nothing) of the split's per-layer cycle model.
+    ``predicted_decode_s`` is the step model's prediction of the same split as
+    the Executor measures it (dense calls with their learned overhead, attend
+    round trips, pipeline fill and drain; see ``step_model``).
+    ``total_context`` is the sum of the running sequences' context lengths.
     """
 
     step_index: int
@@ -51,6 +54,7 @@ class StepPlan:
     minibatches: tuple[tuple[int, ...], tuple[int, ...]]
     predicted_step_s: float
     total_context: int
+    predicted_decode_s: float = 0.0
 
     @property
     def num_running(self) -> int:

@@ -122,9 +122,13 @@ class ShardPerfModel:
         self._overhead_s = float(overhead_s)
         self._seconds_per_byte = 1.0 / float(bandwidth_bytes_per_s)
         self._prior_slope = self._seconds_per_byte
+        self._prior_overhead_s = self._overhead_s
         self._prior_variance = 0.0  # of the calibration sizes
         self._recent = _Moments()
         self.errors = ErrorTracker(update_rate)
+        # Added to predictions until this node has measurements of its own: the per-message cost
+        # (wire, queueing, message handling) the caller measured on other nodes (see Scheduler).
+        self.unmeasured_overhead_s = 0.0
 
     @classmethod
     def calibrate(
@@ -165,7 +169,12 @@ class ShardPerfModel:
 
     def predict(self, kv_bytes: float) -> float:
         """Predicted seconds for one attend call reading ``kv_bytes`` of KV-cache."""
-        return self._overhead_s + _check_size(kv_bytes, "kv_bytes") * self._seconds_per_byte
+        extra = self.unmeasured_overhead_s if self.errors.num_observations == 0 else 0.0
+        return self._overhead_s + extra + _check_size(kv_bytes, "kv_bytes") * self._seconds_per_byte
+
+    def predict_calibrated(self, kv_bytes: float) -> float:
+        """The calibration's prediction (the bare call), whatever was measured since."""
+        return self._prior_overhead_s + _check_size(kv_bytes, "kv_bytes") * self._prior_slope
 
     def observe(self, kv_bytes: float, seconds: float) -> float:
         """Record a measured call: track the error of the prediction, then refit. Returns that error."""

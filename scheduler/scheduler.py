@@ -29,6 +29,9 @@ from fastdecode.scheduler.placement import NodeLoad, can_ever_fit, check_lengths
 from fastdecode.scheduler.preemption import Resident, choose_victims, youngest
 from fastdecode.scheduler.sequences import SequenceRecord, SequenceTable
 from fastdecode.scheduler.split import SplitItem, StepTimeModel, split_minibatches
+from fastdecode.scheduler.step_model import DecodeStepModel, MiniBatchLoad
+
+MESSAGE_OVERHEAD_RATE = 0.05  # EWMA rate of the per-message cost (the first samples weigh alike)
 
 
 class Scheduler:
@@ -42,6 +45,10 @@ class Scheduler:
             self.add_node(node)
         if not self._nodes:
             raise ValueError("the scheduler needs at least one node")
+        num_layers = next(iter(self._nodes.values())).num_layers
+        self.step_model = DecodeStepModel(self._nodes, num_layers, gpu.predict if gpu else None)
+        self.message_overhead_s = 0.0  # mean per-message cost of attend calls over the calibration
+        self._num_message_samples = 0
         self._table = SequenceTable()
         self._admission = AdmissionPolicy(config)
         self._num_steps = 0
@@ -134,17 +141,55 @@ class Scheduler:
 
     # --- measurements --------------------------------------------------------------
     def observe_attend(self, node_id: int, kv_bytes: float, seconds: float) -> float:
-        """Feed a measured attend call to the node's model; returns the prediction's relative error."""
+        """Feed a measured attend call (a round trip as the Executor sees it) to the node's model;
+        returns the prediction's relative error.
+
+        The call's excess over the node's calibration (the bare native call) is the per-message
+        cost: wire, queueing, message handling.  Its running mean over every node is what a node
+        not measured yet is predicted to pay on top of its calibration, so placement does not
+        favour a node merely because its cost has not been seen yet.
+        """
         perf = self._nodes[node_id].perf
         observe = getattr(perf, "observe", None)
         if observe is None:
             raise TypeError(f"node {node_id}'s time model does not learn from measurements")
-        return observe(kv_bytes, seconds)
+        error = observe(kv_bytes, seconds)
+        calibrated = getattr(perf, "predict_calibrated", None)
+        if calibrated is not None:
+            self._num_message_samples += 1
+            rate = max(MESSAGE_OVERHEAD_RATE, 1.0 / self._num_message_samples)
+            excess = max(0.0, seconds - calibrated(kv_bytes))
+            self.message_overhead_s += rate * (excess - self.message_overhead_s)
+            for node in self._nodes.values():
+                if hasattr(node.perf, "unmeasured_overhead_s"):
+                    node.perf.unmeasured_overhead_s = self.message_overhead_s
+        return error
 
     def observe_dense(self, batch: int, seconds: float) -> float:
         if self.gpu is None:
             raise ValueError("no GPU model to update")
         return self.gpu.observe(batch, seconds)
+
+    def predict_decode_s(self, minibatches: Iterable[Iterable[int]]) -> float:
+        """Predicted seconds of a decode step running these groups of running seq ids (one, or two
+        concurrently), as the Executor measures it: its dense calls and attend round trips."""
+        return self.step_model.predict(self._loads(minibatches))
+
+    def observe_decode(self, minibatches: Iterable[Iterable[int]], seconds: float) -> float:
+        """Feed a measured decode step of these groups (as run); returns the prediction's relative error."""
+        return self.step_model.observe(self._loads(minibatches), seconds)
+
+    def _loads(self, minibatches: Iterable[Iterable[int]]) -> list[MiniBatchLoad]:
+        loads = []
+        for group in minibatches:
+            records = [self._table.get(seq_id) for seq_id in group]
+            context: dict[int, int] = {}
+            for record in records:
+                if not record.is_running:
+                    raise ValueError(f"sequence {record.seq_id} is not running")
+                context[record.node_id] = context.get(record.node_id, 0) + record.context_len
+            loads.append(MiniBatchLoad(len(records), context))
+        return [load for load in loads if load.num_seqs]
 
     # --- the step ------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -154,8 +199,7 @@ class Scheduler:
         admitted_ids = self._admit()
         running = list(self._table.running())
         items = [SplitItem(r.seq_id, r.node_id, r.context_len, r.minibatch) for r in running]
-        num_layers = next(iter(self._nodes.values())).num_layers
-        step_model = StepTimeModel(self._nodes, num_layers, self.gpu.predict if self.gpu else None)
+        step_model = StepTimeModel(self._nodes, self.step_model.num_layers, self.step_model.dense_step_s)
         assignment, step_s = split_minibatches(items, step_model, self.config.rebalance_threshold)
         halves: tuple[list[int], list[int]] = ([], [])
         for record in running:
@@ -165,13 +209,15 @@ class Scheduler:
             Admission(r.seq_id, r.node_id, r.minibatch, r.prefill_len, r.num_generated)
             for r in (self._table.get(i) for i in admitted_ids)
         )
+        minibatches = (tuple(sorted(halves[0])), tuple(sorted(halves[1])))
         return StepPlan(
             step_index=self._num_steps,
             preempted=tuple(preempted),
             admitted=admitted,
-            minibatches=(tuple(sorted(halves[0])), tuple(sorted(halves[1]))),
+            minibatches=minibatches,
             predicted_step_s=step_s,
             total_context=sum(item.context_len for item in items),
+            predicted_decode_s=self.predict_decode_s(minibatches),
         )
 
     def _residents(self, node_id: int) -> list[Resident]:

@@ -1,0 +1,131 @@
+"""The decode step as the Executor runs it, predicted from the node and GPU models.
+
+The Executor runs each mini-batch as a chain of ``2 * num_layers + 1`` stages:
+a dense call (embedding and layer 0's QKV), then per layer an attend round (one
+call to every node holding some of the mini-batch's sequences, in parallel) and
+a dense call (that layer's O-projection and MLP, then the next layer's QKV, or
+the LM head after the last layer).  With two mini-batches the chains run
+concurrently and share one dense thread and each node; with one (or the
+pipeline off) the chain runs alone.
+
+A stage's duration:
+- dense call of a mini-batch of ``n`` sequences: ``T(n) / (num_layers + 1)``
+  (the GPU model's whole dense pass spread over the calls) plus
+  ``call_overhead_s``, the Executor's own cost per dense call that the start-up
+  sweep does not see (handing work to the dense thread and back, staging
+  activations, Python per layer);
+- attend call on a node: the node's time model at the mini-batch's context on
+  it.  The Executor feeds that model the attend round trips it measures, so it
+  predicts the call as seen from the Executor: wire, queueing and message
+  handling included, not just the native kernel.
+
+The step is simulated with each resource (the dense thread, each node) serving
+stages in order of readiness, so two mini-batches on one node wait for each
+other there and the pipeline's fill and drain are counted.  ``call_overhead_s``
+is learned online from measured decode steps: each step moves it towards the
+value that would have predicted that step exactly, by ``update_rate`` (the
+first ``1 / update_rate`` steps are averaged alike, so one odd first step does
+not set it).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fastdecode.scheduler.node import NodeModel
+from fastdecode.scheduler.perf_model import ErrorTracker, _check_rate, _check_time
+
+DenseTime = Callable[[float], float]  # sequences -> seconds of a whole dense pass (all layers)
+
+_SLOPE_PROBE_S = 1e-6  # finite-difference step for d(step)/d(call_overhead)
+
+
+@dataclass(frozen=True)
+class MiniBatchLoad:
+    """One mini-batch as the step model sees it: its size and its context (tokens) on each node."""
+
+    num_seqs: int
+    context_by_node: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_seqs < 0:
+            raise ValueError(f"num_seqs must be >= 0, got {self.num_seqs}")
+        if any(c < 0 for c in self.context_by_node.values()):
+            raise ValueError("context lengths must be >= 0")
+
+
+class DecodeStepModel:
+    """Predicted seconds of one decode step for one or two concurrent mini-batches."""
+
+    def __init__(
+        self, nodes: Mapping[int, NodeModel], num_layers: int, dense_time: DenseTime | None = None,
+        *, update_rate: float = 0.2, call_overhead_s: float = 0.0,
+    ) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if call_overhead_s < 0:
+            raise ValueError(f"call_overhead_s must be >= 0, got {call_overhead_s}")
+        self.nodes = nodes  # read at each prediction: nodes may come and go, their models learn
+        self.num_layers = num_layers
+        self.dense_time = dense_time
+        self.call_overhead_s = float(call_overhead_s)
+        self._rate = _check_rate(update_rate)
+        self.errors = ErrorTracker(update_rate)
+
+    def dense_call_s(self, num_seqs: float, call_overhead_s: float | None = None) -> float:
+        """One dense call of a mini-batch of ``num_seqs`` sequences, Executor overhead included."""
+        if num_seqs <= 0:
+            return 0.0
+        dense = self.dense_time(num_seqs) if self.dense_time else 0.0
+        overhead = self.call_overhead_s if call_overhead_s is None else call_overhead_s
+        return dense / (self.num_layers + 1) + overhead
+
+    def dense_step_s(self, num_seqs: float) -> float:
+        """All ``num_layers + 1`` dense calls of one mini-batch (what the mini-batch split weighs)."""
+        return (self.num_layers + 1) * self.dense_call_s(num_seqs)
+
+    def predict(self, minibatches: Sequence[MiniBatchLoad]) -> float:
+        """Seconds of a decode step running ``minibatches`` (1 or 2) concurrently."""
+        return self._simulate(minibatches, self.call_overhead_s)
+
+    def observe(self, minibatches: Sequence[MiniBatchLoad], seconds: float) -> float:
+        """Learn from a measured step; returns the relative error of the prediction made before."""
+        seconds = _check_time(seconds, "seconds")
+        predicted = self._simulate(minibatches, self.call_overhead_s)
+        error = self.errors.record(predicted, seconds)
+        slope = (self._simulate(minibatches, self.call_overhead_s + _SLOPE_PROBE_S) - predicted) / _SLOPE_PROBE_S
+        if slope > 0:
+            target = max(0.0, self.call_overhead_s + (seconds - predicted) / slope)
+            rate = max(self._rate, 1.0 / self.errors.num_observations)  # the first steps weigh alike
+            self.call_overhead_s += rate * (target - self.call_overhead_s)
+        return error
+
+    def _simulate(self, minibatches: Sequence[MiniBatchLoad], call_overhead_s: float) -> float:
+        if len(minibatches) > 2:
+            raise ValueError(f"the Executor runs one or two mini-batches, got {len(minibatches)}")
+        chains = [
+            (self.dense_call_s(mb.num_seqs, call_overhead_s),
+             {n: self.nodes[n].predict_attend_s(c) for n, c in mb.context_by_node.items() if c > 0})
+            for mb in minibatches if mb.num_seqs > 0
+        ]
+        num_stages = 2 * self.num_layers + 1
+        ready = [0.0] * len(chains)
+        stage = [0] * len(chains)
+        dense_free = 0.0
+        node_free: dict[int, float] = {}
+        while True:
+            active = [i for i in range(len(chains)) if stage[i] < num_stages]
+            if not active:
+                return max(ready, default=0.0)
+            i = min(active, key=lambda j: (ready[j], j))
+            dense_s, attend_s = chains[i]
+            if stage[i] % 2 == 0:  # a dense call on the one dense thread
+                dense_free = max(ready[i], dense_free) + dense_s
+                ready[i] = dense_free
+            else:  # an attend round: every node of the mini-batch, in parallel, each in its own order
+                end = ready[i]
+                for node_id, seconds in attend_s.items():
+                    node_free[node_id] = max(ready[i], node_free.get(node_id, 0.0)) + seconds
+                    end = max(end, node_free[node_id])
+                ready[i] = end
+            stage[i] += 1
