@@ -102,3 +102,15 @@ def test_scheduler_predicts_and_learns_the_groups_the_executor_ran():
     assert sched.step_model.call_overhead_s == pytest.approx(2e-3, rel=1e-6)
     with pytest.raises(KeyError):
         sched.predict_decode_s([[99]])
+
+
+def test_a_node_not_measured_yet_pays_the_per_message_cost_seen_on_others():
+    nodes = [node(0, 1e-5, 30e9), node(1, 1e-5, 1e9)]
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8), nodes)
+    bare = nodes[1].perf.predict(1e5)
+    for _ in range(10):
+        sched.observe_attend(0, 1e5, nodes[0].perf.predict_calibrated(1e5) + 1e-3)  # 1 ms per message
+    assert sched.message_overhead_s == pytest.approx(1e-3)
+    assert nodes[1].perf.predict(1e5) == pytest.approx(bare + 1e-3)
+    sched.observe_attend(1, 1e5, bare + 2e-3)  # its own measurements take over
+    assert nodes[1].perf.predict(1e5) == pytest.approx(bare + 2e-3, rel=0.05)
