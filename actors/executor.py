@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -413,16 +414,23 @@ class Executor:
         elif len(groups) == 1 and len(groups[0]) > 1:
             groups = halves_per_node(groups[0])
         minibatches = [MiniBatch.build(i, group) for i, group in enumerate(groups)]
+        ran = [[s.seq_id for s in mb.seqs] for mb in minibatches]  # the split as it runs
+        predicted_s = self.scheduler.predict_decode_s(ran)
         trace_start = self.trace.now() if self.trace is not None else 0.0
+        start = time.perf_counter()
         logits = await self.decoder.run(minibatches, is_pipelined=self.config.is_pipelined)
+        decode_s = time.perf_counter() - start
         if self.trace is not None:
             self.trace.add_step(self.decoder.step_index, trace_start, self.trace.now(),
                                 sum(len(mb.seqs) for mb in minibatches))
-            self.predicted_steps_s.append(self.last_plan.predicted_step_s)
+            self.predicted_steps_s.append(predicted_s)
+        all_alive = all(self.nodes[n].is_alive for mb in minibatches for n, _, _ in mb.node_slices)
         for node_index, num_tokens, seconds in self.decoder.drain_attend_times():
             if self.nodes[node_index].is_alive:
                 self.scheduler.observe_attend(node_index, num_tokens * self.kv_bytes_per_token
                                               / self.model.config.num_layers, seconds)
+        if all_alive:
+            self.scheduler.observe_decode(ran, decode_s)
         for mb, mb_logits in zip(minibatches, logits):
             # rows whose node failed during the step got zeros from it: no token for them now;
             # they are rebuilt elsewhere and decode this position again
