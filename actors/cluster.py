@@ -217,7 +217,7 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
             memory = int(free * GPU_KV_FREE_FRACTION)
         else:
             memory = default_shard_kv_bytes(1)
-    return GpuKVNode.for_model("gpu", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
+    return GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
 
 
 async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]) -> tuple[GpuPerfModel, ModeChoice]:
