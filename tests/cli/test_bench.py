@@ -1,0 +1,43 @@
+"""fdctl bench offline modes on the tiny random model (CPU), and ClusterConfig mode checks."""
+from __future__ import annotations
+
+import pytest
+
+from fastdecode.actors.cluster import ClusterConfig
+from fastdecode.cli.bench import run_offline
+
+
+def options(**over) -> dict:
+    base = dict(model="random:tiny", seed=0, dtype="float32", device="cpu", batch=3, prompt_len=8, output_len=5,
+                shards=0, shard=(), kv_memory=None, pipeline=True, out=None, mode="gpu-only",
+                gpu_kv_memory=1 << 20, cuda_graphs=True)
+    base.update(over)
+    return base
+
+
+async def test_gpu_only_generates_exactly_output_len(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = await run_offline(options())
+    assert result["mode"] == "gpu-only" and result["num_nodes"] == 1
+    assert result["pipeline"] is False and result["cuda_graphs"] is False  # CPU: no graphs
+    assert result["tokens_per_s"] > 0 and result["step_ms"] > 0
+    assert result["tpot_s"]["p50"] > 0
+
+
+async def test_hybrid_reports_its_start_up_choice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = await run_offline(options(mode="hybrid", shards=1))
+    choice = result["mode_choice"]
+    assert choice["mode"] in ("gpu-only", "hybrid")
+    assert result["num_nodes"] == (1 if choice["mode"] == "gpu-only" else 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="gpu-only", num_shards=1), "takes no shards"),
+    (dict(mode="hybrid"), "needs shards"),
+    (dict(mode="fast"), "mode must be"),
+    (dict(mode="gpu-only", gpu_kv_memory_bytes=10), "at least 1 MiB"),
+])
+def test_mode_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig(**kwargs)
