@@ -5,10 +5,13 @@ Once ``is_draining`` is set, every request that would place or use KV
 ``draining``; Free and GetStats are still served. The Executor takes that code
 as a planned removal: it stops sending work there, rebuilds the shard's
 sequences on the other nodes and frees them here. The daemon exits when the
-shard holds no sequence any more (or at its drain deadline).
+shard holds no sequence any more, at its drain deadline, or once no request
+came for a while (no Executor is left to move them: one that runs sequences
+here sends attends every step).
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from fastdecode.actors.runtime import ActorError
@@ -36,12 +39,17 @@ class DrainableShard:
         self.shard = shard
         self.is_draining = False  # set from the event loop; read by handlers (a plain bool)
         self._seq_ids: set[int] = set()
+        self.last_request_s = time.monotonic()  # when a handler last ran
+
+    def seconds_since_request(self) -> float:
+        return time.monotonic() - self.last_request_s
 
     @property
     def num_sequences(self) -> int:
         return len(self._seq_ids)
 
     def _refuse_if_draining(self) -> None:
+        self.last_request_s = time.monotonic()
         if self.is_draining:
             raise ActorError(DRAINING, "this shard is shutting down; move its sequences elsewhere")
 
@@ -55,6 +63,7 @@ class DrainableShard:
         self._seq_ids.update(message.seq_ids)
 
     def on_free(self, message: Free) -> None:
+        self.last_request_s = time.monotonic()
         try:
             self.shard.on_free(message)
         finally:  # unknown ids are reported after the known ones were freed

@@ -53,6 +53,7 @@ def _cpu_list_option(ctx: click.Context, param: click.Parameter, value: str | No
 
 
 DRAIN_POLL_S = 0.05
+DRAIN_IDLE_S = 2.0  # draining with no request for this long: no Executor is moving the sequences
 
 
 async def _serve(listen: str, config, *, curve_dir: str | None, drain_timeout_s: float) -> None:  # noqa: ANN001
@@ -77,6 +78,9 @@ async def _serve(listen: str, config, *, curve_dir: str | None, drain_timeout_s:
         log.info("draining: %d sequence(s) to move away (deadline %.0f s)", actor.num_sequences, drain_timeout_s)
         deadline = loop.time() + drain_timeout_s
         while actor.num_sequences and loop.time() < deadline and not hurry.is_set():
+            if actor.seconds_since_request() > DRAIN_IDLE_S:
+                log.warning("no Executor is moving the sequences away")
+                break
             await asyncio.sleep(DRAIN_POLL_S)
         if actor.num_sequences:
             log.warning("stopping with %d sequence(s) not moved away", actor.num_sequences)
