@@ -11,14 +11,16 @@ client is dead for good, connect a new one), ProtocolError.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import uuid
-from dataclasses import dataclass
 
 import numpy as np
 import zmq.asyncio
 
 from fastdecode.actors.kvshard import KVShard, ShardConfig
+from fastdecode.actors.loop import new_event_loop
 from fastdecode.actors.runtime import ActorServer
 from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec
@@ -123,19 +125,53 @@ class ShardClient:
         await self._rpc.close()
 
 
-@dataclass
 class EmbeddedShard:
-    """A KVShard served in this process and event loop (``--shards N``); ``await stop()`` ends it."""
+    """A KVShard served in this process (``--shards N``); ``await stop()`` ends it.
 
-    server: ActorServer
-    actor: KVShard
+    Threaded (the default): the shard's actor loop runs on its own thread and event
+    loop, so receiving, decoding and answering its messages never waits behind the
+    Executor's callbacks on the Executor's loop (still the same actor, codec and
+    inproc:// socket of the caller's zmq Context).  Otherwise it shares the caller's loop.
+    """
+
+    def __init__(self, server: ActorServer, actor: KVShard, *, loop: asyncio.AbstractEventLoop | None = None,
+                 thread: threading.Thread | None = None) -> None:
+        self.server = server
+        self.actor = actor
+        self._loop = loop
+        self._thread = thread
 
     @property
     def address(self) -> str | None:
         return self.server.address
 
+    @property
+    def is_threaded(self) -> bool:
+        return self._thread is not None
+
     async def stop(self) -> None:
-        await self.server.stop()
+        if self._loop is None or self._thread is None:
+            await self.server.stop()
+            return
+        if self._thread.is_alive():
+            try:
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop))
+            finally:
+                _end_loop_thread(self._loop, self._thread)
+                await asyncio.to_thread(self._thread.join)
+
+
+def _run_loop_forever(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _end_loop_thread(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    if thread.is_alive() and not loop.is_closed():
+        loop.call_soon_threadsafe(loop.stop)
 
 
 async def start_embedded_shard(
@@ -148,11 +184,13 @@ async def start_embedded_shard(
     isa: str | None = None,
     is_calibrating: bool = True,
     slowdown_s_per_gb: float = 0.0,
+    is_threaded: bool = True,
 ) -> tuple[str, EmbeddedShard]:
     """Serve a KVShard over a fresh ``inproc://`` address of ``ctx`` (default: the process-wide Context).
 
     It goes through the same codec and runtime as a remote shard.  Connect with
-    ``ShardClient.connect(address, ctx=<same ctx>)``.
+    ``ShardClient.connect(address, ctx=<same ctx>)``.  ``is_threaded``: on its own
+    thread and event loop (see EmbeddedShard), else on the caller's loop.
     """
     config = ShardConfig(kv_memory_bytes=kv_memory_bytes, num_threads=threads, page_size=page_size,
                          cpu_list=cpu_list, isa=isa, is_calibrating=is_calibrating,
@@ -160,5 +198,15 @@ async def start_embedded_shard(
     actor = KVShard(config)
     address = f"inproc://fastdecode-shard-{uuid.uuid4().hex[:16]}"
     server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx or zmq.asyncio.Context.instance(), name="kvshard")
-    bound = await server.start()
-    return bound, EmbeddedShard(server, actor)
+    if not is_threaded:
+        return await server.start(), EmbeddedShard(server, actor)
+    loop = new_event_loop()
+    thread = threading.Thread(target=_run_loop_forever, args=(loop,), name="kvshard-loop", daemon=True)
+    thread.start()
+    try:
+        bound = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.start(), loop))
+    except BaseException:
+        _end_loop_thread(loop, thread)
+        await asyncio.to_thread(thread.join)
+        raise
+    return bound, EmbeddedShard(server, actor, loop=loop, thread=thread)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import ml_dtypes
@@ -163,11 +164,14 @@ def test_reconfigure_only_when_empty(shard) -> None:
     assert stats.num_layers == 4 and stats.kv_dtype == "float32"
 
 
-async def test_embedded_shard_through_client_matches_pool() -> None:
+@pytest.mark.parametrize("is_threaded", [True, False], ids=["own-loop-thread", "caller-loop"])
+async def test_embedded_shard_through_client_matches_pool(is_threaded: bool) -> None:
     ctx = zmq.asyncio.Context()
     rng = np.random.default_rng(3)
-    address, handle = await start_embedded_shard(threads=1, kv_memory_bytes=MEMORY, ctx=ctx)
-    assert address.startswith("inproc://")
+    threads_before = {t.name for t in threading.enumerate()}
+    address, handle = await start_embedded_shard(threads=1, kv_memory_bytes=MEMORY, ctx=ctx, is_threaded=is_threaded)
+    assert address.startswith("inproc://") and handle.is_threaded == is_threaded
+    assert ("kvshard-loop" in {t.name for t in threading.enumerate()} - threads_before) == is_threaded
     client = await ShardClient.connect(address, ctx=ctx, heartbeat_interval_s=0.05)
     stats = await client.configure(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                                    kv_dtype="bfloat16")
@@ -188,8 +192,13 @@ async def test_embedded_shard_through_client_matches_pool() -> None:
         await client.attend(0, [6], q, k1, v1)
     assert info.value.code == "unknown_sequence"
     assert (await client.stats()).num_sequences == 1
+    pending = asyncio.ensure_future(client.attend(1, [5], q, k1, v1))
+    await asyncio.sleep(0)
+    await handle.stop()  # answers or finishes what is in flight, then ends the shard's thread
+    with contextlib.suppress(RemoteRequestError):
+        await asyncio.wait_for(pending, 5)
+    assert "kvshard-loop" not in {t.name for t in threading.enumerate()} - threads_before
     await client.close()
-    await handle.stop()
     ctx.destroy(linger=0)
     reference.close()
 
