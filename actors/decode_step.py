@@ -99,13 +99,30 @@ class DecodeStep:
                 return graphs.last(mb.index, o)
             return model.logits(model.post_attention(layer, x, o))
 
-        x, q, k, v = await self._dense(mb, "qkv", first, tokens, positions)
         num_layers = model.num_layers
+        if not any(self.nodes[n].is_host for n, _, _ in mb.node_slices):
+            def whole_step(tokens, positions):  # every layer on the dense thread, no hops
+                x, q, k, v = first(tokens, positions)
+                for layer in range(num_layers):
+                    o = self._attend_now(mb, layer, q, k, v)
+                    if layer + 1 < num_layers:
+                        x, q, k, v = middle(layer, x, o, positions)
+                return last(num_layers - 1, x, o)
+
+            return await self._dense(mb, "step", whole_step, tokens, positions)
+
+        x, q, k, v = await self._dense(mb, "qkv", first, tokens, positions)
         for layer in range(num_layers):
             o = await self._attend(mb, layer, q, k, v)
             if layer + 1 < num_layers:
                 x, q, k, v = await self._dense(mb, "dense", middle, layer, x, o, positions)
         return await self._dense(mb, "dense", last, num_layers - 1, x, o)
+
+    def _attend_now(self, mb: MiniBatch, layer: int, q, k, v) -> torch.Tensor:
+        """Attention for a mini-batch whose nodes all live on the Executor's device."""
+        parts = [self.nodes[n].attend_now(layer, mb.seq_ids[start:end], q[start:end], k[start:end], v[start:end])
+                 for n, start, end in mb.node_slices]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     async def _attend(self, mb: MiniBatch, layer: int, q, k, v) -> torch.Tensor:
         needs_host = any(self.nodes[n].is_host for n, _, _ in mb.node_slices)

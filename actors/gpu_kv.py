@@ -124,6 +124,9 @@ class GpuKVNode(KVNode):
         self._lengths[slot] = start + num_new
 
     async def attend(self, layer, seq_ids, q, k, v):
+        return self.attend_now(layer, seq_ids, q, k, v)
+
+    def attend_now(self, layer, seq_ids, q, k, v):
         key = np.asarray(seq_ids, dtype=np.int64).tobytes()
         rows = self._rows.get(key) if layer > 0 else None
         if rows is None:  # a new step (layer 0): the rows' lengths grow by the new token

@@ -148,6 +148,11 @@ class GuardedNode(KVNode):
                     raise
         return torch.zeros_like(q)
 
+    def attend_now(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> torch.Tensor:
+        """A local node's attend on the caller's thread (local nodes do not fail over)."""
+        return self.inner.attend_now(layer, seq_ids, q, k, v)
+
     async def free(self, seq_ids: list[int]) -> None:
         """Free on a live or draining node; raises NodeFailedError when the node is (or turns out) dead."""
         if self.state is NodeState.DEAD:

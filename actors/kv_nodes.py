@@ -56,6 +56,13 @@ class KVNode(abc.ABC):
     ) -> torch.Tensor:
         """Append each row's k, v to its sequence at ``layer``, attend q over the whole cache."""
 
+    def attend_now(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> torch.Tensor:
+        """``attend`` as a plain call on the caller's thread, for nodes on the Executor's own
+        device (``is_host`` False): a step whose rows all live on such nodes runs every layer
+        in one call on the dense thread."""
+        raise NotImplementedError(f"{type(self).__name__} attends only through messages")
+
     @abc.abstractmethod
     async def stats(self) -> NodeStats: ...
 
@@ -99,6 +106,9 @@ class LocalKVNode(KVNode):
                    head_dim=cfg.head_dim, dtype=model.dtype, device=model.device)
 
     async def attend(self, layer, seq_ids, q, k, v):
+        return self.attend_now(layer, seq_ids, q, k, v)
+
+    def attend_now(self, layer, seq_ids, q, k, v):
         ids = [int(s) for s in seq_ids]
         o = self._cache.attend(layer, ids, q, k, v)
         if layer == 0:
