@@ -54,7 +54,7 @@ class ClusterConfig:
     is_tracing: bool = False
     mode: str | None = None  # one of MODES; None: shards if any are given, else the local torch KV
     gpu_kv_memory_bytes: int | None = None  # GPU KV pool; None: a share of the free device memory
-    is_cuda_graphs: bool = True  # dense per-layer segments as CUDA graphs (CUDA devices only)
+    is_cuda_graphs: bool = True  # GPU-KV mini-batches' whole decode steps as CUDA graphs (CUDA devices only)
     expected_mean_context: int | None = None  # hybrid choice's mean context; None: 3/4 of the max length
     curve_dir: str | None = None  # CURVE keys for the links to shard daemons (fdctl keygen); None: plain
     heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
@@ -172,10 +172,11 @@ class Cluster:
                                 eos_token_ids=tokenizer.eos_token_ids or cfg.eos_token_ids,
                                 trace=StepTrace() if config.is_tracing else None, gpu_model=gpu_model,
                                 node_factories=[factories.get(id(n)) for n in nodes])
-            if config.is_cuda_graphs and device.type == "cuda":
-                from fastdecode.actors.cuda_graphs import DenseGraphs
+            gpu_node = nodes[0] if nodes and isinstance(nodes[0], GpuKVNode) else None
+            if config.is_cuda_graphs and device.type == "cuda" and gpu_node is not None:
+                from fastdecode.actors.cuda_graphs import StepGraphs
 
-                executor.decoder.graphs = DenseGraphs(model, max_batch=config.executor.max_num_seqs)
+                executor.decoder.graphs = StepGraphs(model, gpu_node, max_batch=config.executor.max_num_seqs)
             await executor.start()
         except BaseException:
             await _close_all(nodes, handles)

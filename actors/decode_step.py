@@ -51,7 +51,7 @@ class DecodeStep:
         self.runner = runner
         self.trace = trace
         self.step_index = 0
-        self.graphs = None  # a cuda_graphs.DenseGraphs: dense segments replayed as CUDA graphs
+        self.graphs = None  # a cuda_graphs.StepGraphs: whole steps on the GPU KV node, as CUDA graphs
         self._attend_times: list[tuple[int, int, float]] = []  # (node, context tokens, seconds)
 
     def drain_attend_times(self) -> list[tuple[int, int, float]]:
@@ -77,31 +77,31 @@ class DecodeStep:
     async def _run_minibatch(self, mb: MiniBatch) -> torch.Tensor:
         model = self.model
         device = model.device
-        tokens = torch.tensor([s.output_ids[-1] for s in mb.seqs], dtype=torch.long, device=device)
-        positions = torch.tensor([s.num_tokens - 1 for s in mb.seqs], dtype=torch.long, device=device)
-
-        graphs = self.graphs if self.graphs is not None and self.graphs.can_run(len(mb.seqs)) else None
+        token_ids = [s.output_ids[-1] for s in mb.seqs]
+        position_ids = [s.num_tokens - 1 for s in mb.seqs]
 
         def first(tokens, positions):
-            if graphs is not None:
-                return graphs.first(mb.index, tokens, positions)
             x = model.embed(tokens)
             return (x, *model.pre_attention(0, x, positions))
 
         def middle(layer, x, o, positions):
-            if graphs is not None:  # x and positions live in the graphs' static buffers
-                return graphs.middle(mb.index, layer, o)
             x = model.post_attention(layer, x, o)
             return (x, *model.pre_attention(layer + 1, x, positions))
 
         def last(layer, x, o):
-            if graphs is not None:
-                return graphs.last(mb.index, o)
             return model.logits(model.post_attention(layer, x, o))
 
         num_layers = model.num_layers
         if not any(self.nodes[n].is_host for n, _, _ in mb.node_slices):
-            def whole_step(tokens, positions):  # every layer on the dense thread, no hops
+            graphs = self.graphs if self._is_on_graph_node(mb) else None
+
+            def whole_step():  # every layer on the dense thread, no hops
+                if graphs is not None:  # one replay; None: the slots fit no bucket
+                    logits = graphs.run(mb.seq_ids, token_ids)
+                    if logits is not None:
+                        return logits
+                tokens = torch.tensor(token_ids, dtype=torch.long, device=device)
+                positions = torch.tensor(position_ids, dtype=torch.long, device=device)
                 x, q, k, v = first(tokens, positions)
                 for layer in range(num_layers):
                     o = self._attend_now(mb, layer, q, k, v)
@@ -109,14 +109,23 @@ class DecodeStep:
                         x, q, k, v = middle(layer, x, o, positions)
                 return last(num_layers - 1, x, o)
 
-            return await self._dense(mb, "step", whole_step, tokens, positions)
+            return await self._dense(mb, "step", whole_step)
 
+        tokens = torch.tensor(token_ids, dtype=torch.long, device=device)
+        positions = torch.tensor(position_ids, dtype=torch.long, device=device)
         x, q, k, v = await self._dense(mb, "qkv", first, tokens, positions)
         for layer in range(num_layers):
             o = await self._attend(mb, layer, q, k, v)
             if layer + 1 < num_layers:
                 x, q, k, v = await self._dense(mb, "dense", middle, layer, x, o, positions)
         return await self._dense(mb, "dense", last, num_layers - 1, x, o)
+
+    def _is_on_graph_node(self, mb: MiniBatch) -> bool:
+        """Every row of ``mb`` is on the node the step graphs were made for."""
+        if self.graphs is None or len(mb.node_slices) != 1:
+            return False
+        node = self.nodes[mb.node_slices[0][0]]
+        return getattr(node, "inner", node) is self.graphs.node
 
     def _attend_now(self, mb: MiniBatch, layer: int, q, k, v) -> torch.Tensor:
         """Attention for a mini-batch whose nodes all live on the Executor's device."""

@@ -1,8 +1,9 @@
 """The GPU KV node: sequences' KV-cache held next to the weights, batched decode attention.
 
-Memory is a preallocated pool per layer, ``[num_slots, Hkv, slot_len, D]`` for K and
+Memory is a preallocated pool per layer, ``[num_slots, Hkv, columns, D]`` for K and
 for V, one slot per sequence (``slot_len`` is the longest sequence the Executor
-admits). One attend call writes every row's new k, v with a single indexed store,
+admits; ``columns`` is ``slot_len`` plus at least one scratch column, rounded up to
+16, where the padding rows of a whole-step CUDA graph write). One attend call writes every row's new k, v with a single indexed store,
 then runs torch's fused ``scaled_dot_product_attention`` over the rows' slots, cut
 to the longest context among them, with a length mask. GQA needs no expanded KV:
 a KV head's query heads become the "query length" of the fused call. When the
@@ -12,6 +13,12 @@ rows are sorted) the slots are a view of the pool; otherwise they are gathered.
 To the scheduler it is one more node: NodeStats with one page per slot
 (``page_size = slot_len``) and an attend-time model calibrated at start-up from
 timed attends at two context lengths, like the KVShard's.
+
+``attend_static`` is the graphable form used by ``cuda_graphs.StepGraphs``: rows are
+the slots ``0..rows-1`` themselves (a view of the pool, no gather), the new k, v go
+to per-row columns from a device buffer, and attention runs over every column
+under a mask built on the device from per-row lengths, so no shape or host value
+changes from one step to the next.
 """
 from __future__ import annotations
 
@@ -50,6 +57,10 @@ class _Rows:
     first_slot: int | None  # the rows' slots are first_slot, first_slot + 1, ...; None: scattered
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,12 +83,14 @@ class GpuKVNode(KVNode):
         if self.num_slots < 1:
             raise ValueError(f"GPU KV memory of {config.memory_bytes} bytes holds no sequence of {config.slot_len} "
                              f"tokens ({slot_bytes} bytes each)")
-        shape = (num_layers, 2, self.num_slots, num_kv_heads, config.slot_len, head_dim)
+        self.num_columns = _round_up(config.slot_len + 1, 16)
+        self.scratch_column = self.num_columns - 1  # never read unmasked: lengths stop at slot_len
+        shape = (num_layers, 2, self.num_slots, num_kv_heads, self.num_columns, head_dim)
         self._pool = torch.zeros(shape, dtype=dtype, device=self.device)
         self._lengths = np.zeros(self.num_slots, dtype=np.int64)  # tokens held, per slot (all layers alike)
         self._slot_of: dict[int, int] = {}
         self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() hands out the lowest first
-        self._arange = torch.arange(config.slot_len, device=self.device)
+        self._arange = torch.arange(self.num_columns, device=self.device)
         self._scale = 1.0 / math.sqrt(head_dim)
         self._rows: dict[bytes, _Rows] = {}  # this step's mini-batches, by their seq_ids
         self.attn_gbps: float | None = None
@@ -130,17 +143,26 @@ class GpuKVNode(KVNode):
         key = np.asarray(seq_ids, dtype=np.int64).tobytes()
         rows = self._rows.get(key) if layer > 0 else None
         if rows is None:  # a new step (layer 0): the rows' lengths grow by the new token
-            slots = np.fromiter((self._slot(int(s)) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+            slots = self.slots_of(seq_ids)
             if layer == 0:
-                if np.any(self._lengths[slots] >= self.config.slot_len):
-                    raise ValueError(f"a sequence outgrew its slot of {self.config.slot_len} tokens")
-                self._lengths[slots] += 1
+                self.advance(slots)
             rows = self._make_rows(slots)
             if len(self._rows) >= 8:
                 self._rows.clear()
             self._rows[key] = rows
         with torch.inference_mode():
             return self.attend_rows(layer, rows, q, k, v)
+
+    def slots_of(self, seq_ids) -> np.ndarray:
+        """The slots of allocated sequences, in the given order."""
+        return np.fromiter((self._slot(int(s)) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+
+    def advance(self, slots: np.ndarray) -> np.ndarray:
+        """A new decode step for ``slots``: each holds one more token. Their new lengths."""
+        if np.any(self._lengths[slots] >= self.config.slot_len):
+            raise ValueError(f"a sequence outgrew its slot of {self.config.slot_len} tokens")
+        self._lengths[slots] += 1
+        return self._lengths[slots].copy()
 
     async def stats(self) -> NodeStats:
         used = int(self._lengths[list(self._slot_of.values())].sum()) * self.bytes_per_token_layer * self.num_layers
@@ -179,6 +201,22 @@ class GpuKVNode(KVNode):
             values = pool[1].index_select(0, rows.slot_index)[:, :, :rows.max_len]
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=rows.mask, scale=self._scale)
+        return o.reshape(num_rows, num_heads, head_dim)
+
+    def static_mask(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``[rows, 1, 1, columns]``: True where column < the row's length (built on the device)."""
+        return (self._arange < lengths[:, None]).view(lengths.shape[0], 1, 1, self.num_columns)
+
+    def attend_static(self, layer: int, row_index: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor,
+                      q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Graphable attend for rows that ARE slots ``0..rows-1``: store row i's k, v at column
+        ``columns[i]`` of slot i, attend over all columns under ``mask``. q[rows,Hq,D] -> o."""
+        num_rows, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
+        pool[:, row_index, :, columns] = torch.stack((k, v), dim=1)
+        query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(query, pool[0], pool[1], attn_mask=mask, scale=self._scale)
         return o.reshape(num_rows, num_heads, head_dim)
 
     def calibrate(self, *, repeats: int = 3) -> None:

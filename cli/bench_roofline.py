@@ -6,8 +6,10 @@ one GPU KV node; the step is the median time per output token once the whole
 batch decodes), and ``roofline_ms = (weight bytes read + KV bytes read) /
 bandwidth``. Weight bytes read are every parameter but the embedding table (of
 which a step reads B rows); KV bytes read are the batch's mean context in all
-layers. Optionally ``transformers`` ``generate`` with a static cache on the same
-random weights shape and batch: time per step from two generate lengths.
+layers. The step runs as one CUDA graph replay per token (``cuda_graphs.StepGraphs``);
+``--compare-eager`` adds the per-layer eager path. Optionally ``transformers``
+``generate`` with a static cache on the same random weights shape and batch (eager,
+or ``--transformers-compile``): time per step from two generate lengths.
 Prints one JSON object last on stdout.
 """
 from __future__ import annotations
@@ -70,7 +72,7 @@ async def decode_batch(executor, batch: int, prompt_len: int, output_len: int, v
 
 
 async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is_graphs: bool, seed: int) -> list:
-    from fastdecode.actors.cuda_graphs import DenseGraphs
+    from fastdecode.actors.cuda_graphs import StepGraphs
     from fastdecode.actors.executor import Executor, ExecutorConfig
     from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
     from fastdecode.scheduler import SchedulerConfig
@@ -78,9 +80,9 @@ async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is
     cfg = model.config
     final_len = prompt_len + output_len
     kv_token = cfg.kv_bytes_per_token(model.dtype.itemsize)
-    node = GpuKVNode.for_model("gpu", model, GpuKVConfig(memory_bytes=max(batches) * final_len * kv_token,
-                                                          slot_len=final_len))
-    graphs = DenseGraphs(model, max_batch=max(batches)) if is_graphs else None
+    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=max(batches) * final_len * kv_token,
+                                                             slot_len=final_len))
+    graphs = StepGraphs(model, node, max_batch=max(batches)) if is_graphs else None
     rows = []
     for batch in batches:
         config = ExecutorConfig(max_model_len=final_len, is_pipelined=False,
@@ -94,7 +96,8 @@ async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is
         finally:
             await executor.stop()
         rows.append({"batch": batch, "step_ms": statistics.median(run["tpot_s"]) * 1e3,
-                     "tokens_per_s": batch * output_len / run["wall_s"]})
+                     "tokens_per_s": batch * output_len / run["wall_s"],
+                     "graph_fallbacks": graphs.num_fallbacks if graphs is not None else None})
     return rows
 
 
@@ -106,8 +109,9 @@ def weight_bytes_read(model, batch: int) -> int:
     return total
 
 
-def transformers_step_ms(cfg, batch: int, prompt_len: int, output_len: int, device) -> float:
-    """transformers ``generate`` with a static cache: (t(1 + N) - t(1)) / N per step."""
+def transformers_step_ms(cfg, batch: int, prompt_len: int, output_len: int, device, *, is_compiled: bool) -> float:
+    """transformers ``generate`` with a static cache: (t(1 + N) - t(1)) / N per step. Both lengths
+    run once untimed first, so a compiled forward (``is_compiled``) compiles outside the timed calls."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -127,13 +131,14 @@ def transformers_step_ms(cfg, batch: int, prompt_len: int, output_len: int, devi
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                                 pad_token_id=0)
+                                 pad_token_id=0, disable_compile=not is_compiled)
         torch.cuda.synchronize(device)
         assert out.shape[1] == prompt_len + new_tokens
         return time.perf_counter() - t0
 
-    timed(2)  # warm-up
-    step = (timed(1 + output_len) - timed(1)) / output_len
+    timed(1)  # warm-up (and compilation) at both lengths
+    timed(1 + output_len)
+    step = (min(timed(1 + output_len) for _ in range(2)) - min(timed(1) for _ in range(2))) / output_len
     del model
     torch.cuda.empty_cache()
     return step * 1e3
@@ -171,9 +176,12 @@ async def run_roofline(options: dict) -> dict:
         ours = {r["batch"]: r["step_ms"] for r in result["rows"] if r["cuda_graphs"]}
         result["transformers"] = []
         for batch in (int(b) for b in options["transformers_batches"].split(",")):
-            step = transformers_step_ms(cfg, batch, prompt_len, output_len, device)
+            step = transformers_step_ms(cfg, batch, prompt_len, output_len, device,
+                                        is_compiled=options["transformers_compile"])
             result["transformers"].append({"batch": batch, "hf_step_ms": step, "ours_step_ms": ours.get(batch),
+                                           "compiled": options["transformers_compile"],
                                            "speedup": step / ours[batch] if batch in ours else None})
+            click.echo(json.dumps(result["transformers"][-1]), err=True)
     return result
 
 
@@ -185,6 +193,8 @@ async def run_roofline(options: dict) -> dict:
 @click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--output-len", default=32, show_default=True, type=click.IntRange(2))
 @click.option("--transformers-batches", default="16,64", show_default=True, help="'' to skip the comparison.")
+@click.option("--transformers-compile/--no-transformers-compile", default=False, show_default=True,
+              help="Let transformers torch.compile its static-cache forward (compiled in the untimed warm-up).")
 @click.option("--compare-eager/--no-compare-eager", default=False, show_default=True,
               help="Also measure without CUDA graphs.")
 @click.option("--seed", default=0, show_default=True, type=int)

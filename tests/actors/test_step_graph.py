@@ -1,0 +1,128 @@
+"""The whole-step program of the GPU KV node (cuda_graphs.StepGraphs): eager on the CPU against the
+per-sequence reference, padding rows, the eager fallback; graphed against eager on CUDA."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from executor_helpers import collect, reference_greedy
+from fastdecode.actors.cuda_graphs import StepGraphs, bucket_for
+from fastdecode.actors.executor import Executor, ExecutorConfig
+from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
+from fastdecode.actors.model import TorchKVCache
+from fastdecode.actors.prefill import prefill
+from fastdecode.actors.reference import run_tokens
+from fastdecode.actors.request import SamplingParams
+from fastdecode.scheduler import SchedulerConfig
+from greedy_compare import assert_same_greedy
+
+SLOT_LEN = 24
+PROMPTS = {1: [5, 9, 2], 2: [7, 1, 4, 4, 8, 3, 6], 3: [11, 12, 13, 14, 15], 4: [3, 3]}
+
+
+def make_node(model, num_slots: int) -> GpuKVNode:
+    token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
+    config = GpuKVConfig(memory_bytes=num_slots * SLOT_LEN * token_bytes, slot_len=SLOT_LEN, is_calibrating=False)
+    return GpuKVNode.for_model("gpu-kv", model, config)
+
+
+async def fill(model, node: GpuKVNode, seq_ids) -> dict[int, TorchKVCache]:
+    """Prefill ``seq_ids``' prompts into the node (slots in that order) and into reference caches."""
+    caches = {}
+    for seq_id in seq_ids:
+        tokens = torch.tensor(PROMPTS[seq_id], device=model.device)
+        _, k, v = prefill(model, tokens)
+        await node.allocate([seq_id])
+        await node.append_prompt(seq_id, k, v)
+        caches[seq_id] = TorchKVCache.for_model(model)
+        caches[seq_id].allocate(seq_id)
+        run_tokens(model, caches[seq_id], seq_id, PROMPTS[seq_id], 0)
+    return caches
+
+
+def reference_logits(model, caches, seq_ids, token_ids, lengths) -> torch.Tensor:
+    return torch.cat([model.logits(run_tokens(model, caches[s], s, [t], lengths[s]))
+                      for s, t in zip(seq_ids, token_ids)])
+
+
+async def test_steps_match_the_reference_in_any_row_order(tiny_model):
+    model, _ = tiny_model
+    node = make_node(model, 5)
+    caches = await fill(model, node, [1, 2, 3])  # slots 0, 1, 2: bucket 4 with one padding row
+    graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    lengths = {s: len(PROMPTS[s]) for s in PROMPTS}
+    rng = np.random.default_rng(0)
+    for order in ([1, 2, 3], [3, 1, 2], [2, 3, 1]):
+        token_ids = [int(t) for t in rng.integers(0, model.config.vocab_size, len(order))]
+        logits = graphs.run(np.array(order), token_ids)
+        expected = reference_logits(model, caches, order, token_ids, lengths)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        for s in order:
+            lengths[s] += 1
+    assert (graphs.num_replays, graphs.num_fallbacks) == (3, 0)
+    assert list(node._lengths[:3]) == [lengths[1], lengths[2], lengths[3]]
+
+
+async def test_padding_rows_leave_other_sequences_alone(tiny_model):
+    model, _ = tiny_model
+    node = make_node(model, 4)
+    caches = await fill(model, node, [1, 2, 3, 4])  # sequence 4 (slot 3) is padding in a step of 1, 2, 3
+    before = node._pool[:, :, 3, :, :SLOT_LEN].clone()
+    graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    logits = graphs.run(np.array([1, 2, 3]), [4, 5, 6])
+    torch.testing.assert_close(logits, reference_logits(model, caches, [1, 2, 3], [4, 5, 6],
+                                                        {s: len(PROMPTS[s]) for s in PROMPTS}), atol=1e-4, rtol=1e-4)
+    assert torch.equal(node._pool[:, :, 3, :, :SLOT_LEN], before)
+    assert int(node._lengths[3]) == len(PROMPTS[4])
+
+
+async def test_slots_past_the_bucket_fall_back_untouched(tiny_model):
+    model, _ = tiny_model
+    node = make_node(model, 4)
+    await fill(model, node, [1, 2, 3])
+    graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    saved = node._lengths.copy()
+    assert graphs.run(np.array([3]), [1]) is None  # slot 2 with one row: bucket 1 cannot hold it
+    assert graphs.num_fallbacks == 1 and np.array_equal(node._lengths, saved)
+    assert graphs.rows_for(np.array([0, 2])) is None and graphs.rows_for(np.array([1, 0])) == 2
+    assert bucket_for(3) == 4 and bucket_for(1) == 1
+    assert StepGraphs(model, make_node(model, 3), max_batch=64, is_graphed=False).max_rows == 3  # top bucket
+
+
+async def test_executor_with_step_graphs_matches_reference(tiny_model):
+    """The Executor's decode steps through StepGraphs (eager program) give the reference's greedy tokens."""
+    model, _ = tiny_model
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    node = make_node(model, 4)
+    config = ExecutorConfig(max_model_len=SLOT_LEN, is_pipelined=False,
+                            scheduler=SchedulerConfig(max_num_seqs=4, admission="all-at-once"))
+    executor = Executor(model, [node], config, eos_token_ids=())
+    executor.decoder.graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    await executor.start()
+    try:
+        prompts = [PROMPTS[s] for s in (1, 2, 3)]
+        results = await asyncio.gather(*(collect(executor.submit(p, params)) for p in prompts))
+    finally:
+        await executor.stop()
+    assert executor.decoder.graphs.num_replays >= params.max_tokens - 1
+    for prompt, (tokens, _) in zip(prompts, results):
+        expected, gaps = reference_greedy(model, prompt, params.max_tokens)
+        assert_same_greedy(tokens, expected, gaps, label="step graphs", min_compared=6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_graph_replay_matches_eager_program_cuda():
+    from fastdecode.actors.model import load_model
+
+    model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
+    results = []
+    for is_graphed in (False, True):
+        node = make_node(model, 4)
+        await fill(model, node, [1, 2, 3])
+        graphs = StepGraphs(model, node, max_batch=4, is_graphed=is_graphed)
+        results.append([graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)])
+    for eager, graphed in zip(*results):
+        torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
