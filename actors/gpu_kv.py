@@ -33,13 +33,21 @@ import torch.nn.functional as F
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
 
 
+# "sdpa": torch's fused scaled_dot_product_attention with the mask; "matmul": two batched matmuls
+# (q·Kᵀ, then p·V) with a float32 masked softmax between them
+STATIC_ATTENTIONS = ("sdpa", "matmul")
+
+
 @dataclass(frozen=True)
 class GpuKVConfig:
     memory_bytes: int  # for the whole pool, K and V of every layer
     slot_len: int  # tokens per sequence at most
     is_calibrating: bool = True
+    static_attention: str = "sdpa"  # attend_static's kernel, one of STATIC_ATTENTIONS
 
     def __post_init__(self) -> None:
+        if self.static_attention not in STATIC_ATTENTIONS:
+            raise ValueError(f"static_attention must be one of {STATIC_ATTENTIONS}, got {self.static_attention!r}")
         if self.memory_bytes < 1:
             raise ValueError("GPU KV memory must be positive")
         if self.slot_len < 2:
@@ -216,7 +224,12 @@ class GpuKVNode(KVNode):
         pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
         pool[:, row_index, :, columns] = torch.stack((k, v), dim=1)
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        o = F.scaled_dot_product_attention(query, pool[0], pool[1], attn_mask=mask, scale=self._scale)
+        if self.config.static_attention == "sdpa":
+            o = F.scaled_dot_product_attention(query, pool[0], pool[1], attn_mask=mask, scale=self._scale)
+        else:
+            scores = torch.matmul(query, pool[0].transpose(-1, -2)).float().mul_(self._scale)
+            probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+            o = torch.matmul(probs, pool[1])
         return o.reshape(num_rows, num_heads, head_dim)
 
     def calibrate(self, *, repeats: int = 3) -> None:

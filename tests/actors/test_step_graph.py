@@ -23,9 +23,10 @@ SLOT_LEN = 24
 PROMPTS = {1: [5, 9, 2], 2: [7, 1, 4, 4, 8, 3, 6], 3: [11, 12, 13, 14, 15], 4: [3, 3]}
 
 
-def make_node(model, num_slots: int) -> GpuKVNode:
+def make_node(model, num_slots: int, static_attention: str = "sdpa") -> GpuKVNode:
     token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
-    config = GpuKVConfig(memory_bytes=num_slots * SLOT_LEN * token_bytes, slot_len=SLOT_LEN, is_calibrating=False)
+    config = GpuKVConfig(memory_bytes=num_slots * SLOT_LEN * token_bytes, slot_len=SLOT_LEN, is_calibrating=False,
+                         static_attention=static_attention)
     return GpuKVNode.for_model("gpu-kv", model, config)
 
 
@@ -48,9 +49,10 @@ def reference_logits(model, caches, seq_ids, token_ids, lengths) -> torch.Tensor
                       for s, t in zip(seq_ids, token_ids)])
 
 
-async def test_steps_match_the_reference_in_any_row_order(tiny_model):
+@pytest.mark.parametrize("static_attention", ["sdpa", "matmul"])
+async def test_steps_match_the_reference_in_any_row_order(tiny_model, static_attention):
     model, _ = tiny_model
-    node = make_node(model, 5)
+    node = make_node(model, 5, static_attention)
     caches = await fill(model, node, [1, 2, 3])  # slots 0, 1, 2: bucket 4 with one padding row
     graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
     lengths = {s: len(PROMPTS[s]) for s in PROMPTS}
@@ -90,6 +92,8 @@ async def test_slots_past_the_bucket_fall_back_untouched(tiny_model):
     assert graphs.rows_for(np.array([0, 2])) is None and graphs.rows_for(np.array([1, 0])) == 2
     assert bucket_for(3) == 4 and bucket_for(1) == 1
     assert StepGraphs(model, make_node(model, 3), max_batch=64, is_graphed=False).max_rows == 3  # top bucket
+    with pytest.raises(ValueError, match="static_attention"):
+        GpuKVConfig(memory_bytes=1 << 20, slot_len=8, static_attention="flash")
 
 
 async def test_executor_with_step_graphs_matches_reference(tiny_model):
@@ -120,7 +124,7 @@ async def test_graph_replay_matches_eager_program_cuda():
     model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
     results = []
     for is_graphed in (False, True):
-        node = make_node(model, 4)
+        node = make_node(model, 4, "matmul")
         await fill(model, node, [1, 2, 3])
         graphs = StepGraphs(model, node, max_batch=4, is_graphed=is_graphed)
         results.append([graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)])
