@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -146,6 +147,40 @@ def transformers_step_ms(cfg, batch: int, prompt_len: int, output_len: int, devi
     return step * 1e3
 
 
+def render_roofline(result: dict, out_path: str) -> None:
+    """Step time against batch size: each measured series and the roofline (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in result["rows"]:
+        label = f"graph, {row.get('static_attention') or 'sdpa'}" if row["cuda_graphs"] else "eager, per layer"
+        series.setdefault(label, []).append((row["batch"], row["step_ms"]))
+    roof = sorted({(r["batch"], r["roofline_ms"]) for r in result["rows"]})
+    ax.plot(*zip(*roof), "k--", label="roofline")
+    ax.plot([b for b, _ in roof], [1.3 * t for _, t in roof], "k:", label="1.3 × roofline")
+    for label, points in series.items():
+        ax.plot(*zip(*sorted(points)), "o-", label=label)
+    for row in result.get("transformers", []):
+        ax.plot([row["batch"]], [row["hf_step_ms"]], "s", color="tab:red",
+                label="transformers static cache" + (" (compiled)" if row.get("compiled") else ""))
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (sequences decoding)")
+    ax.set_ylabel("decode step, ms")
+    ax.set_title(f"gpu-only decode step, {result['model']}, context {result['prompt_len']}+, {result['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
 async def run_roofline(options: dict) -> dict:
     import torch
 
@@ -209,8 +244,12 @@ async def run_roofline(options: dict) -> dict:
 @click.option("--compare-eager/--no-compare-eager", default=False, show_default=True,
               help="Also measure without CUDA graphs.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default=None, help="Folder for roofline.png (step time against batch).")
 def roofline(**options) -> None:
     """The gpu-only decode step against the HBM roofline (CUDA only)."""
     with one_line_errors():
         result = asyncio.run(run_roofline(options))
+        if options["out"]:
+            os.makedirs(options["out"], exist_ok=True)
+            render_roofline(result, os.path.join(options["out"], "roofline.png"))
     click.echo(json.dumps(result))
