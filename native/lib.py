@@ -17,8 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-ABI_VERSION = 1
-ISA_NAMES = ("generic", "avx2", "avx512")
+ABI_VERSION = 2
+ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16")
 ISA_ENV_VAR = "FASTDECODE_NATIVE_ISA"
 DEFAULT_CHUNK_TOKENS = 512
 

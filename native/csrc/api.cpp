@@ -32,6 +32,13 @@ static bool cpu_has_f16c() {
 }
 #endif
 
+#ifdef FD_HAVE_AVX512
+static bool cpu_has_avx512() {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && cpu_has_f16c();
+}
+#endif
+
 static const KernelTable *kernels_for(int32_t isa) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
@@ -45,10 +52,9 @@ static const KernelTable *kernels_for(int32_t isa) {
 #endif
 #ifdef FD_HAVE_AVX512
         case FD_ISA_AVX512:
-            if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && cpu_has_f16c())
-                return kernels_avx512();
-            return nullptr;
+            return cpu_has_avx512() ? kernels_avx512() : nullptr;
+        case FD_ISA_AVX512_BF16:
+            return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16") ? kernels_avx512_bf16() : nullptr;
 #endif
         default: return nullptr;
     }
@@ -119,7 +125,7 @@ int32_t fd_abi_version(void) { return FD_ABI_VERSION; }
 const char *fd_last_error(void) { return t_last_error; }
 
 const char *fd_isa_name(int32_t isa) {
-    static const char *const names[FD_ISA_COUNT] = {"generic", "avx2", "avx512"};
+    static const char *const names[FD_ISA_COUNT] = {"generic", "avx2", "avx512", "avx512_bf16"};
     return isa >= 0 && isa < FD_ISA_COUNT ? names[isa] : nullptr;
 }
 

@@ -85,13 +85,14 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     const float scale = 1.0f / sqrtf((float)D);
     const fd_pool &cpool = pool;
     const KernelTable &kt = *pool.kernels;
+    const bool use_bf16_q = kt.chunk_bf16_q && q_dtype == FD_BF16 && pool.kv_dtype == FD_BF16;
     const Team &team = pool.team;
     CallerPin pin(team);
 #pragma omp parallel num_threads(team.num_threads)
     {
         if (omp_get_thread_num() > 0) pin_worker(team, omp_get_thread_num());
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t b = 0; b < (use_bf16_q ? 0 : batch); ++b) {
             float *qf = sc.q.data() + (size_t)b * row_floats;
             for (size_t i = 0; i < row_floats; ++i) qf[i] = load_scalar(q, (size_t)b * row_floats + i, q_dtype) * scale;
         }
@@ -117,10 +118,13 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             task.num_kv_heads = H;
             task.group = G;
             task.q = sc.q.data() + (size_t)it.batch_index * row_floats;
+            task.q_bf16 = use_bf16_q ? static_cast<const uint16_t *>(q) + (size_t)it.batch_index * row_floats : nullptr;
+            task.scale = scale;
             task.acc = sc.acc.data() + i * row_floats;
             task.m = sc.m.data() + i * num_q_heads;
             task.l = sc.l.data() + i * num_q_heads;
-            kt.chunk[cpool.kv_dtype](&task);
+            if (use_bf16_q) kt.chunk_bf16_q(&task);
+            else kt.chunk[cpool.kv_dtype](&task);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b) {

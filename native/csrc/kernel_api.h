@@ -27,6 +27,8 @@ struct ChunkTask {
     int32_t num_kv_heads;
     int32_t group;            // query heads per KV head
     const float *q;           // [num_kv_heads * group][head_dim], already scaled by 1/sqrt(head_dim)
+    const uint16_t *q_bf16;   // the same rows as the caller's bf16, unscaled (chunk_bf16_q only)
+    float scale;              // 1/sqrt(head_dim), applied to q_bf16 scores
     float *acc;               // out: [num_kv_heads * group][head_dim], unnormalised
     float *m;                 // out: [num_kv_heads * group], running max of scaled scores
     float *l;                 // out: [num_kv_heads * group], sum of exp(score - m)
@@ -46,7 +48,8 @@ struct MergeTask {
 };
 
 struct KernelTable {
-    void (*chunk[3])(const ChunkTask *task);   // indexed by the KV dtype
+    void (*chunk[3])(const ChunkTask *task);   // indexed by the KV dtype; q as scaled float32
+    void (*chunk_bf16_q)(const ChunkTask *task);   // bf16 KV and bf16 q (dot products of bf16 pairs), or null
     void (*merge)(const MergeTask *task);
     double (*read_sum)(const float *data, size_t count);
 };
@@ -54,6 +57,21 @@ struct KernelTable {
 const KernelTable *kernels_generic();
 const KernelTable *kernels_avx2();     // only linked when the compiler supports the flags
 const KernelTable *kernels_avx512();
+const KernelTable *kernels_avx512_bf16();   // AVX-512 plus AVX512-BF16 (same unit, per-function target)
+
+// ---- page layout (see pool.h) ----
+// fp32 and fp16 blocks: K^T [D][P] and V [P][D]. bf16 blocks hold pairs, so that one 32-bit lane
+// carries two neighbours that one FMA step uses together: K as [D/2][P][2] (dims d, d+1 of a token)
+// and V as [P/2][D][2] (tokens t, t+1 of a dim). A shift or a mask widens either half to float32.
+constexpr int kDtypeBf16 = 2;
+
+static inline size_t k_index(int dtype, int d, int t, int P) {
+    return dtype == kDtypeBf16 ? ((size_t)(d >> 1) * P + t) * 2 + (d & 1) : (size_t)d * P + t;
+}
+
+static inline size_t v_index(int dtype, int t, int d, int D) {
+    return dtype == kDtypeBf16 ? ((size_t)(t >> 1) * D + d) * 2 + (t & 1) : (size_t)t * D + d;
+}
 
 // ---- scalar dtype conversions (round to nearest even), shared by all units ----
 

@@ -53,9 +53,17 @@ struct V {
         const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
         return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
     }
+    // 16 bf16 in pairs: lo takes the even elements (low halves of the 32-bit lanes), hi the odd ones.
+    static inline void load_bf16_pair(const uint16_t *p, R &lo, R &hi) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+        lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        hi = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
 };
 
 #include "kernel_body.h"
+
+const fdn::KernelTable kTable = make_table(nullptr);
 
 }  // namespace
 

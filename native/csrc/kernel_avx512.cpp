@@ -1,5 +1,7 @@
-// AVX-512 (F, BW, VL) path (16 lanes, 32 registers). Compiled with -mavx512f -mavx512bw -mavx512vl
-// (plus AVX2/FMA/F16C) only; chosen at run time when the CPU and OS support it.
+// AVX-512 (F, BW, VL) paths (16 lanes, 32 registers). The unit is compiled with -mavx512f -mavx512bw
+// -mavx512vl (plus AVX2/FMA/F16C) only; its second table is compiled for AVX512-BF16 as well through
+// a target pragma and adds the bf16-q kernel (vdpbf16ps). Each is chosen at run time when the CPU and
+// OS support it.
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
@@ -8,6 +10,7 @@
 #include "simd_exp.h"
 
 namespace {
+namespace avx512 {
 
 struct V {
     using R = __m512;
@@ -45,10 +48,69 @@ struct V {
         const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
         return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
     }
+    // 32 bf16 in pairs: lo takes the even elements (low halves of the 32-bit lanes), hi the odd ones.
+    static inline void load_bf16_pair(const uint16_t *p, R &lo, R &hi) {
+        const __m512i w = _mm512_loadu_si512(p);
+        lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)));
+    }
 };
 
 #include "kernel_body.h"
 
+const fdn::KernelTable kTable = make_table(nullptr);
+
+}  // namespace avx512
+
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+namespace avx512_bf16 {
+
+struct V : avx512::V {};
+
+#include "kernel_body.h"
+
+// Scores from bf16 q, exactly as the caller sent it: one vdpbf16ps takes a pair of head dims of 16
+// tokens (the K layout pairs them) against the same pair of q, broadcast. bf16 products are exact
+// in float32 and accumulate in float32; the 1/sqrt(D) scale is applied to the scores.
+struct ScoreDotBf16 {
+    template <int DT, int GB, int TV>
+    static inline void tile(const fdn::ChunkTask &task, int r0, const uint8_t *kb, int t0, float *s,
+                            const Prefetch &pf) {
+        static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
+        const int D = task.head_dim, P = task.page_size;
+        const uint16_t *q = task.q_bf16 + (size_t)r0 * D, *k = reinterpret_cast<const uint16_t *>(kb);
+        __m512 acc[2][GB][TV];   // two independent chains: dim pairs 0, 2, 4.. and 1, 3, 5..
+        for (int c = 0; c < 2; ++c)
+            for (int g = 0; g < GB; ++g)
+                for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 4) {   // D is a multiple of 16
+            prefetch_rows(pf, d, 4);
+            for (int c = 0; c < 2; ++c) {
+                __m512bh kv[TV];
+                for (int j = 0; j < TV; ++j)
+                    kv[j] = (__m512bh)_mm512_loadu_si512(k + fdn::k_index(DT, d + 2 * c, t0 + j * V::W, P));
+                for (int g = 0; g < GB; ++g) {
+                    int32_t pair;
+                    memcpy(&pair, q + g * D + d + 2 * c, sizeof(pair));
+                    const __m512bh qp = (__m512bh)_mm512_set1_epi32(pair);
+                    for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_dpbf16_ps(acc[c][g][j], kv[j], qp);
+                }
+            }
+        }
+        const __m512 scale = _mm512_set1_ps(task.scale);
+        for (int g = 0; g < GB; ++g)
+            for (int j = 0; j < TV; ++j)
+                _mm512_storeu_ps(s + g * P + t0 + j * V::W, _mm512_mul_ps(_mm512_add_ps(acc[0][g][j], acc[1][g][j]), scale));
+    }
+};
+
+const fdn::KernelTable kTable = make_table(chunk_kernel<fdn::kDtypeBf16, ScoreDotBf16>);
+
+}  // namespace avx512_bf16
+#pragma GCC pop_options
+
 }  // namespace
 
-const fdn::KernelTable *fdn::kernels_avx512() { return &kTable; }
+const fdn::KernelTable *fdn::kernels_avx512() { return &avx512::kTable; }
+const fdn::KernelTable *fdn::kernels_avx512_bf16() { return &avx512_bf16::kTable; }

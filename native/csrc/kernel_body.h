@@ -1,18 +1,13 @@
-
-
-
-
-
-
-
-
 // The attention and read kernels, written once over a small SIMD vocabulary `V`.
 // Each kernel_<isa>.cpp defines `struct V` (register type R, lane count W, score tile TV, register
 // budget ACC and the operations used below) inside an anonymous namespace, then includes this file
-// inside that same anonymous namespace, so every instantiation has internal linkage.
+// inside that same namespace, so every instantiation has internal linkage, and builds its table
+// with make_table().
 //
-// Page layout (see pool.h): for each KV head a K^T block [D][P] followed by its V block [P][D]. Scores for one page come out as vectors over tokens (no horizontal sums), and the
-// V accumulation keeps a tile of the group's outputs in registers while it walks the page's tokens.
+// Page layout: see kernel_api.h (k_index, v_index). Scores for one page come out as vectors over
+// tokens (no horizontal sums); the V accumulation keeps a tile of the group's outputs in registers
+// while it walks the page's tokens. Both walk pairs (two head dims, or two tokens) per step: for
+// bf16 one load and a shift and a mask give both halves.
 
 template <int DT>
 static inline V::R load_kv(const uint8_t *p, size_t idx) {
@@ -21,52 +16,90 @@ static inline V::R load_kv(const uint8_t *p, size_t idx) {
     else return V::load_bf16(reinterpret_cast<const uint16_t *>(p) + idx);
 }
 
+// lo = K[d][t .. t+W), hi = K[d+1][t .. t+W) (d even).
+template <int DT>
+static inline void load_k_pair(const uint8_t *kb, int d, int t, int P, V::R &lo, V::R &hi) {
+    if constexpr (DT == fdn::kDtypeBf16) {
+        V::load_bf16_pair(reinterpret_cast<const uint16_t *>(kb) + fdn::k_index(DT, d, t, P), lo, hi);
+    } else {
+        lo = load_kv<DT>(kb, (size_t)d * P + t);
+        hi = load_kv<DT>(kb, (size_t)(d + 1) * P + t);
+    }
+}
+
+// lo = V[t][d .. d+W), hi = V[t+1][d .. d+W) (t even); with is_pair false only lo is meaningful.
+template <int DT, bool is_pair = true>
+static inline void load_v_pair(const uint8_t *vb, int t, int d, int D, V::R &lo, V::R &hi) {
+    if constexpr (DT == fdn::kDtypeBf16) {
+        V::load_bf16_pair(reinterpret_cast<const uint16_t *>(vb) + fdn::v_index(DT, t, d, D), lo, hi);
+    } else {
+        lo = load_kv<DT>(vb, (size_t)t * D + d);
+        if constexpr (is_pair) hi = load_kv<DT>(vb, (size_t)(t + 1) * D + d);
+    }
+}
+
+#ifndef FD_PREFETCH_LOCALITY
+#define FD_PREFETCH_LOCALITY 3
+#endif
 #ifndef FD_PREFETCH_STEPS
 #define FD_PREFETCH_STEPS 2
 #endif
 static constexpr int kPrefetchSteps = FD_PREFETCH_STEPS;   // head blocks ahead
 
 static inline void prefetch_lines(const uint8_t *p, size_t num_bytes) {
-    for (size_t off = 0; off < num_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+    for (size_t off = 0; off < num_bytes; off += 64) __builtin_prefetch(p + off, 0, FD_PREFETCH_LOCALITY);
 }
 
-// s[g][t0 .. t0+TV*W) = q[g] . K[t] for a tile of TV token vectors; optionally prefetches one row
-// of the next page's K and V blocks per head-dim step (pf_row bytes each).
-template <int DT, int GB, int TV>
-static inline void score_tile(const uint8_t *kb, int D, int P, int t0, const float *q, float *s,
-                              const uint8_t *pf_k, const uint8_t *pf_v, size_t pf_row) {
-    V::R acc[GB][TV];
-    for (int g = 0; g < GB; ++g)
-        for (int j = 0; j < TV; ++j) acc[g][j] = V::zero();
-    for (int d = 0; d < D; ++d) {
-        if (pf_k) {
-            prefetch_lines(pf_k + (size_t)d * pf_row, pf_row);
-            prefetch_lines(pf_v + (size_t)d * pf_row, pf_row);
+// Where a score tile prefetches: one row (row_bytes) of the next head's K and V blocks per head dim.
+struct Prefetch {
+    const uint8_t *k, *v;
+    size_t row_bytes;
+};
+
+static inline void prefetch_rows(const Prefetch &pf, int d, int num_rows) {
+    if (!pf.k) return;
+    prefetch_lines(pf.k + (size_t)d * pf.row_bytes, num_rows * pf.row_bytes);
+    prefetch_lines(pf.v + (size_t)d * pf.row_bytes, num_rows * pf.row_bytes);
+}
+
+// Scores from float32 q (scaled by 1/sqrt(D) beforehand): s[g][t0 .. t0+TV*W) = q[g] . K[t].
+struct ScoreF32 {
+    template <int DT, int GB, int TV>
+    static inline void tile(const fdn::ChunkTask &task, int r0, const uint8_t *kb, int t0, float *s,
+                            const Prefetch &pf) {
+        const int D = task.head_dim, P = task.page_size;
+        const float *q = task.q + (size_t)r0 * D;
+        V::R acc[GB][TV], acc_hi[GB][TV];   // even and odd head dims: two independent FMA chains
+        for (int g = 0; g < GB; ++g)
+            for (int j = 0; j < TV; ++j) acc[g][j] = acc_hi[g][j] = V::zero();
+        for (int d = 0; d < D; d += 2) {
+            prefetch_rows(pf, d, 2);
+            V::R lo[TV], hi[TV];
+            for (int j = 0; j < TV; ++j) load_k_pair<DT>(kb, d, t0 + j * V::W, P, lo[j], hi[j]);
+            for (int g = 0; g < GB; ++g) {
+                const V::R qa = V::set1(q[g * D + d]), qb = V::set1(q[g * D + d + 1]);
+                for (int j = 0; j < TV; ++j) {
+                    acc[g][j] = V::fma(qa, lo[j], acc[g][j]);
+                    acc_hi[g][j] = V::fma(qb, hi[j], acc_hi[g][j]);
+                }
+            }
         }
-        V::R kv[TV];
-        for (int j = 0; j < TV; ++j) kv[j] = load_kv<DT>(kb, (size_t)d * P + t0 + j * V::W);
-        for (int g = 0; g < GB; ++g) {
-            const V::R qb = V::set1(q[g * D + d]);
-            for (int j = 0; j < TV; ++j) acc[g][j] = V::fma(qb, kv[j], acc[g][j]);
-        }
+        for (int g = 0; g < GB; ++g)
+            for (int j = 0; j < TV; ++j) V::store(s + g * P + t0 + j * V::W, V::add(acc[g][j], acc_hi[g][j]));
     }
-    for (int g = 0; g < GB; ++g)
-        for (int j = 0; j < TV; ++j) V::store(s + g * P + t0 + j * V::W, acc[g][j]);
-}
+};
 
-template <int DT, int GB>
-static inline void page_scores(const uint8_t *kb, int D, int P, const float *q, float *s,
-                               const uint8_t *pf_k, const uint8_t *pf_v) {
-    const int num_vecs = P / V::W;
-    const size_t pf_row = (size_t)P * fdn::dtype_size(DT);
+template <int DT, int GB, class S>
+static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t *kb, float *s, Prefetch pf) {
+    const int num_vecs = task.page_size / V::W;
     int j = 0;
     for (; j + V::TV <= num_vecs; j += V::TV) {
-        score_tile<DT, GB, V::TV>(kb, D, P, j * V::W, q, s, pf_k, pf_v, pf_row);
-        pf_k = pf_v = nullptr;
+        S::template tile<DT, GB, V::TV>(task, r0, kb, j * V::W, s, pf);
+        pf.k = pf.v = nullptr;
     }
     for (; j < num_vecs; ++j) {
-        score_tile<DT, GB, 1>(kb, D, P, j * V::W, q, s, pf_k, pf_v, pf_row);
-        pf_k = pf_v = nullptr;
+        S::template tile<DT, GB, 1>(task, r0, kb, j * V::W, s, pf);
+        pf.k = pf.v = nullptr;
     }
 }
 
@@ -98,17 +131,26 @@ static inline void softmax_update(float *s, int P, int n, int D, float *m, float
     }
 }
 
+// acc[g][d0 .. d0+DV*W) += sum over the page's n tokens of p[g][t] * V[t], two tokens per step.
 template <int DT, int GB, int DV>
 static inline void value_tile(const uint8_t *vb, int D, int n, int d0, const float *p, int P, float *acc) {
     V::R a[GB][DV];
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
-    for (int t = 0; t < n; ++t) {
-        V::R vv[DV];
-        for (int j = 0; j < DV; ++j) vv[j] = load_kv<DT>(vb, (size_t)t * D + d0 + j * V::W);
-        for (int g = 0; g < GB; ++g) {
-            const V::R pb = V::set1(p[g * P + t]);
-            for (int j = 0; j < DV; ++j) a[g][j] = V::fma(pb, vv[j], a[g][j]);
+    int t = 0;
+    for (; t + 2 <= n; t += 2) {
+        for (int j = 0; j < DV; ++j) {
+            V::R lo, hi;
+            load_v_pair<DT>(vb, t, d0 + j * V::W, D, lo, hi);
+            for (int g = 0; g < GB; ++g)
+                a[g][j] = V::fma(V::set1(p[g * P + t + 1]), hi, V::fma(V::set1(p[g * P + t]), lo, a[g][j]));
+        }
+    }
+    if (t < n) {   // an odd last token: its pair partner is not written yet
+        for (int j = 0; j < DV; ++j) {
+            V::R lo, hi;
+            load_v_pair<DT, false>(vb, t, d0 + j * V::W, D, lo, hi);
+            for (int g = 0; g < GB; ++g) a[g][j] = V::fma(V::set1(p[g * P + t]), lo, a[g][j]);
         }
     }
     for (int g = 0; g < GB; ++g)
@@ -124,15 +166,18 @@ static inline void page_values(const uint8_t *vb, int D, int n, const float *p, 
     for (; j < num_vecs; ++j) value_tile<DT, GB, 1>(vb, D, n, j * V::W, p, P, acc);
 }
 
-template <int DT, int GB>
-static inline void page_step(const uint8_t *kb, const uint8_t *vb, int D, int P, int n, const float *q,
-                             float *s, float *m, float *l, float *acc, const uint8_t *pf_k, const uint8_t *pf_v) {
-    page_scores<DT, GB>(kb, D, P, q, s, pf_k, pf_v);
+template <int DT, int GB, class S>
+static inline void page_step(const fdn::ChunkTask &task, int r0, const uint8_t *kb, const uint8_t *vb, int n,
+                             float *s, const Prefetch &pf) {
+    const int D = task.head_dim, P = task.page_size;
+    float *m = task.m + r0, *l = task.l + r0, *acc = task.acc + (size_t)r0 * D;
+    page_scores<DT, GB, S>(task, r0, kb, s, pf);
     softmax_update<GB>(s, P, n, D, m, l, acc);
     page_values<DT, GB>(vb, D, n, s, P, acc);
 }
 
-template <int DT>
+// One work item: a chunk of one sequence's pages, all KV heads, each page front to back.
+template <int DT, class S>
 static void chunk_kernel(const fdn::ChunkTask *task) {
     const int D = task->head_dim, P = task->page_size, G = task->group, H = task->num_kv_heads;
     const size_t block = task->block_bytes;
@@ -151,23 +196,21 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         for (int h = 0; h < H; ++h) {
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             // Prefetch the head block kPrefetchSteps ahead in reading order, one row per head-dim step.
-            const uint8_t *pf_k = nullptr, *pf_v = nullptr;
+            Prefetch pf{nullptr, nullptr, (size_t)P * fdn::dtype_size(DT)};
             const int ahead = pi * H + h + kPrefetchSteps;
             if (ahead < num_steps) {
-                pf_k = task->base + (size_t)task->pages[ahead / H] * task->page_bytes + 2 * block * (ahead % H);
-                pf_v = pf_k + block;
+                pf.k = task->base + (size_t)task->pages[ahead / H] * task->page_bytes + 2 * block * (ahead % H);
+                pf.v = pf.k + block;
             }
             for (int g0 = 0; g0 < G; g0 += 4) {
-                const int gb = G - g0 < 4 ? G - g0 : 4, r0 = h * G + g0;
-                const float *qg = task->q + (size_t)r0 * D;
-                float *mg = task->m + r0, *lg = task->l + r0, *ag = task->acc + (size_t)r0 * D;
-                switch (gb) {
-                    case 1: page_step<DT, 1>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
-                    case 2: page_step<DT, 2>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
-                    case 3: page_step<DT, 3>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
-                    default: page_step<DT, 4>(kb, vb, D, P, n, qg, s, mg, lg, ag, pf_k, pf_v); break;
+                const int r0 = h * G + g0;
+                switch (G - g0 < 4 ? G - g0 : 4) {
+                    case 1: page_step<DT, 1, S>(*task, r0, kb, vb, n, s, pf); break;
+                    case 2: page_step<DT, 2, S>(*task, r0, kb, vb, n, s, pf); break;
+                    case 3: page_step<DT, 3, S>(*task, r0, kb, vb, n, s, pf); break;
+                    default: page_step<DT, 4, S>(*task, r0, kb, vb, n, s, pf); break;
                 }
-                pf_k = pf_v = nullptr;
+                pf.k = pf.v = nullptr;
             }
         }
     }
@@ -218,8 +261,8 @@ static double read_sum(const float *data, size_t count) {
     return r;
 }
 
-static const fdn::KernelTable kTable = {
-    {chunk_kernel<0>, chunk_kernel<1>, chunk_kernel<2>},
-    merge_kernel,
-    read_sum,
-};
+// The unit's table; chunk_bf16_q is the bf16-q kernel where the unit has one.
+static constexpr fdn::KernelTable make_table(void (*chunk_bf16_q)(const fdn::ChunkTask *)) {
+    return {{chunk_kernel<0, ScoreF32>, chunk_kernel<1, ScoreF32>, chunk_kernel<2, ScoreF32>}, chunk_bf16_q,
+            merge_kernel, read_sum};
+}

@@ -26,9 +26,18 @@ struct V {
     static inline R exp(R a) { for (int i = 0; i < W; ++i) a.v[i] = expf(a.v[i]); return a; }
     static inline R load_f16(const uint16_t *p) { R r; for (int i = 0; i < W; ++i) r.v[i] = fdn::f16_to_f32(p[i]); return r; }
     static inline R load_bf16(const uint16_t *p) { R r; for (int i = 0; i < W; ++i) r.v[i] = fdn::bf16_to_f32(p[i]); return r; }
+    // 2W bf16 in pairs: lo takes the even elements, hi the odd ones.
+    static inline void load_bf16_pair(const uint16_t *p, R &lo, R &hi) {
+        for (int i = 0; i < W; ++i) {
+            lo.v[i] = fdn::bf16_to_f32(p[2 * i]);
+            hi.v[i] = fdn::bf16_to_f32(p[2 * i + 1]);
+        }
+    }
 };
 
 #include "kernel_body.h"
+
+const fdn::KernelTable kTable = make_table(nullptr);
 
 }  // namespace
 

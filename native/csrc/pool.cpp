@@ -120,10 +120,10 @@ void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, in
     const int h0 = head < 0 ? 0 : head, h1 = head < 0 ? pool.num_kv_heads : head + 1;
     for (int h = h0; h < h1; ++h) {
         uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
-        const size_t src = (size_t)h * D, vdst = (size_t)slot * D;
+        const size_t src = (size_t)h * D;
         for (int d = 0; d < D; ++d) {
-            copy_elem(kb, (size_t)d * P + slot, pool.kv_dtype, k, src + d, src_dtype);
-            copy_elem(vb, vdst + d, pool.kv_dtype, v, src + d, src_dtype);
+            copy_elem(kb, k_index(pool.kv_dtype, d, slot, P), pool.kv_dtype, k, src + d, src_dtype);
+            copy_elem(vb, v_index(pool.kv_dtype, slot, d, D), pool.kv_dtype, v, src + d, src_dtype);
         }
     }
 }
@@ -198,8 +198,8 @@ int32_t pool_read(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_toke
             const uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
             float *ko = k_out + ((size_t)t * H + h) * D, *vo = v_out + ((size_t)t * H + h) * D;
             for (int d = 0; d < D; ++d) {
-                ko[d] = load_scalar(kb, (size_t)d * P + slot, pool.kv_dtype);
-                vo[d] = load_scalar(vb, (size_t)slot * D + d, pool.kv_dtype);
+                ko[d] = load_scalar(kb, k_index(pool.kv_dtype, d, slot, P), pool.kv_dtype);
+                vo[d] = load_scalar(vb, v_index(pool.kv_dtype, slot, d, D), pool.kv_dtype);
             }
         }
     }
