@@ -131,7 +131,9 @@ class EmbeddedShard:
     Threaded (the default): the shard's actor loop runs on its own thread and event
     loop, so receiving, decoding and answering its messages never waits behind the
     Executor's callbacks on the Executor's loop (still the same actor, codec and
-    inproc:// socket of the caller's zmq Context).  Otherwise it shares the caller's loop.
+    inproc:// socket of the caller's zmq Context), and an Attend runs right on that
+    thread when the shard's worker is idle (ActorServer ``inline_messages``).
+    Otherwise it shares the caller's loop.
     """
 
     def __init__(self, server: ActorServer, actor: KVShard, *, loop: asyncio.AbstractEventLoop | None = None,
@@ -197,9 +199,12 @@ async def start_embedded_shard(
                          slowdown_s_per_gb=slowdown_s_per_gb)
     actor = KVShard(config)
     address = f"inproc://fastdecode-shard-{uuid.uuid4().hex[:16]}"
-    server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx or zmq.asyncio.Context.instance(), name="kvshard")
+    ctx = ctx or zmq.asyncio.Context.instance()
     if not is_threaded:
+        server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx, name="kvshard")
         return await server.start(), EmbeddedShard(server, actor)
+    # its loop serves this shard alone: attends run right there while nothing else is queued
+    server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx, name="kvshard", inline_messages=(Attend,))
     loop = new_event_loop()
     thread = threading.Thread(target=_run_loop_forever, args=(loop,), name="kvshard-loop", daemon=True)
     thread.start()
