@@ -5,8 +5,9 @@
 One decode layer of a mini-batch of ``--rows`` sequences with Llama-3-8B shapes (q [B,32,128], k, v [B,8,128],
 bf16) is split by rows over the shards and sent the way ``DecodeStep`` does it: one ``ShardKVNode.attend`` per
 shard, gathered, concatenated.  Set-ups: 1 and 4 in-process shards (``start_embedded_shard``) and 2 shard daemon
-processes (``fdctl start-shard`` over tcp loopback); ``inproc4-shared-loop`` runs the in-process shards on the
-Executor's event loop instead of each on its own thread and loop.  Each shard has one attention thread.
+processes (``fdctl start-shard`` over tcp loopback); ``inproc4-threaded`` runs each in-process shard's
+actor loop on its own thread and event loop (``start_embedded_shard(is_threaded=True)``) instead of the
+caller's.  Each shard has one attention thread.
 
 Besides the whole fan-out it times each stage alone, in this process, for one shard's share of the rows:
 encode the Attend, decode it, the handler (``KVShard.on_attend``) and the native call inside it, encode and
@@ -50,7 +51,7 @@ from fastdecode.transport.shard_messages import (
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 SHAPE = Configure(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, kv_dtype="bfloat16")
-SETUPS = ("inproc1", "inproc4", "inproc4-shared-loop", "daemon2")  # in-process: own thread and loop each
+SETUPS = ("inproc1", "inproc4", "inproc4-threaded", "daemon2")  # in-process: on this loop, or own thread each
 
 
 RESET_EVERY = 8  # attends append one token each: sequences are re-created (untimed) every few calls
@@ -135,7 +136,7 @@ async def _shards(setup: str, kv_memory_bytes: int) -> AsyncIterator[list[ShardK
             for _ in range(num_shards):
                 address, handle = await start_embedded_shard(threads=1, kv_memory_bytes=kv_memory_bytes,
                                                               is_calibrating=False,
-                                                              is_threaded=not setup.endswith("shared-loop"))
+                                                              is_threaded=setup.endswith("threaded"))
                 handles.append(handle)
                 nodes.append(ShardKVNode(await ShardClient.connect(address)))
         else:

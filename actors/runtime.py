@@ -14,9 +14,10 @@ it, builds and encodes the reply, and hands the frames back to the loop with one
 own (a shard daemon, a threaded in-process shard) may name ``inline_messages``:
 those run right on the loop's thread while the worker is idle (so still one at a
 time, in arrival order), which saves two thread hand-offs per message; heartbeats
-then wait for the handler, which must stay short (an attend, not a pool set-up).  A handler that raises ``ActorError`` answers
-with that code; any other exception is logged and answered ``internal``.  When
-the actor stops, every request still waiting is answered ``actor_stopped``.
+then wait for the handler, which must stay short (an attend, not a pool set-up).
+A handler that raises ``ActorError`` answers with that code; any other exception
+is logged and answered ``internal``.  When the actor stops, every request still
+waiting is answered ``actor_stopped``.
 
 The same ``ActorServer`` serves ``inproc://`` (embedded, same zmq Context and
 event loop, same codec) or ``tcp://`` / ``ipc://`` (own process).

@@ -128,12 +128,14 @@ class ShardClient:
 class EmbeddedShard:
     """A KVShard served in this process (``--shards N``); ``await stop()`` ends it.
 
-    Threaded (the default): the shard's actor loop runs on its own thread and event
+    Threaded (``is_threaded=True``): the shard's actor loop runs on its own thread and event
     loop, so receiving, decoding and answering its messages never waits behind the
     Executor's callbacks on the Executor's loop (still the same actor, codec and
     inproc:// socket of the caller's zmq Context), and an Attend runs right on that
     thread when the shard's worker is idle (ActorServer ``inline_messages``).
-    Otherwise it shares the caller's loop.
+    Otherwise (the default) it shares the caller's loop, and its handlers run on its worker
+    thread.  On the 2-core dev machine the shared loop was about 20 % faster and used less
+    CPU (docs/benchmarks.md, fan-out micro-benchmark); the H100 host has to decide.
     """
 
     def __init__(self, server: ActorServer, actor: KVShard, *, loop: asyncio.AbstractEventLoop | None = None,
@@ -186,7 +188,7 @@ async def start_embedded_shard(
     isa: str | None = None,
     is_calibrating: bool = True,
     slowdown_s_per_gb: float = 0.0,
-    is_threaded: bool = True,
+    is_threaded: bool = False,
 ) -> tuple[str, EmbeddedShard]:
     """Serve a KVShard over a fresh ``inproc://`` address of ``ctx`` (default: the process-wide Context).
 

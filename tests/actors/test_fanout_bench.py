@@ -12,12 +12,12 @@ import pytest
 def test_fanout_bench_json_contract() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "fastdecode.actors.fanout_bench", "--json", "--rows", "8", "--context", "4",
-         "--repeats", "4", "--setups", "inproc1", "inproc4-shared-loop"],
+         "--repeats", "4", "--setups", "inproc1", "inproc4-threaded"],
         capture_output=True, text=True, timeout=110, check=True,
     ).stdout
     result = json.loads(out)
     runs = result["results"]
-    assert [r["setup"] for r in runs] == ["inproc1", "inproc4-shared-loop"]
+    assert [r["setup"] for r in runs] == ["inproc1", "inproc4-threaded"]
     assert [r["num_shards"] for r in runs] == [1, 4] and [r["rows_per_message"] for r in runs] == [8, 2]
     for run in runs:
         assert 0 < run["p50_us"] <= run["p99_us"] and run["cpu_us"] > 0 and run["context"] == 4
