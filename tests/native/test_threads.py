@@ -10,13 +10,13 @@ import pytest
 
 from fastdecode.native.lib import KVPool
 
-from native_reference import ISAS, random_kv
+from native_reference import DTYPES, ISAS, random_kv
 
 H, G, D = 4, 4, 128
 LENGTHS = [1, 700, 3000, 9000]       # several chunks of 512 tokens for most sequences
 
 
-def attend_with_threads(num_threads: int, isa: str, kv_dtype: str = "bfloat16"):
+def attend_with_threads(num_threads: int, isa: str, kv_dtype: str = "bfloat16", q_dtype: str = "float32"):
     rng = np.random.default_rng(7)
     with KVPool(num_layers=1, num_kv_heads=H, head_dim=D, kv_dtype=kv_dtype, capacity_bytes=64 << 20,
                 num_threads=num_threads, isa=isa) as pool:
@@ -24,8 +24,8 @@ def attend_with_threads(num_threads: int, isa: str, kv_dtype: str = "bfloat16"):
             k, v, _, _ = random_kv(rng, (n, H, D), kv_dtype)
             pool.allocate(seq_id)
             pool.append(seq_id, 0, k, v)
-        q = rng.standard_normal((len(LENGTHS), H * G, D), dtype=np.float32)
-        kn = rng.standard_normal((len(LENGTHS), H, D), dtype=np.float32)
+        q = rng.standard_normal((len(LENGTHS), H * G, D), dtype=np.float32).astype(DTYPES[q_dtype])
+        kn = rng.standard_normal((len(LENGTHS), H, D), dtype=np.float32).astype(DTYPES[q_dtype])
         outs = []
         for _ in range(2):                      # two steps: the second crosses no page, same split
             lse = np.empty((len(LENGTHS), H * G), np.float32)
@@ -33,11 +33,12 @@ def attend_with_threads(num_threads: int, isa: str, kv_dtype: str = "bfloat16"):
     return outs
 
 
+@pytest.mark.parametrize("q_dtype", ["float32", "bfloat16"])   # bf16 q takes the bf16 dot path where there is one
 @pytest.mark.parametrize("isa", ISAS)
-def test_one_and_many_threads_give_bitwise_equal_results(isa):
-    single = attend_with_threads(1, isa)
+def test_one_and_many_threads_give_bitwise_equal_results(isa, q_dtype):
+    single = attend_with_threads(1, isa, q_dtype=q_dtype)
     for num_threads in (2, 3, 5):
-        many = attend_with_threads(num_threads, isa)
+        many = attend_with_threads(num_threads, isa, q_dtype=q_dtype)
         for (o1, l1), (on, ln) in zip(single, many):
             assert o1.tobytes() == on.tobytes()
             assert l1.tobytes() == ln.tobytes()
