@@ -92,7 +92,7 @@ class DecodeStep:
             return model.logits(model.post_attention(layer, x, o))
 
         num_layers = model.num_layers
-        if not any(self.nodes[n].is_host for n, _, _ in mb.node_slices):
+        if all(self.nodes[n].can_attend_now for n, _, _ in mb.node_slices):
             graphs = self.graphs if self._is_on_graph_node(mb) else None
 
             def whole_step():  # every layer on the dense thread, no hops

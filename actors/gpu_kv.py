@@ -78,6 +78,7 @@ class GpuKVNode(KVNode):
     """KV-cache in a torch pool on the Executor's device (CUDA, or the CPU in tests)."""
 
     is_host = False
+    can_attend_now = True
 
     def __init__(self, node_id: str, config: GpuKVConfig, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:

@@ -78,6 +78,7 @@ class GuardedNode(KVNode):
         self.epoch = epoch
         self.node_id = inner.node_id
         self.is_host = inner.is_host
+        self.can_attend_now = inner.can_attend_now
         self.state = NodeState.ALIVE
         self.failure: str | None = None
         self.is_retired = False  # the Executor has moved this epoch's sequences away

@@ -39,6 +39,7 @@ class KVNode(abc.ABC):
 
     node_id: str
     is_host: bool  # True: takes and returns host (CPU) tensors
+    can_attend_now = False  # True: attend_now works (a node on the Executor's own device)
 
     @abc.abstractmethod
     async def allocate(self, seq_ids: list[int]) -> None: ...
@@ -59,7 +60,7 @@ class KVNode(abc.ABC):
     def attend_now(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> torch.Tensor:
         """``attend`` as a plain call on the caller's thread, for nodes on the Executor's own
-        device (``is_host`` False): a step whose rows all live on such nodes runs every layer
+        device (``can_attend_now``): a step whose rows all live on such nodes runs every layer
         in one call on the dense thread."""
         raise NotImplementedError(f"{type(self).__name__} attends only through messages")
 
@@ -74,6 +75,7 @@ class LocalKVNode(KVNode):
     """KV-cache in torch on the Executor's device (single-process runs)."""
 
     is_host = False
+    can_attend_now = True
 
     def __init__(self, node_id: str, *, capacity_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
