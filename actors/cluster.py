@@ -52,6 +52,7 @@ class ClusterConfig:
     num_cpus: int | None = None  # cores the embedded cluster may use; None: all
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     is_tracing: bool = False
+    is_shard_loop_threaded: bool = False  # in-process shards on their own thread and event loop
     mode: str | None = None  # one of MODES; None: shards if any are given, else the local torch KV
     gpu_kv_memory_bytes: int | None = None  # GPU KV pool; None: a share of the free device memory
     is_cuda_graphs: bool = True  # GPU-KV mini-batches' whole decode steps as CUDA graphs (CUDA devices only)
@@ -144,7 +145,8 @@ class Cluster:
             kv_bytes = config.shard_kv_memory_bytes or default_shard_kv_bytes(config.num_shards)
             for cpu_list in shard_cpus:
                 address, handle = await start_embedded_shard(threads=shard_threads, kv_memory_bytes=kv_bytes,
-                                                              cpu_list=cpu_list)
+                                                              cpu_list=cpu_list,
+                                                              is_threaded=config.is_shard_loop_threaded)
                 handles.append(handle)
                 addresses.append(address)
             for address in addresses:

@@ -51,7 +51,7 @@ async def run_offline(options: dict) -> dict:
         executor=ExecutorConfig(is_pipelined=options["pipeline"], max_model_len=prompt_len + output_len,
                                 scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"),
                                 profile_batches=tuple(sorted({1, max(2, batch // 2), batch}))),
-        is_tracing=True,
+        is_tracing=True, is_shard_loop_threaded=options.get("shard_own_loop", False),
     )
     async with await Cluster.start(config) as cluster:
         vocab = cluster.model.config.vocab_size
@@ -93,6 +93,7 @@ async def run_offline(options: dict) -> dict:
             "device": str(cluster.model.device), "dtype": str(cluster.model.dtype).removeprefix("torch."),
             "batch": batch, "prompt_len": prompt_len, "output_len": output_len,
             "num_nodes": len(cluster.executor.nodes), "pipeline": cluster.executor.config.is_pipelined,
+            "shard_own_loop": options.get("shard_own_loop", False),
             "cuda_graphs": cluster.executor.decoder.graphs is not None,
             "tokens_per_s": batch * output_len / wall,
             "decode_tokens_per_s": batch / step_s if step_s else None,
@@ -138,6 +139,7 @@ def bench() -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True)
+@click.option("--shard-own-loop", is_flag=True, help="In-process shards on their own thread and event loop.")
 @click.option("--out", default=None, help="Folder for the trace JSON and timeline PNG.")
 def offline(**options) -> None:
     """Generate a fixed batch to a fixed length and report throughput."""
