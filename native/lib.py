@@ -96,7 +96,7 @@ def _check(status: int) -> None:
 
 
 def available_isas() -> list[str]:
-    """The ISA paths both this build and this CPU support, e.g. ``["generic", "avx2", "avx512"]``."""
+    """The ISA paths both this build and this CPU support, e.g. ``["generic", "avx2", "avx512", "avx512_bf16"]``."""
     return [name for code, name in enumerate(ISA_NAMES) if _LIB.fd_isa_supported(code)]
 
 
