@@ -51,24 +51,28 @@ async def decode_batch(executor, batch: int, prompt_len: int, output_len: int, v
     rng = random.Random(seed)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     ttft: list[float] = []
-    tpot: list[float] = []
+    arrivals: list[list[float]] = []
 
     async def one() -> None:
         start = time.perf_counter()
-        first = last = None
-        count = 0
+        times: list[float] = []
         async for event in executor.submit([rng.randrange(vocab) for _ in range(prompt_len)], params):
             if event.error:
                 raise RuntimeError(event.error)
-            last = time.perf_counter()
-            first = first or last
-            count += 1
-        ttft.append(first - start)
-        if count > 1:
-            tpot.append((last - first) / (count - 1))
+            times.append(time.perf_counter())
+        ttft.append(times[0] - start)
+        arrivals.append(times)
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(batch)))
+    # Decode steps only: the other requests' prefills fall between a request's first tokens,
+    # so each request's per-token time counts only tokens after every request had its first.
+    all_started = max(times[0] for times in arrivals)
+    tpot = []
+    for times in arrivals:
+        steady = [t for t in times if t > all_started]
+        if len(steady) > 1:
+            tpot.append((steady[-1] - steady[0]) / (len(steady) - 1))
     return {"wall_s": time.perf_counter() - start, "ttft_s": ttft, "tpot_s": tpot}
 
 
