@@ -18,7 +18,7 @@ import time
 
 import click
 
-from fastdecode.cli.generate import OneLineCommand, OneLineError, one_line_errors
+from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import parse_size
 
 

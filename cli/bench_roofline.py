@@ -23,7 +23,7 @@ import time
 
 import click
 
-from fastdecode.cli.generate import OneLineCommand, one_line_errors
+from fastdecode.cli.errors import OneLineCommand, one_line_errors
 
 
 def copy_bandwidth_gbps(device, num_bytes: int = 2 << 30, repeats: int = 10) -> float:

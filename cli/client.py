@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import click
 
-from fastdecode.cli.generate import OneLineCommand, OneLineError
+from fastdecode.cli.errors import OneLineCommand, OneLineError
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/stream"
 OPEN_TIMEOUT_S = 10.0

@@ -8,50 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
-
-class OneLineError(click.ClickException):
-    """Printed as a single ``Error: <message>`` line on stderr; exit code 2."""
-
-    exit_code = 2
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
-
-
-class OneLineCommand(click.Command):
-    """A click command whose usage errors are one line too (no usage block)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise OneLineError(exc.format_message()) from None
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            raise OneLineError(exc.format_message()) from None
-
-
-@contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Turn the errors bad input causes (model, request, usage) into ``OneLineError``."""
-    from fastdecode.actors.model.errors import ModelError
-    from fastdecode.actors.request import RequestError
-
-    try:
-        yield
-    except (ModelError, RequestError, click.UsageError) as exc:
-        message = exc.format_message() if isinstance(exc, click.UsageError) else str(exc)
-        raise OneLineError(message) from None
+from fastdecode.cli.errors import OneLineCommand, one_line_errors
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from fastdecode.cli.generate import OneLineCommand, OneLineError, one_line_errors
+from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 
 
 def make_random_model(preset: str, seed: int, out: Path, dtype: str = "float32") -> None:

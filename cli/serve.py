@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from fastdecode.cli.generate import OneLineCommand, OneLineError, one_line_errors
+from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE
 
 API_KEY_ENV = "FASTDECODE_API_KEY"

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from fastdecode.cli.generate import OneLineCommand, OneLineError
+from fastdecode.cli.errors import OneLineCommand, OneLineError
 
 
 def render_timeline(trace: dict, out_path: str, *, max_steps: int = 4) -> None:
