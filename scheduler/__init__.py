@@ -4,6 +4,7 @@ No I/O, no asyncio, no torch: plain objects in, plain objects out, deterministic
 The Executor drives ``Scheduler`` once per step; ``plan_deployment`` backs ``fdctl plan``;
 ``python -m fastdecode.scheduler.simulate`` compares admission modes.
 """
+from fastdecode.scheduler.attend_calls import AttendCall
 from fastdecode.scheduler.config import SchedulerConfig
 from fastdecode.scheduler.decisions import Admission, Preemption, StepPlan
 from fastdecode.scheduler.gpu_profile import GPU_SPECS, GpuProfile, GpuSpec
@@ -16,6 +17,7 @@ from fastdecode.scheduler.scheduler import Scheduler
 __all__ = [
     "GPU_SPECS",
     "Admission",
+    "AttendCall",
     "GpuPerfModel",
     "GpuProfile",
     "GpuSpec",

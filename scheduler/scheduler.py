@@ -9,7 +9,7 @@ Use from the Executor's step loop::
     #   decode plan.minibatches[0] and [1] in the two-stage pipeline
     sched.on_tokens(seq_ids_that_got_a_token)              # after the step's sampling (and prefills')
     sched.on_finished(seq_id)                              # after its last token was counted
-    sched.observe_attend(node_id, kv_bytes, seconds)       # measured attend calls
+    sched.observe_attend_calls(calls)                      # the step's attend calls (start, end)
     sched.observe_dense(batch, seconds)                    # measured dense steps
 
 Pure logic: plain numbers in, typed decisions out, deterministic.
@@ -21,6 +21,7 @@ import numbers
 from collections.abc import Iterable
 
 from fastdecode.scheduler.admission import AdmissionPolicy
+from fastdecode.scheduler.attend_calls import AttendCall, service_times
 from fastdecode.scheduler.config import SchedulerConfig
 from fastdecode.scheduler.decisions import Admission, Preemption, StepPlan
 from fastdecode.scheduler.node import NodeModel
@@ -164,6 +165,16 @@ class Scheduler:
                 if hasattr(node.perf, "unmeasured_overhead_s"):
                     node.perf.unmeasured_overhead_s = self.message_overhead_s
         return error
+
+    def observe_attend_calls(self, calls: Iterable[AttendCall]) -> list[float]:
+        """Feed one step's measured attend calls, each with its start and end on the caller's clock.
+
+        A call that overlapped an earlier one on its node counts only from that call's end
+        (``attend_calls.service_times``): the step model queues calls on a node itself, so the
+        node's model learns its service time, not the wait for the other mini-batch.  Returns
+        each call's prediction error, in the order the calls were fed (by node, by end).
+        """
+        return [self.observe_attend(call.node_id, call.kv_bytes, seconds) for call, seconds in service_times(calls)]
 
     def observe_dense(self, batch: int, seconds: float) -> float:
         if self.gpu is None:
