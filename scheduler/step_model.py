@@ -21,14 +21,24 @@ A stage's duration:
 
 The step is simulated with each resource (the dense thread, each node) serving
 stages in order of readiness, so two mini-batches on one node wait for each
-other there and the pipeline's fill and drain are counted.  ``call_overhead_s``
-is learned online from measured decode steps: each step moves it towards the
-value that would have predicted that step exactly, by ``update_rate`` (the
-first ``1 / update_rate`` steps are averaged alike, so one odd first step does
-not set it).
+other there and the pipeline's fill and drain are counted.  The nodes' models
+must therefore hold each call's service time, not its round trip: a round trip
+of the second mini-batch's call includes the wait for the first's, which the
+simulation adds again (``Scheduler.observe_attend_calls`` takes that wait out).
+
+``call_overhead_s`` is learned online from measured decode steps.  Each step
+gives a target: the value that would have predicted it exactly.  Over the first
+``1 / update_rate`` steps the overhead is the median of their targets (one odd
+first step does not set it); after that each step moves it by ``update_rate``
+towards its target, the move capped at ``max_relative_move`` times the current
+overhead (or, while that is tiny, a tenth of the step per dense call on its
+critical path).  The cap makes the learning robust: a step stalled by something
+else on the host moves the prediction little, so the model tracks the typical
+step, not a mean dragged up by outliers.
 """
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +48,7 @@ from fastdecode.scheduler.perf_model import ErrorTracker, _check_rate, _check_ti
 DenseTime = Callable[[float], float]  # sequences -> seconds of a whole dense pass (all layers)
 
 _SLOPE_PROBE_S = 1e-6  # finite-difference step for d(step)/d(call_overhead)
+_MIN_SCALE_SHARE = 0.1  # the cap's scale never falls below this share of the step per critical dense call
 
 
 @dataclass(frozen=True)
@@ -59,17 +70,22 @@ class DecodeStepModel:
 
     def __init__(
         self, nodes: Mapping[int, NodeModel], num_layers: int, dense_time: DenseTime | None = None,
-        *, update_rate: float = 0.2, call_overhead_s: float = 0.0,
+        *, update_rate: float = 0.2, call_overhead_s: float = 0.0, max_relative_move: float = 0.5,
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if call_overhead_s < 0:
             raise ValueError(f"call_overhead_s must be >= 0, got {call_overhead_s}")
+        if not max_relative_move > 0:
+            raise ValueError(f"max_relative_move must be > 0, got {max_relative_move}")
         self.nodes = nodes  # read at each prediction: nodes may come and go, their models learn
         self.num_layers = num_layers
         self.dense_time = dense_time
         self.call_overhead_s = float(call_overhead_s)
         self._rate = _check_rate(update_rate)
+        self._max_relative_move = float(max_relative_move)
+        self._num_warmup_steps = round(1.0 / self._rate)
+        self._warmup_targets: list[float] = []
         self.errors = ErrorTracker(update_rate)
 
     def dense_call_s(self, num_seqs: float, call_overhead_s: float | None = None) -> float:
@@ -94,10 +110,16 @@ class DecodeStepModel:
         predicted = self._simulate(minibatches, self.call_overhead_s)
         error = self.errors.record(predicted, seconds)
         slope = (self._simulate(minibatches, self.call_overhead_s + _SLOPE_PROBE_S) - predicted) / _SLOPE_PROBE_S
-        if slope > 0:
-            target = max(0.0, self.call_overhead_s + (seconds - predicted) / slope)
-            rate = max(self._rate, 1.0 / self.errors.num_observations)  # the first steps weigh alike
-            self.call_overhead_s += rate * (target - self.call_overhead_s)
+        if slope <= 0:
+            return error
+        target = max(0.0, self.call_overhead_s + (seconds - predicted) / slope)
+        if len(self._warmup_targets) < self._num_warmup_steps:
+            self._warmup_targets.append(target)
+            self.call_overhead_s = statistics.median(self._warmup_targets)
+            return error
+        cap = self._max_relative_move * max(self.call_overhead_s, _MIN_SCALE_SHARE * predicted / slope)
+        move = min(max(target - self.call_overhead_s, -cap), cap)
+        self.call_overhead_s = max(0.0, self.call_overhead_s + self._rate * move)
         return error
 
     def _simulate(self, minibatches: Sequence[MiniBatchLoad], call_overhead_s: float) -> float:

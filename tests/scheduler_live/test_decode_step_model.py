@@ -76,6 +76,34 @@ def test_one_odd_first_step_does_not_set_the_overhead():
     assert model.call_overhead_s < 0.5 * (base * 9) / (LAYERS + 1)
 
 
+def test_stalled_steps_barely_move_the_overhead_so_the_typical_step_is_predicted():
+    nodes = {0: node(0, 1e-3, 1e9)}
+    truth = DecodeStepModel(nodes, LAYERS, flat_gpu(4e-3).predict, call_overhead_s=7e-4)
+    model = DecodeStepModel(nodes, LAYERS, flat_gpu(4e-3).predict)
+    load = [MiniBatchLoad(8, {0: 1000})]
+    typical = truth.predict(load)
+    predictions = []
+    for step in range(60):
+        predictions.append(model.predict(load))
+        model.observe(load, typical * (3 if step % 5 == 4 else 1))  # every fifth step stalls (3x)
+    # a mean would sit 40 % above the typical step; the capped moves keep it within a few percent
+    assert max(predictions[20:]) < 1.06 * typical
+    assert min(predictions[20:]) > 0.99 * typical
+
+
+def test_the_overhead_still_grows_from_zero():
+    nodes = {0: node(0, 1e-3, 1e9)}
+    truth = DecodeStepModel(nodes, LAYERS, flat_gpu(4e-3).predict, call_overhead_s=7e-4)
+    model = DecodeStepModel(nodes, LAYERS, flat_gpu(4e-3).predict)
+    load = [MiniBatchLoad(8, {0: 1000})]
+    for _ in range(5):  # warm-up steps that saw no overhead
+        model.observe(load, DecodeStepModel(nodes, LAYERS, flat_gpu(4e-3).predict).predict(load))
+    assert model.call_overhead_s == 0.0
+    for _ in range(80):
+        model.observe(load, truth.predict(load))
+    assert model.call_overhead_s == pytest.approx(7e-4, rel=0.02)
+
+
 def test_bad_inputs_are_refused():
     model = DecodeStepModel({0: node(0, 1e-3, 1e9)}, LAYERS)
     with pytest.raises(ValueError):

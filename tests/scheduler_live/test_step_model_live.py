@@ -14,7 +14,8 @@ the other mini-batch's call).  Two regimes:
   the larger batches a call outlasts the other mini-batch's dense call and the
   calls queue on their node, as on the H100 with two shards.
 
-Per configuration, over the full-batch steps after the first few, the median
+Each cluster first runs a short unscored batch (the models' cold start).  Per
+configuration, over the full-batch steps after the first few, the median
 prediction is compared with the median measured step (the figure ``fdctl bench
 offline`` reports as ``prediction_error``): every configuration within 15 %.
 Run with ``-s`` for the table (docs/benchmarks.md).
@@ -38,16 +39,17 @@ SLOWDOWNS_S_PER_GB = {"message-bound": 0.0, "attention-bound": 8.0}  # 8 s/GB: ~
 PROMPT_LEN = 32
 OUTPUT_LEN = 40
 NUM_WARMUP_STEPS = 4  # per batch: the first full-batch steps are not scored
+WARMUP_BATCH, WARMUP_LEN = 8, 12  # per cluster, unscored: the models' cold start (first steps, first calls)
 MAX_ERROR = 0.15
 
 
-async def run_batch(cluster, batch: int, seed: int) -> None:
+async def run_batch(cluster, batch: int, seed: int, output_len: int = OUTPUT_LEN) -> None:
     rng = random.Random(seed)
     vocab = cluster.model.config.vocab_size
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     prompts = [[rng.randrange(3, vocab) for _ in range(PROMPT_LEN)] for _ in range(batch)]
     results = await asyncio.gather(*(collect(cluster.submit(p, params)) for p in prompts))
-    assert all(len(tokens) == OUTPUT_LEN for tokens, _ in results)
+    assert all(len(tokens) == output_len for tokens, _ in results)
 
 
 async def measure(num_shards: int, slowdown_s_per_gb: float) -> dict[int, list[tuple[float, float]]]:
@@ -55,6 +57,7 @@ async def measure(num_shards: int, slowdown_s_per_gb: float) -> dict[int, list[t
     async with uneven_cluster((slowdown_s_per_gb,) * num_shards, scheduler=scheduler,
                               profile_batches=(1, 8, 32)) as cluster:
         recorder = StepRecorder(cluster, is_interval_fed=True).install()
+        await run_batch(cluster, WARMUP_BATCH, seed=0, output_len=WARMUP_LEN)
         by_batch = {}
         for batch in BATCHES:
             recorder.steps.clear()
