@@ -38,6 +38,8 @@ class SocketPump:
         self._fd = sock.getsockopt(zmq.FD)
         self._unsent: deque[list[Any]] = deque()
         self._is_drain_scheduled = False
+        # a send-only socket (PUSH, PUB) never has anything to receive
+        self._can_receive = sock.type not in (zmq.PUSH, zmq.PUB)
         self._loop.add_reader(self._fd, self._drain)
         self._schedule_drain()
 
@@ -66,7 +68,7 @@ class SocketPump:
     def _check_events(self) -> None:
         if self._is_drain_scheduled or self._sock.closed:
             return
-        wanted = zmq.POLLIN | (zmq.POLLOUT if self._unsent else 0)
+        wanted = (zmq.POLLIN if self._can_receive else 0) | (zmq.POLLOUT if self._unsent else 0)
         if self._sock.getsockopt(zmq.EVENTS) & wanted:
             self._schedule_drain()
 
@@ -90,6 +92,9 @@ class SocketPump:
         if sock.closed:
             return
         self._flush()
+        if not self._can_receive:
+            self._check_events()
+            return
         for _ in range(MAX_MESSAGES_PER_CALLBACK):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)

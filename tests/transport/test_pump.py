@@ -73,8 +73,8 @@ async def test_sends_beyond_the_high_water_mark_queue_then_flush_in_order(ctx) -
     sender_sock.setsockopt(zmq.SNDHWM, 2)
     sender_sock.connect(f"tcp://127.0.0.1:{port}")
     sender = SocketPump(sender_sock, lambda f: None, name="sender")
-    payload = bytes(256 << 10)
-    num_messages = 64  # 16 MiB: more than the HWMs and the kernel's socket buffers hold
+    payload = bytes(1 << 20)
+    num_messages = 96  # 96 MiB: more than the HWMs and the kernel's socket buffers hold
     for i in range(num_messages):
         sender.send([i.to_bytes(4, "little"), payload])
     assert sender.num_unsent > 0  # nobody reads yet: ZeroMQ refused some, the pump kept them
