@@ -52,10 +52,11 @@ class DecodeStep:
         self.trace = trace
         self.step_index = 0
         self.graphs = None  # a cuda_graphs.StepGraphs: whole steps on the GPU KV node, as CUDA graphs
-        self._attend_times: list[tuple[int, int, float]] = []  # (node, context tokens, seconds)
+        self._attend_times: list[tuple[int, int, float, float]] = []  # (node, context tokens, start, end)
 
-    def drain_attend_times(self) -> list[tuple[int, int, float]]:
-        """Measured attend calls since the last drain: (node index, tokens of context read, seconds)."""
+    def drain_attend_times(self) -> list[tuple[int, int, float, float]]:
+        """Measured attend calls since the last drain: (node index, tokens of context read, start, end),
+        perf_counter seconds (the scheduler removes the overlap of calls queued on one node)."""
         times, self._attend_times = self._attend_times, []
         return times
 
@@ -153,7 +154,7 @@ class DecodeStep:
         t0 = time.perf_counter()
         o = await node.attend(layer, mb.seq_ids[rows], q[rows], k[rows], v[rows])
         t1 = time.perf_counter()
-        self._attend_times.append((node_index, sum(s.num_tokens for s in mb.seqs[rows]), t1 - t0))
+        self._attend_times.append((node_index, sum(s.num_tokens for s in mb.seqs[rows]), t0, t1))
         if self.trace is not None:
             origin = self.trace.origin_s
             self.trace.add(self.step_index, mb.index, node.node_id, "attend", t0 - origin, t1 - origin)

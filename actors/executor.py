@@ -40,7 +40,7 @@ from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import SamplingRow, make_generator, sample
 from fastdecode.actors.sequence import Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
-from fastdecode.scheduler import GpuPerfModel, NodeModel, Scheduler, SchedulerConfig, ShardPerfModel, StepPlan
+from fastdecode.scheduler import AttendCall, GpuPerfModel, NodeModel, Scheduler, SchedulerConfig, ShardPerfModel, StepPlan
 
 log = logging.getLogger("fastdecode.executor")
 
@@ -425,10 +425,11 @@ class Executor:
                                 sum(len(mb.seqs) for mb in minibatches))
             self.predicted_steps_s.append(predicted_s)
         all_alive = all(self.nodes[n].is_alive for mb in minibatches for n, _, _ in mb.node_slices)
-        for node_index, num_tokens, seconds in self.decoder.drain_attend_times():
-            if self.nodes[node_index].is_alive:
-                self.scheduler.observe_attend(node_index, num_tokens * self.kv_bytes_per_token
-                                              / self.model.config.num_layers, seconds)
+        bytes_per_token_layer = self.kv_bytes_per_token / self.model.config.num_layers
+        self.scheduler.observe_attend_calls([
+            AttendCall(node_index, num_tokens * bytes_per_token_layer, start_s, end_s)
+            for node_index, num_tokens, start_s, end_s in self.decoder.drain_attend_times()
+            if self.nodes[node_index].is_alive])
         if all_alive:
             self.scheduler.observe_decode(ran, decode_s)
         for mb, mb_logits in zip(minibatches, logits):

@@ -17,7 +17,6 @@ from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.executor import ExecutorConfig
 from fastdecode.actors.shard_client import start_embedded_shard
 from fastdecode.scheduler import SchedulerConfig
-from fastdecode.scheduler.attend_calls import AttendCall
 
 TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu")
 
@@ -63,30 +62,17 @@ def record_placements(cluster: Cluster) -> list[int]:
 class StepRecorder:
     """Wraps the Executor's decode step: predicts it and keeps (batch, predicted, measured) for the check.
 
-    The Executor itself feeds the scheduler each measured step (``observe_decode``).  With
-    ``is_interval_fed`` the recorder also stands in for the Executor's attend feed: it times every
-    attend call (start, end) and gives the step's calls to ``observe_attend_calls``, which learns
-    each node's service time (the Executor's own feed of bare round trips is switched off).
+    The Executor itself feeds the scheduler each measured step (``observe_decode``) and each
+    attend call's interval (``observe_attend_calls``, which learns every node's service time).
     """
 
     cluster: Cluster
-    is_interval_fed: bool = False
     steps: list[tuple[int, float, float]] = field(default_factory=list)  # (batch, predicted s, measured s)
-    _calls: list[AttendCall] = field(default_factory=list)
 
     def install(self) -> "StepRecorder":
         executor = self.cluster.executor
         decoder = executor.decoder
         run = decoder.run
-        if self.is_interval_fed:
-            drain = decoder.drain_attend_times
-
-            def drain_nothing() -> list:  # the Executor's own feed of round trips gets nothing
-                drain()
-                return []
-
-            decoder.drain_attend_times = drain_nothing
-            decoder._attend_node = self._timed_attend_node(decoder._attend_node)
 
         async def timed(minibatches, *, is_pipelined):
             groups = [[s.seq_id for s in mb.seqs] for mb in minibatches]
@@ -96,25 +82,8 @@ class StepRecorder:
             start = time.perf_counter()
             logits = await run(minibatches, is_pipelined=is_pipelined)
             seconds = time.perf_counter() - start
-            if self.is_interval_fed:
-                calls, self._calls = self._calls, []
-                executor.scheduler.observe_attend_calls(calls)
             self.steps.append((sum(len(g) for g in groups), predicted, seconds))
             return logits
 
         decoder.run = timed
         return self
-
-    def _timed_attend_node(self, attend_node):
-        executor = self.cluster.executor
-        bytes_per_token_layer = executor.kv_bytes_per_token / executor.model.config.num_layers
-
-        async def timed(mb, layer, node_index, start_row, end_row, q, k, v, host):
-            start = time.perf_counter()
-            o = await attend_node(mb, layer, node_index, start_row, end_row, q, k, v, host)
-            end = time.perf_counter()
-            num_tokens = sum(s.num_tokens for s in mb.seqs[start_row:end_row])
-            self._calls.append(AttendCall(node_index, num_tokens * bytes_per_token_layer, start, end))
-            return o
-
-        return timed

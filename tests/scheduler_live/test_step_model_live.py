@@ -59,7 +59,7 @@ async def measure(num_shards: int, slowdown_s_per_gb: float) -> dict[int, list[t
     scheduler = SchedulerConfig(max_num_seqs=max(BATCHES), admission="all-at-once")
     async with uneven_cluster((slowdown_s_per_gb,) * num_shards, scheduler=scheduler,
                               profile_batches=(1, 8, 32)) as cluster:
-        recorder = StepRecorder(cluster, is_interval_fed=True).install()
+        recorder = StepRecorder(cluster).install()
         await run_batch(cluster, WARMUP_BATCH, seed=0, output_len=WARMUP_LEN)
         by_batch = {}
         for batch in BATCHES:
