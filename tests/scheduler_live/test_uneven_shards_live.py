@@ -21,7 +21,7 @@ from fastdecode.scheduler import SchedulerConfig
 from greedy_compare import assert_same_greedy
 from live_cluster import record_placements, uneven_cluster
 
-SLOWDOWN_S_PER_GB = 16.0  # about 60 MB/s: ~1 ms per attend call of a few of these sequences
+SLOWDOWN_S_PER_GB = 48.0  # about 20 MB/s: a few ms per attend call of a few of these sequences
 NUM_REQUESTS = 24
 
 
