@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
 from typing import Callable, TypeVar
 
 import torch
@@ -29,7 +28,6 @@ class DenseRunner:
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-dense")
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-copywait")
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
-        self.busy_s = 0.0  # host-side time spent in dense calls (CPU device: the compute time)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """Run ``fn(*args)`` on the compute thread under ``torch.inference_mode``."""
@@ -37,12 +35,10 @@ class DenseRunner:
         return await loop.run_in_executor(self._compute, self._call, fn, args)
 
     def _call(self, fn, args):
-        t0 = time.perf_counter()
         with torch.inference_mode():
             result = fn(*args)
         if self.is_cuda and self.is_synchronous:
             torch.cuda.current_stream(self.device).synchronize()
-        self.busy_s += time.perf_counter() - t0
         return result
 
     async def to_host(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

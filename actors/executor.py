@@ -40,7 +40,7 @@ from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import SamplingRow, make_generator, sample
 from fastdecode.actors.sequence import Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
-from fastdecode.scheduler import AttendCall, GpuPerfModel, NodeModel, Scheduler, SchedulerConfig, ShardPerfModel, StepPlan
+from fastdecode.scheduler import AttendCall, GpuPerfModel, NodeModel, Scheduler, SchedulerConfig, ShardPerfModel
 
 log = logging.getLogger("fastdecode.executor")
 
@@ -128,7 +128,6 @@ class Executor:
         self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
         self.decoder = DecodeStep(model, self.nodes, self.runner, trace)  # the same list: restored nodes show
         self.scheduler: Scheduler | None = None  # made by start(), from the nodes' capacities
-        self.last_plan: StepPlan | None = None
         self.predicted_steps_s: list[float] = []  # with a trace: the plan's prediction of each traced step
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
@@ -262,7 +261,6 @@ class Executor:
         if not self._sequences:
             return
         plan = self.scheduler.schedule()
-        self.last_plan = plan
         for preemption in plan.preempted:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
         for admission in plan.admitted:
@@ -400,7 +398,6 @@ class Executor:
         except NodeFailedError as exc:
             log.warning("prefill of sequence %d not placed: %s", seq.seq_id, exc)
             return
-        seq.num_cached = len(ids)
         if seq.is_recovering:
             seq.is_recovering = False
             self.num_recovered += 1
@@ -441,8 +438,6 @@ class Executor:
                             self.decoder.step_index, len(mb.seqs) - len(rows), mb.index)
                 mb_logits = mb_logits[torch.tensor(rows, dtype=torch.long, device=mb_logits.device)]
             seqs = [mb.seqs[row] for row in rows]
-            for seq in seqs:
-                seq.num_cached = seq.num_tokens
             if seqs:
                 await self._sample_and_emit(seqs, mb_logits)
 

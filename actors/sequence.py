@@ -30,9 +30,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     node_index: int | None = None  # which KV node holds it while RUNNING
     node_epoch: int = 0  # that node's connection epoch when the sequence was placed on it
-    num_cached: int = 0  # tokens whose K/V are on the node
     arrival_s: float = field(default_factory=time.monotonic)
-    admitted_order: int = -1  # larger = admitted later (the youngest is preempted first)
     is_abort_requested: bool = False
     num_preemptions: int = 0
     is_recovering: bool = False  # its node failed or drained: the next prefill rebuilds it elsewhere
@@ -44,10 +42,6 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
-
-    @property
-    def expected_final_len(self) -> int:
-        return len(self.prompt_ids) + self.params.max_tokens
 
     def emit(self, event: TokenEvent) -> None:
         self.events.put_nowait(event)
