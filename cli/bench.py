@@ -19,6 +19,7 @@ import time
 import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
+from fastdecode.cli.bench_plot import parse_int_list
 from fastdecode.cli.sizes import parse_size
 
 
@@ -104,6 +105,9 @@ async def run_offline(options: dict) -> dict:
             "node_busy_fraction": {k: v / summary["wall_s"] for k, v in summary["node_busy_s"].items()}
             if summary["wall_s"] else {},
             "overlap": summary["overlap"],
+            "trace_wall_s": summary["wall_s"], "node_busy_s": summary["node_busy_s"],
+            "num_step_tokens": sum(n for *_, n in trace.steps),
+            "kv_bytes_per_token": cluster.model.config.kv_bytes_per_token(cluster.model.dtype.itemsize),
         }
         if predicted and step_s:
             result["predicted_step_ms"] = statistics.median(predicted) * 1e3
@@ -141,6 +145,7 @@ def bench() -> None:
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True)
 @click.option("--shard-own-loop", is_flag=True, help="In-process shards on their own thread and event loop.")
 @click.option("--out", default=None, help="Folder for the trace JSON and timeline PNG.")
+@click.option("--sweep-batch", default=None, help="Comma-separated batch sizes, run in turn (overrides --batch).")
 def offline(**options) -> None:
     """Generate a fixed batch to a fixed length and report throughput."""
     if options["shard"]:
@@ -149,16 +154,28 @@ def offline(**options) -> None:
         try:
             options["kv_memory"] = parse_size(options["kv_memory"]) if options["kv_memory"] else None
             options["gpu_kv_memory"] = parse_size(options["gpu_kv_memory"]) if options["gpu_kv_memory"] else None
+            batches = parse_int_list(options["sweep_batch"], "--sweep-batch") if options["sweep_batch"] else None
         except ValueError as exc:
             raise OneLineError(str(exc)) from None
-        result = asyncio.run(run_offline(options))
+        if batches:
+            from fastdecode.cli.bench_sweep import run_sweep
+
+            result = asyncio.run(run_sweep(options, batches))
+        else:
+            result = asyncio.run(run_offline(options))
     click.echo(json.dumps(result))
 
 
 def _add_subcommands() -> None:
+    from fastdecode.cli.bench_project import project_command
     from fastdecode.cli.bench_roofline import roofline
+    from fastdecode.cli.bench_scaling import scaling_command
+    from fastdecode.cli.bench_serve import serve_command
 
     bench.add_command(roofline)
+    bench.add_command(project_command)
+    bench.add_command(scaling_command)
+    bench.add_command(serve_command)
 
 
 _add_subcommands()

@@ -1,0 +1,145 @@
+"""``fdctl bench scaling``: attention throughput of 1, 2, 4... ``fdctl start-shard`` processes on this host.
+
+For each shard count N it starts N shard daemons (tcp loopback, ``--threads T``,
+disjoint ``--cpu-list`` when the host has N x T cores), runs the offline benchmark
+against them in ``shards`` mode, and stops them. Attention throughput = KV bytes
+read / busy time, where KV bytes read = tokens decoded in the traced steps x mean
+context (prompt + output / 2) x KV bytes per token (all layers): ``node_gbps`` =
+bytes / the nodes' summed busy time, ``attention_gbps`` = N x that (every node
+busy at once), ``total_gbps`` = bytes / traced wall time. The host's read
+bandwidth with N x T threads (``fastdecode.native.lib.read_bandwidth_gbps``)
+gives efficiency = attention GB/s / read GB/s. One JSON object last on stdout.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from fastdecode.cli.bench_plot import parse_int_list
+from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
+
+
+class ShardProcesses:
+    """N ``fdctl start-shard`` daemons; their stderr goes to files (an unread pipe would stall them)."""
+
+    def __init__(self, count: int, threads: int, kv_memory: str, *, start_timeout_s: float = 120.0) -> None:
+        cpus = sorted(os.sched_getaffinity(0))
+        self.is_pinned = count * threads <= len(cpus)
+        self.cpu_list = cpus[:count * threads] if self.is_pinned else None
+        self.procs: list[tuple[subprocess.Popen, tempfile._TemporaryFileWrapper]] = []
+        self.addresses: list[str] = []
+        self.start_timeout_s = start_timeout_s
+        for index in range(count):
+            args = [sys.executable, "-m", "fastdecode.cli.main", "start-shard", "--listen", "tcp://127.0.0.1:0",
+                    "--threads", str(threads), "--kv-memory", kv_memory, "--log-level", "warning"]
+            if self.is_pinned:
+                own = cpus[index * threads:(index + 1) * threads]
+                args += ["--cpu-list", ",".join(map(str, own))]
+            log = tempfile.NamedTemporaryFile("w+", prefix="fdctl-shard-", suffix=".log", delete=False)
+            self.procs.append((subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=log), log))
+
+    async def wait_ready(self) -> list[str]:
+        deadline = time.monotonic() + self.start_timeout_s
+        for proc, log in self.procs:
+            while True:
+                text = Path(log.name).read_text(errors="replace")
+                ready = [line for line in text.splitlines() if line.startswith("ready ")]
+                if ready:
+                    self.addresses.append(ready[0].split()[1])
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise OneLineError(f"shard daemon did not start (exit {proc.poll()}): {text[-500:]}")
+                await asyncio.sleep(0.05)
+        return self.addresses
+
+    def stop(self) -> None:
+        for proc, log in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, log in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+            os.unlink(log.name)
+
+
+def attention_figures(result: dict, num_shards: int) -> dict:
+    """KV GB read per second of node busy time: one node's (bytes over the nodes' summed busy time) and the
+    host's (that x the shard count: all nodes busy at once), and per second of traced wall time."""
+    mean_context = result["prompt_len"] + result["output_len"] / 2
+    kv_bytes = result["num_step_tokens"] * mean_context * result["kv_bytes_per_token"]
+    busy = sum(result["node_busy_s"].values())
+    node_gbps = kv_bytes / busy / 1e9 if busy > 0 else None
+    wall = result["trace_wall_s"]
+    return {"kv_gb_read": kv_bytes / 1e9, "node_gbps": node_gbps,
+            "attention_gbps": node_gbps * num_shards if node_gbps else None,
+            "total_gbps": kv_bytes / wall / 1e9 if wall else None}
+
+
+async def run_scaling(options: dict) -> dict:
+    from fastdecode.cli.bench import run_offline
+    from fastdecode.native.lib import read_bandwidth_gbps
+
+    rows = []
+    for count in options["shard_counts"]:
+        print(f"bench scaling: {count} shard process(es)", file=sys.stderr)
+        shards = ShardProcesses(count, options["threads_per_shard"], options["kv_memory"])
+        try:
+            addresses = await shards.wait_ready()
+            result = await run_offline({**options, "mode": "shards", "shards": 0, "shard": tuple(addresses),
+                                        "kv_memory": None, "gpu_kv_memory": None})
+        finally:
+            shards.stop()
+        threads = count * options["threads_per_shard"]
+        read_gbps = await asyncio.to_thread(read_bandwidth_gbps, options["read_bytes"], num_threads=threads,
+                                            cpu_list=shards.cpu_list)
+        figures = attention_figures(result, count)
+        rows.append({"shards": count, "threads": threads, "is_pinned": shards.is_pinned,
+                     "tokens_per_s": result["tokens_per_s"], "step_ms": result["step_ms"], **figures,
+                     "read_gbps": read_gbps,
+                     "efficiency": figures["attention_gbps"] / read_gbps if figures["attention_gbps"] else None,
+                     "node_busy_fraction": result["node_busy_fraction"]})
+    base = rows[0]
+    for row in rows:
+        row["scaling_vs_first"] = (row["total_gbps"] / base["total_gbps"]
+                                   if row["total_gbps"] and base["total_gbps"] else None)
+    return {"model": options["model"], "batch": options["batch"], "prompt_len": options["prompt_len"],
+            "output_len": options["output_len"], "threads_per_shard": options["threads_per_shard"], "rows": rows}
+
+
+@click.command("scaling", cls=OneLineCommand)
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--threads-per-shard", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--shards", "shard_counts", default="1,2,4", show_default=True, help="Shard process counts.")
+@click.option("--kv-memory", default="4GiB", show_default=True, help="KV pool of each shard process.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--output-len", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--pipeline/--no-pipeline", default=True, show_default=True)
+@click.option("--read-bytes", default=1 << 30, show_default=True, type=click.IntRange(1 << 20),
+              help="Buffer for the host read-bandwidth measurement.")
+def scaling_command(**options) -> None:
+    """Attention throughput of 1..N shard processes against the host's read bandwidth."""
+    with one_line_errors():
+        try:
+            options["shard_counts"] = parse_int_list(options["shard_counts"], "--shards")
+        except ValueError as exc:
+            raise OneLineError(str(exc)) from None
+        options.update(out=None, cuda_graphs=True)
+        result = asyncio.run(run_scaling(options))
+    click.echo(json.dumps(result))

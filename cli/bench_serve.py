@@ -1,0 +1,156 @@
+"""``fdctl bench serve``: an open-loop load against a running server's ``/v1/completions``.
+
+Arrivals are Poisson at ``--rate`` requests/s, or follow a BurstGPT-style CSV
+(``--trace``: columns ``timestamp``, ``request tokens``, ``response tokens``;
+timestamps in seconds, shifted to start at 0). Each request streams (SSE) a prompt
+of random token ids with ``max_tokens`` and ``ignore_eos``; TTFT is the time to the
+first content chunk, TPOT = (last - first chunk) / (completion tokens - 1), the
+completion tokens coming from the streamed usage. Progress on stderr; one JSON
+object last on stdout; with ``--out`` also ``latency.png``.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import random
+import time
+
+import click
+
+from fastdecode.cli.bench import percentiles
+from fastdecode.cli.bench_plot import line_plots
+from fastdecode.cli.errors import OneLineCommand, OneLineError
+
+
+def read_trace(path: str, limit: int) -> list[tuple[float, int, int]]:
+    """(arrival s from the first, prompt tokens, output tokens) from a BurstGPT-style CSV."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise OneLineError(f"cannot read trace {path}: {exc}") from None
+    columns = {name.strip().lower(): name for name in (rows[0].keys() if rows else ())}
+    missing = [c for c in ("timestamp", "request tokens", "response tokens") if c not in columns]
+    if missing:
+        raise OneLineError(f"trace {path} lacks column(s) {', '.join(missing)} (has {', '.join(columns) or 'none'})")
+    out = []
+    for number, row in enumerate(rows[:limit], start=2):
+        try:
+            out.append((float(row[columns["timestamp"]]), int(float(row[columns["request tokens"]])),
+                        int(float(row[columns["response tokens"]]))))
+        except ValueError:
+            raise OneLineError(f"trace {path} line {number}: not numbers: {row}") from None
+    start = min((t for t, _, _ in out), default=0.0)
+    return sorted((t - start, max(1, p), max(1, o)) for t, p, o in out)
+
+
+def poisson_schedule(rate: float, count: int, prompt_len: int, output_len: int,
+                     rng: random.Random) -> list[tuple[float, int, int]]:
+    clock, out = 0.0, []
+    for _ in range(count):
+        out.append((clock, prompt_len, output_len))
+        clock += rng.expovariate(rate)
+    return out
+
+
+async def one_request(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        if response.status != 200:
+            return {"error": f"HTTP {response.status}: {(await response.text())[:200]}"}
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                return {"error": str(chunk["error"])[:200]}
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(choice.get("text") is not None for choice in chunk.get("choices", ())):
+                last = time.perf_counter()
+                first = first or last
+    if first is None:
+        return {"error": "no tokens streamed"}
+    return {"ttft_s": first - start, "tpot_s": (last - first) / (tokens - 1) if tokens > 1 else None,
+            "tokens": tokens, "latency_s": last - start}
+
+
+async def run_serve_bench(options: dict) -> dict:
+    import aiohttp
+    from tqdm import tqdm
+
+    rng = random.Random(options["seed"])
+    if options["trace"]:
+        schedule = read_trace(options["trace"], options["num_requests"])
+    else:
+        schedule = poisson_schedule(options["rate"], options["num_requests"], options["prompt_len"],
+                                    options["output_len"], rng)
+    url = options["url"].rstrip("/")
+    timeout = aiohttp.ClientTimeout(total=options["timeout"])
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
+            async with session.get(f"{url}/v1/models") as response:
+                models = (await response.json())["data"]
+        except (aiohttp.ClientError, KeyError, ValueError) as exc:
+            raise OneLineError(f"cannot list models at {url}: {exc}") from None
+        model, vocab = models[0]["id"], options["vocab"]
+        bar = tqdm(total=len(schedule), desc="requests", unit="req", mininterval=0.5)
+        results: list[dict] = []
+
+        async def fire(at: float, prompt_len: int, output_len: int) -> None:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - origin)))
+            prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+            try:
+                results.append(await one_request(session, url, model, prompt, output_len))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                results.append({"error": f"{type(exc).__name__}: {exc}"})
+            bar.update(1)
+
+        origin = time.perf_counter()
+        await asyncio.gather(*(fire(*item) for item in schedule))
+        wall = time.perf_counter() - origin
+        bar.close()
+    done = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    summary = {"url": url, "model": model, "num_requests": len(schedule), "num_ok": len(done),
+               "num_errors": len(errors), "errors": sorted(set(errors))[:5],
+               "rate": None if options["trace"] else options["rate"], "trace": options["trace"], "wall_s": wall,
+               "tokens_per_s": sum(r["tokens"] for r in done) / wall, "requests_per_s": len(done) / wall,
+               "ttft_s": percentiles([r["ttft_s"] for r in done]),
+               "tpot_s": percentiles([r["tpot_s"] for r in done if r["tpot_s"] is not None]),
+               "latency_s": percentiles([r["latency_s"] for r in done])}
+    if options["out"]:
+        ordered = lambda key: [(i / max(1, len(done) - 1), v) for i, v in  # noqa: E731
+                               enumerate(sorted(r[key] for r in done if r[key] is not None))]
+        summary["plot"] = line_plots(os.path.join(options["out"], "latency.png"),
+                                     f"{model} at {url}: {len(done)} requests in {wall:.1f} s", [
+            {"xlabel": "fraction of requests", "ylabel": "seconds", "series": {"TTFT": ordered("ttft_s")}},
+            {"xlabel": "fraction of requests", "ylabel": "seconds per token", "series": {"TPOT": ordered("tpot_s")}},
+        ])
+    return summary
+
+
+@click.command("serve", cls=OneLineCommand)
+@click.option("--url", required=True, help="Server base URL, e.g. http://127.0.0.1:8000.")
+@click.option("--rate", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Poisson arrival rate, requests/s (ignored with --trace).")
+@click.option("--num-requests", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--trace", default=None, help="BurstGPT-style CSV: timestamp, request tokens, response tokens.")
+@click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--output-len", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--vocab", default=1000, show_default=True, type=click.IntRange(2),
+              help="Prompt token ids are drawn from [0, vocab).")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Per request, seconds.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default=None, help="Folder for latency.png.")
+def serve_command(**options) -> None:
+    """Poisson (or trace) load on a running server; TTFT/TPOT percentiles and tokens/s."""
+    result = asyncio.run(run_serve_bench(options))
+    click.echo(json.dumps(result))
