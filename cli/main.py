@@ -13,7 +13,7 @@ import click
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("generate", "generate", "Generate a continuation of one prompt."),
     "make-random-model": ("make_random_model", "make_random_model_command", "Write a random:<preset> model as a HF folder."),
-    "bench": ("bench", "bench", "Benchmarks that print JSON figures (offline)."),
+    "bench": ("bench", "bench", "Benchmarks that print JSON figures: offline, roofline, project, scaling, serve."),
     "plan": ("plan", "plan", "Plan batch size, shards, tokens/s and host memory for a model."),
     "trace-plot": ("trace_plot", "trace_plot", "Render a step trace as a PNG timeline."),
     "serve": ("serve", "serve_command", "Serve a model over OpenAI-compatible HTTP and WebSocket."),
