@@ -19,7 +19,7 @@ from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
-from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.request import RequestError
 
 
 def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
@@ -36,10 +36,9 @@ def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
 class Generation:
     """The outputs of one admitted request, and its usage figures."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, stream: AsyncIterator[StreamOutput],
-                 first: StreamOutput, metrics: FrontendMetrics, arrived_at: float) -> None:
+    def __init__(self, prompt_ids: list[int], stream: AsyncIterator[StreamOutput], first: StreamOutput,
+                 metrics: FrontendMetrics, arrived_at: float) -> None:
         self.prompt_ids = prompt_ids
-        self.params = params
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self._stream = stream
@@ -98,7 +97,7 @@ async def start_generation(llm: AsyncLLM, metrics: FrontendMetrics,
         except RequestError as exc:
             raise bad_request(str(exc), "prompt") from None
         metrics.on_admitted(len(prompt_ids))
-        generation = Generation(prompt_ids, params, stream, first, metrics, arrived_at)
+        generation = Generation(prompt_ids, stream, first, metrics, arrived_at)
         try:
             yield generation
         finally:

@@ -37,8 +37,9 @@ class FrontendState:
         return self.llm is not None and not self.is_draining
 
     def require_llm(self) -> AsyncLLM:
-        if self.llm is None or self.is_draining:
+        if not self.is_ready:
             raise ApiError(503, "the model is not ready (starting or stopping)", code="not_ready")
+        assert self.llm is not None
         return self.llm
 
     def check_model(self, model: str | None) -> None:
