@@ -21,9 +21,10 @@ class AttendTimeModel(Protocol):
     def predict(self, kv_bytes: float) -> float: ...
 
 
-def _positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_int(value: int, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,11 @@ class NodeModel:
     perf: AttendTimeModel
 
     def __post_init__(self) -> None:
-        if isinstance(self.node_id, bool) or not isinstance(self.node_id, numbers.Integral) or self.node_id < 0:
-            raise ValueError(f"node_id must be a non-negative integer, got {self.node_id!r}")
-        capacity = self.capacity_bytes
-        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 0:
-            raise ValueError(f"capacity_bytes must be a non-negative integer, got {self.capacity_bytes!r}")
-        _positive_int(self.kv_bytes_per_token, "kv_bytes_per_token")
-        _positive_int(self.num_layers, "num_layers")
-        _positive_int(self.page_size, "page_size")
+        _check_int(self.node_id, "node_id", 0)
+        _check_int(self.capacity_bytes, "capacity_bytes", 0)
+        _check_int(self.kv_bytes_per_token, "kv_bytes_per_token", 1)
+        _check_int(self.num_layers, "num_layers", 1)
+        _check_int(self.page_size, "page_size", 1)
         if not callable(getattr(self.perf, "predict", None)):
             raise ValueError("perf must have a predict(kv_bytes) method")
 

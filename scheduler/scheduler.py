@@ -241,12 +241,10 @@ class Scheduler:
 
     def _overflowing(self) -> list[int]:
         """Victims on every node whose residents need more pages for the coming step than it has."""
-        needed = dict.fromkeys(self._nodes, 0)
-        for record in self._table.running():
-            needed[record.node_id] += self._nodes[record.node_id].pages_for(record.context_len)
+        loads = self._table.node_loads(self._nodes)
         victims: list[int] = []
         for node_id in sorted(self._nodes):
-            if needed[node_id] > self._nodes[node_id].num_pages:
+            if loads[node_id].num_used_pages > self._nodes[node_id].num_pages:
                 victims += choose_victims(self._residents(node_id), self._nodes[node_id].num_pages)
         return victims
 
