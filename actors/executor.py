@@ -128,7 +128,7 @@ class Executor:
         self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
         self.decoder = DecodeStep(model, self.nodes, self.runner, trace)  # the same list: restored nodes show
         self.scheduler: Scheduler | None = None  # made by start(), from the nodes' capacities
-        self.predicted_steps_s: list[float] = []  # with a trace: the plan's prediction of each traced step
+        self.predicted_steps_s: list[float] = []  # with a trace: the step model's prediction of each traced step
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._wakeup = asyncio.Event()
@@ -429,17 +429,18 @@ class Executor:
             if self.nodes[node_index].is_alive])
         if all_alive:
             self.scheduler.observe_decode(ran, decode_s)
-        for mb, mb_logits in zip(minibatches, logits):
-            # rows whose node failed during the step got zeros from it: no token for them now;
-            # they are rebuilt elsewhere and decode this position again
-            rows = [row for row, seq in enumerate(mb.seqs) if self._is_placed(seq)]
-            if len(rows) < len(mb.seqs):
-                log.warning("step %d: %d row(s) of mini-batch %d lost their node; redone after the rebuild",
-                            self.decoder.step_index, len(mb.seqs) - len(rows), mb.index)
-                mb_logits = mb_logits[torch.tensor(rows, dtype=torch.long, device=mb_logits.device)]
-            seqs = [mb.seqs[row] for row in rows]
-            if seqs:
-                await self._sample_and_emit(seqs, mb_logits)
+        # one sampler call for the whole step (rows are sampled independently). Rows whose node
+        # failed during the step got zeros from it: no token for them now; they are rebuilt
+        # elsewhere and decode this position again.
+        all_seqs = [seq for mb in minibatches for seq in mb.seqs]
+        all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+        rows = [row for row, seq in enumerate(all_seqs) if self._is_placed(seq)]
+        if len(rows) < len(all_seqs):
+            log.warning("step %d: %d row(s) lost their node; redone after the rebuild",
+                        self.decoder.step_index, len(all_seqs) - len(rows))
+            all_logits = all_logits[torch.tensor(rows, dtype=torch.long, device=all_logits.device)]
+        if rows:
+            await self._sample_and_emit([all_seqs[row] for row in rows], all_logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         """Token ids, logprobs and top logprobs as Python values (runs on the dense thread)."""
