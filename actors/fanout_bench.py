@@ -57,6 +57,11 @@ SETUPS = ("inproc1", "inproc4", "inproc4-threaded", "daemon2")  # in-process: on
 RESET_EVERY = 8  # attends append one token each: sequences are re-created (untimed) every few calls
 
 
+def _kv_memory_bytes(num_rows: int, context: int) -> int:
+    """A pool big enough for ``num_rows`` sequences of ``context`` tokens plus the attends between resets."""
+    return max(64 << 20, 2 * num_rows * (context + 2 * RESET_EVERY + 64) * 4096)
+
+
 def _median_us(fn: Callable[[], object], repeats: int, reset: Callable[[], object]) -> float:
     times = []
     for i in range(repeats):
@@ -86,8 +91,7 @@ def stage_costs(num_rows: int, context: int, repeats: int) -> dict[str, float]:
     codec = Codec(SHARD_CHANNEL)
     q, k, v = _inputs(num_rows, 1)
     seq_ids = np.arange(num_rows, dtype=np.int64)
-    shard = KVShard(ShardConfig(kv_memory_bytes=max(64 << 20, 2 * num_rows * (context + 2 * RESET_EVERY + 64) * 4096),
-                                num_threads=1, is_calibrating=False))
+    shard = KVShard(ShardConfig(kv_memory_bytes=_kv_memory_bytes(num_rows, context), num_threads=1, is_calibrating=False))
     shard.on_configure(SHAPE)
     pk, pv = _prompt_kv(context)
 
@@ -171,8 +175,7 @@ async def _shards(setup: str, kv_memory_bytes: int) -> AsyncIterator[list[ShardK
 
 async def fanout(setup: str, num_rows: int, context: int, repeats: int) -> dict:
     """p50/p99 of one layer's fan-out (to_numpy, one attend per shard, gather, cat) for ``setup``."""
-    kv_memory_bytes = max(64 << 20, 2 * num_rows * (context + 2 * RESET_EVERY + 64) * 4096)
-    async with _shards(setup, kv_memory_bytes) as nodes:
+    async with _shards(setup, _kv_memory_bytes(num_rows, context)) as nodes:
         num_nodes = len(nodes)
         bounds = np.linspace(0, num_rows, num_nodes + 1).astype(int)
         slices = list(zip(bounds[:-1], bounds[1:]))

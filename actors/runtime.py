@@ -150,10 +150,6 @@ class ActorServer:
         return self._server.address
 
     @property
-    def is_running(self) -> bool:
-        return self._is_running
-
-    @property
     def num_dropped(self) -> int:
         return self._server.num_dropped
 

@@ -138,10 +138,9 @@ class EmbeddedShard:
     CPU (docs/benchmarks.md, fan-out micro-benchmark); the H100 host has to decide.
     """
 
-    def __init__(self, server: ActorServer, actor: KVShard, *, loop: asyncio.AbstractEventLoop | None = None,
+    def __init__(self, server: ActorServer, *, loop: asyncio.AbstractEventLoop | None = None,
                  thread: threading.Thread | None = None) -> None:
         self.server = server
-        self.actor = actor
         self._loop = loop
         self._thread = thread
 
@@ -204,7 +203,7 @@ async def start_embedded_shard(
     ctx = ctx or zmq.asyncio.Context.instance()
     if not is_threaded:
         server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx, name="kvshard")
-        return await server.start(), EmbeddedShard(server, actor)
+        return await server.start(), EmbeddedShard(server)
     # its loop serves this shard alone: attends run right there while nothing else is queued
     server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx, name="kvshard", inline_messages=(Attend,))
     loop = new_event_loop()
@@ -216,4 +215,4 @@ async def start_embedded_shard(
         _end_loop_thread(loop, thread)
         await asyncio.to_thread(thread.join)
         raise
-    return bound, EmbeddedShard(server, actor, loop=loop, thread=thread)
+    return bound, EmbeddedShard(server, loop=loop, thread=thread)

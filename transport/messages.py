@@ -121,9 +121,6 @@ class Channel:
         self._by_kind = types.MappingProxyType(by_kind)
         self._by_class = types.MappingProxyType(by_class)
 
-    def by_kind(self, kind: int) -> Schema | None:
-        return self._by_kind.get(kind)
-
     def by_class(self, cls: type) -> Schema | None:
         return self._by_class.get(cls)
 

@@ -46,7 +46,6 @@ class RpcServer:
         self._pump: SocketPump | None = None
         self.address: str | None = None
         self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
-        self.num_protocol_errors = 0
 
     async def start(self) -> str:
         """Bind and start receiving; returns the bound address (a ``:0`` or ``:*`` tcp port is resolved)."""
@@ -75,7 +74,6 @@ class RpcServer:
         try:
             request_id, message = self._codec.decode(frames[1:])
         except ProtocolError as exc:
-            self.num_protocol_errors += 1
             if exc.request_id is None:
                 self.num_dropped += 1
                 log.warning("%s: dropped an unreadable message: %s", self._name, exc)
