@@ -28,6 +28,7 @@ class MiniBatch:
     seqs: list[Sequence]  # ordered by node
     seq_ids: np.ndarray  # int64, same order
     node_slices: list[tuple[int, int, int]]  # (node index, start row, end row)
+    slice_tokens: dict[int, int]  # start row of a node slice -> context tokens it attends over (all layers alike)
 
     @classmethod
     def build(cls, index: int, seqs: list[Sequence]) -> "MiniBatch":
@@ -39,7 +40,8 @@ class MiniBatch:
                 slices[-1] = (node, start, row + 1)
             else:
                 slices.append((seq.node_index, row, row + 1))
-        return cls(index, seqs, np.array([s.seq_id for s in seqs], dtype=np.int64), slices)
+        tokens = {start: sum(s.num_tokens for s in seqs[start:end]) for _, start, end in slices}
+        return cls(index, seqs, np.array([s.seq_id for s in seqs], dtype=np.int64), slices, tokens)
 
 
 class DecodeStep:
@@ -142,6 +144,8 @@ class DecodeStep:
         )
         if len(parts) == 1:
             o = parts[0]
+        elif all(p.device == parts[0].device for p in parts):
+            o = torch.cat(parts)  # shards' outputs join on the host and go up in one copy below
         else:
             o = torch.cat([p.to(q.device) for p in parts])
         return await self.runner.to_device(o) if o.device != q.device else o
@@ -154,7 +158,7 @@ class DecodeStep:
         t0 = time.perf_counter()
         o = await node.attend(layer, mb.seq_ids[rows], q[rows], k[rows], v[rows])
         t1 = time.perf_counter()
-        self._attend_times.append((node_index, sum(s.num_tokens for s in mb.seqs[rows]), t0, t1))
+        self._attend_times.append((node_index, mb.slice_tokens[start], t0, t1))
         if self.trace is not None:
             origin = self.trace.origin_s
             self.trace.add(self.step_index, mb.index, node.node_id, "attend", t0 - origin, t1 - origin)
