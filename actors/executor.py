@@ -21,6 +21,7 @@ the accepted requests finish.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -94,18 +95,6 @@ def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_to
     )
 
 
-def halves_per_node(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Two mini-batches, each with half of every node's sequences (the pipeline was asked
-    for even where the scheduler's split saw no gain: the overlap is what is measured)."""
-    halves: list[list[Sequence]] = [[], []]
-    count: dict[int, int] = {}
-    for seq in sorted(seqs, key=lambda s: (s.node_index, s.seq_id)):
-        index = count.get(seq.node_index, 0)
-        halves[index % 2].append(seq)
-        count[seq.node_index] = index + 1
-    return [h for h in halves if h]
-
-
 class Executor:
     def __init__(self, model, nodes: list[KVNode], config: ExecutorConfig, *, eos_token_ids,
                  trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None,
@@ -150,7 +139,10 @@ class Executor:
         if self.gpu_model is None and self.config.profile_batches:
             self.gpu_model = await self.runner.run(measure_dense_profile, self.model, self.config.profile_batches)
             log.info("dense step times: %s", ", ".join(f"B={b}: {s * 1e3:.2f} ms" for b, s in self.gpu_model.samples))
-        self.scheduler = Scheduler(self.config.scheduler, models, gpu=self.gpu_model)
+        # with the pipeline on, the scheduler keeps two mini-batches even where it would pick one
+        scheduler_config = dataclasses.replace(self.config.scheduler,
+                                               is_single_minibatch_allowed=not self.config.is_pipelined)
+        self.scheduler = Scheduler(scheduler_config, models, gpu=self.gpu_model)
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
 
     async def drain(self, timeout_s: float) -> bool:
@@ -408,8 +400,6 @@ class Executor:
     async def _decode(self, groups: list[list[Sequence]]) -> None:
         if not self.config.is_pipelined:
             groups = [[s for group in groups for s in group]]
-        elif len(groups) == 1 and len(groups[0]) > 1:
-            groups = halves_per_node(groups[0])
         minibatches = [MiniBatch.build(i, group) for i, group in enumerate(groups)]
         ran = [[s.seq_id for s in mb.seqs] for mb in minibatches]  # the split as it runs
         predicted_s = self.scheduler.predict_decode_s(ran)

@@ -23,6 +23,8 @@ class SchedulerConfig:
       context ``B * (mean prompt + mean output / 2)`` times ``1 + headroom``.
     - ``max_total_context``: an explicit SLS context limit in tokens (overrides the derived one).
     - ``estimate_rate``: EWMA rate of the running estimates (prompt and output lengths).
+    - ``is_single_minibatch_allowed``: the split may put every sequence in one mini-batch
+      when the model predicts that faster; False keeps two (the Executor's pipeline switch).
     - ``rebalance_threshold``: re-split the mini-batches when a fresh split predicts a
       step at least this fraction faster than the current one.
     """
@@ -35,6 +37,7 @@ class SchedulerConfig:
     max_total_context: int | None = None
     estimate_rate: float = 0.05
     rebalance_threshold: float = 0.02
+    is_single_minibatch_allowed: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:

@@ -211,7 +211,8 @@ class Scheduler:
         running = list(self._table.running())
         items = [SplitItem(r.seq_id, r.node_id, r.context_len, r.minibatch) for r in running]
         step_model = StepTimeModel(self._nodes, self.step_model.num_layers, self.step_model.dense_step_s)
-        assignment, step_s = split_minibatches(items, step_model, self.config.rebalance_threshold)
+        assignment, step_s = split_minibatches(items, step_model, self.config.rebalance_threshold,
+                                               is_single_allowed=self.config.is_single_minibatch_allowed)
         halves: tuple[list[int], list[int]] = ([], [])
         for record in running:
             record.minibatch = assignment[record.seq_id]

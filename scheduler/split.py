@@ -104,12 +104,24 @@ def fresh_split(items: Sequence[SplitItem]) -> dict[int, int]:
 
 
 def split_minibatches(
-    items: Sequence[SplitItem], model: StepTimeModel, rebalance_threshold: float
+    items: Sequence[SplitItem], model: StepTimeModel, rebalance_threshold: float, *,
+    is_single_allowed: bool = True,
 ) -> tuple[dict[int, int], float]:
     """Assign every item to mini-batch 0 or 1: keep the current split, place newcomers, re-split if worth it.
 
-    Returns the assignment (seq_id -> 0 or 1) and its predicted step time.
+    Returns the assignment (seq_id -> 0 or 1) and its predicted step time. With
+    ``is_single_allowed`` False (the pipeline is asked for), two or more items always
+    fill both mini-batches.
     """
+    assignment, step_s = _split(items, model, rebalance_threshold, is_single_allowed)
+    if not is_single_allowed and len(items) > 1 and len(set(assignment.values())) < 2:
+        assignment = fresh_split(items)
+        step_s = model.step_s(items, assignment)
+    return assignment, step_s
+
+
+def _split(items: Sequence[SplitItem], model: StepTimeModel, rebalance_threshold: float,
+           is_single_allowed: bool) -> tuple[dict[int, int], float]:
     assignment = {it.seq_id: it.minibatch for it in items if it.minibatch in (0, 1)}
     newcomers = [it for it in items if it.seq_id not in assignment]
     kept = [it for it in items if it.seq_id in assignment]
@@ -129,9 +141,12 @@ def split_minibatches(
         contexts[best_half][item.node_id] = contexts[best_half].get(item.node_id, 0) + item.context_len
     current_s = model.num_layers * model.cycle_s(counts, contexts)
     even_s, single_s = _reference_step_s(items, model)
-    if current_s <= min(even_s, single_s) * (1.0 + rebalance_threshold):
+    best_reference_s = min(even_s, single_s) if is_single_allowed else even_s
+    if current_s <= best_reference_s * (1.0 + rebalance_threshold):
         return assignment, current_s  # already about as good as it gets
-    candidates = [fresh_split(items), {it.seq_id: 0 for it in items}]
+    candidates = [fresh_split(items)]
+    if is_single_allowed:
+        candidates.append({it.seq_id: 0 for it in items})
     best_s, best = min((model.step_s(items, c), index) for index, c in enumerate(candidates))
     if best_s <= current_s * (1.0 - rebalance_threshold):
         return candidates[best], best_s

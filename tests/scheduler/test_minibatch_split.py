@@ -97,3 +97,16 @@ def test_split_rebalances_when_worth_it():
         [SplitItem(it.seq_id, it.node_id, it.context_len, assignment[it.seq_id]) for it in items], model, 0.02
     )
     assert kept == assignment
+
+
+def test_pipeline_forbids_the_single_minibatch_the_model_would_pick():
+    """A weight-bound GPU and short contexts: the model prefers one mini-batch; with the
+    pipeline asked for (is_single_allowed False) both mini-batches are filled, each node split."""
+    model = StepTimeModel(nodes_of([1.0, 1.0], unit=1e13), LAYERS, gpu().predict)
+    items = [SplitItem(i, i % 2, 16) for i in range(8)]
+    chosen, _ = split_minibatches(items, model, 0.02)
+    assert set(chosen.values()) == {0}  # the model's own choice: read the weights once
+    forced, step_s = split_minibatches(items, model, 0.02, is_single_allowed=False)
+    counts, context = halves(items, forced)
+    assert counts == [4, 4] and context[0] == context[1]
+    assert step_s == pytest.approx(model.step_s(items, forced))
