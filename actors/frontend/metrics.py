@@ -6,6 +6,7 @@ running sequences, KV bytes per node, step time) are read at scrape time.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -16,6 +17,8 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
 
 
 class FrontendMetrics:
@@ -83,8 +86,11 @@ class FrontendMetrics:
             self.sequences_recovered.inc(executor.num_recovered - self._num_recovered_seen)
             self._num_recovered_seen = executor.num_recovered
             nodes = executor.live_nodes  # a failed node answers nothing; its gauges keep their last value
-            stats = await asyncio.gather(*(node.stats() for node in nodes))
+            stats = await asyncio.gather(*(node.stats() for node in nodes), return_exceptions=True)
             for node, node_stats in zip(nodes, stats):
+                if isinstance(node_stats, Exception):  # it failed mid-scrape: keep its last values
+                    log.warning("metrics: no stats from KV node %s: %s", node.node_id, node_stats)
+                    continue
                 self.kv_used_bytes.labels(node=node.node_id).set(node_stats.used_bytes)
                 self.kv_capacity_bytes.labels(node=node.node_id).set(node_stats.capacity_bytes)
         return generate_latest(self.registry)

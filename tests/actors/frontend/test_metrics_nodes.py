@@ -1,0 +1,29 @@
+"""A KV node that fails while /metrics is scraped costs its own gauges, not the scrape."""
+from types import SimpleNamespace
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastdecode.actors.frontend.metrics import FrontendMetrics
+from fastdecode.actors.kv_nodes import NodeStats
+
+
+class Node:
+    def __init__(self, node_id, used, fails=False):
+        self.node_id, self.used, self.fails = node_id, used, fails
+
+    async def stats(self):
+        if self.fails:
+            raise ConnectionError("peer dead")
+        return NodeStats(capacity_bytes=1000, used_bytes=self.used, page_size=16, num_total_pages=10,
+                         num_sequences=1, attn_gbps=None)
+
+
+async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
+    executor = SimpleNamespace(num_waiting=2, num_running=3, last_step_s=0.01, num_steps=7, num_recovered=0,
+                               live_nodes=[Node("a", 100), Node("b", 200, fails=True)])
+    text = (await FrontendMetrics().render(SimpleNamespace(executor=executor))).decode()
+    samples = {(s.name, s.labels.get("node")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("fastdecode_kv_used_bytes", "a")] == 100
+    assert ("fastdecode_kv_used_bytes", "b") not in samples
+    assert samples[("fastdecode_num_requests_running", None)] == 3
