@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import signal
+from collections.abc import Iterator
 from typing import Any, Coroutine
 
 
@@ -23,3 +26,16 @@ def run_event_loop(main: Coroutine[Any, Any, Any], *, use_uvloop: bool = True) -
     """Run ``main`` to completion on a fresh event loop (uvloop when asked for and installed)."""
     with asyncio.Runner(loop_factory=lambda: new_event_loop(use_uvloop=use_uvloop)) as runner:
         return runner.run(main)
+
+
+@contextlib.contextmanager
+def stop_signals(stop: asyncio.Event, hurry: asyncio.Event) -> Iterator[None]:
+    """While inside: the first SIGTERM/SIGINT sets ``stop`` (drain), the next sets ``hurry`` (stop draining)."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: (hurry if stop.is_set() else stop).set())
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

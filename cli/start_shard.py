@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 import click
@@ -57,16 +56,22 @@ DRAIN_IDLE_S = 2.0  # draining with no request for this long: no Executor is mov
 
 
 async def _serve(listen: str, config, *, curve_dir: str | None, drain_timeout_s: float) -> None:  # noqa: ANN001
+    from fastdecode.actors.loop import stop_signals
+
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    with stop_signals(stop, hurry):
+        await _serve_until_stopped(listen, config, curve_dir, drain_timeout_s, stop, hurry)
+
+
+async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain_timeout_s: float,  # noqa: ANN001
+                               stop: asyncio.Event, hurry: asyncio.Event) -> None:
     from fastdecode.actors.kvshard import KVShard
     from fastdecode.actors.runtime import ActorServer
     from fastdecode.actors.shard_drain import DrainableShard
     from fastdecode.transport.security import ServerKeys, server_context
     from fastdecode.transport.shard_messages import SHARD_CHANNEL
 
-    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: (hurry if stop.is_set() else stop).set())
     security = server_context(ServerKeys.load(curve_dir)) if curve_dir else None
     actor = DrainableShard(KVShard(config))
     server = ActorServer(actor, SHARD_CHANNEL, listen, ctx=security.ctx if security else None, name="kvshard")
@@ -99,7 +104,7 @@ async def _serve(listen: str, config, *, curve_dir: str | None, drain_timeout_s:
 @click.option("--page-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Tokens per KV page.")
 @click.option("--cpu-list", default=None, callback=_cpu_list_option, help="Pin the threads to these CPUs: 0-7,16-23.")
-@click.option("--isa", type=click.Choice(["generic", "avx2", "avx512"]), default=None,
+@click.option("--isa", type=click.Choice(["generic", "avx2", "avx512", "avx512_bf16"]), default=None,
               help="Attention kernel (default: the best this CPU has).")
 @click.option("--no-calibrate", is_flag=True, help="Skip the short attention benchmark at configure time.")
 @click.option("--slowdown-s-per-gb", type=click.FloatRange(0.0, 1e3), default=0.0, show_default=True,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.frontend.app import build_app
 from fastdecode.actors.frontend.state import FrontendConfig, FrontendState
+from fastdecode.actors.loop import stop_signals
 
 log = logging.getLogger("fastdecode.frontend")
 
@@ -50,9 +50,12 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
     """Serve until SIGTERM/SIGINT or ``stop`` is set; ``on_ready(url)`` runs once requests can be served."""
     stop = stop or asyncio.Event()
     hurry = asyncio.Event()  # a second signal: stop draining
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: (hurry if stop.is_set() else stop).set())
+    with stop_signals(stop, hurry):
+        await _serve(config, on_ready, stop, hurry)
+
+
+async def _serve(config: ServeConfig, on_ready: Callable[[str], None] | None, stop: asyncio.Event,
+                 hurry: asyncio.Event) -> None:
     state = FrontendState(config.frontend)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -79,8 +82,6 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[str], None] | None =
             await llm.stop()
     finally:
         await runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
 
 
 async def _drain(state: FrontendState, llm: AsyncLLM, timeout_s: float, hurry: asyncio.Event) -> None:
