@@ -24,9 +24,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from typing import AsyncIterator, Callable
 
@@ -37,6 +34,7 @@ from fastdecode.actors.kv_nodes import ShardKVNode
 from fastdecode.actors.kvshard import KVShard, ShardConfig
 from fastdecode.actors.loop import run_event_loop
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
+from fastdecode.actors.shard_daemons import start_shard_daemon, stop_shard_daemons, wait_ready
 from fastdecode.actors.tensor_io import from_numpy, to_numpy
 from fastdecode.transport.codec import Codec
 from fastdecode.transport.shard_messages import (
@@ -124,12 +122,6 @@ def stage_costs(num_rows: int, context: int, repeats: int) -> dict[str, float]:
     return {name: round(value, 1) for name, value in costs.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def _shards(setup: str, kv_memory_bytes: int) -> AsyncIterator[list[ShardKVNode]]:
     """The set-up's shards as configured KV nodes; everything is stopped on exit."""
@@ -145,16 +137,11 @@ async def _shards(setup: str, kv_memory_bytes: int) -> AsyncIterator[list[ShardK
                 nodes.append(ShardKVNode(await ShardClient.connect(address)))
         else:
             for _ in range(num_shards):
-                address = f"tcp://127.0.0.1:{_free_port()}"
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "fastdecode.cli.main", "start-shard", "--listen", address, "--threads",
-                     "1", "--kv-memory", str(kv_memory_bytes), "--no-calibrate", "--log-level", "warning"],
-                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-                procs.append(proc)
-                line = await asyncio.to_thread(proc.stderr.readline)
-                if not line.startswith("ready "):
-                    raise RuntimeError(f"shard daemon did not start: {line!r}")
-                nodes.append(ShardKVNode(await ShardClient.connect(line.split()[1])))
+                daemon = start_shard_daemon(threads=1, kv_memory=str(kv_memory_bytes),
+                                            extra_args=("--no-calibrate", "--log-level", "warning"))
+                procs.append(daemon)
+                address = await asyncio.to_thread(wait_ready, daemon)
+                nodes.append(ShardKVNode(await ShardClient.connect(address)))
         for node in nodes:
             await node.client.configure(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                                         kv_dtype="bfloat16")
@@ -164,13 +151,7 @@ async def _shards(setup: str, kv_memory_bytes: int) -> AsyncIterator[list[ShardK
             await node.close()
         for handle in handles:
             await handle.stop()
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_shard_daemons(procs, timeout_s=10)
 
 
 async def fanout(setup: str, num_rows: int, context: int, repeats: int) -> dict:

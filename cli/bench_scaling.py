@@ -15,64 +15,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import click
 
+from fastdecode.actors.shard_daemons import ShardDaemonError, shard_daemons
 from fastdecode.cli.bench_plot import parse_int_list
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 
 
-class ShardProcesses:
-    """N ``fdctl start-shard`` daemons; their stderr goes to files (an unread pipe would stall them)."""
-
-    def __init__(self, count: int, threads: int, kv_memory: str, *, start_timeout_s: float = 120.0) -> None:
-        cpus = sorted(os.sched_getaffinity(0))
-        self.is_pinned = count * threads <= len(cpus)
-        self.cpu_list = cpus[:count * threads] if self.is_pinned else None
-        self.procs: list[tuple[subprocess.Popen, tempfile._TemporaryFileWrapper]] = []
-        self.addresses: list[str] = []
-        self.start_timeout_s = start_timeout_s
-        for index in range(count):
-            args = [sys.executable, "-m", "fastdecode.cli.main", "start-shard", "--listen", "tcp://127.0.0.1:0",
-                    "--threads", str(threads), "--kv-memory", kv_memory, "--log-level", "warning"]
-            if self.is_pinned:
-                own = cpus[index * threads:(index + 1) * threads]
-                args += ["--cpu-list", ",".join(map(str, own))]
-            log = tempfile.NamedTemporaryFile("w+", prefix="fdctl-shard-", suffix=".log", delete=False)
-            self.procs.append((subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=log), log))
-
-    async def wait_ready(self) -> list[str]:
-        deadline = time.monotonic() + self.start_timeout_s
-        for proc, log in self.procs:
-            while True:
-                text = Path(log.name).read_text(errors="replace")
-                ready = [line for line in text.splitlines() if line.startswith("ready ")]
-                if ready:
-                    self.addresses.append(ready[0].split()[1])
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise OneLineError(f"shard daemon did not start (exit {proc.poll()}): {text[-500:]}")
-                await asyncio.sleep(0.05)
-        return self.addresses
-
-    def stop(self) -> None:
-        for proc, log in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, log in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-            os.unlink(log.name)
+def shard_cpu_lists(count: int, threads: int) -> list[list[int]] | None:
+    """Disjoint cores for each daemon when the host has ``count x threads`` of them, else None (unpinned)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if count * threads > len(cpus):
+        return None
+    return [cpus[i * threads:(i + 1) * threads] for i in range(count)]
 
 
 def attention_figures(result: dict, num_shards: int) -> dict:
@@ -95,18 +52,20 @@ async def run_scaling(options: dict) -> dict:
     rows = []
     for count in options["shard_counts"]:
         print(f"bench scaling: {count} shard process(es)", file=sys.stderr)
-        shards = ShardProcesses(count, options["threads_per_shard"], options["kv_memory"])
+        cpu_lists = shard_cpu_lists(count, options["threads_per_shard"])
         try:
-            addresses = await shards.wait_ready()
-            result = await run_offline({**options, "mode": "shards", "shards": 0, "shard": tuple(addresses),
-                                        "kv_memory": None, "gpu_kv_memory": None})
-        finally:
-            shards.stop()
+            with shard_daemons(count, threads=options["threads_per_shard"], kv_memory=options["kv_memory"],
+                               cpu_lists=cpu_lists, extra_args=("--log-level", "warning")) as daemons:
+                result = await run_offline({**options, "mode": "shards", "shards": 0,
+                                            "shard": tuple(d.address for d in daemons),
+                                            "kv_memory": None, "gpu_kv_memory": None})
+        except ShardDaemonError as exc:
+            raise OneLineError(str(exc)) from None
         threads = count * options["threads_per_shard"]
         read_gbps = await asyncio.to_thread(read_bandwidth_gbps, options["read_bytes"], num_threads=threads,
-                                            cpu_list=shards.cpu_list)
+                                            cpu_list=[c for cpus in cpu_lists for c in cpus] if cpu_lists else None)
         figures = attention_figures(result, count)
-        rows.append({"shards": count, "threads": threads, "is_pinned": shards.is_pinned,
+        rows.append({"shards": count, "threads": threads, "is_pinned": cpu_lists is not None,
                      "tokens_per_s": result["tokens_per_s"], "step_ms": result["step_ms"], **figures,
                      "read_gbps": read_gbps,
                      "efficiency": figures["attention_gbps"] / read_gbps if figures["attention_gbps"] else None,

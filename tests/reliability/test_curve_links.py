@@ -6,8 +6,8 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-from daemons import shard_daemons
 from fastdecode.actors.shard_client import ShardClient
+from fastdecode.actors.shard_daemons import shard_daemons
 from fastdecode.cli.main import main
 from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import Codec
@@ -25,7 +25,8 @@ async def test_unlisted_key_is_refused_and_logged_listed_key_works(tmp_path):
     stranger_ctx = client_context(ClientKeys(stranger_public, stranger_secret, ServerKeys.load(tmp_path).public))
     good_ctx = client_context(ClientKeys.load(tmp_path))
     try:
-        with shard_daemons(1, extra_args=("--no-calibrate", "--curve-dir", str(tmp_path))) as [(proc, address)]:
+        with shard_daemons(1, extra_args=("--no-calibrate", "--curve-dir", str(tmp_path))) as [daemon]:
+            address = daemon.address
             stranger = RpcClient(address, Codec(SHARD_CHANNEL), ctx=stranger_ctx, timeout_s=1.0,
                                  heartbeat_interval_s=0.2)
             stranger.start()
@@ -47,7 +48,7 @@ async def test_unlisted_key_is_refused_and_logged_listed_key_works(tmp_path):
                 await client.free([7])
             finally:
                 await client.close()
-        log = proc.stderr.read()
+            log = daemon.log_text()
         assert f"refused a CURVE client with unlisted key {stranger_public.decode()}" in log
         refused = [line for line in log.splitlines() if "refused a CURVE client" in line]
         assert refused and all(line.endswith(stranger_public.decode()) for line in refused)  # only the stranger

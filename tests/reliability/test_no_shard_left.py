@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
 import subprocess
 import time
@@ -13,16 +12,15 @@ import urllib.request
 
 import pytest
 
-from daemons import FDCTL, free_port, wait_ready
+from daemons import free_port
+from fastdecode.actors.shard_daemons import start_shard_daemon, wait_ready
 from serve_helpers import TINY_ARGS, LiveServer
 
 
 def start_shard(address: str) -> subprocess.Popen:
-    proc = subprocess.Popen([*FDCTL, "start-shard", "--listen", address, "--threads", "1", "--kv-memory", "32MiB",
-                             "--no-calibrate"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_ready(proc)
-    return proc
+    daemon = start_shard_daemon(threads=1, kv_memory="32MiB", listen=address, extra_args=("--no-calibrate",))
+    wait_ready(daemon)
+    return daemon.proc
 
 
 def request(url: str, path: str, body: dict | None = None) -> tuple[int, dict]:

@@ -15,7 +15,9 @@ import tempfile
 
 import pytest
 
-from daemons import FDCTL, shard_daemons, wait_ready
+from daemons import shard_daemons
+from fastdecode.actors.shard_daemons import shard_daemons as started_daemons
+from fastdecode.actors.shard_daemons import start_shard_daemon, stop_shard_daemons, wait_ready
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.request import SamplingParams
@@ -109,7 +111,7 @@ def shards_in_namespaces(count: int, curve_dir: str):
     """``count`` shard daemons, each in its own network namespace behind a veth pair:
     yields [(process, address, host-side link name)]."""
     tag = os.getpid() % 10000
-    made, procs = [], []
+    made, started = [], []
 
     def ip(*args, ns=None):
         prefix = ["ip", "netns", "exec", ns] if ns else []
@@ -128,18 +130,16 @@ def shards_in_namespaces(count: int, curve_dir: str):
             ip("addr", "add", f"{subnet}.2/24", "dev", ns_link, ns=ns)
             ip("link", "set", ns_link, "up", ns=ns)
             ip("link", "set", "lo", "up", ns=ns)
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, *FDCTL, "start-shard", "--listen", f"tcp://{subnet}.2:5555",
-                 "--threads", "1", "--kv-memory", "32MiB", "--no-calibrate", "--curve-dir", curve_dir],
-                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            procs.append(proc)
-            daemons.append((proc, wait_ready(proc), host_link))
+            daemon = start_shard_daemon(threads=1, kv_memory="32MiB", listen=f"tcp://{subnet}.2:5555",
+                                        extra_args=("--no-calibrate", "--curve-dir", curve_dir),
+                                        command_prefix=("ip", "netns", "exec", ns))
+            started.append(daemon)
+            daemons.append((daemon.proc, wait_ready(daemon), host_link))
         yield daemons
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        for daemon in started:
+            daemon.proc.kill()
+        stop_shard_daemons(started)
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes its veth pair along
 
@@ -168,17 +168,17 @@ async def test_cut_link_to_a_shard_in_its_own_namespace_loses_no_token(tiny_mode
 @pytest.mark.slow
 async def test_sigterm_on_a_shard_moves_its_sequences_away_then_it_exits_0(tiny_model, failover_references):
     model, _ = tiny_model
-    with shard_daemons(3, kv_memory="32MiB", extra_args=("--no-calibrate",)) as daemons:
-        config = ClusterConfig(**TINY, shard_addresses=tuple(a for _, a in daemons), **HEARTBEATS)
+    with started_daemons(3, kv_memory="32MiB", extra_args=("--no-calibrate",)) as daemons:
+        config = ClusterConfig(**TINY, shard_addresses=tuple(d.address for d in daemons), **HEARTBEATS)
         drained: list[int] = []
 
         def drain(i):
             drained.append(i)
-            daemons[i][0].send_signal(signal.SIGTERM)
+            daemons[i].proc.send_signal(signal.SIGTERM)
 
         tokens, num_recovered, metrics = await run_with_a_lost_shard(config, model, drain)
-        proc = daemons[drained[0]][0]
-        assert proc.wait(timeout=30) == 0
-        log = proc.stderr.read()
+        daemon = daemons[drained[0]]
+        assert daemon.proc.wait(timeout=30) == 0
+        log = daemon.log_text()
         assert "draining:" in log and "not moved away" not in log, log
     check(tokens, failover_references, make_requests(model), num_recovered, metrics, "SIGTERM drain")
