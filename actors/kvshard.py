@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from fastdecode.actors.runtime import ActorError
-from fastdecode.native.lib import ISA_NAMES, KVPool, NativeError
+from fastdecode.native.lib import ISA_NAMES, KVPool, NativeError, Status
 from fastdecode.transport.shard_messages import (
     Allocate,
     AppendPrompt,
@@ -45,7 +45,9 @@ UNKNOWN_SEQUENCE = "unknown_sequence"
 ALREADY_EXISTS = "already_exists"
 POOL_FULL = "pool_full"
 OUT_OF_MEMORY = "out_of_memory"
-_NATIVE_CODES = {1: BAD_REQUEST, 2: OUT_OF_MEMORY, 3: ALREADY_EXISTS, 4: UNKNOWN_SEQUENCE, 5: POOL_FULL}
+_NATIVE_CODES = {Status.INVALID_ARGUMENT: BAD_REQUEST, Status.OUT_OF_MEMORY: OUT_OF_MEMORY,
+                 Status.ALREADY_EXISTS: ALREADY_EXISTS, Status.NOT_FOUND: UNKNOWN_SEQUENCE,
+                 Status.POOL_FULL: POOL_FULL}
 
 GBPS_SMOOTHING = 0.1  # weight of the newest attend call in the moving bandwidth
 CALIBRATION_SEQ_ID = 1 << 62  # calibration sequences live only while the pool is otherwise empty

@@ -10,6 +10,7 @@ a sequence of T tokens on every layer takes ``pages(T) * page_size * bytes_per_t
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import threading
 from pathlib import Path
@@ -24,16 +25,31 @@ DEFAULT_CHUNK_TOKENS = 512
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
 _KV_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
-_STATUS_NAMES = {1: "invalid argument", 2: "out of memory", 3: "already exists", 4: "not found",
-                 5: "pool full", 6: "internal error"}
-STATUS_FULL = 5
+
+
+class Status(enum.IntEnum):
+    """The C ABI's non-zero status codes (fdnative.h)."""
+
+    INVALID_ARGUMENT = 1
+    OUT_OF_MEMORY = 2
+    ALREADY_EXISTS = 3
+    NOT_FOUND = 4
+    POOL_FULL = 5
+    INTERNAL_ERROR = 6
+
+
+STATUS_FULL = Status.POOL_FULL
 
 
 class NativeError(RuntimeError):
     """A non-zero status from the native library; ``status`` holds the code."""
 
     def __init__(self, status: int, message: str):
-        super().__init__(f"{message} [{_STATUS_NAMES.get(status, 'status')} {status}]")
+        try:
+            name = Status(status).name.lower().replace("_", " ")
+        except ValueError:  # a code this binding does not know (a newer library)
+            name = "status"
+        super().__init__(f"{message} [{name} {status}]")
         self.status = status
 
 
