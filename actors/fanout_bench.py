@@ -32,7 +32,7 @@ import torch
 
 from fastdecode.actors.kv_nodes import ShardKVNode
 from fastdecode.actors.kvshard import KVShard, ShardConfig
-from fastdecode.actors.loop import run_event_loop
+from fastdecode.transport.event_loop import run_event_loop
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.shard_daemons import start_shard_daemon, stop_shard_daemons, wait_ready
 from fastdecode.actors.tensor_io import from_numpy, to_numpy

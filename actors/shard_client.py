@@ -20,7 +20,7 @@ import numpy as np
 import zmq.asyncio
 
 from fastdecode.actors.kvshard import KVShard, ShardConfig
-from fastdecode.actors.loop import new_event_loop
+from fastdecode.transport.event_loop import new_event_loop
 from fastdecode.actors.runtime import ActorServer
 from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec

@@ -82,7 +82,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
 def run_server(config) -> None:
     """Serve until SIGTERM/SIGINT; start-up failures become one line and exit code 2."""
     from fastdecode.actors.frontend import serve
-    from fastdecode.actors.loop import run_event_loop
+    from fastdecode.transport.event_loop import run_event_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

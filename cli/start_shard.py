@@ -126,7 +126,7 @@ def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int
     if not listen.startswith(("tcp://", "ipc://")):
         raise click.BadParameter("must start with tcp:// or ipc://", param_hint="--listen")
     from fastdecode.actors.kvshard import ShardConfig
-    from fastdecode.actors.loop import run_event_loop
+    from fastdecode.transport.event_loop import run_event_loop
     from fastdecode.transport.sockets import is_loopback_address
 
     try:

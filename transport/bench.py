@@ -30,21 +30,12 @@ import zmq.asyncio
 
 from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import Codec
+from fastdecode.transport.event_loop import run_event_loop
 from fastdecode.transport.server import RpcServer
 from fastdecode.transport.shard_messages import SHARD_CHANNEL, Attend, AttendResult
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _run_loop(main) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
 
 
 # ------------------------------------------------------------------ servers (child processes)
@@ -223,9 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         mode, address = args.serve
         if mode == "ours":
-            _run_loop(_serve_ours(address))
+            run_event_loop(_serve_ours(address))
         elif mode == "raw_asyncio":
-            _run_loop(_serve_raw_asyncio(address))
+            run_event_loop(_serve_raw_asyncio(address))
         else:
             _serve_raw(address)
         return
@@ -236,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     async def run() -> None:
         result.update(await _bench_all(args))
 
-    _run_loop(run())
+    run_event_loop(run())
     if args.json:
         print(json.dumps(result, indent=2))
     else:
