@@ -208,8 +208,7 @@ class Cluster:
 
 def max_len(config: ClusterConfig, model) -> int:
     """The longest sequence the Executor admits (a GPU KV slot's length)."""
-    context = model.config.max_position_embeddings
-    return min(config.executor.max_model_len or context, context)
+    return config.executor.max_len_for(model.config.max_position_embeddings)
 
 
 def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:

@@ -73,6 +73,10 @@ class ExecutorConfig:
     def max_num_seqs(self) -> int:
         return self.scheduler.max_num_seqs
 
+    def max_len_for(self, context: int) -> int:
+        """The longest sequence admitted for a model of ``context`` positions."""
+        return min(self.max_model_len or context, context)
+
 
 class QueueFullError(RequestError):
     """More requests waiting than ``max_queue`` allows."""
@@ -108,8 +112,7 @@ class Executor:
         self.model = model
         self.nodes: list[GuardedNode] = [GuardedNode(node, epoch=1) for node in nodes]
         self.config = config
-        context = model.config.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or context, context)
+        self.max_model_len = config.max_len_for(model.config.max_position_embeddings)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.kv_bytes_per_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
         self.trace = trace
