@@ -6,6 +6,7 @@ appended to a list. ``write`` dumps JSON that ``fdctl trace-plot`` renders.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +60,38 @@ class StepTrace:
             "node_busy_s": busy,
             "overlap": (gpu + node_max) / (2 * wall) if wall > 0 else None,
         }
+
+    def layer_breakdown(self) -> dict[str, float]:
+        """Median milliseconds of one mini-batch's layer cycle on the shard path, from the intervals.
+
+        Per (step, mini-batch) the intervals alternate: dense work on the GPU lane, then one attend per
+        node. ``dense_ms``: a dense call; ``to_nodes_ms``: dense end to the first attend's start (the
+        host copy and the hops); ``attend_ms``: first attend start to last attend end (what the nodes
+        and the wire take); ``back_ms``: last attend end to the next dense start (joining, the upload
+        and waiting for the dense thread). Empty when the trace has no attend intervals (one-call steps).
+        """
+        cycles: dict[str, list[float]] = {"dense_ms": [], "to_nodes_ms": [], "attend_ms": [], "back_ms": []}
+        by_minibatch: dict[tuple[int, int], list[tuple[float, float, str]]] = {}
+        for step, minibatch, lane, kind, start, end in self.intervals:
+            by_minibatch.setdefault((step, minibatch), []).append((start, end, lane))
+        for events in by_minibatch.values():
+            events.sort()
+            dense_end: float | None = None
+            attends: list[tuple[float, float]] = []
+            for start, end, lane in events:
+                if lane != "gpu":
+                    attends.append((start, end))
+                    continue
+                if dense_end is not None and attends:
+                    first, last = min(a for a, _ in attends), max(b for _, b in attends)
+                    cycles["to_nodes_ms"].append(first - dense_end)
+                    cycles["attend_ms"].append(last - first)
+                    cycles["back_ms"].append(start - last)
+                cycles["dense_ms"].append(end - start)
+                dense_end, attends = end, []
+        if not cycles["attend_ms"]:
+            return {}
+        return {name: 1e3 * statistics.median(values) for name, values in cycles.items()}
 
     def to_json(self) -> dict:
         return {

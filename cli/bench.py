@@ -105,10 +105,14 @@ async def run_offline(options: dict) -> dict:
             "node_busy_fraction": {k: v / summary["wall_s"] for k, v in summary["node_busy_s"].items()}
             if summary["wall_s"] else {},
             "overlap": summary["overlap"],
+            "layer_breakdown_ms": trace.layer_breakdown(),
             "trace_wall_s": summary["wall_s"], "node_busy_s": summary["node_busy_s"],
             "num_step_tokens": sum(n for *_, n in trace.steps),
             "kv_bytes_per_token": cluster.model.config.kv_bytes_per_token(cluster.model.dtype.itemsize),
         }
+        node_stats = [await node.stats() for node in cluster.executor.nodes]
+        result["node_attn_gbps"] = {node.node_id: stats.attn_gbps
+                                    for node, stats in zip(cluster.executor.nodes, node_stats)}
         if predicted and step_s:
             result["predicted_step_ms"] = statistics.median(predicted) * 1e3
             result["prediction_error"] = result["predicted_step_ms"] / result["step_ms"] - 1
