@@ -1,15 +1,19 @@
 """One decode step of a set of mini-batches: dense work on the Executor, attention on KV nodes.
 
+The whole step runs on the DenseRunner's thread, with no event-loop hop inside it.
 Per layer and mini-batch: the dense part yields q, k, v for every row; rows are
-ordered by node, so each node's share is one contiguous slice and goes out as one
-attend message; the outputs come back and the dense part goes on. Mini-batches run
-as concurrent coroutines: while one awaits its attention, the other's dense work
-runs on the DenseRunner's thread. With the pipeline off, the whole batch is one
-mini-batch and GPU and shards strictly alternate.
+ordered by node, so each node's share is one contiguous slice; the rows bound for
+CPU shards are copied to the host once and each shard's slice goes out as one
+Attend over the dense thread's own link to that shard (actors/shard_link.py);
+nodes on the Executor's device attend right away. The mini-batches take turns
+layer by layer: while mini-batch A's attention is on the shards, B's outputs are
+collected, its next dense segment runs and its next attends go out, then back to
+A. With the pipeline off, the whole batch is one mini-batch and GPU and shards
+strictly alternate. A step whose rows all live on the Executor's device runs as
+one call (one CUDA graph replay where graphs were made).
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -44,6 +48,16 @@ class MiniBatch:
         return cls(index, seqs, np.array([s.seq_id for s in seqs], dtype=np.int64), slices, tokens)
 
 
+class _Call:
+    """One node's attend in flight: ``ended`` is when its reply was first seen waiting."""
+
+    __slots__ = ("node_index", "start_row", "pending", "begun", "ended")
+
+    def __init__(self, node_index: int, start_row: int, pending: object, begun: float) -> None:
+        self.node_index, self.start_row, self.pending, self.begun = node_index, start_row, pending, begun
+        self.ended: float | None = None
+
+
 class DecodeStep:
     """Runs decode steps of a model over a set of KV nodes."""
 
@@ -55,6 +69,7 @@ class DecodeStep:
         self.step_index = 0
         self.graphs = None  # a cuda_graphs.StepGraphs: whole steps on the GPU KV node, as CUDA graphs
         self._attend_times: list[tuple[int, int, float, float]] = []  # (node, context tokens, start, end)
+        self._in_flight: list[list[_Call]] = []  # each mini-batch's calls of the layered step running now
 
     def drain_attend_times(self) -> list[tuple[int, int, float, float]]:
         """Measured attend calls since the last drain: (node index, tokens of context read, start, end),
@@ -63,11 +78,14 @@ class DecodeStep:
         return times
 
     async def run(self, minibatches: list[MiniBatch], *, is_pipelined: bool) -> list[torch.Tensor]:
-        """Logits ``[rows, vocab]`` for each mini-batch, in order."""
+        """Logits ``[rows, vocab]`` for each mini-batch, in order. ``is_pipelined``: the mini-batches
+        take turns layer by layer (else each runs all its layers before the next starts)."""
         self.step_index += 1
-        if is_pipelined and len(minibatches) > 1:
-            return list(await asyncio.gather(*(self._run_minibatch(mb) for mb in minibatches)))
-        return [await self._run_minibatch(mb) for mb in minibatches]
+        if all(self.nodes[n].can_attend_now for mb in minibatches for n, _, _ in mb.node_slices):
+            return [await self._dense(mb, "step", self._whole_step, mb) for mb in minibatches]
+        if is_pipelined:
+            return await self.runner.run(self._layered_step, minibatches)
+        return [(await self.runner.run(self._layered_step, [mb]))[0] for mb in minibatches]
 
     async def _dense(self, mb: MiniBatch, kind: str, fn, *args):
         if self.trace is None:
@@ -77,51 +95,29 @@ class DecodeStep:
         self.trace.add(self.step_index, mb.index, "gpu", kind, start, self.trace.now())
         return result
 
-    async def _run_minibatch(self, mb: MiniBatch) -> torch.Tensor:
-        model = self.model
-        device = model.device
+    @staticmethod
+    def _inputs(mb: MiniBatch, device: torch.device) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         token_ids = [s.output_ids[-1] for s in mb.seqs]
-        position_ids = [s.num_tokens - 1 for s in mb.seqs]
-
-        def first(tokens, positions):
-            x = model.embed(tokens)
-            return (x, *model.pre_attention(0, x, positions))
-
-        def middle(layer, x, o, positions):
-            x = model.post_attention(layer, x, o)
-            return (x, *model.pre_attention(layer + 1, x, positions))
-
-        def last(layer, x, o):
-            return model.logits(model.post_attention(layer, x, o))
-
-        num_layers = model.num_layers
-        if all(self.nodes[n].can_attend_now for n, _, _ in mb.node_slices):
-            graphs = self.graphs if self._is_on_graph_node(mb) else None
-
-            def whole_step():  # every layer on the dense thread, no hops
-                if graphs is not None:  # one replay; None: the slots fit no bucket
-                    logits = graphs.run(mb.seq_ids, token_ids)
-                    if logits is not None:
-                        return logits
-                tokens = torch.tensor(token_ids, dtype=torch.long, device=device)
-                positions = torch.tensor(position_ids, dtype=torch.long, device=device)
-                x, q, k, v = first(tokens, positions)
-                for layer in range(num_layers):
-                    o = self._attend_now(mb, layer, q, k, v)
-                    if layer + 1 < num_layers:
-                        x, q, k, v = middle(layer, x, o, positions)
-                return last(num_layers - 1, x, o)
-
-            return await self._dense(mb, "step", whole_step)
-
         tokens = torch.tensor(token_ids, dtype=torch.long, device=device)
-        positions = torch.tensor(position_ids, dtype=torch.long, device=device)
-        x, q, k, v = await self._dense(mb, "qkv", first, tokens, positions)
-        for layer in range(num_layers):
-            o = await self._attend(mb, layer, q, k, v)
-            if layer + 1 < num_layers:
-                x, q, k, v = await self._dense(mb, "dense", middle, layer, x, o, positions)
-        return await self._dense(mb, "dense", last, num_layers - 1, x, o)
+        positions = torch.tensor([s.num_tokens - 1 for s in mb.seqs], dtype=torch.long, device=device)
+        return token_ids, tokens, positions
+
+    def _whole_step(self, mb: MiniBatch) -> torch.Tensor:
+        """Every layer of a mini-batch whose nodes all live on the Executor's device, in one call."""
+        model = self.model
+        token_ids, tokens, positions = self._inputs(mb, model.device)
+        if self._is_on_graph_node(mb):  # one replay; None: the slots fit no bucket
+            logits = self.graphs.run(mb.seq_ids, token_ids)
+            if logits is not None:
+                return logits
+        x = model.embed(tokens)
+        q, k, v = model.pre_attention(0, x, positions)
+        for layer in range(model.num_layers):
+            o = self._attend_now(mb, layer, q, k, v)
+            if layer + 1 < model.num_layers:
+                x = model.post_attention(layer, x, o)
+                q, k, v = model.pre_attention(layer + 1, x, positions)
+        return model.logits(model.post_attention(model.num_layers - 1, x, o))
 
     def _is_on_graph_node(self, mb: MiniBatch) -> bool:
         """Every row of ``mb`` is on the node the step graphs were made for."""
@@ -136,30 +132,94 @@ class DecodeStep:
                  for n, start, end in mb.node_slices]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    async def _attend(self, mb: MiniBatch, layer: int, q, k, v) -> torch.Tensor:
-        needs_host = any(self.nodes[n].is_host for n, _, _ in mb.node_slices)
-        host = await self.runner.to_host(q, k, v) if needs_host else None
-        parts = await asyncio.gather(
-            *(self._attend_node(mb, layer, n, start, end, q, k, v, host) for n, start, end in mb.node_slices)
-        )
-        if len(parts) == 1:
-            o = parts[0]
-        elif all(p.device == parts[0].device for p in parts):
-            o = torch.cat(parts)  # shards' outputs join on the host and go up in one copy below
-        else:
-            o = torch.cat([p.to(q.device) for p in parts])
-        return await self.runner.to_device(o) if o.device != q.device else o
+    # ---- the layered step, on the dense thread ---------------------------------------------------
+    def _layered_step(self, minibatches: list[MiniBatch]) -> list[torch.Tensor]:
+        model = self.model
+        num_layers = model.num_layers
+        inputs = [self._inputs(mb, model.device) for mb in minibatches]
+        xs: list[torch.Tensor] = []
+        pending: list[list[_Call]] = []
+        self._in_flight = pending
+        for mb, (_, tokens, positions) in zip(minibatches, inputs):
+            start = self._now()
+            x = model.embed(tokens)
+            xs.append(x)
+            pending.append(self._send(mb, 0, *model.pre_attention(0, x, positions), start))
+        logits: list[torch.Tensor] = [None] * len(minibatches)  # type: ignore[list-item]
+        for layer in range(num_layers):
+            for i, mb in enumerate(minibatches):
+                o = self._collect(mb, pending[i])
+                start = self._now()
+                xs[i] = model.post_attention(layer, xs[i], o)
+                if layer + 1 < num_layers:
+                    q, k, v = model.pre_attention(layer + 1, xs[i], inputs[i][2])
+                    pending[i] = self._send(mb, layer + 1, q, k, v, start)
+                else:
+                    logits[i] = model.logits(xs[i])
+                    self._trace_dense(mb, "dense", start)
+        return logits
 
-    async def _attend_node(self, mb, layer, node_index, start, end, q, k, v, host):
-        node = self.nodes[node_index]
-        if node.is_host:
-            q, k, v = host
-        rows = slice(start, end)
-        t0 = time.perf_counter()
-        o = await node.attend(layer, mb.seq_ids[rows], q[rows], k[rows], v[rows])
-        t1 = time.perf_counter()
-        self._attend_times.append((node_index, mb.slice_tokens[start], t0, t1))
+    def _now(self) -> float:
+        return self.trace.now() if self.trace is not None else 0.0
+
+    def _trace_dense(self, mb: MiniBatch, kind: str, start: float) -> None:
         if self.trace is not None:
-            origin = self.trace.origin_s
-            self.trace.add(self.step_index, mb.index, node.node_id, "attend", t0 - origin, t1 - origin)
-        return o
+            self.trace.add(self.step_index, mb.index, "gpu", kind, start, self.trace.now())
+
+    def _note_arrivals(self) -> None:
+        """Stamp the calls of every mini-batch whose replies are in: a node's time ends when its reply
+        is there, not when this thread gets round to it (the scheduler learns service times from it)."""
+        for calls in self._in_flight:
+            for call in calls:
+                if call.ended is None and self.nodes[call.node_index].is_attend_done(call.pending):
+                    call.ended = time.perf_counter()
+
+    def _send(self, mb: MiniBatch, layer: int, q, k, v, dense_start: float) -> list[_Call]:
+        """Start every node's attend for ``mb`` at ``layer``: shards first (their rows copied to the host
+        once, which waits for the dense work), then the nodes on the Executor's device."""
+        slices = mb.node_slices
+        on_host = [self.nodes[n].is_host for n, _, _ in slices]
+        host = self.runner.host_copies(q, k, v, while_waiting=self._note_arrivals) if any(on_host) else None
+        self._trace_dense(mb, "dense", dense_start)
+        calls: list[_Call] = []
+        for is_host in (True, False):
+            for (n, start, end), node_is_host in zip(slices, on_host):
+                if node_is_host is is_host:
+                    hq, hk, hv = host if is_host else (q, k, v)
+                    begun = time.perf_counter()
+                    pending = self.nodes[n].begin_attend(layer, mb.seq_ids[start:end], hq[start:end],
+                                                         hk[start:end], hv[start:end])
+                    calls.append(_Call(n, start, pending, begun))
+        calls.sort(key=lambda c: c.start_row)  # back to row order
+        return calls
+
+    def _collect(self, mb: MiniBatch, calls: list[_Call]) -> torch.Tensor:
+        """Wait for ``calls``; their outputs in row order, on the Executor's device."""
+        self._note_arrivals()
+        parts: list[torch.Tensor] = []
+        for call in calls:
+            node = self.nodes[call.node_index]
+            parts.append(node.end_attend(call.pending))
+            ended = call.ended if call.ended is not None else time.perf_counter()
+            self._attend_times.append((call.node_index, mb.slice_tokens[call.start_row], call.begun, ended))
+            if self.trace is not None:
+                origin = self.trace.origin_s
+                self.trace.add(self.step_index, mb.index, node.node_id, "attend", call.begun - origin,
+                               ended - origin)
+        device = self.model.device
+        on_host = [p.device != device for p in parts]
+        if any(on_host):  # the shards' rows join on the host and go up in one copy
+            joined = self._join_on_host([p for p, h in zip(parts, on_host) if h])
+            if all(on_host):
+                return joined
+            uploaded = iter(joined.split([p.shape[0] for p, h in zip(parts, on_host) if h]))
+            parts = [next(uploaded) if h else p for p, h in zip(parts, on_host)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _join_on_host(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if not self.runner.is_cuda:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        joined = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+        torch.cat(parts, out=joined)
+        return self.runner.upload(joined)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from typing import Callable, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+WAIT_POLL_S = 50e-6  # how often host_copies' caller looks at other work while the GPU finishes
 
 
 class DenseRunner:
@@ -49,6 +52,25 @@ class DenseRunner:
         hosts, done = await loop.run_in_executor(self._compute, self._start_copy, tensors)
         await loop.run_in_executor(self._waiter, done.synchronize)
         return hosts
+
+    def host_copies(self, *tensors: torch.Tensor,
+                    while_waiting: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
+        """On the compute thread: pinned host copies of device tensors, once they are there
+        (the tensors themselves on a CPU device). ``while_waiting`` is called every
+        ``WAIT_POLL_S`` until the copies are done."""
+        if not self.is_cuda:
+            return tensors
+        hosts, done = self._start_copy(tensors)
+        if while_waiting is not None:
+            while not done.query():
+                while_waiting()
+                time.sleep(WAIT_POLL_S)
+        done.synchronize()
+        return hosts
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        """On the compute thread: a device copy of a host tensor, ordered before later dense work."""
+        return self._upload(host) if self.is_cuda else host
 
     def _start_copy(self, tensors):
         ready = torch.cuda.Event()

@@ -154,6 +154,32 @@ class GuardedNode(KVNode):
         """A local node's attend on the caller's thread (local nodes do not fail over)."""
         return self.inner.attend_now(layer, seq_ids, q, k, v)
 
+    def begin_attend(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[object | None, torch.Tensor]:
+        """(the inner node's pending attend, or None once the node failed; q for the zeros of a failed one)."""
+        if self.is_alive:
+            try:
+                return self.inner.begin_attend(layer, seq_ids, q, k, v), q
+            except Exception as exc:
+                if self._failed(exc) is None:
+                    raise
+        return None, q
+
+    def end_attend(self, pending: tuple[object | None, torch.Tensor]) -> torch.Tensor:
+        """The node's output, or zeros once it failed (the Executor drops those rows)."""
+        inner_pending, q = pending
+        if inner_pending is not None and self.is_alive:
+            try:
+                return self.inner.end_attend(inner_pending)
+            except Exception as exc:
+                if self._failed(exc) is None:
+                    raise
+        return torch.zeros_like(q)
+
+    def is_attend_done(self, pending: tuple[object | None, torch.Tensor]) -> bool:
+        inner_pending, _ = pending
+        return inner_pending is None or not self.is_alive or self.inner.is_attend_done(inner_pending)
+
     async def free(self, seq_ids: list[int]) -> None:
         """Free on a live or draining node; raises NodeFailedError when the node is (or turns out) dead."""
         if self.state is NodeState.DEAD:

@@ -18,6 +18,7 @@ import torch
 
 from fastdecode.actors.model.attention import TorchKVCache
 from fastdecode.actors.tensor_io import from_numpy, to_numpy
+from fastdecode.transport.shard_messages import Attend, AttendResult
 
 if TYPE_CHECKING:
     from fastdecode.actors.shard_client import ShardClient
@@ -63,6 +64,22 @@ class KVNode(abc.ABC):
         device (``can_attend_now``): a step whose rows all live on such nodes runs every layer
         in one call on the dense thread."""
         raise NotImplementedError(f"{type(self).__name__} attends only through messages")
+
+    def begin_attend(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> object:
+        """Start ``attend`` from the dense thread (no event loop); ``end_attend`` takes what this returns.
+
+        The decode step sends every node its rows before it waits for any of them. A node on the
+        Executor's device (``can_attend_now``) attends right here."""
+        return self.attend_now(layer, seq_ids, q, k, v)
+
+    def end_attend(self, pending: object) -> torch.Tensor:
+        """The output of the attend that ``begin_attend`` started (waits for it)."""
+        return pending
+
+    def is_attend_done(self, pending: object) -> bool:
+        """True when ``end_attend(pending)`` would not wait (for timing: when the node was done)."""
+        return True
 
     @abc.abstractmethod
     async def stats(self) -> NodeStats: ...
@@ -145,6 +162,16 @@ class ShardKVNode(KVNode):
     async def attend(self, layer, seq_ids, q, k, v):
         o, _ = await self.client.attend(layer, seq_ids, to_numpy(q), to_numpy(k), to_numpy(v))
         return from_numpy(o)
+
+    def begin_attend(self, layer, seq_ids, q, k, v) -> int:
+        message = Attend(int(layer), np.asarray(seq_ids, dtype=np.int64), to_numpy(q), to_numpy(k), to_numpy(v))
+        return self.client.link.send(message)
+
+    def end_attend(self, pending: int) -> torch.Tensor:
+        return from_numpy(self.client.link.receive(pending, AttendResult).o)
+
+    def is_attend_done(self, pending: int) -> bool:
+        return self.client.link.has_reply()
 
     async def stats(self) -> NodeStats:
         s = await self.client.stats()

@@ -22,6 +22,7 @@ import zmq.asyncio
 from fastdecode.actors.kvshard import KVShard, ShardConfig
 from fastdecode.transport.event_loop import new_event_loop
 from fastdecode.actors.runtime import ActorServer
+from fastdecode.actors.shard_link import ShardLink
 from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec
 from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
@@ -44,8 +45,11 @@ MAX_APPEND_CHUNK_BYTES = 256 << 20  # a long prompt's K/V travels in chunks of a
 class ShardClient:
     """An async client of one KVShard.  Safe to use from many tasks of one event loop at once."""
 
-    def __init__(self, rpc: RpcClient) -> None:
+    def __init__(self, rpc: RpcClient, *, ctx: zmq.asyncio.Context, codec: Codec) -> None:
         self._rpc = rpc
+        self._ctx = ctx
+        self._codec = codec
+        self._link: ShardLink | None = None
 
     @classmethod
     async def connect(
@@ -59,9 +63,10 @@ class ShardClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> ShardClient:
         """Connect and wait for the shard to answer a ping (PeerDeadError if it does not within the window)."""
-        rpc = RpcClient(address, Codec(SHARD_CHANNEL, max_message_bytes=max_message_bytes), ctx=ctx,
-                        timeout_s=timeout_s, heartbeat_interval_s=heartbeat_interval_s, liveness=liveness,
-                        name=f"shard-client {address}")
+        ctx = ctx or zmq.asyncio.Context.instance()
+        codec = Codec(SHARD_CHANNEL, max_message_bytes=max_message_bytes)
+        rpc = RpcClient(address, codec, ctx=ctx, timeout_s=timeout_s, heartbeat_interval_s=heartbeat_interval_s,
+                        liveness=liveness, name=f"shard-client {address}")
         rpc.start()
         try:
             await rpc.ping(timeout_s=heartbeat_interval_s * (liveness + 1))
@@ -71,7 +76,7 @@ class ShardClient:
         except BaseException:
             await rpc.close()
             raise
-        return cls(rpc)
+        return cls(rpc, ctx=ctx, codec=codec)
 
     @property
     def address(self) -> str:
@@ -118,11 +123,21 @@ class ShardClient:
         result = await self._rpc.request(Attend(int(layer), ids, q, k, v, bool(want_lse)))
         return result.o, result.lse
 
+    @property
+    def link(self) -> ShardLink:
+        """The dense thread's blocking connection to this shard (made on first use; see shard_link)."""
+        if self._link is None:
+            self._link = ShardLink(self.address, self._codec, ctx=self._ctx, timeout_s=self._rpc.timeout_s,
+                                   is_alive=lambda: self._rpc.is_alive)
+        return self._link
+
     async def stats(self) -> ShardStats:
         return await self._rpc.request(GetStats())
 
     async def close(self) -> None:
         await self._rpc.close()
+        if self._link is not None:
+            self._link.close()
 
 
 class EmbeddedShard:

@@ -50,12 +50,19 @@ class KillableNode(KVNode):
         await self.inner.append_prompt(seq_id, k, v)
 
     async def attend(self, layer, seq_ids, q, k, v):
+        return self.end_attend(self.begin_attend(layer, seq_ids, q, k, v))
+
+    def begin_attend(self, layer, seq_ids, q, k, v):
         self._check()
         self.num_attends += 1
         if self.die_at_attend is not None and self.num_attends >= self.die_at_attend:
             self.is_dead = True
             self._check()
-        return await self.inner.attend(layer, seq_ids, q, k, v)
+        return self.inner.attend_now(layer, seq_ids, q, k, v)
+
+    def end_attend(self, pending):
+        self._check()  # a node that died while its attend was in flight gives no answer
+        return pending
 
     async def stats(self) -> NodeStats:
         self._check(is_draining_ok=True)
