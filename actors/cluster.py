@@ -55,7 +55,7 @@ class ClusterConfig:
     is_shard_loop_threaded: bool = False  # in-process shards on their own thread and event loop
     mode: str | None = None  # one of MODES; None: shards if any are given, else the local torch KV
     gpu_kv_memory_bytes: int | None = None  # GPU KV pool; None: a share of the free device memory
-    is_cuda_graphs: bool = True  # GPU-KV mini-batches' whole decode steps as CUDA graphs (CUDA devices only)
+    is_cuda_graphs: bool = True  # CUDA devices: GPU-KV steps and the shard path's dense segments as CUDA graphs
     expected_mean_context: int | None = None  # hybrid choice's mean context; None: 3/4 of the max length
     curve_dir: str | None = None  # CURVE keys for the links to shard daemons (fdctl keygen); None: plain
     heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
@@ -179,6 +179,10 @@ class Cluster:
                 from fastdecode.actors.cuda_graphs import StepGraphs
 
                 executor.decoder.graphs = StepGraphs(model, gpu_node, max_batch=config.executor.max_num_seqs)
+            if config.is_cuda_graphs and device.type == "cuda" and any(node.is_host for node in nodes):
+                from fastdecode.actors.layer_graphs import LayerGraphs
+
+                executor.decoder.layer_graphs = LayerGraphs(model, max_batch=config.executor.max_num_seqs)
             await executor.start()
         except BaseException:
             await _close_all(nodes, handles)

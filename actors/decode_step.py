@@ -22,6 +22,7 @@ import torch
 
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.kv_nodes import KVNode
+from fastdecode.actors.layer_graphs import EagerDense, GraphDense, LayerGraphs
 from fastdecode.actors.sequence import Sequence
 from fastdecode.actors.trace import StepTrace
 
@@ -68,6 +69,7 @@ class DecodeStep:
         self.trace = trace
         self.step_index = 0
         self.graphs = None  # a cuda_graphs.StepGraphs: whole steps on the GPU KV node, as CUDA graphs
+        self.layer_graphs: LayerGraphs | None = None  # dense segments between attends, as CUDA graphs
         self._attend_times: list[tuple[int, int, float, float]] = []  # (node, context tokens, start, end)
         self._in_flight: list[list[_Call]] = []  # each mini-batch's calls of the layered step running now
 
@@ -85,7 +87,7 @@ class DecodeStep:
             return [await self._dense(mb, "step", self._whole_step, mb) for mb in minibatches]
         if is_pipelined:
             return await self.runner.run(self._layered_step, minibatches)
-        return [(await self.runner.run(self._layered_step, [mb]))[0] for mb in minibatches]
+        return [(await self.runner.run(self._layered_step, [mb], lane))[0] for lane, mb in enumerate(minibatches)]
 
     async def _dense(self, mb: MiniBatch, kind: str, fn, *args):
         if self.trace is None:
@@ -133,31 +135,34 @@ class DecodeStep:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- the layered step, on the dense thread ---------------------------------------------------
-    def _layered_step(self, minibatches: list[MiniBatch]) -> list[torch.Tensor]:
-        model = self.model
-        num_layers = model.num_layers
-        inputs = [self._inputs(mb, model.device) for mb in minibatches]
-        xs: list[torch.Tensor] = []
+    def _layered_step(self, minibatches: list[MiniBatch], first_lane: int = 0) -> list[torch.Tensor]:
+        num_layers = self.model.num_layers
+        dense = [self._dense_program(mb, first_lane + i) for i, mb in enumerate(minibatches)]
         pending: list[list[_Call]] = []
         self._in_flight = pending
-        for mb, (_, tokens, positions) in zip(minibatches, inputs):
+        for mb, program in zip(minibatches, dense):
             start = self._now()
-            x = model.embed(tokens)
-            xs.append(x)
-            pending.append(self._send(mb, 0, *model.pre_attention(0, x, positions), start))
+            pending.append(self._send(mb, 0, *program.first(), start))
         logits: list[torch.Tensor] = [None] * len(minibatches)  # type: ignore[list-item]
         for layer in range(num_layers):
             for i, mb in enumerate(minibatches):
                 o = self._collect(mb, pending[i])
                 start = self._now()
-                xs[i] = model.post_attention(layer, xs[i], o)
                 if layer + 1 < num_layers:
-                    q, k, v = model.pre_attention(layer + 1, xs[i], inputs[i][2])
-                    pending[i] = self._send(mb, layer + 1, q, k, v, start)
+                    pending[i] = self._send(mb, layer + 1, *dense[i].middle(layer, o), start)
                 else:
-                    logits[i] = model.logits(xs[i])
+                    logits[i] = dense[i].last(o)
                     self._trace_dense(mb, "dense", start)
         return logits
+
+    def _dense_program(self, mb: MiniBatch, lane: int) -> EagerDense | GraphDense:
+        """The mini-batch's dense segments: CUDA graph replays where made and the batch fits, else eager."""
+        _, tokens, positions = self._inputs(mb, self.model.device)
+        if self.layer_graphs is not None:
+            segments = self.layer_graphs.segments(lane, len(mb.seqs))
+            if segments is not None:
+                return GraphDense(self.layer_graphs, segments, tokens, positions)
+        return EagerDense(self.model, tokens, positions)
 
     def _now(self) -> float:
         return self.trace.now() if self.trace is not None else 0.0
