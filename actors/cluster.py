@@ -83,17 +83,28 @@ class ClusterConfig:
             raise ValueError("heartbeat_interval_s must be positive and liveness at least 1")
 
 
-def split_threads(num_cpus: int, num_shards: int, *, is_cuda: bool) -> tuple[int, int]:
-    """(torch threads for the Executor, threads per in-process shard) without oversubscription.
+CUDA_EXECUTOR_CPUS = 2  # cores left to the Executor's Python threads on CUDA (dense thread, event loop)
 
-    On CUDA the Executor needs one core to drive the GPU; on CPU it gets half the
-    cores, since it then does the dense math itself.
+
+def split_threads(num_cpus: int, num_shards: int, *, is_cuda: bool) -> tuple[int, int]:
+    """(cores for the Executor, threads per in-process shard) without oversubscription.
+
+    On CUDA the Executor drives the GPU from its dense thread while its event loop
+    serves in-process shards' messages: two cores where there are 8 or more; on CPU
+    it gets half the cores, since it then does the dense math itself.
     """
     if num_shards == 0:
         return num_cpus, 0
-    executor = 1 if is_cuda else max(1, num_cpus // 2)
+    executor = (CUDA_EXECUTOR_CPUS if num_cpus >= 8 else 1) if is_cuda else max(1, num_cpus // 2)
     per_shard = max(1, (num_cpus - executor) // num_shards)
     return executor, per_shard
+
+
+def executor_torch_threads(executor_cpus: int, *, is_cuda: bool, has_shards: bool) -> int:
+    """torch's CPU threads in the Executor. On CUDA with shards its CPU work is a few small host joins:
+    one thread, so no torch thread team spins on the cores the shards' teams run on (which made each
+    join take milliseconds next to shard daemons on the same host)."""
+    return 1 if is_cuda and has_shards else executor_cpus
 
 
 def shard_cpu_lists(cpus: list[int], num_shards: int, per_shard: int) -> list[tuple[int, ...] | None]:
@@ -129,7 +140,8 @@ class Cluster:
         device = resolve_device(config.device)
         executor_threads, shard_threads = split_threads(len(cpus), config.num_shards, is_cuda=device.type == "cuda")
         shard_cpus = shard_cpu_lists(cpus[executor_threads:], config.num_shards, shard_threads)
-        torch.set_num_threads(executor_threads)
+        torch.set_num_threads(executor_torch_threads(executor_threads, is_cuda=device.type == "cuda",
+                                                     has_shards=bool(config.num_shards or config.shard_addresses)))
         model, tokenizer = await asyncio.to_thread(
             load_model, config.model, dtype=config.dtype, device=str(device), seed=config.seed)
         cfg = model.config

@@ -1,10 +1,11 @@
 import pytest
 
-from fastdecode.actors.cluster import ClusterConfig, shard_cpu_lists, split_threads
+from fastdecode.actors.cluster import ClusterConfig, executor_torch_threads, shard_cpu_lists, split_threads
 
 
 def test_split_threads_never_oversubscribes():
-    assert split_threads(16, 4, is_cuda=True) == (1, 3)
+    assert split_threads(16, 4, is_cuda=True) == (2, 3)
+    assert split_threads(4, 1, is_cuda=True) == (1, 3)
     assert split_threads(2, 1, is_cuda=False) == (1, 1)
     assert split_threads(8, 0, is_cuda=False) == (8, 0)
     executor, per_shard = split_threads(64, 4, is_cuda=False)
@@ -22,3 +23,9 @@ def test_cluster_config_refuses_contradictions():
         ClusterConfig(num_shards=1, shard_addresses=("tcp://127.0.0.1:1",))
     with pytest.raises(ValueError):
         ClusterConfig(num_shards=-1)
+
+
+def test_executor_runs_torch_single_threaded_beside_shards_on_cuda():
+    assert executor_torch_threads(2, is_cuda=True, has_shards=True) == 1
+    assert executor_torch_threads(16, is_cuda=True, has_shards=False) == 16
+    assert executor_torch_threads(8, is_cuda=False, has_shards=True) == 8
