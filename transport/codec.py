@@ -11,7 +11,7 @@ to ZeroMQ with ``copy=False`` and the receiver wraps the frame in a read-only
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, Sequence
 
 import msgpack
@@ -29,7 +29,7 @@ from fastdecode.transport.messages import (  # noqa: F401  (DTYPES is part of th
 )
 
 VERSION = 1
-DEFAULT_INLINE_THRESHOLD = 256
+DEFAULT_INLINE_THRESHOLD = 4096  # one page: seq_ids of up to 512 sequences ride in the envelope
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_NDIM = 8
 
@@ -41,10 +41,19 @@ def _plan(schema: Schema) -> tuple[tuple[str, int, FieldSpec], ...]:
     return tuple((spec.name, _ARRAY if spec.kind == "array" else _OTHER, spec) for spec in schema.fields)
 
 
+def _is_positional(schema: Schema) -> bool:
+    """True when the class's __init__ takes every wire field positionally, in wire order (no kw_only field)."""
+    init_fields = [f.name for f in dataclasses.fields(schema.cls) if f.init and not f.kw_only]
+    return init_fields == [spec.name for spec in schema.fields]
+
+
 def _frame_buffer(frame: Any) -> memoryview:
-    """A memoryview over a zmq.Frame, bytes, memoryview or ndarray, without copying."""
+    """A read-only memoryview over a zmq.Frame, bytes, memoryview or ndarray, without copying.
+
+    Read-only so that ``np.frombuffer`` views on it are read-only without a flags call per array.
+    """
     buffer = getattr(frame, "buffer", None)
-    return buffer if isinstance(buffer, memoryview) else memoryview(frame)
+    return (buffer if isinstance(buffer, memoryview) else memoryview(frame)).toreadonly()
 
 
 def _is_int(value: Any) -> bool:
@@ -97,7 +106,7 @@ class Codec:
         # precomputed per class (encode) and per kind (decode): the channel is read-only after import
         schemas = [channel.by_class(cls) for cls in channel.message_classes]
         self._encode_plans = {s.cls: (s, _plan(s)) for s in schemas if s is not None}
-        self._decode_plans = {s.kind: (s, _plan(s)) for s in schemas if s is not None}
+        self._decode_plans = {s.kind: (s, _plan(s), _is_positional(s)) for s in schemas if s is not None}
 
     # ---------------------------------------------------------------- encode
     def encode(self, request_id: int, message: Message) -> list[Any]:
@@ -155,7 +164,9 @@ class Codec:
         if not frames:
             raise ProtocolError("empty message")
         buffers = [_frame_buffer(f) for f in frames]
-        num_bytes = sum(b.nbytes for b in buffers)
+        num_bytes = 0
+        for buffer in buffers:
+            num_bytes += buffer.nbytes
         envelope = self._unpack_envelope(buffers[0])
         request_id = envelope[2]
         if num_bytes > self.max_message_bytes:
@@ -168,10 +179,12 @@ class Codec:
         if plan is None:
             raise ProtocolError(f"unknown message kind {kind!r} on channel {self.channel.name}",
                                 request_id=request_id)
-        schema, fields = plan
+        schema, fields, is_positional = plan
         try:
-            kwargs = self._decode_fields(fields, values, buffers)
-            return request_id, schema.cls(**kwargs)
+            args = self._decode_fields(fields, values, buffers)
+            if is_positional:
+                return request_id, schema.cls(*args)
+            return request_id, schema.cls(**{name: arg for (name, _, _), arg in zip(fields, args)})
         except ProtocolError as exc:
             raise ProtocolError(f"{schema.cls.__name__}: {exc}", request_id=request_id) from None
         except (ValueError, TypeError) as exc:
@@ -192,23 +205,24 @@ class Codec:
             raise ProtocolError("envelope fields must be an array", request_id=request_id)
         return envelope
 
-    def _decode_fields(self, fields: tuple, values: tuple, buffers: list[memoryview]) -> dict[str, Any]:
+    def _decode_fields(self, fields: tuple, values: tuple, buffers: list[memoryview]) -> list[Any]:
+        """The field values in declaration order."""
         if len(values) != len(fields):
             raise ProtocolError(f"expected {len(fields)} fields, got {len(values)}")
         used = [False] * len(buffers)
-        kwargs: dict[str, Any] = {}
+        args: list[Any] = []
         for (name, field_kind, spec), value in zip(fields, values):
             if value is None:
                 if not spec.is_optional:
                     raise ProtocolError(f"field {name!r} must not be null")
-                kwargs[name] = None
+                args.append(None)
             elif field_kind == _ARRAY:
-                kwargs[name] = self._decode_array(spec, value, buffers, used)
+                args.append(self._decode_array(spec, value, buffers, used))
             else:
-                kwargs[name] = _check_scalar(spec, value)
+                args.append(_check_scalar(spec, value))
         if not all(used[1:]):
             raise ProtocolError(f"frame count mismatch: {len(buffers) - 1} array frames, {sum(used)} referenced")
-        return kwargs
+        return args
 
     @staticmethod
     def _decode_array(spec: FieldSpec, desc: Any, buffers: list[memoryview], used: list[bool]) -> np.ndarray:
@@ -218,8 +232,13 @@ class Codec:
         dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
             raise ProtocolError(f"field {spec.name!r}: dtype {dtype_name!r} is not allowed")
-        if type(shape) is not tuple or len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
-            raise ProtocolError(f"field {spec.name!r}: bad shape {shape!r}")  # msgpack gives bools as bool
+        if type(shape) is not tuple or len(shape) > MAX_NDIM:
+            raise ProtocolError(f"field {spec.name!r}: bad shape {shape!r}")
+        num_items = 1
+        for dim in shape:
+            if type(dim) is not int or dim < 0:  # msgpack gives bools as bool
+                raise ProtocolError(f"field {spec.name!r}: bad shape {shape!r}")
+            num_items *= dim
         if type(payload) is int:
             if not 1 <= payload < len(buffers) or used[payload]:
                 raise ProtocolError(f"field {spec.name!r}: bad or reused frame index {payload}")
@@ -230,9 +249,8 @@ class Codec:
             data, num_bytes = payload, len(payload)
         else:
             raise ProtocolError(f"field {spec.name!r}: payload must be bytes or a frame index")
-        expected = math.prod(shape) * dtype.itemsize
+        expected = num_items * dtype.itemsize
         if num_bytes != expected:
             raise ProtocolError(f"field {spec.name!r}: {shape} {dtype_name} needs {expected} bytes, got {num_bytes}")
-        array = np.frombuffer(data, dtype=dtype).reshape(shape)
-        array.flags.writeable = False
-        return array
+        # read-only: bytes, and frames through _frame_buffer
+        return np.frombuffer(data, dtype=dtype).reshape(shape)

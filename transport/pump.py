@@ -10,6 +10,10 @@ when ZeroMQ refuses (high-water mark).
 ZeroMQ's descriptor is edge-triggered: any operation on the socket may consume its signal while messages are
 waiting, so after a send the pump reads ``EVENTS`` and schedules a drain itself when input waits.  The socket
 belongs to the loop's thread; nothing else may touch it.
+
+The per-frame calls go straight to pyzmq's backend socket methods with plain int flags: pyzmq's Python layer
+(``send_multipart``/``recv_multipart``) builds an ``enum.Flag`` per frame and reads ``RCVMORE`` with another
+call per frame, which cost more than libzmq itself on the attend path.  A received frame carries ``more``.
 """
 from __future__ import annotations
 
@@ -18,10 +22,17 @@ import logging
 from collections import deque
 from typing import Any, Callable
 
+import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.backend import Socket as _BackendSocket
 
 log = logging.getLogger(__name__)
+
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+_send, _recv, _get = _BackendSocket.send, _BackendSocket.recv, _BackendSocket.get
+_BUFFER_TYPES = (bytes, np.ndarray, zmq.Frame, memoryview)  # known to support the buffer protocol
 
 MAX_MESSAGES_PER_CALLBACK = 64  # then yield to the loop's other callbacks, and go on in the next iteration
 MessageCallback = Callable[[list[zmq.Frame]], None]
@@ -54,22 +65,36 @@ class SocketPump:
     def send(self, frames: list[Any]) -> None:
         """Send one multipart message now, or queue it behind earlier ones that ZeroMQ could not take yet.
 
-        Raises zmq.ZMQError for a failure other than a full pipe (closed socket, bad frame).
+        Raises zmq.ZMQError for a failure other than a full pipe (closed socket), TypeError or ValueError for
+        frames that cannot be sent (checked before any frame goes out).
         """
-        if self._unsent:
+        _check_frames(frames)
+        if self._unsent or not self._try_send(frames):
             self._unsent.append(frames)
-        else:
-            try:
-                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                self._unsent.append(frames)
         self._check_events()
+
+    def _try_send(self, frames: list[Any]) -> bool:
+        """Send one multipart message without blocking; False when ZeroMQ refuses it (high-water mark).
+
+        A multipart message is atomic: once ZeroMQ takes its first frame it takes the others too.
+        """
+        sock = self._sock
+        last = len(frames) - 1
+        try:
+            _send(sock, frames[0], (_NOBLOCK | _SNDMORE) if last else _NOBLOCK, False)
+        except zmq.Again:
+            return False
+        for i in range(1, last):
+            _send(sock, frames[i], _NOBLOCK | _SNDMORE, False)
+        if last:
+            _send(sock, frames[last], _NOBLOCK, False)
+        return True
 
     def _check_events(self) -> None:
         if self._is_drain_scheduled or self._sock.closed:
             return
-        wanted = (zmq.POLLIN if self._can_receive else 0) | (zmq.POLLOUT if self._unsent else 0)
-        if self._sock.getsockopt(zmq.EVENTS) & wanted:
+        wanted = (_POLLIN if self._can_receive else 0) | (_POLLOUT if self._unsent else 0)
+        if _get(self._sock, _EVENTS) & wanted:
             self._schedule_drain()
 
     def _schedule_drain(self) -> None:
@@ -79,9 +104,8 @@ class SocketPump:
     def _flush(self) -> None:
         while self._unsent:
             try:
-                self._sock.send_multipart(self._unsent[0], flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+                if not self._try_send(self._unsent[0]):
+                    return
             except zmq.ZMQError as exc:
                 log.warning("%s: a queued send failed: %s", self._name, exc)
             self._unsent.popleft()
@@ -96,10 +120,16 @@ class SocketPump:
             self._check_events()
             return
         for _ in range(MAX_MESSAGES_PER_CALLBACK):
+            if not _get(sock, _EVENTS) & _POLLIN:  # cheaper than a recv that raises zmq.Again
+                break
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frame = _recv(sock, _NOBLOCK, False)
             except zmq.Again:
                 break
+            frames = [frame]
+            while frame.more:
+                frame = _recv(sock, _NOBLOCK, False)
+                frames.append(frame)
             try:
                 self._on_message(frames)
             except Exception:  # noqa: BLE001 - one bad message must not stop the socket; logged with traceback
@@ -109,8 +139,9 @@ class SocketPump:
         else:
             self._schedule_drain()  # more may be waiting: let the loop's other callbacks run first
             return
-        self._flush()
-        self._check_events()
+        if self._unsent:  # otherwise EVENTS was read last, after every operation: the descriptor is re-armed
+            self._flush()
+            self._check_events()
 
     def close(self, *, linger_ms: int = 0) -> None:
         """Stop watching the socket and close it; queued sends are dropped."""
@@ -121,3 +152,15 @@ class SocketPump:
             log.debug("%s: %d queued message(s) dropped at close", self._name, len(self._unsent))
             self._unsent.clear()
         self._sock.close(linger=linger_ms)
+
+
+def _check_frames(frames: list[Any]) -> None:
+    """Refuse an empty message or a frame without the buffer protocol before any frame is sent."""
+    if not frames:
+        raise ValueError("a message needs at least one frame")
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, _BUFFER_TYPES):
+            try:
+                memoryview(frame)
+            except TypeError:
+                raise TypeError(f"frame {i} ({type(frame).__name__}) does not support the buffer protocol") from None

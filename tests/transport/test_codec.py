@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastdecode.transport.codec import VERSION, Codec
+from fastdecode.transport.codec import DEFAULT_INLINE_THRESHOLD, VERSION, Codec
 from fastdecode.transport.control_messages import ErrorReply, Ok, Ping, Pong
 from fastdecode.transport.errors import ProtocolError
 from fastdecode.transport.shard_messages import (
@@ -83,18 +83,31 @@ def test_big_arrays_travel_as_own_frames_and_are_received_zero_copy() -> None:
     q, k, v = _rand((64, 32, 128), BF16), _rand((64, 8, 128), BF16), _rand((64, 8, 128), BF16)
     message = Attend(3, np.arange(64, dtype=np.int64), q, k, v)
     frames = codec.encode(1, message)
-    # envelope + q + k + v (seq_ids is 512 bytes, above the 256-byte threshold: its own frame too)
-    assert len(frames) == 5
-    assert len(frames[0]) < 400  # the envelope never carries the big payloads
+    # envelope + q + k + v (seq_ids is 512 bytes, within the inline threshold: it rides in the envelope)
+    assert len(frames) == 4
+    assert len(frames[0]) < 64 * 8 + 400  # the envelope never carries the big payloads
     for array in (q, k, v):
         assert any(np.shares_memory(array, f) for f in frames[1:]), "sender copied an array"
     received = [bytes(f) for f in frames]  # what a socket would deliver: separate buffers
     _, decoded = codec.decode(received)
-    for name, frame in zip(("seq_ids", "q", "k", "v"), received[1:]):
+    for name, frame in zip(("q", "k", "v"), received[1:]):
         array = getattr(decoded, name)
         assert np.shares_memory(array, np.frombuffer(frame, np.uint8)), name
         assert not array.flags.writeable
+    assert np.array_equal(decoded.seq_ids, np.arange(64)) and not decoded.seq_ids.flags.writeable
     assert decoded.q.dtype == BF16 and np.array_equal(decoded.q.view(np.uint16), q.view(np.uint16))
+
+
+def test_an_array_just_over_the_inline_threshold_gets_its_own_frame() -> None:
+    codec = Codec(SHARD_CHANNEL)
+    num_seqs = DEFAULT_INLINE_THRESHOLD // 8 + 1  # int64 seq_ids one entry over the threshold
+    q = _rand((num_seqs, 4, 8), np.float32)
+    kv = _rand((num_seqs, 1, 8), np.float32)
+    message = Attend(0, np.arange(num_seqs, dtype=np.int64), q, kv, kv)
+    frames = codec.encode(1, message)
+    assert len(frames) == 5  # envelope + seq_ids + q + k + v
+    assert any(np.shares_memory(message.seq_ids, f) for f in frames[1:])
+    assert_same_message(message, codec.decode([bytes(f) for f in frames])[1])
 
 
 def test_small_arrays_are_inline() -> None:
