@@ -86,6 +86,9 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     const fd_pool &cpool = pool;
     const KernelTable &kt = *pool.kernels;
     const bool use_bf16_q = kt.chunk_bf16_q && q_dtype == FD_BF16 && pool.kv_dtype == FD_BF16;
+    // All-bf16 calls (the output is rounded to bf16 anyway) may take P.V in bf16 as well.
+    void (*const chunk_bf16)(const ChunkTask *) =
+        kt.chunk_bf16_qo && out_dtype == FD_BF16 ? kt.chunk_bf16_qo : kt.chunk_bf16_q;
     const Team &team = pool.team;
     CallerPin pin(team);
 #pragma omp parallel num_threads(team.num_threads)
@@ -123,7 +126,7 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             task.acc = sc.acc.data() + i * row_floats;
             task.m = sc.m.data() + i * num_q_heads;
             task.l = sc.l.data() + i * num_q_heads;
-            if (use_bf16_q) kt.chunk_bf16_q(&task);
+            if (use_bf16_q) chunk_bf16(&task);
             else kt.chunk[cpool.kv_dtype](&task);
         }
 #pragma omp for schedule(dynamic, 1)

@@ -50,6 +50,9 @@ struct MergeTask {
 struct KernelTable {
     void (*chunk[3])(const ChunkTask *task);   // indexed by the KV dtype; q as scaled float32
     void (*chunk_bf16_q)(const ChunkTask *task);   // bf16 KV and bf16 q (dot products of bf16 pairs), or null
+    // bf16 KV, q and output: chunk_bf16_q with P.V from bf16 dot products too (probabilities rounded
+    // to bf16, float32 accumulation), or null
+    void (*chunk_bf16_qo)(const ChunkTask *task);
     void (*merge)(const MergeTask *task);
     double (*read_sum)(const float *data, size_t count);
 };
@@ -61,16 +64,28 @@ const KernelTable *kernels_avx512_bf16();   // AVX-512 plus AVX512-BF16 (same un
 
 // ---- page layout (see pool.h) ----
 // fp32 and fp16 blocks: K^T [D][P] and V [P][D]. bf16 blocks hold pairs, so that one 32-bit lane
-// carries two neighbours that one FMA step uses together: K as [D/2][P][2] (dims d, d+1 of a token)
-// and V as [P/2][D][2] (tokens t, t+1 of a dim). A shift or a mask widens either half to float32.
+// carries two neighbours that one FMA step uses together: K pairs two head dims of a token, V pairs
+// two tokens of a head dim. bf16 blocks are also tiled so that the kernels read every block in one
+// front-to-back pass (the hardware stream prefetchers follow that; see docs/benchmarks.md, issue 3):
+// K as [P/32][D/2][32][2] (32-token tiles: one score tile), V as [D/64][P/2][64][2] (64-dim tiles:
+// one value tile); a last, narrower tile holds the rest when P or D is not a multiple of the tile.
+// A shift or a mask widens either half of a pair to float32.
 constexpr int kDtypeBf16 = 2;
+constexpr int kKTileTokens = 32;
+constexpr int kVTileDims = 64;
 
-static inline size_t k_index(int dtype, int d, int t, int P) {
-    return dtype == kDtypeBf16 ? ((size_t)(d >> 1) * P + t) * 2 + (d & 1) : (size_t)d * P + t;
+// Element (row, col) of a bf16 pair block of num_rows pair rows by num_cols columns, tiled by tile columns.
+static inline size_t tiled_pair_index(int row, int col, int is_odd, int num_rows, int num_cols, int tile) {
+    const int t0 = col / tile * tile, width = num_cols - t0 < tile ? num_cols - t0 : tile;
+    return ((size_t)t0 * num_rows + (size_t)row * width + (col - t0)) * 2 + is_odd;
 }
 
-static inline size_t v_index(int dtype, int t, int d, int D) {
-    return dtype == kDtypeBf16 ? ((size_t)(t >> 1) * D + d) * 2 + (t & 1) : (size_t)t * D + d;
+static inline size_t k_index(int dtype, int d, int t, int D, int P) {
+    return dtype == kDtypeBf16 ? tiled_pair_index(d >> 1, t, d & 1, D / 2, P, kKTileTokens) : (size_t)d * P + t;
+}
+
+static inline size_t v_index(int dtype, int t, int d, int D, int P) {
+    return dtype == kDtypeBf16 ? tiled_pair_index(t >> 1, d, t & 1, P / 2, D, kVTileDims) : (size_t)t * D + d;
 }
 
 // ---- scalar dtype conversions (round to nearest even), shared by all units ----

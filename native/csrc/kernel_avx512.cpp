@@ -58,7 +58,7 @@ struct V {
 
 #include "kernel_body.h"
 
-const fdn::KernelTable kTable = make_table(nullptr);
+const fdn::KernelTable kTable = make_table(nullptr, nullptr);
 
 }  // namespace avx512
 
@@ -84,12 +84,14 @@ struct ScoreDotBf16 {
         for (int c = 0; c < 2; ++c)
             for (int g = 0; g < GB; ++g)
                 for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_setzero_ps();
+        PairWalk walk[TV];
+        for (int j = 0; j < TV; ++j) walk[j] = k_walk(DT, t0 + j * V::W, D, P);
         for (int d = 0; d < D; d += 4) {   // D is a multiple of 16
             prefetch_rows(pf, d, 4);
             for (int c = 0; c < 2; ++c) {
                 __m512bh kv[TV];
                 for (int j = 0; j < TV; ++j)
-                    kv[j] = (__m512bh)_mm512_loadu_si512(k + fdn::k_index(DT, d + 2 * c, t0 + j * V::W, P));
+                    kv[j] = (__m512bh)_mm512_loadu_si512(k + walk[j].first + (size_t)(d / 2 + c) * walk[j].step);
                 for (int g = 0; g < GB; ++g) {
                     int32_t pair;
                     memcpy(&pair, q + g * D + d + 2 * c, sizeof(pair));
@@ -105,7 +107,60 @@ struct ScoreDotBf16 {
     }
 };
 
-const fdn::KernelTable kTable = make_table(chunk_kernel<fdn::kDtypeBf16, ScoreDotBf16>);
+// acc[g][d0 .. d0+DV*W) += sum over the page's n tokens of p[g][t] * V[t] from bf16 dot products: the
+// probabilities of tokens t, t+1 (rounded to bf16) form one pair, which the V layout matches, so one
+// vdpbf16ps adds both tokens for 16 head dims; accumulation stays float32.
+template <int GB, int DV>
+static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0, const uint16_t *pb, float *acc,
+                                  const ValuePrefetch &pf) {
+    __m512 a[GB][DV];
+    PairWalk walk[DV];
+    for (int j = 0; j < DV; ++j) walk[j] = v_walk(fdn::kDtypeBf16, d0 + j * V::W, D, P);
+    for (int g = 0; g < GB; ++g)
+        for (int j = 0; j < DV; ++j) a[g][j] = _mm512_loadu_ps(acc + g * D + d0 + j * V::W);
+    const uint16_t *v = reinterpret_cast<const uint16_t *>(vb);
+    for (int t = 0; t < n; t += 2) {
+        if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
+        // an odd last token: its pair partner is not written yet, so its half of V is cleared
+        const __m512i keep = _mm512_set1_epi32(t + 1 < n ? -1 : 0xFFFF);
+        __m512bh pp[GB];
+        for (int g = 0; g < GB; ++g) {
+            int32_t pair;
+            memcpy(&pair, pb + g * P + t, sizeof(pair));
+            pp[g] = (__m512bh)_mm512_set1_epi32(pair);
+        }
+        for (int j = 0; j < DV; ++j) {
+            const __m512i w = _mm512_and_si512(_mm512_loadu_si512(v + walk[j].first + (size_t)(t / 2) * walk[j].step), keep);
+            for (int g = 0; g < GB; ++g) a[g][j] = _mm512_dpbf16_ps(a[g][j], (__m512bh)w, pp[g]);
+        }
+    }
+    for (int g = 0; g < GB; ++g)
+        for (int j = 0; j < DV; ++j) _mm512_storeu_ps(acc + g * D + d0 + j * V::W, a[g][j]);
+}
+
+// Values from bf16 probabilities (chosen only when q, KV and the output are all bf16).
+struct ValueDotBf16 {
+    template <int DT, int GB>
+    static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v) {
+        static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
+        alignas(64) uint16_t pb[4 * 256];
+        for (int g = 0; g < GB; ++g)
+            for (int t = 0; t < P; t += 16)
+                _mm256_store_si256(reinterpret_cast<__m256i *>(pb + g * P + t),
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + g * P + t)));
+        constexpr int DV = V::ACC / GB;
+        const int num_vecs = D / V::W, num_tiles = num_vecs / DV + num_vecs % DV;
+        const size_t block = (size_t)D * P * 2;
+        int j = 0, tile = 0;
+        for (; j + DV <= num_vecs; j += DV, ++tile)
+            value_tile_dot<GB, DV>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+        for (; j < num_vecs; ++j, ++tile)
+            value_tile_dot<GB, 1>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+    }
+};
+
+const fdn::KernelTable kTable = make_table(chunk_kernel<fdn::kDtypeBf16, ScoreDotBf16>,
+                                           chunk_kernel<fdn::kDtypeBf16, ScoreDotBf16, ValueDotBf16>);
 
 }  // namespace avx512_bf16
 #pragma GCC pop_options

@@ -4,7 +4,8 @@
 // inside that same namespace, so every instantiation has internal linkage, and builds its table
 // with make_table().
 //
-// Page layout: see kernel_api.h (k_index, v_index). Scores for one page come out as vectors over
+// Page layout: see kernel_api.h (k_index, v_index); tiles are walked with PairWalk, whose start and
+// step come from the layout once per tile. Scores for one page come out as vectors over
 // tokens (no horizontal sums); the V accumulation keeps a tile of the group's outputs in registers
 // while it walks the page's tokens. Both walk pairs (two head dims, or two tokens) per step: for
 // bf16 one load and a shift and a mask give both halves.
@@ -16,25 +17,34 @@ static inline V::R load_kv(const uint8_t *p, size_t idx) {
     else return V::load_bf16(reinterpret_cast<const uint16_t *>(p) + idx);
 }
 
-// lo = K[d][t .. t+W), hi = K[d+1][t .. t+W) (d even).
-template <int DT>
-static inline void load_k_pair(const uint8_t *kb, int d, int t, int P, V::R &lo, V::R &hi) {
-    if constexpr (DT == fdn::kDtypeBf16) {
-        V::load_bf16_pair(reinterpret_cast<const uint16_t *>(kb) + fdn::k_index(DT, d, t, P), lo, hi);
-    } else {
-        lo = load_kv<DT>(kb, (size_t)d * P + t);
-        hi = load_kv<DT>(kb, (size_t)(d + 1) * P + t);
-    }
+// A walk over the pairs of a block (head-dim pairs of K, token pairs of V) at one position, in
+// elements: pair i starts at first + i * step; for fp32/fp16 its odd half lies hi further on (bf16
+// pairs share a 32-bit lane). Computed from the layout once per tile, so the inner loops only add.
+struct PairWalk {
+    size_t first, step, hi;
+};
+
+// The walk down K's head dims at token t.
+static inline PairWalk k_walk(int dtype, int t, int D, int P) {
+    const size_t first = fdn::k_index(dtype, 0, t, D, P);
+    return {first, fdn::k_index(dtype, 2, t, D, P) - first, fdn::k_index(dtype, 1, t, D, P) - first};
 }
 
-// lo = V[t][d .. d+W), hi = V[t+1][d .. d+W) (t even); with is_pair false only lo is meaningful.
+// The walk down V's tokens at head dim d.
+static inline PairWalk v_walk(int dtype, int d, int D, int P) {
+    const size_t first = fdn::v_index(dtype, 0, d, D, P);
+    return {first, fdn::v_index(dtype, 2, d, D, P) - first, fdn::v_index(dtype, 1, d, D, P) - first};
+}
+
+// lo and hi: the two halves of pair i of a walk, W lanes each; with is_pair false only lo is read.
 template <int DT, bool is_pair = true>
-static inline void load_v_pair(const uint8_t *vb, int t, int d, int D, V::R &lo, V::R &hi) {
+static inline void load_pair(const uint8_t *block, const PairWalk &w, size_t i, V::R &lo, V::R &hi) {
+    const size_t at = w.first + i * w.step;
     if constexpr (DT == fdn::kDtypeBf16) {
-        V::load_bf16_pair(reinterpret_cast<const uint16_t *>(vb) + fdn::v_index(DT, t, d, D), lo, hi);
+        V::load_bf16_pair(reinterpret_cast<const uint16_t *>(block) + at, lo, hi);
     } else {
-        lo = load_kv<DT>(vb, (size_t)t * D + d);
-        if constexpr (is_pair) hi = load_kv<DT>(vb, (size_t)(t + 1) * D + d);
+        lo = load_kv<DT>(block, at);
+        if constexpr (is_pair) hi = load_kv<DT>(block, at + w.hi);
     }
 }
 
@@ -42,15 +52,19 @@ static inline void load_v_pair(const uint8_t *vb, int t, int d, int D, V::R &lo,
 #define FD_PREFETCH_LOCALITY 3
 #endif
 #ifndef FD_PREFETCH_STEPS
-#define FD_PREFETCH_STEPS 2
+#define FD_PREFETCH_STEPS 1
 #endif
-static constexpr int kPrefetchSteps = FD_PREFETCH_STEPS;   // head blocks ahead
+static constexpr int kPrefetchSteps = FD_PREFETCH_STEPS;   // head blocks ahead (0: hardware prefetch only)
 
 static inline void prefetch_lines(const uint8_t *p, size_t num_bytes) {
     for (size_t off = 0; off < num_bytes; off += 64) __builtin_prefetch(p + off, 0, FD_PREFETCH_LOCALITY);
 }
 
-// Where a score tile prefetches: one row (row_bytes) of the next head's K and V blocks per head dim.
+// Software prefetch, kPrefetchSteps head blocks ahead in reading order. Each pass fetches its own
+// kind of block, spread evenly over its steps: the score tiles the K block (one row of row_bytes per
+// head dim), the value tiles the V block (ValuePrefetch). Requests issued in bursts during one phase
+// only (both blocks from the score tiles) left the memory idle during the other and ran one core at
+// about half the rate (docs/benchmarks.md, issue 3).
 struct Prefetch {
     const uint8_t *k, *v;
     size_t row_bytes;
@@ -59,7 +73,19 @@ struct Prefetch {
 static inline void prefetch_rows(const Prefetch &pf, int d, int num_rows) {
     if (!pf.k) return;
     prefetch_lines(pf.k + (size_t)d * pf.row_bytes, num_rows * pf.row_bytes);
-    prefetch_lines(pf.v + (size_t)d * pf.row_bytes, num_rows * pf.row_bytes);
+}
+
+// Where a value pass prefetches: num_bytes of the next V block per token pair, from at onwards.
+struct ValuePrefetch {
+    const uint8_t *at;
+    size_t num_bytes;
+};
+
+// Splits the next V block (block_bytes at v) over the token-pair steps of num_tiles value tiles.
+static inline ValuePrefetch value_prefetch(const uint8_t *v, size_t block_bytes, int num_tiles, int P, int tile) {
+    if (!v) return {nullptr, 0};
+    const size_t per_step = (block_bytes / ((size_t)num_tiles * (P / 2)) + 63) / 64 * 64;
+    return {v + (size_t)tile * (P / 2) * per_step, per_step};
 }
 
 // Scores from float32 q (scaled by 1/sqrt(D) beforehand): s[g][t0 .. t0+TV*W) = q[g] . K[t].
@@ -72,10 +98,12 @@ struct ScoreF32 {
         V::R acc[GB][TV], acc_hi[GB][TV];   // even and odd head dims: two independent FMA chains
         for (int g = 0; g < GB; ++g)
             for (int j = 0; j < TV; ++j) acc[g][j] = acc_hi[g][j] = V::zero();
+        PairWalk walk[TV];
+        for (int j = 0; j < TV; ++j) walk[j] = k_walk(DT, t0 + j * V::W, D, P);
         for (int d = 0; d < D; d += 2) {
             prefetch_rows(pf, d, 2);
             V::R lo[TV], hi[TV];
-            for (int j = 0; j < TV; ++j) load_k_pair<DT>(kb, d, t0 + j * V::W, P, lo[j], hi[j]);
+            for (int j = 0; j < TV; ++j) load_pair<DT>(kb, walk[j], d / 2, lo[j], hi[j]);
             for (int g = 0; g < GB; ++g) {
                 const V::R qa = V::set1(q[g * D + d]), qb = V::set1(q[g * D + d + 1]);
                 for (int j = 0; j < TV; ++j) {
@@ -133,15 +161,19 @@ static inline void softmax_update(float *s, int P, int n, int D, float *m, float
 
 // acc[g][d0 .. d0+DV*W) += sum over the page's n tokens of p[g][t] * V[t], two tokens per step.
 template <int DT, int GB, int DV>
-static inline void value_tile(const uint8_t *vb, int D, int n, int d0, const float *p, int P, float *acc) {
+static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, const float *p, float *acc,
+                              const ValuePrefetch &pf) {
     V::R a[GB][DV];
+    PairWalk walk[DV];
+    for (int j = 0; j < DV; ++j) walk[j] = v_walk(DT, d0 + j * V::W, D, P);
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
     int t = 0;
     for (; t + 2 <= n; t += 2) {
+        if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
         for (int j = 0; j < DV; ++j) {
             V::R lo, hi;
-            load_v_pair<DT>(vb, t, d0 + j * V::W, D, lo, hi);
+            load_pair<DT>(vb, walk[j], t / 2, lo, hi);
             for (int g = 0; g < GB; ++g)
                 a[g][j] = V::fma(V::set1(p[g * P + t + 1]), hi, V::fma(V::set1(p[g * P + t]), lo, a[g][j]));
         }
@@ -149,7 +181,7 @@ static inline void value_tile(const uint8_t *vb, int D, int n, int d0, const flo
     if (t < n) {   // an odd last token: its pair partner is not written yet
         for (int j = 0; j < DV; ++j) {
             V::R lo, hi;
-            load_v_pair<DT, false>(vb, t, d0 + j * V::W, D, lo, hi);
+            load_pair<DT, false>(vb, walk[j], t / 2, lo, hi);
             for (int g = 0; g < GB; ++g) a[g][j] = V::fma(V::set1(p[g * P + t]), lo, a[g][j]);
         }
     }
@@ -157,27 +189,33 @@ static inline void value_tile(const uint8_t *vb, int D, int n, int d0, const flo
         for (int j = 0; j < DV; ++j) V::store(acc + g * D + d0 + j * V::W, a[g][j]);
 }
 
-template <int DT, int GB>
-static inline void page_values(const uint8_t *vb, int D, int n, const float *p, int P, float *acc) {
-    constexpr int DV = V::ACC / GB > 0 ? V::ACC / GB : 1;
-    const int num_vecs = D / V::W;
-    int j = 0;
-    for (; j + DV <= num_vecs; j += DV) value_tile<DT, GB, DV>(vb, D, n, j * V::W, p, P, acc);
-    for (; j < num_vecs; ++j) value_tile<DT, GB, 1>(vb, D, n, j * V::W, p, P, acc);
-}
+// Values from float32 probabilities: every V element widened to float32.
+struct ValueF32 {
+    template <int DT, int GB>
+    static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v) {
+        constexpr int DV = V::ACC / GB > 0 ? V::ACC / GB : 1;
+        const int num_vecs = D / V::W, num_tiles = num_vecs / DV + num_vecs % DV;
+        const size_t block = (size_t)D * P * fdn::dtype_size(DT);
+        int j = 0, tile = 0;
+        for (; j + DV <= num_vecs; j += DV, ++tile)
+            value_tile<DT, GB, DV>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+        for (; j < num_vecs; ++j, ++tile)
+            value_tile<DT, GB, 1>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+    }
+};
 
-template <int DT, int GB, class S>
+template <int DT, int GB, class S, class VL>
 static inline void page_step(const fdn::ChunkTask &task, int r0, const uint8_t *kb, const uint8_t *vb, int n,
                              float *s, const Prefetch &pf) {
     const int D = task.head_dim, P = task.page_size;
     float *m = task.m + r0, *l = task.l + r0, *acc = task.acc + (size_t)r0 * D;
     page_scores<DT, GB, S>(task, r0, kb, s, pf);
     softmax_update<GB>(s, P, n, D, m, l, acc);
-    page_values<DT, GB>(vb, D, n, s, P, acc);
+    VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.v);
 }
 
 // One work item: a chunk of one sequence's pages, all KV heads, each page front to back.
-template <int DT, class S>
+template <int DT, class S, class VL = ValueF32>
 static void chunk_kernel(const fdn::ChunkTask *task) {
     const int D = task->head_dim, P = task->page_size, G = task->group, H = task->num_kv_heads;
     const size_t block = task->block_bytes;
@@ -198,17 +236,17 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             // Prefetch the head block kPrefetchSteps ahead in reading order, one row per head-dim step.
             Prefetch pf{nullptr, nullptr, (size_t)P * fdn::dtype_size(DT)};
             const int ahead = pi * H + h + kPrefetchSteps;
-            if (ahead < num_steps) {
+            if (kPrefetchSteps > 0 && ahead < num_steps) {
                 pf.k = task->base + (size_t)task->pages[ahead / H] * task->page_bytes + 2 * block * (ahead % H);
                 pf.v = pf.k + block;
             }
             for (int g0 = 0; g0 < G; g0 += 4) {
                 const int r0 = h * G + g0;
                 switch (G - g0 < 4 ? G - g0 : 4) {
-                    case 1: page_step<DT, 1, S>(*task, r0, kb, vb, n, s, pf); break;
-                    case 2: page_step<DT, 2, S>(*task, r0, kb, vb, n, s, pf); break;
-                    case 3: page_step<DT, 3, S>(*task, r0, kb, vb, n, s, pf); break;
-                    default: page_step<DT, 4, S>(*task, r0, kb, vb, n, s, pf); break;
+                    case 1: page_step<DT, 1, S, VL>(*task, r0, kb, vb, n, s, pf); break;
+                    case 2: page_step<DT, 2, S, VL>(*task, r0, kb, vb, n, s, pf); break;
+                    case 3: page_step<DT, 3, S, VL>(*task, r0, kb, vb, n, s, pf); break;
+                    default: page_step<DT, 4, S, VL>(*task, r0, kb, vb, n, s, pf); break;
                 }
                 pf.k = pf.v = nullptr;
             }
@@ -261,8 +299,9 @@ static double read_sum(const float *data, size_t count) {
     return r;
 }
 
-// The unit's table; chunk_bf16_q is the bf16-q kernel where the unit has one.
-static constexpr fdn::KernelTable make_table(void (*chunk_bf16_q)(const fdn::ChunkTask *)) {
+// The unit's table; chunk_bf16_q and chunk_bf16_qo are the bf16 kernels where the unit has them.
+static constexpr fdn::KernelTable make_table(void (*chunk_bf16_q)(const fdn::ChunkTask *),
+                                             void (*chunk_bf16_qo)(const fdn::ChunkTask *)) {
     return {{chunk_kernel<0, ScoreF32>, chunk_kernel<1, ScoreF32>, chunk_kernel<2, ScoreF32>}, chunk_bf16_q,
-            merge_kernel, read_sum};
+            chunk_bf16_qo, merge_kernel, read_sum};
 }

@@ -37,7 +37,7 @@ struct V {
 
 #include "kernel_body.h"
 
-const fdn::KernelTable kTable = make_table(nullptr);
+const fdn::KernelTable kTable = make_table(nullptr, nullptr);
 
 }  // namespace
 

@@ -122,8 +122,8 @@ void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, in
         uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
         const size_t src = (size_t)h * D;
         for (int d = 0; d < D; ++d) {
-            copy_elem(kb, k_index(pool.kv_dtype, d, slot, P), pool.kv_dtype, k, src + d, src_dtype);
-            copy_elem(vb, v_index(pool.kv_dtype, slot, d, D), pool.kv_dtype, v, src + d, src_dtype);
+            copy_elem(kb, k_index(pool.kv_dtype, d, slot, D, P), pool.kv_dtype, k, src + d, src_dtype);
+            copy_elem(vb, v_index(pool.kv_dtype, slot, d, D, P), pool.kv_dtype, v, src + d, src_dtype);
         }
     }
 }
@@ -198,8 +198,8 @@ int32_t pool_read(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_toke
             const uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
             float *ko = k_out + ((size_t)t * H + h) * D, *vo = v_out + ((size_t)t * H + h) * D;
             for (int d = 0; d < D; ++d) {
-                ko[d] = load_scalar(kb, k_index(pool.kv_dtype, d, slot, P), pool.kv_dtype);
-                vo[d] = load_scalar(vb, v_index(pool.kv_dtype, slot, d, D), pool.kv_dtype);
+                ko[d] = load_scalar(kb, k_index(pool.kv_dtype, d, slot, D, P), pool.kv_dtype);
+                vo[d] = load_scalar(vb, v_index(pool.kv_dtype, slot, d, D, P), pool.kv_dtype);
             }
         }
     }

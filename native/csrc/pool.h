@@ -2,7 +2,7 @@
 //
 // A page holds page_size tokens of one layer for all KV heads. Inside a page, for each head h, a K^T
 // block [D][P] (head-dim major, so scores for a page come out as vectors over tokens) followed by
-// its V block [P][D]; bf16 blocks interleave pairs (kernel_api.h: k_index, v_index). A GQA group
+// its V block [P][D]; bf16 blocks interleave pairs and are tiled (kernel_api.h: k_index, v_index). A GQA group
 // reads one contiguous span per page and KV head, and attention reads each page front to back.
 #ifndef FASTDECODE_POOL_H
 #define FASTDECODE_POOL_H

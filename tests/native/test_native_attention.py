@@ -70,6 +70,17 @@ def test_other_page_sizes_and_odd_groups(rng, isa, page_size):
         assert_close(out, lse, o_ref, lse_ref, "float32")
 
 
+@pytest.mark.parametrize("q_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_narrower_last_layout_tiles(rng, isa, q_dtype):
+    # bf16 blocks are tiled by 32 tokens (K) and 64 head dims (V): a page of 48 tokens and a head dim of 80
+    # end in narrower tiles; bf16 q with bf16 output also takes the bf16 P.V kernel where there is one.
+    lengths = [1, 47, 48, 49, 150]
+    out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype="bfloat16", q_dtype=q_dtype, group=4,
+                                          head_dim=80, lengths=lengths, page_size=48, chunk_tokens=96)
+    assert_close(out, lse, o_ref, lse_ref, q_dtype)
+
+
 @pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
 def test_output_dtype_may_differ_from_q(rng, out_dtype):
     out, lse, o_ref, lse_ref = run_attend(rng, isa=ISAS[-1], kv_dtype="float16", q_dtype="float16", group=4,
