@@ -157,7 +157,8 @@ class Codec:
             value = np.ascontiguousarray(value)
         if value.nbytes <= self.inline_threshold:
             return [name, value.shape, value.tobytes()], None
-        return [name, value.shape, frame_index], value.reshape(-1).view(np.uint8)
+        # a byte view: any dtype, bfloat16 included, then exports a plain buffer
+        return [name, value.shape, frame_index], (value.view(np.uint8) if value.ndim else value.reshape(1).view(np.uint8))
 
     # ---------------------------------------------------------------- decode
     def decode(self, frames: Sequence[Any]) -> tuple[int, Message]:
@@ -252,5 +253,5 @@ class Codec:
         expected = num_items * dtype.itemsize
         if num_bytes != expected:
             raise ProtocolError(f"field {spec.name!r}: {shape} {dtype_name} needs {expected} bytes, got {num_bytes}")
-        # read-only: bytes, and frames through _frame_buffer
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+        # one array object straight on the buffer; read-only: bytes, and frames through _frame_buffer
+        return np.ndarray(shape, dtype, buffer=data)

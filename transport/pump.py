@@ -2,8 +2,9 @@
 
 zmq.asyncio wraps every receive and send in a Future and wakes a Task per message; on the attend path that
 costs as much as the codec (docs/benchmarks.md, transport).  A ``SocketPump`` registers the socket's file
-descriptor with the running loop once.  When it signals, the pump receives every waiting multipart message
-without blocking and hands each to ``on_message`` right there, then flushes the sends that found the pipe full.
+descriptor with the running loop once.  When it signals, the pump flushes the sends that found the pipe full,
+receives one waiting multipart message without blocking and hands it to ``on_message`` right there, and looks for
+the next one in a callback of its own, after whatever that message woke.
 ``send`` tries at once without blocking (``copy=False``: big buffers are not copied) and queues, in order, only
 when ZeroMQ refuses (high-water mark).
 
@@ -34,7 +35,7 @@ _EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 _send, _recv, _get = _BackendSocket.send, _BackendSocket.recv, _BackendSocket.get
 _BUFFER_TYPES = (bytes, np.ndarray, zmq.Frame, memoryview)  # known to support the buffer protocol
 
-MAX_MESSAGES_PER_CALLBACK = 64  # then yield to the loop's other callbacks, and go on in the next iteration
+MAX_MESSAGES_PER_CALLBACK = 1  # then the loop's other callbacks run, and the next message in the next iteration
 MessageCallback = Callable[[list[zmq.Frame]], None]
 
 
@@ -119,29 +120,30 @@ class SocketPump:
         if not self._can_receive:
             self._check_events()
             return
-        for _ in range(MAX_MESSAGES_PER_CALLBACK):
-            if not _get(sock, _EVENTS) & _POLLIN:  # cheaper than a recv that raises zmq.Again
-                break
-            try:
-                frame = _recv(sock, _NOBLOCK, False)
-            except zmq.Again:
-                break
-            frames = [frame]
-            while frame.more:
-                frame = _recv(sock, _NOBLOCK, False)
-                frames.append(frame)
-            try:
-                self._on_message(frames)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the socket; logged with traceback
-                log.exception("%s: error handling a message", self._name)
-            if sock.closed:
-                return
-        else:
-            self._schedule_drain()  # more may be waiting: let the loop's other callbacks run first
+        events = _get(sock, _EVENTS)  # cheaper than a recv that raises zmq.Again
+        if not events & _POLLIN:
+            if self._unsent and events & _POLLOUT:
+                self._schedule_drain()
+            return  # EVENTS was read after every other operation: the descriptor is re-armed
+        try:
+            frame = _recv(sock, _NOBLOCK, False)
+        except zmq.Again:
             return
-        if self._unsent:  # otherwise EVENTS was read last, after every operation: the descriptor is re-armed
-            self._flush()
-            self._check_events()
+        frames = [frame]
+        while frame.more:
+            frame = _recv(sock, _NOBLOCK, False)
+            frames.append(frame)
+        # One message per callback: the next look at the socket waits behind whatever this message wakes (the
+        # task awaiting a reply), and sends made by ``on_message`` skip their EVENTS check (a drain is coming).
+        self._is_drain_scheduled = True
+        try:
+            self._on_message(frames)
+        except Exception:  # noqa: BLE001 - one bad message must not stop the socket; logged with traceback
+            log.exception("%s: error handling a message", self._name)
+        if not sock.closed:
+            self._loop.call_soon(self._drain)
+        else:
+            self._is_drain_scheduled = False
 
     def close(self, *, linger_ms: int = 0) -> None:
         """Stop watching the socket and close it; queued sends are dropped."""
