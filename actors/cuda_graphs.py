@@ -18,8 +18,11 @@ row-wise, so they never affect real rows. Otherwise the caller runs the eager
 per-layer path. Capture runs lazily on the dense thread the first time a bucket
 is used, after an eager warm-up over all-padding buffers. ``is_graphed=False``
 runs the same program eagerly (CPU tests, and the eager comparison).
+``profile`` times whole steps by batch size for the scheduler's step model.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -127,6 +130,32 @@ class StepGraphs:
             logits = step_program(self.model, self.node, bucket.inputs, bucket.row_index)
         self.num_replays += 1
         return logits.index_select(0, bucket.inputs[_ROW_SLOTS, :len(slots)])
+
+    def profile(self, batches, *, repeats: int = 3) -> list[tuple[int, float]]:
+        """(batch, best-of-``repeats`` seconds of one whole step) for each batch that runs as a graph:
+        its bucket's program over padding rows (a replay on CUDA; it writes only scratch columns), what
+        the scheduler's whole-step model starts from. Captures those buckets. Runs on the dense thread."""
+        samples = []
+        for batch in sorted(set(batches)):
+            rows = min(bucket_for(batch), self.node.num_slots)
+            if rows > self.max_rows:
+                continue  # never a graph: the eager path runs it
+            bucket = self._bucket(rows)
+            bucket.inputs.copy_(torch.from_numpy(padding_inputs(self.node, rows)))
+            best = float("inf")
+            for repeat in range(repeats + 1):  # the first is a warm-up
+                if self.is_graphed:
+                    torch.cuda.synchronize(self.model.device)
+                start = time.perf_counter()
+                if self.is_graphed:
+                    bucket.graph.replay()
+                    torch.cuda.synchronize(self.model.device)
+                else:
+                    step_program(self.model, self.node, bucket.inputs, bucket.row_index)
+                if repeat:
+                    best = min(best, time.perf_counter() - start)
+            samples.append((batch, best))
+        return samples
 
     def _bucket(self, rows: int) -> _Bucket:
         bucket = self._buckets.get(rows)

@@ -38,8 +38,8 @@ from fastdecode.actors.prefill import prefill
 from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
-from fastdecode.actors.sampling import SamplingRow, make_generator, sample
-from fastdecode.actors.sequence import Sequence, SeqStatus, finish_reason_after
+from fastdecode.actors.sampling import make_generator, sample
+from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler import AttendCall, GpuPerfModel, NodeModel, Scheduler, SchedulerConfig, ShardPerfModel
 
@@ -86,8 +86,10 @@ class UnavailableError(RequestError):
     """The Executor takes no request now: it is draining, or no KV node is alive (retry later)."""
 
 
-def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_token: int) -> NodeModel:
-    """The scheduler's view of a node, with its measured attention bandwidth when known."""
+def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_token: int,
+               whole_step: GpuPerfModel | None = None) -> NodeModel:
+    """The scheduler's view of a node, with its measured attention bandwidth when known, and the
+    time of a whole step on it when its steps run as one call (the GPU KV node's CUDA graphs)."""
     bandwidth = stats.attn_gbps * 1e9 if stats.attn_gbps else DEFAULT_ATTEND_BYTES_PER_S
     return NodeModel(
         node_id=index,
@@ -96,6 +98,7 @@ def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_to
         num_layers=num_layers,
         page_size=stats.page_size,
         perf=ShardPerfModel(stats.attend_overhead_s or DEFAULT_ATTEND_OVERHEAD_S, bandwidth),
+        whole_step=whole_step,
     )
 
 
@@ -114,6 +117,7 @@ class Executor:
         self.config = config
         self.max_model_len = config.max_len_for(model.config.max_position_embeddings)
         self.eos_token_ids = frozenset(eos_token_ids)
+        self._eos_tuple = tuple(self.eos_token_ids)
         self.kv_bytes_per_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
         self.trace = trace
         self.gpu_model = gpu_model
@@ -123,6 +127,7 @@ class Executor:
         self.predicted_steps_s: list[float] = []  # with a trace: the step model's prediction of each traced step
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
+        self._abort_requested: set[int] = set()  # of _sequences, reaped at the next step
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.num_steps = 0
@@ -137,8 +142,15 @@ class Executor:
     async def start(self) -> None:
         stats = await asyncio.gather(*(n.stats() for n in self.nodes))
         num_layers = self.model.config.num_layers
-        models = [node_model(i, s, num_layers=num_layers, kv_bytes_per_token=self.kv_bytes_per_token)
-                  for i, s in enumerate(stats)]
+        graphs, whole_step = self.decoder.graphs, None
+        if graphs is not None and self.config.profile_batches:  # time the steps as they will run
+            samples = await self.runner.run(graphs.profile, self.config.profile_batches)
+            if len(samples) >= 2:
+                whole_step = GpuPerfModel(samples)
+                log.info("whole-step times: %s", ", ".join(f"B={b}: {s * 1e3:.2f} ms" for b, s in samples))
+        models = [node_model(i, s, num_layers=num_layers, kv_bytes_per_token=self.kv_bytes_per_token,
+                             whole_step=whole_step if graphs is not None and node.inner is graphs.node else None)
+                  for i, (node, s) in enumerate(zip(self.nodes, stats))]
         if self.gpu_model is None and self.config.profile_batches:
             self.gpu_model = await self.runner.run(measure_dense_profile, self.model, self.config.profile_batches)
             log.info("dense step times: %s", ", ".join(f"B={b}: {s * 1e3:.2f} ms" for b, s in self.gpu_model.samples))
@@ -198,7 +210,7 @@ class Executor:
             self.scheduler.add_request(seq_id, len(prompt_ids), max_tokens)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        seq = Sequence(seq_id, list(prompt_ids), params, asyncio.Queue(),
+        seq = Sequence(seq_id, list(prompt_ids), params, EventChannel(),
                        generator=make_generator(params.seed, self.model.device))
         self._sequences[seq_id] = seq
         self._wakeup.set()
@@ -208,6 +220,7 @@ class Executor:
         seq = self._sequences.get(seq_id)
         if seq is not None:
             seq.is_abort_requested = True
+            self._abort_requested.add(seq_id)
             self._wakeup.set()
 
     @property
@@ -304,7 +317,8 @@ class Executor:
             seq.emit(event)
 
     async def _reap(self) -> None:
-        for seq in [s for s in self._sequences.values() if s.is_abort_requested]:
+        requested, self._abort_requested = self._abort_requested, set()
+        for seq in [s for s in map(self._sequences.get, sorted(requested)) if s is not None]:
             await self._finish(seq, TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="abort"),
                                is_counted=False)
 
@@ -405,7 +419,7 @@ class Executor:
             groups = [[s for group in groups for s in group]]
         minibatches = [MiniBatch.build(i, group) for i, group in enumerate(groups)]
         ran = [[s.seq_id for s in mb.seqs] for mb in minibatches]  # the split as it runs
-        predicted_s = self.scheduler.predict_decode_s(ran)
+        predicted_s = self.scheduler.predict_decode_s(ran) if self.trace is not None else 0.0
         trace_start = self.trace.now() if self.trace is not None else 0.0
         start = time.perf_counter()
         logits = await self.decoder.run(minibatches, is_pipelined=self.config.is_pipelined)
@@ -427,18 +441,19 @@ class Executor:
         # elsewhere and decode this position again.
         all_seqs = [seq for mb in minibatches for seq in mb.seqs]
         all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        rows = [row for row, seq in enumerate(all_seqs) if self._is_placed(seq)]
+        # only a node failing during the step unplaces rows (statuses change at step boundaries)
+        rows = range(len(all_seqs)) if all_alive else [row for row, seq in enumerate(all_seqs) if self._is_placed(seq)]
         if len(rows) < len(all_seqs):
             log.warning("step %d: %d row(s) lost their node; redone after the rebuild",
                         self.decoder.step_index, len(all_seqs) - len(rows))
             all_logits = all_logits[torch.tensor(rows, dtype=torch.long, device=all_logits.device)]
-        if rows:
-            await self._sample_and_emit([all_seqs[row] for row in rows], all_logits)
+            all_seqs = [all_seqs[row] for row in rows]
+        if all_seqs:
+            await self._sample_and_emit(all_seqs, all_logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         """Token ids, logprobs and top logprobs as Python values (runs on the dense thread)."""
-        rows = [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs]
-        out = sample(logits, rows, eos_token_ids=tuple(self.eos_token_ids))
+        out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=self._eos_tuple)
         token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
         tops: list[tuple] = [()] * len(seqs)

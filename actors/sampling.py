@@ -5,6 +5,7 @@ presence penalties; greedy rows take the argmax here; others divide by the
 temperature, keep the top-k then the top-p nucleus, and draw with the row's own
 ``torch.Generator`` when it has a seed, so a seeded request's tokens never depend
 on what else is in the batch.  Logprobs are those of the raw model distribution.
+A batch of plain greedy rows (``SamplingRow.is_argmax``) is one argmax kernel.
 """
 from __future__ import annotations
 
@@ -24,6 +25,18 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        p = self.params
+        # greedy with nothing that changes the logits or asks for logprobs (min_tokens aside)
+        self._is_plain_greedy = (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
+                                 and not p.frequency_penalty and not p.presence_penalty)
+
+    @property
+    def is_argmax(self) -> bool:
+        """This step's token is the plain argmax of the row's logits: greedy, no penalty,
+        no logprobs, and no ``min_tokens`` mask left."""
+        return self._is_plain_greedy and len(self.output_token_ids) >= self.params.min_tokens
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,8 @@ def sample(
     """One token per row of ``logits`` [B, V] (rows in the order of ``rows``)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [len(rows), vocab], got {tuple(logits.shape)} for {len(rows)} rows")
+    if all(r.is_argmax for r in rows):  # the common greedy batch: one kernel, no copy of the logits
+        return SamplerOutput(token_ids=logits.argmax(dim=-1))
     device, vocab_size = logits.device, logits.shape[1]
     logits = logits.float().clone()
     num_top = max((r.params.logprobs or 0 for r in rows), default=0)

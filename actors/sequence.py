@@ -4,11 +4,41 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from fastdecode.actors.request import SamplingParams, TokenEvent
+from fastdecode.actors.sampling import SamplingRow
+
+
+class EventChannel:
+    """One request's token events, from the Executor to one reader: a FIFO whose reader waits on
+    one future only while it is empty (an ``asyncio.Queue`` costs several times more per token, and
+    the Executor puts one event per running request every step)."""
+
+    def __init__(self) -> None:
+        self._events: deque[TokenEvent] = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, event: TokenEvent) -> None:
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> TokenEvent:
+        while not self._events:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._events.popleft()
+
+    def qsize(self) -> int:
+        return len(self._events)
 
 
 class SeqStatus(enum.Enum):
@@ -24,7 +54,7 @@ class Sequence:
     seq_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    events: asyncio.Queue  # of TokenEvent, read by the request's stream
+    events: EventChannel  # read by the request's stream
     generator: torch.Generator | None = None  # set for seeded sampling
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
@@ -34,6 +64,10 @@ class Sequence:
     is_abort_requested: bool = False
     num_preemptions: int = 0
     is_recovering: bool = False  # its node failed or drained: the next prefill rebuilds it elsewhere
+    sampling_row: SamplingRow = field(init=False, repr=False)  # the sampler's view, made once (live lists)
+
+    def __post_init__(self) -> None:
+        self.sampling_row = SamplingRow(self.params, self.prompt_ids, self.output_ids, self.generator)
 
     @property
     def num_tokens(self) -> int:

@@ -41,10 +41,9 @@ class StepPlan:
 
     ``minibatches`` include the sequences admitted this step.  ``predicted_step_s``
     is the predicted pipelined decode step time (0 when no GPU model is known
-    and the nodes predict nothing) of the split's per-layer cycle model.
-    ``predicted_decode_s`` is the step model's prediction of the same split as
-    the Executor measures it (dense calls with their learned overhead, attend
-    round trips, pipeline fill and drain; see ``step_model``).
+    and the nodes predict nothing) of the split's per-layer cycle model.  The step
+    model's prediction as the Executor measures it is ``Scheduler.predict_decode_s``
+    of the groups the Executor runs (not computed here: it costs time every step).
     ``total_context`` is the sum of the running sequences' context lengths.
     """
 
@@ -54,7 +53,6 @@ class StepPlan:
     minibatches: tuple[tuple[int, ...], tuple[int, ...]]
     predicted_step_s: float
     total_context: int
-    predicted_decode_s: float = 0.0
 
     @property
     def num_running(self) -> int:

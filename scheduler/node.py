@@ -21,6 +21,14 @@ class AttendTimeModel(Protocol):
     def predict(self, kv_bytes: float) -> float: ...
 
 
+class WholeStepTimeModel(Protocol):
+    """Seconds of a whole decode step of ``batch`` sequences run as one call (``GpuPerfModel`` is one)."""
+
+    def predict(self, batch: float) -> float: ...
+
+    def observe(self, batch: int, seconds: float) -> float: ...
+
+
 def _check_int(value: int, name: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         kind = "a positive" if minimum == 1 else "a non-negative"
@@ -32,7 +40,10 @@ class NodeModel:
     """One KV node: identity, memory, layout and attend-time model.
 
     ``perf`` is the node's (mutable, online-updated) time model; the rest is
-    fixed when the node registers.
+    fixed when the node registers.  ``whole_step``, when set, times a decode step
+    of a mini-batch held wholly on this node, which the Executor runs as one call
+    (the GPU KV node's CUDA graph: dense part and attention of every layer); it is
+    calibrated by timing that call and learns from the measured steps.
     """
 
     node_id: int
@@ -41,6 +52,7 @@ class NodeModel:
     num_layers: int
     page_size: int  # tokens per page
     perf: AttendTimeModel
+    whole_step: WholeStepTimeModel | None = None
 
     def __post_init__(self) -> None:
         _check_int(self.node_id, "node_id", 0)
@@ -50,6 +62,9 @@ class NodeModel:
         _check_int(self.page_size, "page_size", 1)
         if not callable(getattr(self.perf, "predict", None)):
             raise ValueError("perf must have a predict(kv_bytes) method")
+        if self.whole_step is not None and not all(
+                callable(getattr(self.whole_step, verb, None)) for verb in ("predict", "observe")):
+            raise ValueError("whole_step must have predict(batch) and observe(batch, seconds) methods")
 
     @property
     def page_bytes(self) -> int:

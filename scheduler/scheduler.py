@@ -229,7 +229,6 @@ class Scheduler:
             minibatches=minibatches,
             predicted_step_s=step_s,
             total_context=sum(item.context_len for item in items),
-            predicted_decode_s=self.predict_decode_s(minibatches),
         )
 
     def _residents(self, node_id: int) -> list[Resident]:

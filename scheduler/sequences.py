@@ -131,9 +131,11 @@ class SequenceTable:
         used = dict.fromkeys(nodes, 0)
         committed = dict.fromkeys(nodes, 0)
         final = dict.fromkeys(nodes, 0)
-        for record in self._running.values():
-            node = nodes[record.node_id]
-            used[node.node_id] += node.pages_for(record.context_len)
-            committed[node.node_id] += node.pages_for(record.expected_final_len)
-            final[node.node_id] += record.expected_final_len
+        page_size = {i: node.page_size for i, node in nodes.items()}
+        for record in self._running.values():  # ceil divisions inlined: this runs every step over every sequence
+            node_id, size = record.node_id, page_size[record.node_id]
+            final_len = record.prompt_len + record.max_tokens
+            used[node_id] += -(-(record.prompt_len + record.num_generated) // size)
+            committed[node_id] += -(-final_len // size)
+            final[node_id] += final_len
         return {i: NodeLoad(nodes[i], used[i], committed[i], final[i]) for i in nodes}

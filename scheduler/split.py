@@ -28,14 +28,13 @@ them twice.  The caller must accept an empty mini-batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastdecode.scheduler.node import NodeModel
 
 
-@dataclass(frozen=True)
-class SplitItem:
-    """A running sequence as the split sees it."""
+class SplitItem(NamedTuple):
+    """A running sequence as the split sees it (a named tuple: one is made per sequence every step)."""
 
     seq_id: int
     node_id: int

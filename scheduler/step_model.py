@@ -19,6 +19,14 @@ A stage's duration:
   predicts the call as seen from the Executor: wire, queueing and message
   handling included, not just the native kernel.
 
+A mini-batch held wholly on a node with a ``whole_step`` model (the GPU KV node,
+whose step is one CUDA graph: every layer's dense part and attention) is one
+stage instead: that model's time for its sequence count, on the dense thread.
+Measured steps made only of such mini-batches teach those models (each its
+predicted share of the step, as the median of the latest ``_WHOLE_STEP_WINDOW``
+steps of that size, so one step stalled by the host does not move it); the
+others teach ``call_overhead_s`` as below.
+
 The step is simulated with each resource (the dense thread, each node) serving
 stages in order of readiness, so two mini-batches on one node wait for each
 other there and the pipeline's fill and drain are counted.  The nodes' models
@@ -39,6 +47,7 @@ step, not a mean dragged up by outliers.
 from __future__ import annotations
 
 import statistics
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +58,7 @@ DenseTime = Callable[[float], float]  # sequences -> seconds of a whole dense pa
 
 _SLOPE_PROBE_S = 1e-6  # finite-difference step for d(step)/d(call_overhead)
 _MIN_SCALE_SHARE = 0.1  # the cap's scale never falls below this share of the step per critical dense call
+_WHOLE_STEP_WINDOW = 5  # a whole-step model learns from the median of this many latest steps of a batch size
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class DecodeStepModel:
         self._num_warmup_steps = round(1.0 / self._rate)
         self._warmup_targets: list[float] = []
         self.errors = ErrorTracker(update_rate)
+        self._whole_step_recent: dict[tuple[int, int], deque[float]] = {}  # (node, batch) -> measured shares
 
     def dense_call_s(self, num_seqs: float, call_overhead_s: float | None = None) -> float:
         """One dense call of a mini-batch of ``num_seqs`` sequences, Executor overhead included."""
@@ -109,6 +120,16 @@ class DecodeStepModel:
         seconds = _check_time(seconds, "seconds")
         predicted = self._simulate(minibatches, self.call_overhead_s)
         error = self.errors.record(predicted, seconds)
+        whole = [(mb, self._whole_step_node(mb)) for mb in minibatches if mb.num_seqs > 0]
+        if whole and all(node is not None for _, node in whole):
+            # one call per mini-batch, one after the other on the dense thread: each learns its share
+            shares = [node.whole_step.predict(mb.num_seqs) for mb, node in whole]
+            for (mb, node), share in zip(whole, shares):
+                recent = self._whole_step_recent.setdefault((node.node_id, mb.num_seqs),
+                                                            deque(maxlen=_WHOLE_STEP_WINDOW))
+                recent.append(seconds * (share / sum(shares) if sum(shares) > 0 else 1.0))
+                node.whole_step.observe(mb.num_seqs, statistics.median(recent))
+            return error
         slope = (self._simulate(minibatches, self.call_overhead_s + _SLOPE_PROBE_S) - predicted) / _SLOPE_PROBE_S
         if slope <= 0:
             return error
@@ -122,25 +143,49 @@ class DecodeStepModel:
         self.call_overhead_s = max(0.0, self.call_overhead_s + self._rate * move)
         return error
 
+    def _whole_step_node(self, mb: MiniBatchLoad) -> NodeModel | None:
+        """The node that runs ``mb`` as one call: it holds all of it and has a whole-step model."""
+        if len(mb.context_by_node) != 1:
+            return None
+        node = self.nodes[next(iter(mb.context_by_node))]
+        return node if node.whole_step is not None else None
+
+    def _chain(self, mb: MiniBatchLoad, call_overhead_s: float) -> tuple[float, dict[int, float], int]:
+        """A mini-batch's stages: (seconds of each dense call, attend seconds per node, number of stages)."""
+        node = self._whole_step_node(mb)
+        if node is not None:  # one dense-thread call does the whole step
+            return node.whole_step.predict(mb.num_seqs), {}, 1
+        return (self.dense_call_s(mb.num_seqs, call_overhead_s),
+                {n: self.nodes[n].predict_attend_s(c) for n, c in mb.context_by_node.items() if c > 0},
+                2 * self.num_layers + 1)
+
     def _simulate(self, minibatches: Sequence[MiniBatchLoad], call_overhead_s: float) -> float:
         if len(minibatches) > 2:
             raise ValueError(f"the Executor runs one or two mini-batches, got {len(minibatches)}")
-        chains = [
-            (self.dense_call_s(mb.num_seqs, call_overhead_s),
-             {n: self.nodes[n].predict_attend_s(c) for n, c in mb.context_by_node.items() if c > 0})
-            for mb in minibatches if mb.num_seqs > 0
-        ]
-        num_stages = 2 * self.num_layers + 1
-        ready = [0.0] * len(chains)
-        stage = [0] * len(chains)
+        chains = [self._chain(mb, call_overhead_s) for mb in minibatches if mb.num_seqs > 0]
+        if len(chains) == 1:  # nothing to wait for: the stages add up (the same sums as the simulation)
+            dense_s, attend_s, num_stages = chains[0]
+            if num_stages == 1:
+                return dense_s
+            attend_max = max(attend_s.values(), default=0.0)
+            end = 0.0
+            for _ in range(self.num_layers):
+                end += dense_s
+                end += attend_max
+            return end + dense_s
+        num_chains = len(chains)
+        ready = [0.0] * num_chains
+        stage = [0] * num_chains
         dense_free = 0.0
         node_free: dict[int, float] = {}
         while True:
-            active = [i for i in range(len(chains)) if stage[i] < num_stages]
-            if not active:
+            i = -1  # the active chain ready first (the lower index on a tie)
+            for j in range(num_chains):
+                if stage[j] < chains[j][2] and (i < 0 or ready[j] < ready[i]):
+                    i = j
+            if i < 0:
                 return max(ready, default=0.0)
-            i = min(active, key=lambda j: (ready[j], j))
-            dense_s, attend_s = chains[i]
+            dense_s, attend_s, _ = chains[i]
             if stage[i] % 2 == 0:  # a dense call on the one dense thread
                 dense_free = max(ready[i], dense_free) + dense_s
                 ready[i] = dense_free

@@ -143,3 +143,18 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="logits must be"):
         sample(torch.zeros(3, VOCAB), [_row(SamplingParams())])
+
+
+def test_only_plain_greedy_rows_take_the_argmax_path():
+    output: list[int] = [7]
+    waiting = _row(SamplingParams(temperature=0.0, min_tokens=2, max_tokens=5), output=output)
+    waiting.output_token_ids = output  # the live list the Executor appends to
+    assert _row(SamplingParams(temperature=0.0)).is_argmax
+    assert not waiting.is_argmax  # min_tokens not reached: EOS must still be masked
+    output.append(8)
+    assert waiting.is_argmax
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.0, logprobs=2),
+                   SamplingParams(temperature=0.0, presence_penalty=0.5),
+                   SamplingParams(temperature=0.0, frequency_penalty=0.5),
+                   SamplingParams(temperature=0.0, repetition_penalty=1.2)):
+        assert not _row(params).is_argmax, params

@@ -3,6 +3,7 @@ per-sequence reference, padding rows, the eager fallback; graphed against eager 
 from __future__ import annotations
 
 import asyncio
+import statistics
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fastdecode.actors.model import TorchKVCache
 from fastdecode.actors.prefill import prefill
 from fastdecode.actors.reference import run_tokens
 from fastdecode.actors.request import SamplingParams
+from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler import SchedulerConfig
 from greedy_compare import assert_same_greedy
 
@@ -130,3 +132,31 @@ async def test_graph_replay_matches_eager_program_cuda():
         results.append([graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)])
     for eager, graphed in zip(*results):
         torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
+
+
+async def test_the_scheduler_predicts_whole_steps_from_timed_replays_and_learns_them(tiny_model, one_torch_thread):
+    """Executor start-up times the step program by batch (StepGraphs.profile) for the GPU KV node's
+    whole-step model; measured steps keep it within 15% of the steps that run."""
+    model, _ = tiny_model
+    slot_len, max_tokens = 64, 50
+    token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
+    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=4 * slot_len * token_bytes,
+                                                             slot_len=slot_len, is_calibrating=False))
+    config = ExecutorConfig(max_model_len=slot_len, is_pipelined=False, profile_batches=(1, 4),
+                            scheduler=SchedulerConfig(max_num_seqs=4, admission="all-at-once"))
+    executor = Executor(model, [node], config, eos_token_ids=(), trace=StepTrace())
+    executor.decoder.graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    await executor.start()
+    try:
+        whole_step = executor.scheduler.nodes[0].whole_step
+        assert whole_step is not None
+        assert [batch for batch, _ in whole_step.samples] == [1, 4]
+        assert all(seconds > 0 for _, seconds in whole_step.samples)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        await asyncio.gather(*(collect(executor.submit(PROMPTS[s], params)) for s in PROMPTS))
+    finally:
+        await executor.stop()
+    assert whole_step.errors.num_observations >= max_tokens - 2
+    measured = [end - start for _, start, end, _ in executor.trace.steps][10:]  # the learning's first steps aside
+    predicted = executor.predicted_steps_s[10:]
+    assert abs(statistics.median(predicted) / statistics.median(measured) - 1) < 0.15
