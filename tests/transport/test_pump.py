@@ -108,6 +108,52 @@ async def test_a_failing_callback_is_logged_and_the_pump_goes_on(ctx, caplog) ->
     assert receiver.closed
 
 
+async def test_what_a_message_wakes_runs_before_the_next_message_is_handled(ctx) -> None:
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(3)]
+    events: list[str] = []
+
+    def on_message(frames: list[zmq.Frame]) -> None:
+        index = int(frames[0].bytes)
+        events.append(f"message {index}")
+        futures[index].set_result(index)
+
+    async def waiter(index: int) -> None:
+        await futures[index]
+        events.append(f"woken {index}")
+
+    waiters = [asyncio.ensure_future(waiter(i)) for i in range(3)]
+    await asyncio.sleep(0)  # every waiter is parked on its future
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect("inproc://pump-wake")
+    receiver_sock = _bound(ctx, zmq.PULL, "inproc://pump-wake")
+    for i in range(3):
+        sock.send(b"%d" % i)  # all three wait in the socket before the pump starts
+    receiver = SocketPump(receiver_sock, on_message, name="receiver")
+    await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert events == ["message 0", "woken 0", "message 1", "woken 1", "message 2", "woken 2"]
+    sock.close(linger=0)
+    receiver.close()
+
+
+async def test_a_frame_without_a_buffer_is_refused_before_anything_is_sent(ctx) -> None:
+    received: list[list[bytes]] = []
+    receiver = SocketPump(_bound(ctx, zmq.PULL, "inproc://pump-refuse"), lambda f: received.append(
+        [frame.bytes for frame in f]), name="receiver")
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect("inproc://pump-refuse")
+    sender = SocketPump(sock, lambda f: None, name="sender")
+    with pytest.raises(TypeError, match="frame 1"):
+        sender.send([b"head", "text is not a buffer", b"tail"])
+    with pytest.raises(ValueError):
+        sender.send([])
+    sender.send([b"whole", bytearray(b"message")])
+    await _wait_for(lambda: len(received) == 1)
+    assert received == [[b"whole", b"message"]]  # no stray half message went out before it
+    sender.close()
+    receiver.close()
+
+
 async def test_refuses_asyncio_sockets() -> None:
     actx = zmq.asyncio.Context()
     sock = actx.socket(zmq.DEALER)
