@@ -84,14 +84,14 @@ struct ScoreDotBf16 {
         for (int c = 0; c < 2; ++c)
             for (int g = 0; g < GB; ++g)
                 for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_setzero_ps();
-        PairWalk walk[TV];
-        for (int j = 0; j < TV; ++j) walk[j] = k_walk(DT, t0 + j * V::W, D, P);
-        for (int d = 0; d < D; d += 4) {   // D is a multiple of 16
+        const PairWalk walk = k_walk(DT, t0, D, P);
+        const uint16_t *row = k + walk.first;
+        for (int d = 0; d < D; d += 4, row += 2 * walk.step) {   // D is a multiple of 16
             prefetch_rows(pf, d, 4);
             for (int c = 0; c < 2; ++c) {
                 __m512bh kv[TV];
                 for (int j = 0; j < TV; ++j)
-                    kv[j] = (__m512bh)_mm512_loadu_si512(k + walk[j].first + (size_t)(d / 2 + c) * walk[j].step);
+                    kv[j] = (__m512bh)_mm512_loadu_si512(row + c * walk.step + j * lane_group_elems<DT>());
                 for (int g = 0; g < GB; ++g) {
                     int32_t pair;
                     memcpy(&pair, q + g * D + d + 2 * c, sizeof(pair));
@@ -114,12 +114,11 @@ template <int GB, int DV>
 static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0, const uint16_t *pb, float *acc,
                                   const ValuePrefetch &pf) {
     __m512 a[GB][DV];
-    PairWalk walk[DV];
-    for (int j = 0; j < DV; ++j) walk[j] = v_walk(fdn::kDtypeBf16, d0 + j * V::W, D, P);
+    const PairWalk walk = v_walk(fdn::kDtypeBf16, d0, D, P);
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = _mm512_loadu_ps(acc + g * D + d0 + j * V::W);
-    const uint16_t *v = reinterpret_cast<const uint16_t *>(vb);
-    for (int t = 0; t < n; t += 2) {
+    const uint16_t *row = reinterpret_cast<const uint16_t *>(vb) + walk.first;
+    for (int t = 0; t < n; t += 2, row += walk.step) {
         if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
         // an odd last token: its pair partner is not written yet, so its half of V is cleared
         const __m512i keep = _mm512_set1_epi32(t + 1 < n ? -1 : 0xFFFF);
@@ -130,7 +129,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
             pp[g] = (__m512bh)_mm512_set1_epi32(pair);
         }
         for (int j = 0; j < DV; ++j) {
-            const __m512i w = _mm512_and_si512(_mm512_loadu_si512(v + walk[j].first + (size_t)(t / 2) * walk[j].step), keep);
+            const __m512i w = _mm512_and_si512(_mm512_loadu_si512(row + j * lane_group_elems<fdn::kDtypeBf16>()), keep);
             for (int g = 0; g < GB; ++g) a[g][j] = _mm512_dpbf16_ps(a[g][j], (__m512bh)w, pp[g]);
         }
     }
@@ -148,7 +147,7 @@ struct ValueDotBf16 {
             for (int t = 0; t < P; t += 16)
                 _mm256_store_si256(reinterpret_cast<__m256i *>(pb + g * P + t),
                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + g * P + t)));
-        constexpr int DV = V::ACC / GB;
+        constexpr int DV = value_vecs<DT, GB>();
         const int num_vecs = D / V::W, num_tiles = num_vecs / DV + num_vecs % DV;
         const size_t block = (size_t)D * P * 2;
         int j = 0, tile = 0;

@@ -24,6 +24,12 @@ struct PairWalk {
     size_t first, step, hi;
 };
 
+// Elements between lane groups j and j+1 (W lanes) of one pair row: bf16 pairs take two per lane. Valid
+// inside one layout tile, which score tiles (kKTileTokens % (TV * W) == 0) and value tiles (value_vecs)
+// never leave.
+template <int DT>
+static constexpr size_t lane_group_elems() { return DT == fdn::kDtypeBf16 ? 2 * V::W : V::W; }
+
 // The walk down K's head dims at token t.
 static inline PairWalk k_walk(int dtype, int t, int D, int P) {
     const size_t first = fdn::k_index(dtype, 0, t, D, P);
@@ -98,12 +104,14 @@ struct ScoreF32 {
         V::R acc[GB][TV], acc_hi[GB][TV];   // even and odd head dims: two independent FMA chains
         for (int g = 0; g < GB; ++g)
             for (int j = 0; j < TV; ++j) acc[g][j] = acc_hi[g][j] = V::zero();
-        PairWalk walk[TV];
-        for (int j = 0; j < TV; ++j) walk[j] = k_walk(DT, t0 + j * V::W, D, P);
-        for (int d = 0; d < D; d += 2) {
+        PairWalk walk = k_walk(DT, t0, D, P);
+        for (int d = 0; d < D; d += 2, walk.first += walk.step) {
             prefetch_rows(pf, d, 2);
             V::R lo[TV], hi[TV];
-            for (int j = 0; j < TV; ++j) load_pair<DT>(kb, walk[j], d / 2, lo[j], hi[j]);
+            for (int j = 0; j < TV; ++j) {
+                const PairWalk wj{walk.first + j * lane_group_elems<DT>(), 0, walk.hi};
+                load_pair<DT>(kb, wj, 0, lo[j], hi[j]);
+            }
             for (int g = 0; g < GB; ++g) {
                 const V::R qa = V::set1(q[g * D + d]), qb = V::set1(q[g * D + d + 1]);
                 for (int j = 0; j < TV; ++j) {
@@ -116,6 +124,8 @@ struct ScoreF32 {
             for (int j = 0; j < TV; ++j) V::store(s + g * P + t0 + j * V::W, V::add(acc[g][j], acc_hi[g][j]));
     }
 };
+
+static_assert(fdn::kKTileTokens % (V::TV * V::W) == 0, "a score tile must lie inside one K layout tile");
 
 template <int DT, int GB, class S>
 static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t *kb, float *s, Prefetch pf) {
@@ -143,7 +153,8 @@ static inline void softmax_update(float *s, int P, int n, int D, float *m, float
         for (int j = 1; j < num_vecs; ++j) mx = V::max(mx, V::load(sg + j * V::W));
         const float page_max = V::hmax(mx);
         const float m_new = page_max > m[g] ? page_max : m[g];
-        const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - m_new);
+        // the running max rarely moves after the first pages: no exp call (and no rescale) then
+        const float alpha = m[g] == -INFINITY ? 0.0f : m_new == m[g] ? 1.0f : expf(m[g] - m_new);
         const V::R mv = V::set1(m_new);
         for (int j = 0; j < num_vecs; ++j) V::store(sg + j * V::W, V::exp(V::sub(V::load(sg + j * V::W), mv)));
         for (int t = n; t < P; ++t) sg[t] = 0.0f;
@@ -164,16 +175,15 @@ template <int DT, int GB, int DV>
 static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, const float *p, float *acc,
                               const ValuePrefetch &pf) {
     V::R a[GB][DV];
-    PairWalk walk[DV];
-    for (int j = 0; j < DV; ++j) walk[j] = v_walk(DT, d0 + j * V::W, D, P);
+    PairWalk walk = v_walk(DT, d0, D, P);
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
     int t = 0;
-    for (; t + 2 <= n; t += 2) {
+    for (; t + 2 <= n; t += 2, walk.first += walk.step) {
         if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
         for (int j = 0; j < DV; ++j) {
             V::R lo, hi;
-            load_pair<DT>(vb, walk[j], t / 2, lo, hi);
+            load_pair<DT>(vb, PairWalk{walk.first + j * lane_group_elems<DT>(), 0, walk.hi}, 0, lo, hi);
             for (int g = 0; g < GB; ++g)
                 a[g][j] = V::fma(V::set1(p[g * P + t + 1]), hi, V::fma(V::set1(p[g * P + t]), lo, a[g][j]));
         }
@@ -181,7 +191,7 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
     if (t < n) {   // an odd last token: its pair partner is not written yet
         for (int j = 0; j < DV; ++j) {
             V::R lo, hi;
-            load_pair<DT, false>(vb, walk[j], t / 2, lo, hi);
+            load_pair<DT, false>(vb, PairWalk{walk.first + j * lane_group_elems<DT>(), 0, walk.hi}, 0, lo, hi);
             for (int g = 0; g < GB; ++g) a[g][j] = V::fma(V::set1(p[g * P + t]), lo, a[g][j]);
         }
     }
@@ -189,11 +199,23 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
         for (int j = 0; j < DV; ++j) V::store(acc + g * D + d0 + j * V::W, a[g][j]);
 }
 
+// Vectors per value tile for GB query heads: what the register budget allows, rounded down to a power of
+// two and, for bf16, at most one V layout tile (so each pass reads one tile front to back).
+template <int DT, int GB>
+static constexpr int value_vecs() {
+    int limit = V::ACC / GB > 0 ? V::ACC / GB : 1;
+    if (DT == fdn::kDtypeBf16 && limit > fdn::kVTileDims / V::W) limit = fdn::kVTileDims / V::W;
+    int dv = 1;
+    while (dv * 2 <= limit) dv *= 2;
+    return dv;
+}
+static_assert(fdn::kVTileDims % V::W == 0, "V layout tiles hold whole lane groups");
+
 // Values from float32 probabilities: every V element widened to float32.
 struct ValueF32 {
     template <int DT, int GB>
     static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v) {
-        constexpr int DV = V::ACC / GB > 0 ? V::ACC / GB : 1;
+        constexpr int DV = value_vecs<DT, GB>();
         const int num_vecs = D / V::W, num_tiles = num_vecs / DV + num_vecs % DV;
         const size_t block = (size_t)D * P * fdn::dtype_size(DT);
         int j = 0, tile = 0;
