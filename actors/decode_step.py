@@ -24,6 +24,7 @@ from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.kv_nodes import KVNode
 from fastdecode.actors.layer_graphs import EagerDense, GraphDense, LayerGraphs
 from fastdecode.actors.sequence import Sequence
+from fastdecode.actors.tensor_io import to_numpy
 from fastdecode.actors.trace import StepTrace
 
 
@@ -59,6 +60,26 @@ class _Call:
         self.ended: float | None = None
 
 
+class _Staging:
+    """One lane's pinned host buffers: q, k, v on their way to the shards and o on its way back.
+
+    Reused every layer without ZeroMQ tracking, because the order of the step makes it safe: a lane's
+    q/k/v buffers are written again only after every reply to the messages that carried them (those
+    messages are zero-copy: ZeroMQ and an in-process shard read the buffers until then), and its o
+    buffer only after the next host copy, which waits behind o's upload on the same stream. A node that
+    fails is not waited for; whatever it still reads of the buffers goes nowhere.
+    """
+
+    def __init__(self, rows: int, model) -> None:
+        cfg, dtype = model.config, model.dtype
+        self.rows = rows
+        self.qkv = tuple(torch.empty(rows, heads, cfg.head_dim, dtype=dtype, pin_memory=True)
+                         for heads in (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads))
+        self.qkv_arrays = tuple(to_numpy(t) for t in self.qkv)
+        self.o = torch.empty(rows, cfg.num_heads, cfg.head_dim, dtype=dtype, pin_memory=True)
+        self.o_array = to_numpy(self.o)
+
+
 class DecodeStep:
     """Runs decode steps of a model over a set of KV nodes."""
 
@@ -72,6 +93,7 @@ class DecodeStep:
         self.layer_graphs: LayerGraphs | None = None  # dense segments between attends, as CUDA graphs
         self._attend_times: list[tuple[int, int, float, float]] = []  # (node, context tokens, start, end)
         self._in_flight: list[list[_Call]] = []  # each mini-batch's calls of the layered step running now
+        self._staging: dict[int, _Staging] = {}  # by lane, CUDA only
 
     def drain_attend_times(self) -> list[tuple[int, int, float, float]]:
         """Measured attend calls since the last drain: (node index, tokens of context read, start, end),
@@ -138,18 +160,19 @@ class DecodeStep:
     def _layered_step(self, minibatches: list[MiniBatch], first_lane: int = 0) -> list[torch.Tensor]:
         num_layers = self.model.num_layers
         dense = [self._dense_program(mb, first_lane + i) for i, mb in enumerate(minibatches)]
+        staging = [self._staging_for(first_lane + i, len(mb.seqs)) for i, mb in enumerate(minibatches)]
         pending: list[list[_Call]] = []
         self._in_flight = pending
-        for mb, program in zip(minibatches, dense):
+        for mb, program, buffers in zip(minibatches, dense, staging):
             start = self._now()
-            pending.append(self._send(mb, 0, *program.first(), start))
+            pending.append(self._send(mb, 0, *program.first(), start, buffers))
         logits: list[torch.Tensor] = [None] * len(minibatches)  # type: ignore[list-item]
         for layer in range(num_layers):
             for i, mb in enumerate(minibatches):
-                o = self._collect(mb, pending[i])
+                o = self._collect(mb, pending[i], staging[i])
                 start = self._now()
                 if layer + 1 < num_layers:
-                    pending[i] = self._send(mb, layer + 1, *dense[i].middle(layer, o), start)
+                    pending[i] = self._send(mb, layer + 1, *dense[i].middle(layer, o), start, staging[i])
                 else:
                     logits[i] = dense[i].last(o)
                     self._trace_dense(mb, "dense", start)
@@ -163,6 +186,14 @@ class DecodeStep:
             if segments is not None:
                 return GraphDense(self.layer_graphs, segments, tokens, positions)
         return EagerDense(self.model, tokens, positions)
+
+    def _staging_for(self, lane: int, num_rows: int) -> _Staging | None:
+        if not self.runner.is_cuda:
+            return None
+        staging = self._staging.get(lane)
+        if staging is None or staging.rows < num_rows:
+            staging = self._staging[lane] = _Staging(num_rows, self.model)
+        return staging
 
     def _now(self) -> float:
         return self.trace.now() if self.trace is not None else 0.0
@@ -179,12 +210,18 @@ class DecodeStep:
                 if call.ended is None and self.nodes[call.node_index].is_attend_done(call.pending):
                     call.ended = time.perf_counter()
 
-    def _send(self, mb: MiniBatch, layer: int, q, k, v, dense_start: float) -> list[_Call]:
+    def _send(self, mb: MiniBatch, layer: int, q, k, v, dense_start: float,
+              staging: _Staging | None) -> list[_Call]:
         """Start every node's attend for ``mb`` at ``layer``: shards first (their rows copied to the host
         once, which waits for the dense work), then the nodes on the Executor's device."""
         slices = mb.node_slices
         on_host = [self.nodes[n].is_host for n, _, _ in slices]
-        host = self.runner.host_copies(q, k, v, while_waiting=self._note_arrivals) if any(on_host) else None
+        host = None
+        if any(on_host):
+            host = self.runner.host_copies(q, k, v, out=staging.qkv if staging else None,
+                                           while_waiting=self._note_arrivals)
+            if staging is not None:  # numpy views: slicing them per node is cheaper than slicing tensors
+                host = staging.qkv_arrays
         self._trace_dense(mb, "dense", dense_start)
         calls: list[_Call] = []
         for is_host in (True, False):
@@ -198,7 +235,7 @@ class DecodeStep:
         calls.sort(key=lambda c: c.start_row)  # back to row order
         return calls
 
-    def _collect(self, mb: MiniBatch, calls: list[_Call]) -> torch.Tensor:
+    def _collect(self, mb: MiniBatch, calls: list[_Call], staging: _Staging | None) -> torch.Tensor:
         """Wait for ``calls``; their outputs in row order, on the Executor's device."""
         self._note_arrivals()
         parts: list[torch.Tensor] = []
@@ -214,17 +251,18 @@ class DecodeStep:
         device = self.model.device
         on_host = [p.device != device for p in parts]
         if any(on_host):  # the shards' rows join on the host and go up in one copy
-            joined = self._join_on_host([p for p, h in zip(parts, on_host) if h])
+            joined = self._join_on_host([p for p, h in zip(parts, on_host) if h], staging)
             if all(on_host):
                 return joined
             uploaded = iter(joined.split([p.shape[0] for p, h in zip(parts, on_host) if h]))
             parts = [next(uploaded) if h else p for p, h in zip(parts, on_host)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _join_on_host(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        if not self.runner.is_cuda:
+    def _join_on_host(self, parts: list[torch.Tensor], staging: _Staging | None) -> torch.Tensor:
+        if staging is None:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-        joined = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
-        torch.cat(parts, out=joined)
-        return self.runner.upload(joined)
+        row = 0
+        for part in parts:
+            staging.o[row:row + part.shape[0]].copy_(part)
+            row += part.shape[0]
+        return self.runner.upload(staging.o[:row])

@@ -53,14 +53,14 @@ class DenseRunner:
         await loop.run_in_executor(self._waiter, done.synchronize)
         return hosts
 
-    def host_copies(self, *tensors: torch.Tensor,
+    def host_copies(self, *tensors: torch.Tensor, out: tuple[torch.Tensor, ...] | None = None,
                     while_waiting: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
         """On the compute thread: pinned host copies of device tensors, once they are there
-        (the tensors themselves on a CPU device). ``while_waiting`` is called every
-        ``WAIT_POLL_S`` until the copies are done."""
+        (the tensors themselves on a CPU device). ``out``: pinned buffers to copy into (their first
+        rows). ``while_waiting`` is called every ``WAIT_POLL_S`` until the copies are done."""
         if not self.is_cuda:
             return tensors
-        hosts, done = self._start_copy(tensors)
+        hosts, done = self._start_copy(tensors, out)
         if while_waiting is not None:
             while not done.query():
                 while_waiting()
@@ -72,14 +72,17 @@ class DenseRunner:
         """On the compute thread: a device copy of a host tensor, ordered before later dense work."""
         return self._upload(host) if self.is_cuda else host
 
-    def _start_copy(self, tensors):
+    def _start_copy(self, tensors, out=None):
         ready = torch.cuda.Event()
         ready.record()  # on the compute thread's current stream, after the producing kernels
         hosts = []
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(ready)
-            for t in tensors:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            for i, t in enumerate(tensors):
+                if out is not None:
+                    host = out[i][:t.shape[0]]
+                else:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host.copy_(t, non_blocking=True)
                 t.record_stream(self._copy_stream)
                 hosts.append(host)

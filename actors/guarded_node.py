@@ -21,6 +21,7 @@ import torch
 
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
 from fastdecode.actors.shard_drain import DRAINING
+from fastdecode.actors.tensor_io import from_numpy
 from fastdecode.transport.control_messages import ACTOR_STOPPED
 from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
 
@@ -174,7 +175,7 @@ class GuardedNode(KVNode):
             except Exception as exc:
                 if self._failed(exc) is None:
                     raise
-        return torch.zeros_like(q)
+        return from_numpy(np.zeros(q.shape, q.dtype)) if isinstance(q, np.ndarray) else torch.zeros_like(q)
 
     def is_attend_done(self, pending: tuple[object | None, torch.Tensor]) -> bool:
         inner_pending, _ = pending

@@ -141,6 +141,10 @@ class LocalKVNode(KVNode):
         return NodeStats(self._capacity_bytes, used, 1, total_pages, len(self._num_tokens), None)
 
 
+def _host_array(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else to_numpy(x)
+
+
 class ShardKVNode(KVNode):
     """A KVShard actor reached through a ShardClient (in-process or remote)."""
 
@@ -164,7 +168,9 @@ class ShardKVNode(KVNode):
         return from_numpy(o)
 
     def begin_attend(self, layer, seq_ids, q, k, v) -> int:
-        message = Attend(int(layer), np.asarray(seq_ids, dtype=np.int64), to_numpy(q), to_numpy(k), to_numpy(v))
+        """q, k, v: host tensors or their numpy views (sent without a copy: keep them unchanged until the reply)."""
+        message = Attend(int(layer), np.asarray(seq_ids, dtype=np.int64), _host_array(q), _host_array(k),
+                         _host_array(v))
         return self.client.link.send(message)
 
     def end_attend(self, pending: int) -> torch.Tensor:
