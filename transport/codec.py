@@ -33,12 +33,13 @@ DEFAULT_INLINE_THRESHOLD = 4096  # one page: seq_ids of up to 512 sequences ride
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_NDIM = 8
 
-_ARRAY, _OTHER = 0, 1  # field plans: arrays, or scalars checked by _check_scalar
+_ARRAY, _INT, _OTHER = 0, 1, 2  # field plans: arrays, ints (a plain int passes at once), scalars by _check_scalar
 
 
 def _plan(schema: Schema) -> tuple[tuple[str, int, FieldSpec], ...]:
-    """Per field: (name, _ARRAY or _OTHER, spec) so the hot loops compare small ints, not strings."""
-    return tuple((spec.name, _ARRAY if spec.kind == "array" else _OTHER, spec) for spec in schema.fields)
+    """Per field: (name, _ARRAY, _INT or _OTHER, spec) so the hot loops compare small ints, not strings."""
+    codes = {"array": _ARRAY, "int": _INT}
+    return tuple((spec.name, codes.get(spec.kind, _OTHER), spec) for spec in schema.fields)
 
 
 def _is_positional(schema: Schema) -> bool:
@@ -57,7 +58,7 @@ def _frame_buffer(frame: Any) -> memoryview:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _check_scalar(spec: FieldSpec, value: Any) -> Any:
@@ -125,6 +126,8 @@ class Codec:
                 if not spec.is_optional:
                     raise ValueError(f"{schema.cls.__name__}.{name} must not be None")
                 values.append(None)
+            elif field_kind == _INT and type(value) is int:
+                values.append(value)
             elif field_kind == _ARRAY:
                 desc, frame = self._encode_array(spec, value, len(frames))
                 values.append(desc)
@@ -217,6 +220,8 @@ class Codec:
                 if not spec.is_optional:
                     raise ProtocolError(f"field {name!r} must not be null")
                 args.append(None)
+            elif field_kind == _INT and type(value) is int:
+                args.append(value)
             elif field_kind == _ARRAY:
                 args.append(self._decode_array(spec, value, buffers, used))
             else:
