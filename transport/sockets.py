@@ -3,11 +3,13 @@
 Sends go through ``SocketPump.send`` with ``copy=False`` and no ``track``: pyzmq
 wraps each buffer of 64 KiB or more (its ``copy_threshold``) in a zero-copy
 message and holds a reference to it until libzmq is done with it, smaller ones are
-copied.  ``track=True`` would only matter to a sender that reuses a buffer after
-sending it, and none does: every q, k, v, o and prompt K/V that travels is a fresh
-array (or a view on a received frame) that nobody writes afterwards.  Tracking
-made a 1.3 MiB attend round trip 35-40 % slower (docs/benchmarks.md).  Callers
-must therefore not modify an array after sending it.
+copied.  Tracking made a 1.3 MiB attend round trip 35-40 % slower
+(docs/benchmarks.md), so the rule is the caller's: do not write to an array after
+sending it until the reply to the request that carried it has arrived (by then
+the peer has received every frame; over inproc the peer's arrays are views of the
+sender's memory, so a handler must not keep them past its reply).  After a
+timeout or a dead peer the request may still be queued in ZeroMQ: its buffers
+must then not be written again while the socket lives.
 """
 from __future__ import annotations
 
