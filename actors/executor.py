@@ -128,6 +128,9 @@ class Executor:
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._abort_requested: set[int] = set()  # of _sequences, reaped at the next step
+        # a step's token events (not a request's last), handed to the streams once the next decode step
+        # is under way, so the readers' wake-ups overlap the GPU instead of delaying the next replay
+        self._pending_events: list[tuple[Sequence, TokenEvent]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.num_steps = 0
@@ -181,6 +184,7 @@ class Executor:
             except asyncio.CancelledError:
                 pass  # the loop was cancelled on purpose
             self._task = None
+        self._emit_pending()
         for seq in list(self._sequences.values()):
             seq.emit(TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error",
                                 error="the server is shutting down"))
@@ -271,6 +275,8 @@ class Executor:
         plan = self.scheduler.schedule()
         for preemption in plan.preempted:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
+        if plan.admitted:
+            self._emit_pending()  # prefills take a while: the streams should not wait for them
         for admission in plan.admitted:
             await self._prefill(self._sequences[admission.seq_id], admission.node_id)
         minibatches = [[s for s in (self._sequences.get(i) for i in ids) if s is not None and self._is_placed(s)]
@@ -278,6 +284,8 @@ class Executor:
         minibatches = [mb for mb in minibatches if mb]
         if minibatches:
             await self._decode(minibatches)
+        else:
+            self._emit_pending()
         self.num_steps += 1
         self.last_step_s = loop.time() - start
 
@@ -305,6 +313,7 @@ class Executor:
 
     async def _finish(self, seq: Sequence, event: TokenEvent, *, is_counted: bool) -> None:
         """Leave the batch: forget it in the scheduler, free KV at once, tell the stream."""
+        self._emit_pending()  # a stream's events stay in order
         if is_counted:
             self.scheduler.on_finished(seq.seq_id)
         else:
@@ -424,6 +433,7 @@ class Executor:
         start = time.perf_counter()
         logits = await self.decoder.run(minibatches, is_pipelined=self.config.is_pipelined)
         decode_s = time.perf_counter() - start
+        self._emit_pending()  # the previous step's tokens go out while the GPU works on this one
         if self.trace is not None:
             self.trace.add_step(self.decoder.step_index, trace_start, self.trace.now(),
                                 sum(len(mb.seqs) for mb in minibatches))
@@ -451,6 +461,11 @@ class Executor:
         if all_seqs:
             await self._sample_and_emit(all_seqs, all_logits)
 
+    def _emit_pending(self) -> None:
+        pending, self._pending_events = self._pending_events, []
+        for seq, event in pending:
+            seq.emit(event)
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
         """Token ids, logprobs and top logprobs as Python values (runs on the dense thread)."""
         out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=self._eos_tuple)
@@ -471,6 +486,6 @@ class Executor:
                                          max_model_len=self.max_model_len)
             event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason)
             if reason is None:
-                seq.emit(event)
+                self._pending_events.append((seq, event))
             else:
                 await self._finish(seq, event, is_counted=True)

@@ -80,6 +80,37 @@ async def test_staggered_concurrent_requests_match_solo_runs(tiny_model):
             assert tokens == reference_generate(model, tokenizer, prompt, params).token_ids
 
 
+async def test_each_stream_sees_its_events_in_order_with_aborts(tiny_model):
+    """Token events leave the Executor one step late (while the next step runs): every stream still sees
+    indices 0, 1, 2, ... and its final event last, whether it ends by length or by an abort."""
+    _, tokenizer = tiny_model
+    config = ClusterConfig(**TINY, num_shards=0)
+    async with await Cluster.start(config) as cluster:
+        executor = cluster.executor
+        first, second = prompts(tokenizer)[:2]
+        aborted = executor.submit(first, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+        finished = executor.submit(second, GREEDY)
+        events = {"aborted": [], "finished": [], "late": []}
+
+        async def read(name, stream, abort_after=None):
+            async for event in stream:
+                events[name].append(event)
+                if len(events[name]) == abort_after:
+                    executor.abort(stream.request_id)  # the stream goes on to its abort event
+
+        await asyncio.gather(read("aborted", aborted, abort_after=3), read("finished", finished))
+        await read("late", executor.submit(second, GREEDY))  # a fresh request after the others ended
+    for name, reason in (("aborted", "abort"), ("finished", "length"), ("late", "length")):
+        stream_events = events[name]
+        tokens = [e for e in stream_events if e.token_id >= 0]
+        assert [e.index for e in tokens] == list(range(len(tokens))), name
+        assert [e.finish_reason for e in stream_events[:-1]] == [None] * (len(stream_events) - 1), name
+        assert stream_events[-1].finish_reason == reason, name
+    assert events["aborted"][-1].index == len([e for e in events["aborted"] if e.token_id >= 0])
+    assert len(events["finished"]) == len(events["late"]) == GREEDY.max_tokens
+    assert [e.token_id for e in events["finished"]] == [e.token_id for e in events["late"]]
+
+
 async def test_cancelled_requests_free_their_kv(tiny_model):
     _, tokenizer = tiny_model
     config = ClusterConfig(**TINY, num_shards=2, shard_kv_memory_bytes=16 << 20)
