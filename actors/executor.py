@@ -444,8 +444,9 @@ class Executor:
             AttendCall(node_index, num_tokens * bytes_per_token_layer, start_s, end_s)
             for node_index, num_tokens, start_s, end_s in self.decoder.drain_attend_times()
             if self.nodes[node_index].is_alive])
-        if all_alive:
-            self.scheduler.observe_decode(ran, decode_s)
+        if all_alive:  # an untraced CUDA graph step returns at its launch: its time is not the step's
+            self.scheduler.observe_decode(ran, decode_s,
+                                          is_device_time_included=self.runner.is_synchronous or not self.runner.is_cuda)
         # one sampler call for the whole step (rows are sampled independently). Rows whose node
         # failed during the step got zeros from it: no token for them now; they are rebuilt
         # elsewhere and decode this position again.

@@ -1,20 +1,24 @@
 """The Executor's host time per decode step, outside the model forward, on the CPU.
 
-    python -m fastdecode.actors.host_time_bench --json [--model tiny] [--layers 32] [--batches 1,64] [--node gpu-kv|local] [--profile]
+    python -m fastdecode.actors.host_time_bench --json [--model tiny] [--layers 2] [--batches 1,64]
+        [--node gpu-kv|local] [--repeats 3] [--profile]
 
 Runs the real Executor (scheduler, mini-batch build, step model, sampling, events,
 streams) over a small model on the CPU, with the whole step in one call on the dense
 thread: ``gpu-kv`` (default) is the GPU KV node through ``StepGraphs`` run eagerly
 (the path a CUDA graph replays on the GPU), ``local`` the LocalKVNode's per-layer
 path. Every request decodes exactly ``--output-len`` tokens. Only steps after every
-request's prefill count. The forward (from the step's embedding to its logits) is
+request's prefill count. ``--layers`` sets the random model's depth: 2 (the default)
+keeps the CPU forward short, so its GIL slices barely contend with the event loop
+(as a GPU replay would not); 32 adds the per-layer work of a Llama-3-8B step to the
+scheduler's share. The forward (from the step's embedding to its logits) is
 timed inside the model; ``host_us_per_step`` is the step's wall time minus it: what
 the GPU would wait for between two replays. ``host_cpu_us_per_step`` is the same in
 CPU time (all threads, less the forwards'). It splits into the event loop's own work
 (``loop_us_per_step``: the step's wall time outside its calls on the dense thread) and
 the dense calls' time outside the forward (``dense_calls_host_us_per_step``: thread
 hops, staging, sampling). ``--profile`` prints the heaviest
-functions of the measured steps (cProfile, by own time) on stderr.
+functions of the measured steps on the event-loop thread (cProfile, by own time) on stderr.
 Prints one JSON object last on stdout.
 """
 from __future__ import annotations
@@ -156,7 +160,7 @@ async def measure(model, batch: int, *, node_kind: str, prompt_len: int, output_
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="a random preset's shapes")
-    parser.add_argument("--layers", type=int, default=32,
+    parser.add_argument("--layers", type=int, default=2,
                         help="layers of the random model (the scheduler's per-step work grows with them)")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--node", choices=("gpu-kv", "local"), default="gpu-kv")

@@ -186,9 +186,13 @@ class Scheduler:
         concurrently), as the Executor measures it: its dense calls and attend round trips."""
         return self.step_model.predict(self._loads(minibatches))
 
-    def observe_decode(self, minibatches: Iterable[Iterable[int]], seconds: float) -> float:
-        """Feed a measured decode step of these groups (as run); returns the prediction's relative error."""
-        return self.step_model.observe(self._loads(minibatches), seconds)
+    def observe_decode(self, minibatches: Iterable[Iterable[int]], seconds: float, *,
+                       is_device_time_included: bool = True) -> float:
+        """Feed a measured decode step of these groups (as run); returns the prediction's relative error.
+        ``is_device_time_included=False`` when the time may end before the device's work did (see
+        ``DecodeStepModel.observe``)."""
+        return self.step_model.observe(self._loads(minibatches), seconds,
+                                       is_device_time_included=is_device_time_included)
 
     def _loads(self, minibatches: Iterable[Iterable[int]]) -> list[MiniBatchLoad]:
         loads = []

@@ -115,13 +115,18 @@ class DecodeStepModel:
         """Seconds of a decode step running ``minibatches`` (1 or 2) concurrently."""
         return self._simulate(minibatches, self.call_overhead_s)
 
-    def observe(self, minibatches: Sequence[MiniBatchLoad], seconds: float) -> float:
-        """Learn from a measured step; returns the relative error of the prediction made before."""
+    def observe(self, minibatches: Sequence[MiniBatchLoad], seconds: float, *,
+                is_device_time_included: bool = True) -> float:
+        """Learn from a measured step; returns the relative error of the prediction made before.
+        ``is_device_time_included=False``: the measurement may end before a one-call step's device
+        work does (an asynchronous CUDA graph launch), so it teaches no whole-step model."""
         seconds = _check_time(seconds, "seconds")
         predicted = self._simulate(minibatches, self.call_overhead_s)
         error = self.errors.record(predicted, seconds)
         whole = [(mb, self._whole_step_node(mb)) for mb in minibatches if mb.num_seqs > 0]
         if whole and all(node is not None for _, node in whole):
+            if not is_device_time_included:
+                return error
             # one call per mini-batch, one after the other on the dense thread: each learns its share
             shares = [node.whole_step.predict(mb.num_seqs) for mb, node in whole]
             for (mb, node), share in zip(whole, shares):

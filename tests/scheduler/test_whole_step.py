@@ -94,3 +94,13 @@ def test_isolated_stalled_steps_barely_move_the_whole_step_model():
     for step in range(100):
         model.observe(load, 0.05 if step % 10 == 9 else 0.01)  # every tenth step stalls 5x
     assert model.predict(load) == pytest.approx(0.01, rel=0.01)
+
+
+def test_a_step_timed_only_to_its_launch_teaches_no_whole_step_model():
+    graphs = GpuPerfModel([(1, 0.005), (64, 0.01)])
+    model = DecodeStepModel({0: gpu_kv_node(graphs)}, LAYERS, eager_dense)
+    load = [MiniBatchLoad(64, {0: 64 * 600})]
+    model.observe(load, 0.0002, is_device_time_included=False)  # an asynchronous graph launch
+    assert model.predict(load) == pytest.approx(0.01)
+    model.observe(load, 0.012)
+    assert model.predict(load) > 0.01
