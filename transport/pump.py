@@ -127,7 +127,8 @@ class SocketPump:
             return  # EVENTS was read after every other operation: the descriptor is re-armed
         try:
             frame = _recv(sock, _NOBLOCK, False)
-        except zmq.Again:
+        except zmq.Again:  # EVENTS said otherwise: look again on the next iteration rather than trust the descriptor
+            self._schedule_drain()
             return
         frames = [frame]
         while frame.more:
