@@ -160,3 +160,22 @@ async def test_the_scheduler_predicts_whole_steps_from_timed_replays_and_learns_
     measured = [end - start for _, start, end, _ in executor.trace.steps][10:]  # the learning's first steps aside
     predicted = executor.predicted_steps_s[10:]
     assert abs(statistics.median(predicted) / statistics.median(measured) - 1) < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_profiled_replays_leave_the_slots_as_they_were_cuda():
+    """StepGraphs.profile replays padding-only buckets: real rows decode afterwards as if it never ran."""
+    from fastdecode.actors.model import load_model
+
+    model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
+    results = []
+    for is_profiled in (False, True):
+        node = make_node(model, 4, "matmul")
+        await fill(model, node, [1, 2, 3])
+        graphs = StepGraphs(model, node, max_batch=4, is_graphed=True)
+        if is_profiled:
+            samples = graphs.profile((1, 2, 4))
+            assert [b for b, _ in samples] == [1, 2, 4] and all(s > 0 for _, s in samples)
+        results.append([graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)])
+    for plain, profiled in zip(*results):
+        torch.testing.assert_close(profiled, plain, atol=0, rtol=0)
