@@ -103,7 +103,7 @@ async def test_executor_with_step_graphs_matches_reference(tiny_model):
     model, _ = tiny_model
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     node = make_node(model, 4)
-    config = ExecutorConfig(max_model_len=SLOT_LEN, is_pipelined=False,
+    config = ExecutorConfig(max_model_len=SLOT_LEN, is_pipelined=False, profile_batches=(1, 4),  # profiled first
                             scheduler=SchedulerConfig(max_num_seqs=4, admission="all-at-once"))
     executor = Executor(model, [node], config, eos_token_ids=())
     executor.decoder.graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
