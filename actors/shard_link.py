@@ -65,11 +65,15 @@ class ShardLink:
         return self._sock
 
     def _wait(self, sock: zmq.Socket, event: int, deadline: float, what: str) -> None:
-        """Until ``sock`` is ready for ``event``; PeerDeadError or RequestTimeoutError otherwise."""
+        """Until ``sock`` is ready for ``event``; PeerDeadError or RequestTimeoutError otherwise, after which
+        the link is closed: requests still queued in it are dropped, so no buffer they were sent from without
+        a copy is read after the caller stops waiting."""
         while not sock.poll(POLL_SLICE_MS, event):
             if not self._is_alive():
+                self.close()
                 raise PeerDeadError(f"{self.address} stopped answering heartbeats ({what})")
             if time.monotonic() > deadline:
+                self.close()
                 raise RequestTimeoutError(f"{what} to {self.address}: no answer within {self.timeout_s:g} s")
 
     def send(self, message: Message) -> int:

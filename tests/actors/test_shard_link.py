@@ -1,0 +1,116 @@
+"""The dense thread's blocking link to a KVShard (shard_link.py): the same answers as the async client,
+late replies dropped, error replies raised, a dead peer and a timeout fail the wait and close the link."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
+from fastdecode.actors.shard_link import ShardLink
+from fastdecode.transport.codec import Codec
+from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
+from fastdecode.transport.shard_messages import SHARD_CHANNEL, Attend, AttendResult
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NUM_LAYERS, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 2, 8, 2, 64
+
+
+def attend_message(rng, layer: int, seq_ids: list[int]) -> Attend:
+    def rand(*shape):
+        return rng.standard_normal(shape).astype(BF16)
+
+    rows = len(seq_ids)
+    return Attend(layer, np.array(seq_ids, dtype=np.int64), rand(rows, NUM_Q_HEADS, HEAD_DIM),
+                  rand(rows, NUM_KV_HEADS, HEAD_DIM), rand(rows, NUM_KV_HEADS, HEAD_DIM))
+
+
+async def two_shards():
+    """Two identical in-process shards holding sequences 1 and 2 with the same prompt K/V."""
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((NUM_LAYERS, 5, NUM_KV_HEADS, HEAD_DIM)).astype(BF16)
+    shards, clients = [], []
+    for _ in range(2):
+        address, shard = await start_embedded_shard(threads=1, kv_memory_bytes=8 << 20, is_calibrating=False)
+        client = await ShardClient.connect(address)
+        await client.configure(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                               kv_dtype="bfloat16")
+        await client.allocate([1, 2])
+        for seq_id in (1, 2):
+            await client.append_prompt(seq_id, prompt, prompt)
+        shards.append(shard)
+        clients.append(client)
+    return shards, clients
+
+
+async def close_all(shards, clients):
+    for client in clients:
+        await client.close()
+    for shard in shards:
+        await shard.stop()
+
+
+async def test_link_answers_like_the_async_client_and_drops_late_replies():
+    shards, (by_client, by_link) = await two_shards()
+    try:
+        rng = np.random.default_rng(1)
+        messages = [attend_message(rng, layer, [1, 2]) for layer in (0, 1, 0)]
+        expected = [(await by_client.attend(m.layer, m.seq_ids, m.q, m.k, m.v))[0] for m in messages]
+        link = by_link.link
+
+        def on_the_dense_thread():
+            first = link.receive(link.send(messages[0]), AttendResult).o
+            skipped = link.send(messages[1])  # its reply arrives first and is dropped as late
+            second = link.send(messages[2])
+            result = link.receive(second, AttendResult).o
+            return first, result, skipped
+
+        first, third, _ = await asyncio.to_thread(on_the_dense_thread)
+        np.testing.assert_array_equal(first, expected[0])
+        # the dropped request still ran on the shard (layer 1), so the third call equals the client's third
+        np.testing.assert_array_equal(third, expected[2])
+        assert not link.has_reply()
+    finally:
+        await close_all(shards, (by_client, by_link))
+
+
+async def test_link_raises_error_replies():
+    shards, clients = await two_shards()
+    try:
+        link = clients[0].link
+        bad = attend_message(np.random.default_rng(2), 0, [7])  # no such sequence
+
+        def call():
+            return link.receive(link.send(bad), AttendResult)
+
+        with pytest.raises(RemoteRequestError) as info:
+            await asyncio.to_thread(call)
+        assert info.value.code == "unknown_sequence"
+    finally:
+        await close_all(shards, clients)
+
+
+def test_dead_peer_and_timeout_fail_the_wait_and_close_the_link():
+    import zmq
+
+    ctx = zmq.Context()
+    codec = Codec(SHARD_CHANNEL)
+    message = attend_message(np.random.default_rng(3), 0, [1])
+    try:
+        alive = [True]
+        link = ShardLink("tcp://127.0.0.1:1", codec, ctx=ctx, timeout_s=0.3, is_alive=lambda: alive[0])
+        start = time.monotonic()
+        with pytest.raises(RequestTimeoutError):
+            link.receive(link.send(message), AttendResult)  # nobody listens: the request waits in the queue
+        assert 0.25 < time.monotonic() - start < 2.0
+        with pytest.raises(PeerDeadError, match="closed"):
+            link.send(message)
+        alive[0] = False
+        dead = ShardLink("tcp://127.0.0.1:1", codec, ctx=ctx, timeout_s=30, is_alive=lambda: alive[0])
+        with pytest.raises(PeerDeadError, match="dead"):
+            dead.send(message)
+    finally:
+        ctx.destroy(linger=0)
