@@ -57,28 +57,30 @@ static inline void load_pair(const uint8_t *block, const PairWalk &w, size_t i, 
 #ifndef FD_PREFETCH_LOCALITY
 #define FD_PREFETCH_LOCALITY 3
 #endif
-#ifndef FD_PREFETCH_STEPS
-#define FD_PREFETCH_STEPS 1
+#ifndef FD_PREFETCH_BLOCKS
+#define FD_PREFETCH_BLOCKS 1
 #endif
-static constexpr int kPrefetchSteps = FD_PREFETCH_STEPS;   // head blocks ahead (0: hardware prefetch only)
+// How far ahead software prefetch runs, in K or V blocks of reading order (0: hardware prefetch only).
+static constexpr int kPrefetchBlocks = FD_PREFETCH_BLOCKS;
 
 static inline void prefetch_lines(const uint8_t *p, size_t num_bytes) {
     for (size_t off = 0; off < num_bytes; off += 64) __builtin_prefetch(p + off, 0, FD_PREFETCH_LOCALITY);
 }
 
-// Software prefetch, kPrefetchSteps head blocks ahead in reading order. Each pass fetches its own
-// kind of block, spread evenly over its steps: the score tiles the K block (one row of row_bytes per
-// head dim), the value tiles the V block (ValuePrefetch). Requests issued in bursts during one phase
-// only (both blocks from the score tiles) left the memory idle during the other and ran one core at
-// about half the rate (docs/benchmarks.md, issue 3).
+// Software prefetch, kPrefetchBlocks blocks ahead in reading order (K of head h, V of head h, K of head
+// h+1, ...): with one block, the score tiles fetch this head's V block and the value tiles the next
+// head's K block. Each pass spreads its requests evenly over its steps: the score tiles one row of
+// row_bytes per head dim, the value tiles per token pair (ValuePrefetch). Requests issued in bursts
+// during one phase only (two blocks from the score tiles) left the memory idle during the other and
+// ran one core at about half the rate (docs/benchmarks.md, issue 3).
 struct Prefetch {
-    const uint8_t *k, *v;
+    const uint8_t *for_scores, *for_values;   // the blocks to fetch, or null
     size_t row_bytes;
 };
 
 static inline void prefetch_rows(const Prefetch &pf, int d, int num_rows) {
-    if (!pf.k) return;
-    prefetch_lines(pf.k + (size_t)d * pf.row_bytes, num_rows * pf.row_bytes);
+    if (!pf.for_scores) return;
+    prefetch_lines(pf.for_scores + (size_t)d * pf.row_bytes, num_rows * pf.row_bytes);
 }
 
 // Where a value pass prefetches: num_bytes of the next V block per token pair, from at onwards.
@@ -133,11 +135,11 @@ static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t
     int j = 0;
     for (; j + V::TV <= num_vecs; j += V::TV) {
         S::template tile<DT, GB, V::TV>(task, r0, kb, j * V::W, s, pf);
-        pf.k = pf.v = nullptr;
+        pf.for_scores = pf.for_values = nullptr;
     }
     for (; j < num_vecs; ++j) {
         S::template tile<DT, GB, 1>(task, r0, kb, j * V::W, s, pf);
-        pf.k = pf.v = nullptr;
+        pf.for_scores = pf.for_values = nullptr;
     }
 }
 
@@ -233,7 +235,7 @@ static inline void page_step(const fdn::ChunkTask &task, int r0, const uint8_t *
     float *m = task.m + r0, *l = task.l + r0, *acc = task.acc + (size_t)r0 * D;
     page_scores<DT, GB, S>(task, r0, kb, s, pf);
     softmax_update<GB>(s, P, n, D, m, l, acc);
-    VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.v);
+    VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.for_values);
 }
 
 // One work item: a chunk of one sequence's pages, all KV heads, each page front to back.
@@ -248,20 +250,20 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
     }
     memset(task->acc, 0, sizeof(float) * (size_t)H * G * D);
     int remaining = task->num_tokens;
-    const int num_steps = task->num_pages * H;
+    const int num_blocks = 2 * task->num_pages * H;
+    auto block_at = [&](int i) -> const uint8_t * {   // block i of reading order, or null past the chunk
+        if (kPrefetchBlocks == 0 || i >= num_blocks) return nullptr;
+        return task->base + (size_t)task->pages[i / (2 * H)] * task->page_bytes + block * (size_t)(i % (2 * H));
+    };
     for (int pi = 0; pi < task->num_pages; ++pi) {
         const uint8_t *page = task->base + (size_t)task->pages[pi] * task->page_bytes;
         const int n = remaining < P ? remaining : P;
         remaining -= n;
         for (int h = 0; h < H; ++h) {
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
-            // Prefetch the head block kPrefetchSteps ahead in reading order, one row per head-dim step.
-            Prefetch pf{nullptr, nullptr, (size_t)P * fdn::dtype_size(DT)};
-            const int ahead = pi * H + h + kPrefetchSteps;
-            if (kPrefetchSteps > 0 && ahead < num_steps) {
-                pf.k = task->base + (size_t)task->pages[ahead / H] * task->page_bytes + 2 * block * (ahead % H);
-                pf.v = pf.k + block;
-            }
+            const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
+            Prefetch pf{block_at(k_block + kPrefetchBlocks), block_at(k_block + 1 + kPrefetchBlocks),
+                        (size_t)P * fdn::dtype_size(DT)};
             for (int g0 = 0; g0 < G; g0 += 4) {
                 const int r0 = h * G + g0;
                 switch (G - g0 < 4 ? G - g0 : 4) {
@@ -270,7 +272,7 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
                     case 3: page_step<DT, 3, S, VL>(*task, r0, kb, vb, n, s, pf); break;
                     default: page_step<DT, 4, S, VL>(*task, r0, kb, vb, n, s, pf); break;
                 }
-                pf.k = pf.v = nullptr;
+                pf.for_scores = pf.for_values = nullptr;
             }
         }
     }
