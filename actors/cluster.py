@@ -30,7 +30,7 @@ from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler import GpuPerfModel
-from fastdecode.scheduler.hybrid import ModeChoice, choose_mode
+from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch
 
 log = logging.getLogger("fastdecode.cluster")
 
@@ -168,10 +168,11 @@ class Cluster:
             executor_config = config.executor
             gpu_model = None
             mode_choice = None
+            step_graphs = None  # made for the hybrid choice, kept for the Executor
             if config.mode in ("gpu-only", "hybrid"):
                 nodes.insert(0, await asyncio.to_thread(_make_gpu_node, config, model))
                 if config.mode == "hybrid":
-                    gpu_model, mode_choice = await _choose_mode(config, model, nodes)
+                    gpu_model, mode_choice, step_graphs = await _choose_mode(config, model, nodes)
                     log.info("hybrid choice: %s", mode_choice)
                     if mode_choice.mode == "gpu-only":
                         await _close_all(nodes[1:], handles)
@@ -190,7 +191,8 @@ class Cluster:
             if config.is_cuda_graphs and device.type == "cuda" and gpu_node is not None:
                 from fastdecode.actors.cuda_graphs import StepGraphs
 
-                executor.decoder.graphs = StepGraphs(model, gpu_node, max_batch=config.executor.max_num_seqs)
+                executor.decoder.graphs = step_graphs or StepGraphs(model, gpu_node,
+                                                                    max_batch=config.executor.max_num_seqs)
             if config.is_cuda_graphs and device.type == "cuda" and any(node.is_host for node in nodes):
                 from fastdecode.actors.layer_graphs import LayerGraphs
 
@@ -238,8 +240,13 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
     return GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
 
 
-async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]) -> tuple[GpuPerfModel, ModeChoice]:
-    """The GPU's dense-step model and the gpu-only/hybrid choice for the planned batch."""
+async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):
+    """The GPU's dense-step model, the gpu-only/hybrid choice for the planned batch, and the GPU node's
+    step graphs made for it (None without CUDA graphs).
+
+    With CUDA graphs the gpu-only side is judged by a timed whole-step replay at the batch the GPU
+    node holds (plus its KV reading at the node's bandwidth): the eager dense profile over-rates
+    that step, which would favour hybrid where it is not faster."""
     batch = config.executor.max_num_seqs
     profile = config.executor.profile_batches or tuple(sorted({1, max(2, batch // 2), batch}))
     gpu_model = await asyncio.to_thread(measure_dense_profile, model, profile)
@@ -249,8 +256,18 @@ async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]) -> tup
               for i, s in enumerate(stats)]
     final_len = max_len(config, model)
     mean_context = config.expected_mean_context or max(1, final_len * 3 // 4)
+    graphs, measured = None, None
+    on_gpu = gpu_only_batch(models[0], batch, final_len)
+    if config.is_cuda_graphs and model.device.type == "cuda" and on_gpu:
+        from fastdecode.actors.cuda_graphs import StepGraphs
+
+        graphs = StepGraphs(model, nodes[0], max_batch=batch)
+        samples = await asyncio.to_thread(graphs.profile, [on_gpu])
+        if samples:
+            reading = models[0].predict_attend_s(on_gpu * mean_context) - models[0].predict_attend_s(0)
+            measured = samples[0][1] + model.config.num_layers * reading
     return gpu_model, choose_mode(gpu_model, models[0], models[1:], batch=batch, mean_context=mean_context,
-                                  final_len=final_len)
+                                  final_len=final_len, measured_gpu_only_step_s=measured), graphs
 
 
 @dataclass

@@ -26,9 +26,9 @@ from fastdecode.scheduler.perf_model import GpuPerfModel
 
 
 # Per attend message to the shards, beyond the node's calibrated call: the Executor's and the
-# shard's Python work per message (docs/benchmarks.md, H100 host: a layer took 8-14 ms at batch 64
-# over 4 in-process shards and two mini-batches, ~1 ms per message, against ~1.3 ms of KV reading).
-MESSAGE_S = 1e-3
+# shard's Python work per message and the wire (docs/benchmarks.md, session 2 on the H100 host: with
+# two shard daemons at batch 64 a round trip took 2.1-2.7 ms against 0.8-1.0 ms of KV reading).
+MESSAGE_S = 1.5e-3
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,26 @@ def hybrid_step_s(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel
     return 2 * layers * max(gpu_side, shard_side)
 
 
+def gpu_only_batch(gpu_node: NodeModel, batch: int, final_len: int) -> int:
+    """How many of ``batch`` sequences of up to ``final_len`` tokens the GPU node holds at once."""
+    return min(batch, _capacity(gpu_node, final_len))
+
+
 def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel], *, batch: int,
                 mean_context: float, final_len: int, min_gain: float = 0.03,
-                message_s: float = MESSAGE_S) -> ModeChoice:
-    """gpu-only or hybrid for ``batch`` sequences of ``mean_context`` tokens, ``final_len`` at most."""
+                message_s: float = MESSAGE_S, measured_gpu_only_step_s: float | None = None) -> ModeChoice:
+    """gpu-only or hybrid for ``batch`` sequences of ``mean_context`` tokens, ``final_len`` at most.
+
+    ``measured_gpu_only_step_s``: the gpu-only step as it really runs (a whole-step CUDA graph replay
+    at ``gpu_only_batch``, its KV reading added), instead of the eager dense profile's estimate."""
     if batch < 1 or mean_context <= 0 or final_len < 1:
         raise ValueError("batch, mean_context and final_len must be positive")
     gpu_cap = _capacity(gpu_node, final_len)
     n = min(batch, gpu_cap)
-    only_step = gpu_only_step_s(gpu, gpu_node, n, mean_context) if n else float("inf")
+    if measured_gpu_only_step_s is not None and n:
+        only_step = measured_gpu_only_step_s
+    else:
+        only_step = gpu_only_step_s(gpu, gpu_node, n, mean_context) if n else float("inf")
     only_rate = n / only_step if n else 0.0
     shard_cap = sum(_capacity(s, final_len) for s in shards)
     best = (0.0, float("inf"), 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from fastdecode.scheduler import GpuPerfModel, NodeModel, ShardPerfModel
-from fastdecode.scheduler.hybrid import choose_mode
+from fastdecode.scheduler.hybrid import choose_mode, gpu_only_batch
 
 LAYERS, TOKEN_BYTES = 32, 128 << 10  # Llama-3-8B bf16
 
@@ -26,13 +26,13 @@ def test_gpu_only_when_the_gpu_holds_the_batch_and_shards_are_slow():
 
 
 def test_hybrid_when_gpu_memory_limits_the_batch():
-    # the GPU holds 16 sequences; fast shards take the rest of a batch of 256
-    choice = choose_mode(DENSE, node(0, 16 * 640, 2000.0, page=640), [node(i, 10**6, 200.0) for i in (1, 2, 3, 4)],
+    # the GPU holds 8 sequences; fast shards take the rest of a batch of 256
+    choice = choose_mode(DENSE, node(0, 8 * 640, 2000.0, page=640), [node(i, 10**6, 200.0) for i in (1, 2, 3, 4)],
                          batch=256, mean_context=576, final_len=640)
     assert choice.mode == "hybrid"
-    assert choice.gpu_only_batch == 16
+    assert choice.gpu_only_batch == 8
     assert choice.hybrid_tokens_per_s > 1.03 * choice.gpu_only_tokens_per_s
-    assert 0 <= choice.hybrid_gpu_sequences <= 16
+    assert 0 <= choice.hybrid_gpu_sequences <= 8
 
 
 def test_no_shard_room_means_no_hybrid_split():
@@ -44,3 +44,16 @@ def test_no_shard_room_means_no_hybrid_split():
 def test_bad_plan_is_refused():
     with pytest.raises(ValueError):
         choose_mode(DENSE, node(0, 640, 2000.0), [], batch=0, mean_context=1, final_len=2)
+
+
+def test_a_measured_gpu_only_step_overrides_the_dense_profile():
+    gpu, shards = node(0, 8 * 640, 2000.0, page=640), [node(i, 10**6, 200.0) for i in (1, 2, 3, 4)]
+    plan = dict(batch=256, mean_context=576, final_len=640)
+    assert gpu_only_batch(gpu, 256, 640) == 8
+    estimated = choose_mode(DENSE, gpu, shards, **plan)
+    # the GPU's real step (one graph replay) is so fast that the shards no longer pay
+    fast = 8 / (2 * estimated.hybrid_tokens_per_s)
+    measured = choose_mode(DENSE, gpu, shards, **plan, measured_gpu_only_step_s=fast)
+    assert estimated.mode == "hybrid" and measured.mode == "gpu-only"
+    assert measured.gpu_only_step_s == fast
+    assert measured.hybrid_tokens_per_s == estimated.hybrid_tokens_per_s
