@@ -66,11 +66,10 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     }
     sc.seq_first_item.push_back((int64_t)sc.items.size());
     const size_t num_items = sc.items.size(), row_floats = (size_t)num_q_heads * D;
-    if (sc.acc.size() < num_items * row_floats) sc.acc.resize(num_items * row_floats);
-    if (sc.m.size() < num_items * num_q_heads) {
-        sc.m.resize(num_items * num_q_heads);
-        sc.l.resize(num_items * num_q_heads);
-    }
+    constexpr size_t kLineFloats = 64 / sizeof(float);
+    const size_t rows_padded = ((size_t)num_q_heads + kLineFloats - 1) / kLineFloats * kLineFloats;
+    const size_t state_floats = row_floats + 2 * rows_padded;   // row_floats: D is a multiple of 16
+    if (sc.state.size() < num_items * state_floats + kLineFloats) sc.state.resize(num_items * state_floats + kLineFloats);
     if (sc.q.size() < (size_t)batch * row_floats) sc.q.resize((size_t)batch * row_floats);
     for (int64_t b = 0; b < batch; ++b) {
         SeqState &s = *sc.seqs[(size_t)b];
@@ -89,6 +88,7 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     // All-bf16 calls (the output is rounded to bf16 anyway) may take P.V in bf16 as well.
     void (*const chunk_bf16)(const ChunkTask *) =
         kt.chunk_bf16_qo && out_dtype == FD_BF16 ? kt.chunk_bf16_qo : kt.chunk_bf16_q;
+    float *const state = sc.state.data() + (kLineFloats - reinterpret_cast<uintptr_t>(sc.state.data()) / sizeof(float) % kLineFloats) % kLineFloats;
     const Team &team = pool.team;
     CallerPin pin(team);
 #pragma omp parallel num_threads(team.num_threads)
@@ -123,9 +123,9 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             task.q = sc.q.data() + (size_t)it.batch_index * row_floats;
             task.q_bf16 = use_bf16_q ? static_cast<const uint16_t *>(q) + (size_t)it.batch_index * row_floats : nullptr;
             task.scale = scale;
-            task.acc = sc.acc.data() + i * row_floats;
-            task.m = sc.m.data() + i * num_q_heads;
-            task.l = sc.l.data() + i * num_q_heads;
+            task.acc = state + i * state_floats;
+            task.m = task.acc + row_floats;
+            task.l = task.m + rows_padded;
             if (use_bf16_q) chunk_bf16(&task);
             else kt.chunk[cpool.kv_dtype](&task);
         }
@@ -133,9 +133,10 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
         for (int64_t b = 0; b < batch; ++b) {
             const int64_t first = sc.seq_first_item[(size_t)b];
             MergeTask task;
-            task.acc = sc.acc.data() + (size_t)first * row_floats;
-            task.m = sc.m.data() + (size_t)first * num_q_heads;
-            task.l = sc.l.data() + (size_t)first * num_q_heads;
+            task.acc = state + (size_t)first * state_floats;
+            task.m = task.acc + row_floats;
+            task.l = task.m + rows_padded;
+            task.chunk_stride = state_floats;
             task.num_chunks = (int32_t)(sc.seq_first_item[(size_t)b + 1] - first);
             task.num_rows = num_q_heads;
             task.head_dim = D;

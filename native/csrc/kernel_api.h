@@ -36,9 +36,10 @@ struct ChunkTask {
 
 // Merges one sequence's chunk partials in chunk order and writes its output rows.
 struct MergeTask {
-    const float *acc;         // [num_chunks][num_rows][head_dim]
-    const float *m;           // [num_chunks][num_rows]
-    const float *l;           // [num_chunks][num_rows]
+    const float *acc;         // chunk c's [num_rows][head_dim] at acc + c * chunk_stride
+    const float *m;           // chunk c's [num_rows] at m + c * chunk_stride
+    const float *l;           // chunk c's [num_rows] at l + c * chunk_stride
+    size_t chunk_stride;      // floats between the states of consecutive chunks
     int32_t num_chunks;
     int32_t num_rows;         // query heads
     int32_t head_dim;

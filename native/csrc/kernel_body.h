@@ -280,19 +280,20 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
 
 static void merge_kernel(const fdn::MergeTask *task) {
     const int D = task->head_dim, R = task->num_rows, C = task->num_chunks;
+    const size_t S = task->chunk_stride;
     alignas(64) float o[fdn::kMaxHeadDim];
     for (int g = 0; g < R; ++g) {
         float M = -INFINITY;
-        for (int c = 0; c < C; ++c) M = task->m[c * R + g] > M ? task->m[c * R + g] : M;
+        for (int c = 0; c < C; ++c) M = task->m[c * S + g] > M ? task->m[c * S + g] : M;
         float L = 0.0f;
         for (int d = 0; d < D; d += V::W) V::store(o + d, V::zero());
         for (int c = 0; c < C; ++c) {
-            const float mc = task->m[c * R + g];
+            const float mc = task->m[c * S + g];
             if (mc == -INFINITY) continue;
             const float w = expf(mc - M);
-            L += task->l[c * R + g] * w;
+            L += task->l[c * S + g] * w;
             const V::R wv = V::set1(w);
-            const float *ac = task->acc + ((size_t)c * R + g) * D;
+            const float *ac = task->acc + c * S + (size_t)g * D;
             for (int d = 0; d < D; d += V::W) V::store(o + d, V::fma(wv, V::load(ac + d), V::load(o + d)));
         }
         const float inv = 1.0f / L;

@@ -34,7 +34,11 @@ struct WorkItem {
 struct AttendScratch {
     std::vector<WorkItem> items;
     std::vector<int64_t> seq_first_item;     // [b] -> first item; one past the end appended
-    std::vector<float> q, acc, m, l;         // q: [B][Hq][D] float32, scaled
+    std::vector<float> q;                    // [B][Hq][D] float32, scaled
+    // Per work item: its partial state (acc [Hq][D], then m [Hq] and l [Hq], each padded), on 64-byte
+    // lines of its own: items run on different cores at once, and a line shared by two of them would
+    // move between the cores at every page (the softmax state is rewritten per page and head).
+    std::vector<float> state;
     std::vector<SeqState *> seqs;
 };
 
