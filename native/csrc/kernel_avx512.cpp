@@ -118,10 +118,8 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = _mm512_loadu_ps(acc + g * D + d0 + j * V::W);
     const uint16_t *row = reinterpret_cast<const uint16_t *>(vb) + walk.first;
-    for (int t = 0; t < n; t += 2, row += walk.step) {
-        if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
-        // an odd last token: its pair partner is not written yet, so its half of V is cleared
-        const __m512i keep = _mm512_set1_epi32(t + 1 < n ? -1 : 0xFFFF);
+    // keep: the V halves a step may use (an odd last token's pair partner is not written yet)
+    auto step = [&](int t, __m512i keep) {
         __m512bh pp[GB];
         for (int g = 0; g < GB; ++g) {
             int32_t pair;
@@ -132,7 +130,13 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
             const __m512i w = _mm512_and_si512(_mm512_loadu_si512(row + j * lane_group_elems<fdn::kDtypeBf16>()), keep);
             for (int g = 0; g < GB; ++g) a[g][j] = _mm512_dpbf16_ps(a[g][j], (__m512bh)w, pp[g]);
         }
+    };
+    int t = 0;
+    for (; t + 2 <= n; t += 2, row += walk.step) {
+        if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
+        step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away
     }
+    if (t < n) step(t, _mm512_set1_epi32(0xFFFF));
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) _mm512_storeu_ps(acc + g * D + d0 + j * V::W, a[g][j]);
 }
