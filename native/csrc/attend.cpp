@@ -1,6 +1,7 @@
 // The fused decode step for one layer and a batch: append each sequence's new k, v, then attend.
 //
-// Work is split by the data only: each sequence is cut into chunks of chunk_pages pages; every chunk
+// Work is split by the data only: each sequence is cut into chunks of chunk_pages pages (the last one
+// takes the remainder, from half a chunk to one and a half); every chunk
 // (all KV heads, pages read front to back) is one work item, scheduled dynamically over the team,
 // producing partial softmax states; a second loop merges each sequence's chunks in chunk order. The
 // thread count therefore never changes the arithmetic: 1 and N threads give bitwise-equal outputs.
@@ -56,10 +57,12 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
         SeqState &s = *sc.seqs[(size_t)b];
         s.pages[layer].reserve((size_t)pool.pages_for(s.lens[layer] + 1));
         const int64_t n = s.lens[layer] + 1;
-        const int64_t num_chunks = (n + chunk_tokens - 1) / chunk_tokens;
+        // A remainder under half a chunk joins the last full chunk (a sequence of 513 tokens is one item,
+        // not 512 + 1: a nearly empty item costs its set-up, state and merge for almost no KV).
+        const int64_t num_chunks = std::max<int64_t>(1, (n + chunk_tokens / 2) / chunk_tokens);
         sc.seq_first_item.push_back((int64_t)sc.items.size());
         for (int64_t c = 0; c < num_chunks; ++c) {
-            const int64_t t0 = c * chunk_tokens, t1 = std::min<int64_t>(n, t0 + chunk_tokens);
+            const int64_t t0 = c * chunk_tokens, t1 = c == num_chunks - 1 ? n : t0 + chunk_tokens;
             sc.items.push_back(WorkItem{(int32_t)b, (int32_t)(t0 / P), (int32_t)pool.pages_for(t1 - t0),
                                         (int32_t)(t1 - t0), c == num_chunks - 1});
         }

@@ -142,5 +142,19 @@ static inline void store_scalar(void *p, size_t i, int dtype, float f) {
     else ((uint16_t *)p)[i] = f32_to_bf16(f);
 }
 
+// dst[i .. i+n) = src[0 .. n) * scale as dtype: one loop per dtype, so the compiler vectorises each.
+static inline void store_row(void *dst, size_t i, int dtype, const float *src, int n, float scale) {
+    if (dtype == 0) {
+        float *d = static_cast<float *>(dst) + i;
+        for (int j = 0; j < n; ++j) d[j] = src[j] * scale;
+    } else if (dtype == 1) {
+        uint16_t *d = static_cast<uint16_t *>(dst) + i;
+        for (int j = 0; j < n; ++j) d[j] = f32_to_f16(src[j] * scale);
+    } else {
+        uint16_t *d = static_cast<uint16_t *>(dst) + i;
+        for (int j = 0; j < n; ++j) d[j] = f32_to_bf16(src[j] * scale);
+    }
+}
+
 }  // namespace fdn
 #endif

@@ -297,7 +297,7 @@ static void merge_kernel(const fdn::MergeTask *task) {
             for (int d = 0; d < D; d += V::W) V::store(o + d, V::fma(wv, V::load(ac + d), V::load(o + d)));
         }
         const float inv = 1.0f / L;
-        for (int d = 0; d < D; ++d) fdn::store_scalar(task->out, (size_t)g * D + d, task->out_dtype, o[d] * inv);
+        fdn::store_row(task->out, (size_t)g * D, task->out_dtype, o, D, inv);
         if (task->lse) task->lse[g] = M + logf(L);
     }
 }
