@@ -130,8 +130,8 @@ struct ScoreF32 {
 static_assert(fdn::kKTileTokens % (V::TV * V::W) == 0, "a score tile must lie inside one K layout tile");
 
 template <int DT, int GB, class S>
-static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t *kb, float *s, Prefetch pf) {
-    const int num_vecs = task.page_size / V::W;
+static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t *kb, int n, float *s, Prefetch pf) {
+    const int num_vecs = (n + V::W - 1) / V::W;   // a part-filled last page: softmax_update masks the rest
     int j = 0;
     for (; j + V::TV <= num_vecs; j += V::TV) {
         S::template tile<DT, GB, V::TV>(task, r0, kb, j * V::W, s, pf);
@@ -233,7 +233,7 @@ static inline void page_step(const fdn::ChunkTask &task, int r0, const uint8_t *
                              float *s, const Prefetch &pf) {
     const int D = task.head_dim, P = task.page_size;
     float *m = task.m + r0, *l = task.l + r0, *acc = task.acc + (size_t)r0 * D;
-    page_scores<DT, GB, S>(task, r0, kb, s, pf);
+    page_scores<DT, GB, S>(task, r0, kb, n, s, pf);
     softmax_update<GB>(s, P, n, D, m, l, acc);
     VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.for_values);
 }

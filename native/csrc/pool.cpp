@@ -118,12 +118,20 @@ void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, in
     uint8_t *page = pool.page_ptr(pages[(size_t)(pos / P)]);
     const int slot = (int)(pos % P);
     const int h0 = head < 0 ? 0 : head, h1 = head < 0 ? pool.num_kv_heads : head + 1;
+    // The token's places, from the layout once: K dim d at k0 + (d / 2) * k_step + (d % 2) * k_hi; V dims
+    // run with a fixed stride inside each V tile (a whole row unless the blocks are tiled bf16).
+    const int dt = pool.kv_dtype;
+    const size_t k0 = k_index(dt, 0, slot, D, P), k_step = k_index(dt, 2, slot, D, P) - k0;
+    const size_t k_hi = k_index(dt, 1, slot, D, P) - k0;
+    const int v_tile = dt == kDtypeBf16 ? kVTileDims : D;
     for (int h = h0; h < h1; ++h) {
         uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
         const size_t src = (size_t)h * D;
-        for (int d = 0; d < D; ++d) {
-            copy_elem(kb, k_index(pool.kv_dtype, d, slot, D, P), pool.kv_dtype, k, src + d, src_dtype);
-            copy_elem(vb, v_index(pool.kv_dtype, slot, d, D, P), pool.kv_dtype, v, src + d, src_dtype);
+        for (int d = 0; d < D; ++d) copy_elem(kb, k0 + (size_t)(d / 2) * k_step + (d % 2) * k_hi, dt, k, src + d, src_dtype);
+        for (int d0 = 0; d0 < D; d0 += v_tile) {
+            const size_t v0 = v_index(dt, slot, d0, D, P), v_stride = d0 + 1 < D ? v_index(dt, slot, d0 + 1, D, P) - v0 : 1;
+            const int d1 = d0 + v_tile < D ? d0 + v_tile : D;
+            for (int d = d0; d < d1; ++d) copy_elem(vb, v0 + (size_t)(d - d0) * v_stride, dt, v, src + d, src_dtype);
         }
     }
 }
