@@ -257,7 +257,8 @@ class GpuKVNode(KVNode):
         self._lengths[slots] = saved
         self._pool.zero_()
         (b0, t0), (b1, t1) = samples[0], samples[-1]
-        seconds_per_byte = max((t1 - t0) / (b1 - b0), 1e-15) if b1 > b0 else t1 / b1
+        # too fast to tell the two lengths apart (overhead-bound): count all of the long call as reading
+        seconds_per_byte = (t1 - t0) / (b1 - b0) if b1 > b0 and t1 > t0 else t1 / b1
         self.attn_gbps = 1e-9 / seconds_per_byte
         self.attend_overhead_s = max(t0 - b0 * seconds_per_byte, 0.0)
 
