@@ -136,6 +136,7 @@ class Executor:
         self.num_steps = 0
         self.last_step_s = 0.0
         self.num_recovered = 0  # sequences rebuilt on another node after theirs failed or drained
+        self.num_preempted = 0  # sequences whose KV was dropped for room (planned, or refused by a node)
         self.is_draining = False
         self._reconnector = Reconnector(node_factories or [None] * len(nodes), on_ready=self._wakeup.set,
                                         backoff=reconnect_backoff)
@@ -396,6 +397,7 @@ class Executor:
         log.info("node %d is full: preempting sequence %d (%d tokens out)", node_index, seq.seq_id,
                  len(seq.output_ids))
         seq.num_preemptions += 1
+        self.num_preempted += 1
         await self._release(seq)
 
     async def _prefill(self, seq: Sequence, node_index: int) -> None:
@@ -452,10 +454,16 @@ class Executor:
         # elsewhere and decode this position again.
         all_seqs = [seq for mb in minibatches for seq in mb.seqs]
         all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        # only a node failing during the step unplaces rows (statuses change at step boundaries)
-        rows = range(len(all_seqs)) if all_alive else [row for row, seq in enumerate(all_seqs) if self._is_placed(seq)]
+        # only a node failing during the step unplaces rows (statuses change at step boundaries); rows a
+        # node refused for want of room are preempted now and rebuilt later
+        refused = set().union(*(self.nodes[n].take_refused() for mb in minibatches for n, _, _ in mb.node_slices))
+        for seq in [s for s in all_seqs if s.seq_id in refused and self._is_placed(s)]:
+            self.scheduler.preempt(seq.seq_id)
+            await self._preempt(seq, seq.node_index)
+        rows = (range(len(all_seqs)) if all_alive and not refused
+                else [row for row, seq in enumerate(all_seqs) if self._is_placed(seq)])
         if len(rows) < len(all_seqs):
-            log.warning("step %d: %d row(s) lost their node; redone after the rebuild",
+            log.warning("step %d: %d row(s) lost their node or its room; redone after the rebuild",
                         self.decoder.step_index, len(all_seqs) - len(rows))
             all_logits = all_logits[torch.tensor(rows, dtype=torch.long, device=all_logits.device)]
             all_seqs = [all_seqs[row] for row in rows]

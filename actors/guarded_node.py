@@ -32,6 +32,10 @@ log = logging.getLogger("fastdecode.executor")
 # native library; a test checks they agree) and the runtime's ACTOR_STOPPED.
 UNKNOWN_SEQUENCE = "unknown_sequence"
 LOST_STATE_CODES = frozenset({"not_configured", UNKNOWN_SEQUENCE, ACTOR_STOPPED})
+# Error replies of an attend the node could not make room for (kvshard's POOL_FULL and OUT_OF_MEMORY): the
+# node is fine, those rows' KV is not (earlier layers of the step appended, this one did not). The rows get
+# zeros, and the Executor preempts their sequences and rebuilds them.
+REFUSED_CODES = frozenset({"pool_full", "out_of_memory"})
 
 
 class NodeState(enum.Enum):
@@ -83,6 +87,7 @@ class GuardedNode(KVNode):
         self.state = NodeState.ALIVE
         self.failure: str | None = None
         self.is_retired = False  # the Executor has moved this epoch's sequences away
+        self.refused_seq_ids: set[int] = set()  # attends refused for want of room, since take_refused()
 
     @property
     def is_alive(self) -> bool:
@@ -155,30 +160,44 @@ class GuardedNode(KVNode):
         """A local node's attend on the caller's thread (local nodes do not fail over)."""
         return self.inner.attend_now(layer, seq_ids, q, k, v)
 
+    def _refused(self, exc: BaseException, seq_ids: np.ndarray) -> bool:
+        """True (and the rows remembered in ``refused_seq_ids``) when the node had no room for this attend."""
+        if not (isinstance(exc, RemoteRequestError) and exc.code in REFUSED_CODES):
+            return False
+        self.refused_seq_ids.update(int(s) for s in seq_ids)
+        log.warning("KV node %s refused an attend of %d row(s): %s", self.node_id, len(seq_ids), exc)
+        return True
+
+    def take_refused(self) -> set[int]:
+        """The sequences whose attends this node refused since the last call."""
+        refused, self.refused_seq_ids = self.refused_seq_ids, set()
+        return refused
+
     def begin_attend(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
-                     v: torch.Tensor) -> tuple[object | None, torch.Tensor]:
-        """(the inner node's pending attend, or None once the node failed; q for the zeros of a failed one)."""
+                     v: torch.Tensor) -> tuple[object | None, torch.Tensor, np.ndarray]:
+        """(the inner node's pending attend, or None once the node failed; q for the zeros of a failed
+        one; the rows' sequence ids)."""
         if self.is_alive:
             try:
-                return self.inner.begin_attend(layer, seq_ids, q, k, v), q
+                return self.inner.begin_attend(layer, seq_ids, q, k, v), q, seq_ids
             except Exception as exc:
-                if self._failed(exc) is None:
+                if not self._refused(exc, seq_ids) and self._failed(exc) is None:
                     raise
-        return None, q
+        return None, q, seq_ids
 
-    def end_attend(self, pending: tuple[object | None, torch.Tensor]) -> torch.Tensor:
-        """The node's output, or zeros once it failed (the Executor drops those rows)."""
-        inner_pending, q = pending
+    def end_attend(self, pending: tuple[object | None, torch.Tensor, np.ndarray]) -> torch.Tensor:
+        """The node's output, or zeros once it failed or refused (the Executor drops those rows)."""
+        inner_pending, q, seq_ids = pending
         if inner_pending is not None and self.is_alive:
             try:
                 return self.inner.end_attend(inner_pending)
             except Exception as exc:
-                if self._failed(exc) is None:
+                if not self._refused(exc, seq_ids) and self._failed(exc) is None:
                     raise
         return from_numpy(np.zeros(q.shape, q.dtype)) if isinstance(q, np.ndarray) else torch.zeros_like(q)
 
-    def is_attend_done(self, pending: tuple[object | None, torch.Tensor]) -> bool:
-        inner_pending, _ = pending
+    def is_attend_done(self, pending: tuple[object | None, torch.Tensor, np.ndarray]) -> bool:
+        inner_pending = pending[0]
         return inner_pending is None or not self.is_alive or self.inner.is_attend_done(inner_pending)
 
     async def free(self, seq_ids: list[int]) -> None:

@@ -133,6 +133,13 @@ class Scheduler:
         record = self._table.remove(seq_id)
         self._admission.on_finish(record.num_generated, record.max_tokens)
 
+    def preempt(self, seq_id: int) -> Preemption:
+        """Requeue a running sequence whose KV its node could not keep (it refused the sequence's attend):
+        the caller frees what is left of it; it is admitted and rebuilt again like any preempted one."""
+        if not self._table.get(seq_id).is_running:
+            raise ValueError(f"sequence {seq_id} is not running")
+        return self._preempt(seq_id)
+
     def on_out_of_memory(self, node_id: int) -> Preemption | None:
         """A node reported it cannot allocate: preempt its youngest sequence (None if it runs none)."""
         if node_id not in self._nodes:

@@ -27,6 +27,8 @@ class KillableNode(KVNode):
         self.is_dead = False
         self.is_draining = False
         self.die_at_attend: int | None = None
+        self.refuse_at_attend: int | None = None  # that attend's reply is pool_full (its k, v are appended)
+        self._is_refusing = False
         self.num_attends = 0
         self.num_freed = 0
 
@@ -58,10 +60,14 @@ class KillableNode(KVNode):
         if self.die_at_attend is not None and self.num_attends >= self.die_at_attend:
             self.is_dead = True
             self._check()
+        self._is_refusing = self.num_attends == self.refuse_at_attend
         return self.inner.attend_now(layer, seq_ids, q, k, v)
 
     def end_attend(self, pending):
         self._check()  # a node that died while its attend was in flight gives no answer
+        if self._is_refusing:
+            self._is_refusing = False
+            raise RemoteRequestError("pool_full", f"{self.node_id} has no free page")
         return pending
 
     async def stats(self) -> NodeStats:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from fastdecode.actors.executor import Executor, ExecutorConfig, UnavailableError
-from fastdecode.actors.guarded_node import LOST_STATE_CODES, UNKNOWN_SEQUENCE, NodeState
+from fastdecode.actors.guarded_node import LOST_STATE_CODES, REFUSED_CODES, UNKNOWN_SEQUENCE, NodeState
 from fastdecode.actors.kv_nodes import LocalKVNode
 from fastdecode.actors.recovery import Backoff
 from fastdecode.actors.request import SamplingParams
@@ -140,3 +140,20 @@ def test_lost_state_codes_match_the_shard():
     kvshard = pytest.importorskip("fastdecode.actors.kvshard")
     assert {kvshard.NOT_CONFIGURED, kvshard.UNKNOWN_SEQUENCE} <= LOST_STATE_CODES
     assert UNKNOWN_SEQUENCE == kvshard.UNKNOWN_SEQUENCE
+    assert REFUSED_CODES == {kvshard.POOL_FULL, kvshard.OUT_OF_MEMORY}
+
+
+@pytest.mark.parametrize("is_pipelined", [True, False], ids=["pipeline", "no-pipeline"])
+async def test_a_node_refusing_an_attend_preempts_those_rows_and_loses_no_token(tiny_model, one_torch_thread,
+                                                                                 is_pipelined):
+    model, _ = tiny_model
+    executor, nodes, _, _ = await start_executor(model, 2, is_pipelined=is_pipelined)
+    try:
+        nodes[0].refuse_at_attend = 2 * model.config.num_layers + 1  # inside the 3rd step that uses it
+        requests = make_requests(model, 10, seed=4)
+        outputs = await asyncio.gather(*(collect(executor.submit(p, s)) for p, s in requests))
+        assert executor.nodes[0].state is NodeState.ALIVE  # refusing is not dying
+        assert executor.num_preempted > 0
+    finally:
+        await executor.stop()
+    check_solo(model, requests, outputs, f"node refused an attend, pipeline={is_pipelined}")

@@ -101,6 +101,20 @@ def test_out_of_memory_report_preempts_the_youngest_and_requeues_it_by_arrival()
         sched.on_out_of_memory(5)
 
 
+def test_preempting_a_named_sequence_requeues_it_and_refuses_a_waiting_one():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, admission="all-at-once"), [node(0, 10_000)])
+    for seq_id in range(3):
+        sched.add_request(seq_id, 10, 50)
+    sched.schedule()
+    sched.on_tokens([0, 1, 2])
+    preemption = sched.preempt(1)  # a node refused its attend: not the youngest, this one
+    assert (preemption.seq_id, preemption.node_id, preemption.num_generated) == (1, 0, 1)
+    assert not sched.sequence(1).is_running and sched.sequence(1).num_preemptions == 1
+    with pytest.raises(ValueError, match="not running"):
+        sched.preempt(1)
+    assert [a.seq_id for a in sched.schedule().admitted] == [1]
+
+
 def test_removing_a_node_requeues_its_sequences():
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, admission="all-at-once"), [node(0, 10_000), node(1, 10_000)])
     for seq_id in range(6):
