@@ -190,7 +190,9 @@ class Executor:
             seq.emit(TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error",
                                 error="the server is shutting down"))
         self._sequences.clear()
-        self.runner.close()
+        # a step may still run on the dense thread: wait for it off the loop, which may be what serves the
+        # in-process shards that step is waiting for
+        await asyncio.to_thread(self.runner.close)
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
