@@ -119,19 +119,26 @@ async def test_executor_with_step_graphs_matches_reference(tiny_model):
         assert_same_greedy(tokens, expected, gaps, label="step graphs", min_compared=6)
 
 
+async def three_cuda_steps(model, *, is_graphed: bool, profile_batches: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Logits of three decode steps of sequences 1-3 on a fresh node, optionally after profiling replays."""
+    node = make_node(model, 4, "matmul")
+    await fill(model, node, [1, 2, 3])
+    graphs = StepGraphs(model, node, max_batch=4, is_graphed=is_graphed)
+    if profile_batches:
+        samples = graphs.profile(profile_batches)
+        assert [b for b, _ in samples] == list(profile_batches) and all(s > 0 for _, s in samples)
+    return [graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_graph_replay_matches_eager_program_cuda():
     from fastdecode.actors.model import load_model
 
     model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
-    results = []
-    for is_graphed in (False, True):
-        node = make_node(model, 4, "matmul")
-        await fill(model, node, [1, 2, 3])
-        graphs = StepGraphs(model, node, max_batch=4, is_graphed=is_graphed)
-        results.append([graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)])
-    for eager, graphed in zip(*results):
-        torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
+    eager = await three_cuda_steps(model, is_graphed=False)
+    graphed = await three_cuda_steps(model, is_graphed=True)
+    for e, g in zip(eager, graphed):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
 
 
 async def test_the_scheduler_predicts_whole_steps_from_timed_replays_and_learns_them(tiny_model, one_torch_thread):
@@ -168,14 +175,7 @@ async def test_profiled_replays_leave_the_slots_as_they_were_cuda():
     from fastdecode.actors.model import load_model
 
     model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
-    results = []
-    for is_profiled in (False, True):
-        node = make_node(model, 4, "matmul")
-        await fill(model, node, [1, 2, 3])
-        graphs = StepGraphs(model, node, max_batch=4, is_graphed=True)
-        if is_profiled:
-            samples = graphs.profile((1, 2, 4))
-            assert [b for b, _ in samples] == [1, 2, 4] and all(s > 0 for _, s in samples)
-        results.append([graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)])
-    for plain, profiled in zip(*results):
-        torch.testing.assert_close(profiled, plain, atol=0, rtol=0)
+    plain = await three_cuda_steps(model, is_graphed=True)
+    profiled = await three_cuda_steps(model, is_graphed=True, profile_batches=(1, 2, 4))
+    for p, q in zip(plain, profiled):
+        torch.testing.assert_close(q, p, atol=0, rtol=0)
