@@ -28,6 +28,11 @@ def make_requests(model, count: int, seed: int) -> list[tuple[list[int], Samplin
              greedy(rng.randrange(12, 28))) for _ in range(count)]
 
 
+async def run_all(executor, requests):
+    """Every request to its end, concurrently: (tokens, finish reason) each."""
+    return await asyncio.gather(*(collect(executor.submit(p, s)) for p, s in requests))
+
+
 async def start_executor(model, num_nodes: int, *, is_pipelined: bool = True):
     inners = [LocalKVNode.for_model(f"n{i}", model, 16 << 20) for i in range(num_nodes)]
     nodes = [KillableNode(inner, f"n{i}") for i, inner in enumerate(inners)]
@@ -52,7 +57,7 @@ async def test_node_dying_mid_step_loses_and_repeats_no_token(tiny_model, one_to
     try:
         nodes[1].die_at_attend = 3 * model.config.num_layers + 1  # inside the 4th step that uses it
         requests = make_requests(model, 12, seed=1)
-        outputs = await asyncio.gather(*(collect(executor.submit(p, s)) for p, s in requests))
+        outputs = await run_all(executor, requests)
         assert nodes[1].is_dead and executor.nodes[1].state is NodeState.DEAD
         assert executor.num_recovered > 0
         assert all(n == 0 for n in (len(inners[0]._num_tokens), len(inners[2]._num_tokens)))
@@ -151,7 +156,7 @@ async def test_a_node_refusing_an_attend_preempts_those_rows_and_loses_no_token(
     try:
         nodes[0].refuse_at_attend = 2 * model.config.num_layers + 1  # inside the 3rd step that uses it
         requests = make_requests(model, 10, seed=4)
-        outputs = await asyncio.gather(*(collect(executor.submit(p, s)) for p, s in requests))
+        outputs = await run_all(executor, requests)
         assert executor.nodes[0].state is NodeState.ALIVE  # refusing is not dying
         assert executor.num_preempted > 0
     finally:
