@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fastdecode.actors.dense_profile import measure_dense_profile
-from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream, node_model
+from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
-from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode
+from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
 from fastdecode.actors.model import load_model, resolve_device
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard

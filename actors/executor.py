@@ -33,7 +33,7 @@ from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.guarded_node import GuardedNode, NodeFailedError, NodeState, free_leftovers
-from fastdecode.actors.kv_nodes import KVNode, NodeStats
+from fastdecode.actors.kv_nodes import KVNode, node_model
 from fastdecode.actors.prefill import prefill
 from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
@@ -41,13 +41,10 @@ from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator, sample
 from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
-from fastdecode.scheduler import AttendCall, GpuPerfModel, NodeModel, Scheduler, SchedulerConfig, ShardPerfModel
+from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler, SchedulerConfig
 
 log = logging.getLogger("fastdecode.executor")
 
-# A node's attend-time model before it is measured: 100 us per call, 5 GB/s.
-DEFAULT_ATTEND_OVERHEAD_S = 1e-4
-DEFAULT_ATTEND_BYTES_PER_S = 5e9
 NODE_POLL_S = 0.5  # an idle Executor looks at its nodes' heartbeats this often
 DRAIN_POLL_S = 0.05
 
@@ -84,22 +81,6 @@ class QueueFullError(RequestError):
 
 class UnavailableError(RequestError):
     """The Executor takes no request now: it is draining, or no KV node is alive (retry later)."""
-
-
-def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_token: int,
-               whole_step: GpuPerfModel | None = None) -> NodeModel:
-    """The scheduler's view of a node, with its measured attention bandwidth when known, and the
-    time of a whole step on it when its steps run as one call (the GPU KV node's CUDA graphs)."""
-    bandwidth = stats.attn_gbps * 1e9 if stats.attn_gbps else DEFAULT_ATTEND_BYTES_PER_S
-    return NodeModel(
-        node_id=index,
-        capacity_bytes=stats.num_total_pages // num_layers * stats.page_size * kv_bytes_per_token,
-        kv_bytes_per_token=kv_bytes_per_token,
-        num_layers=num_layers,
-        page_size=stats.page_size,
-        perf=ShardPerfModel(stats.attend_overhead_s or DEFAULT_ATTEND_OVERHEAD_S, bandwidth),
-        whole_step=whole_step,
-    )
 
 
 class Executor:

@@ -18,6 +18,7 @@ import torch
 
 from fastdecode.actors.model.attention import TorchKVCache
 from fastdecode.actors.tensor_io import from_numpy, to_numpy
+from fastdecode.scheduler import GpuPerfModel, NodeModel, ShardPerfModel
 from fastdecode.transport.shard_messages import Attend, AttendResult
 
 if TYPE_CHECKING:
@@ -33,6 +34,27 @@ class NodeStats:
     num_sequences: int
     attn_gbps: float | None  # measured attention bandwidth, None until measured
     attend_overhead_s: float | None = None  # per-call overhead from the node's calibration
+
+
+# A node's attend-time model before it is measured: 100 us per call, 5 GB/s.
+DEFAULT_ATTEND_OVERHEAD_S = 1e-4
+DEFAULT_ATTEND_BYTES_PER_S = 5e9
+
+
+def node_model(index: int, stats: NodeStats, *, num_layers: int, kv_bytes_per_token: int,
+               whole_step: GpuPerfModel | None = None) -> NodeModel:
+    """The scheduler's view of a node, with its measured attention bandwidth when known, and the
+    time of a whole step on it when its steps run as one call (the GPU KV node's CUDA graphs)."""
+    bandwidth = stats.attn_gbps * 1e9 if stats.attn_gbps else DEFAULT_ATTEND_BYTES_PER_S
+    return NodeModel(
+        node_id=index,
+        capacity_bytes=stats.num_total_pages // num_layers * stats.page_size * kv_bytes_per_token,
+        kv_bytes_per_token=kv_bytes_per_token,
+        num_layers=num_layers,
+        page_size=stats.page_size,
+        perf=ShardPerfModel(stats.attend_overhead_s or DEFAULT_ATTEND_OVERHEAD_S, bandwidth),
+        whole_step=whole_step,
+    )
 
 
 class KVNode(abc.ABC):
