@@ -134,14 +134,11 @@ class DecodeStep:
             logits = self.graphs.run(mb.seq_ids, token_ids)
             if logits is not None:
                 return logits
-        x = model.embed(tokens)
-        q, k, v = model.pre_attention(0, x, positions)
-        for layer in range(model.num_layers):
-            o = self._attend_now(mb, layer, q, k, v)
-            if layer + 1 < model.num_layers:
-                x = model.post_attention(layer, x, o)
-                q, k, v = model.pre_attention(layer + 1, x, positions)
-        return model.logits(model.post_attention(model.num_layers - 1, x, o))
+        program = EagerDense(model, tokens, positions)
+        q, k, v = program.first()
+        for layer in range(model.num_layers - 1):
+            q, k, v = program.middle(layer, self._attend_now(mb, layer, q, k, v))
+        return program.last(self._attend_now(mb, model.num_layers - 1, q, k, v))
 
     def _is_on_graph_node(self, mb: MiniBatch) -> bool:
         """Every row of ``mb`` is on the node the step graphs were made for."""
