@@ -71,7 +71,7 @@ def assert_answered(status: int, body: bytes) -> None:
 
 
 def assert_still_serving(server) -> None:
-    status, body = post(server, "/v1/completions", json.dumps({"prompt": "still there?", "max_tokens": 3}).encode())
+    status, body = post(server, "/v1/completions", json.dumps({"prompt": "still there?", "max_tokens": 3, "min_tokens": 3}).encode())
     assert status == 200, body
     assert json.loads(body)["usage"]["completion_tokens"] == 3
 
