@@ -74,7 +74,7 @@ async def test_missing_or_wrong_key_is_refused_with_401(tiny_server, headers):
 
 
 async def test_key_as_token_query_parameter(tiny_server):
-    messages = await stream(f"{tiny_server.ws_url}?token={API_KEY}", {"prompt": "x", "max_tokens": 3}, headers={})
+    messages = await stream(f"{tiny_server.ws_url}?token={API_KEY}", {"prompt": "x", "max_tokens": 3, "min_tokens": 3}, headers={})
     assert messages[-1]["type"] == "done" and messages[-1]["usage"]["completion_tokens"] == 3
 
 
