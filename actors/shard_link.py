@@ -30,6 +30,7 @@ from fastdecode.transport.codec import Codec
 from fastdecode.transport.control_messages import ErrorReply
 from fastdecode.transport.errors import PeerDeadError, ProtocolError, RemoteRequestError, RequestTimeoutError
 from fastdecode.transport.messages import Message
+from fastdecode.transport.pump import check_frames, recv_nowait, send_nowait
 from fastdecode.transport.sockets import make_socket
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,10 @@ class ShardLink:
         sock = self._socket()
         request_id = next(self._request_ids)
         frames = self._codec.encode(request_id, message)
-        try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # no peer yet, or its pipe is full: wait for room
-            self._wait(sock, zmq.POLLOUT, time.monotonic() + self.timeout_s, type(message).__name__)
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        check_frames(frames)
+        deadline = time.monotonic() + self.timeout_s
+        while not send_nowait(sock, frames):  # no peer yet, or its pipe is full: wait for room
+            self._wait(sock, zmq.POLLOUT, deadline, type(message).__name__)
         return request_id
 
     def receive(self, request_id: int, reply_type: type[Message]) -> Message:
@@ -96,7 +96,9 @@ class ShardLink:
         deadline = time.monotonic() + self.timeout_s
         while True:
             self._wait(sock, zmq.POLLIN, deadline, reply_type.__name__)
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = recv_nowait(sock)
+            if frames is None:
+                continue
             try:
                 reply_id, reply = self._codec.decode(frames)
             except ProtocolError as exc:

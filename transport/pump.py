@@ -69,27 +69,13 @@ class SocketPump:
         Raises zmq.ZMQError for a failure other than a full pipe (closed socket), TypeError or ValueError for
         frames that cannot be sent (checked before any frame goes out).
         """
-        _check_frames(frames)
+        check_frames(frames)
         if self._unsent or not self._try_send(frames):
             self._unsent.append(frames)
         self._check_events()
 
     def _try_send(self, frames: list[Any]) -> bool:
-        """Send one multipart message without blocking; False when ZeroMQ refuses it (high-water mark).
-
-        A multipart message is atomic: once ZeroMQ takes its first frame it takes the others too.
-        """
-        sock = self._sock
-        last = len(frames) - 1
-        try:
-            _send(sock, frames[0], (_NOBLOCK | _SNDMORE) if last else _NOBLOCK, False)
-        except zmq.Again:
-            return False
-        for i in range(1, last):
-            _send(sock, frames[i], _NOBLOCK | _SNDMORE, False)
-        if last:
-            _send(sock, frames[last], _NOBLOCK, False)
-        return True
+        return send_nowait(self._sock, frames)
 
     def _check_events(self) -> None:
         if self._is_drain_scheduled or self._sock.closed:
@@ -125,15 +111,10 @@ class SocketPump:
             if self._unsent and events & _POLLOUT:
                 self._schedule_drain()
             return  # EVENTS was read after every other operation: the descriptor is re-armed
-        try:
-            frame = _recv(sock, _NOBLOCK, False)
-        except zmq.Again:  # EVENTS said otherwise: look again on the next iteration rather than trust the descriptor
+        frames = recv_nowait(sock)
+        if frames is None:  # EVENTS said otherwise: look again on the next iteration rather than trust the descriptor
             self._schedule_drain()
             return
-        frames = [frame]
-        while frame.more:
-            frame = _recv(sock, _NOBLOCK, False)
-            frames.append(frame)
         # One message per callback: the next look at the socket waits behind whatever this message wakes (the
         # task awaiting a reply), and sends made by ``on_message`` skip their EVENTS check (a drain is coming).
         self._is_drain_scheduled = True
@@ -157,7 +138,36 @@ class SocketPump:
         self._sock.close(linger=linger_ms)
 
 
-def _check_frames(frames: list[Any]) -> None:
+def send_nowait(sock: zmq.Socket, frames: list[Any]) -> bool:
+    """Send one multipart message without blocking (``copy=False``); False when ZeroMQ refuses it (no peer
+    yet, or the high-water mark). A multipart message is atomic: once ZeroMQ takes its first frame it takes
+    the others too. Check the frames first (``check_frames``): a bad one raises after earlier frames went."""
+    last = len(frames) - 1
+    try:
+        _send(sock, frames[0], (_NOBLOCK | _SNDMORE) if last else _NOBLOCK, False)
+    except zmq.Again:
+        return False
+    for i in range(1, last):
+        _send(sock, frames[i], _NOBLOCK | _SNDMORE, False)
+    if last:
+        _send(sock, frames[last], _NOBLOCK, False)
+    return True
+
+
+def recv_nowait(sock: zmq.Socket) -> list[zmq.Frame] | None:
+    """One waiting multipart message (zero-copy frames), or None when nothing waits."""
+    try:
+        frame = _recv(sock, _NOBLOCK, False)
+    except zmq.Again:
+        return None
+    frames = [frame]
+    while frame.more:
+        frame = _recv(sock, _NOBLOCK, False)
+        frames.append(frame)
+    return frames
+
+
+def check_frames(frames: list[Any]) -> None:
     """Refuse an empty message or a frame without the buffer protocol before any frame is sent."""
     if not frames:
         raise ValueError("a message needs at least one frame")
