@@ -1,11 +1,9 @@
-"""Runs the dense part of the model off the event loop, and moves activations to the host.
+"""Runs the dense part of the model off the event loop, and moves activations to and from the host.
 
-One dedicated thread does all the model's torch work, in order, so mini-batch A's
-attention round trip (awaited on the event loop) overlaps with mini-batch B's dense
-work (on this thread). This is the only place that touches CUDA streams: device
-tensors bound for CPU shards are copied into pinned host memory on a separate copy
-stream, and the event loop waits for that copy's event on a second thread, so the
-compute thread can already enqueue the next dense work.
+One dedicated thread does all the model's torch work, in order: a decode step runs there from end to end
+(actors/decode_step.py), and so do prefills and sampling. This is the only place that touches CUDA
+streams: device tensors bound for CPU shards are copied into pinned host memory on a separate copy
+stream, whose event the compute thread waits on (looking at other work meanwhile, ``while_waiting``).
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ class DenseRunner:
         self.is_synchronous = is_synchronous
         self.is_cuda = device.type == "cuda"
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-dense")
-        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fd-copywait")
         self._copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
 
     async def run(self, fn: Callable[..., T], *args) -> T:
@@ -45,13 +42,10 @@ class DenseRunner:
         return result
 
     async def to_host(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Host copies of device tensors (the tensors themselves on a CPU device)."""
+        """Host copies of device tensors (the tensors themselves on a CPU device), made on the compute thread."""
         if not self.is_cuda:
             return tensors
-        loop = asyncio.get_running_loop()
-        hosts, done = await loop.run_in_executor(self._compute, self._start_copy, tensors)
-        await loop.run_in_executor(self._waiter, done.synchronize)
-        return hosts
+        return await self.run(self.host_copies, *tensors)
 
     def host_copies(self, *tensors: torch.Tensor, out: tuple[torch.Tensor, ...] | None = None,
                     while_waiting: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
@@ -90,12 +84,6 @@ class DenseRunner:
             done.record(self._copy_stream)
         return tuple(hosts), done
 
-    async def to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A device copy of a host tensor, ordered before later dense work."""
-        if not self.is_cuda:
-            return host
-        return await self.run(self._upload, host)
-
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if not host.is_pinned():
             host = host.pin_memory()
@@ -103,4 +91,3 @@ class DenseRunner:
 
     def close(self) -> None:
         self._compute.shutdown(wait=True)
-        self._waiter.shutdown(wait=True)
