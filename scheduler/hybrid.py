@@ -82,7 +82,7 @@ def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel],
     if batch < 1 or mean_context <= 0 or final_len < 1:
         raise ValueError("batch, mean_context and final_len must be positive")
     gpu_cap = _capacity(gpu_node, final_len)
-    n = min(batch, gpu_cap)
+    n = gpu_only_batch(gpu_node, batch, final_len)
     if measured_gpu_only_step_s is not None and n:
         only_step = measured_gpu_only_step_s
     else:
