@@ -64,7 +64,7 @@ def test_no_shard_left_gives_503_until_one_returns():
         while request(server.url, "/health")[0] != 200:
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.1)
-        status, body = request(server.url, "/v1/completions", {"prompt": "back", "max_tokens": 5})
+        status, body = request(server.url, "/v1/completions", {"prompt": "back", "max_tokens": 5, "min_tokens": 5})
         assert status == 200 and body["usage"]["completion_tokens"] == 5
         assert "is back as epoch 2" in server.log()
     finally:
