@@ -56,6 +56,7 @@ class ClusterConfig:
     mode: str | None = None  # one of MODES; None: shards if any are given, else the local torch KV
     gpu_kv_memory_bytes: int | None = None  # GPU KV pool; None: a share of the free device memory
     is_cuda_graphs: bool = True  # CUDA devices: GPU-KV steps and the shard path's dense segments as CUDA graphs
+    is_compiled: bool = True  # CUDA devices: the per-layer dense segments through torch.compile (fused kernels)
     expected_mean_context: int | None = None  # hybrid choice's mean context; None: 3/4 of the max length
     curve_dir: str | None = None  # CURVE keys for the links to shard daemons (fdctl keygen); None: plain
     heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
@@ -144,6 +145,8 @@ class Cluster:
                                                      has_shards=bool(config.num_shards or config.shard_addresses)))
         model, tokenizer = await asyncio.to_thread(
             load_model, config.model, dtype=config.dtype, device=str(device), seed=config.seed)
+        if config.is_compiled and device.type == "cuda":
+            model.compile_dense()
         cfg = model.config
         kv_dtype = KV_DTYPE_NAMES[model.dtype]
         nodes: list[KVNode] = []

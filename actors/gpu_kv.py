@@ -213,13 +213,18 @@ class GpuKVNode(KVNode):
         return o.reshape(num_rows, num_heads, head_dim)
 
     def static_mask(self, lengths: torch.Tensor) -> torch.Tensor:
-        """``[rows, 1, 1, columns]``: True where column < the row's length (built on the device)."""
-        return (self._arange < lengths[:, None]).view(lengths.shape[0], 1, 1, self.num_columns)
+        """``[rows, 1, 1, columns]`` additive mask in the pool's dtype: 0 where column < the row's
+        length, -inf past it (built on the device once per step; a boolean mask would be turned
+        into this inside every layer's attention call)."""
+        bias = torch.zeros((), dtype=self._pool.dtype, device=self.device).masked_fill(
+            self._arange >= lengths[:, None], float("-inf"))
+        return bias.view(lengths.shape[0], 1, 1, self.num_columns)
 
     def attend_static(self, layer: int, row_index: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor,
                       q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Graphable attend for rows that ARE slots ``0..rows-1``: store row i's k, v at column
-        ``columns[i]`` of slot i, attend over all columns under ``mask``. q[rows,Hq,D] -> o."""
+        ``columns[i]`` of slot i, attend over all columns under ``mask`` (``static_mask``'s).
+        q[rows,Hq,D] -> o."""
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
         pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
@@ -229,7 +234,7 @@ class GpuKVNode(KVNode):
             o = F.scaled_dot_product_attention(query, pool[0], pool[1], attn_mask=mask, scale=self._scale)
         else:
             scores = torch.matmul(query, pool[0].transpose(-1, -2)).float().mul_(self._scale)
-            probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+            probs = scores.add_(mask).softmax(dim=-1).to(q.dtype)
             o = torch.matmul(probs, pool[1])
         return o.reshape(num_rows, num_heads, head_dim)
 

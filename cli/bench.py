@@ -48,7 +48,8 @@ async def run_offline(options: dict) -> dict:
         model=options["model"], seed=options["seed"], dtype=options["dtype"], device=options["device"],
         num_shards=0 if mode == "gpu-only" else options["shards"], shard_addresses=tuple(options["shard"]),
         shard_kv_memory_bytes=options["kv_memory"], mode=mode, gpu_kv_memory_bytes=options["gpu_kv_memory"],
-        is_cuda_graphs=options["cuda_graphs"], expected_mean_context=prompt_len + output_len // 2,
+        is_cuda_graphs=options["cuda_graphs"], is_compiled=options.get("compile", True),
+        expected_mean_context=prompt_len + output_len // 2,
         executor=ExecutorConfig(is_pipelined=options["pipeline"], max_model_len=prompt_len + output_len,
                                 scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"),
                                 profile_batches=tuple(sorted({1, max(2, batch // 2), batch}))),
@@ -96,6 +97,7 @@ async def run_offline(options: dict) -> dict:
             "num_nodes": len(cluster.executor.nodes), "pipeline": cluster.executor.config.is_pipelined,
             "shard_own_loop": options.get("shard_own_loop", False),
             "cuda_graphs": cluster.executor.decoder.graphs is not None,
+            "compiled": cluster.executor.model.is_dense_compiled,
             "tokens_per_s": batch * output_len / wall,
             "decode_tokens_per_s": batch / step_s if step_s else None,
             "step_ms": step_s * 1e3 if step_s else None,
@@ -140,6 +142,8 @@ def bench() -> None:
               help="Where KV lives (default: shards if any, else the local torch KV).")
 @click.option("--gpu-kv-memory", default=None, help="GPU KV pool for gpu-only/hybrid, e.g. 20GiB.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True)
+@click.option("--compile/--no-compile", default=True, show_default=True,
+              help="CUDA: the per-layer dense segments through torch.compile.")
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(0), help="In-process KVShards.")
 @click.option("--shard", multiple=True, help="Address of a running shard daemon (repeatable).")
 @click.option("--kv-memory", default=None, help="KV memory per in-process shard, e.g. 4GiB.")

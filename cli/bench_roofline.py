@@ -6,7 +6,8 @@ one GPU KV node; the step is the median time per output token once the whole
 batch decodes), and ``roofline_ms = (weight bytes read + KV bytes read) /
 bandwidth``. Weight bytes read are every parameter but the embedding table (of
 which a step reads B rows); KV bytes read are the batch's mean context in all
-layers. The step runs as one CUDA graph replay per token (``cuda_graphs.StepGraphs``);
+layers. The step runs as one CUDA graph replay per token (``cuda_graphs.StepGraphs``), its dense
+segments compiled by torch.compile unless ``--compile off`` (``both`` measures each);
 ``--compare-eager`` adds the per-layer eager path. Optionally ``transformers``
 ``generate`` with a static cache on the same random weights shape and batch (eager,
 or ``--transformers-compile``): time per step from two generate lengths.
@@ -162,6 +163,7 @@ def render_roofline(result: dict, out_path: str) -> None:
     series: dict[str, list[tuple[int, float]]] = {}
     for row in result["rows"]:
         label = f"graph, {row.get('static_attention') or 'sdpa'}" if row["cuda_graphs"] else "eager, per layer"
+        label += ", compiled" if row.get("compiled") else ""
         series.setdefault(label, []).append((row["batch"], row["step_ms"]))
     roof = sorted({(r["batch"], r["roofline_ms"]) for r in result["rows"]})
     ax.plot(*zip(*roof), "k--", label="roofline")
@@ -200,14 +202,17 @@ async def run_roofline(options: dict) -> dict:
     kv_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
     result = {"model": options["model"], "device": torch.cuda.get_device_name(device), "hbm_copy_gbps": bandwidth,
               "prompt_len": prompt_len, "output_len": output_len, "rows": []}
-    runs = [(True, kind) for kind in options["static_attention"].split(",")]
+    compiled = {"on": [True], "off": [False], "both": [True, False]}[options["compile"]]
+    runs = [(True, kind, is_compiled) for is_compiled in compiled for kind in options["static_attention"].split(",")]
     if options["compare_eager"]:
-        runs.append((False, "sdpa"))
-    for is_graphs, static_attention in runs:
+        runs.append((False, "sdpa", compiled[0]))
+    for is_graphs, static_attention, is_compiled in runs:
+        model.compile_dense(is_compiled)
         rows = await gpu_only_steps(model, batches, prompt_len, output_len, is_graphs=is_graphs,
                                     seed=options["seed"], static_attention=static_attention)
         for row in rows:
             row["static_attention"] = static_attention if is_graphs else None
+            row["compiled"] = is_compiled
             read = weight_bytes_read(model, row["batch"]) + row["batch"] * mean_context * kv_token
             row["roofline_ms"] = read / (bandwidth * 1e9) * 1e3
             row["ratio"] = row["step_ms"] / row["roofline_ms"]
@@ -245,6 +250,8 @@ async def run_roofline(options: dict) -> dict:
               help="Graphed attention kernel(s), comma-separated: sdpa, matmul (each measured in turn).")
 @click.option("--transformers-compile/--no-transformers-compile", default=False, show_default=True,
               help="Let transformers torch.compile its static-cache forward (compiled in the untimed warm-up).")
+@click.option("--compile", "compile", default="on", show_default=True, type=click.Choice(["on", "off", "both"]),
+              help="The per-layer dense segments through torch.compile: on, off, or both measured in turn.")
 @click.option("--compare-eager/--no-compare-eager", default=False, show_default=True,
               help="Also measure without CUDA graphs.")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -7,6 +7,8 @@ wherever the KV-cache lives, and hands the result ``o`` to ``post_attention``.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,12 +16,46 @@ from torch import nn
 from fastdecode.actors.model.config import ModelConfig
 from fastdecode.actors.model.rope import apply_rope, rope_table
 
+log = logging.getLogger(__name__)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, scaled by ``weight`` in the model dtype (as HF does)."""
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def _pre_attention(x: torch.Tensor, positions: torch.Tensor, input_norm: torch.Tensor, qkv_weight: torch.Tensor,
+                   qkv_bias: torch.Tensor | None, rope_cos: torch.Tensor, rope_sin: torch.Tensor, eps: float,
+                   head_shapes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's input norm, fused QKV projection and RoPE (a pure function of its tensors)."""
+    num_heads, num_kv_heads, head_dim = head_shapes
+    h = rms_norm(x, input_norm, eps)
+    qkv = F.linear(h, qkv_weight, qkv_bias)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
+    cos, sin = rope_cos[positions], rope_sin[positions]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _post_attention(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, post_norm: torch.Tensor,
+                    gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One layer's O-projection with its residual, post norm and SwiGLU MLP with its residual."""
+    x = x + F.linear(o.reshape(o.shape[0], -1), o_weight)
+    h = rms_norm(x, post_norm, eps)
+    gate, up = F.linear(h, gate_up_weight).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_weight)
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
 
 
 class DecoderLayer(nn.Module):
@@ -67,6 +103,9 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._head_shapes = (config.num_heads, config.num_kv_heads, config.head_dim)
+        self._pre, self._post = _pre_attention, _post_attention
+        self._compiled = None
+        self.is_dense_compiled = False
 
     @property
     def num_layers(self) -> int:
@@ -90,23 +129,33 @@ class LlamaModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x[N, hidden], positions LongTensor[N] -> q[N,Hq,D], k[N,Hkv,D], v[N,Hkv,D], RoPE applied."""
         weights = self.layers[layer]
-        num_heads, num_kv_heads, head_dim = self._head_shapes
-        h = rms_norm(x, weights.input_norm, self.config.rms_norm_eps)
-        qkv = F.linear(h, weights.qkv_weight, weights.qkv_bias)
-        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        q = qkv[:, :q_size].view(-1, num_heads, head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
-        v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return self._pre(x, positions, weights.input_norm, weights.qkv_weight, weights.qkv_bias,
+                         self.rope_cos, self.rope_sin, self.config.rms_norm_eps, self._head_shapes)
 
     def post_attention(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """x[N, hidden] (the layer's input), o[N,Hq,D] -> the layer's output x[N, hidden]."""
         weights = self.layers[layer]
-        x = x + F.linear(o.reshape(o.shape[0], -1), weights.o_weight)
-        h = rms_norm(x, weights.post_norm, self.config.rms_norm_eps)
-        gate, up = F.linear(h, weights.gate_up_weight).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, weights.down_weight)
+        return self._post(x, o, weights.o_weight, weights.post_norm, weights.gate_up_weight, weights.down_weight,
+                          self.config.rms_norm_eps)
+
+    def compile_dense(self, is_compiled: bool = True, *, backend: str = "inductor") -> None:
+        """Run the per-layer dense segments through ``torch.compile`` (CUDA), or back in eager mode
+        with ``is_compiled=False``. Compiled, the norms, RoPE, the SiLU gate and the residual adds
+        become a few fused kernels around the matrix products, which is what a decode step's time
+        is made of once it replays as a CUDA graph (each small kernel costs microseconds of launch
+        there). Every layer shares one compiled function (weights are arguments) and the batch
+        dimension is dynamic; compilation happens at the first call of a shape, which the CUDA-graph
+        warm-ups make before any capture. Without Triton (a CUDA torch built without it) the
+        segments stay eager, with a warning. ``backend`` is torch.compile's (tests trace with
+        ``"aot_eager"``, which needs no compiler)."""
+        if is_compiled and backend == "inductor" and self.device.type == "cuda" and not _has_triton():
+            log.warning("torch.compile needs Triton, which is not installed: the dense segments run eagerly")
+            is_compiled = False
+        if is_compiled and self._compiled is None:
+            self._compiled = (torch.compile(_pre_attention, dynamic=True, fullgraph=True, backend=backend),
+                              torch.compile(_post_attention, dynamic=True, fullgraph=True, backend=backend))
+        self._pre, self._post = self._compiled if is_compiled else (_pre_attention, _post_attention)
+        self.is_dense_compiled = is_compiled
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x[N, hidden] -> float32 logits[N, vocab] (final norm + LM head)."""
