@@ -46,4 +46,6 @@ def test_inductor_segments_on_cuda_are_close_to_eager():
     assert model.is_dense_compiled
     for rows, eager in expected.items():
         for got, want in zip(_segments(model, rows, rows), eager):
-            torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+            # bf16 rounding differs where fused kernels keep float32 between ops: 2% of the scale
+            error = (got.float() - want.float()).abs().max().item()
+            assert error <= 0.02 * want.float().abs().max().item(), (rows, error)
