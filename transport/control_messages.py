@@ -41,7 +41,7 @@ class ErrorReply(Message):
     code: str
     message: str
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.code:
             raise ValueError("ErrorReply.code must not be empty")
 

@@ -9,10 +9,12 @@ is made from the schema alone (field names are Python identifiers, checked here;
 into it), and every check of the generic codec is kept:
 
 - scalars: a value of the exact type passes, anything else goes through ``check_scalar`` (None only where the
-  field is optional);
-- arrays: ``decode_array``/``encode_array`` below, shared by every array field;
-- a decoded message is built by filling its ``__dict__`` and then running its ``__post_init__``, the same
-  validation as its constructor.
+  field is optional); an ``int_field``'s range is checked in line;
+- arrays: ``decode_array``/``encode_array`` below, shared by every array field; on decode an ``array_field``'s
+  rank and dtypes are checked from the descriptor, before the array object is made;
+- a decoded message is built by filling its ``__dict__``; then it runs ``validate`` (its rules across fields),
+  which with the field rules above is what its constructor checks (``Message.__post_init__``).  A class with
+  a ``__post_init__`` of its own gets that run instead, in full.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fastdecode.transport.errors import ProtocolError
-from fastdecode.transport.messages import DTYPE_NAMES, DTYPES, FieldSpec, Schema
+from fastdecode.transport.messages import DTYPE_NAMES, DTYPES, ArrayRule, FieldSpec, IntRule, Message, Schema
 
 MAX_NDIM = 8
 # plain dicts: a MappingProxy lookup costs twice as much (read-only like the originals: nothing writes them)
@@ -64,7 +66,17 @@ def check_scalar(spec: FieldSpec, value: Any) -> Any:
     raise ProtocolError(f"field {spec.name!r} must be {kind}, got {type(value).__name__}")
 
 
-def decode_array(name: str, desc: Any, frames: Sequence[Any], used: int) -> tuple[np.ndarray, int, int]:
+def check_int(spec: FieldSpec, value: Any) -> int:
+    """An int field's value within its ``int_field`` range."""
+    value = check_scalar(spec, value)
+    rule = spec.rule
+    if value is not None and isinstance(rule, IntRule) and not rule.min_value <= value <= rule.max_value:
+        raise ProtocolError(f"field {spec.name!r} must be in [{rule.min_value}, {rule.max_value}], got {value}")
+    return value
+
+
+def decode_array(name: str, desc: Any, frames: Sequence[Any], used: int, rule: ArrayRule | None
+                 ) -> tuple[np.ndarray, int, int]:
     """An array field's descriptor ``[dtype, shape, payload]`` as a read-only array on its frame or bytes.
 
     ``used`` has bit i set for each frame already taken; returns (array, used, bytes of the frame taken).
@@ -82,6 +94,9 @@ def decode_array(name: str, desc: Any, frames: Sequence[Any], used: int) -> tupl
         if type(dim) is not int or dim < 0:  # msgpack gives bools as bool
             raise ProtocolError(f"field {name!r}: bad shape {shape!r}")
         num_items *= dim
+    if rule is not None and (len(shape) != rule.ndim or dtype_name not in rule.dtypes):
+        raise ProtocolError(f"field {name!r} must be {rule.ndim}-d {'/'.join(rule.dtypes)}, "
+                            f"got {dtype_name} {shape}")
     frame_bytes = 0
     if type(payload) is int:
         if not 0 < payload < len(frames) or used >> payload & 1:
@@ -142,9 +157,12 @@ def build_decoder(schema: Schema) -> FieldDecoder:
     _check_names(schema)
     cls = schema.cls
     num_fields = len(schema.fields)
+    post_init = getattr(cls, "__post_init__", None)
+    if post_init is Message.__post_init__:  # field rules in line below, then only the rules across fields
+        post_init = None if cls.validate is Message.validate else cls.validate
     namespace: dict[str, Any] = {
-        "ProtocolError": ProtocolError, "check_scalar": check_scalar, "decode_array": decode_array,
-        "new": object.__new__, "cls": cls, "post_init": getattr(cls, "__post_init__", None),
+        "ProtocolError": ProtocolError, "check_scalar": check_scalar, "check_int": check_int,
+        "decode_array": decode_array, "new": object.__new__, "cls": cls, "post_init": post_init,
     }
     lines = ["def decode_fields(values, frames):",
              f"    if len(values) != {num_fields}:",
@@ -154,12 +172,16 @@ def build_decoder(schema: Schema) -> FieldDecoder:
     lines += ["    used = 1", "    num_bytes = 0"]
     for i, spec in enumerate(schema.fields):
         namespace[f"spec{i}"] = spec
+        namespace[f"rule{i}"] = spec.rule
         if spec.kind == "array":
             lines += [f"    if v{i} is not None:",
-                      f"        v{i}, used, frame_bytes = decode_array({spec.name!r}, v{i}, frames, used)",
+                      f"        v{i}, used, frame_bytes = decode_array({spec.name!r}, v{i}, frames, used, rule{i})",
                       "        num_bytes += frame_bytes"]
             if not spec.is_optional:
                 lines += ["    else:", f"        raise ProtocolError({f'field {spec.name!r} must not be null'!r})"]
+        elif isinstance(spec.rule, IntRule):
+            lines += [f"    if type(v{i}) is not int or not {spec.rule.min_value} <= v{i} <= {spec.rule.max_value}:",
+                      f"        v{i} = check_int(spec{i}, v{i})"]
         elif spec.kind in _EXACT_TYPES:
             lines += [f"    if type(v{i}) is not {_EXACT_TYPES[spec.kind]}:",
                       f"        v{i} = check_scalar(spec{i}, v{i})"]
@@ -171,7 +193,7 @@ def build_decoder(schema: Schema) -> FieldDecoder:
     attrs = ", ".join(f"{spec.name}=v{i}" for i, spec in enumerate(schema.fields))
     if _has_plain_dict(cls):
         lines += ["    message = new(cls)", f"    message.__dict__.update({attrs})"]
-        if namespace["post_init"] is not None:
+        if post_init is not None:
             lines.append("    post_init(message)")
     else:
         lines.append(f"    message = cls({attrs})")

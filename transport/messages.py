@@ -5,8 +5,11 @@ class attribute.  Its fields may be ``int``, ``float``, ``bool``, ``str``,
 ``bytes``, ``numpy.ndarray``, ``tuple[int, ...]`` or ``tuple[str, ...]``, each
 optionally ``| None``.  A ``Channel`` collects the message classes one pair of
 actors exchange and maps kind tags to classes; the codec only ever decodes a kind
-into a class through that table.  Semantic checks (shapes, ranges) live in each
-message's ``__post_init__`` and therefore run on both encode and decode.
+into a class through that table.  Checks of one field (an array's rank and dtypes,
+an int's range) are declared with ``array_field``/``int_field``; checks across
+fields live in the message's ``validate``.  Both run on construction
+(``Message.__post_init__``) and on decode (where the codec checks the declared
+rules from the wire descriptor itself, before any array object exists).
 """
 from __future__ import annotations
 
@@ -36,21 +39,90 @@ DTYPES = types.MappingProxyType(
 DTYPE_NAMES = types.MappingProxyType({dtype: name for name, dtype in DTYPES.items()})
 
 
+_RULE_KEY = "fastdecode.field_rule"  # where array_field/int_field keep their rule in a dataclass field's metadata
+
+
+@dataclass(frozen=True)
+class ArrayRule:
+    """An array field's rank and allowed dtype names (None is allowed only for an optional field)."""
+
+    ndim: int
+    dtypes: tuple[str, ...]
+    is_optional: bool = False
+
+    def check(self, value: object, name: str) -> None:
+        if value is None and self.is_optional:
+            return
+        require_array(value, name, ndim=self.ndim, dtypes=self.dtypes)
+
+
+@dataclass(frozen=True)
+class IntRule:
+    """An int field's inclusive range."""
+
+    min_value: int
+    max_value: int
+
+    def check(self, value: object, name: str) -> None:
+        require_int(value, name, min_value=self.min_value, max_value=self.max_value)
+
+
+def array_field(*, ndim: int, dtypes: Sequence[str], is_optional: bool = False, default: object = dataclasses.MISSING):
+    """A message field holding an ndarray of rank ``ndim`` and one of ``dtypes`` (None too when ``is_optional``,
+    which must match a ``X | None`` annotation)."""
+    unknown = [name for name in dtypes if name not in DTYPES]
+    if unknown:
+        raise TypeError(f"unknown dtype names {unknown}")
+    rule = ArrayRule(ndim, tuple(dtypes), is_optional)
+    return dataclasses.field(default=default, metadata={_RULE_KEY: rule})  # type: ignore[call-overload]
+
+
+def int_field(*, min_value: int = 0, max_value: int = MAX_REQUEST_ID, default: object = dataclasses.MISSING):
+    """A message int field that must lie in ``[min_value, max_value]``."""
+    rule = IntRule(min_value, max_value)
+    return dataclasses.field(default=default, metadata={_RULE_KEY: rule})  # type: ignore[call-overload]
+
+
 class Message:
-    """Base of every wire message.  Subclasses are frozen dataclasses with a unique ``KIND``."""
+    """Base of every wire message.  Subclasses are frozen dataclasses with a unique ``KIND``.
+
+    A subclass declares per-field rules with ``array_field``/``int_field`` and its rules across fields in
+    ``validate``; it should not define ``__post_init__`` itself (the codec then runs that instead, in full, on
+    every decoded message).
+    """
 
     KIND: ClassVar[int] = -1
     # For a request: the message class of its successful reply (an ErrorReply may always come instead).
     REPLY: ClassVar[type["Message"] | None] = None
+    # (field name, rule) for every field declared with array_field or int_field; collected at class creation
+    FIELD_RULES: ClassVar[tuple[tuple[str, ArrayRule | IntRule], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # the dataclass decorator has not run yet: the class still holds the Field objects of its fields
+        own = tuple((name, value.metadata[_RULE_KEY]) for name, value in vars(cls).items()
+                    if isinstance(value, dataclasses.Field) and _RULE_KEY in value.metadata)
+        cls.FIELD_RULES = cls.FIELD_RULES + own
+
+    def __post_init__(self) -> None:
+        """On construction: every declared field rule, then ``validate``.  Raises ValueError."""
+        for name, rule in self.FIELD_RULES:
+            rule.check(getattr(self, name), name)
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules across fields; runs after the field rules, on construction and on decode.  Raises ValueError."""
 
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """How one dataclass field travels: ``kind`` is one of SCALAR_KINDS, "array", "int_tuple", "str_tuple"."""
+    """How one dataclass field travels: ``kind`` is one of SCALAR_KINDS, "array", "int_tuple", "str_tuple";
+    ``rule`` is its declared ArrayRule or IntRule, if any."""
 
     name: str
     kind: str
     is_optional: bool
+    rule: ArrayRule | IntRule | None = None
 
 
 SCALAR_KINDS: dict[type, str] = {bool: "bool", int: "int", float: "float", str: "str", bytes: "bytes"}
@@ -97,7 +169,12 @@ def schema_of(cls: type[Message]) -> Schema:
     specs = []
     for f in dataclasses.fields(cls):
         kind, is_optional = _field_kind(cls, f.name, hints[f.name])
-        specs.append(FieldSpec(f.name, kind, is_optional))
+        rule = f.metadata.get(_RULE_KEY)
+        if isinstance(rule, ArrayRule) and (kind != "array" or rule.is_optional != is_optional):
+            raise TypeError(f"{cls.__name__}.{f.name}: array_field(is_optional={rule.is_optional}) on {hints[f.name]}")
+        if isinstance(rule, IntRule) and kind != "int":
+            raise TypeError(f"{cls.__name__}.{f.name}: int_field on {hints[f.name]}")
+        specs.append(FieldSpec(f.name, kind, is_optional, rule))
     return Schema(cls, cls.KIND, tuple(specs))
 
 

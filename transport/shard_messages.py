@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastdecode.transport.control_messages import CONTROL_MESSAGES, Ok
-from fastdecode.transport.messages import Channel, Message, require_array, require_int
+from fastdecode.transport.messages import Channel, Message, array_field, int_field, require_int
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 KV_DTYPES = FLOAT_DTYPES
@@ -68,15 +68,12 @@ class Configure(Message):
 
     KIND = 17
     REPLY = ShardStats
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
+    num_layers: int = int_field(min_value=1, max_value=4096)
+    num_kv_heads: int = int_field(min_value=1, max_value=4096)
+    head_dim: int = int_field(min_value=1, max_value=4096)
     kv_dtype: str
 
-    def __post_init__(self) -> None:
-        require_int(self.num_layers, "num_layers", min_value=1, max_value=4096)
-        require_int(self.num_kv_heads, "num_kv_heads", min_value=1, max_value=4096)
-        require_int(self.head_dim, "head_dim", min_value=1, max_value=4096)
+    def validate(self) -> None:
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
 
@@ -87,7 +84,7 @@ class Allocate(Message):
     REPLY = Ok
     seq_ids: tuple[int, ...]
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_seq_ids(self.seq_ids, "seq_ids")
 
 
@@ -97,7 +94,7 @@ class Free(Message):
     REPLY = Ok
     seq_ids: tuple[int, ...]
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_seq_ids(self.seq_ids, "seq_ids")
 
 
@@ -107,14 +104,11 @@ class AppendPrompt(Message):
 
     KIND = 20
     REPLY = Ok
-    seq_id: int
-    k: np.ndarray
-    v: np.ndarray
+    seq_id: int = int_field(max_value=MAX_SEQ_ID)
+    k: np.ndarray = array_field(ndim=4, dtypes=FLOAT_DTYPES)
+    v: np.ndarray = array_field(ndim=4, dtypes=FLOAT_DTYPES)
 
-    def __post_init__(self) -> None:
-        require_int(self.seq_id, "seq_id", max_value=MAX_SEQ_ID)
-        require_array(self.k, "k", ndim=4, dtypes=FLOAT_DTYPES)
-        require_array(self.v, "v", ndim=4, dtypes=FLOAT_DTYPES)
+    def validate(self) -> None:
         if self.k.shape != self.v.shape or self.k.dtype != self.v.dtype:
             raise ValueError(f"k and v must match: {self.k.shape} {self.k.dtype} vs {self.v.shape} {self.v.dtype}")
 
@@ -124,15 +118,12 @@ class AttendResult(Message):
     """o is [B, Hq, D] in q's dtype; lse [B, Hq] float32 when asked for."""
 
     KIND = 21
-    o: np.ndarray
-    lse: np.ndarray | None = None
+    o: np.ndarray = array_field(ndim=3, dtypes=FLOAT_DTYPES)
+    lse: np.ndarray | None = array_field(ndim=2, dtypes=("float32",), is_optional=True, default=None)
 
-    def __post_init__(self) -> None:
-        require_array(self.o, "o", ndim=3, dtypes=FLOAT_DTYPES)
-        if self.lse is not None:
-            require_array(self.lse, "lse", ndim=2, dtypes=("float32",))
-            if self.lse.shape != self.o.shape[:2]:
-                raise ValueError(f"lse shape {self.lse.shape} does not match o {self.o.shape}")
+    def validate(self) -> None:
+        if self.lse is not None and self.lse.shape != self.o.shape[:2]:
+            raise ValueError(f"lse shape {self.lse.shape} does not match o {self.o.shape}")
 
 
 @dataclass(frozen=True)
@@ -145,19 +136,14 @@ class Attend(Message):
 
     KIND = 22
     REPLY = AttendResult
-    layer: int
-    seq_ids: np.ndarray  # int64 [B]
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
+    layer: int = int_field(max_value=4095)
+    seq_ids: np.ndarray = array_field(ndim=1, dtypes=("int64",))  # [B]
+    q: np.ndarray = array_field(ndim=3, dtypes=FLOAT_DTYPES)
+    k: np.ndarray = array_field(ndim=3, dtypes=FLOAT_DTYPES)
+    v: np.ndarray = array_field(ndim=3, dtypes=FLOAT_DTYPES)
     want_lse: bool = False
 
-    def __post_init__(self) -> None:
-        require_int(self.layer, "layer", max_value=4095)
-        require_array(self.seq_ids, "seq_ids", ndim=1, dtypes=("int64",))
-        require_array(self.q, "q", ndim=3, dtypes=FLOAT_DTYPES)
-        require_array(self.k, "k", ndim=3, dtypes=FLOAT_DTYPES)
-        require_array(self.v, "v", ndim=3, dtypes=FLOAT_DTYPES)
+    def validate(self) -> None:
         num_seqs, num_q_heads, head_dim = self.q.shape
         if self.k.shape != self.v.shape or self.k.dtype != self.v.dtype or self.q.dtype != self.k.dtype:
             raise ValueError("q, k and v must share a dtype and k, v a shape")
