@@ -75,28 +75,27 @@ def check_int(spec: FieldSpec, value: Any) -> int:
     return value
 
 
-def decode_array(name: str, desc: Any, frames: Sequence[Any], used: int, rule: ArrayRule | None
+def decode_array(name: str, desc: Any, frames: Sequence[Any], used: int, dtypes: dict[str, np.dtype], ndim: int
                  ) -> tuple[np.ndarray, int, int]:
     """An array field's descriptor ``[dtype, shape, payload]`` as a read-only array on its frame or bytes.
 
-    ``used`` has bit i set for each frame already taken; returns (array, used, bytes of the frame taken).
+    ``dtypes`` are the field's allowed dtypes by name and ``ndim`` its rank (-1: any up to MAX_NDIM), from its
+    ``array_field`` rule.  ``used`` has bit i set for each frame already taken; returns (array, used, bytes of
+    the frame taken).
     """
     if type(desc) is not tuple or len(desc) != 3:
         raise ProtocolError(f"field {name!r} must be an array descriptor [dtype, shape, payload]")
     dtype_name, shape, payload = desc
-    dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    dtype = dtypes.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
-        raise ProtocolError(f"field {name!r}: dtype {dtype_name!r} is not allowed")
-    if type(shape) is not tuple or len(shape) > MAX_NDIM:
-        raise ProtocolError(f"field {name!r}: bad shape {shape!r}")
+        raise ProtocolError(f"field {name!r}: dtype {dtype_name!r} is not allowed (allowed: {', '.join(dtypes)})")
+    if type(shape) is not tuple or (len(shape) != ndim if ndim >= 0 else len(shape) > MAX_NDIM):
+        raise ProtocolError(f"field {name!r}: bad shape {shape!r}" + (f" (rank {ndim} expected)" if ndim >= 0 else ""))
     num_items = 1
     for dim in shape:
         if type(dim) is not int or dim < 0:  # msgpack gives bools as bool
             raise ProtocolError(f"field {name!r}: bad shape {shape!r}")
         num_items *= dim
-    if rule is not None and (len(shape) != rule.ndim or dtype_name not in rule.dtypes):
-        raise ProtocolError(f"field {name!r} must be {rule.ndim}-d {'/'.join(rule.dtypes)}, "
-                            f"got {dtype_name} {shape}")
     frame_bytes = 0
     if type(payload) is int:
         if not 0 < payload < len(frames) or used >> payload & 1:
@@ -172,10 +171,12 @@ def build_decoder(schema: Schema) -> FieldDecoder:
     lines += ["    used = 1", "    num_bytes = 0"]
     for i, spec in enumerate(schema.fields):
         namespace[f"spec{i}"] = spec
-        namespace[f"rule{i}"] = spec.rule
         if spec.kind == "array":
+            rule = spec.rule if isinstance(spec.rule, ArrayRule) else None
+            namespace[f"dtypes{i}"] = _DTYPES if rule is None else {name: _DTYPES[name] for name in rule.dtypes}
+            ndim = -1 if rule is None else rule.ndim
             lines += [f"    if v{i} is not None:",
-                      f"        v{i}, used, frame_bytes = decode_array({spec.name!r}, v{i}, frames, used, rule{i})",
+                      f"        v{i}, used, frame_bytes = decode_array({spec.name!r}, v{i}, frames, used, dtypes{i}, {ndim})",
                       "        num_bytes += frame_bytes"]
             if not spec.is_optional:
                 lines += ["    else:", f"        raise ProtocolError({f'field {spec.name!r} must not be null'!r})"]

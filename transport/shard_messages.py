@@ -144,12 +144,14 @@ class Attend(Message):
     want_lse: bool = False
 
     def validate(self) -> None:
-        num_seqs, num_q_heads, head_dim = self.q.shape
-        if self.k.shape != self.v.shape or self.k.dtype != self.v.dtype or self.q.dtype != self.k.dtype:
+        q, k = self.q, self.k
+        num_seqs, num_q_heads, head_dim = q.shape
+        k_shape, dtype = k.shape, k.dtype
+        if k_shape != self.v.shape or self.v.dtype != dtype or q.dtype != dtype:
             raise ValueError("q, k and v must share a dtype and k, v a shape")
-        if self.k.shape[0] != num_seqs or self.seq_ids.shape[0] != num_seqs or self.k.shape[2] != head_dim:
-            raise ValueError(f"shapes disagree: seq_ids {self.seq_ids.shape}, q {self.q.shape}, k {self.k.shape}")
-        num_kv_heads = self.k.shape[1]
+        num_kv_seqs, num_kv_heads, kv_head_dim = k_shape
+        if num_kv_seqs != num_seqs or len(self.seq_ids) != num_seqs or kv_head_dim != head_dim:
+            raise ValueError(f"shapes disagree: seq_ids {self.seq_ids.shape}, q {q.shape}, k {k_shape}")
         if num_kv_heads == 0 or num_q_heads % num_kv_heads:
             raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
 
