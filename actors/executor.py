@@ -261,8 +261,7 @@ class Executor:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
         if plan.admitted:
             self._emit_pending()  # prefills take a while: the streams should not wait for them
-        for admission in plan.admitted:
-            await self._prefill(self._sequences[admission.seq_id], admission.node_id)
+            await self._prefill_all([(self._sequences[a.seq_id], a.node_id) for a in plan.admitted])
         minibatches = [[s for s in (self._sequences.get(i) for i in ids) if s is not None and self._is_placed(s)]
                        for ids in plan.minibatches]
         minibatches = [mb for mb in minibatches if mb]
@@ -383,14 +382,34 @@ class Executor:
         self.num_preempted += 1
         await self._release(seq)
 
-    async def _prefill(self, seq: Sequence, node_index: int) -> None:
-        node = self.nodes[node_index]
-        # A preempted sequence is rebuilt from prompt + its output but the last token,
-        # which the next decode step feeds in; its next token is not sampled here.
+    async def _prefill_all(self, admissions: list[tuple[Sequence, int]]) -> None:
+        """Prefill the admitted sequences in order, each one's forward pass overlapping the placement of
+        the one before (its K/V copied to the host, shipped to its node, its first token sampled)."""
+        placing: asyncio.Future | None = None
+        try:
+            for seq, node_index in admissions:
+                computed = await self._prefill_forward(seq)
+                if placing is not None:
+                    await placing
+                placing = asyncio.ensure_future(self._place(seq, node_index, *computed))
+            if placing is not None:
+                await placing
+        finally:
+            if placing is not None and not placing.done():
+                placing.cancel()
+
+    async def _prefill_forward(self, seq: Sequence):
+        """(is_resumed, last logits, k, v) of the sequence's prompt. A preempted sequence is rebuilt from
+        prompt + its output but the last token, which the next decode step feeds in; its next token is
+        not sampled here."""
         is_resumed = bool(seq.output_ids)
         ids = seq.all_ids[:-1] if is_resumed else seq.prompt_ids
         tokens = torch.tensor(ids, dtype=torch.long, device=self.model.device)
         logits, k, v = await self.runner.run(prefill, self.model, tokens)
+        return is_resumed, logits, k, v
+
+    async def _place(self, seq: Sequence, node_index: int, is_resumed: bool, logits, k, v) -> None:
+        node = self.nodes[node_index]
         if node.is_host:
             k, v = await self.runner.to_host(k, v)
         # placed from here on (as the scheduler sees it): a node failure requeues it at the next step

@@ -185,3 +185,41 @@ async def test_greedy_matches_reference_on_cuda(num_shards, is_pipelined):
     for prompt, ours in zip(prompts(tokenizer), outputs):
         tokens, gaps = references[tuple(prompt)]
         assert_same_greedy(ours, tokens, gaps, label=f"cuda, {num_shards} shards, pipeline={is_pipelined}")
+
+
+async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_model, references, monkeypatch):
+    """Admitted together, prompt i+1's forward pass runs while prompt i's K/V is still being shipped,
+    and the tokens stay the reference's."""
+    import fastdecode.actors.executor as executor_module
+
+    _, tokenizer = tiny_model
+    spans: dict[str, list[tuple[float, float]]] = {"forward": [], "append": []}
+    loop = asyncio.get_running_loop()
+    real_prefill = executor_module.prefill
+
+    def timed_prefill(*args):
+        start = loop.time()
+        result = real_prefill(*args)
+        spans["forward"].append((start, loop.time()))
+        return result
+
+    monkeypatch.setattr(executor_module, "prefill", timed_prefill)
+    config = ClusterConfig(**TINY, num_shards=1, shard_kv_memory_bytes=16 << 20)
+    async with await Cluster.start(config) as cluster:
+        node = cluster.executor.nodes[0]
+        real_append = node.append_prompt
+
+        async def slow_append(seq_id, k, v):
+            start = loop.time()
+            await asyncio.sleep(0.2)  # a slow wire
+            await real_append(seq_id, k, v)
+            spans["append"].append((start, loop.time()))
+
+        node.append_prompt = slow_append
+        outputs = await run_greedy(cluster, prompts(tokenizer))
+    assert len(spans["forward"]) == len(spans["append"]) == len(outputs)
+    overlapped = sum(1 for (start, _), (_, end) in zip(spans["forward"][1:], spans["append"]) if start < end)
+    assert overlapped == len(outputs) - 1
+    for prompt, ours in zip(prompts(tokenizer), outputs):
+        tokens, gaps = references[tuple(prompt)]
+        assert_same_greedy(ours, tokens, gaps, label="overlapped prefill")
