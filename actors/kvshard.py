@@ -54,6 +54,10 @@ CALIBRATION_SEQ_ID = 1 << 62  # calibration sequences live only while the pool i
 CALIBRATION_NUM_SEQS = 8
 CALIBRATION_MAX_TOKENS = 2048
 CALIBRATION_NUM_RUNS = 5
+# The long attend reads at least this much KV (as far as half the pool allows): a working set the
+# last-level cache holds (8 sequences x 2048 tokens is 64 MiB) measured cache bandwidth, 2-3x what the
+# shard then reads from memory in a real step.
+CALIBRATION_MIN_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,9 @@ class KVShard:
         pool = self._require_pool()
         shape = self._shape
         assert shape is not None
-        num_seqs = CALIBRATION_NUM_SEQS
+        pages_long = -(-(CALIBRATION_MAX_TOKENS + CALIBRATION_NUM_RUNS * 2 + 1) // pool.page_size)
+        wanted = -(-CALIBRATION_MIN_BYTES // (CALIBRATION_MAX_TOKENS * pool.bytes_per_token))
+        num_seqs = max(CALIBRATION_NUM_SEQS, min(wanted, pool.num_free_pages // (2 * pages_long)))
         pages_per_seq = pool.num_free_pages // (num_seqs * 2)  # layer 0 only; half the pool at most
         long_tokens = min(CALIBRATION_MAX_TOKENS, pages_per_seq * pool.page_size - CALIBRATION_NUM_RUNS * 2 - 1)
         if long_tokens < 2 * pool.page_size:

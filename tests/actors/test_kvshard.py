@@ -74,6 +74,30 @@ def test_requests_before_configure_are_refused(shard) -> None:
     assert not stats.is_configured and stats.capacity_bytes == MEMORY
 
 
+def test_calibration_reads_a_working_set_past_the_cache(monkeypatch) -> None:
+    """The long calibration attend covers CALIBRATION_MIN_BYTES of KV (here 4 MiB, a quarter of the pool),
+    not a fixed 8 sequences that a last-level cache would hold."""
+    import fastdecode.actors.kvshard as kvshard
+
+    monkeypatch.setattr(kvshard, "CALIBRATION_MIN_BYTES", 4 << 20)
+    monkeypatch.setattr(kvshard, "CALIBRATION_MAX_TOKENS", 512)
+    read: list[int] = []
+    real_attend = KVPool.attend
+
+    def spy(pool, layer, seq_ids, q, k, v, *args, **kwargs):
+        read.append(sum(pool.seq_len(int(s), layer) for s in seq_ids) * pool.bytes_per_token)
+        return real_attend(pool, layer, seq_ids, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(KVPool, "attend", spy)
+    actor = KVShard(ShardConfig(kv_memory_bytes=MEMORY, num_threads=1))
+    try:
+        stats = actor.on_configure(SHAPE)
+    finally:
+        actor.close()
+    assert stats.calibrated_gbps > 0
+    assert max(read) >= 4 << 20
+
+
 def test_attend_matches_the_pool_bitwise_and_stats_move(shard) -> None:
     rng = np.random.default_rng(1)
     stats = shard.on_configure(SHAPE)
