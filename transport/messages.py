@@ -36,7 +36,8 @@ DTYPES = types.MappingProxyType(
         )
     }
 )
-DTYPE_NAMES = types.MappingProxyType({dtype: name for name, dtype in DTYPES.items()})
+_NAME_OF_DTYPE = {dtype: name for name, dtype in DTYPES.items()}  # never written: DTYPE_NAMES is its read-only face
+DTYPE_NAMES = types.MappingProxyType(_NAME_OF_DTYPE)
 
 
 _RULE_KEY = "fastdecode.field_rule"  # where array_field/int_field keep their rule in a dataclass field's metadata
@@ -51,6 +52,8 @@ class ArrayRule:
     is_optional: bool = False
 
     def check(self, value: object, name: str) -> None:
+        if type(value) is np.ndarray and value.ndim == self.ndim and _NAME_OF_DTYPE.get(value.dtype) in self.dtypes:
+            return  # the common case in line: this runs for every array of every message built
         if value is None and self.is_optional:
             return
         require_array(value, name, ndim=self.ndim, dtypes=self.dtypes)
@@ -64,7 +67,8 @@ class IntRule:
     max_value: int
 
     def check(self, value: object, name: str) -> None:
-        require_int(value, name, min_value=self.min_value, max_value=self.max_value)
+        if type(value) is not int or not self.min_value <= value <= self.max_value:
+            require_int(value, name, min_value=self.min_value, max_value=self.max_value)
 
 
 def array_field(*, ndim: int, dtypes: Sequence[str], is_optional: bool = False, default: object = dataclasses.MISSING):
@@ -220,7 +224,7 @@ def require_array(value: object, name: str, *, ndim: int, dtypes: Sequence[str])
         raise ValueError(f"{name} must be a numpy array, got {type(value).__name__}")
     if value.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {value.shape}")
-    if DTYPE_NAMES.get(value.dtype) not in dtypes:
+    if _NAME_OF_DTYPE.get(value.dtype) not in dtypes:
         raise ValueError(f"{name} dtype must be one of {', '.join(dtypes)}, got {value.dtype.name}")
     return value
 
