@@ -164,10 +164,17 @@ class Cluster:
                                                               is_threaded=config.is_shard_loop_threaded)
                 handles.append(handle)
                 addresses.append(address)
-            for address in addresses:
-                connect = functools.partial(links.connect, address)
-                nodes.append(await connect())
-                factories[id(nodes[-1])] = connect
+            # All at once: shards of one host calibrate while the others do, so each measures the memory
+            # bandwidth it gets when they all attend, as they do in every step.
+            connects = [functools.partial(links.connect, address) for address in addresses]
+            connected = await asyncio.gather(*(connect() for connect in connects), return_exceptions=True)
+            for connect, node in zip(connects, connected):
+                if not isinstance(node, BaseException):
+                    nodes.append(node)  # closed below if another one failed
+                    factories[id(node)] = connect
+            failed = [node for node in connected if isinstance(node, BaseException)]
+            if failed:
+                raise failed[0]
             executor_config = config.executor
             gpu_model = None
             mode_choice = None

@@ -34,6 +34,10 @@ struct V {
         x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
         return _mm_cvtss_f32(x);
     }
+    static inline bool any_greater(R a, R b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0; }
+    static inline float first(R a) { return _mm256_cvtss_f32(a); }
+    static inline void hmax4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hmax(x[g])); }
+    static inline void hsum4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hsum(x[g])); }
     static inline R exp(R x) {
         x = _mm256_min_ps(_mm256_max_ps(x, set1(-86.0f)), set1(88.0f));
         const R n = _mm256_round_ps(_mm256_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -29,6 +29,24 @@ struct V {
     static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
     static inline float hmax(R a) { return _mm512_reduce_max_ps(a); }
     static inline float hsum(R a) { return _mm512_reduce_add_ps(a); }
+    static inline bool any_greater(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
+    static inline float first(R a) { return _mm512_cvtss_f32(a); }
+    // x[g] = the max (sum) of x[g]'s lanes, in every lane, for four vectors at once: 128-bit blocks of
+    // the four are folded into one vector [A B C D], then within each block, then broadcast back.
+    template <class Op>
+    static inline void reduce4(R x[4], Op op) {
+        const R ab = op(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+        const R cd = op(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+        R t = op(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+        t = op(t, _mm512_permute_ps(t, 0x4E));
+        t = op(t, _mm512_permute_ps(t, 0xB1));
+        x[0] = _mm512_shuffle_f32x4(t, t, 0x00);
+        x[1] = _mm512_shuffle_f32x4(t, t, 0x55);
+        x[2] = _mm512_shuffle_f32x4(t, t, 0xAA);
+        x[3] = _mm512_shuffle_f32x4(t, t, 0xFF);
+    }
+    static inline void hmax4(R x[4]) { reduce4(x, [](R a, R b) { return _mm512_max_ps(a, b); }); }
+    static inline void hsum4(R x[4]) { reduce4(x, [](R a, R b) { return _mm512_add_ps(a, b); }); }
     static inline R exp(R x) {
         x = _mm512_min_ps(_mm512_max_ps(x, set1(-86.0f)), set1(88.0f));
         const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

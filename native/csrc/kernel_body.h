@@ -143,33 +143,67 @@ static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t
     }
 }
 
-// Online softmax over one page: turns scores into probabilities (in place, zero past n) and rescales
-// the running state of each query head.
+// How far a page's scores may rise above a row's running max before the max is moved: exp(score - m)
+// stays below e^8 (about 3e3), far from float32's range, and the result is the same up to rounding
+// (softmax does not depend on the m subtracted, only l and acc scale with it).
+static constexpr float kMaxMargin = 8.0f;
+
+// Online softmax over one page: turns scores into probabilities (in place, zero past n) and updates
+// the running state (m, l, acc) of each query head of the group.
+// Common case: no score exceeds its row's running max by more than kMaxMargin, so m stays and nothing
+// is rescaled; the check is one compare per score vector, with no horizontal max, no scalar exp and no
+// branch per head. Otherwise (a row's first page, or a jump) m moves to the exact max of the row so far.
+// Either way the group's sums are reduced together (V::hsum4).
 template <int GB>
 static inline void softmax_update(float *s, int P, int n, int D, float *m, float *l, float *acc) {
     const int num_vecs = P / V::W;
+    bool is_over = false;
     for (int g = 0; g < GB; ++g) {
         float *sg = s + g * P;
         for (int t = n; t < P; ++t) sg[t] = -INFINITY;
-        V::R mx = V::load(sg);
-        for (int j = 1; j < num_vecs; ++j) mx = V::max(mx, V::load(sg + j * V::W));
-        const float page_max = V::hmax(mx);
-        const float m_new = page_max > m[g] ? page_max : m[g];
-        // the running max rarely moves after the first pages: no exp call (and no rescale) then
-        const float alpha = m[g] == -INFINITY ? 0.0f : m_new == m[g] ? 1.0f : expf(m[g] - m_new);
-        const V::R mv = V::set1(m_new);
-        for (int j = 0; j < num_vecs; ++j) V::store(sg + j * V::W, V::exp(V::sub(V::load(sg + j * V::W), mv)));
-        for (int t = n; t < P; ++t) sg[t] = 0.0f;
-        V::R sum = V::zero();
-        for (int j = 0; j < num_vecs; ++j) sum = V::add(sum, V::load(sg + j * V::W));
-        l[g] = l[g] * alpha + V::hsum(sum);
-        if (alpha != 1.0f) {
-            const V::R av = V::set1(alpha);
-            float *ag = acc + g * D;
-            for (int d = 0; d < D; d += V::W) V::store(ag + d, V::mul(V::load(ag + d), av));
-        }
-        m[g] = m_new;
+        const V::R limit = V::set1(m[g] + kMaxMargin);
+        for (int j = 0; j < num_vecs; ++j) is_over |= V::any_greater(V::load(sg + j * V::W), limit);
     }
+    float alpha[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (is_over) {
+        V::R mx[4];
+        for (int g = 0; g < GB; ++g) {
+            const float *sg = s + g * P;
+            mx[g] = V::load(sg);
+            for (int j = 1; j < num_vecs; ++j) mx[g] = V::max(mx[g], V::load(sg + j * V::W));
+        }
+        for (int g = GB; g < 4; ++g) mx[g] = mx[0];
+        V::hmax4(mx);
+        for (int g = 0; g < GB; ++g) {
+            const float page_max = V::first(mx[g]), m_new = page_max > m[g] ? page_max : m[g];
+            alpha[g] = m[g] == -INFINITY ? 0.0f : m_new == m[g] ? 1.0f : expf(m[g] - m_new);
+            m[g] = m_new;
+            if (alpha[g] != 1.0f) {
+                const V::R av = V::set1(alpha[g]);
+                float *ag = acc + g * D;
+                for (int d = 0; d < D; d += V::W) V::store(ag + d, V::mul(V::load(ag + d), av));
+            }
+        }
+    }
+    V::R sum[4];
+    for (int g = 0; g < GB; ++g) {
+        float *sg = s + g * P;
+        const V::R mv = V::set1(m[g]);
+        sum[g] = V::zero();
+        for (int j = 0; j < num_vecs; ++j) {
+            const V::R p = V::exp(V::sub(V::load(sg + j * V::W), mv));
+            V::store(sg + j * V::W, p);
+            sum[g] = V::add(sum[g], p);
+        }
+        if (n < P) {   // a part-filled last page: the clamped exp left tiny values past n
+            for (int t = n; t < P; ++t) sg[t] = 0.0f;
+            sum[g] = V::zero();
+            for (int j = 0; j < num_vecs; ++j) sum[g] = V::add(sum[g], V::load(sg + j * V::W));
+        }
+    }
+    for (int g = GB; g < 4; ++g) sum[g] = sum[0];
+    V::hsum4(sum);
+    for (int g = 0; g < GB; ++g) l[g] = l[g] * alpha[g] + V::first(sum[g]);
 }
 
 // acc[g][d0 .. d0+DV*W) += sum over the page's n tokens of p[g][t] * V[t], two tokens per step.

@@ -23,6 +23,14 @@ struct V {
     static inline float hsum(R a) {
         return ((a.v[0] + a.v[4]) + (a.v[1] + a.v[5])) + ((a.v[2] + a.v[6]) + (a.v[3] + a.v[7]));
     }
+    static inline bool any_greater(R a, R b) {
+        bool r = false;
+        for (int i = 0; i < W; ++i) r |= a.v[i] > b.v[i];
+        return r;
+    }
+    static inline float first(R a) { return a.v[0]; }
+    static inline void hmax4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hmax(x[g])); }
+    static inline void hsum4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hsum(x[g])); }
     static inline R exp(R a) { for (int i = 0; i < W; ++i) a.v[i] = expf(a.v[i]); return a; }
     static inline R load_f16(const uint16_t *p) { R r; for (int i = 0; i < W; ++i) r.v[i] = fdn::f16_to_f32(p[i]); return r; }
     static inline R load_bf16(const uint16_t *p) { R r; for (int i = 0; i < W; ++i) r.v[i] = fdn::bf16_to_f32(p[i]); return r; }
