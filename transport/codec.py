@@ -11,6 +11,7 @@ to ZeroMQ with ``copy=False`` and the receiver wraps the frame in a read-only
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import msgpack
@@ -32,6 +33,7 @@ class Codec:
     array is C-contiguous).  ``decode`` takes the frames from
     ``recv_multipart(copy=False)`` (zmq.Frame, bytes or any buffer) and returns
     ``(request_id, message)`` whose arrays are read-only views on those frames.
+    Both may be called from several threads at once.
 
     The fields of each message class go through an encoder and a decoder written
     out for that class (``field_codec``); a decoded message is built by filling its
@@ -57,6 +59,8 @@ class Codec:
         schemas = [channel.by_class(cls) for cls in channel.message_classes]
         self._encoders = {s.cls: (s.kind, build_encoder(s)) for s in schemas if s is not None}
         self._decoders = {s.kind: (s.cls, build_decoder(s)) for s in schemas if s is not None}
+        # one msgpack Packer per thread (a Packer is not thread-safe; msgpack.packb makes a new one every call)
+        self._per_thread = threading.local()
 
     # ---------------------------------------------------------------- encode
     def encode(self, request_id: int, message: Message) -> list[Any]:
@@ -68,7 +72,11 @@ class Codec:
         kind, encode_fields = encoder
         frames: list[Any] = [b""]
         values, num_bytes = encode_fields(message, frames, self.inline_threshold)
-        frames[0] = header = msgpack.packb((VERSION, kind, request_id, values), use_bin_type=True)
+        try:
+            packer = self._per_thread.packer
+        except AttributeError:
+            packer = self._per_thread.packer = msgpack.Packer(use_bin_type=True)
+        frames[0] = header = packer.pack((VERSION, kind, request_id, values))
         num_bytes += len(header)
         if num_bytes > self.max_message_bytes:
             raise ProtocolError(
