@@ -25,6 +25,7 @@ from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
 from fastdecode.actors.model import load_model, resolve_device
+from fastdecode.actors.prefill import time_prefill
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
@@ -276,8 +277,12 @@ async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):
         if samples:
             reading = models[0].predict_attend_s(on_gpu * mean_context) - models[0].predict_attend_s(0)
             measured = samples[0][1] + model.config.num_layers * reading
+    prompt_len = max(1, min(final_len - 1, round(2 * mean_context - final_len)))
+    prefill_s = await asyncio.to_thread(time_prefill, model, prompt_len)
     return gpu_model, choose_mode(gpu_model, models[0], models[1:], batch=batch, mean_context=mean_context,
-                                  final_len=final_len, measured_gpu_only_step_s=measured), graphs
+                                  final_len=final_len, measured_gpu_only_step_s=measured,
+                                  prefill_s=prefill_s), graphs
+
 
 
 @dataclass

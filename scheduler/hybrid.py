@@ -14,6 +14,11 @@ Pure arithmetic on the calibrated models; the Cluster asks once at start-up.
 
 Each shard-side layer also pays ``message_s`` for the attend messages (the
 per-message Python work the calibrated shard model leaves out).
+Both rates count each sequence's prefill (``prefill_s``, one forward pass over its prompt on the
+GPU, which stops the decode steps while it runs): a batch of ``n`` sequences decoding ``O`` tokens
+each makes ``n O`` tokens in ``n prefill_s + O step``. Prefills cost every sequence the same in both
+modes, so they shrink a decode-step gain towards 1 without reversing it: ``min_gain`` is then asked
+of the gain a user sees end to end, not of the decode step alone.
 ``choose_mode`` returns "hybrid" only when its best tokens/s beats gpu-only's by
 ``min_gain`` (a prediction error smaller than that must not make us slower).
 """
@@ -40,6 +45,7 @@ class ModeChoice:
     hybrid_step_s: float
     gpu_only_batch: int
     hybrid_gpu_sequences: int  # of the planned batch, on the GPU node in the best hybrid split
+    prefill_s: float = 0.0  # per sequence, as counted in both rates
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -72,29 +78,41 @@ def gpu_only_batch(gpu_node: NodeModel, batch: int, final_len: int) -> int:
     return min(batch, _capacity(gpu_node, final_len))
 
 
+def end_to_end_rate(num_seqs: int, step_s: float, prefill_s: float, num_output: int) -> float:
+    """Tokens/s of ``num_seqs`` sequences that each prefill once and decode ``num_output`` tokens."""
+    return num_seqs * num_output / (num_seqs * prefill_s + num_output * step_s) if num_seqs else 0.0
+
+
 def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel], *, batch: int,
                 mean_context: float, final_len: int, min_gain: float = 0.03,
-                message_s: float = MESSAGE_S, measured_gpu_only_step_s: float | None = None) -> ModeChoice:
+                message_s: float = MESSAGE_S, measured_gpu_only_step_s: float | None = None,
+                prefill_s: float = 0.0) -> ModeChoice:
     """gpu-only or hybrid for ``batch`` sequences of ``mean_context`` tokens, ``final_len`` at most.
 
     ``measured_gpu_only_step_s``: the gpu-only step as it really runs (a whole-step CUDA graph replay
-    at ``gpu_only_batch``, its KV reading added), instead of the eager dense profile's estimate."""
+    at ``gpu_only_batch``, its KV reading added), instead of the eager dense profile's estimate.
+    ``prefill_s``: one sequence's prefill; the output length per sequence is taken as
+    ``2 (final_len - mean_context)`` (the context grows by one token per output token)."""
     if batch < 1 or mean_context <= 0 or final_len < 1:
         raise ValueError("batch, mean_context and final_len must be positive")
+    if prefill_s < 0:
+        raise ValueError("prefill_s must not be negative")
+    num_output = max(1, round(2 * (final_len - mean_context)))
     gpu_cap = _capacity(gpu_node, final_len)
     n = gpu_only_batch(gpu_node, batch, final_len)
     if measured_gpu_only_step_s is not None and n:
         only_step = measured_gpu_only_step_s
     else:
         only_step = gpu_only_step_s(gpu, gpu_node, n, mean_context) if n else float("inf")
-    only_rate = n / only_step if n else 0.0
+    only_rate = end_to_end_rate(n, only_step, prefill_s, num_output)
     shard_cap = sum(_capacity(s, final_len) for s in shards)
     best = (0.0, float("inf"), 0)
     for on_gpu in range(max(0, batch - shard_cap), min(batch, gpu_cap) + 1):
         if not shards and on_gpu < batch:
             continue
         step = hybrid_step_s(gpu, gpu_node, shards, batch, on_gpu, mean_context, message_s)
-        if batch / step > best[0]:
-            best = (batch / step, step, on_gpu)
+        rate = end_to_end_rate(batch, step, prefill_s, num_output)
+        if rate > best[0]:
+            best = (rate, step, on_gpu)
     mode = "hybrid" if best[0] > only_rate * (1 + min_gain) else "gpu-only"
-    return ModeChoice(mode, only_rate, best[0], only_step, best[1], n, best[2])
+    return ModeChoice(mode, only_rate, best[0], only_step, best[1], n, best[2], prefill_s)

@@ -29,6 +29,7 @@ async def test_hybrid_reports_its_start_up_choice(monkeypatch):
     result = await run_offline(options(mode="hybrid", shards=1))
     choice = result["mode_choice"]
     assert choice["mode"] in ("gpu-only", "hybrid")
+    assert choice["prefill_s"] > 0  # the rates it compared count a timed prefill per sequence
     assert result["num_nodes"] == (1 if choice["mode"] == "gpu-only" else 2)
 
 

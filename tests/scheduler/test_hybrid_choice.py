@@ -57,3 +57,20 @@ def test_a_measured_gpu_only_step_overrides_the_dense_profile():
     assert estimated.mode == "hybrid" and measured.mode == "gpu-only"
     assert measured.gpu_only_step_s == fast
     assert measured.hybrid_tokens_per_s == estimated.hybrid_tokens_per_s
+
+
+def test_prefills_shrink_a_small_decode_gain_below_the_margin():
+    gpu, shards = node(0, 8 * 640, 2000.0, page=640), [node(i, 10**6, 200.0) for i in (1, 2, 3, 4)]
+    plan = dict(batch=256, mean_context=576, final_len=640)  # 128 output tokens per sequence
+    hybrid_step = choose_mode(DENSE, gpu, shards, **plan).hybrid_step_s
+    only_step = 1.06 * 8 * hybrid_step / 256  # hybrid decodes 6% faster than gpu-only
+    decode_only = choose_mode(DENSE, gpu, shards, **plan, measured_gpu_only_step_s=only_step)
+    assert decode_only.mode == "hybrid" and decode_only.prefill_s == 0.0
+    assert decode_only.hybrid_tokens_per_s / decode_only.gpu_only_tokens_per_s == pytest.approx(1.06)
+    prefill = 128 * only_step / 8  # a prefill as long as a sequence's share of its 128 decode steps
+    with_prefill = choose_mode(DENSE, gpu, shards, **plan, measured_gpu_only_step_s=only_step, prefill_s=prefill)
+    assert with_prefill.mode == "gpu-only" and with_prefill.prefill_s == prefill
+    assert with_prefill.gpu_only_tokens_per_s == pytest.approx(8 * 128 / (8 * prefill + 128 * only_step))
+    assert 1 < with_prefill.hybrid_tokens_per_s / with_prefill.gpu_only_tokens_per_s < 1.03
+    with pytest.raises(ValueError):
+        choose_mode(DENSE, gpu, shards, **plan, prefill_s=-1.0)
