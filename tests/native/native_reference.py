@@ -28,9 +28,13 @@ def attention_reference(q: np.ndarray, keys: list[np.ndarray], values: list[np.n
     return out, lse
 
 
-def random_kv(rng, shape, kv_dtype: str, src_dtype: str = "float32"):
-    """(k, v) in src_dtype, plus what the pool must store: the values rounded to kv_dtype, as float64."""
-    k = rng.standard_normal(shape, dtype=np.float32).astype(DTYPES[src_dtype])
+def random_kv(rng, shape, kv_dtype: str, src_dtype: str = "float32", key_scale: np.ndarray | None = None):
+    """(k, v) in src_dtype, plus what the pool must store: the values rounded to kv_dtype, as float64.
+    key_scale (one factor per token) stretches the keys, and so the scores, token by token."""
+    k = rng.standard_normal(shape, dtype=np.float32)
+    if key_scale is not None:
+        k *= key_scale[:shape[0], None, None].astype(np.float32)
+    k = k.astype(DTYPES[src_dtype])
     v = rng.standard_normal(shape, dtype=np.float32).astype(DTYPES[src_dtype])
     as_stored = [x.astype(np.float32).astype(DTYPES[kv_dtype]).astype(np.float64) for x in (k, v)]
     return k, v, as_stored[0], as_stored[1]

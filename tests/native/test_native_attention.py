@@ -12,9 +12,9 @@ TOLERANCE = {"float32": 2e-5, "float16": 1e-3, "bfloat16": 8e-3}   # output roun
 
 
 def run_attend(rng, *, isa, kv_dtype, q_dtype, group, head_dim, lengths, num_kv_heads=2, page_size=32,
-               out_dtype=None, num_threads=2, chunk_tokens=512):
+               out_dtype=None, num_threads=2, chunk_tokens=512, key_scale=None):
     """Caches lengths[b]-1 tokens per sequence, then one attend that appends the last token.
-    Returns (o, lse, o_ref, lse_ref)."""
+    key_scale: per-token factors for the keys (see random_kv). Returns (o, lse, o_ref, lse_ref)."""
     capacity = sum(-(-n // page_size) for n in lengths) * 2 * num_kv_heads * head_dim * page_size * 4
     num_q_heads = num_kv_heads * group
     with KVPool(num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
@@ -23,7 +23,7 @@ def run_attend(rng, *, isa, kv_dtype, q_dtype, group, head_dim, lengths, num_kv_
         keys, values = [], []
         for seq_id, n in enumerate(lengths):
             pool.allocate(seq_id)
-            k, v, k_ref, v_ref = random_kv(rng, (n, num_kv_heads, head_dim), kv_dtype, q_dtype)
+            k, v, k_ref, v_ref = random_kv(rng, (n, num_kv_heads, head_dim), kv_dtype, q_dtype, key_scale)
             pool.append(seq_id, 1, k[:-1], v[:-1])
             keys.append(k_ref)
             values.append(v_ref)
@@ -79,6 +79,19 @@ def test_narrower_last_layout_tiles(rng, isa, q_dtype):
     out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype="bfloat16", q_dtype=q_dtype, group=4,
                                           head_dim=80, lengths=lengths, page_size=48, chunk_tokens=96)
     assert_close(out, lse, o_ref, lse_ref, q_dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_scores_that_climb_past_the_running_max(rng, isa, dtype):
+    # The kernels keep a row's running max while a page's scores stay within a margin above it and move
+    # it (rescaling the row) only past that: keys that grow along the sequence, with two spikes, make
+    # the max climb in small steps and in large jumps, inside chunks and across them.
+    key_scale = np.linspace(0.5, 6.0, 1100)
+    key_scale[[100, 101, 700]] = 20.0
+    out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype=dtype, q_dtype=dtype, group=4, head_dim=128,
+                                          lengths=[40, 300, 1100], key_scale=key_scale)
+    assert_close(out, lse, o_ref, lse_ref, dtype)
 
 
 @pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
