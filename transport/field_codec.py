@@ -177,19 +177,25 @@ def build_decoder(schema: Schema) -> FieldDecoder:
             namespace[f"dtypes{i}"] = _DTYPES if rule is None else {name: _DTYPES[name] for name in rule.dtypes}
             ndim = -1 if rule is None else rule.ndim
             call = f"v{i}, used, frame_bytes = decode_array({spec.name!r}, v{i}, frames, used, dtypes{i}, {ndim})"
-            if ndim > 0:  # the common case in line: a frame of its own; anything else goes to decode_array
+            if ndim > 0:  # the common case in line (frame or bytes payload); anything else goes to decode_array
                 dims = [f"s{i}[{d}]" for d in range(ndim)]
+                size = f"{' * '.join(dims)} * d{i}.itemsize"
                 lines += [
                     f"    if (type(v{i}) is tuple and len(v{i}) == 3 and type(v{i}[0]) is str",
                     f"            and type(s{i} := v{i}[1]) is tuple and len(s{i}) == {ndim}",
                     "            and " + " and ".join(f"type({d}) is int and {d} >= 0" for d in dims),
-                    f"            and type(p{i} := v{i}[2]) is int and 0 < p{i} < len(frames) and not used >> p{i} & 1",
-                    f"            and (d{i} := dtypes{i}.get(v{i}[0])) is not None",
-                    f"            and (m{i} := memoryview(frames[p{i}]).toreadonly()).nbytes",
-                    f"            == {' * '.join(dims)} * d{i}.itemsize):",
-                    f"        v{i} = ndarray(s{i}, d{i}, m{i})  # buffer positional: numpy parses keywords slowly",
-                    f"        used |= 1 << p{i}",
-                    f"        num_bytes += m{i}.nbytes",
+                    f"            and (d{i} := dtypes{i}.get(v{i}[0])) is not None):",
+                    f"        p{i} = v{i}[2]",
+                    f"        if (type(p{i}) is int and 0 < p{i} < len(frames) and not used >> p{i} & 1",
+                    f"                and (m{i} := memoryview(frames[p{i}]).toreadonly()).nbytes == {size}):",
+                    f"            v{i} = ndarray(s{i}, d{i}, m{i})  # buffer positional: numpy parses keywords slowly",
+                    f"            used |= 1 << p{i}",
+                    f"            num_bytes += m{i}.nbytes",
+                    f"        elif type(p{i}) is bytes and len(p{i}) == {size}:",
+                    f"            v{i} = ndarray(s{i}, d{i}, p{i})",
+                    "        else:",
+                    f"            {call}",
+                    "            num_bytes += frame_bytes",
                     f"    elif v{i} is not None:",
                     f"        {call}",
                     "        num_bytes += frame_bytes"]
