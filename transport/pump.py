@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 _send, _recv, _get = _BackendSocket.send, _BackendSocket.recv, _BackendSocket.get
-_BUFFER_TYPES = (bytes, np.ndarray, zmq.Frame, memoryview)  # known to support the buffer protocol
+_BUFFER_TYPES = (bytes, np.ndarray, zmq.Frame, memoryview)  # known to support the buffer protocol (and subclasses)
 
 MAX_MESSAGES_PER_CALLBACK = 1  # then the loop's other callbacks run, and the next message in the next iteration
 MessageCallback = Callable[[list[zmq.Frame]], None]
@@ -70,12 +70,10 @@ class SocketPump:
         frames that cannot be sent (checked before any frame goes out).
         """
         check_frames(frames)
-        if self._unsent or not self._try_send(frames):
+        if self._unsent or not send_nowait(self._sock, frames):
             self._unsent.append(frames)
-        self._check_events()
-
-    def _try_send(self, frames: list[Any]) -> bool:
-        return send_nowait(self._sock, frames)
+        if not self._is_drain_scheduled:  # else a drain is coming, and it reads EVENTS
+            self._check_events()
 
     def _check_events(self) -> None:
         if self._is_drain_scheduled or self._sock.closed:
@@ -91,7 +89,7 @@ class SocketPump:
     def _flush(self) -> None:
         while self._unsent:
             try:
-                if not self._try_send(self._unsent[0]):
+                if not send_nowait(self._sock, self._unsent[0]):
                     return
             except zmq.ZMQError as exc:
                 log.warning("%s: a queued send failed: %s", self._name, exc)
@@ -102,7 +100,8 @@ class SocketPump:
         sock = self._sock
         if sock.closed:
             return
-        self._flush()
+        if self._unsent:
+            self._flush()
         if not self._can_receive:
             self._check_events()
             return
@@ -172,7 +171,7 @@ def check_frames(frames: list[Any]) -> None:
     if not frames:
         raise ValueError("a message needs at least one frame")
     for i, frame in enumerate(frames):
-        if not isinstance(frame, _BUFFER_TYPES):
+        if type(frame) not in _BUFFER_TYPES and not isinstance(frame, _BUFFER_TYPES):
             try:
                 memoryview(frame)
             except TypeError:

@@ -103,11 +103,12 @@ class RpcServer:
 
     def send_encoded(self, peer: bytes, request_id: int, frames: list) -> None:
         """Send frames from ``encode_reply``; on the loop's thread only."""
-        if self._pump is None or self._pump.closed:
+        pump = self._pump
+        if pump is None or pump.closed:
             log.debug("%s: socket closed, reply to %d not sent", self._name, request_id)
             return
         try:
-            self._pump.send([peer, *frames])
+            pump.send([peer, *frames])
         except zmq.ZMQError as exc:
             log.warning("%s: reply to %d not sent: %s", self._name, request_id, exc)
 
