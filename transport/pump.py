@@ -3,8 +3,9 @@
 zmq.asyncio wraps every receive and send in a Future and wakes a Task per message; on the attend path that
 costs as much as the codec (docs/benchmarks.md, transport).  A ``SocketPump`` registers the socket's file
 descriptor with the running loop once.  When it signals, the pump flushes the sends that found the pipe full,
-receives one waiting multipart message without blocking and hands it to ``on_message`` right there, and looks for
-the next one in a callback of its own, after whatever that message woke.
+receives one waiting multipart message without blocking and hands it to ``on_message`` right there, then reads
+``EVENTS`` and, only when another message waits, handles it in a callback of its own, after whatever the first
+woke.
 ``send`` tries at once without blocking (``copy=False``: big buffers are not copied) and queues, in order, only
 when ZeroMQ refuses (high-water mark).
 
@@ -114,17 +115,15 @@ class SocketPump:
         if frames is None:  # EVENTS said otherwise: look again on the next iteration rather than trust the descriptor
             self._schedule_drain()
             return
-        # One message per callback: the next look at the socket waits behind whatever this message wakes (the
-        # task awaiting a reply), and sends made by ``on_message`` skip their EVENTS check (a drain is coming).
+        # One message per callback: sends made by ``on_message`` skip their EVENTS check (read once, below), and
+        # a next message waits for a drain scheduled behind whatever this one woke (the task awaiting a reply).
         self._is_drain_scheduled = True
         try:
             self._on_message(frames)
         except Exception:  # noqa: BLE001 - one bad message must not stop the socket; logged with traceback
             log.exception("%s: error handling a message", self._name)
-        if not sock.closed:
-            self._loop.call_soon(self._drain)
-        else:
-            self._is_drain_scheduled = False
+        self._is_drain_scheduled = False
+        self._check_events()  # re-arms the descriptor; a drain only when input (or a flush) waits
 
     def close(self, *, linger_ms: int = 0) -> None:
         """Stop watching the socket and close it; queued sends are dropped."""
