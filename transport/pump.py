@@ -73,7 +73,7 @@ class SocketPump:
         check_frames(frames)
         if self._unsent or not send_nowait(self._sock, frames):
             self._unsent.append(frames)
-        if not self._is_drain_scheduled:  # else a drain is coming, and it reads EVENTS
+        if not self._is_drain_scheduled:  # else we are inside a drain, which reads EVENTS once the callback returns
             self._check_events()
 
     def _check_events(self) -> None:
@@ -106,14 +106,11 @@ class SocketPump:
         if not self._can_receive:
             self._check_events()
             return
-        events = _get(sock, _EVENTS)  # cheaper than a recv that raises zmq.Again
-        if not events & _POLLIN:
-            if self._unsent and events & _POLLOUT:
-                self._schedule_drain()
-            return  # EVENTS was read after every other operation: the descriptor is re-armed
+        # The descriptor fired, or a drain was scheduled because EVENTS showed input: a message nearly always waits,
+        # so try to receive it at once (an EVENTS read costs a poll system call inside libzmq).
         frames = recv_nowait(sock)
-        if frames is None:  # EVENTS said otherwise: look again on the next iteration rather than trust the descriptor
-            self._schedule_drain()
+        if frames is None:
+            self._check_events()  # nothing after all: EVENTS re-arms the descriptor after that failed recv
             return
         # One message per callback: sends made by ``on_message`` skip their EVENTS check (read once, below), and
         # a next message waits for a drain scheduled behind whatever this one woke (the task awaiting a reply).
