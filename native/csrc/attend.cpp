@@ -32,6 +32,20 @@ static int32_t check_attend_args(fd_pool &pool, int32_t layer, int64_t batch, co
     return FD_OK;
 }
 
+// The new token of one sequence, written one KV head at a time by the chunk kernel (ChunkTask::write_token).
+struct TokenWrite {
+    const fd_pool *pool;
+    const std::vector<int32_t> *pages;
+    int64_t pos;
+    const uint8_t *k, *v;
+    int32_t dtype;
+};
+
+static void write_token_head(const void *ctx, int head) {
+    const TokenWrite &w = *static_cast<const TokenWrite *>(ctx);
+    pool_write_token(*w.pool, *w.pages, w.pos, head, w.k, w.v, w.dtype);
+}
+
 int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *seq_ids, int32_t num_q_heads,
                     const void *q, int32_t q_dtype, const void *k, const void *v, int32_t in_dtype, void *out,
                     int32_t out_dtype, float *lse) {
@@ -107,12 +121,12 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             const WorkItem &it = sc.items[i];
             const SeqState &s = *sc.seqs[(size_t)it.batch_index];
             const std::vector<int32_t> &pages = s.pages[layer];
-            if (it.is_last) {
-                const size_t off = (size_t)it.batch_index * token_bytes;
-                pool_write_token(cpool, pages, s.lens[layer] - 1, -1, static_cast<const uint8_t *>(k) + off,
-                                 static_cast<const uint8_t *>(v) + off, in_dtype);
-            }
+            const size_t off = (size_t)it.batch_index * token_bytes;
+            const TokenWrite token{&cpool, &pages, s.lens[layer] - 1, static_cast<const uint8_t *>(k) + off,
+                                   static_cast<const uint8_t *>(v) + off, in_dtype};
             ChunkTask task;
+            task.write_token = it.is_last ? write_token_head : nullptr;
+            task.write_ctx = &token;
             task.base = cpool.base;
             task.pages = pages.data() + it.first_page;
             task.page_bytes = cpool.page_bytes;

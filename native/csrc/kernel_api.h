@@ -32,6 +32,11 @@ struct ChunkTask {
     float *acc;               // out: [num_kv_heads * group][head_dim], unnormalised
     float *m;                 // out: [num_kv_heads * group], running max of scaled scores
     float *l;                 // out: [num_kv_heads * group], sum of exp(score - m)
+    // The new token, when this chunk holds it (else null): write_token(write_ctx, h) stores KV head h of it
+    // into the last page just before the kernel reads that head there, when the prefetch has brought
+    // those lines in (written up front, each of its ~70 lines per head was a miss of its own).
+    void (*write_token)(const void *write_ctx, int head);
+    const void *write_ctx;
 };
 
 // Merges one sequence's chunk partials in chunk order and writes its output rows.

@@ -294,6 +294,7 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         const int n = remaining < P ? remaining : P;
         remaining -= n;
         for (int h = 0; h < H; ++h) {
+            if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             Prefetch pf{block_at(k_block + kPrefetchBlocks), block_at(k_block + 1 + kPrefetchBlocks),

@@ -28,7 +28,7 @@ struct SeqState {
 // Attention scratch, reused across calls (grown, never shrunk).
 struct WorkItem {
     int32_t batch_index, first_page, num_pages, num_tokens;
-    int32_t is_last;       // this chunk holds the new token: write it before attending
+    int32_t is_last;       // this chunk holds the new token: the chunk kernel writes it (ChunkTask::write_token)
 };
 
 struct AttendScratch {
