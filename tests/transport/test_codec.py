@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fastdecode.transport.codec import DEFAULT_INLINE_THRESHOLD, VERSION, Codec
 from fastdecode.transport.control_messages import ErrorReply, Ok, Ping, Pong
 from fastdecode.transport.errors import ProtocolError
+from fastdecode.transport.messages import Channel, Message, array_field
 from fastdecode.transport.shard_messages import (
     SHARD_CHANNEL,
     Allocate,
@@ -156,6 +157,10 @@ def _array_ext(dtype: str, shape, payload) -> list:
         ([_envelope(21, 5, [_array_ext("object", (1, 2, 2), 1), None]), b"x" * 16], True),
         ([_envelope(21, 5, [_array_ext("float32", (1, 2, 2), 1), None]), b"x" * 16, b"y"], True),  # extra
         ([_envelope(21, 5, [_array_ext("float32", (4,), b"x" * 16), None])], True),  # wrong rank
+        ([_envelope(21, 5, [_array_ext("int32", (1, 2, 2), b"x" * 16), None])], True),  # dtype outside o's rule
+        ([_envelope(22, 5, [4096, _array_ext("int64", (1,), b"\0" * 8), _array_ext("float32", (1, 4, 2), b"\0" * 32),
+                            _array_ext("float32", (1, 2, 2), b"\0" * 16), _array_ext("float32", (1, 2, 2), b"\0" * 16),
+                            False])], True),  # layer outside its int_field range
         ([_envelope(21, 5, [_array_ext("float32", (1, -2, 2), 1), None]), b"x" * 16], True),
         ([_envelope(21, 5, [msgpack.ExtType(9, b""), None])], True),
         ([_envelope(21, 5, [["float32", [1, 1, 1]], None])], True),  # descriptor too short
@@ -247,3 +252,34 @@ def test_fuzzed_frames_decode_or_raise_protocol_error(frames) -> None:
     # whatever decodes must be a valid message that re-encodes
     assert type(message) in SHARD_CHANNEL.message_classes
     codec.encode(request_id, message)
+
+
+def test_field_rules_are_collected_from_the_declarations_and_checked_on_construction() -> None:
+    assert [name for name, _ in Attend.FIELD_RULES] == ["layer", "seq_ids", "q", "k", "v"]
+    with pytest.raises(ValueError, match="layer"):
+        Attend(4096, np.zeros(1, np.int64), np.zeros((1, 4, 2), np.float32), np.zeros((1, 2, 2), np.float32),
+               np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="lse"):
+        AttendResult(np.zeros((1, 4, 2), np.float32), np.zeros((1, 4), np.float16))
+
+
+def test_an_optional_array_rule_must_match_its_annotation() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Mismatched(Message):
+        KIND = 60
+        x: np.ndarray | None = array_field(ndim=1, dtypes=("float32",))  # is_optional missing
+
+    with pytest.raises(TypeError, match="is_optional"):
+        Channel("mismatched", (Mismatched,))
+
+
+def test_the_decoders_in_line_path_and_its_fallback_agree() -> None:
+    """The generated decoder takes a well-formed array in line and hands anything else to decode_array."""
+    codec = Codec(SHARD_CHANNEL, inline_threshold=0)  # every array, seq_ids too, in a frame of its own
+    message = Attend(2, np.array([7, 8], np.int64), _rand((2, 4, 8), np.float32), _rand((2, 2, 8), np.float32),
+                     _rand((2, 2, 8), np.float32))
+    frames = [bytes(f) for f in codec.encode(1, message)]
+    assert len(frames) == 5
+    assert_same_message(message, codec.decode(frames)[1])
+    with pytest.raises(ProtocolError, match="needs"):  # q's frame one item short: the fallback names the field
+        codec.decode(frames[:2] + [frames[2][:-4]] + frames[3:])
