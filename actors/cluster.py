@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -293,6 +294,8 @@ class ShardLinks:
     ctx: object | None  # a CURVE client Context, None for the process-wide plain one
     heartbeat_interval_s: float
     liveness: int
+    # this cluster's run, the same on every (re)connect: a shard frees what an earlier run left behind
+    session_id: int = field(default_factory=lambda: secrets.randbits(63) or 1)
 
     @classmethod
     def open(cls, config: ClusterConfig, *, shape: dict) -> "ShardLinks":
@@ -309,7 +312,7 @@ class ShardLinks:
         client = await ShardClient.connect(address, ctx=ctx, heartbeat_interval_s=self.heartbeat_interval_s,
                                            liveness=self.liveness)
         try:
-            await client.configure(**self.shape)
+            await client.configure(**self.shape, session_id=self.session_id)
         except BaseException:
             await client.close()
             raise

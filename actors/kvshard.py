@@ -112,6 +112,7 @@ class KVShard:
         self._pool: KVPool | None = None
         self._shape: Configure | None = None
         self._lengths: dict[int, list[int]] = {}  # seq_id -> tokens per layer (for bytes read)
+        self._session_id = 0  # the client session whose sequences the pool holds (Configure)
         self._calibrated_gbps = 0.0
         self._attend_overhead_s = 0.0
         self._ewma_bytes = 0.0
@@ -120,7 +121,13 @@ class KVShard:
 
     # ------------------------------------------------------------ configure
     def on_configure(self, message: Configure) -> ShardStats:
-        if self._shape == message:
+        if message.session_id and message.session_id != self._session_id:
+            if self._lengths:
+                log.warning("a new client session: freeing %d sequence(s) the previous one left",
+                            len(self._lengths))
+                self._free_all()
+            self._session_id = message.session_id
+        if self._shape is not None and self._shape.shape == message.shape:
             return self.on_get_stats(GetStats())
         if self._pool is not None:
             if self._lengths:
@@ -224,6 +231,13 @@ class KVShard:
             raise
         for seq_id in done:
             self._lengths[seq_id] = [0] * num_layers
+
+    def _free_all(self) -> None:
+        pool = self._require_pool()
+        for seq_id in list(self._lengths):
+            del self._lengths[seq_id]
+            with _as_actor_errors():
+                pool.free(seq_id)
 
     def on_free(self, message: Free) -> None:
         """Frees every known sequence of the message; unknown ones are reported after the others are freed."""

@@ -86,8 +86,11 @@ class ShardClient:
     def is_alive(self) -> bool:
         return self._rpc.is_alive
 
-    async def configure(self, *, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str) -> ShardStats:
-        message = Configure(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype)
+    async def configure(self, *, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str,
+                        session_id: int = 0) -> ShardStats:
+        """Set the KV shape; ``session_id`` (not 0) frees what another session left (see Configure)."""
+        message = Configure(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
+                            session_id=session_id)
         return await self._rpc.request(message)
 
     async def allocate(self, seq_ids: list[int]) -> None:

@@ -62,8 +62,12 @@ class ShardStats(Message):
 class Configure(Message):
     """Tell the shard the model's KV shape; the pool is created on the first one.
 
-    A different shape is refused unless the pool holds no sequence (then the pool
-    is re-created); the same shape again is a no-op.
+    ``session_id`` names the client's run (an Executor draws one at start and keeps it
+    across reconnects). A Configure from another session first frees every sequence
+    the previous session left (a client killed without freeing them would otherwise
+    hold their memory and their ids for good); 0 is "no session" and frees nothing.
+    Then a different shape is refused unless the pool holds no sequence (then the
+    pool is re-created); the same shape again is a no-op.
     """
 
     KIND = 17
@@ -72,6 +76,11 @@ class Configure(Message):
     num_kv_heads: int = int_field(min_value=1, max_value=4096)
     head_dim: int = int_field(min_value=1, max_value=4096)
     kv_dtype: str
+    session_id: int = int_field(max_value=(1 << 63) - 1, default=0)
+
+    @property
+    def shape(self) -> tuple[int, int, int, str]:
+        return self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype
 
     def validate(self) -> None:
         if self.kv_dtype not in KV_DTYPES:

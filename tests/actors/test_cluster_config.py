@@ -29,3 +29,12 @@ def test_executor_runs_torch_single_threaded_beside_shards_on_cuda():
     assert executor_torch_threads(2, is_cuda=True, has_shards=True) == 1
     assert executor_torch_threads(16, is_cuda=True, has_shards=False) == 16
     assert executor_torch_threads(8, is_cuda=False, has_shards=True) == 8
+
+
+def test_each_cluster_run_names_its_own_shard_session():
+    from fastdecode.actors.cluster import ShardLinks
+
+    shape = dict(num_layers=2, num_kv_heads=2, head_dim=64, kv_dtype="bfloat16")
+    first, second = (ShardLinks.open(ClusterConfig(), shape=shape) for _ in range(2))
+    assert first.session_id != second.session_id  # a restarted Executor frees what the last one left
+    assert all(0 < links.session_id < 1 << 63 for links in (first, second))

@@ -74,6 +74,24 @@ def test_requests_before_configure_are_refused(shard) -> None:
     assert not stats.is_configured and stats.capacity_bytes == MEMORY
 
 
+def test_a_new_client_session_frees_what_the_previous_one_left(shard) -> None:
+    """An Executor killed without freeing its sequences: the next one's Configure frees them, while a
+    reconnect of the same session (or a client with no session) keeps them."""
+    rng = np.random.default_rng(5)
+    first = Configure(**{**SHAPE.__dict__, "session_id": 7})
+    shard.on_configure(first)
+    shard.on_allocate(Allocate((1, 2)))
+    k = _rand(rng, (NUM_LAYERS, 9, NUM_KV_HEADS, HEAD_DIM))
+    shard.on_append_prompt(AppendPrompt(1, k, k))
+    assert shard.on_configure(first).num_sequences == 2  # the same session again: a no-op
+    assert shard.on_configure(SHAPE).num_sequences == 2  # no session named: nothing freed
+    stats = shard.on_configure(Configure(**{**SHAPE.__dict__, "session_id": 8}))
+    assert stats.num_sequences == 0 and stats.used_bytes == 0
+    shard.on_allocate(Allocate((1, 2)))  # the ids are free again, and hold nothing
+    stats = shard.on_get_stats(GetStats())
+    assert stats.num_sequences == 2 and stats.used_bytes == 0
+
+
 def test_calibration_reads_a_working_set_past_the_cache(monkeypatch) -> None:
     """The long calibration attend covers CALIBRATION_MIN_BYTES of KV (here 4 MiB, a quarter of the pool),
     not a fixed 8 sequences that a last-level cache would hold."""
