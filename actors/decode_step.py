@@ -4,7 +4,7 @@ The whole step runs on the DenseRunner's thread, with no event-loop hop inside i
 Per layer and mini-batch: the dense part yields q, k, v for every row; rows are
 ordered by node, so each node's share is one contiguous slice; the rows bound for
 CPU shards are copied to the host once and each shard's slice goes out as one
-Attend over the dense thread's own link to that shard (actors/shard_link.py);
+Attend over the dense thread's own link to that shard (transport/link.py);
 nodes on the Executor's device attend right away. The mini-batches take turns
 layer by layer: while mini-batch A's attention is on the shards, B's outputs are
 collected, its next dense segment runs and its next attends go out, then back to

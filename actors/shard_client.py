@@ -22,7 +22,7 @@ import zmq.asyncio
 from fastdecode.actors.kvshard import KVShard, ShardConfig
 from fastdecode.transport.event_loop import new_event_loop
 from fastdecode.actors.runtime import ActorServer
-from fastdecode.actors.shard_link import ShardLink
+from fastdecode.transport.link import BlockingLink
 from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec
 from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
@@ -49,7 +49,7 @@ class ShardClient:
         self._rpc = rpc
         self._ctx = ctx
         self._codec = codec
-        self._link: ShardLink | None = None
+        self._link: BlockingLink | None = None
 
     @classmethod
     async def connect(
@@ -127,10 +127,10 @@ class ShardClient:
         return result.o, result.lse
 
     @property
-    def link(self) -> ShardLink:
-        """The dense thread's blocking connection to this shard (made on first use; see shard_link)."""
+    def link(self) -> BlockingLink:
+        """The dense thread's blocking connection to this shard (made on first use; see transport/link.py)."""
         if self._link is None:
-            self._link = ShardLink(self.address, self._codec, ctx=self._ctx, timeout_s=self._rpc.timeout_s,
+            self._link = BlockingLink(self.address, self._codec, ctx=self._ctx, timeout_s=self._rpc.timeout_s,
                                    is_alive=lambda: self._rpc.is_alive)
         return self._link
 

@@ -1,4 +1,4 @@
-"""The dense thread's blocking link to a KVShard (shard_link.py): the same answers as the async client,
+"""The dense thread's blocking link to a KVShard (transport/link.py): the same answers as the async client,
 late replies dropped, error replies raised, a dead peer and a timeout fail the wait and close the link."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
-from fastdecode.actors.shard_link import ShardLink
+from fastdecode.transport.link import BlockingLink
 from fastdecode.transport.codec import Codec
 from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
 from fastdecode.transport.shard_messages import SHARD_CHANNEL, Attend, AttendResult
@@ -101,7 +101,7 @@ def test_dead_peer_and_timeout_fail_the_wait_and_close_the_link():
     message = attend_message(np.random.default_rng(3), 0, [1])
     try:
         alive = [True]
-        link = ShardLink("tcp://127.0.0.1:1", codec, ctx=ctx, timeout_s=0.3, is_alive=lambda: alive[0])
+        link = BlockingLink("tcp://127.0.0.1:1", codec, ctx=ctx, timeout_s=0.3, is_alive=lambda: alive[0])
         start = time.monotonic()
         with pytest.raises(RequestTimeoutError):
             link.receive(link.send(message), AttendResult)  # nobody listens: the request waits in the queue
@@ -109,7 +109,7 @@ def test_dead_peer_and_timeout_fail_the_wait_and_close_the_link():
         with pytest.raises(PeerDeadError, match="closed"):
             link.send(message)
         alive[0] = False
-        dead = ShardLink("tcp://127.0.0.1:1", codec, ctx=ctx, timeout_s=30, is_alive=lambda: alive[0])
+        dead = BlockingLink("tcp://127.0.0.1:1", codec, ctx=ctx, timeout_s=30, is_alive=lambda: alive[0])
         with pytest.raises(PeerDeadError, match="dead"):
             dead.send(message)
     finally:

@@ -1,16 +1,17 @@
-"""The dense thread's own connection to one KVShard: attend requests without the event loop.
+"""A blocking request link: one thread's requests to an RpcServer, without the event loop.
 
-A decode step sends one Attend per (layer, mini-batch, shard). Going through the
-event loop cost two thread hand-offs and a loop wake-up per message, plus the
-GIL hand-offs that come with them: several milliseconds per layer on the H100
-host (docs/benchmarks.md). The step therefore runs on the dense thread from end
-to end, and that thread talks to each shard over a second DEALER socket of the
-shard client's Context (the same CURVE set-up; a ROUTER serves any number of
-peers). Sends and receives block in ``zmq.poll``, which releases the GIL.
+The decode step sends one Attend per (layer, mini-batch, shard) from the Executor's
+dense thread (actors/decode_step.py). Going through the event loop cost two thread
+hand-offs and a loop wake-up per message, plus the GIL hand-offs that come with
+them: several milliseconds per layer on the H100 host (docs/benchmarks.md). So that
+thread talks to each shard over a DEALER socket of its own, made from the shard
+client's Context (the same CURVE set-up; a ROUTER serves any number of peers), with
+the same codec and envelope as RpcClient. Sends and receives block in ``zmq.poll``,
+which releases the GIL.
 
-The ShardClient stays the shard's owner: its heartbeats decide liveness. The
-link checks ``is_alive()`` between poll slices, so a dead shard fails the wait
-with ``PeerDeadError`` within the heartbeat window; a request gets
+The asynchronous client stays the peer's owner: its heartbeats decide liveness. The
+link checks ``is_alive()`` between poll slices, so a dead peer fails the wait with
+``PeerDeadError`` within the heartbeat window; a request gets
 ``RequestTimeoutError`` after ``timeout_s``. A reply whose request id is not the
 one awaited (left over from a step that failed half-way) is dropped.
 
@@ -35,10 +36,10 @@ from fastdecode.transport.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
-POLL_SLICE_MS = 50  # how often a wait looks at the shard's liveness
+POLL_SLICE_MS = 50  # how often a wait looks at the peer's liveness
 
 
-class ShardLink:
+class BlockingLink:
     def __init__(self, address: str, codec: Codec, *, ctx: zmq.Context, timeout_s: float,
                  is_alive: Callable[[], bool]) -> None:
         if timeout_s <= 0:
