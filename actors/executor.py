@@ -388,7 +388,7 @@ class Executor:
         placing: asyncio.Future | None = None
         try:
             for seq, node_index in admissions:
-                computed = await self._prefill_forward(seq)
+                computed = await self._prefill_forward(seq, self.nodes[node_index].is_host)
                 if placing is not None:
                     await placing
                 placing = asyncio.ensure_future(self._place(seq, node_index, *computed))
@@ -398,20 +398,26 @@ class Executor:
             if placing is not None and not placing.done():
                 placing.cancel()
 
-    async def _prefill_forward(self, seq: Sequence):
-        """(is_resumed, last logits, k, v) of the sequence's prompt. A preempted sequence is rebuilt from
-        prompt + its output but the last token, which the next decode step feeds in; its next token is
-        not sampled here."""
+    async def _prefill_forward(self, seq: Sequence, is_to_host: bool):
+        """(is_resumed, last logits, k, v) of the sequence's prompt, k and v already on the host for a
+        host node: the copy is part of the same job on the dense thread, so it is not queued behind the
+        next prompt's forward pass. A preempted sequence is rebuilt from prompt + its output but the last
+        token, which the next decode step feeds in; its next token is not sampled here."""
         is_resumed = bool(seq.output_ids)
         ids = seq.all_ids[:-1] if is_resumed else seq.prompt_ids
         tokens = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-        logits, k, v = await self.runner.run(prefill, self.model, tokens)
+        logits, k, v = await self.runner.run(self._forward_prompt, tokens, is_to_host)
         return is_resumed, logits, k, v
+
+    def _forward_prompt(self, tokens: torch.Tensor, is_to_host: bool):
+        """On the dense thread: the prefill, and the host copies of its K/V when they go to a host node."""
+        logits, k, v = prefill(self.model, tokens)
+        if is_to_host:
+            k, v = self.runner.host_copies(k, v)
+        return logits, k, v
 
     async def _place(self, seq: Sequence, node_index: int, is_resumed: bool, logits, k, v) -> None:
         node = self.nodes[node_index]
-        if node.is_host:
-            k, v = await self.runner.to_host(k, v)
         # placed from here on (as the scheduler sees it): a node failure requeues it at the next step
         seq.node_index, seq.node_epoch, seq.status = node_index, node.epoch, SeqStatus.RUNNING
         try:
