@@ -32,7 +32,7 @@ import torch
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
-from fastdecode.actors.guarded_node import GuardedNode, NodeFailedError, NodeState, free_leftovers
+from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
 from fastdecode.actors.prefill import prefill
 from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector
@@ -41,6 +41,7 @@ from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator, sample
 from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
+from fastdecode.transport.errors import RemoteRequestError
 from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler, SchedulerConfig
 
 log = logging.getLogger("fastdecode.executor")
@@ -425,6 +426,21 @@ class Executor:
             await node.append_prompt(seq.seq_id, k, v)
         except NodeFailedError as exc:
             log.warning("prefill of sequence %d not placed: %s", seq.seq_id, exc)
+            return
+        except RemoteRequestError as exc:
+            if exc.code not in REFUSED_CODES:
+                raise
+            # the node had less room than the scheduler's model of it: requeue, as a refused attend does
+            log.warning("node %d had no room for the prompt of sequence %d (%s): requeued", node_index, seq.seq_id,
+                        exc)
+            self.scheduler.preempt(seq.seq_id)
+            seq.num_preemptions += 1
+            self.num_preempted += 1
+            seq.node_index, seq.status = None, SeqStatus.WAITING
+            try:
+                await free_leftovers(node, [seq.seq_id])  # what the refused prompt left (the node may hold none)
+            except NodeFailedError:
+                pass  # gone with the node, whose failure the next step handles
             return
         if seq.is_recovering:
             seq.is_recovering = False

@@ -223,3 +223,31 @@ async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_mo
     for prompt, ours in zip(prompts(tokenizer), outputs):
         tokens, gaps = references[tuple(prompt)]
         assert_same_greedy(ours, tokens, gaps, label="overlapped prefill")
+
+
+async def test_a_shard_refusing_a_prompt_for_room_requeues_it(tiny_model, references):
+    """The node had less room than the scheduler thought: that prompt is requeued and rebuilt, the others
+    go on, and every request still gets the reference's tokens."""
+    from fastdecode.transport.errors import RemoteRequestError
+
+    _, tokenizer = tiny_model
+    config = ClusterConfig(**TINY, num_shards=1, shard_kv_memory_bytes=16 << 20)
+    async with await Cluster.start(config) as cluster:
+        node = cluster.executor.nodes[0]
+        real_append = node.append_prompt
+        refused: list[int] = []
+
+        async def append_once_refused(seq_id, k, v):
+            if not refused:
+                refused.append(seq_id)
+                await real_append(seq_id, k[:, :1], v[:, :1])  # some of it landed before the node ran out
+                raise RemoteRequestError("pool_full", "no free page")
+            await real_append(seq_id, k, v)
+
+        node.append_prompt = append_once_refused
+        outputs = await run_greedy(cluster, prompts(tokenizer))
+        assert len(refused) == 1 and cluster.executor.num_preempted == 1
+        assert all(used == 0 for used in await cluster.kv_used_bytes())
+    for prompt, ours in zip(prompts(tokenizer), outputs):
+        tokens, gaps = references[tuple(prompt)]
+        assert_same_greedy(ours, tokens, gaps, label="prompt refused once")
