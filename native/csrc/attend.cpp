@@ -2,13 +2,15 @@
 //
 // Work is split by the data only: each sequence is cut into chunks of chunk_pages pages (the last one
 // takes the remainder, from half a chunk to one and a half); every chunk
-// (all KV heads, pages read front to back) is one work item, scheduled dynamically over the team,
-// producing partial softmax states; a second loop merges each sequence's chunks in chunk order. The
-// thread count therefore never changes the arithmetic: 1 and N threads give bitwise-equal outputs.
+// (all KV heads, pages read front to back) is one work item, handed out in order over the team,
+// producing partial softmax states; a second loop merges each sequence's chunks in chunk order (a
+// sequence of one chunk is finished at once by the thread that ran it). The thread count therefore
+// never changes the arithmetic: 1 and N threads give bitwise-equal outputs.
 #include <math.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "pool.h"
 
@@ -82,11 +84,18 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
         }
     }
     sc.seq_first_item.push_back((int64_t)sc.items.size());
+    // Sequences of more than one chunk are merged after all items; a single-chunk sequence is finished
+    // by the thread that ran its item, from that thread's own state slot (still in its cache).
+    sc.merge_seqs.clear();
+    for (int64_t b = 0; b < batch; ++b)
+        if (sc.seq_first_item[(size_t)b + 1] - sc.seq_first_item[(size_t)b] > 1) sc.merge_seqs.push_back(b);
     const size_t num_items = sc.items.size(), row_floats = (size_t)num_q_heads * D;
     constexpr size_t kLineFloats = 64 / sizeof(float);
     const size_t rows_padded = ((size_t)num_q_heads + kLineFloats - 1) / kLineFloats * kLineFloats;
     const size_t state_floats = row_floats + 2 * rows_padded;   // row_floats: D is a multiple of 16
-    if (sc.state.size() < num_items * state_floats + kLineFloats) sc.state.resize(num_items * state_floats + kLineFloats);
+    // One state per work item (the items of merged sequences use theirs), then one per thread.
+    const size_t num_states = num_items + (size_t)pool.team.num_threads;
+    if (sc.state.size() < num_states * state_floats + kLineFloats) sc.state.resize(num_states * state_floats + kLineFloats);
     if (sc.q.size() < (size_t)batch * row_floats) sc.q.resize((size_t)batch * row_floats);
     for (int64_t b = 0; b < batch; ++b) {
         SeqState &s = *sc.seqs[(size_t)b];
@@ -106,6 +115,22 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     void (*const chunk_bf16)(const ChunkTask *) =
         kt.chunk_bf16_qo && out_dtype == FD_BF16 ? kt.chunk_bf16_qo : kt.chunk_bf16_q;
     float *const state = sc.state.data() + (kLineFloats - reinterpret_cast<uintptr_t>(sc.state.data()) / sizeof(float) % kLineFloats) % kLineFloats;
+    // Sequence b's output rows from its num_chunks partial states, stored consecutively from acc.
+    auto merge = [&](int64_t b, const float *acc, int32_t num_chunks) {
+        MergeTask task;
+        task.acc = acc;
+        task.m = task.acc + row_floats;
+        task.l = task.m + rows_padded;
+        task.chunk_stride = state_floats;
+        task.num_chunks = num_chunks;
+        task.num_rows = num_q_heads;
+        task.head_dim = D;
+        task.out = static_cast<uint8_t *>(out) + (size_t)b * out_row_bytes;
+        task.out_dtype = out_dtype;
+        task.lse = lse ? lse + (size_t)b * num_q_heads : nullptr;
+        kt.merge(&task);
+    };
+    std::atomic<size_t> next_item{0};
     const Team &team = pool.team;
     CallerPin pin(team);
 #pragma omp parallel num_threads(team.num_threads)
@@ -116,9 +141,14 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             float *qf = sc.q.data() + (size_t)b * row_floats;
             for (size_t i = 0; i < row_floats; ++i) qf[i] = load_scalar(q, (size_t)b * row_floats + i, q_dtype) * scale;
         }
-#pragma omp for schedule(dynamic, 1)
-        for (size_t i = 0; i < num_items; ++i) {
+        // Items are handed out one at a time, in order; a thread claims its next item before it runs the
+        // current one, so the kernel's prefetch runs on into the next item's first page.
+        size_t i = next_item.fetch_add(1, std::memory_order_relaxed);
+        while (i < num_items) {
+            const size_t i_next = next_item.fetch_add(1, std::memory_order_relaxed);
             const WorkItem &it = sc.items[i];
+            const bool is_single = it.is_last && it.first_page == 0;
+            float *const item_state = state + (is_single ? num_items + (size_t)omp_get_thread_num() : i) * state_floats;
             const SeqState &s = *sc.seqs[(size_t)it.batch_index];
             const std::vector<int32_t> &pages = s.pages[layer];
             const size_t off = (size_t)it.batch_index * token_bytes;
@@ -132,6 +162,10 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             task.page_bytes = cpool.page_bytes;
             task.block_bytes = cpool.block_bytes;
             task.num_pages = it.num_pages;
+            if (i_next < num_items) {
+                const WorkItem &next = sc.items[i_next];
+                task.next_page = cpool.page_ptr(sc.seqs[(size_t)next.batch_index]->pages[layer][(size_t)next.first_page]);
+            }
             task.num_tokens = it.num_tokens;
             task.page_size = P;
             task.head_dim = D;
@@ -140,27 +174,19 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             task.q = sc.q.data() + (size_t)it.batch_index * row_floats;
             task.q_bf16 = use_bf16_q ? static_cast<const uint16_t *>(q) + (size_t)it.batch_index * row_floats : nullptr;
             task.scale = scale;
-            task.acc = state + i * state_floats;
+            task.acc = item_state;
             task.m = task.acc + row_floats;
             task.l = task.m + rows_padded;
             if (use_bf16_q) chunk_bf16(&task);
             else kt.chunk[cpool.kv_dtype](&task);
+            if (is_single) merge(it.batch_index, item_state, 1);
+            i = i_next;
         }
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < batch; ++b) {
-            const int64_t first = sc.seq_first_item[(size_t)b];
-            MergeTask task;
-            task.acc = state + (size_t)first * state_floats;
-            task.m = task.acc + row_floats;
-            task.l = task.m + rows_padded;
-            task.chunk_stride = state_floats;
-            task.num_chunks = (int32_t)(sc.seq_first_item[(size_t)b + 1] - first);
-            task.num_rows = num_q_heads;
-            task.head_dim = D;
-            task.out = static_cast<uint8_t *>(out) + (size_t)b * out_row_bytes;
-            task.out_dtype = out_dtype;
-            task.lse = lse ? lse + (size_t)b * num_q_heads : nullptr;
-            kt.merge(&task);
+        for (size_t j = 0; j < sc.merge_seqs.size(); ++j) {
+            const int64_t b = sc.merge_seqs[j], first = sc.seq_first_item[(size_t)b];
+            merge(b, state + (size_t)first * state_floats, (int32_t)(sc.seq_first_item[(size_t)b + 1] - first));
         }
     }
     return FD_OK;

@@ -37,6 +37,8 @@ struct ChunkTask {
     // those lines in (written up front, each of its ~70 lines per head was a miss of its own).
     void (*write_token)(const void *write_ctx, int head);
     const void *write_ctx;
+    // The first page of the item the thread runs next, or null: the prefetch runs on into it.
+    const uint8_t *next_page = nullptr;
 };
 
 // Merges one sequence's chunk partials in chunk order and writes its output rows.

@@ -36,6 +36,11 @@ struct V {
     }
     static inline bool any_greater(R a, R b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0; }
     static inline float first(R a) { return _mm256_cvtss_f32(a); }
+    // Lanes from num_kept on (all when num_kept <= 0) set to fill.
+    static inline R keep_first(R a, int num_kept, float fill) {
+        const R is_kept = _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)num_kept), _CMP_LT_OQ);
+        return _mm256_blendv_ps(_mm256_set1_ps(fill), a, is_kept);
+    }
     static inline void hmax4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hmax(x[g])); }
     static inline void hsum4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hsum(x[g])); }
     static inline R exp(R x) {

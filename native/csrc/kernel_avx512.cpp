@@ -31,6 +31,11 @@ struct V {
     static inline float hsum(R a) { return _mm512_reduce_add_ps(a); }
     static inline bool any_greater(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
     static inline float first(R a) { return _mm512_cvtss_f32(a); }
+    // Lanes from num_kept on (all when num_kept <= 0) set to fill.
+    static inline R keep_first(R a, int num_kept, float fill) {
+        const __mmask16 kept = num_kept >= W ? 0xFFFF : num_kept <= 0 ? 0 : (__mmask16)((1u << num_kept) - 1);
+        return _mm512_mask_blend_ps(kept, _mm512_set1_ps(fill), a);
+    }
     // x[g] = the max (sum) of x[g]'s lanes, in every lane, for four vectors at once: 128-bit blocks of
     // the four are folded into one vector [A B C D], then within each block, then broadcast back.
     template <class Op>

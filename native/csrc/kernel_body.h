@@ -160,7 +160,9 @@ static inline void softmax_update(float *s, int P, int n, int D, float *m, float
     bool is_over = false;
     for (int g = 0; g < GB; ++g) {
         float *sg = s + g * P;
-        for (int t = n; t < P; ++t) sg[t] = -INFINITY;
+        // Past n (a part-filled last page): -inf, in whole vectors (scalar stores read back by vector
+        // loads cannot be forwarded from the store buffer).
+        for (int j = n / V::W; j < num_vecs; ++j) V::store(sg + j * V::W, V::keep_first(V::load(sg + j * V::W), n - j * V::W, -INFINITY));
         const V::R limit = V::set1(m[g] + kMaxMargin);
         for (int j = 0; j < num_vecs; ++j) is_over |= V::any_greater(V::load(sg + j * V::W), limit);
     }
@@ -191,14 +193,10 @@ static inline void softmax_update(float *s, int P, int n, int D, float *m, float
         const V::R mv = V::set1(m[g]);
         sum[g] = V::zero();
         for (int j = 0; j < num_vecs; ++j) {
-            const V::R p = V::exp(V::sub(V::load(sg + j * V::W), mv));
+            V::R p = V::exp(V::sub(V::load(sg + j * V::W), mv));
+            if ((j + 1) * V::W > n) p = V::keep_first(p, n - j * V::W, 0.0f);   // the clamped exp left tiny values
             V::store(sg + j * V::W, p);
             sum[g] = V::add(sum[g], p);
-        }
-        if (n < P) {   // a part-filled last page: the clamped exp left tiny values past n
-            for (int t = n; t < P; ++t) sg[t] = 0.0f;
-            sum[g] = V::zero();
-            for (int j = 0; j < num_vecs; ++j) sum[g] = V::add(sum[g], V::load(sg + j * V::W));
         }
     }
     for (int g = GB; g < 4; ++g) sum[g] = sum[0];
@@ -285,8 +283,11 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
     memset(task->acc, 0, sizeof(float) * (size_t)H * G * D);
     int remaining = task->num_tokens;
     const int num_blocks = 2 * task->num_pages * H;
-    auto block_at = [&](int i) -> const uint8_t * {   // block i of reading order, or null past the chunk
-        if (kPrefetchBlocks == 0 || i >= num_blocks) return nullptr;
+    // Block i of reading order; past the chunk, the next item's first page, or null.
+    auto block_at = [&](int i) -> const uint8_t * {
+        if (kPrefetchBlocks == 0) return nullptr;
+        if (i >= num_blocks)
+            return task->next_page && i - num_blocks < 2 * H ? task->next_page + block * (size_t)(i - num_blocks) : nullptr;
         return task->base + (size_t)task->pages[i / (2 * H)] * task->page_bytes + block * (size_t)(i % (2 * H));
     };
     for (int pi = 0; pi < task->num_pages; ++pi) {

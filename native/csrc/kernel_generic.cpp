@@ -29,6 +29,8 @@ struct V {
         return r;
     }
     static inline float first(R a) { return a.v[0]; }
+    // Lanes from num_kept on (all when num_kept <= 0) set to fill.
+    static inline R keep_first(R a, int num_kept, float fill) { for (int i = 0; i < W; ++i) a.v[i] = i < num_kept ? a.v[i] : fill; return a; }
     static inline void hmax4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hmax(x[g])); }
     static inline void hsum4(R x[4]) { for (int g = 0; g < 4; ++g) x[g] = set1(hsum(x[g])); }
     static inline R exp(R a) { for (int i = 0; i < W; ++i) a.v[i] = expf(a.v[i]); return a; }

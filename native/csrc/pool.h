@@ -34,6 +34,7 @@ struct WorkItem {
 struct AttendScratch {
     std::vector<WorkItem> items;
     std::vector<int64_t> seq_first_item;     // [b] -> first item; one past the end appended
+    std::vector<int64_t> merge_seqs;         // sequences of more than one item, merged after all items
     std::vector<float> q;                    // [B][Hq][D] float32, scaled
     // Per work item: its partial state (acc [Hq][D], then m [Hq] and l [Hq], each padded), on 64-byte
     // lines of its own: items run on different cores at once, and a line shared by two of them would
