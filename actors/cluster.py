@@ -286,7 +286,6 @@ async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):
                                   prefill_s=prefill_s), graphs
 
 
-
 @dataclass
 class ShardLinks:
     """How the Executor reaches shard daemons: plain or CURVE sockets, heartbeats, and the model's KV shape."""
