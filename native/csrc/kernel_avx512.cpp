@@ -103,15 +103,18 @@ struct ScoreDotBf16 {
         static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
         const int D = task.head_dim, P = task.page_size;
         const uint16_t *q = task.q_bf16 + (size_t)r0 * D, *k = reinterpret_cast<const uint16_t *>(kb);
-        __m512 acc[2][GB][TV];   // two independent chains: dim pairs 0, 2, 4.. and 1, 3, 5..
-        for (int c = 0; c < 2; ++c)
+        // C independent chains per (head, vector): chain c takes dim pairs c, c + C, c + 2C, ... A 1-vector
+        // tile (a part-filled last page) has 4, so its GB * 4 chains are not bound by vdpbf16ps latency.
+        constexpr int C = TV == 1 ? 4 : 2;
+        __m512 acc[C][GB][TV];
+        for (int c = 0; c < C; ++c)
             for (int g = 0; g < GB; ++g)
                 for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_setzero_ps();
         const PairWalk walk = k_walk(DT, t0, D, P);
         const uint16_t *row = k + walk.first;
-        for (int d = 0; d < D; d += 4, row += 2 * walk.step) {   // D is a multiple of 16
-            prefetch_rows(pf, d, 4);
-            for (int c = 0; c < 2; ++c) {
+        for (int d = 0; d < D; d += 2 * C, row += C * walk.step) {   // D is a multiple of 16
+            prefetch_rows(pf, d, 2 * C);
+            for (int c = 0; c < C; ++c) {
                 __m512bh kv[TV];
                 for (int j = 0; j < TV; ++j)
                     kv[j] = (__m512bh)_mm512_loadu_si512(row + c * walk.step + j * lane_group_elems<DT>());
@@ -125,8 +128,11 @@ struct ScoreDotBf16 {
         }
         const __m512 scale = _mm512_set1_ps(task.scale);
         for (int g = 0; g < GB; ++g)
-            for (int j = 0; j < TV; ++j)
-                _mm512_storeu_ps(s + g * P + t0 + j * V::W, _mm512_mul_ps(_mm512_add_ps(acc[0][g][j], acc[1][g][j]), scale));
+            for (int j = 0; j < TV; ++j) {
+                __m512 sum = _mm512_add_ps(acc[0][g][j], acc[1][g][j]);
+                if constexpr (C == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[2][g][j], acc[3][g][j]));
+                _mm512_storeu_ps(s + g * P + t0 + j * V::W, _mm512_mul_ps(sum, scale));
+            }
     }
 };
 
@@ -170,8 +176,9 @@ struct ValueDotBf16 {
     static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v) {
         static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
         alignas(64) uint16_t pb[4 * 256];
+        const int num_used = (n + 15) / 16 * 16;   // softmax_update wrote the vectors that hold tokens
         for (int g = 0; g < GB; ++g)
-            for (int t = 0; t < P; t += 16)
+            for (int t = 0; t < num_used; t += 16)
                 _mm256_store_si256(reinterpret_cast<__m256i *>(pb + g * P + t),
                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + g * P + t)));
         constexpr int DV = value_vecs<DT, GB>();

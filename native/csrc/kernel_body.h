@@ -76,12 +76,42 @@ static inline void prefetch_lines(const uint8_t *p, size_t num_bytes) {
 struct Prefetch {
     const uint8_t *for_scores, *for_values;   // the blocks to fetch, or null
     size_t row_bytes;
+    size_t line_step = 64;                    // for_scores: every line, or one line in line_step / 64
+    void clear() { for_scores = for_values = nullptr; }
 };
 
 static inline void prefetch_rows(const Prefetch &pf, int d, int num_rows) {
     if (!pf.for_scores) return;
-    prefetch_lines(pf.for_scores + (size_t)d * pf.row_bytes, num_rows * pf.row_bytes);
+    const uint8_t *p = pf.for_scores + (size_t)d * pf.row_bytes;
+    for (size_t off = 0; off < num_rows * pf.row_bytes; off += pf.line_step) __builtin_prefetch(p + off, 0, FD_PREFETCH_LOCALITY);
 }
+
+// A last page of bf16 blocks holding at most half a K tile of tokens (the new token's page soon after it
+// was opened: 256x512's 17th page holds 1..7). Its passes are too short for the block-ahead prefetch,
+// which would also fetch each whole block while at most a quarter of it holds tokens. Instead, while
+// head h is processed, the lines of head h+1 that hold tokens are fetched: its V rows at once (a few
+// lines), its K lines by the score tiles (the first 64-byte line of each 128-byte pair row of the first
+// K tile); the value tiles fetch nothing. The last head's score tiles fetch the next item's first K
+// block, as usual.
+struct ShortPage {
+    static bool applies(int dtype, int n, int P) {
+        return dtype == fdn::kDtypeBf16 && P >= fdn::kKTileTokens && 2 * n <= fdn::kKTileTokens;
+    }
+    static constexpr size_t kKLineStep = fdn::kKTileTokens * 2 * 2;   // one 128-byte pair row of a K tile
+    // V rows of tokens 0 .. n-1 of the V block at vb, in every V tile: V tile i starts at i * kVTileDims * P
+    // pairs (2 * 2 bytes each) and its rows are 4 bytes per dim (the last tile may be narrower). Forced
+    // inline: as a function of its own, which does nothing but prefetch, GCC 12 found it free of side
+    // effects and dropped every call (even at -O1); count prefetcht0 in objdump -d.
+    __attribute__((always_inline)) static inline void fetch_v(const uint8_t *vb, int n, int D, int P) {
+        const int num_rows = (n + 1) / 2;
+        for (int d0 = 0; d0 < D; d0 += fdn::kVTileDims) {
+            const int width = D - d0 < fdn::kVTileDims ? D - d0 : fdn::kVTileDims;
+            const uint8_t *tile = vb + (size_t)d0 * P * 2;
+            const int num_lines = (num_rows * width * 4 + 63) / 64;
+            for (int i = 0; i < num_lines; ++i) __builtin_prefetch(tile + 64 * i, 0, FD_PREFETCH_LOCALITY);
+        }
+    }
+};
 
 // Where a value pass prefetches: num_bytes of the next V block per token pair, from at onwards.
 struct ValuePrefetch {
@@ -103,27 +133,37 @@ struct ScoreF32 {
                             const Prefetch &pf) {
         const int D = task.head_dim, P = task.page_size;
         const float *q = task.q + (size_t)r0 * D;
-        V::R acc[GB][TV], acc_hi[GB][TV];   // even and odd head dims: two independent FMA chains
-        for (int g = 0; g < GB; ++g)
-            for (int j = 0; j < TV; ++j) acc[g][j] = acc_hi[g][j] = V::zero();
+        // Even and odd head dims: two independent FMA chains, per pair of them C pairs apart; a 1-vector
+        // tile (a part-filled last page) takes C = 2, so its chains are not bound by FMA latency.
+        constexpr int C = TV == 1 ? 2 : 1;
+        V::R acc[C][GB][TV], acc_hi[C][GB][TV];
+        for (int c = 0; c < C; ++c)
+            for (int g = 0; g < GB; ++g)
+                for (int j = 0; j < TV; ++j) acc[c][g][j] = acc_hi[c][g][j] = V::zero();
         PairWalk walk = k_walk(DT, t0, D, P);
-        for (int d = 0; d < D; d += 2, walk.first += walk.step) {
-            prefetch_rows(pf, d, 2);
-            V::R lo[TV], hi[TV];
-            for (int j = 0; j < TV; ++j) {
-                const PairWalk wj{walk.first + j * lane_group_elems<DT>(), 0, walk.hi};
-                load_pair<DT>(kb, wj, 0, lo[j], hi[j]);
-            }
-            for (int g = 0; g < GB; ++g) {
-                const V::R qa = V::set1(q[g * D + d]), qb = V::set1(q[g * D + d + 1]);
+        for (int d = 0; d < D; d += 2 * C) {   // D is a multiple of 16
+            prefetch_rows(pf, d, 2 * C);
+            for (int c = 0; c < C; ++c, walk.first += walk.step) {
+                V::R lo[TV], hi[TV];
                 for (int j = 0; j < TV; ++j) {
-                    acc[g][j] = V::fma(qa, lo[j], acc[g][j]);
-                    acc_hi[g][j] = V::fma(qb, hi[j], acc_hi[g][j]);
+                    const PairWalk wj{walk.first + j * lane_group_elems<DT>(), 0, walk.hi};
+                    load_pair<DT>(kb, wj, 0, lo[j], hi[j]);
+                }
+                for (int g = 0; g < GB; ++g) {
+                    const V::R qa = V::set1(q[g * D + d + 2 * c]), qb = V::set1(q[g * D + d + 2 * c + 1]);
+                    for (int j = 0; j < TV; ++j) {
+                        acc[c][g][j] = V::fma(qa, lo[j], acc[c][g][j]);
+                        acc_hi[c][g][j] = V::fma(qb, hi[j], acc_hi[c][g][j]);
+                    }
                 }
             }
         }
         for (int g = 0; g < GB; ++g)
-            for (int j = 0; j < TV; ++j) V::store(s + g * P + t0 + j * V::W, V::add(acc[g][j], acc_hi[g][j]));
+            for (int j = 0; j < TV; ++j) {
+                V::R sum = V::add(acc[0][g][j], acc_hi[0][g][j]);
+                if constexpr (C == 2) sum = V::add(sum, V::add(acc[1][g][j], acc_hi[1][g][j]));
+                V::store(s + g * P + t0 + j * V::W, sum);
+            }
     }
 };
 
@@ -135,11 +175,11 @@ static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t
     int j = 0;
     for (; j + V::TV <= num_vecs; j += V::TV) {
         S::template tile<DT, GB, V::TV>(task, r0, kb, j * V::W, s, pf);
-        pf.for_scores = pf.for_values = nullptr;
+        pf.clear();
     }
     for (; j < num_vecs; ++j) {
         S::template tile<DT, GB, 1>(task, r0, kb, j * V::W, s, pf);
-        pf.for_scores = pf.for_values = nullptr;
+        pf.clear();
     }
 }
 
@@ -156,7 +196,9 @@ static constexpr float kMaxMargin = 8.0f;
 // Either way the group's sums are reduced together (V::hsum4).
 template <int GB>
 static inline void softmax_update(float *s, int P, int n, int D, float *m, float *l, float *acc) {
-    const int num_vecs = P / V::W;
+    // Only the vectors that hold tokens: the value passes read p[t] for t < n (bf16 pairs: t + 1 lies in
+    // the same vector, W being even), so a short last page pays for its tokens, not for P.
+    const int num_vecs = (n + V::W - 1) / V::W;
     bool is_over = false;
     for (int g = 0; g < GB; ++g) {
         float *sg = s + g * P;
@@ -294,12 +336,23 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         const uint8_t *page = task->base + (size_t)task->pages[pi] * task->page_bytes;
         const int n = remaining < P ? remaining : P;
         remaining -= n;
+        const bool is_short = kPrefetchBlocks > 0 && ShortPage::applies(DT, n, P);
+        if (is_short) ShortPage::fetch_v(page + block, n, D, P);   // head 0's (its K came with the page before)
         for (int h = 0; h < H; ++h) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             Prefetch pf{block_at(k_block + kPrefetchBlocks), block_at(k_block + 1 + kPrefetchBlocks),
                         (size_t)P * fdn::dtype_size(DT)};
+            if (is_short) {
+                pf.for_values = nullptr;
+                pf.for_scores = block_at(k_block + 2);
+                if (h + 1 < H) {
+                    ShortPage::fetch_v(vb + 2 * block, n, D, P);
+                    pf.row_bytes = ShortPage::kKLineStep / 2;   // D / 2 pair rows: the first K tile
+                    pf.line_step = ShortPage::kKLineStep;
+                }
+            }
             for (int g0 = 0; g0 < G; g0 += 4) {
                 const int r0 = h * G + g0;
                 switch (G - g0 < 4 ? G - g0 : 4) {
@@ -308,7 +361,7 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
                     case 3: page_step<DT, 3, S, VL>(*task, r0, kb, vb, n, s, pf); break;
                     default: page_step<DT, 4, S, VL>(*task, r0, kb, vb, n, s, pf); break;
                 }
-                pf.for_scores = pf.for_values = nullptr;
+                pf.clear();
             }
         }
     }

@@ -112,6 +112,28 @@ static inline void copy_elem(void *dst, size_t di, int32_t ddt, const void *src,
     }
 }
 
+// The token's K and V rows of one head, stored as they come (same dtype): typed copies with the strides
+// found once. A bf16 K pair (two head dims of the token) is adjacent in the page (k_hi == 1): one 32-bit store.
+template <class T>
+static void write_token_same(uint8_t *kb, uint8_t *vb, const T *k, const T *v, size_t k0, size_t k_step, size_t k_hi,
+                             int D, int P, int dt, int slot, int v_tile) {
+    T *kt = reinterpret_cast<T *>(kb) + k0;
+    if (sizeof(T) == 2 && k_hi == 1) {
+        for (int r = 0; r < D / 2; ++r) memcpy(kt + (size_t)r * k_step, k + 2 * r, 4);
+    } else {
+        for (int r = 0; r < D / 2; ++r) {
+            kt[(size_t)r * k_step] = k[2 * r];
+            kt[(size_t)r * k_step + k_hi] = k[2 * r + 1];
+        }
+    }
+    for (int d0 = 0; d0 < D; d0 += v_tile) {
+        const size_t v0 = v_index(dt, slot, d0, D, P), v_stride = d0 + 1 < D ? v_index(dt, slot, d0 + 1, D, P) - v0 : 1;
+        T *vt = reinterpret_cast<T *>(vb) + v0;
+        const int d1 = d0 + v_tile < D ? d0 + v_tile : D;
+        for (int d = d0; d < d1; ++d) vt[(size_t)(d - d0) * v_stride] = v[d];
+    }
+}
+
 void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
                       const void *k, const void *v, int32_t src_dtype) {
     const int P = pool.page_size, D = pool.head_dim;
@@ -127,6 +149,16 @@ void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, in
     for (int h = h0; h < h1; ++h) {
         uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
         const size_t src = (size_t)h * D;
+        if (src_dtype == dt && dt == FD_F32) {
+            write_token_same(kb, vb, static_cast<const float *>(k) + src, static_cast<const float *>(v) + src, k0, k_step,
+                             k_hi, D, P, dt, slot, v_tile);
+            continue;
+        }
+        if (src_dtype == dt) {
+            write_token_same(kb, vb, static_cast<const uint16_t *>(k) + src, static_cast<const uint16_t *>(v) + src, k0,
+                             k_step, k_hi, D, P, dt, slot, v_tile);
+            continue;
+        }
         for (int d = 0; d < D; ++d) copy_elem(kb, k0 + (size_t)(d / 2) * k_step + (d % 2) * k_hi, dt, k, src + d, src_dtype);
         for (int d0 = 0; d0 < D; d0 += v_tile) {
             const size_t v0 = v_index(dt, slot, d0, D, P), v_stride = d0 + 1 < D ? v_index(dt, slot, d0 + 1, D, P) - v0 : 1;
