@@ -25,13 +25,13 @@ import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
+from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError
 from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
 from fastdecode.actors.prefill import prefill
@@ -41,47 +41,13 @@ from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator, sample
 from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
+from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler
 from fastdecode.transport.errors import RemoteRequestError
-from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler, SchedulerConfig
 
 log = logging.getLogger("fastdecode.executor")
 
 NODE_POLL_S = 0.5  # an idle Executor looks at its nodes' heartbeats this often
 DRAIN_POLL_S = 0.05
-
-
-@dataclass(frozen=True)
-class ExecutorConfig:
-    max_model_len: int | None = None  # None: the model's context length
-    max_queue: int = 4096
-    is_pipelined: bool = True
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    # batch sizes of the start-up dense-step sweep (the scheduler's GPU model); () skips it
-    profile_batches: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if any(b < 1 for b in self.profile_batches) or len(set(self.profile_batches)) == 1:
-            raise ValueError("profile_batches must be two or more distinct positive batch sizes")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be non-negative")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError("max_model_len must be at least 2")
-
-    @property
-    def max_num_seqs(self) -> int:
-        return self.scheduler.max_num_seqs
-
-    def max_len_for(self, context: int) -> int:
-        """The longest sequence admitted for a model of ``context`` positions."""
-        return min(self.max_model_len or context, context)
-
-
-class QueueFullError(RequestError):
-    """More requests waiting than ``max_queue`` allows."""
-
-
-class UnavailableError(RequestError):
-    """The Executor takes no request now: it is draining, or no KV node is alive (retry later)."""
 
 
 class Executor:
@@ -291,7 +257,7 @@ class Executor:
         if node.epoch != seq.node_epoch:
             return
         try:
-            await node.free([seq.seq_id])
+            await free_leftovers(node, [seq.seq_id])  # a prompt refused half-way may have left nothing
         except NodeFailedError:
             self._orphans.setdefault(node_index, set()).add(seq.seq_id)
 
@@ -431,16 +397,8 @@ class Executor:
             if exc.code not in REFUSED_CODES:
                 raise
             # the node had less room than the scheduler's model of it: requeue, as a refused attend does
-            log.warning("node %d had no room for the prompt of sequence %d (%s): requeued", node_index, seq.seq_id,
-                        exc)
             self.scheduler.preempt(seq.seq_id)
-            seq.num_preemptions += 1
-            self.num_preempted += 1
-            seq.node_index, seq.status = None, SeqStatus.WAITING
-            try:
-                await free_leftovers(node, [seq.seq_id])  # what the refused prompt left (the node may hold none)
-            except NodeFailedError:
-                pass  # gone with the node, whose failure the next step handles
+            await self._preempt(seq, node_index)
             return
         if seq.is_recovering:
             seq.is_recovering = False
