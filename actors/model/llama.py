@@ -104,7 +104,7 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._head_shapes = (config.num_heads, config.num_kv_heads, config.head_dim)
         self._pre, self._post = _pre_attention, _post_attention
-        self._compiled = None
+        self._compiled: dict[str, tuple] = {}  # torch.compile backend -> (pre, post), made on first use
         self.is_dense_compiled = False
 
     @property
@@ -151,10 +151,10 @@ class LlamaModel(nn.Module):
         if is_compiled and backend == "inductor" and self.device.type == "cuda" and not _has_triton():
             log.warning("torch.compile needs Triton, which is not installed: the dense segments run eagerly")
             is_compiled = False
-        if is_compiled and self._compiled is None:
-            self._compiled = (torch.compile(_pre_attention, dynamic=True, fullgraph=True, backend=backend),
-                              torch.compile(_post_attention, dynamic=True, fullgraph=True, backend=backend))
-        self._pre, self._post = self._compiled if is_compiled else (_pre_attention, _post_attention)
+        if is_compiled and backend not in self._compiled:
+            self._compiled[backend] = (torch.compile(_pre_attention, dynamic=True, fullgraph=True, backend=backend),
+                                       torch.compile(_post_attention, dynamic=True, fullgraph=True, backend=backend))
+        self._pre, self._post = self._compiled[backend] if is_compiled else (_pre_attention, _post_attention)
         self.is_dense_compiled = is_compiled
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
