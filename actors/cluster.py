@@ -21,18 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastdecode.actors.dense_profile import measure_dense_profile
+from fastdecode.actors.dense_profile import measure_dense_profile, time_prefill
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
 from fastdecode.actors.model import load_model, resolve_device
-from fastdecode.actors.prefill import time_prefill
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler import GpuPerfModel
-from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch
+from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch, planned_lengths
 
 log = logging.getLogger("fastdecode.cluster")
 
@@ -279,7 +278,7 @@ async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):
         samples = await asyncio.to_thread(graphs.profile, [on_gpu])
         if samples:
             measured = samples[0][1]
-    prompt_len = max(1, min(final_len - 1, round(2 * mean_context - final_len)))
+    prompt_len, _ = planned_lengths(mean_context, final_len)
     prefill_s = await asyncio.to_thread(time_prefill, model, prompt_len)
     return gpu_model, choose_mode(gpu_model, models[0], models[1:], batch=batch, mean_context=mean_context,
                                   final_len=final_len, measured_gpu_only_step_s=measured,

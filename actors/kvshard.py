@@ -125,7 +125,7 @@ class KVShard:
             if self._lengths:
                 log.warning("a new client session: freeing %d sequence(s) the previous one left",
                             len(self._lengths))
-                self._free_all()
+                self.on_free(Free(tuple(self._lengths)))
             self._session_id = message.session_id
         if self._shape is not None and self._shape.shape == message.shape:
             return self.on_get_stats(GetStats())
@@ -231,13 +231,6 @@ class KVShard:
             raise
         for seq_id in done:
             self._lengths[seq_id] = [0] * num_layers
-
-    def _free_all(self) -> None:
-        pool = self._require_pool()
-        for seq_id in list(self._lengths):
-            del self._lengths[seq_id]
-            with _as_actor_errors():
-                pool.free(seq_id)
 
     def on_free(self, message: Free) -> None:
         """Frees every known sequence of the message; unknown ones are reported after the others are freed."""

@@ -78,6 +78,13 @@ def gpu_only_batch(gpu_node: NodeModel, batch: int, final_len: int) -> int:
     return min(batch, _capacity(gpu_node, final_len))
 
 
+def planned_lengths(mean_context: float, final_len: int) -> tuple[int, int]:
+    """(prompt, output) tokens per sequence of a plan given as a mean context and a final length: the
+    context grows by one token per output token, so its mean is the prompt plus half the output."""
+    prompt = max(1, min(final_len - 1, round(2 * mean_context - final_len)))
+    return prompt, final_len - prompt
+
+
 def end_to_end_rate(num_seqs: int, step_s: float, prefill_s: float, num_output: int) -> float:
     """Tokens/s of ``num_seqs`` sequences that each prefill once and decode ``num_output`` tokens."""
     return num_seqs * num_output / (num_seqs * prefill_s + num_output * step_s) if num_seqs else 0.0
@@ -91,13 +98,12 @@ def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel],
 
     ``measured_gpu_only_step_s``: the gpu-only step as it really runs (a whole-step CUDA graph replay
     at ``gpu_only_batch``, its KV reading added), instead of the eager dense profile's estimate.
-    ``prefill_s``: one sequence's prefill; the output length per sequence is taken as
-    ``2 (final_len - mean_context)`` (the context grows by one token per output token)."""
+    ``prefill_s``: one sequence's prefill; the output length per sequence comes from ``planned_lengths``."""
     if batch < 1 or mean_context <= 0 or final_len < 1:
         raise ValueError("batch, mean_context and final_len must be positive")
     if prefill_s < 0:
         raise ValueError("prefill_s must not be negative")
-    num_output = max(1, round(2 * (final_len - mean_context)))
+    _, num_output = planned_lengths(mean_context, final_len)
     gpu_cap = _capacity(gpu_node, final_len)
     n = gpu_only_batch(gpu_node, batch, final_len)
     if measured_gpu_only_step_s is not None and n:

@@ -74,3 +74,10 @@ def test_prefills_shrink_a_small_decode_gain_below_the_margin():
     assert 1 < with_prefill.hybrid_tokens_per_s / with_prefill.gpu_only_tokens_per_s < 1.03
     with pytest.raises(ValueError):
         choose_mode(DENSE, gpu, shards, **plan, prefill_s=-1.0)
+
+
+def test_planned_lengths_from_a_mean_context():
+    from fastdecode.scheduler.hybrid import planned_lengths
+
+    assert planned_lengths(512 + 32 / 2, 544) == (512, 32)  # bench offline: prompt 512, output 32
+    assert planned_lengths(1, 2) == (1, 1)  # at least one token each
