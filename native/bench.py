@@ -1,21 +1,33 @@
 """Native attention benchmark: read bandwidth, our fused attend, and torch's CPU SDPA, one process.
 
     python -m fastdecode.native.bench --json [--threads T] [--isa avx512] [--cases 64x2048,ragged]
+                                             [--rounds R] [--runs N]
 
 Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128) with bf16 KV, one layer. The
 attention rate counts the KV bytes read once (K and V of every cached token). torch runs
 ``scaled_dot_product_attention`` on the same K/V values with the same thread count, in its most
 favourable GQA form (the group's query heads as L=4 queries per KV head); the ragged case pads to
-the longest sequence with a boolean mask. Times are the best of ``--runs`` after a warm-up, for
-every measurement alike. Progress goes to stderr; the last stdout line is one JSON object.
+the longest sequence with a boolean mask.
+
+Every case is prepared once; then ``--rounds`` rounds each measure, back to back, the read probe
+(our vectorised all-thread read and ``torch.sum`` over the same pre-faulted buffer) and every case
+(ours, then torch). A machine whose memory bandwidth drifts over tens of seconds thus has the read
+ceiling and the attention sampled in the same time windows. Each measurement is the best of
+``--runs`` timed calls after one warm-up; each reported figure is the best of its per-round figures
+(the read ceiling too: best of all rounds' runs, never lower than one round's). Our cache is
+refilled to its case's lengths before each round, so every round attends over the same lengths.
+The per-round figures are under ``"rounds"``. Progress goes to stderr; the last stdout line is one
+JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -26,6 +38,7 @@ from fastdecode.native.lib import KVPool, ReadBuffer
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 KV_ELEM_BYTES = 2
 CASE_NAMES = ("64x2048", "256x512", "1x32768", "ragged")
+NUM_WARMUP = 1
 
 
 def _log(msg: str) -> None:
@@ -41,8 +54,8 @@ def case_lengths(name: str, seed: int = 0) -> list[int]:
     return [num_tokens] * num_seqs
 
 
-def _best_time(fn, num_runs: int, num_warmup: int = 2) -> float:
-    for _ in range(num_warmup):
+def _best_time(fn, num_runs: int) -> float:
+    for _ in range(NUM_WARMUP):
         fn()
     best = float("inf")
     for _ in range(num_runs):
@@ -56,23 +69,63 @@ def _to_torch(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
 
 
-def measure_read(num_bytes: int, num_threads: int, num_runs: int, isa: str | None) -> dict:
-    with ReadBuffer(num_bytes, num_threads=num_threads) as buf:
-        native = buf.measure_gbps(num_runs=num_runs, isa=isa)
-        tensor = torch.from_numpy(buf.array)
-        t_sum = _best_time(lambda: tensor.sum(), num_runs)
-        del tensor
-        torch_gbps = buf.num_bytes / t_sum / 1e9
-    return {"read_gbps": max(native, torch_gbps), "read_native_gbps": native, "read_torch_sum_gbps": torch_gbps,
-            "read_bytes": buf.num_bytes}
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
 
 
-def run_case(name: str, *, num_threads: int, isa: str | None, num_runs: int, page_size: int, rng) -> dict:
+def measure_read(buf: ReadBuffer, num_runs: int, isa: str | None) -> dict:
+    """One round of the read probe: our read and torch.sum over the same bytes, best of ``num_runs`` each."""
+    native = buf.measure_gbps(num_runs=num_runs, isa=isa)
+    tensor = torch.from_numpy(buf.array)
+    torch_gbps = buf.num_bytes / _best_time(lambda: tensor.sum(), num_runs) / 1e9
+    return {"read_gbps": max(native, torch_gbps), "read_native_gbps": native, "read_torch_sum_gbps": torch_gbps}
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """One case's data, alive for all rounds: our pool and torch's padded copies of the same K/V."""
+    name: str
+    lengths: list[int]
+    pool: KVPool
+    q: np.ndarray
+    k_new: np.ndarray
+    v_new: np.ndarray
+    k_t: torch.Tensor
+    v_t: torch.Tensor
+    mask: torch.Tensor | None
+
+    @property
+    def kv_bytes(self) -> int:
+        """K and V bytes of the cached tokens (the token each call appends, < 1%, is not counted)."""
+        return sum(self.lengths) * NUM_KV_HEADS * HEAD_DIM * 2 * KV_ELEM_BYTES
+
+    def refill(self) -> None:
+        """Back to the case's lengths: the calls of a round appended a token per call to every sequence."""
+        for b, n in enumerate(self.lengths):
+            self.pool.free(b)
+            self.pool.allocate(b)
+            self.pool.append(b, 0, _to_numpy(self.k_t[b, :, :n].transpose(0, 1)),
+                             _to_numpy(self.v_t[b, :, :n].transpose(0, 1)))
+
+    def measure(self, num_runs: int) -> dict:
+        """One round: best time of our attend, then of torch's SDPA on the same values."""
+        ids = np.arange(len(self.lengths), dtype=np.int64)
+        out = np.empty_like(self.q)
+        t_ours = _best_time(lambda: self.pool.attend(0, ids, self.q, self.k_new, self.v_new, out=out), num_runs)
+        q_t = _to_torch(self.q).view(len(self.lengths), NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with torch.inference_mode():
+            t_torch = _best_time(lambda: sdpa(q_t, self.k_t, self.v_t, attn_mask=self.mask), num_runs)
+        return {"name": self.name, "attn_gbps": self.kv_bytes / t_ours / 1e9,
+                "t_ours_ms": t_ours * 1e3, "t_torch_ms": t_torch * 1e3}
+
+
+def prepare_case(name: str, *, num_threads: int, isa: str | None, num_calls: int, page_size: int,
+                 rng) -> PreparedCase:
+    """Builds a case's pool (room for ``num_calls`` appended tokens per sequence) and torch tensors."""
     lengths = case_lengths(name)
     batch, max_len = len(lengths), max(lengths)
-    group = NUM_Q_HEADS // NUM_KV_HEADS
-    extra = num_runs + 4          # tokens each sequence gains during warm-up and timed runs
-    pages = sum(-(-(n + extra) // page_size) for n in lengths)
+    pages = sum(-(-(n + num_calls + 1) // page_size) for n in lengths)
     page_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * page_size * KV_ELEM_BYTES
     pool = KVPool(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, kv_dtype="bfloat16",
                   capacity_bytes=pages * page_bytes, page_size=page_size, num_threads=num_threads, isa=isa)
@@ -85,28 +138,52 @@ def run_case(name: str, *, num_threads: int, isa: str | None, num_runs: int, pag
         pool.append(b, 0, k, v)
         k_t[b, :, :n] = _to_torch(k).transpose(0, 1)
         v_t[b, :, :n] = _to_torch(v).transpose(0, 1)
-    ids = np.arange(batch, dtype=np.int64)
-    q = rng.standard_normal((batch, NUM_Q_HEADS, HEAD_DIM), np.float32).astype(ml_dtypes.bfloat16)
-    k_new = rng.standard_normal((batch, NUM_KV_HEADS, HEAD_DIM), np.float32).astype(ml_dtypes.bfloat16)
-    v_new = rng.standard_normal((batch, NUM_KV_HEADS, HEAD_DIM), np.float32).astype(ml_dtypes.bfloat16)
-    out = np.empty_like(q)
-    _log(f"{name}: {batch} sequences, {sum(lengths)} tokens, max {max_len}; pool {pool.capacity_bytes / 2**20:.0f} MiB")
-    t_ours = _best_time(lambda: pool.attend(0, ids, q, k_new, v_new, out=out), num_runs)
-    kv_bytes = sum(lengths) * NUM_KV_HEADS * HEAD_DIM * 2 * KV_ELEM_BYTES   # lengths grew by < 1%: not counted
-    pool.close()
-
-    q_t = _to_torch(q).view(batch, NUM_KV_HEADS, group, HEAD_DIM)
-    is_uniform = min(lengths) == max_len
+    q, k_new, v_new = (rng.standard_normal((batch, h, HEAD_DIM), np.float32).astype(ml_dtypes.bfloat16)
+                       for h in (NUM_Q_HEADS, NUM_KV_HEADS, NUM_KV_HEADS))
     mask = None
-    if not is_uniform:
+    if min(lengths) != max_len:
         mask = torch.arange(max_len + 1).view(1, 1, 1, -1) <= torch.tensor(lengths).view(-1, 1, 1, 1)
-    with torch.inference_mode():
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        t_torch = _best_time(lambda: sdpa(q_t, k_t, v_t, attn_mask=mask), num_runs)
-    attn_gbps = kv_bytes / t_ours / 1e9
-    _log(f"{name}: ours {t_ours * 1e3:.2f} ms ({attn_gbps:.1f} GB/s), torch sdpa {t_torch * 1e3:.2f} ms")
-    return {"name": name, "attn_gbps": attn_gbps, "t_ours_ms": t_ours * 1e3, "t_torch_ms": t_torch * 1e3,
-            "kv_bytes": kv_bytes, "ratio_to_torch": t_torch / t_ours}
+    _log(f"{name}: {batch} sequences, {sum(lengths)} tokens, max {max_len}; pool {pool.capacity_bytes / 2**20:.0f} MiB")
+    return PreparedCase(name, lengths, pool, q, k_new, v_new, k_t, v_t, mask)
+
+
+def combine_rounds(rounds: list[dict], kv_bytes: dict[str, int]) -> dict:
+    """The reported figures: each the best of its per-round figures; ratios of those bests."""
+    read = {key: max(r[key] for r in rounds) for key in ("read_gbps", "read_native_gbps", "read_torch_sum_gbps")}
+    cases = []
+    for i, name in enumerate(c["name"] for c in rounds[0]["cases"]):
+        per_round = [r["cases"][i] for r in rounds]
+        t_ours = min(c["t_ours_ms"] for c in per_round)
+        t_torch = min(c["t_torch_ms"] for c in per_round)
+        attn_gbps = max(c["attn_gbps"] for c in per_round)
+        cases.append({"name": name, "attn_gbps": attn_gbps, "t_ours_ms": t_ours, "t_torch_ms": t_torch,
+                      "kv_bytes": kv_bytes[name], "ratio_to_torch": t_torch / t_ours,
+                      "ratio_to_read": attn_gbps / read["read_gbps"],
+                      "in_round_ratio_to_read_median": statistics.median(c["ratio_to_read"] for c in per_round)})
+    return {**read, "cases": cases}
+
+
+def run_rounds(cases: list[PreparedCase], buf: ReadBuffer, *, num_rounds: int, num_runs: int,
+               isa: str | None) -> list[dict]:
+    """``num_rounds`` rounds of: the read probe, then every case; the per-round figures."""
+    rounds = []
+    for round_index in range(num_rounds):
+        if round_index:
+            for case in cases:
+                case.refill()
+        t0 = time.perf_counter()
+        read = measure_read(buf, num_runs, isa)
+        figures = []
+        for case in cases:
+            fig = case.measure(num_runs)
+            fig["ratio_to_read"] = fig["attn_gbps"] / read["read_gbps"]
+            figures.append(fig)
+        rounds.append({**read, "seconds": time.perf_counter() - t0, "cases": figures})
+        _log(f"round {round_index + 1}/{num_rounds}: read {read['read_native_gbps']:.1f} GB/s "
+             f"(torch.sum {read['read_torch_sum_gbps']:.1f}); " +
+             ", ".join(f"{f['name']} {f['attn_gbps']:.1f} GB/s x{f['t_torch_ms'] / f['t_ours_ms']:.1f}"
+                       for f in figures))
+    return rounds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,25 +192,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--isa", default=None, help="force an ISA path (generic, avx2, avx512, avx512_bf16)")
     parser.add_argument("--cases", default=",".join(CASE_NAMES))
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of read probe + every case (best is kept)")
+    parser.add_argument("--runs", type=int, default=4, help="timed runs per measurement and round (best is kept)")
     parser.add_argument("--read-bytes", type=int, default=2 << 30, help="read-probe buffer size")
     parser.add_argument("--page-size", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.runs < 1:
+        parser.error("--rounds and --runs must be at least 1")
+    t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    read = measure_read(args.read_bytes, args.threads, args.runs, args.isa)
-    _log(f"read: native {read['read_native_gbps']:.1f} GB/s, torch.sum {read['read_torch_sum_gbps']:.1f} GB/s")
-    cases = []
-    for name in args.cases.split(","):
-        case = run_case(name, num_threads=args.threads, isa=args.isa, num_runs=args.runs,
-                        page_size=args.page_size, rng=rng)
-        case["ratio_to_read"] = case["attn_gbps"] / read["read_gbps"]
-        cases.append(case)
+    cases = [prepare_case(name, num_threads=args.threads, isa=args.isa, num_calls=NUM_WARMUP + args.runs,
+                          page_size=args.page_size, rng=rng) for name in args.cases.split(",")]
+    try:
+        with ReadBuffer(args.read_bytes, num_threads=args.threads) as buf:
+            read_bytes = buf.num_bytes
+            rounds = run_rounds(cases, buf, num_rounds=args.rounds, num_runs=args.runs, isa=args.isa)
+    finally:
+        for case in cases:
+            case.pool.close()
+    best = combine_rounds(rounds, {case.name: case.kv_bytes for case in cases})
     isa = KVPool(num_layers=1, num_kv_heads=1, head_dim=16, kv_dtype="float32", capacity_bytes=1 << 16,
                  page_size=16, num_threads=1, isa=args.isa).isa
-    result = {"threads": args.threads, "isa": isa, **read, "torch_version": torch.__version__, "cases": cases}
+    result = {"threads": args.threads, "isa": isa, "read_gbps": best["read_gbps"],
+              "read_native_gbps": best["read_native_gbps"], "read_torch_sum_gbps": best["read_torch_sum_gbps"],
+              "read_bytes": read_bytes, "torch_version": torch.__version__, "num_rounds": args.rounds,
+              "runs_per_round": args.runs, "wall_s": time.perf_counter() - t_start, "cases": best["cases"],
+              "rounds": rounds}
     if not args.json:
-        for case in cases:
+        for case in best["cases"]:
             _log(f"{case['name']:>8}: {case['attn_gbps']:6.1f} GB/s  ratio_to_read {case['ratio_to_read']:.2f}  "
                  f"ratio_to_torch {case['ratio_to_torch']:.2f}")
     print(json.dumps(result))
