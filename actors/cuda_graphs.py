@@ -10,19 +10,32 @@ device tensors, the mask is built on the device from the lengths. Nothing in it
 depends on a host value, so it is captured once per bucket (powers of two, and
 the node's slot count as the top bucket) and replayed by one call.
 
-A mini-batch runs as a graph when its slots all fall below the bucket of its row
-count (the usual case: slots are handed out lowest first). Slots of the bucket
+A mini-batch runs in the smallest bucket that holds its row count and its highest
+slot (slots are handed out lowest first, so that is usually the bucket of its row
+count; once rows in the middle finish, a larger one). Slots of the bucket
 that are not in the mini-batch are padding: token 0, position 0, length 1, and
 their k, v go to the pool's scratch column, so they touch no real KV; every op is
-row-wise, so they never affect real rows. Otherwise the caller runs the eager
-per-layer path. Capture runs lazily on the dense thread the first time a bucket
+row-wise, so they never affect real rows. Slots past the top bucket (more than
+``max_batch`` rows' worth) leave the mini-batch to the caller's eager per-layer
+path. Capture runs lazily on the dense thread the first time a bucket
 is used, after an eager warm-up over all-padding buffers. ``is_graphed=False``
 runs the same program eagerly (CPU tests, and the eager comparison).
 ``profile`` times whole steps by batch size for the scheduler's step model.
+
+Launching ahead hides the host's time between steps: right after a step's tokens are
+sampled on the device, ``launch_ahead`` replays the next step with those tokens fed
+from the device (the host knows every other input: each row's length grows by one),
+before the host has seen them. The next ``run`` over the same rows, or over some of
+them (rows that finished or were preempted meanwhile are dropped), takes that step's
+logits instead of replaying; rows it does not know (a new admission) discard it. A
+discarded step changed nothing the host tracks: lengths advance only when a step is
+taken, and what it wrote lies past its rows' lengths (never read, overwritten when the
+row gets there; a freed slot's next owner writes its prompt after it, in stream order).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +61,15 @@ def step_program(model, node: GpuKVNode, inputs: torch.Tensor, row_index: torch.
         o = node.attend_static(layer, row_index, columns, mask, q, k, v)
         x = model.post_attention(layer, x, o)
     return model.logits(x)
+
+
+@dataclass
+class _Ahead:
+    """A step launched ahead of the host: its rows and the lengths it ran them at."""
+
+    bucket: "_Bucket"
+    lengths: dict[int, int]  # seq_id -> the length its row ran at
+    token_ids: list[int] | None = None  # the tokens it was fed, once the host has them (``confirm_ahead``)
 
 
 class _Bucket:
@@ -95,41 +117,98 @@ class StepGraphs:
         self._buckets: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if is_graphed else None
         self.num_replays = 0
-        self.num_fallbacks = 0  # mini-batches left to the eager path (slots past their bucket)
+        self.num_fallbacks = 0  # mini-batches left to the eager path (slots past the top bucket)
+        self.num_ahead_taken = 0  # steps launched ahead whose logits a run took
+        self.num_ahead_discarded = 0
+        self._ahead: _Ahead | None = None
 
     def rows_for(self, slots: np.ndarray) -> int | None:
         """The bucket that holds these slots as rows, or None when they do not fit one."""
-        rows = min(bucket_for(len(slots)), self.node.num_slots)
-        if len(slots) == 0 or rows > self.max_rows or int(slots.max()) >= rows:
+        if len(slots) == 0:
             return None
-        return rows
+        rows = min(bucket_for(max(len(slots), int(slots.max()) + 1)), self.node.num_slots)
+        return None if rows > self.max_rows or int(slots.max()) >= rows else rows
 
     def run(self, seq_ids: np.ndarray, token_ids: list[int]) -> torch.Tensor | None:
         """Logits ``[len(seq_ids), vocab]`` of a decode step, rows in ``seq_ids`` order; None (and
         nothing changed) when the rows' slots do not fit a bucket. Runs on the dense thread."""
         slots = self.node.slots_of(seq_ids)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if self._is_taken(ahead, seq_ids, slots, token_ids):
+                self.node.advance(slots)
+                self.num_ahead_taken += 1
+                self.num_replays += 1
+                return self._rows_of(ahead.bucket, slots,
+                                     is_staged_order=list(ahead.lengths) == seq_ids.tolist())
+            self.num_ahead_discarded += 1
         rows = self.rows_for(slots)
         if rows is None:
             self.num_fallbacks += 1
             return None
         lengths = self.node.advance(slots)
+        bucket = self._launch(rows, slots, lengths, token_ids)
+        self.num_replays += 1
+        return self._rows_of(bucket, slots)
+
+    def launch_ahead(self, seq_ids: np.ndarray, token_ids: torch.Tensor) -> bool:
+        """Start the step after the one just run over ``seq_ids``, its inputs the sampled ``token_ids``
+        (a device tensor, rows in ``seq_ids`` order) without waiting for them. False (nothing launched)
+        when the rows fit no bucket or one would outgrow its slot. Runs on the dense thread."""
+        slots = self.node.slots_of(seq_ids)
+        rows = self.rows_for(slots)
+        lengths = self.node.lengths_of(slots) + 1
+        if rows is None or int(lengths.max()) > self.node.config.slot_len:
+            return False
+        bucket = self._launch(rows, slots, lengths, token_ids)
+        self._ahead = _Ahead(bucket, dict(zip(seq_ids.tolist(), lengths.tolist())))
+        return True
+
+    def confirm_ahead(self, token_ids: list[int]) -> None:
+        """The host's copy of the tokens the step launched ahead was fed."""
+        if self._ahead is not None:
+            self._ahead.token_ids = token_ids
+
+    def _is_taken(self, ahead: _Ahead, seq_ids: np.ndarray, slots: np.ndarray, token_ids: list[int]) -> bool:
+        """The step launched ahead ran every one of these rows at its next length with its last token."""
+        if ahead.token_ids is None:
+            return False
+        fed = dict(zip(ahead.lengths, ahead.token_ids))
+        next_lengths = self.node.lengths_of(slots) + 1
+        return all(ahead.lengths.get(seq_id) == length and fed[seq_id] == token
+                   for seq_id, length, token in zip(seq_ids.tolist(), next_lengths.tolist(), token_ids))
+
+    def _launch(self, rows: int, slots: np.ndarray, lengths: np.ndarray, token_ids) -> _Bucket:
+        """Stage one step's inputs (``token_ids``: host ints, or a device tensor fed on the device) and
+        run it: a replay, or the program eagerly when not graphed."""
         staging = padding_inputs(self.node, rows)
-        staging[_TOKENS, slots] = token_ids
+        is_on_device = isinstance(token_ids, torch.Tensor)
+        if not is_on_device:
+            staging[_TOKENS, slots] = token_ids
         staging[_POSITIONS, slots] = lengths - 1
         staging[_COLUMNS, slots] = lengths - 1
         staging[_LENGTHS, slots] = lengths
         staging[_ROW_SLOTS, :len(slots)] = slots
         bucket = self._bucket(rows)
         host = torch.from_numpy(staging)
+        bucket.inputs.copy_(host.pin_memory() if self.is_graphed else host, non_blocking=self.is_graphed)
+        if is_on_device:
+            bucket.inputs[_TOKENS].index_copy_(0, bucket.inputs[_ROW_SLOTS, :len(slots)], token_ids)
         if self.is_graphed:
-            bucket.inputs.copy_(host.pin_memory(), non_blocking=True)
             bucket.graph.replay()
-            logits = bucket.logits
         else:
-            bucket.inputs.copy_(host)
-            logits = step_program(self.model, self.node, bucket.inputs, bucket.row_index)
-        self.num_replays += 1
-        return logits.index_select(0, bucket.inputs[_ROW_SLOTS, :len(slots)])
+            bucket.logits = step_program(self.model, self.node, bucket.inputs, bucket.row_index)
+        return bucket
+
+    def _rows_of(self, bucket: _Bucket, slots: np.ndarray, *, is_staged_order: bool = True) -> torch.Tensor:
+        """Logits of ``slots``' rows, in that order (a copy: the bucket's buffer is written by the next
+        step). ``is_staged_order``: the bucket's last inputs listed exactly these slots in this order."""
+        if is_staged_order:
+            index = bucket.inputs[_ROW_SLOTS, :len(slots)]
+        else:
+            host = torch.from_numpy(slots)
+            index = host.pin_memory().to(bucket.inputs.device, non_blocking=True) if self.is_graphed else host
+        return bucket.logits.index_select(0, index)
 
     def profile(self, batches, *, repeats: int = 3) -> list[tuple[int, float]]:
         """(batch, best-of-``repeats`` seconds of one whole step) for each batch that runs as a graph:

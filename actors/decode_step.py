@@ -94,6 +94,8 @@ class DecodeStep:
         self._attend_times: list[tuple[int, int, float, float]] = []  # (node, context tokens, start, end)
         self._in_flight: list[list[_Call]] = []  # each mini-batch's calls of the layered step running now
         self._staging: dict[int, _Staging] = {}  # by lane, CUDA only
+        self._graph_rows: np.ndarray | None = None  # seq_ids of the last step, when it was one graph replay
+        self.was_ahead = False  # the last step's logits came from a step launched ahead
 
     def drain_attend_times(self) -> list[tuple[int, int, float, float]]:
         """Measured attend calls since the last drain: (node index, tokens of context read, start, end),
@@ -105,6 +107,7 @@ class DecodeStep:
         """Logits ``[rows, vocab]`` for each mini-batch, in order. ``is_pipelined``: the mini-batches
         take turns layer by layer (else each runs all its layers before the next starts)."""
         self.step_index += 1
+        self._graph_rows, self.was_ahead = None, False
         if all(self.nodes[n].can_attend_now for mb in minibatches for n, _, _ in mb.node_slices):
             return [await self._dense(mb, "step", self._whole_step, mb) for mb in minibatches]
         if is_pipelined:
@@ -131,14 +134,28 @@ class DecodeStep:
         model = self.model
         token_ids, tokens, positions = self._inputs(mb, model.device)
         if self._is_on_graph_node(mb):  # one replay; None: the slots fit no bucket
+            taken = self.graphs.num_ahead_taken
             logits = self.graphs.run(mb.seq_ids, token_ids)
             if logits is not None:
+                self._graph_rows, self.was_ahead = mb.seq_ids, self.graphs.num_ahead_taken > taken
                 return logits
         program = EagerDense(model, tokens, positions)
         q, k, v = program.first()
         for layer in range(model.num_layers - 1):
             q, k, v = program.middle(layer, self._attend_now(mb, layer, q, k, v))
         return program.last(self._attend_now(mb, model.num_layers - 1, q, k, v))
+
+    def can_launch_ahead(self, num_rows: int) -> bool:
+        """The last step was one graph replay over ``num_rows`` rows (so the next can be launched ahead)."""
+        return self._graph_rows is not None and len(self._graph_rows) == num_rows
+
+    def launch_ahead(self, token_ids: torch.Tensor) -> bool:
+        """On the dense thread: start the next step of the last step's rows with their sampled tokens
+        (a device tensor in row order) before the host has them (``StepGraphs.launch_ahead``)."""
+        return self.graphs.launch_ahead(self._graph_rows, token_ids)
+
+    def confirm_ahead(self, token_ids: list[int]) -> None:
+        self.graphs.confirm_ahead(token_ids)
 
     def _is_on_graph_node(self, mb: MiniBatch) -> bool:
         """Every row of ``mb`` is on the node the step graphs were made for."""

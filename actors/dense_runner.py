@@ -54,7 +54,7 @@ class DenseRunner:
         rows). ``while_waiting`` is called every ``WAIT_POLL_S`` until the copies are done."""
         if not self.is_cuda:
             return tensors
-        hosts, done = self._start_copy(tensors, out)
+        hosts, done = self.start_host_copies(tensors, out)
         if while_waiting is not None:
             while not done.query():
                 while_waiting()
@@ -66,7 +66,10 @@ class DenseRunner:
         """On the compute thread: a device copy of a host tensor, ordered before later dense work."""
         return self._upload(host) if self.is_cuda else host
 
-    def _start_copy(self, tensors, out=None):
+    def start_host_copies(self, tensors, out=None) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event]:
+        """On the compute thread (CUDA): start pinned host copies of ``tensors`` on the copy stream, after
+        the work queued so far; the copies, and the event that marks them done. Work queued after this
+        call does not delay them."""
         ready = torch.cuda.Event()
         ready.record()  # on the compute thread's current stream, after the producing kernels
         hosts = []

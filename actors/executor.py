@@ -428,9 +428,10 @@ class Executor:
             AttendCall(node_index, num_tokens * bytes_per_token_layer, start_s, end_s)
             for node_index, num_tokens, start_s, end_s in self.decoder.drain_attend_times()
             if self.nodes[node_index].is_alive])
-        if all_alive:  # an untraced CUDA graph step returns at its launch: its time is not the step's
-            self.scheduler.observe_decode(ran, decode_s,
-                                          is_device_time_included=self.runner.is_synchronous or not self.runner.is_cuda)
+        if all_alive:  # an untraced CUDA graph step returns at its launch, one launched ahead ran before it:
+            # its time is not the step's
+            is_timed = (self.runner.is_synchronous or not self.runner.is_cuda) and not self.decoder.was_ahead
+            self.scheduler.observe_decode(ran, decode_s, is_device_time_included=is_timed)
         # one sampler call for the whole step (rows are sampled independently). Rows whose node
         # failed during the step got zeros from it: no token for them now; they are rebuilt
         # elsewhere and decode this position again.
@@ -450,26 +451,42 @@ class Executor:
             all_logits = all_logits[torch.tensor(rows, dtype=torch.long, device=all_logits.device)]
             all_seqs = [all_seqs[row] for row in rows]
         if all_seqs:
-            await self._sample_and_emit(all_seqs, all_logits)
+            # with nobody waiting, the next step most likely runs the same rows (or fewer, where some
+            # finish): launch it ahead; an admission would discard it
+            # (not in a traced run, whose steps are timed one by one)
+            is_ahead = (self.config.is_launching_ahead and self.trace is None and not self.num_waiting
+                        and self.decoder.can_launch_ahead(len(all_seqs)))
+            await self._sample_and_emit(all_seqs, all_logits, is_ahead=is_ahead)
 
     def _emit_pending(self) -> None:
         pending, self._pending_events = self._pending_events, []
         for seq, event in pending:
             seq.emit(event)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Token ids, logprobs and top logprobs as Python values (runs on the dense thread)."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, is_ahead: bool = False):
+        """Token ids, logprobs and top logprobs as Python values (runs on the dense thread).
+        ``is_ahead``: launch the next step with the sampled tokens before they reach the host."""
         out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=self._eos_tuple)
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
+        fields = [t for t in (out.token_ids, out.logprobs, out.top_token_ids, out.top_logprobs) if t is not None]
+        if is_ahead and self.runner.is_cuda:  # copied out on the side stream, so reading them waits only for them
+            fields, copied = self.runner.start_host_copies(fields)
+            is_ahead = self.decoder.launch_ahead(out.token_ids)
+            copied.synchronize()
+        elif is_ahead:
+            is_ahead = self.decoder.launch_ahead(out.token_ids)
+        values = [t.tolist() for t in fields]
+        token_ids = values[0]
+        if is_ahead:
+            self.decoder.confirm_ahead(token_ids)
+        logprobs = values[1] if out.logprobs is not None else [None] * len(seqs)
         tops: list[tuple] = [()] * len(seqs)
         if out.top_token_ids is not None:
-            ids, lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
+            ids, lps = values[2], values[3]
             tops = [tuple(zip(ids[i], lps[i]))[: s.params.logprobs or 0] for i, s in enumerate(seqs)]
         return token_ids, logprobs, tops
 
-    async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        token_ids, logprobs, tops = await self.runner.run(self._sample, seqs, logits)
+    async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False) -> None:
+        token_ids, logprobs, tops = await self.runner.run(self._sample, seqs, logits, is_ahead)
         self.scheduler.on_tokens([s.seq_id for s in seqs])
         for seq, token_id, logprob, top in zip(seqs, token_ids, logprobs, tops):
             seq.output_ids.append(token_id)

@@ -12,6 +12,9 @@ class ExecutorConfig:
     max_model_len: int | None = None  # None: the model's context length
     max_queue: int = 4096
     is_pipelined: bool = True
+    # a gpu-only step that ran as one graph replay launches the next step with its sampled tokens on
+    # the device, before the host has read them (hides the host's time between steps)
+    is_launching_ahead: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # batch sizes of the start-up dense-step sweep (the scheduler's GPU model); () skips it
     profile_batches: tuple[int, ...] = ()

@@ -78,7 +78,7 @@ async def decode_batch(executor, batch: int, prompt_len: int, output_len: int, v
 
 
 async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is_graphs: bool, seed: int,
-                         static_attention: str = "sdpa") -> list:
+                         static_attention: str = "sdpa", is_launching_ahead: bool = True) -> list:
     from fastdecode.actors.cuda_graphs import StepGraphs
     from fastdecode.actors.executor import Executor, ExecutorConfig
     from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
@@ -93,7 +93,7 @@ async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is
     graphs = StepGraphs(model, node, max_batch=max(batches)) if is_graphs else None
     rows = []
     for batch in batches:
-        config = ExecutorConfig(max_model_len=final_len, is_pipelined=False,
+        config = ExecutorConfig(max_model_len=final_len, is_pipelined=False, is_launching_ahead=is_launching_ahead,
                                 scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"))
         executor = Executor(model, [node], config, eos_token_ids=())
         executor.decoder.graphs = graphs
@@ -105,7 +105,8 @@ async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is
             await executor.stop()
         rows.append({"batch": batch, "step_ms": statistics.median(run["tpot_s"]) * 1e3,
                      "tokens_per_s": batch * output_len / run["wall_s"],
-                     "graph_fallbacks": graphs.num_fallbacks if graphs is not None else None})
+                     "graph_fallbacks": graphs.num_fallbacks if graphs is not None else None,
+                     "steps_launched_ahead": graphs.num_ahead_taken if graphs is not None else None})
     return rows
 
 
@@ -164,6 +165,7 @@ def render_roofline(result: dict, out_path: str) -> None:
     for row in result["rows"]:
         label = f"graph, {row.get('static_attention') or 'sdpa'}" if row["cuda_graphs"] else "eager, per layer"
         label += ", compiled" if row.get("compiled") else ""
+        label += ", launched ahead" if row.get("launch_ahead") else ""
         series.setdefault(label, []).append((row["batch"], row["step_ms"]))
     roof = sorted({(r["batch"], r["roofline_ms"]) for r in result["rows"]})
     ax.plot(*zip(*roof), "k--", label="roofline")
@@ -203,16 +205,20 @@ async def run_roofline(options: dict) -> dict:
     result = {"model": options["model"], "device": torch.cuda.get_device_name(device), "hbm_copy_gbps": bandwidth,
               "prompt_len": prompt_len, "output_len": output_len, "rows": []}
     compiled = {"on": [True], "off": [False], "both": [True, False]}[options["compile"]]
-    runs = [(True, kind, is_compiled) for is_compiled in compiled for kind in options["static_attention"].split(",")]
+    aheads = {"on": [True], "off": [False], "both": [True, False]}[options["launch_ahead"]]
+    runs = [(True, kind, is_compiled, is_ahead) for is_compiled in compiled
+            for kind in options["static_attention"].split(",") for is_ahead in aheads]
     if options["compare_eager"]:
-        runs.append((False, "sdpa", compiled[0]))
-    for is_graphs, static_attention, is_compiled in runs:
+        runs.append((False, "sdpa", compiled[0], False))
+    for is_graphs, static_attention, is_compiled, is_ahead in runs:
         model.compile_dense(is_compiled)
         rows = await gpu_only_steps(model, batches, prompt_len, output_len, is_graphs=is_graphs,
-                                    seed=options["seed"], static_attention=static_attention)
+                                    seed=options["seed"], static_attention=static_attention,
+                                    is_launching_ahead=is_ahead)
         for row in rows:
             row["static_attention"] = static_attention if is_graphs else None
             row["compiled"] = is_compiled
+            row["launch_ahead"] = is_ahead
             read = weight_bytes_read(model, row["batch"]) + row["batch"] * mean_context * kv_token
             row["roofline_ms"] = read / (bandwidth * 1e9) * 1e3
             row["ratio"] = row["step_ms"] / row["roofline_ms"]
@@ -247,7 +253,9 @@ async def run_roofline(options: dict) -> dict:
 @click.option("--output-len", default=32, show_default=True, type=click.IntRange(2))
 @click.option("--transformers-batches", default="16,64", show_default=True, help="'' to skip the comparison.")
 @click.option("--static-attention", default="sdpa", show_default=True,
-              help="Graphed attention kernel(s), comma-separated: sdpa, matmul (each measured in turn).")
+              help="Graphed attention kernel(s), comma-separated: sdpa, matmul, compiled (each measured in turn).")
+@click.option("--launch-ahead", default="on", show_default=True, type=click.Choice(["on", "off", "both"]),
+              help="Launch each step with the previous step's tokens on the device before the host reads them.")
 @click.option("--transformers-compile/--no-transformers-compile", default=False, show_default=True,
               help="Let transformers torch.compile its static-cache forward (compiled in the untimed warm-up).")
 @click.option("--compile", "compile", default="on", show_default=True, type=click.Choice(["on", "off", "both"]),

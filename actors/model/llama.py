@@ -50,7 +50,7 @@ def _post_attention(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, po
     return x + F.linear(F.silu(gate) * up, down_weight)
 
 
-def _has_triton() -> bool:
+def has_triton() -> bool:
     try:
         from torch.utils._triton import has_triton
     except ImportError:
@@ -148,7 +148,7 @@ class LlamaModel(nn.Module):
         warm-ups make before any capture. Without Triton (a CUDA torch built without it) the
         segments stay eager, with a warning. ``backend`` is torch.compile's (tests trace with
         ``"aot_eager"``, which needs no compiler)."""
-        if is_compiled and backend == "inductor" and self.device.type == "cuda" and not _has_triton():
+        if is_compiled and backend == "inductor" and self.device.type == "cuda" and not has_triton():
             log.warning("torch.compile needs Triton, which is not installed: the dense segments run eagerly")
             is_compiled = False
         if is_compiled and backend not in self._compiled:

@@ -28,7 +28,8 @@ PROMPTS = {1: [5, 9, 2], 2: [7, 1, 4, 4, 8, 3, 6], 3: [11, 12, 13, 14, 15], 4: [
 def make_node(model, num_slots: int, static_attention: str = "sdpa") -> GpuKVNode:
     token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
     config = GpuKVConfig(memory_bytes=num_slots * SLOT_LEN * token_bytes, slot_len=SLOT_LEN, is_calibrating=False,
-                         static_attention=static_attention)
+                         static_attention=static_attention,  # traced without a compiler on the CPU
+                         compile_backend="inductor" if model.device.type == "cuda" else "aot_eager")
     return GpuKVNode.for_model("gpu-kv", model, config)
 
 
@@ -51,7 +52,7 @@ def reference_logits(model, caches, seq_ids, token_ids, lengths) -> torch.Tensor
                       for s, t in zip(seq_ids, token_ids)])
 
 
-@pytest.mark.parametrize("static_attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("static_attention", ["sdpa", "matmul", "compiled"])
 async def test_steps_match_the_reference_in_any_row_order(tiny_model, static_attention):
     model, _ = tiny_model
     node = make_node(model, 5, static_attention)
@@ -83,15 +84,17 @@ async def test_padding_rows_leave_other_sequences_alone(tiny_model):
     assert int(node._lengths[3]) == len(PROMPTS[4])
 
 
-async def test_slots_past_the_bucket_fall_back_untouched(tiny_model):
+async def test_slots_past_the_top_bucket_fall_back_untouched(tiny_model):
     model, _ = tiny_model
     node = make_node(model, 4)
     await fill(model, node, [1, 2, 3])
-    graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    graphs = StepGraphs(model, node, max_batch=2, is_graphed=False)
     saved = node._lengths.copy()
-    assert graphs.run(np.array([3]), [1]) is None  # slot 2 with one row: bucket 1 cannot hold it
+    assert graphs.run(np.array([3]), [1]) is None  # slot 2: past the top bucket of 2 rows
     assert graphs.num_fallbacks == 1 and np.array_equal(node._lengths, saved)
     assert graphs.rows_for(np.array([0, 2])) is None and graphs.rows_for(np.array([1, 0])) == 2
+    wider = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    assert wider.rows_for(np.array([2])) == 4 and wider.rows_for(np.array([0, 2])) == 4  # a larger bucket
     assert bucket_for(3) == 4 and bucket_for(1) == 1
     assert StepGraphs(model, make_node(model, 3), max_batch=64, is_graphed=False).max_rows == 3  # top bucket
     with pytest.raises(ValueError, match="static_attention"):
@@ -179,3 +182,124 @@ async def test_profiled_replays_leave_the_slots_as_they_were_cuda():
     profiled = await three_cuda_steps(model, is_graphed=True, profile_batches=(1, 2, 4))
     for p, q in zip(plain, profiled):
         torch.testing.assert_close(q, p, atol=0, rtol=0)
+
+
+async def test_a_step_launched_ahead_is_taken_for_its_rows_or_a_subset_and_discarded_otherwise(tiny_model):
+    """StepGraphs.launch_ahead runs the next step with device-fed tokens; run() takes it for the same rows
+    (or fewer) at the same tokens, and otherwise discards it and replays, the logits always the reference's."""
+    model, _ = tiny_model
+    node = make_node(model, 4)
+    caches = await fill(model, node, [1, 2, 3])
+    graphs = StepGraphs(model, node, max_batch=4, is_graphed=False)
+    lengths = {s: len(PROMPTS[s]) for s in PROMPTS}
+
+    def step(order, token_ids):
+        logits = graphs.run(np.array(order), token_ids)
+        torch.testing.assert_close(logits, reference_logits(model, caches, order, token_ids, lengths),
+                                   atol=1e-4, rtol=1e-4)
+        for s in order:
+            lengths[s] += 1
+        return logits
+
+    def ahead(order, token_ids):
+        assert graphs.launch_ahead(np.array(order), torch.tensor(token_ids))
+        graphs.confirm_ahead(token_ids)
+
+    step([1, 2, 3], [4, 5, 6])
+    ahead([1, 2, 3], [7, 8, 9])
+    assert list(node._lengths[:3]) == [lengths[1], lengths[2], lengths[3]]  # nothing advanced yet
+    step([1, 2, 3], [7, 8, 9])
+    assert (graphs.num_ahead_taken, graphs.num_ahead_discarded) == (1, 0)
+    ahead([1, 2, 3], [10, 11, 12])
+    step([2, 1], [11, 10])  # sequence 3 finished meanwhile: a subset, in another order
+    assert (graphs.num_ahead_taken, graphs.num_ahead_discarded) == (2, 0)
+    ahead([2, 1], [1, 2])
+    step([2, 1], [1, 3])  # another token than the one fed: discarded, replayed
+    ahead([2, 1], [4, 5])
+    step([1, 2, 3], [5, 4, 6])  # a row the step launched ahead did not run
+    ahead([1, 2, 3], [7, 7, 7])
+    assert graphs.num_ahead_discarded == 2
+    before = node._lengths.copy()
+    await node.free([3])  # a row leaves; its slot's next owner writes after the discarded step
+    caches.pop(3)
+    await node.allocate([4])
+    tokens = torch.tensor(PROMPTS[4])
+    _, k, v = prefill(model, tokens)
+    await node.append_prompt(4, k, v)
+    caches.update(await fill_reference(model, [4]))
+    step([1, 2, 4], [7, 7, 1])
+    assert graphs.num_ahead_discarded == 3 and node._lengths[0] == before[0] + 1
+    assert graphs.num_replays == 6
+
+
+async def fill_reference(model, seq_ids) -> dict[int, TorchKVCache]:
+    caches = {}
+    for seq_id in seq_ids:
+        caches[seq_id] = TorchKVCache.for_model(model)
+        caches[seq_id].allocate(seq_id)
+        run_tokens(model, caches[seq_id], seq_id, PROMPTS[seq_id], 0)
+    return caches
+
+
+async def runs_with_and_without_launching_ahead(model, temperature: float, *, is_graphed: bool):
+    """Three requests finishing at different steps, with the next step launched ahead and without: their
+    tokens, and (taken, discarded) launches of each."""
+    results, counters = {}, {}
+    for is_ahead in (False, True):
+        node = make_node(model, 4, "matmul")
+        config = ExecutorConfig(max_model_len=SLOT_LEN, is_pipelined=False, is_launching_ahead=is_ahead,
+                                scheduler=SchedulerConfig(max_num_seqs=4, admission="all-at-once"))
+        executor = Executor(model, [node], config, eos_token_ids=())
+        executor.decoder.graphs = StepGraphs(model, node, max_batch=4, is_graphed=is_graphed)
+        await executor.start()
+        try:
+            streams = [executor.submit(PROMPTS[s], SamplingParams(max_tokens=6 + 3 * s, temperature=temperature,
+                                                                  seed=s, ignore_eos=True))
+                       for s in (1, 2, 3)]
+            results[is_ahead] = await asyncio.gather(*(collect(stream) for stream in streams))
+        finally:
+            await executor.stop()
+        graphs = executor.decoder.graphs
+        counters[is_ahead] = (graphs.num_ahead_taken, graphs.num_ahead_discarded)
+    return results, counters
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+async def test_executor_launching_ahead_gives_the_tokens_of_one_that_does_not(tiny_model, temperature):
+    """Rows finishing at different steps, and seeded sampling: the same tokens with the next step launched
+    ahead as without, and most steps taken from the launch ahead."""
+    model, _ = tiny_model
+    results, counters = await runs_with_and_without_launching_ahead(model, temperature, is_graphed=False)
+    assert results[True] == results[False]
+    assert [len(tokens) for tokens, _ in results[True]] == [9, 12, 15]
+    assert counters[False] == (0, 0)
+    taken, discarded = counters[True]
+    assert taken >= 11 and discarded <= 1  # 14 decode steps; only the last step's launch is never used
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_executor_launching_ahead_of_graph_replays_cuda():
+    """The same on CUDA with graph replays: tokens fed on the device, read back on the copy stream."""
+    from fastdecode.actors.model import load_model
+
+    model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
+    for temperature in (0.0, 0.8):
+        results, counters = await runs_with_and_without_launching_ahead(model, temperature, is_graphed=True)
+        assert results[True] == results[False]
+        assert counters[True][0] >= 11 and counters[True][1] <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_compiled_static_attention_matches_the_matmul_one_cuda():
+    """static_attention="compiled" (inductor) replays the same steps as the eager matmul form, within bf16."""
+    from fastdecode.actors.model import load_model
+
+    model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
+    steps = {}
+    for kind in ("matmul", "compiled"):
+        node = make_node(model, 4, kind)
+        await fill(model, node, [1, 2, 3])
+        graphs = StepGraphs(model, node, max_batch=4)
+        steps[kind] = [graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)]
+    for m, c in zip(steps["matmul"], steps["compiled"]):
+        torch.testing.assert_close(c, m, atol=0.05 * float(m.abs().max()), rtol=0.05)
