@@ -123,23 +123,23 @@ class DecodeStep:
         return result
 
     @staticmethod
-    def _inputs(mb: MiniBatch, device: torch.device) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        token_ids = [s.output_ids[-1] for s in mb.seqs]
-        tokens = torch.tensor(token_ids, dtype=torch.long, device=device)
+    def _inputs(mb: MiniBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and positions of ``mb``'s rows on ``device`` (for the per-layer paths: making them
+        waits for the device's queue, a step launched ahead included)."""
+        tokens = torch.tensor([s.output_ids[-1] for s in mb.seqs], dtype=torch.long, device=device)
         positions = torch.tensor([s.num_tokens - 1 for s in mb.seqs], dtype=torch.long, device=device)
-        return token_ids, tokens, positions
+        return tokens, positions
 
     def _whole_step(self, mb: MiniBatch) -> torch.Tensor:
         """Every layer of a mini-batch whose nodes all live on the Executor's device, in one call."""
         model = self.model
-        token_ids, tokens, positions = self._inputs(mb, model.device)
         if self._is_on_graph_node(mb):  # one replay; None: the slots fit no bucket
             taken = self.graphs.num_ahead_taken
-            logits = self.graphs.run(mb.seq_ids, token_ids)
+            logits = self.graphs.run(mb.seq_ids, [s.output_ids[-1] for s in mb.seqs])
             if logits is not None:
                 self._graph_rows, self.was_ahead = mb.seq_ids, self.graphs.num_ahead_taken > taken
                 return logits
-        program = EagerDense(model, tokens, positions)
+        program = EagerDense(model, *self._inputs(mb, model.device))
         q, k, v = program.first()
         for layer in range(model.num_layers - 1):
             q, k, v = program.middle(layer, self._attend_now(mb, layer, q, k, v))
@@ -194,7 +194,7 @@ class DecodeStep:
 
     def _dense_program(self, mb: MiniBatch, lane: int) -> EagerDense | GraphDense:
         """The mini-batch's dense segments: CUDA graph replays where made and the batch fits, else eager."""
-        _, tokens, positions = self._inputs(mb, self.model.device)
+        tokens, positions = self._inputs(mb, self.model.device)
         if self.layer_graphs is not None:
             segments = self.layer_graphs.segments(lane, len(mb.seqs))
             if segments is not None:

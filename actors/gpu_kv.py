@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 # (q·Kᵀ, then p·V) with a float32 masked softmax between them; "compiled": the same through torch.compile,
 # which fuses the scale, mask and softmax into one kernel between the two matmuls (on an H100 at batch 1,
 # 8.8 µs per layer against the fused SDPA's 18.9: the query is 4 rows per KV head, too few for it)
-STATIC_ATTENTIONS = ("sdpa", "matmul", "compiled")
+# "auto": "compiled" for buckets of up to AUTO_COMPILED_MAX_ROWS rows on CUDA, "sdpa" otherwise (at 16 rows
+# the two took the same time there, at 64 the fused SDPA was 0.14 ms per step faster)
+STATIC_ATTENTIONS = ("sdpa", "matmul", "compiled", "auto")
+AUTO_COMPILED_MAX_ROWS = 8
 
 
 def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -58,7 +61,7 @@ class GpuKVConfig:
     memory_bytes: int  # for the whole pool, K and V of every layer
     slot_len: int  # tokens per sequence at most
     is_calibrating: bool = True
-    static_attention: str = "sdpa"  # attend_static's kernel, one of STATIC_ATTENTIONS
+    static_attention: str = "auto"  # attend_static's kernel, one of STATIC_ATTENTIONS
     compile_backend: str = "inductor"  # torch.compile's, for static_attention="compiled"
 
     def __post_init__(self) -> None:
@@ -121,12 +124,14 @@ class GpuKVNode(KVNode):
         self.attn_gbps: float | None = None
         self.attend_overhead_s: float | None = None
         self._masked_attention = masked_attention
-        if config.static_attention == "compiled":
+        self._is_attention_compiled = False
+        if config.static_attention == "compiled" or (config.static_attention == "auto" and self.device.type == "cuda"):
             if config.compile_backend == "inductor" and self.device.type == "cuda" and not has_triton():
                 log.warning("torch.compile needs Triton, which is not installed: the attention runs eagerly")
             else:
                 self._masked_attention = torch.compile(masked_attention, dynamic=True, fullgraph=True,
                                                        backend=config.compile_backend)
+                self._is_attention_compiled = True
 
     @classmethod
     def for_model(cls, node_id: str, model, config: GpuKVConfig) -> "GpuKVNode":
@@ -257,7 +262,10 @@ class GpuKVNode(KVNode):
         pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
         pool[:, row_index, :, columns] = torch.stack((k, v), dim=1)
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        if self.config.static_attention == "sdpa":
+        kind = self.config.static_attention
+        if kind == "auto":
+            kind = "compiled" if self._is_attention_compiled and num_rows <= AUTO_COMPILED_MAX_ROWS else "sdpa"
+        if kind == "sdpa":
             o = F.scaled_dot_product_attention(query, pool[0], pool[1], attn_mask=mask, scale=self._scale)
         else:
             o = self._masked_attention(query, pool[0], pool[1], mask, self._scale)

@@ -56,13 +56,20 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
+def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list or tensor on ``device`` without waiting for the device's queue (a pinned, asynchronous
+    copy on CUDA: a pageable one would wait for a step launched ahead to finish)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
 def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     table = torch.full((len(rows), max(width, 1)), pad, dtype=torch.int64)
     for index, row in enumerate(rows):
         if row:
             table[index, : len(row)] = torch.as_tensor(list(row), dtype=torch.int64)
-    return table.to(device)
+    return _upload(table, torch.int64, device)
 
 
 def _token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -77,7 +84,7 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     device, vocab_size = logits.device, logits.shape[1]
 
     def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+        return _upload(values, torch.float32, device).unsqueeze(1)
 
     output_counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
     repetition = [r.params.repetition_penalty for r in rows]
@@ -95,12 +102,12 @@ def _top_k_top_p_mask(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     device, vocab_size = logits.device, logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab_size, device=device).unsqueeze(0)
-    k = torch.tensor([vocab_size if k <= 0 else min(k, vocab_size) for k in top_k], device=device).unsqueeze(1)
+    k = _upload([vocab_size if k <= 0 else min(k, vocab_size) for k in top_k], torch.int64, device).unsqueeze(1)
     removed_sorted = ranks >= k
     sorted_logits = sorted_logits.masked_fill(removed_sorted, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better-ranked tokens
-    p = torch.tensor(top_p, dtype=torch.float32, device=device).unsqueeze(1)
+    p = _upload(top_p, torch.float32, device).unsqueeze(1)
     removed_sorted |= mass_before > p
     removed_sorted[:, 0] = False
     return torch.zeros_like(removed_sorted).scatter(1, order, removed_sorted)
@@ -133,15 +140,15 @@ def sample(
     ]
     if masked:
         row_index, token_index = zip(*masked)
-        logits[list(row_index), list(token_index)] = float("-inf")
+        logits[_upload(row_index, torch.int64, device), _upload(token_index, torch.int64, device)] = float("-inf")
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty for r in rows):
         _apply_penalties(logits, rows)
 
     is_greedy = [r.params.is_greedy for r in rows]
     token_ids = logits.argmax(dim=-1)
     if not all(is_greedy):
-        temperature = torch.tensor([1.0 if g else r.params.temperature for g, r in zip(is_greedy, rows)],
-                                   dtype=torch.float32, device=device).unsqueeze(1)
+        temperature = _upload([1.0 if g else r.params.temperature for g, r in zip(is_greedy, rows)],
+                              torch.float32, device).unsqueeze(1)
         scaled = logits / temperature
         top_k = [r.params.top_k for r in rows]
         top_p = [r.params.top_p for r in rows]
@@ -154,7 +161,7 @@ def sample(
             if row.generator is not None and not is_greedy[index]:
                 noise[index].exponential_(generator=row.generator)
         sampled = (probs / noise).argmax(dim=-1)
-        token_ids = torch.where(torch.tensor(is_greedy, device=device), token_ids, sampled)
+        token_ids = torch.where(_upload(is_greedy, torch.bool, device), token_ids, sampled)
 
     if raw_logprobs is None:
         return SamplerOutput(token_ids=token_ids)

@@ -78,7 +78,7 @@ async def decode_batch(executor, batch: int, prompt_len: int, output_len: int, v
 
 
 async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is_graphs: bool, seed: int,
-                         static_attention: str = "sdpa", is_launching_ahead: bool = True) -> list:
+                         static_attention: str = "auto", is_launching_ahead: bool = True) -> list:
     from fastdecode.actors.cuda_graphs import StepGraphs
     from fastdecode.actors.executor import Executor, ExecutorConfig
     from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
@@ -252,8 +252,8 @@ async def run_roofline(options: dict) -> dict:
 @click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--output-len", default=32, show_default=True, type=click.IntRange(2))
 @click.option("--transformers-batches", default="16,64", show_default=True, help="'' to skip the comparison.")
-@click.option("--static-attention", default="sdpa", show_default=True,
-              help="Graphed attention kernel(s), comma-separated: sdpa, matmul, compiled (each measured in turn).")
+@click.option("--static-attention", default="auto", show_default=True,
+              help="Graphed attention kernel(s), comma-separated: sdpa, matmul, compiled, auto (each measured in turn).")
 @click.option("--launch-ahead", default="on", show_default=True, type=click.Choice(["on", "off", "both"]),
               help="Launch each step with the previous step's tokens on the device before the host reads them.")
 @click.option("--transformers-compile/--no-transformers-compile", default=False, show_default=True,

@@ -52,7 +52,7 @@ def reference_logits(model, caches, seq_ids, token_ids, lengths) -> torch.Tensor
                       for s, t in zip(seq_ids, token_ids)])
 
 
-@pytest.mark.parametrize("static_attention", ["sdpa", "matmul", "compiled"])
+@pytest.mark.parametrize("static_attention", ["sdpa", "matmul", "compiled", "auto"])
 async def test_steps_match_the_reference_in_any_row_order(tiny_model, static_attention):
     model, _ = tiny_model
     node = make_node(model, 5, static_attention)
