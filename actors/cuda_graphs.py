@@ -51,16 +51,19 @@ def bucket_for(batch: int) -> int:
     return 1 << max(0, batch - 1).bit_length()
 
 
-def step_program(model, node: GpuKVNode, inputs: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
-    """Logits ``[rows, vocab]`` of one decode step over slots ``0..rows-1``, from ``inputs[5, rows]``."""
+def step_program(model, node: GpuKVNode, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits ``[rows, vocab]`` of one decode step over slots ``0..rows-1``, from ``inputs[5, rows]``: the
+    dense parts as ``step_first``/``step_between`` (a layer's post-attention part and the next layer's
+    pre-attention part in one call)."""
     tokens, positions, columns, lengths = inputs[_TOKENS], inputs[_POSITIONS], inputs[_COLUMNS], inputs[_LENGTHS]
-    mask = node.static_mask(lengths)
+    mask, write_index = node.static_mask(lengths), node.static_write_index(columns)  # once per step
+    cos, sin = model.rope_at(positions)
     x = model.embed(tokens)
-    for layer in range(model.num_layers):
-        q, k, v = model.pre_attention(layer, x, positions)
-        o = node.attend_static(layer, row_index, columns, mask, q, k, v)
-        x = model.post_attention(layer, x, o)
-    return model.logits(x)
+    q, kv = model.step_first(x, cos, sin)
+    last = model.num_layers - 1
+    for layer in range(last):
+        x, q, kv = model.step_between(layer, x, node.attend_static(layer, write_index, mask, q, kv), cos, sin)
+    return model.logits(model.post_attention(last, x, node.attend_static(last, write_index, mask, q, kv)))
 
 
 @dataclass
@@ -80,7 +83,6 @@ class _Bucket:
         self.rows = rows
         self.inputs = torch.zeros(5, rows, dtype=torch.long, device=device)
         self.inputs.copy_(torch.from_numpy(padding_inputs(node, rows)))
-        self.row_index = torch.arange(rows, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         if pool is None:
             self.logits = None
@@ -89,11 +91,11 @@ class _Bucket:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: kernels chosen, workspaces made; writes only scratch columns
             for _ in range(2):
-                step_program(model, node, self.inputs, self.row_index)
+                step_program(model, node, self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = step_program(model, node, self.inputs, self.row_index)
+            self.logits = step_program(model, node, self.inputs)
 
 
 def padding_inputs(node: GpuKVNode, rows: int) -> np.ndarray:
@@ -197,7 +199,7 @@ class StepGraphs:
         if self.is_graphed:
             bucket.graph.replay()
         else:
-            bucket.logits = step_program(self.model, self.node, bucket.inputs, bucket.row_index)
+            bucket.logits = step_program(self.model, self.node, bucket.inputs)
         return bucket
 
     def _rows_of(self, bucket: _Bucket, slots: np.ndarray, *, is_staged_order: bool = True) -> torch.Tensor:
@@ -230,7 +232,7 @@ class StepGraphs:
                     bucket.graph.replay()
                     torch.cuda.synchronize(self.model.device)
                 else:
-                    step_program(self.model, self.node, bucket.inputs, bucket.row_index)
+                    step_program(self.model, self.node, bucket.inputs)
                 if repeat:
                     best = min(best, time.perf_counter() - start)
             samples.append((batch, best))

@@ -252,15 +252,25 @@ class GpuKVNode(KVNode):
             self._arange >= lengths[:, None], float("-inf"))
         return bias.view(lengths.shape[0], 1, 1, self.num_columns)
 
-    def attend_static(self, layer: int, row_index: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor,
-                      q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Graphable attend for rows that ARE slots ``0..rows-1``: store row i's k, v at column
-        ``columns[i]`` of slot i, attend over all columns under ``mask`` (``static_mask``'s).
-        q[rows,Hq,D] -> o."""
+    def static_write_index(self, columns: torch.Tensor) -> torch.Tensor:
+        """``[2 * rows * Hkv]`` rows of a layer's pool, seen as ``[2 * slots * Hkv * columns, D]``, where
+        row r's new k and v go (column ``columns[r]`` of slot r, every KV head): the order of a
+        ``kv[2, rows, Hkv, D]``. Built on the device once per step; every layer writes through it."""
+        num_rows, (_, num_slots, num_kv_heads, num_columns, _) = columns.shape[0], self._pool.shape[1:]
+        kind = torch.arange(2, device=self.device).view(2, 1, 1)
+        slot = torch.arange(num_rows, device=self.device).view(1, num_rows, 1)
+        head = torch.arange(num_kv_heads, device=self.device).view(1, 1, num_kv_heads)
+        return (((kind * num_slots + slot) * num_kv_heads + head) * num_columns + columns.view(1, num_rows, 1)).view(-1)
+
+    def attend_static(self, layer: int, write_index: torch.Tensor, mask: torch.Tensor, q: torch.Tensor,
+                      kv: torch.Tensor) -> torch.Tensor:
+        """Graphable attend for rows that ARE slots ``0..rows-1``: store ``kv[2, rows, Hkv, D]`` through
+        ``write_index`` (``static_write_index``'s), attend over all columns under ``mask``
+        (``static_mask``'s). q[rows,Hq,D] -> o."""
         num_rows, num_heads, head_dim = q.shape
-        num_kv_heads = k.shape[1]
+        num_kv_heads = kv.shape[2]
+        self._pool[layer].view(-1, head_dim).index_copy_(0, write_index, kv.reshape(-1, head_dim))
         pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
-        pool[:, row_index, :, columns] = torch.stack((k, v), dim=1)
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
         kind = self.config.static_attention
         if kind == "auto":

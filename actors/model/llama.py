@@ -26,19 +26,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def _pre_attention(x: torch.Tensor, positions: torch.Tensor, input_norm: torch.Tensor, qkv_weight: torch.Tensor,
-                   qkv_bias: torch.Tensor | None, rope_cos: torch.Tensor, rope_sin: torch.Tensor, eps: float,
-                   head_shapes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's input norm, fused QKV projection and RoPE (a pure function of its tensors)."""
+def _project_qkv(h: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor, head_shapes: tuple[int, int, int]):
+    """The fused QKV projection of normed ``h``, RoPE applied to q and k: q[N,Hq,D], k, v[N,Hkv,D]."""
     num_heads, num_kv_heads, head_dim = head_shapes
-    h = rms_norm(x, input_norm, eps)
     qkv = F.linear(h, qkv_weight, qkv_bias)
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_size].view(-1, num_heads, head_dim)
     k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
     v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
-    cos, sin = rope_cos[positions], rope_sin[positions]
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _pre_attention(x: torch.Tensor, positions: torch.Tensor, input_norm: torch.Tensor, qkv_weight: torch.Tensor,
+                   qkv_bias: torch.Tensor | None, rope_cos: torch.Tensor, rope_sin: torch.Tensor, eps: float,
+                   head_shapes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's input norm, fused QKV projection and RoPE (a pure function of its tensors)."""
+    return _project_qkv(rms_norm(x, input_norm, eps), qkv_weight, qkv_bias, rope_cos[positions], rope_sin[positions],
+                        head_shapes)
 
 
 def _post_attention(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, post_norm: torch.Tensor,
@@ -48,6 +53,29 @@ def _post_attention(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, po
     h = rms_norm(x, post_norm, eps)
     gate, up = F.linear(h, gate_up_weight).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down_weight)
+
+
+def _step_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_norm: torch.Tensor,
+                qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, eps: float,
+                head_shapes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first layer's dense part of a decode step: q, and k, v stacked as kv[2, N, Hkv, D] (one
+    write into a KV pool). ``cos``/``sin`` are the rows' RoPE values, gathered once per step."""
+    q, k, v = _project_qkv(rms_norm(x, input_norm, eps), qkv_weight, qkv_bias, cos, sin, head_shapes)
+    return q, torch.stack((k, v))
+
+
+def _step_between(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, post_norm: torch.Tensor,
+                  gate_up_weight: torch.Tensor, down_weight: torch.Tensor, next_norm: torch.Tensor,
+                  next_qkv_weight: torch.Tensor, next_qkv_bias: torch.Tensor | None, cos: torch.Tensor,
+                  sin: torch.Tensor, eps: float, head_shapes: tuple[int, int, int]):
+    """A layer's post-attention part and the next layer's pre-attention part as one function, so the
+    residual add and the next norm fuse: the layer's output x, the next q and kv[2, N, Hkv, D]."""
+    x = _post_attention(x, o, o_weight, post_norm, gate_up_weight, down_weight, eps)
+    q, kv = _step_first(x, cos, sin, next_norm, next_qkv_weight, next_qkv_bias, eps, head_shapes)
+    return x, q, kv
+
+
+_SEGMENTS = (_pre_attention, _post_attention, _step_first, _step_between)
 
 
 def has_triton() -> bool:
@@ -103,8 +131,8 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._head_shapes = (config.num_heads, config.num_kv_heads, config.head_dim)
-        self._pre, self._post = _pre_attention, _post_attention
-        self._compiled: dict[str, tuple] = {}  # torch.compile backend -> (pre, post), made on first use
+        self._pre, self._post, self._first, self._between = _SEGMENTS
+        self._compiled: dict[str, tuple] = {}  # torch.compile backend -> _SEGMENTS compiled, made on first use
         self.is_dense_compiled = False
 
     @property
@@ -138,6 +166,23 @@ class LlamaModel(nn.Module):
         return self._post(x, o, weights.o_weight, weights.post_norm, weights.gate_up_weight, weights.down_weight,
                           self.config.rms_norm_eps)
 
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin ``[N, D]`` of the rows at ``positions`` (the same for every layer)."""
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def step_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0's dense part of a decode step: q[N,Hq,D] and kv[2,N,Hkv,D] (RoPE from ``rope_at``)."""
+        weights = self.layers[0]
+        return self._first(x, cos, sin, weights.input_norm, weights.qkv_weight, weights.qkv_bias,
+                           self.config.rms_norm_eps, self._head_shapes)
+
+    def step_between(self, layer: int, x: torch.Tensor, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``post_attention(layer)`` and layer+1's ``step_first`` in one call: (x, q, kv)."""
+        weights, following = self.layers[layer], self.layers[layer + 1]
+        return self._between(x, o, weights.o_weight, weights.post_norm, weights.gate_up_weight, weights.down_weight,
+                             following.input_norm, following.qkv_weight, following.qkv_bias, cos, sin,
+                             self.config.rms_norm_eps, self._head_shapes)
+
     def compile_dense(self, is_compiled: bool = True, *, backend: str = "inductor") -> None:
         """Run the per-layer dense segments through ``torch.compile`` (CUDA), or back in eager mode
         with ``is_compiled=False``. Compiled, the norms, RoPE, the SiLU gate and the residual adds
@@ -152,9 +197,9 @@ class LlamaModel(nn.Module):
             log.warning("torch.compile needs Triton, which is not installed: the dense segments run eagerly")
             is_compiled = False
         if is_compiled and backend not in self._compiled:
-            self._compiled[backend] = (torch.compile(_pre_attention, dynamic=True, fullgraph=True, backend=backend),
-                                       torch.compile(_post_attention, dynamic=True, fullgraph=True, backend=backend))
-        self._pre, self._post = self._compiled[backend] if is_compiled else (_pre_attention, _post_attention)
+            self._compiled[backend] = tuple(torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+                                            for fn in _SEGMENTS)
+        self._pre, self._post, self._first, self._between = self._compiled[backend] if is_compiled else _SEGMENTS
         self.is_dense_compiled = is_compiled
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,17 @@ def _segments(model, num_rows: int, seed: int):
     x = torch.randn(num_rows, model.config.hidden_size, generator=generator).to(model.device, model.dtype)
     positions = torch.randint(0, 200, (num_rows,), generator=generator).to(model.device)
     q, k, v = model.pre_attention(0, x, positions)
-    return q, k, v, model.post_attention(1, x, q)
+    cos, sin = model.rope_at(positions)
+    first_q, first_kv = model.step_first(x, cos, sin)
+    between = model.step_between(0, x, q, cos, sin)  # post-attention of layer 0, pre-attention of layer 1
+    if model.dtype == torch.float32:  # the step form: the same q, k and v (stacked), the same next layer
+        torch.testing.assert_close(first_q, q, rtol=0, atol=0)
+        torch.testing.assert_close(first_kv, torch.stack((k, v)), rtol=0, atol=0)
+        after = model.post_attention(0, x, q)
+        later_q, later_k, later_v = model.pre_attention(1, after, positions)
+        for got, want in zip(between, (after, later_q, torch.stack((later_k, later_v)))):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return q, k, v, model.post_attention(1, x, q), *between
 
 
 @torch.no_grad()
