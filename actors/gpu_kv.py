@@ -22,7 +22,6 @@ changes from one step to the next.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -32,28 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
-from fastdecode.actors.model.llama import has_triton
+from fastdecode.actors.static_attention import STATIC_ATTENTIONS, StaticAttention
 
-log = logging.getLogger(__name__)
-
-
-# "sdpa": torch's fused scaled_dot_product_attention with the mask; "matmul": two batched matmuls
-# (q·Kᵀ, then p·V) with a float32 masked softmax between them; "compiled": the same through torch.compile,
-# which fuses the scale, mask and softmax into one kernel between the two matmuls (on an H100 at batch 1,
-# 8.8 µs per layer against the fused SDPA's 18.9: the query is 4 rows per KV head, too few for it)
-# "auto": "compiled" for buckets of up to AUTO_COMPILED_MAX_ROWS rows on CUDA, "sdpa" otherwise (at 16 rows
-# the two took the same time there, at 64 the fused SDPA was 0.14 ms per step faster)
-STATIC_ATTENTIONS = ("sdpa", "matmul", "compiled", "auto")
-AUTO_COMPILED_MAX_ROWS = 8
-
-
-def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """``query[rows, Hkv, G, D]`` over ``keys/values[rows, Hkv, C, D]`` under the additive ``mask``
-    ``[rows, 1, 1, C]``; the softmax in float32."""
-    scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scale
-    probs = (scores + mask).softmax(dim=-1).to(query.dtype)
-    return torch.matmul(probs, values)
 
 
 @dataclass(frozen=True)
@@ -61,8 +40,8 @@ class GpuKVConfig:
     memory_bytes: int  # for the whole pool, K and V of every layer
     slot_len: int  # tokens per sequence at most
     is_calibrating: bool = True
-    static_attention: str = "auto"  # attend_static's kernel, one of STATIC_ATTENTIONS
-    compile_backend: str = "inductor"  # torch.compile's, for static_attention="compiled"
+    static_attention: str = "auto"  # attend_static's kernel, one of static_attention.STATIC_ATTENTIONS
+    compile_backend: str = "inductor"  # torch.compile's, for the compiled static attentions
 
     def __post_init__(self) -> None:
         if self.static_attention not in STATIC_ATTENTIONS:
@@ -123,15 +102,9 @@ class GpuKVNode(KVNode):
         self._rows: dict[bytes, _Rows] = {}  # this step's mini-batches, by their seq_ids
         self.attn_gbps: float | None = None
         self.attend_overhead_s: float | None = None
-        self._masked_attention = masked_attention
-        self._is_attention_compiled = False
-        if config.static_attention == "compiled" or (config.static_attention == "auto" and self.device.type == "cuda"):
-            if config.compile_backend == "inductor" and self.device.type == "cuda" and not has_triton():
-                log.warning("torch.compile needs Triton, which is not installed: the attention runs eagerly")
-            else:
-                self._masked_attention = torch.compile(masked_attention, dynamic=True, fullgraph=True,
-                                                       backend=config.compile_backend)
-                self._is_attention_compiled = True
+        self.static_attention = StaticAttention(config.static_attention, num_slots=self.num_slots,
+                                                num_columns=self.num_columns, scale=self._scale, dtype=dtype,
+                                                device=self.device, compile_backend=config.compile_backend)
 
     @classmethod
     def for_model(cls, node_id: str, model, config: GpuKVConfig) -> "GpuKVNode":
@@ -244,13 +217,10 @@ class GpuKVNode(KVNode):
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=rows.mask, scale=self._scale)
         return o.reshape(num_rows, num_heads, head_dim)
 
-    def static_mask(self, lengths: torch.Tensor) -> torch.Tensor:
-        """``[rows, 1, 1, columns]`` additive mask in the pool's dtype: 0 where column < the row's
-        length, -inf past it (built on the device once per step; a boolean mask would be turned
-        into this inside every layer's attention call)."""
-        bias = torch.zeros((), dtype=self._pool.dtype, device=self.device).masked_fill(
-            self._arange >= lengths[:, None], float("-inf"))
-        return bias.view(lengths.shape[0], 1, 1, self.num_columns)
+    def static_mask(self, lengths: torch.Tensor):
+        """The mask every layer of a whole step attends under (``StaticAttention.mask``), built on the
+        device once per step from the rows' lengths."""
+        return self.static_attention.mask(lengths)
 
     def static_write_index(self, columns: torch.Tensor) -> torch.Tensor:
         """``[2 * rows * Hkv]`` rows of a layer's pool, seen as ``[2 * slots * Hkv * columns, D]``, where
@@ -272,14 +242,7 @@ class GpuKVNode(KVNode):
         self._pool[layer].view(-1, head_dim).index_copy_(0, write_index, kv.reshape(-1, head_dim))
         pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        kind = self.config.static_attention
-        if kind == "auto":
-            kind = "compiled" if self._is_attention_compiled and num_rows <= AUTO_COMPILED_MAX_ROWS else "sdpa"
-        if kind == "sdpa":
-            o = F.scaled_dot_product_attention(query, pool[0], pool[1], attn_mask=mask, scale=self._scale)
-        else:
-            o = self._masked_attention(query, pool[0], pool[1], mask, self._scale)
-        return o.reshape(num_rows, num_heads, head_dim)
+        return self.static_attention(query, pool[0], pool[1], mask).reshape(num_rows, num_heads, head_dim)
 
     def calibrate(self, *, repeats: int = 3) -> None:
         """Time attends over a batch of slots at two context lengths; fit overhead + bytes/s."""

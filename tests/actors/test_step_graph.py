@@ -52,7 +52,7 @@ def reference_logits(model, caches, seq_ids, token_ids, lengths) -> torch.Tensor
                       for s, t in zip(seq_ids, token_ids)])
 
 
-@pytest.mark.parametrize("static_attention", ["sdpa", "matmul", "compiled", "auto"])
+@pytest.mark.parametrize("static_attention", ["sdpa", "matmul", "compiled", "flex", "auto"])
 async def test_steps_match_the_reference_in_any_row_order(tiny_model, static_attention):
     model, _ = tiny_model
     node = make_node(model, 5, static_attention)
@@ -290,16 +290,19 @@ async def test_executor_launching_ahead_of_graph_replays_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-async def test_compiled_static_attention_matches_the_matmul_one_cuda():
-    """static_attention="compiled" (inductor) replays the same steps as the eager matmul form, within bf16."""
+async def test_compiled_and_flex_static_attentions_match_the_matmul_one_cuda():
+    """static_attention "compiled" (inductor), "flex" (flex_attention's decoding kernel under a block mask
+    from the lengths) and "auto" replay the same steps as the eager matmul form, within bf16."""
     from fastdecode.actors.model import load_model
 
     model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=0)
     steps = {}
-    for kind in ("matmul", "compiled"):
+    kinds = ("matmul", "compiled", "flex", "auto")
+    for kind in kinds:
         node = make_node(model, 4, kind)
         await fill(model, node, [1, 2, 3])
         graphs = StepGraphs(model, node, max_batch=4)
         steps[kind] = [graphs.run(np.array([1, 2, 3]), [t, t + 1, t + 2]).float().cpu() for t in range(3)]
-    for m, c in zip(steps["matmul"], steps["compiled"]):
-        torch.testing.assert_close(c, m, atol=0.05 * float(m.abs().max()), rtol=0.05)
+    for kind in kinds[1:]:
+        for m, c in zip(steps["matmul"], steps[kind]):
+            torch.testing.assert_close(c, m, atol=0.05 * float(m.abs().max()), rtol=0.05)
