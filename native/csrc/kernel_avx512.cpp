@@ -112,20 +112,22 @@ struct ScoreDotBf16 {
                 for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_setzero_ps();
         const PairWalk walk = k_walk(DT, t0, D, P);
         const uint16_t *row = k + walk.first;
-        for (int d = 0; d < D; d += 2 * C, row += C * walk.step) {   // D is a multiple of 16
-            prefetch_rows(pf, d, 2 * C);
-            for (int c = 0; c < C; ++c) {
-                __m512bh kv[TV];
-                for (int j = 0; j < TV; ++j)
-                    kv[j] = (__m512bh)_mm512_loadu_si512(row + c * walk.step + j * lane_group_elems<DT>());
-                for (int g = 0; g < GB; ++g) {
-                    int32_t pair;
-                    memcpy(&pair, q + g * D + d + 2 * c, sizeof(pair));
-                    const __m512bh qp = (__m512bh)_mm512_set1_epi32(pair);
-                    for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_dpbf16_ps(acc[c][g][j], kv[j], qp);
+        with_score_prefetch(pf, kb, 2 * C, [&](auto fetch) __attribute__((always_inline)) {
+            for (int d = 0; d < D; d += 2 * C, row += C * walk.step) {   // D is a multiple of 16
+                fetch(d / (2 * C));
+                for (int c = 0; c < C; ++c) {
+                    __m512bh kv[TV];
+                    for (int j = 0; j < TV; ++j)
+                        kv[j] = (__m512bh)_mm512_loadu_si512(row + c * walk.step + j * lane_group_elems<DT>());
+                    for (int g = 0; g < GB; ++g) {
+                        int32_t pair;
+                        memcpy(&pair, q + g * D + d + 2 * c, sizeof(pair));
+                        const __m512bh qp = (__m512bh)_mm512_set1_epi32(pair);
+                        for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_dpbf16_ps(acc[c][g][j], kv[j], qp);
+                    }
                 }
             }
-        }
+        });
         const __m512 scale = _mm512_set1_ps(task.scale);
         for (int g = 0; g < GB; ++g)
             for (int j = 0; j < TV; ++j) {
@@ -148,7 +150,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
         for (int j = 0; j < DV; ++j) a[g][j] = _mm512_loadu_ps(acc + g * D + d0 + j * V::W);
     const uint16_t *row = reinterpret_cast<const uint16_t *>(vb) + walk.first;
     // keep: the V halves a step may use (an odd last token's pair partner is not written yet)
-    auto step = [&](int t, __m512i keep) {
+    auto step = [&](int t, __m512i keep) __attribute__((always_inline)) {
         __m512bh pp[GB];
         for (int g = 0; g < GB; ++g) {
             int32_t pair;
@@ -161,10 +163,12 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
         }
     };
     int t = 0;
-    for (; t + 2 <= n; t += 2, row += walk.step) {
-        if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
-        step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away
-    }
+    with_prefetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64, [&](auto fetch) __attribute__((always_inline)) {
+        for (; t + 2 <= n; t += 2, row += walk.step) {
+            fetch(t / 2);
+            step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away
+        }
+    });
     if (t < n) step(t, _mm512_set1_epi32(0xFFFF));
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) _mm512_storeu_ps(acc + g * D + d0 + j * V::W, a[g][j]);

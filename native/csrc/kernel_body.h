@@ -63,10 +63,6 @@ static inline void load_pair(const uint8_t *block, const PairWalk &w, size_t i, 
 // How far ahead software prefetch runs, in K or V blocks of reading order (0: hardware prefetch only).
 static constexpr int kPrefetchBlocks = FD_PREFETCH_BLOCKS;
 
-static inline void prefetch_lines(const uint8_t *p, size_t num_bytes) {
-    for (size_t off = 0; off < num_bytes; off += 64) __builtin_prefetch(p + off, 0, FD_PREFETCH_LOCALITY);
-}
-
 // Software prefetch, kPrefetchBlocks blocks ahead in reading order (K of head h, V of head h, K of head
 // h+1, ...): with one block, the score tiles fetch this head's V block and the value tiles the next
 // head's K block. Each pass spreads its requests evenly over its steps: the score tiles one row of
@@ -80,10 +76,38 @@ struct Prefetch {
     void clear() { for_scores = for_values = nullptr; }
 };
 
-static inline void prefetch_rows(const Prefetch &pf, int d, int num_rows) {
-    if (!pf.for_scores) return;
-    const uint8_t *p = pf.for_scores + (size_t)d * pf.row_bytes;
-    for (size_t off = 0; off < num_rows * pf.row_bytes; off += pf.line_step) __builtin_prefetch(p + off, 0, FD_PREFETCH_LOCALITY);
+// Runs body(fetch), where fetch(i) issues step i's prefetches: num_bytes from first + i * step_bytes, one every
+// line_step bytes. Two instantiations of the loop that calls fetch: 4 lines per step, unrolled (the bf16 page
+// loops' case), or any other count, by a loop. Without a prefetch (first null), the 4-line form fetches from
+// idle (lines the pass reads anyway), so a hot loop has no inner prefetch loop and no null test per step (that
+// bookkeeping was a third of the instructions of the bf16 page loops). Forced inline (see ShortPage::fetch_v).
+template <class Body>
+__attribute__((always_inline)) static inline void with_prefetch(const uint8_t *first, const uint8_t *idle,
+                                                                size_t step_bytes, size_t num_bytes, size_t line_step,
+                                                                Body &&body) {
+    if (!first || num_bytes == 4 * line_step) {
+        const uint8_t *p = first ? first : idle;
+        const size_t step = first ? step_bytes : 0, line = first ? line_step : 64;
+        return body([=](int i) __attribute__((always_inline)) {
+            const uint8_t *at = p + (size_t)i * step;
+            __builtin_prefetch(at, 0, FD_PREFETCH_LOCALITY);
+            __builtin_prefetch(at + line, 0, FD_PREFETCH_LOCALITY);
+            __builtin_prefetch(at + 2 * line, 0, FD_PREFETCH_LOCALITY);
+            __builtin_prefetch(at + 3 * line, 0, FD_PREFETCH_LOCALITY);
+        });
+    }
+    body([=](int i) __attribute__((always_inline)) {
+        const uint8_t *at = first + (size_t)i * step_bytes;
+        for (size_t off = 0; off < num_bytes; off += line_step) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+    });
+}
+
+// The score tiles' prefetch: with_prefetch over the head-dim steps of num_rows rows each.
+template <class Body>
+__attribute__((always_inline)) static inline void with_score_prefetch(const Prefetch &pf, const uint8_t *idle, int num_rows,
+                                                                      Body &&body) {
+    const size_t num_bytes = (size_t)num_rows * pf.row_bytes;
+    with_prefetch(pf.for_scores, idle, num_bytes, num_bytes, pf.line_step, static_cast<Body &&>(body));
 }
 
 // A last page of bf16 blocks holding at most half a K tile of tokens (the new token's page soon after it
@@ -141,23 +165,25 @@ struct ScoreF32 {
             for (int g = 0; g < GB; ++g)
                 for (int j = 0; j < TV; ++j) acc[c][g][j] = acc_hi[c][g][j] = V::zero();
         PairWalk walk = k_walk(DT, t0, D, P);
-        for (int d = 0; d < D; d += 2 * C) {   // D is a multiple of 16
-            prefetch_rows(pf, d, 2 * C);
-            for (int c = 0; c < C; ++c, walk.first += walk.step) {
-                V::R lo[TV], hi[TV];
-                for (int j = 0; j < TV; ++j) {
-                    const PairWalk wj{walk.first + j * lane_group_elems<DT>(), 0, walk.hi};
-                    load_pair<DT>(kb, wj, 0, lo[j], hi[j]);
-                }
-                for (int g = 0; g < GB; ++g) {
-                    const V::R qa = V::set1(q[g * D + d + 2 * c]), qb = V::set1(q[g * D + d + 2 * c + 1]);
+        with_score_prefetch(pf, kb, 2 * C, [&](auto fetch) __attribute__((always_inline)) {
+            for (int d = 0; d < D; d += 2 * C) {   // D is a multiple of 16
+                fetch(d / (2 * C));
+                for (int c = 0; c < C; ++c, walk.first += walk.step) {
+                    V::R lo[TV], hi[TV];
                     for (int j = 0; j < TV; ++j) {
-                        acc[c][g][j] = V::fma(qa, lo[j], acc[c][g][j]);
-                        acc_hi[c][g][j] = V::fma(qb, hi[j], acc_hi[c][g][j]);
+                        const PairWalk wj{walk.first + j * lane_group_elems<DT>(), 0, walk.hi};
+                        load_pair<DT>(kb, wj, 0, lo[j], hi[j]);
+                    }
+                    for (int g = 0; g < GB; ++g) {
+                        const V::R qa = V::set1(q[g * D + d + 2 * c]), qb = V::set1(q[g * D + d + 2 * c + 1]);
+                        for (int j = 0; j < TV; ++j) {
+                            acc[c][g][j] = V::fma(qa, lo[j], acc[c][g][j]);
+                            acc_hi[c][g][j] = V::fma(qb, hi[j], acc_hi[c][g][j]);
+                        }
                     }
                 }
             }
-        }
+        });
         for (int g = 0; g < GB; ++g)
             for (int j = 0; j < TV; ++j) {
                 V::R sum = V::add(acc[0][g][j], acc_hi[0][g][j]);
@@ -255,15 +281,17 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
     int t = 0;
-    for (; t + 2 <= n; t += 2, walk.first += walk.step) {
-        if (pf.at) prefetch_lines(pf.at + (size_t)(t / 2) * pf.num_bytes, pf.num_bytes);
-        for (int j = 0; j < DV; ++j) {
-            V::R lo, hi;
-            load_pair<DT>(vb, PairWalk{walk.first + j * lane_group_elems<DT>(), 0, walk.hi}, 0, lo, hi);
-            for (int g = 0; g < GB; ++g)
-                a[g][j] = V::fma(V::set1(p[g * P + t + 1]), hi, V::fma(V::set1(p[g * P + t]), lo, a[g][j]));
+    with_prefetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64, [&](auto fetch) __attribute__((always_inline)) {
+        for (; t + 2 <= n; t += 2, walk.first += walk.step) {
+            fetch(t / 2);
+            for (int j = 0; j < DV; ++j) {
+                V::R lo, hi;
+                load_pair<DT>(vb, PairWalk{walk.first + j * lane_group_elems<DT>(), 0, walk.hi}, 0, lo, hi);
+                for (int g = 0; g < GB; ++g)
+                    a[g][j] = V::fma(V::set1(p[g * P + t + 1]), hi, V::fma(V::set1(p[g * P + t]), lo, a[g][j]));
+            }
         }
-    }
+    });
     if (t < n) {   // an odd last token: its pair partner is not written yet
         for (int j = 0; j < DV; ++j) {
             V::R lo, hi;
