@@ -70,7 +70,8 @@ class StaticAttention:
         # flex's mask reads the rows' lengths from this buffer (one function for every step and bucket)
         self._lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
         num_blocks = -(-num_columns // FLEX_KV_BLOCK)
-        self._block_indices = torch.arange(num_blocks, dtype=torch.int32, device=device).expand(num_slots, num_blocks)
+        # every row's blocks in order; contiguous (the kernel indexes it by its own row length, not by strides)
+        self._block_indices = torch.arange(num_blocks, dtype=torch.int32, device=device).repeat(num_slots, 1)
         held = self._lengths
 
         def is_held(b, h, q_idx, kv_idx):  # made once: a new function each step would mean a new compile
