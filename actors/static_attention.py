@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 STATIC_ATTENTIONS = ("sdpa", "matmul", "compiled", "flex", "auto")
 AUTO_COMPILED_MAX_ROWS = 2
 FLEX_KV_BLOCK = 64  # columns per block of flex's block mask
+MAX_FLEX_SHAPES = 64  # batch sizes flex is compiled for, at most (buckets are powers of two: a handful)
 
 
 def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -64,7 +65,9 @@ class StaticAttention:
             from torch.nn.attention.flex_attention import flex_attention
 
             self._matmul = torch.compile(masked_attention, dynamic=True, fullgraph=True, backend=compile_backend)
-            self._flex = torch.compile(flex_attention, fullgraph=True, backend=compile_backend)
+            # flex compiled for each batch size as it comes (a bucket's shape never changes): compiled for a
+            # dynamic batch, its kernel took 337 µs per layer at 64 rows on the H100 against 57.5 static
+            self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True, backend=compile_backend)
         if self.kind == "auto" and device.type != "cuda":
             self.kind = "sdpa"
         # flex's mask reads the rows' lengths from this buffer (one function for every step and bucket)
@@ -105,8 +108,9 @@ class StaticAttention:
 
             rows, num_kv_heads, group, head_dim = query.shape
             run = self._flex or flex_attention
-            o = run(query.reshape(rows, num_kv_heads * group, 1, head_dim), keys, values, block_mask=mask,
-                    scale=self.scale, enable_gqa=True)
+            with torch._dynamo.config.patch(recompile_limit=MAX_FLEX_SHAPES):  # one compile per bucket
+                o = run(query.reshape(rows, num_kv_heads * group, 1, head_dim), keys, values, block_mask=mask,
+                        scale=self.scale, enable_gqa=True)
             return o.view(rows, num_kv_heads, group, head_dim)
         return self._matmul(query, keys, values, mask, self.scale)
 
