@@ -114,7 +114,7 @@ struct ScoreDotBf16 {
         const uint16_t *row = k + walk.first;
         with_score_prefetch(pf, kb, 2 * C, [&](auto fetch) __attribute__((always_inline)) {
             for (int d = 0; d < D; d += 2 * C, row += C * walk.step) {   // D is a multiple of 16
-                fetch(d / (2 * C));
+                fetch();
                 for (int c = 0; c < C; ++c) {
                     __m512bh kv[TV];
                     for (int j = 0; j < TV; ++j)
@@ -165,7 +165,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
     int t = 0;
     with_prefetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64, [&](auto fetch) __attribute__((always_inline)) {
         for (; t + 2 <= n; t += 2, row += walk.step) {
-            fetch(t / 2);
+            fetch();
             step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away
         }
     });

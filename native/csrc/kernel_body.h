@@ -76,29 +76,29 @@ struct Prefetch {
     void clear() { for_scores = for_values = nullptr; }
 };
 
-// Runs body(fetch), where fetch(i) issues step i's prefetches: num_bytes from first + i * step_bytes, one every
-// line_step bytes. Two instantiations of the loop that calls fetch: 4 lines per step, unrolled (the bf16 page
-// loops' case), or any other count, by a loop. Without a prefetch (first null), the 4-line form fetches from
-// idle (lines the pass reads anyway), so a hot loop has no inner prefetch loop and no null test per step (that
-// bookkeeping was a third of the instructions of the bf16 page loops). Forced inline (see ShortPage::fetch_v).
+// Runs body(fetch), where the i-th call of fetch() issues step i's prefetches: num_bytes from first + i * step_bytes,
+// one every line_step bytes (a running pointer: no index arithmetic per step). Two instantiations of the loop that
+// calls fetch: 4 lines per step, unrolled (the bf16 page loops' case), or any other count, by a loop. Without a
+// prefetch (first null), the 4-line form fetches from idle (lines the pass reads anyway), so a hot loop has no
+// inner prefetch loop and no null test per step (that bookkeeping was a third of the instructions of the bf16
+// page loops). Forced inline (see ShortPage::fetch_v).
 template <class Body>
 __attribute__((always_inline)) static inline void with_prefetch(const uint8_t *first, const uint8_t *idle,
                                                                 size_t step_bytes, size_t num_bytes, size_t line_step,
                                                                 Body &&body) {
     if (!first || num_bytes == 4 * line_step) {
-        const uint8_t *p = first ? first : idle;
         const size_t step = first ? step_bytes : 0, line = first ? line_step : 64;
-        return body([=](int i) __attribute__((always_inline)) {
-            const uint8_t *at = p + (size_t)i * step;
+        return body([at = first ? first : idle, step, line]() mutable __attribute__((always_inline)) {
             __builtin_prefetch(at, 0, FD_PREFETCH_LOCALITY);
             __builtin_prefetch(at + line, 0, FD_PREFETCH_LOCALITY);
             __builtin_prefetch(at + 2 * line, 0, FD_PREFETCH_LOCALITY);
             __builtin_prefetch(at + 3 * line, 0, FD_PREFETCH_LOCALITY);
+            at += step;
         });
     }
-    body([=](int i) __attribute__((always_inline)) {
-        const uint8_t *at = first + (size_t)i * step_bytes;
+    body([at = first, step_bytes, num_bytes, line_step]() mutable __attribute__((always_inline)) {
         for (size_t off = 0; off < num_bytes; off += line_step) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+        at += step_bytes;
     });
 }
 
@@ -167,7 +167,7 @@ struct ScoreF32 {
         PairWalk walk = k_walk(DT, t0, D, P);
         with_score_prefetch(pf, kb, 2 * C, [&](auto fetch) __attribute__((always_inline)) {
             for (int d = 0; d < D; d += 2 * C) {   // D is a multiple of 16
-                fetch(d / (2 * C));
+                fetch();
                 for (int c = 0; c < C; ++c, walk.first += walk.step) {
                     V::R lo[TV], hi[TV];
                     for (int j = 0; j < TV; ++j) {
@@ -283,7 +283,7 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
     int t = 0;
     with_prefetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64, [&](auto fetch) __attribute__((always_inline)) {
         for (; t + 2 <= n; t += 2, walk.first += walk.step) {
-            fetch(t / 2);
+            fetch();
             for (int j = 0; j < DV; ++j) {
                 V::R lo, hi;
                 load_pair<DT>(vb, PairWalk{walk.first + j * lane_group_elems<DT>(), 0, walk.hi}, 0, lo, hi);
