@@ -49,10 +49,17 @@ def _pre_attention(x: torch.Tensor, positions: torch.Tensor, input_norm: torch.T
 def _post_attention(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, post_norm: torch.Tensor,
                     gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One layer's O-projection with its residual, post norm and SwiGLU MLP with its residual."""
-    x = x + F.linear(o.reshape(o.shape[0], -1), o_weight)
+    x = _residual(x, F.linear(o.reshape(o.shape[0], -1), o_weight))
     h = rms_norm(x, post_norm, eps)
     gate, up = F.linear(h, gate_up_weight).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_weight)
+    return _residual(x, F.linear(F.silu(gate) * up, down_weight))
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + y``, spelled in float32: the same values (a bf16 add rounds its float32 sum once too), but
+    torch.compile then fuses it into the next norm's kernel instead of making the matrix product an
+    add-into-a-copy of ``x`` (a device copy of ``x`` and a GEMM epilogue per residual on the H100)."""
+    return (x.float() + y.float()).to(x.dtype)
 
 
 def _step_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_norm: torch.Tensor,
