@@ -131,9 +131,11 @@ class StepGraphs:
         rows = min(bucket_for(max(len(slots), int(slots.max()) + 1)), self.node.num_slots)
         return None if rows > self.max_rows or int(slots.max()) >= rows else rows
 
-    def run(self, seq_ids: np.ndarray, token_ids: list[int]) -> torch.Tensor | None:
+    def run(self, seq_ids: np.ndarray, token_ids: list[int], *, is_view_ok: bool = False) -> torch.Tensor | None:
         """Logits ``[len(seq_ids), vocab]`` of a decode step, rows in ``seq_ids`` order; None (and
-        nothing changed) when the rows' slots do not fit a bucket. Runs on the dense thread."""
+        nothing changed) when the rows' slots do not fit a bucket. ``is_view_ok``: no other replay comes
+        before these logits are read (the step's only mini-batch), so they may be a view of the graph's
+        buffer. Runs on the dense thread."""
         slots = self.node.slots_of(seq_ids)
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
@@ -141,7 +143,7 @@ class StepGraphs:
                 self.node.advance(slots)
                 self.num_ahead_taken += 1
                 self.num_replays += 1
-                return self._rows_of(ahead.bucket, slots,
+                return self._rows_of(ahead.bucket, slots, is_view_ok,
                                      is_staged_order=list(ahead.lengths) == seq_ids.tolist())
             self.num_ahead_discarded += 1
         rows = self.rows_for(slots)
@@ -151,7 +153,7 @@ class StepGraphs:
         lengths = self.node.advance(slots)
         bucket = self._launch(rows, slots, lengths, token_ids)
         self.num_replays += 1
-        return self._rows_of(bucket, slots)
+        return self._rows_of(bucket, slots, is_view_ok)
 
     def launch_ahead(self, seq_ids: np.ndarray, token_ids: torch.Tensor) -> bool:
         """Start the step after the one just run over ``seq_ids``, its inputs the sampled ``token_ids``
@@ -202,9 +204,14 @@ class StepGraphs:
             bucket.logits = step_program(self.model, self.node, bucket.inputs)
         return bucket
 
-    def _rows_of(self, bucket: _Bucket, slots: np.ndarray, *, is_staged_order: bool = True) -> torch.Tensor:
-        """Logits of ``slots``' rows, in that order (a copy: the bucket's buffer is written by the next
-        step). ``is_staged_order``: the bucket's last inputs listed exactly these slots in this order."""
+    def _rows_of(self, bucket: _Bucket, slots: np.ndarray, is_view_ok: bool, *,
+                 is_staged_order: bool = True) -> torch.Tensor:
+        """Logits of ``slots``' rows, in that order. With ``is_view_ok``, rows ``0..n-1`` in order are a
+        view of the bucket's buffer, which the next replay of the bucket writes: what reads them (the
+        sampler) is queued before that (a step launched ahead is launched after its sampling). Otherwise
+        a copy. ``is_staged_order``: the bucket's last inputs listed exactly these slots in this order."""
+        if is_view_ok and np.array_equal(slots, np.arange(len(slots))):
+            return bucket.logits[:len(slots)]
         if is_staged_order:
             index = bucket.inputs[_ROW_SLOTS, :len(slots)]
         else:

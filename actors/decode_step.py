@@ -109,7 +109,8 @@ class DecodeStep:
         self.step_index += 1
         self._graph_rows, self.was_ahead = None, False
         if all(self.nodes[n].can_attend_now for mb in minibatches for n, _, _ in mb.node_slices):
-            return [await self._dense(mb, "step", self._whole_step, mb) for mb in minibatches]
+            is_alone = len(minibatches) == 1  # (its logits may stay in the graph's buffer until sampled)
+            return [await self._dense(mb, "step", self._whole_step, mb, is_alone) for mb in minibatches]
         if is_pipelined:
             return await self.runner.run(self._layered_step, minibatches)
         return [(await self.runner.run(self._layered_step, [mb], lane))[0] for lane, mb in enumerate(minibatches)]
@@ -130,12 +131,12 @@ class DecodeStep:
         positions = torch.tensor([s.num_tokens - 1 for s in mb.seqs], dtype=torch.long, device=device)
         return tokens, positions
 
-    def _whole_step(self, mb: MiniBatch) -> torch.Tensor:
+    def _whole_step(self, mb: MiniBatch, is_alone: bool = False) -> torch.Tensor:
         """Every layer of a mini-batch whose nodes all live on the Executor's device, in one call."""
         model = self.model
         if self._is_on_graph_node(mb):  # one replay; None: the slots fit no bucket
             taken = self.graphs.num_ahead_taken
-            logits = self.graphs.run(mb.seq_ids, [s.output_ids[-1] for s in mb.seqs])
+            logits = self.graphs.run(mb.seq_ids, [s.output_ids[-1] for s in mb.seqs], is_view_ok=is_alone)
             if logits is not None:
                 self._graph_rows, self.was_ahead = mb.seq_ids, self.graphs.num_ahead_taken > taken
                 return logits
