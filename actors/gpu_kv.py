@@ -234,12 +234,11 @@ class GpuKVNode(KVNode):
 
     def attend_static(self, layer: int, write_index: torch.Tensor, mask: torch.Tensor, q: torch.Tensor,
                       kv: torch.Tensor) -> torch.Tensor:
-        """Graphable attend for rows that ARE slots ``0..rows-1``: store ``kv`` (k's rows then v's, in
-        the order of ``[2, rows, Hkv, D]``) through ``write_index`` (``static_write_index``'s), attend over
+        """Graphable attend for rows that ARE slots ``0..rows-1``: store ``kv[2, rows, Hkv, D]`` through ``write_index`` (``static_write_index``'s), attend over
         all columns under ``mask`` (``static_mask``'s). q[rows,Hq,D] -> o."""
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = self._pool.shape[3]
-        self._pool[layer].view(-1, head_dim).index_copy_(0, write_index, kv.view(-1, head_dim))
+        self._pool[layer].view(-1, head_dim).index_copy_(0, write_index, kv.reshape(-1, head_dim))
         pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
         return self.static_attention(query, pool[0], pool[1], mask).reshape(num_rows, num_heads, head_dim)

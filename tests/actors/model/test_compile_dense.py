@@ -18,10 +18,10 @@ def _segments(model, num_rows: int, seed: int):
     between = model.step_between(0, x, q, cos, sin)  # post-attention of layer 0, pre-attention of layer 1
     if model.dtype == torch.float32:  # the step form: the same q, k and v (stacked), the same next layer
         torch.testing.assert_close(first_q, q, rtol=0, atol=0)
-        torch.testing.assert_close(first_kv, torch.stack((k, v)).flatten(0, 2), rtol=0, atol=0)
+        torch.testing.assert_close(first_kv, torch.stack((k, v)), rtol=0, atol=0)
         after = model.post_attention(0, x, q)
         later_q, later_k, later_v = model.pre_attention(1, after, positions)
-        for got, want in zip(between, (after, later_q, torch.stack((later_k, later_v)).flatten(0, 2))):
+        for got, want in zip(between, (after, later_q, torch.stack((later_k, later_v)))):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     return q, k, v, model.post_attention(1, x, q), *between
 
