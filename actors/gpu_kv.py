@@ -234,8 +234,9 @@ class GpuKVNode(KVNode):
 
     def attend_static(self, layer: int, write_index: torch.Tensor, mask: torch.Tensor, q: torch.Tensor,
                       kv: torch.Tensor) -> torch.Tensor:
-        """Graphable attend for rows that ARE slots ``0..rows-1``: store ``kv[2, rows, Hkv, D]`` through ``write_index`` (``static_write_index``'s), attend over
-        all columns under ``mask`` (``static_mask``'s). q[rows,Hq,D] -> o."""
+        """Graphable attend for rows that ARE slots ``0..rows-1``: store ``kv[2, rows, Hkv, D]`` through
+        ``write_index`` (``static_write_index``'s), attend over all columns under ``mask``
+        (``static_mask``'s). q[rows,Hq,D] -> o."""
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = self._pool.shape[3]
         self._pool[layer].view(-1, head_dim).index_copy_(0, write_index, kv.reshape(-1, head_dim))
