@@ -3,12 +3,13 @@
 Memory is a preallocated pool per layer, ``[num_slots, Hkv, columns, D]`` for K and
 for V, one slot per sequence (``slot_len`` is the longest sequence the Executor
 admits; ``columns`` is ``slot_len`` plus at least one scratch column, rounded up to
-16, where the padding rows of a whole-step CUDA graph write). One attend call writes every row's new k, v with a single indexed store,
-then runs torch's fused ``scaled_dot_product_attention`` over the rows' slots, cut
-to the longest context among them, with a length mask. GQA needs no expanded KV:
-a KV head's query heads become the "query length" of the fused call. When the
-rows' slots are consecutive (the usual case: slots are handed out lowest first and
-rows are sorted) the slots are a view of the pool; otherwise they are gathered.
+16, where the padding rows of a whole-step CUDA graph write). One attend call writes
+every row's new k, v with a single indexed store, then runs torch's fused
+``scaled_dot_product_attention`` over the rows' slots, cut to the longest context
+among them, with a length mask. GQA needs no expanded KV: a KV head's query heads
+become the "query length" of the fused call. When the rows' slots are consecutive
+(the usual case: slots are handed out lowest first and rows are sorted) the slots
+are a view of the pool; otherwise they are gathered.
 
 To the scheduler it is one more node: NodeStats with one page per slot
 (``page_size = slot_len``) and an attend-time model calibrated at start-up from
@@ -16,9 +17,10 @@ timed attends at two context lengths, like the KVShard's.
 
 ``attend_static`` is the graphable form used by ``cuda_graphs.StepGraphs``: rows are
 the slots ``0..rows-1`` themselves (a view of the pool, no gather), the new k, v go
-to per-row columns from a device buffer, and attention runs over every column
-under a mask built on the device from per-row lengths, so no shape or host value
-changes from one step to the next.
+to per-row columns through an index built on the device once per step, and the
+attention (``static_attention.StaticAttention``: SDPA, a compiled matmul form or
+flex attention by batch size) runs over the slots under a mask made on the device
+from per-row lengths, so no shape or host value changes from one step to the next.
 """
 from __future__ import annotations
 

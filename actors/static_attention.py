@@ -56,6 +56,8 @@ class StaticAttention:
         self._arange = torch.arange(num_columns, device=device)
         self._matmul = masked_attention
         self._flex = None
+        is_cuda = device.type == "cuda"
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else None
         wants_compiled = kind in ("compiled", "flex") or (kind == "auto" and device.type == "cuda")
         can_compile = not (compile_backend == "inductor" and device.type == "cuda" and not has_triton())
         if wants_compiled and not can_compile:
@@ -110,9 +112,18 @@ class StaticAttention:
             run = self._flex or flex_attention
             with torch._dynamo.config.patch(recompile_limit=MAX_FLEX_SHAPES):  # one compile per bucket
                 o = run(query.reshape(rows, num_kv_heads * group, 1, head_dim), keys, values, block_mask=mask,
-                        scale=self.scale, enable_gqa=True)
+                        scale=self.scale, enable_gqa=True, kernel_options=self._flex_options(rows * num_kv_heads))
             return o.view(rows, num_kv_heads, group, head_dim)
         return self._matmul(query, keys, values, mask, self.scale)
+
+    def _flex_options(self, num_programs: int) -> dict | None:
+        """flex decoding's options for ``num_programs`` (rows × KV heads) thread blocks before any split of
+        the KV: split each in two when they make between one and two waves over the multiprocessors (a
+        second, partial wave otherwise leaves most of them idle). On the H100 (132 SMs), per layer at 32
+        rows: 32.2 µs split in two against 36.4 unsplit; at 4, 16 and 64 rows its own choice was best."""
+        if self._num_sms is None or not self._num_sms < num_programs <= 2 * self._num_sms:
+            return None
+        return {"SPLIT_KV": 2}
 
     def _block_mask(self, lengths: torch.Tensor):
         from torch.nn.attention.flex_attention import BlockMask
