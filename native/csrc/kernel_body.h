@@ -77,28 +77,19 @@ struct Prefetch {
 };
 
 // Runs body(fetch), where the i-th call of fetch() issues step i's prefetches: num_bytes from first + i * step_bytes,
-// one every line_step bytes (a running pointer: no index arithmetic per step). Two instantiations of the loop that
-// calls fetch: 4 lines per step, unrolled (the bf16 page loops' case), or any other count, by a loop. Without a
-// prefetch (first null), the 4-line form fetches from idle (lines the pass reads anyway), so a hot loop has no
-// inner prefetch loop and no null test per step (that bookkeeping was a third of the instructions of the bf16
-// page loops). Forced inline (see ShortPage::fetch_v).
+// one every line_step bytes, from a running pointer (no index multiply per step). Without a prefetch (first null) it
+// fetches 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test per step. The lines of a
+// step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5 core 7-9% slower from
+// memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte"). Forced inline (see
+// ShortPage::fetch_v).
 template <class Body>
 __attribute__((always_inline)) static inline void with_prefetch(const uint8_t *first, const uint8_t *idle,
                                                                 size_t step_bytes, size_t num_bytes, size_t line_step,
                                                                 Body &&body) {
-    if (!first || num_bytes == 4 * line_step) {
-        const size_t step = first ? step_bytes : 0, line = first ? line_step : 64;
-        return body([at = first ? first : idle, step, line]() mutable __attribute__((always_inline)) {
-            __builtin_prefetch(at, 0, FD_PREFETCH_LOCALITY);
-            __builtin_prefetch(at + line, 0, FD_PREFETCH_LOCALITY);
-            __builtin_prefetch(at + 2 * line, 0, FD_PREFETCH_LOCALITY);
-            __builtin_prefetch(at + 3 * line, 0, FD_PREFETCH_LOCALITY);
-            at += step;
-        });
-    }
-    body([at = first, step_bytes, num_bytes, line_step]() mutable __attribute__((always_inline)) {
-        for (size_t off = 0; off < num_bytes; off += line_step) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
-        at += step_bytes;
+    const size_t step = first ? step_bytes : 0, line = first ? line_step : 64, span = first ? num_bytes : 4 * 64;
+    body([at = first ? first : idle, step, line, span]() mutable __attribute__((always_inline)) {
+        for (size_t off = 0; off < span; off += line) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+        at += step;
     });
 }
 
