@@ -112,22 +112,21 @@ struct ScoreDotBf16 {
                 for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_setzero_ps();
         const PairWalk walk = k_walk(DT, t0, D, P);
         const uint16_t *row = k + walk.first;
-        with_score_prefetch(pf, kb, 2 * C, [&](auto fetch) __attribute__((always_inline)) {
-            for (int d = 0; d < D; d += 2 * C, row += C * walk.step) {   // D is a multiple of 16
-                fetch();
-                for (int c = 0; c < C; ++c) {
-                    __m512bh kv[TV];
-                    for (int j = 0; j < TV; ++j)
-                        kv[j] = (__m512bh)_mm512_loadu_si512(row + c * walk.step + j * lane_group_elems<DT>());
-                    for (int g = 0; g < GB; ++g) {
-                        int32_t pair;
-                        memcpy(&pair, q + g * D + d + 2 * c, sizeof(pair));
-                        const __m512bh qp = (__m512bh)_mm512_set1_epi32(pair);
-                        for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_dpbf16_ps(acc[c][g][j], kv[j], qp);
-                    }
+        PrefetchWalk fetch = score_prefetch(pf, kb, 2 * C);
+        for (int d = 0; d < D; d += 2 * C, row += C * walk.step) {   // D is a multiple of 16
+            fetch.next();
+            for (int c = 0; c < C; ++c) {
+                __m512bh kv[TV];
+                for (int j = 0; j < TV; ++j)
+                    kv[j] = (__m512bh)_mm512_loadu_si512(row + c * walk.step + j * lane_group_elems<DT>());
+                for (int g = 0; g < GB; ++g) {
+                    int32_t pair;
+                    memcpy(&pair, q + g * D + d + 2 * c, sizeof(pair));
+                    const __m512bh qp = (__m512bh)_mm512_set1_epi32(pair);
+                    for (int j = 0; j < TV; ++j) acc[c][g][j] = _mm512_dpbf16_ps(acc[c][g][j], kv[j], qp);
                 }
             }
-        });
+        }
         const __m512 scale = _mm512_set1_ps(task.scale);
         for (int g = 0; g < GB; ++g)
             for (int j = 0; j < TV; ++j) {
@@ -150,7 +149,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
         for (int j = 0; j < DV; ++j) a[g][j] = _mm512_loadu_ps(acc + g * D + d0 + j * V::W);
     const uint16_t *row = reinterpret_cast<const uint16_t *>(vb) + walk.first;
     // keep: the V halves a step may use (an odd last token's pair partner is not written yet)
-    auto step = [&](int t, __m512i keep) __attribute__((always_inline)) {
+    auto step = [&](int t, __m512i keep) {
         __m512bh pp[GB];
         for (int g = 0; g < GB; ++g) {
             int32_t pair;
@@ -163,12 +162,11 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
         }
     };
     int t = 0;
-    with_prefetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64, [&](auto fetch) __attribute__((always_inline)) {
-        for (; t + 2 <= n; t += 2, row += walk.step) {
-            fetch();
-            step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away
-        }
-    });
+    PrefetchWalk fetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64);
+    for (; t + 2 <= n; t += 2, row += walk.step) {
+        fetch.next();
+        step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away
+    }
     if (t < n) step(t, _mm512_set1_epi32(0xFFFF));
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) _mm512_storeu_ps(acc + g * D + d0 + j * V::W, a[g][j]);

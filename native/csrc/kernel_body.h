@@ -76,29 +76,27 @@ struct Prefetch {
     void clear() { for_scores = for_values = nullptr; }
 };
 
-// Runs body(fetch), where the i-th call of fetch() issues step i's prefetches: num_bytes from first + i * step_bytes,
-// one every line_step bytes, from a running pointer (no index multiply per step). Without a prefetch (first null) it
-// fetches 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test per step. The lines of a
-// step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5 core 7-9% slower from
-// memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte"). Forced inline (see
-// ShortPage::fetch_v).
-template <class Body>
-__attribute__((always_inline)) static inline void with_prefetch(const uint8_t *first, const uint8_t *idle,
-                                                                size_t step_bytes, size_t num_bytes, size_t line_step,
-                                                                Body &&body) {
-    const size_t step = first ? step_bytes : 0, line = first ? line_step : 64, span = first ? num_bytes : 4 * 64;
-    body([at = first ? first : idle, step, line, span]() mutable __attribute__((always_inline)) {
+// One pass's software prefetch, step by step: the i-th next() issues step i's prefetches, num_bytes from
+// first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step). Without a
+// prefetch (first null) it fetches 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test
+// per step. The lines of a step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5
+// core 7-9% slower from memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
+struct PrefetchWalk {
+    const uint8_t *at;
+    size_t step, line, span;
+    PrefetchWalk(const uint8_t *first, const uint8_t *idle, size_t step_bytes, size_t num_bytes, size_t line_step)
+        : at(first ? first : idle), step(first ? step_bytes : 0), line(first ? line_step : 64),
+          span(first ? num_bytes : 4 * 64) {}
+    __attribute__((always_inline)) void next() {
         for (size_t off = 0; off < span; off += line) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
         at += step;
-    });
-}
+    }
+};
 
-// The score tiles' prefetch: with_prefetch over the head-dim steps of num_rows rows each.
-template <class Body>
-__attribute__((always_inline)) static inline void with_score_prefetch(const Prefetch &pf, const uint8_t *idle, int num_rows,
-                                                                      Body &&body) {
+// The score tiles' prefetch: one step per num_rows head-dim rows.
+static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idle, int num_rows) {
     const size_t num_bytes = (size_t)num_rows * pf.row_bytes;
-    with_prefetch(pf.for_scores, idle, num_bytes, num_bytes, pf.line_step, static_cast<Body &&>(body));
+    return PrefetchWalk(pf.for_scores, idle, num_bytes, num_bytes, pf.line_step);
 }
 
 // A last page of bf16 blocks holding at most half a K tile of tokens (the new token's page soon after it
@@ -156,25 +154,24 @@ struct ScoreF32 {
             for (int g = 0; g < GB; ++g)
                 for (int j = 0; j < TV; ++j) acc[c][g][j] = acc_hi[c][g][j] = V::zero();
         PairWalk walk = k_walk(DT, t0, D, P);
-        with_score_prefetch(pf, kb, 2 * C, [&](auto fetch) __attribute__((always_inline)) {
-            for (int d = 0; d < D; d += 2 * C) {   // D is a multiple of 16
-                fetch();
-                for (int c = 0; c < C; ++c, walk.first += walk.step) {
-                    V::R lo[TV], hi[TV];
+        PrefetchWalk fetch = score_prefetch(pf, kb, 2 * C);
+        for (int d = 0; d < D; d += 2 * C) {   // D is a multiple of 16
+            fetch.next();
+            for (int c = 0; c < C; ++c, walk.first += walk.step) {
+                V::R lo[TV], hi[TV];
+                for (int j = 0; j < TV; ++j) {
+                    const PairWalk wj{walk.first + j * lane_group_elems<DT>(), 0, walk.hi};
+                    load_pair<DT>(kb, wj, 0, lo[j], hi[j]);
+                }
+                for (int g = 0; g < GB; ++g) {
+                    const V::R qa = V::set1(q[g * D + d + 2 * c]), qb = V::set1(q[g * D + d + 2 * c + 1]);
                     for (int j = 0; j < TV; ++j) {
-                        const PairWalk wj{walk.first + j * lane_group_elems<DT>(), 0, walk.hi};
-                        load_pair<DT>(kb, wj, 0, lo[j], hi[j]);
-                    }
-                    for (int g = 0; g < GB; ++g) {
-                        const V::R qa = V::set1(q[g * D + d + 2 * c]), qb = V::set1(q[g * D + d + 2 * c + 1]);
-                        for (int j = 0; j < TV; ++j) {
-                            acc[c][g][j] = V::fma(qa, lo[j], acc[c][g][j]);
-                            acc_hi[c][g][j] = V::fma(qb, hi[j], acc_hi[c][g][j]);
-                        }
+                        acc[c][g][j] = V::fma(qa, lo[j], acc[c][g][j]);
+                        acc_hi[c][g][j] = V::fma(qb, hi[j], acc_hi[c][g][j]);
                     }
                 }
             }
-        });
+        }
         for (int g = 0; g < GB; ++g)
             for (int j = 0; j < TV; ++j) {
                 V::R sum = V::add(acc[0][g][j], acc_hi[0][g][j]);
@@ -272,17 +269,16 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
     int t = 0;
-    with_prefetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64, [&](auto fetch) __attribute__((always_inline)) {
-        for (; t + 2 <= n; t += 2, walk.first += walk.step) {
-            fetch();
-            for (int j = 0; j < DV; ++j) {
-                V::R lo, hi;
-                load_pair<DT>(vb, PairWalk{walk.first + j * lane_group_elems<DT>(), 0, walk.hi}, 0, lo, hi);
-                for (int g = 0; g < GB; ++g)
-                    a[g][j] = V::fma(V::set1(p[g * P + t + 1]), hi, V::fma(V::set1(p[g * P + t]), lo, a[g][j]));
-            }
+    PrefetchWalk fetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64);
+    for (; t + 2 <= n; t += 2, walk.first += walk.step) {
+        fetch.next();
+        for (int j = 0; j < DV; ++j) {
+            V::R lo, hi;
+            load_pair<DT>(vb, PairWalk{walk.first + j * lane_group_elems<DT>(), 0, walk.hi}, 0, lo, hi);
+            for (int g = 0; g < GB; ++g)
+                a[g][j] = V::fma(V::set1(p[g * P + t + 1]), hi, V::fma(V::set1(p[g * P + t]), lo, a[g][j]));
         }
-    });
+    }
     if (t < n) {   // an odd last token: its pair partner is not written yet
         for (int j = 0; j < DV; ++j) {
             V::R lo, hi;
