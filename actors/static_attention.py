@@ -58,8 +58,8 @@ class StaticAttention:
         self._flex = None
         is_cuda = device.type == "cuda"
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else None
-        wants_compiled = kind in ("compiled", "flex") or (kind == "auto" and device.type == "cuda")
-        can_compile = not (compile_backend == "inductor" and device.type == "cuda" and not has_triton())
+        wants_compiled = kind in ("compiled", "flex") or (kind == "auto" and is_cuda)
+        can_compile = not (compile_backend == "inductor" and is_cuda and not has_triton())
         if wants_compiled and not can_compile:
             log.warning("torch.compile needs Triton, which is not installed: the attention runs eagerly")
             self.kind = "sdpa" if kind == "auto" else kind
@@ -70,12 +70,12 @@ class StaticAttention:
             # flex compiled for each batch size as it comes (a bucket's shape never changes): compiled for a
             # dynamic batch, its kernel took 337 µs per layer at 64 rows on the H100 against 57.5 static
             self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True, backend=compile_backend)
-        if self.kind == "auto" and device.type != "cuda":
+        if self.kind == "auto" and not is_cuda:
             self.kind = "sdpa"
         # flex's mask reads the rows' lengths from this buffer (one function for every step and bucket)
         self._lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
         num_blocks = -(-num_columns // FLEX_KV_BLOCK)
-        # every row's blocks in order; contiguous (the kernel indexes it by its own row length, not by strides)
+        # every row's blocks in order, materialised (an expanded, stride-0 table crashed flex's kernel on the H100)
         self._block_indices = torch.arange(num_blocks, dtype=torch.int32, device=device).repeat(num_slots, 1)
         held = self._lengths
 
