@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from fastdecode.actors.gpu_kv import GpuKVNode
+from fastdecode.actors.tensor_io import upload
 
 # rows of the per-step int64 staging buffer
 _TOKENS, _POSITIONS, _COLUMNS, _LENGTHS, _ROW_SLOTS = range(5)
@@ -72,7 +73,7 @@ class _Ahead:
 
     bucket: "_Bucket"
     lengths: dict[int, int]  # seq_id -> the length its row ran at
-    token_ids: list[int] | None = None  # the tokens it was fed, once the host has them (``confirm_ahead``)
+    tokens: dict[int, int] | None = None  # seq_id -> the token it was fed, once the host has them
 
 
 class _Bucket:
@@ -171,15 +172,14 @@ class StepGraphs:
     def confirm_ahead(self, token_ids: list[int]) -> None:
         """The host's copy of the tokens the step launched ahead was fed."""
         if self._ahead is not None:
-            self._ahead.token_ids = token_ids
+            self._ahead.tokens = dict(zip(self._ahead.lengths, token_ids))
 
     def _is_taken(self, ahead: _Ahead, seq_ids: np.ndarray, slots: np.ndarray, token_ids: list[int]) -> bool:
         """The step launched ahead ran every one of these rows at its next length with its last token."""
-        if ahead.token_ids is None:
+        if ahead.tokens is None:
             return False
-        fed = dict(zip(ahead.lengths, ahead.token_ids))
         next_lengths = self.node.lengths_of(slots) + 1
-        return all(ahead.lengths.get(seq_id) == length and fed[seq_id] == token
+        return all(ahead.lengths.get(seq_id) == length and ahead.tokens[seq_id] == token
                    for seq_id, length, token in zip(seq_ids.tolist(), next_lengths.tolist(), token_ids))
 
     def _launch(self, rows: int, slots: np.ndarray, lengths: np.ndarray, token_ids) -> _Bucket:
@@ -212,11 +212,8 @@ class StepGraphs:
         a copy. ``is_staged_order``: the bucket's last inputs listed exactly these slots in this order."""
         if is_view_ok and np.array_equal(slots, np.arange(len(slots))):
             return bucket.logits[:len(slots)]
-        if is_staged_order:
-            index = bucket.inputs[_ROW_SLOTS, :len(slots)]
-        else:
-            host = torch.from_numpy(slots)
-            index = host.pin_memory().to(bucket.inputs.device, non_blocking=True) if self.is_graphed else host
+        index = (bucket.inputs[_ROW_SLOTS, :len(slots)] if is_staged_order
+                 else upload(torch.from_numpy(slots), bucket.inputs.device))
         return bucket.logits.index_select(0, index)
 
     def profile(self, batches, *, repeats: int = 3) -> list[tuple[int, float]]:

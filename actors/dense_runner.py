@@ -14,6 +14,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from fastdecode.actors import tensor_io
+
 T = TypeVar("T")
 
 WAIT_POLL_S = 50e-6  # how often host_copies' caller looks at other work while the GPU finishes
@@ -64,7 +66,7 @@ class DenseRunner:
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
         """On the compute thread: a device copy of a host tensor, ordered before later dense work."""
-        return self._upload(host) if self.is_cuda else host
+        return tensor_io.upload(host, self.device) if self.is_cuda else host
 
     def start_host_copies(self, tensors, out=None) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event]:
         """On the compute thread (CUDA): start pinned host copies of ``tensors`` on the copy stream, after
@@ -86,11 +88,6 @@ class DenseRunner:
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         return tuple(hosts), done
-
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        if not host.is_pinned():
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         self._compute.shutdown(wait=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdecode.actors.request import SamplingParams
+from fastdecode.actors.tensor_io import upload
 
 
 @dataclass
@@ -57,10 +58,8 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 
 def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list or tensor on ``device`` without waiting for the device's queue (a pinned, asynchronous
-    copy on CUDA: a pageable one would wait for a step launched ahead to finish)."""
-    host = torch.as_tensor(values, dtype=dtype)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    """A host list or tensor on ``device``, not waiting for a step launched ahead (``tensor_io.upload``)."""
+    return upload(torch.as_tensor(values, dtype=dtype), device)
 
 
 def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:

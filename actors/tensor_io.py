@@ -2,7 +2,7 @@
 
 numpy has no bfloat16; ``ml_dtypes.bfloat16`` is the numpy dtype the transport and
 the native library use for it. Only CPU tensors convert; device copies are the
-caller's business (the Executor stages them through pinned buffers).
+caller's business (the Executor stages them through pinned buffers), except ``upload``.
 """
 from __future__ import annotations
 
@@ -51,3 +51,11 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if dtype == np.dtype(ml_dtypes.bfloat16) else t
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without waiting for the device's queue: a pinned, asynchronous copy on CUDA
+    (one from pageable memory would wait for the work queued so far, a step launched ahead included)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return (host if host.is_pinned() else host.pin_memory()).to(device, non_blocking=True)
