@@ -60,11 +60,12 @@ def step_program(model, node: GpuKVNode, inputs: torch.Tensor) -> torch.Tensor:
     mask, write_index = node.static_mask(lengths), node.static_write_index(columns)  # once per step
     cos, sin = model.rope_at(positions)
     x = model.embed(tokens)
-    q, kv = model.step_first(x, cos, sin)
+    q = model.step_first(x, cos, sin, node.kv_rows(0), write_index)
     last = model.num_layers - 1
     for layer in range(last):
-        x, q, kv = model.step_between(layer, x, node.attend_static(layer, write_index, mask, q, kv), cos, sin)
-    return model.logits(model.post_attention(last, x, node.attend_static(last, write_index, mask, q, kv)))
+        o = node.attend_static(layer, mask, q)
+        x, q = model.step_between(layer, x, o, cos, sin, node.kv_rows(layer + 1), write_index)
+    return model.logits(model.post_attention(last, x, node.attend_static(last, mask, q)))
 
 
 @dataclass

@@ -17,7 +17,8 @@ timed attends at two context lengths, like the KVShard's.
 
 ``attend_static`` is the graphable form used by ``cuda_graphs.StepGraphs``: rows are
 the slots ``0..rows-1`` themselves (a view of the pool, no gather), the new k, v go
-to per-row columns through an index built on the device once per step, and the
+to per-row columns through an index built on the device once per step (written by the
+model's dense part, ``kv_rows``, inside its RoPE kernel when compiled), and the
 attention (``static_attention.StaticAttention``: SDPA, a compiled matmul form or
 flex attention by batch size) runs over the slots under a mask made on the device
 from per-row lengths, so no shape or host value changes from one step to the next.
@@ -225,23 +226,26 @@ class GpuKVNode(KVNode):
         return self.static_attention.mask(lengths)
 
     def static_write_index(self, columns: torch.Tensor) -> torch.Tensor:
-        """``[2 * rows * Hkv]`` rows of a layer's pool, seen as ``[2 * slots * Hkv * columns, D]``, where
-        row r's new k and v go (column ``columns[r]`` of slot r, every KV head): the order of a
-        ``kv[2, rows, Hkv, D]``. Built on the device once per step; every layer writes through it."""
+        """``[2 * rows * Hkv]`` rows of ``kv_rows(layer)`` where row r's new k and v go (column ``columns[r]``
+        of slot r, every KV head): the order of a ``kv[2, rows, Hkv, D]``. Built on the device once per
+        step; every layer writes through it."""
         num_rows, (_, num_slots, num_kv_heads, num_columns, _) = columns.shape[0], self._pool.shape[1:]
         kind = torch.arange(2, device=self.device).view(2, 1, 1)
         slot = torch.arange(num_rows, device=self.device).view(1, num_rows, 1)
         head = torch.arange(num_kv_heads, device=self.device).view(1, 1, num_kv_heads)
         return (((kind * num_slots + slot) * num_kv_heads + head) * num_columns + columns.view(1, num_rows, 1)).view(-1)
 
-    def attend_static(self, layer: int, write_index: torch.Tensor, mask: torch.Tensor, q: torch.Tensor,
-                      kv: torch.Tensor) -> torch.Tensor:
-        """Graphable attend for rows that ARE slots ``0..rows-1``: store ``kv[2, rows, Hkv, D]`` through
-        ``write_index`` (``static_write_index``'s), attend over all columns under ``mask``
-        (``static_mask``'s). q[rows,Hq,D] -> o."""
+    def kv_rows(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s pool, K and V of every slot, head and column, as ``[rows, D]`` (a view): what
+        the whole-step program's dense parts write the new k, v into (``LlamaModel.step_first``)."""
+        return self._pool[layer].view(-1, self._pool.shape[-1])
+
+    def attend_static(self, layer: int, mask, q: torch.Tensor) -> torch.Tensor:
+        """Graphable attend for rows that ARE slots ``0..rows-1``, their new k, v already in the pool
+        (written through ``kv_rows``): attend over all columns under ``mask`` (``static_mask``'s).
+        q[rows,Hq,D] -> o."""
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = self._pool.shape[3]
-        self._pool[layer].view(-1, head_dim).index_copy_(0, write_index, kv.reshape(-1, head_dim))
         pool = self._pool[layer, :, :num_rows]  # [2, rows, Hkv, columns, D], a view
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
         return self.static_attention(query, pool[0], pool[1], mask).reshape(num_rows, num_heads, head_dim)

@@ -64,24 +64,31 @@ def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _step_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_norm: torch.Tensor,
                 qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, eps: float,
-                head_shapes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first layer's dense part of a decode step: q, and k, v stacked as kv[2, N, Hkv, D] (one
-    write into a KV pool). ``cos``/``sin`` are the rows' RoPE values, gathered once per step. (One buffer
-    for q and kv, written by one kernel, was slower on the H100: inductor's kernel for that concatenation
-    took 6.9 µs per layer at 32 rows against 2 + 2 for these two.)"""
+                head_shapes: tuple[int, int, int], kv_rows: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+    """The first layer's dense part of a decode step: q, with the new k and v written into a KV pool.
+    ``cos``/``sin`` are the rows' RoPE values, gathered once per step. ``kv_rows`` is the layer's pool seen
+    as ``[rows, D]`` and ``write_index`` says where the rows of ``stack((k, v))`` (``[2, N, Hkv, D]`` flat)
+    go. Written here, the store is part of the RoPE kernel (compiled, an in-place scatter into the pool)
+    instead of a stack and an index_copy of their own per layer. (One buffer for q and kv, written by one
+    kernel, was slower on the H100: inductor's kernel for that concatenation took 6.9 µs per layer at 32
+    rows against 2 + 2 for two outputs.)"""
     q, k, v = _project_qkv(rms_norm(x, input_norm, eps), qkv_weight, qkv_bias, cos, sin, head_shapes)
-    return q, torch.stack((k, v))
+    kv_rows.index_put_((write_index,), torch.stack((k, v)).view(-1, kv_rows.shape[-1]))
+    return q
 
 
 def _step_between(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, post_norm: torch.Tensor,
                   gate_up_weight: torch.Tensor, down_weight: torch.Tensor, next_norm: torch.Tensor,
                   next_qkv_weight: torch.Tensor, next_qkv_bias: torch.Tensor | None, cos: torch.Tensor,
-                  sin: torch.Tensor, eps: float, head_shapes: tuple[int, int, int]):
+                  sin: torch.Tensor, eps: float, head_shapes: tuple[int, int, int], next_kv_rows: torch.Tensor,
+                  write_index: torch.Tensor):
     """A layer's post-attention part and the next layer's pre-attention part as one function, so the
-    residual add and the next norm fuse: the layer's output x, the next q and kv (``_step_first``'s)."""
+    residual add and the next norm fuse: the layer's output x and the next layer's q (its k and v
+    written into ``next_kv_rows``, as ``_step_first`` does)."""
     x = _post_attention(x, o, o_weight, post_norm, gate_up_weight, down_weight, eps)
-    q, kv = _step_first(x, cos, sin, next_norm, next_qkv_weight, next_qkv_bias, eps, head_shapes)
-    return x, q, kv
+    q = _step_first(x, cos, sin, next_norm, next_qkv_weight, next_qkv_bias, eps, head_shapes, next_kv_rows,
+                    write_index)
+    return x, q
 
 
 _SEGMENTS = (_pre_attention, _post_attention, _step_first, _step_between)
@@ -179,18 +186,21 @@ class LlamaModel(nn.Module):
         """RoPE cos, sin ``[N, D]`` of the rows at ``positions`` (the same for every layer)."""
         return self.rope_cos[positions], self.rope_sin[positions]
 
-    def step_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer 0's dense part of a decode step: q[N,Hq,D] and kv[2,N,Hkv,D] (RoPE from ``rope_at``)."""
+    def step_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_rows: torch.Tensor,
+                   write_index: torch.Tensor) -> torch.Tensor:
+        """Layer 0's dense part of a decode step: q[N,Hq,D], its k and v stored at ``write_index`` of
+        ``kv_rows`` (layer 0's pool as ``[rows, D]``; RoPE from ``rope_at``)."""
         weights = self.layers[0]
         return self._first(x, cos, sin, weights.input_norm, weights.qkv_weight, weights.qkv_bias,
-                           self.config.rms_norm_eps, self._head_shapes)
+                           self.config.rms_norm_eps, self._head_shapes, kv_rows, write_index)
 
-    def step_between(self, layer: int, x: torch.Tensor, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """``post_attention(layer)`` and layer+1's ``step_first`` in one call: (x, q, kv)."""
+    def step_between(self, layer: int, x: torch.Tensor, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     next_kv_rows: torch.Tensor, write_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``post_attention(layer)`` and layer+1's ``step_first`` in one call: (x, q)."""
         weights, following = self.layers[layer], self.layers[layer + 1]
         return self._between(x, o, weights.o_weight, weights.post_norm, weights.gate_up_weight, weights.down_weight,
                              following.input_norm, following.qkv_weight, following.qkv_bias, cos, sin,
-                             self.config.rms_norm_eps, self._head_shapes)
+                             self.config.rms_norm_eps, self._head_shapes, next_kv_rows, write_index)
 
     def compile_dense(self, is_compiled: bool = True, *, backend: str = "inductor") -> None:
         """Run the per-layer dense segments through ``torch.compile`` (CUDA), or back in eager mode

@@ -14,16 +14,26 @@ def _segments(model, num_rows: int, seed: int):
     positions = torch.randint(0, 200, (num_rows,), generator=generator).to(model.device)
     q, k, v = model.pre_attention(0, x, positions)
     cos, sin = model.rope_at(positions)
-    first_q, first_kv = model.step_first(x, cos, sin)
-    between = model.step_between(0, x, q, cos, sin)  # post-attention of layer 0, pre-attention of layer 1
-    if model.dtype == torch.float32:  # the step form: the same q, k and v (stacked), the same next layer
+    # the step form writes k and v into pool rows: a pool with room for four steps, rows picked at random
+    num_written, head_dim = 2 * num_rows * model.config.num_kv_heads, model.config.head_dim
+    write_index = torch.randperm(4 * num_written, generator=generator)[:num_written].to(model.device)
+    first_rows, between_rows = (torch.zeros(4 * num_written, head_dim, dtype=model.dtype, device=model.device)
+                                for _ in range(2))
+    first_q = model.step_first(x, cos, sin, first_rows, write_index)
+    # post-attention of layer 0, pre-attention of layer 1
+    between = model.step_between(0, x, q, cos, sin, between_rows, write_index)
+    untouched = torch.ones(4 * num_written, dtype=torch.bool, device=model.device)
+    untouched[write_index] = False
+    assert not first_rows[untouched].any() and not between_rows[untouched].any()
+    if model.dtype == torch.float32:  # the step form: the same q, k and v, the same next layer
         torch.testing.assert_close(first_q, q, rtol=0, atol=0)
-        torch.testing.assert_close(first_kv, torch.stack((k, v)), rtol=0, atol=0)
+        torch.testing.assert_close(first_rows[write_index], torch.stack((k, v)).view(-1, head_dim), rtol=0, atol=0)
         after = model.post_attention(0, x, q)
         later_q, later_k, later_v = model.pre_attention(1, after, positions)
-        for got, want in zip(between, (after, later_q, torch.stack((later_k, later_v)))):
+        written = between_rows[write_index]
+        for got, want in zip((*between, written), (after, later_q, torch.stack((later_k, later_v)).view(-1, head_dim))):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    return q, k, v, model.post_attention(1, x, q), *between
+    return q, k, v, model.post_attention(1, x, q), first_q, first_rows, *between, between_rows
 
 
 @torch.no_grad()
