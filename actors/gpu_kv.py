@@ -106,8 +106,9 @@ class GpuKVNode(KVNode):
         self.attn_gbps: float | None = None
         self.attend_overhead_s: float | None = None
         self.static_attention = StaticAttention(config.static_attention, num_slots=self.num_slots,
-                                                num_columns=self.num_columns, scale=self._scale, dtype=dtype,
-                                                device=self.device, compile_backend=config.compile_backend)
+                                                num_columns=self.num_columns, head_dim=head_dim, scale=self._scale,
+                                                dtype=dtype, device=self.device,
+                                                compile_backend=config.compile_backend)
 
     @classmethod
     def for_model(cls, node_id: str, model, config: GpuKVConfig) -> "GpuKVNode":

@@ -10,10 +10,17 @@ the rows' lengths, a device tensor: nothing depends on a host value, so a CUDA g
 - ``"flex"``: torch's ``flex_attention`` (compiled; at one query per head it runs its decoding kernel,
   which splits each row's KV across thread blocks). The lengths make its block mask: blocks past a row's
   length are not read, and the last, partial one is masked by ``kv_idx < length``.
-- ``"auto"``: on CUDA, ``"compiled"`` up to ``AUTO_COMPILED_MAX_ROWS`` rows and ``"flex"`` above; ``"sdpa"``
-  elsewhere. On the H100 (Llama-3-8B shapes, 528 of 560 columns, 32 layers in one graph) per layer:
-  1 row 8.8 µs compiled, 10.5 flex, 19.0 SDPA; 4 rows 14.3 flex, 19.5 SDPA; 16 rows 23.0 both; 64 rows
-  57.5 flex, 66.8 SDPA; 64 ragged rows (lengths log-normal around 300) 46.5 flex, 67.6 SDPA.
+- ``"triton"``: ``decode_attention``'s split-KV kernels (fp16/bf16 on CUDA with Triton): each (row, KV
+  head, split) reads its columns below the row's length once for all its query heads; the splits of a
+  row are merged by a second kernel.
+- ``"auto"``: ``"triton"`` where it runs (CUDA with Triton, fp16/bf16, a power-of-two head dim); else on
+  CUDA ``"compiled"`` up to ``AUTO_COMPILED_MAX_ROWS`` rows and ``"flex"`` above; ``"sdpa"`` elsewhere.
+
+On the H100 (Llama-3-8B shapes, lengths 512 of 560 columns, 32 layers in one CUDA graph), µs per layer
+(docs/benchmarks.md, session 5), the former ``auto`` (compiled up to 2 rows, flex above) against the best
+cut of ``"triton"``: 1 row 10.4 / 7.0, 4 rows 13.9 / 9.1, 16 rows 19.0 / 17.8, 32 rows 29.1 / 26.5, 64 rows
+50.8 / 47.5 (2.8 TB/s), 64 ragged rows (log-normal around 300) 44.7 / 35.1. SDPA took 19.0 µs at 1 row and
+66.8 at 64 (session 4).
 """
 from __future__ import annotations
 
@@ -22,11 +29,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from fastdecode.actors import decode_attention
 from fastdecode.actors.model.llama import has_triton
 
 log = logging.getLogger(__name__)
 
-STATIC_ATTENTIONS = ("sdpa", "matmul", "compiled", "flex", "auto")
+STATIC_ATTENTIONS = ("sdpa", "matmul", "compiled", "flex", "triton", "auto")
 AUTO_COMPILED_MAX_ROWS = 2
 FLEX_KV_BLOCK = 64  # columns per block of flex's block mask
 MAX_FLEX_SHAPES = 64  # batch sizes flex is compiled for, at most (buckets are powers of two: a handful)
@@ -44,8 +52,8 @@ def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 class StaticAttention:
     """One GPU KV node's graphable attention: ``mask(lengths)`` once per step, then a call per layer."""
 
-    def __init__(self, kind: str, *, num_slots: int, num_columns: int, scale: float, dtype: torch.dtype,
-                 device: torch.device, compile_backend: str = "inductor") -> None:
+    def __init__(self, kind: str, *, num_slots: int, num_columns: int, head_dim: int, scale: float,
+                 dtype: torch.dtype, device: torch.device, compile_backend: str = "inductor") -> None:
         if kind not in STATIC_ATTENTIONS:
             raise ValueError(f"static_attention must be one of {STATIC_ATTENTIONS}, got {kind!r}")
         self.kind = kind
@@ -58,6 +66,12 @@ class StaticAttention:
         self._flex = None
         is_cuda = device.type == "cuda"
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else None
+        self._is_triton_ready = (is_cuda and has_triton() and decode_attention.runs(dtype, head_dim))
+        if kind == "triton" and not self._is_triton_ready:
+            raise ValueError(f"static_attention 'triton' needs a CUDA device with Triton, float16 or bfloat16 "
+                             f"and a power-of-two head dim of at least 16 (here {device.type}, {dtype}, {head_dim})")
+        if kind == "auto" and self._is_triton_ready:
+            kind = self.kind = "triton"
         wants_compiled = kind in ("compiled", "flex") or (kind == "auto" and is_cuda)
         can_compile = not (compile_backend == "inductor" and is_cuda and not has_triton())
         if wants_compiled and not can_compile:
@@ -91,11 +105,14 @@ class StaticAttention:
 
     def mask(self, lengths: torch.Tensor):
         """What every layer of a step over ``lengths.shape[0]`` rows attends under: for flex its block
-        mask, else the ``[rows, 1, 1, C]`` additive mask in the pool's dtype, 0 where column < the row's
+        mask, for triton the lengths themselves, else the ``[rows, 1, 1, C]`` additive mask in the pool's dtype, 0 where column < the row's
         length and -inf past it (a boolean one would be turned into this inside every layer's call)."""
         num_rows = lengths.shape[0]
-        if self.kind_for(num_rows) == "flex":
+        kind = self.kind_for(num_rows)
+        if kind == "flex":
             return self._block_mask(lengths)
+        if kind == "triton":
+            return lengths
         bias = torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
             self._arange >= lengths[:, None], float("-inf"))
         return bias.view(num_rows, 1, 1, self.num_columns)
@@ -105,6 +122,8 @@ class StaticAttention:
         kind = self.kind_for(query.shape[0])
         if kind == "sdpa":
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scale)
+        if kind == "triton":
+            return decode_attention.decode_attention(query, keys, values, mask, self.scale, num_sms=self._num_sms)
         if kind == "flex":
             from torch.nn.attention.flex_attention import flex_attention
 

@@ -258,7 +258,7 @@ async def run_roofline(options: dict) -> dict:
 @click.option("--output-len", default=32, show_default=True, type=click.IntRange(2))
 @click.option("--transformers-batches", default="16,64", show_default=True, help="'' to skip the comparison.")
 @click.option("--static-attention", default="auto", show_default=True,
-              help="Graphed attention kernel(s), comma-separated: sdpa, matmul, compiled, flex, auto (each "
+              help="Graphed attention kernel(s), comma-separated: sdpa, matmul, compiled, flex, triton, auto (each "
                    "measured in turn).")
 @click.option("--launch-ahead", default="on", show_default=True, type=click.Choice(["on", "off", "both"]),
               help="Launch each step with the previous step's tokens on the device before the host reads them.")

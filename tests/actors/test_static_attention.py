@@ -13,8 +13,9 @@ NUM_KV_HEADS, GROUP, HEAD_DIM, COLUMNS = 2, 4, 16, 160
 
 
 def _outputs(kind: str, device: str, dtype: torch.dtype, backend: str, batches) -> list[torch.Tensor]:
-    attention = StaticAttention(kind, num_slots=max(batches), num_columns=COLUMNS, scale=1 / math.sqrt(HEAD_DIM),
-                                dtype=dtype, device=torch.device(device), compile_backend=backend)
+    attention = StaticAttention(kind, num_slots=max(batches), num_columns=COLUMNS, head_dim=HEAD_DIM,
+                                scale=1 / math.sqrt(HEAD_DIM), dtype=dtype, device=torch.device(device),
+                                compile_backend=backend)
     generator = torch.Generator().manual_seed(0)
     outputs = []
     for rows in batches:
@@ -40,6 +41,15 @@ def test_kinds_match_sdpa_over_ragged_rows(kind):
 def test_kinds_match_sdpa_over_ragged_rows_cuda():
     batches = (1, 4, 64, 16, 128)
     expected = _outputs("sdpa", "cuda", torch.bfloat16, "inductor", batches)
-    for kind in ("compiled", "flex", "auto"):
+    for kind in ("compiled", "flex", "triton", "auto"):
         for got, want in zip(_outputs(kind, "cuda", torch.bfloat16, "inductor", batches), expected):
             torch.testing.assert_close(got, want, atol=0.03, rtol=0.03)
+
+
+def test_triton_kind_needs_cuda_and_auto_falls_back_on_cpu():
+    with pytest.raises(ValueError, match="triton"):
+        StaticAttention("triton", num_slots=2, num_columns=COLUMNS, head_dim=HEAD_DIM, scale=1.0,
+                        dtype=torch.bfloat16, device=torch.device("cpu"))
+    auto = StaticAttention("auto", num_slots=2, num_columns=COLUMNS, head_dim=HEAD_DIM, scale=1.0,
+                           dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert auto.kind_for(1) == auto.kind_for(64) == "sdpa"
