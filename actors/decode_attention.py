@@ -4,7 +4,8 @@
 One query token per row; a row's KV heads each have ``G`` query heads (GQA). Each program takes one
 (row, KV head, split): it reads that head's keys and values once for all ``G`` of its query heads (padded
 to 16 for the tensor cores), over the split's columns below the row's length, with a float32 online
-softmax, and writes the split's output and log-sum-exp. A second kernel merges the splits of a row. The
+softmax, and writes the split's output and log-sum-exp. A second kernel merges the splits of each query
+head. The
 number of splits is fixed per batch size, so shapes never change from one step to the next, and the
 lengths are read on the device: a CUDA graph can hold both kernels. Columns past a row's length are
 neither read nor counted, so ragged rows cost what they hold.
@@ -112,22 +113,20 @@ if triton is not None:
                       stride_pr, stride_ph, stride_ps, stride_pg,
                       stride_lr, stride_lh, stride_ls,
                       stride_or, stride_oh, stride_og,
-                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                      SPLITS_PAD: tl.constexpr):
-        row, head = tl.program_id(0), tl.program_id(1)
+                      HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        row, head, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         s = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, HEAD_DIM)
-        for g in tl.static_range(GROUP):
-            lse = tl.load(lse_ptr + row * stride_lr + head * stride_lh + s * stride_ls + g,
-                          mask=s < NUM_SPLITS, other=float("-inf"))
-            top = tl.max(lse, 0)
-            weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # all -inf: a row of no columns
-            total = tl.sum(weight, 0)
-            weight = weight / tl.where(total > 0, total, 1.0)
-            part = tl.load(part_ptr + row * stride_pr + head * stride_ph + s[:, None] * stride_ps + g * stride_pg
-                           + d[None, :], mask=s[:, None] < NUM_SPLITS, other=0.0)
-            out = tl.sum(part * weight[:, None], 0)
-            tl.store(o_ptr + row * stride_or + head * stride_oh + g * stride_og + d, out.to(o_ptr.dtype.element_ty))
+        lse = tl.load(lse_ptr + row * stride_lr + head * stride_lh + s * stride_ls + g,
+                      mask=s < NUM_SPLITS, other=float("-inf"))
+        top = tl.max(lse, 0)
+        weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # all -inf: a row of no columns
+        total = tl.sum(weight, 0)
+        weight = weight / tl.where(total > 0, total, 1.0)
+        part = tl.load(part_ptr + row * stride_pr + head * stride_ph + s[:, None] * stride_ps + g * stride_pg
+                       + d[None, :], mask=s[:, None] < NUM_SPLITS, other=0.0)
+        out = tl.sum(part * weight[:, None], 0)
+        tl.store(o_ptr + row * stride_or + head * stride_oh + g * stride_og + d, out.to(o_ptr.dtype.element_ty))
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -161,8 +160,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=block_n, SPLIT_COLS=split_cols,
         IS_SPLIT=is_split, num_warps=num_warps, num_stages=cut.num_stages)
     if is_split:
-        _merge_kernel[(num_rows, num_kv_heads)](
+        _merge_kernel[(num_rows, num_kv_heads, group)](  # a program per query head
             part, lse, out, *part.stride()[:4], *lse.stride()[:3], out.stride(0), out.stride(1), out.stride(2),
-            GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=1)
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=2)
     return out

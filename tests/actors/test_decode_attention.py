@@ -40,22 +40,24 @@ def reference(query, keys, values, lengths, scale):
     return out
 
 
-CASES = [  # rows, KV heads, group, head dim, columns, cut (None: the plan's)
-    (3, 2, 4, 64, 200, None),
-    (2, 2, 8, 128, 130, Plan(64, 2, 64)),
-    (4, 1, 1, 16, 96, Plan(32, 2, 32)),
-    (2, 2, 4, 64, 256, Plan(64, 2, 256)),
+CASES = [  # rows, KV heads, group, head dim, columns, cut (None: the plan's), a first row of no columns
+    (3, 2, 4, 64, 200, None, False),
+    (1, 1, 4, 64, 200, None, False),  # split by the plan at 4 SMs: a split per block of 32
+    (2, 2, 8, 128, 130, Plan(64, 2, 64), False),
+    (4, 1, 1, 16, 96, Plan(32, 2, 32), True),
+    (2, 2, 4, 64, 256, Plan(64, 2, 256), True),
 ]
 
 
 def check_cases(device: str, dtype: torch.dtype, tolerance: float, num_sms: int) -> None:
     generator = torch.Generator().manual_seed(0)
-    for rows, num_kv_heads, group, head_dim, columns, cut in CASES:
+    for rows, num_kv_heads, group, head_dim, columns, cut, is_first_empty in CASES:
         query = torch.randn(rows, num_kv_heads, group, head_dim, generator=generator).to(dtype)
         pool = torch.randn(2, rows + 1, num_kv_heads, columns, head_dim, generator=generator).to(dtype)
         keys, values = pool[0, :rows], pool[1, :rows]  # views of a pool, as the GPU KV node passes them
         # lengths at block edges: 1, a block - 1, a block, a block + 1, all columns; garbage past them
         lengths = torch.tensor([1, 31, 32, 33, 63, 64, 65, columns][:rows - 1] + [columns])
+        lengths[0] = 0 if is_first_empty else lengths[0]
         keys.masked_fill_((torch.arange(columns) >= lengths[:, None])[:, None, :, None], 1e4)
         scale = 1 / math.sqrt(head_dim)
         got = decode_attention(query.to(device), keys.to(device), values.to(device), lengths.to(device), scale,
@@ -71,7 +73,8 @@ def test_matches_float64_reference_on_cuda():
     check_cases("cuda", torch.bfloat16, 0.02, torch.cuda.get_device_properties(0).multi_processor_count)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+                    reason="Triton is not installed, or a GPU runs the kernels themselves")
 def test_matches_float64_reference_in_tritons_interpreter():
     """The same kernels run by Triton's CPU interpreter (float16: it has no bfloat16), in a process of its own
     (the interpreter is chosen when the kernels are defined)."""
