@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import secrets
@@ -189,6 +190,8 @@ class Cluster:
                         await _close_all(nodes[1:], handles)
                         del nodes[1:]
                         handles = []
+                        # the shards' cores are free again: the same torch threads as gpu-only mode
+                        torch.set_num_threads(executor_torch_threads(len(cpus), is_cuda=True, has_shards=False))
                 if len(nodes) == 1:  # nothing to overlap with: one mini-batch
                     executor_config = dataclasses.replace(executor_config, is_pipelined=False)
             if not nodes:
@@ -214,6 +217,11 @@ class Cluster:
             raise
         log.info("cluster up: model %s on %s (%s), %d KV node(s), executor threads %d, shard threads %d",
                  config.model, device, model.dtype, len(nodes), executor_threads, shard_threads)
+        # What start-up made (the model, compiled code, and in hybrid mode whatever the dropped shards left)
+        # stays for good: kept out of the cyclic collector's passes while serving, as long-lived serving
+        # processes do after warm-up; stop() hands it back.
+        gc.collect()
+        gc.freeze()
         return cls(config, model, tokenizer, executor, handles, mode_choice)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
@@ -227,6 +235,7 @@ class Cluster:
     async def stop(self) -> None:
         await self.executor.stop()
         await _close_all(self.executor.nodes, self._handles)
+        gc.unfreeze()
 
     async def __aenter__(self) -> "Cluster":
         return self
