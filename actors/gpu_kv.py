@@ -19,8 +19,9 @@ timed attends at two context lengths, like the KVShard's.
 the slots ``0..rows-1`` themselves (a view of the pool, no gather), the new k, v go
 to per-row columns through an index built on the device once per step (written by the
 model's dense part, ``kv_rows``, inside its RoPE kernel when compiled), and the
-attention (``static_attention.StaticAttention``: SDPA, a compiled matmul form or
-flex attention by batch size) runs over the slots under a mask made on the device
+attention (``static_attention.StaticAttention``: the split-KV Triton kernel of
+``decode_attention`` where it runs, else SDPA, a compiled matmul form or flex attention)
+runs over the slots under a mask made on the device
 from per-row lengths, so no shape or host value changes from one step to the next.
 """
 from __future__ import annotations
