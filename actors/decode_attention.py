@@ -5,9 +5,8 @@ One query token per row; a row's KV heads each have ``G`` query heads (GQA). Eac
 (row, KV head, split): it reads that head's keys and values once for all ``G`` of its query heads (padded
 to 16 for the tensor cores), over the split's columns below the row's length, with a float32 online
 softmax, and writes the split's output and log-sum-exp. A second kernel merges the splits of each query
-head. The
-number of splits is fixed per batch size, so shapes never change from one step to the next, and the
-lengths are read on the device: a CUDA graph can hold both kernels. Columns past a row's length are
+head. The number of splits is fixed per batch size, so shapes never change from one step to the next, and
+the lengths are read on the device: a CUDA graph can hold both kernels. Columns past a row's length are
 neither read nor counted, so ragged rows cost what they hold.
 """
 from __future__ import annotations
@@ -48,10 +47,10 @@ def plan(num_rows: int, num_kv_heads: int, num_columns: int, num_sms: int) -> Pl
     """The cut for a batch. Rows × KV heads programs that fill the multiprocessors run unsplit, in
     blocks of 64 columns. Fewer are split: into single blocks of 32 columns when even one program per 64
     columns would make at most two waves (1–2 rows of Llama-3-8B shapes), else into splits of at least
-    two 64-column blocks until they make about two waves. On the H100 (132 SMs,
-    8 KV heads of 4 query heads, 560 columns, 32 layers per CUDA graph; ``docs/benchmarks.md``), per
-    layer: 1 row 7.0 µs, 4 rows 9.8, 16 rows 17.8, 64 rows 47.5 (2.8 TB/s), against 10.4 / 13.9 / 19.0 /
-    50.8 for the compiled matmul form and flex attention."""
+    two 64-column blocks until they make about two waves. On the H100 (132 SMs, 8 KV heads of 4 query
+    heads, 560 columns, 32 layers per CUDA graph; ``docs/benchmarks.md``), per layer: 1 row 7.0 µs,
+    4 rows 9.8, 16 rows 17.8, 64 rows 47.5 (2.8 TB/s), against 10.4 / 13.9 / 19.0 / 50.8 for the compiled
+    matmul form and flex attention."""
     programs = num_rows * num_kv_heads
     if programs >= num_sms:
         return Plan(64, 2, -(-num_columns // 64) * 64)

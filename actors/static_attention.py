@@ -66,11 +66,11 @@ class StaticAttention:
         self._flex = None
         is_cuda = device.type == "cuda"
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else None
-        self._is_triton_ready = (is_cuda and has_triton() and decode_attention.runs(dtype, head_dim))
-        if kind == "triton" and not self._is_triton_ready:
+        is_triton_ready = is_cuda and has_triton() and decode_attention.runs(dtype, head_dim)
+        if kind == "triton" and not is_triton_ready:
             raise ValueError(f"static_attention 'triton' needs a CUDA device with Triton, float16 or bfloat16 "
                              f"and a power-of-two head dim of at least 16 (here {device.type}, {dtype}, {head_dim})")
-        if kind == "auto" and self._is_triton_ready:
+        if kind == "auto" and is_triton_ready:
             kind = self.kind = "triton"
         wants_compiled = kind in ("compiled", "flex") or (kind == "auto" and is_cuda)
         can_compile = not (compile_backend == "inductor" and is_cuda and not has_triton())
@@ -105,8 +105,9 @@ class StaticAttention:
 
     def mask(self, lengths: torch.Tensor):
         """What every layer of a step over ``lengths.shape[0]`` rows attends under: for flex its block
-        mask, for triton the lengths themselves, else the ``[rows, 1, 1, C]`` additive mask in the pool's dtype, 0 where column < the row's
-        length and -inf past it (a boolean one would be turned into this inside every layer's call)."""
+        mask, for triton the lengths themselves, else the ``[rows, 1, 1, C]`` additive mask in the pool's
+        dtype, 0 where column < the row's length and -inf past it (a boolean one would be turned into this
+        inside every layer's call)."""
         num_rows = lengths.shape[0]
         kind = self.kind_for(num_rows)
         if kind == "flex":
