@@ -86,17 +86,19 @@ class StaticAttention:
             self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True, backend=compile_backend)
         if self.kind == "auto" and not is_cuda:
             self.kind = "sdpa"
-        # flex's mask reads the rows' lengths from this buffer (one function for every step and bucket)
-        self._lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
-        num_blocks = -(-num_columns // FLEX_KV_BLOCK)
-        # every row's blocks in order, materialised (an expanded, stride-0 table crashed flex's kernel on the H100)
-        self._block_indices = torch.arange(num_blocks, dtype=torch.int32, device=device).repeat(num_slots, 1)
-        held = self._lengths
+        if self.kind in ("flex", "auto"):  # what flex's block mask needs
+            # flex's mask reads the rows' lengths from this buffer (one function for every step and bucket)
+            self._lengths = torch.zeros(num_slots, dtype=torch.int64, device=device)
+            num_blocks = -(-num_columns // FLEX_KV_BLOCK)
+            # every row's blocks in order, materialised (an expanded, stride-0 table crashed flex's kernel on the
+            # H100)
+            self._block_indices = torch.arange(num_blocks, dtype=torch.int32, device=device).repeat(num_slots, 1)
+            held = self._lengths
 
-        def is_held(b, h, q_idx, kv_idx):  # made once: a new function each step would mean a new compile
-            return kv_idx < held[b]
+            def is_held(b, h, q_idx, kv_idx):  # made once: a new function each step would mean a new compile
+                return kv_idx < held[b]
 
-        self._is_held = is_held
+            self._is_held = is_held
 
     def kind_for(self, num_rows: int) -> str:
         if self.kind != "auto":
