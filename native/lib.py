@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16")
 ISA_ENV_VAR = "FASTDECODE_NATIVE_ISA"
 DEFAULT_CHUNK_TOKENS = 512
@@ -80,6 +80,7 @@ def _load() -> ctypes.CDLL:
         "fd_isa_name": (ctypes.c_char_p, [i32]),
         "fd_isa_supported": (i32, [i32]),
         "fd_isa_best": (i32, []),
+        "fd_bf16_dot_cost": (ctypes.c_double, []),
         "fd_pool_create": (i32, [ctypes.POINTER(_PoolConfig), ctypes.POINTER(vp)]),
         "fd_pool_destroy": (i32, [vp]),
         "fd_pool_get_info": (i32, [vp, ctypes.POINTER(_PoolInfo)]),
@@ -114,6 +115,18 @@ def _check(status: int) -> None:
 def available_isas() -> list[str]:
     """The ISA paths both this build and this CPU support, e.g. ``["generic", "avx2", "avx512", "avx512_bf16"]``."""
     return [name for code, name in enumerate(ISA_NAMES) if _LIB.fd_isa_supported(code)]
+
+
+def default_isa() -> str:
+    """The path a pool takes when none is forced: the most preferred available one, except ``avx512_bf16``
+    on a CPU whose bf16 dot product costs more than two FMAs (see :func:`bf16_dot_cost`)."""
+    return ISA_NAMES[_LIB.fd_isa_best()]
+
+
+def bf16_dot_cost() -> float:
+    """Time of one zmm ``vdpbf16ps`` over one zmm FMA at full throughput on this CPU, measured once per
+    process; 0.0 where the ``avx512_bf16`` path is not available."""
+    return float(_LIB.fd_bf16_dot_cost())
 
 
 def _isa_code(isa: str | None) -> int:

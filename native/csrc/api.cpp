@@ -60,9 +60,25 @@ static const KernelTable *kernels_for(int32_t isa) {
     }
 }
 
+// The bf16 dot-product path spends four vdpbf16ps per 64 bytes of bf16 KV where the float32 path spends eight
+// FMAs and two widening operations. vdpbf16ps runs at an FMA's rate on some cores (Zen 5) and at a seventh
+// of it on others (the H100 host's Xeon: docs/benchmarks.md, issue 3), so the bf16 path is the default only
+// where one costs at most twice an FMA; forcing it (isa argument or environment) still works everywhere.
+static constexpr double kMaxBf16DotCost = 2.0;
+
+static double bf16_dot_cost() {
+#ifdef FD_HAVE_AVX512
+    if (kernels_for(FD_ISA_AVX512_BF16)) return bf16_dot_relative_cost();
+#endif
+    return 0.0;
+}
+
 static int32_t best_isa() {
-    for (int32_t isa = FD_ISA_COUNT - 1; isa > 0; --isa)
-        if (kernels_for(isa)) return isa;
+    for (int32_t isa = FD_ISA_COUNT - 1; isa > 0; --isa) {
+        if (!kernels_for(isa)) continue;
+        if (isa == FD_ISA_AVX512_BF16 && bf16_dot_cost() > kMaxBf16DotCost) continue;
+        return isa;
+    }
     return FD_ISA_GENERIC;
 }
 
@@ -132,6 +148,8 @@ const char *fd_isa_name(int32_t isa) {
 int32_t fd_isa_supported(int32_t isa) { return kernels_for(isa) != nullptr; }
 
 int32_t fd_isa_best(void) { return best_isa(); }
+
+double fd_bf16_dot_cost(void) { return bf16_dot_cost(); }
 
 int32_t fd_pool_create(const fd_pool_config *config, fd_pool **out_pool) {
     if (!config || !out_pool) return set_error("null argument"), FD_EINVAL;

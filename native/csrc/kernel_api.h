@@ -69,6 +69,9 @@ const KernelTable *kernels_generic();
 const KernelTable *kernels_avx2();     // only linked when the compiler supports the flags
 const KernelTable *kernels_avx512();
 const KernelTable *kernels_avx512_bf16();   // AVX-512 plus AVX512-BF16 (same unit, per-function target)
+// Time of one zmm vdpbf16ps over one zmm vfmadd231ps at full throughput, measured on first use (a fraction
+// of a millisecond). Only where kernels_avx512_bf16 runs.
+double bf16_dot_relative_cost();
 
 // ---- page layout (see pool.h) ----
 // fp32 and fp16 blocks: K^T [D][P] and V [P][D]. bf16 blocks hold pairs, so that one 32-bit lane

@@ -6,6 +6,9 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include <algorithm>
+#include <chrono>
+
 #include "kernel_api.h"
 #include "simd_exp.h"
 
@@ -202,6 +205,42 @@ struct ValueDotBf16 {
 const fdn::KernelTable kTable = make_table(chunk_kernel<fdn::kDtypeBf16, ScoreDotBf16>,
                                            chunk_kernel<fdn::kDtypeBf16, ScoreDotBf16, ValueDotBf16>);
 
+// Seconds for `rounds` rounds of 12 independent chains of vdpbf16ps (is_dot) or vfmadd231ps, zmm: enough
+// chains to be bound by throughput, not latency, on every core measured (docs/benchmarks.md, issue 3).
+static volatile float g_sink;
+__attribute__((noinline)) static double time_chains(bool is_dot, int rounds) {
+    volatile float seed = 1e-3f;
+    const __m512 x = _mm512_set1_ps(seed);
+    const __m512bh xb = _mm512_cvtne2ps_pbh(x, x);
+    __m512 acc[12];
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(seed * (float)i);
+    const auto t0 = std::chrono::steady_clock::now();
+    if (is_dot) {
+        for (int r = 0; r < rounds; ++r)
+#pragma GCC unroll 12
+            for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], xb, xb);
+    } else {
+        for (int r = 0; r < rounds; ++r)
+#pragma GCC unroll 12
+            for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], x, x);
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    __m512 sum = acc[0];
+    for (int i = 1; i < 12; ++i) sum = _mm512_add_ps(sum, acc[i]);
+    g_sink = _mm512_reduce_add_ps(sum);
+    return seconds;
+}
+
+// Best of several alternating trials (the first zmm instructions after idle run slowly on some cores).
+static double dot_relative_cost() {
+    double dot = 1e30, fma = 1e30;
+    for (int trial = 0; trial < 6; ++trial) {
+        fma = std::min(fma, time_chains(false, 2000));
+        dot = std::min(dot, time_chains(true, 2000));
+    }
+    return fma > 0 ? dot / fma : 1.0;
+}
+
 }  // namespace avx512_bf16
 #pragma GCC pop_options
 
@@ -209,3 +248,7 @@ const fdn::KernelTable kTable = make_table(chunk_kernel<fdn::kDtypeBf16, ScoreDo
 
 const fdn::KernelTable *fdn::kernels_avx512() { return &avx512::kTable; }
 const fdn::KernelTable *fdn::kernels_avx512_bf16() { return &avx512_bf16::kTable; }
+double fdn::bf16_dot_relative_cost() {
+    static const double cost = avx512_bf16::dot_relative_cost();
+    return cost;
+}
