@@ -165,7 +165,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
         }
     };
     int t = 0;
-    PrefetchWalk fetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64);
+    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes, 64);
     for (; t + 2 <= n; t += 2, row += walk.step) {
         fetch.next();
         step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away
@@ -178,7 +178,8 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
 // Values from bf16 probabilities (chosen only when q, KV and the output are all bf16).
 struct ValueDotBf16 {
     template <int DT, int GB>
-    static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v) {
+    static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v,
+                            const uint8_t *pf_v_far) {
         static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
         alignas(64) uint16_t pb[4 * 256];
         const int num_used = (n + 15) / 16 * 16;   // softmax_update wrote the vectors that hold tokens
@@ -196,9 +197,9 @@ struct ValueDotBf16 {
         const size_t block = (size_t)D * P * 2;
         int j = 0, tile = 0;
         for (; j + DV <= num_vecs; j += DV, ++tile)
-            value_tile_dot<GB, DV>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+            value_tile_dot<GB, DV>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
         for (; j < num_vecs; ++j, ++tile)
-            value_tile_dot<GB, 1>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+            value_tile_dot<GB, 1>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
     }
 };
 

@@ -60,8 +60,14 @@ static inline void load_pair(const uint8_t *block, const PairWalk &w, size_t i, 
 #ifndef FD_PREFETCH_BLOCKS
 #define FD_PREFETCH_BLOCKS 1
 #endif
+#ifndef FD_PREFETCH_FAR
+#define FD_PREFETCH_FAR 1
+#endif
 // How far ahead software prefetch runs, in K or V blocks of reading order (0: hardware prefetch only).
 static constexpr int kPrefetchBlocks = FD_PREFETCH_BLOCKS;
+// Whether the block after that one is fetched as well, into L2 only (prefetcht2), line for line with the near
+// prefetch.
+static constexpr bool kPrefetchFar = FD_PREFETCH_FAR != 0;
 
 // Software prefetch, kPrefetchBlocks blocks ahead in reading order (K of head h, V of head h, K of head
 // h+1, ...): with one block, the score tiles fetch this head's V block and the value tiles the next
@@ -69,34 +75,44 @@ static constexpr int kPrefetchBlocks = FD_PREFETCH_BLOCKS;
 // row_bytes per head dim, the value tiles per token pair (ValuePrefetch). Requests issued in bursts
 // during one phase only (two blocks from the score tiles) left the memory idle during the other and
 // ran one core at about half the rate (docs/benchmarks.md, issue 3).
+// The far prefetch: each pass also fetches the block after its near one into L2, with the same spread. On the
+// H100 host's Xeon, where a core's sixteen line-fill buffers bound what a near-only prefetch keeps in flight,
+// it attends 4-9% faster at 16 threads (paired A/B, docs/benchmarks.md, "Session 6").
 struct Prefetch {
-    const uint8_t *for_scores, *for_values;   // the blocks to fetch, or null
+    const uint8_t *for_scores, *for_values;           // the blocks to fetch into L1, or null
+    const uint8_t *for_scores_far, *for_values_far;   // the blocks after those, into L2, or null
     size_t row_bytes;
     size_t line_step = 64;                    // for_scores: every line, or one line in line_step / 64
-    void clear() { for_scores = for_values = nullptr; }
+    void clear() { for_scores = for_values = for_scores_far = for_values_far = nullptr; }
 };
 
 // One pass's software prefetch, step by step: the i-th next() issues step i's prefetches, num_bytes from
-// first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step). Without a
-// prefetch (first null) it fetches 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test
+// first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step), and the
+// same lines of the far block (far_first) into L2. Without a prefetch (first or far_first null) it fetches lines
+// from idle instead (lines the pass reads anyway: 4 of them without a near block), so a hot loop has no null test
 // per step. The lines of a step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5
 // core 7-9% slower from memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
 struct PrefetchWalk {
-    const uint8_t *at;
-    size_t step, line, span;
-    PrefetchWalk(const uint8_t *first, const uint8_t *idle, size_t step_bytes, size_t num_bytes, size_t line_step)
-        : at(first ? first : idle), step(first ? step_bytes : 0), line(first ? line_step : 64),
-          span(first ? num_bytes : 4 * 64) {}
+    const uint8_t *at, *far;
+    size_t step, far_step, line, span;
+    PrefetchWalk(const uint8_t *first, const uint8_t *far_first, const uint8_t *idle, size_t step_bytes,
+                 size_t num_bytes, size_t line_step)
+        : at(first ? first : idle), far(far_first ? far_first : idle), step(first ? step_bytes : 0),
+          far_step(far_first ? step_bytes : 0), line(first ? line_step : 64), span(first ? num_bytes : 4 * 64) {}
     __attribute__((always_inline)) void next() {
-        for (size_t off = 0; off < span; off += line) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+        for (size_t off = 0; off < span; off += line) {
+            __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+            if constexpr (kPrefetchFar) __builtin_prefetch(far + off, 0, 1);
+        }
         at += step;
+        far += far_step;
     }
 };
 
 // The score tiles' prefetch: one step per num_rows head-dim rows.
 static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idle, int num_rows) {
     const size_t num_bytes = (size_t)num_rows * pf.row_bytes;
-    return PrefetchWalk(pf.for_scores, idle, num_bytes, num_bytes, pf.line_step);
+    return PrefetchWalk(pf.for_scores, pf.for_scores_far, idle, num_bytes, num_bytes, pf.line_step);
 }
 
 // A last page of bf16 blocks holding at most half a K tile of tokens (the new token's page soon after it
@@ -126,17 +142,21 @@ struct ShortPage {
     }
 };
 
-// Where a value pass prefetches: num_bytes of the next V block per token pair, from at onwards.
+// Where a value pass prefetches: num_bytes of the next block per token pair, from at onwards, and the same lines
+// of the block after it from far onwards (either null when there is none).
 struct ValuePrefetch {
-    const uint8_t *at;
+    const uint8_t *at, *far;
     size_t num_bytes;
 };
 
-// Splits the next V block (block_bytes at v) over the token-pair steps of num_tiles value tiles.
-static inline ValuePrefetch value_prefetch(const uint8_t *v, size_t block_bytes, int num_tiles, int P, int tile) {
-    if (!v) return {nullptr, 0};
+// Splits the next block (block_bytes at v) and the one after it (at v_far) over the token-pair steps of
+// num_tiles value tiles.
+static inline ValuePrefetch value_prefetch(const uint8_t *v, const uint8_t *v_far, size_t block_bytes, int num_tiles,
+                                           int P, int tile) {
+    if (!v) return {nullptr, nullptr, 0};
     const size_t per_step = (block_bytes / ((size_t)num_tiles * (P / 2)) + 63) / 64 * 64;
-    return {v + (size_t)tile * (P / 2) * per_step, per_step};
+    const size_t offset = (size_t)tile * (P / 2) * per_step;
+    return {v + offset, v_far ? v_far + offset : nullptr, per_step};
 }
 
 // Scores from float32 q (scaled by 1/sqrt(D) beforehand): s[g][t0 .. t0+TV*W) = q[g] . K[t].
@@ -269,7 +289,7 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
     int t = 0;
-    PrefetchWalk fetch(pf.at, vb, pf.num_bytes, pf.num_bytes, 64);
+    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes, 64);
     for (; t + 2 <= n; t += 2, walk.first += walk.step) {
         fetch.next();
         for (int j = 0; j < DV; ++j) {
@@ -305,15 +325,16 @@ static_assert(fdn::kVTileDims % V::W == 0, "V layout tiles hold whole lane group
 // Values from float32 probabilities: every V element widened to float32.
 struct ValueF32 {
     template <int DT, int GB>
-    static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v) {
+    static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v,
+                            const uint8_t *pf_v_far) {
         constexpr int DV = value_vecs<DT, GB>();
         const int num_vecs = D / V::W, num_tiles = num_vecs / DV + num_vecs % DV;
         const size_t block = (size_t)D * P * fdn::dtype_size(DT);
         int j = 0, tile = 0;
         for (; j + DV <= num_vecs; j += DV, ++tile)
-            value_tile<DT, GB, DV>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+            value_tile<DT, GB, DV>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
         for (; j < num_vecs; ++j, ++tile)
-            value_tile<DT, GB, 1>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, block, num_tiles, P, tile));
+            value_tile<DT, GB, 1>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
     }
 };
 
@@ -324,7 +345,7 @@ static inline void page_step(const fdn::ChunkTask &task, int r0, const uint8_t *
     float *m = task.m + r0, *l = task.l + r0, *acc = task.acc + (size_t)r0 * D;
     page_scores<DT, GB, S>(task, r0, kb, n, s, pf);
     softmax_update<GB>(s, P, n, D, m, l, acc);
-    VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.for_values);
+    VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.for_values, pf.for_values_far);
 }
 
 // One work item: a chunk of one sequence's pages, all KV heads, each page front to back.
@@ -358,9 +379,10 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             Prefetch pf{block_at(k_block + kPrefetchBlocks), block_at(k_block + 1 + kPrefetchBlocks),
-                        (size_t)P * fdn::dtype_size(DT)};
+                        kPrefetchFar ? block_at(k_block + 1 + kPrefetchBlocks) : nullptr,
+                        kPrefetchFar ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr, (size_t)P * fdn::dtype_size(DT)};
             if (is_short) {
-                pf.for_values = nullptr;
+                pf.for_values = pf.for_scores_far = pf.for_values_far = nullptr;
                 pf.for_scores = block_at(k_block + 2);
                 if (h + 1 < H) {
                     ShortPage::fetch_v(vb + 2 * block, n, D, P);
