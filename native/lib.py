@@ -21,6 +21,7 @@ import numpy as np
 ABI_VERSION = 3
 ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16")
 ISA_ENV_VAR = "FASTDECODE_NATIVE_ISA"
+PREFETCH_FAR_ENV_VAR = "FASTDECODE_NATIVE_PREFETCH_FAR"
 DEFAULT_CHUNK_TOKENS = 512
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
@@ -57,13 +58,13 @@ class _PoolConfig(ctypes.Structure):
     _fields_ = [("num_layers", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32),
                 ("kv_dtype", ctypes.c_int32), ("page_size", ctypes.c_int32), ("chunk_pages", ctypes.c_int32),
                 ("capacity_bytes", ctypes.c_int64), ("num_threads", ctypes.c_int32), ("num_cpus", ctypes.c_int32),
-                ("cpu_list", ctypes.POINTER(ctypes.c_int32)), ("isa", ctypes.c_int32)]
+                ("cpu_list", ctypes.POINTER(ctypes.c_int32)), ("isa", ctypes.c_int32), ("prefetch_far", ctypes.c_int32)]
 
 
 class _PoolInfo(ctypes.Structure):
     _fields_ = [("num_total_pages", ctypes.c_int64), ("num_free_pages", ctypes.c_int64),
                 ("page_bytes", ctypes.c_int64), ("num_sequences", ctypes.c_int64), ("isa", ctypes.c_int32),
-                ("num_threads", ctypes.c_int32)]
+                ("num_threads", ctypes.c_int32), ("prefetch_far", ctypes.c_int32)]
 
 
 def _load() -> ctypes.CDLL:
@@ -81,6 +82,7 @@ def _load() -> ctypes.CDLL:
         "fd_isa_supported": (i32, [i32]),
         "fd_isa_best": (i32, []),
         "fd_bf16_dot_cost": (ctypes.c_double, []),
+        "fd_prefetch_far_default": (i32, []),
         "fd_pool_create": (i32, [ctypes.POINTER(_PoolConfig), ctypes.POINTER(vp)]),
         "fd_pool_destroy": (i32, [vp]),
         "fd_pool_get_info": (i32, [vp, ctypes.POINTER(_PoolInfo)]),
@@ -129,6 +131,25 @@ def bf16_dot_cost() -> float:
     return float(_LIB.fd_bf16_dot_cost())
 
 
+def prefetch_far_default() -> bool:
+    """Whether pools fetch a second block ahead into L2 unless told otherwise: on Intel CPUs, whose cores'
+    line-fill buffers bound a one-level prefetch (docs/benchmarks.md, issue 3, "Session 6")."""
+    return bool(_LIB.fd_prefetch_far_default())
+
+
+def _prefetch_far_code(prefetch_far: bool | None) -> int:
+    """``prefetch_far`` or, when None, the FASTDECODE_NATIVE_PREFETCH_FAR environment variable (0 or 1); -1 means
+    the CPU's default."""
+    if prefetch_far is not None:
+        return int(bool(prefetch_far))
+    value = os.environ.get(PREFETCH_FAR_ENV_VAR) or None
+    if value is None:
+        return -1
+    if value not in ("0", "1"):
+        raise ValueError(f"{PREFETCH_FAR_ENV_VAR} must be 0 or 1, got {value!r}")
+    return int(value)
+
+
 def _isa_code(isa: str | None) -> int:
     """``isa`` or, when None, the FASTDECODE_NATIVE_ISA environment variable; -1 means the best."""
     name = isa if isa is not None else os.environ.get(ISA_ENV_VAR) or None
@@ -174,7 +195,7 @@ class KVPool:
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str, capacity_bytes: int,
                  page_size: int = 32, num_threads: int | None = None, cpu_list: list[int] | None = None,
-                 isa: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                 isa: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, prefetch_far: bool | None = None):
         if kv_dtype not in _KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(_KV_DTYPES)}, got {kv_dtype!r}")
         if page_size <= 0 or chunk_tokens <= 0 or chunk_tokens % page_size:
@@ -183,14 +204,14 @@ class KVPool:
         config = _PoolConfig(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                              kv_dtype=_KV_DTYPES[kv_dtype], page_size=page_size, chunk_pages=chunk_tokens // page_size,
                              capacity_bytes=int(capacity_bytes), num_threads=num_threads, num_cpus=num_cpus,
-                             cpu_list=cpus, isa=_isa_code(isa))
+                             cpu_list=cpus, isa=_isa_code(isa), prefetch_far=_prefetch_far_code(prefetch_far))
         self._lock = threading.Lock()
         self._handle = ctypes.c_void_p()
         _check(_LIB.fd_pool_create(ctypes.byref(config), ctypes.byref(self._handle)))
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.kv_dtype, self.page_size, self.chunk_tokens = kv_dtype, page_size, chunk_tokens
         info = self._info()
-        self.num_threads, self.isa = info.num_threads, ISA_NAMES[info.isa]
+        self.num_threads, self.isa, self.prefetch_far = info.num_threads, ISA_NAMES[info.isa], bool(info.prefetch_far)
         self._page_bytes, self.num_total_pages = info.page_bytes, info.num_total_pages
 
     # ---- life cycle ----

@@ -73,6 +73,18 @@ static double bf16_dot_cost() {
     return 0.0;
 }
 
+// The second prefetch level pays on Intel cores, where a near-only prefetch is bound by a core's sixteen line-fill
+// buffers (H100 host's Xeon: 4-9% faster at 16 threads), and costs 1-3% on the Zen 5 dev VM, whose cores keep
+// more in flight (docs/benchmarks.md, "Session 6").
+static bool prefetch_far_default() {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;   // GenuineIntel
+#else
+    return false;
+#endif
+}
+
 static int32_t best_isa() {
     for (int32_t isa = FD_ISA_COUNT - 1; isa > 0; --isa) {
         if (!kernels_for(isa)) continue;
@@ -151,13 +163,17 @@ int32_t fd_isa_best(void) { return best_isa(); }
 
 double fd_bf16_dot_cost(void) { return bf16_dot_cost(); }
 
+int32_t fd_prefetch_far_default(void) { return prefetch_far_default(); }
+
 int32_t fd_pool_create(const fd_pool_config *config, fd_pool **out_pool) {
     if (!config || !out_pool) return set_error("null argument"), FD_EINVAL;
     return guarded([&]() -> int32_t {
         const int32_t isa = config->isa < 0 ? best_isa() : config->isa;
         const KernelTable *kernels = kernels_for(isa);
         if (!kernels) return set_error("ISA path %d is not available in this build on this CPU", isa), FD_EINVAL;
-        return pool_create(*config, kernels, isa, out_pool);
+        fd_pool_config resolved = *config;
+        if (resolved.prefetch_far < 0) resolved.prefetch_far = prefetch_far_default();
+        return pool_create(resolved, kernels, isa, out_pool);
     });
 }
 
@@ -179,6 +195,7 @@ int32_t fd_pool_get_info(fd_pool *pool, fd_pool_info *info) {
         info->num_sequences = (int64_t)p.seqs.size();
         info->isa = p.isa;
         info->num_threads = p.team.num_threads;
+        info->prefetch_far = p.prefetch_far;
         return FD_OK;
     });
 }

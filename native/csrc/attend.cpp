@@ -167,6 +167,7 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
                 task.next_page = cpool.page_ptr(sc.seqs[(size_t)next.batch_index]->pages[layer][(size_t)next.first_page]);
             }
             task.num_tokens = it.num_tokens;
+            task.prefetch_far = cpool.prefetch_far;
             task.page_size = P;
             task.head_dim = D;
             task.num_kv_heads = H;

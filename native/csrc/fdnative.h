@@ -50,6 +50,8 @@ typedef struct fd_pool_config {
     int32_t num_cpus;          /* length of cpu_list, 0 = no pinning */
     const int32_t *cpu_list;   /* thread i is pinned to cpu_list[i % num_cpus] */
     int32_t isa;               /* fd_isa, or -1 for the best the build and CPU support */
+    int32_t prefetch_far;      /* 1: the attention's second prefetch level (next-but-one block into L2), 0: off,
+                                  -1: on where it pays (Intel cores: see fd_prefetch_far_default) */
 } fd_pool_config;
 
 typedef struct fd_pool_info {
@@ -59,6 +61,7 @@ typedef struct fd_pool_info {
     int64_t num_sequences;
     int32_t isa;
     int32_t num_threads;
+    int32_t prefetch_far;
 } fd_pool_info;
 
 FD_API int32_t fd_abi_version(void);
@@ -72,6 +75,8 @@ FD_API int32_t fd_isa_best(void);
 /* Time of one zmm vdpbf16ps over one zmm FMA at full throughput on this CPU, measured once; 0 where the
  * AVX512_BF16 path is not available. */
 FD_API double fd_bf16_dot_cost(void);
+/* 1 where a pool's prefetch_far = -1 turns the second prefetch level on (an Intel CPU), else 0. */
+FD_API int32_t fd_prefetch_far_default(void);
 
 FD_API int32_t fd_pool_create(const fd_pool_config *config, fd_pool **out_pool);
 FD_API int32_t fd_pool_destroy(fd_pool *pool);

@@ -39,6 +39,7 @@ struct ChunkTask {
     const void *write_ctx;
     // The first page of the item the thread runs next, or null: the prefetch runs on into it.
     const uint8_t *next_page = nullptr;
+    bool prefetch_far = false;   // also fetch the block after each prefetched one, into L2
 };
 
 // Merges one sequence's chunk partials in chunk order and writes its output rows.

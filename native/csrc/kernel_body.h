@@ -60,14 +60,8 @@ static inline void load_pair(const uint8_t *block, const PairWalk &w, size_t i, 
 #ifndef FD_PREFETCH_BLOCKS
 #define FD_PREFETCH_BLOCKS 1
 #endif
-#ifndef FD_PREFETCH_FAR
-#define FD_PREFETCH_FAR 1
-#endif
 // How far ahead software prefetch runs, in K or V blocks of reading order (0: hardware prefetch only).
 static constexpr int kPrefetchBlocks = FD_PREFETCH_BLOCKS;
-// Whether the block after that one is fetched as well, into L2 only (prefetcht2), line for line with the near
-// prefetch.
-static constexpr bool kPrefetchFar = FD_PREFETCH_FAR != 0;
 
 // Software prefetch, kPrefetchBlocks blocks ahead in reading order (K of head h, V of head h, K of head
 // h+1, ...): with one block, the score tiles fetch this head's V block and the value tiles the next
@@ -75,9 +69,10 @@ static constexpr bool kPrefetchFar = FD_PREFETCH_FAR != 0;
 // row_bytes per head dim, the value tiles per token pair (ValuePrefetch). Requests issued in bursts
 // during one phase only (two blocks from the score tiles) left the memory idle during the other and
 // ran one core at about half the rate (docs/benchmarks.md, issue 3).
-// The far prefetch: each pass also fetches the block after its near one into L2, with the same spread. On the
-// H100 host's Xeon, where a core's sixteen line-fill buffers bound what a near-only prefetch keeps in flight,
-// it attends 4-9% faster at 16 threads (paired A/B, docs/benchmarks.md, "Session 6").
+// The far prefetch (ChunkTask::prefetch_far, chosen per pool): each pass also fetches the block after its near
+// one into L2 (prefetcht2), line for line with the near prefetch. On the H100 host's Xeon, where a core's sixteen
+// line-fill buffers bound what a near-only prefetch keeps in flight, it attends 4-9% faster at 16 threads
+// (paired A/B, docs/benchmarks.md, "Session 6"); on the Zen 5 dev VM it costs 1-3%.
 struct Prefetch {
     const uint8_t *for_scores, *for_values;           // the blocks to fetch into L1, or null
     const uint8_t *for_scores_far, *for_values_far;   // the blocks after those, into L2, or null
@@ -88,24 +83,27 @@ struct Prefetch {
 
 // One pass's software prefetch, step by step: the i-th next() issues step i's prefetches, num_bytes from
 // first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step), and the
-// same lines of the far block (far_first) into L2. Without a prefetch (first or far_first null) it fetches lines
-// from idle instead (lines the pass reads anyway: 4 of them without a near block), so a hot loop has no null test
-// per step. The lines of a step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5
+// same lines of the far block (far_first, or none when null) into L2. Without a near block (first null) it fetches
+// 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test for it. The lines of a step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5
 // core 7-9% slower from memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
 struct PrefetchWalk {
     const uint8_t *at, *far;
-    size_t step, far_step, line, span;
+    size_t step, line, span;
     PrefetchWalk(const uint8_t *first, const uint8_t *far_first, const uint8_t *idle, size_t step_bytes,
                  size_t num_bytes, size_t line_step)
-        : at(first ? first : idle), far(far_first ? far_first : idle), step(first ? step_bytes : 0),
-          far_step(far_first ? step_bytes : 0), line(first ? line_step : 64), span(first ? num_bytes : 4 * 64) {}
+        : at(first ? first : idle), far(first ? far_first : nullptr), step(first ? step_bytes : 0),
+          line(first ? line_step : 64), span(first ? num_bytes : 4 * 64) {}
     __attribute__((always_inline)) void next() {
-        for (size_t off = 0; off < span; off += line) {
-            __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
-            if constexpr (kPrefetchFar) __builtin_prefetch(far + off, 0, 1);
+        if (far) {
+            for (size_t off = 0; off < span; off += line) {
+                __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+                __builtin_prefetch(far + off, 0, 1);
+            }
+            far += step;
+        } else {
+            for (size_t off = 0; off < span; off += line) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
         }
         at += step;
-        far += far_step;
     }
 };
 
@@ -361,6 +359,7 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
     memset(task->acc, 0, sizeof(float) * (size_t)H * G * D);
     int remaining = task->num_tokens;
     const int num_blocks = 2 * task->num_pages * H;
+    const bool is_far = task->prefetch_far;
     // Block i of reading order; past the chunk, the next item's first page, or null.
     auto block_at = [&](int i) -> const uint8_t * {
         if (kPrefetchBlocks == 0) return nullptr;
@@ -379,8 +378,8 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             Prefetch pf{block_at(k_block + kPrefetchBlocks), block_at(k_block + 1 + kPrefetchBlocks),
-                        kPrefetchFar ? block_at(k_block + 1 + kPrefetchBlocks) : nullptr,
-                        kPrefetchFar ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr, (size_t)P * fdn::dtype_size(DT)};
+                        is_far ? block_at(k_block + 1 + kPrefetchBlocks) : nullptr,
+                        is_far ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr, (size_t)P * fdn::dtype_size(DT)};
             if (is_short) {
                 pf.for_values = pf.for_scores_far = pf.for_values_far = nullptr;
                 pf.for_scores = block_at(k_block + 2);

@@ -17,6 +17,7 @@ int32_t pool_create(const fd_pool_config &c, const KernelTable *kernels, int32_t
         return set_error("page_size must be a multiple of 16 in [16, 256], got %d", c.page_size), FD_EINVAL;
     if (!valid_dtype(c.kv_dtype)) return set_error("unknown kv dtype code %d", c.kv_dtype), FD_EINVAL;
     if (c.chunk_pages < 1) return set_error("chunk_pages must be >= 1"), FD_EINVAL;
+    if (c.prefetch_far < 0 || c.prefetch_far > 1) return set_error("prefetch_far must be 0 or 1"), FD_EINVAL;
     if (c.num_threads < 1 || c.num_threads > 4096) return set_error("num_threads must be in [1, 4096]"), FD_EINVAL;
     if (c.num_cpus < 0 || (c.num_cpus > 0 && !c.cpu_list)) return set_error("bad cpu list"), FD_EINVAL;
     for (int i = 0; i < c.num_cpus; ++i)
@@ -30,6 +31,7 @@ int32_t pool_create(const fd_pool_config &c, const KernelTable *kernels, int32_t
     pool->page_size = c.page_size;
     pool->chunk_pages = c.chunk_pages;
     pool->isa = isa;
+    pool->prefetch_far = c.prefetch_far > 0;
     pool->kernels = kernels;
     pool->team.num_threads = c.num_threads;
     pool->team.cpus.assign(c.cpu_list, c.cpu_list + c.num_cpus);

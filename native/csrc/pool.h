@@ -50,6 +50,7 @@ void set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 struct fd_pool {
     int32_t num_layers = 0, num_kv_heads = 0, head_dim = 0, kv_dtype = 0, page_size = 0, chunk_pages = 0;
     int32_t isa = 0;
+    bool prefetch_far = false;
     fdn::Team team;
     const fdn::KernelTable *kernels = nullptr;
     size_t elem_bytes = 0, block_bytes = 0, page_bytes = 0;

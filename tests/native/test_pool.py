@@ -7,8 +7,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fastdecode.native.lib import (ISA_ENV_VAR, STATUS_FULL, KVPool, NativeError, available_isas, bf16_dot_cost,
-                                   default_isa)
+from fastdecode.native.lib import (ISA_ENV_VAR, PREFETCH_FAR_ENV_VAR, STATUS_FULL, KVPool, NativeError,
+                                   available_isas, bf16_dot_cost, default_isa, prefetch_far_default)
 
 from native_reference import DTYPES, random_kv
 
@@ -186,6 +186,22 @@ def test_isa_choice_by_option_and_environment(monkeypatch):
         assert pool.isa == "generic"
     monkeypatch.setenv(ISA_ENV_VAR, "sse9")
     with pytest.raises(ValueError, match="unknown ISA"):
+        make_pool()
+
+
+def test_prefetch_far_by_cpu_option_and_environment(monkeypatch):
+    with make_pool() as pool:
+        assert pool.prefetch_far == prefetch_far_default()
+    for far in (False, True):
+        with make_pool(prefetch_far=far) as pool:
+            assert pool.prefetch_far is far
+    monkeypatch.setenv(PREFETCH_FAR_ENV_VAR, "1")
+    with make_pool() as pool:
+        assert pool.prefetch_far
+    with make_pool(prefetch_far=False) as pool:                 # the option wins over the environment
+        assert not pool.prefetch_far
+    monkeypatch.setenv(PREFETCH_FAR_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
         make_pool()
 
 

@@ -16,10 +16,11 @@ H, G, D = 4, 4, 128
 LENGTHS = [1, 700, 3000, 9000]       # several chunks of 512 tokens for most sequences
 
 
-def attend_with_threads(num_threads: int, isa: str, kv_dtype: str = "bfloat16", q_dtype: str = "float32"):
+def attend_with_threads(num_threads: int, isa: str, kv_dtype: str = "bfloat16", q_dtype: str = "float32",
+                        prefetch_far: bool | None = None):
     rng = np.random.default_rng(7)
     with KVPool(num_layers=1, num_kv_heads=H, head_dim=D, kv_dtype=kv_dtype, capacity_bytes=64 << 20,
-                num_threads=num_threads, isa=isa) as pool:
+                num_threads=num_threads, isa=isa, prefetch_far=prefetch_far) as pool:
         for seq_id, n in enumerate(LENGTHS):
             k, v, _, _ = random_kv(rng, (n, H, D), kv_dtype)
             pool.allocate(seq_id)
@@ -42,6 +43,15 @@ def test_one_and_many_threads_give_bitwise_equal_results(isa, q_dtype):
         for (o1, l1), (on, ln) in zip(single, many):
             assert o1.tobytes() == on.tobytes()
             assert l1.tobytes() == ln.tobytes()
+
+
+@pytest.mark.parametrize("q_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_second_prefetch_level_changes_no_bit(isa, q_dtype):
+    near, both = (attend_with_threads(3, isa, q_dtype=q_dtype, prefetch_far=far) for far in (False, True))
+    for (o1, l1), (o2, l2) in zip(near, both):
+        assert o1.tobytes() == o2.tobytes()
+        assert l1.tobytes() == l2.tobytes()
 
 
 def test_another_python_thread_runs_during_a_long_call():
