@@ -165,7 +165,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
         }
     };
     int t = 0;
-    PrefetchWalk fetch(pf.at, vb, pf.num_bytes, 64, pf.far, pf.num_bytes, 64);
+    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes, 64);
     for (; t + 2 <= n; t += 2, row += walk.step) {
         fetch.next();
         step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away

@@ -78,40 +78,39 @@ struct Prefetch {
     const uint8_t *for_scores_far, *for_values_far;   // the blocks after those, into L2, or null
     size_t row_bytes;
     size_t line_step = 64;                    // for_scores: every line, or one line in line_step / 64
-    size_t far_row_bytes = 0;                 // for_scores_far's bytes per head-dim row (0: row_bytes)
-    size_t far_line_step = 64;
     void clear() { for_scores = for_values = for_scores_far = for_values_far = nullptr; }
 };
 
 // One pass's software prefetch, step by step: the i-th next() issues step i's prefetches, num_bytes from
-// first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step), and
-// likewise far_bytes of the far block (far_first, or none when null) into L2, one every far_line bytes. Without a
-// near block (first null) it fetches 4 lines from idle (lines the pass reads anyway), so a hot loop has no null
-// test for it. The lines of a step go out from a short loop: the same prefetches unrolled into one burst ran one
-// Zen 5 core 7-9% slower from memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per
-// byte").
+// first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step), and the
+// same lines of the far block (far_first, or none when null) into L2. Without a near block (first null) it fetches
+// 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test for it. The lines of a step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5
+// core 7-9% slower from memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
 struct PrefetchWalk {
     const uint8_t *at, *far;
-    size_t step, line, span, far_line, far_span;
-    PrefetchWalk(const uint8_t *first, const uint8_t *idle, size_t num_bytes, size_t line_step,
-                 const uint8_t *far_first, size_t far_bytes, size_t far_line_step)
-        : at(first ? first : idle), far(first ? far_first : nullptr), step(first ? num_bytes : 0),
-          line(first ? line_step : 64), span(first ? num_bytes : 4 * 64), far_line(far_line_step), far_span(far_bytes) {}
+    size_t step, line, span;
+    PrefetchWalk(const uint8_t *first, const uint8_t *far_first, const uint8_t *idle, size_t step_bytes,
+                 size_t num_bytes, size_t line_step)
+        : at(first ? first : idle), far(first ? far_first : nullptr), step(first ? step_bytes : 0),
+          line(first ? line_step : 64), span(first ? num_bytes : 4 * 64) {}
     __attribute__((always_inline)) void next() {
-        for (size_t off = 0; off < span; off += line) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
-        at += step;
         if (far) {
-            for (size_t off = 0; off < far_span; off += far_line) __builtin_prefetch(far + off, 0, 1);
-            far += far_span;
+            for (size_t off = 0; off < span; off += line) {
+                __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+                __builtin_prefetch(far + off, 0, 1);
+            }
+            far += step;
+        } else {
+            for (size_t off = 0; off < span; off += line) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
         }
+        at += step;
     }
 };
 
 // The score tiles' prefetch: one step per num_rows head-dim rows.
 static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idle, int num_rows) {
     const size_t num_bytes = (size_t)num_rows * pf.row_bytes;
-    const size_t far_bytes = (size_t)num_rows * (pf.far_row_bytes ? pf.far_row_bytes : pf.row_bytes);
-    return PrefetchWalk(pf.for_scores, idle, num_bytes, pf.line_step, pf.for_scores_far, far_bytes, pf.far_line_step);
+    return PrefetchWalk(pf.for_scores, pf.for_scores_far, idle, num_bytes, num_bytes, pf.line_step);
 }
 
 // A last page of bf16 blocks holding at most half a K tile of tokens (the new token's page soon after it
@@ -130,14 +129,13 @@ struct ShortPage {
     // pairs (2 * 2 bytes each) and its rows are 4 bytes per dim (the last tile may be narrower). Forced
     // inline: as a function of its own, which does nothing but prefetch, GCC 12 found it free of side
     // effects and dropped every call (even at -O1); count prefetcht0 in objdump -d.
-    template <int kLocality = FD_PREFETCH_LOCALITY>
     __attribute__((always_inline)) static inline void fetch_v(const uint8_t *vb, int n, int D, int P) {
         const int num_rows = (n + 1) / 2;
         for (int d0 = 0; d0 < D; d0 += fdn::kVTileDims) {
             const int width = D - d0 < fdn::kVTileDims ? D - d0 : fdn::kVTileDims;
             const uint8_t *tile = vb + (size_t)d0 * P * 2;
             const int num_lines = (num_rows * width * 4 + 63) / 64;
-            for (int i = 0; i < num_lines; ++i) __builtin_prefetch(tile + 64 * i, 0, kLocality);
+            for (int i = 0; i < num_lines; ++i) __builtin_prefetch(tile + 64 * i, 0, FD_PREFETCH_LOCALITY);
         }
     }
 };
@@ -289,7 +287,7 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
     int t = 0;
-    PrefetchWalk fetch(pf.at, vb, pf.num_bytes, 64, pf.far, pf.num_bytes, 64);
+    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes, 64);
     for (; t + 2 <= n; t += 2, walk.first += walk.step) {
         fetch.next();
         for (int j = 0; j < DV; ++j) {
@@ -375,11 +373,6 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         remaining -= n;
         const bool is_short = kPrefetchBlocks > 0 && ShortPage::applies(DT, n, P);
         if (is_short) ShortPage::fetch_v(page + block, n, D, P);   // head 0's (its K came with the page before)
-        // With the far prefetch, a short last page's lines go to L2 while the page before it is read, head by head:
-        // each head's far walk takes the same head's K lines there (ShortPage's pattern), and its V rows go at once.
-        const uint8_t *short_next = is_far && pi + 2 == task->num_pages && ShortPage::applies(DT, remaining, P)
-                                        ? task->base + (size_t)task->pages[pi + 1] * task->page_bytes
-                                        : nullptr;
         for (int h = 0; h < H; ++h) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
@@ -387,13 +380,6 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             Prefetch pf{block_at(k_block + kPrefetchBlocks), block_at(k_block + 1 + kPrefetchBlocks),
                         is_far ? block_at(k_block + 1 + kPrefetchBlocks) : nullptr,
                         is_far ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr, (size_t)P * fdn::dtype_size(DT)};
-            if (short_next) {
-                pf.for_scores_far = short_next + 2 * block * h;
-                pf.for_values_far = nullptr;
-                pf.far_row_bytes = ShortPage::kKLineStep / 2;
-                pf.far_line_step = ShortPage::kKLineStep;
-                ShortPage::fetch_v<1>(pf.for_scores_far + block, remaining, D, P);
-            }
             if (is_short) {
                 pf.for_values = pf.for_scores_far = pf.for_values_far = nullptr;
                 pf.for_scores = block_at(k_block + 2);
