@@ -197,9 +197,11 @@ struct ValueDotBf16 {
         const size_t block = (size_t)D * P * 2;
         int j = 0, tile = 0;
         for (; j + DV <= num_vecs; j += DV, ++tile)
-            value_tile_dot<GB, DV>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
+            value_tile_dot<GB, DV>(vb, D, P, n, j * V::W, pb, acc,
+                                   value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
         for (; j < num_vecs; ++j, ++tile)
-            value_tile_dot<GB, 1>(vb, D, P, n, j * V::W, pb, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
+            value_tile_dot<GB, 1>(vb, D, P, n, j * V::W, pb, acc,
+                                   value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
     }
 };
 

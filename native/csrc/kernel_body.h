@@ -84,8 +84,9 @@ struct Prefetch {
 // One pass's software prefetch, step by step: the i-th next() issues step i's prefetches, num_bytes from
 // first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step), and the
 // same lines of the far block (far_first, or none when null) into L2. Without a near block (first null) it fetches
-// 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test for it. The lines of a step go out from a short loop: the same prefetches unrolled into one burst ran one Zen 5
-// core 7-9% slower from memory (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
+// 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test for it. The lines of a step go
+// out from a short loop: the same prefetches unrolled into one burst ran one Zen 5 core 7-9% slower from memory
+// (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
 struct PrefetchWalk {
     const uint8_t *at, *far;
     size_t step, line, span;
@@ -330,9 +331,11 @@ struct ValueF32 {
         const size_t block = (size_t)D * P * fdn::dtype_size(DT);
         int j = 0, tile = 0;
         for (; j + DV <= num_vecs; j += DV, ++tile)
-            value_tile<DT, GB, DV>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
+            value_tile<DT, GB, DV>(vb, D, P, n, j * V::W, p, acc,
+                                   value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
         for (; j < num_vecs; ++j, ++tile)
-            value_tile<DT, GB, 1>(vb, D, P, n, j * V::W, p, acc, value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
+            value_tile<DT, GB, 1>(vb, D, P, n, j * V::W, p, acc,
+                                   value_prefetch(pf_v, pf_v_far, block, num_tiles, P, tile));
     }
 };
 
