@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 from fastdecode.native import bench
-from fastdecode.native.lib import ISA_NAMES
+from fastdecode.native.lib import (ISA_ENV_VAR, PREFETCH_FAR_ENV_VAR, bf16_dot_cost, default_isa,
+                                   prefetch_far_default)
 
 
 def test_bench_prints_one_json_object_last(capsys):
@@ -12,7 +14,10 @@ def test_bench_prints_one_json_object_last(capsys):
                 "--read-bytes", str(64 << 20), "--threads", "1"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
-    assert result["threads"] == 1 and result["isa"] in ISA_NAMES
+    assert result["threads"] == 1 and result["isa"] == (os.environ.get(ISA_ENV_VAR) or default_isa())
+    far_env = os.environ.get(PREFETCH_FAR_ENV_VAR)
+    assert result["prefetch_far"] == (far_env == "1" if far_env else prefetch_far_default())
+    assert result["bf16_dot_cost"] == bf16_dot_cost()
     assert result["read_gbps"] >= max(result["read_native_gbps"], result["read_torch_sum_gbps"]) > 0
     (case,) = result["cases"]
     assert case["name"] == "2x300"
