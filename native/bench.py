@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         for case in cases:
             case.pool.close()
     best = combine_rounds(rounds, {case.name: case.kv_bytes for case in cases})
-    with KVPool(num_layers=1, num_kv_heads=1, head_dim=16, kv_dtype="float32", capacity_bytes=1 << 16,
-                page_size=16, num_threads=1, isa=args.isa) as probe:
-        isa, prefetch_far = probe.isa, probe.prefetch_far
+    isa, prefetch_far = cases[0].pool.isa, cases[0].pool.prefetch_far   # what the pools resolved at creation
     result = {"threads": args.threads, "isa": isa, "bf16_dot_cost": bf16_dot_cost(), "prefetch_far": prefetch_far,
               "read_gbps": best["read_gbps"],
               "read_native_gbps": best["read_native_gbps"], "read_torch_sum_gbps": best["read_torch_sum_gbps"],

@@ -380,9 +380,12 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
-            Prefetch pf{block_at(k_block + kPrefetchBlocks), block_at(k_block + 1 + kPrefetchBlocks),
-                        is_far ? block_at(k_block + 1 + kPrefetchBlocks) : nullptr,
-                        is_far ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr, (size_t)P * fdn::dtype_size(DT)};
+            // The blocks kPrefetchBlocks, +1 and +2 after this head's K: the score pass's near one, the value
+            // pass's near one (the score pass's far one) and the value pass's far one.
+            const uint8_t *ahead = block_at(k_block + kPrefetchBlocks);
+            const uint8_t *ahead1 = block_at(k_block + 1 + kPrefetchBlocks);
+            const uint8_t *ahead2 = is_far ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr;
+            Prefetch pf{ahead, ahead1, is_far ? ahead1 : nullptr, ahead2, (size_t)P * fdn::dtype_size(DT)};
             if (is_short) {
                 pf.for_values = pf.for_scores_far = pf.for_values_far = nullptr;
                 pf.for_scores = block_at(k_block + 2);
