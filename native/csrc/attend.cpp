@@ -45,7 +45,7 @@ struct TokenWrite {
 
 static void write_token_head(const void *ctx, int head) {
     const TokenWrite &w = *static_cast<const TokenWrite *>(ctx);
-    pool_write_token(*w.pool, *w.pages, w.pos, head, w.k, w.v, w.dtype);
+    pool_write_next_token(*w.pool, *w.pages, w.pos, head, w.k, w.v, w.dtype);
 }
 
 int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *seq_ids, int32_t num_q_heads,

@@ -80,7 +80,8 @@ double bf16_dot_relative_cost();
 // two tokens of a head dim. bf16 blocks are also tiled so that the kernels read every block in one
 // front-to-back pass (the hardware stream prefetchers follow that; see docs/benchmarks.md, issue 3):
 // K as [P/32][D/2][32][2] (32-token tiles: one score tile), V as [D/64][P/2][64][2] (64-dim tiles:
-// one value tile); a last, narrower tile holds the rest when P or D is not a multiple of the tile.
+// one value tile); a last, narrower tile holds the rest when P or D is not a multiple of the tile. A K
+// tile not yet filled is held by rows (k_tile_by_rows).
 // A shift or a mask widens either half of a pair to float32.
 constexpr int kDtypeBf16 = 2;
 constexpr int kKTileTokens = 32;
@@ -92,8 +93,25 @@ static inline size_t tiled_pair_index(int row, int col, int is_odd, int num_rows
     return ((size_t)t0 * num_rows + (size_t)row * width + (col - t0)) * 2 + is_odd;
 }
 
+// K of a complete tile (every token of it written).
 static inline size_t k_index(int dtype, int d, int t, int D, int P) {
     return dtype == kDtypeBf16 ? tiled_pair_index(d >> 1, t, d & 1, D / 2, P, kKTileTokens) : (size_t)d * P + t;
+}
+
+// A bf16 K tile that the page's tokens do not fill yet (the sequence's last one) is held by rows instead:
+// token t's head dims at t * D .. t * D + D, inside the tile's own span. A new token then costs the
+// D * 2 bytes of its row (4 lines at D = 128) where the pair tiles spread it over D / 2 rows of 128 bytes
+// (64 lines written, and read back by every step), and a few tokens are read as a few rows. The tile is
+// rewritten into pairs once its last token arrives (pool_complete_k_tile).
+static inline bool k_tile_by_rows(int dtype, int t, int P, int page_tokens) {
+    if (dtype != kDtypeBf16) return false;
+    const int t0 = t / kKTileTokens * kKTileTokens, width = P - t0 < kKTileTokens ? P - t0 : kKTileTokens;
+    return page_tokens < t0 + width;
+}
+
+// K element (d, t) of a page that holds page_tokens tokens.
+static inline size_t k_index_at(int dtype, int d, int t, int D, int P, int page_tokens) {
+    return k_tile_by_rows(dtype, t, P, page_tokens) ? (size_t)t * D + d : k_index(dtype, d, t, D, P);
 }
 
 static inline size_t v_index(int dtype, int t, int d, int D, int P) {

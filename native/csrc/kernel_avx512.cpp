@@ -100,6 +100,7 @@ struct V : avx512::V {};
 // tokens (the K layout pairs them) against the same pair of q, broadcast. bf16 products are exact
 // in float32 and accumulate in float32; the 1/sqrt(D) scale is applied to the scores.
 struct ScoreDotBf16 {
+    static constexpr bool kBf16Q = true;   // row_scores widens task.q_bf16 and applies task.scale
     template <int DT, int GB, int TV>
     static inline void tile(const fdn::ChunkTask &task, int r0, const uint8_t *kb, int t0, float *s,
                             const Prefetch &pf) {
@@ -165,7 +166,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
         }
     };
     int t = 0;
-    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes, 64);
+    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes);
     for (; t + 2 <= n; t += 2, row += walk.step) {
         fetch.next();
         step(t, _mm512_set1_epi32(-1));   // and with all ones: folded away

@@ -77,32 +77,34 @@ struct Prefetch {
     const uint8_t *for_scores, *for_values;           // the blocks to fetch into L1, or null
     const uint8_t *for_scores_far, *for_values_far;   // the blocks after those, into L2, or null
     size_t row_bytes;
-    size_t line_step = 64;                    // for_scores: every line, or one line in line_step / 64
+    // A short page (ShortPage): for_scores is the next head's K block, whose token rows (and V pair rows) the
+    // row pass fetches at the places it reads in this head's.
+    bool is_next_head = false;
     void clear() { for_scores = for_values = for_scores_far = for_values_far = nullptr; }
 };
 
 // One pass's software prefetch, step by step: the i-th next() issues step i's prefetches, num_bytes from
-// first + i * step_bytes, one every line_step bytes, from a running pointer (no index multiply per step), and the
+// first + i * step_bytes, one per line, from a running pointer (no index multiply per step), and the
 // same lines of the far block (far_first, or none when null) into L2. Without a near block (first null) it fetches
 // 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test for it. The lines of a step go
 // out from a short loop: the same prefetches unrolled into one burst ran one Zen 5 core 7-9% slower from memory
 // (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
 struct PrefetchWalk {
     const uint8_t *at, *far;
-    size_t step, line, span;
+    size_t step, span;
     PrefetchWalk(const uint8_t *first, const uint8_t *far_first, const uint8_t *idle, size_t step_bytes,
-                 size_t num_bytes, size_t line_step)
+                 size_t num_bytes)
         : at(first ? first : idle), far(first ? far_first : nullptr), step(first ? step_bytes : 0),
-          line(first ? line_step : 64), span(first ? num_bytes : 4 * 64) {}
+          span(first ? num_bytes : 4 * 64) {}
     __attribute__((always_inline)) void next() {
         if (far) {
-            for (size_t off = 0; off < span; off += line) {
+            for (size_t off = 0; off < span; off += 64) {
                 __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
                 __builtin_prefetch(far + off, 0, 1);
             }
             far += step;
         } else {
-            for (size_t off = 0; off < span; off += line) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
+            for (size_t off = 0; off < span; off += 64) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
         }
         at += step;
     }
@@ -111,33 +113,30 @@ struct PrefetchWalk {
 // The score tiles' prefetch: one step per num_rows head-dim rows.
 static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idle, int num_rows) {
     const size_t num_bytes = (size_t)num_rows * pf.row_bytes;
-    return PrefetchWalk(pf.for_scores, pf.for_scores_far, idle, num_bytes, num_bytes, pf.line_step);
+    return PrefetchWalk(pf.for_scores, pf.for_scores_far, idle, num_bytes, num_bytes);
 }
 
-// A last page of bf16 blocks holding at most half a K tile of tokens (the new token's page soon after it
-// was opened: 256x512's 17th page holds 1..7). Its passes are too short for the block-ahead prefetch,
-// which would also fetch each whole block while at most a quarter of it holds tokens. Instead, while
-// head h is processed, the lines of head h+1 that hold tokens are fetched: its V rows at once (a few
-// lines), its K lines by the score tiles (the first 64-byte line of each 128-byte pair row of the first
-// K tile); the value tiles fetch nothing. The last head's score tiles fetch the next item's first K
-// block, as usual.
+// A last page whose K is held by rows (fewer tokens than its first K tile: the new token's page, for its
+// first steps; 256x512's 17th page holds 1..5): only a few of its lines hold tokens, and the block-ahead
+// prefetch would fetch whole blocks. Instead, while head h is read, head h+1's token lines are fetched at the
+// places read in head h: its K row t and V pair row t / 2 by the row pass at token t (its V rows at the page
+// start for head 0). The last head's passes fetch the next item's first K and V blocks, as usual.
 struct ShortPage {
-    static bool applies(int dtype, int n, int P) {
-        return dtype == fdn::kDtypeBf16 && P >= fdn::kKTileTokens && 2 * n <= fdn::kKTileTokens;
-    }
-    static constexpr size_t kKLineStep = fdn::kKTileTokens * 2 * 2;   // one 128-byte pair row of a K tile
-    // V rows of tokens 0 .. n-1 of the V block at vb, in every V tile: V tile i starts at i * kVTileDims * P
-    // pairs (2 * 2 bytes each) and its rows are 4 bytes per dim (the last tile may be narrower). Forced
-    // inline: as a function of its own, which does nothing but prefetch, GCC 12 found it free of side
+    static bool applies(int dtype, int n, int P) { return fdn::k_tile_by_rows(dtype, 0, P, n); }
+    // The lines of V pair row r (tokens 2r, 2r + 1) in every V tile of the V block at vb: tile i starts at
+    // i * kVTileDims * P pairs (2 * 2 bytes each) and its rows are 4 bytes per dim (the last tile may be narrower).
+    // Forced inline: as a function of its own, which does nothing but prefetch, GCC 12 found it free of side
     // effects and dropped every call (even at -O1); count prefetcht0 in objdump -d.
-    __attribute__((always_inline)) static inline void fetch_v(const uint8_t *vb, int n, int D, int P) {
-        const int num_rows = (n + 1) / 2;
+    __attribute__((always_inline)) static inline void fetch_v_row(const uint8_t *vb, int r, int D, int P) {
         for (int d0 = 0; d0 < D; d0 += fdn::kVTileDims) {
             const int width = D - d0 < fdn::kVTileDims ? D - d0 : fdn::kVTileDims;
-            const uint8_t *tile = vb + (size_t)d0 * P * 2;
-            const int num_lines = (num_rows * width * 4 + 63) / 64;
-            for (int i = 0; i < num_lines; ++i) __builtin_prefetch(tile + 64 * i, 0, FD_PREFETCH_LOCALITY);
+            const uint8_t *row = vb + (size_t)d0 * P * 2 + (size_t)r * width * 4;
+            for (int off = 0; off < width * 4; off += 64) __builtin_prefetch(row + off, 0, FD_PREFETCH_LOCALITY);
         }
+    }
+    // V rows of tokens 0 .. n-1 of the V block at vb.
+    __attribute__((always_inline)) static inline void fetch_v(const uint8_t *vb, int n, int D, int P) {
+        for (int r = 0; r < (n + 1) / 2; ++r) fetch_v_row(vb, r, D, P);
     }
 };
 
@@ -160,6 +159,7 @@ static inline ValuePrefetch value_prefetch(const uint8_t *v, const uint8_t *v_fa
 
 // Scores from float32 q (scaled by 1/sqrt(D) beforehand): s[g][t0 .. t0+TV*W) = q[g] . K[t].
 struct ScoreF32 {
+    static constexpr bool kBf16Q = false;   // row_scores takes task.q
     template <int DT, int GB, int TV>
     static inline void tile(const fdn::ChunkTask &task, int r0, const uint8_t *kb, int t0, float *s,
                             const Prefetch &pf) {
@@ -202,9 +202,59 @@ struct ScoreF32 {
 
 static_assert(fdn::kKTileTokens % (V::TV * V::W) == 0, "a score tile must lie inside one K layout tile");
 
+// Scores of the tokens t0 .. n-1 of a K tile held by rows (kernel_api.h: k_tile_by_rows): per token, the
+// group's dot products over D, two chains each, reduced four heads at once. q in float32: the caller's scaled
+// rows, or (kBf16Q) the bf16 rows widened here and the scale applied to the sums. The pass's prefetch runs one
+// step per token: the next head's token lines at a short page (Prefetch::is_next_head), else the near block
+// (and the far one) spread over the tokens. A short page is all rows (t0 = 0), so token t's lines in the next head
+// lie at t's offset.
+template <int GB, bool kBf16Q>
+static inline void row_scores(const fdn::ChunkTask &task, int r0, const uint8_t *kb, int t0, int n, float *s,
+                              const Prefetch &pf) {
+    const int D = task.head_dim, P = task.page_size;
+    const float *q = task.q + (size_t)r0 * D;
+    float scale = 1.0f;
+    alignas(64) float q_wide[4 * fdn::kMaxHeadDim];
+    if constexpr (kBf16Q) {
+        for (int g = 0; g < GB; ++g)
+            for (int d = 0; d < D; d += V::W) V::store(q_wide + g * D + d, V::load_bf16(task.q_bf16 + (size_t)(r0 + g) * D + d));
+        q = q_wide;
+        scale = task.scale;
+    }
+    const size_t row_bytes = (size_t)D * 2, block_bytes = row_bytes * P;
+    const size_t per_token = pf.is_next_head ? row_bytes : (block_bytes / (size_t)(n - t0) + 63) / 64 * 64;
+    PrefetchWalk fetch(pf.for_scores, pf.is_next_head ? nullptr : pf.for_scores_far, kb, per_token, per_token);
+    const uint16_t *row = reinterpret_cast<const uint16_t *>(kb) + (size_t)t0 * D;
+    for (int t = t0; t < n; ++t, row += D) {
+        fetch.next();
+        if (pf.is_next_head && t % 2 == 0) ShortPage::fetch_v_row(pf.for_scores + block_bytes, t / 2, D, P);
+        V::R a[4], b[4];
+        for (int g = 0; g < 4; ++g) a[g] = b[g] = V::zero();
+        int d = 0;
+        for (; d + 2 * V::W <= D; d += 2 * V::W) {
+            const V::R k0 = V::load_bf16(row + d), k1 = V::load_bf16(row + d + V::W);
+            for (int g = 0; g < GB; ++g) {
+                a[g] = V::fma(V::load(q + g * D + d), k0, a[g]);
+                b[g] = V::fma(V::load(q + g * D + d + V::W), k1, b[g]);
+            }
+        }
+        if (d < D) {
+            const V::R k0 = V::load_bf16(row + d);
+            for (int g = 0; g < GB; ++g) a[g] = V::fma(V::load(q + g * D + d), k0, a[g]);
+        }
+        for (int g = 0; g < 4; ++g) a[g] = V::add(a[g], b[g]);
+        V::hsum4(a);
+        for (int g = 0; g < GB; ++g) s[g * P + t] = V::first(a[g]) * scale;
+    }
+}
+
 template <int DT, int GB, class S>
 static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t *kb, int n, float *s, Prefetch pf) {
-    const int num_vecs = (n + V::W - 1) / V::W;   // a part-filled last page: softmax_update masks the rest
+    const int P = task.page_size;
+    // Tokens of the tiles held in pairs: all, unless the last is held by rows (a part-filled bf16 tile).
+    const bool has_rows = fdn::k_tile_by_rows(DT, n - 1, P, n);
+    const int paired = has_rows ? (n - 1) / fdn::kKTileTokens * fdn::kKTileTokens : n;
+    const int num_vecs = (paired + V::W - 1) / V::W;   // a part-filled last page: softmax_update masks the rest
     int j = 0;
     for (; j + V::TV <= num_vecs; j += V::TV) {
         S::template tile<DT, GB, V::TV>(task, r0, kb, j * V::W, s, pf);
@@ -214,6 +264,7 @@ static inline void page_scores(const fdn::ChunkTask &task, int r0, const uint8_t
         S::template tile<DT, GB, 1>(task, r0, kb, j * V::W, s, pf);
         pf.clear();
     }
+    if (has_rows) row_scores<GB, S::kBf16Q>(task, r0, kb, paired, n, s, pf);
 }
 
 // How far a page's scores may rise above a row's running max before the max is moved: exp(score - m)
@@ -288,7 +339,7 @@ static inline void value_tile(const uint8_t *vb, int D, int P, int n, int d0, co
     for (int g = 0; g < GB; ++g)
         for (int j = 0; j < DV; ++j) a[g][j] = V::load(acc + g * D + d0 + j * V::W);
     int t = 0;
-    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes, 64);
+    PrefetchWalk fetch(pf.at, pf.far, vb, pf.num_bytes, pf.num_bytes);
     for (; t + 2 <= n; t += 2, walk.first += walk.step) {
         fetch.next();
         for (int j = 0; j < DV; ++j) {
@@ -387,13 +438,10 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             const uint8_t *ahead2 = is_far ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr;
             Prefetch pf{ahead, ahead1, is_far ? ahead1 : nullptr, ahead2, (size_t)P * fdn::dtype_size(DT)};
             if (is_short) {
-                pf.for_values = pf.for_scores_far = pf.for_values_far = nullptr;
-                pf.for_scores = block_at(k_block + 2);
-                if (h + 1 < H) {
-                    ShortPage::fetch_v(vb + 2 * block, n, D, P);
-                    pf.row_bytes = ShortPage::kKLineStep / 2;   // D / 2 pair rows: the first K tile
-                    pf.line_step = ShortPage::kKLineStep;
-                }
+                pf.clear();
+                pf.is_next_head = h + 1 < H;
+                pf.for_scores = block_at(k_block + 2);   // the next head's K block, or the next item's first
+                if (!pf.is_next_head) pf.for_values = block_at(k_block + 3);
             }
             for (int g0 = 0; g0 < G; g0 += 4) {
                 const int r0 = h * G + g0;

@@ -137,7 +137,7 @@ static void write_token_same(uint8_t *kb, uint8_t *vb, const T *k, const T *v, s
 }
 
 void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
-                      const void *k, const void *v, int32_t src_dtype) {
+                      const void *k, const void *v, int32_t src_dtype, int page_tokens) {
     const int P = pool.page_size, D = pool.head_dim;
     uint8_t *page = pool.page_ptr(pages[(size_t)(pos / P)]);
     const int slot = (int)(pos % P);
@@ -145,8 +145,9 @@ void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, in
     // The token's places, from the layout once: K dim d at k0 + (d / 2) * k_step + (d % 2) * k_hi; V dims
     // run with a fixed stride inside each V tile (a whole row unless the blocks are tiled bf16).
     const int dt = pool.kv_dtype;
-    const size_t k0 = k_index(dt, 0, slot, D, P), k_step = k_index(dt, 2, slot, D, P) - k0;
-    const size_t k_hi = k_index(dt, 1, slot, D, P) - k0;
+    const size_t k0 = k_index_at(dt, 0, slot, D, P, page_tokens);
+    const size_t k_step = k_index_at(dt, 2, slot, D, P, page_tokens) - k0;
+    const size_t k_hi = k_index_at(dt, 1, slot, D, P, page_tokens) - k0;
     const int v_tile = dt == kDtypeBf16 ? kVTileDims : D;
     for (int h = h0; h < h1; ++h) {
         uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
@@ -168,6 +169,28 @@ void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, in
             for (int d = d0; d < d1; ++d) copy_elem(vb, v0 + (size_t)(d - d0) * v_stride, dt, v, src + d, src_dtype);
         }
     }
+}
+
+void pool_complete_k_tile(const fd_pool &pool, uint8_t *page, int head, int before, int after) {
+    const int P = pool.page_size, D = pool.head_dim, dt = pool.kv_dtype;
+    if (before < 1 || !k_tile_by_rows(dt, before - 1, P, before) || k_tile_by_rows(dt, before - 1, P, after)) return;
+    const int t0 = (before - 1) / kKTileTokens * kKTileTokens, num_rows = before - t0;
+    uint16_t rows[kKTileTokens * kMaxHeadDim];
+    const int h0 = head < 0 ? 0 : head, h1 = head < 0 ? pool.num_kv_heads : head + 1;
+    for (int h = h0; h < h1; ++h) {
+        uint16_t *kb = reinterpret_cast<uint16_t *>(page + pool.k_offset(h));
+        memcpy(rows, kb + (size_t)t0 * D, sizeof(uint16_t) * (size_t)num_rows * D);
+        for (int r = 0; r < num_rows; ++r)
+            for (int d = 0; d < D; d += 2)   // a pair of head dims is adjacent in both layouts
+                memcpy(kb + k_index(dt, d, t0 + r, D, P), rows + (size_t)r * D + d, 2 * sizeof(uint16_t));
+    }
+}
+
+void pool_write_next_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+                           const void *k, const void *v, int32_t src_dtype) {
+    const int slot = (int)(pos % pool.page_size);
+    pool_complete_k_tile(pool, pool.page_ptr(pages[(size_t)(pos / pool.page_size)]), head, slot, slot + 1);
+    pool_write_token(pool, pages, pos, head, k, v, src_dtype, slot + 1);
 }
 
 int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, const void *k,
@@ -215,10 +238,14 @@ int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_to
             const int64_t pos0 = page * P > start ? page * P : start;
             const int64_t pos1 = (page + 1) * P < start + num_tokens ? (page + 1) * P : start + num_tokens;
             const size_t layer_base = (size_t)(l - l0) * (size_t)num_tokens * token_elems;
+            // The page's tokens before and after: a K tile held by rows that this append fills is first
+            // rewritten into pairs, and every token goes where the page's final count puts it.
+            const int before = (int)(pos0 - page * P), after = (int)(pos1 - page * P);
+            pool_complete_k_tile(cpool, cpool.page_ptr(s->pages[l][(size_t)page]), -1, before, after);
             for (int64_t pos = pos0; pos < pos1; ++pos) {
                 const size_t off = (layer_base + (size_t)(pos - start) * token_elems) * es;
                 pool_write_token(cpool, s->pages[l], pos, -1, static_cast<const uint8_t *>(k) + off,
-                                 static_cast<const uint8_t *>(v) + off, src_dtype);
+                                 static_cast<const uint8_t *>(v) + off, src_dtype, after);
             }
         }
     }
@@ -236,11 +263,12 @@ int32_t pool_read(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_toke
     for (int64_t t = 0; t < num_tokens; ++t) {
         const uint8_t *page = pool.page_ptr(s->pages[layer][(size_t)(t / P)]);
         const int slot = (int)(t % P);
+        const int page_tokens = (int)(num_tokens - t / P * P < P ? num_tokens - t / P * P : P);
         for (int h = 0; h < H; ++h) {
             const uint8_t *kb = page + pool.k_offset(h), *vb = page + pool.v_offset(h);
             float *ko = k_out + ((size_t)t * H + h) * D, *vo = v_out + ((size_t)t * H + h) * D;
             for (int d = 0; d < D; ++d) {
-                ko[d] = load_scalar(kb, k_index(pool.kv_dtype, d, slot, D, P), pool.kv_dtype);
+                ko[d] = load_scalar(kb, k_index_at(pool.kv_dtype, d, slot, D, P, page_tokens), pool.kv_dtype);
                 vo[d] = load_scalar(vb, v_index(pool.kv_dtype, slot, d, D, P), pool.kv_dtype);
             }
         }

@@ -78,9 +78,16 @@ int32_t pool_find(fd_pool &pool, int64_t seq_id, int32_t layer, SeqState **out);
 int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, const void *k,
                     const void *v, int32_t src_dtype);
 int32_t pool_read(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, float *k_out, float *v_out);
-// Writes token `pos` of one KV head (or all heads when head < 0) from k, v rows [Hkv][D] of src_dtype.
+// Writes token `pos` of one KV head (or all heads when head < 0) from k, v rows [Hkv][D] of src_dtype, in the
+// layout of its page once that holds page_tokens tokens (kernel_api.h: k_index_at).
 void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
-                      const void *k, const void *v, int32_t src_dtype);
+                      const void *k, const void *v, int32_t src_dtype, int page_tokens);
+// A page going from `before` to `after` tokens: the K tile held by rows at `before` that is full at `after`
+// (if any) is rewritten into pairs, for one KV head or all (head < 0). Before the new tokens are written.
+void pool_complete_k_tile(const fd_pool &pool, uint8_t *page, int head, int before, int after);
+// The decode step's write: token pos, the page's last, after every earlier one (completes its K tile).
+void pool_write_next_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+                           const void *k, const void *v, int32_t src_dtype);
 int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *seq_ids, int32_t num_q_heads,
                     const void *q, int32_t q_dtype, const void *k, const void *v, int32_t in_dtype, void *out,
                     int32_t out_dtype, float *lse);

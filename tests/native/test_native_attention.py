@@ -120,3 +120,52 @@ def test_ragged_batch_up_to_32k_tokens(rng, isa, kv_dtype, q_dtype):
     out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype=kv_dtype, q_dtype=q_dtype, group=8,
                                           head_dim=64, lengths=lengths)
     assert_close(out, lse, o_ref, lse_ref, q_dtype)
+
+
+@pytest.mark.parametrize(("page_size", "head_dim"), [(32, 128), (48, 80), (64, 64), (16, 128)])
+@pytest.mark.parametrize("q_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_decode_steps_and_appends_through_part_filled_k_tiles(rng, isa, q_dtype, page_size, head_dim):
+    # A bf16 K tile that its page's tokens do not fill yet is held by rows and rewritten into pairs when its
+    # last token arrives: by a decode step's write, or by a bulk append that fills it (from 0 rows or from
+    # some). Every step's output and the read-back must match whatever path filled the tiles.
+    num_kv_heads, group = 2, 4
+    pieces = [[5, 40], [31], [page_size], [1, 1, 30]]   # bulk appends per sequence before the steps
+    extra = {12: (0, 7), 20: (2, page_size + 3)}          # step -> (sequence, tokens appended in bulk)
+    num_steps = 40
+    total = [sum(p) + num_steps + sum(n for s, n in extra.values() if s == b) for b, p in enumerate(pieces)]
+    capacity = sum(-(-n // page_size) for n in total) * 2 * num_kv_heads * head_dim * page_size * 2
+    tol = TOLERANCE[q_dtype]
+    with KVPool(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype="bfloat16",
+                capacity_bytes=capacity, page_size=page_size, num_threads=2, isa=isa,
+                chunk_tokens=2 * page_size) as pool:
+        keys = [np.empty((0, num_kv_heads, head_dim)) for _ in pieces]
+        values = [np.empty((0, num_kv_heads, head_dim)) for _ in pieces]
+
+        def append(b, n):
+            k, v, k_ref, v_ref = random_kv(rng, (n, num_kv_heads, head_dim), "bfloat16", q_dtype)
+            pool.append(b, 0, k, v)
+            keys[b], values[b] = np.concatenate([keys[b], k_ref]), np.concatenate([values[b], v_ref])
+
+        for b, piece_lengths in enumerate(pieces):
+            pool.allocate(b)
+            for n in piece_lengths:
+                append(b, n)
+        ids = np.arange(len(pieces))
+        for step in range(num_steps):
+            if step in extra:
+                append(*extra[step])
+            k_new, v_new, k_ref, v_ref = random_kv(rng, (len(pieces), num_kv_heads, head_dim), "bfloat16", q_dtype)
+            for b in ids:
+                keys[b], values[b] = np.concatenate([keys[b], k_ref[b:b + 1]]), np.concatenate([values[b], v_ref[b:b + 1]])
+            q = rng.standard_normal((len(pieces), num_kv_heads * group, head_dim), np.float32).astype(DTYPES[q_dtype])
+            out = np.empty(q.shape, DTYPES[q_dtype])
+            lse = np.empty(q.shape[:2], np.float32)
+            pool.attend(0, ids, q, k_new, v_new, out=out, lse=lse)
+            o_ref, lse_ref = attention_reference(q, keys, values)
+            np.testing.assert_allclose(out.astype(np.float64), o_ref, rtol=tol, atol=tol, err_msg=f"step {step}")
+            np.testing.assert_allclose(lse, lse_ref, rtol=2e-6, atol=2e-5, err_msg=f"step {step}")
+        for b in ids:
+            k_out, v_out = pool.read(b, 0)
+            np.testing.assert_array_equal(k_out, keys[b].astype(np.float32))
+            np.testing.assert_array_equal(v_out, values[b].astype(np.float32))
