@@ -180,7 +180,7 @@ static inline void value_tile_dot(const uint8_t *vb, int D, int P, int n, int d0
 struct ValueDotBf16 {
     template <int DT, int GB>
     static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v,
-                            const FarBlocks &pf_v_far) {
+                            const uint8_t *pf_v_far) {
         static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
         alignas(64) uint16_t pb[4 * 256];
         const int num_used = (n + 15) / 16 * 16;   // softmax_update wrote the vectors that hold tokens

@@ -69,66 +69,40 @@ static constexpr int kPrefetchBlocks = FD_PREFETCH_BLOCKS;
 // row_bytes per head dim, the value tiles per token pair (ValuePrefetch). Requests issued in bursts
 // during one phase only (two blocks from the score tiles) left the memory idle during the other and
 // ran one core at about half the rate (docs/benchmarks.md, issue 3).
-// The far prefetch (ChunkTask::prefetch_far, chosen per pool): each pass also fetches the kFarBlocks blocks after
-// its near one into L2 (prefetcht2), line for line with the near prefetch. On the H100 host's Xeon, where a core's
-// sixteen line-fill buffers bound what a near-only prefetch keeps in flight, one such block attends 4-9% faster
-// at 16 threads (paired A/B, docs/benchmarks.md, "Session 6") and a second one 1-2% more ("Session 7"); on the
-// Zen 5 dev VM one costs 1-3%.
-#ifndef FD_PREFETCH_FAR_BLOCKS
-#define FD_PREFETCH_FAR_BLOCKS 2
-#endif
-static constexpr int kFarBlocks = FD_PREFETCH_FAR_BLOCKS;
-static_assert(kFarBlocks >= 1, "the far prefetch fetches at least one block");
-
-// The blocks a pass fetches into L2, in reading order; null past the last one there is (so only a suffix is null).
-struct FarBlocks {
-    const uint8_t *at[kFarBlocks] = {};
-    // The same blocks, each `offset` bytes on.
-    FarBlocks plus(size_t offset) const {
-        FarBlocks f;
-        for (int i = 0; i < kFarBlocks; ++i) f.at[i] = at[i] ? at[i] + offset : nullptr;
-        return f;
-    }
-};
-
+// The far prefetch (ChunkTask::prefetch_far, chosen per pool): each pass also fetches the block after its near
+// one into L2 (prefetcht2), line for line with the near prefetch. On the H100 host's Xeon, where a core's sixteen
+// line-fill buffers bound what a near-only prefetch keeps in flight, it attends 4-9% faster at 16 threads
+// (paired A/B, docs/benchmarks.md, "Session 6"); on the Zen 5 dev VM it costs 1-3%.
 struct Prefetch {
-    const uint8_t *for_scores = nullptr, *for_values = nullptr;   // the blocks to fetch into L1, or null
-    FarBlocks scores_far, values_far;                             // the blocks after those, into L2
-    size_t row_bytes = 0;
+    const uint8_t *for_scores, *for_values;           // the blocks to fetch into L1, or null
+    const uint8_t *for_scores_far, *for_values_far;   // the blocks after those, into L2, or null
+    size_t row_bytes;
     // A short page (ShortPage): for_scores is the next head's K block, whose token rows (and V pair rows) the
     // row pass fetches at the places it reads in this head's.
     bool is_next_head = false;
-    void clear() {
-        for_scores = for_values = nullptr;
-        scores_far = values_far = FarBlocks{};
-    }
+    void clear() { for_scores = for_values = for_scores_far = for_values_far = nullptr; }
 };
 
 // One pass's software prefetch, step by step: the i-th next() issues step i's prefetches, num_bytes from
 // first + i * step_bytes, one per line, from a running pointer (no index multiply per step), and the
-// same lines of the far blocks (none when far_first.at[0] is null) into L2. Without a near block (first null) it
-// fetches 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test for it; a missing far
-// block (past the next item's first page) fetches the near lines again. The lines of a step go out from a short
-// loop: the same prefetches unrolled into one burst ran one Zen 5 core 7-9% slower from memory (same addresses,
-// same order; docs/benchmarks.md, "Session 4: kernel work per byte").
+// same lines of the far block (far_first, or none when null) into L2. Without a near block (first null) it fetches
+// 4 lines from idle (lines the pass reads anyway), so a hot loop has no null test for it. The lines of a step go
+// out from a short loop: the same prefetches unrolled into one burst ran one Zen 5 core 7-9% slower from memory
+// (same addresses, same order; docs/benchmarks.md, "Session 4: kernel work per byte").
 struct PrefetchWalk {
-    const uint8_t *at;
-    const uint8_t *far[kFarBlocks];
-    bool has_far;
+    const uint8_t *at, *far;
     size_t step, span;
-    PrefetchWalk(const uint8_t *first, const FarBlocks &far_first, const uint8_t *idle, size_t step_bytes,
+    PrefetchWalk(const uint8_t *first, const uint8_t *far_first, const uint8_t *idle, size_t step_bytes,
                  size_t num_bytes)
-        : at(first ? first : idle), has_far(first && far_first.at[0]), step(first ? step_bytes : 0),
-          span(first ? num_bytes : 4 * 64) {
-        for (int i = 0; i < kFarBlocks; ++i) far[i] = has_far && far_first.at[i] ? far_first.at[i] : at;
-    }
+        : at(first ? first : idle), far(first ? far_first : nullptr), step(first ? step_bytes : 0),
+          span(first ? num_bytes : 4 * 64) {}
     __attribute__((always_inline)) void next() {
-        if (has_far) {
+        if (far) {
             for (size_t off = 0; off < span; off += 64) {
                 __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
-                for (int i = 0; i < kFarBlocks; ++i) __builtin_prefetch(far[i] + off, 0, 1);
+                __builtin_prefetch(far + off, 0, 1);
             }
-            for (int i = 0; i < kFarBlocks; ++i) far[i] += step;
+            far += step;
         } else {
             for (size_t off = 0; off < span; off += 64) __builtin_prefetch(at + off, 0, FD_PREFETCH_LOCALITY);
         }
@@ -139,7 +113,7 @@ struct PrefetchWalk {
 // The score tiles' prefetch: one step per num_rows head-dim rows.
 static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idle, int num_rows) {
     const size_t num_bytes = (size_t)num_rows * pf.row_bytes;
-    return PrefetchWalk(pf.for_scores, pf.scores_far, idle, num_bytes, num_bytes);
+    return PrefetchWalk(pf.for_scores, pf.for_scores_far, idle, num_bytes, num_bytes);
 }
 
 // A last page whose K is held by rows (fewer tokens than its first K tile: the new token's page, for its
@@ -166,21 +140,21 @@ struct ShortPage {
     }
 };
 
-// Where a value pass prefetches: num_bytes of the next block per token pair, from at onwards (null when there is
-// none), and the same lines of the far blocks.
+// Where a value pass prefetches: num_bytes of the next block per token pair, from at onwards, and the same lines
+// of the block after it from far onwards (either null when there is none).
 struct ValuePrefetch {
-    const uint8_t *at;
-    FarBlocks far;
+    const uint8_t *at, *far;
     size_t num_bytes;
 };
 
-// Splits the next block (block_bytes at v) and the far ones over the token-pair steps of num_tiles value tiles.
-static inline ValuePrefetch value_prefetch(const uint8_t *v, const FarBlocks &v_far, size_t block_bytes, int num_tiles,
+// Splits the next block (block_bytes at v) and the one after it (at v_far) over the token-pair steps of
+// num_tiles value tiles.
+static inline ValuePrefetch value_prefetch(const uint8_t *v, const uint8_t *v_far, size_t block_bytes, int num_tiles,
                                            int P, int tile) {
-    if (!v) return {nullptr, FarBlocks{}, 0};
+    if (!v) return {nullptr, nullptr, 0};
     const size_t per_step = (block_bytes / ((size_t)num_tiles * (P / 2)) + 63) / 64 * 64;
     const size_t offset = (size_t)tile * (P / 2) * per_step;
-    return {v + offset, v_far.plus(offset), per_step};
+    return {v + offset, v_far ? v_far + offset : nullptr, per_step};
 }
 
 // Scores from float32 q (scaled by 1/sqrt(D) beforehand): s[g][t0 .. t0+TV*W) = q[g] . K[t].
@@ -249,7 +223,7 @@ static inline void row_scores(const fdn::ChunkTask &task, int r0, const uint8_t 
     }
     const size_t row_bytes = (size_t)D * 2, block_bytes = row_bytes * P;
     const size_t per_token = pf.is_next_head ? row_bytes : (block_bytes / (size_t)(n - t0) + 63) / 64 * 64;
-    PrefetchWalk fetch(pf.for_scores, pf.is_next_head ? FarBlocks{} : pf.scores_far, kb, per_token, per_token);
+    PrefetchWalk fetch(pf.for_scores, pf.is_next_head ? nullptr : pf.for_scores_far, kb, per_token, per_token);
     const uint16_t *row = reinterpret_cast<const uint16_t *>(kb) + (size_t)t0 * D;
     for (int t = t0; t < n; ++t, row += D) {
         fetch.next();
@@ -402,7 +376,7 @@ static_assert(fdn::kVTileDims % V::W == 0, "V layout tiles hold whole lane group
 struct ValueF32 {
     template <int DT, int GB>
     static inline void page(const uint8_t *vb, int D, int P, int n, const float *p, float *acc, const uint8_t *pf_v,
-                            const FarBlocks &pf_v_far) {
+                            const uint8_t *pf_v_far) {
         constexpr int DV = value_vecs<DT, GB>();
         const int num_vecs = D / V::W, num_tiles = num_vecs / DV + num_vecs % DV;
         const size_t block = (size_t)D * P * fdn::dtype_size(DT);
@@ -423,7 +397,7 @@ static inline void page_step(const fdn::ChunkTask &task, int r0, const uint8_t *
     float *m = task.m + r0, *l = task.l + r0, *acc = task.acc + (size_t)r0 * D;
     page_scores<DT, GB, S>(task, r0, kb, n, s, pf);
     softmax_update<GB>(s, P, n, D, m, l, acc);
-    VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.for_values, pf.values_far);
+    VL::template page<DT, GB>(vb, D, P, n, s, acc, pf.for_values, pf.for_values_far);
 }
 
 // One work item: a chunk of one sequence's pages, all KV heads, each page front to back.
@@ -457,18 +431,12 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
-            // The blocks kPrefetchBlocks, +1, ... after this head's K: the score pass's near one, the value pass's
-            // near one (the score pass's first far one), and so on: each pass's far ones follow its near one.
-            Prefetch pf;
-            pf.for_scores = block_at(k_block + kPrefetchBlocks);
-            pf.for_values = block_at(k_block + 1 + kPrefetchBlocks);
-            pf.row_bytes = (size_t)P * fdn::dtype_size(DT);
-            if (is_far) {
-                for (int i = 0; i < kFarBlocks; ++i) {
-                    pf.scores_far.at[i] = i == 0 ? pf.for_values : pf.values_far.at[i - 1];
-                    pf.values_far.at[i] = block_at(k_block + 2 + i + kPrefetchBlocks);
-                }
-            }
+            // The blocks kPrefetchBlocks, +1 and +2 after this head's K: the score pass's near one, the value
+            // pass's near one (the score pass's far one) and the value pass's far one.
+            const uint8_t *ahead = block_at(k_block + kPrefetchBlocks);
+            const uint8_t *ahead1 = block_at(k_block + 1 + kPrefetchBlocks);
+            const uint8_t *ahead2 = is_far ? block_at(k_block + 2 + kPrefetchBlocks) : nullptr;
+            Prefetch pf{ahead, ahead1, is_far ? ahead1 : nullptr, ahead2, (size_t)P * fdn::dtype_size(DT)};
             if (is_short) {
                 pf.clear();
                 pf.is_next_head = h + 1 < H;
