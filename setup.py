@@ -4,7 +4,7 @@ The top-level folders install as the ``fastdecode.*`` namespace: ``actors/`` is
 ``fastdecode.actors`` and so on, for normal and editable installs alike.
 
 The native attention library (``native/csrc``) is compiled by the install (``build_ext``) into
-``fastdecode/native/_fdnative.so``: a portable baseline unit plus AVX2+FMA+F16C and AVX-512 units,
+``fastdecode/native/_fdnative.so``: a portable baseline unit plus AVX2+FMA+F16C, AVX-512 and AMX units,
 each only where the compiler accepts the flags; the library picks one at run time. Editable installs
 get the library copied next to ``native/lib.py``.
 """
@@ -30,7 +30,11 @@ NATIVE_BASE_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fopenmp", "-fvisibility=hid
 NATIVE_ISA_UNITS = [
     ("kernel_avx2.cpp", "FD_HAVE_AVX2", ["-mavx2", "-mfma", "-mf16c"]),
     ("kernel_avx512.cpp", "FD_HAVE_AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]),
+    ("kernel_amx.cpp", "FD_HAVE_AMX", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile",
+                                       "-mamx-bf16", "-mavx2", "-mfma", "-mf16c"]),
 ]
+# What a unit's flags must compile: the AMX unit also needs an assembler that knows the tile instructions.
+NATIVE_ISA_PROBES = {"kernel_amx.cpp": "void probe() { _tile_release(); }\n"}
 
 
 def _packages():
@@ -70,7 +74,7 @@ class build_native_ext(build_ext):
         macros = []
         if platform.machine().lower() in ("x86_64", "amd64"):
             for name, macro, flags in NATIVE_ISA_UNITS:
-                if self._accepts(cxx, flags):
+                if self._accepts(cxx, flags, NATIVE_ISA_PROBES.get(name, "")):
                     units.append((name, flags))
                     macros.append(f"-D{macro}=1")
                 else:
@@ -82,11 +86,11 @@ class build_native_ext(build_ext):
         self._run([cxx, "-shared", "-fopenmp", "-Wl,-z,defs", "-o", out_path, *[job[1] for job in jobs]])
 
     @staticmethod
-    def _accepts(cxx, flags):
+    def _accepts(cxx, flags, body=""):
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "probe.cpp")
             with open(src, "w") as f:
-                f.write("#include <immintrin.h>\nint main() { return 0; }\n")
+                f.write("#include <immintrin.h>\n" + body + "int main() { return 0; }\n")
             cmd = [cxx, "-std=c++17", *flags, "-c", src, "-o", os.path.join(tmp, "probe.o")]
             return subprocess.run(cmd, capture_output=True).returncode == 0
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-ABI_VERSION = 3
-ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16")
+ABI_VERSION = 4
+ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 ISA_ENV_VAR = "FASTDECODE_NATIVE_ISA"
 PREFETCH_FAR_ENV_VAR = "FASTDECODE_NATIVE_PREFETCH_FAR"
 DEFAULT_CHUNK_TOKENS = 512

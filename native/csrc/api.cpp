@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <new>
@@ -39,6 +41,24 @@ static bool cpu_has_avx512() {
 }
 #endif
 
+#ifdef FD_HAVE_AMX
+// AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), the tile state enabled in XCR0 (bits 17, 18), and
+// this process's permission to use it (Linux: arch_prctl ARCH_REQ_XCOMP_PERM; process-wide, asked once).
+static bool cpu_has_amx() {
+    static const bool has = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
+        if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return false;
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        if ((lo & (3u << 17)) != (3u << 17)) return false;
+        constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    }();
+    return has;
+}
+#endif
+
 static const KernelTable *kernels_for(int32_t isa) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
@@ -55,6 +75,10 @@ static const KernelTable *kernels_for(int32_t isa) {
             return cpu_has_avx512() ? kernels_avx512() : nullptr;
         case FD_ISA_AVX512_BF16:
             return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16") ? kernels_avx512_bf16() : nullptr;
+#endif
+#if defined(FD_HAVE_AVX512) && defined(FD_HAVE_AMX)
+        case FD_ISA_AMX:   // its fallback for shapes that do not fit the tiles is the AVX512-BF16 path
+            return kernels_for(FD_ISA_AVX512_BF16) && cpu_has_amx() ? kernels_amx() : nullptr;
 #endif
         default: return nullptr;
     }
@@ -153,7 +177,7 @@ int32_t fd_abi_version(void) { return FD_ABI_VERSION; }
 const char *fd_last_error(void) { return t_last_error; }
 
 const char *fd_isa_name(int32_t isa) {
-    static const char *const names[FD_ISA_COUNT] = {"generic", "avx2", "avx512", "avx512_bf16"};
+    static const char *const names[FD_ISA_COUNT] = {"generic", "avx2", "avx512", "avx512_bf16", "amx"};
     return isa >= 0 && isa < FD_ISA_COUNT ? names[isa] : nullptr;
 }
 

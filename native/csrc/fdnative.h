@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define FD_ABI_VERSION 3
+#define FD_ABI_VERSION 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -31,9 +31,9 @@ typedef enum fd_status {
 typedef enum fd_dtype { FD_F32 = 0, FD_F16 = 1, FD_BF16 = 2 } fd_dtype;
 
 /* ISA paths, in increasing preference. AVX512_BF16 is AVX512 plus bf16 dot products for q.K when
- * both q and the KV are bf16. */
+ * both q and the KV are bf16; AMX does those (and P.V when the output is bf16 too) as tile products. */
 typedef enum fd_isa {
-    FD_ISA_GENERIC = 0, FD_ISA_AVX2 = 1, FD_ISA_AVX512 = 2, FD_ISA_AVX512_BF16 = 3, FD_ISA_COUNT = 4
+    FD_ISA_GENERIC = 0, FD_ISA_AVX2 = 1, FD_ISA_AVX512 = 2, FD_ISA_AVX512_BF16 = 3, FD_ISA_AMX = 4, FD_ISA_COUNT = 5
 } fd_isa;
 
 typedef struct fd_pool fd_pool;

@@ -70,6 +70,7 @@ const KernelTable *kernels_generic();
 const KernelTable *kernels_avx2();     // only linked when the compiler supports the flags
 const KernelTable *kernels_avx512();
 const KernelTable *kernels_avx512_bf16();   // AVX-512 plus AVX512-BF16 (same unit, per-function target)
+const KernelTable *kernels_amx();           // AVX512-BF16 plus AMX tiles (only linked when the compiler has AMX)
 // Time of one zmm vdpbf16ps over one zmm vfmadd231ps at full throughput, measured on first use (a fraction
 // of a millisecond). Only where kernels_avx512_bf16 runs.
 double bf16_dot_relative_cost();

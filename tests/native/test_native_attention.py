@@ -169,3 +169,18 @@ def test_decode_steps_and_appends_through_part_filled_k_tiles(rng, isa, q_dtype,
             k_out, v_out = pool.read(b, 0)
             np.testing.assert_array_equal(k_out, keys[b].astype(np.float32))
             np.testing.assert_array_equal(v_out, values[b].astype(np.float32))
+
+
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("head_dim", "page_size"), [(96, 48), (64, 32), (128, 64)])
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_q_groups_head_dims_and_page_sizes(rng, isa, head_dim, page_size, out_dtype):
+    # bf16 q and KV: the paths that take q as the caller sent it (tile products where there are AMX units) over
+    # groups of 2, 3 and 6 query heads, a head dim with a narrower last V tile (96), a page with a narrower last
+    # K tile (48), full and part-filled pages.
+    lengths = [1, page_size - 1, page_size, page_size + 1, 3 * page_size + 7, 200]
+    for group in (2, 3, 6):
+        out, lse, o_ref, lse_ref = run_attend(rng, isa=isa, kv_dtype="bfloat16", q_dtype="bfloat16", group=group,
+                                              head_dim=head_dim, lengths=lengths, page_size=page_size,
+                                              chunk_tokens=2 * page_size, out_dtype=out_dtype)
+        assert_close(out, lse, o_ref, lse_ref, out_dtype)
