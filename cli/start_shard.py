@@ -21,6 +21,7 @@ import sys
 import click
 
 from fastdecode.cli.sizes import SIZE, format_size
+from fastdecode.native import ISA_NAMES
 
 log = logging.getLogger("fastdecode.start_shard")
 
@@ -104,7 +105,7 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
 @click.option("--page-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Tokens per KV page.")
 @click.option("--cpu-list", default=None, callback=_cpu_list_option, help="Pin the threads to these CPUs: 0-7,16-23.")
-@click.option("--isa", type=click.Choice(["generic", "avx2", "avx512", "avx512_bf16"]), default=None,
+@click.option("--isa", type=click.Choice(ISA_NAMES), default=None,
               help="Attention kernel (default: the best this CPU has).")
 @click.option("--no-calibrate", is_flag=True, help="Skip the short attention benchmark at configure time.")
 @click.option("--slowdown-s-per-gb", type=click.FloatRange(0.0, 1e3), default=0.0, show_default=True,

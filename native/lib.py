@@ -18,8 +18,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from fastdecode.native import ISA_NAMES
+
 ABI_VERSION = 4
-ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 ISA_ENV_VAR = "FASTDECODE_NATIVE_ISA"
 PREFETCH_FAR_ENV_VAR = "FASTDECODE_NATIVE_PREFETCH_FAR"
 DEFAULT_CHUNK_TOKENS = 512
@@ -115,7 +116,8 @@ def _check(status: int) -> None:
 
 
 def available_isas() -> list[str]:
-    """The ISA paths both this build and this CPU support, e.g. ``["generic", "avx2", "avx512", "avx512_bf16"]``."""
+    """The ISA paths both this build and this CPU support, e.g. ``["generic", "avx2", "avx512", "avx512_bf16"]``
+    (``"amx"`` too where the CPU has AMX and the OS grants its tile state)."""
     return [name for code, name in enumerate(ISA_NAMES) if _LIB.fd_isa_supported(code)]
 
 
