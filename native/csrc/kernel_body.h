@@ -118,25 +118,30 @@ static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idl
 
 // A last page whose K is held by rows (fewer tokens than its first K tile: the new token's page, for its
 // first steps; 256x512's 17th page holds 1..5): only a few of its lines hold tokens, and the block-ahead
-// prefetch would fetch whole blocks. Instead, while head h is read, head h+1's token lines are fetched at the
-// places read in head h: its K row t and V pair row t / 2 by the row pass at token t (its V rows at the page
-// start for head 0). The last head's passes fetch the next item's first K and V blocks, as usual.
+// prefetch would fetch whole blocks. Instead the block-ahead walk skips it (the page before runs on into the next
+// item), and its token lines are fetched apart: head h's into L2 while the page before reads its head h, then
+// into L1 while the page itself reads the head before (its K row t and V pair row t / 2 by the row pass at token
+// t; head 0's at the page start). On the dev VM's Zen 5 the page cost 256x512 5% of its time with its memory
+// fast, when the walk ran through it (docs/benchmarks.md, "Session 7").
 struct ShortPage {
     static bool applies(int dtype, int n, int P) { return fdn::k_tile_by_rows(dtype, 0, P, n); }
     // The lines of V pair row r (tokens 2r, 2r + 1) in every V tile of the V block at vb: tile i starts at
     // i * kVTileDims * P pairs (2 * 2 bytes each) and its rows are 4 bytes per dim (the last tile may be narrower).
     // Forced inline: as a function of its own, which does nothing but prefetch, GCC 12 found it free of side
     // effects and dropped every call (even at -O1); count prefetcht0 in objdump -d.
+    template <int kLocality = FD_PREFETCH_LOCALITY>
     __attribute__((always_inline)) static inline void fetch_v_row(const uint8_t *vb, int r, int D, int P) {
         for (int d0 = 0; d0 < D; d0 += fdn::kVTileDims) {
             const int width = D - d0 < fdn::kVTileDims ? D - d0 : fdn::kVTileDims;
             const uint8_t *row = vb + (size_t)d0 * P * 2 + (size_t)r * width * 4;
-            for (int off = 0; off < width * 4; off += 64) __builtin_prefetch(row + off, 0, FD_PREFETCH_LOCALITY);
+            for (int off = 0; off < width * 4; off += 64) __builtin_prefetch(row + off, 0, kLocality);
         }
     }
-    // V rows of tokens 0 .. n-1 of the V block at vb.
-    __attribute__((always_inline)) static inline void fetch_v(const uint8_t *vb, int n, int D, int P) {
-        for (int r = 0; r < (n + 1) / 2; ++r) fetch_v_row(vb, r, D, P);
+    // The token lines of head h's blocks at kb (K rows, then V pair rows) of a page holding n tokens.
+    template <int kLocality>
+    __attribute__((always_inline)) static inline void fetch_head(const uint8_t *kb, size_t block, int n, int D, int P) {
+        for (size_t off = 0; off < (size_t)n * D * 2; off += 64) __builtin_prefetch(kb + off, 0, kLocality);
+        for (int r = 0; r < (n + 1) / 2; ++r) fetch_v_row<kLocality>(kb + block, r, D, P);
     }
 };
 
@@ -412,9 +417,12 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
     }
     memset(task->acc, 0, sizeof(float) * (size_t)H * G * D);
     int remaining = task->num_tokens;
-    const int num_blocks = 2 * task->num_pages * H;
+    // A short last page (ShortPage) behind full ones is left out of the block-ahead walk.
+    const int last_n = task->num_tokens - (task->num_pages - 1) * P;
+    const bool is_last_short = kPrefetchBlocks > 0 && task->num_pages > 1 && ShortPage::applies(DT, last_n, P);
+    const int num_blocks = 2 * (task->num_pages - is_last_short) * H;
     const bool is_far = task->prefetch_far;
-    // Block i of reading order; past the chunk, the next item's first page, or null.
+    // Block i of the walk's reading order; past the chunk's walked pages, the next item's first page, or null.
     auto block_at = [&](int i) -> const uint8_t * {
         if (kPrefetchBlocks == 0) return nullptr;
         if (i >= num_blocks)
@@ -426,10 +434,14 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         const int n = remaining < P ? remaining : P;
         remaining -= n;
         const bool is_short = kPrefetchBlocks > 0 && ShortPage::applies(DT, n, P);
-        if (is_short) ShortPage::fetch_v(page + block, n, D, P);   // head 0's (its K came with the page before)
+        if (is_short) ShortPage::fetch_head<FD_PREFETCH_LOCALITY>(page, block, n, D, P);   // head 0's
+        // The page before a short last one: the short page's lines of each head, into L2.
+        const uint8_t *short_next = is_last_short && pi == task->num_pages - 2
+                                        ? task->base + (size_t)task->pages[pi + 1] * task->page_bytes : nullptr;
         for (int h = 0; h < H; ++h) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
+            if (short_next) ShortPage::fetch_head<1>(short_next + 2 * block * h, block, last_n, D, P);
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             // The blocks kPrefetchBlocks, +1 and +2 after this head's K: the score pass's near one, the value
             // pass's near one (the score pass's far one) and the value pass's far one.
@@ -440,8 +452,12 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             if (is_short) {
                 pf.clear();
                 pf.is_next_head = h + 1 < H;
-                pf.for_scores = block_at(k_block + 2);   // the next head's K block, or the next item's first
-                if (!pf.is_next_head) pf.for_values = block_at(k_block + 3);
+                if (pf.is_next_head) {
+                    pf.for_scores = kb + 2 * block;   // the next head's K block
+                } else if (!is_last_short) {          // a one-page item: the next item's first blocks
+                    pf.for_scores = block_at(k_block + 2);
+                    pf.for_values = block_at(k_block + 3);
+                }
             }
             for (int g0 = 0; g0 < G; g0 += 4) {
                 const int r0 = h * G + g0;
