@@ -69,8 +69,9 @@ static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idl
 // prefetch would fetch whole blocks. Instead the block-ahead walk skips it (the page before runs on into the next
 // item), and its token lines are fetched apart: head h's into L2 while the page before reads its head h, then
 // into L1 while the page itself reads the head before (its K row t and V pair row t / 2 by the row pass at token
-// t; head 0's at the page start). On the dev VM's Zen 5 the page cost 256x512 5% of its time with its memory
-// fast, when the walk ran through it (docs/benchmarks.md, "Session 7").
+// t; head 0's at the page start). Paired against walking it as whole blocks: 0.988 of the time on the H100 host's
+// 64x2048, no measurable change on 256x512 or on the dev VM, where the page still costs 256x512 4-6% of its time
+// with the memory fast (docs/benchmarks.md, "Session 7").
 struct ShortPage {
     static bool applies(int dtype, int n, int P) { return fdn::k_tile_by_rows(dtype, 0, P, n); }
     // The lines of V pair row r (tokens 2r, 2r + 1) in every V tile of the V block at vb: tile i starts at
