@@ -26,15 +26,14 @@ NATIVE_SRC = os.path.join("native", "csrc")
 NATIVE_COMMON = ["api.cpp", "pool.cpp", "attend.cpp", "team.cpp", "kernel_generic.cpp"]
 NATIVE_BASE_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fopenmp", "-fvisibility=hidden",
                      "-fvisibility-inlines-hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-# (unit, macro the dispatcher sees, flags): compiled only when the compiler accepts the flags.
+# (unit, macro the dispatcher sees, flags, probe code): compiled only when the compiler accepts the flags and the
+# probe (the AMX unit also needs an assembler that knows the tile instructions).
 NATIVE_ISA_UNITS = [
-    ("kernel_avx2.cpp", "FD_HAVE_AVX2", ["-mavx2", "-mfma", "-mf16c"]),
-    ("kernel_avx512.cpp", "FD_HAVE_AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]),
+    ("kernel_avx2.cpp", "FD_HAVE_AVX2", ["-mavx2", "-mfma", "-mf16c"], ""),
+    ("kernel_avx512.cpp", "FD_HAVE_AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"], ""),
     ("kernel_amx.cpp", "FD_HAVE_AMX", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile",
-                                       "-mamx-bf16", "-mavx2", "-mfma", "-mf16c"]),
+                                       "-mamx-bf16", "-mavx2", "-mfma", "-mf16c"], "void probe() { _tile_release(); }\n"),
 ]
-# What a unit's flags must compile: the AMX unit also needs an assembler that knows the tile instructions.
-NATIVE_ISA_PROBES = {"kernel_amx.cpp": "void probe() { _tile_release(); }\n"}
 
 
 def _packages():
@@ -73,8 +72,8 @@ class build_native_ext(build_ext):
         units = [(name, []) for name in NATIVE_COMMON]
         macros = []
         if platform.machine().lower() in ("x86_64", "amd64"):
-            for name, macro, flags in NATIVE_ISA_UNITS:
-                if self._accepts(cxx, flags, NATIVE_ISA_PROBES.get(name, "")):
+            for name, macro, flags, probe in NATIVE_ISA_UNITS:
+                if self._accepts(cxx, flags, probe):
                     units.append((name, flags))
                     macros.append(f"-D{macro}=1")
                 else:

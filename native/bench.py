@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from fastdecode.native import ISA_NAMES
 from fastdecode.native.lib import KVPool, ReadBuffer, bf16_dot_cost
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line (always the last)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--isa", default=None, help="force an ISA path (generic, avx2, avx512, avx512_bf16, amx)")
+    parser.add_argument("--isa", default=None, help=f"force an ISA path ({', '.join(ISA_NAMES)})")
     parser.add_argument("--cases", default=",".join(CASE_NAMES))
     parser.add_argument("--rounds", type=int, default=6, help="rounds of read probe + every case (best is kept)")
     parser.add_argument("--runs", type=int, default=4, help="timed runs per measurement and round (best is kept)")

@@ -90,10 +90,7 @@ struct ValueAmx {
         static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
         if (n != P || P % 32) return ValueF32::page<DT, GB>(vb, D, P, n, p, acc, pf_v, pf_v_far);
         alignas(64) uint16_t pb[4 * 256];
-        for (int g = 0; g < GB; ++g)
-            for (int t = 0; t < P; t += 32)   // two vectors per rounding instruction
-                _mm512_storeu_si512(pb + g * P + t, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + g * P + t + 16),
-                                                                                 _mm512_loadu_ps(p + g * P + t)));
+        V::round_rows_bf16<GB>(p, P, P, pb);
         memory_barrier();
         const int num_steps = (P / 32) * (D / 16);
         const size_t per_step = ((size_t)D * P * 2 / num_steps + 63) / 64 * 64;

@@ -118,16 +118,7 @@ struct ValueDotBf16 {
                             const uint8_t *pf_v_far) {
         static_assert(DT == fdn::kDtypeBf16, "bf16 KV only");
         alignas(64) uint16_t pb[4 * 256];
-        const int num_used = (n + 15) / 16 * 16;   // softmax_update wrote the vectors that hold tokens
-        for (int g = 0; g < GB; ++g) {
-            int t = 0;
-            for (; t + 32 <= num_used; t += 32)   // two vectors per rounding instruction
-                _mm512_storeu_si512(pb + g * P + t, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + g * P + t + 16),
-                                                                                 _mm512_loadu_ps(p + g * P + t)));
-            if (t < num_used)
-                _mm256_store_si256(reinterpret_cast<__m256i *>(pb + g * P + t),
-                                   (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + g * P + t)));
-        }
+        V::round_rows_bf16<GB>(p, P, (n + 15) / 16 * 16, pb);   // softmax_update wrote the vectors that hold tokens
         constexpr int DV = value_vecs<DT, GB>();
         const int num_vecs = D / V::W, num_tiles = num_vecs / DV + num_vecs % DV;
         const size_t block = (size_t)D * P * 2;

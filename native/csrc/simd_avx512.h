@@ -66,4 +66,18 @@ struct V {
         lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
         hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)));
     }
+    // GB rows of float32 probabilities (row stride P) rounded to bf16 into pb, the first num_used of each (a
+    // multiple of 16). Compiled for AVX512-BF16 whatever the unit's flags: only the bf16 kernels call it.
+    template <int GB>
+    __attribute__((target("avx512bf16"))) static inline void round_rows_bf16(const float *p, int P, int num_used, uint16_t *pb) {
+        for (int g = 0; g < GB; ++g) {
+            int t = 0;
+            for (; t + 32 <= num_used; t += 32)   // two vectors per rounding instruction
+                _mm512_storeu_si512(pb + g * P + t, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + g * P + t + 16),
+                                                                                 _mm512_loadu_ps(p + g * P + t)));
+            if (t < num_used)
+                _mm256_storeu_si256(reinterpret_cast<__m256i *>(pb + g * P + t),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + g * P + t)));
+        }
+    }
 };
