@@ -310,11 +310,13 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         task->l[r] = 0.0f;
     }
     memset(task->acc, 0, sizeof(float) * (size_t)H * G * D);
-    int remaining = task->num_tokens;
-    // A short last page (ShortPage) behind full ones is left out of the block-ahead walk.
+    // A short last page (ShortPage) behind full ones is left out of the block-ahead walk and read head by head
+    // together with the page before: that page's head h, then the short page's head h (each head's pages still in
+    // page order, so the result is the same), while the walk's prefetch runs on.
     const int last_n = task->num_tokens - (task->num_pages - 1) * P;
     const bool is_last_short = kPrefetchBlocks > 0 && task->num_pages > 1 && ShortPage::applies(DT, last_n, P);
-    const int num_blocks = 2 * (task->num_pages - is_last_short) * H;
+    const int num_walked = task->num_pages - is_last_short;
+    const int num_blocks = 2 * num_walked * H;
     const bool is_far = task->prefetch_far;
     // Block i of the walk's reading order; past the chunk's walked pages, the next item's first page, or null.
     auto block_at = [&](int i) -> const uint8_t * {
@@ -323,19 +325,29 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
             return task->next_page && i - num_blocks < 2 * H ? task->next_page + block * (size_t)(i - num_blocks) : nullptr;
         return task->base + (size_t)task->pages[i / (2 * H)] * task->page_bytes + block * (size_t)(i % (2 * H));
     };
-    for (int pi = 0; pi < task->num_pages; ++pi) {
+    auto head_step = [&](const uint8_t *kb, const uint8_t *vb, int n, int h, Prefetch pf) {
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const int r0 = h * G + g0;
+            switch (G - g0 < 4 ? G - g0 : 4) {
+                case 1: page_step<DT, 1, S, VL>(*task, r0, kb, vb, n, s, pf); break;
+                case 2: page_step<DT, 2, S, VL>(*task, r0, kb, vb, n, s, pf); break;
+                case 3: page_step<DT, 3, S, VL>(*task, r0, kb, vb, n, s, pf); break;
+                default: page_step<DT, 4, S, VL>(*task, r0, kb, vb, n, s, pf); break;
+            }
+            pf.clear();
+        }
+    };
+    const uint8_t *short_page = is_last_short ? task->base + (size_t)task->pages[num_walked] * task->page_bytes : nullptr;
+    for (int pi = 0; pi < num_walked; ++pi) {
         const uint8_t *page = task->base + (size_t)task->pages[pi] * task->page_bytes;
-        const int n = remaining < P ? remaining : P;
-        remaining -= n;
-        const bool is_short = kPrefetchBlocks > 0 && ShortPage::applies(DT, n, P);
-        if (is_short) ShortPage::fetch_head<FD_PREFETCH_LOCALITY>(page, block, n, D, P);   // head 0's
-        // The page before a short last one: the short page's lines of each head, into L2.
-        const uint8_t *short_next = is_last_short && pi == task->num_pages - 2
-                                        ? task->base + (size_t)task->pages[pi + 1] * task->page_bytes : nullptr;
+        const int n = pi == task->num_pages - 1 ? task->num_tokens - pi * P : P;
+        const bool is_short = kPrefetchBlocks > 0 && ShortPage::applies(DT, n, P);   // a one-page item's page
+        if (is_short) ShortPage::fetch_head(page, block, n, D, P);   // head 0's
+        const bool with_short = short_page && pi == num_walked - 1;
         for (int h = 0; h < H; ++h) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
-            if (short_next) ShortPage::fetch_head<1>(short_next + 2 * block * h, block, last_n, D, P);
+            if (with_short) ShortPage::fetch_head(short_page + 2 * block * h, block, last_n, D, P);
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             // The blocks kPrefetchBlocks, +1 and +2 after this head's K: the score pass's near one, the value
             // pass's near one (the score pass's far one) and the value pass's far one.
@@ -348,20 +360,17 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
                 pf.is_next_head = h + 1 < H;
                 if (pf.is_next_head) {
                     pf.for_scores = kb + 2 * block;   // the next head's K block
-                } else if (!is_last_short) {          // a one-page item: the next item's first blocks
+                } else {                              // a one-page item: the next item's first blocks
                     pf.for_scores = block_at(k_block + 2);
                     pf.for_values = block_at(k_block + 3);
                 }
             }
-            for (int g0 = 0; g0 < G; g0 += 4) {
-                const int r0 = h * G + g0;
-                switch (G - g0 < 4 ? G - g0 : 4) {
-                    case 1: page_step<DT, 1, S, VL>(*task, r0, kb, vb, n, s, pf); break;
-                    case 2: page_step<DT, 2, S, VL>(*task, r0, kb, vb, n, s, pf); break;
-                    case 3: page_step<DT, 3, S, VL>(*task, r0, kb, vb, n, s, pf); break;
-                    default: page_step<DT, 4, S, VL>(*task, r0, kb, vb, n, s, pf); break;
-                }
+            head_step(kb, vb, n, h, pf);
+            if (with_short) {
+                if (task->write_token) task->write_token(task->write_ctx, h);
+                const uint8_t *short_kb = short_page + 2 * block * h;
                 pf.clear();
+                head_step(short_kb, short_kb + block, last_n, h, pf);
             }
         }
     }

@@ -67,30 +67,29 @@ static inline PrefetchWalk score_prefetch(const Prefetch &pf, const uint8_t *idl
 // A last page whose K is held by rows (fewer tokens than its first K tile: the new token's page, for its
 // first steps; 256x512's 17th page holds 1..5): only a few of its lines hold tokens, and the block-ahead
 // prefetch would fetch whole blocks. Instead the block-ahead walk skips it (the page before runs on into the next
-// item), and its token lines are fetched apart: head h's into L2 while the page before reads its head h, then
-// into L1 while the page itself reads the head before (its K row t and V pair row t / 2 by the row pass at token
-// t; head 0's at the page start). Paired against walking it as whole blocks: 0.988 of the time on the H100 host's
-// 64x2048, no measurable change on 256x512 or on the dev VM, where the page still costs 256x512 4-6% of its time
-// with the memory fast (docs/benchmarks.md, "Session 7").
+// item) and chunk_kernel reads it head by head with the page before: head h's token lines (K rows, V pair rows)
+// are fetched when the page before starts its head h and read right after it. A page that is a whole work item is
+// fetched a head ahead instead: the next head's lines while the page reads the head before (its K row t and V pair
+// row t / 2 by the row pass at token t; head 0's at the page start). Read after the page before as a whole, the
+// short page cost 256x512 4-6% of its time on the dev VM with the memory fast; head by head it costs under 1%
+// (docs/benchmarks.md, "Session 8").
 struct ShortPage {
     static bool applies(int dtype, int n, int P) { return fdn::k_tile_by_rows(dtype, 0, P, n); }
     // The lines of V pair row r (tokens 2r, 2r + 1) in every V tile of the V block at vb: tile i starts at
     // i * kVTileDims * P pairs (2 * 2 bytes each) and its rows are 4 bytes per dim (the last tile may be narrower).
     // Forced inline: as a function of its own, which does nothing but prefetch, GCC 12 found it free of side
     // effects and dropped every call (even at -O1); count prefetcht0 in objdump -d.
-    template <int kLocality = FD_PREFETCH_LOCALITY>
     __attribute__((always_inline)) static inline void fetch_v_row(const uint8_t *vb, int r, int D, int P) {
         for (int d0 = 0; d0 < D; d0 += fdn::kVTileDims) {
             const int width = D - d0 < fdn::kVTileDims ? D - d0 : fdn::kVTileDims;
             const uint8_t *row = vb + (size_t)d0 * P * 2 + (size_t)r * width * 4;
-            for (int off = 0; off < width * 4; off += 64) __builtin_prefetch(row + off, 0, kLocality);
+            for (int off = 0; off < width * 4; off += 64) __builtin_prefetch(row + off, 0, FD_PREFETCH_LOCALITY);
         }
     }
     // The token lines of head h's blocks at kb (K rows, then V pair rows) of a page holding n tokens.
-    template <int kLocality>
     __attribute__((always_inline)) static inline void fetch_head(const uint8_t *kb, size_t block, int n, int D, int P) {
-        for (size_t off = 0; off < (size_t)n * D * 2; off += 64) __builtin_prefetch(kb + off, 0, kLocality);
-        for (int r = 0; r < (n + 1) / 2; ++r) fetch_v_row<kLocality>(kb + block, r, D, P);
+        for (size_t off = 0; off < (size_t)n * D * 2; off += 64) __builtin_prefetch(kb + off, 0, FD_PREFETCH_LOCALITY);
+        for (int r = 0; r < (n + 1) / 2; ++r) fetch_v_row(kb + block, r, D, P);
     }
 };
 
