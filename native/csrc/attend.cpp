@@ -84,8 +84,8 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
         }
     }
     sc.seq_first_item.push_back((int64_t)sc.items.size());
-    // Sequences of more than one chunk are merged after all items; a single-chunk sequence is finished
-    // by the thread that ran its item, from that thread's own state slot (still in its cache).
+    // Sequences of more than one chunk are merged after all items; a single-chunk sequence is finished by
+    // the kernel that runs its item, head by head, from that thread's own state slot (still in its cache).
     sc.merge_seqs.clear();
     for (int64_t b = 0; b < batch; ++b)
         if (sc.seq_first_item[(size_t)b + 1] - sc.seq_first_item[(size_t)b] > 1) sc.merge_seqs.push_back(b);
@@ -115,20 +115,32 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     void (*const chunk_bf16)(const ChunkTask *) =
         kt.chunk_bf16_qo && out_dtype == FD_BF16 ? kt.chunk_bf16_qo : kt.chunk_bf16_q;
     float *const state = sc.state.data() + (kLineFloats - reinterpret_cast<uintptr_t>(sc.state.data()) / sizeof(float) % kLineFloats) % kLineFloats;
-    // Sequence b's output rows from its num_chunks partial states, stored consecutively from acc.
-    auto merge = [&](int64_t b, const float *acc, int32_t num_chunks) {
+    // Sequence b's output rows r0 .. r0 + num_rows from its num_chunks partial states, stored consecutively from
+    // state_b (each row is merged on its own: any split of the rows gives the same output).
+    auto merge = [&](int64_t b, const float *state_b, int32_t num_chunks, int r0, int num_rows) {
         MergeTask task;
-        task.acc = acc;
-        task.m = task.acc + row_floats;
-        task.l = task.m + rows_padded;
+        task.acc = state_b + (size_t)r0 * D;
+        task.m = state_b + row_floats + r0;
+        task.l = state_b + row_floats + rows_padded + r0;
         task.chunk_stride = state_floats;
         task.num_chunks = num_chunks;
-        task.num_rows = num_q_heads;
+        task.num_rows = num_rows;
         task.head_dim = D;
-        task.out = static_cast<uint8_t *>(out) + (size_t)b * out_row_bytes;
+        task.out = static_cast<uint8_t *>(out) + (size_t)b * out_row_bytes + (size_t)r0 * D * dtype_size(out_dtype);
         task.out_dtype = out_dtype;
-        task.lse = lse ? lse + (size_t)b * num_q_heads : nullptr;
+        task.lse = lse ? lse + (size_t)b * num_q_heads + r0 : nullptr;
         kt.merge(&task);
+    };
+    // A single-chunk sequence is finished KV head by KV head by the chunk kernel (ChunkTask::finish_head).
+    struct Finish {
+        const decltype(merge) *merge_rows;
+        int64_t b;
+        const float *state_b;
+        int group;
+    };
+    auto finish_head = [](const void *ctx, int head) {
+        const Finish &f = *static_cast<const Finish *>(ctx);
+        (*f.merge_rows)(f.b, f.state_b, 1, head * f.group, f.group);
     };
     std::atomic<size_t> next_item{0};
     const Team &team = pool.team;
@@ -155,6 +167,9 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             const TokenWrite token{&cpool, &pages, s.lens[layer] - 1, static_cast<const uint8_t *>(k) + off,
                                    static_cast<const uint8_t *>(v) + off, in_dtype};
             ChunkTask task;
+            const Finish finish{&merge, it.batch_index, item_state, G};
+            task.finish_head = is_single ? +finish_head : nullptr;
+            task.finish_ctx = &finish;
             task.write_token = it.is_last ? write_token_head : nullptr;
             task.write_ctx = &token;
             task.base = cpool.base;
@@ -180,14 +195,14 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             task.l = task.m + rows_padded;
             if (use_bf16_q) chunk_bf16(&task);
             else kt.chunk[cpool.kv_dtype](&task);
-            if (is_single) merge(it.batch_index, item_state, 1);
             i = i_next;
         }
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
         for (size_t j = 0; j < sc.merge_seqs.size(); ++j) {
             const int64_t b = sc.merge_seqs[j], first = sc.seq_first_item[(size_t)b];
-            merge(b, state + (size_t)first * state_floats, (int32_t)(sc.seq_first_item[(size_t)b + 1] - first));
+            merge(b, state + (size_t)first * state_floats, (int32_t)(sc.seq_first_item[(size_t)b + 1] - first), 0,
+                  num_q_heads);
         }
     }
     return FD_OK;

@@ -37,6 +37,11 @@ struct ChunkTask {
     // those lines in (written up front, each of its ~70 lines per head was a miss of its own).
     void (*write_token)(const void *write_ctx, int head);
     const void *write_ctx;
+    // A work item that is its whole sequence (else null): finish_head(finish_ctx, h) writes the output rows of KV
+    // head h's query heads as soon as the kernel has read that head's last page, so the merge and the output
+    // stores of one head overlap the prefetch of the next instead of running after the item with none in flight.
+    void (*finish_head)(const void *finish_ctx, int head) = nullptr;
+    const void *finish_ctx = nullptr;
     // The first page of the item the thread runs next, or null: the prefetch runs on into it.
     const uint8_t *next_page = nullptr;
     bool prefetch_far = false;   // also fetch the block after each prefetched one, into L2

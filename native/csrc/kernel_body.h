@@ -372,6 +372,7 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
                 pf.clear();
                 head_step(short_kb, short_kb + block, last_n, h, pf);
             }
+            if (task->finish_head && pi == num_walked - 1) task->finish_head(task->finish_ctx, h);
         }
     }
 }
