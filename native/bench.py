@@ -10,9 +10,10 @@ favourable GQA form (the group's query heads as L=4 queries per KV head); the ra
 the longest sequence with a boolean mask.
 
 Every case is prepared once; then ``--rounds`` rounds each measure, back to back, the read probe
-(our vectorised all-thread read and ``torch.sum`` over the same pre-faulted buffer) and every case
-(ours, then torch). A machine whose memory bandwidth drifts over tens of seconds thus has the read
-ceiling and the attention sampled in the same time windows. Each measurement is the best of
+(our vectorised all-thread read and ``torch.sum`` over the same pre-faulted buffer), our attention on
+every case, then torch's on every case. A machine whose memory bandwidth drifts over seconds thus has
+the read ceiling and our attention sampled in the same time windows: the cases' torch calls (several
+times slower than ours) come after them, not between the read and them. Each measurement is the best of
 ``--runs`` timed calls after one warm-up; each reported figure is the best of its per-round figures
 (the read ceiling too: best of all rounds' runs, never lower than one round's). Our cache is
 refilled to its case's lengths before each round, so every round attends over the same lengths.
@@ -108,17 +109,19 @@ class PreparedCase:
             self.pool.append(b, 0, _to_numpy(self.k_t[b, :, :n].transpose(0, 1)),
                              _to_numpy(self.v_t[b, :, :n].transpose(0, 1)))
 
-    def measure(self, num_runs: int) -> dict:
-        """One round: best time of our attend, then of torch's SDPA on the same values."""
+    def measure_ours(self, num_runs: int) -> dict:
+        """One round of our attend: its best time and rate."""
         ids = np.arange(len(self.lengths), dtype=np.int64)
         out = np.empty_like(self.q)
         t_ours = _best_time(lambda: self.pool.attend(0, ids, self.q, self.k_new, self.v_new, out=out), num_runs)
+        return {"name": self.name, "attn_gbps": self.kv_bytes / t_ours / 1e9, "t_ours_ms": t_ours * 1e3}
+
+    def measure_torch(self, num_runs: int) -> float:
+        """One round of torch's SDPA on the same values: its best time in milliseconds."""
         q_t = _to_torch(self.q).view(len(self.lengths), NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         with torch.inference_mode():
-            t_torch = _best_time(lambda: sdpa(q_t, self.k_t, self.v_t, attn_mask=self.mask), num_runs)
-        return {"name": self.name, "attn_gbps": self.kv_bytes / t_ours / 1e9,
-                "t_ours_ms": t_ours * 1e3, "t_torch_ms": t_torch * 1e3}
+            return _best_time(lambda: sdpa(q_t, self.k_t, self.v_t, attn_mask=self.mask), num_runs) * 1e3
 
 
 def prepare_case(name: str, *, num_threads: int, isa: str | None, num_calls: int, page_size: int,
@@ -166,7 +169,8 @@ def combine_rounds(rounds: list[dict], kv_bytes: dict[str, int]) -> dict:
 
 def run_rounds(cases: list[PreparedCase], buf: ReadBuffer, *, num_rounds: int, num_runs: int,
                isa: str | None) -> list[dict]:
-    """``num_rounds`` rounds of: the read probe, then every case; the per-round figures."""
+    """``num_rounds`` rounds of: the read probe, our attention on every case, torch's on every case; the
+    per-round figures."""
     rounds = []
     for round_index in range(num_rounds):
         if round_index:
@@ -174,11 +178,10 @@ def run_rounds(cases: list[PreparedCase], buf: ReadBuffer, *, num_rounds: int, n
                 case.refill()
         t0 = time.perf_counter()
         read = measure_read(buf, num_runs, isa)
-        figures = []
-        for case in cases:
-            fig = case.measure(num_runs)
+        figures = [case.measure_ours(num_runs) for case in cases]
+        for case, fig in zip(cases, figures):
+            fig["t_torch_ms"] = case.measure_torch(num_runs)
             fig["ratio_to_read"] = fig["attn_gbps"] / read["read_gbps"]
-            figures.append(fig)
         rounds.append({**read, "seconds": time.perf_counter() - t0, "cases": figures})
         _log(f"round {round_index + 1}/{num_rounds}: read {read['read_native_gbps']:.1f} GB/s "
              f"(torch.sum {read['read_torch_sum_gbps']:.1f}); " +

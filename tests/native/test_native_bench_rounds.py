@@ -59,13 +59,29 @@ def test_refill_returns_every_sequence_to_its_case_length():
                               rng=np.random.default_rng(1))
     try:
         k_before, v_before = case.pool.read(1, 0)
-        case.measure(2)
+        case.measure_ours(2)
         assert [case.pool.seq_len(b, 0) for b in range(3)] == [70 + bench.NUM_WARMUP + 2] * 3
         case.refill()
         assert [case.pool.seq_len(b, 0) for b in range(3)] == [70] * 3
         k_after, v_after = case.pool.read(1, 0)
         np.testing.assert_array_equal(k_after, k_before)
         np.testing.assert_array_equal(v_after, v_before)
-        case.measure(2)   # the pool still has room for a whole round after the refill
+        case.measure_ours(2)   # the pool still has room for a whole round after the refill
     finally:
         case.pool.close()
+
+
+def test_a_round_runs_the_read_then_ours_on_every_case_then_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "measure_read", lambda buf, num_runs, isa: calls.append("read") or
+                        {"read_gbps": 50.0, "read_native_gbps": 50.0, "read_torch_sum_gbps": 40.0})
+    monkeypatch.setattr(bench.PreparedCase, "refill", lambda self: calls.append(f"refill {self.name}"))
+    monkeypatch.setattr(bench.PreparedCase, "measure_ours", lambda self, num_runs: calls.append(f"ours {self.name}") or
+                        {"name": self.name, "attn_gbps": 40.0, "t_ours_ms": 1.0})
+    monkeypatch.setattr(bench.PreparedCase, "measure_torch", lambda self, num_runs: calls.append(f"torch {self.name}") or 5.0)
+    cases = [bench.PreparedCase(name, [1], None, None, None, None, None, None, None) for name in ("a", "b")]
+    rounds = bench.run_rounds(cases, None, num_rounds=2, num_runs=1, isa=None)
+    one_round = ["read", "ours a", "ours b", "torch a", "torch b"]
+    assert calls == one_round + ["refill a", "refill b"] + one_round
+    assert rounds[1]["cases"][1] == {"name": "b", "attn_gbps": 40.0, "t_ours_ms": 1.0, "t_torch_ms": 5.0,
+                                     "ratio_to_read": 0.8}
