@@ -347,7 +347,8 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         for (int h = 0; h < H; ++h) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
-            if (with_short) ShortPage::fetch_head(short_page + 2 * block * h, block, last_n, D, P);
+            const uint8_t *short_kb = with_short ? short_page + 2 * block * h : nullptr;
+            if (short_kb) ShortPage::fetch_head(short_kb, block, last_n, D, P);
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             // The blocks kPrefetchBlocks, +1 and +2 after this head's K: the score pass's near one, the value
             // pass's near one (the score pass's far one) and the value pass's far one.
@@ -366,11 +367,9 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
                 }
             }
             head_step(kb, vb, n, h, pf);
-            if (with_short) {
+            if (short_kb) {   // no prefetch of its own: the walk's, from the page before, is in flight
                 if (task->write_token) task->write_token(task->write_ctx, h);
-                const uint8_t *short_kb = short_page + 2 * block * h;
-                pf.clear();
-                head_step(short_kb, short_kb + block, last_n, h, pf);
+                head_step(short_kb, short_kb + block, last_n, h, Prefetch{});
             }
             if (task->finish_head && pi == num_walked - 1) task->finish_head(task->finish_ctx, h);
         }
