@@ -10,12 +10,15 @@ favourable GQA form (the group's query heads as L=4 queries per KV head); the ra
 the longest sequence with a boolean mask.
 
 Every case is prepared once; then ``--rounds`` rounds each measure, back to back, the read probe
-(our vectorised all-thread read and ``torch.sum`` over the same pre-faulted buffer), our attention on
-every case, then torch's on every case. A machine whose memory bandwidth drifts over seconds thus has
+(our vectorised all-thread read and ``torch.sum`` over the same pre-faulted buffer), one read of each
+case's whole pool with the same kernel (``pool_read_gbps``: what the memory that pool landed in delivers;
+on some hosts one region of memory reads up to a fifth slower than another, docs/benchmarks.md "Session 9
+H100 runs"), our attention on every case, then torch's on every case. A machine whose memory bandwidth drifts over seconds thus has
 the read ceiling and our attention sampled in the same time windows: the cases' torch calls (several
 times slower than ours) come after them, not between the read and them. Each measurement is the best of
 ``--runs`` timed calls after one warm-up; each reported figure is the best of its per-round figures
-(the read ceiling too: best of all rounds' runs, never lower than one round's). Our cache is
+(the read ceiling too: best of all rounds' runs, never lower than one round's). The targets are
+``ratio_to_read``; ``ratio_to_pool_read`` (the attention over its own pool's read) is reported beside it. Our cache is
 refilled to its case's lengths before each round, so every round attends over the same lengths.
 The per-round figures are under ``"rounds"``. Progress goes to stderr; the last stdout line is one
 JSON object.
@@ -116,6 +119,10 @@ class PreparedCase:
         t_ours = _best_time(lambda: self.pool.attend(0, ids, self.q, self.k_new, self.v_new, out=out), num_runs)
         return {"name": self.name, "attn_gbps": self.kv_bytes / t_ours / 1e9, "t_ours_ms": t_ours * 1e3}
 
+    def measure_pool_read(self) -> float:
+        """One read of the case's whole pool (every page, with the pool's threads), in GB/s."""
+        return self.pool.measure_read_gbps(num_runs=1)
+
     def measure_torch(self, num_runs: int) -> float:
         """One round of torch's SDPA on the same values: its best time in milliseconds."""
         q_t = _to_torch(self.q).view(len(self.lengths), NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
@@ -160,17 +167,19 @@ def combine_rounds(rounds: list[dict], kv_bytes: dict[str, int]) -> dict:
         t_ours = min(c["t_ours_ms"] for c in per_round)
         t_torch = min(c["t_torch_ms"] for c in per_round)
         attn_gbps = max(c["attn_gbps"] for c in per_round)
+        pool_read_gbps = max(c["pool_read_gbps"] for c in per_round)
         cases.append({"name": name, "attn_gbps": attn_gbps, "t_ours_ms": t_ours, "t_torch_ms": t_torch,
                       "kv_bytes": kv_bytes[name], "ratio_to_torch": t_torch / t_ours,
-                      "ratio_to_read": attn_gbps / read["read_gbps"],
+                      "ratio_to_read": attn_gbps / read["read_gbps"], "pool_read_gbps": pool_read_gbps,
+                      "ratio_to_pool_read": attn_gbps / pool_read_gbps,
                       "in_round_ratio_to_read_median": statistics.median(c["ratio_to_read"] for c in per_round)})
     return {**read, "cases": cases}
 
 
 def run_rounds(cases: list[PreparedCase], buf: ReadBuffer, *, num_rounds: int, num_runs: int,
                isa: str | None) -> list[dict]:
-    """``num_rounds`` rounds of: the read probe, our attention on every case, torch's on every case; the
-    per-round figures."""
+    """``num_rounds`` rounds of: the read probe, a read of every case's pool, our attention on every case,
+    torch's on every case; the per-round figures."""
     rounds = []
     for round_index in range(num_rounds):
         if round_index:
@@ -178,14 +187,17 @@ def run_rounds(cases: list[PreparedCase], buf: ReadBuffer, *, num_rounds: int, n
                 case.refill()
         t0 = time.perf_counter()
         read = measure_read(buf, num_runs, isa)
+        pool_reads = [case.measure_pool_read() for case in cases]
         figures = [case.measure_ours(num_runs) for case in cases]
-        for case, fig in zip(cases, figures):
+        for case, fig, pool_read in zip(cases, figures, pool_reads):
             fig["t_torch_ms"] = case.measure_torch(num_runs)
             fig["ratio_to_read"] = fig["attn_gbps"] / read["read_gbps"]
+            fig["pool_read_gbps"] = pool_read
         rounds.append({**read, "seconds": time.perf_counter() - t0, "cases": figures})
         _log(f"round {round_index + 1}/{num_rounds}: read {read['read_native_gbps']:.1f} GB/s "
              f"(torch.sum {read['read_torch_sum_gbps']:.1f}); " +
-             ", ".join(f"{f['name']} {f['attn_gbps']:.1f} GB/s x{f['t_torch_ms'] / f['t_ours_ms']:.1f}"
+             ", ".join(f"{f['name']} {f['attn_gbps']:.1f} GB/s (pool {f['pool_read_gbps']:.1f}) "
+                       f"x{f['t_torch_ms'] / f['t_ours_ms']:.1f}"
                        for f in figures))
     return rounds
 

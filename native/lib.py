@@ -20,7 +20,7 @@ import numpy as np
 
 from fastdecode.native import ISA_NAMES
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 ISA_ENV_VAR = "FASTDECODE_NATIVE_ISA"
 PREFETCH_FAR_ENV_VAR = "FASTDECODE_NATIVE_PREFETCH_FAR"
 DEFAULT_CHUNK_TOKENS = 512
@@ -97,6 +97,7 @@ def _load() -> ctypes.CDLL:
         "fd_buffer_create": (i32, [i64, i32, i32p, i32, ctypes.POINTER(vp)]),
         "fd_buffer_destroy": (i32, [vp, i64]),
         "fd_read_bandwidth": (i32, [vp, i64, i32, i32p, i32, i32, i32, f64p]),
+        "fd_pool_read_bandwidth": (i32, [vp, i32, f64p]),
     }
     for name, (restype, argtypes) in signatures.items():
         func = getattr(lib, name)
@@ -245,6 +246,16 @@ class KVPool:
         with self._lock:
             _check(_LIB.fd_pool_get_info(self._live_handle(), ctypes.byref(info)))
         return info
+
+    def measure_read_gbps(self, *, num_runs: int = 1) -> float:
+        """Best of ``num_runs`` reads of the pool's whole memory (used and free pages) by its threads, in GB/s:
+        what the memory the pool landed in delivers (the read-probe kernel of ``ReadBuffer.measure_gbps``)."""
+        if num_runs < 1:
+            raise ValueError(f"num_runs must be at least 1, got {num_runs}")
+        gbps = ctypes.c_double()
+        with self._lock:
+            _check(_LIB.fd_pool_read_bandwidth(self._live_handle(), int(num_runs), ctypes.byref(gbps)))
+        return gbps.value
 
     # ---- sizes ----
     @property

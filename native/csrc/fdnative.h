@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define FD_ABI_VERSION 4
+#define FD_ABI_VERSION 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -116,6 +116,9 @@ FD_API int32_t fd_buffer_destroy(void *ptr, int64_t num_bytes);
 FD_API int32_t fd_read_bandwidth(const void *ptr, int64_t num_bytes, int32_t num_threads,
                                  const int32_t *cpu_list, int32_t num_cpus, int32_t isa,
                                  int32_t num_runs, double *out_gbps);
+/* The same read over a pool's whole memory (every page, used or free) with the pool's threads and ISA path:
+ * what that memory delivers, wherever it landed (on some hosts one region reads slower than another). */
+FD_API int32_t fd_pool_read_bandwidth(fd_pool *pool, int32_t num_runs, double *out_gbps);
 
 #ifdef __cplusplus
 }

@@ -234,3 +234,19 @@ def test_bfloat16_numpy_inputs_are_accepted(rng):
         k = rng.standard_normal((2, H, D), dtype=np.float32).astype(ml_dtypes.bfloat16)
         pool.append(1, 0, k, k)
         np.testing.assert_array_equal(pool.read(1, 0)[0], k.astype(np.float32))
+
+
+def test_reading_the_pools_memory_reports_a_rate_and_leaves_the_cache_unchanged(rng):
+    with make_pool(num_pages=64) as pool:
+        k, v, _, _ = random_kv(rng, (L, 40, H, D), "bfloat16")
+        pool.allocate(7)
+        pool.append(7, None, k, v)
+        before = pool.read(7, 1)
+        assert pool.measure_read_gbps(num_runs=2) > 0
+        after = pool.read(7, 1)
+        np.testing.assert_array_equal(after[0], before[0])
+        np.testing.assert_array_equal(after[1], before[1])
+        with pytest.raises(ValueError, match="num_runs"):
+            pool.measure_read_gbps(num_runs=0)
+    with pytest.raises(NativeError, match="closed"):
+        pool.measure_read_gbps()
