@@ -11,14 +11,15 @@ the longest sequence with a boolean mask.
 
 Every case is prepared once; then ``--rounds`` rounds each measure, back to back, the read probe
 (our vectorised all-thread read and ``torch.sum`` over the same pre-faulted buffer), one read of each
-case's whole pool with the same kernel (``pool_read_gbps``: what the memory that pool landed in delivers;
-on some hosts one region of memory reads up to a fifth slower than another, docs/benchmarks.md "Session 9
-H100 runs"), our attention on every case, then torch's on every case. A machine whose memory bandwidth drifts over seconds thus has
-the read ceiling and our attention sampled in the same time windows: the cases' torch calls (several
-times slower than ours) come after them, not between the read and them. Each measurement is the best of
-``--runs`` timed calls after one warm-up; each reported figure is the best of its per-round figures
-(the read ceiling too: best of all rounds' runs, never lower than one round's). The targets are
-``ratio_to_read``; ``ratio_to_pool_read`` (the attention over its own pool's read) is reported beside it. Our cache is
+case's whole pool with the same kernel (``pool_read_gbps``: what the memory that pool landed in
+delivers; on some hosts one region of memory reads up to a fifth slower than another,
+docs/benchmarks.md "Session 9 H100 runs"), our attention on every case, then torch's on every case.
+A machine whose memory bandwidth drifts over seconds thus has the read ceiling and our attention
+sampled in the same time windows: the cases' torch calls (several times slower than ours) come after
+them, not between the read and them. Each measurement is the best of ``--runs`` timed calls after one
+warm-up; each reported figure is the best of its per-round figures (the read ceiling too: best of all
+rounds' runs, never lower than one round's). The targets are on ``ratio_to_read``;
+``ratio_to_pool_read`` (the attention over its own pool's read) is reported beside it. Our cache is
 refilled to its case's lengths before each round, so every round attends over the same lengths.
 The per-round figures are under ``"rounds"``. Progress goes to stderr; the last stdout line is one
 JSON object.

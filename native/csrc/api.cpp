@@ -166,6 +166,30 @@ static int32_t check_team_args(int32_t num_threads, const int32_t *cpu_list, int
     return FD_OK;
 }
 
+// The best of num_runs reads of num_bytes at ptr by the team's threads (each a contiguous slice), in GB/s.
+static double best_read_gbps(const void *ptr, size_t num_bytes, const KernelTable &kernels, const Team &team,
+                             int32_t num_runs) {
+    const size_t count = num_bytes / sizeof(float);
+    const float *data = static_cast<const float *>(ptr);
+    double best = 0.0, sink = 0.0;
+    CallerPin pin(team);
+    for (int run = 0; run < num_runs; ++run) {
+        const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(team.num_threads) reduction(+ : sink)
+        {
+            const int tid = omp_get_thread_num();
+            if (tid > 0) pin_worker(team, tid);
+            size_t begin, end;
+            thread_slice(count, omp_get_num_threads(), tid, &begin, &end);
+            sink += kernels.read_sum(data + begin, end - begin);
+        }
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = std::max(best, (double)(count * sizeof(float)) / seconds / 1e9);
+    }
+    if (sink == -1.0) set_error("unreachable");   // keeps the reads observable
+    return best;
+}
+
 }  // namespace fdn
 
 using namespace fdn;
@@ -300,34 +324,6 @@ int32_t fd_buffer_destroy(void *ptr, int64_t num_bytes) {
     return FD_OK;
 }
 
-}  // extern "C"
-
-// The best of num_runs reads of num_bytes at ptr by the team's threads (each a contiguous slice), in GB/s.
-static double best_read_gbps(const void *ptr, size_t num_bytes, const KernelTable &kernels, const Team &team,
-                             int32_t num_runs) {
-    const size_t count = num_bytes / sizeof(float);
-    const float *data = static_cast<const float *>(ptr);
-    double best = 0.0, sink = 0.0;
-    CallerPin pin(team);
-    for (int run = 0; run < num_runs; ++run) {
-        const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(team.num_threads) reduction(+ : sink)
-        {
-            const int tid = omp_get_thread_num();
-            if (tid > 0) pin_worker(team, tid);
-            size_t begin, end;
-            thread_slice(count, omp_get_num_threads(), tid, &begin, &end);
-            sink += kernels.read_sum(data + begin, end - begin);
-        }
-        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        best = std::max(best, (double)(count * sizeof(float)) / seconds / 1e9);
-    }
-    if (sink == -1.0) set_error("unreachable");   // keeps the reads observable
-    return best;
-}
-
-extern "C" {
-
 int32_t fd_read_bandwidth(const void *ptr, int64_t num_bytes, int32_t num_threads, const int32_t *cpu_list,
                           int32_t num_cpus, int32_t isa, int32_t num_runs, double *out_gbps) {
     if (!ptr || !out_gbps || num_bytes < 4096 || num_runs < 1) return set_error("bad argument"), FD_EINVAL;
@@ -335,7 +331,8 @@ int32_t fd_read_bandwidth(const void *ptr, int64_t num_bytes, int32_t num_thread
     return guarded([&]() -> int32_t {
         const KernelTable *kernels = kernels_for(isa < 0 ? best_isa() : isa);
         if (!kernels) return set_error("ISA path %d is not available", isa), FD_EINVAL;
-        *out_gbps = best_read_gbps(ptr, (size_t)num_bytes, *kernels, make_team(num_threads, cpu_list, num_cpus), num_runs);
+        const Team team = make_team(num_threads, cpu_list, num_cpus);
+        *out_gbps = best_read_gbps(ptr, (size_t)num_bytes, *kernels, team, num_runs);
         return FD_OK;
     });
 }

@@ -80,7 +80,8 @@ def test_a_round_runs_the_read_then_every_pool_read_then_ours_then_torch(monkeyp
     monkeypatch.setattr(bench, "measure_read", lambda buf, num_runs, isa: calls.append("read") or
                         {"read_gbps": 50.0, "read_native_gbps": 50.0, "read_torch_sum_gbps": 40.0})
     monkeypatch.setattr(bench.PreparedCase, "refill", lambda self: calls.append(f"refill {self.name}"))
-    monkeypatch.setattr(bench.PreparedCase, "measure_pool_read", lambda self: calls.append(f"pool {self.name}") or 45.0)
+    monkeypatch.setattr(bench.PreparedCase, "measure_pool_read",
+                        lambda self: calls.append(f"pool {self.name}") or 45.0)
     monkeypatch.setattr(bench.PreparedCase, "measure_ours", lambda self, num_runs: calls.append(f"ours {self.name}") or
                         {"name": self.name, "attn_gbps": 40.0, "t_ours_ms": 1.0})
     monkeypatch.setattr(bench.PreparedCase, "measure_torch", lambda self, num_runs: calls.append(f"torch {self.name}") or 5.0)
