@@ -77,7 +77,7 @@ class AsyncLLM:
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:
-                    request.cancel()
+                    request.cancel(is_stop=True)
                     yield StreamOutput(event.request_id, event.token_id, text, event.logprob,
                                        event.top_logprobs, "stop")
                     return

@@ -75,7 +75,7 @@ class Executor:
         self.predicted_steps_s: list[float] = []  # with a trace: the step model's prediction of each traced step
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
-        self._abort_requested: set[int] = set()  # of _sequences, reaped at the next step
+        self._abort_requested: dict[int, bool] = {}  # of _sequences, reaped at the next step -> is_stop
         # a step's token events (not a request's last), handed to the streams once the next decode step
         # is under way, so the readers' wake-ups overlap the GPU instead of delaying the next replay
         self._pending_events: list[tuple[Sequence, TokenEvent]] = []
@@ -171,11 +171,13 @@ class Executor:
         self._wakeup.set()
         return RequestStream(self, seq)
 
-    def abort(self, seq_id: int) -> None:
+    def abort(self, seq_id: int, *, is_stop: bool = False) -> None:
+        """End a request at the next step: a stop string reached (``is_stop``: it finished, and its length
+        counts in admission's estimates) or its client gone."""
         seq = self._sequences.get(seq_id)
         if seq is not None:
             seq.is_abort_requested = True
-            self._abort_requested.add(seq_id)
+            self._abort_requested[seq_id] = is_stop
             self._wakeup.set()
 
     @property
@@ -276,10 +278,11 @@ class Executor:
             seq.emit(event)
 
     async def _reap(self) -> None:
-        requested, self._abort_requested = self._abort_requested, set()
+        requested, self._abort_requested = self._abort_requested, {}
         for seq in [s for s in map(self._sequences.get, sorted(requested)) if s is not None]:
-            await self._finish(seq, TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="abort"),
-                               is_counted=False)
+            is_stop = requested[seq.seq_id] and seq.status == SeqStatus.RUNNING
+            event = TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="stop" if is_stop else "abort")
+            await self._finish(seq, event, is_counted=is_stop)
 
     async def _fail_all(self, message: str) -> None:
         for seq in list(self._sequences.values()):

@@ -38,11 +38,12 @@ class RequestStream:
             self._is_done = True
         return event
 
-    def cancel(self) -> None:
-        """Stop the request; its KV is freed before the next step."""
+    def cancel(self, *, is_stop: bool = False) -> None:
+        """Stop the request; its KV is freed before the next step. ``is_stop``: its text reached a stop
+        string, so it ended as a finished request (its length counts in the scheduler's estimates)."""
         if not self._is_done:
             self._is_done = True
-            self._executor.abort(self._seq.seq_id)
+            self._executor.abort(self._seq.seq_id, is_stop=is_stop)
 
     async def aclose(self) -> None:
         self.cancel()

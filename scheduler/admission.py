@@ -15,7 +15,9 @@ checks through placement):
   top of the rate, a group is only admitted while the predicted peak of the
   total context (each live sequence growing by one token per step until its
   expected end, plus the group) stays under a limit, by default the steady
-  state's total plus ``sls_load_headroom``.
+  state's total plus ``sls_load_headroom``.  Below ``sls_free_load`` of the batch
+  (running plus waiting sequences) there is nothing to stabilise: every waiting
+  sequence starts at once, as in ``"all-at-once"``, still under the context limit.
 
 The plan is redone as sequences finish: the expected output length is the
 mean ``max_tokens`` of arrivals times the observed fraction of ``max_tokens``
@@ -155,7 +157,10 @@ class AdmissionPolicy:
             self._credit = max(self._credit, float(group))  # cold start: the first group goes at once
         else:
             self._credit = min(self._credit + self.rate_per_step, self._credit_cap())
-        num = min(num_candidates, group * math.floor(self._credit / group))
+        if len(running) + len(waiting) <= self.config.sls_free_load * self.config.max_num_seqs:
+            num = num_candidates
+        else:
+            num = min(num_candidates, group * math.floor(self._credit / group))
         limit = self.context_limit
         if num == 0 or limit is None:
             return num

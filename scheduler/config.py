@@ -21,6 +21,9 @@ class SchedulerConfig:
       groups is cheaper per token than one by one).
     - ``sls_load_headroom``: the SLS context limit is the steady-state total
       context ``B * (mean prompt + mean output / 2)`` times ``1 + headroom``.
+    - ``sls_free_load``: while the running and waiting sequences together are at most this share of
+      ``max_num_seqs``, SLS admits every waiting sequence at once (still under the context limit): a
+      lightly loaded server starts requests as they come, and pacing starts only as the batch fills.
     - ``max_total_context``: an explicit SLS context limit in tokens (overrides the derived one).
     - ``estimate_rate``: EWMA rate of the running estimates (prompt and output lengths).
     - ``is_single_minibatch_allowed``: the split may put every sequence in one mini-batch
@@ -34,6 +37,7 @@ class SchedulerConfig:
     overcommit: float = 1.0
     sls_min_group_size: int = 1
     sls_load_headroom: float = 0.1
+    sls_free_load: float = 0.5
     max_total_context: int | None = None
     estimate_rate: float = 0.05
     rebalance_threshold: float = 0.02
@@ -59,6 +63,7 @@ class SchedulerConfig:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
         number_in("overcommit", 1.0, 100.0)
         number_in("sls_load_headroom", 0.0, 10.0)
+        number_in("sls_free_load", 0.0, 1.0)
         number_in("estimate_rate", 0.0, 1.0, low_open=True)
         number_in("rebalance_threshold", 0.0, 1.0)
         if self.max_total_context is not None:

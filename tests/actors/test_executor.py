@@ -152,6 +152,28 @@ async def test_cancelled_requests_free_their_kv(tiny_model):
         assert reason == "length" and len(tokens) == GREEDY.max_tokens
 
 
+async def test_a_stop_string_end_counts_as_a_finish_and_a_client_gone_does_not(tiny_model):
+    """Admission learns output lengths from finished requests: one ended by its stop string is one (its
+    length counts), one whose client went away is not."""
+    _, tokenizer = tiny_model
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    async with await Cluster.start(ClusterConfig(**TINY)) as cluster:
+        admission = cluster.executor.scheduler.admission
+        for is_stop in (False, True):
+            stream = cluster.submit(prompts(tokenizer)[0], long)
+            for _ in range(5):
+                await anext(stream)
+            stream.cancel(is_stop=is_stop)
+            for _ in range(100):  # reaped at the next step boundary
+                if cluster.executor.num_running == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert cluster.executor.num_running == 0
+            if not is_stop:
+                assert admission.expected_output_len == pytest.approx(200)  # nothing learnt yet
+        assert 5 <= admission.expected_output_len <= 10  # the tokens it had when it was reaped
+
+
 @pytest.mark.slow
 async def test_two_shard_daemons_over_tcp(tiny_model, references):
     from daemons import shard_daemons

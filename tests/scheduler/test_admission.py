@@ -127,6 +127,22 @@ def test_an_idle_system_admits_a_prompt_larger_than_the_limit():
     assert policy.num_to_admit([], waiting) == 1
 
 
+def test_a_lightly_loaded_server_starts_every_request_at_once():
+    policy = make_policy(batch=256)
+    waiting = arrivals(policy, 10, prompt=20, max_tokens=8162)  # chat requests that give no max_tokens
+    assert policy.rate_per_step < 0.05  # paced, the tenth would start some 300 steps late
+    assert policy.num_to_admit([], waiting) == 10
+    running = arrivals(policy, 118, prompt=20, max_tokens=8162)
+    assert policy.num_to_admit(running, waiting) == 10  # 128 of 256: still half the batch
+    assert policy.num_to_admit(running, waiting + arrivals(policy, 5)) <= 1  # past half: paced again
+
+
+def test_the_context_limit_holds_a_lightly_loaded_server_back_too():
+    policy = make_policy(batch=64, max_total_context=2000)
+    waiting = arrivals(policy, 10, prompt=500, max_tokens=100)
+    assert policy.num_to_admit([], waiting) == 3  # 3 x 600 tokens fit under 2000, 4 do not
+
+
 def test_max_num_seqs_bounds_both_modes():
     for mode in ("sls", "all-at-once"):
         policy = make_policy(mode, batch=3, sls_min_group_size=8, max_total_context=10**9)
@@ -156,3 +172,5 @@ def test_config_validation():
         SchedulerConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="overcommit"):
         SchedulerConfig(overcommit=0.5)
+    with pytest.raises(ValueError, match="sls_free_load"):
+        SchedulerConfig(sls_free_load=1.5)
