@@ -103,6 +103,7 @@ class Executor:
         models = [node_model(i, s, num_layers=num_layers, kv_bytes_per_token=self.kv_bytes_per_token,
                              whole_step=whole_step if graphs is not None and node.inner is graphs.node else None)
                   for i, (node, s) in enumerate(zip(self.nodes, stats))]
+        self._fit_context(max(m.num_pages * m.page_size for m in models))
         if self.gpu_model is None and self.config.profile_batches:
             self.gpu_model = await self.runner.run(measure_dense_profile, self.model, self.config.profile_batches)
             log.info("dense step times: %s", ", ".join(f"B={b}: {s * 1e3:.2f} ms" for b, s in self.gpu_model.samples))
@@ -111,6 +112,19 @@ class Executor:
                                                is_single_minibatch_allowed=not self.config.is_pipelined)
         self.scheduler = Scheduler(scheduler_config, models, gpu=self.gpu_model)
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
+
+    def _fit_context(self, node_tokens: int) -> None:
+        """The context must fit one KV node whole: a longer one given explicitly is an error at start;
+        the model's own is cut to what the largest node holds (else every long request would be refused)."""
+        if node_tokens >= self.max_model_len:
+            return
+        if self.config.max_model_len is not None or node_tokens < 2:
+            raise ValueError(f"max_model_len {self.max_model_len} does not fit the KV-cache: the largest KV node "
+                             f"holds {node_tokens} tokens of one sequence; give a smaller max_model_len "
+                             f"or more KV memory")
+        log.warning("the model's context of %d tokens does not fit the largest KV node (%d tokens): "
+                    "serving with max_model_len %d", self.max_model_len, node_tokens, node_tokens)
+        self.max_model_len = node_tokens
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait until the accepted ones finished (True) or ``timeout_s`` passed."""

@@ -14,6 +14,7 @@ import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE
+from fastdecode.scheduler.config import ADMISSION_MODES
 
 API_KEY_ENV = "FASTDECODE_API_KEY"
 
@@ -32,6 +33,12 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Most sequences decoded together; more wait in the queue."),
         click.option("--max-queue", default=4096, show_default=True, type=int,
                      help="Most requests waiting; past it requests get 429."),
+        click.option("--admission", default="sls", show_default=True, type=click.Choice(ADMISSION_MODES),
+                     help="sls: start sequences at a steady rate once the batch is half full; "
+                          "all-at-once: fill every free slot at once."),
+        click.option("--overcommit", default=1.0, show_default=True, type=click.FloatRange(1.0, 100.0),
+                     help="How far the KV that running sequences may reach (prompt + max_tokens) may exceed "
+                          "a node's memory; above 1 a full node preempts its youngest sequence."),
         click.option("--dtype", default="auto", show_default=True,
                      type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
@@ -53,6 +60,7 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  max_model_len: int | None, max_num_seqs: int, max_queue: int, dtype: str, device: str, seed: int,
+                 admission: str = "sls", overcommit: float = 1.0,
                  is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
                  kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
                  is_insecure_bind_any: bool = False):
@@ -69,7 +77,8 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
 
     try:
         executor = ExecutorConfig(max_model_len=max_model_len, max_queue=max_queue, is_pipelined=not is_unpipelined,
-                                  scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
+                                  scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, admission=admission,
+                                                            overcommit=overcommit))
         cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
                                 executor=executor, curve_dir=curve_dir)

@@ -174,6 +174,18 @@ async def test_a_stop_string_end_counts_as_a_finish_and_a_client_gone_does_not(t
         assert 5 <= admission.expected_output_len <= 10  # the tokens it had when it was reaped
 
 
+async def test_a_context_longer_than_any_kv_node_holds():
+    """The model's own context is cut to what the largest KV node holds; a longer one given is an error."""
+    small = dict(TINY, model="random:smollm2-135m", num_shards=1, shard_kv_memory_bytes=8 << 20)  # 46 KB a token
+    async with await Cluster.start(ClusterConfig(**small)) as cluster:
+        node_tokens = cluster.executor.max_model_len
+        assert 2 <= node_tokens < cluster.model.config.max_position_embeddings
+        tokens, reason = await collect(cluster.submit(cluster.tokenizer.encode("Once upon a time"), GREEDY))
+        assert reason == "length" and len(tokens) == GREEDY.max_tokens
+    with pytest.raises(ValueError, match="does not fit the KV-cache"):
+        await Cluster.start(ClusterConfig(**small, executor=ExecutorConfig(max_model_len=node_tokens + 1)))
+
+
 @pytest.mark.slow
 async def test_two_shard_daemons_over_tcp(tiny_model, references):
     from daemons import shard_daemons

@@ -45,6 +45,24 @@ def test_usage_errors_are_one_line():
     assert "port" in refuse("serve", *TINY[:-1], "70000")
 
 
+def test_a_context_no_kv_node_holds_is_refused_at_start():
+    line = refuse("serve", *TINY, "--shards", "1", "--kv-memory", "1MiB", "--model", "random:smollm2-135m",
+                  "--max-model-len", "4096")
+    assert "does not fit the KV-cache" in line and "max_model_len 4096" in line
+
+
+def test_scheduler_options_reach_the_config():
+    from fastdecode.cli.serve import build_config
+
+    config = build_config(model="random:tiny", host="127.0.0.1", port=0, api_key=None, served_model_name=None,
+                          max_model_len=None, max_num_seqs=8, max_queue=16, dtype="float32", device="cpu",
+                          seed=0, admission="all-at-once", overcommit=2.0, is_unpipelined=False, num_shards=0,
+                          shard_addresses=(), kv_memory_bytes=None)
+    scheduler = config.cluster.executor.scheduler
+    assert (scheduler.admission, scheduler.overcommit, scheduler.max_num_seqs) == ("all-at-once", 2.0, 8)
+    assert "overcommit" in refuse("serve", *TINY, "--shards", "0", "--overcommit", "0.5")
+
+
 def test_unknown_model_is_refused_at_start():
     assert "unknown model" in refuse("serve", "--model", "no-such-model", "--shards", "0", "--port", "0")
 
