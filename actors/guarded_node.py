@@ -1,8 +1,8 @@
 """A KV node as the Executor holds it: one connection epoch, and what became of it.
 
 The Executor wraps every KV node in a ``GuardedNode``. A transport failure of the
-node (no heartbeat answer, a timed-out request, a shard that lost its state or
-says it is draining) does not escape as an exception in the middle of a decode
+node (no heartbeat answer, a timed-out request, a reply that does not decode, a shard
+that lost its state, failed at a call or says it is draining) does not escape as an exception in the middle of a decode
 step: the node is marked failed (``DEAD``) or ``DRAINING`` and its attends from
 then on return zeros, so the step runs to its end for every other row and the
 Executor drops the rows of the failed node (their sequences are rebuilt
@@ -22,8 +22,8 @@ import torch
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
 from fastdecode.actors.shard_drain import DRAINING
 from fastdecode.actors.tensor_io import from_numpy
-from fastdecode.transport.control_messages import ACTOR_STOPPED
-from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
+from fastdecode.transport.control_messages import ACTOR_STOPPED, INTERNAL, PROTOCOL
+from fastdecode.transport.errors import PeerDeadError, ProtocolError, RemoteRequestError, RequestTimeoutError
 
 log = logging.getLogger("fastdecode.executor")
 
@@ -32,6 +32,11 @@ log = logging.getLogger("fastdecode.executor")
 # native library; a test checks they agree) and the runtime's ACTOR_STOPPED.
 UNKNOWN_SEQUENCE = "unknown_sequence"
 LOST_STATE_CODES = frozenset({"not_configured", UNKNOWN_SEQUENCE, ACTOR_STOPPED})
+# Error replies of a node that failed at what it was asked (a handler's unexpected error, the native library's,
+# a request it could not decode or found malformed): what it holds for this connection can no longer be
+# trusted, so the connection ends as if the node died (its sequences are rebuilt elsewhere and it is
+# reconnected), rather than the error failing every running request, step after step.
+FAULT_CODES = frozenset({INTERNAL, PROTOCOL, "native_error", "bad_request"})
 # Error replies of an attend the node could not make room for (kvshard's POOL_FULL and OUT_OF_MEMORY): the
 # node is fine, those rows' KV is not (earlier layers of the step appended, this one did not). The rows get
 # zeros, and the Executor preempts their sequences and rebuilds them.
@@ -55,12 +60,12 @@ class NodeFailedError(Exception):
 
 def classify_failure(exc: BaseException) -> NodeState | None:
     """The node state an error of one call implies, or None if it is not a node failure."""
-    if isinstance(exc, (PeerDeadError, RequestTimeoutError)):
+    if isinstance(exc, (PeerDeadError, RequestTimeoutError, ProtocolError)):
         return NodeState.DEAD
     if isinstance(exc, RemoteRequestError):
         if exc.code == DRAINING:
             return NodeState.DRAINING
-        if exc.code in LOST_STATE_CODES:
+        if exc.code in LOST_STATE_CODES or exc.code in FAULT_CODES:
             return NodeState.DEAD
     return None
 

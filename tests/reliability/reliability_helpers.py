@@ -28,6 +28,7 @@ class KillableNode(KVNode):
         self.is_draining = False
         self.die_at_attend: int | None = None
         self.refuse_at_attend: int | None = None  # that attend's reply is pool_full (its k, v are appended)
+        self.fault_at_attend: int | None = None  # that attend's reply is an internal error (a handler failed)
         self._is_refusing = False
         self.num_attends = 0
         self.num_freed = 0
@@ -61,6 +62,8 @@ class KillableNode(KVNode):
             self.is_dead = True
             self._check()
         self._is_refusing = self.num_attends == self.refuse_at_attend
+        if self.num_attends == self.fault_at_attend:
+            raise RemoteRequestError("internal", f"{self.node_id}'s handler failed")
         return self.inner.attend_now(layer, seq_ids, q, k, v)
 
     def end_attend(self, pending):

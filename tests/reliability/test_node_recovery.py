@@ -8,7 +8,7 @@ import random
 import pytest
 
 from fastdecode.actors.executor import Executor, ExecutorConfig, UnavailableError
-from fastdecode.actors.guarded_node import LOST_STATE_CODES, REFUSED_CODES, UNKNOWN_SEQUENCE, NodeState
+from fastdecode.actors.guarded_node import FAULT_CODES, LOST_STATE_CODES, REFUSED_CODES, UNKNOWN_SEQUENCE, NodeState
 from fastdecode.actors.kv_nodes import LocalKVNode
 from fastdecode.actors.recovery import Backoff
 from fastdecode.actors.request import SamplingParams
@@ -146,6 +146,25 @@ def test_lost_state_codes_match_the_shard():
     assert {kvshard.NOT_CONFIGURED, kvshard.UNKNOWN_SEQUENCE} <= LOST_STATE_CODES
     assert UNKNOWN_SEQUENCE == kvshard.UNKNOWN_SEQUENCE
     assert REFUSED_CODES == {kvshard.POOL_FULL, kvshard.OUT_OF_MEMORY}
+    assert kvshard.BAD_REQUEST in FAULT_CODES
+
+
+@pytest.mark.parametrize("is_pipelined", [True, False], ids=["pipeline", "no-pipeline"])
+async def test_a_node_answering_an_error_is_retired_and_its_rows_go_on_elsewhere(tiny_model, one_torch_thread,
+                                                                                  is_pipelined):
+    """An attend that fails on the node (an internal error reply) ends that node's connection as a death
+    does: every request still finishes with its solo tokens, none is failed."""
+    model, _ = tiny_model
+    executor, nodes, _, _ = await start_executor(model, 2, is_pipelined=is_pipelined)
+    try:
+        nodes[0].fault_at_attend = 2 * model.config.num_layers + 1  # inside the 3rd step that uses it
+        requests = make_requests(model, 10, seed=5)
+        outputs = await run_all(executor, requests)
+        assert executor.nodes[0].state is NodeState.DEAD and "internal" in executor.nodes[0].failure
+        assert executor.num_recovered > 0
+    finally:
+        await executor.stop()
+    check_solo(model, requests, outputs, f"node answered an error, pipeline={is_pipelined}")
 
 
 @pytest.mark.parametrize("is_pipelined", [True, False], ids=["pipeline", "no-pipeline"])
