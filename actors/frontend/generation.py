@@ -2,12 +2,15 @@
 
 ``start_generation`` tokenizes, checks the request against the context, submits
 it and waits for the first output, so that every refusal (bad prompt, full
-queue) is known before a response is started.  Leaving the ``async with`` block
+queue) is known before a response is started.  Tokenizing runs on a worker
+thread (a 16 MiB body takes seconds), and text too long for the context by its
+length alone is refused before it is tokenized.  Leaving the ``async with`` block
 early (client gone, handler cancelled) closes the stream, which cancels the
 request and frees its KV.  Metrics are recorded as outputs pass.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,15 +25,35 @@ from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.request import RequestError
 
 
-def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
-    """The request's prompt as token ids (chat messages through the model's chat template)."""
+async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
+    """The request's prompt as token ids (chat messages through the model's chat template), tokenized off
+    the event loop, which also runs the Executor, in-process shards and heartbeats."""
+    tokenizer = llm.tokenizer
     if request.messages is not None:
+        _check_text_fits(llm, sum(len(m["content"]) for m in request.messages), "messages")
         try:
-            return llm.tokenizer.encode_chat([dict(m) for m in request.messages])
+            return await asyncio.to_thread(tokenizer.encode_chat, [dict(m) for m in request.messages])
         except ModelError as exc:
             raise bad_request(str(exc), "messages") from None
     assert request.prompt is not None
-    return llm.encode(request.prompt)
+    if isinstance(request.prompt, str):
+        _check_text_fits(llm, len(request.prompt), "prompt")
+        return await asyncio.to_thread(tokenizer.encode, request.prompt)
+    return list(request.prompt)
+
+
+def _check_text_fits(llm: AsyncLLM, num_chars: int, param: str) -> None:
+    """Refuse text with more characters than the whole context could hold, before tokenizing it.
+
+    No token stands for more than ``max_chars_per_token`` characters, so such text has more tokens than
+    the context: the same refusal the token count would give, without the seconds of tokenizing.  (A
+    chat template that drops message text could have made it fit; that is text the model never sees.)"""
+    max_chars = llm.max_model_len * llm.tokenizer.max_chars_per_token
+    if num_chars > max_chars:
+        text = "the prompt" if param == "prompt" else "the text of the messages"
+        raise ApiError(400, f"{text} is too long for this model's context: {num_chars} characters, more than "
+                            f"its {llm.max_model_len} tokens can hold (at most {max_chars})",
+                       param=param, code="context_length_exceeded")
 
 
 class Generation:
@@ -84,7 +107,7 @@ async def start_generation(llm: AsyncLLM, metrics: FrontendMetrics,
                            request: GenerateRequest) -> AsyncIterator[Generation]:
     """Submit ``request`` and hold it open; refusals raise ``ApiError`` (400 or 429)."""
     arrived_at = time.monotonic()
-    prompt_ids = prompt_token_ids(llm, request)
+    prompt_ids = await prompt_token_ids(llm, request)
     params = request.sampling_params(len(prompt_ids), llm.max_model_len)
     stream = llm.stream(prompt_ids, params)
     try:

@@ -3,17 +3,28 @@
 BOS handling, EOS ids, special tokens and the chat template (rendered with
 jinja2 the way transformers renders it: ``messages``, ``add_generation_prompt``,
 ``bos_token``, ``eos_token``, ``raise_exception``).
+
+A ``Tokenizer`` and its backend are never changed after construction, so
+``encode``, ``encode_chat`` and ``decode`` may be called from worker threads:
+the Rust tokenizer only takes shared borrows for them (changing the backend, say
+its truncation, while another thread encodes would fail with "Already
+borrowed"), and a jinja2 template renders each call in its own context.
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import models
 
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.jsonfile import read_json, write_json
+
+# Characters of text per token assumed where the vocabulary gives no bound (see ``max_chars_per_token``).
+FALLBACK_MAX_CHARS_PER_TOKEN = 64
 
 
 def _raise_exception(message: str) -> None:
@@ -63,13 +74,16 @@ class Tokenizer:
         self.special_token_ids = frozenset(
             token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special
         )
+        self.max_chars_per_token = _max_chars_per_token(backend)
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, not encode: only the batch call lets go of the GIL while the Rust code runs, which a
+        # caller on a worker thread needs so that the event loop runs meanwhile (same ids either way)
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id, *ids]
@@ -136,6 +150,33 @@ class Tokenizer:
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         write_json(folder / "tokenizer_config.json", config)
+
+
+def _max_chars_per_token(backend: BackendTokenizer) -> int:
+    """The most characters of text one token can stand for: a text longer than ``n`` times this has more
+    than ``n`` tokens.
+
+    A byte-level BPE with no normaliser (the GGUF, HF byte-level and synthetic tokenizers) puts every byte
+    of the text in exactly one token, its vocabulary spells one byte per character and added tokens match
+    their own text, so no token covers more characters than the longest vocabulary entry (81 for SmolLM2).
+    A tokenizer that normalises, drops unknown text or whitespace, or whose added tokens strip the spaces
+    beside them has no such bound; it gets ``FALLBACK_MAX_CHARS_PER_TOKEN``, a generous guess.
+    """
+    pre_tokenizer = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else {}
+    is_lossless = (backend.normalizer is None and isinstance(backend.model, models.BPE)
+                   and _is_byte_level(pre_tokenizer)
+                   and not any(token.lstrip or token.rstrip for token in backend.get_added_tokens_decoder().values()))
+    if not is_lossless:
+        return FALLBACK_MAX_CHARS_PER_TOKEN
+    return max(len(token) for token in backend.get_vocab(with_added_tokens=True))
+
+
+def _is_byte_level(pre_tokenizer: dict[str, Any]) -> bool:
+    """Whether a pre-tokenizer (as its JSON) keeps every byte: ``ByteLevel``, alone or in a ``Sequence``
+    with ``Digits`` (which only splits)."""
+    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    kinds = [step.get("type") for step in steps]
+    return "ByteLevel" in kinds and all(kind in ("ByteLevel", "Digits") for kind in kinds)
 
 
 def _token_text(value: Any) -> str | None:
