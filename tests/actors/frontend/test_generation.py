@@ -28,7 +28,6 @@ from fastdecode.actors.model.tokenizer import Tokenizer
 UNIT = " The capital of France is Paris."  # a leading space: every repeat tokenizes the same way
 BIG_TEXT = UNIT * ((1 << 20) // len(UNIT))  # ~1 MiB: about a second of tokenizing, on the loop or not
 TICK_S = 0.01
-MAX_GAP_S = 0.2
 
 
 class SpyTokenizer(Tokenizer):
@@ -49,8 +48,9 @@ def engine(max_model_len: int) -> SimpleNamespace:
     return SimpleNamespace(tokenizer=SpyTokenizer(), max_model_len=max_model_len)
 
 
-async def max_loop_gap(work) -> tuple[object, float, int]:
-    """``work``'s result, the longest the loop went between 10 ms ticks while it ran, and the tick count."""
+async def max_loop_gap(work) -> tuple[object, float, int, float]:
+    """``work``'s result, the longest the loop went between 10 ms ticks while it ran, the tick count and how
+    long the work took."""
     gaps: list[float] = []
 
     async def tick() -> None:
@@ -63,11 +63,12 @@ async def max_loop_gap(work) -> tuple[object, float, int]:
 
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0)  # let the ticker start before the work does
+    start = time.monotonic()
     try:
         result = await work
     finally:
         ticker.cancel()
-    return result, max(gaps, default=float("inf")), len(gaps)
+    return result, max(gaps, default=float("inf")), len(gaps), time.monotonic() - start
 
 
 @pytest.mark.parametrize("kind", ["prompt", "messages"])
@@ -77,8 +78,9 @@ async def test_a_large_prompt_is_tokenized_off_the_loop(kind):
         request = GenerateRequest(model=None, prompt=BIG_TEXT)
     else:
         request = GenerateRequest(model=None, messages=({"role": "user", "content": BIG_TEXT},))
-    ids, gap, num_ticks = await max_loop_gap(prompt_token_ids(llm, request))
-    assert gap < MAX_GAP_S, f"the event loop stalled {gap:.2f} s while tokenizing"
+    ids, gap, num_ticks, took = await max_loop_gap(prompt_token_ids(llm, request))
+    # on the loop, one gap would span the whole tokenizing; a third of it leaves room for a busy machine
+    assert gap < took / 3, f"the event loop stalled {gap:.2f} s of the {took:.2f} s of tokenizing"
     assert num_ticks >= 5  # the loop really ran beside the tokenizing
     unit_ids = llm.tokenizer.encode(UNIT, add_special_tokens=False)
     num_units = len(BIG_TEXT) // len(UNIT)
