@@ -2,8 +2,9 @@
 WebSocket stream request.
 
 Each parser turns a decoded JSON object into a ``GenerateRequest`` or raises
-``ApiError(400)`` naming the bad field.  Value ranges are left to
-``SamplingParams``, which raises ``RequestError`` with a clear message.
+``ApiError(400)`` naming the bad field: a wrong type, a number past the float
+or int64 range, or a field this server does not implement.  Other value ranges
+are left to ``SamplingParams``, which raises ``RequestError`` with a clear message.
 """
 from __future__ import annotations
 
@@ -16,6 +17,28 @@ from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.request import RequestError, SamplingParams
 
 MAX_LOGPROBS = 20
+MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an int64 (vLLM bounds seed so)
+
+# vLLM/OpenAI fields this server does not implement -> the values that change nothing; any other value is
+# refused rather than silently ignored
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "min_p": (None, 0),
+    "guided_json": (None,),
+    "guided_choice": (None,),
+    "guided_regex": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "prompt_logprobs": (None,),
+    "use_beam_search": (None, False),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "truncate_prompt_tokens": (None,),
+    "include_stop_str_in_output": (None, False),
+    "continue_final_message": (None, False),
+    "skip_special_tokens": (None, True),
+}
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {"add_generation_prompt": (None, True)}
 
 
 @dataclass(frozen=True)
@@ -78,7 +101,7 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
 
 def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     """``POST /v1/chat/completions``."""
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, is_chat=True)
     if body.get("tools"):
         raise bad_request("tools are not supported", "tools")
     response_format = body.get("response_format")
@@ -100,8 +123,8 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
 
 def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
     """The one JSON message of a ``/v1/stream`` WebSocket: ``prompt`` or ``messages`` plus sampling fields."""
-    _refuse_unsupported(body)
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    _refuse_unsupported(body, is_chat=has_messages)
     if has_prompt == has_messages:
         raise bad_request("give exactly one of prompt and messages")
     return GenerateRequest(
@@ -114,13 +137,15 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
 
 
 # ---- fields ---------------------------------------------------------------------------------
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _refuse_unsupported(body: dict[str, Any], *, is_chat: bool = False) -> None:
     for name in ("n", "best_of"):
         value = body.get(name)
         if value is not None and value != 1:
-            raise bad_request(f"{name} must be 1 (one choice per request), got {value!r}", name)
-    if body.get("logit_bias"):
-        raise bad_request("logit_bias is not supported", "logit_bias")
+            raise bad_request(f"{name} must be 1 (one choice per request), got {_shown(value)}", name)
+    unsupported = {**UNSUPPORTED_FIELDS, **UNSUPPORTED_CHAT_FIELDS} if is_chat else UNSUPPORTED_FIELDS
+    for name, harmless in unsupported.items():
+        if body.get(name) not in harmless:
+            raise bad_request(f"{name} is not supported", name)
 
 
 def _model(body: dict[str, Any]) -> str | None:
@@ -224,20 +249,34 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short: a request may send a number of hundreds of digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
+
+
 def _integer(body: dict[str, Any], name: str) -> int:
     value = body.get(name)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not _is_int(value):
-        raise bad_request(f"{name} must be an integer, got {value!r}", name)
+        raise bad_request(f"{name} must be an integer, got {_shown(value)}", name)
+    if not MIN_INT64 <= value <= MAX_INT64:
+        raise bad_request(f"{name} must be in [{MIN_INT64}, {MAX_INT64}], got {_shown(value)}", name)
     return value
 
 
 def _number(body: dict[str, Any], name: str) -> float:
     value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad_request(f"{name} must be a finite number, got {value!r}", name)
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"{name} must be a finite number, got {_shown(value)}", name)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise bad_request(f"{name} must be a finite number, got {_shown(value)}", name)
+    return number
 
 
 def _boolean(body: dict[str, Any], name: str) -> bool:
@@ -245,5 +284,5 @@ def _boolean(body: dict[str, Any], name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false, got {value!r}", name)
+        raise bad_request(f"{name} must be true or false, got {_shown(value)}", name)
     return value

@@ -20,8 +20,12 @@ TIMEOUT_S = 30
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
           "stop", "stream", "logprobs", "top_logprobs", "n", "model", "ignore_eos", "min_tokens",
           "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "echo", "suffix", "role",
-          "content", "stop_token_ids", "response_format", "best_of"]
-HUGE = [2**31, 2**63, -2**63, 10**30, -1, -10**9, 1e308, -1e308, 0]
+          "content", "stop_token_ids", "response_format", "best_of", "min_p", "skip_special_tokens",
+          "add_generation_prompt", "guided_choice", "bad_words"]
+PAST_FLOAT = 10**400  # json.loads gives an int that math.isfinite cannot take
+HUGE = [2**31, 2**63, -2**63, 10**30, -1, -10**9, 1e308, -1e308, 0, PAST_FLOAT, -PAST_FLOAT]
+SAMPLING_NUMBERS = ["temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k",
+                    "min_tokens", "seed", "max_tokens"]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from(HUGE), st.floats(allow_nan=False),
                     st.text(max_size=40))
@@ -119,6 +123,29 @@ def test_websocket_fuzzed_messages(fuzz_server, message):
     assert last is not None and last["type"] in ("done", "error"), last
     if last["type"] == "error":
         assert last["status"] < 500, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("path", "name", "extra"), [
+    *[("/v1/completions", name, {"prompt": "x"}) for name in [*SAMPLING_NUMBERS, "logprobs"]],
+    *[("/v1/chat/completions", name, {"messages": [{"role": "user", "content": "x"}], "logprobs": True})
+      for name in [*SAMPLING_NUMBERS, "max_completion_tokens", "top_logprobs"]],
+    *[("/v1/stream", name, {"prompt": "x"}) for name in [*SAMPLING_NUMBERS, "logprobs"]],
+])
+def test_ints_past_the_float_range_are_a_400_naming_the_field(fuzz_server, path, name, extra):
+    """An int above ~1.8e308 made math.isfinite raise OverflowError: a 500 over HTTP, a bare close on the
+    WebSocket."""
+    for value in (PAST_FLOAT, -PAST_FLOAT):
+        data = json.dumps({**extra, name: value})
+        if path != "/v1/stream":
+            status, answer = post(fuzz_server, path, data.encode())
+            assert status == 400, answer[:300]
+            assert json.loads(answer)["error"]["param"] == name, answer[:300]
+            continue
+        with connect(f"{fuzz_server.ws_url}?token={API_KEY}", open_timeout=TIMEOUT_S) as ws:
+            ws.send(data)
+            reply = json.loads(ws.recv(timeout=TIMEOUT_S))
+        assert reply["type"] == "error" and reply["status"] == 400 and name in reply["message"], reply
 
 
 @pytest.mark.slow

@@ -44,6 +44,9 @@ BAD_REQUESTS = [
     pytest.param({**OK_BODY, "logprobs": 50}, "logprobs", id="logprobs-range"),
     pytest.param({**OK_BODY, "prompt": "a " * (MAX_MODEL_LEN + 10)}, "prompt", id="prompt-too-long"),
     pytest.param({**OK_BODY, "max_tokens": MAX_MODEL_LEN}, "max_tokens", id="max-tokens-past-context"),
+    pytest.param('{"prompt": "x", "temperature": 1' + "0" * 400 + "}", "temperature", id="int-past-float-range"),
+    pytest.param({**OK_BODY, "seed": 2**64}, "seed", id="seed-past-int64"),
+    pytest.param({**OK_BODY, "min_p": 0.05}, "min_p", id="min-p-unsupported"),
 ]
 
 

@@ -1,6 +1,8 @@
 """Request parsing without a server: fields, aliases and refusals."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fastdecode.actors.frontend.errors import ApiError
@@ -68,3 +70,72 @@ def test_context_overflow_is_a_400_with_a_code():
 def test_decode_body_refuses_non_objects(raw):
     with pytest.raises(ApiError):
         decode_body(raw)
+
+
+HUGE_INT = 10**400  # past the float range: math.isfinite raised OverflowError on it
+
+
+FLOAT_FIELDS = ["temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"]
+INTEGER_FIELDS = ["top_k", "min_tokens", "seed", "max_tokens", "logprobs"]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS + INTEGER_FIELDS)
+@pytest.mark.parametrize("value", [HUGE_INT, -HUGE_INT, 2**63, -2**63 - 1, 1e308])
+def test_out_of_range_numbers_are_a_400(name, value):
+    body = decode_body(json.dumps({"prompt": "x", name: value}))
+    for parse in (parse_completion, parse_stream_request):
+        with pytest.raises(ApiError) as refused:
+            parse(body).sampling_params(num_prompt_tokens=1, max_model_len=100)
+        assert refused.value.status == 400
+        if name in INTEGER_FIELDS or abs(value) > 1e308:  # else a float in range: SamplingParams says why
+            assert refused.value.param == name, refused.value.message
+        assert len(refused.value.message) < 200, "the message must not echo hundreds of digits"
+
+
+def test_chat_numbers_past_the_float_range_are_a_400():
+    with pytest.raises(ApiError) as refused:
+        parse_chat({"messages": [{"role": "user", "content": "a"}], "top_p": -HUGE_INT})
+    assert (refused.value.status, refused.value.param) == (400, "top_p")
+
+
+def test_int64_bounds_are_accepted_for_the_seed():
+    for seed in (2**63 - 1, -2**63):
+        assert parse_completion({"prompt": "x", "seed": seed}).sampling_params(1, 100).seed == seed
+
+
+UNSUPPORTED = [
+    ("min_p", 0.1), ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("guided_regex", "a+"),
+    ("guided_grammar", "root ::= 'a'"), ("guided_decoding_backend", "xgrammar"), ("prompt_logprobs", 1),
+    ("prompt_logprobs", 0), ("use_beam_search", True), ("bad_words", ["x"]), ("allowed_token_ids", [1, 2]),
+    ("truncate_prompt_tokens", 8), ("include_stop_str_in_output", True), ("continue_final_message", True),
+    ("skip_special_tokens", False), ("logit_bias", {"1": 5}),
+]
+HARMLESS = [
+    ("min_p", 0), ("min_p", 0.0), ("min_p", None), ("guided_json", None), ("prompt_logprobs", None),
+    ("use_beam_search", False), ("bad_words", []), ("allowed_token_ids", None), ("truncate_prompt_tokens", None),
+    ("include_stop_str_in_output", False), ("continue_final_message", False), ("skip_special_tokens", True),
+    ("logit_bias", {}), ("add_generation_prompt", True),
+]
+CHAT = [{"role": "user", "content": "a"}]
+
+
+@pytest.mark.parametrize(("name", "value"), UNSUPPORTED + [("add_generation_prompt", False)])
+def test_fields_that_would_change_the_output_are_refused_not_ignored(name, value):
+    parsers = [lambda b: parse_chat({"messages": CHAT, **b}), lambda b: parse_stream_request({"messages": CHAT, **b})]
+    if name != "add_generation_prompt":  # a chat field: completions have no template to apply
+        parsers += [lambda b: parse_completion({"prompt": "a", **b}), lambda b: parse_stream_request({"prompt": "a", **b})]
+    for parse in parsers:
+        with pytest.raises(ApiError) as refused:
+            parse({name: value})
+        assert (refused.value.status, refused.value.param) == (400, name)
+        assert refused.value.message == f"{name} is not supported"
+
+
+@pytest.mark.parametrize(("name", "value"), HARMLESS)
+def test_default_values_of_unsupported_fields_are_accepted(name, value):
+    assert parse_chat({"messages": CHAT, name: value}).messages == tuple(CHAT)
+    assert parse_completion({"prompt": "a", name: value}).prompt == "a"
+
+
+def test_add_generation_prompt_is_a_chat_field_only():
+    assert parse_completion({"prompt": "a", "add_generation_prompt": False}).prompt == "a"

@@ -55,6 +55,8 @@ async def test_chat_messages_and_logprobs(tiny_server, tiny_model):
     (json.dumps({"max_tokens": 4}), "prompt and messages"),
     (json.dumps({"prompt": "x", "temperature": -2}), "temperature"),
     (json.dumps({"prompt": "x", "model": "other"}), "does not exist"),
+    ('{"prompt": "x", "temperature": 1' + "0" * 400 + "}", "temperature must be a finite number"),
+    (json.dumps({"prompt": "x", "guided_regex": "a+"}), "guided_regex is not supported"),
 ])
 async def test_bad_request_gets_an_error_message(tiny_server, request_text, fragment):
     async with connect(tiny_server.ws_url, additional_headers=AUTH) as ws:
