@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's ``_SAMPLING_EPS``)
+
 
 class RequestError(ValueError):
     """A request that cannot be served as asked (bad field, prompt too long...)."""
@@ -17,7 +19,8 @@ class RequestError(ValueError):
 class SamplingParams:
     """Sampling and stopping for one request (OpenAI/vLLM meanings).
 
-    ``temperature == 0`` is greedy.  ``top_k <= 0`` and ``top_p == 1`` disable
+    ``temperature < SAMPLING_EPS`` (0 included) is greedy: a smaller one would
+    underflow in float32 and divide by zero.  ``top_k <= 0`` and ``top_p == 1`` disable
     those filters.  ``seed`` makes a sampled request reproducible on its own,
     whatever else is in the batch.
     """
@@ -75,7 +78,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass(frozen=True)

@@ -158,3 +158,22 @@ def test_only_plain_greedy_rows_take_the_argmax_path():
                    SamplingParams(temperature=0.0, frequency_penalty=0.5),
                    SamplingParams(temperature=0.0, repetition_penalty=1.2)):
         assert not _row(params).is_argmax, params
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6])
+def test_temperature_below_the_epsilon_is_greedy(temperature):
+    """1e-300 is 0 in float32: dividing by it gave NaN probabilities and token 0 every step."""
+    logits = _logits(3, seed=11)
+    tiny = SamplingParams(temperature=temperature, seed=5)
+    # beside a sampled row, and with logprobs: the path that uploads the temperatures
+    rows = [_row(tiny), _row(SamplingParams(temperature=1.0, seed=1)),
+            _row(SamplingParams(temperature=temperature, logprobs=1))]
+    greedy = [_row(SamplingParams(temperature=0.0)), _row(SamplingParams(temperature=1.0, seed=1)),
+              _row(SamplingParams(temperature=0.0, logprobs=1))]
+    for _ in range(5):
+        out, expected = sample(logits, rows), sample(logits, greedy)
+        assert torch.equal(out.token_ids, expected.token_ids)  # the seeded middle row too
+        assert torch.equal(out.token_ids[[0, 2]], logits[[0, 2]].argmax(-1))
+        assert torch.isfinite(out.logprobs).all()
+    assert tiny.is_greedy and _row(tiny).is_argmax
+    assert not SamplingParams(temperature=1e-5).is_greedy

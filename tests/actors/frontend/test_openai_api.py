@@ -97,6 +97,15 @@ async def test_seeded_sampling_and_penalties_equal_reference(openai_client, tiny
     assert response.choices[0].text == expected.text
 
 
+async def test_tiny_temperature_is_greedy(openai_client, tiny_model):
+    """1e-300 underflows to 0 in float32: it must be greedy, not NaN probabilities and token 0 every step."""
+    tokenizer = tiny_model[1]
+    expected = reference(tiny_model, tokenizer.encode(PROMPT), max_tokens=12, temperature=0.0, ignore_eos=True)
+    response = await openai_client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1e-300,
+                                                      logprobs=1, extra_body={"ignore_eos": True})
+    assert response.choices[0].text == expected.text
+
+
 async def test_stop_string_cuts_the_text(openai_client, tiny_model):
     tokenizer = tiny_model[1]
     full = reference(tiny_model, tokenizer.encode(PROMPT), max_tokens=32, temperature=0.0, ignore_eos=True).text
