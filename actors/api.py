@@ -40,6 +40,7 @@ class StreamOutput:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last output
     error: str | None = None
+    is_retryable: bool = False  # an error of the server's state (shutting down, no KV node left): try again
 
 
 class AsyncLLM:
@@ -73,7 +74,7 @@ class AsyncLLM:
             async for event in request:
                 if event.finish_reason in ("abort", "error"):
                     yield StreamOutput(event.request_id, -1, detokenizer.finish(), None, (),
-                                       event.finish_reason, event.error)
+                                       event.finish_reason, event.error, event.is_retryable)
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:

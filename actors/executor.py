@@ -150,7 +150,7 @@ class Executor:
         self._emit_pending()
         for seq in list(self._sequences.values()):
             seq.emit(TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error",
-                                error="the server is shutting down"))
+                                error="the server is shutting down", is_retryable=True))
         self._sequences.clear()
         # a step may still run on the dense thread: wait for it off the loop, which may be what serves the
         # in-process shards that step is waiting for
@@ -298,9 +298,10 @@ class Executor:
             event = TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="stop" if is_stop else "abort")
             await self._finish(seq, event, is_counted=is_stop)
 
-    async def _fail_all(self, message: str) -> None:
+    async def _fail_all(self, message: str, *, is_retryable: bool = False) -> None:
         for seq in list(self._sequences.values()):
-            event = TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error", error=message)
+            event = TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error", error=message,
+                               is_retryable=is_retryable)
             try:
                 await self._finish(seq, event, is_counted=False)
             except Exception:  # the node may be what failed; the request has its error event anyway
@@ -328,7 +329,7 @@ class Executor:
                     await self._requeue(self._sequences[preemption.seq_id])
         if not any(self.nodes[i].is_alive for i in self.scheduler.nodes) and self._sequences:
             reasons = "; ".join(f"{n.node_id}: {n.failure}" for n in self.nodes)
-            await self._fail_all(f"no KV node is left ({reasons})")
+            await self._fail_all(f"no KV node is left ({reasons})", is_retryable=True)
 
     async def _requeue(self, seq: Sequence) -> None:
         """The scheduler requeued ``seq`` off a failed or draining node: drop its KV there, rebuild it later."""

@@ -88,7 +88,8 @@ class TokenEvent:
     ``finish_reason`` is set on the request's last event: ``"stop"`` (EOS, stop
     token or stop string), ``"length"`` (max_tokens or the context end),
     ``"abort"`` (cancelled) or ``"error"`` (then ``error`` says why and
-    ``token_id`` is -1).
+    ``token_id`` is -1; ``is_retryable`` when the server, not the request, is
+    what failed: shutting down, or no KV node left).
     """
 
     request_id: int
@@ -98,6 +99,7 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None
     error: str | None = None
+    is_retryable: bool = False
 
 
 @dataclass

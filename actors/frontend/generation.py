@@ -56,6 +56,13 @@ def _check_text_fits(llm: AsyncLLM, num_chars: int, param: str) -> None:
                        param=param, code="context_length_exceeded")
 
 
+def generation_error(out: StreamOutput) -> ApiError:
+    """What a request that failed mid-generation answers: 503 when the server's state failed it (shutting
+    down, no KV node left: a retry may succeed), else 500."""
+    message = out.error or "generation failed"
+    return ApiError(503, message, code="unavailable") if out.is_retryable else ApiError(500, message)
+
+
 class Generation:
     """The outputs of one admitted request, and its usage figures."""
 

@@ -7,8 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from fastdecode.actors.frontend.errors import ApiError
-from fastdecode.actors.frontend.generation import Generation, start_generation
+from fastdecode.actors.frontend.generation import Generation, generation_error, start_generation
 from fastdecode.actors.frontend.openai_request import GenerateRequest, decode_body, parse_chat, parse_completion
 from fastdecode.actors.frontend.openai_response import ResponseBuilder
 from fastdecode.actors.frontend.sse import EventStream
@@ -46,7 +45,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
             return await _stream(request, state, body, builder, generation)
         outputs = [out async for out in generation.outputs()]
         if generation.finish_reason == "error":
-            raise ApiError(500, outputs[-1].error or "generation failed")
+            raise generation_error(outputs[-1])
         return web.json_response(builder.complete(outputs, generation.finish_reason, generation.usage(),
                                                   wants_logprobs=body.num_logprobs is not None))
 
@@ -60,7 +59,7 @@ async def _stream(request: web.Request, state: FrontendState, body: GenerateRequ
             await events.send(builder.role_chunk())
         async for out in generation.outputs():
             if out.finish_reason == "error":
-                await events.send(ApiError(500, out.error or "generation failed").body())
+                await events.send(generation_error(out).body())
                 break
             if not out.text and out.finish_reason is None and not wants_logprobs:
                 continue  # half a character: nothing to show yet

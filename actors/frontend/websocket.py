@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from fastdecode.actors.frontend.errors import ApiError, bad_request
-from fastdecode.actors.frontend.generation import Generation, start_generation
+from fastdecode.actors.frontend.generation import Generation, generation_error, start_generation
 from fastdecode.actors.frontend.openai_request import decode_body, parse_stream_request
 from fastdecode.actors.frontend.state import STATE, FrontendState
 
@@ -68,7 +68,8 @@ async def _serve_one(ws: web.WebSocketResponse, state: FrontendState) -> None:
 async def _send_outputs(ws: web.WebSocketResponse, generation: Generation, *, wants_logprobs: bool) -> None:
     async for out in generation.outputs():
         if out.finish_reason == "error":
-            await ws.send_json({"type": "error", "message": out.error or "generation failed", "status": 500})
+            error = generation_error(out)
+            await ws.send_json({"type": "error", "message": error.message, "status": error.status})
             return
         if out.token_id >= 0:
             message: dict[str, Any] = {"type": "token", "text": out.text, "token_id": out.token_id}

@@ -55,7 +55,8 @@ def test_no_shard_left_gives_503_until_one_returns():
             shard.send_signal(signal.SIGKILL)
             shard.wait()
             status, body = running.result()
-        assert status == 500 and "no KV node is left" in body["error"]["message"], body
+        assert status == 503 and "no KV node is left" in body["error"]["message"], body  # try again later
+        assert body["error"]["code"] == "unavailable", body
         status, body = request(server.url, "/v1/completions", {"prompt": "refused", "max_tokens": 3})
         assert status == 503 and body["error"]["code"] == "unavailable", body
         assert request(server.url, "/health") == (503, {"status": "no_kv_node"})

@@ -145,3 +145,14 @@ async def test_the_websocket_refuses_text_too_long_untokenized():
     assert message["type"] == "error" and message["status"] == 400
     assert "too long for this model's context" in message["message"]
     assert llm.tokenizer.encoded_lengths == []
+
+
+def test_a_failed_generation_answers_503_when_a_retry_may_succeed():
+    from fastdecode.actors.api import StreamOutput
+    from fastdecode.actors.frontend.generation import generation_error
+
+    down = generation_error(StreamOutput(1, -1, "", finish_reason="error", error="no KV node is left",
+                                         is_retryable=True))
+    assert (down.status, down.code, down.message) == (503, "unavailable", "no KV node is left")
+    broken = generation_error(StreamOutput(1, -1, "", finish_reason="error", error="internal error"))
+    assert (broken.status, broken.message) == (500, "internal error")
