@@ -119,6 +119,11 @@ class KVShard:
         self._ewma_seconds = 0.0
         self._num_attend_calls = 0
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the pool holds now (a read of one dict's length: safe from another thread)."""
+        return len(self._lengths)
+
     # ------------------------------------------------------------ configure
     def on_configure(self, message: Configure) -> ShardStats:
         if message.session_id and message.session_id != self._session_id:

@@ -38,7 +38,6 @@ class DrainableShard:
     def __init__(self, shard: "KVShard") -> None:
         self.shard = shard
         self.is_draining = False  # set from the event loop; read by handlers (a plain bool)
-        self._seq_ids: set[int] = set()
         self.last_request_s = time.monotonic()  # when a handler last ran
 
     def seconds_since_request(self) -> float:
@@ -46,7 +45,8 @@ class DrainableShard:
 
     @property
     def num_sequences(self) -> int:
-        return len(self._seq_ids)
+        """What the shard holds, whoever freed it: a new client session's Configure frees the old one's."""
+        return self.shard.num_sequences
 
     def _refuse_if_draining(self) -> None:
         self.last_request_s = time.monotonic()
@@ -60,14 +60,10 @@ class DrainableShard:
     def on_allocate(self, message: Allocate) -> None:
         self._refuse_if_draining()
         self.shard.on_allocate(message)
-        self._seq_ids.update(message.seq_ids)
 
     def on_free(self, message: Free) -> None:
         self.last_request_s = time.monotonic()
-        try:
-            self.shard.on_free(message)
-        finally:  # unknown ids are reported after the known ones were freed
-            self._seq_ids.difference_update(message.seq_ids)
+        self.shard.on_free(message)
 
     def on_append_prompt(self, message: AppendPrompt) -> None:
         self._refuse_if_draining()

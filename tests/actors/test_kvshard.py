@@ -92,6 +92,20 @@ def test_a_new_client_session_frees_what_the_previous_one_left(shard) -> None:
     assert stats.num_sequences == 2 and stats.used_bytes == 0
 
 
+def test_a_draining_shard_counts_what_it_holds_after_a_new_session(shard) -> None:
+    """The daemon's drain waits for the sequences the shard holds: those a new session's Configure freed
+    are not among them (the drain used to wait its idle timeout out for them)."""
+    from fastdecode.actors.shard_drain import DrainableShard
+
+    drainable = DrainableShard(shard)
+    drainable.on_configure(Configure(**{**SHAPE.__dict__, "session_id": 7}))
+    drainable.on_allocate(Allocate((1, 2, 3)))
+    drainable.on_free(Free((3,)))
+    assert drainable.num_sequences == 2
+    drainable.on_configure(Configure(**{**SHAPE.__dict__, "session_id": 8}))  # an Executor restarted
+    assert drainable.num_sequences == 0
+
+
 def test_calibration_reads_a_working_set_past_the_cache(monkeypatch) -> None:
     """The long calibration attend covers CALIBRATION_MIN_BYTES of KV (here 4 MiB, a quarter of the pool),
     not a fixed 8 sequences that a last-level cache would hold."""
