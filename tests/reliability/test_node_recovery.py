@@ -152,35 +152,25 @@ def test_lost_state_codes_match_the_shard():
     assert kvshard.BAD_REQUEST in FAULT_CODES
 
 
-@pytest.mark.parametrize("is_pipelined", [True, False], ids=["pipeline", "no-pipeline"])
-async def test_a_node_answering_an_error_is_retired_and_its_rows_go_on_elsewhere(tiny_model, one_torch_thread,
-                                                                                  is_pipelined):
-    """An attend that fails on the node (an internal error reply) ends that node's connection as a death
-    does: every request still finishes with its solo tokens, none is failed."""
-    model, _ = tiny_model
-    executor, nodes, _, _ = await start_executor(model, 2, is_pipelined=is_pipelined)
-    try:
-        nodes[0].fault_at_attend = 2 * model.config.num_layers + 1  # inside the 3rd step that uses it
-        requests = make_requests(model, 10, seed=5)
-        outputs = await run_all(executor, requests)
-        assert executor.nodes[0].state is NodeState.DEAD and "internal" in executor.nodes[0].failure
-        assert executor.num_recovered > 0
-    finally:
-        await executor.stop()
-    check_solo(model, requests, outputs, f"node answered an error, pipeline={is_pipelined}")
+# What a node answers at the 3rd step that uses it -> the node's state after, and the Executor's counter of
+# the sequences that moved: a refusal (no room) keeps the node and preempts those rows; a fault (an internal
+# error reply) ends its connection as a death does and they are rebuilt elsewhere. Either way no request fails.
+ATTEND_ANSWERS = {"refuse": (NodeState.ALIVE, "num_preempted"), "fault": (NodeState.DEAD, "num_recovered")}
 
 
+@pytest.mark.parametrize("answer", ATTEND_ANSWERS)
 @pytest.mark.parametrize("is_pipelined", [True, False], ids=["pipeline", "no-pipeline"])
-async def test_a_node_refusing_an_attend_preempts_those_rows_and_loses_no_token(tiny_model, one_torch_thread,
-                                                                                 is_pipelined):
+async def test_a_node_refusing_or_failing_an_attend_loses_no_token(tiny_model, one_torch_thread, is_pipelined,
+                                                                   answer):
     model, _ = tiny_model
+    state, moved = ATTEND_ANSWERS[answer]
     executor, nodes, _, _ = await start_executor(model, 2, is_pipelined=is_pipelined)
     try:
-        nodes[0].refuse_at_attend = 2 * model.config.num_layers + 1  # inside the 3rd step that uses it
+        setattr(nodes[0], f"{answer}_at_attend", 2 * model.config.num_layers + 1)
         requests = make_requests(model, 10, seed=4)
         outputs = await run_all(executor, requests)
-        assert executor.nodes[0].state is NodeState.ALIVE  # refusing is not dying
-        assert executor.num_preempted > 0
+        assert executor.nodes[0].state is state
+        assert getattr(executor, moved) > 0
     finally:
         await executor.stop()
-    check_solo(model, requests, outputs, f"node refused an attend, pipeline={is_pipelined}")
+    check_solo(model, requests, outputs, f"node answered {answer}, pipeline={is_pipelined}")
