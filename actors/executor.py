@@ -31,7 +31,7 @@ import torch
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
-from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError
+from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
 from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
 from fastdecode.actors.prefill import prefill
@@ -103,7 +103,8 @@ class Executor:
         models = [node_model(i, s, num_layers=num_layers, kv_bytes_per_token=self.kv_bytes_per_token,
                              whole_step=whole_step if graphs is not None and node.inner is graphs.node else None)
                   for i, (node, s) in enumerate(zip(self.nodes, stats))]
-        self._fit_context(max(m.num_pages * m.page_size for m in models))
+        self.max_model_len = self.config.max_len_for(self.model.config.max_position_embeddings,
+                                                     max(m.num_pages * m.page_size for m in models))
         if self.gpu_model is None and self.config.profile_batches:
             self.gpu_model = await self.runner.run(measure_dense_profile, self.model, self.config.profile_batches)
             log.info("dense step times: %s", ", ".join(f"B={b}: {s * 1e3:.2f} ms" for b, s in self.gpu_model.samples))
@@ -112,19 +113,6 @@ class Executor:
                                                is_single_minibatch_allowed=not self.config.is_pipelined)
         self.scheduler = Scheduler(scheduler_config, models, gpu=self.gpu_model)
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
-
-    def _fit_context(self, node_tokens: int) -> None:
-        """The context must fit one KV node whole: a longer one given explicitly is an error at start;
-        the model's own is cut to what the largest node holds (else every long request would be refused)."""
-        if node_tokens >= self.max_model_len:
-            return
-        if self.config.max_model_len is not None or node_tokens < 2:
-            raise ValueError(f"max_model_len {self.max_model_len} does not fit the KV-cache: the largest KV node "
-                             f"holds {node_tokens} tokens of one sequence; give a smaller max_model_len "
-                             f"or more KV memory")
-        log.warning("the model's context of %d tokens does not fit the largest KV node (%d tokens): "
-                    "serving with max_model_len %d", self.max_model_len, node_tokens, node_tokens)
-        self.max_model_len = node_tokens
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait until the accepted ones finished (True) or ``timeout_s`` passed."""
@@ -162,15 +150,7 @@ class Executor:
             raise UnavailableError("the server is shutting down and takes no new requests")
         if not self.has_live_node:
             raise UnavailableError("no KV node is reachable; retry when one returns")
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} "
-                "and at least one token must be generated")
+        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
         seq_id = next(self._ids)
@@ -186,8 +166,7 @@ class Executor:
         return RequestStream(self, seq)
 
     def abort(self, seq_id: int, *, is_stop: bool = False) -> None:
-        """End a request at the next step: a stop string reached (``is_stop``: it finished, and its length
-        counts in admission's estimates) or its client gone."""
+        """End a request at the next step: its client gone, or (``is_stop``) it reached a stop string."""
         seq = self._sequences.get(seq_id)
         if seq is not None:
             seq.is_abort_requested = True

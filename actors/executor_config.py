@@ -1,10 +1,13 @@
 """The Executor's configuration and the errors ``Executor.submit`` raises to refuse a request."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from fastdecode.actors.request import RequestError
 from fastdecode.scheduler import SchedulerConfig
+
+log = logging.getLogger("fastdecode.executor")
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,30 @@ class ExecutorConfig:
     def max_num_seqs(self) -> int:
         return self.scheduler.max_num_seqs
 
-    def max_len_for(self, context: int) -> int:
-        """The longest sequence admitted for a model of ``context`` positions."""
-        return min(self.max_model_len or context, context)
+    def max_len_for(self, context: int, node_tokens: int | None = None) -> int:
+        """The longest sequence admitted for a model of ``context`` positions, on KV nodes the largest of
+        which holds ``node_tokens`` tokens of one sequence (None: not known yet). A sequence must fit one
+        node whole: a longer ``max_model_len`` given is an error; the model's own context is cut (logged)."""
+        length = min(self.max_model_len or context, context)
+        if node_tokens is None or node_tokens >= length:
+            return length
+        if self.max_model_len is not None or node_tokens < 2:
+            raise ValueError(f"max_model_len {length} does not fit the KV-cache: the largest KV node holds "
+                             f"{node_tokens} tokens of one sequence; give a smaller max_model_len or more KV memory")
+        log.warning("the model's context of %d tokens does not fit the largest KV node (%d tokens): "
+                    "serving with max_model_len %d", length, node_tokens, node_tokens)
+        return node_tokens
+
+
+def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """RequestError unless the prompt is token ids of the vocabulary that leave room for one more."""
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(prompt_ids) >= max_model_len:
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_model_len} "
+                           "and at least one token must be generated")
 
 
 class QueueFullError(RequestError):
