@@ -265,7 +265,9 @@ class Scheduler:
         return Preemption(seq_id, node_id, record.num_generated)
 
     def _admit(self) -> list[int]:
-        waiting = list(self._table.waiting())
+        # A sequence no node left could hold even empty (the one that could was removed) waits for such a
+        # node to return without holding the queue behind it; the others keep first come, first served.
+        waiting = [r for r in self._table.waiting() if can_ever_fit(self._nodes.values(), r.expected_final_len)]
         num = self._admission.num_to_admit(list(self._table.running()), waiting)
         if num == 0:
             return []

@@ -97,10 +97,14 @@ class SequenceTable:
         return record
 
     def start(self, seq_id: int, node_id: int, step: int) -> SequenceRecord:
-        """Move the head of the waiting queue to running on ``node_id`` (mini-batch still unassigned)."""
-        if not self._waiting or self._waiting[0] != seq_id:
-            raise ValueError(f"sequence {seq_id} is not at the head of the waiting queue")
-        self._waiting.popleft()
+        """Move a waiting sequence to running on ``node_id`` (mini-batch still unassigned): the head of the
+        queue, or one behind sequences that wait for a node able to hold them (the scheduler's choice)."""
+        if self._waiting and self._waiting[0] == seq_id:
+            self._waiting.popleft()
+        elif seq_id in self._waiting:
+            self._waiting.remove(seq_id)
+        else:
+            raise ValueError(f"sequence {seq_id} is not waiting")
         record = self._records[seq_id]
         record.node_id, record.minibatch, record.admit_step = node_id, None, step
         self._running[seq_id] = record

@@ -129,3 +129,19 @@ def test_removing_a_node_requeues_its_sequences():
     assert all(a.node_id == 0 for a in plan.admitted)
     with pytest.raises(ValueError, match="last node"):
         sched.remove_node(0)
+
+
+def test_a_sequence_only_a_removed_node_could_hold_waits_without_holding_the_queue():
+    big, small = node(0, 4096), node(1, 1024)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, admission="all-at-once"), [big, small])
+    sched.add_request(1, 2000, 100)  # only the big node holds it
+    sched.remove_node(0)  # its host taken out before the request started
+    sched.add_request(2, 10, 10)
+    for _ in range(3):
+        admitted = [a.seq_id for a in sched.schedule().admitted]
+        if admitted:
+            break
+    assert admitted == [2]  # not stuck behind the request no node left can hold
+    assert not sched.sequence(1).is_running and sched.num_waiting == 1
+    sched.add_node(big)  # the node returns
+    assert [(a.seq_id, a.node_id) for a in sched.schedule().admitted] == [(1, 0)]
