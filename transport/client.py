@@ -7,6 +7,11 @@ peer is declared dead (the Paranoid Pirate pattern): every waiting request fails
 with ``PeerDeadError`` and so does every later one.  A peer is therefore found
 dead within ``(liveness + 1) * heartbeat_interval_s`` of its last sign of life.
 
+Every Pong carries the server's ``instance_id``, drawn when it started.  The
+client remembers the first one it sees; a Pong with another one means the process
+at the address was restarted and the requests the old one held are lost, so the
+peer is declared dead the same way, at the first heartbeat the new one answers.
+
 Replies arrive through a ``SocketPump`` (the loop's reader callback sets each
 request's future directly); a request's timeout is one timer, not a Task.
 """
@@ -60,6 +65,7 @@ class RpcClient:
         self._dead_error: PeerDeadError | None = None
         self._liveness = liveness
         self._last_recv_s = 0.0
+        self._peer_instance_id: int | None = None  # from the first Pong
         self._loop_time = time.monotonic  # the running loop's clock once started
 
     @property
@@ -142,11 +148,23 @@ class RpcClient:
             if future is not None and not future.done():
                 future.set_exception(exc)
             return
+        if type(reply) is Pong and not self._is_same_instance(reply.instance_id):
+            return
         future = self._waiting.get(request_id)
         if future is not None and not future.done():
             future.set_result(reply)
         elif type(reply) is not Pong:
             log.debug("%s: late or unknown reply %d (%s)", self._name, request_id, type(reply).__name__)
+
+    def _is_same_instance(self, instance_id: int) -> bool:
+        """False, with the peer declared dead, when the server answering is not the one that answered first."""
+        if self._peer_instance_id is None:
+            self._peer_instance_id = instance_id
+        elif instance_id != self._peer_instance_id:
+            self._fail_all(PeerDeadError(f"{self.address} restarted (instance {self._peer_instance_id:016x} is now "
+                                         f"{instance_id:016x}): the requests it held are lost"))
+            return False
+        return True
 
     async def _heartbeat_loop(self) -> None:
         assert self._pump is not None

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastdecode.transport.messages import Message
+from fastdecode.transport.messages import Message, int_field
 
 MAX_CONTROL_KIND = 15
+MAX_INSTANCE_ID = 2**64 - 1
 
 
 @dataclass(frozen=True)
 class Pong(Message):
-    """The answer to a Ping; any reply also proves the peer alive."""
+    """The answer to a Ping; any reply also proves the peer alive.
+
+    ``instance_id`` is drawn at random by each server when it starts.  A client that sees it change knows the
+    process behind the address was restarted and the requests the old one held are lost: it declares the peer
+    dead, as if heartbeats had been missed (transport/client.py).
+    """
 
     KIND = 2
+    instance_id: int = int_field(min_value=0, max_value=MAX_INSTANCE_ID)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 ``ProtocolError``: a message that does not decode (bad envelope, unknown kind, bad
 field, frame mismatch, too large).  ``PeerDeadError``: the peer stopped answering
-heartbeats.  ``RemoteRequestError``: the peer answered this request with an error
-reply (the issue's "request error").  ``RequestTimeoutError``: no reply within the
-request's timeout (also a builtin ``TimeoutError``).
+heartbeats or was restarted.  ``RemoteRequestError``: the peer answered this
+request with an error reply (the issue's "request error").  ``RequestTimeoutError``:
+no reply within the request's timeout (also a builtin ``TimeoutError``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class ProtocolError(TransportError):
 
 
 class PeerDeadError(TransportError):
-    """The peer missed ``liveness`` heartbeats in a row (or the client was closed)."""
+    """The peer missed ``liveness`` heartbeats in a row, answered one as another instance (it was restarted and
+    lost the requests it held), or the client was closed."""
 
 
 class RemoteRequestError(TransportError):

@@ -10,9 +10,9 @@ the same codec and envelope as RpcClient. Sends and receives block in ``zmq.poll
 which releases the GIL.
 
 The asynchronous client stays the peer's owner: its heartbeats decide liveness. The
-link checks ``is_alive()`` between poll slices, so a dead peer fails the wait with
-``PeerDeadError`` within the heartbeat window; a request gets
-``RequestTimeoutError`` after ``timeout_s``. A reply whose request id is not the
+link checks ``is_alive()`` between poll slices, so a dead peer (silent, or
+restarted: its request is lost) fails the wait with ``PeerDeadError`` within the
+heartbeat window; a request gets ``RequestTimeoutError`` after ``timeout_s``. A reply whose request id is not the
 one awaited (left over from a step that failed half-way) is dropped.
 
 The socket belongs to the thread that first uses the link; ``close()`` may be
@@ -73,7 +73,7 @@ class BlockingLink:
         while not sock.poll(POLL_SLICE_MS, event):
             if not self._is_alive():
                 self.close()
-                raise PeerDeadError(f"{self.address} stopped answering heartbeats ({what})")
+                raise PeerDeadError(f"{self.address} is dead: silent or restarted ({what})")
             if time.monotonic() > deadline:
                 self.close()
                 raise RequestTimeoutError(f"{what} to {self.address}: no answer within {self.timeout_s:g} s")

@@ -7,10 +7,16 @@ log line.  Every other request goes to the ``on_request(peer, request_id,
 message)`` callback, which must not block; replies go back through ``reply``.
 Messages are received by a ``SocketPump`` (the loop's reader callback), so a
 request reaches ``on_request`` without a Task or Future of its own.
+
+Each ``start`` draws a random 64-bit ``instance_id`` that every Pong carries: a
+server restarted at the same address (say by systemd, within the heartbeat
+window) answers Pings with another id, and its clients learn that the requests
+they were waiting on are lost (transport/client.py).
 """
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Callable
 
 import zmq
@@ -45,6 +51,7 @@ class RpcServer:
         self._name = name
         self._pump: SocketPump | None = None
         self.address: str | None = None
+        self.instance_id: int | None = None  # drawn by start(), carried by every Pong
         self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
 
     async def start(self) -> str:
@@ -62,6 +69,7 @@ class RpcServer:
             raise OSError(f"{self._name}: cannot bind {self._requested_address}: {exc}") from exc
         endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
         self.address = endpoint.decode() if isinstance(endpoint, bytes) and endpoint else address
+        self.instance_id = secrets.randbits(64)
         self._pump = SocketPump(sock, self._handle_frames, name=self._name)
         return self.address
 
@@ -82,7 +90,7 @@ class RpcServer:
                 self.reply(peer, exc.request_id, ErrorReply(PROTOCOL, str(exc)))
             return
         if type(message) is Ping:
-            self.reply(peer, request_id, Pong())
+            self.reply(peer, request_id, Pong(self.instance_id))
             return
         self._on_request(peer, request_id, message)
 

@@ -41,7 +41,7 @@ def sample_messages() -> list:
         attend_overhead_s=2e-5, num_attend_calls=7, num_layers=2, num_kv_heads=2, head_dim=64, kv_dtype="bfloat16",
     )
     return [
-        Ping(), Pong(), Ok(), ErrorReply("bad_request", "no such sequence 7"),
+        Ping(), Pong(2**64 - 1), Ok(), ErrorReply("bad_request", "no such sequence 7"),
         stats, dataclasses.replace(stats, num_layers=None, num_kv_heads=None, head_dim=None, kv_dtype=None),
         Configure(num_layers=32, num_kv_heads=8, head_dim=128, kv_dtype="bfloat16"),
         Allocate((1, 2, 3)), Free((3,)), Free(()),
@@ -177,6 +177,22 @@ def test_bad_messages_raise_protocol_error(frames, has_request_id) -> None:
     with pytest.raises(ProtocolError) as info:
         codec.decode(frames)
     assert (info.value.request_id == 5) if has_request_id else info.value.request_id is None
+
+
+def test_pong_carries_a_64_bit_instance_id_and_refuses_anything_else() -> None:
+    codec = Codec(SHARD_CHANNEL)
+    for instance_id in (0, 12345, 2**64 - 1):
+        _, pong = codec.decode(codec.encode(5, Pong(instance_id)))
+        assert type(pong) is Pong and pong.instance_id == instance_id
+    for bad in ("12345", True, None, -1, 1.5, b"\x01"):
+        with pytest.raises(ProtocolError, match="instance_id") as info:
+            codec.decode([_envelope(Pong.KIND, 5, [bad])])
+        assert info.value.request_id == 5
+    with pytest.raises(ProtocolError, match="expected 1 fields"):
+        codec.decode([_envelope(Pong.KIND, 5, [])])  # a Pong without an instance id
+    for bad in ("12345", True, -1, 2**64):
+        with pytest.raises(ValueError, match="instance_id"):
+            Pong(bad)
 
 
 def test_max_message_size_is_enforced_both_ways() -> None:

@@ -13,8 +13,9 @@ from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import Codec
 from fastdecode.transport.control_messages import ErrorReply, Ok
 from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
+from fastdecode.transport.link import BlockingLink
 from fastdecode.transport.server import RpcServer
-from fastdecode.transport.shard_messages import SHARD_CHANNEL, AttendResult, Free, GetStats
+from fastdecode.transport.shard_messages import SHARD_CHANNEL, AttendResult, Free, GetStats, ShardStats
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -109,6 +110,48 @@ async def test_dead_server_fails_waiting_requests_within_heartbeat_window(ctx) -
     with pytest.raises(PeerDeadError):
         await client.request(Free((0,)))
     await client.close()
+
+
+async def _restart(echo: EchoServer, ctx) -> EchoServer:
+    """Close ``echo`` and start another server at its address (the port may take a moment to come free)."""
+    address = echo.server.address
+    await echo.server.close()
+    successor = EchoServer(ctx, address, Codec(SHARD_CHANNEL, max_message_bytes=1 << 24))
+    for _ in range(50):
+        try:
+            await successor.server.start()
+            return successor
+        except OSError:
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"cannot bind {address} again")
+
+
+async def test_a_server_restarted_at_the_same_address_fails_the_requests_it_lost(ctx) -> None:
+    interval = 0.1  # the silence window, (5 + 1) * 0.1 s, is longer than ZeroMQ's reconnect to the successor
+    echo, client = await _pair(ctx, "tcp://127.0.0.1:0", heartbeat_interval_s=interval, liveness=5)
+    await client.ping()
+    # the echo server never answers GetStats: both requests are held by it, and lost when it goes
+    waiting = asyncio.ensure_future(client.request(GetStats(), timeout_s=4))
+    link = BlockingLink(echo.server.address, Codec(SHARD_CHANNEL), ctx=ctx, timeout_s=4,
+                        is_alive=lambda: client.is_alive)
+    request_id = await asyncio.to_thread(link.send, GetStats())
+    linked = asyncio.ensure_future(asyncio.to_thread(link.receive, request_id, ShardStats))
+    await asyncio.sleep(0.05)
+    first_instance_id = echo.server.instance_id
+    successor = await _restart(echo, ctx)
+    assert successor.server.instance_id != first_instance_id
+    start = time.monotonic()
+    with pytest.raises(PeerDeadError, match="restarted"):
+        await waiting
+    with pytest.raises(PeerDeadError):
+        await linked
+    assert time.monotonic() - start < 10 * interval  # not the request's 4 s timeout
+    assert not client.is_alive
+    with pytest.raises(PeerDeadError):
+        await client.request(Free((0,)))
+    link.close()
+    await client.close()
+    await successor.server.close()
 
 
 async def test_close_fails_waiting_requests(ctx) -> None:
