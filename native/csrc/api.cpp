@@ -158,14 +158,6 @@ static void thread_slice(size_t count, int num_threads, int tid, size_t *begin, 
     *end = std::min(count, *begin + per);
 }
 
-static int32_t check_team_args(int32_t num_threads, const int32_t *cpu_list, int32_t num_cpus) {
-    if (num_threads < 1 || num_threads > 4096) return set_error("num_threads must be in [1, 4096]"), FD_EINVAL;
-    if (num_cpus < 0 || (num_cpus > 0 && !cpu_list)) return set_error("bad cpu list"), FD_EINVAL;
-    for (int i = 0; i < num_cpus; ++i)
-        if (cpu_list[i] < 0 || cpu_list[i] >= CPU_SETSIZE) return set_error("bad cpu %d", cpu_list[i]), FD_EINVAL;
-    return FD_OK;
-}
-
 // The best of num_runs reads of num_bytes at ptr by the team's threads (each a contiguous slice), in GB/s.
 static double best_read_gbps(const void *ptr, size_t num_bytes, const KernelTable &kernels, const Team &team,
                              int32_t num_runs) {

@@ -18,10 +18,7 @@ int32_t pool_create(const fd_pool_config &c, const KernelTable *kernels, int32_t
     if (!valid_dtype(c.kv_dtype)) return set_error("unknown kv dtype code %d", c.kv_dtype), FD_EINVAL;
     if (c.chunk_pages < 1) return set_error("chunk_pages must be >= 1"), FD_EINVAL;
     if (c.prefetch_far < 0 || c.prefetch_far > 1) return set_error("prefetch_far must be 0 or 1"), FD_EINVAL;
-    if (c.num_threads < 1 || c.num_threads > 4096) return set_error("num_threads must be in [1, 4096]"), FD_EINVAL;
-    if (c.num_cpus < 0 || (c.num_cpus > 0 && !c.cpu_list)) return set_error("bad cpu list"), FD_EINVAL;
-    for (int i = 0; i < c.num_cpus; ++i)
-        if (c.cpu_list[i] < 0 || c.cpu_list[i] >= CPU_SETSIZE) return set_error("bad cpu %d", c.cpu_list[i]), FD_EINVAL;
+    if (int32_t st = check_team_args(c.num_threads, c.cpu_list, c.num_cpus)) return st;
 
     fd_pool *pool = new fd_pool();
     pool->num_layers = c.num_layers;

@@ -3,6 +3,7 @@
 #define FASTDECODE_TEAM_H
 
 #include <sched.h>
+#include <stdint.h>
 
 #include <vector>
 
@@ -30,6 +31,11 @@ private:
 // Called by OpenMP thread tid > 0 at the start of a parallel region: pins it to cpus[tid % n]
 // (a no-op when it is already there or the team has no CPU list).
 void pin_worker(const Team &team, int tid);
+
+// FD_OK, or FD_EINVAL with the error set: a thread count outside [1, 4096], or a CPU list with a CPU this
+// process may not run on (sched_getaffinity; pinning a thread there would fail, and the thread would run
+// wherever the OS puts it). Checked when a pool or buffer is made, before anything is allocated.
+int32_t check_team_args(int32_t num_threads, const int32_t *cpu_list, int32_t num_cpus);
 
 }  // namespace fdn
 #endif

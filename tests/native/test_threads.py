@@ -86,3 +86,23 @@ def test_another_python_thread_runs_during_a_long_call():
     assert min(call_times) > 0.02
     assert max_gap < 0.5 * min(call_times), (max_gap, call_times)
     assert ticks > 1000
+
+
+def test_a_cpu_outside_the_process_set_is_refused_when_the_pool_is_made():
+    """A CPU this process may not run on is refused when a pool or buffer is made (a non-zero status with
+    fd_last_error's text), not a pool whose threads silently run wherever the OS puts them."""
+    import os
+
+    from fastdecode.native.lib import NativeError, ReadBuffer
+
+    allowed = os.sched_getaffinity(0)
+    outside = next(cpu for cpu in range(1023, -1, -1) if cpu not in allowed)
+    with pytest.raises(NativeError, match=f"cpu {outside} is not in this process's CPU set"):
+        KVPool(num_layers=1, num_kv_heads=1, head_dim=16, kv_dtype="float32", capacity_bytes=1 << 16,
+               page_size=16, num_threads=2, cpu_list=[min(allowed), outside])
+    with pytest.raises(NativeError, match="not in this process's CPU set"):
+        ReadBuffer(1 << 16, num_threads=1, cpu_list=[outside])
+    assert os.sched_getaffinity(0) == allowed          # nothing was left pinned
+    with KVPool(num_layers=1, num_kv_heads=1, head_dim=16, kv_dtype="float32", capacity_bytes=1 << 16,
+                page_size=16, num_threads=1, cpu_list=[min(allowed)]) as pool:
+        assert pool.num_threads == 1
