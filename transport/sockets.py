@@ -10,6 +10,14 @@ the peer has received every frame; over inproc the peer's arrays are views of th
 sender's memory, so a handler must not keep them past its reply).  After a
 timeout or a dead peer the request may still be queued in ZeroMQ: its buffers
 must then not be written again while the socket lives.
+
+IPv6: ZeroMQ resolves tcp hosts as IPv4 unless a socket has ``zmq.IPV6`` set, so a
+bind to ``tcp://[::1]:5555`` failed ("No such device") and a connect never
+completed.  The sockets made here turn it on for a tcp address whose host is an
+IPv6 literal (``tcp://[::1]:5555``, ``tcp://[::]:5555`` for every interface, v4 and v6);
+other addresses keep IPv4 resolution, because with the option on ZeroMQ reports an
+IPv4 bind as ``tcp://[::ffff:127.0.0.1]:PORT`` and may resolve ``localhost`` to
+``::1`` (where /etc/hosts lists it), which a peer bound to 127.0.0.1 does not answer.
 """
 from __future__ import annotations
 
@@ -20,13 +28,36 @@ RECONNECT_IVL_MAX_MS = 2000  # capped back-off of ZeroMQ's own reconnects
 LINGER_MS = 200
 
 
+def is_ipv6_address(address: str) -> bool:
+    """True for a tcp address with an IPv6 literal host: ``tcp://[::1]:5555`` (either side of a
+    ``tcp://SOURCE;DESTINATION`` connect)."""
+    if not address.startswith("tcp://"):
+        return False
+    return any(":" in part.rsplit(":", 1)[0] for part in address[len("tcp://"):].split(";"))
+
+
+class _Socket(zmq.Socket):
+    """A socket that turns ``zmq.IPV6`` on before binding or connecting to an IPv6 literal address."""
+
+    def bind(self, addr: str):  # noqa: ANN201 - pyzmq's return type
+        if is_ipv6_address(addr):
+            self.setsockopt(zmq.IPV6, 1)
+        return super().bind(addr)
+
+    def connect(self, addr: str):  # noqa: ANN201 - pyzmq's return type
+        if is_ipv6_address(addr):
+            self.setsockopt(zmq.IPV6, 1)
+        return super().connect(addr)
+
+
 def make_socket(ctx: zmq.Context, socket_type: int, *, max_message_bytes: int) -> zmq.Socket:
     """A plain (non-asyncio) socket of ``ctx`` with our limits, for a SocketPump.
 
     Inbound frames over ``max_message_bytes`` make ZeroMQ drop the peer.  ``ctx``
     may be a ``zmq.asyncio.Context``: inproc:// peers must share the Context.
+    Binding or connecting it to an IPv6 literal (``tcp://[::1]:5555``) turns IPv6 on.
     """
-    sock = ctx.socket(socket_type, socket_class=zmq.Socket)
+    sock = ctx.socket(socket_type, socket_class=_Socket)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
