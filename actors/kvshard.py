@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 
 from fastdecode.actors.runtime import ActorError
-from fastdecode.native.lib import ISA_NAMES, KVPool, NativeError, Status
+from fastdecode.native.lib import DEFAULT_CHUNK_TOKENS, ISA_NAMES, KVPool, NativeError, Status, available_isas
 from fastdecode.transport.shard_messages import (
     Allocate,
     AppendPrompt,
@@ -62,7 +63,17 @@ CALIBRATION_MIN_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class ShardConfig:
-    """What a shard daemon is started with; the model shape comes later, by Configure."""
+    """What a shard daemon is started with; the model shape comes later, by Configure.
+
+    Validated here, at start, against what the native pool will accept at the first Configure: a value it
+    could never use is refused before the daemon prints ``ready``, not when the GPU host connects.
+    """
+
+    # The native pool's limits, which only native/csrc/pool.cpp holds; test_kvshard.py checks these copies
+    # against the pool's own refusals.
+    PAGE_SIZE_STEP: ClassVar[int] = 16  # page_size is a multiple of it in [PAGE_SIZE_STEP, MAX_PAGE_SIZE]
+    MAX_PAGE_SIZE: ClassVar[int] = 256
+    MAX_NUM_THREADS: ClassVar[int] = 4096
 
     kv_memory_bytes: int
     num_threads: int | None = None  # None: every CPU this process may run on
@@ -71,21 +82,59 @@ class ShardConfig:
     isa: str | None = None  # None: the best this CPU has
     is_calibrating: bool = True
     slowdown_s_per_gb: float = 0.0  # testing: sleep this long per GB of KV each attend reads (a slower shard)
+    # A client session whose last request is older than this is gone (a killed Executor): another session's
+    # Configure frees its sequences; a younger one is refused ``busy``. 2 x the Executor's dead-peer window,
+    # (liveness 3 + 1) x heartbeat 1 s, with ClusterConfig's defaults; an Executor holding sequences sends
+    # requests every step.
+    session_timeout_s: float = 8.0
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_memory_bytes, bool) or not isinstance(self.kv_memory_bytes, int) \
                 or self.kv_memory_bytes < 1 << 20:
             raise ValueError(f"kv_memory_bytes must be at least 1 MiB, got {self.kv_memory_bytes!r}")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
-        if not isinstance(self.page_size, int) or not 1 <= self.page_size <= 4096:
-            raise ValueError(f"page_size must be an integer in [1, 4096], got {self.page_size!r}")
-        if self.cpu_list is not None and (not self.cpu_list or any(c < 0 for c in self.cpu_list)):
-            raise ValueError(f"cpu_list must list non-negative CPU numbers, got {self.cpu_list!r}")
-        if self.isa is not None and self.isa not in ISA_NAMES:
-            raise ValueError(f"isa must be one of {', '.join(ISA_NAMES)}, got {self.isa!r}")
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if self.kv_memory_bytes > physical:
+            raise ValueError(f"kv_memory_bytes {self.kv_memory_bytes} is more than this host's physical memory "
+                             f"({physical} bytes, {physical / (1 << 30):.1f} GiB)")
+        threads = self.num_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 1 <= threads <= self.MAX_NUM_THREADS):
+            raise ValueError(f"num_threads must be an integer in [1, {self.MAX_NUM_THREADS}], got {threads!r}")
+        step, largest = self.PAGE_SIZE_STEP, self.MAX_PAGE_SIZE
+        usable = [size for size in range(step, largest + 1, step) if DEFAULT_CHUNK_TOKENS % size == 0]
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size not in usable:
+            raise ValueError(f"page_size must be a multiple of {step} in [{step}, {largest}] that divides the "
+                             f"{DEFAULT_CHUNK_TOKENS}-token attention chunk ({', '.join(map(str, usable))}), "
+                             f"got {self.page_size!r}")
+        if self.cpu_list is not None:
+            allowed = os.sched_getaffinity(0)
+            if not self.cpu_list or any(isinstance(c, bool) or not isinstance(c, int) for c in self.cpu_list):
+                raise ValueError(f"cpu_list must list CPU numbers, got {self.cpu_list!r}")
+            outside = sorted(set(self.cpu_list) - allowed)
+            if outside:
+                raise ValueError(f"cpu_list names CPU(s) {outside} that this process may not run on (it may use "
+                                 f"{self._cpu_ranges(allowed)})")
+        if self.isa is not None:
+            if self.isa not in ISA_NAMES:
+                raise ValueError(f"isa must be one of {', '.join(ISA_NAMES)}, got {self.isa!r}")
+            if self.isa not in available_isas():
+                raise ValueError(f"isa {self.isa!r} is not available on this CPU (available: "
+                                 f"{', '.join(available_isas())})")
         if not 0.0 <= self.slowdown_s_per_gb <= 1e3:
             raise ValueError(f"slowdown_s_per_gb must be in [0, 1000], got {self.slowdown_s_per_gb!r}")
+        if not 0.0 <= self.session_timeout_s <= 86400:
+            raise ValueError(f"session_timeout_s must be in [0, 86400], got {self.session_timeout_s!r}")
+
+    @staticmethod
+    def _cpu_ranges(cpus: set[int]) -> str:
+        """``{0, 1, 2, 5}`` -> ``"0-2,5"`` (the form --cpu-list takes)."""
+        ranges: list[list[int]] = []
+        for cpu in sorted(cpus):
+            if ranges and cpu == ranges[-1][1] + 1:
+                ranges[-1][1] = cpu
+            else:
+                ranges.append([cpu, cpu])
+        return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 @contextlib.contextmanager
@@ -125,8 +174,16 @@ class KVShard:
         return len(self._lengths)
 
     # ------------------------------------------------------------ configure
-    def on_configure(self, message: Configure) -> ShardStats:
+    def on_configure(self, message: Configure, *, holder_idle_s: float | None = None) -> ShardStats:
+        """``holder_idle_s``: seconds since the last request of the session whose sequences the shard holds,
+        where the caller tracks it (a daemon's DrainableShard); None frees another session's sequences at once."""
         if message.session_id and message.session_id != self._session_id:
+            if self._lengths and holder_idle_s is not None and holder_idle_s < self.config.session_timeout_s:
+                raise ActorError(BUSY, f"another Executor (client session) holds {len(self._lengths)} sequence(s) "
+                                       f"on this shard and sent a request {holder_idle_s:.1f} s ago; a shard serves "
+                                       "one Executor at a time: stop the other one, or give this one other shards "
+                                       f"(if it was killed, retry once it has been silent for "
+                                       f"{self.config.session_timeout_s:g} s: its sequences are then freed)")
             if self._lengths:
                 log.warning("a new client session: freeing %d sequence(s) the previous one left",
                             len(self._lengths))

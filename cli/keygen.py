@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import click
 
+from fastdecode.cli.errors import OneLineCommand, OneLineError
 
-@click.command("keygen")
+
+@click.command("keygen", cls=OneLineCommand)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write the keys into (created if missing).")
 @click.option("--force", "is_overwriting", is_flag=True, help="Replace keys already in the folder.")
@@ -23,6 +25,6 @@ def keygen(out_dir: str, is_overwriting: bool) -> None:
     try:
         paths = write_keys(out_dir, is_overwriting=is_overwriting)
     except (CurveKeyError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise OneLineError(str(exc)) from None
     for path in paths:
         click.echo(str(path))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from fastdecode.cli.errors import OneLineCommand, OneLineError
 from fastdecode.scheduler.gpu_profile import GPU_SPECS, GpuProfile
 from fastdecode.scheduler.model_shape import ModelShape
 from fastdecode.scheduler.plan import PlanError, PlanRequest, PlanResult, plan_deployment
@@ -47,18 +48,18 @@ def resolve_model_config(name: str):
     try:
         return resolve_config(name)
     except ModelError as exc:
-        raise click.ClickException(f"{exc} (presets: {', '.join(PRESETS)})") from None
+        raise OneLineError(f"{exc} (presets: {', '.join(PRESETS)})") from None
 
 
 def load_profile(path: str) -> GpuProfile:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"cannot read GPU profile {path}: {exc}") from None
+        raise OneLineError(f"cannot read GPU profile {path}: {exc}") from None
     try:
         return GpuProfile.from_json_dict(data)
     except ValueError as exc:
-        raise click.ClickException(f"bad GPU profile {path}: {exc}") from None
+        raise OneLineError(f"bad GPU profile {path}: {exc}") from None
 
 
 def format_text(model: str, gpu_label: str, request: PlanRequest, result: PlanResult) -> str:
@@ -76,7 +77,7 @@ def format_text(model: str, gpu_label: str, request: PlanRequest, result: PlanRe
     return "\n".join(lines)
 
 
-@click.command("plan")
+@click.command("plan", cls=OneLineCommand)
 @click.option("--model", "model_name", required=True, help="HF folder, smollm2, a preset (llama3-8b...) or random:<preset>.")
 @click.option("--gpu", type=click.Choice(sorted(GPU_SPECS)), default=None, help="Built-in analytical GPU (default h100).")
 @click.option("--gpu-profile", type=click.Path(dir_okay=False), default=None, help="Measured dense-step profile (JSON).")
@@ -115,7 +116,7 @@ def plan(
     if gpu_profile:
         profile = load_profile(gpu_profile)
         if profile.num_layers is not None and profile.num_layers != shape.num_layers:
-            raise click.ClickException(
+            raise OneLineError(
                 f"the profile was measured on a {profile.num_layers}-layer model, {model_name} has {shape.num_layers}"
             )
         dense_step_s, memory, gpu_label = profile.perf_model().predict, profile.memory_bytes, (
@@ -127,7 +128,7 @@ def plan(
     try:
         result = plan_deployment(shape, dense_step_s, request, memory)
     except PlanError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise OneLineError(str(exc)) from None
     if as_json:
         click.echo(json.dumps({"model": model_name, "gpu": gpu_label, **result.to_dict()}, indent=2))
     else:

@@ -1,11 +1,13 @@
 """Parsing byte sizes given on the command line: ``256MiB``, ``16GiB``, ``1.5G``, ``4096``.
 
 Every unit is binary, as memory sizes usually are: K, KB and KiB all mean 1024
-bytes (likewise M, G, T); a plain number is bytes.
+bytes (likewise M, G, T); a plain number is bytes.  Sizes above ``MAX_SIZE`` (2**62
+bytes, 4 EiB) are refused: they would wrap in the native library's 64-bit sizes.
 """
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import click
 
@@ -14,6 +16,7 @@ _UNITS = {"": 1, "b": 1} | {
     for power, prefix in enumerate("kmgt", start=1)
     for suffix in ("", "b", "ib")
 }
+MAX_SIZE = 1 << 62
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -28,9 +31,11 @@ def parse_size(text: str) -> int:
     factor = _UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(f"unknown size unit {unit!r} in {text!r}; use KiB, MiB, GiB or TiB (or none for bytes)")
-    size = int(float(number) * factor) if "." in number else int(number) * factor
+    size = int(Fraction(number) * factor)  # exact: a float would turn 400 digits into inf
     if size < 1:
         raise ValueError(f"size {text!r} is less than one byte")
+    if size > MAX_SIZE:
+        raise ValueError(f"size {text!r} is more than 2**62 bytes (4 EiB)")
     return size
 
 

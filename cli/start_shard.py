@@ -20,6 +20,7 @@ import sys
 
 import click
 
+from fastdecode.cli.errors import OneLineCommand
 from fastdecode.cli.sizes import SIZE, format_size
 from fastdecode.native import ISA_NAMES
 
@@ -52,10 +53,6 @@ def _cpu_list_option(ctx: click.Context, param: click.Parameter, value: str | No
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-DRAIN_POLL_S = 0.05
-DRAIN_IDLE_S = 2.0  # draining with no request for this long: no Executor is moving the sequences
-
-
 async def _serve(listen: str, config, *, curve_dir: str | None, drain_timeout_s: float) -> None:  # noqa: ANN001
     from fastdecode.actors.loop import stop_signals
 
@@ -68,11 +65,10 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
                                stop: asyncio.Event, hurry: asyncio.Event) -> None:
     from fastdecode.actors.kvshard import KVShard
     from fastdecode.actors.runtime import ActorServer
-    from fastdecode.actors.shard_drain import DrainableShard
+    from fastdecode.actors.shard_drain import DrainableShard, drain
     from fastdecode.transport.security import ServerKeys, server_context
     from fastdecode.transport.shard_messages import SHARD_CHANNEL
 
-    loop = asyncio.get_running_loop()
     security = server_context(ServerKeys.load(curve_dir)) if curve_dir else None
     actor = DrainableShard(KVShard(config))
     server = ActorServer(actor, SHARD_CHANNEL, listen, ctx=security.ctx if security else None, name="kvshard")
@@ -80,16 +76,10 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
         address = await server.start()
         print(f"ready {address}", file=sys.stderr, flush=True)
         await stop.wait()
-        actor.is_draining = True
         log.info("draining: %d sequence(s) to move away (deadline %.0f s)", actor.num_sequences, drain_timeout_s)
-        deadline = loop.time() + drain_timeout_s
-        while actor.num_sequences and loop.time() < deadline and not hurry.is_set():
-            if actor.seconds_since_request() > DRAIN_IDLE_S:
-                log.warning("no Executor is moving the sequences away")
-                break
-            await asyncio.sleep(DRAIN_POLL_S)
-        if actor.num_sequences:
-            log.warning("stopping with %d sequence(s) not moved away", actor.num_sequences)
+        num_left = await drain(actor, timeout_s=drain_timeout_s, hurry=hurry)
+        if num_left:
+            log.warning("stopping with %d sequence(s) not moved away", num_left)
     finally:
         await server.stop()
         if security is not None:
@@ -97,7 +87,7 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
     log.info("shard on %s stopped", listen)
 
 
-@click.command("start-shard")
+@click.command("start-shard", cls=OneLineCommand)
 @click.option("--listen", required=True, help="Address to bind: tcp://HOST:PORT (PORT 0: any free one) or ipc://PATH.")
 @click.option("--kv-memory", required=True, type=SIZE, help="KV pool size, e.g. 256MiB or 16GiB.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -56,6 +56,15 @@ def _read_key(path: Path) -> bytes:
     return text.encode("ascii")
 
 
+def _read_key_pair(root: Path, public_name: str, secret_name: str) -> tuple[bytes, bytes]:
+    """A public and a secret key that belong together (the public one derives from the secret one)."""
+    public, secret = _read_key(root / public_name), _read_key(root / secret_name)
+    if zmq.curve_public(secret) != public:
+        raise CurveKeyError(f"{root / public_name} is not the public key of {root / secret_name}: the pair was "
+                            "mixed up with another fdctl keygen run's; copy both files from one folder")
+    return public, secret
+
+
 @dataclass(frozen=True)
 class ServerKeys:
     public: bytes
@@ -71,7 +80,7 @@ class ServerKeys:
         authorized = frozenset(_read_key(p) for p in sorted(authorized_dir.glob("*.public")))
         if not authorized:
             raise CurveKeyError(f"{authorized_dir} lists no client key (*.public): no client could connect")
-        return cls(_read_key(root / SERVER_PUBLIC), _read_key(root / SERVER_SECRET), authorized)
+        return cls(*_read_key_pair(root, SERVER_PUBLIC, SERVER_SECRET), authorized)
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ class ClientKeys:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "ClientKeys":
         root = Path(folder)
-        return cls(_read_key(root / CLIENT_PUBLIC), _read_key(root / CLIENT_SECRET), _read_key(root / SERVER_PUBLIC))
+        return cls(*_read_key_pair(root, CLIENT_PUBLIC, CLIENT_SECRET), _read_key(root / SERVER_PUBLIC))
 
 
 def write_keys(folder: str | os.PathLike, *, is_overwriting: bool = False) -> list[Path]:

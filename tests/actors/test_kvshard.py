@@ -66,6 +66,62 @@ def test_config_validation() -> None:
         ShardConfig(kv_memory_bytes=MEMORY, num_threads=0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(page_size=8), "multiple of 16 in"),
+    (dict(page_size=48), "divides the 512-token"),   # a pool page, but not a divisor of the attention chunk
+    (dict(page_size=512), r"in \[16, 256\]"),
+    (dict(num_threads=4097), r"\[1, 4096\]"),
+    (dict(cpu_list=(0, 4095)), r"CPU\(s\) \[4095\] that this process may not run on"),
+    (dict(kv_memory_bytes=1 << 62), "physical memory"),
+])
+def test_config_refuses_what_the_pool_would_refuse_at_configure(kwargs, message) -> None:
+    """A daemon must not print ``ready`` with values the first Configure from the GPU host then fails on."""
+    with pytest.raises(ValueError, match=message):
+        ShardConfig(**{"kv_memory_bytes": MEMORY, **kwargs})
+
+
+def test_config_refuses_an_isa_this_cpu_lacks() -> None:
+    from fastdecode.native.lib import ISA_NAMES, available_isas
+
+    missing = [isa for isa in ISA_NAMES if isa not in available_isas()]
+    if not missing:
+        pytest.skip("this CPU has every ISA path")
+    with pytest.raises(ValueError, match=f"isa {missing[0]!r} is not available on this CPU"):
+        ShardConfig(kv_memory_bytes=MEMORY, isa=missing[0])
+    assert ShardConfig(kv_memory_bytes=MEMORY, isa=available_isas()[0]).isa == available_isas()[0]
+
+
+def test_config_limits_agree_with_the_native_pool() -> None:
+    """ShardConfig keeps a copy of pool.cpp's limits: every page size it accepts the pool accepts, and the pool's
+    own refusals name the same bounds."""
+    import re
+
+    from fastdecode.native.lib import DEFAULT_CHUNK_TOKENS, NativeError
+
+    def pool_takes(page_size: int, **kwargs) -> bool:
+        try:
+            KVPool(num_layers=1, num_kv_heads=1, head_dim=16, kv_dtype="float32", capacity_bytes=1 << 20,
+                   page_size=page_size, chunk_tokens=page_size, num_threads=1, **kwargs).close()
+        except NativeError as exc:
+            pool_takes.last_error = str(exc)
+            return False
+        return True
+
+    for page_size in range(1, 2 * ShardConfig.MAX_PAGE_SIZE + 1):
+        is_pool_page = pool_takes(page_size)
+        try:
+            ShardConfig(kv_memory_bytes=MEMORY, page_size=page_size)
+            assert is_pool_page and DEFAULT_CHUNK_TOKENS % page_size == 0, page_size
+        except ValueError:
+            assert not is_pool_page or DEFAULT_CHUNK_TOKENS % page_size, page_size
+    assert not pool_takes(ShardConfig.MAX_PAGE_SIZE + ShardConfig.PAGE_SIZE_STEP)
+    step, low, high = map(int, re.search(r"multiple of (\d+) in \[(\d+), (\d+)\]", pool_takes.last_error).groups())
+    assert (step, low, high) == (ShardConfig.PAGE_SIZE_STEP, ShardConfig.PAGE_SIZE_STEP, ShardConfig.MAX_PAGE_SIZE)
+    with pytest.raises(NativeError, match=rf"num_threads must be in \[1, {ShardConfig.MAX_NUM_THREADS}\]"):
+        KVPool(num_layers=1, num_kv_heads=1, head_dim=16, kv_dtype="float32", capacity_bytes=1 << 20,
+               page_size=16, num_threads=ShardConfig.MAX_NUM_THREADS + 1)
+
+
 def test_requests_before_configure_are_refused(shard) -> None:
     with pytest.raises(ActorError) as info:
         shard.on_allocate(Allocate((1,)))
@@ -102,6 +158,7 @@ def test_a_draining_shard_counts_what_it_holds_after_a_new_session(shard) -> Non
     drainable.on_allocate(Allocate((1, 2, 3)))
     drainable.on_free(Free((3,)))
     assert drainable.num_sequences == 2
+    drainable.last_request_s -= shard.config.session_timeout_s  # the first Executor was killed a while ago
     drainable.on_configure(Configure(**{**SHAPE.__dict__, "session_id": 8}))  # an Executor restarted
     assert drainable.num_sequences == 0
 

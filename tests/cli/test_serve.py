@@ -43,6 +43,31 @@ def test_usage_errors_are_one_line():
     assert "max_num_seqs" in refuse("serve", *TINY, "--shards", "0", "--max-num-seqs", "0")
     assert "size" in refuse("serve", *TINY, "--kv-memory", "lots")
     assert "port" in refuse("serve", *TINY[:-1], "70000")
+    assert "--listen" in refuse("start-shard", "--kv-memory", "1GiB")  # no usage block for these either
+    assert "--out" in refuse("keygen")
+    assert "--prompt-len" in refuse("plan", "--model", "llama3-8b")
+    assert "page_size" in refuse("start-shard", "--listen", "tcp://127.0.0.1:0", "--kv-memory", "64MiB",
+                                 "--page-size", "48")
+
+
+def test_an_unreachable_shard_is_one_line_with_a_hint():
+    """start-gpu in front of a shard nobody answers at (wrong address, firewall, refused CURVE key): one line
+    that says where to look, not a PeerDeadError traceback with exit 1."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    line = refuse("start-gpu", *TINY, "--shard", f"tcp://127.0.0.1:{port}")
+    assert f"no KVShard answers at tcp://127.0.0.1:{port}" in line
+    assert "address" in line and "firewall" in line and "CURVE keys" in line
+
+
+def test_a_shard_refusing_the_executor_is_one_line():
+    from fastdecode.cli.serve import shard_error_message
+    from fastdecode.transport.errors import RemoteRequestError
+
+    assert shard_error_message(RemoteRequestError("busy", "another Executor holds 2 sequence(s)")) == (
+        "a shard refused this Executor: another Executor holds 2 sequence(s)")
+    assert "[bad_request]: head_dim 8" in shard_error_message(RemoteRequestError("bad_request", "head_dim 8"))
 
 
 def test_a_context_no_kv_node_holds_is_refused_at_start():

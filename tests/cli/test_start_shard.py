@@ -160,3 +160,66 @@ def test_cli_argument_errors_are_clear() -> None:
     assert parse_size("256MiB") == 256 << 20 and parse_size("16GiB") == 16 << 30 and parse_size("4096") == 4096
     with pytest.raises(ValueError, match="less than one byte"):
         parse_size("0")
+    with pytest.raises(ValueError, match=r"more than 2\*\*62 bytes"):  # would wrap in the pool's int64
+        parse_size("4194305TiB")
+    assert parse_size("4194304TiB") == 1 << 62
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--page-size", "48"], "page_size must be a multiple of 16"),
+    (["--page-size", "8"], "page_size must be a multiple of 16"),
+    (["--threads", "5000"], r"num_threads must be an integer in [1, 4096]"),
+    (["--cpu-list", "0,4000"], "CPU(s) [4000] that this process may not run on"),
+    (["--kv-memory", "1000000TiB"], "physical memory"),
+    (["--kv-memory", "5000000TiB"], "more than 2**62 bytes"),
+])
+def test_values_the_pool_cannot_use_are_refused_before_ready(args, message) -> None:
+    """One ``Error:`` line and exit 2 at start, not ``ready`` and then a failed Configure from the GPU host."""
+    result = CliRunner().invoke(start_shard, ["--listen", "tcp://127.0.0.1:0", "--kv-memory", "32MiB", *args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert message in lines[0] and "ready" not in result.output
+
+
+async def test_a_second_executor_is_refused_with_one_line_while_the_first_runs() -> None:
+    """A start-gpu whose shard is in use by a live Executor (another session) stops with one line at start, and
+    the first Executor's sequences stay."""
+    daemon = ShardDaemon("--no-calibrate")
+    ctx = zmq.asyncio.Context()
+    gpu = None
+    try:
+        holder = await ShardClient.connect(daemon.address, ctx=ctx, heartbeat_interval_s=0.2)
+        await holder.configure(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                               kv_dtype="bfloat16", session_id=1)
+        await holder.allocate([7])
+        is_done = asyncio.Event()
+
+        async def keep_working() -> None:  # the first Executor's steps
+            while not is_done.is_set():
+                await holder.allocate([8])
+                await holder.free([8])
+                await asyncio.sleep(0.2)
+
+        working = asyncio.create_task(keep_working())
+        gpu = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fastdecode.cli.main", "start-gpu", "--model", "random:tiny", "--dtype", "float32",
+            "--device", "cpu", "--port", "0", "--shard", daemon.address,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(gpu.communicate(), 45)
+        is_done.set()
+        await working
+        stderr = stderr.decode()
+        assert gpu.returncode == 2, stderr
+        error = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+        assert len(error) == 1 and "a shard refused this Executor: another Executor" in error[0], stderr
+        assert "Traceback" not in stderr
+        assert (await holder.stats()).num_sequences == 1
+        await holder.free([7])
+        await holder.close()
+    finally:
+        if gpu is not None and gpu.returncode is None:  # it served: the old Executor's sequences were wiped
+            gpu.kill()
+            await gpu.wait()
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.finish()
+        ctx.destroy(linger=0)
