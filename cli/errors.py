@@ -36,12 +36,29 @@ class OneLineCommand(click.Command):
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn the errors bad input causes (model, request, usage) into ``OneLineError``."""
+    """Turn the errors bad input causes (model, request, usage, a shard that does not answer or refuses)
+    into ``OneLineError``."""
     from fastdecode.actors.model.errors import ModelError
     from fastdecode.actors.request import RequestError
+    from fastdecode.transport.errors import TransportError
 
     try:
         yield
     except (ModelError, RequestError, click.UsageError) as exc:
         message = exc.format_message() if isinstance(exc, click.UsageError) else str(exc)
         raise OneLineError(message) from None
+    except TransportError as exc:
+        raise OneLineError(shard_error_message(exc)) from None
+
+
+def shard_error_message(exc: Exception) -> str:
+    """One line for a shard link that failed at start: what happened, and where to look."""
+    from fastdecode.transport.errors import RemoteRequestError
+
+    if isinstance(exc, RemoteRequestError):
+        if exc.code == "busy":
+            return f"a shard refused this Executor: {exc.message}"
+        return f"a shard refused this Executor's start-up [{exc.code}]: {exc.message}"
+    return (f"cannot reach a shard: {exc} (check the --shard address and port, that a firewall lets them "
+            "through, and that the CURVE keys match: the shard's --curve-dir must list this host's client key "
+            "and this host's server.public must be the shard's)")

@@ -15,7 +15,7 @@ import click
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE
 from fastdecode.scheduler.config import ADMISSION_MODES
-from fastdecode.transport.errors import RemoteRequestError, TransportError
+from fastdecode.transport.errors import TransportError
 
 API_KEY_ENV = "FASTDECODE_API_KEY"
 
@@ -104,23 +104,11 @@ def run_server(config) -> None:
     with one_line_errors():
         try:
             run_event_loop(serve(config, on_ready=announce))
-        # a shard that does not answer or refuses the Executor (before OSError: a request timeout is one too)
-        except TransportError as exc:
-            raise OneLineError(shard_error_message(exc)) from None
+        except TransportError:  # a shard that does not answer or refuses (one_line_errors words it)
+            raise
         except (ValueError, OSError) as exc:  # a model the engine cannot serve, a busy port...
             raise OneLineError(str(exc)) from None
     click.echo("stopped", err=True)
-
-
-def shard_error_message(exc: TransportError) -> str:
-    """One line for a shard link that failed at start: what happened, and where to look."""
-    if isinstance(exc, RemoteRequestError):
-        if exc.code == "busy":
-            return f"a shard refused this Executor: {exc.message}"
-        return f"a shard refused this Executor's start-up [{exc.code}]: {exc.message}"
-    return (f"cannot reach a shard: {exc} (check the --shard address and port, that a firewall lets them "
-            "through, and that the CURVE keys match: the shard's --curve-dir must list this host's client key "
-            "and this host's server.public must be the shard's)")
 
 
 @click.command("serve", cls=OneLineCommand)

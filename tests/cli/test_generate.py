@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -82,6 +83,17 @@ def test_bad_input_is_one_line_exit_2(args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_an_unreachable_shard_is_one_line_exit_2():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    result = _run("generate", "--model", "random:tiny", "--prompt", "x", "--shard", f"tcp://127.0.0.1:{port}")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.strip().splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and f"cannot reach a shard: no KVShard answers at tcp://127.0.0.1:{port}" in errors[0]
+    assert "Traceback" not in result.output
 
 
 def test_missing_model_folder_files_as_a_real_process(tmp_path):

@@ -62,7 +62,7 @@ def test_an_unreachable_shard_is_one_line_with_a_hint():
 
 
 def test_a_shard_refusing_the_executor_is_one_line():
-    from fastdecode.cli.serve import shard_error_message
+    from fastdecode.cli.errors import shard_error_message
     from fastdecode.transport.errors import RemoteRequestError
 
     assert shard_error_message(RemoteRequestError("busy", "another Executor holds 2 sequence(s)")) == (
