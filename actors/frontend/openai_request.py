@@ -184,7 +184,7 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
             parts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
             if not all(isinstance(p, str) for p in parts):
                 raise bad_request(f"{param}.content: only text parts are supported", f"{param}.content")
-            content = "".join(parts)
+            content = "\n".join(parts)  # as vLLM joins text parts
         if not isinstance(content, str):
             raise bad_request(f"{param}.content must be a string or a list of text parts", f"{param}.content")
         messages.append({"role": role, "content": content})

@@ -57,8 +57,10 @@ class ResponseBuilder:
                   "finish_reason": None}
         return self._envelope([choice], is_chunk=True)
 
-    def chunk(self, out: StreamOutput, *, wants_logprobs: bool) -> dict[str, Any]:
-        logprobs = self._logprobs([out]) if wants_logprobs and out.token_id >= 0 else None
+    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0) -> dict[str, Any]:
+        """One stream chunk; ``text_offset``: where this token's text starts in the completion (the token
+        texts before it, as the non-streamed ``text_offset`` counts them)."""
+        logprobs = self._logprobs([out], text_offset) if wants_logprobs and out.token_id >= 0 else None
         reason = out.finish_reason
         if self.is_chat:
             delta = {"content": out.text} if out.text or reason is None else {}
@@ -73,11 +75,11 @@ class ResponseBuilder:
         return body
 
     # ---- logprobs --------------------------------------------------------------------------------
-    def _logprobs(self, outputs: Sequence[StreamOutput]) -> dict[str, Any]:
+    def _logprobs(self, outputs: Sequence[StreamOutput], text_offset: int = 0) -> dict[str, Any]:
         if self.is_chat:
             return {"content": [self._chat_logprob(out) for out in outputs]}
         tokens = [self.token_text(out.token_id) for out in outputs]
-        offsets, position = [], 0
+        offsets, position = [], text_offset
         for token in tokens:
             offsets.append(position)
             position += len(token)

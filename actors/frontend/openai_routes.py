@@ -53,6 +53,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
 async def _stream(request: web.Request, state: FrontendState, body: GenerateRequest, builder: ResponseBuilder,
                   generation: Generation) -> web.StreamResponse:
     wants_logprobs = body.num_logprobs is not None
+    text_offset = 0  # of the next token's text, for completions' logprobs
     events = await EventStream.open(request)
     try:
         if builder.is_chat:
@@ -63,7 +64,9 @@ async def _stream(request: web.Request, state: FrontendState, body: GenerateRequ
                 break
             if not out.text and out.finish_reason is None and not wants_logprobs:
                 continue  # half a character: nothing to show yet
-            await events.send(builder.chunk(out, wants_logprobs=wants_logprobs))
+            await events.send(builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offset))
+            if out.token_id >= 0:
+                text_offset += len(builder.token_text(out.token_id))
         if body.is_usage_streamed:
             await events.send(builder.usage_chunk(generation.usage()))
         await events.done()

@@ -130,6 +130,11 @@ async def test_completion_logprobs(openai_client, tiny_model):
     assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)
     # greedy: the chosen token is the most likely one (top entries are keyed by text, so may merge)
     assert all(max(top.values()) <= lp + 1e-5 for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    stream = await openai_client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                    logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    offsets = [o for chunk in [c async for c in stream] if chunk.choices and chunk.choices[0].logprobs
+               for o in chunk.choices[0].logprobs.text_offset]
+    assert offsets == logprobs.text_offset  # streamed chunks go on counting where the last one ended
 
 
 async def test_chat_logprobs(openai_client):

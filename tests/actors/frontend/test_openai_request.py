@@ -30,7 +30,7 @@ def test_chat_defaults_and_aliases():
     request = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                     {"type": "text", "text": "b"}]}],
                           "max_completion_tokens": 5, "logprobs": True})
-    assert request.messages == ({"role": "user", "content": "ab"},)
+    assert request.messages == ({"role": "user", "content": "a\nb"},)  # text parts joined as vLLM joins them
     assert request.num_logprobs == 0
     assert request.sampling_params(num_prompt_tokens=10, max_model_len=100).max_tokens == 5
     unlimited = parse_chat({"messages": [{"role": "user", "content": "a"}]})
