@@ -53,11 +53,12 @@ class FrontendMetrics:
         self.kv_capacity_bytes = Gauge("fastdecode_kv_capacity_bytes", "KV-cache capacity in bytes, per KV node.",
                                        ["node"], registry=r)
         self.step_seconds = Gauge("fastdecode_step_seconds", "Duration of the last engine step.", registry=r)
-        self.num_steps = Gauge("fastdecode_num_steps", "Engine steps run since start.", registry=r)
+        # counters of the Executor's own counts, moved on by what each grew since the last scrape
+        self.steps = Counter("fastdecode_steps", "Engine steps run since start.", registry=r)
         self.sequences_recovered = Counter(
             "fastdecode_sequences_recovered",
             "Sequences rebuilt on another KV node after theirs failed or drained.", registry=r)
-        self._num_recovered_seen = 0
+        self._seen: dict[Counter, int] = {self.steps: 0, self.sequences_recovered: 0}
 
     # ---- per request ---------------------------------------------------------------------------
     def on_rejected(self, status: int) -> None:
@@ -82,9 +83,10 @@ class FrontendMetrics:
             self.num_requests_waiting.set(executor.num_waiting)
             self.num_requests_running.set(executor.num_running)
             self.step_seconds.set(executor.last_step_s)
-            self.num_steps.set(executor.num_steps)
-            self.sequences_recovered.inc(executor.num_recovered - self._num_recovered_seen)
-            self._num_recovered_seen = executor.num_recovered
+            counts = ((self.steps, executor.num_steps), (self.sequences_recovered, executor.num_recovered))
+            for counter, count in counts:
+                counter.inc(count - self._seen[counter])
+                self._seen[counter] = count
             nodes = executor.live_nodes  # a failed node answers nothing; its gauges keep their last value
             stats = await asyncio.gather(*(node.stats() for node in nodes), return_exceptions=True)
             for node, node_stats in zip(nodes, stats):

@@ -11,7 +11,7 @@ EXPECTED_FAMILIES = {
     "fastdecode_generation_tokens_total", "fastdecode_time_to_first_token_seconds_count",
     "fastdecode_time_per_output_token_seconds_count", "fastdecode_e2e_request_latency_seconds_count",
     "fastdecode_num_requests_waiting", "fastdecode_num_requests_running", "fastdecode_kv_used_bytes",
-    "fastdecode_kv_capacity_bytes", "fastdecode_step_seconds", "fastdecode_num_steps",
+    "fastdecode_kv_capacity_bytes", "fastdecode_step_seconds", "fastdecode_steps_total",
 }
 
 
@@ -40,6 +40,6 @@ async def test_counters_move_with_traffic(tiny_server):
         before, "fastdecode_time_to_first_token_seconds_count") == 1
     assert value(after, "fastdecode_time_per_output_token_seconds_count") - value(
         before, "fastdecode_time_per_output_token_seconds_count") == 6
-    assert value(after, "fastdecode_num_steps") > value(before, "fastdecode_num_steps")
+    assert value(after, "fastdecode_steps_total") > value(before, "fastdecode_steps_total")
     capacities = [v for (name, _), v in after.items() if name == "fastdecode_kv_capacity_bytes"]
     assert capacities and all(c > 0 for c in capacities)

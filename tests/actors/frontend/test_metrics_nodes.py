@@ -27,3 +27,18 @@ async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
     assert samples[("fastdecode_kv_used_bytes", "a")] == 100
     assert ("fastdecode_kv_used_bytes", "b") not in samples
     assert samples[("fastdecode_num_requests_running", None)] == 3
+
+
+async def test_engine_counts_are_prometheus_counters():
+    """Steps and recovered sequences only grow: counters (``_total``, for rate()), not gauges."""
+    metrics = FrontendMetrics()
+    executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=7, num_recovered=2,
+                               live_nodes=[])
+    await metrics.render(SimpleNamespace(executor=executor))
+    executor.num_steps, executor.num_recovered = 10, 2
+    families = {f.name: f for f in text_string_to_metric_families(
+        (await metrics.render(SimpleNamespace(executor=executor))).decode())}
+    assert families["fastdecode_steps"].type == "counter"
+    assert [s.value for s in families["fastdecode_steps"].samples if s.name == "fastdecode_steps_total"] == [10]
+    assert [s.value for s in families["fastdecode_sequences_recovered"].samples
+            if s.name == "fastdecode_sequences_recovered_total"] == [2]
