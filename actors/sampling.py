@@ -10,7 +10,7 @@ A batch of plain greedy rows (``SamplingRow.is_argmax``) is one argmax kernel.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,15 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
+    _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def prompt_tensor(self) -> torch.Tensor:
+        """The prompt's ids as an int64 host tensor, made once: the prompt never changes, and turning a
+        long prompt's Python ints into a tensor at every step held the whole batch up (repetition penalty)."""
+        if self._prompt_tensor is None:
+            self._prompt_tensor = torch.as_tensor(list(self.prompt_token_ids), dtype=torch.int64)
+        return self._prompt_tensor
 
     def __post_init__(self) -> None:
         p = self.params
@@ -62,16 +71,17 @@ def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return upload(torch.as_tensor(values, dtype=dtype), device)
 
 
-def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+def _padded(rows: Sequence[Sequence[int] | torch.Tensor], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     table = torch.full((len(rows), max(width, 1)), pad, dtype=torch.int64)
     for index, row in enumerate(rows):
-        if row:
-            table[index, : len(row)] = torch.as_tensor(list(row), dtype=torch.int64)
+        if len(row):
+            table[index, : len(row)] = row if isinstance(row, torch.Tensor) else torch.as_tensor(list(row))
     return _upload(table, torch.int64, device)
 
 
-def _token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(rows: Sequence[Sequence[int] | torch.Tensor], vocab_size: int,
+                  device: torch.device) -> torch.Tensor:
     """[B, V] how often each token occurs in each row's list."""
     table = _padded(rows, vocab_size, device)
     counts = torch.zeros((len(rows), vocab_size + 1), dtype=torch.float32, device=device)
@@ -88,7 +98,7 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     output_counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
     repetition = [r.params.repetition_penalty for r in rows]
     if any(p != 1.0 for p in repetition):
-        seen = (output_counts > 0) | (_token_counts([r.prompt_token_ids for r in rows], vocab_size, device) > 0)
+        seen = (output_counts > 0) | (_token_counts([r.prompt_tensor for r in rows], vocab_size, device) > 0)
         penalty = column(repetition).expand_as(logits)
         scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, scaled, logits))

@@ -116,6 +116,17 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
     assert int(sample(logits2, [_row(params, output=[6], prompt=[])]).token_ids[0]) == 8
 
 
+def test_a_rows_prompt_becomes_a_tensor_once_across_steps():
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    row = _row(params, prompt=list(range(4, 40)))
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, 4], logits[0, 40] = 2.0, 1.5
+    assert int(sample(logits.clone(), [row]).token_ids[0]) == 40  # 4 is in the prompt: 2.0 / 2 < 1.5
+    first = row.prompt_tensor
+    assert int(sample(logits.clone(), [row]).token_ids[0]) == 40
+    assert row.prompt_tensor is first and first.tolist() == list(range(4, 40))
+
+
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     logits = torch.zeros(1, VOCAB)
     logits[0, 2] = 10.0  # EOS is the clear favourite
