@@ -70,7 +70,7 @@ async def run_offline(options: dict) -> dict:
             count = 0
             async for event in cluster.submit(prompt, params):
                 if event.error:
-                    raise RuntimeError(event.error)
+                    raise OneLineError(f"generation failed: {event.error}")
                 last = time.perf_counter()
                 first = first or last
                 count += 1
@@ -80,9 +80,11 @@ async def run_offline(options: dict) -> dict:
                 tpot.append((last - first) / (count - 1))
 
         start = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(batch)))
-        wall = time.perf_counter() - start
-        bar.close()
+        try:
+            await asyncio.gather(*(one() for _ in range(batch)))
+            wall = time.perf_counter() - start
+        finally:
+            bar.close()  # ends the bar's line, so an error is a line of its own
         trace = cluster.executor.trace
         full_steps = [(e - s) for _, s, e, n in trace.steps if n == batch]
         predicted = [p for (_, _, _, n), p in zip(trace.steps, cluster.executor.predicted_steps_s) if n == batch]

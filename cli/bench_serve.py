@@ -5,8 +5,10 @@ Arrivals are Poisson at ``--rate`` requests/s, or follow a BurstGPT-style CSV
 timestamps in seconds, shifted to start at 0). Each request streams (SSE) a prompt
 of random token ids with ``max_tokens`` and ``ignore_eos``; TTFT is the time to the
 first content chunk, TPOT = (last - first chunk) / (completion tokens - 1), the
-completion tokens coming from the streamed usage. Progress on stderr; one JSON
-object last on stdout; with ``--out`` also ``latency.png``.
+completion tokens coming from the streamed usage. ``--api-key`` (or
+``FASTDECODE_API_KEY``, as for ``fdctl serve``) is sent as a Bearer key on every
+request. Progress on stderr; one JSON object last on stdout; with ``--out`` also
+``latency.png``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import click
 from fastdecode.cli.bench import percentiles
 from fastdecode.cli.bench_plot import line_plots
 from fastdecode.cli.errors import OneLineCommand, OneLineError
+from fastdecode.cli.serve import API_KEY_ENV
 
 
 def read_trace(path: str, limit: int) -> list[tuple[float, int, int]]:
@@ -55,6 +58,15 @@ def poisson_schedule(rate: float, count: int, prompt_len: int, output_len: int,
     return out
 
 
+def http_error(status: int, body: str) -> str:
+    """``HTTP <status>: <message>``, the message from an OpenAI-shaped error body, else the body's start."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:200]
+    return f"HTTP {status}: {message}"
+
+
 async def one_request(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}}
@@ -63,7 +75,7 @@ async def one_request(session, url: str, model: str, prompt: list[int], max_toke
     tokens = 0
     async with session.post(f"{url}/v1/completions", json=body) as response:
         if response.status != 200:
-            return {"error": f"HTTP {response.status}: {(await response.text())[:200]}"}
+            return {"error": http_error(response.status, await response.text())}
         async for raw in response.content:
             line = raw.decode().strip()
             if not line.startswith("data:") or line == "data: [DONE]":
@@ -94,13 +106,20 @@ async def run_serve_bench(options: dict) -> dict:
                                     options["output_len"], rng)
     url = options["url"].rstrip("/")
     timeout = aiohttp.ClientTimeout(total=options["timeout"])
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {options['api_key']}"} if options["api_key"] else None
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         try:
             async with session.get(f"{url}/v1/models") as response:
-                models = (await response.json())["data"]
-        except (aiohttp.ClientError, KeyError, ValueError) as exc:
+                status, body = response.status, await response.text()
+        except aiohttp.ClientError as exc:
             raise OneLineError(f"cannot list models at {url}: {exc}") from None
-        model, vocab = models[0]["id"], options["vocab"]
+        if status != 200:
+            raise OneLineError(f"cannot list models at {url}: {http_error(status, body)}")
+        try:
+            model = json.loads(body)["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise OneLineError(f"cannot list models at {url}: not a model list: {body[:200]}") from None
+        vocab = options["vocab"]
         bar = tqdm(total=len(schedule), desc="requests", unit="req", mininterval=0.5)
         results: list[dict] = []
 
@@ -139,6 +158,8 @@ async def run_serve_bench(options: dict) -> dict:
 
 @click.command("serve", cls=OneLineCommand)
 @click.option("--url", required=True, help="Server base URL, e.g. http://127.0.0.1:8000.")
+@click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,
+              help="Bearer key sent on every request, if the server needs one.")
 @click.option("--rate", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Poisson arrival rate, requests/s (ignored with --trace).")
 @click.option("--num-requests", default=100, show_default=True, type=click.IntRange(1))

@@ -2,7 +2,7 @@
 ``fdctl start-gpu`` (the Executor and the Frontend in front of remote shards).
 
 Options become a ``ServeConfig``; ``fastdecode.actors.frontend.serve`` runs it.
-The API key may come from ``FASTDECODE_API_KEY`` (read here, nowhere else).
+The API key may come from ``FASTDECODE_API_KEY`` (``API_KEY_ENV``: read here and by ``fdctl bench serve``).
 """
 from __future__ import annotations
 

@@ -42,3 +42,26 @@ async def test_hybrid_reports_its_start_up_choice(monkeypatch):
 def test_mode_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClusterConfig(**kwargs)
+
+
+def test_generation_failing_mid_run_is_one_line_error(monkeypatch):
+    """A request that fails after its first token (e.g. its shard died) ends the command with one line, no traceback."""
+    from click.testing import CliRunner
+
+    from fastdecode.actors.cluster import Cluster
+    from fastdecode.actors.request import TokenEvent
+    from fastdecode.cli.bench import bench
+
+    async def failing_stream(self, prompt_ids, params):
+        yield TokenEvent(request_id=0, token_id=1, index=0)
+        yield TokenEvent(request_id=0, token_id=-1, index=1, finish_reason="error", error="no KV node left",
+                         is_retryable=True)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(Cluster, "submit", failing_stream)
+    result = CliRunner().invoke(bench, ["offline", "--model", "random:tiny", "--dtype", "float32", "--device", "cpu",
+                                        "--mode", "gpu-only", "--gpu-kv-memory", "1MiB", "--batch", "2",
+                                        "--prompt-len", "4", "--output-len", "3"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == "Error: generation failed: no KV node left"
+    assert "Traceback" not in result.output
