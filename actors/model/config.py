@@ -1,8 +1,8 @@
 """``ModelConfig``: the shape of a Llama-family model, parsed from a HF ``config.json``.
 
 Supported: Llama 2/3/3.1 (``rope_scaling`` type ``llama3``), Mistral (without an
-active sliding window), Qwen2 (qkv bias), SmolLM2.  Anything else is refused with
-a ``ModelError`` naming the reason.
+active sliding window), Qwen2 (qkv bias), SmolLM2, in float16/bfloat16/float32.  Anything else (quantized
+checkpoints included) is refused with a ``ModelError`` naming the reason.
 """
 from __future__ import annotations
 
@@ -211,6 +211,15 @@ def _architecture_of(raw: dict[str, Any]) -> str:
 
 
 def _refuse_unsupported(raw: dict[str, Any], model_type: str) -> None:
+    # compressed-tensors checkpoints written before transformers 4.45 say "compression_config"
+    for key in ("quantization_config", "compression_config"):
+        quant = raw.get(key)
+        if quant is not None:
+            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+            raise ModelError(
+                f"unsupported config: a quantized checkpoint ({key} with quant_method {method!r}); "
+                "only float16/bfloat16/float32 checkpoints are supported"
+            )
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"unsupported hidden_act {act!r}; only silu is supported")

@@ -90,7 +90,7 @@ def load_hf_model(folder: Path, *, dtype: torch.dtype, device: torch.device) -> 
             except (SafetensorError, OSError) as exc:
                 raise ModelError(f"corrupt tensor {name!r} in {folder}: {exc}") from None
 
-        load_hf_weights(model, get_tensor)
+        load_hf_weights(model, get_tensor, located.keys())
     return model, tokenizer
 
 

@@ -2,7 +2,8 @@
 
 BOS handling, EOS ids, special tokens and the chat template (rendered with
 jinja2 the way transformers renders it: ``messages``, ``add_generation_prompt``,
-``bos_token``, ``eos_token``, ``raise_exception``).
+``bos_token``, ``eos_token``, ``raise_exception``, ``strftime_now``, its ``tojson``
+filter and its ``{% generation %}`` tag).
 
 A ``Tokenizer`` and its backend are never changed after construction, so
 ``encode``, ``encode_chat`` and ``decode`` may be called from worker threads:
@@ -17,6 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.parser import Parser
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
@@ -35,12 +39,37 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' ``tojson``: plain ``json.dumps``, not jinja's HTML-escaping filter."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(Extension):
+    """``{% generation %}...{% endgeneration %}``: TRL marks assistant text with it for training.
+
+    Serving renders the body unchanged, as transformers does when it is not tracking
+    assistant tokens."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    def _render_body(self, caller: Any) -> str:
+        return caller()
+
+
 def _compile_chat_template(source: str) -> Any:
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, _GenerationTag])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:

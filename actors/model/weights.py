@@ -2,11 +2,15 @@
 
 HF checkpoints keep q/k/v and gate/up as separate matrices; the model fuses
 them, so loading copies each into its slice and exporting splits them again.
+Loading refuses what it cannot run faithfully: a tensor in a dtype other than
+float16/bfloat16/float32 (FP8 and integer weights need scales this code never
+applies) and a tensor under ``model.layers.`` the model has no slot for (a
+quantization scale, a zero point, another architecture's weights).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 
@@ -15,6 +19,12 @@ from fastdecode.actors.model.llama import LlamaModel
 
 # elements of float32 scratch per random-generation chunk (64 MiB)
 _RANDOM_CHUNK_ELEMENTS = 1 << 24
+CHECKPOINT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# layer tensors some checkpoints hold that the model computes itself: skipped, not refused
+# (transformers before 4.31 saved the RoPE frequencies of every layer)
+_SKIPPED_LAYER_SUFFIXES = (".rotary_emb.inv_freq",)
+# unknown tensors named in one error, at most
+_MAX_NAMED = 4
 
 
 def hf_slices(model: LlamaModel) -> Iterator[tuple[str, torch.Tensor]]:
@@ -43,12 +53,32 @@ def hf_slices(model: LlamaModel) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def load_hf_weights(model: LlamaModel, get_tensor: Callable[[str], torch.Tensor | None]) -> None:
-    """Copy each HF-named tensor into its slot; ``get_tensor`` returns None when absent."""
-    for name, target in hf_slices(model):
+def load_hf_weights(
+    model: LlamaModel, get_tensor: Callable[[str], torch.Tensor | None], names: Collection[str],
+) -> None:
+    """Copy each HF-named tensor into its slot; ``get_tensor`` returns None when absent.
+
+    ``names`` are all the tensors the checkpoint holds.  Ones outside the layers that
+    the model has no slot for are skipped (``lm_head.weight`` of a tied model).
+    """
+    slots = dict(hf_slices(model))
+    unknown = sorted(name for name in names if name.startswith("model.layers.") and name not in slots
+                     and not name.endswith(_SKIPPED_LAYER_SUFFIXES))
+    if unknown:
+        more = f" and {len(unknown) - _MAX_NAMED} more" if len(unknown) > _MAX_NAMED else ""
+        raise ModelError(
+            f"the checkpoint holds layer tensors this model does not use: {', '.join(unknown[:_MAX_NAMED])}{more} "
+            "(quantized checkpoints and other architectures are not supported)"
+        )
+    for name, target in slots.items():
         tensor = get_tensor(name)
         if tensor is None:
             raise ModelError(f"the checkpoint lacks tensor {name!r}")
+        if tensor.dtype not in CHECKPOINT_DTYPES:
+            raise ModelError(
+                f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                "only float16/bfloat16/float32 checkpoints are supported (quantized weights are not)"
+            )
         if tuple(tensor.shape) != tuple(target.shape):
             raise ModelError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}"
