@@ -69,12 +69,19 @@ class AsyncLLM:
         request and frees its KV."""
         prompt_ids = self.encode(prompt)
         request = self.cluster.submit(prompt_ids, params)
-        detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop)
+        detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
         try:
             async for event in request:
                 if event.finish_reason in ("abort", "error"):
                     yield StreamOutput(event.request_id, -1, detokenizer.finish(), None, (),
                                        event.finish_reason, event.error, event.is_retryable)
+                    return
+                if event.finish_reason == "stop":
+                    # The engine stops only on a stop token id or EOS (stop strings are found here). As in
+                    # vLLM without include_stop_str_in_output, the token counts as generated but its text
+                    # is left out.
+                    yield StreamOutput(event.request_id, event.token_id, detokenizer.finish(), event.logprob,
+                                       event.top_logprobs, "stop")
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:

@@ -5,6 +5,13 @@ half a UTF-8 character (byte-level and byte-fallback tokens can split one), and
 it holds back text that may be the start of a stop string.  When a stop string
 appears, the text is cut just before it and ``hit_stop`` is True; the stop
 string itself is not part of the output.
+
+``min_tokens`` follows vLLM's v1 detokenizer: the text of the first
+``min_tokens`` tokens is never searched, so a stop string lying wholly inside it
+does not stop the request (the text flows on).  From the next token on, the
+search covers the new text plus a look-back of ``len(stop) - 1`` characters, so
+a stop string that begins in that earlier text and ends in the new text does
+match, and the output is cut where it begins.
 """
 from __future__ import annotations
 
@@ -24,16 +31,21 @@ class Detokenizer:
     """Turns one request's generated tokens into text, piece by piece."""
 
     def __init__(self, tokenizer: _Decoder, prompt_token_ids: Sequence[int], stop: Sequence[str] = (),
-                 *, skip_special_tokens: bool = True) -> None:
+                 *, min_tokens: int = 0, skip_special_tokens: bool = True) -> None:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be non-negative, got {min_tokens}")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0  # start of the decoding window
         self._read_offset = len(self._token_ids)  # tokens before this are already turned into text
         self._stop = tuple(stop)
+        self._min_tokens = min_tokens
+        self._num_tokens = 0  # generated tokens fed so far
         self._pending = ""  # decoded text held back as a possible stop-string start
+        self._num_unsearched = 0  # leading characters of _pending from the first min_tokens tokens
         self._text: list[str] = []
         self.is_stopped = False
 
@@ -49,6 +61,7 @@ class Detokenizer:
         """Feed one generated token; return ``(new_text, hit_stop)``."""
         if self.is_stopped:
             return "", True
+        self._num_tokens += 1
         self._token_ids.append(token_id)
         before = self._decode(self._token_ids[self._prefix_offset:self._read_offset])
         after = self._decode(self._token_ids[self._prefix_offset:])
@@ -71,13 +84,20 @@ class Detokenizer:
 
     def _release(self, new_text: str) -> tuple[str, bool]:
         pending = self._pending + new_text
-        found = [index for index in (pending.find(s) for s in self._stop) if index >= 0]
-        if found:
-            piece, self._pending, self.is_stopped = pending[: min(found)], "", True
-            self._text.append(piece)
-            return piece, True
-        held = self._held_length(pending)
-        piece, self._pending = pending[: len(pending) - held], pending[len(pending) - held:]
+        if self._num_tokens <= self._min_tokens:
+            num_unsearched = len(pending)  # not searched, though a stop string may begin in it
+        else:
+            num_unsearched = self._num_unsearched
+            # a match must end past the unsearched text (in text already searched it would have stopped us)
+            starts = (pending.find(s, max(0, num_unsearched - len(s) + 1)) for s in self._stop)
+            found = [index for index in starts if index >= 0]
+            if found:
+                piece, self._pending, self.is_stopped = pending[: min(found)], "", True
+                self._text.append(piece)
+                return piece, True
+        cut = len(pending) - self._held_length(pending)
+        piece, self._pending = pending[:cut], pending[cut:]
+        self._num_unsearched = max(0, num_unsearched - cut)
         self._text.append(piece)
         return piece, False
 

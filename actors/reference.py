@@ -73,7 +73,7 @@ def reference_generate(
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     result = GenerationResult(prompt_token_ids=prompt)
     row = SamplingRow(params, prompt, result.token_ids, make_generator(params.seed, model.device))
-    detokenizer = Detokenizer(tokenizer, prompt, stop=params.stop)
+    detokenizer = Detokenizer(tokenizer, prompt, stop=params.stop, min_tokens=params.min_tokens)
     cache = TorchKVCache.for_model(model)
     cache.allocate(_SEQ_ID)
     logits = model.logits(run_tokens(model, cache, _SEQ_ID, prompt, 0)[-1:])

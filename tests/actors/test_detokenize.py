@@ -40,9 +40,9 @@ def byte_fallback():
     return Tokenizer(backend)
 
 
-def _stream(tokenizer, text, stop=(), prompt_ids=()):
+def _stream(tokenizer, text, stop=(), prompt_ids=(), min_tokens=0):
     ids = tokenizer.encode(text, add_special_tokens=False)
-    detok = Detokenizer(tokenizer, list(prompt_ids), stop=stop)
+    detok = Detokenizer(tokenizer, list(prompt_ids), stop=stop, min_tokens=min_tokens)
     pieces, hit_at = [], None
     for index, token_id in enumerate(ids):
         piece, hit = detok.add(token_id)
@@ -107,6 +107,30 @@ def test_held_text_is_released_at_the_end(byte_level):
 def test_earliest_of_several_stop_strings_wins(byte_level):
     _, pieces, hit_at = _stream(byte_level, "one two three four", stop=("four", "three", "e t"))
     assert hit_at is not None and "".join(pieces) == "on"
+
+
+def test_stop_string_in_the_first_min_tokens_is_not_searched(byte_level):
+    """vLLM: the text of the first min_tokens tokens is never searched; it flows on."""
+    _, pieces, hit_at = _stream(byte_level, "a3b3c", stop=("3",), min_tokens=2)  # tokens a 3 b 3 c
+    assert hit_at == 3 and "".join(pieces) == "a3b" and "3" in "".join(pieces[:2])
+    _, pieces, hit_at = _stream(byte_level, "a3b3c", stop=("3",), min_tokens=1)
+    assert hit_at == 1 and "".join(pieces) == "a"
+
+
+def test_stop_string_begun_before_min_tokens_matches_when_it_ends_after(byte_level):
+    """The search looks back len(stop) - 1 characters into the unsearched text (vLLM's look-back)."""
+    text = "xy. STOP. STOP."  # tokens x y . ␣S T O P . ␣S T O P .
+    _, pieces, hit_at = _stream(byte_level, text, stop=("STOP",), min_tokens=5)  # "STOP" ends in token 7
+    assert hit_at == 6 and "".join(pieces) == "xy. "
+    _, pieces, hit_at = _stream(byte_level, text, stop=("STOP",), min_tokens=7)  # the first "STOP" is unsearched
+    assert hit_at == 11 and "".join(pieces) == "xy. STOP. "
+
+
+def test_unsearched_text_held_back_stays_unsearched(byte_level):
+    """The text "STO" is held back as a possible start of "STOP!" while the threshold passes: the "O" in it,
+    from the first min_tokens tokens, must not match later."""
+    _, pieces, hit_at = _stream(byte_level, "xy. STOP. STOP.", stop=("STOP!", "O"), min_tokens=6)
+    assert hit_at == 10 and "".join(pieces) == "xy. STOP. ST"
 
 
 def test_special_tokens_are_skipped_and_prompt_gives_context(byte_fallback):

@@ -53,6 +53,14 @@ def test_stop_string_truncates_text(tiny_model):
     assert len(result.token_ids) < 20
 
 
+def test_stop_string_waits_for_min_tokens(tiny_model):
+    """The text of the first min_tokens tokens is not searched for stop strings (vLLM)."""
+    free = _greedy(tiny_model, max_tokens=12, ignore_eos=True)
+    assert free.text.startswith("}}}") and len(free.token_ids) == 12
+    result = _greedy(tiny_model, max_tokens=12, ignore_eos=True, min_tokens=2, stop=("}",))
+    assert result.token_ids == free.token_ids[:3] and result.text == "}}" and result.finish_reason == "stop"
+
+
 def test_context_end_is_length(tiny_model):
     model, tokenizer = tiny_model
     context = model.config.max_position_embeddings
