@@ -70,19 +70,14 @@ def test_an_fp8_tensor_is_refused_by_dtype(written_tiny, tmp_path):
         _load(folder)
 
 
-def test_an_unknown_layer_tensor_is_refused_and_named(written_tiny, tmp_path):
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.1.self_attn.q_proj.weight_scale", (1,)),  # a quantized checkpoint's scale
+    ("model.layers.2.input_layernorm.weight", (64,)),  # a layer beyond the config's num_hidden_layers
+], ids=["weight-scale", "extra-layer"])
+def test_an_unknown_layer_tensor_is_refused_and_named(written_tiny, tmp_path, name, shape):
     folder = _copy_folder(written_tiny, tmp_path / "m")
-    name = "model.layers.1.self_attn.q_proj.weight_scale"
-    _edit_tensors(folder, lambda tensors: tensors.update({name: torch.ones(1)}))
+    _edit_tensors(folder, lambda tensors: tensors.update({name: torch.ones(shape)}))
     with pytest.raises(ModelError, match=f"does not use.*{name}"):
-        _load(folder)
-
-
-def test_a_layer_beyond_the_config_is_refused(written_tiny, tmp_path):
-    folder = _copy_folder(written_tiny, tmp_path / "m")
-    name = "model.layers.2.input_layernorm.weight"
-    _edit_tensors(folder, lambda tensors: tensors.update({name: torch.ones(64)}))
-    with pytest.raises(ModelError, match=name):
         _load(folder)
 
 
