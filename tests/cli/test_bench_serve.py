@@ -26,8 +26,9 @@ def keyed_url():
 
 
 def bench_serve(url: str, *args: str, env: dict[str, str | None] | None = None):
-    return CliRunner().invoke(bench, ["serve", "--url", url, "--rate", "50", "--num-requests", "2", "--prompt-len", "4",
-                                      "--output-len", "3", "--vocab", "50", *args], env={API_KEY_ENV: None, **(env or {})})
+    args = ["serve", "--url", url, "--rate", "50", "--num-requests", "2", "--prompt-len", "4", "--output-len", "3",
+            "--vocab", "50", *args]
+    return CliRunner().invoke(bench, args, env={API_KEY_ENV: None, **(env or {})})
 
 
 @pytest.mark.parametrize("how", ["option", "env"])

@@ -123,7 +123,8 @@ CHAT = [{"role": "user", "content": "a"}]
 def test_fields_that_would_change_the_output_are_refused_not_ignored(name, value):
     parsers = [lambda b: parse_chat({"messages": CHAT, **b}), lambda b: parse_stream_request({"messages": CHAT, **b})]
     if name != "add_generation_prompt":  # a chat field: completions have no template to apply
-        parsers += [lambda b: parse_completion({"prompt": "a", **b}), lambda b: parse_stream_request({"prompt": "a", **b})]
+        parsers += [lambda b: parse_completion({"prompt": "a", **b}),
+                    lambda b: parse_stream_request({"prompt": "a", **b})]
     for parse in parsers:
         with pytest.raises(ApiError) as refused:
             parse({name: value})
