@@ -12,7 +12,14 @@ SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's ``_SAMPLING_EP
 
 
 class RequestError(ValueError):
-    """A request that cannot be served as asked (bad field, prompt too long...)."""
+    """A request that cannot be served as asked (bad field, prompt too long...).
+
+    ``param`` names the request field at fault, where there is one (the OpenAI error's ``param``).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -40,41 +47,41 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return per token; None = none
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> RequestError:
-            return RequestError(msg)
+        def bad(param: str, msg: str) -> RequestError:
+            return RequestError(msg, param)
 
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise bad("max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+            raise bad("min_tokens", f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         if self.min_tokens > self.max_tokens:
-            raise bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise bad("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(f"{name} must be a finite number, got {value!r}")
+                raise bad(name, f"{name} must be a finite number, got {value!r}")
         if not 0.0 <= self.temperature <= 100.0:
-            raise bad(f"temperature must be in [0, 100], got {self.temperature}")
+            raise bad("temperature", f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+            raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise bad(f"top_k must be an integer, got {self.top_k!r}")
+            raise bad("top_k", f"top_k must be an integer, got {self.top_k!r}")
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+            raise bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+            raise bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if not 0.0 < self.repetition_penalty <= 10.0:
-            raise bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+            raise bad("repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad(f"seed must be an integer, got {self.seed!r}")
+            raise bad("seed", f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
         ):
-            raise bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+            raise bad("logprobs", f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop must be a list of non-empty strings")
+            raise bad("stop", "stop must be a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids must be non-negative integers")
+            raise bad("stop_token_ids", "stop_token_ids must be non-negative integers")
 
     @property
     def is_greedy(self) -> bool:
