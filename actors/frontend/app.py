@@ -7,6 +7,7 @@ from fastdecode.actors.frontend.metrics import CONTENT_TYPE
 from fastdecode.actors.frontend.middleware import api_key_middleware, errors_middleware
 from fastdecode.actors.frontend.openai_routes import chat_completions, completions, models
 from fastdecode.actors.frontend.state import STATE, FrontendState
+from fastdecode.actors.frontend.tokenize_routes import detokenize, tokenize
 from fastdecode.actors.frontend.websocket import stream_socket
 
 MAX_BODY_BYTES = 16 << 20
@@ -42,4 +43,6 @@ def build_app(state: FrontendState) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/stream", stream_socket)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     return app

@@ -1,7 +1,11 @@
 """Prometheus metrics of one Frontend, on its own registry (names follow vLLM's).
 
 Counters and histograms move as requests run; the engine gauges (queue,
-running sequences, KV bytes per node, step time) are read at scrape time.
+running sequences, KV bytes per node, node liveness, step time) are read at
+scrape time.  Every KV node the Executor holds (or once held) keeps its series:
+a node that is down reports ``kv_node_up 0`` and 0 KV bytes, rather than its
+series vanishing, so ``sum()`` over nodes counts only what can serve and an
+alert on ``kv_node_up == 0`` has a series to fire on.
 """
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import asyncio
 import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from fastdecode.actors.guarded_node import GuardedNode, NodeState
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
@@ -52,6 +58,9 @@ class FrontendMetrics:
                                    registry=r)
         self.kv_capacity_bytes = Gauge("fastdecode_kv_capacity_bytes", "KV-cache capacity in bytes, per KV node.",
                                        ["node"], registry=r)
+        self.kv_node_up = Gauge("fastdecode_kv_node_up", "1 while a KV node takes work, 0 when dead, draining or "
+                                "gone.", ["node"], registry=r)
+        self._node_ids: set[str] = set()  # every node id reported so far
         self.step_seconds = Gauge("fastdecode_step_seconds", "Duration of the last engine step.", registry=r)
         # counters of the Executor's own counts, moved on by what each grew since the last scrape
         self.steps = Counter("fastdecode_steps", "Engine steps run since start.", registry=r)
@@ -87,12 +96,35 @@ class FrontendMetrics:
             for counter, count in counts:
                 counter.inc(count - self._seen[counter])
                 self._seen[counter] = count
-            nodes = executor.live_nodes  # a failed node answers nothing; its gauges keep their last value
-            stats = await asyncio.gather(*(node.stats() for node in nodes), return_exceptions=True)
-            for node, node_stats in zip(nodes, stats):
-                if isinstance(node_stats, Exception):  # it failed mid-scrape: keep its last values
-                    log.warning("metrics: no stats from KV node %s: %s", node.node_id, node_stats)
-                    continue
-                self.kv_used_bytes.labels(node=node.node_id).set(node_stats.used_bytes)
-                self.kv_capacity_bytes.labels(node=node.node_id).set(node_stats.capacity_bytes)
+            await self._render_nodes(executor.nodes)
         return generate_latest(self.registry)
+
+    async def _render_nodes(self, nodes: list[GuardedNode]) -> None:
+        """Liveness and KV bytes of each node. A dead node, and one no longer among the Executor's nodes, reports
+        0 used and 0 capacity (it holds nothing for us); a draining one is not up but reports what it still
+        holds, down to 0 as its sequences move away."""
+        answering = [node for node in nodes if _is_answering(node)]
+        stats = await asyncio.gather(*(node.stats() for node in answering), return_exceptions=True)
+        for node, node_stats in zip(answering, stats):
+            if isinstance(node_stats, Exception):  # it failed mid-scrape: keep its last values until marked
+                log.warning("metrics: no stats from KV node %s: %s", node.node_id, node_stats)
+                continue
+            self.kv_used_bytes.labels(node=node.node_id).set(node_stats.used_bytes)
+            self.kv_capacity_bytes.labels(node=node.node_id).set(node_stats.capacity_bytes)
+        up_ids = {node.node_id for node in nodes if node.is_alive and _is_answering(node)}
+        answering_ids = {node.node_id for node in answering}
+        self._node_ids.update(node.node_id for node in nodes)
+        for node_id in self._node_ids:
+            self.kv_node_up.labels(node=node_id).set(1 if node_id in up_ids else 0)
+            if node_id not in answering_ids:  # dead, or no longer among the Executor's nodes
+                self.kv_used_bytes.labels(node=node_id).set(0)
+                self.kv_capacity_bytes.labels(node=node_id).set(0)
+
+
+def _is_answering(node: GuardedNode) -> bool:
+    """Not dead in the Executor's view, and (for a shard) its heartbeats still answered: the Executor marks a
+    silent shard dead only at its next step boundary, a scrape sees the silence at once."""
+    if node.state is NodeState.DEAD:
+        return False
+    client = getattr(node.inner, "client", None)
+    return client is None or client.is_alive

@@ -4,10 +4,14 @@ from types import SimpleNamespace
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastdecode.actors.frontend.metrics import FrontendMetrics
+from fastdecode.actors.guarded_node import GuardedNode
 from fastdecode.actors.kv_nodes import NodeStats
 
 
 class Node:
+    is_host = True
+    can_attend_now = False
+
     def __init__(self, node_id, used, fails=False):
         self.node_id, self.used, self.fails = node_id, used, fails
 
@@ -20,7 +24,8 @@ class Node:
 
 async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
     executor = SimpleNamespace(num_waiting=2, num_running=3, last_step_s=0.01, num_steps=7, num_recovered=0,
-                               live_nodes=[Node("a", 100), Node("b", 200, fails=True)])
+                               nodes=[GuardedNode(Node("a", 100), epoch=1),
+                                      GuardedNode(Node("b", 200, fails=True), epoch=1)])
     text = (await FrontendMetrics().render(SimpleNamespace(executor=executor))).decode()
     samples = {(s.name, s.labels.get("node")): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
@@ -33,7 +38,7 @@ async def test_engine_counts_are_prometheus_counters():
     """Steps and recovered sequences only grow: counters (``_total``, for rate()), not gauges."""
     metrics = FrontendMetrics()
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=7, num_recovered=2,
-                               live_nodes=[])
+                               nodes=[])
     await metrics.render(SimpleNamespace(executor=executor))
     executor.num_steps, executor.num_recovered = 10, 2
     families = {f.name: f for f in text_string_to_metric_families(

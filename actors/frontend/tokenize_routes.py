@@ -1,0 +1,113 @@
+"""vLLM's tokenizer routes: ``POST /tokenize`` and ``POST /detokenize``, in vLLM's shapes.
+
+``/tokenize`` takes ``{model?, prompt, add_special_tokens=true, return_token_strs=false}`` or the chat form
+``{model?, messages, add_generation_prompt=true, add_special_tokens=false, return_token_strs=false}`` (rendered
+with the model's chat template) and answers ``{count, max_model_len, tokens, token_strs}`` (``token_strs`` is
+null unless asked for). Like vLLM it tokenizes text of any length (``count`` may pass ``max_model_len``).
+``/detokenize`` takes ``{model?, tokens}`` and answers ``{prompt}`` (special tokens kept, as vLLM does).
+Tokenizing runs on a worker thread, as the completions route does. Unlike vLLM, whose key guards ``/v1``
+paths only, both routes need the API key when the server has one: they cost CPU time on up to 16 MiB bodies.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from fastdecode.actors.api import AsyncLLM
+from fastdecode.actors.frontend.errors import ApiError, bad_request
+from fastdecode.actors.frontend.middleware import _presented_key
+from fastdecode.actors.frontend.openai_request import _boolean, _is_int, _messages, _model, _shown, decode_body
+from fastdecode.actors.frontend.state import STATE, FrontendState
+from fastdecode.actors.model.errors import ModelError
+from fastdecode.actors.model.tokenizer import Tokenizer
+
+# vLLM chat-tokenize fields this server does not implement -> the values that change nothing
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "continue_final_message": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "mm_processor_kwargs": (None, {}),
+    "tools": (None, []),
+}
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    llm, body = await _checked_body(request)
+    tokenizer = llm.tokenizer
+    if body.get("messages") is not None:
+        if body.get("prompt") is not None:
+            raise bad_request("give exactly one of prompt and messages")
+        token_ids = await _tokenize_chat(tokenizer, body)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad_request("prompt must be a string (or give messages)", "prompt")
+        add_special_tokens = _flag(body, "add_special_tokens", default=True)
+        token_ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
+    token_strs = None
+    if _boolean(body, "return_token_strs"):
+        token_strs = [tokenizer.backend.id_to_token(token_id) for token_id in token_ids]
+    return web.json_response({"count": len(token_ids), "max_model_len": llm.max_model_len, "tokens": token_ids,
+                              "token_strs": token_strs})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    llm, body = await _checked_body(request)
+    tokenizer = llm.tokenizer
+    token_ids = body.get("tokens")
+    if not isinstance(token_ids, list) or not all(_is_int(t) for t in token_ids):
+        raise bad_request("tokens must be a list of integers", "tokens")
+    outside = next((t for t in token_ids if not 0 <= t < tokenizer.vocab_size), None)
+    if outside is not None:
+        raise bad_request(f"token id {_shown(outside)} is outside the vocabulary [0, {tokenizer.vocab_size})", "tokens")
+    text = await asyncio.to_thread(tokenizer.decode, token_ids, skip_special_tokens=False)
+    return web.json_response({"prompt": text})
+
+
+async def _tokenize_chat(tokenizer: Tokenizer, body: dict[str, Any]) -> list[int]:
+    for name, harmless in UNSUPPORTED_CHAT_FIELDS.items():
+        if body.get(name) not in harmless:
+            raise bad_request(f"{name} is not supported", name)
+    messages = [dict(m) for m in _messages(body["messages"])]
+    add_generation_prompt = _flag(body, "add_generation_prompt", default=True)
+    add_special_tokens = _flag(body, "add_special_tokens", default=False)
+    try:
+        if not add_special_tokens:  # the template writes any BOS itself
+            return await asyncio.to_thread(tokenizer.encode_chat, messages,
+                                           add_generation_prompt=add_generation_prompt)
+        text = await asyncio.to_thread(tokenizer.apply_chat_template, messages,
+                                       add_generation_prompt=add_generation_prompt)
+    except ModelError as exc:
+        raise bad_request(str(exc), "messages") from None
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=True)
+
+
+def _flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
+    """A boolean field that may be omitted (or null) for its default."""
+    return default if body.get(name) is None else _boolean(body, name)
+
+
+async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]:
+    """The engine and the request's JSON object, once the key (401), readiness (503) and model (404) pass."""
+    state = _guarded_state(request)
+    llm = state.require_llm()
+    body = decode_body(await request.read())
+    state.check_model(_model(body))
+    return llm, body
+
+
+def _guarded_state(request: web.Request) -> FrontendState:
+    """The app's state, once the request has shown the API key (when the server has one): the key middleware
+    guards ``/v1/`` paths, and these routes are outside them."""
+    state = request.app[STATE]
+    api_key = state.config.api_key
+    if api_key is not None:
+        presented = _presented_key(request)
+        if presented is None or not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                                                        api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+    return state
