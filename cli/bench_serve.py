@@ -3,12 +3,15 @@
 Arrivals are Poisson at ``--rate`` requests/s, or follow a BurstGPT-style CSV
 (``--trace``: columns ``timestamp``, ``request tokens``, ``response tokens``;
 timestamps in seconds, shifted to start at 0). Each request streams (SSE) a prompt
-of random token ids with ``max_tokens`` and ``ignore_eos``; TTFT is the time to the
-first content chunk, TPOT = (last - first chunk) / (completion tokens - 1), the
-completion tokens coming from the streamed usage. ``--api-key`` (or
-``FASTDECODE_API_KEY``, as for ``fdctl serve``) is sent as a Bearer key on every
-request. Progress on stderr; one JSON object last on stdout; with ``--out`` also
-``latency.png``.
+of token ids with ``max_tokens`` and ``ignore_eos``: slices of the ids that the
+server's ``POST /tokenize`` (vLLM's shape) gives for a seeded random text, so they
+are valid for any model; ids drawn from ``[0, --vocab)`` instead when ``--vocab``
+is given or the server has no ``/tokenize``. TTFT is the time to the first content
+chunk, TPOT = (last - first chunk) / (completion tokens - 1), the completion tokens
+coming from the streamed usage. ``--api-key`` (or ``FASTDECODE_API_KEY``, as for
+``fdctl serve``) is sent as a Bearer key on every request. Progress on stderr; one
+JSON object last on stdout, also when no request succeeded (then one ``Error:``
+line and exit 1); with ``--out`` also ``latency.png``.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import csv
 import json
 import os
 import random
+import string
 import time
+from collections.abc import Callable
 
 import click
 
@@ -65,6 +70,67 @@ def http_error(status: int, body: str) -> str:
     except (ValueError, KeyError, TypeError):
         message = body[:200]
     return f"HTTP {status}: {message}"
+
+
+DEFAULT_VOCAB = 1000  # prompt ids come from [0, DEFAULT_VOCAB) when the server has no /tokenize
+MIN_TEXT_WORDS, MAX_TEXT_WORDS = 16, 4096  # the random text that /tokenize turns into prompt ids
+
+
+def random_text(num_words: int, rng: random.Random) -> str:
+    """Words of 2 to 8 random lowercase letters: many distinct tokens in any tokenizer."""
+    return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(num_words))
+
+
+def id_slicer(token_ids: list[int], rng: random.Random) -> Callable[[int], list[int]]:
+    """Prompts of n ids: a run of ``token_ids`` from a random start, wrapping round at the end."""
+    def prompt(num_ids: int) -> list[int]:
+        start = rng.randrange(len(token_ids))
+        return [token_ids[(start + i) % len(token_ids)] for i in range(num_ids)]
+    return prompt
+
+
+async def tokenized_ids(session, url: str, model: str, num_words: int, rng: random.Random) -> list[int] | None:
+    """The ids ``POST /tokenize`` gives for a random text of ``num_words`` words; None when the server has no
+    /tokenize (404).  A 400 (text too long for the server) is retried with a quarter of the words."""
+    import aiohttp
+
+    while True:
+        body = {"model": model, "prompt": random_text(num_words, rng), "add_special_tokens": False}
+        try:
+            async with session.post(f"{url}/tokenize", json=body) as response:
+                status, text = response.status, await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise OneLineError(f"cannot tokenize at {url}: {type(exc).__name__}: {exc}") from None
+        if status == 404:
+            return None
+        if status == 400 and num_words > MIN_TEXT_WORDS:
+            num_words = max(MIN_TEXT_WORDS, num_words // 4)
+            continue
+        if status != 200:
+            raise OneLineError(f"cannot tokenize at {url}: {http_error(status, text)}")
+        try:
+            token_ids = json.loads(text)["tokens"]
+        except (ValueError, KeyError, TypeError):
+            raise OneLineError(f"cannot tokenize at {url}: not a /tokenize reply: {text[:200]}") from None
+        if not isinstance(token_ids, list) or not token_ids or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids):
+            raise OneLineError(f"cannot tokenize at {url}: no token ids in the reply: {text[:200]}")
+        return token_ids
+
+
+async def prompt_maker(session, url: str, model: str, vocab: int | None, max_prompt_len: int,
+                       rng: random.Random) -> tuple[Callable[[int], list[int]], str]:
+    """(prompt of n token ids, where the ids come from): slices of /tokenize's ids unless ``vocab`` is given
+    or the server has no /tokenize, then random ids in [0, vocab)."""
+    if vocab is None:
+        num_words = min(max(4 * MIN_TEXT_WORDS, max_prompt_len), MAX_TEXT_WORDS)
+        token_ids = await tokenized_ids(session, url, model, num_words, rng)
+        if token_ids is not None:
+            return id_slicer(token_ids, rng), f"/tokenize ({len(token_ids)} ids)"
+        vocab = DEFAULT_VOCAB
+        click.echo(f"{url} has no /tokenize (HTTP 404): prompt token ids are drawn from [0, {vocab}), which may "
+                   "not suit this model; give --vocab to change that", err=True)
+    return (lambda num_ids: [rng.randrange(vocab) for _ in range(num_ids)]), f"[0, {vocab})"
 
 
 async def one_request(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
@@ -119,13 +185,14 @@ async def run_serve_bench(options: dict) -> dict:
             model = json.loads(body)["data"][0]["id"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise OneLineError(f"cannot list models at {url}: not a model list: {body[:200]}") from None
-        vocab = options["vocab"]
+        make_prompt, prompt_ids = await prompt_maker(session, url, model, options["vocab"],
+                                                     max(p for _, p, _ in schedule), rng)
         bar = tqdm(total=len(schedule), desc="requests", unit="req", mininterval=0.5)
         results: list[dict] = []
 
         async def fire(at: float, prompt_len: int, output_len: int) -> None:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - origin)))
-            prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+            prompt = make_prompt(prompt_len)
             try:
                 results.append(await one_request(session, url, model, prompt, output_len))
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -140,6 +207,7 @@ async def run_serve_bench(options: dict) -> dict:
     errors = [r["error"] for r in results if "error" in r]
     summary = {"url": url, "model": model, "num_requests": len(schedule), "num_ok": len(done),
                "num_errors": len(errors), "errors": sorted(set(errors))[:5],
+               "first_error": errors[0] if errors else None, "prompt_ids": prompt_ids,
                "rate": None if options["trace"] else options["rate"], "trace": options["trace"], "wall_s": wall,
                "tokens_per_s": sum(r["tokens"] for r in done) / wall, "requests_per_s": len(done) / wall,
                "ttft_s": percentiles([r["ttft_s"] for r in done]),
@@ -166,8 +234,9 @@ async def run_serve_bench(options: dict) -> dict:
 @click.option("--trace", default=None, help="BurstGPT-style CSV: timestamp, request tokens, response tokens.")
 @click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--output-len", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--vocab", default=1000, show_default=True, type=click.IntRange(2),
-              help="Prompt token ids are drawn from [0, vocab).")
+@click.option("--vocab", default=None, type=click.IntRange(2),
+              help="Draw prompt token ids from [0, vocab) (default: slices of the ids the server's /tokenize "
+                   f"gives for a random text; [0, {DEFAULT_VOCAB}) if it has no /tokenize).")
 @click.option("--timeout", default=600.0, show_default=True, type=float, help="Per request, seconds.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None, help="Folder for latency.png.")
@@ -175,3 +244,6 @@ def serve_command(**options) -> None:
     """Poisson (or trace) load on a running server; TTFT/TPOT percentiles and tokens/s."""
     result = asyncio.run(run_serve_bench(options))
     click.echo(json.dumps(result))
+    if result["num_ok"] == 0:
+        message = f"all {result['num_errors']} requests failed; the first: {result['first_error']}"
+        raise click.ClickException(" ".join(message.split()))

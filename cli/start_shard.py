@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 
 import click
 
-from fastdecode.cli.errors import OneLineCommand
+from fastdecode.cli.errors import OneLineCommand, OneLineError
 from fastdecode.cli.sizes import SIZE, format_size
 from fastdecode.native import ISA_NAMES
 
 log = logging.getLogger("fastdecode.start_shard")
+TCP_ADDRESS = re.compile(r"tcp://(\[[^\[\]]+\]|[^:\[\]]+):(.*)")  # host (an IPv6 one in brackets), port
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -42,6 +44,31 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     if len(set(cpus)) != len(cpus):
         raise ValueError(f"cpu list {text!r} names a CPU twice")
     return tuple(cpus)
+
+
+def check_listen_address(listen: str) -> None:
+    """ValueError unless ``listen`` is ``ipc://PATH`` or ``tcp://HOST:PORT`` with a port in 1..65535, ``0`` or
+    ``*`` (any free one); ZeroMQ would wrap a larger port silently (99999 binds 34463)."""
+    if listen.startswith("ipc://"):
+        if len(listen) == len("ipc://"):
+            raise ValueError(f"{listen!r} names no path: use ipc://PATH")
+        return
+    if not listen.startswith("tcp://"):
+        raise ValueError(f"{listen!r} must start with tcp:// or ipc://")
+    match = TCP_ADDRESS.fullmatch(listen)
+    if match is None:
+        raise ValueError(f"cannot read {listen!r}: use tcp://HOST:PORT (an IPv6 host in brackets: tcp://[::1]:PORT)")
+    port = match.group(2)
+    if port != "*" and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"port {port!r} of {listen!r} is not in 1..65535 (or 0 or *: any free port)")
+
+
+def _listen_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        check_listen_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
 
 
 def _cpu_list_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -88,7 +115,8 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
 
 
 @click.command("start-shard", cls=OneLineCommand)
-@click.option("--listen", required=True, help="Address to bind: tcp://HOST:PORT (PORT 0: any free one) or ipc://PATH.")
+@click.option("--listen", required=True, callback=_listen_option,
+              help="Address to bind: tcp://HOST:PORT (PORT 0 or *: any free one) or ipc://PATH.")
 @click.option("--kv-memory", required=True, type=SIZE, help="KV pool size, e.g. 256MiB or 16GiB.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Attention threads (default: every CPU this process may use).")
@@ -114,8 +142,6 @@ def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int
     """Run one KVShard (KV-cache and attention on this host's CPUs) until SIGTERM/SIGINT."""
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not listen.startswith(("tcp://", "ipc://")):
-        raise click.BadParameter("must start with tcp:// or ipc://", param_hint="--listen")
     from fastdecode.actors.kvshard import ShardConfig
     from fastdecode.transport.event_loop import run_event_loop
     from fastdecode.transport.sockets import is_loopback_address
@@ -136,6 +162,5 @@ def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int
              threads or "all")
     try:
         run_event_loop(_serve(listen, config, curve_dir=curve_dir, drain_timeout_s=drain_timeout_s))
-    except (OSError, ValueError) as exc:  # a busy port, unusable keys
-        log.error("%s", exc)
-        sys.exit(1)
+    except (OSError, ValueError) as exc:  # a busy port or an address it cannot bind, unusable keys
+        raise OneLineError(str(exc)) from None

@@ -49,9 +49,25 @@ def test_refused_key_is_one_line_with_status_and_message(keyed_url, key):
 
 
 def test_refused_completion_reports_status_and_message(keyed_url):
+    """Every request refused: the JSON still comes, then one ``Error:`` line with the count and the first error,
+    exit 1 (it exited 0 before)."""
     result = bench_serve(keyed_url, "--api-key", API_KEY, "--prompt-len", str(MAX_MODEL_LEN + 1))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["num_ok"] == 0 and out["num_errors"] == 2
     [error] = out["errors"]
     assert error.startswith("HTTP 400: ") and f"context is {MAX_MODEL_LEN} tokens" in error and "{" not in error
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert line == f"Error: all 2 requests failed; the first: {error}"
+
+
+def test_default_prompts_suit_the_tiny_vocabulary(keyed_url):
+    """Without --vocab the prompt ids come from the server's /tokenize: valid for random:tiny's 320 ids (the old
+    default drew from [0, 1000) and every request failed)."""
+    args = ["serve", "--url", keyed_url, "--api-key", API_KEY, "--rate", "50", "--num-requests", "3",
+            "--prompt-len", "20", "--output-len", "2"]
+    result = CliRunner().invoke(bench, args, env={API_KEY_ENV: None})
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["num_ok"] == 3 and out["num_errors"] == 0, out["errors"]
+    assert out["prompt_ids"].startswith("/tokenize (") and "no /tokenize" not in result.stderr

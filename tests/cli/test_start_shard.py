@@ -5,6 +5,7 @@ import asyncio
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 
 from fastdecode.actors.shard_client import ShardClient
 from fastdecode.cli.sizes import parse_size
-from fastdecode.cli.start_shard import parse_cpu_list, start_shard
+from fastdecode.cli.start_shard import check_listen_address, parse_cpu_list, start_shard
 from fastdecode.native.lib import KVPool
 from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
 
@@ -179,6 +180,40 @@ def test_values_the_pool_cannot_use_are_refused_before_ready(args, message) -> N
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert message in lines[0] and "ready" not in result.output
+
+
+@pytest.mark.parametrize("listen, message", [
+    ("tcp://127.0.0.1:99999", "port '99999' of 'tcp://127.0.0.1:99999' is not in 1..65535"),  # ZeroMQ wrapped it
+    ("tcp://127.0.0.1:65536", "is not in 1..65535"),
+    ("tcp://127.0.0.1:-1", "is not in 1..65535"),
+    ("tcp://127.0.0.1:http", "is not in 1..65535"),
+    ("tcp://127.0.0.1", "use tcp://HOST:PORT"),
+    ("tcp://[::1]", "use tcp://HOST:PORT"),
+    ("ipc://", "names no path"),
+])
+def test_a_listen_address_it_cannot_bind_as_given_is_refused_before_binding(listen, message) -> None:
+    result = CliRunner().invoke(start_shard, ["--listen", listen, "--kv-memory", "32MiB", "--no-calibrate"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert message in lines[0] and "ready" not in result.output
+
+
+@pytest.mark.parametrize("listen", ["tcp://127.0.0.1:0", "tcp://127.0.0.1:*", "tcp://127.0.0.1:1",
+                                    "tcp://127.0.0.1:65535", "tcp://[::1]:5555", "tcp://*:5555", "ipc:///tmp/s"])
+def test_listen_addresses_zeromq_binds_as_given_are_accepted(listen) -> None:
+    check_listen_address(listen)  # raises ValueError otherwise
+
+
+def test_a_busy_port_is_one_error_line_and_exit_2() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+        result = CliRunner().invoke(start_shard, ["--listen", listen, "--kv-memory", "32MiB", "--no-calibrate"])
+    errors = [line for line in result.stderr.splitlines() if "Error" in line or "ERROR" in line]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(errors) == 1 and errors[0].startswith(f"Error: kvshard: cannot bind {listen}: Address already in use")
+    assert not any(line.startswith("ready ") for line in result.output.splitlines())
 
 
 async def test_a_second_executor_is_refused_with_one_line_while_the_first_runs() -> None:
