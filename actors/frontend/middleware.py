@@ -18,6 +18,8 @@ log = logging.getLogger("fastdecode.frontend")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROTECTED_PREFIX = "/v1/"
+# vLLM's tokenizer routes, outside /v1 (vLLM leaves them open; here they cost CPU time on up to 16 MiB bodies)
+PROTECTED_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -50,7 +52,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     api_key = request.app[STATE].config.api_key
-    if api_key is not None and request.path.startswith(PROTECTED_PREFIX):
+    if api_key is not None and (request.path.startswith(PROTECTED_PREFIX) or request.path in PROTECTED_PATHS):
         presented = _presented_key(request)
         # a header may carry any byte (aiohttp hands non-UTF-8 ones over as surrogates): compare as bytes
         if presented is None or not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),

@@ -6,21 +6,19 @@ with the model's chat template) and answers ``{count, max_model_len, tokens, tok
 null unless asked for). Like vLLM it tokenizes text of any length (``count`` may pass ``max_model_len``).
 ``/detokenize`` takes ``{model?, tokens}`` and answers ``{prompt}`` (special tokens kept, as vLLM does).
 Tokenizing runs on a worker thread, as the completions route does. Unlike vLLM, whose key guards ``/v1``
-paths only, both routes need the API key when the server has one: they cost CPU time on up to 16 MiB bodies.
+paths only, both routes need the API key when the server has one (middleware.PROTECTED_PATHS).
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 from aiohttp import web
 
 from fastdecode.actors.api import AsyncLLM
-from fastdecode.actors.frontend.errors import ApiError, bad_request
-from fastdecode.actors.frontend.middleware import _presented_key
+from fastdecode.actors.frontend.errors import bad_request
 from fastdecode.actors.frontend.openai_request import _boolean, _is_int, _messages, _model, _shown, decode_body
-from fastdecode.actors.frontend.state import STATE, FrontendState
+from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
 
@@ -92,22 +90,9 @@ def _flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
 
 async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]:
     """The engine and the request's JSON object, once the key (401), readiness (503) and model (404) pass."""
-    state = _guarded_state(request)
+    state = request.app[STATE]
     llm = state.require_llm()
     body = decode_body(await request.read())
     state.check_model(_model(body))
     return llm, body
 
-
-def _guarded_state(request: web.Request) -> FrontendState:
-    """The app's state, once the request has shown the API key (when the server has one): the key middleware
-    guards ``/v1/`` paths, and these routes are outside them."""
-    state = request.app[STATE]
-    api_key = state.config.api_key
-    if api_key is not None:
-        presented = _presented_key(request)
-        if presented is None or not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
-                                                        api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
-    return state
