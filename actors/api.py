@@ -5,28 +5,42 @@ Async, one stream per request::
     from fastdecode.actors.api import AsyncLLM
     from fastdecode.actors.request import SamplingParams
 
-    async with await AsyncLLM.start(ClusterConfig(model="smollm2", num_shards=2)) as llm:
-        async for out in llm.stream("The capital of France is", SamplingParams(max_tokens=16, temperature=0)):
-            print(out.text, end="", flush=True)
+    async with await AsyncLLM.start("smollm2", num_shards=2) as llm:
+        async with contextlib.aclosing(llm.stream("The capital of France is",
+                                                  SamplingParams(max_tokens=16, temperature=0))) as outputs:
+            async for out in outputs:
+                print(out.text, end="", flush=True)
 
-Synchronous, a batch of prompts with a progress bar::
+Synchronous, a batch of prompts with a progress bar (vLLM's ``LLM`` shape)::
 
-    llm = LLM(ClusterConfig(model="smollm2"))
+    llm = LLM("smollm2")  # or LLM(ClusterConfig(...)), or LLM(model=..., num_shards=2, ...)
     results = llm.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32))
     llm.close()
+
+A prompt is a str, a flat sequence of token ids, or vLLM's ``{"prompt": str}`` /
+``{"prompt_token_ids": [...]}``; ``generate`` also takes a list of those.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import operator
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.detokenize import Detokenizer
+from fastdecode.actors.executor_config import check_prompt
 from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
+
+PromptInput = str | Sequence[int] | Mapping[str, object]  # text, token ids, or vLLM's TextPrompt/TokensPrompt
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
+CANCEL_WAIT_S = 10.0  # how long an interrupted ``LLM`` call waits for its requests to be cancelled
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,90 @@ class StreamOutput:
     is_retryable: bool = False  # an error of the server's state (shutting down, no KV node left): try again
 
 
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """One prompt as token ids, and its text where it was given as text."""
+
+    token_ids: list[int]
+    text: str | None = None
+
+
+def cluster_config(model: str | ClusterConfig | None = None, config: ClusterConfig | None = None,
+                   **fields) -> ClusterConfig:
+    """What ``LLM(...)``/``AsyncLLM.start(...)`` start: a ClusterConfig, or a model name (vLLM's
+    ``LLM(model=...)``), and ClusterConfig fields as keywords, which override the config's."""
+    if isinstance(model, ClusterConfig):
+        if config is not None:
+            raise TypeError("give the ClusterConfig once (as the first argument or as config=)")
+        model, config = None, model
+    if model is not None:
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a model name or a ClusterConfig, got {type(model).__name__}")
+        fields["model"] = model
+    if config is not None and not isinstance(config, ClusterConfig):
+        raise TypeError(f"config must be a ClusterConfig, got {type(config).__name__}")
+    known = {f.name for f in dataclasses.fields(ClusterConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"unknown argument(s) {', '.join(unknown)}: the keywords are ClusterConfig's fields "
+                        f"({', '.join(sorted(known))})")
+    return dataclasses.replace(config, **fields) if config is not None else ClusterConfig(**fields)
+
+
+def check_params(params: SamplingParams | None, name: str = "params") -> SamplingParams:
+    """``params`` itself; None is the default SamplingParams() (as in vLLM)."""
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"{name} must be a SamplingParams (or None), got {type(params).__name__}")
+    return params
+
+
+def params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int,
+                      name: str = "params") -> list[SamplingParams]:
+    """One SamplingParams for every prompt, or one per prompt (vLLM's ``Sequence[SamplingParams]``)."""
+    if params is None or isinstance(params, SamplingParams):
+        return [check_params(params, name)] * num_prompts
+    if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Sequence):
+        raise TypeError(f"{name} must be a SamplingParams or a list of them, got {type(params).__name__}")
+    if len(params) != num_prompts:
+        raise ValueError(f"{name} has {len(params)} SamplingParams for {num_prompts} prompt(s): give one, "
+                         "or one per prompt")
+    return [check_params(p, name) for p in params]
+
+
+def as_batch(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
+    """The prompts of a ``generate`` call: a str, a dict or a flat list of ints is one prompt."""
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a prompt (a str, token ids, or a dict with 'prompt' or "
+                        f"'prompt_token_ids') or a list of them, got {type(prompts).__name__}")
+    items = list(prompts)
+    if items and _is_token_id(items[0]):
+        return [items]
+    return items
+
+
+def _is_token_id(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _token_ids(value: object, name: str) -> list[int]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(value).__name__}")
+    bad = next((t for t in value if not _is_token_id(t)), None)
+    if bad is not None:
+        raise TypeError(f"{name} must be integers, got {bad!r}")
+    return [operator.index(t) for t in value]
+
+
 class AsyncLLM:
     """A running cluster with tokenization, detokenization and stop strings."""
 
@@ -50,24 +148,58 @@ class AsyncLLM:
         self.cluster = cluster
         self.tokenizer = cluster.tokenizer
         self.model_config = cluster.model.config
+        self.is_closed = False
 
     @classmethod
-    async def start(cls, config: ClusterConfig | None = None) -> "AsyncLLM":
-        return cls(await Cluster.start(config or ClusterConfig()))
+    async def start(cls, model: str | ClusterConfig | None = None, *, config: ClusterConfig | None = None,
+                    **fields) -> "AsyncLLM":
+        """Start a cluster: ``start(ClusterConfig(...))``, or ``start("smollm2", num_shards=2, ...)``."""
+        return cls(await Cluster.start(cluster_config(model, config, **fields)))
 
     @property
     def max_model_len(self) -> int:
         return self.cluster.executor.max_model_len
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
+        """One prompt as token ids; TypeError (naming ``prompt``) for what is not a prompt."""
+        if isinstance(prompt, TokenizedPrompt):
+            return prompt
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+            return TokenizedPrompt(self.tokenizer.encode(prompt), prompt)
+        if not isinstance(prompt, Mapping):
+            return TokenizedPrompt(_token_ids(prompt, "prompt token ids"))
+        unknown = sorted(str(k) for k in prompt if k not in PROMPT_KEYS)
+        text = prompt.get("prompt")
+        if unknown or not any(k in prompt for k in PROMPT_KEYS):
+            keys = sorted(map(str, prompt))
+            raise TypeError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids', got keys {keys}")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"the prompt dict's 'prompt' must be a str, got {type(text).__name__}")
+        if "prompt_token_ids" in prompt:  # vLLM's TokensPrompt: the ids are what runs, the text is kept
+            return TokenizedPrompt(_token_ids(prompt["prompt_token_ids"], "prompt_token_ids"), text)
+        return TokenizedPrompt(self.tokenizer.encode(text), text)
 
-    async def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> AsyncIterator[StreamOutput]:
-        """Tokens of one request as they come. Leaving the loop early cancels the
-        request and frees its KV."""
-        prompt_ids = self.encode(prompt)
+    def encode(self, prompt: PromptInput) -> list[int]:
+        return self.tokenize(prompt).token_ids
+
+    def check_prompt(self, prompt: TokenizedPrompt) -> None:
+        """RequestError if the Executor would refuse the prompt (empty, unknown ids, too long)."""
+        check_prompt(prompt.token_ids, self.model_config.vocab_size, self.max_model_len)
+
+    def check_open(self) -> None:
+        if self.is_closed:
+            raise RuntimeError("LLM is closed")
+
+    def stream(self, prompt: PromptInput | TokenizedPrompt,
+               params: SamplingParams | None = None) -> AsyncGenerator[StreamOutput, None]:
+        """Tokens of one request as they come. The arguments are checked now; the request is submitted
+        when iteration starts. Leaving the loop early cancels the request and frees its KV once the
+        generator is closed: at once for an inline ``async for``, otherwise use
+        ``contextlib.aclosing(llm.stream(...))`` (or ``await gen.aclose()``)."""
+        self.check_open()
+        return self._stream(self.tokenize(prompt).token_ids, check_params(params))
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[StreamOutput, None]:
         request = self.cluster.submit(prompt_ids, params)
         detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
         try:
@@ -96,21 +228,68 @@ class AsyncLLM:
         finally:
             request.cancel()  # no-op once finished; frees the KV of an abandoned stream
 
-    async def generate(self, prompt: str | Sequence[int], params: SamplingParams) -> GenerationResult:
-        result = GenerationResult(prompt_token_ids=self.encode(prompt))
-        async for out in self.stream(result.prompt_token_ids, params):
-            if out.token_id >= 0:
-                result.token_ids.append(out.token_id)
-                if out.logprob is not None:
-                    result.logprobs.append(out.logprob)
-            result.text += out.text
-            if out.finish_reason == "error":
-                raise RequestError(out.error or "generation failed")
-            result.finish_reason = out.finish_reason
+    async def generate(self, prompt: PromptInput | TokenizedPrompt,
+                       params: SamplingParams | None = None) -> GenerationResult:
+        """One request to its end; RequestError if it failed."""
+        self.check_open()
+        tokenized = self.tokenize(prompt)
+        params = check_params(params)
+        result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text)
+        async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
+            async for out in outputs:
+                if out.token_id >= 0:
+                    result.token_ids.append(out.token_id)
+                    if out.logprob is not None:
+                        result.logprobs.append(out.logprob)
+                result.text += out.text
+                if out.finish_reason == "error":
+                    raise RequestError(out.error or "generation failed")
+                result.finish_reason = out.finish_reason
         return result
 
+    def prepare_batch(self, prompts: PromptInput | Sequence[PromptInput],
+                      params: SamplingParams | Sequence[SamplingParams] | None = None,
+                      ) -> list[tuple[TokenizedPrompt, SamplingParams]]:
+        """Tokenize and check a batch before any of it is submitted (TypeError, ValueError, RequestError)."""
+        self.check_open()
+        batch = [self.tokenize(p) for p in as_batch(prompts)]
+        per_prompt = params_per_prompt(params, len(batch))
+        for i, prompt in enumerate(batch):
+            try:
+                self.check_prompt(prompt)
+            except RequestError as exc:
+                raise RequestError(f"prompt {i}: {exc}", "prompt") from None
+        return list(zip(batch, per_prompt))
+
+    async def run_batch(self, batch: Sequence[tuple[TokenizedPrompt, SamplingParams]], *,
+                        on_result: Callable[[GenerationResult], None] | None = None) -> list[GenerationResult]:
+        """All of a prepared batch at once (continuous batching), results in prompt order. If one fails,
+        or this is cancelled, every other request of the batch is cancelled before this returns."""
+        async def one(prompt: TokenizedPrompt, params: SamplingParams) -> GenerationResult:
+            result = await self.generate(prompt, params)
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        tasks = [asyncio.ensure_future(one(prompt, params)) for prompt, params in batch]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def generate_batch(self, prompts: PromptInput | Sequence[PromptInput],
+                             params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                             on_result: Callable[[GenerationResult], None] | None = None) -> list[GenerationResult]:
+        """``prepare_batch`` then ``run_batch``."""
+        return await self.run_batch(self.prepare_batch(prompts, params), on_result=on_result)
+
     async def stop(self) -> None:
-        await self.cluster.stop()
+        if not self.is_closed:
+            self.is_closed = True
+            await self.cluster.stop()
 
     async def __aenter__(self) -> "AsyncLLM":
         return self
@@ -120,38 +299,84 @@ class AsyncLLM:
 
 
 class LLM:
-    """Synchronous front of ``AsyncLLM``: its event loop runs on a background thread."""
+    """Synchronous front of ``AsyncLLM``: its event loop runs on a background thread.
 
-    def __init__(self, config: ClusterConfig | None = None) -> None:
+    ``LLM(ClusterConfig(...))``, or vLLM's ``LLM("smollm2")`` / ``LLM(model="smollm2", num_shards=2)``:
+    a model name plus ClusterConfig fields as keywords."""
+
+    def __init__(self, model: str | ClusterConfig | None = None, *, config: ClusterConfig | None = None,
+                 **fields) -> None:
+        cluster = cluster_config(model, config, **fields)  # a bad argument starts nothing
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fastdecode-llm", daemon=True)
         self._thread.start()
-        self._llm: AsyncLLM = self._call(AsyncLLM.start(config))
+        try:
+            self._llm: AsyncLLM = self._call(AsyncLLM.start(cluster))
+        except BaseException:
+            self._stop_loop()
+            raise
         self.tokenizer = self._llm.tokenizer
 
+    @property
+    def is_closed(self) -> bool:
+        return self._loop.is_closed()
+
     def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        """Run ``coro`` on the loop's thread and wait for it. If the wait ends early (Ctrl-C), the task is
+        cancelled, with every request it submitted, and waited for (a bounded time) before re-raising."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        tasks: list[asyncio.Task] = []
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
-                 *, show_progress: bool = True) -> list[GenerationResult]:
-        """All prompts at once (continuous batching), results in prompt order."""
-        params = params or SamplingParams()
+        def start() -> None:
+            task = self._loop.create_task(coro)
+            tasks.append(task)
+            task.add_done_callback(lambda t: _settle(done, t))
 
-        async def run_all():
-            with tqdm(total=len(prompts), desc="generating", unit="req", disable=not show_progress) as bar:
-                async def one(prompt):
-                    result = await self._llm.generate(prompt, params)
-                    bar.update(1)
-                    return result
+        self._loop.call_soon_threadsafe(start)
+        try:
+            return done.result()
+        except BaseException:
+            if not done.done():
+                self._loop.call_soon_threadsafe(lambda: tasks[0].cancel())  # runs after start()
+                with contextlib.suppress(concurrent.futures.CancelledError, TimeoutError):
+                    done.exception(timeout=CANCEL_WAIT_S)  # returns once the task ended, however it ended
+            raise
 
-                return await asyncio.gather(*(one(p) for p in prompts))
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 show_progress: bool = True, use_tqdm: bool | None = None) -> list[GenerationResult]:
+        """All prompts at once (continuous batching), results in prompt order.
 
-        return self._call(run_all())
+        ``prompts``: one prompt (a str, token ids, ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}``)
+        or a list of them. ``params`` (vLLM's ``sampling_params=``): one SamplingParams for all, one per
+        prompt, or None for the default. ``use_tqdm`` is vLLM's name for ``show_progress``. Every prompt is
+        checked before any is submitted; if one request fails, or the call is interrupted (Ctrl-C), the
+        call's other requests are cancelled."""
+        if self.is_closed:
+            raise RuntimeError("LLM is closed")
+        if sampling_params is not None:
+            if params is not None:
+                raise TypeError("give params or sampling_params, not both")
+            params = sampling_params
+        batch = self._llm.prepare_batch(prompts, params)
+        if use_tqdm is not None:
+            show_progress = use_tqdm
+        with tqdm(total=len(batch), desc="generating", unit="req", disable=not show_progress) as bar:
+            return self._call(self._llm.run_batch(batch, on_result=lambda _: bar.update(1)))
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._call(self._llm.stop())
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self.is_closed:
+            return
+        try:
+            if self._thread.is_alive():
+                self._call(self._llm.stop())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)  # runs once run_forever has started
             self._thread.join()
         self._loop.close()
 
@@ -160,3 +385,13 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _settle(done: concurrent.futures.Future, task: asyncio.Task) -> None:
+    """Hand a finished task's outcome to the thread waiting on ``done``."""
+    if task.cancelled():
+        done.cancel()
+    elif task.exception() is not None:
+        done.set_exception(task.exception())
+    else:
+        done.set_result(task.result())

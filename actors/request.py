@@ -6,6 +6,7 @@ the Frontend and the embedding API. Plain data, validated on construction.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's ``_SAMPLING_EPS``)
@@ -27,9 +28,10 @@ class SamplingParams:
     """Sampling and stopping for one request (OpenAI/vLLM meanings).
 
     ``temperature < SAMPLING_EPS`` (0 included) is greedy: a smaller one would
-    underflow in float32 and divide by zero.  ``top_k <= 0`` and ``top_p == 1`` disable
+    underflow in float32 and divide by zero.  ``top_k`` -1 or 0 and ``top_p == 1`` disable
     those filters.  ``seed`` makes a sampled request reproducible on its own,
-    whatever else is in the batch.
+    whatever else is in the batch.  ``stop`` is one stop string or a sequence of them,
+    ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.
     """
 
     max_tokens: int = 16
@@ -50,6 +52,9 @@ class SamplingParams:
         def bad(param: str, msg: str) -> RequestError:
             return RequestError(msg, param)
 
+        # vLLM's ``stop: str | list[str]``: a str is one stop string, not its characters
+        object.__setattr__(self, "stop", _as_tuple(self.stop, "stop", is_str_one=True))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad("max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
@@ -66,6 +71,8 @@ class SamplingParams:
             raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise bad("top_k", f"top_k must be an integer, got {self.top_k!r}")
+        if self.top_k < -1:
+            raise bad("top_k", f"top_k must be -1 or 0 (disabled) or at least 1, got {self.top_k}")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -79,13 +86,24 @@ class SamplingParams:
         ):
             raise bad("logprobs", f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "stop must be a list of non-empty strings")
+            raise bad("stop", "stop must be a non-empty string or a list of them")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "stop_token_ids must be non-negative integers")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+
+def _as_tuple(value, param: str, *, is_str_one: bool = False) -> tuple:
+    """A list/tuple field as a tuple; None is empty; with ``is_str_one`` a str is one item."""
+    if value is None:
+        return ()
+    if is_str_one and isinstance(value, str):
+        return (value,)
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise RequestError(f"{param} must be a list, got {type(value).__name__}", param)
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -111,10 +129,58 @@ class TokenEvent:
 
 @dataclass
 class GenerationResult:
-    """A finished request: what ``generate`` returns per prompt."""
+    """A finished request: what ``generate`` returns per prompt.
+
+    It also reads as vLLM's ``RequestOutput`` (``prompt``, ``prompt_token_ids``, ``finished`` and
+    ``outputs[0]``'s ``text``, ``token_ids``, ``finish_reason``, ``logprobs``, ``index``), for code
+    written against vLLM's ``LLM.generate``.
+    """
 
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each generated token, where asked for
+    prompt: str | None = None  # the prompt's text, where it was given as text
+
+    @property
+    def outputs(self) -> list["CompletionOutput"]:
+        """vLLM's ``RequestOutput.outputs``: one completion (``n`` is always 1 here)."""
+        return [CompletionOutput(self)]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class CompletionOutput:
+    """vLLM's ``CompletionOutput`` read through a ``GenerationResult``: a view, it copies nothing.
+
+    ``logprobs`` are the generated tokens' own logprobs (floats, not vLLM's per-position dicts),
+    None where the request asked for none."""
+
+    __slots__ = ("_result",)
+    index = 0
+
+    def __init__(self, result: GenerationResult) -> None:
+        self._result = result
+
+    @property
+    def text(self) -> str:
+        return self._result.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._result.token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._result.finish_reason
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        return self._result.logprobs or None
+
+    def __repr__(self) -> str:
+        return (f"CompletionOutput(index=0, text={self.text!r}, token_ids={self.token_ids!r}, "
+                f"finish_reason={self.finish_reason!r})")

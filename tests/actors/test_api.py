@@ -1,6 +1,11 @@
 """AsyncLLM over a tiny in-process cluster: its text equals the reference engine's."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import pytest
+
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.reference import reference_generate
@@ -47,3 +52,79 @@ async def test_stop_token_text_is_left_out(tiny_model):
     assert ours.token_ids == free.token_ids[:5] and ours.finish_reason == "stop"
     assert ours.text == tokenizer.decode(free.token_ids[:4]) and "3" not in ours.text
     assert (reference.token_ids, reference.text, reference.finish_reason) == (ours.token_ids, ours.text, "stop")
+
+
+LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
+
+
+async def _until(condition, timeout_s: float = 2.0) -> float:
+    """Seconds until ``condition()`` held (polled on the loop); fails after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not condition():
+        assert loop.time() - start < timeout_s, "condition not reached in time"
+        await asyncio.sleep(0.005)
+    return loop.time() - start
+
+
+@pytest.fixture
+async def llm():
+    async with await AsyncLLM.start(**TINY) as started:  # a model name and ClusterConfig fields, as vLLM
+        yield started
+
+
+async def test_aclose_frees_a_named_stream_at_once(llm):
+    executor = llm.cluster.executor
+    outputs = llm.stream(PROMPT, LONG)
+    async for out in outputs:
+        if out.token_id >= 0 and executor.num_running == 1:
+            break
+    assert executor.num_running == 1 and (await llm.cluster.kv_used_bytes())[0] > 0
+    await outputs.aclose()
+    await _until(lambda: executor.num_running == 0, timeout_s=0.5)
+    assert await llm.cluster.kv_used_bytes() == [0]
+
+
+async def test_aclosing_context_frees_on_early_exit(llm):
+    executor = llm.cluster.executor
+    async with contextlib.aclosing(llm.stream(PROMPT, LONG)) as outputs:
+        async for out in outputs:
+            break
+    assert out.token_id >= 0
+    await _until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
+    assert await llm.cluster.kv_used_bytes() == [0]
+
+
+async def test_stream_checks_its_arguments_when_called(llm):
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):
+        llm.stream(PROMPT, {"max_tokens": 4})
+    with pytest.raises(TypeError, match="prompt"):
+        llm.stream(3.5, SamplingParams())
+    with pytest.raises(TypeError, match="integers"):
+        llm.stream([1, "a"], SamplingParams())
+    texts = [out.text async for out in llm.stream("hi", None)]  # None: the default SamplingParams()
+    assert len(texts) == SamplingParams().max_tokens
+
+
+async def test_prompt_forms(llm):
+    text_ids = llm.tokenizer.encode("hello")
+    assert llm.tokenize("hello").token_ids == text_ids and llm.tokenize("hello").text == "hello"
+    assert llm.tokenize({"prompt": "hello"}).token_ids == text_ids
+    assert llm.tokenize({"prompt_token_ids": PROMPT}).token_ids == PROMPT
+    assert llm.tokenize(tuple(PROMPT)).token_ids == PROMPT
+    for bad in ({"text": "hello"}, {}, {"prompt": 3}, {"prompt_token_ids": "abc"}, b"hi", None):
+        with pytest.raises(TypeError):
+            llm.tokenize(bad)
+    result = await llm.generate({"prompt": "hello"}, SamplingParams(temperature=0.0, max_tokens=3))
+    assert (result.prompt, result.prompt_token_ids, len(result.token_ids)) == ("hello", text_ids, 3)
+    assert result.outputs[0].text == result.text and result.outputs[0].token_ids is result.token_ids
+
+
+async def test_closed_llm_refuses_requests():
+    llm = await AsyncLLM.start(ClusterConfig(**TINY))
+    await llm.stop()
+    await llm.stop()  # twice is fine
+    with pytest.raises(RuntimeError, match="LLM is closed"):
+        llm.stream(PROMPT, SamplingParams())
+    with pytest.raises(RuntimeError, match="LLM is closed"):
+        await llm.generate(PROMPT)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -31,3 +31,58 @@ def test_a_bad_field_names_itself(fields, param):
 def test_request_error_without_a_field():
     error = RequestError("the prompt is too long")
     assert error.param is None and str(error) == "the prompt is too long"
+
+
+@pytest.mark.parametrize("stop, expected", [
+    ("END", ("END",)),  # a str is one stop string (vLLM's ``stop: str | list[str]``), not its characters
+    (["a", "bc"], ("a", "bc")),
+    (("a",), ("a",)),
+    (None, ()),
+])
+def test_stop_is_one_string_or_a_list(stop, expected):
+    params = SamplingParams(stop=stop)
+    assert params.stop == expected and isinstance(params.stop, tuple)
+    hash(params)  # stays hashable: lists are stored as tuples
+
+
+def test_stop_token_ids_list_is_stored_as_tuple():
+    assert SamplingParams(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == ()
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"stop": 5}, "stop"),
+    ({"stop": ["ok", ""]}, "stop"),
+    ({"stop": b"x"}, "stop"),
+    ({"stop_token_ids": "12"}, "stop_token_ids"),
+    ({"top_k": -5}, "top_k"),
+    ({"top_k": -2}, "top_k"),
+])
+def test_bad_stop_or_top_k_names_itself(fields, param):
+    with pytest.raises(RequestError) as info:
+        SamplingParams(**fields)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 1, 50])
+def test_top_k_disabled_or_positive_is_accepted(top_k):
+    assert SamplingParams(top_k=top_k).top_k == top_k
+
+
+def test_generation_result_reads_as_vllm_request_output():
+    result = GenerationResult(prompt_token_ids=[1, 2], token_ids=[5, 6], text="hi", finish_reason="length",
+                              logprobs=[-0.5, -1.0], prompt="ab")
+    (completion,) = result.outputs
+    assert (result.prompt, result.prompt_token_ids, result.finished) == ("ab", [1, 2], True)
+    assert (completion.index, completion.text, completion.finish_reason) == (0, "hi", "length")
+    assert completion.token_ids is result.token_ids and completion.logprobs is result.logprobs  # a view
+    result.text += "!"
+    result.token_ids.append(7)
+    assert completion.text == "hi!" and completion.token_ids == [5, 6, 7]
+    with pytest.raises(AttributeError):
+        completion.text = "changed"  # read-only
+
+
+def test_completion_without_logprobs_has_none():
+    result = GenerationResult(prompt_token_ids=[1])
+    assert result.outputs[0].logprobs is None and not result.finished and result.prompt is None

@@ -1,0 +1,144 @@
+"""The synchronous ``LLM`` over a tiny in-process cluster: vLLM's call shapes, and no request left
+decoding after a call fails or is interrupted."""
+from __future__ import annotations
+
+import gc
+import signal
+import threading
+import time
+import warnings
+
+import pytest
+
+from fastdecode.actors.api import LLM
+from fastdecode.actors.cluster import ClusterConfig
+from fastdecode.actors.executor import ExecutorConfig
+from fastdecode.actors.executor_config import QueueFullError
+from fastdecode.actors.model.errors import ModelError
+from fastdecode.actors.request import RequestError, SamplingParams
+
+TINY = dict(seed=0, dtype="float32", device="cpu", num_shards=0)
+PROMPT = [318, 72, 101, 302, 111]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)  # seconds of decoding on random:tiny
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM("random:tiny", **TINY) as started:
+        yield started
+
+
+def _is_idle(llm: LLM) -> bool:
+    executor = llm._llm.cluster.executor
+    return executor.num_running == 0 and executor.num_waiting == 0
+
+
+def _until_idle(llm: LLM, timeout_s: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _is_idle(llm):
+        assert time.monotonic() < deadline, "requests still decoding after the call ended"
+        time.sleep(0.005)
+
+
+def _llm_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "fastdecode-llm"}
+
+
+def test_a_str_is_one_prompt(llm):
+    (result,) = llm.generate("hello", GREEDY, use_tqdm=False)
+    assert result.prompt == "hello" and result.prompt_token_ids == llm.tokenizer.encode("hello")
+    assert len(result.token_ids) == 3 and result.outputs[0].text == result.text
+
+
+def test_prompt_shapes(llm):
+    (ids,) = llm.generate(PROMPT, GREEDY, use_tqdm=False)  # a flat list of ints: one token-id prompt
+    assert ids.prompt_token_ids == PROMPT and ids.prompt is None and len(ids.token_ids) == 3
+    batch = llm.generate([PROMPT, "hello", {"prompt_token_ids": PROMPT}, {"prompt": "hello"}], GREEDY,
+                         show_progress=False)
+    assert [r.prompt for r in batch] == [None, "hello", None, "hello"]
+    assert batch[0].token_ids == batch[2].token_ids == ids.token_ids  # greedy: the same prompt, the same text
+    assert batch[1].token_ids == batch[3].token_ids
+    assert llm.generate([], GREEDY) == []
+
+
+def test_one_sampling_params_per_prompt(llm):
+    two = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    results = llm.generate([PROMPT, PROMPT], sampling_params=[GREEDY, two], use_tqdm=False)
+    assert [len(r.outputs[0].token_ids) for r in results] == [3, 2]
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompt"):
+        llm.generate([PROMPT, PROMPT, PROMPT], [GREEDY, two])
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):
+        llm.generate(PROMPT, {"max_tokens": 4})
+
+
+def test_bad_prompt_in_a_batch_submits_nothing(llm):
+    with pytest.raises(RequestError, match="prompt 1") as info:
+        llm.generate([PROMPT, [10**6], PROMPT], LONG, use_tqdm=False)
+    assert info.value.param == "prompt"
+    assert _is_idle(llm)  # checked before any was submitted: nothing to cancel
+    with pytest.raises(TypeError, match="integers"):
+        llm.generate([PROMPT, [1, "x"]], LONG)
+    assert _is_idle(llm)
+
+
+def test_a_request_failing_after_submission_cancels_the_others():
+    """The third of four requests is refused at submission (queue full): the two already queued are
+    cancelled before ``generate`` raises, instead of decoding 1500 tokens in the background."""
+    with LLM("random:tiny", executor=ExecutorConfig(max_queue=2), **TINY) as llm:
+        with pytest.raises(QueueFullError):
+            llm.generate([PROMPT] * 4, LONG, use_tqdm=False)
+        _until_idle(llm, timeout_s=0.5)
+        assert llm.generate(PROMPT, GREEDY)[0].finish_reason == "length"  # still serving
+
+
+def test_ctrl_c_cancels_the_calls_requests(llm):
+    """A real SIGINT to the main thread while it waits in ``generate``."""
+    assert threading.current_thread() is threading.main_thread()
+    executor = llm._llm.cluster.executor
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def interrupt_when_running() -> None:
+        deadline = time.monotonic() + 5.0
+        while executor.num_running < 3 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_when_running)
+    try:
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([PROMPT] * 3, LONG, use_tqdm=False)
+    finally:
+        interrupter.join()
+        signal.signal(signal.SIGINT, previous)
+    _until_idle(llm, timeout_s=0.5)  # cancelled: freed at the Executor's next step
+    assert llm.generate(PROMPT, GREEDY)[0].finish_reason == "length"
+
+
+def test_model_name_as_keyword_and_config_fields():
+    with LLM(model="random:tiny", **TINY) as by_keyword:
+        assert by_keyword._llm.cluster.config.model == "random:tiny"
+    with LLM(model="random:tiny", config=ClusterConfig(model="random:smollm2", **TINY)) as overridden:
+        assert overridden._llm.cluster.config.model == "random:tiny"
+
+
+def test_bad_constructor_leaves_no_thread():
+    before = _llm_threads()
+    with pytest.raises(TypeError, match="unknown argument"):
+        LLM("random:tiny", no_such_field=1)
+    with pytest.raises(ModelError, match="unknown model"):
+        LLM("no-such-model", **TINY)
+    assert _llm_threads() == before
+
+
+def test_closed_llm_says_so_without_warnings():
+    llm = LLM("random:tiny", **TINY)
+    llm.close()
+    llm.close()  # twice is fine
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="LLM is closed"):
+            llm.generate("hello")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
