@@ -4,7 +4,7 @@
 half a UTF-8 character (byte-level and byte-fallback tokens can split one), and
 it holds back text that may be the start of a stop string.  When a stop string
 appears, the text is cut just before it and ``hit_stop`` is True; the stop
-string itself is not part of the output.
+string itself is not part of the output, and ``stop_string`` says which one it was.
 
 ``min_tokens`` follows vLLM's v1 detokenizer: the text of the first
 ``min_tokens`` tokens is never searched, so a stop string lying wholly inside it
@@ -48,6 +48,7 @@ class Detokenizer:
         self._num_unsearched = 0  # leading characters of _pending from the first min_tokens tokens
         self._text: list[str] = []
         self.is_stopped = False
+        self.stop_string: str | None = None  # the stop string that matched (the first listed, at a tie)
 
     @property
     def text(self) -> str:
@@ -89,10 +90,12 @@ class Detokenizer:
         else:
             num_unsearched = self._num_unsearched
             # a match must end past the unsearched text (in text already searched it would have stopped us)
-            starts = (pending.find(s, max(0, num_unsearched - len(s) + 1)) for s in self._stop)
-            found = [index for index in starts if index >= 0]
+            starts = ((pending.find(s, max(0, num_unsearched - len(s) + 1)), s) for s in self._stop)
+            found = [(index, s) for index, s in starts if index >= 0]
             if found:
-                piece, self._pending, self.is_stopped = pending[: min(found)], "", True
+                cut = min(index for index, _ in found)
+                self.stop_string = next(s for index, s in found if index == cut)
+                piece, self._pending, self.is_stopped = pending[:cut], "", True
                 self._text.append(piece)
                 return piece, True
         cut = len(pending) - self._held_length(pending)

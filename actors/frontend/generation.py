@@ -6,7 +6,9 @@ queue) is known before a response is started.  Tokenizing runs on a worker
 thread (a 16 MiB body takes seconds), and text too long for the context by its
 length alone is refused before it is tokenized.  Leaving the ``async with`` block
 early (client gone, handler cancelled) closes the stream, which cancels the
-request and frees its KV.  Metrics are recorded as outputs pass.
+request and frees its KV.  Metrics are recorded as outputs pass, and so is the
+``stop_reason`` of a request that stopped (vLLM's: the stop string or stop token
+id that ended it; None for EOS).
 """
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from jinja2 import TemplateError
+
 from fastdecode.actors.api import AsyncLLM, StreamOutput
+from fastdecode.actors.detokenize import Detokenizer
 from fastdecode.actors.executor import QueueFullError, UnavailableError
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
-from fastdecode.actors.request import RequestError
+from fastdecode.actors.request import RequestError, SamplingParams
 
 
 async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
@@ -32,14 +37,28 @@ async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]
     if request.messages is not None:
         _check_text_fits(llm, sum(len(m["content"]) for m in request.messages), "messages")
         try:
-            return await asyncio.to_thread(tokenizer.encode_chat, [dict(m) for m in request.messages])
+            return await asyncio.to_thread(_encode_chat, tokenizer, request)
         except ModelError as exc:
             raise bad_request(str(exc), "messages") from None
+        except (TemplateError, TypeError) as exc:  # what chat_template_kwargs made of the template
+            raise bad_request(f"the chat template failed with these chat_template_kwargs: {exc}",
+                              "chat_template_kwargs") from None
     assert request.prompt is not None
     if isinstance(request.prompt, str):
         _check_text_fits(llm, len(request.prompt), "prompt")
-        return await asyncio.to_thread(tokenizer.encode, request.prompt)
+        is_special = request.add_special_tokens is not False  # vLLM's completions default: true
+        return await asyncio.to_thread(tokenizer.encode, request.prompt, add_special_tokens=is_special)
     return list(request.prompt)
+
+
+def _encode_chat(tokenizer: Any, request: GenerateRequest) -> list[int]:
+    """The chat's token ids: its template rendered with the request's extra variables, then tokenized with
+    special tokens only when ``add_special_tokens`` asks (vLLM's chat default: the template writes them)."""
+    messages = [dict(m) for m in request.messages or ()]
+    if not request.chat_template_kwargs and not request.add_special_tokens:
+        return tokenizer.encode_chat(messages)
+    text = tokenizer.apply_chat_template(messages, **request.chat_template_kwargs)
+    return tokenizer.encode(text, add_special_tokens=bool(request.add_special_tokens))
 
 
 def _check_text_fits(llm: AsyncLLM, num_chars: int, param: str) -> None:
@@ -63,14 +82,46 @@ def generation_error(out: StreamOutput) -> ApiError:
     return ApiError(503, message, code="unavailable") if out.is_retryable else ApiError(500, message)
 
 
+class StopReasons:
+    """Which stop ended a request (vLLM's ``stop_reason``): the stop token id, the stop string, or None (EOS).
+
+    The engine stops on stop token ids before EOS, and the embedding API finds stop strings; its outputs say
+    only "stop", so a string is told apart from a token here, and among several stop strings the one that
+    matched is found by replaying the same ``Detokenizer`` over the request's tokens."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int], params: SamplingParams) -> None:
+        self._tokenizer = tokenizer
+        self._eos_token_ids = eos_token_ids
+        self._params = params
+
+    def of(self, prompt_ids: list[int], output_ids: list[int]) -> int | str | None:
+        """The stop reason of a request that ended with ``finish_reason == "stop"`` after ``output_ids``."""
+        params = self._params
+        last = output_ids[-1] if output_ids else -1
+        if last in params.stop_token_ids:
+            return last
+        if (last in self._eos_token_ids and not params.ignore_eos) or not params.stop:
+            return None
+        if len(params.stop) == 1:
+            return params.stop[0]
+        detokenizer = Detokenizer(self._tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
+        for token_id in output_ids:
+            if detokenizer.add(token_id)[1]:
+                break
+        return detokenizer.stop_string
+
+
 class Generation:
     """The outputs of one admitted request, and its usage figures."""
 
     def __init__(self, prompt_ids: list[int], stream: AsyncIterator[StreamOutput], first: StreamOutput,
-                 metrics: FrontendMetrics, arrived_at: float) -> None:
+                 metrics: FrontendMetrics, arrived_at: float, stop_reasons: StopReasons | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # set when finish_reason becomes "stop"
+        self.output_ids: list[int] = []
+        self._stop_reasons = stop_reasons
         self._stream = stream
         self._first: StreamOutput | None = first
         self._metrics = metrics
@@ -96,9 +147,12 @@ class Generation:
         if out.token_id >= 0:
             self._metrics.on_token(now - self._last_token_at, is_first=self.num_output_tokens == 0)
             self.num_output_tokens += 1
+            self.output_ids.append(out.token_id)
             self._last_token_at = now
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
+            if out.finish_reason == "stop" and self._stop_reasons is not None:
+                self.stop_reason = self._stop_reasons.of(self.prompt_ids, self.output_ids)
 
     def usage(self) -> dict[str, Any]:
         num_prompt = len(self.prompt_ids)
@@ -115,7 +169,7 @@ async def start_generation(llm: AsyncLLM, metrics: FrontendMetrics,
     """Submit ``request`` and hold it open; refusals raise ``ApiError`` (400 or 429)."""
     arrived_at = time.monotonic()
     prompt_ids = await prompt_token_ids(llm, request)
-    params = request.sampling_params(len(prompt_ids), llm.max_model_len)
+    params = request.sampling_params(len(prompt_ids), llm.max_model_len, llm.model_config.sampling_defaults)
     stream = llm.stream(prompt_ids, params)
     try:
         try:
@@ -125,9 +179,10 @@ async def start_generation(llm: AsyncLLM, metrics: FrontendMetrics,
         except UnavailableError as exc:
             raise ApiError(503, f"{exc}", code="unavailable") from None
         except RequestError as exc:
-            raise bad_request(str(exc), "prompt") from None
+            raise bad_request(str(exc), exc.param or "prompt") from None
         metrics.on_admitted(len(prompt_ids))
-        generation = Generation(prompt_ids, stream, first, metrics, arrived_at)
+        stop_reasons = StopReasons(llm.tokenizer, llm.cluster.executor.eos_token_ids, params)
+        generation = Generation(prompt_ids, stream, first, metrics, arrived_at, stop_reasons)
         try:
             yield generation
         finally:

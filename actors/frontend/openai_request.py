@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastdecode.actors.frontend.errors import ApiError, bad_request
+from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.request import RequestError, SamplingParams
 
 MAX_LOGPROBS = 20
@@ -37,8 +38,22 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "include_stop_str_in_output": (None, False),
     "continue_final_message": (None, False),
     "skip_special_tokens": (None, True),
+    "structured_outputs": (None,),
+    "logprob_token_ids": (None,),
+    "truncation_side": (None,),
+    "thinking_token_budget": (None,),
 }
-UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {"add_generation_prompt": (None, True)}
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "add_generation_prompt": (None, True),
+    "echo": (None, False),
+    # vLLM too refuses a request's own template unless started with --trust-request-chat-template
+    "chat_template": (None,),
+    "functions": (None,),  # the legacy form of tools
+    "function_call": (None,),
+}
+# keys of chat_template_kwargs the server sets itself
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
+                                      "raise_exception", "strftime_now"})
 
 
 @dataclass(frozen=True)
@@ -53,23 +68,35 @@ class GenerateRequest:
     num_logprobs: int | None = None  # top logprobs per token; None: no logprobs at all
     is_stream: bool = False
     is_usage_streamed: bool = False
+    is_usage_continuous: bool = False  # usage on every chunk (vLLM's stream_options.continuous_usage_stats)
+    add_special_tokens: bool | None = None  # None: the route's default (completions True, chat False)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra chat template variables
+    is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
-    def sampling_params(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
-        """The engine's parameters, checking that prompt plus output fit the context."""
+    def sampling_params(self, num_prompt_tokens: int, max_model_len: int,
+                        defaults: SamplingDefaults | None = None) -> SamplingParams:
+        """The engine's parameters, checking that prompt plus output fit the context; ``defaults`` (the
+        model's generation config) fill the sampling fields the request left out, and a left-out output
+        limit, as in vLLM."""
+        defaults = defaults or SamplingDefaults()
         room = max_model_len - num_prompt_tokens
         if room < 1:
             raise ApiError(400, f"the prompt has {num_prompt_tokens} tokens; this model's context is "
                                 f"{max_model_len} tokens and at least one must be generated",
                            param="prompt", code="context_length_exceeded")
-        max_tokens = room if self.max_tokens is None else self.max_tokens
+        if self.max_tokens is None:
+            max_tokens = room if defaults.max_tokens is None else min(room, defaults.max_tokens)
+        else:
+            max_tokens = self.max_tokens
         if max_tokens > room:
             raise ApiError(400, f"this model's context is {max_model_len} tokens; the prompt has "
                                 f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more",
                            param="max_tokens", code="context_length_exceeded")
+        fields = {**defaults.sampling_fields(), **self.sampling}
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, **self.sampling)
+            return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, **fields)
         except RequestError as exc:
-            raise bad_request(str(exc)) from None
+            raise bad_request(str(exc), exc.param) from None
 
 
 def decode_body(raw: bytes | str) -> dict[str, Any]:
@@ -90,23 +117,23 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
         raise bad_request("echo is not supported", "echo")
     if body.get("suffix") is not None:
         raise bad_request("suffix is not supported", "suffix")
+    _check_response_format(body)
     prompt = _prompt(body.get("prompt"))
     is_stream = _boolean(body, "stream")
     return GenerateRequest(
         model=_model(body), prompt=prompt, sampling=_sampling(body), max_tokens=_max_tokens(body, default=16),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=is_stream,
-        is_usage_streamed=_include_usage(body, is_stream),
+        is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
+        add_special_tokens=_optional_boolean(body, "add_special_tokens"),
+        is_token_id_text=_boolean(body, "return_tokens_as_token_ids"),
     )
 
 
 def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     """``POST /v1/chat/completions``."""
     _refuse_unsupported(body, is_chat=True)
-    if body.get("tools"):
-        raise bad_request("tools are not supported", "tools")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise bad_request("only the text response_format is supported", "response_format")
+    _check_tools(body)
+    _check_response_format(body)
     num_logprobs = None
     if _boolean(body, "logprobs"):
         num_logprobs = _logprobs_count(body, "top_logprobs") or 0
@@ -118,6 +145,8 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
         model=_model(body), messages=_messages(body.get("messages")), sampling=_sampling(body),
         max_tokens=_max_tokens(body, default=None, name=limit_name),
         num_logprobs=num_logprobs, is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
+        is_usage_continuous=_continuous_usage(body), add_special_tokens=_optional_boolean(body, "add_special_tokens"),
+        chat_template_kwargs=_template_kwargs(body), is_token_id_text=_boolean(body, "return_tokens_as_token_ids"),
     )
 
 
@@ -133,6 +162,8 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
         messages=_messages(body["messages"]) if has_messages else None,
         sampling=_sampling(body), max_tokens=_max_tokens(body, default=None),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=True,
+        add_special_tokens=_optional_boolean(body, "add_special_tokens"),
+        chat_template_kwargs=_template_kwargs(body) if has_messages else {},
     )
 
 
@@ -146,6 +177,38 @@ def _refuse_unsupported(body: dict[str, Any], *, is_chat: bool = False) -> None:
     for name, harmless in unsupported.items():
         if body.get(name) not in harmless:
             raise bad_request(f"{name} is not supported", name)
+
+
+def _check_tools(body: dict[str, Any]) -> None:
+    """vLLM's ``check_tool_usage``: a tool_choice other than "none" needs tools; tools are not supported here."""
+    tools, tool_choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools must be a list", "tools")
+    if tools == []:
+        raise bad_request("`tools` must not be an empty array.", "tools")
+    if tool_choice is not None and tool_choice != "none" and tools is None:
+        raise bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if tools:
+        raise bad_request("tools are not supported", "tools")
+
+
+def _check_response_format(body: dict[str, Any]) -> None:
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad_request("only the text response_format is supported", "response_format")
+
+
+def _template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("chat_template_kwargs must be an object", "chat_template_kwargs")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise bad_request(f"chat_template_kwargs must not set {', '.join(reserved)} (the server sets it)",
+                          "chat_template_kwargs")
+    return dict(kwargs)
 
 
 def _model(body: dict[str, Any]) -> str | None:
@@ -245,6 +308,16 @@ def _include_usage(body: dict[str, Any], is_stream: bool) -> bool:
     return _boolean(options, "include_usage")
 
 
+def _continuous_usage(body: dict[str, Any]) -> bool:
+    """``stream_options.continuous_usage_stats``: usage on every chunk, as in vLLM only together with
+    ``include_usage`` (the options are checked by ``_include_usage`` first)."""
+    options = body.get("stream_options")
+    if not isinstance(options, dict):
+        return False
+    is_continuous = _boolean(options, "continuous_usage_stats")
+    return is_continuous and _boolean(options, "include_usage")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -277,6 +350,10 @@ def _number(body: dict[str, Any], name: str) -> float:
     if not math.isfinite(number):
         raise bad_request(f"{name} must be a finite number, got {_shown(value)}", name)
     return number
+
+
+def _optional_boolean(body: dict[str, Any], name: str) -> bool | None:
+    return None if body.get(name) is None else _boolean(body, name)
 
 
 def _boolean(body: dict[str, Any], name: str) -> bool:

@@ -1,30 +1,72 @@
 """Response bodies in the OpenAI shapes: completions and chat, whole and as stream chunks.
 
 ``ResponseBuilder`` holds what every chunk of one response repeats (id, creation
-time, model name, kind) and turns engine outputs into JSON objects.
+time, model name, kind) and turns engine outputs into JSON objects.  Every choice
+carries vLLM's ``stop_reason``: the stop string or stop token id that ended the
+request, else null.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from fastdecode.actors.api import StreamOutput
+from fastdecode.actors.model.synthetic_tokenizer import byte_alphabet
+
+MIN_LOGPROB = -9999.0  # what OpenAI and vLLM show for -inf (JSON has no infinity)
+_BYTE_OF_CHAR = MappingProxyType({char: byte for byte, char in enumerate(byte_alphabet())})
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_METASPACE = "\u2581"
+
+
+class TokenBytes:
+    """The raw bytes each token id stands for, from the tokenizer's vocabulary: a byte-level BPE spells every
+    byte as one character, a byte-fallback token ``<0xNN>`` is byte NN, a SentencePiece ``▁`` is a space.
+    A token that is part of a UTF-8 character gets its own bytes, where its decoded text is U+FFFD."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend", None)
+        self._backend = backend
+        decoder = json.loads(backend.decoder.__getstate__()) if backend is not None and backend.decoder else {}
+        steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+        self._is_byte_level = any(step.get("type") == "ByteLevel" for step in steps)
+        self._added_ids = frozenset(backend.get_added_tokens_decoder()) if backend is not None else frozenset()
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = None if self._backend is None else self._backend.id_to_token(token_id)
+        if piece is None or token_id in self._added_ids:  # added tokens match their own text
+            return self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        if self._is_byte_level and all(char in _BYTE_OF_CHAR for char in piece):
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        match = _BYTE_FALLBACK.fullmatch(piece)
+        if match is not None:
+            return bytes([int(match.group(1), 16)])
+        return piece.replace(_METASPACE, " ").encode("utf-8")
+
 
 @dataclass(frozen=True)
 class ResponseBuilder:
     model: str
     is_chat: bool
     token_text: Callable[[int], str]  # the text of one token id, for logprobs
+    token_bytes: Callable[[int], bytes] | None = None  # its raw bytes, for chat logprobs; None: its text's
+    is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
     response_id: str = ""
     created: int = 0
 
     @classmethod
-    def new(cls, model: str, *, is_chat: bool, token_text: Callable[[int], str]) -> "ResponseBuilder":
+    def new(cls, model: str, *, is_chat: bool, token_text: Callable[[int], str],
+            token_bytes: Callable[[int], bytes] | None = None, is_token_id_text: bool = False) -> "ResponseBuilder":
         prefix = "chatcmpl" if is_chat else "cmpl"
-        return cls(model, is_chat, token_text, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+        return cls(model, is_chat, token_text, token_bytes, is_token_id_text, f"{prefix}-{uuid.uuid4().hex}",
+                   int(time.time()))
 
     def _envelope(self, choices: list[dict[str, Any]], *, is_chunk: bool) -> dict[str, Any]:
         if self.is_chat:
@@ -36,16 +78,16 @@ class ResponseBuilder:
 
     # ---- whole responses ------------------------------------------------------------------------
     def complete(self, outputs: Sequence[StreamOutput], finish_reason: str | None, usage: dict[str, Any],
-                 *, wants_logprobs: bool) -> dict[str, Any]:
+                 *, wants_logprobs: bool, stop_reason: int | str | None = None) -> dict[str, Any]:
         text = "".join(out.text for out in outputs)
         tokens = [out for out in outputs if out.token_id >= 0]
         logprobs = self._logprobs(tokens) if wants_logprobs else None
         if self.is_chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish_reason}
+                      "finish_reason": finish_reason, "stop_reason": stop_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": logprobs,
-                      "finish_reason": finish_reason}
+                      "finish_reason": finish_reason, "stop_reason": stop_reason}
         body = self._envelope([choice], is_chunk=False)
         body["usage"] = usage
         return body
@@ -54,19 +96,22 @@ class ResponseBuilder:
     def role_chunk(self) -> dict[str, Any]:
         """The first chunk of a chat stream: the assistant role, no content yet."""
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None}
+                  "finish_reason": None, "stop_reason": None}
         return self._envelope([choice], is_chunk=True)
 
-    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0) -> dict[str, Any]:
+    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0,
+              stop_reason: int | str | None = None) -> dict[str, Any]:
         """One stream chunk; ``text_offset``: where this token's text starts in the completion (the token
         texts before it, as the non-streamed ``text_offset`` counts them)."""
         logprobs = self._logprobs([out], text_offset) if wants_logprobs and out.token_id >= 0 else None
         reason = out.finish_reason
         if self.is_chat:
             delta = {"content": out.text} if out.text or reason is None else {}
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+                      "stop_reason": stop_reason}
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": reason}
+            choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": reason,
+                      "stop_reason": stop_reason}
         return self._envelope([choice], is_chunk=True)
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
@@ -75,26 +120,42 @@ class ResponseBuilder:
         return body
 
     # ---- logprobs --------------------------------------------------------------------------------
+    def logprob_token(self, token_id: int) -> str:
+        """A token as logprobs name it: its text, or ``token_id:<id>`` when the request asked for ids."""
+        return f"token_id:{token_id}" if self.is_token_id_text else self.token_text(token_id)
+
     def _logprobs(self, outputs: Sequence[StreamOutput], text_offset: int = 0) -> dict[str, Any]:
         if self.is_chat:
             return {"content": [self._chat_logprob(out) for out in outputs]}
-        tokens = [self.token_text(out.token_id) for out in outputs]
+        tokens = [self.logprob_token(out.token_id) for out in outputs]
         offsets, position = [], text_offset
-        for token in tokens:
+        for out in outputs:
             offsets.append(position)
-            position += len(token)
+            position += len(self.token_text(out.token_id))
         return {
             "tokens": tokens,
-            "token_logprobs": [out.logprob for out in outputs],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in out.top_logprobs} for out in outputs],
+            "token_logprobs": [_shown_logprob(out.logprob) for out in outputs],
+            "top_logprobs": [self._completion_top(out) for out in outputs],
             "text_offset": offsets,
         }
 
+    def _completion_top(self, out: StreamOutput) -> dict[str, float | None]:
+        """The sampled token, then the top ones (as vLLM and OpenAI: up to N + 1 entries)."""
+        top = {self.logprob_token(out.token_id): _shown_logprob(out.logprob)}
+        for token_id, logprob in out.top_logprobs:
+            top.setdefault(self.logprob_token(token_id), _shown_logprob(logprob))
+        return top
+
     def _chat_logprob(self, out: StreamOutput) -> dict[str, Any]:
         def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
-            text = self.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            raw = (self.token_bytes(token_id) if self.token_bytes is not None
+                   else self.token_text(token_id).encode("utf-8"))
+            return {"token": self.logprob_token(token_id), "logprob": _shown_logprob(logprob), "bytes": list(raw)}
 
         item = entry(out.token_id, out.logprob)
         item["top_logprobs"] = [entry(t, lp) for t, lp in out.top_logprobs]
         return item
+
+
+def _shown_logprob(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, MIN_LOGPROB)

@@ -1,13 +1,18 @@
 """What every handler of one Frontend app shares: its config, metrics and the engine."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.metrics import FrontendMetrics
+from fastdecode.actors.frontend.openai_response import TokenBytes
+
+log = logging.getLogger("fastdecode.frontend")
 
 
 @dataclass(frozen=True)
@@ -24,23 +29,41 @@ class FrontendConfig:
 
 class FrontendState:
     """The engine is attached once it has started and detached when stopping;
-    until then requests get 503 and ``/health`` is not ready."""
+    until then requests get 503 and ``/health`` is not ready.  Its tokenizer stays
+    after the detach: streams still open then turn their last tokens into text."""
 
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
         self.metrics = FrontendMetrics()
-        self.llm: AsyncLLM | None = None
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None  # the attached engine's, kept once it is detached
+        self._token_bytes: TokenBytes | None = None
         self.is_draining = False  # stopping: running requests finish, new ones get 503
 
     @property
+    def llm(self) -> AsyncLLM | None:
+        return self._llm
+
+    @llm.setter
+    def llm(self, llm: AsyncLLM | None) -> None:
+        """Attach the started engine (and log the sampling defaults its model brings), or detach it."""
+        self._llm = llm
+        if llm is not None:
+            self._tokenizer = llm.tokenizer
+            self._token_bytes = TokenBytes(llm.tokenizer)
+            log_sampling_defaults(llm)
+
+    @property
     def is_ready(self) -> bool:
-        return self.llm is not None and not self.is_draining
+        return self._llm is not None and not self.is_draining
 
     def require_llm(self) -> AsyncLLM:
-        if not self.is_ready:
+        if self.is_draining:
+            raise ApiError(503, "the server is draining (shutting down): it takes no new requests",
+                           code="draining")
+        if self._llm is None:
             raise ApiError(503, "the model is not ready (starting or stopping)", code="not_ready")
-        assert self.llm is not None
-        return self.llm
+        return self._llm
 
     def check_model(self, model: str | None) -> None:
         """A request may omit the model; naming another one is a 404."""
@@ -50,8 +73,28 @@ class FrontendState:
                            param="model", code="model_not_found")
 
     def token_text(self, token_id: int) -> str:
-        assert self.llm is not None
-        return self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
+        if self._tokenizer is None:
+            raise RuntimeError("no engine was ever attached: there is no tokenizer")
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes token ``token_id`` stands for (a byte-fallback token: its one byte)."""
+        if self._token_bytes is None:
+            raise RuntimeError("no engine was ever attached: there is no tokenizer")
+        return self._token_bytes(token_id)
+
+
+def log_sampling_defaults(llm: AsyncLLM) -> None:
+    """Say at start-up which sampling defaults the model's generation config sets (vLLM logs it too), and
+    that a min_p among them is not applied."""
+    defaults = llm.model_config.sampling_defaults
+    described = defaults.describe()
+    if described:
+        log.warning("default sampling parameters have been overridden by the model's Hugging Face generation "
+                    "config (generation_config.json): %s; a request's own values still win", described)
+    if defaults.min_p:
+        log.warning("the model's generation config recommends min_p=%s, which this server does not implement: "
+                    "it is not applied (requests that ask for min_p > 0 are refused)", defaults.min_p)
 
 
 STATE = web.AppKey("fastdecode_frontend_state", FrontendState)

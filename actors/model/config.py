@@ -22,6 +22,53 @@ _ARCH_BY_MODEL_TYPE = {model_type: arch for arch, (model_type, _) in ARCHITECTUR
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling values the model's creator recommends (``generation_config.json``), used for the fields a
+    request leaves out, as vLLM does with its default ``--generation-config auto``.  None: not given.
+
+    ``min_p`` is kept only to be reported: this server does not implement it.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None  # HF's max_new_tokens: the default output limit
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty", "min_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ModelError(f"generation config {name} must be a finite number, got {value!r}")
+        for name in ("top_k", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ModelError(f"generation config {name} must be an integer, got {value!r}")
+        # the ranges SamplingParams accepts: a default it would refuse would fail every request
+        ranges = {"temperature": (0.0, 100.0, "[0, 100]"), "top_p": (0.0, 1.0, "(0, 1]"),
+                  "repetition_penalty": (0.0, 10.0, "(0, 10]"), "min_p": (0.0, 1.0, "[0, 1]")}
+        for name, (low, high, shown) in ranges.items():
+            value = getattr(self, name)
+            is_open = shown.startswith("(")
+            if value is not None and not ((low < value if is_open else low <= value) and value <= high):
+                raise ModelError(f"generation config {name} must be in {shown}, got {value}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ModelError(f"generation config max_new_tokens must be positive, got {self.max_tokens}")
+
+    def sampling_fields(self) -> dict[str, Any]:
+        """The ``SamplingParams`` fields these defaults set (min_p, unsupported, and max_tokens left out)."""
+        names = ("temperature", "top_p", "top_k", "repetition_penalty")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def describe(self) -> str:
+        """``name=value`` of every default that applies, for the start-up log; empty when none."""
+        names = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")
+        return ", ".join(f"{name}={getattr(self, name)}" for name in names if getattr(self, name) is not None)
+
+
+@dataclass(frozen=True)
 class Llama3RopeScaling:
     """Llama 3.1 frequency-dependent RoPE scaling (``rope_type: llama3``)."""
 
@@ -69,6 +116,7 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default=())
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # generation_config.json
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

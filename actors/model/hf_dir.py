@@ -2,19 +2,21 @@
 
 A folder holds ``config.json``, one or several ``*.safetensors`` (with
 ``model.safetensors.index.json`` when sharded), ``tokenizer.json``,
-``tokenizer_config.json`` (chat template) and ``generation_config.json`` (EOS ids).
+``tokenizer_config.json`` (chat template) and ``generation_config.json`` (EOS ids and the
+recommended sampling defaults).
 """
 from __future__ import annotations
 
 import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fastdecode.actors.model.config import ModelConfig
+from fastdecode.actors.model.config import ModelConfig, SamplingDefaults
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.jsonfile import read_json, write_json
 from fastdecode.actors.model.llama import LlamaModel
@@ -23,10 +25,17 @@ from fastdecode.actors.model.weights import hf_slices, load_hf_weights
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 << 30
+# generation_config.json sampling fields -> SamplingDefaults fields, with the value transformers' GenerationConfig
+# has by default: vLLM reads only the fields that differ from it (``to_diff_dict``), so a file's ``top_k: 50``
+# changes nothing there, nor here
+_SAMPLING_FIELDS = {"temperature": ("temperature", 1.0), "top_p": ("top_p", 1.0), "top_k": ("top_k", 50),
+                    "repetition_penalty": ("repetition_penalty", 1.0), "min_p": ("min_p", None),
+                    "max_new_tokens": ("max_tokens", None)}
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
-    """The model's config, with EOS/BOS ids from ``generation_config.json`` where it has them."""
+    """The model's config, with EOS/BOS ids and sampling defaults from ``generation_config.json`` where it
+    has them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist")
@@ -44,7 +53,24 @@ def read_hf_config(folder: Path) -> ModelConfig:
         if isinstance(exc, ModelError):
             raise
         raise ModelError(f"corrupt generation_config.json in {folder}: {exc}") from None
-    return config
+    try:
+        defaults = sampling_defaults(generation)
+    except ModelError as exc:
+        raise ModelError(f"bad generation_config.json in {folder}: {exc}") from None
+    return dataclasses.replace(config, sampling_defaults=defaults)
+
+
+def sampling_defaults(generation: dict[str, Any]) -> SamplingDefaults:
+    """The sampling defaults of a ``generation_config.json`` object (vLLM's ``get_diff_sampling_param``)."""
+    values = {}
+    for key, (name, hf_default) in _SAMPLING_FIELDS.items():
+        value = generation.get(key)
+        if value is None or value == hf_default:
+            continue
+        if isinstance(value, float) and name in ("top_k", "max_tokens") and value.is_integer():
+            value = int(value)
+        values[name] = value
+    return SamplingDefaults(**values)
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -102,8 +128,10 @@ def write_hf_model(folder: Path, model: LlamaModel, tokenizer: Tokenizer) -> Non
     raw = config.to_hf_dict()
     raw["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     write_json(folder / "config.json", raw)
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids)}
-    write_json(folder / "generation_config.json", {k: v for k, v in generation.items() if v not in (None, [])})
+    defaults = config.sampling_defaults
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids),
+                  **{key: getattr(defaults, name) for key, (name, _) in _SAMPLING_FIELDS.items()}}
+    write_json(folder / "generation_config.json", {k: v for k, v in generation.items() if v is not None and v != []})
     tokenizer.save(folder)
     slices = dict(hf_slices(model))
     shards: list[list[str]] = [[]]

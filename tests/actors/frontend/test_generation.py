@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from fastdecode.actors.frontend import FrontendConfig, FrontendState, build_app
 from fastdecode.actors.frontend.generation import prompt_token_ids
 from fastdecode.actors.frontend.openai_request import GenerateRequest
+from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.model.synthetic_tokenizer import (
     BOS_TOKEN,
     BOS_TOKEN_ID,
@@ -44,8 +45,9 @@ class SpyTokenizer(Tokenizer):
 
 
 def engine(max_model_len: int) -> SimpleNamespace:
-    """What tokenizing needs of an ``AsyncLLM``."""
-    return SimpleNamespace(tokenizer=SpyTokenizer(), max_model_len=max_model_len)
+    """What tokenizing needs of an ``AsyncLLM`` (and attaching it to the app: its model's sampling defaults)."""
+    return SimpleNamespace(tokenizer=SpyTokenizer(), max_model_len=max_model_len,
+                           model_config=SimpleNamespace(sampling_defaults=SamplingDefaults()))
 
 
 async def max_loop_gap(work) -> tuple[object, float, int, float]:

@@ -1,0 +1,43 @@
+"""``stop_reason`` and continuous usage on the live tiny server, streamed and not."""
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from conftest import API_KEY
+from fastdecode.actors.reference import reference_generate
+from fastdecode.actors.request import SamplingParams
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+PROMPT = "The capital of France is"
+
+
+async def test_stop_token_id_is_the_stop_reason_streamed_and_not(tiny_server, tiny_model):
+    model, tokenizer = tiny_model
+    expected = reference_generate(model, tokenizer, tokenizer.encode(PROMPT),
+                                  SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    stop_id = expected.token_ids[2]
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stop_token_ids": [stop_id]}
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with session.post(tiny_server.url + "/v1/completions", json=body) as response:
+            choice = (await response.json())["choices"][0]
+        assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop_id
+        async with session.post(tiny_server.url + "/v1/completions", json={**body, "max_tokens": 2}) as response:
+            choice = (await response.json())["choices"][0]
+        assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
+        stream_body = {**body, "stream": True, "stream_options": {"include_usage": True,
+                                                                  "continuous_usage_stats": True}}
+        async with session.post(tiny_server.url + "/v1/completions", json=stream_body) as response:
+            chunks = [json.loads(line[6:]) async for line in _data_lines(response)]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert choices[-1]["stop_reason"] == stop_id and all(c["stop_reason"] is None for c in choices[:-1])
+    assert all("usage" in c for c in chunks)  # continuous usage: every chunk
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+async def _data_lines(response: aiohttp.ClientResponse):
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data: {"):
+            yield line
