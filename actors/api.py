@@ -55,6 +55,9 @@ class StreamOutput:
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last output
     error: str | None = None
     is_retryable: bool = False  # an error of the server's state (shutting down, no KV node left): try again
+    # vLLM's stop_reason, on a "stop" output: the stop string or stop token id that ended the request; None for
+    # the tokenizer's EOS (a generation_config EOS id other than that one counts as a stop token id, as in vLLM)
+    stop_reason: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,22 @@ def _is_token_id(value: object) -> bool:
     return True
 
 
+def primary_eos_token_id(tokenizer: object) -> int | None:
+    """The tokenizer's own EOS id (vLLM's ``tokenizer.eos_token_id``), or None when it names no EOS token."""
+    eos_token = getattr(tokenizer, "eos_token", None)
+    backend = getattr(tokenizer, "backend", None)
+    return None if eos_token is None or backend is None else backend.token_to_id(eos_token)
+
+
+def token_stop_reason(token_id: int, params: SamplingParams, eos_token_id: int | None) -> int | None:
+    """The stop_reason of a request the engine stopped on ``token_id`` (a stop token id or an EOS id): None for
+    the primary EOS ``eos_token_id`` (unless ignore_eos), else the token id. vLLM checks the primary EOS first
+    and adds the generation_config's other EOS ids to the stop token ids, which report themselves."""
+    if not params.ignore_eos and token_id == eos_token_id:
+        return None
+    return token_id
+
+
 def _token_ids(value: object, name: str) -> list[int]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of token ids, got {type(value).__name__}")
@@ -148,6 +167,7 @@ class AsyncLLM:
         self.cluster = cluster
         self.tokenizer = cluster.tokenizer
         self.model_config = cluster.model.config
+        self.eos_token_id = primary_eos_token_id(self.tokenizer)
         self.is_closed = False
 
     @classmethod
@@ -159,6 +179,11 @@ class AsyncLLM:
     @property
     def max_model_len(self) -> int:
         return self.cluster.executor.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        """How many sequences the Executor runs at once."""
+        return self.cluster.executor.config.max_num_seqs
 
     def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
         """One prompt as token ids; TypeError (naming ``prompt``) for what is not a prompt."""
@@ -213,13 +238,14 @@ class AsyncLLM:
                     # vLLM without include_stop_str_in_output, the token counts as generated but its text
                     # is left out.
                     yield StreamOutput(event.request_id, event.token_id, detokenizer.finish(), event.logprob,
-                                       event.top_logprobs, "stop")
+                                       event.top_logprobs, "stop",
+                                       stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id))
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:
                     request.cancel(is_stop=True)
                     yield StreamOutput(event.request_id, event.token_id, text, event.logprob,
-                                       event.top_logprobs, "stop")
+                                       event.top_logprobs, "stop", stop_reason=detokenizer.stop_string)
                     return
                 if event.finish_reason is not None:
                     text += detokenizer.finish()
@@ -245,6 +271,7 @@ class AsyncLLM:
                 if out.finish_reason == "error":
                     raise RequestError(out.error or "generation failed")
                 result.finish_reason = out.finish_reason
+                result.stop_reason = out.stop_reason
         return result
 
     def prepare_batch(self, prompts: PromptInput | Sequence[PromptInput],

@@ -132,7 +132,7 @@ class GenerationResult:
     """A finished request: what ``generate`` returns per prompt.
 
     It also reads as vLLM's ``RequestOutput`` (``prompt``, ``prompt_token_ids``, ``finished`` and
-    ``outputs[0]``'s ``text``, ``token_ids``, ``finish_reason``, ``logprobs``, ``index``), for code
+    ``outputs[0]``'s ``text``, ``token_ids``, ``finish_reason``, ``stop_reason``, ``logprobs``, ``index``), for code
     written against vLLM's ``LLM.generate``.
     """
 
@@ -142,6 +142,7 @@ class GenerationResult:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)  # of each generated token, where asked for
     prompt: str | None = None  # the prompt's text, where it was given as text
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it (None: EOS, length)
 
     @property
     def outputs(self) -> list["CompletionOutput"]:
@@ -178,9 +179,13 @@ class CompletionOutput:
         return self._result.finish_reason
 
     @property
+    def stop_reason(self) -> int | str | None:
+        return self._result.stop_reason
+
+    @property
     def logprobs(self) -> list[float] | None:
         return self._result.logprobs or None
 
     def __repr__(self) -> str:
         return (f"CompletionOutput(index=0, text={self.text!r}, token_ids={self.token_ids!r}, "
-                f"finish_reason={self.finish_reason!r})")
+                f"finish_reason={self.finish_reason!r}, stop_reason={self.stop_reason!r})")

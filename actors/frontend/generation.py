@@ -1,33 +1,34 @@
-"""One request in flight, shared by the OpenAI routes and the WebSocket.
+"""Requests in flight, shared by the OpenAI routes and the WebSocket.
 
-``start_generation`` tokenizes, checks the request against the context, submits
-it and waits for the first output, so that every refusal (bad prompt, full
-queue) is known before a response is started.  Tokenizing runs on a worker
-thread (a 16 MiB body takes seconds), and text too long for the context by its
-length alone is refused before it is tokenized.  Leaving the ``async with`` block
-early (client gone, handler cancelled) closes the stream, which cancels the
-request and frees its KV.  Metrics are recorded as outputs pass, and so is the
-``stop_reason`` of a request that stopped (vLLM's: the stop string or stop token
-id that ended it; None for EOS).
+``start_generations`` tokenizes, checks the request against the context, submits
+every choice (n samples of each prompt, one engine request each) and waits for
+their first outputs, so that every refusal (bad prompt, full queue) is known
+before a response is started; ``start_generation`` is its one-choice form.
+Tokenizing runs on a worker thread (a 16 MiB body takes seconds), and text too
+long for the context by its length alone is refused before it is tokenized.
+Leaving the ``async with`` block early (client gone, handler cancelled, one choice
+failed) closes the streams, which cancels the requests and frees their KV.
+``interleaved`` reads several choices' outputs as they come.  Metrics are recorded
+as outputs pass, and so is the ``stop_reason`` the last output carries (vLLM's:
+the stop string or stop token id that ended the request; None for EOS and length).
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from jinja2 import TemplateError
 
 from fastdecode.actors.api import AsyncLLM, StreamOutput
-from fastdecode.actors.detokenize import Detokenizer
 from fastdecode.actors.executor import QueueFullError, UnavailableError
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
-from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.request import RequestError
 
 
 async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
@@ -82,46 +83,17 @@ def generation_error(out: StreamOutput) -> ApiError:
     return ApiError(503, message, code="unavailable") if out.is_retryable else ApiError(500, message)
 
 
-class StopReasons:
-    """Which stop ended a request (vLLM's ``stop_reason``): the stop token id, the stop string, or None (EOS).
-
-    The engine stops on stop token ids before EOS, and the embedding API finds stop strings; its outputs say
-    only "stop", so a string is told apart from a token here, and among several stop strings the one that
-    matched is found by replaying the same ``Detokenizer`` over the request's tokens."""
-
-    def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int], params: SamplingParams) -> None:
-        self._tokenizer = tokenizer
-        self._eos_token_ids = eos_token_ids
-        self._params = params
-
-    def of(self, prompt_ids: list[int], output_ids: list[int]) -> int | str | None:
-        """The stop reason of a request that ended with ``finish_reason == "stop"`` after ``output_ids``."""
-        params = self._params
-        last = output_ids[-1] if output_ids else -1
-        if last in params.stop_token_ids:
-            return last
-        if (last in self._eos_token_ids and not params.ignore_eos) or not params.stop:
-            return None
-        if len(params.stop) == 1:
-            return params.stop[0]
-        detokenizer = Detokenizer(self._tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
-        for token_id in output_ids:
-            if detokenizer.add(token_id)[1]:
-                break
-        return detokenizer.stop_string
-
-
 class Generation:
-    """The outputs of one admitted request, and its usage figures."""
+    """The outputs of one admitted engine request (one choice of a response), and its usage figures."""
 
     def __init__(self, prompt_ids: list[int], stream: AsyncIterator[StreamOutput], first: StreamOutput,
-                 metrics: FrontendMetrics, arrived_at: float, stop_reasons: StopReasons | None = None) -> None:
+                 metrics: FrontendMetrics, arrived_at: float, *, index: int = 0, prompt_index: int = 0) -> None:
         self.prompt_ids = prompt_ids
+        self.index = index  # the choice's index in the response
+        self.prompt_index = prompt_index
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None  # set when finish_reason becomes "stop"
-        self.output_ids: list[int] = []
-        self._stop_reasons = stop_reasons
+        self.stop_reason: int | str | None = None  # the last output's (set with finish_reason)
         self._stream = stream
         self._first: StreamOutput | None = first
         self._metrics = metrics
@@ -147,12 +119,10 @@ class Generation:
         if out.token_id >= 0:
             self._metrics.on_token(now - self._last_token_at, is_first=self.num_output_tokens == 0)
             self.num_output_tokens += 1
-            self.output_ids.append(out.token_id)
             self._last_token_at = now
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
-            if out.finish_reason == "stop" and self._stop_reasons is not None:
-                self.stop_reason = self._stop_reasons.of(self.prompt_ids, self.output_ids)
+            self.stop_reason = out.stop_reason
 
     def usage(self) -> dict[str, Any]:
         num_prompt = len(self.prompt_ids)
@@ -163,29 +133,108 @@ class Generation:
         self._metrics.on_finished(self.finish_reason or "abort", time.monotonic() - self._arrived_at)
 
 
+def admission_error(exc: BaseException) -> ApiError | None:
+    """The answer to a request the engine refused at submission (None: not a refusal)."""
+    if isinstance(exc, QueueFullError):
+        return ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full")
+    if isinstance(exc, UnavailableError):
+        return ApiError(503, f"{exc}", code="unavailable")
+    if isinstance(exc, RequestError):
+        return bad_request(str(exc), exc.param or "prompt")
+    return None
+
+
+@asynccontextmanager
+async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: GenerateRequest, *,
+                            max_num_choices: int | None = None) -> AsyncIterator[list[Generation]]:
+    """Submit every choice of ``request`` and hold them open: n samples of each prompt, each its own engine
+    request, choice ``prompt_index * n + sample_index`` (vLLM's numbering).  Every prompt is tokenized and
+    checked before any choice is submitted; the choices are submitted together and their first outputs
+    awaited together, so a refusal of any (``ApiError``: 400, 429 or 503) cancels them all before a response
+    starts.  Leaving the block cancels every unfinished choice and frees its KV."""
+    arrived_at = time.monotonic()
+    num_samples = request.num_choices
+    num_choices = request.num_prompts * num_samples
+    if max_num_choices is not None and num_choices > max_num_choices:
+        raise bad_request(f"the request asks for {num_choices} choices ({request.num_prompts} prompt(s) x n="
+                          f"{num_samples}); this server runs at most {max_num_choices} sequences at once",
+                          "n" if num_samples > 1 else "prompt")
+    defaults = llm.model_config.sampling_defaults
+    submissions = []  # (prompt index, prompt ids, params) per choice, in choice order
+    for prompt_index, one in enumerate(request.per_prompt()):
+        prompt_ids = await prompt_token_ids(llm, one)
+        submissions += [(prompt_index, prompt_ids, one.sampling_params(len(prompt_ids), llm.max_model_len, defaults,
+                                                                       sample_index=i)) for i in range(num_samples)]
+    streams = [llm.stream(prompt_ids, params) for _, prompt_ids, params in submissions]
+    try:
+        firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
+        for first in firsts:
+            if isinstance(first, BaseException):
+                raise admission_error(first) or first
+        generations = []
+        for index, ((prompt_index, prompt_ids, _), stream, first) in enumerate(zip(submissions, streams, firsts)):
+            metrics.on_admitted(len(prompt_ids))
+            generations.append(Generation(prompt_ids, stream, first, metrics, arrived_at, index=index,
+                                          prompt_index=prompt_index))
+        try:
+            yield generations
+        finally:
+            for generation in generations:
+                generation.end()
+    finally:
+        for stream in streams:
+            await stream.aclose()
+
+
 @asynccontextmanager
 async def start_generation(llm: AsyncLLM, metrics: FrontendMetrics,
                            request: GenerateRequest) -> AsyncIterator[Generation]:
-    """Submit ``request`` and hold it open; refusals raise ``ApiError`` (400 or 429)."""
-    arrived_at = time.monotonic()
-    prompt_ids = await prompt_token_ids(llm, request)
-    params = request.sampling_params(len(prompt_ids), llm.max_model_len, llm.model_config.sampling_defaults)
-    stream = llm.stream(prompt_ids, params)
+    """Submit a one-choice ``request`` and hold it open; refusals raise ``ApiError`` (400, 429 or 503)."""
+    async with start_generations(llm, metrics, request) as generations:
+        (generation,) = generations
+        yield generation
+
+
+async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[Generation, StreamOutput]]:
+    """The outputs of every generation as they come, each with its generation, until all have ended.  Use it
+    in ``contextlib.aclosing``: leaving early stops the readers (the requests are cancelled when
+    ``start_generations`` closes their streams)."""
+    if len(generations) == 1:  # the common case: no reader task in between
+        (generation,) = generations
+        async with aclosing(generation.outputs()) as outputs:
+            async for out in outputs:
+                yield generation, out
+        return
+    queue: asyncio.Queue[tuple[Generation, StreamOutput | Exception | None]] = asyncio.Queue()
+
+    async def read(generation: Generation) -> None:
+        try:
+            async for out in generation.outputs():
+                queue.put_nowait((generation, out))
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((generation, exc))
+        else:
+            queue.put_nowait((generation, None))
+
+    readers = [asyncio.create_task(read(generation)) for generation in generations]
     try:
-        try:
-            first = await anext(stream)
-        except QueueFullError as exc:
-            raise ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full") from None
-        except UnavailableError as exc:
-            raise ApiError(503, f"{exc}", code="unavailable") from None
-        except RequestError as exc:
-            raise bad_request(str(exc), exc.param or "prompt") from None
-        metrics.on_admitted(len(prompt_ids))
-        stop_reasons = StopReasons(llm.tokenizer, llm.cluster.executor.eos_token_ids, params)
-        generation = Generation(prompt_ids, stream, first, metrics, arrived_at, stop_reasons)
-        try:
-            yield generation
-        finally:
-            generation.end()
+        num_open = len(readers)
+        while num_open:
+            generation, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                num_open -= 1
+            else:
+                yield generation, item
     finally:
-        await stream.aclose()
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+def total_usage(generations: list[Generation]) -> dict[str, Any]:
+    """The usage of all choices: each prompt's tokens counted once (as vLLM), every choice's output."""
+    num_prompt = sum(len(g.prompt_ids) for g in {g.prompt_index: g for g in generations}.values())
+    num_output = sum(g.num_output_tokens for g in generations)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output}

@@ -8,6 +8,7 @@ are left to ``SamplingParams``, which raises ``RequestError`` with a clear messa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -61,8 +62,10 @@ class GenerateRequest:
     """One generation request as the Frontend understood it."""
 
     model: str | None
-    prompt: str | tuple[int, ...] | None = None  # text or token ids; None when ``messages`` is given
+    prompt: str | tuple[int, ...] | None = None  # text or token ids; None for ``messages`` or ``prompts``
     messages: tuple[dict[str, str], ...] | None = None
+    prompts: tuple[str | tuple[int, ...], ...] = ()  # a completions batch of several prompts (then prompt is None)
+    num_choices: int = 1  # n: samples per prompt, each its own engine request
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens/logprobs
     max_tokens: int | None = None  # None: up to the end of the context
     num_logprobs: int | None = None  # top logprobs per token; None: no logprobs at all
@@ -73,11 +76,20 @@ class GenerateRequest:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra chat template variables
     is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts) or 1
+
+    def per_prompt(self) -> list["GenerateRequest"]:
+        """One request per prompt of a batch (the request itself when it has one prompt)."""
+        return [dataclasses.replace(self, prompt=p, prompts=()) for p in self.prompts] or [self]
+
     def sampling_params(self, num_prompt_tokens: int, max_model_len: int,
-                        defaults: SamplingDefaults | None = None) -> SamplingParams:
+                        defaults: SamplingDefaults | None = None, *, sample_index: int = 0) -> SamplingParams:
         """The engine's parameters, checking that prompt plus output fit the context; ``defaults`` (the
         model's generation config) fill the sampling fields the request left out, and a left-out output
-        limit, as in vLLM."""
+        limit, as in vLLM.  Sample ``sample_index`` of n takes ``seed + sample_index`` (vLLM's parallel
+        sampling), so each sample is the single request with that seed."""
         defaults = defaults or SamplingDefaults()
         room = max_model_len - num_prompt_tokens
         if room < 1:
@@ -93,6 +105,8 @@ class GenerateRequest:
                                 f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more",
                            param="max_tokens", code="context_length_exceeded")
         fields = {**defaults.sampling_fields(), **self.sampling}
+        if fields.get("seed") is not None:
+            fields["seed"] += sample_index
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, **fields)
         except RequestError as exc:
@@ -118,14 +132,16 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     if body.get("suffix") is not None:
         raise bad_request("suffix is not supported", "suffix")
     _check_response_format(body)
-    prompt = _prompt(body.get("prompt"))
-    is_stream = _boolean(body, "stream")
+    prompts = _prompts(body.get("prompt"))
+    is_stream = boolean_field(body, "stream")
     return GenerateRequest(
-        model=_model(body), prompt=prompt, sampling=_sampling(body), max_tokens=_max_tokens(body, default=16),
+        model=model_field(body), prompt=prompts[0] if len(prompts) == 1 else None,
+        prompts=prompts if len(prompts) > 1 else (), num_choices=_num_choices(body),
+        sampling=_sampling(body), max_tokens=_max_tokens(body, default=16),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=is_stream,
         is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
         add_special_tokens=_optional_boolean(body, "add_special_tokens"),
-        is_token_id_text=_boolean(body, "return_tokens_as_token_ids"),
+        is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
     )
 
 
@@ -135,18 +151,19 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     _check_tools(body)
     _check_response_format(body)
     num_logprobs = None
-    if _boolean(body, "logprobs"):
+    if boolean_field(body, "logprobs"):
         num_logprobs = _logprobs_count(body, "top_logprobs") or 0
     elif body.get("top_logprobs") is not None:
         raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
-    is_stream = _boolean(body, "stream")
+    is_stream = boolean_field(body, "stream")
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return GenerateRequest(
-        model=_model(body), messages=_messages(body.get("messages")), sampling=_sampling(body),
+        model=model_field(body), messages=parse_messages(body.get("messages")), num_choices=_num_choices(body),
+        sampling=_sampling(body),
         max_tokens=_max_tokens(body, default=None, name=limit_name),
         num_logprobs=num_logprobs, is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
         is_usage_continuous=_continuous_usage(body), add_special_tokens=_optional_boolean(body, "add_special_tokens"),
-        chat_template_kwargs=_template_kwargs(body), is_token_id_text=_boolean(body, "return_tokens_as_token_ids"),
+        chat_template_kwargs=_template_kwargs(body), is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
     )
 
 
@@ -156,10 +173,12 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
     _refuse_unsupported(body, is_chat=has_messages)
     if has_prompt == has_messages:
         raise bad_request("give exactly one of prompt and messages")
+    if _num_choices(body) != 1:
+        raise bad_request("n must be 1 on the WebSocket stream (one choice per socket)", "n")
     return GenerateRequest(
-        model=_model(body),
+        model=model_field(body),
         prompt=_prompt(body["prompt"]) if has_prompt else None,
-        messages=_messages(body["messages"]) if has_messages else None,
+        messages=parse_messages(body["messages"]) if has_messages else None,
         sampling=_sampling(body), max_tokens=_max_tokens(body, default=None),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=True,
         add_special_tokens=_optional_boolean(body, "add_special_tokens"),
@@ -169,10 +188,6 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
 
 # ---- fields ---------------------------------------------------------------------------------
 def _refuse_unsupported(body: dict[str, Any], *, is_chat: bool = False) -> None:
-    for name in ("n", "best_of"):
-        value = body.get(name)
-        if value is not None and value != 1:
-            raise bad_request(f"{name} must be 1 (one choice per request), got {_shown(value)}", name)
     unsupported = {**UNSUPPORTED_FIELDS, **UNSUPPORTED_CHAT_FIELDS} if is_chat else UNSUPPORTED_FIELDS
     for name, harmless in unsupported.items():
         if body.get(name) not in harmless:
@@ -211,28 +226,45 @@ def _template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     return dict(kwargs)
 
 
-def _model(body: dict[str, Any]) -> str | None:
+def model_field(body: dict[str, Any]) -> str | None:
+    """The body's ``model`` (None when omitted); 400 if it is not a string."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", "model")
     return model
 
 
-def _prompt(value: Any) -> str | tuple[int, ...]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]  # a batch of one prompt
+def _num_choices(body: dict[str, Any]) -> int:
+    """``n`` (default 1); vLLM's ``best_of``, where given, must equal it: every sample is returned."""
+    num_choices = 1 if body.get("n") is None else _integer(body, "n")
+    if num_choices < 1:
+        raise bad_request(f"n must be at least 1, got {num_choices}", "n")
+    best_of = body.get("best_of")
+    if best_of is not None and (not is_int(best_of) or best_of != num_choices):
+        raise bad_request(f"best_of must equal n ({num_choices}) if given: every sample is returned, got "
+                          f"{shown(best_of)}", "best_of")
+    return num_choices
+
+
+def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """The completions ``prompt``: one text or token-id list, or a list of them (vLLM's batch)."""
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        return tuple(_prompt(p, f"prompt[{index}]") for index, p in enumerate(value))
+    return (_prompt(value),)
+
+
+def _prompt(value: Any, name: str = "prompt") -> str | tuple[int, ...]:
     if isinstance(value, str):
         if not value:
-            raise bad_request("the prompt is empty", "prompt")
+            raise bad_request(f"{name} is empty" if name != "prompt" else "the prompt is empty", "prompt")
         return value
-    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+    if isinstance(value, list) and value and all(is_int(t) for t in value):
         return tuple(value)
-    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-        raise bad_request("only one prompt per request is supported", "prompt")
-    raise bad_request("prompt must be a non-empty string or a non-empty list of token ids", "prompt")
+    raise bad_request(f"{name} must be a non-empty string or a non-empty list of token ids", "prompt")
 
 
-def _messages(value: Any) -> tuple[dict[str, str], ...]:
+def parse_messages(value: Any) -> tuple[dict[str, str], ...]:
+    """Chat ``messages`` as ``{role, content}`` dicts (text parts joined); 400 naming the bad message."""
     if not isinstance(value, list) or not value:
         raise bad_request("messages must be a non-empty list", "messages")
     messages = []
@@ -263,7 +295,7 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         if body.get(name) is not None:
             fields[name] = _integer(body, name)
     if body.get("ignore_eos") is not None:
-        fields["ignore_eos"] = _boolean(body, "ignore_eos")
+        fields["ignore_eos"] = boolean_field(body, "ignore_eos")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -273,7 +305,7 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         fields["stop"] = tuple(stop)
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is not None:
-        if not isinstance(stop_token_ids, list) or not all(_is_int(t) for t in stop_token_ids):
+        if not isinstance(stop_token_ids, list) or not all(is_int(t) for t in stop_token_ids):
             raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
         fields["stop_token_ids"] = tuple(stop_token_ids)
     return fields
@@ -305,7 +337,7 @@ def _include_usage(body: dict[str, Any], is_stream: bool) -> bool:
         raise bad_request("stream_options is only allowed with stream: true", "stream_options")
     if not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
-    return _boolean(options, "include_usage")
+    return boolean_field(options, "include_usage")
 
 
 def _continuous_usage(body: dict[str, Any]) -> bool:
@@ -314,15 +346,16 @@ def _continuous_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
     if not isinstance(options, dict):
         return False
-    is_continuous = _boolean(options, "continuous_usage_stats")
-    return is_continuous and _boolean(options, "include_usage")
+    is_continuous = boolean_field(options, "continuous_usage_stats")
+    return is_continuous and boolean_field(options, "include_usage")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A JSON integer (``true``/``false`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """``repr(value)`` cut short: a request may send a number of hundreds of digits."""
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
@@ -332,34 +365,35 @@ def _integer(body: dict[str, Any], name: str) -> int:
     value = body.get(name)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not _is_int(value):
-        raise bad_request(f"{name} must be an integer, got {_shown(value)}", name)
+    if not is_int(value):
+        raise bad_request(f"{name} must be an integer, got {shown(value)}", name)
     if not MIN_INT64 <= value <= MAX_INT64:
-        raise bad_request(f"{name} must be in [{MIN_INT64}, {MAX_INT64}], got {_shown(value)}", name)
+        raise bad_request(f"{name} must be in [{MIN_INT64}, {MAX_INT64}], got {shown(value)}", name)
     return value
 
 
 def _number(body: dict[str, Any], name: str) -> float:
     value = body.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request(f"{name} must be a finite number, got {_shown(value)}", name)
+        raise bad_request(f"{name} must be a finite number, got {shown(value)}", name)
     try:
         number = float(value)
     except OverflowError:  # an int past the float range
         number = math.inf
     if not math.isfinite(number):
-        raise bad_request(f"{name} must be a finite number, got {_shown(value)}", name)
+        raise bad_request(f"{name} must be a finite number, got {shown(value)}", name)
     return number
 
 
 def _optional_boolean(body: dict[str, Any], name: str) -> bool | None:
-    return None if body.get(name) is None else _boolean(body, name)
+    return None if body.get(name) is None else boolean_field(body, name)
 
 
-def _boolean(body: dict[str, Any], name: str) -> bool:
+def boolean_field(body: dict[str, Any], name: str) -> bool:
+    """``body[name]`` as a bool, False when omitted or null; 400 naming the field for any other type."""
     value = body.get(name, False)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false, got {_shown(value)}", name)
+        raise bad_request(f"{name} must be true or false, got {shown(value)}", name)
     return value

@@ -77,40 +77,48 @@ class ResponseBuilder:
                 "choices": choices}
 
     # ---- whole responses ------------------------------------------------------------------------
-    def complete(self, outputs: Sequence[StreamOutput], finish_reason: str | None, usage: dict[str, Any],
-                 *, wants_logprobs: bool, stop_reason: int | str | None = None) -> dict[str, Any]:
+    def choice(self, outputs: Sequence[StreamOutput], finish_reason: str | None, *, wants_logprobs: bool,
+               stop_reason: int | str | None = None, index: int = 0) -> dict[str, Any]:
+        """One whole choice of a response from its outputs."""
         text = "".join(out.text for out in outputs)
         tokens = [out for out in outputs if out.token_id >= 0]
         logprobs = self._logprobs(tokens) if wants_logprobs else None
         if self.is_chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish_reason, "stop_reason": stop_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs,
-                      "finish_reason": finish_reason, "stop_reason": stop_reason}
-        body = self._envelope([choice], is_chunk=False)
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish_reason, "stop_reason": stop_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                "stop_reason": stop_reason}
+
+    def complete(self, outputs: Sequence[StreamOutput], finish_reason: str | None, usage: dict[str, Any],
+                 *, wants_logprobs: bool, stop_reason: int | str | None = None) -> dict[str, Any]:
+        """A one-choice response."""
+        choice = self.choice(outputs, finish_reason, wants_logprobs=wants_logprobs, stop_reason=stop_reason)
+        return self.complete_choices([choice], usage)
+
+    def complete_choices(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+        body = self._envelope(choices, is_chunk=False)
         body["usage"] = usage
         return body
 
     # ---- stream chunks ---------------------------------------------------------------------------
-    def role_chunk(self) -> dict[str, Any]:
-        """The first chunk of a chat stream: the assistant role, no content yet."""
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+    def role_chunk(self, index: int = 0) -> dict[str, Any]:
+        """The first chunk of a chat stream's choice ``index``: the assistant role, no content yet."""
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None, "stop_reason": None}
         return self._envelope([choice], is_chunk=True)
 
     def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0,
-              stop_reason: int | str | None = None) -> dict[str, Any]:
-        """One stream chunk; ``text_offset``: where this token's text starts in the completion (the token
-        texts before it, as the non-streamed ``text_offset`` counts them)."""
+              stop_reason: int | str | None = None, index: int = 0) -> dict[str, Any]:
+        """One stream chunk of choice ``index``; ``text_offset``: where this token's text starts in the
+        completion (the token texts before it, as the non-streamed ``text_offset`` counts them)."""
         logprobs = self._logprobs([out], text_offset) if wants_logprobs and out.token_id >= 0 else None
         reason = out.finish_reason
         if self.is_chat:
             delta = {"content": out.text} if out.text or reason is None else {}
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
                       "stop_reason": stop_reason}
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": reason,
+            choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": reason,
                       "stop_reason": stop_reason}
         return self._envelope([choice], is_chunk=True)
 

@@ -1,13 +1,21 @@
 """The OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from fastdecode.actors.frontend.generation import Generation, generation_error, start_generation
+from fastdecode.actors.api import StreamOutput
+from fastdecode.actors.frontend.generation import (
+    Generation,
+    generation_error,
+    interleaved,
+    start_generations,
+    total_usage,
+)
 from fastdecode.actors.frontend.openai_request import GenerateRequest, decode_body, parse_chat, parse_completion
 from fastdecode.actors.frontend.openai_response import ResponseBuilder
 from fastdecode.actors.frontend.sse import EventStream
@@ -41,49 +49,62 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
     state.check_model(body.model)
     builder = ResponseBuilder.new(state.config.served_model_name, is_chat=is_chat, token_text=state.token_text,
                                   token_bytes=state.token_bytes, is_token_id_text=body.is_token_id_text)
-    async with start_generation(llm, state.metrics, body) as generation:
+    async with start_generations(llm, state.metrics, body, max_num_choices=llm.max_num_seqs) as generations:
         if body.is_stream:
-            return await _stream(request, body, builder, generation)
-        outputs = [out async for out in generation.outputs()]
-        if generation.finish_reason == "error":
-            raise generation_error(outputs[-1])
-        return web.json_response(builder.complete(outputs, generation.finish_reason, generation.usage(),
-                                                  wants_logprobs=body.num_logprobs is not None,
-                                                  stop_reason=generation.stop_reason))
+            return await _stream(request, body, builder, generations)
+        outputs: dict[int, list[StreamOutput]] = {g.index: [] for g in generations}
+        async with contextlib.aclosing(interleaved(generations)) as merged:
+            async for generation, out in merged:
+                if out.finish_reason == "error":
+                    raise generation_error(out)  # the other choices are cancelled on the way out
+                outputs[generation.index].append(out)
+        wants_logprobs = body.num_logprobs is not None
+        choices = [builder.choice(outputs[g.index], g.finish_reason, wants_logprobs=wants_logprobs,
+                                  stop_reason=g.stop_reason, index=g.index) for g in generations]
+        return web.json_response(builder.complete_choices(choices, total_usage(generations)))
 
 
 async def _stream(request: web.Request, body: GenerateRequest, builder: ResponseBuilder,
-                  generation: Generation) -> web.StreamResponse:
-    """Chunks as tokens come; a failed request (the server shutting down included) ends with its error event,
-    and every stream ends with ``data: [DONE]``."""
+                  generations: list[Generation]) -> web.StreamResponse:
+    """Chunks as tokens come, the choices' interleaved, each with its index; a failed choice (the server shutting
+    down included) ends the whole stream with its error event, and every stream ends with ``data: [DONE]``."""
     wants_logprobs = body.num_logprobs is not None
     is_offset_needed = wants_logprobs and not builder.is_chat
-    text_offset = 0  # of the next token's text, for completions' logprobs
+    text_offsets = {g.index: 0 for g in generations}  # of each choice's next token text, for completions' logprobs
+    num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     events = await EventStream.open(request)
     try:
         if builder.is_chat:
-            await events.send(_with_usage(builder.role_chunk(), body, generation))
-        async for out in generation.outputs():
-            if out.finish_reason == "error":
-                await events.send(generation_error(out).body())
-                break
-            if not out.text and out.finish_reason is None and not wants_logprobs:
-                continue  # half a character: nothing to show yet
-            chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offset,
-                                  stop_reason=generation.stop_reason)
-            await events.send(_with_usage(chunk, body, generation))
-            if is_offset_needed and out.token_id >= 0:
-                text_offset += len(builder.token_text(out.token_id))
+            for generation in generations:
+                await events.send(_with_usage(builder.role_chunk(generation.index), body, generation, 0))
+        async with contextlib.aclosing(interleaved(generations)) as merged:
+            async for generation, out in merged:
+                if out.finish_reason == "error":
+                    await events.send(generation_error(out).body())
+                    break
+                index = generation.index
+                if out.token_id >= 0:
+                    num_sent[index] += 1
+                if not out.text and out.finish_reason is None and not wants_logprobs:
+                    continue  # half a character: nothing to show yet
+                chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offsets[index],
+                                      stop_reason=out.stop_reason, index=index)
+                await events.send(_with_usage(chunk, body, generation, num_sent[index]))
+                if is_offset_needed and out.token_id >= 0:
+                    text_offsets[index] += len(builder.token_text(out.token_id))
         if body.is_usage_streamed:
-            await events.send(builder.usage_chunk(generation.usage()))
+            await events.send(builder.usage_chunk(total_usage(generations)))
         await events.done()
     except ConnectionResetError:
         log.info("client left during a stream; request cancelled")
     return events.response
 
 
-def _with_usage(chunk: dict[str, Any], body: GenerateRequest, generation: Generation) -> dict[str, Any]:
-    """vLLM's ``continuous_usage_stats``: every chunk carries the usage so far."""
+def _with_usage(chunk: dict[str, Any], body: GenerateRequest, generation: Generation,
+                num_output_tokens: int) -> dict[str, Any]:
+    """vLLM's ``continuous_usage_stats``: every chunk carries its choice's usage so far."""
     if body.is_usage_continuous:
-        chunk["usage"] = generation.usage()
+        num_prompt = len(generation.prompt_ids)
+        chunk["usage"] = {"prompt_tokens": num_prompt, "completion_tokens": num_output_tokens,
+                          "total_tokens": num_prompt + num_output_tokens}
     return chunk

@@ -17,7 +17,14 @@ from aiohttp import web
 
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import bad_request
-from fastdecode.actors.frontend.openai_request import _boolean, _is_int, _messages, _model, _shown, decode_body
+from fastdecode.actors.frontend.openai_request import (
+    boolean_field,
+    decode_body,
+    is_int,
+    model_field,
+    parse_messages,
+    shown,
+)
 from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
@@ -46,7 +53,7 @@ async def tokenize(request: web.Request) -> web.Response:
         add_special_tokens = _flag(body, "add_special_tokens", default=True)
         token_ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
     token_strs = None
-    if _boolean(body, "return_token_strs"):
+    if boolean_field(body, "return_token_strs"):
         token_strs = [tokenizer.backend.id_to_token(token_id) for token_id in token_ids]
     return web.json_response({"count": len(token_ids), "max_model_len": llm.max_model_len, "tokens": token_ids,
                               "token_strs": token_strs})
@@ -56,11 +63,11 @@ async def detokenize(request: web.Request) -> web.Response:
     llm, body = await _checked_body(request)
     tokenizer = llm.tokenizer
     token_ids = body.get("tokens")
-    if not isinstance(token_ids, list) or not all(_is_int(t) for t in token_ids):
+    if not isinstance(token_ids, list) or not all(is_int(t) for t in token_ids):
         raise bad_request("tokens must be a list of integers", "tokens")
     outside = next((t for t in token_ids if not 0 <= t < tokenizer.vocab_size), None)
     if outside is not None:
-        raise bad_request(f"token id {_shown(outside)} is outside the vocabulary [0, {tokenizer.vocab_size})", "tokens")
+        raise bad_request(f"token id {shown(outside)} is outside the vocabulary [0, {tokenizer.vocab_size})", "tokens")
     text = await asyncio.to_thread(tokenizer.decode, token_ids, skip_special_tokens=False)
     return web.json_response({"prompt": text})
 
@@ -69,7 +76,7 @@ async def _tokenize_chat(tokenizer: Tokenizer, body: dict[str, Any]) -> list[int
     for name, harmless in UNSUPPORTED_CHAT_FIELDS.items():
         if body.get(name) not in harmless:
             raise bad_request(f"{name} is not supported", name)
-    messages = [dict(m) for m in _messages(body["messages"])]
+    messages = [dict(m) for m in parse_messages(body["messages"])]
     add_generation_prompt = _flag(body, "add_generation_prompt", default=True)
     add_special_tokens = _flag(body, "add_special_tokens", default=False)
     try:
@@ -85,7 +92,7 @@ async def _tokenize_chat(tokenizer: Tokenizer, body: dict[str, Any]) -> list[int
 
 def _flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
     """A boolean field that may be omitted (or null) for its default."""
-    return default if body.get(name) is None else _boolean(body, name)
+    return default if body.get(name) is None else boolean_field(body, name)
 
 
 async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]:
@@ -93,6 +100,6 @@ async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]
     state = request.app[STATE]
     llm = state.require_llm()
     body = decode_body(await request.read())
-    state.check_model(_model(body))
+    state.check_model(model_field(body))
     return llm, body
 

@@ -2,7 +2,8 @@
 
 The client sends one JSON request (``prompt`` or ``messages`` plus sampling
 fields).  The server answers ``{"type": "token", "text", "token_id"}`` per token
-(with ``logprob`` when asked), then ``{"type": "done", "finish_reason", "usage"}``,
+(with ``logprob`` when asked), then ``{"type": "done", "finish_reason", "stop_reason", "usage"}``
+(``stop_reason``: the stop string or stop token id that ended it, else null, as in the OpenAI routes),
 or ``{"type": "error", "message", "status"}``, and closes.  A client that
 closes early cancels its request.
 """
@@ -77,7 +78,8 @@ async def _send_outputs(ws: web.WebSocketResponse, generation: Generation, *, wa
                 message["logprob"] = out.logprob
                 message["top_logprobs"] = [[t, lp] for t, lp in out.top_logprobs]
             await ws.send_json(message)
-    await ws.send_json({"type": "done", "finish_reason": generation.finish_reason, "usage": generation.usage()})
+    await ws.send_json({"type": "done", "finish_reason": generation.finish_reason,
+                        "stop_reason": generation.stop_reason, "usage": generation.usage()})
 
 
 async def _wait_for_close(ws: web.WebSocketResponse) -> None:

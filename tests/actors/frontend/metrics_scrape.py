@@ -1,6 +1,8 @@
 """Read a live server's ``/metrics`` with prometheus-client's own parser."""
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,3 +18,23 @@ async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+ABORTED = ("fastdecode_request_success_total", (("finished_reason", "abort"),))
+
+
+def is_freed(samples: dict) -> bool:
+    """No request running and no KV in use on the (one) KV node."""
+    kv_used = [v for (name, _), v in samples.items() if name == "fastdecode_kv_used_bytes"]
+    return samples[("fastdecode_num_requests_running", ())] == 0 and kv_used == [0]
+
+
+async def until_aborted_and_freed(url: str, num_aborted: float, num_tries: int = 250) -> dict:
+    """Scrape until ``num_aborted`` requests in all were aborted and everything is freed; the last scrape
+    (the server notices a client leave, cancels, and the next step frees the KV)."""
+    for _ in range(num_tries):
+        after = await scrape(url)
+        if after.get(ABORTED, 0) == num_aborted and is_freed(after):
+            break
+        await asyncio.sleep(0.02)
+    return after

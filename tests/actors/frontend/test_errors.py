@@ -35,9 +35,12 @@ BAD_REQUESTS = [
     pytest.param({**OK_BODY, "temperature": -1}, "temperature", id="temperature-range"),
     pytest.param({**OK_BODY, "top_p": 0}, "top_p", id="top-p-range"),
     pytest.param({**OK_BODY, "max_tokens": 0}, "max_tokens", id="max-tokens"),
-    pytest.param({**OK_BODY, "n": 2}, "n", id="n-above-1"),
+    pytest.param({**OK_BODY, "n": 0}, "n", id="n-below-1"),
+    pytest.param({**OK_BODY, "n": 2, "best_of": 3}, "best_of", id="best-of-not-n"),
+    pytest.param({**OK_BODY, "n": 257}, "n", id="choices-past-max-num-seqs"),  # the default --max-num-seqs: 256
     pytest.param({**OK_BODY, "prompt": ""}, "prompt", id="empty-prompt"),
-    pytest.param({**OK_BODY, "prompt": ["a", "b"]}, "prompt", id="two-prompts"),
+    pytest.param({**OK_BODY, "prompt": ["a", ""]}, "prompt", id="empty-prompt-in-a-batch"),
+    pytest.param({**OK_BODY, "prompt": ["a", [1, 10**9]]}, "prompt", id="token-id-out-of-range-in-a-batch"),
     pytest.param({**OK_BODY, "prompt": [1, 10**9]}, "prompt", id="token-id-out-of-range"),
     pytest.param({**OK_BODY, "stop": [""]}, "stop", id="empty-stop"),
     pytest.param({**OK_BODY, "stream_options": {"include_usage": True}}, "stream_options", id="usage-without-stream"),
@@ -117,7 +120,7 @@ async def test_unknown_route_is_a_json_404(tiny_server):
 
 
 async def test_server_keeps_serving_after_errors(tiny_server):
-    for body in ("{", {**OK_BODY, "n": 3}, {**OK_BODY, "model": "nope"}):
+    for body in ("{", {**OK_BODY, "n": 0}, {**OK_BODY, "model": "nope"}):
         await post(tiny_server.url, body)
     status, payload = await post(tiny_server.url, OK_BODY)
     assert status == 200

@@ -6,7 +6,6 @@ import pytest
 
 from fastdecode.actors.api import StreamOutput
 from fastdecode.actors.frontend.errors import ApiError
-from fastdecode.actors.frontend.generation import StopReasons
 from fastdecode.actors.frontend.openai_request import parse_chat, parse_completion, parse_stream_request
 from fastdecode.actors.frontend.openai_response import ResponseBuilder, TokenBytes
 from fastdecode.actors.model.synthetic_tokenizer import (
@@ -18,7 +17,6 @@ from fastdecode.actors.model.synthetic_tokenizer import (
     build_synthetic_tokenizer,
 )
 from fastdecode.actors.model.tokenizer import Tokenizer
-from fastdecode.actors.request import SamplingParams
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 PROMPT = {"prompt": "hi"}
@@ -85,21 +83,6 @@ def test_sampling_value_out_of_range_names_its_field(field, value):
     with pytest.raises(ApiError) as caught:
         parse_completion({**PROMPT, field: value}).sampling_params(3, 100)
     assert caught.value.status == 400 and caught.value.param == field
-
-
-def test_stop_reasons(tokenizer):
-    prompt = tokenizer.encode("The capital")
-    words = tokenizer.encode(" of France is Paris", add_special_tokens=False)
-    ids = tokenizer.encode(" and", add_special_tokens=False)
-    params = SamplingParams(stop_token_ids=(ids[0],), stop=("France", "Paris", " of"))
-    reasons = StopReasons(tokenizer, frozenset({EOS_TOKEN_ID}), params)
-    assert reasons.of(prompt, [*words[:2], ids[0]]) == ids[0]
-    assert reasons.of(prompt, [*words[:2], EOS_TOKEN_ID]) is None
-    # " of" begins first: it is the one that matched, though listed last (several: the tokens are replayed)
-    assert reasons.of(prompt, words) == " of"
-    assert StopReasons(tokenizer, frozenset(), SamplingParams(stop=("Paris",))).of(prompt, words) == "Paris"
-    no_eos = StopReasons(tokenizer, frozenset({EOS_TOKEN_ID}), SamplingParams(ignore_eos=True))
-    assert no_eos.of(prompt, [EOS_TOKEN_ID]) is None
 
 
 def builder(tokenizer, *, is_chat: bool, is_token_id_text: bool = False) -> ResponseBuilder:

@@ -42,7 +42,8 @@ def test_completion_default_max_tokens_is_16():
 
 
 @pytest.mark.parametrize("body", [
-    {"prompt": "a", "n": 2}, {"prompt": "a", "best_of": 3}, {"prompt": "a", "echo": True},
+    {"prompt": "a", "n": 0}, {"prompt": "a", "best_of": 3}, {"prompt": "a", "n": 2, "best_of": 1},
+    {"prompt": "a", "echo": True},
     {"prompt": "a", "logit_bias": {"1": 5}}, {"prompt": True}, {"prompt": [1, True]}, {"prompt": "a", "seed": 1.5},
     {"prompt": "a", "ignore_eos": 1}, {"prompt": "a", "temperature": float("nan")},
 ])
@@ -140,3 +141,18 @@ def test_default_values_of_unsupported_fields_are_accepted(name, value):
 
 def test_add_generation_prompt_is_a_chat_field_only():
     assert parse_completion({"prompt": "a", "add_generation_prompt": False}).prompt == "a"
+
+
+def test_a_list_of_prompts_and_n_choices():
+    batch = parse_completion({"prompt": ["a", [5, 6]], "n": 3, "best_of": 3, "seed": 40, "temperature": 0.5})
+    assert (batch.prompt, batch.prompts, batch.num_prompts, batch.num_choices) == (None, ("a", (5, 6)), 2, 3)
+    assert [one.prompt for one in batch.per_prompt()] == ["a", (5, 6)]
+    assert [batch.sampling_params(2, 100, sample_index=i).seed for i in range(3)] == [40, 41, 42]
+    assert parse_completion({"prompt": ["a"]}).per_prompt()[0].prompt == "a"  # a batch of one is one prompt
+    assert parse_completion({"prompt": [[5, 6]]}).prompt == (5, 6)
+    unseeded = parse_completion({"prompt": "a", "n": 2})
+    assert unseeded.sampling_params(2, 100, sample_index=1).seed is None and unseeded.num_prompts == 1
+    assert parse_chat({"messages": [{"role": "user", "content": "a"}], "n": 4}).num_choices == 4
+    with pytest.raises(ApiError) as refused:
+        parse_stream_request({"prompt": "a", "n": 2})
+    assert refused.value.param == "n"

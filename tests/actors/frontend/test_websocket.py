@@ -1,7 +1,6 @@
 """``/v1/stream`` with a real ``websockets`` client: tokens, done, errors, keys, disconnects."""
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -11,7 +10,7 @@ from websockets.exceptions import InvalidStatus
 from conftest import API_KEY
 from fastdecode.actors.reference import reference_generate
 from fastdecode.actors.request import SamplingParams
-from metrics_scrape import scrape
+from metrics_scrape import ABORTED, is_freed, scrape, until_aborted_and_freed
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "The capital of France is"
@@ -34,7 +33,7 @@ async def test_stream_tokens_then_done(tiny_server, tiny_model):
     assert [m["type"] for m in tokens] == ["token"] * 16
     assert [m["token_id"] for m in tokens] == expected.token_ids
     assert "".join(m["text"] for m in tokens) == expected.text
-    assert done == {"type": "done", "finish_reason": "length",
+    assert done == {"type": "done", "finish_reason": "length", "stop_reason": None,
                     "usage": {"prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 16,
                               "total_tokens": len(expected.prompt_token_ids) + 16}}
 
@@ -76,25 +75,17 @@ async def test_missing_or_wrong_key_is_refused_with_401(tiny_server, headers):
 
 
 async def test_key_as_token_query_parameter(tiny_server):
-    messages = await stream(f"{tiny_server.ws_url}?token={API_KEY}", {"prompt": "x", "max_tokens": 3, "min_tokens": 3}, headers={})
+    messages = await stream(f"{tiny_server.ws_url}?token={API_KEY}", {"prompt": "x", "max_tokens": 3, "min_tokens": 3},
+                            headers={})
     assert messages[-1]["type"] == "done" and messages[-1]["usage"]["completion_tokens"] == 3
 
 
 async def test_client_that_closes_cancels_its_request(tiny_server):
-    aborted = ("fastdecode_request_success_total", (("finished_reason", "abort"),))
-    num_aborted = (await scrape(tiny_server.url)).get(aborted, 0)
+    num_aborted = (await scrape(tiny_server.url)).get(ABORTED, 0)
     async with connect(tiny_server.ws_url, additional_headers=AUTH) as ws:
         await ws.send(json.dumps({"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}))
         for _ in range(3):
             assert json.loads(await ws.recv())["type"] == "token"
-    def is_freed(samples: dict) -> bool:
-        kv_used = [v for (name, _), v in samples.items() if name == "fastdecode_kv_used_bytes"]
-        return samples[("fastdecode_num_requests_running", ())] == 0 and kv_used == [0]
-
-    for _ in range(250):  # the server notices the close, cancels the request, the next step frees its KV
-        after = await scrape(tiny_server.url)
-        if after.get(aborted, 0) == num_aborted + 1 and is_freed(after):
-            break
-        await asyncio.sleep(0.02)
-    assert after.get(aborted, 0) == num_aborted + 1
+    after = await until_aborted_and_freed(tiny_server.url, num_aborted + 1)
+    assert after.get(ABORTED, 0) == num_aborted + 1
     assert is_freed(after)
