@@ -90,26 +90,29 @@ def cluster_config(model: str | ClusterConfig | None = None, config: ClusterConf
     return dataclasses.replace(config, **fields) if config is not None else ClusterConfig(**fields)
 
 
-def check_params(params: SamplingParams | None, name: str = "params") -> SamplingParams:
-    """``params`` itself; None is the default SamplingParams() (as in vLLM)."""
+def check_params(params: SamplingParams | None, name: str = "params",
+                 default: SamplingParams | None = None) -> SamplingParams:
+    """``params`` itself; None is ``default`` (the model's, see AsyncLLM.get_default_sampling_params), else
+    SamplingParams()."""
     if params is None:
-        return SamplingParams()
+        return default if default is not None else SamplingParams()
     if not isinstance(params, SamplingParams):
         raise TypeError(f"{name} must be a SamplingParams (or None), got {type(params).__name__}")
     return params
 
 
 def params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int,
-                      name: str = "params") -> list[SamplingParams]:
-    """One SamplingParams for every prompt, or one per prompt (vLLM's ``Sequence[SamplingParams]``)."""
+                      name: str = "params", default: SamplingParams | None = None) -> list[SamplingParams]:
+    """One SamplingParams for every prompt, or one per prompt (vLLM's ``Sequence[SamplingParams]``); None is
+    ``default``."""
     if params is None or isinstance(params, SamplingParams):
-        return [check_params(params, name)] * num_prompts
+        return [check_params(params, name, default)] * num_prompts
     if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Sequence):
         raise TypeError(f"{name} must be a SamplingParams or a list of them, got {type(params).__name__}")
     if len(params) != num_prompts:
         raise ValueError(f"{name} has {len(params)} SamplingParams for {num_prompts} prompt(s): give one, "
                          "or one per prompt")
-    return [check_params(p, name) for p in params]
+    return [check_params(p, name, default) for p in params]
 
 
 def as_batch(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
@@ -168,7 +171,17 @@ class AsyncLLM:
         self.tokenizer = cluster.tokenizer
         self.model_config = cluster.model.config
         self.eos_token_id = primary_eos_token_id(self.tokenizer)
+        self.default_params = self.get_default_sampling_params()
         self.is_closed = False
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without SamplingParams runs with (vLLM's ``LLM.get_default_sampling_params``): the
+        model's generation_config.json values (its max_new_tokens as max_tokens) over SamplingParams()."""
+        defaults = self.model_config.sampling_defaults
+        fields = defaults.sampling_fields()
+        if defaults.max_tokens is not None:
+            fields["max_tokens"] = defaults.max_tokens
+        return SamplingParams(**fields)
 
     @classmethod
     async def start(cls, model: str | ClusterConfig | None = None, *, config: ClusterConfig | None = None,
@@ -222,7 +235,7 @@ class AsyncLLM:
         generator is closed: at once for an inline ``async for``, otherwise use
         ``contextlib.aclosing(llm.stream(...))`` (or ``await gen.aclose()``)."""
         self.check_open()
-        return self._stream(self.tokenize(prompt).token_ids, check_params(params))
+        return self._stream(self.tokenize(prompt).token_ids, check_params(params, default=self.default_params))
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[StreamOutput, None]:
         request = self.cluster.submit(prompt_ids, params)
@@ -259,7 +272,7 @@ class AsyncLLM:
         """One request to its end; RequestError if it failed."""
         self.check_open()
         tokenized = self.tokenize(prompt)
-        params = check_params(params)
+        params = check_params(params, default=self.default_params)
         result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text)
         async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
             async for out in outputs:
@@ -280,7 +293,7 @@ class AsyncLLM:
         """Tokenize and check a batch before any of it is submitted (TypeError, ValueError, RequestError)."""
         self.check_open()
         batch = [self.tokenize(p) for p in as_batch(prompts)]
-        per_prompt = params_per_prompt(params, len(batch))
+        per_prompt = params_per_prompt(params, len(batch), default=self.default_params)
         for i, prompt in enumerate(batch):
             try:
                 self.check_prompt(prompt)
@@ -391,6 +404,10 @@ class LLM:
             show_progress = use_tqdm
         with tqdm(total=len(batch), desc="generating", unit="req", disable=not show_progress) as bar:
             return self._call(self._llm.run_batch(batch, on_result=lambda _: bar.update(1)))
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """See AsyncLLM.get_default_sampling_params."""
+        return self._llm.default_params
 
     def close(self) -> None:
         if self.is_closed:

@@ -3,6 +3,7 @@ decoding after a call fails or is interrupted."""
 from __future__ import annotations
 
 import gc
+import json
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from fastdecode.actors.executor import ExecutorConfig
 from fastdecode.actors.executor_config import QueueFullError
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.cli.make_random_model import make_random_model
 
 TINY = dict(seed=0, dtype="float32", device="cpu", num_shards=0)
 PROMPT = [318, 72, 101, 302, 111]
@@ -142,3 +144,21 @@ def test_closed_llm_says_so_without_warnings():
             llm.generate("hello")
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_requests_without_params_take_the_models_generation_config(tmp_path):
+    """vLLM's LLM.generate(sampling_params=None): the model's generation_config.json values, not SamplingParams()."""
+    make_random_model("tiny", 0, tmp_path)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({**generation, "temperature": 0.7, "top_k": 1, "max_new_tokens": 5}))
+    with LLM(str(tmp_path), **TINY) as llm:
+        defaults = llm.get_default_sampling_params()
+        assert (defaults.temperature, defaults.top_k, defaults.max_tokens) == (0.7, 1, 5)
+        [result] = llm.generate([PROMPT], show_progress=False)
+        # top_k 1 at temperature 0.7 is the greedy choice; max_new_tokens is the length
+        greedy = SamplingParams(temperature=0.0, max_tokens=5)
+        [reference] = llm.generate([PROMPT], greedy, show_progress=False)
+        assert len(reference.token_ids) == 5 and result.token_ids == reference.token_ids
+        explicit = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0), show_progress=False)
+        assert len(explicit[0].token_ids) <= 2
