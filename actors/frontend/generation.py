@@ -30,6 +30,8 @@ from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.request import RequestError
 
+QUEUE_FULL_RETRY_AFTER_S = 1  # a 429's Retry-After: the queue moves by whole requests finishing
+
 
 async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
     """The request's prompt as token ids (chat messages through the model's chat template), tokenized off
@@ -136,7 +138,8 @@ class Generation:
 def admission_error(exc: BaseException) -> ApiError | None:
     """The answer to a request the engine refused at submission (None: not a refusal)."""
     if isinstance(exc, QueueFullError):
-        return ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full")
+        return ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full",
+                        retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
     if isinstance(exc, UnavailableError):
         return ApiError(503, f"{exc}", code="unavailable")
     if isinstance(exc, RequestError):

@@ -67,7 +67,10 @@ class FrontendMetrics:
         self.sequences_recovered = Counter(
             "fastdecode_sequences_recovered",
             "Sequences rebuilt on another KV node after theirs failed or drained.", registry=r)
-        self._seen: dict[Counter, int] = {self.steps: 0, self.sequences_recovered: 0}
+        self.preemptions = Counter(
+            "fastdecode_num_preemptions",
+            "Sequences preempted because their KV node was full (vLLM's num_preemptions).", registry=r)
+        self._seen: dict[Counter, int] = {self.steps: 0, self.sequences_recovered: 0, self.preemptions: 0}
 
     # ---- per request ---------------------------------------------------------------------------
     def on_rejected(self, status: int) -> None:
@@ -92,7 +95,8 @@ class FrontendMetrics:
             self.num_requests_waiting.set(executor.num_waiting)
             self.num_requests_running.set(executor.num_running)
             self.step_seconds.set(executor.last_step_s)
-            counts = ((self.steps, executor.num_steps), (self.sequences_recovered, executor.num_recovered))
+            counts = ((self.steps, executor.num_steps), (self.sequences_recovered, executor.num_recovered),
+                      (self.preemptions, executor.num_preempted))
             for counter, count in counts:
                 counter.inc(count - self._seen[counter])
                 self._seen[counter] = count

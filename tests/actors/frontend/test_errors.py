@@ -156,9 +156,10 @@ async def test_past_max_queue_gets_429_and_disconnect_frees_kv(one_slot_server):
         await running.content.readline()  # the first event: it is running now
         queued = asyncio.create_task(post(url, short_body, headers={}))
         await _wait_for(url, "fastdecode_num_requests_waiting", 1)
-        status, payload = await post(url, short_body, headers={})
-        assert status == 429
-        assert assert_error_shape(payload)["code"] == "queue_full"
+        async with session.post(url + "/v1/completions", json=short_body) as refused:
+            assert refused.status == 429
+            assert refused.headers["Retry-After"] == "1"  # the OpenAI clients' retries wait for it
+            assert assert_error_shape(await refused.json())["code"] == "queue_full"
         running.close()  # the client leaves: the long request is cancelled, the queued one runs
         status, payload = await queued
         assert status == 200 and payload["usage"]["completion_tokens"] == 3

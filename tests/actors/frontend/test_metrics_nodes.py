@@ -24,6 +24,7 @@ class Node:
 
 async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
     executor = SimpleNamespace(num_waiting=2, num_running=3, last_step_s=0.01, num_steps=7, num_recovered=0,
+                               num_preempted=0,
                                nodes=[GuardedNode(Node("a", 100), epoch=1),
                                       GuardedNode(Node("b", 200, fails=True), epoch=1)])
     text = (await FrontendMetrics().render(SimpleNamespace(executor=executor))).decode()
@@ -35,15 +36,17 @@ async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
 
 
 async def test_engine_counts_are_prometheus_counters():
-    """Steps and recovered sequences only grow: counters (``_total``, for rate()), not gauges."""
+    """Steps, recovered and preempted sequences only grow: counters (``_total``, for rate()), not gauges."""
     metrics = FrontendMetrics()
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=7, num_recovered=2,
-                               nodes=[])
+                               num_preempted=1, nodes=[])
     await metrics.render(SimpleNamespace(executor=executor))
-    executor.num_steps, executor.num_recovered = 10, 2
+    executor.num_steps, executor.num_recovered, executor.num_preempted = 10, 2, 4
     families = {f.name: f for f in text_string_to_metric_families(
         (await metrics.render(SimpleNamespace(executor=executor))).decode())}
     assert families["fastdecode_steps"].type == "counter"
     assert [s.value for s in families["fastdecode_steps"].samples if s.name == "fastdecode_steps_total"] == [10]
     assert [s.value for s in families["fastdecode_sequences_recovered"].samples
             if s.name == "fastdecode_sequences_recovered_total"] == [2]
+    assert [s.value for s in families["fastdecode_num_preemptions"].samples
+            if s.name == "fastdecode_num_preemptions_total"] == [4]
