@@ -174,16 +174,31 @@ class KVShard:
         return len(self._lengths)
 
     # ------------------------------------------------------------ configure
-    def on_configure(self, message: Configure, *, holder_idle_s: float | None = None) -> ShardStats:
-        """``holder_idle_s``: seconds since the last request of the session whose sequences the shard holds,
-        where the caller tracks it (a daemon's DrainableShard); None frees another session's sequences at once."""
+    @property
+    def session_id(self) -> int:
+        """The client session the shard serves (its last Configure's; 0: none yet)."""
+        return self._session_id
+
+    def on_configure(self, message: Configure, *, holder_idle_s: float | None = None,
+                     holder_ping_s: float | None = None) -> ShardStats:
+        """Where the caller tracks them (a daemon's DrainableShard), ``holder_idle_s`` is the seconds since the
+        last request of the session the shard serves, ``holder_ping_s`` since its last heartbeat (None: not
+        known). Another session is refused while that one is live: its heartbeats still come (an idle Executor
+        sends nothing else), or, where none was heard, it holds sequences and sent a request within
+        ``session_timeout_s``. Without either figure another session takes the shard at once."""
         if message.session_id and message.session_id != self._session_id:
-            if self._lengths and holder_idle_s is not None and holder_idle_s < self.config.session_timeout_s:
+            timeout_s = self.config.session_timeout_s
+            if self._session_id and holder_ping_s is not None and holder_ping_s < timeout_s:
+                raise ActorError(BUSY, f"another Executor (client session) uses this shard: its last heartbeat "
+                                       f"came {holder_ping_s:.1f} s ago. A shard serves one Executor at a time: "
+                                       "stop the other one, or give this one other shards (retry once it has "
+                                       f"been silent for {timeout_s:g} s)")
+            if self._lengths and holder_idle_s is not None and holder_idle_s < timeout_s:
                 raise ActorError(BUSY, f"another Executor (client session) holds {len(self._lengths)} sequence(s) "
                                        f"on this shard and sent a request {holder_idle_s:.1f} s ago; a shard serves "
                                        "one Executor at a time: stop the other one, or give this one other shards "
                                        f"(if it was killed, retry once it has been silent for "
-                                       f"{self.config.session_timeout_s:g} s: its sequences are then freed)")
+                                       f"{timeout_s:g} s: its sequences are then freed)")
             if self._lengths:
                 log.warning("a new client session: freeing %d sequence(s) the previous one left",
                             len(self._lengths))

@@ -153,6 +153,10 @@ class ActorServer:
     def num_dropped(self) -> int:
         return self._server.num_dropped
 
+    def seconds_since_ping(self, client_id: int) -> float | None:
+        """Seconds since a heartbeat tagged ``client_id`` came (RpcServer.seconds_since_ping)."""
+        return self._server.seconds_since_ping(client_id)
+
     async def start(self) -> str:
         self._loop = asyncio.get_running_loop()
         self._worker = _Worker(self.name)

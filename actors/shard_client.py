@@ -89,6 +89,7 @@ class ShardClient:
     async def configure(self, *, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str,
                         session_id: int = 0) -> ShardStats:
         """Set the KV shape; ``session_id`` (not 0) frees what another session left (see Configure)."""
+        self._rpc.client_id = session_id  # from now on the heartbeats say whose they are (Ping.client_id)
         message = Configure(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
                             session_id=session_id)
         return await self._rpc.request(message)

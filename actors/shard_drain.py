@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from fastdecode.actors.runtime import ActorError
 from fastdecode.transport.shard_messages import (
@@ -52,6 +52,8 @@ class DrainableShard:
         self.shard = shard
         self.is_draining = False  # set from the event loop; read by handlers (a plain bool)
         self.last_request_s = time.monotonic()  # when a handler other than GetStats last ran
+        # seconds since a heartbeat tagged with a session came (the daemon's ActorServer.seconds_since_ping)
+        self.seconds_since_ping: Callable[[int], float | None] | None = None
 
     def seconds_since_request(self) -> float:
         return time.monotonic() - self.last_request_s
@@ -70,7 +72,10 @@ class DrainableShard:
         previous_s = self.last_request_s
         self._refuse_if_draining()
         try:
-            return self.shard.on_configure(message, holder_idle_s=self.last_request_s - previous_s)
+            holder = self.shard.session_id
+            holder_ping_s = self.seconds_since_ping(holder) if self.seconds_since_ping and holder else None
+            return self.shard.on_configure(message, holder_idle_s=self.last_request_s - previous_s,
+                                           holder_ping_s=holder_ping_s)
         except ActorError:
             self.last_request_s = previous_s  # a refused Configure is no activity of the session holding the shard
             raise

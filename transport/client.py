@@ -66,6 +66,7 @@ class RpcClient:
         self._liveness = liveness
         self._last_recv_s = 0.0
         self._peer_instance_id: int | None = None  # from the first Pong
+        self.client_id = 0  # carried by every heartbeat (Ping.client_id): the session this client serves, once known
         self._loop_time = time.monotonic  # the running loop's clock once started
 
     @property
@@ -181,7 +182,7 @@ class RpcClient:
                     return
             ping_sent_s = loop.time()
             try:
-                self._pump.send(self._codec.encode(next(self._request_ids), Ping()))
+                self._pump.send(self._codec.encode(next(self._request_ids), Ping(self.client_id)))
             except zmq.ZMQError as exc:
                 log.warning("%s: heartbeat to %s not sent: %s", self._name, self.address, exc)
 

@@ -27,10 +27,16 @@ class Pong(Message):
 
 @dataclass(frozen=True)
 class Ping(Message):
-    """A heartbeat.  A server answers it on its event loop, even while a handler runs."""
+    """A heartbeat.  A server answers it on its event loop, even while a handler runs.
+
+    ``client_id`` names the client's run where it has one (an Executor's session id; 0: none): a server
+    remembers when it last heard each, so a shard can tell a live but idle Executor from a gone one
+    (``RpcServer.seconds_since_ping``).
+    """
 
     KIND = 1
     REPLY = Pong
+    client_id: int = int_field(min_value=0, max_value=MAX_INSTANCE_ID, default=0)
 
 
 @dataclass(frozen=True)

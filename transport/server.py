@@ -11,12 +11,14 @@ request reaches ``on_request`` without a Task or Future of its own.
 Each ``start`` draws a random 64-bit ``instance_id`` that every Pong carries: a
 server restarted at the same address (say by systemd, within the heartbeat
 window) answers Pings with another id, and its clients learn that the requests
-they were waiting on are lost (transport/client.py).
+they were waiting on are lost (transport/client.py).  A Ping's ``client_id`` (an Executor's session) is
+remembered with its time, for ``seconds_since_ping``.
 """
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import Callable
 
 import zmq
@@ -32,6 +34,7 @@ from fastdecode.transport.sockets import LINGER_MS, make_socket
 log = logging.getLogger(__name__)
 
 RequestCallback = Callable[[bytes, int, Message], None]
+MAX_PING_CLIENTS = 256  # heartbeat senders remembered (the most recent); a shard has one Executor at a time
 
 
 class RpcServer:
@@ -53,6 +56,7 @@ class RpcServer:
         self.address: str | None = None
         self.instance_id: int | None = None  # drawn by start(), carried by every Pong
         self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
+        self._last_ping_s: dict[int, float] = {}  # client_id -> when its last heartbeat came (oldest first)
 
     async def start(self) -> str:
         """Bind and start receiving; returns the bound address (a ``:0`` or ``:*`` tcp port is resolved)."""
@@ -90,9 +94,23 @@ class RpcServer:
                 self.reply(peer, exc.request_id, ErrorReply(PROTOCOL, str(exc)))
             return
         if type(message) is Ping:
+            if message.client_id:
+                self._note_ping(message.client_id)
             self.reply(peer, request_id, Pong(self.instance_id))
             return
         self._on_request(peer, request_id, message)
+
+    def _note_ping(self, client_id: int) -> None:
+        pings = self._last_ping_s
+        pings.pop(client_id, None)
+        pings[client_id] = time.monotonic()  # the newest last: the oldest go first when there are too many
+        while len(pings) > MAX_PING_CLIENTS:
+            del pings[next(iter(pings))]
+
+    def seconds_since_ping(self, client_id: int) -> float | None:
+        """Seconds since a heartbeat tagged ``client_id`` came (None: none remembered)."""
+        heard_s = self._last_ping_s.get(client_id)
+        return None if heard_s is None else time.monotonic() - heard_s
 
     def reply(self, peer: bytes, request_id: int, message: Message) -> None:
         """Send a reply to one peer now (no await needed); a reply that cannot be encoded becomes an error reply.

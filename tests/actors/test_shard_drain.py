@@ -97,6 +97,28 @@ def test_a_killed_executors_leftovers_are_freed_once_it_is_silent(drainable) -> 
     drainable.on_allocate(Allocate((1, 2)))  # the ids are free again
 
 
+def test_an_idle_executor_whose_heartbeats_come_keeps_the_shard(drainable) -> None:
+    """An idle Executor sends only heartbeats: while they come (tagged with its session) another session is
+    refused even though the shard holds no sequence and no request came for longer than the timeout; once they
+    stop for ``session_timeout_s`` the new one gets in."""
+    timeout_s = drainable.shard.config.session_timeout_s
+    heard = {1: 0.5}
+    drainable.seconds_since_ping = heard.get
+    _configure(drainable, 1)
+    drainable.last_request_s -= 10 * timeout_s  # no request for long: the old rule would let anyone in
+    with pytest.raises(ActorError) as info:
+        _configure(drainable, 2)
+    assert info.value.code == "busy" and "heartbeat" in info.value.message
+    assert _configure(drainable, 1).num_sequences == 0  # the holder itself is always let in
+    heard[1] = timeout_s + 0.1  # its heartbeats stopped: it is gone
+    assert _configure(drainable, 2).num_sequences == 0
+    heard.pop(1)
+    drainable.last_request_s -= 10 * timeout_s
+    with pytest.raises(ActorError, match="heartbeat"):  # now session 2 is the one whose heartbeats count
+        heard[2] = 0.1
+        _configure(drainable, 3)
+
+
 def test_the_session_timeout_is_twice_the_executors_dead_peer_window() -> None:
     from fastdecode.actors.cluster import ClusterConfig
 

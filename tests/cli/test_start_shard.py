@@ -21,7 +21,7 @@ from fastdecode.actors.shard_client import ShardClient
 from fastdecode.cli.sizes import parse_size
 from fastdecode.cli.start_shard import check_listen_address, parse_cpu_list, start_shard
 from fastdecode.native.lib import KVPool
-from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
+from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -214,6 +214,29 @@ def test_a_busy_port_is_one_error_line_and_exit_2() -> None:
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert len(errors) == 1 and errors[0].startswith(f"Error: kvshard: cannot bind {listen}: Address already in use")
     assert not any(line.startswith("ready ") for line in result.output.splitlines())
+
+
+async def test_an_idle_executor_keeps_its_shard_through_heartbeats() -> None:
+    """A live Executor with nothing to run sends only heartbeats: another session's Configure is refused ``busy``
+    (it used to be let in when the shard held no sequence, and re-created the pool under the first one)."""
+    daemon = ShardDaemon("--no-calibrate")
+    ctx = zmq.asyncio.Context()
+    try:
+        holder = await ShardClient.connect(daemon.address, ctx=ctx, heartbeat_interval_s=0.1)
+        shape = dict(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, kv_dtype="bfloat16")
+        await holder.configure(**shape, session_id=1)
+        await asyncio.sleep(0.3)  # heartbeats only
+        other = await ShardClient.connect(daemon.address, ctx=ctx)
+        with pytest.raises(RemoteRequestError) as info:
+            await other.configure(**shape, session_id=2)
+        assert info.value.code == "busy" and "heartbeat" in str(info.value)
+        assert (await holder.configure(**shape, session_id=1)).is_configured
+        await other.close()
+        await holder.close()
+    finally:
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.finish()
+        ctx.destroy(linger=0)
 
 
 async def test_a_second_executor_is_refused_with_one_line_while_the_first_runs() -> None:
