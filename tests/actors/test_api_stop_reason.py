@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from fastdecode.actors.api import AsyncLLM, primary_eos_token_id
+from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.model.synthetic_tokenizer import (
     BOS_TOKEN,
     BOS_TOKEN_ID,
@@ -42,7 +43,7 @@ class ScriptedCluster:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.model = SimpleNamespace(config=SimpleNamespace())
+        self.model = SimpleNamespace(config=SimpleNamespace(sampling_defaults=SamplingDefaults()))
         self.executor = SimpleNamespace(max_model_len=256)
         self.script: tuple[list[int], str] = ([], "length")
 
