@@ -5,7 +5,9 @@ steps while there is work. Each step: reap cancelled requests (KV freed at once)
 ask the scheduler for a plan (``fastdecode.scheduler``: preemptions, admissions
 with placement, the two mini-batches), carry it out (free preempted KV, prefill
 admitted sequences on the Executor's device and ship their K/V to their node),
-then run one decode step over the mini-batches and sample.
+then run one decode step over the mini-batches and sample. Prefills share a step's
+token budget with its decodes: a long prompt is prefilled in chunks over several
+steps (``chunked_prefill``) while the running sequences go on decoding.
 
 KV nodes fail and come back (``GuardedNode``, ``Reconnector``): at each step
 boundary a failed or draining node leaves the scheduler and the sequences it
@@ -28,13 +30,13 @@ import time
 
 import torch
 
+from fastdecode.actors.chunked_prefill import PrefillJob, PrefillQueue
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
 from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
-from fastdecode.actors.prefill import prefill
 from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
@@ -76,6 +78,7 @@ class Executor:
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._abort_requested: dict[int, bool] = {}  # of _sequences, reaped at the next step -> is_stop
+        self.prefills = PrefillQueue(config.batched_tokens_for(model.device))  # admitted, not (wholly) prefilled
         # a step's token events (not a request's last), handed to the streams once the next decode step
         # is under way, so the readers' wake-ups overlap the GPU instead of delaying the next replay
         self._pending_events: list[tuple[Sequence, TokenEvent]] = []
@@ -140,6 +143,7 @@ class Executor:
             seq.emit(TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error",
                                 error="the server is shutting down", is_retryable=True))
         self._sequences.clear()
+        self.prefills.clear()
         # a step may still run on the dense thread: wait for it off the loop, which may be what serves the
         # in-process shards that step is waiting for
         await asyncio.to_thread(self.runner.close)
@@ -221,9 +225,13 @@ class Executor:
         plan = self.scheduler.schedule()
         for preemption in plan.preempted:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
-        if plan.admitted:
+        for admission in plan.admitted:
+            self.prefills.add(self._sequences[admission.seq_id], admission.node_id)
+        if self.prefills:
             self._emit_pending()  # prefills take a while: the streams should not wait for them
-            await self._prefill_all([(self._sequences[a.seq_id], a.node_id) for a in plan.admitted])
+            num_decoding = sum(1 for ids in plan.minibatches for s in map(self._sequences.get, ids)
+                               if s is not None and self._is_placed(s))
+            await self._prefill_all(self.prefills.take_step(num_decoding))
         minibatches = [[s for s in (self._sequences.get(i) for i in ids) if s is not None and self._is_placed(s)]
                        for ids in plan.minibatches]
         minibatches = [mb for mb in minibatches if mb]
@@ -243,7 +251,9 @@ class Executor:
 
     async def _release(self, seq: Sequence) -> None:
         """Free the sequence's KV on its node, if it holds any. KV on a dead node is remembered as an
-        orphan of that node, freed if the same shard comes back; an older epoch's KV is never sent to a newer one."""
+        orphan of that node, freed if the same shard comes back; an older epoch's KV is never sent to a newer one.
+        A prefill under way (chunked) is dropped with its K/V so far."""
+        self.prefills.drop(seq.seq_id)
         if seq.status is not SeqStatus.RUNNING:
             return
         node_index, seq.node_index = seq.node_index, None
@@ -346,39 +356,25 @@ class Executor:
         self.num_preempted += 1
         await self._release(seq)
 
-    async def _prefill_all(self, admissions: list[tuple[Sequence, int]]) -> None:
-        """Prefill the admitted sequences in order, each one's forward pass overlapping the placement of
-        the one before (its K/V copied to the host, shipped to its node, its first token sampled)."""
+    async def _prefill_all(self, work: list[tuple[PrefillJob, int]]) -> None:
+        """Run this step's prefills (``PrefillQueue.take_step``) in order, each forward pass overlapping the
+        placement of the prompt done before it (its K/V copied to the host, shipped to its node, its first token
+        sampled); a prompt with chunks still to come waits for later steps."""
         placing: asyncio.Future | None = None
         try:
-            for seq, node_index in admissions:
-                computed = await self._prefill_forward(seq, self.nodes[node_index].is_host)
+            for job, num_tokens in work:
+                host_copies = self.runner.host_copies if self.nodes[job.node_index].is_host else None
+                computed = await self.runner.run(job.run_chunk, self.model, num_tokens, host_copies)
+                if computed is None:
+                    continue
                 if placing is not None:
                     await placing
-                placing = asyncio.ensure_future(self._place(seq, node_index, *computed))
+                placing = asyncio.ensure_future(self._place(job.seq, job.node_index, job.is_resumed, *computed))
             if placing is not None:
                 await placing
         finally:
             if placing is not None and not placing.done():
                 placing.cancel()
-
-    async def _prefill_forward(self, seq: Sequence, is_to_host: bool):
-        """(is_resumed, last logits, k, v) of the sequence's prompt, k and v already on the host for a
-        host node: the copy is part of the same job on the dense thread, so it is not queued behind the
-        next prompt's forward pass. A preempted sequence is rebuilt from prompt + its output but the last
-        token, which the next decode step feeds in; its next token is not sampled here."""
-        is_resumed = bool(seq.output_ids)
-        ids = seq.all_ids[:-1] if is_resumed else seq.prompt_ids
-        tokens = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-        logits, k, v = await self.runner.run(self._forward_prompt, tokens, is_to_host)
-        return is_resumed, logits, k, v
-
-    def _forward_prompt(self, tokens: torch.Tensor, is_to_host: bool):
-        """On the dense thread: the prefill, and the host copies of its K/V when they go to a host node."""
-        logits, k, v = prefill(self.model, tokens)
-        if is_to_host:
-            k, v = self.runner.host_copies(k, v)
-        return logits, k, v
 
     async def _place(self, seq: Sequence, node_index: int, is_resumed: bool, logits, k, v) -> None:
         node = self.nodes[node_index]

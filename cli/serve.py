@@ -40,6 +40,10 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--overcommit", default=1.0, show_default=True, type=click.FloatRange(1.0, 100.0),
                      help="How far the KV that running sequences may reach (prompt + max_tokens) may exceed "
                           "a node's memory; above 1 a full node preempts its youngest sequence."),
+        click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=0),
+                     help="Most tokens one step carries (each decoding sequence counts 1); a longer prompt is "
+                          "prefilled in chunks over several steps while the others keep decoding. 0: no chunking. "
+                          "[default: 2048 on a GPU, 256 on a CPU]"),
         click.option("--dtype", default="auto", show_default=True,
                      type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
@@ -61,7 +65,7 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  max_model_len: int | None, max_num_seqs: int, max_queue: int, dtype: str, device: str, seed: int,
-                 admission: str = "sls", overcommit: float = 1.0,
+                 admission: str = "sls", overcommit: float = 1.0, max_num_batched_tokens: int | None = None,
                  is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
                  kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
                  is_insecure_bind_any: bool = False):
@@ -78,6 +82,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
 
     try:
         executor = ExecutorConfig(max_model_len=max_model_len, max_queue=max_queue, is_pipelined=not is_unpipelined,
+                                  max_num_batched_tokens=max_num_batched_tokens,
                                   scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, admission=admission,
                                                             overcommit=overcommit))
         cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, num_shards=num_shards,

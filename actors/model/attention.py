@@ -26,6 +26,25 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return o.transpose(0, 1)
 
 
+def prefill_attention_with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                                  past_v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a prompt's chunk after ``P`` earlier positions: q[T,Hq,D], k/v[T,Hkv,D] of the chunk,
+    past_k/past_v[P,Hkv,D] of the positions before it -> o[T,Hq,D]; query i (position P+i) sees keys 0..P+i."""
+    if past_k.shape != past_v.shape or past_k.dim() != 3 or past_k.shape[1:] != k.shape[1:]:
+        raise ValueError(f"past_k and past_v must both be [P, {k.shape[1]}, {k.shape[2]}], got "
+                         f"{tuple(past_k.shape)}, {tuple(past_v.shape)}")
+    num_past, num_new = past_k.shape[0], q.shape[0]
+    if num_past == 0:
+        return prefill_attention(q, k, v)
+    num_heads = q.shape[1]
+    keys, values = torch.cat((past_k, k)), torch.cat((past_v, v))
+    is_visible = torch.ones(num_new, num_past + num_new, dtype=torch.bool, device=q.device).tril(num_past)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), _expand_kv(keys, num_heads), _expand_kv(values, num_heads), attn_mask=is_visible
+    )
+    return o.transpose(0, 1)
+
+
 def prefill_attention_ragged(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
 ) -> torch.Tensor:

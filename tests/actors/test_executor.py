@@ -236,12 +236,12 @@ async def test_greedy_matches_reference_on_cuda(num_shards, is_pipelined):
 async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_model, references, monkeypatch):
     """Admitted together, prompt i+1's forward pass runs while prompt i's K/V is still being shipped,
     and the tokens stay the reference's."""
-    import fastdecode.actors.executor as executor_module
+    import fastdecode.actors.chunked_prefill as prefill_module
 
     _, tokenizer = tiny_model
     spans: dict[str, list[tuple[float, float]]] = {"forward": [], "append": []}
     loop = asyncio.get_running_loop()
-    real_prefill = executor_module.prefill
+    real_prefill = prefill_module.prefill_chunk
 
     def timed_prefill(*args):
         start = loop.time()
@@ -249,7 +249,7 @@ async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_mo
         spans["forward"].append((start, loop.time()))
         return result
 
-    monkeypatch.setattr(executor_module, "prefill", timed_prefill)
+    monkeypatch.setattr(prefill_module, "prefill_chunk", timed_prefill)
     config = ClusterConfig(**TINY, num_shards=1, shard_kv_memory_bytes=16 << 20)
     async with await Cluster.start(config) as cluster:
         node = cluster.executor.nodes[0]

@@ -1,0 +1,123 @@
+"""Chunked prefill: the admitted prompts' prefills, within a per-step token budget.
+
+As vLLM's: a step carries at most ``max_num_batched_tokens`` tokens; each sequence
+decoding in it counts one, the admitted prompts share the rest, first come first
+served. A prompt that fits what is left is prefilled whole in this step (the
+Executor's ``_prefill_all``, which overlaps placements); the first one that does not
+gets the rest of the budget and is prefilled a chunk per step, its K/V so far kept
+on the Executor's device in its ``PrefillJob``. Its sequence is not RUNNING until its
+last chunk is placed, so the decode steps run on without it: a long prompt no longer
+stalls the running streams for its whole prefill. A job dies with its sequence's
+admission: abort, preemption, requeue off a failed node, stop (``PrefillQueue.drop``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdecode.actors.prefill import prefill_chunk
+from fastdecode.actors.sequence import Sequence
+
+MIN_PREFILL_TOKENS = 64  # the budget's floor (or the whole limit, if smaller): a prefill always progresses
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """One admitted sequence's prefill: the tokens to prefill and, once chunked, the K/V of the positions done so
+    far (``[num_layers, len, Hkv, D]``). A preempted or recovering sequence is rebuilt from prompt + its output but
+    the last token (``is_resumed``), which the next decode step feeds in: its next token is not sampled then."""
+
+    seq: Sequence
+    node_index: int
+    token_ids: list[int]
+    is_resumed: bool
+    num_done: int = 0
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @classmethod
+    def for_sequence(cls, seq: Sequence, node_index: int) -> "PrefillJob":
+        is_resumed = bool(seq.output_ids)
+        return cls(seq, node_index, seq.all_ids[:-1] if is_resumed else list(seq.prompt_ids), is_resumed)
+
+    @property
+    def num_left(self) -> int:
+        return len(self.token_ids) - self.num_done
+
+    def run_chunk(self, model, num_tokens: int, host_copies=None):
+        """On the dense thread: prefill the next ``num_tokens`` positions. Once the last is done: (last logits,
+        keys, values) of the whole prompt (through ``host_copies`` for a host node, in the same dense-thread job
+        so the copy does not queue behind the next prompt's forward pass), else None."""
+        start = self.num_done
+        end = start + min(num_tokens, self.num_left)
+        tokens = torch.tensor(self.token_ids[start:end], dtype=torch.long, device=model.device)
+        past_k = None if self.keys is None else self.keys[:, :start]
+        past_v = None if self.values is None else self.values[:, :start]
+        logits, keys, values = prefill_chunk(model, tokens, start, past_k, past_v)
+        self.num_done = end
+        if start > 0 or self.num_left:  # chunked: gather the chunks' K/V in the job's buffers
+            if self.keys is None:
+                shape = (keys.shape[0], len(self.token_ids), *keys.shape[2:])
+                self.keys, self.values = keys.new_empty(shape), values.new_empty(shape)
+            self.keys[:, start:end] = keys
+            self.values[:, start:end] = values
+            if self.num_left:
+                return None
+            keys, values, self.keys, self.values = self.keys, self.values, None, None
+        if host_copies is not None:
+            keys, values = host_copies(keys, values)
+        return logits, keys, values
+
+
+class PrefillQueue:
+    """The admitted sequences whose prefill is pending or under way, in admission order."""
+
+    def __init__(self, max_num_batched_tokens: int | None) -> None:
+        self.max_num_batched_tokens = max_num_batched_tokens or None  # None: no limit, every prompt whole
+        self._jobs: dict[int, PrefillJob] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._jobs
+
+    def job(self, seq_id: int) -> PrefillJob | None:
+        return self._jobs.get(seq_id)
+
+    def add(self, seq: Sequence, node_index: int) -> None:
+        if seq.seq_id in self._jobs:
+            raise ValueError(f"sequence {seq.seq_id} is already being prefilled")
+        self._jobs[seq.seq_id] = PrefillJob.for_sequence(seq, node_index)
+
+    def drop(self, seq_id: int) -> bool:
+        """Forget a sequence's prefill and the K/V computed so far (False if it had none)."""
+        return self._jobs.pop(seq_id, None) is not None
+
+    def clear(self) -> None:
+        self._jobs.clear()
+
+    def budget(self, num_decoding: int) -> int | None:
+        """Prefill tokens a step with ``num_decoding`` decoding sequences may carry (None: no limit)."""
+        if self.max_num_batched_tokens is None:
+            return None
+        floor = min(MIN_PREFILL_TOKENS, self.max_num_batched_tokens)
+        return max(self.max_num_batched_tokens - num_decoding, floor)
+
+    def take_step(self, num_decoding: int) -> list[tuple[PrefillJob, int]]:
+        """This step's prefills ``(job, num_tokens)``, first come first served within the budget: a job chunked
+        before goes on first (it is the oldest), the next ones that fit are prefilled whole, and the first that
+        does not gets what is left. A job leaves the queue with the step that does its last token."""
+        budget = self.budget(num_decoding)
+        work: list[tuple[PrefillJob, int]] = []
+        for job in list(self._jobs.values()):
+            num_tokens = job.num_left if budget is None else min(budget, job.num_left)
+            if num_tokens == 0:
+                break
+            work.append((job, num_tokens))
+            if num_tokens < job.num_left:
+                break  # the budget is spent: the rest of it in later steps
+            del self._jobs[job.seq.seq_id]
+            budget = None if budget is None else budget - num_tokens
+        return work

@@ -1,0 +1,117 @@
+"""Chunked prefill's parts: attention after a prefix, ``prefill_chunk`` against ``prefill``, the per-step
+token budget of ``PrefillQueue`` and the config field."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdecode.actors.chunked_prefill import MIN_PREFILL_TOKENS, PrefillQueue
+from fastdecode.actors.executor_config import ExecutorConfig
+from fastdecode.actors.model import prefill_attention
+from fastdecode.actors.model.attention import prefill_attention_with_prefix
+from fastdecode.actors.prefill import prefill, prefill_chunk
+from fastdecode.actors.request import SamplingParams
+from fastdecode.actors.sequence import EventChannel, Sequence
+
+
+def make_seq(seq_id: int, num_tokens: int, outputs: tuple[int, ...] = ()) -> Sequence:
+    seq = Sequence(seq_id, [3 + (seq_id * 7 + i) % 50 for i in range(num_tokens)], SamplingParams(), EventChannel())
+    seq.output_ids.extend(outputs)
+    return seq
+
+
+def run_chunked(model, token_ids: list[int], max_num_batched_tokens: int):
+    """(last logits, keys, values, chunk sizes) of one prompt prefilled alone through a PrefillQueue."""
+    queue = PrefillQueue(max_num_batched_tokens)
+    seq = Sequence(1, token_ids, SamplingParams(), EventChannel())
+    queue.add(seq, 0)
+    sizes, computed = [], None
+    while computed is None:
+        [(job, num_tokens)] = queue.take_step(num_decoding=0)
+        sizes.append(num_tokens)
+        computed = job.run_chunk(model, num_tokens)
+    assert len(queue) == 0 and job.keys is None  # off the queue, its buffers handed over
+    return (*computed, sizes)
+
+
+def test_attention_after_a_prefix_equals_the_rows_of_causal_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(11, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
+    whole = prefill_attention(q, k, v)
+    for split in (0, 1, 6, 10):
+        part = prefill_attention_with_prefix(q[split:], k[split:], v[split:], k[:split], v[:split])
+        torch.testing.assert_close(part, whole[split:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="past_k and past_v"):
+        prefill_attention_with_prefix(q[4:], k[4:], v[4:], k[:4], v[:3])
+
+
+def test_prefill_chunk_checks_the_prefix_length(tiny_model):
+    model, _ = tiny_model
+    _, k, v = prefill(model, torch.tensor([5, 6, 7, 8]))
+    with pytest.raises(ValueError, match="needs the K/V of the 3 positions"):
+        prefill_chunk(model, torch.tensor([9]), 3, k, v)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 32, 45])
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_chunked_prefill_matches_the_whole_prefill(tiny_model, num_tokens, chunk):
+    model, _ = tiny_model
+    token_ids = [3 + (i * 13) % 200 for i in range(num_tokens)]
+    logits, keys, values = prefill(model, torch.tensor(token_ids))
+    chunked_logits, chunked_keys, chunked_values, sizes = run_chunked(model, token_ids, chunk)
+    expected_sizes = [chunk] * (num_tokens // chunk) + ([num_tokens % chunk] if num_tokens % chunk else [])
+    assert sizes == expected_sizes  # 32 tokens in chunks of 16: exactly two
+    torch.testing.assert_close(chunked_logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunked_keys, keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked_values, values, atol=1e-5, rtol=1e-5)
+    assert int(chunked_logits.argmax()) == int(logits.argmax())
+
+
+def test_a_step_shares_its_budget_first_come_first_served():
+    queue = PrefillQueue(100)
+    for seq in (make_seq(1, 30), make_seq(2, 150), make_seq(3, 10)):
+        queue.add(seq, 0)
+    # 4 decoding: 96 tokens; 30 whole, then 66 of the 150 and nothing for the third
+    assert [(job.seq.seq_id, n) for job, n in queue.take_step(num_decoding=4)] == [(1, 30), (2, 66)]
+    assert 1 not in queue and 2 in queue and len(queue) == 2
+    queue.job(2).num_done = 66  # as run_chunk leaves it
+    # the chunked job goes on first (84 left of 98), then the next fits whole
+    assert [(job.seq.seq_id, n) for job, n in queue.take_step(num_decoding=2)] == [(2, 84), (3, 10)]
+    assert len(queue) == 0 and queue.take_step(num_decoding=0) == []
+
+
+def test_the_budget_has_a_floor_and_zero_or_none_means_no_chunking():
+    assert PrefillQueue(2048).budget(num_decoding=2000) == MIN_PREFILL_TOKENS
+    assert PrefillQueue(2048).budget(num_decoding=48) == 2000
+    assert PrefillQueue(8).budget(num_decoding=7) == 8  # a limit under the floor is its own floor
+    for unlimited in (None, 0):
+        queue = PrefillQueue(unlimited)
+        assert queue.budget(num_decoding=10) is None
+        queue.add(make_seq(1, 5000), 0)
+        queue.add(make_seq(2, 3000), 1)
+        assert [(job.node_index, n) for job, n in queue.take_step(num_decoding=10)] == [(0, 5000), (1, 3000)]
+
+
+def test_a_rebuilt_sequence_prefills_prompt_and_outputs_but_the_last():
+    queue = PrefillQueue(2048)
+    seq = make_seq(1, 4, outputs=(60, 61, 62))
+    queue.add(seq, 0)
+    job = queue.job(1)
+    assert job.is_resumed and job.token_ids == seq.prompt_ids + [60, 61]
+    with pytest.raises(ValueError, match="already being prefilled"):
+        queue.add(seq, 0)
+    assert queue.drop(1) and not queue.drop(1) and queue.job(1) is None
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "64"])
+def test_config_refuses_a_bad_token_limit(bad):
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        ExecutorConfig(max_num_batched_tokens=bad)
+
+
+def test_config_default_chunks_and_zero_or_none_turns_it_off():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ExecutorConfig().max_num_batched_tokens is None
+    assert (ExecutorConfig().batched_tokens_for(cpu), ExecutorConfig().batched_tokens_for(gpu)) == (256, 2048)
+    assert ExecutorConfig(max_num_batched_tokens=0).batched_tokens_for(gpu) is None  # 0: no chunking
+    assert ExecutorConfig(max_num_batched_tokens=512).batched_tokens_for(cpu) == 512
