@@ -3,7 +3,11 @@
 Memory is a preallocated pool per layer, ``[num_slots, Hkv, columns, D]`` for K and
 for V, one slot per sequence (``slot_len`` is the longest sequence the Executor
 admits; ``columns`` is ``slot_len`` plus at least one scratch column, rounded up to
-16, where the padding rows of a whole-step CUDA graph write). One attend call writes
+16, where the padding rows of a whole-step CUDA graph write). The slots are counted
+from those real bytes, so the pool never takes more than ``memory_bytes``
+(``gpu_kv_bytes`` gives the bytes of a pool of N slots), and a ``memory_bytes`` past
+the device's free memory (CUDA's, or the host's available RAM) is refused before any
+allocation (``GpuKVMemoryError``). One attend call writes
 every row's new k, v with a single indexed store, then runs torch's fused
 ``scaled_dot_product_attention`` over the rows' slots, cut to the longest context
 among them, with a length mask. GQA needs no expanded KV: a KV head's query heads
@@ -27,6 +31,7 @@ from per-row lengths, so no shape or host value changes from one step to the nex
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -37,6 +42,9 @@ import torch.nn.functional as F
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
 from fastdecode.actors.static_attention import STATIC_ATTENTIONS, StaticAttention
 
+
+class GpuKVMemoryError(ValueError):
+    """The GPU KV memory asked for is more than the device has free: refused before allocating."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,46 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def slot_columns(slot_len: int) -> int:
+    """Token columns a slot of ``slot_len`` tokens takes: one scratch column more, rounded up to 16."""
+    return _round_up(slot_len + 1, 16)
+
+
+def gpu_kv_bytes(model, num_slots: int, slot_len: int) -> int:
+    """The ``memory_bytes`` of a pool of exactly ``num_slots`` slots of ``slot_len`` tokens for ``model``."""
+    return num_slots * slot_columns(slot_len) * model.config.kv_bytes_per_token(model.dtype.itemsize)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes free on ``device`` now: CUDA's free memory, or on the CPU the RAM available now (MemAvailable,
+    which counts the page cache the kernel can drop; the free pages where /proc/meminfo is not there)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            lines = meminfo.read().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_gpu_kv_memory(memory_bytes: int, device: torch.device) -> None:
+    """GpuKVMemoryError when a pool of ``memory_bytes`` cannot fit the memory ``device`` has free."""
+    free = free_memory_bytes(torch.device(device))
+    if memory_bytes > free:
+        where = "this GPU has" if torch.device(device).type == "cuda" else "this host has available"
+        raise GpuKVMemoryError(f"GPU KV memory of {_in_mib_or_gib(memory_bytes)} is more than {where} "
+                               f"({_in_mib_or_gib(free)})")
+
+
+def _in_mib_or_gib(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 30):.2f} GiB" if num_bytes >= 1 << 30 else f"{num_bytes / (1 << 20):.1f} MiB"
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -89,12 +137,13 @@ class GpuKVNode(KVNode):
         self.device = torch.device(device)
         self.num_layers = num_layers
         self.bytes_per_token_layer = 2 * num_kv_heads * head_dim * dtype.itemsize
-        slot_bytes = config.slot_len * self.bytes_per_token_layer * num_layers
+        self.num_columns = slot_columns(config.slot_len)
+        slot_bytes = self.num_columns * self.bytes_per_token_layer * num_layers  # what a slot really takes
         self.num_slots = config.memory_bytes // slot_bytes
         if self.num_slots < 1:
             raise ValueError(f"GPU KV memory of {config.memory_bytes} bytes holds no sequence of {config.slot_len} "
-                             f"tokens ({slot_bytes} bytes each)")
-        self.num_columns = _round_up(config.slot_len + 1, 16)
+                             f"tokens ({slot_bytes} bytes each, with the scratch and padding columns)")
+        check_gpu_kv_memory(config.memory_bytes, self.device)
         self.scratch_column = self.num_columns - 1  # never read unmasked: lengths stop at slot_len
         shape = (num_layers, 2, self.num_slots, num_kv_heads, self.num_columns, head_dim)
         self._pool = torch.zeros(shape, dtype=dtype, device=self.device)

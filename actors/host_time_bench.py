@@ -98,7 +98,7 @@ async def measure(model, batch: int, *, node_kind: str, prompt_len: int, output_
                   profiler: cProfile.Profile | None) -> dict:
     from fastdecode.actors.cuda_graphs import StepGraphs
     from fastdecode.actors.executor import Executor, ExecutorConfig
-    from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
+    from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, gpu_kv_bytes
     from fastdecode.actors.kv_nodes import LocalKVNode
     from fastdecode.actors.request import SamplingParams
     from fastdecode.scheduler import SchedulerConfig
@@ -108,8 +108,8 @@ async def measure(model, batch: int, *, node_kind: str, prompt_len: int, output_
     kv_bytes = batch * final_len * cfg.kv_bytes_per_token(model.dtype.itemsize)
     timed = TimedModel(model)
     if node_kind == "gpu-kv":
-        node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=kv_bytes, slot_len=final_len,
-                                                                 is_calibrating=False))
+        node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=gpu_kv_bytes(model, batch, final_len),
+                                                                 slot_len=final_len, is_calibrating=False))
     else:
         node = LocalKVNode.for_model("local", model, kv_bytes)
     config = ExecutorConfig(max_model_len=final_len, is_pipelined=False,

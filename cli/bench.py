@@ -167,12 +167,20 @@ def offline(**options) -> None:
             batches = parse_int_list(options["sweep_batch"], "--sweep-batch") if options["sweep_batch"] else None
         except ValueError as exc:
             raise OneLineError(str(exc)) from None
-        if batches:
-            from fastdecode.cli.bench_sweep import run_sweep
+        from fastdecode.actors.gpu_kv import GpuKVMemoryError, check_gpu_kv_memory
+        from fastdecode.actors.model.loader import resolve_device
 
-            result = asyncio.run(run_sweep(options, batches))
-        else:
-            result = asyncio.run(run_offline(options))
+        try:
+            if options["gpu_kv_memory"] is not None:  # before any work; the pool checks it again, model loaded
+                check_gpu_kv_memory(options["gpu_kv_memory"], resolve_device(options["device"]))
+            if batches:
+                from fastdecode.cli.bench_sweep import run_sweep
+
+                result = asyncio.run(run_sweep(options, batches))
+            else:
+                result = asyncio.run(run_offline(options))
+        except GpuKVMemoryError as exc:
+            raise OneLineError(f"--gpu-kv-memory: {exc}; give a smaller size") from None
     click.echo(json.dumps(result))
 
 

@@ -24,7 +24,7 @@ import time
 
 import click
 
-from fastdecode.cli.errors import OneLineCommand, one_line_errors
+from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 
 
 def copy_bandwidth_gbps(device, num_bytes: int = 2 << 30, repeats: int = 10) -> float:
@@ -83,13 +83,12 @@ async def gpu_only_steps(model, batches, prompt_len: int, output_len: int, *, is
     of ``repeats`` runs (each run's figure kept in ``step_ms_runs``)."""
     from fastdecode.actors.cuda_graphs import StepGraphs
     from fastdecode.actors.executor import Executor, ExecutorConfig
-    from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
+    from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, gpu_kv_bytes
     from fastdecode.scheduler import SchedulerConfig
 
     cfg = model.config
     final_len = prompt_len + output_len
-    kv_token = cfg.kv_bytes_per_token(model.dtype.itemsize)
-    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=max(batches) * final_len * kv_token,
+    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=gpu_kv_bytes(model, max(batches), final_len),
                                                              slot_len=final_len,
                                                              static_attention=static_attention))
     graphs = StepGraphs(model, node, max_batch=max(batches)) if is_graphs else None
@@ -194,6 +193,16 @@ def render_roofline(result: dict, out_path: str) -> None:
     plt.close(fig)
 
 
+def require_cuda(device: str) -> None:
+    """OneLineError unless ``device`` names a CUDA device that torch can use: checked before any work."""
+    import torch
+
+    if not device.startswith("cuda"):
+        raise OneLineError(f"bench roofline measures a CUDA GPU: --device must be cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise OneLineError("bench roofline needs a CUDA GPU, and torch sees none here (a CPU-only build or no driver)")
+
+
 async def run_roofline(options: dict) -> dict:
     import torch
 
@@ -274,6 +283,7 @@ async def run_roofline(options: dict) -> dict:
 @click.option("--out", default=None, help="Folder for roofline.png (step time against batch).")
 def roofline(**options) -> None:
     """The gpu-only decode step against the HBM roofline (CUDA only)."""
+    require_cuda(options["device"])
     with one_line_errors():
         result = asyncio.run(run_roofline(options))
         if options["out"]:

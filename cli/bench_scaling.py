@@ -5,8 +5,10 @@ disjoint ``--cpu-list`` when the host has N x T cores), runs the offline benchma
 against them in ``shards`` mode, and stops them. Attention throughput = KV bytes
 read / busy time, where KV bytes read = tokens decoded in the traced steps x mean
 context (prompt + output / 2) x KV bytes per token (all layers): ``node_gbps`` =
-bytes / the nodes' summed busy time, ``attention_gbps`` = N x that (every node
-busy at once), ``total_gbps`` = bytes / traced wall time. The host's read
+bytes / the nodes' summed busy time, ``attention_gbps`` = that x the nodes that
+attended at all (``num_busy_nodes``: at small batches the scheduler may place every
+sequence on one shard, and an idle shard reads nothing), ``total_gbps`` = bytes /
+traced wall time. The host's read
 bandwidth with N x T threads (``fastdecode.native.lib.read_bandwidth_gbps``)
 gives efficiency = attention GB/s / read GB/s. One JSON object last on stdout.
 """
@@ -32,16 +34,17 @@ def shard_cpu_lists(count: int, threads: int) -> list[list[int]] | None:
     return [cpus[i * threads:(i + 1) * threads] for i in range(count)]
 
 
-def attention_figures(result: dict, num_shards: int) -> dict:
+def attention_figures(result: dict) -> dict:
     """KV GB read per second of node busy time: one node's (bytes over the nodes' summed busy time) and the
-    host's (that x the shard count: all nodes busy at once), and per second of traced wall time."""
+    host's (that x the nodes that attended, all busy at once: an idle one adds nothing), and per second of
+    traced wall time."""
     mean_context = result["prompt_len"] + result["output_len"] / 2
     kv_bytes = result["num_step_tokens"] * mean_context * result["kv_bytes_per_token"]
-    busy = sum(result["node_busy_s"].values())
-    node_gbps = kv_bytes / busy / 1e9 if busy > 0 else None
+    busy_s = [seconds for seconds in result["node_busy_s"].values() if seconds > 0]
+    node_gbps = kv_bytes / sum(busy_s) / 1e9 if busy_s else None
     wall = result["trace_wall_s"]
-    return {"kv_gb_read": kv_bytes / 1e9, "node_gbps": node_gbps,
-            "attention_gbps": node_gbps * num_shards if node_gbps else None,
+    return {"kv_gb_read": kv_bytes / 1e9, "node_gbps": node_gbps, "num_busy_nodes": len(busy_s),
+            "attention_gbps": node_gbps * len(busy_s) if node_gbps else None,
             "total_gbps": kv_bytes / wall / 1e9 if wall else None}
 
 
@@ -64,7 +67,10 @@ async def run_scaling(options: dict) -> dict:
         threads = count * options["threads_per_shard"]
         read_gbps = await asyncio.to_thread(read_bandwidth_gbps, options["read_bytes"], num_threads=threads,
                                             cpu_list=[c for cpus in cpu_lists for c in cpus] if cpu_lists else None)
-        figures = attention_figures(result, count)
+        figures = attention_figures(result)
+        if figures["num_busy_nodes"] < count:
+            print(f"bench scaling: only {figures['num_busy_nodes']} of {count} shard(s) attended (the scheduler "
+                  f"placed every sequence there); attention_gbps counts those only", file=sys.stderr)
         rows.append({"shards": count, "threads": threads, "is_pinned": cpu_lists is not None,
                      "tokens_per_s": result["tokens_per_s"], "step_ms": result["step_ms"], **figures,
                      "read_gbps": read_gbps,

@@ -1,7 +1,9 @@
 """``fdctl generate``: one prompt in, its continuation on stdout.
 
 Parsing (``GenerateOptions``) is kept apart from the engine call
-(``run_generate``), which for now is the single-process reference.
+(``run_generate``): the single-process reference, or a cluster of in-process
+shards or shard daemons. In-process shards get by default the KV memory the one
+prompt needs (``one_shot_kv_bytes``), not the share of free memory a server takes.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import click
 
 from fastdecode.cli.errors import OneLineCommand, one_line_errors
+from fastdecode.cli.sizes import SIZE
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class GenerateOptions:
     num_shards: int = 0  # in-process KVShards; 0 with no addresses: the single-process reference
     shard_addresses: tuple[str, ...] = ()
     curve_dir: str | None = None  # CURVE keys for the shard links (fdctl keygen)
+    kv_memory_bytes: int | None = None  # per in-process shard; None: what this prompt needs (one_shot_kv_bytes)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompt_token_ids is None):
@@ -45,6 +49,12 @@ class GenerateOptions:
             raise click.UsageError("--shards must be non-negative")
         if self.num_shards and self.shard_addresses:
             raise click.UsageError("give either --shards or --shard, not both")
+        if self.kv_memory_bytes is not None:
+            if not self.num_shards:
+                raise click.UsageError("--kv-memory sizes in-process shards: give it with --shards N (a shard "
+                                       "daemon has its own, from start-shard --kv-memory)")
+            if self.kv_memory_bytes < 1 << 20:
+                raise click.UsageError(f"--kv-memory must be at least 1 MiB, got {self.kv_memory_bytes} bytes")
 
 
 def parse_prompt_ids(text: str) -> tuple[int, ...]:
@@ -55,6 +65,18 @@ def parse_prompt_ids(text: str) -> tuple[int, ...]:
     if not ids:
         raise click.UsageError("--prompt-ids is empty")
     return ids
+
+
+def one_shot_kv_bytes(model, num_tokens: int) -> int:
+    """KV memory for each in-process shard of a one-shot run: one sequence of ``num_tokens`` whole (any
+    shard may get it), in pages of the largest size a shard takes, and no less than an embedded shard's
+    floor. Far less than a server's share of free memory, which every shard would pre-fault at start."""
+    from fastdecode.actors.cluster import MIN_EMBEDDED_KV_BYTES
+    from fastdecode.actors.kvshard import ShardConfig
+
+    page = ShardConfig.MAX_PAGE_SIZE
+    tokens = -(-num_tokens // page) * page
+    return max(MIN_EMBEDDED_KV_BYTES, tokens * model.config.kv_bytes_per_token(model.dtype.itemsize))
 
 
 def run_generate(options: GenerateOptions) -> Any:
@@ -79,17 +101,31 @@ def run_generate(options: GenerateOptions) -> Any:
                f"{len(prompt_ids)} prompt tokens, up to {options.max_tokens} new", err=True)
     if not options.num_shards and not options.shard_addresses:
         return reference_generate(model, tokenizer, prompt_ids, params)
+    config = cluster_config(options, model, len(prompt_ids))
     del model  # the cluster loads its own copy next to its shards
-    return asyncio.run(_generate_on_cluster(options, prompt_ids, params))
+    return asyncio.run(_generate_on_cluster(config, prompt_ids, params))
 
 
-async def _generate_on_cluster(options: GenerateOptions, prompt_ids: list[int], params) -> Any:
-    from fastdecode.actors.api import AsyncLLM
+def cluster_config(options: GenerateOptions, model, num_prompt_tokens: int):
+    """The ClusterConfig of a one-shot run. In-process shards without ``--kv-memory`` hold what this prompt
+    and ``--max-tokens`` need, and the Executor admits no longer sequence."""
     from fastdecode.actors.cluster import ClusterConfig
+    from fastdecode.actors.executor import ExecutorConfig
 
-    config = ClusterConfig(model=options.model, seed=options.model_seed, dtype=options.dtype, device=options.device,
-                           num_shards=options.num_shards, shard_addresses=options.shard_addresses,
-                           curve_dir=options.curve_dir)
+    kv_bytes, executor = options.kv_memory_bytes, ExecutorConfig()
+    if options.num_shards and kv_bytes is None:
+        num_tokens = min(num_prompt_tokens + options.max_tokens, model.config.max_position_embeddings)
+        kv_bytes = one_shot_kv_bytes(model, num_tokens)
+        executor = ExecutorConfig(max_model_len=num_tokens)
+    return ClusterConfig(model=options.model, seed=options.model_seed, dtype=options.dtype, device=options.device,
+                         num_shards=options.num_shards, shard_addresses=options.shard_addresses,
+                         shard_kv_memory_bytes=kv_bytes if options.num_shards else None, executor=executor,
+                         curve_dir=options.curve_dir)
+
+
+async def _generate_on_cluster(config, prompt_ids: list[int], params) -> Any:
+    from fastdecode.actors.api import AsyncLLM
+
     async with await AsyncLLM.start(config) as llm:
         return await llm.generate(prompt_ids, params)
 
@@ -116,10 +152,12 @@ async def _generate_on_cluster(options: GenerateOptions, prompt_ids: list[int], 
 @click.option("--shard", "shard_addresses", multiple=True, help="Address of a running shard daemon (repeatable).")
 @click.option("--curve-dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="CURVE key folder (fdctl keygen) for encrypted, authenticated shard links.")
+@click.option("--kv-memory", "kv_memory_bytes", default=None, type=SIZE,
+              help="KV memory per in-process shard, e.g. 2GiB (default: what the prompt and --max-tokens need).")
 def generate(model: str, prompt: str | None, prompt_ids: str | None, is_chat: bool, max_tokens: int,
              temperature: float, top_p: float, top_k: int, seed: int | None, dtype: str, device: str,
              ignore_eos: bool, stop: tuple[str, ...], as_json: bool, num_shards: int,
-             shard_addresses: tuple[str, ...], curve_dir: str | None) -> None:
+             shard_addresses: tuple[str, ...], curve_dir: str | None, kv_memory_bytes: int | None) -> None:
     """Generate a continuation of one prompt and print it."""
     with one_line_errors():
         options = GenerateOptions(
@@ -128,6 +166,7 @@ def generate(model: str, prompt: str | None, prompt_ids: str | None, is_chat: bo
             is_chat=is_chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, model_seed=seed or 0, dtype=dtype, device=device, ignore_eos=ignore_eos, stop=stop,
             num_shards=num_shards, shard_addresses=shard_addresses, curve_dir=curve_dir,
+            kv_memory_bytes=kv_memory_bytes,
         )
         result = run_generate(options)
     if as_json:

@@ -1,11 +1,14 @@
 """GPU KV node: batched attention against the per-sequence torch reference, slots, stats, errors."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
+from fastdecode.actors import gpu_kv
+from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVMemoryError, GpuKVNode, gpu_kv_bytes, slot_columns
 from fastdecode.actors.model.attention import TorchKVCache
 
 LAYERS, HKV, HQ, D = 2, 2, 8, 16
@@ -13,7 +16,9 @@ TOKEN_BYTES = LAYERS * 2 * HKV * D * 4  # float32, all layers
 
 
 def make_node(num_slots: int, slot_len: int = 64, device: str = "cpu", dtype=torch.float32) -> GpuKVNode:
-    config = GpuKVConfig(memory_bytes=num_slots * slot_len * TOKEN_BYTES, slot_len=slot_len, is_calibrating=False)
+    token_bytes = TOKEN_BYTES // 4 * dtype.itemsize
+    config = GpuKVConfig(memory_bytes=num_slots * slot_columns(slot_len) * token_bytes, slot_len=slot_len,
+                         is_calibrating=False)
     return GpuKVNode("gpu", config, num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, dtype=dtype,
                      device=torch.device(device))
 
@@ -94,3 +99,47 @@ def test_calibration_gives_a_positive_model():
     assert node.attn_gbps is not None and node.attn_gbps > 0
     assert node.attend_overhead_s is not None and node.attend_overhead_s >= 0
     assert not node._pool.any()  # calibration leaves the pool clean
+
+
+@pytest.mark.parametrize("slot_len, num_kv_heads, dtype, memory_bytes", [
+    (40, 2, torch.float32, 4 * 40 * TOKEN_BYTES),  # the bench's 32 + 8: 48 columns a slot, not 40
+    (544, 2, torch.bfloat16, 6 * 544 * TOKEN_BYTES // 2),  # 560 columns
+    (15, 1, torch.float32, 1 << 20),
+    (16, 4, torch.float16, (1 << 20) + 12345),
+    (2, 2, torch.float32, 3 * 16 * TOKEN_BYTES - 1),
+])
+def test_pool_never_takes_more_than_the_memory_asked(slot_len, num_kv_heads, dtype, memory_bytes):
+    node = GpuKVNode("gpu", GpuKVConfig(memory_bytes=memory_bytes, slot_len=slot_len, is_calibrating=False),
+                     num_layers=LAYERS, num_kv_heads=num_kv_heads, head_dim=D, dtype=dtype, device=torch.device("cpu"))
+    pool_bytes = node._pool.numel() * node._pool.element_size()
+    slot_bytes = pool_bytes // node.num_slots
+    assert pool_bytes <= memory_bytes
+    assert pool_bytes + slot_bytes > memory_bytes  # and it takes as many slots as fit
+    assert slot_bytes == slot_columns(slot_len) * LAYERS * 2 * num_kv_heads * D * dtype.itemsize
+
+
+def test_gpu_kv_bytes_gives_exactly_that_many_slots(tiny_model):
+    model, _ = tiny_model
+    for num_slots, slot_len in ((1, 2), (3, 40), (5, 48)):
+        config = GpuKVConfig(memory_bytes=gpu_kv_bytes(model, num_slots, slot_len), slot_len=slot_len,
+                             is_calibrating=False)
+        assert GpuKVNode.for_model("gpu", model, config).num_slots == num_slots
+
+
+def test_more_than_the_device_has_free_is_refused_before_allocating(monkeypatch):
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the pool was allocated")
+
+    monkeypatch.setattr(gpu_kv.torch, "zeros", no_allocation)
+    with pytest.raises(GpuKVMemoryError, match=r"GPU KV memory of 32768.00 GiB is more than this host has available"):
+        GpuKVNode("gpu", GpuKVConfig(memory_bytes=1 << 45, slot_len=8), num_layers=LAYERS, num_kv_heads=HKV,
+                  head_dim=D, dtype=torch.float32, device=torch.device("cpu"))
+    monkeypatch.setattr(gpu_kv, "free_memory_bytes", lambda device: 3 << 20)
+    with pytest.raises(GpuKVMemoryError, match=r"of 4.00 GiB is more than this host has available \(3.0 MiB\)"):
+        gpu_kv.check_gpu_kv_memory(4 << 30, torch.device("cpu"))
+    gpu_kv.check_gpu_kv_memory(3 << 20, torch.device("cpu"))  # what is free fits
+
+
+def test_free_memory_on_the_host_is_within_its_physical_memory():
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < gpu_kv.free_memory_bytes(torch.device("cpu")) <= physical

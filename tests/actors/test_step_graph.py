@@ -12,7 +12,7 @@ import torch
 from executor_helpers import collect, reference_greedy
 from fastdecode.actors.cuda_graphs import StepGraphs, bucket_for
 from fastdecode.actors.executor import Executor, ExecutorConfig
-from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
+from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, gpu_kv_bytes
 from fastdecode.actors.model import TorchKVCache
 from fastdecode.actors.prefill import prefill
 from fastdecode.actors.reference import run_tokens
@@ -26,8 +26,8 @@ PROMPTS = {1: [5, 9, 2], 2: [7, 1, 4, 4, 8, 3, 6], 3: [11, 12, 13, 14, 15], 4: [
 
 
 def make_node(model, num_slots: int, static_attention: str = "sdpa") -> GpuKVNode:
-    token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
-    config = GpuKVConfig(memory_bytes=num_slots * SLOT_LEN * token_bytes, slot_len=SLOT_LEN, is_calibrating=False,
+    config = GpuKVConfig(memory_bytes=gpu_kv_bytes(model, num_slots, SLOT_LEN), slot_len=SLOT_LEN,
+                         is_calibrating=False,
                          static_attention=static_attention,  # traced without a compiler on the CPU
                          compile_backend="inductor" if model.device.type == "cuda" else "aot_eager")
     return GpuKVNode.for_model("gpu-kv", model, config)
@@ -149,8 +149,7 @@ async def test_the_scheduler_predicts_whole_steps_from_timed_replays_and_learns_
     whole-step model; measured steps keep it within 15% of the steps that run."""
     model, _ = tiny_model
     slot_len, max_tokens = 64, 50
-    token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
-    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=4 * slot_len * token_bytes,
+    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=gpu_kv_bytes(model, 4, slot_len),
                                                              slot_len=slot_len, is_calibrating=False))
     config = ExecutorConfig(max_model_len=slot_len, is_pipelined=False, profile_batches=(1, 4),
                             scheduler=SchedulerConfig(max_num_seqs=4, admission="all-at-once"))

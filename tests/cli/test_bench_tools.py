@@ -77,9 +77,26 @@ def test_scaling_against_shard_processes(monkeypatch):
         assert row["threads"] == row["shards"]
         assert 1 <= len(row["node_busy_fraction"]) <= row["shards"]
         assert row["kv_gb_read"] > 0 and row["node_gbps"] > 0 and row["total_gbps"] > 0
-        assert row["attention_gbps"] == pytest.approx(row["shards"] * row["node_gbps"])
+        assert 1 <= row["num_busy_nodes"] == len(row["node_busy_fraction"]) <= row["shards"]
+        assert row["attention_gbps"] == pytest.approx(row["num_busy_nodes"] * row["node_gbps"])  # idle ones aside
         assert row["read_gbps"] > 0 and row["efficiency"] == pytest.approx(row["attention_gbps"] / row["read_gbps"])
     assert out["rows"][0]["scaling_vs_first"] == 1.0
+
+
+def test_scaling_counts_only_the_nodes_that_attended():
+    from fastdecode.cli.bench_scaling import attention_figures
+
+    run = {"prompt_len": 6, "output_len": 4, "num_step_tokens": 100, "kv_bytes_per_token": 1000, "trace_wall_s": 2.0}
+    kv_bytes = 100 * 8 * 1000
+    one_busy = attention_figures({**run, "node_busy_s": {"a": 0.5}})  # 2 shards, all sequences on one
+    assert one_busy["num_busy_nodes"] == 1
+    assert one_busy["node_gbps"] == one_busy["attention_gbps"] == pytest.approx(kv_bytes / 0.5 / 1e9)
+    both = attention_figures({**run, "node_busy_s": {"a": 0.5, "b": 0.3, "c": 0.0}})
+    assert both["num_busy_nodes"] == 2
+    assert both["attention_gbps"] == pytest.approx(2 * kv_bytes / 0.8 / 1e9)
+    assert both["total_gbps"] == pytest.approx(kv_bytes / 2.0 / 1e9)
+    idle = attention_figures({**run, "node_busy_s": {}})
+    assert (idle["num_busy_nodes"], idle["node_gbps"], idle["attention_gbps"]) == (0, None, None)
 
 
 @pytest.fixture(scope="module")

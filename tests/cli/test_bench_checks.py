@@ -1,0 +1,58 @@
+"""Checks the bench commands make before any work: roofline's CUDA, offline's --gpu-kv-memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastdecode.actors import gpu_kv
+from fastdecode.cli import bench_roofline
+from fastdecode.cli.bench import bench
+
+TINY = ["--model", "random:tiny", "--dtype", "float32", "--device", "cpu"]
+
+
+def no_work(*args, **kwargs):
+    raise AssertionError("the benchmark ran")
+
+
+def assert_one_line_error(result, expected: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the host without CUDA")
+def test_roofline_without_cuda_is_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_roofline, "run_roofline", no_work)
+    result = CliRunner().invoke(bench, ["roofline", "--out", str(tmp_path / "roof")])
+    assert_one_line_error(result, "bench roofline needs a CUDA GPU")
+    assert not (tmp_path / "roof").exists()
+
+
+def test_roofline_on_a_cpu_device_is_one_line_error(monkeypatch):
+    monkeypatch.setattr(bench_roofline, "run_roofline", no_work)
+    result = CliRunner().invoke(bench, ["roofline", "--device", "cpu"])
+    assert_one_line_error(result, "--device must be cuda")
+
+
+def test_gpu_kv_memory_past_the_free_memory_is_refused_before_any_work(monkeypatch):
+    from fastdecode.cli import bench as bench_module
+
+    monkeypatch.setattr(bench_module, "run_offline", no_work)
+    result = CliRunner().invoke(bench, ["offline", *TINY, "--mode", "gpu-only", "--gpu-kv-memory", "1048576GiB",
+                                        "--batch", "4", "--prompt-len", "32", "--output-len", "8"])
+    assert_one_line_error(result, "--gpu-kv-memory: GPU KV memory of 1048576.00 GiB is more than this host has")
+
+
+def test_gpu_kv_memory_gone_once_the_model_is_loaded_is_one_line_error(monkeypatch):
+    """The early check passes, then the pool's own check (model loaded) fails: still one line, no allocation."""
+    answers = iter([1 << 40])  # free memory: plenty at first, none after
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(gpu_kv, "free_memory_bytes", lambda device: next(answers, 0))
+    result = CliRunner().invoke(bench, ["offline", *TINY, "--mode", "gpu-only", "--gpu-kv-memory", "2MiB",
+                                        "--batch", "2", "--prompt-len", "4", "--output-len", "2"])
+    assert_one_line_error(result, "--gpu-kv-memory: GPU KV memory of 2.0 MiB is more than this host has available "
+                                  "(0.0 MiB)")
