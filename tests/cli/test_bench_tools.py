@@ -101,7 +101,7 @@ def test_scaling_counts_only_the_nodes_that_attended():
 
 @pytest.fixture(scope="module")
 def live_url():
-    with LiveServer(*TINY_ARGS) as server:
+    with LiveServer(*TINY_ARGS, "--kv-memory", "64MiB") as server:
         yield server.url
 
 
