@@ -51,6 +51,7 @@ async def run_offline(options: dict) -> dict:
         is_cuda_graphs=options["cuda_graphs"], is_compiled=options.get("compile", True),
         expected_mean_context=prompt_len + output_len // 2,
         executor=ExecutorConfig(is_pipelined=options["pipeline"], max_model_len=prompt_len + output_len,
+                                max_num_batched_tokens=options.get("max_num_batched_tokens"),
                                 scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"),
                                 profile_batches=tuple(sorted({1, max(2, batch // 2), batch}))),
         is_tracing=True, is_shard_loop_threaded=options.get("shard_own_loop", False),
@@ -96,6 +97,7 @@ async def run_offline(options: dict) -> dict:
             "mode_choice": cluster.mode_choice.to_dict() if cluster.mode_choice else None,
             "device": str(cluster.model.device), "dtype": str(cluster.model.dtype).removeprefix("torch."),
             "batch": batch, "prompt_len": prompt_len, "output_len": output_len,
+            "max_num_batched_tokens": cluster.executor.prefills.max_num_batched_tokens,
             "num_nodes": len(cluster.executor.nodes), "pipeline": cluster.executor.config.is_pipelined,
             "shard_own_loop": options.get("shard_own_loop", False),
             "cuda_graphs": cluster.executor.decoder.graphs is not None,
@@ -153,6 +155,8 @@ def bench() -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--pipeline/--no-pipeline", default=True, show_default=True)
+@click.option("--max-num-batched-tokens", default=None, type=click.IntRange(0),
+              help="Chunked prefill's per-step token limit (0: off). [default: 2048 on a GPU, 256 on a CPU]")
 @click.option("--shard-own-loop", is_flag=True, help="In-process shards on their own thread and event loop.")
 @click.option("--out", default=None, help="Folder for the trace JSON and timeline PNG.")
 @click.option("--sweep-batch", default=None, help="Comma-separated batch sizes, run in turn (overrides --batch).")

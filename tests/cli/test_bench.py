@@ -24,6 +24,13 @@ async def test_gpu_only_generates_exactly_output_len(monkeypatch):
     assert result["tpot_s"]["p50"] > 0
 
 
+async def test_the_chunked_prefill_limit_reaches_the_executor(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (await run_offline(options(max_num_batched_tokens=4)))["max_num_batched_tokens"] == 4
+    assert (await run_offline(options(max_num_batched_tokens=0)))["max_num_batched_tokens"] is None  # off
+    assert (await run_offline(options()))["max_num_batched_tokens"] == 256  # the CPU's default
+
+
 async def test_hybrid_reports_its_start_up_choice(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = await run_offline(options(mode="hybrid", shards=1, kv_memory=64 << 20))  # not a third of the RAM
