@@ -34,6 +34,8 @@ from fastdecode.transport.sockets import make_socket
 
 log = logging.getLogger(__name__)
 
+GOODBYE_LINGER_MS = 200  # how long closing waits for the goodbye heartbeat to leave
+
 
 class RpcClient:
     def __init__(
@@ -186,6 +188,17 @@ class RpcClient:
             except zmq.ZMQError as exc:
                 log.warning("%s: heartbeat to %s not sent: %s", self._name, self.address, exc)
 
+    def _say_goodbye(self) -> bool:
+        """Send the closing heartbeat of a client with a ``client_id`` to a live peer (True if sent)."""
+        if not self.client_id or self._pump is None or self._pump.closed or self._dead_error is not None:
+            return False
+        try:
+            self._pump.send(self._codec.encode(next(self._request_ids), Ping(self.client_id, is_closing=True)))
+        except zmq.ZMQError as exc:
+            log.debug("%s: goodbye to %s not sent: %s", self._name, self.address, exc)
+            return False
+        return True
+
     def _fail_all(self, error: PeerDeadError, *, is_closing: bool = False) -> None:
         if self._dead_error is None:
             self._dead_error = error
@@ -196,7 +209,9 @@ class RpcClient:
                 future.set_exception(PeerDeadError(str(error)))
 
     async def close(self) -> None:
-        """Fail every waiting request with PeerDeadError, stop the tasks, close the socket."""
+        """Fail every waiting request with PeerDeadError, stop the tasks, close the socket. A client with a
+        ``client_id`` first says goodbye (Ping.is_closing), so the server stops counting it as live at once."""
+        is_saying_goodbye = self._say_goodbye()
         self._fail_all(PeerDeadError(f"client of {self.address} closed"), is_closing=True)
         current = asyncio.current_task()
         for task in self._tasks:
@@ -210,5 +225,5 @@ class RpcClient:
                     pass
         self._tasks = []
         if self._pump is not None:
-            self._pump.close(linger_ms=0)
+            self._pump.close(linger_ms=GOODBYE_LINGER_MS if is_saying_goodbye else 0)
             self._pump = None

@@ -31,12 +31,14 @@ class Ping(Message):
 
     ``client_id`` names the client's run where it has one (an Executor's session id; 0: none): a server
     remembers when it last heard each, so a shard can tell a live but idle Executor from a gone one
-    (``RpcServer.seconds_since_ping``).
+    (``RpcServer.seconds_since_ping``).  A client closing on purpose sends one last Ping ``is_closing``,
+    and the server forgets it at once (a killed one is forgotten only by its silence).
     """
 
     KIND = 1
     REPLY = Pong
     client_id: int = int_field(min_value=0, max_value=MAX_INSTANCE_ID, default=0)
+    is_closing: bool = False
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,9 @@ class RpcServer:
                 self.reply(peer, exc.request_id, ErrorReply(PROTOCOL, str(exc)))
             return
         if type(message) is Ping:
-            if message.client_id:
+            if message.is_closing:
+                self._last_ping_s.pop(message.client_id, None)
+            elif message.client_id:
                 self._note_ping(message.client_id)
             self.reply(peer, request_id, Pong(self.instance_id))
             return

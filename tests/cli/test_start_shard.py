@@ -218,7 +218,8 @@ def test_a_busy_port_is_one_error_line_and_exit_2() -> None:
 
 async def test_an_idle_executor_keeps_its_shard_through_heartbeats() -> None:
     """A live Executor with nothing to run sends only heartbeats: another session's Configure is refused ``busy``
-    (it used to be let in when the shard held no sequence, and re-created the pool under the first one)."""
+    (it used to be let in when the shard held no sequence, and re-created the pool under the first one). Once
+    the first closes, the next one is let in at once."""
     daemon = ShardDaemon("--no-calibrate")
     ctx = zmq.asyncio.Context()
     try:
@@ -231,8 +232,9 @@ async def test_an_idle_executor_keeps_its_shard_through_heartbeats() -> None:
             await other.configure(**shape, session_id=2)
         assert info.value.code == "busy" and "heartbeat" in str(info.value)
         assert (await holder.configure(**shape, session_id=1)).is_configured
+        await holder.close()  # a clean stop says goodbye: the next Executor need not wait out its silence
+        assert (await other.configure(**shape, session_id=2)).is_configured
         await other.close()
-        await holder.close()
     finally:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.finish()
