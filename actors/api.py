@@ -163,6 +163,25 @@ def _token_ids(value: object, name: str) -> list[int]:
     return [operator.index(t) for t in value]
 
 
+class SubmittedStream:
+    """The outputs of a request already submitted (AsyncLLM.submit). Unlike an async generator never started,
+    ``aclose()`` cancels the request even if nothing was read."""
+
+    def __init__(self, request, outputs: AsyncGenerator[StreamOutput, None]) -> None:
+        self._request = request
+        self._outputs = outputs
+
+    def __aiter__(self) -> "SubmittedStream":
+        return self
+
+    async def __anext__(self) -> StreamOutput:
+        return await self._outputs.__anext__()
+
+    async def aclose(self) -> None:
+        self._request.cancel()
+        await self._outputs.aclose()
+
+
 class AsyncLLM:
     """A running cluster with tokenization, detokenization and stop strings."""
 
@@ -197,6 +216,12 @@ class AsyncLLM:
     def max_num_seqs(self) -> int:
         """How many sequences the Executor runs at once."""
         return self.cluster.executor.config.max_num_seqs
+
+    @property
+    def max_num_choices(self) -> int:
+        """The most engine requests one call may submit together: every one waits at first, so the queue's
+        length (those past what runs at once wait their turn, as in vLLM)."""
+        return max(1, self.cluster.executor.config.max_queue)
 
     def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
         """One prompt as token ids; TypeError (naming ``prompt``) for what is not a prompt."""
@@ -237,8 +262,17 @@ class AsyncLLM:
         self.check_open()
         return self._stream(self.tokenize(prompt).token_ids, check_params(params, default=self.default_params))
 
-    async def _stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[StreamOutput, None]:
-        request = self.cluster.submit(prompt_ids, params)
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "SubmittedStream":
+        """Submit now (refusals raise here: QueueFullError, UnavailableError, RequestError) and return the
+        request's outputs, which ``aclose()`` cancels whether or not they were read."""
+        self.check_open()
+        request = self.cluster.submit(prompt_ids, check_params(params, default=self.default_params))
+        return SubmittedStream(request, self._stream(prompt_ids, params, request))
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams,
+                      request=None) -> AsyncGenerator[StreamOutput, None]:
+        if request is None:
+            request = self.cluster.submit(prompt_ids, params)
         detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
         try:
             async for event in request:

@@ -22,13 +22,13 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from fastdecode.actors.api import AsyncLLM, StreamOutput
+from fastdecode.actors.api import AsyncLLM, StreamOutput, SubmittedStream
 from fastdecode.actors.executor import QueueFullError, UnavailableError
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
-from fastdecode.actors.request import RequestError
+from fastdecode.actors.request import RequestError, SamplingParams
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a 429's Retry-After: the queue moves by whole requests finishing
 
@@ -88,7 +88,7 @@ def generation_error(out: StreamOutput) -> ApiError:
 class Generation:
     """The outputs of one admitted engine request (one choice of a response), and its usage figures."""
 
-    def __init__(self, prompt_ids: list[int], stream: AsyncIterator[StreamOutput], first: StreamOutput,
+    def __init__(self, prompt_ids: list[int], stream: AsyncIterator[StreamOutput], first: StreamOutput | None,
                  metrics: FrontendMetrics, arrived_at: float, *, index: int = 0, prompt_index: int = 0) -> None:
         self.prompt_ids = prompt_ids
         self.index = index  # the choice's index in the response
@@ -152,15 +152,16 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
                             max_num_choices: int | None = None) -> AsyncIterator[list[Generation]]:
     """Submit every choice of ``request`` and hold them open: n samples of each prompt, each its own engine
     request, choice ``prompt_index * n + sample_index`` (vLLM's numbering).  Every prompt is tokenized and
-    checked before any choice is submitted; the choices are submitted together and their first outputs
-    awaited together, so a refusal of any (``ApiError``: 400, 429 or 503) cancels them all before a response
-    starts.  Leaving the block cancels every unfinished choice and frees its KV."""
+    checked before any choice is submitted, and a refusal of any (``ApiError``: 400, 429 or 503) cancels them
+    all before a response starts.  A single choice's first output is awaited too (a request the server fails
+    at once gets its status); several choices are only submitted, so the response starts while some still
+    wait for room.  Leaving the block cancels every unfinished choice and frees its KV."""
     arrived_at = time.monotonic()
     num_samples = request.num_choices
     num_choices = request.num_prompts * num_samples
     if max_num_choices is not None and num_choices > max_num_choices:
         raise bad_request(f"the request asks for {num_choices} choices ({request.num_prompts} prompt(s) x n="
-                          f"{num_samples}); this server runs at most {max_num_choices} sequences at once",
+                          f"{num_samples}); this server queues at most {max_num_choices} (--max-queue)",
                           "n" if num_samples > 1 else "prompt")
     defaults = llm.model_config.sampling_defaults
     submissions = []  # (prompt index, prompt ids, params) per choice, in choice order
@@ -168,12 +169,15 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         prompt_ids = await prompt_token_ids(llm, one)
         submissions += [(prompt_index, prompt_ids, one.sampling_params(len(prompt_ids), llm.max_model_len, defaults,
                                                                        sample_index=i)) for i in range(num_samples)]
-    streams = [llm.stream(prompt_ids, params) for _, prompt_ids, params in submissions]
+    streams = []
     try:
-        firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
-        for first in firsts:
-            if isinstance(first, BaseException):
-                raise admission_error(first) or first
+        if len(submissions) == 1:
+            streams.append(llm.stream(submissions[0][1], submissions[0][2]))
+            firsts = [await _first_output(streams[0])]
+        else:
+            for _, prompt_ids, params in submissions:
+                streams.append(_submitted(llm, prompt_ids, params))
+            firsts = [None] * len(streams)
         generations = []
         for index, ((prompt_index, prompt_ids, _), stream, first) in enumerate(zip(submissions, streams, firsts)):
             metrics.on_admitted(len(prompt_ids))
@@ -187,6 +191,20 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     finally:
         for stream in streams:
             await stream.aclose()
+
+
+async def _first_output(stream: AsyncIterator[StreamOutput]) -> StreamOutput:
+    try:
+        return await anext(stream)
+    except Exception as exc:
+        raise admission_error(exc) or exc from None
+
+
+def _submitted(llm: AsyncLLM, prompt_ids: list[int], params: SamplingParams) -> SubmittedStream:
+    try:
+        return llm.submit(prompt_ids, params)
+    except Exception as exc:
+        raise admission_error(exc) or exc from None
 
 
 @asynccontextmanager

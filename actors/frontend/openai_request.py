@@ -177,7 +177,7 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
         raise bad_request("n must be 1 on the WebSocket stream (one choice per socket)", "n")
     return GenerateRequest(
         model=model_field(body),
-        prompt=_prompt(body["prompt"]) if has_prompt else None,
+        prompt=_one_prompt(body["prompt"]) if has_prompt else None,
         messages=parse_messages(body["messages"]) if has_messages else None,
         sampling=_sampling(body), max_tokens=_max_tokens(body, default=None),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=True,
@@ -251,6 +251,14 @@ def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
         return tuple(_prompt(p, f"prompt[{index}]") for index, p in enumerate(value))
     return (_prompt(value),)
+
+
+def _one_prompt(value: Any) -> str | tuple[int, ...]:
+    """A prompt where one is served (the WebSocket stream): a batch of one is unwrapped, as before batches."""
+    prompts = _prompts(value)
+    if len(prompts) != 1:
+        raise bad_request(f"one prompt per socket: got {len(prompts)}", "prompt")
+    return prompts[0]
 
 
 def _prompt(value: Any, name: str = "prompt") -> str | tuple[int, ...]:

@@ -49,7 +49,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
     state.check_model(body.model)
     builder = ResponseBuilder.new(state.config.served_model_name, is_chat=is_chat, token_text=state.token_text,
                                   token_bytes=state.token_bytes, is_token_id_text=body.is_token_id_text)
-    async with start_generations(llm, state.metrics, body, max_num_choices=llm.max_num_seqs) as generations:
+    async with start_generations(llm, state.metrics, body, max_num_choices=llm.max_num_choices) as generations:
         if body.is_stream:
             return await _stream(request, body, builder, generations)
         outputs: dict[int, list[StreamOutput]] = {g.index: [] for g in generations}

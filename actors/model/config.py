@@ -54,6 +54,8 @@ class SamplingDefaults:
             is_open = shown.startswith("(")
             if value is not None and not ((low < value if is_open else low <= value) and value <= high):
                 raise ModelError(f"generation config {name} must be in {shown}, got {value}")
+        if self.top_k is not None and self.top_k < -1:
+            raise ModelError(f"generation config top_k must be -1, 0 (off) or positive, got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ModelError(f"generation config max_new_tokens must be positive, got {self.max_tokens}")
 

@@ -31,7 +31,7 @@ class ScriptedLLM:
     def __init__(self) -> None:
         self.tokenizer = Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN,
                                    eos_token=EOS_TOKEN)
-        self.max_model_len, self.max_num_seqs = 512, 8
+        self.max_model_len, self.max_num_seqs, self.max_num_choices = 512, 8, 8
         self.model_config = SimpleNamespace(sampling_defaults=SamplingDefaults())
         self.seeds: list[int | None] = []
         self.num_open = 0
@@ -39,6 +39,8 @@ class ScriptedLLM:
     def stream(self, prompt_ids: list[int], params: SamplingParams):
         self.seeds.append(params.seed)
         return self._stream(params)
+
+    submit = stream  # several choices are submitted at once (AsyncLLM.submit); nothing here refuses
 
     async def _stream(self, params: SamplingParams):
         self.num_open += 1

@@ -55,7 +55,10 @@ def test_completion_refusals(body):
 
 def test_stream_request_needs_exactly_one_prompt_kind():
     assert parse_stream_request({"prompt": [1, 2]}).prompt == (1, 2)
-    for body in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}):
+    # a batch of one prompt is that prompt, as /v1/completions takes it
+    assert parse_stream_request({"prompt": ["Hello"]}).prompt == "Hello"
+    assert parse_stream_request({"prompt": [[1, 2, 3]]}).prompt == (1, 2, 3)
+    for body in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, {"prompt": ["a", "b"]}):
         with pytest.raises(ApiError):
             parse_stream_request(body)
 

@@ -44,7 +44,7 @@ def test_no_generation_config_no_defaults(tmp_path):
     assert read_hf_config(tmp_path).sampling_defaults == SamplingDefaults()
 
 
-@pytest.mark.parametrize("generation", [{"temperature": "hot"}, {"top_p": 0}, {"top_k": 2.5},
+@pytest.mark.parametrize("generation", [{"temperature": "hot"}, {"top_p": 0}, {"top_k": 2.5}, {"top_k": -5},
                                         {"repetition_penalty": -1}, {"max_new_tokens": 0}])
 def test_bad_generation_config_values_are_refused_at_load(tmp_path, generation):
     with pytest.raises(ModelError, match="generation_config.json"):

@@ -1,0 +1,47 @@
+"""Several choices on a server that runs one sequence at a time: the response starts with the running choice
+while the others wait (they used to hold every byte back until the last was admitted), and a request with more
+choices than the queue holds is a 400 naming ``n`` (an idle server answered 429 to every retry)."""
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+from live_server import TINY_ARGS, LiveServer
+from metrics_scrape import scrape
+
+WAITING = ("fastdecode_num_requests_waiting", ())
+
+
+@pytest.fixture(scope="module")
+def one_running_server():
+    server = LiveServer(*TINY_ARGS, "--shards", "0", "--max-num-seqs", "1", "--max-queue", "4")
+    yield server
+    assert server.stop() == 0, f"the server did not stop cleanly on SIGTERM:\n{server.log()}"
+
+
+async def test_the_stream_starts_while_a_choice_still_waits(one_running_server):
+    url = one_running_server.url
+    body = {"prompt": [1, 2, 3], "n": 2, "max_tokens": 300, "temperature": 0, "ignore_eos": True, "stream": True}
+    tokens: dict[int, str] = {0: "", 1: ""}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/completions", json=body) as response:
+            assert response.status == 200
+            first = json.loads((await response.content.readline()).decode().removeprefix("data: "))
+            assert first["choices"][0]["index"] == 0
+            tokens[0] += first["choices"][0]["text"]
+            assert (await scrape(url))[WAITING] == 1  # the second choice has not started: it waits its turn
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if line.startswith("data: {"):
+                    for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                        tokens[choice["index"]] += choice["text"]
+    assert tokens[0] and tokens[0] == tokens[1]  # greedy: the same text, the second after the first
+
+
+async def test_more_choices_than_the_queue_holds_is_a_400_naming_n(one_running_server):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(one_running_server.url + "/v1/completions",
+                                json={"prompt": "hi", "n": 5, "max_tokens": 2}) as response:
+            assert response.status == 400 and "Retry-After" not in response.headers
+            assert (await response.json())["error"]["param"] == "n"
