@@ -266,7 +266,8 @@ class AsyncLLM:
         """Submit now (refusals raise here: QueueFullError, UnavailableError, RequestError) and return the
         request's outputs, which ``aclose()`` cancels whether or not they were read."""
         self.check_open()
-        request = self.cluster.submit(prompt_ids, check_params(params, default=self.default_params))
+        params = check_params(params, default=self.default_params)
+        request = self.cluster.submit(prompt_ids, params)
         return SubmittedStream(request, self._stream(prompt_ids, params, request))
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams,

@@ -162,3 +162,16 @@ def test_requests_without_params_take_the_models_generation_config(tmp_path):
         assert len(reference.token_ids) == 5 and result.token_ids == reference.token_ids
         explicit = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0), show_progress=False)
         assert len(explicit[0].token_ids) <= 2
+
+
+def test_submit_without_params_runs_the_defaults(llm):
+    """AsyncLLM.submit (several choices at once) with params None: the model's defaults, as stream() takes them."""
+    async def run():
+        stream = llm._llm.submit(PROMPT, None)
+        try:
+            return [out async for out in stream]
+        finally:
+            await stream.aclose()
+    outputs = llm._call(run())
+    assert len([o for o in outputs if o.token_id >= 0]) == llm.get_default_sampling_params().max_tokens or \
+        outputs[-1].finish_reason == "stop"
