@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastdecode.actors.model.errors import ModelError
+from fastdecode.actors.request import RequestError, SamplingParams
 
 # HF architecture name -> (model_type, has qkv bias)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -37,27 +38,18 @@ class SamplingDefaults:
     max_tokens: int | None = None  # HF's max_new_tokens: the default output limit
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "repetition_penalty", "min_p"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ModelError(f"generation config {name} must be a finite number, got {value!r}")
-        for name in ("top_k", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ModelError(f"generation config {name} must be an integer, got {value!r}")
-        # the ranges SamplingParams accepts: a default it would refuse would fail every request
-        ranges = {"temperature": (0.0, 100.0, "[0, 100]"), "top_p": (0.0, 1.0, "(0, 1]"),
-                  "repetition_penalty": (0.0, 10.0, "(0, 10]"), "min_p": (0.0, 1.0, "[0, 1]")}
-        for name, (low, high, shown) in ranges.items():
-            value = getattr(self, name)
-            is_open = shown.startswith("(")
-            if value is not None and not ((low < value if is_open else low <= value) and value <= high):
-                raise ModelError(f"generation config {name} must be in {shown}, got {value}")
-        if self.top_k is not None and self.top_k < -1:
-            raise ModelError(f"generation config top_k must be -1, 0 (off) or positive, got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ModelError(f"generation config max_new_tokens must be positive, got {self.max_tokens}")
+        # the fields a request takes are checked by SamplingParams itself: a default it would refuse would
+        # fail every request that leaves the field out
+        try:
+            SamplingParams(**self.sampling_fields())
+        except RequestError as exc:
+            raise ModelError(f"generation config {exc}") from None
+        if self.min_p is not None and (isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
+                                       or not 0.0 <= self.min_p <= 1.0):
+            raise ModelError(f"generation config min_p must be a number in [0, 1], got {self.min_p!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise ModelError(f"generation config max_new_tokens must be a positive integer, got {self.max_tokens!r}")
 
     def sampling_fields(self) -> dict[str, Any]:
         """The ``SamplingParams`` fields these defaults set (min_p, unsupported, and max_tokens left out)."""
