@@ -213,11 +213,6 @@ class AsyncLLM:
         return self.cluster.executor.max_model_len
 
     @property
-    def max_num_seqs(self) -> int:
-        """How many sequences the Executor runs at once."""
-        return self.cluster.executor.config.max_num_seqs
-
-    @property
     def max_num_choices(self) -> int:
         """The most engine requests one call may submit together: every one waits at first, so the queue's
         length (those past what runs at once wait their turn, as in vLLM)."""
@@ -354,12 +349,6 @@ class AsyncLLM:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-
-    async def generate_batch(self, prompts: PromptInput | Sequence[PromptInput],
-                             params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                             on_result: Callable[[GenerationResult], None] | None = None) -> list[GenerationResult]:
-        """``prepare_batch`` then ``run_batch``."""
-        return await self.run_batch(self.prepare_batch(prompts, params), on_result=on_result)
 
     async def stop(self) -> None:
         if not self.is_closed:

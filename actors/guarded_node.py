@@ -103,10 +103,18 @@ class GuardedNode(KVNode):
         """The ShardClient of a shard node (AttributeError for a local node)."""
         return self.inner.client
 
+    @property
+    def is_answering(self) -> bool:
+        """Not dead, and (for a shard) its heartbeats still answered: a heartbeat loss shows here at once, while
+        the Executor marks the node dead only at its next ``refresh``, a step boundary."""
+        if self.state is NodeState.DEAD:
+            return False
+        client = getattr(self.inner, "client", None)
+        return client is None or client.is_alive
+
     def refresh(self) -> None:
         """Notice a heartbeat loss that happened between calls."""
-        client = getattr(self.inner, "client", None)
-        if self.is_alive and client is not None and not client.is_alive:
+        if self.is_alive and not self.is_answering:
             self.mark(NodeState.DEAD, "no heartbeat answer")
 
     def mark(self, state: NodeState, reason: str) -> None:

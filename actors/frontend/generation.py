@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
+from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import RequestError, SamplingParams
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a 429's Retry-After: the queue moves by whole requests finishing
@@ -39,13 +40,9 @@ async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]
     tokenizer = llm.tokenizer
     if request.messages is not None:
         _check_text_fits(llm, sum(len(m["content"]) for m in request.messages), "messages")
-        try:
-            return await asyncio.to_thread(_encode_chat, tokenizer, request)
-        except ModelError as exc:
-            raise bad_request(str(exc), "messages") from None
-        except (TemplateError, TypeError) as exc:  # what chat_template_kwargs made of the template
-            raise bad_request(f"the chat template failed with these chat_template_kwargs: {exc}",
-                              "chat_template_kwargs") from None
+        # special tokens only when add_special_tokens asks (vLLM's chat default: the template writes them)
+        return await chat_token_ids(tokenizer, request.messages, add_special_tokens=bool(request.add_special_tokens),
+                                    template_kwargs=request.chat_template_kwargs)
     assert request.prompt is not None
     if isinstance(request.prompt, str):
         _check_text_fits(llm, len(request.prompt), "prompt")
@@ -54,14 +51,20 @@ async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]
     return list(request.prompt)
 
 
-def _encode_chat(tokenizer: Any, request: GenerateRequest) -> list[int]:
-    """The chat's token ids: its template rendered with the request's extra variables, then tokenized with
-    special tokens only when ``add_special_tokens`` asks (vLLM's chat default: the template writes them)."""
-    messages = [dict(m) for m in request.messages or ()]
-    if not request.chat_template_kwargs and not request.add_special_tokens:
-        return tokenizer.encode_chat(messages)
-    text = tokenizer.apply_chat_template(messages, **request.chat_template_kwargs)
-    return tokenizer.encode(text, add_special_tokens=bool(request.add_special_tokens))
+async def chat_token_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], *,
+                         add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                         template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """A chat's token ids (``Tokenizer.encode_chat``, on a worker thread): its template rendered with the extra
+    variables ``template_kwargs``; a template that fails is a 400."""
+    try:
+        return await asyncio.to_thread(tokenizer.encode_chat, [dict(m) for m in messages],
+                                       add_generation_prompt=add_generation_prompt,
+                                       add_special_tokens=add_special_tokens, **(template_kwargs or {}))
+    except ModelError as exc:
+        raise bad_request(str(exc), "messages") from None
+    except (TemplateError, TypeError) as exc:  # what chat_template_kwargs made of the template
+        raise bad_request(f"the chat template failed with these chat_template_kwargs: {exc}",
+                          "chat_template_kwargs") from None
 
 
 def _check_text_fits(llm: AsyncLLM, num_chars: int, param: str) -> None:
@@ -157,7 +160,7 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     at once gets its status); several choices are only submitted, so the response starts while some still
     wait for room.  Leaving the block cancels every unfinished choice and frees its KV."""
     arrived_at = time.monotonic()
-    num_samples = request.num_choices
+    num_samples = request.num_samples
     num_choices = request.num_prompts * num_samples
     if max_num_choices is not None and num_choices > max_num_choices:
         raise bad_request(f"the request asks for {num_choices} choices ({request.num_prompts} prompt(s) x n="

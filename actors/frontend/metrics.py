@@ -14,7 +14,7 @@ import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from fastdecode.actors.guarded_node import GuardedNode, NodeState
+from fastdecode.actors.guarded_node import GuardedNode
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0)
@@ -107,7 +107,7 @@ class FrontendMetrics:
         """Liveness and KV bytes of each node. A dead node, and one no longer among the Executor's nodes, reports
         0 used and 0 capacity (it holds nothing for us); a draining one is not up but reports what it still
         holds, down to 0 as its sequences move away."""
-        answering = [node for node in nodes if _is_answering(node)]
+        answering = [node for node in nodes if node.is_answering]
         stats = await asyncio.gather(*(node.stats() for node in answering), return_exceptions=True)
         for node, node_stats in zip(answering, stats):
             if isinstance(node_stats, Exception):  # it failed mid-scrape: keep its last values until marked
@@ -115,7 +115,7 @@ class FrontendMetrics:
                 continue
             self.kv_used_bytes.labels(node=node.node_id).set(node_stats.used_bytes)
             self.kv_capacity_bytes.labels(node=node.node_id).set(node_stats.capacity_bytes)
-        up_ids = {node.node_id for node in nodes if node.is_alive and _is_answering(node)}
+        up_ids = {node.node_id for node in answering if node.is_alive}
         answering_ids = {node.node_id for node in answering}
         self._node_ids.update(node.node_id for node in nodes)
         for node_id in self._node_ids:
@@ -124,11 +124,3 @@ class FrontendMetrics:
                 self.kv_used_bytes.labels(node=node_id).set(0)
                 self.kv_capacity_bytes.labels(node=node_id).set(0)
 
-
-def _is_answering(node: GuardedNode) -> bool:
-    """Not dead in the Executor's view, and (for a shard) its heartbeats still answered: the Executor marks a
-    silent shard dead only at its next step boundary, a scrape sees the silence at once."""
-    if node.state is NodeState.DEAD:
-        return False
-    client = getattr(node.inner, "client", None)
-    return client is None or client.is_alive

@@ -52,9 +52,10 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
     "functions": (None,),  # the legacy form of tools
     "function_call": (None,),
 }
-# keys of chat_template_kwargs the server sets itself
-RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
-                                      "raise_exception", "strftime_now"})
+# keys of chat_template_kwargs the server sets itself (add_special_tokens: the request's own field, which
+# Tokenizer.encode_chat takes beside the template variables)
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "add_special_tokens", "bos_token",
+                                      "eos_token", "raise_exception", "strftime_now"})
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class GenerateRequest:
     prompt: str | tuple[int, ...] | None = None  # text or token ids; None for ``messages`` or ``prompts``
     messages: tuple[dict[str, str], ...] | None = None
     prompts: tuple[str | tuple[int, ...], ...] = ()  # a completions batch of several prompts (then prompt is None)
-    num_choices: int = 1  # n: samples per prompt, each its own engine request
+    num_samples: int = 1  # n: samples per prompt, each its own engine request (choices: prompts x n)
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens/logprobs
     max_tokens: int | None = None  # None: up to the end of the context
     num_logprobs: int | None = None  # top logprobs per token; None: no logprobs at all
@@ -136,11 +137,11 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     is_stream = boolean_field(body, "stream")
     return GenerateRequest(
         model=model_field(body), prompt=prompts[0] if len(prompts) == 1 else None,
-        prompts=prompts if len(prompts) > 1 else (), num_choices=_num_choices(body),
+        prompts=prompts if len(prompts) > 1 else (), num_samples=_num_samples(body),
         sampling=_sampling(body), max_tokens=_max_tokens(body, default=16),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=is_stream,
         is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
-        add_special_tokens=_optional_boolean(body, "add_special_tokens"),
+        add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
     )
 
@@ -158,12 +159,14 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     is_stream = boolean_field(body, "stream")
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return GenerateRequest(
-        model=model_field(body), messages=parse_messages(body.get("messages")), num_choices=_num_choices(body),
+        model=model_field(body), messages=parse_messages(body.get("messages")), num_samples=_num_samples(body),
         sampling=_sampling(body),
         max_tokens=_max_tokens(body, default=None, name=limit_name),
         num_logprobs=num_logprobs, is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
-        is_usage_continuous=_continuous_usage(body), add_special_tokens=_optional_boolean(body, "add_special_tokens"),
-        chat_template_kwargs=_template_kwargs(body), is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
+        is_usage_continuous=_continuous_usage(body),
+        add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
+        chat_template_kwargs=template_kwargs_field(body),
+        is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
     )
 
 
@@ -173,7 +176,7 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
     _refuse_unsupported(body, is_chat=has_messages)
     if has_prompt == has_messages:
         raise bad_request("give exactly one of prompt and messages")
-    if _num_choices(body) != 1:
+    if _num_samples(body) != 1:
         raise bad_request("n must be 1 on the WebSocket stream (one choice per socket)", "n")
     return GenerateRequest(
         model=model_field(body),
@@ -181,8 +184,8 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
         messages=parse_messages(body["messages"]) if has_messages else None,
         sampling=_sampling(body), max_tokens=_max_tokens(body, default=None),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=True,
-        add_special_tokens=_optional_boolean(body, "add_special_tokens"),
-        chat_template_kwargs=_template_kwargs(body) if has_messages else {},
+        add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
+        chat_template_kwargs=template_kwargs_field(body) if has_messages else {},
     )
 
 
@@ -213,7 +216,9 @@ def _check_response_format(body: dict[str, Any]) -> None:
         raise bad_request("only the text response_format is supported", "response_format")
 
 
-def _template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+def template_kwargs_field(body: dict[str, Any]) -> dict[str, Any]:
+    """``chat_template_kwargs``: extra variables of the chat template ({} when omitted); 400 for what is not an
+    object or sets a variable the server sets itself."""
     kwargs = body.get("chat_template_kwargs")
     if kwargs is None:
         return {}
@@ -234,16 +239,16 @@ def model_field(body: dict[str, Any]) -> str | None:
     return model
 
 
-def _num_choices(body: dict[str, Any]) -> int:
+def _num_samples(body: dict[str, Any]) -> int:
     """``n`` (default 1); vLLM's ``best_of``, where given, must equal it: every sample is returned."""
-    num_choices = 1 if body.get("n") is None else _integer(body, "n")
-    if num_choices < 1:
-        raise bad_request(f"n must be at least 1, got {num_choices}", "n")
+    num_samples = 1 if body.get("n") is None else _integer(body, "n")
+    if num_samples < 1:
+        raise bad_request(f"n must be at least 1, got {num_samples}", "n")
     best_of = body.get("best_of")
-    if best_of is not None and (not is_int(best_of) or best_of != num_choices):
-        raise bad_request(f"best_of must equal n ({num_choices}) if given: every sample is returned, got "
+    if best_of is not None and (not is_int(best_of) or best_of != num_samples):
+        raise bad_request(f"best_of must equal n ({num_samples}) if given: every sample is returned, got "
                           f"{shown(best_of)}", "best_of")
-    return num_choices
+    return num_samples
 
 
 def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
@@ -393,15 +398,11 @@ def _number(body: dict[str, Any], name: str) -> float:
     return number
 
 
-def _optional_boolean(body: dict[str, Any], name: str) -> bool | None:
-    return None if body.get(name) is None else boolean_field(body, name)
-
-
-def boolean_field(body: dict[str, Any], name: str) -> bool:
-    """``body[name]`` as a bool, False when omitted or null; 400 naming the field for any other type."""
-    value = body.get(name, False)
+def boolean_field(body: dict[str, Any], name: str, *, default: bool | None = False) -> bool | None:
+    """``body[name]`` as a bool, ``default`` when omitted or null; 400 naming the field for any other type."""
+    value = body.get(name)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise bad_request(f"{name} must be true or false, got {shown(value)}", name)
     return value

@@ -7,48 +7,15 @@ request, else null.
 """
 from __future__ import annotations
 
-import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from fastdecode.actors.api import StreamOutput
-from fastdecode.actors.model.synthetic_tokenizer import byte_alphabet
 
 MIN_LOGPROB = -9999.0  # what OpenAI and vLLM show for -inf (JSON has no infinity)
-_BYTE_OF_CHAR = MappingProxyType({char: byte for byte, char in enumerate(byte_alphabet())})
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_METASPACE = "\u2581"
-
-
-class TokenBytes:
-    """The raw bytes each token id stands for, from the tokenizer's vocabulary: a byte-level BPE spells every
-    byte as one character, a byte-fallback token ``<0xNN>`` is byte NN, a SentencePiece ``▁`` is a space.
-    A token that is part of a UTF-8 character gets its own bytes, where its decoded text is U+FFFD."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend", None)
-        self._backend = backend
-        decoder = json.loads(backend.decoder.__getstate__()) if backend is not None and backend.decoder else {}
-        steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
-        self._is_byte_level = any(step.get("type") == "ByteLevel" for step in steps)
-        self._added_ids = frozenset(backend.get_added_tokens_decoder()) if backend is not None else frozenset()
-
-    def __call__(self, token_id: int) -> bytes:
-        piece = None if self._backend is None else self._backend.id_to_token(token_id)
-        if piece is None or token_id in self._added_ids:  # added tokens match their own text
-            return self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
-        if self._is_byte_level and all(char in _BYTE_OF_CHAR for char in piece):
-            return bytes(_BYTE_OF_CHAR[char] for char in piece)
-        match = _BYTE_FALLBACK.fullmatch(piece)
-        if match is not None:
-            return bytes([int(match.group(1), 16)])
-        return piece.replace(_METASPACE, " ").encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -89,12 +56,6 @@ class ResponseBuilder:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": stop_reason}
 
-    def complete(self, outputs: Sequence[StreamOutput], finish_reason: str | None, usage: dict[str, Any],
-                 *, wants_logprobs: bool, stop_reason: int | str | None = None) -> dict[str, Any]:
-        """A one-choice response."""
-        choice = self.choice(outputs, finish_reason, wants_logprobs=wants_logprobs, stop_reason=stop_reason)
-        return self.complete_choices([choice], usage)
-
     def complete_choices(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         body = self._envelope(choices, is_chunk=False)
         body["usage"] = usage
@@ -107,19 +68,19 @@ class ResponseBuilder:
                   "finish_reason": None, "stop_reason": None}
         return self._envelope([choice], is_chunk=True)
 
-    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0,
-              stop_reason: int | str | None = None, index: int = 0) -> dict[str, Any]:
-        """One stream chunk of choice ``index``; ``text_offset``: where this token's text starts in the
-        completion (the token texts before it, as the non-streamed ``text_offset`` counts them)."""
+    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0, index: int = 0) -> dict[str, Any]:
+        """One stream chunk of choice ``index`` (its ``stop_reason`` is ``out``'s); ``text_offset``: where this
+        token's text starts in the completion (the token texts before it, as the non-streamed ``text_offset``
+        counts them)."""
         logprobs = self._logprobs([out], text_offset) if wants_logprobs and out.token_id >= 0 else None
         reason = out.finish_reason
         if self.is_chat:
             delta = {"content": out.text} if out.text or reason is None else {}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
-                      "stop_reason": stop_reason}
+                      "stop_reason": out.stop_reason}
         else:
             choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": reason,
-                      "stop_reason": stop_reason}
+                      "stop_reason": out.stop_reason}
         return self._envelope([choice], is_chunk=True)
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:

@@ -87,8 +87,7 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                     num_sent[index] += 1
                 if not out.text and out.finish_reason is None and not wants_logprobs:
                     continue  # half a character: nothing to show yet
-                chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offsets[index],
-                                      stop_reason=out.stop_reason, index=index)
+                chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offsets[index], index=index)
                 await events.send(_with_usage(chunk, body, generation, num_sent[index]))
                 if is_offset_needed and out.token_id >= 0:
                     text_offsets[index] += len(builder.token_text(out.token_id))

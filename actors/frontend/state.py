@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.metrics import FrontendMetrics
-from fastdecode.actors.frontend.openai_response import TokenBytes
+from fastdecode.actors.model.tokenizer import Tokenizer
 
 log = logging.getLogger("fastdecode.frontend")
 
@@ -36,8 +35,7 @@ class FrontendState:
         self.config = config
         self.metrics = FrontendMetrics()
         self._llm: AsyncLLM | None = None
-        self._tokenizer: Any = None  # the attached engine's, kept once it is detached
-        self._token_bytes: TokenBytes | None = None
+        self._tokenizer: Tokenizer | None = None  # the attached engine's, kept once it is detached
         self.is_draining = False  # stopping: running requests finish, new ones get 503
 
     @property
@@ -50,7 +48,6 @@ class FrontendState:
         self._llm = llm
         if llm is not None:
             self._tokenizer = llm.tokenizer
-            self._token_bytes = TokenBytes(llm.tokenizer)
             log_sampling_defaults(llm)
 
     @property
@@ -73,15 +70,16 @@ class FrontendState:
                            param="model", code="model_not_found")
 
     def token_text(self, token_id: int) -> str:
-        if self._tokenizer is None:
-            raise RuntimeError("no engine was ever attached: there is no tokenizer")
-        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._attached_tokenizer().decode([token_id], skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token ``token_id`` stands for (a byte-fallback token: its one byte)."""
-        if self._token_bytes is None:
+        return self._attached_tokenizer().token_bytes(token_id)
+
+    def _attached_tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
             raise RuntimeError("no engine was ever attached: there is no tokenizer")
-        return self._token_bytes(token_id)
+        return self._tokenizer
 
 
 def log_sampling_defaults(llm: AsyncLLM) -> None:

@@ -1,9 +1,10 @@
 """vLLM's tokenizer routes: ``POST /tokenize`` and ``POST /detokenize``, in vLLM's shapes.
 
 ``/tokenize`` takes ``{model?, prompt, add_special_tokens=true, return_token_strs=false}`` or the chat form
-``{model?, messages, add_generation_prompt=true, add_special_tokens=false, return_token_strs=false}`` (rendered
-with the model's chat template) and answers ``{count, max_model_len, tokens, token_strs}`` (``token_strs`` is
-null unless asked for). Like vLLM it tokenizes text of any length (``count`` may pass ``max_model_len``).
+``{model?, messages, add_generation_prompt=true, add_special_tokens=false, chat_template_kwargs={},
+return_token_strs=false}`` (rendered with the model's chat template as a chat completion renders it) and answers
+``{count, max_model_len, tokens, token_strs}`` (``token_strs`` is null unless asked for). Like vLLM it tokenizes
+text of any length (``count`` may pass ``max_model_len``).
 ``/detokenize`` takes ``{model?, tokens}`` and answers ``{prompt}`` (special tokens kept, as vLLM does).
 Tokenizing runs on a worker thread, as the completions route does. Unlike vLLM, whose key guards ``/v1``
 paths only, both routes need the API key when the server has one (middleware.PROTECTED_PATHS).
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import bad_request
+from fastdecode.actors.frontend.generation import chat_token_ids
 from fastdecode.actors.frontend.openai_request import (
     boolean_field,
     decode_body,
@@ -24,16 +26,15 @@ from fastdecode.actors.frontend.openai_request import (
     model_field,
     parse_messages,
     shown,
+    template_kwargs_field,
 )
 from fastdecode.actors.frontend.state import STATE
-from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
 
 # vLLM chat-tokenize fields this server does not implement -> the values that change nothing
-UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
+TOKENIZE_UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "continue_final_message": (None, False),
     "chat_template": (None,),
-    "chat_template_kwargs": (None, {}),
     "mm_processor_kwargs": (None, {}),
     "tools": (None, []),
 }
@@ -50,11 +51,11 @@ async def tokenize(request: web.Request) -> web.Response:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise bad_request("prompt must be a string (or give messages)", "prompt")
-        add_special_tokens = _flag(body, "add_special_tokens", default=True)
+        add_special_tokens = boolean_field(body, "add_special_tokens", default=True)
         token_ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
     token_strs = None
     if boolean_field(body, "return_token_strs"):
-        token_strs = [tokenizer.backend.id_to_token(token_id) for token_id in token_ids]
+        token_strs = [tokenizer.token_str(token_id) for token_id in token_ids]
     return web.json_response({"count": len(token_ids), "max_model_len": llm.max_model_len, "tokens": token_ids,
                               "token_strs": token_strs})
 
@@ -73,26 +74,15 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def _tokenize_chat(tokenizer: Tokenizer, body: dict[str, Any]) -> list[int]:
-    for name, harmless in UNSUPPORTED_CHAT_FIELDS.items():
+    """The chat's ids as a chat completion of the same messages, template variables and ``add_special_tokens``
+    tokenizes its prompt."""
+    for name, harmless in TOKENIZE_UNSUPPORTED_FIELDS.items():
         if body.get(name) not in harmless:
             raise bad_request(f"{name} is not supported", name)
-    messages = [dict(m) for m in parse_messages(body["messages"])]
-    add_generation_prompt = _flag(body, "add_generation_prompt", default=True)
-    add_special_tokens = _flag(body, "add_special_tokens", default=False)
-    try:
-        if not add_special_tokens:  # the template writes any BOS itself
-            return await asyncio.to_thread(tokenizer.encode_chat, messages,
-                                           add_generation_prompt=add_generation_prompt)
-        text = await asyncio.to_thread(tokenizer.apply_chat_template, messages,
-                                       add_generation_prompt=add_generation_prompt)
-    except ModelError as exc:
-        raise bad_request(str(exc), "messages") from None
-    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=True)
-
-
-def _flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
-    """A boolean field that may be omitted (or null) for its default."""
-    return default if body.get(name) is None else boolean_field(body, name)
+    return await chat_token_ids(tokenizer, parse_messages(body["messages"]),
+                                add_generation_prompt=boolean_field(body, "add_generation_prompt", default=True),
+                                add_special_tokens=boolean_field(body, "add_special_tokens", default=False),
+                                template_kwargs=template_kwargs_field(body))
 
 
 async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]:

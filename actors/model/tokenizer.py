@@ -1,9 +1,10 @@
 """``Tokenizer``: a ``tokenizers`` tokenizer plus what transformers keeps beside it.
 
-BOS handling, EOS ids, special tokens and the chat template (rendered with
+BOS handling, EOS ids, special tokens, the chat template (rendered with
 jinja2 the way transformers renders it: ``messages``, ``add_generation_prompt``,
 ``bos_token``, ``eos_token``, ``raise_exception``, ``strftime_now``, its ``tojson``
-filter and its ``{% generation %}`` tag).
+filter and its ``{% generation %}`` tag) and what the vocabulary spells each
+token as (``token_str``, ``token_bytes``).
 
 A ``Tokenizer`` and its backend are never changed after construction, so
 ``encode``, ``encode_chat`` and ``decode`` may be called from worker threads:
@@ -14,8 +15,10 @@ borrowed"), and a jinja2 template renders each call in its own context.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from jinja2 import nodes
@@ -26,9 +29,13 @@ from tokenizers import models
 
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.jsonfile import read_json, write_json
+from fastdecode.actors.model.synthetic_tokenizer import byte_alphabet
 
 # Characters of text per token assumed where the vocabulary gives no bound (see ``max_chars_per_token``).
 FALLBACK_MAX_CHARS_PER_TOKEN = 64
+_BYTE_OF_CHAR = MappingProxyType({char: byte for byte, char in enumerate(byte_alphabet())})  # byte-level BPE's
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_METASPACE = "\u2581"
 
 
 def _raise_exception(message: str) -> None:
@@ -100,9 +107,10 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         self._template = None if chat_template is None else _compile_chat_template(chat_template)
-        self.special_token_ids = frozenset(
-            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special
-        )
+        added_tokens = backend.get_added_tokens_decoder()
+        self.special_token_ids = frozenset(token_id for token_id, token in added_tokens.items() if token.special)
+        self._added_token_ids = frozenset(added_tokens)
+        self._is_byte_level_decoder = _has_byte_level_step(_component_json(backend.decoder))
         self.max_chars_per_token = _max_chars_per_token(backend)
 
     @property
@@ -130,10 +138,31 @@ class Tokenizer:
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the rendered chat (the template writes any BOS itself)."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        return self.encode(text, add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False, **template_kwargs: Any) -> list[int]:
+        """Token ids of the chat rendered with the template (and its extra variables ``template_kwargs``),
+        tokenized with special tokens only when ``add_special_tokens`` asks: by default the template writes any
+        BOS itself (vLLM's chat default)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        return self.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_str(self, token_id: int) -> str | None:
+        """The vocabulary's spelling of a token id (``Ġ`` for a byte-level space), None outside the vocabulary."""
+        return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token id stands for: a byte-level BPE spells every byte as one character, a
+        byte-fallback token ``<0xNN>`` is byte NN, a SentencePiece ``▁`` is a space.  A token that is part of a
+        UTF-8 character gets its own bytes, where its decoded text is U+FFFD."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None or token_id in self._added_token_ids:  # added tokens match their own text
+            return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        if self._is_byte_level_decoder and all(char in _BYTE_OF_CHAR for char in piece):
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        match = _BYTE_FALLBACK.fullmatch(piece)
+        if match is not None:
+            return bytes([int(match.group(1), 16)])
+        return piece.replace(_METASPACE, " ").encode("utf-8")
 
     # ----- HF directory files ----------------------------------------------
     @classmethod
@@ -191,9 +220,8 @@ def _max_chars_per_token(backend: BackendTokenizer) -> int:
     A tokenizer that normalises, drops unknown text or whitespace, or whose added tokens strip the spaces
     beside them has no such bound; it gets ``FALLBACK_MAX_CHARS_PER_TOKEN``, a generous guess.
     """
-    pre_tokenizer = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else {}
     is_lossless = (backend.normalizer is None and isinstance(backend.model, models.BPE)
-                   and _is_byte_level(pre_tokenizer)
+                   and _is_byte_level(_component_json(backend.pre_tokenizer))
                    and not any(token.lstrip or token.rstrip for token in backend.get_added_tokens_decoder().values()))
     if not is_lossless:
         return FALLBACK_MAX_CHARS_PER_TOKEN
@@ -206,6 +234,17 @@ def _is_byte_level(pre_tokenizer: dict[str, Any]) -> bool:
     steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
     kinds = [step.get("type") for step in steps]
     return "ByteLevel" in kinds and all(kind in ("ByteLevel", "Digits") for kind in kinds)
+
+
+def _component_json(component: Any) -> dict[str, Any]:
+    """A backend component (pre-tokenizer, decoder) as its JSON object; {} when the backend has none."""
+    return json.loads(component.__getstate__()) if component is not None else {}
+
+
+def _has_byte_level_step(decoder: dict[str, Any]) -> bool:
+    """Whether a decoder (as its JSON), alone or in a ``Sequence``, maps byte-level characters back to bytes."""
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    return any(step.get("type") == "ByteLevel" for step in steps)
 
 
 def _token_text(value: Any) -> str | None:

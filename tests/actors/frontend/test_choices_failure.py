@@ -7,10 +7,9 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
+from app_client import app_client
 from fastdecode.actors.api import StreamOutput
-from fastdecode.actors.frontend import FrontendConfig, FrontendState, build_app
 from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.model.synthetic_tokenizer import (
     BOS_TOKEN,
@@ -31,7 +30,7 @@ class ScriptedLLM:
     def __init__(self) -> None:
         self.tokenizer = Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN,
                                    eos_token=EOS_TOKEN)
-        self.max_model_len, self.max_num_seqs, self.max_num_choices = 512, 8, 8
+        self.max_model_len, self.max_num_choices = 512, 8
         self.model_config = SimpleNamespace(sampling_defaults=SamplingDefaults())
         self.seeds: list[int | None] = []
         self.num_open = 0
@@ -58,9 +57,7 @@ class ScriptedLLM:
 @pytest.fixture
 async def client_and_llm():
     llm = ScriptedLLM()
-    state = FrontendState(FrontendConfig(served_model_name="m"))
-    state.llm = llm
-    async with TestClient(TestServer(build_app(state))) as client:
+    async with app_client(llm) as client:
         yield client, llm
 
 

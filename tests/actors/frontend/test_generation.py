@@ -46,7 +46,7 @@ class SpyTokenizer(Tokenizer):
 
 def engine(max_model_len: int) -> SimpleNamespace:
     """What tokenizing needs of an ``AsyncLLM`` (and attaching it to the app: its model's sampling defaults)."""
-    return SimpleNamespace(tokenizer=SpyTokenizer(), max_model_len=max_model_len, max_num_seqs=8, max_num_choices=8,
+    return SimpleNamespace(tokenizer=SpyTokenizer(), max_model_len=max_model_len, max_num_choices=8,
                            model_config=SimpleNamespace(sampling_defaults=SamplingDefaults()))
 
 

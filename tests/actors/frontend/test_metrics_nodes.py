@@ -50,3 +50,42 @@ async def test_engine_counts_are_prometheus_counters():
             if s.name == "fastdecode_sequences_recovered_total"] == [2]
     assert [s.value for s in families["fastdecode_num_preemptions"].samples
             if s.name == "fastdecode_num_preemptions_total"] == [4]
+
+
+class Client:
+    """A shard's heartbeat client, counting how often its liveness is read."""
+
+    def __init__(self, is_alive):
+        self._is_alive, self.num_reads = is_alive, 0
+
+    @property
+    def is_alive(self):
+        self.num_reads += 1
+        return self._is_alive
+
+
+class ShardNode(Node):
+    def __init__(self, node_id, used, client):
+        super().__init__(node_id, used)
+        self.client = client
+
+
+async def test_a_silent_shard_is_down_at_once_and_each_node_is_asked_once():
+    """A shard whose heartbeats stopped is not answering before the Executor marks it dead; a scrape asks each
+    node once whether it answers."""
+    silent, heard = Client(is_alive=False), Client(is_alive=True)
+    nodes = [GuardedNode(ShardNode("s", 300, silent), epoch=1), GuardedNode(ShardNode("h", 200, heard), epoch=1),
+             GuardedNode(Node("local", 100), epoch=1)]
+    assert [node.is_answering for node in nodes] == [False, True, True]
+    assert nodes[0].is_alive  # not marked yet: the Executor notices at its next step boundary
+    silent.num_reads = heard.num_reads = 0
+    executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
+                               num_preempted=0, nodes=nodes)
+    text = (await FrontendMetrics().render(SimpleNamespace(executor=executor))).decode()
+    samples = {(s.name, s.labels.get("node")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert [samples[("fastdecode_kv_node_up", n)] for n in ("s", "h", "local")] == [0, 1, 1]
+    assert [samples[("fastdecode_kv_used_bytes", n)] for n in ("s", "h", "local")] == [0, 200, 100]
+    assert (silent.num_reads, heard.num_reads) == (1, 1)
+    nodes[0].refresh()
+    assert not nodes[0].is_alive and not nodes[0].is_answering and nodes[1].is_alive

@@ -7,7 +7,7 @@ import pytest
 from fastdecode.actors.api import StreamOutput
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.openai_request import parse_chat, parse_completion, parse_stream_request
-from fastdecode.actors.frontend.openai_response import ResponseBuilder, TokenBytes
+from fastdecode.actors.frontend.openai_response import ResponseBuilder
 from fastdecode.actors.model.synthetic_tokenizer import (
     BOS_TOKEN,
     CHAT_TEMPLATE,
@@ -88,13 +88,14 @@ def test_sampling_value_out_of_range_names_its_field(field, value):
 def builder(tokenizer, *, is_chat: bool, is_token_id_text: bool = False) -> ResponseBuilder:
     return ResponseBuilder.new("m", is_chat=is_chat, is_token_id_text=is_token_id_text,
                                token_text=lambda t: tokenizer.decode([t], skip_special_tokens=False),
-                               token_bytes=TokenBytes(tokenizer))
+                               token_bytes=tokenizer.token_bytes)
 
 
 def test_completion_top_logprobs_hold_the_sampled_token(tokenizer):
     a, b, c = (tokenizer.encode(x, add_special_tokens=False)[0] for x in ("a", "b", "c"))
     out = StreamOutput(1, a, "a", -0.5, ((b, -0.2), (c, -1.0)), "stop")
-    logprobs = builder(tokenizer, is_chat=False).complete([out], "stop", {}, wants_logprobs=True)["choices"][0]
+    made = builder(tokenizer, is_chat=False)
+    logprobs = made.complete_choices([made.choice([out], "stop", wants_logprobs=True)], {})["choices"][0]
     assert logprobs["logprobs"]["top_logprobs"] == [{"a": -0.5, "b": -0.2, "c": -1.0}]  # N + 1 entries
     only = StreamOutput(1, a, "a", -0.5, (), None)
     chunk = builder(tokenizer, is_chat=False).chunk(only, wants_logprobs=True)
@@ -112,9 +113,10 @@ def test_every_choice_has_a_stop_reason(tokenizer):
     out = StreamOutput(1, 5, "x", finish_reason="stop")
     for is_chat in (False, True):
         made = builder(tokenizer, is_chat=is_chat)
-        assert made.complete([out], "stop", {}, wants_logprobs=False, stop_reason="END")["choices"][0][
-            "stop_reason"] == "END"
-        assert made.chunk(out, wants_logprobs=False, stop_reason=7)["choices"][0]["stop_reason"] == 7
+        choice = made.choice([out], "stop", wants_logprobs=False, stop_reason="END")
+        assert made.complete_choices([choice], {})["choices"][0]["stop_reason"] == "END"
+        stopped = StreamOutput(1, 5, "x", finish_reason="stop", stop_reason=7)
+        assert made.chunk(stopped, wants_logprobs=False)["choices"][0]["stop_reason"] == 7  # the output's own
         assert made.chunk(StreamOutput(1, 5, "x"), wants_logprobs=False)["choices"][0]["stop_reason"] is None
     assert builder(tokenizer, is_chat=True).role_chunk()["choices"][0]["stop_reason"] is None
 
@@ -127,5 +129,5 @@ def test_chat_logprob_bytes_are_each_tokens_own_bytes(tokenizer):
     assert item["bytes"] == [0xC3] and item["top_logprobs"][0]["bytes"] == [0xA9]
     assert item["token"] == tokenizer.decode([first], skip_special_tokens=False)
     word = tokenizer.encode(" France", add_special_tokens=False)
-    assert b"".join(TokenBytes(tokenizer)(t) for t in word) == b" France"
-    assert TokenBytes(tokenizer)(EOS_TOKEN_ID) == EOS_TOKEN.encode()
+    assert b"".join(tokenizer.token_bytes(t) for t in word) == b" France"
+    assert tokenizer.token_bytes(EOS_TOKEN_ID) == EOS_TOKEN.encode()

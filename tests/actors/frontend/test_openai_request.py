@@ -148,14 +148,14 @@ def test_add_generation_prompt_is_a_chat_field_only():
 
 def test_a_list_of_prompts_and_n_choices():
     batch = parse_completion({"prompt": ["a", [5, 6]], "n": 3, "best_of": 3, "seed": 40, "temperature": 0.5})
-    assert (batch.prompt, batch.prompts, batch.num_prompts, batch.num_choices) == (None, ("a", (5, 6)), 2, 3)
+    assert (batch.prompt, batch.prompts, batch.num_prompts, batch.num_samples) == (None, ("a", (5, 6)), 2, 3)
     assert [one.prompt for one in batch.per_prompt()] == ["a", (5, 6)]
     assert [batch.sampling_params(2, 100, sample_index=i).seed for i in range(3)] == [40, 41, 42]
     assert parse_completion({"prompt": ["a"]}).per_prompt()[0].prompt == "a"  # a batch of one is one prompt
     assert parse_completion({"prompt": [[5, 6]]}).prompt == (5, 6)
     unseeded = parse_completion({"prompt": "a", "n": 2})
     assert unseeded.sampling_params(2, 100, sample_index=1).seed is None and unseeded.num_prompts == 1
-    assert parse_chat({"messages": [{"role": "user", "content": "a"}], "n": 4}).num_choices == 4
+    assert parse_chat({"messages": [{"role": "user", "content": "a"}], "n": 4}).num_samples == 4
     with pytest.raises(ApiError) as refused:
         parse_stream_request({"prompt": "a", "n": 2})
     assert refused.value.param == "n"

@@ -1,0 +1,83 @@
+"""``POST /tokenize`` of a chat counts what a chat completion of it runs: the same template variables
+(``chat_template_kwargs``) and ``add_special_tokens``, so the same prompt ids.  No engine runs: a stand-in
+records the prompt ids a chat completion submits."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from app_client import app_client
+from fastdecode.actors.api import StreamOutput
+from fastdecode.actors.model.config import SamplingDefaults
+from fastdecode.actors.model.synthetic_tokenizer import (
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    NUM_TEXT_TOKENS,
+    build_synthetic_tokenizer,
+)
+from fastdecode.actors.model.tokenizer import Tokenizer
+
+THINKING_TEMPLATE = "{% if enable_thinking %}<think>{% endif %}" + CHAT_TEMPLATE
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Paris?"}]
+
+
+class RecordingLLM:
+    """What the routes use of an ``AsyncLLM``; every request ends at once, its prompt ids kept."""
+
+    def __init__(self) -> None:
+        self.tokenizer = Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN,
+                                   eos_token=EOS_TOKEN, chat_template=THINKING_TEMPLATE, add_bos_token=True)
+        self.max_model_len, self.max_num_choices = 512, 8
+        self.model_config = SimpleNamespace(sampling_defaults=SamplingDefaults())
+        self.prompts: list[list[int]] = []
+
+    def stream(self, prompt_ids, params):
+        self.prompts.append(list(prompt_ids))
+        return self._stream()
+
+    async def _stream(self):
+        yield StreamOutput(1, 5, "x", finish_reason="length")
+
+
+@pytest.fixture
+async def served():
+    llm = RecordingLLM()
+    async with app_client(llm) as client:
+        yield client, llm
+
+
+async def post(client, path: str, body: dict) -> tuple[int, dict]:
+    response = await client.post(path, json=body)
+    return response.status, await response.json()
+
+
+@pytest.mark.parametrize("extra", [{"chat_template_kwargs": {"enable_thinking": True}},
+                                   {"chat_template_kwargs": {"enable_thinking": True}, "add_special_tokens": True},
+                                   {}])
+async def test_tokenize_gives_the_ids_a_chat_completion_runs(served, extra):
+    client, llm = served
+    status, completion = await post(client, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, **extra})
+    assert status == 200, completion
+    status, tokenized = await post(client, "/tokenize", {"messages": MESSAGES, **extra})
+    assert status == 200, tokenized
+    assert tokenized["tokens"] == llm.prompts[-1] and tokenized["count"] == completion["usage"]["prompt_tokens"]
+    is_thinking = "chat_template_kwargs" in extra
+    assert (llm.prompts[-1] != llm.tokenizer.encode_chat(MESSAGES)) == is_thinking  # the variables count
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"add_special_tokens": True}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+])
+async def test_tokenize_refuses_what_the_chat_route_refuses(served, body, param):
+    client, _ = served
+    status, got = await post(client, "/tokenize", {"messages": MESSAGES, **body})
+    assert status == 400 and got["error"]["param"] == param, got
+    status, got = await post(client, "/v1/chat/completions", {"messages": MESSAGES, **body})
+    assert status == 400, got

@@ -1,0 +1,55 @@
+"""``Tokenizer``: chat encoding with template variables and special tokens, and each token's spelling and bytes."""
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models
+
+from fastdecode.actors.model.synthetic_tokenizer import (
+    BOS_TOKEN,
+    BOS_TOKEN_ID,
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    NUM_TEXT_TOKENS,
+    build_synthetic_tokenizer,
+)
+from fastdecode.actors.model.tokenizer import Tokenizer
+
+THINKING_TEMPLATE = "{% if enable_thinking %}<think>{% endif %}" + CHAT_TEMPLATE
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+                     chat_template=THINKING_TEMPLATE, add_bos_token=True)
+
+
+def test_encode_chat_takes_template_variables_and_special_tokens(tokenizer):
+    plain = tokenizer.encode_chat(MESSAGES)
+    assert plain == tokenizer.encode(tokenizer.apply_chat_template(MESSAGES), add_special_tokens=False)
+    thinking = tokenizer.encode_chat(MESSAGES, enable_thinking=True)
+    assert thinking == tokenizer.encode("<think>" + tokenizer.apply_chat_template(MESSAGES), add_special_tokens=False)
+    assert thinking != plain
+    bare = tokenizer.encode_chat(MESSAGES, add_generation_prompt=False)
+    assert plain[:len(bare)] == bare and len(plain) > len(bare)
+    # the template writes the BOS after <think>: add_special_tokens puts another one first (add_bos_token)
+    special = tokenizer.encode_chat(MESSAGES, add_special_tokens=True, enable_thinking=True)
+    assert special == [BOS_TOKEN_ID, *thinking]
+
+
+def test_token_str_is_the_vocabulary_spelling(tokenizer):
+    ids = tokenizer.encode(" France", add_special_tokens=False)
+    assert "".join(tokenizer.token_str(t) for t in ids) == "ĠFrance"
+    assert tokenizer.token_str(BOS_TOKEN_ID) == BOS_TOKEN
+    assert tokenizer.token_str(tokenizer.vocab_size + 5) is None
+
+
+def test_token_bytes_of_byte_fallback_and_metaspace_tokens():
+    """A SentencePiece-style vocabulary: ``<0xNN>`` is one byte, ``▁`` a space."""
+    vocab = {"<unk>": 0, "<0xC3>": 1, "<0xA9>": 2, "▁hi": 3, "h": 4, "i": 5, "▁": 6}
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = Tokenizer(backend)
+    assert [tokenizer.token_bytes(t) for t in (1, 2, 3)] == [b"\xc3", b"\xa9", b" hi"]
+    assert tokenizer.decode([1, 2]) == "é"
