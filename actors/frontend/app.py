@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from fastdecode.actors.frontend.metrics import CONTENT_TYPE
-from fastdecode.actors.frontend.middleware import api_key_middleware, errors_middleware
+from fastdecode.actors.frontend.middleware import WEBSOCKET_PATH, api_key_middleware, errors_middleware
 from fastdecode.actors.frontend.openai_routes import chat_completions, completions, models
 from fastdecode.actors.frontend.state import STATE, FrontendState
 from fastdecode.actors.frontend.tokenize_routes import detokenize, tokenize
@@ -42,7 +42,7 @@ def build_app(state: FrontendState) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/stream", stream_socket)
+    app.router.add_get(WEBSOCKET_PATH, stream_socket)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     return app

@@ -18,6 +18,7 @@ log = logging.getLogger("fastdecode.frontend")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROTECTED_PREFIX = "/v1/"
+WEBSOCKET_PATH = "/v1/stream"  # the one route that also takes the key as ?token=
 # vLLM's tokenizer routes, outside /v1 (vLLM leaves them open; here they cost CPU time on up to 16 MiB bodies)
 PROTECTED_PATHS = frozenset({"/tokenize", "/detokenize"})
 
@@ -27,7 +28,9 @@ def _presented_key(request: web.Request) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.query.get("token")  # browsers cannot set headers on a WebSocket
+    if request.path == WEBSOCKET_PATH and not header:  # browsers cannot set headers on a WebSocket
+        return request.query.get("token")
+    return None  # elsewhere only the header, as vLLM: a key in a URL ends up in proxies' logs
 
 
 @web.middleware

@@ -8,17 +8,21 @@ are left to ``SamplingParams``, which raises ``RequestError`` with a clear messa
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.request import RequestError, SamplingParams
 
 MAX_LOGPROBS = 20
+LARGE_BODY_BYTES = 1 << 20  # bodies from this size are decoded and checked off the event loop
+T = TypeVar("T")
 MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an int64 (vLLM bounds seed so)
 
 # vLLM/OpenAI fields this server does not implement -> the values that change nothing; any other value is
@@ -120,9 +124,19 @@ def decode_body(raw: bytes | str) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+async def parse_body(raw: bytes | str, parse: Callable[[dict[str, Any]], T]) -> T:
+    """``parse(decode_body(raw))``, on a worker thread for a large body (decoding and checking megabytes of
+    prompts takes seconds, which every other stream would wait out on the event loop)."""
+    if len(raw) < LARGE_BODY_BYTES:
+        return parse(decode_body(raw))
+    return await asyncio.to_thread(lambda: parse(decode_body(raw)))
 
 
 def parse_completion(body: dict[str, Any]) -> GenerateRequest:
@@ -270,7 +284,7 @@ def _prompt(value: Any, name: str = "prompt") -> str | tuple[int, ...]:
     if isinstance(value, str):
         if not value:
             raise bad_request(f"{name} is empty" if name != "prompt" else "the prompt is empty", "prompt")
-        return value
+        return checked_text(value, name)
     if isinstance(value, list) and value and all(is_int(t) for t in value):
         return tuple(value)
     raise bad_request(f"{name} must be a non-empty string or a non-empty list of token ids", "prompt")
@@ -295,8 +309,19 @@ def parse_messages(value: Any) -> tuple[dict[str, str], ...]:
             content = "\n".join(parts)  # as vLLM joins text parts
         if not isinstance(content, str):
             raise bad_request(f"{param}.content must be a string or a list of text parts", f"{param}.content")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": checked_text(role, f"{param}.role"),
+                         "content": checked_text(content, f"{param}.content")})
     return tuple(messages)
+
+
+def checked_text(value: str, param: str) -> str:
+    """``value`` itself if it is text the tokenizer can take: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which are no Unicode text (the tokenizer failed on them with a 500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}", param) from None
+    return value
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from fastdecode.actors.frontend.generation import (
     start_generations,
     total_usage,
 )
-from fastdecode.actors.frontend.openai_request import GenerateRequest, decode_body, parse_chat, parse_completion
+from fastdecode.actors.frontend.openai_request import GenerateRequest, parse_body, parse_chat, parse_completion
 from fastdecode.actors.frontend.openai_response import ResponseBuilder
 from fastdecode.actors.frontend.sse import EventStream
 from fastdecode.actors.frontend.state import STATE
@@ -45,7 +45,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
                     is_chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
     llm = state.require_llm()
-    body = parse(decode_body(await request.read()))
+    body = await parse_body(await request.read(), parse)
     state.check_model(body.model)
     builder = ResponseBuilder.new(state.config.served_model_name, is_chat=is_chat, token_text=state.token_text,
                                   token_bytes=state.token_bytes, is_token_id_text=body.is_token_id_text)

@@ -21,9 +21,10 @@ from fastdecode.actors.frontend.errors import bad_request
 from fastdecode.actors.frontend.generation import chat_token_ids
 from fastdecode.actors.frontend.openai_request import (
     boolean_field,
-    decode_body,
+    checked_text,
     is_int,
     model_field,
+    parse_body,
     parse_messages,
     shown,
     template_kwargs_field,
@@ -51,6 +52,7 @@ async def tokenize(request: web.Request) -> web.Response:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise bad_request("prompt must be a string (or give messages)", "prompt")
+        checked_text(prompt, "prompt")
         add_special_tokens = boolean_field(body, "add_special_tokens", default=True)
         token_ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
     token_strs = None
@@ -89,7 +91,7 @@ async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]
     """The engine and the request's JSON object, once the key (401), readiness (503) and model (404) pass."""
     state = request.app[STATE]
     llm = state.require_llm()
-    body = decode_body(await request.read())
+    body = await parse_body(await request.read(), lambda decoded: decoded)
     state.check_model(model_field(body))
     return llm, body
 

@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.generation import Generation, generation_error, start_generation
-from fastdecode.actors.frontend.openai_request import decode_body, parse_stream_request
+from fastdecode.actors.frontend.openai_request import parse_body, parse_stream_request
 from fastdecode.actors.frontend.state import STATE, FrontendState
 
 log = logging.getLogger("fastdecode.frontend")
@@ -51,7 +51,7 @@ async def _serve_one(ws: web.WebSocketResponse, state: FrontendState) -> None:
         return
     if message.type is not WSMsgType.TEXT:
         raise bad_request("send the request as one JSON text message")
-    body = parse_stream_request(decode_body(message.data))
+    body = await parse_body(message.data, parse_stream_request)
     state.check_model(body.model)
     async with start_generation(state.require_llm(), state.metrics, body) as generation:
         sender = asyncio.create_task(_send_outputs(ws, generation, wants_logprobs=body.num_logprobs is not None))

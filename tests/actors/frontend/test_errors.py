@@ -50,6 +50,9 @@ BAD_REQUESTS = [
     pytest.param('{"prompt": "x", "temperature": 1' + "0" * 400 + "}", "temperature", id="int-past-float-range"),
     pytest.param({**OK_BODY, "seed": 2**64}, "seed", id="seed-past-int64"),
     pytest.param({**OK_BODY, "min_p": 0.05}, "min_p", id="min-p-unsupported"),
+    pytest.param('{"a": ' * 5000 + "1" + "}" * 5000, None, id="json-nested-too-deeply"),  # was a 500
+    pytest.param('{"prompt": "\\ud800", "max_tokens": 2}', "prompt", id="lone-surrogate"),  # was a 500
+    pytest.param('{"prompt": ["hi", "\\ud800"], "max_tokens": 2}', "prompt[1]", id="lone-surrogate-in-a-batch"),
 ]
 
 
@@ -93,14 +96,17 @@ async def test_unknown_model_gets_404(tiny_server, path):
     assert error["code"] == "model_not_found" and error["param"] == "model"
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}],
-                         ids=["missing", "wrong", "not-bearer"])
-async def test_missing_or_wrong_key_gets_401(tiny_server, headers):
-    status, payload = await post(tiny_server.url, OK_BODY, headers=headers)
+@pytest.mark.parametrize("headers, query", [({}, ""), ({"Authorization": "Bearer wrong"}, ""),
+                                            ({"Authorization": API_KEY}, ""), ({}, f"?token={API_KEY}"),
+                                            ({"Authorization": "Basic x"}, f"?token={API_KEY}")],
+                         ids=["missing", "wrong", "not-bearer", "query-off-the-websocket", "query-over-basic"])
+async def test_missing_or_wrong_key_gets_401(tiny_server, headers, query):
+    """Only the header carries the key on HTTP routes (as vLLM); ?token= is the WebSocket's, for browsers."""
+    status, payload = await post(tiny_server.url, OK_BODY, headers=headers, path="/v1/completions" + query)
     assert status == 401
     assert assert_error_shape(payload)["type"] == "authentication_error"
     async with aiohttp.ClientSession(headers=headers) as session:
-        async with session.get(tiny_server.url + "/v1/models") as response:
+        async with session.get(tiny_server.url + "/v1/models" + query) as response:
             assert response.status == 401
 
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.openai_request import (
+    LARGE_BODY_BYTES,
     decode_body,
+    parse_body,
     parse_chat,
     parse_completion,
     parse_stream_request,
@@ -159,3 +162,29 @@ def test_a_list_of_prompts_and_n_choices():
     with pytest.raises(ApiError) as refused:
         parse_stream_request({"prompt": "a", "n": 2})
     assert refused.value.param == "n"
+
+
+def test_text_that_is_no_unicode_is_a_400_naming_it():
+    """JSON's "\\ud800" is a lone surrogate: the tokenizer failed on it with a 500."""
+    with pytest.raises(ApiError) as info:
+        parse_chat({"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "\ud800"}]})
+    assert info.value.status == 400 and info.value.param == "messages[1].content"
+    with pytest.raises(ApiError) as info:
+        parse_completion({"prompt": "a\udfffb"})
+    assert info.value.status == 400 and info.value.param == "prompt"
+
+
+async def test_a_large_body_is_decoded_and_checked_off_the_event_loop():
+    threads = []
+
+    def parse(body):
+        threads.append(threading.current_thread())
+        return parse_completion(body)
+
+    small = json.dumps({"prompt": "hi"})
+    large = json.dumps({"prompt": [[1, 2]] * (LARGE_BODY_BYTES // 6)})
+    assert (await parse_body(small, parse)).prompt == "hi"
+    assert len((await parse_body(large, parse)).prompts) == LARGE_BODY_BYTES // 6
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
+    with pytest.raises(ApiError, match="nested too deeply"):
+        await parse_body('{"a": ' * 100000 + "1" + "}" * 100000, parse)
