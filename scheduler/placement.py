@@ -1,7 +1,7 @@
 """Placement: which node a new sequence lives on.
 
 A new sequence goes to the node whose predicted attend time after adding it is
-lowest, among the nodes with room for it.  The load of a node is the sum of its
+lowest, among the nodes with room for it (first those it does not overcommit).  The load of a node is the sum of its
 resident sequences' expected final lengths (prompt + max_tokens), so a node
 filled with sequences that will grow long counts as busy before they have grown.
 
@@ -57,17 +57,23 @@ def choose_node(
 ) -> int | None:
     """The node id with the lowest predicted attend time after adding the sequence, or None if none has room.
 
-    Ties go to the lower node id, so the choice is deterministic.
+    Nodes with room for it without overcommitting come first: only when none has does the sequence go to a
+    node it overcommits (otherwise the fastest node filled up to ``overcommit`` times its memory, and preempted,
+    while a bigger one stood nearly empty). Ties go to the lower node id, so the choice is deterministic.
     """
     check_lengths(prompt_len, expected_final_len)
-    best: tuple[float, int] | None = None
-    for load in loads:
-        if not load.has_room(prompt_len, expected_final_len, overcommit):
-            continue
-        key = (load.predicted_attend_s(expected_final_len), load.node.node_id)
-        if best is None or key < best:
-            best = key
-    return None if best is None else best[1]
+    loads = list(loads)
+    for limit in dict.fromkeys((1.0, max(overcommit, 1.0))):  # 1, then the overcommit (once when it is 1)
+        best: tuple[float, int] | None = None
+        for load in loads:
+            if not load.has_room(prompt_len, expected_final_len, limit):
+                continue
+            key = (load.predicted_attend_s(expected_final_len), load.node.node_id)
+            if best is None or key < best:
+                best = key
+        if best is not None:
+            return best[1]
+    return None
 
 
 def can_ever_fit(nodes: Iterable[NodeModel], expected_final_len: int) -> bool:

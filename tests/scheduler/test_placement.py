@@ -86,6 +86,20 @@ def test_overcommit_allows_more_final_pages_but_not_more_current_pages():
     assert not full_now.has_room(32, 64, overcommit=4.0)  # the prompt itself does not fit now
 
 
+def test_overcommit_is_used_only_where_no_node_has_real_room():
+    """A fast small node and a slow big one, overcommit 4: sequences go to the fast node while it has real room,
+    then to the big one; overcommitting starts only once neither has (the fast node used to take four times its
+    memory, and preempt, while the big one stood nearly empty)."""
+    fast, big = make_node(0, 4.0, 4_000), make_node(1, 1.0, 40_000)
+    loads, placed, waiting = place_all([fast, big], [(100, 900)] * 40, overcommit=4.0)
+    assert not waiting
+    assert loads[0].num_committed_pages <= loads[0].node.num_pages  # the fast node is not overcommitted
+    assert sum(1 for node_id, _, _ in placed if node_id == 1) == 40 - 4  # the rest went where there was room
+    loads, placed, waiting = place_all([fast, big], [(100, 900)] * 60, overcommit=4.0)
+    assert not waiting and sum(1 for node_id, _, _ in placed if node_id == 1) == 43  # big is full: 2500 // 57 pages
+    assert loads[0].num_committed_pages > loads[0].node.num_pages  # only then is the fast one overcommitted
+
+
 def test_pages_round_up_and_ties_go_to_the_lower_id():
     a, b = make_node(3, 1.0, 10_000), make_node(1, 1.0, 10_000)
     assert a.pages_for(0) == 0 and a.pages_for(1) == 1 and a.pages_for(16) == 1 and a.pages_for(17) == 2
