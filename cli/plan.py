@@ -82,7 +82,8 @@ def format_text(model: str, gpu_label: str, request: PlanRequest, result: PlanRe
 @click.option("--gpu", type=click.Choice(sorted(GPU_SPECS)), default=None, help="Built-in analytical GPU (default h100).")
 @click.option("--gpu-profile", type=click.Path(dir_okay=False), default=None, help="Measured dense-step profile (JSON).")
 @click.option("--shard-gbps", type=float, multiple=True, help="Read GB/s of a shard; repeat for a fixed pool. [60]")
-@click.option("--shard-mem-gib", type=float, default=None, help="Memory of each shard (GiB); unset: not a limit.")
+@click.option("--shard-mem-gib", type=float, multiple=True,
+              help="Memory of each shard (GiB), one figure for all; unset: not a limit.")
 @click.option("--max-shards", type=int, default=64, show_default=True, help="Most shards with one --shard-gbps.")
 @click.option("--shard-overhead-us", type=float, default=100.0, show_default=True, help="Per attend call.")
 @click.option("--link-gbps", type=float, default=50.0, show_default=True, help="GPU<->host link for q, k, v, o.")
@@ -93,12 +94,15 @@ def format_text(model: str, gpu_label: str, request: PlanRequest, result: PlanRe
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(
     model_name: str, gpu: str | None, gpu_profile: str | None, shard_gbps: tuple[float, ...],
-    shard_mem_gib: float | None, max_shards: int, shard_overhead_us: float, link_gbps: float, prompt_len: int,
+    shard_mem_gib: tuple[float, ...], max_shards: int, shard_overhead_us: float, link_gbps: float, prompt_len: int,
     output_len: int, max_latency_ms: float | None, dtype: str, as_json: bool,
 ) -> None:
     """Plan a deployment from the model's config alone (no weights are loaded)."""
     if gpu and gpu_profile:
         raise click.UsageError("give --gpu or --gpu-profile, not both")
+    if len(set(shard_mem_gib)) > 1:  # click kept the last of a repeated option silently
+        raise click.UsageError("--shard-mem-gib is one figure for every shard: the plan does not model shards of "
+                               "different memory (give the smallest, or plan each kind of host on its own)")
     try:
         request = PlanRequest(
             prompt_len=prompt_len,
@@ -106,7 +110,7 @@ def plan(
             shard_bytes_per_s=tuple(g * 1e9 for g in shard_gbps) or (60e9,),
             max_shards=max_shards,
             shard_overhead_s=shard_overhead_us * 1e-6,
-            shard_memory_bytes=None if shard_mem_gib is None else int(shard_mem_gib * (1 << 30)),
+            shard_memory_bytes=int(shard_mem_gib[0] * (1 << 30)) if shard_mem_gib else None,
             link_bytes_per_s=link_gbps * 1e9,
             max_latency_s=None if max_latency_ms is None else max_latency_ms / 1e3,
         )

@@ -47,6 +47,14 @@ def test_measured_profile_file(tmp_path):
     assert result.exit_code != 0 and "32-layer" in result.output
 
 
+def test_shard_memory_limits_the_batch():
+    small = json.loads(run("--model", "llama3-8b", "--shard-mem-gib", "1", "--json").output)
+    same_twice = json.loads(run("--model", "llama3-8b", "--shard-mem-gib", "1", "--shard-mem-gib", "1",
+                                "--json").output)
+    unlimited = json.loads(run("--model", "llama3-8b", "--json").output)
+    assert small == same_twice and small["batch_size"] < unlimited["batch_size"]
+
+
 def test_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -58,6 +66,8 @@ def test_errors_are_clear(tmp_path):
         (("--model", "llama3-70b", "--gpu", "a10"), "do not fit"),
         (("--model", "llama3-8b", "--max-latency-ms", "0.1"), "latency"),
         (("--model", "llama3-8b", "--shard-gbps", "-1"), "bandwidths"),
+        # a repeated --shard-mem-gib was the last one, silently
+        (("--model", "llama3-8b", "--shard-mem-gib", "0.0625", "--shard-mem-gib", "0.25"), "one figure"),
     ]
     for args, message in cases:
         result = run(*args)
