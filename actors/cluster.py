@@ -24,7 +24,7 @@ import torch
 
 from fastdecode.actors.dense_profile import measure_dense_profile, time_prefill
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
-from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode
+from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
 from fastdecode.actors.model import load_model, resolve_device
 from fastdecode.actors.request import SamplingParams
@@ -253,8 +253,7 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
     memory = config.gpu_kv_memory_bytes
     if memory is None:
         if model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(model.device)
-            memory = int(free * GPU_KV_FREE_FRACTION)
+            memory = int(free_memory_bytes(model.device) * GPU_KV_FREE_FRACTION)
         else:
             memory = default_shard_kv_bytes(1)
     return GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
