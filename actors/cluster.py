@@ -31,7 +31,6 @@ from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
-from fastdecode.scheduler import GpuPerfModel
 from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch, planned_lengths
 
 log = logging.getLogger("fastdecode.cluster")
