@@ -38,8 +38,13 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="sls: start sequences at a steady rate once the batch is half full; "
                           "all-at-once: fill every free slot at once."),
         click.option("--overcommit", default=1.0, show_default=True, type=click.FloatRange(1.0, 100.0),
-                     help="How far the KV that running sequences may reach (prompt + max_tokens) may exceed "
-                          "a node's memory; above 1 a full node preempts its youngest sequence."),
+                     help="How far the KV that running sequences reserve (prompt + max_tokens, see "
+                          "--max-reserved-output) may exceed a node's memory; above 1 a full node preempts its "
+                          "youngest sequence."),
+        click.option("--max-reserved-output", default=4096, show_default=True, type=click.IntRange(min=0),
+                     help="Most output tokens ahead of its length a sequence reserves KV for (a larger max_tokens, "
+                          "e.g. a chat request's default of the whole context, counts as this many; a node that "
+                          "fills up preempts its youngest). 0: reserve the whole max_tokens."),
         click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=0),
                      help="Most tokens one step carries (each decoding sequence counts 1); a longer prompt is "
                           "prefilled in chunks over several steps while the others keep decoding. 0: no chunking. "
@@ -65,7 +70,8 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  max_model_len: int | None, max_num_seqs: int, max_queue: int, dtype: str, device: str, seed: int,
-                 admission: str = "sls", overcommit: float = 1.0, max_num_batched_tokens: int | None = None,
+                 admission: str = "sls", overcommit: float = 1.0, max_reserved_output: int = 4096,
+                 max_num_batched_tokens: int | None = None,
                  is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
                  kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
                  is_insecure_bind_any: bool = False):
@@ -84,7 +90,8 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
         executor = ExecutorConfig(max_model_len=max_model_len, max_queue=max_queue, is_pipelined=not is_unpipelined,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, admission=admission,
-                                                            overcommit=overcommit))
+                                                            overcommit=overcommit,
+                                                            max_reserved_output=max_reserved_output or None))
         cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
                                 executor=executor, curve_dir=curve_dir)

@@ -15,8 +15,13 @@ class SchedulerConfig:
     - ``admission``: ``"sls"`` (sequence-level load stabilisation: small groups at
       a steady rate, total context held under a limit) or ``"all-at-once"``
       (every free slot is filled as soon as memory allows).
-    - ``overcommit``: how far the sum of residents' expected final pages may exceed
-      a node's memory (1.0: never runs out if sequences stop at max_tokens).
+    - ``overcommit``: how far the sum of residents' reserved pages may exceed
+      a node's memory (1.0: never runs out while every sequence stays within its reservation).
+    - ``max_reserved_output``: the most output tokens ahead of its current length that a running
+      sequence reserves KV for (its reservation is ``min(max_tokens, generated + this)`` output tokens);
+      None reserves the whole ``max_tokens``. A chat request that gives no max_tokens may otherwise
+      reserve the whole context and hold a node alone; as SGLang clips its estimate of such requests,
+      a sequence that outgrows its reservation on a full node is met by preempting the youngest there.
     - ``sls_min_group_size``: fewest sequences SLS admits together (prefill in
       groups is cheaper per token than one by one).
     - ``sls_load_headroom``: the SLS context limit is the steady-state total
@@ -35,6 +40,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     admission: str = "sls"
     overcommit: float = 1.0
+    max_reserved_output: int | None = 4096
     sls_min_group_size: int = 1
     sls_load_headroom: float = 0.1
     sls_free_load: float = 0.5
@@ -68,3 +74,5 @@ class SchedulerConfig:
         number_in("rebalance_threshold", 0.0, 1.0)
         if self.max_total_context is not None:
             positive_int("max_total_context")
+        if self.max_reserved_output is not None:
+            positive_int("max_reserved_output")

@@ -2,17 +2,19 @@
 
 A new sequence goes to the node whose predicted attend time after adding it is
 lowest, among the nodes with room for it (first those it does not overcommit).  The load of a node is the sum of its
-resident sequences' expected final lengths (prompt + max_tokens), so a node
-filled with sequences that will grow long counts as busy before they have grown.
+resident sequences' reserved final lengths (prompt + max_tokens, the output part capped at
+``SchedulerConfig.max_reserved_output`` tokens beyond what each has), so a node filled with
+sequences that will grow long counts as busy before they have grown.
 
 Room means, in pages of each node (``ceil(tokens / page_size)`` per layer):
 - now: the pages in use plus the new prompt's (and its first generated token's)
   pages fit in the node's memory;
-- later: the pages every resident will hold at its expected final length, plus
+- later: the pages every resident will hold at its reserved final length, plus
   the new one's, fit in ``overcommit`` times the node's memory.  With
-  ``overcommit == 1`` a sequence that stops at max_tokens never runs out of
-  memory; above 1 more sequences run (most stop early at EOS) and a node that
-  does fill up preempts its youngest sequence (see ``preemption``).
+  ``overcommit == 1`` a node never runs out while its sequences stay within their
+  reservations (always, when no max_tokens exceeds ``max_reserved_output``); above 1,
+  or when a sequence outgrows its reservation, a node that does fill up preempts its
+  youngest sequence (see ``preemption``).
 """
 from __future__ import annotations
 

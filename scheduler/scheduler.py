@@ -79,7 +79,7 @@ class Scheduler:
         return preempted
 
     def node_loads(self) -> dict[int, NodeLoad]:
-        return self._table.node_loads(self._nodes)
+        return self._table.node_loads(self._nodes, self.config.max_reserved_output)
 
     # --- requests ------------------------------------------------------------------
     @property
@@ -271,12 +271,11 @@ class Scheduler:
         num = self._admission.num_to_admit(list(self._table.running()), waiting)
         if num == 0:
             return []
-        loads = self._table.node_loads(self._nodes)
+        loads = self.node_loads()
         admitted: list[int] = []
         for record in waiting[:num]:
-            node_id = choose_node(
-                loads.values(), record.context_len, record.expected_final_len, overcommit=self.config.overcommit
-            )
+            reserved_len = record.reserved_final_len(self.config.max_reserved_output)
+            node_id = choose_node(loads.values(), record.context_len, reserved_len, overcommit=self.config.overcommit)
             if node_id is None:
                 break  # first come, first served: the head waits for room
             self._table.start(record.seq_id, node_id, self._num_steps)
@@ -284,8 +283,8 @@ class Scheduler:
             loads[node_id] = NodeLoad(
                 node,
                 load.num_used_pages + node.pages_for(record.context_len + 1),
-                load.num_committed_pages + node.pages_for(record.expected_final_len),
-                load.num_final_tokens + record.expected_final_len,
+                load.num_committed_pages + node.pages_for(reserved_len),
+                load.num_final_tokens + reserved_len,
             )
             admitted.append(record.seq_id)
         self._admission.on_admitted(len(admitted))

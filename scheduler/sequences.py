@@ -46,6 +46,13 @@ class SequenceRecord:
     def expected_final_len(self) -> int:
         return self.prompt_len + self.max_tokens
 
+    def reserved_final_len(self, max_reserved_output: int | None) -> int:
+        """The length it reserves KV for: its prompt plus ``max_tokens`` output tokens, or plus at most
+        ``max_reserved_output`` tokens beyond those it has (None: no such limit)."""
+        if max_reserved_output is None:
+            return self.prompt_len + self.max_tokens
+        return self.prompt_len + min(self.max_tokens, self.num_generated + max_reserved_output)
+
     @property
     def num_remaining(self) -> int:
         return self.max_tokens - self.num_generated
@@ -130,8 +137,9 @@ class SequenceTable:
             self._waiting.remove(seq_id)
         return record
 
-    def node_loads(self, nodes: dict[int, NodeModel]) -> dict[int, NodeLoad]:
-        """Per node: pages held now, pages committed at the expected final lengths, sum of final lengths."""
+    def node_loads(self, nodes: dict[int, NodeModel], max_reserved_output: int | None = None) -> dict[int, NodeLoad]:
+        """Per node: pages held now, pages committed at the reserved final lengths
+        (``SequenceRecord.reserved_final_len``), sum of those lengths."""
         used = dict.fromkeys(nodes, 0)
         committed = dict.fromkeys(nodes, 0)
         final = dict.fromkeys(nodes, 0)
@@ -139,6 +147,8 @@ class SequenceTable:
         for record in self._running.values():  # ceil divisions inlined: this runs every step over every sequence
             node_id, size = record.node_id, page_size[record.node_id]
             final_len = record.prompt_len + record.max_tokens
+            if max_reserved_output is not None:
+                final_len = min(final_len, record.prompt_len + record.num_generated + max_reserved_output)
             used[node_id] += -(-(record.prompt_len + record.num_generated) // size)
             committed[node_id] += -(-final_len // size)
             final[node_id] += final_len

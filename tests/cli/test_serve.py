@@ -85,7 +85,15 @@ def test_scheduler_options_reach_the_config():
                           shard_addresses=(), kv_memory_bytes=None)
     scheduler = config.cluster.executor.scheduler
     assert (scheduler.admission, scheduler.overcommit, scheduler.max_num_seqs) == ("all-at-once", 2.0, 8)
+    assert scheduler.max_reserved_output == 4096
     assert "overcommit" in refuse("serve", *TINY, "--shards", "0", "--overcommit", "0.5")
+    for given, reserved in ((0, None), (100, 100)):
+        config = build_config(model="random:tiny", host="127.0.0.1", port=0, api_key=None, served_model_name=None,
+                              max_model_len=None, max_num_seqs=8, max_queue=16, dtype="float32", device="cpu",
+                              seed=0, max_reserved_output=given, is_unpipelined=False, num_shards=0,
+                              shard_addresses=(), kv_memory_bytes=None)
+        assert config.cluster.executor.scheduler.max_reserved_output == reserved
+    assert "max-reserved-output" in refuse("serve", *TINY, "--shards", "0", "--max-reserved-output", "-1")
 
 
 def test_unknown_model_is_refused_at_start():

@@ -145,3 +145,47 @@ def test_a_sequence_only_a_removed_node_could_hold_waits_without_holding_the_que
     assert not sched.sequence(1).is_running and sched.num_waiting == 1
     sched.add_node(big)  # the node returns
     assert [(a.seq_id, a.node_id) for a in sched.schedule().admitted] == [(1, 0)]
+
+
+@pytest.mark.parametrize("max_reserved_output, num_admitted", [(None, 1), (64, 8)])
+def test_requests_with_a_context_sized_max_tokens_share_a_node_up_to_the_reservation(max_reserved_output,
+                                                                                      num_admitted):
+    # Chat requests without max_tokens get the rest of the context (here the whole node): reserving all of it
+    # runs them one at a time; reserving at most 64 tokens ahead runs them together.
+    config = SchedulerConfig(max_num_seqs=16, admission="all-at-once", max_reserved_output=max_reserved_output)
+    sched = Scheduler(config, [node(0, 2048)])
+    for seq_id in range(8):
+        sched.add_request(seq_id, 32, 2048 - 32)
+    assert len(sched.schedule().admitted) == num_admitted
+
+
+def test_sequences_that_outgrow_their_reservation_are_preempted_and_all_complete():
+    config = SchedulerConfig(max_num_seqs=16, admission="all-at-once", max_reserved_output=64)
+    sched = Scheduler(config, [node(0, 2048)])
+    short = {seq_id: 100 for seq_id in range(8)}  # 8 x (32 + 100) tokens fit the node together
+    for seq_id in short:
+        sched.add_request(seq_id, 32, 2048 - 32)
+    produced, preempted = run_to_completion(sched, short)
+    assert not preempted and all(produced[s] == list(range(100)) for s in short)
+    long = {seq_id: 600 for seq_id in range(10, 18)}  # 8 x 632 tokens do not: the node fills and preempts
+    for seq_id in long:
+        sched.add_request(seq_id, 32, 2048 - 32)
+    produced, preempted = run_to_completion(sched, long)
+    assert preempted
+    assert all(produced[s] == list(range(600)) for s in long)
+
+
+def test_a_reservation_slides_ahead_of_the_sequence_and_stops_at_max_tokens():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, admission="all-at-once", max_reserved_output=64),
+                      [node(0, 4096)])
+    sched.add_request(0, 32, 100)
+    sched.add_request(1, 32, 1000)
+    sched.schedule()
+    records = [sched.sequence(0), sched.sequence(1)]
+    assert [r.reserved_final_len(64) for r in records] == [32 + 64, 32 + 64]
+    for _ in range(50):
+        sched.on_tokens([0, 1])
+    records = [sched.sequence(0), sched.sequence(1)]
+    assert [r.reserved_final_len(64) for r in records] == [32 + 100, 32 + 50 + 64]
+    assert [r.reserved_final_len(None) for r in records] == [32 + 100, 32 + 1000]
+    assert sched.node_loads()[0].num_final_tokens == 132 + 146

@@ -1,9 +1,10 @@
 """Preemption on a live cluster: one KVShard too small for every sequence at once.
 
 Twelve greedy requests whose KV at their final lengths is well over the
-shard's pool; the scheduler overcommits (``overcommit=2``), so the pool fills
-while they grow and the youngest are preempted, requeued and rebuilt. Every
-request must still give exactly its solo tokens.
+shard's pool; the scheduler overcommits (``overcommit=2``, or each sequence
+reserves only 16 tokens ahead of its length), so the pool fills while they
+grow and the youngest are preempted, requeued and rebuilt. Every request must
+still give exactly its solo tokens.
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ NUM_REQUESTS = 12
 
 
 @pytest.mark.slow
-async def test_every_request_completes_with_its_solo_tokens_after_preemptions(tiny_model, one_torch_thread, caplog):
+@pytest.mark.parametrize("scheduler", [
+    SchedulerConfig(max_num_seqs=NUM_REQUESTS, admission="all-at-once", overcommit=2.0),
+    # the default overcommit, each sequence reserving 16 tokens ahead of its length: the pool fills as they grow
+    SchedulerConfig(max_num_seqs=NUM_REQUESTS, admission="all-at-once", max_reserved_output=16),
+], ids=["overcommit", "reserved-output"])
+async def test_every_request_completes_with_its_solo_tokens_after_preemptions(tiny_model, one_torch_thread, caplog,
+                                                                              scheduler):
     model, _ = tiny_model
     rng = random.Random(5)
     requests = [
@@ -34,7 +41,6 @@ async def test_every_request_completes_with_its_solo_tokens_after_preemptions(ti
     ]
     final_tokens = sum(len(p) + params.max_tokens for p, params in requests)
     assert final_tokens * 512 > 1.5 * KV_MEMORY_BYTES  # far more than fits at once
-    scheduler = SchedulerConfig(max_num_seqs=NUM_REQUESTS, admission="all-at-once", overcommit=2.0)
     caplog.set_level(logging.INFO, logger="fastdecode.executor")
     async with uneven_cluster((0.0,), kv_memory_bytes=KV_MEMORY_BYTES, scheduler=scheduler) as cluster:
         outputs = await asyncio.gather(*(collect(cluster.submit(p, params)) for p, params in requests))
