@@ -118,9 +118,9 @@ def shard_cpu_lists(cpus: list[int], num_shards: int, per_shard: int) -> list[tu
 
 
 def default_shard_kv_bytes(num_shards: int) -> int:
-    """A third of the memory available now, shared by the shards, within sane bounds."""
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    share = available // 3 // max(1, num_shards)
+    """A third of the memory available now (``gpu_kv.free_memory_bytes`` of the CPU), shared by the shards,
+    within sane bounds."""
+    share = free_memory_bytes(torch.device("cpu")) // 3 // max(1, num_shards)
     return max(MIN_EMBEDDED_KV_BYTES, min(MAX_EMBEDDED_KV_BYTES, share))
 
 

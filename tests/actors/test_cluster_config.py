@@ -38,3 +38,12 @@ def test_each_cluster_run_names_its_own_shard_session():
     first, second = (ShardLinks.open(ClusterConfig(), shape=shape) for _ in range(2))
     assert first.session_id != second.session_id  # a restarted Executor frees what the last one left
     assert all(0 < links.session_id < 1 << 63 for links in (first, second))
+
+
+def test_default_shard_memory_is_a_third_of_the_available_memory_shared_within_bounds(monkeypatch):
+    import fastdecode.actors.cluster as cluster
+
+    monkeypatch.setattr(cluster, "free_memory_bytes", lambda device: 12 << 30)  # MemAvailable, page cache included
+    assert cluster.default_shard_kv_bytes(2) == 2 << 30
+    monkeypatch.setattr(cluster, "free_memory_bytes", lambda device: 1 << 20)
+    assert cluster.default_shard_kv_bytes(1) == cluster.MIN_EMBEDDED_KV_BYTES
