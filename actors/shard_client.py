@@ -40,6 +40,10 @@ from fastdecode.transport.shard_messages import (
 log = logging.getLogger(__name__)
 
 MAX_APPEND_CHUNK_BYTES = 256 << 20  # a long prompt's K/V travels in chunks of at most this (k and v together)
+# Configure pre-faults the whole pool and calibrates it: a third of a host's memory on busy cores took 76 s on the
+# 2-core dev VM. The shard answers heartbeats meanwhile (RpcServer, on its loop), so a dead shard is still found
+# within the heartbeat window; this only bounds a live one that never finishes.
+CONFIGURE_TIMEOUT_S = 3600.0
 
 
 class ShardClient:
@@ -92,7 +96,7 @@ class ShardClient:
         self._rpc.client_id = session_id  # from now on the heartbeats say whose they are (Ping.client_id)
         message = Configure(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
                             session_id=session_id)
-        return await self._rpc.request(message)
+        return await self._rpc.request(message, timeout_s=max(self._rpc.timeout_s, CONFIGURE_TIMEOUT_S))
 
     async def allocate(self, seq_ids: list[int]) -> None:
         await self._rpc.request(Allocate(tuple(int(s) for s in seq_ids)))

@@ -59,6 +59,8 @@ def shard_error_message(exc: Exception) -> str:
         if exc.code == "busy":
             return f"a shard refused this Executor: {exc.message}"
         return f"a shard refused this Executor's start-up [{exc.code}]: {exc.message}"
+    if "inproc://" in str(exc):  # an in-process shard: no address, firewall or key to check
+        return f"the in-process KV shard failed: {exc}"
     return (f"cannot reach a shard: {exc} (check the --shard address and port, that a firewall lets them "
             "through, and that the CURVE keys match: the shard's --curve-dir must list this host's client key "
             "and this host's server.public must be the shard's)")
