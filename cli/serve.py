@@ -6,6 +6,7 @@ The API key may come from ``FASTDECODE_API_KEY`` (``API_KEY_ENV``: read here and
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,27 @@ from fastdecode.scheduler.config import ADMISSION_MODES
 from fastdecode.transport.errors import TransportError
 
 API_KEY_ENV = "FASTDECODE_API_KEY"
+
+
+class NameList(click.ParamType):
+    """A list of names as vLLM takes it, a JSON list (``'["https://a.example", "https://b.example"]'``), or
+    comma-separated (``https://a.example,https://b.example``); the values are checked by ``FrontendConfig``."""
+
+    name = "LIST"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if not text.startswith("["):
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.fail(f"{text!r} is not a JSON list: {exc.msg}", param, ctx)
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            self.fail(f"{text!r} must be a JSON list of strings", param, ctx)
+        return tuple(names)
 
 
 def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,6 +84,15 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="CURVE key folder (fdctl keygen) for encrypted, authenticated shard links."),
         click.option("--insecure-bind-any", "is_insecure_bind_any", is_flag=True,
                      help="Allow a non-loopback --host without --api-key."),
+        click.option("--allowed-origins", default='["*"]', show_default=True, type=NameList(),
+                     help="CORS: origins whose browser pages may call the API and open /v1/stream (JSON list or "
+                          "comma-separated; '*': any)."),
+        click.option("--allowed-methods", default='["*"]', show_default=True, type=NameList(),
+                     help="CORS: HTTP methods browsers may use (JSON list or comma-separated)."),
+        click.option("--allowed-headers", default='["*"]', show_default=True, type=NameList(),
+                     help="CORS: request headers browsers may send (JSON list or comma-separated)."),
+        click.option("--allow-credentials/--no-allow-credentials", "is_credentials_allowed", default=False,
+                     show_default=True, help="CORS: let browsers send cookies and HTTP auth along."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -74,7 +105,9 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  max_num_batched_tokens: int | None = None,
                  is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
                  kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
-                 is_insecure_bind_any: bool = False):
+                 is_insecure_bind_any: bool = False, allowed_origins: tuple[str, ...] = ("*",),
+                 allowed_methods: tuple[str, ...] = ("*",), allowed_headers: tuple[str, ...] = ("*",),
+                 is_credentials_allowed: bool = False):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
     from fastdecode.transport.sockets import is_loopback_address
 
@@ -95,7 +128,9 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
         cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
                                 executor=executor, curve_dir=curve_dir)
-        frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None)
+        frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None,
+                                  allowed_origins=allowed_origins, allowed_methods=allowed_methods,
+                                  allowed_headers=allowed_headers, is_credentials_allowed=is_credentials_allowed)
         return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port, drain_timeout_s=drain_timeout_s)
     except ValueError as exc:
         raise OneLineError(str(exc)) from None

@@ -23,6 +23,8 @@ from fastdecode.actors.frontend.state import STATE
 
 log = logging.getLogger("fastdecode.frontend")
 
+CREATED_AT = web.AppKey("fastdecode_created_at", int)  # Unix time the app was built: the model card's ``created``
+
 
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, parse_completion, is_chat=False)
@@ -33,12 +35,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """OpenAI's retrieve (``GET /v1/models/{model}``); another id is a 404 as elsewhere."""
+    request.app[STATE].check_model(request.match_info["model"])
+    return web.json_response(_model_card(request))
+
+
+def _model_card(request: web.Request) -> dict[str, Any]:
     state = request.app[STATE]
-    card: dict[str, Any] = {"id": state.config.served_model_name, "object": "model", "created": 0,
-                            "owned_by": "fastdecode"}
+    card: dict[str, Any] = {"id": state.config.served_model_name, "object": "model",
+                            "created": request.app[CREATED_AT], "owned_by": "fastdecode"}
     if state.llm is not None:
         card["max_model_len"] = state.llm.max_model_len
-    return web.json_response({"object": "list", "data": [card]})
+    return card
 
 
 async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], GenerateRequest], *,
@@ -67,12 +79,14 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
 async def _stream(request: web.Request, body: GenerateRequest, builder: ResponseBuilder,
                   generations: list[Generation]) -> web.StreamResponse:
     """Chunks as tokens come, the choices' interleaved, each with its index; a failed choice (the server shutting
-    down included) ends the whole stream with its error event, and every stream ends with ``data: [DONE]``."""
+    down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
+    ends with ``data: [DONE]``."""
     wants_logprobs = body.num_logprobs is not None
     is_offset_needed = wants_logprobs and not builder.is_chat
     text_offsets = {g.index: 0 for g in generations}  # of each choice's next token text, for completions' logprobs
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     events = await EventStream.open(request)
+    is_failed = False
     try:
         if builder.is_chat:
             for generation in generations:
@@ -81,6 +95,7 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
             async for generation, out in merged:
                 if out.finish_reason == "error":
                     await events.send(generation_error(out).body())
+                    is_failed = True
                     break
                 index = generation.index
                 if out.token_id >= 0:
@@ -91,7 +106,7 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                 await events.send(_with_usage(chunk, body, generation, num_sent[index]))
                 if is_offset_needed and out.token_id >= 0:
                     text_offsets[index] += len(builder.token_text(out.token_id))
-        if body.is_usage_streamed:
+        if body.is_usage_streamed and not is_failed:
             await events.send(builder.usage_chunk(total_usage(generations)))
         await events.done()
     except ConnectionResetError:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -14,16 +15,40 @@ from fastdecode.actors.model.tokenizer import Tokenizer
 log = logging.getLogger("fastdecode.frontend")
 
 
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)  # scheme://host[:port], as browsers send it
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method or header name (RFC 9110 token)
+
+
 @dataclass(frozen=True)
 class FrontendConfig:
+    """``allowed_*`` and ``is_credentials_allowed``: CORS for browsers, as vLLM's ``--allowed-origins`` (also
+    checked against a WebSocket's Origin), ``--allowed-methods``, ``--allowed-headers`` and ``--allow-credentials``;
+    ``"*"`` allows any."""
+
     served_model_name: str
     api_key: str | None = None  # None: no key needed
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    is_credentials_allowed: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
             raise ValueError("the served model name must not be empty")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key must not be empty")
+        for name, values in (("origins", self.allowed_origins), ("methods", self.allowed_methods),
+                             ("headers", self.allowed_headers)):
+            if not isinstance(values, tuple) or not all(isinstance(value, str) for value in values):
+                raise ValueError(f"allowed {name} must be a tuple of strings, got {values!r}")
+        for origin in self.allowed_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"allowed origin {origin!r} is not '*' nor an origin like https://example.com:8080 "
+                                 "(scheme://host[:port], no path, no trailing slash)")
+        for kind, names in (("method", self.allowed_methods), ("header", self.allowed_headers)):
+            for name in names:
+                if not _TOKEN.fullmatch(name):
+                    raise ValueError(f"allowed {kind} {name!r} is not '*' nor an HTTP {kind} name")
 
 
 class FrontendState:

@@ -5,7 +5,8 @@ fields).  The server answers ``{"type": "token", "text", "token_id"}`` per token
 (with ``logprob`` when asked), then ``{"type": "done", "finish_reason", "stop_reason", "usage"}``
 (``stop_reason``: the stop string or stop token id that ended it, else null, as in the OpenAI routes),
 or ``{"type": "error", "message", "status"}``, and closes.  A client that
-closes early cancels its request.
+closes early cancels its request.  A browser's ``Origin`` outside ``--allowed-origins`` gets 403 before the
+upgrade (cross-site WebSocket hijacking: browsers apply no CORS to WebSockets).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from aiohttp import WSMsgType, web
 
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.generation import Generation, generation_error, start_generation
+from fastdecode.actors.frontend.middleware import is_origin_allowed
 from fastdecode.actors.frontend.openai_request import parse_body, parse_stream_request
 from fastdecode.actors.frontend.state import STATE, FrontendState
 
@@ -29,6 +31,10 @@ HEARTBEAT_S = 30.0
 
 async def stream_socket(request: web.Request) -> web.WebSocketResponse:
     state = request.app[STATE]
+    origin = request.headers.get("Origin")  # a browser's page; other clients send none
+    if origin is not None and not is_origin_allowed(state.config, origin):
+        raise ApiError(403, f"the origin {origin} may not open this WebSocket (see --allowed-origins)",
+                       code="origin_not_allowed")
     state.require_llm()  # refuse before the upgrade while not ready (auth is checked by the middleware)
     ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S)
     await ws.prepare(request)

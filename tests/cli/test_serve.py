@@ -96,6 +96,35 @@ def test_scheduler_options_reach_the_config():
     assert "max-reserved-output" in refuse("serve", *TINY, "--shards", "0", "--max-reserved-output", "-1")
 
 
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_cors_options_reach_the_frontend_config(monkeypatch, command):
+    """vLLM's option names and defaults; lists as a JSON list (vLLM's syntax) or comma-separated."""
+    import fastdecode.cli.serve as serve_module
+
+    configs = []
+    monkeypatch.setattr(serve_module, "run_server", configs.append)
+    shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
+    runner = CliRunner()
+    assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
+    default = configs[-1].frontend
+    assert (default.allowed_origins, default.allowed_methods, default.allowed_headers) == (("*",), ("*",), ("*",))
+    assert default.is_credentials_allowed is False
+    result = runner.invoke(main, [command, *TINY, *shard, "--allowed-origins", '["https://a.example", "http://b:8"]',
+                                  "--allowed-methods", "GET, POST", "--allowed-headers", '["Authorization"]',
+                                  "--allow-credentials"])
+    assert result.exit_code == 0, result.output
+    frontend = configs[-1].frontend
+    assert frontend.allowed_origins == ("https://a.example", "http://b:8")
+    assert frontend.allowed_methods == ("GET", "POST") and frontend.allowed_headers == ("Authorization",)
+    assert frontend.is_credentials_allowed is True
+
+
+def test_bad_cors_options_are_one_line():
+    assert "no trailing slash" in refuse("serve", *TINY, "--allowed-origins", "https://a.example/")
+    assert "not a JSON list" in refuse("serve", *TINY, "--allowed-origins", '["https://a.example"')
+    assert "JSON list of strings" in refuse("serve", *TINY, "--allowed-methods", "[1, 2]")
+
+
 def test_unknown_model_is_refused_at_start():
     assert "unknown model" in refuse("serve", "--model", "no-such-model", "--shards", "0", "--port", "0")
 
