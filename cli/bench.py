@@ -5,7 +5,8 @@ generates exactly ``--output-len`` tokens (EOS ignored, greedy). Prints a
 progress bar on stderr and, last on stdout, one JSON object: tokens/s, the
 decode step time, time to first token and time per output token percentiles,
 per-node busy fractions and the pipeline overlap from the step trace. With
-``--out DIR`` it also writes the trace (JSON) and its timeline (PNG).
+``--out DIR`` it also writes the trace (JSON) and its timeline (PNG; skipped with a
+warning line on stderr where matplotlib, the ``[plot]`` extra, is not installed).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
-from fastdecode.cli.bench_plot import parse_int_list
+from fastdecode.cli.bench_plot import PlotUnavailableError, parse_int_list, warn_plot_skipped
 from fastdecode.cli.sizes import parse_size
 
 
@@ -123,13 +124,23 @@ async def run_offline(options: dict) -> dict:
             result["predicted_step_ms"] = statistics.median(predicted) * 1e3
             result["prediction_error"] = result["predicted_step_ms"] / result["step_ms"] - 1
         if options["out"]:
-            os.makedirs(options["out"], exist_ok=True)
             tag = f"{result['mode']}-b{batch}-{'pipe' if options['pipeline'] else 'nopipe'}"
-            trace.write(os.path.join(options["out"], f"trace-{tag}.json"))
-            from fastdecode.cli.trace_plot import render_timeline
-
-            render_timeline(trace.to_json(), os.path.join(options["out"], f"timeline-{tag}.png"))
+            write_trace_files(trace, options["out"], tag)
         return result
+
+
+def write_trace_files(trace, out_dir: str, tag: str) -> None:
+    """The step trace as JSON, then its timeline PNG. A timeline that cannot be drawn (no matplotlib, or no decode
+    step to draw) is a warning line: the benchmark's figures and the trace stand without it."""
+    from fastdecode.cli.trace_plot import render_timeline
+
+    os.makedirs(out_dir, exist_ok=True)
+    trace.write(os.path.join(out_dir, f"trace-{tag}.json"))
+    timeline_path = os.path.join(out_dir, f"timeline-{tag}.png")
+    try:
+        render_timeline(trace.to_json(), timeline_path)
+    except (PlotUnavailableError, ValueError) as exc:
+        warn_plot_skipped(timeline_path, exc)
 
 
 @click.group("bench")

@@ -5,7 +5,8 @@ once per host count, each host one shard of ``--per-host-gbps`` read bandwidth
 (the plan may use fewer if they already keep up with the GPU). The gpu-only row
 holds as many sequences as fit in the GPU memory left beside the weights; its step
 is the dense step at that batch plus reading their KV at the HBM bandwidth.
-Prints one JSON object last on stdout; with ``--out`` also ``projection.png``.
+Prints one JSON object last on stdout; with ``--out`` also ``projection.png`` (skipped
+with a warning line, and ``"plot": null``, where matplotlib is not installed).
 """
 from __future__ import annotations
 

@@ -1,21 +1,20 @@
-"""``fdctl trace-plot``: render a step trace (``--trace FILE`` of generate/bench) as a PNG timeline."""
+"""``fdctl trace-plot``: render a step trace (``--trace FILE`` of generate/bench) as a PNG timeline.
+
+Needs matplotlib (the ``[plot]`` extra); without it the command ends with one error line naming the extra."""
 from __future__ import annotations
 
 import json
 
 import click
 
+from fastdecode.cli.bench_plot import PlotUnavailableError, headless_pyplot
 from fastdecode.cli.errors import OneLineCommand, OneLineError
 
 
 def render_timeline(trace: dict, out_path: str, *, max_steps: int = 4) -> None:
     """One row per lane (GPU, then each KV node), bars coloured by mini-batch, for the
-    last ``max_steps`` decode steps (the steady state)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    last ``max_steps`` decode steps (the steady state). PlotUnavailableError without matplotlib."""
+    plt = headless_pyplot()
     steps = trace["steps"][-max_steps:]
     if not steps:
         raise ValueError("the trace has no decode steps")
@@ -55,6 +54,8 @@ def trace_plot(trace_file: str, out_path: str, max_steps: int) -> None:
         with open(trace_file) as f:
             trace = json.load(f)
         render_timeline(trace, out_path, max_steps=max_steps)
+    except PlotUnavailableError as exc:
+        raise OneLineError(str(exc)) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise OneLineError(f"{trace_file} is not a step trace: {exc}") from None
     click.echo(out_path)
