@@ -158,12 +158,11 @@ def transformers_step_ms(cfg, batch: int, prompt_len: int, output_len: int, devi
 
 
 def render_roofline(result: dict, out_path: str) -> None:
-    """Step time against batch size: each measured series and the roofline (PNG)."""
-    import matplotlib
+    """Step time against batch size: each measured series and the roofline (PNG); PlotUnavailableError without
+    matplotlib."""
+    from fastdecode.cli.bench_plot import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[int, float]]] = {}
     for row in result["rows"]:
@@ -286,7 +285,13 @@ def roofline(**options) -> None:
     require_cuda(options["device"])
     with one_line_errors():
         result = asyncio.run(run_roofline(options))
-        if options["out"]:
-            os.makedirs(options["out"], exist_ok=True)
-            render_roofline(result, os.path.join(options["out"], "roofline.png"))
     click.echo(json.dumps(result))
+    if options["out"]:
+        from fastdecode.cli.bench_plot import PlotUnavailableError, warn_plot_skipped
+
+        os.makedirs(options["out"], exist_ok=True)
+        out_path = os.path.join(options["out"], "roofline.png")
+        try:
+            render_roofline(result, out_path)
+        except PlotUnavailableError as exc:
+            warn_plot_skipped(out_path, exc)

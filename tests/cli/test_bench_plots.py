@@ -55,3 +55,11 @@ def test_project_without_matplotlib_prints_json(tmp_path, no_matplotlib):
     assert [line for line in warnings if line.startswith("Warning:")] == [
         f"Warning: {tmp_path / 'projection.png'} not drawn: drawing plots needs matplotlib, which is not installed: "
         f"{HINT}"]
+
+
+def test_roofline_plot_without_matplotlib_is_the_named_error(tmp_path, no_matplotlib):
+    from fastdecode.cli.bench_plot import PlotUnavailableError
+    from fastdecode.cli.bench_roofline import render_roofline
+
+    with pytest.raises(PlotUnavailableError, match=r"fastdecode\[plot\]"):
+        render_roofline({}, str(tmp_path / "roofline.png"))
