@@ -64,9 +64,10 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "--max-reserved-output) may exceed a node's memory; above 1 a full node preempts its "
                           "youngest sequence."),
         click.option("--max-reserved-output", default=4096, show_default=True, type=click.IntRange(min=0),
-                     help="Most output tokens ahead of its length a sequence reserves KV for (a larger max_tokens, "
-                          "e.g. a chat request's default of the whole context, counts as this many; a node that "
-                          "fills up preempts its youngest). 0: reserve the whole max_tokens."),
+                     help="Most output tokens ahead of its length a sequence reserves KV for, and at most an "
+                          "eighth of its node (a larger max_tokens, e.g. a chat request's default of the whole "
+                          "context, counts as this many; a node that fills up preempts its youngest). 0: reserve "
+                          "the whole max_tokens."),
         click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=0),
                      help="Most tokens one step carries (each decoding sequence counts 1); a longer prompt is "
                           "prefilled in chunks over several steps while the others keep decoding. 0: no chunking. "

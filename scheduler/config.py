@@ -18,7 +18,8 @@ class SchedulerConfig:
     - ``overcommit``: how far the sum of residents' reserved pages may exceed
       a node's memory (1.0: never runs out while every sequence stays within its reservation).
     - ``max_reserved_output``: the most output tokens ahead of its current length that a running
-      sequence reserves KV for (its reservation is ``min(max_tokens, generated + this)`` output tokens);
+      sequence reserves KV for (its reservation is ``min(max_tokens, generated + this)`` output tokens,
+      and this is at most an eighth of its node's tokens: ``placement.reserved_output_limit``);
       None reserves the whole ``max_tokens``. A chat request that gives no max_tokens may otherwise
       reserve the whole context and hold a node alone; as SGLang clips its estimate of such requests,
       a sequence that outgrows its reservation on a full node is met by preempting the youngest there.

@@ -3,7 +3,7 @@
 A new sequence goes to the node whose predicted attend time after adding it is
 lowest, among the nodes with room for it (first those it does not overcommit).  The load of a node is the sum of its
 resident sequences' reserved final lengths (prompt + max_tokens, the output part capped at
-``SchedulerConfig.max_reserved_output`` tokens beyond what each has), so a node filled with
+``reserved_output_limit`` tokens beyond what each has), so a node filled with
 sequences that will grow long counts as busy before they have grown.
 
 Room means, in pages of each node (``ceil(tokens / page_size)`` per layer):
@@ -19,7 +19,7 @@ Room means, in pages of each node (``ceil(tokens / page_size)`` per layer):
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fastdecode.scheduler.node import NodeModel
@@ -45,6 +45,18 @@ class NodeLoad:
         return self.node.predict_attend_s(self.num_final_tokens + extra_tokens)
 
 
+NUM_SHARERS = 8  # a sequence reserves at most 1/NUM_SHARERS of a node's tokens for its output (reserved_output_limit)
+
+
+def reserved_output_limit(node: NodeModel, max_reserved_output: int | None) -> int | None:
+    """The most output tokens ahead of its length a sequence on ``node`` reserves (None: all of max_tokens):
+    ``max_reserved_output``, and at most an eighth of the node's tokens, so that a node whose memory holds only a
+    few contexts (max_model_len is cut to the largest node) still starts several long-limit requests together."""
+    if max_reserved_output is None:
+        return None
+    return max(1, min(max_reserved_output, node.num_pages * node.page_size // NUM_SHARERS))
+
+
 def check_lengths(prompt_len: int, expected_final_len: int) -> None:
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, numbers.Integral) or prompt_len < 1:
         raise ValueError(f"prompt_len must be a positive integer, got {prompt_len!r}")
@@ -55,22 +67,28 @@ def check_lengths(prompt_len: int, expected_final_len: int) -> None:
 
 
 def choose_node(
-    loads: Iterable[NodeLoad], prompt_len: int, expected_final_len: int, *, overcommit: float = 1.0
+    loads: Iterable[NodeLoad], prompt_len: int, expected_final_len: int | Mapping[int, int], *,
+    overcommit: float = 1.0
 ) -> int | None:
     """The node id with the lowest predicted attend time after adding the sequence, or None if none has room.
+    ``expected_final_len``: one length, or by node id (a reservation may depend on the node).
 
     Nodes with room for it without overcommitting come first: only when none has does the sequence go to a
     node it overcommits (otherwise the fastest node filled up to ``overcommit`` times its memory, and preempted,
     while a bigger one stood nearly empty). Ties go to the lower node id, so the choice is deterministic.
     """
-    check_lengths(prompt_len, expected_final_len)
     loads = list(loads)
+    lengths = {load.node.node_id: expected_final_len[load.node.node_id] if isinstance(expected_final_len, Mapping)
+               else expected_final_len for load in loads}
+    for length in lengths.values():
+        check_lengths(prompt_len, length)
     for limit in dict.fromkeys((1.0, max(overcommit, 1.0))):  # 1, then the overcommit (once when it is 1)
         best: tuple[float, int] | None = None
         for load in loads:
-            if not load.has_room(prompt_len, expected_final_len, limit):
+            length = lengths[load.node.node_id]
+            if not load.has_room(prompt_len, length, limit):
                 continue
-            key = (load.predicted_attend_s(expected_final_len), load.node.node_id)
+            key = (load.predicted_attend_s(length), load.node.node_id)
             if best is None or key < best:
                 best = key
         if best is not None:

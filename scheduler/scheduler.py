@@ -26,7 +26,7 @@ from fastdecode.scheduler.config import SchedulerConfig
 from fastdecode.scheduler.decisions import Admission, Preemption, StepPlan
 from fastdecode.scheduler.node import NodeModel
 from fastdecode.scheduler.perf_model import GpuPerfModel
-from fastdecode.scheduler.placement import NodeLoad, can_ever_fit, check_lengths, choose_node
+from fastdecode.scheduler.placement import NodeLoad, can_ever_fit, check_lengths, choose_node, reserved_output_limit
 from fastdecode.scheduler.preemption import Resident, choose_victims, youngest
 from fastdecode.scheduler.sequences import SequenceRecord, SequenceTable
 from fastdecode.scheduler.split import SplitItem, StepTimeModel, split_minibatches
@@ -274,8 +274,9 @@ class Scheduler:
         loads = self.node_loads()
         admitted: list[int] = []
         for record in waiting[:num]:
-            reserved_len = record.reserved_final_len(self.config.max_reserved_output)
-            node_id = choose_node(loads.values(), record.context_len, reserved_len, overcommit=self.config.overcommit)
+            reserved_lens = {i: record.reserved_final_len(reserved_output_limit(node, self.config.max_reserved_output))
+                             for i, node in self._nodes.items()}
+            node_id = choose_node(loads.values(), record.context_len, reserved_lens, overcommit=self.config.overcommit)
             if node_id is None:
                 break  # first come, first served: the head waits for room
             self._table.start(record.seq_id, node_id, self._num_steps)
@@ -283,8 +284,8 @@ class Scheduler:
             loads[node_id] = NodeLoad(
                 node,
                 load.num_used_pages + node.pages_for(record.context_len + 1),
-                load.num_committed_pages + node.pages_for(reserved_len),
-                load.num_final_tokens + reserved_len,
+                load.num_committed_pages + node.pages_for(reserved_lens[node_id]),
+                load.num_final_tokens + reserved_lens[node_id],
             )
             admitted.append(record.seq_id)
         self._admission.on_admitted(len(admitted))

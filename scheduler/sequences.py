@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fastdecode.scheduler.placement import NodeLoad
+from fastdecode.scheduler.placement import NodeLoad, reserved_output_limit
 from fastdecode.scheduler.node import NodeModel
 
 
@@ -139,16 +139,17 @@ class SequenceTable:
 
     def node_loads(self, nodes: dict[int, NodeModel], max_reserved_output: int | None = None) -> dict[int, NodeLoad]:
         """Per node: pages held now, pages committed at the reserved final lengths
-        (``SequenceRecord.reserved_final_len``), sum of those lengths."""
+        (``SequenceRecord.reserved_final_len`` with the node's ``reserved_output_limit``), sum of those lengths."""
         used = dict.fromkeys(nodes, 0)
         committed = dict.fromkeys(nodes, 0)
         final = dict.fromkeys(nodes, 0)
         page_size = {i: node.page_size for i, node in nodes.items()}
+        reserved = {i: reserved_output_limit(node, max_reserved_output) for i, node in nodes.items()}
         for record in self._running.values():  # ceil divisions inlined: this runs every step over every sequence
             node_id, size = record.node_id, page_size[record.node_id]
             final_len = record.prompt_len + record.max_tokens
-            if max_reserved_output is not None:
-                final_len = min(final_len, record.prompt_len + record.num_generated + max_reserved_output)
+            if reserved[node_id] is not None:
+                final_len = min(final_len, record.prompt_len + record.num_generated + reserved[node_id])
             used[node_id] += -(-(record.prompt_len + record.num_generated) // size)
             committed[node_id] += -(-final_len // size)
             final[node_id] += final_len

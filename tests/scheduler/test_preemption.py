@@ -159,6 +159,16 @@ def test_requests_with_a_context_sized_max_tokens_share_a_node_up_to_the_reserva
     assert len(sched.schedule().admitted) == num_admitted
 
 
+def test_a_small_node_reserves_at_most_an_eighth_of_itself_per_sequence():
+    # 4096 tokens: the default 4096-token reservation would be the whole node; an eighth (512) lets seven start
+    # (each 32 + 512 tokens, 34 pages of 16; 256 pages in all)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, admission="all-at-once"), [node(0, 4096)])
+    for seq_id in range(10):
+        sched.add_request(seq_id, 32, 4096 - 32)
+    assert len(sched.schedule().admitted) == 7
+    assert sched.node_loads()[0].num_final_tokens == 7 * (32 + 512)
+
+
 def test_sequences_that_outgrow_their_reservation_are_preempted_and_all_complete():
     config = SchedulerConfig(max_num_seqs=16, admission="all-at-once", max_reserved_output=64)
     sched = Scheduler(config, [node(0, 2048)])
