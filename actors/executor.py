@@ -15,8 +15,9 @@ held are requeued; they are rebuilt on surviving nodes by prefilling prompt plus
 the tokens already generated, so their streams go on with no token duplicated or
 missing. Rows of a node that failed during a decode step are dropped from that
 step's sampling and decoded again once rebuilt; rows of the other nodes complete
-normally. A node that returns is a new epoch and is used again. With no node
-left, running requests end with an error and new ones are refused
+normally. A node that returns is a new epoch and is used again. A draining node
+that no other node can relieve keeps serving its sequences (``node_drain``). With
+no node left, running requests end with an error and new ones are refused
 (``UnavailableError``) until one returns. ``drain()`` stops admitting and lets
 the accepted requests finish.
 """
@@ -37,7 +38,8 @@ from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
 from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
-from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector
+from fastdecode.actors.node_drain import DrainProbe, retire_nodes
+from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector, reopen
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator, sample
@@ -92,6 +94,7 @@ class Executor:
         self._reconnector = Reconnector(node_factories or [None] * len(nodes), on_ready=self._wakeup.set,
                                         backoff=reconnect_backoff)
         self._orphans: dict[int, set[int]] = {}  # node index -> sequences a lost epoch of it may still hold
+        self._drain_probe = DrainProbe()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -226,6 +229,9 @@ class Executor:
         for preemption in plan.preempted:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
         for admission in plan.admitted:
+            if self.nodes[admission.node_id].is_kept:  # a draining node takes no new sequence: back in the queue
+                self.scheduler.preempt(admission.seq_id)
+                continue
             self.prefills.add(self._sequences[admission.seq_id], admission.node_id)
         if self.prefills:
             self._emit_pending()  # prefills take a while: the streams should not wait for them
@@ -243,11 +249,11 @@ class Executor:
         self.last_step_s = loop.time() - start
 
     def _is_placed(self, seq: Sequence) -> bool:
-        """The sequence's KV is on a live node, in the epoch it was placed in."""
+        """The sequence's KV is on a node that attends (live, or draining and kept), in the epoch it was placed in."""
         if seq.status is not SeqStatus.RUNNING or seq.node_index is None:
             return False
         node = self.nodes[seq.node_index]
-        return node.is_alive and node.epoch == seq.node_epoch
+        return node.can_attend and node.epoch == seq.node_epoch
 
     async def _release(self, seq: Sequence) -> None:
         """Free the sequence's KV on its node, if it holds any. KV on a dead node is remembered as an
@@ -298,25 +304,22 @@ class Executor:
 
     # ---- failed, draining and returning nodes -------------------------------------------------
     async def _apply_node_changes(self) -> None:
-        """At a step boundary: retire failed nodes, take back returned ones, keep the scheduler in step."""
-        for index, node in enumerate(self.nodes):
+        """At a step boundary: find draining nodes, retire failed ones (or keep a draining one serving), take back
+        returned ones, keep the scheduler in step."""
+        await self._drain_probe.run(self.nodes)
+        for node in self.nodes:
             node.refresh()
-            if not node.is_alive and not node.is_retired:
-                node.is_retired = True
-                log.warning("KV node %d (%s) leaves: %s; %d sequence(s) to rebuild elsewhere", index,
-                            node.node_id, node.failure,
-                            sum(1 for s in self._sequences.values() if s.node_index == index))
-                self._reconnector.watch(index)
-                if node.state is NodeState.DEAD:
-                    await node.close()  # stop its heartbeats; the reconnect makes a new client
+        for index in retire_nodes(self.nodes, self.scheduler.nodes, [s.node_index for s in self._sequences.values()]):
+            self._reconnector.watch(index)
+            if self.nodes[index].state is NodeState.DEAD:
+                await self.nodes[index].close()  # stop its heartbeats; the reconnect makes a new client
         for index, fresh in self._reconnector.take_ready():
             await self._restore(index, fresh)
-        in_scheduler = self.scheduler.nodes
-        for index in sorted(in_scheduler):
-            if not self.nodes[index].is_alive and len(self.scheduler.nodes) > 1:
+        for index in sorted(self.scheduler.nodes):
+            if not self.nodes[index].can_attend and len(self.scheduler.nodes) > 1:
                 for preemption in self.scheduler.remove_node(index):
                     await self._requeue(self._sequences[preemption.seq_id])
-        if not any(self.nodes[i].is_alive for i in self.scheduler.nodes) and self._sequences:
+        if not any(self.nodes[i].can_attend for i in self.scheduler.nodes) and self._sequences:
             reasons = "; ".join(f"{n.node_id}: {n.failure}" for n in self.nodes)
             await self._fail_all(f"no KV node is left ({reasons})", is_retryable=True)
 
@@ -328,14 +331,8 @@ class Executor:
     async def _restore(self, index: int, fresh: KVNode) -> None:
         """Node ``index`` came back: a new epoch; free what an older epoch may have left; schedule on it again."""
         old = self.nodes[index]
-        orphans = sorted(self._orphans.get(index, set()))
-        try:
-            if orphans:
-                await free_leftovers(fresh, orphans)
-            stats = await fresh.stats()
-        except Exception as exc:  # it failed again at once: keep trying
-            log.warning("KV node %d failed again while coming back: %s: %s", index, type(exc).__name__, exc)
-            await fresh.close()
+        stats = await reopen(index, fresh, sorted(self._orphans.get(index, set())))
+        if stats is None:  # it failed again at once: keep trying
             self._reconnector.watch(index)
             return
         self._orphans.pop(index, None)
@@ -380,11 +377,16 @@ class Executor:
         node = self.nodes[node_index]
         # placed from here on (as the scheduler sees it): a node failure requeues it at the next step
         seq.node_index, seq.node_epoch, seq.status = node_index, node.epoch, SeqStatus.RUNNING
+        is_allocated = False
         try:
             await node.allocate([seq.seq_id])
+            is_allocated = True
             await node.append_prompt(seq.seq_id, k, v)
         except NodeFailedError as exc:
             log.warning("prefill of sequence %d not placed: %s", seq.seq_id, exc)
+            if not is_allocated and node.can_be_kept:  # a draining node refused it: nothing there, queue it again
+                self.scheduler.preempt(seq.seq_id)
+                seq.node_index, seq.status = None, SeqStatus.WAITING
             return
         except RemoteRequestError as exc:
             if exc.code not in REFUSED_CODES:
@@ -415,12 +417,12 @@ class Executor:
             self.trace.add_step(self.decoder.step_index, trace_start, self.trace.now(),
                                 sum(len(mb.seqs) for mb in minibatches))
             self.predicted_steps_s.append(predicted_s)
-        all_alive = all(self.nodes[n].is_alive for mb in minibatches for n, _, _ in mb.node_slices)
+        all_alive = all(self.nodes[n].can_attend for mb in minibatches for n, _, _ in mb.node_slices)
         bytes_per_token_layer = self.kv_bytes_per_token / self.model.config.num_layers
         self.scheduler.observe_attend_calls([
             AttendCall(node_index, num_tokens * bytes_per_token_layer, start_s, end_s)
             for node_index, num_tokens, start_s, end_s in self.decoder.drain_attend_times()
-            if self.nodes[node_index].is_alive])
+            if self.nodes[node_index].can_attend])
         if all_alive:  # an untraced CUDA graph step returns at its launch, one launched ahead ran before it:
             # its time is not the step's
             is_timed = (self.runner.is_synchronous or not self.runner.is_cuda) and not self.decoder.was_ahead

@@ -7,8 +7,10 @@ step: the node is marked failed (``DEAD``) or ``DRAINING`` and its attends from
 then on return zeros, so the step runs to its end for every other row and the
 Executor drops the rows of the failed node (their sequences are rebuilt
 elsewhere). Calls that place KV (allocate, append_prompt) raise
-``NodeFailedError`` instead. Each (re)connection is a new ``GuardedNode`` with the
-next epoch; a sequence remembers the epoch it was placed in, and what belongs to
+``NodeFailedError`` instead. A draining shard still serves the sequences it holds
+(shard_drain.py): where no other node could take them, the Executor keeps it
+(``is_kept``, set at a step boundary) and its attends go on until they fail.
+Each (re)connection is a new ``GuardedNode`` with the next epoch; a sequence remembers the epoch it was placed in, and what belongs to
 an older epoch is never sent to the new one.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
-from fastdecode.actors.shard_drain import DRAINING
+from fastdecode.actors.shard_drain import DRAINING, NOT_SESSION_OWNER
 from fastdecode.actors.tensor_io import from_numpy
 from fastdecode.transport.control_messages import ACTOR_STOPPED, INTERNAL, PROTOCOL
 from fastdecode.transport.errors import PeerDeadError, ProtocolError, RemoteRequestError, RequestTimeoutError
@@ -36,7 +38,8 @@ LOST_STATE_CODES = frozenset({"not_configured", UNKNOWN_SEQUENCE, ACTOR_STOPPED}
 # a request it could not decode or found malformed): what it holds for this connection can no longer be
 # trusted, so the connection ends as if the node died (its sequences are rebuilt elsewhere and it is
 # reconnected), rather than the error failing every running request, step after step.
-FAULT_CODES = frozenset({INTERNAL, PROTOCOL, "native_error", "bad_request"})
+# A shard that takes this connection for another session's (NOT_SESSION_OWNER) ends it the same way.
+FAULT_CODES = frozenset({INTERNAL, PROTOCOL, "native_error", "bad_request", NOT_SESSION_OWNER})
 # Error replies of an attend the node could not make room for (kvshard's POOL_FULL and OUT_OF_MEMORY): the
 # node is fine, those rows' KV is not (earlier layers of the step appended, this one did not). The rows get
 # zeros, and the Executor preempts their sequences and rebuilds them.
@@ -71,13 +74,18 @@ def classify_failure(exc: BaseException) -> NodeState | None:
 
 
 async def free_leftovers(node: KVNode, seq_ids: list[int]) -> None:
-    """Free what a lost epoch may have left on a node that came back (a restarted shard holds none of it)."""
+    """Free what a lost epoch may have left on a node that came back (a restarted shard holds none of it). A shard
+    frees all of a Free or nothing (an unknown id): then each is freed on its own."""
     try:
         await node.free(seq_ids)
     except RemoteRequestError as exc:
         if exc.code != UNKNOWN_SEQUENCE:
             raise
-        log.info("KV node %s did not hold %d leftover sequence(s): %s", node.node_id, len(seq_ids), exc.message)
+        log.info("KV node %s did not hold some of %d leftover sequence(s): %s", node.node_id, len(seq_ids),
+                 exc.message)
+        if len(seq_ids) > 1:
+            for seq_id in seq_ids:
+                await free_leftovers(node, [seq_id])
 
 
 class GuardedNode(KVNode):
@@ -92,11 +100,23 @@ class GuardedNode(KVNode):
         self.state = NodeState.ALIVE
         self.failure: str | None = None
         self.is_retired = False  # the Executor has moved this epoch's sequences away
+        self.is_kept = False  # DRAINING, but still attending for its sequences (no other node could take them)
+        self.has_lost_attend = False  # an attend failed: what it held may be half-appended, it cannot be kept
         self.refused_seq_ids: set[int] = set()  # attends refused for want of room, since take_refused()
 
     @property
     def is_alive(self) -> bool:
         return self.state is NodeState.ALIVE
+
+    @property
+    def can_be_kept(self) -> bool:
+        """Draining (told by a refused allocation, not a refused attend): its sequences' KV is whole there."""
+        return self.state is NodeState.DRAINING and not self.has_lost_attend
+
+    @property
+    def can_attend(self) -> bool:
+        """Alive, or draining and kept serving the sequences it holds."""
+        return self.state is NodeState.ALIVE or (self.state is NodeState.DRAINING and self.is_kept)
 
     @property
     def client(self):
@@ -113,8 +133,8 @@ class GuardedNode(KVNode):
         return client is None or client.is_alive
 
     def refresh(self) -> None:
-        """Notice a heartbeat loss that happened between calls."""
-        if self.is_alive and not self.is_answering:
+        """Notice a heartbeat loss that happened between calls (of a live node, or a draining one kept serving)."""
+        if (self.is_alive or self.is_kept) and not self.is_answering:
             self.mark(NodeState.DEAD, "no heartbeat answer")
 
     def mark(self, state: NodeState, reason: str) -> None:
@@ -132,6 +152,19 @@ class GuardedNode(KVNode):
             return None
         self.mark(state, f"{type(exc).__name__}: {exc}")
         return NodeFailedError(self.node_id, self.failure or str(exc))
+
+    def _attend_failed(self, exc: BaseException) -> bool:
+        """An attend failed: True (the node marked) if the error is the node's. A kept draining node that
+        fails an attend (say its drain deadline passed) is kept no longer, with that error as its reason."""
+        if self._failed(exc) is None:
+            return False
+        self.has_lost_attend = True
+        if self.is_kept:
+            self.is_kept = False
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.warning("KV node %s (epoch %d) stopped serving its sequences: %s", self.node_id, self.epoch,
+                        self.failure)
+        return True
 
     def _require_alive(self) -> None:
         if not self.is_alive:
@@ -160,11 +193,11 @@ class GuardedNode(KVNode):
     async def attend(self, layer: int, seq_ids: np.ndarray, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor) -> torch.Tensor:
         """The node's output, or zeros once it failed (the Executor drops those rows)."""
-        if self.is_alive:
+        if self.can_attend:
             try:
                 return await self.inner.attend(layer, seq_ids, q, k, v)
             except Exception as exc:
-                if self._failed(exc) is None:
+                if not self._attend_failed(exc):
                     raise
         return torch.zeros_like(q)
 
@@ -190,28 +223,28 @@ class GuardedNode(KVNode):
                      v: torch.Tensor) -> tuple[object | None, torch.Tensor, np.ndarray]:
         """(the inner node's pending attend, or None once the node failed; q for the zeros of a failed
         one; the rows' sequence ids)."""
-        if self.is_alive:
+        if self.can_attend:
             try:
                 return self.inner.begin_attend(layer, seq_ids, q, k, v), q, seq_ids
             except Exception as exc:
-                if not self._refused(exc, seq_ids) and self._failed(exc) is None:
+                if not self._refused(exc, seq_ids) and not self._attend_failed(exc):
                     raise
         return None, q, seq_ids
 
     def end_attend(self, pending: tuple[object | None, torch.Tensor, np.ndarray]) -> torch.Tensor:
         """The node's output, or zeros once it failed or refused (the Executor drops those rows)."""
         inner_pending, q, seq_ids = pending
-        if inner_pending is not None and self.is_alive:
+        if inner_pending is not None and self.can_attend:
             try:
                 return self.inner.end_attend(inner_pending)
             except Exception as exc:
-                if not self._refused(exc, seq_ids) and self._failed(exc) is None:
+                if not self._refused(exc, seq_ids) and not self._attend_failed(exc):
                     raise
         return from_numpy(np.zeros(q.shape, q.dtype)) if isinstance(q, np.ndarray) else torch.zeros_like(q)
 
     def is_attend_done(self, pending: tuple[object | None, torch.Tensor, np.ndarray]) -> bool:
         inner_pending = pending[0]
-        return inner_pending is None or not self.is_alive or self.inner.is_attend_done(inner_pending)
+        return inner_pending is None or not self.can_attend or self.inner.is_attend_done(inner_pending)
 
     async def free(self, seq_ids: list[int]) -> None:
         """Free on a live or draining node; raises NodeFailedError when the node is (or turns out) dead."""

@@ -310,17 +310,16 @@ class KVShard:
             self._lengths[seq_id] = [0] * num_layers
 
     def on_free(self, message: Free) -> None:
-        """Frees every known sequence of the message; unknown ones are reported after the others are freed."""
+        """All or nothing: when one of the sequences is unknown, none is freed (``unknown_sequence``)."""
         pool = self._require_pool()
-        unknown = []
+        unknown = [seq_id for seq_id in message.seq_ids if seq_id not in self._lengths]
+        if unknown:
+            raise ActorError(UNKNOWN_SEQUENCE, f"no such sequence(s): {unknown[:16]}"
+                                               f"{' ...' if len(unknown) > 16 else ''}; nothing was freed")
         for seq_id in message.seq_ids:
-            if self._lengths.pop(seq_id, None) is None:
-                unknown.append(seq_id)
-                continue
+            del self._lengths[seq_id]
             with _as_actor_errors():
                 pool.free(seq_id)
-        if unknown:
-            raise ActorError(UNKNOWN_SEQUENCE, f"no such sequence(s): {unknown[:16]}")
 
     def on_append_prompt(self, message: AppendPrompt) -> None:
         pool = self._require_pool()

@@ -13,7 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from fastdecode.actors.kv_nodes import KVNode
+from fastdecode.actors.guarded_node import free_leftovers
+from fastdecode.actors.kv_nodes import KVNode, NodeStats
 
 log = logging.getLogger("fastdecode.executor")
 
@@ -86,3 +87,16 @@ class Reconnector:
         await asyncio.gather(*tasks, return_exceptions=True)
         for _, node in self.take_ready():
             await node.close()
+
+
+async def reopen(index: int, fresh: KVNode, orphans: list[int]) -> NodeStats | None:
+    """Node ``index`` came back as ``fresh``: free what a lost epoch of it may have left there (``orphans``) and
+    read its stats; None (``fresh`` closed) when it fails again at once."""
+    try:
+        if orphans:
+            await free_leftovers(fresh, orphans)
+        return await fresh.stats()
+    except Exception as exc:  # any failure: the caller retries the node later; the reason is logged
+        log.warning("KV node %d failed again while coming back: %s: %s", index, type(exc).__name__, exc)
+        await fresh.close()
+        return None

@@ -39,7 +39,7 @@ import zmq.asyncio
 from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec
 from fastdecode.transport.control_messages import ACTOR_STOPPED, INTERNAL, UNSUPPORTED, ErrorReply, Ok, Ping
 from fastdecode.transport.messages import Channel, Message
-from fastdecode.transport.server import RpcServer
+from fastdecode.transport.server import AdmitCallback, RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,9 @@ class ActorServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         name: str | None = None,
         inline_messages: tuple[type[Message], ...] = (),
+        admit: AdmitCallback | None = None,
     ) -> None:
+        """``admit``: the server's gate before any handler (transport/server.py), e.g. a shard's session check."""
         self.actor = actor
         self.name = name or type(actor).__name__
         self._handlers = build_handler_table(actor, channel)
@@ -138,7 +140,7 @@ class ActorServer:
                 raise TypeError(f"{cls.__name__} has no plain handler in {self.name}: it cannot run inline")
         self._inline = frozenset(inline_messages)
         self._server = RpcServer(address, Codec(channel, max_message_bytes=max_message_bytes), self._on_request,
-                                 ctx=ctx, name=self.name)
+                                 ctx=ctx, name=self.name, admit=admit)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: _Worker | None = None
         self._jobs: set[_Job] = set()  # queued or running on the worker, not yet answered

@@ -25,6 +25,7 @@ from fastdecode.actors.runtime import ActorServer
 from fastdecode.transport.link import BlockingLink
 from fastdecode.transport.client import RpcClient
 from fastdecode.transport.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec
+from fastdecode.transport.control_messages import Ping
 from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
 from fastdecode.transport.shard_messages import (
     SHARD_CHANNEL,
@@ -137,6 +138,9 @@ class ShardClient:
         if self._link is None:
             self._link = BlockingLink(self.address, self._codec, ctx=self._ctx, timeout_s=self._rpc.timeout_s,
                                    is_alive=lambda: self._rpc.is_alive)
+            # The shard takes KV requests only from its session's connections (shard_drain.DrainableShard.admit):
+            # this socket names the session first (its Pong comes back as a late reply the link drops).
+            self._link.send(Ping(client_id=self._rpc.client_id))
         return self._link
 
     async def stats(self) -> ShardStats:

@@ -98,7 +98,8 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
 
     security = server_context(ServerKeys.load(curve_dir)) if curve_dir else None
     actor = DrainableShard(KVShard(config))
-    server = ActorServer(actor, SHARD_CHANNEL, listen, ctx=security.ctx if security else None, name="kvshard")
+    server = ActorServer(actor, SHARD_CHANNEL, listen, ctx=security.ctx if security else None, name="kvshard",
+                         admit=actor.admit)  # KV requests only from the connections of the session it serves
     actor.seconds_since_ping = server.seconds_since_ping  # a live but idle Executor keeps the shard
     try:
         address = await server.start()

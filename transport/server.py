@@ -12,7 +12,11 @@ Each ``start`` draws a random 64-bit ``instance_id`` that every Pong carries: a
 server restarted at the same address (say by systemd, within the heartbeat
 window) answers Pings with another id, and its clients learn that the requests
 they were waiting on are lost (transport/client.py).  A Ping's ``client_id`` (an Executor's session) is
-remembered with its time, for ``seconds_since_ping``.
+remembered with its time, for ``seconds_since_ping``, and as the session of the peer (the socket) that sent it.
+
+``admit(peer, client_id, message)``, when given, sees every other request first, on the loop, with the
+``client_id`` its peer declared in its last Ping (0: none); an error reply it returns is sent instead of
+passing the request on (a shard refuses a peer outside the session it serves: actors/shard_drain.py).
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ from fastdecode.transport.sockets import LINGER_MS, make_socket
 log = logging.getLogger(__name__)
 
 RequestCallback = Callable[[bytes, int, Message], None]
+AdmitCallback = Callable[[bytes, int, Message], "ErrorReply | None"]
 MAX_PING_CLIENTS = 256  # heartbeat senders remembered (the most recent); a shard has one Executor at a time
+MAX_PEERS = 1024  # peers whose declared client_id is remembered (the most recent)
 
 
 class RpcServer:
@@ -46,10 +52,12 @@ class RpcServer:
         *,
         ctx: zmq.asyncio.Context | None = None,
         name: str = "rpc",
+        admit: AdmitCallback | None = None,
     ) -> None:
         self._requested_address = address
         self._codec = codec
         self._on_request = on_request
+        self.admit = admit
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._name = name
         self._pump: SocketPump | None = None
@@ -57,6 +65,7 @@ class RpcServer:
         self.instance_id: int | None = None  # drawn by start(), carried by every Pong
         self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
         self._last_ping_s: dict[int, float] = {}  # client_id -> when its last heartbeat came (oldest first)
+        self._peer_client_ids: dict[bytes, int] = {}  # peer -> the client_id of its last Ping (oldest first)
 
     async def start(self) -> str:
         """Bind and start receiving; returns the bound address (a ``:0`` or ``:*`` tcp port is resolved)."""
@@ -98,9 +107,25 @@ class RpcServer:
                 self._last_ping_s.pop(message.client_id, None)
             elif message.client_id:
                 self._note_ping(message.client_id)
+            self._note_peer(peer, message.client_id, is_closing=message.is_closing)
             self.reply(peer, request_id, Pong(self.instance_id))
             return
+        if self.admit is not None:
+            refusal = self.admit(peer, self._peer_client_ids.get(peer, 0), message)
+            if refusal is not None:
+                self.reply(peer, request_id, refusal)
+                return
         self._on_request(peer, request_id, message)
+
+    def _note_peer(self, peer: bytes, client_id: int, *, is_closing: bool) -> None:
+        """A Ping naming no client (0) leaves what the peer declared before; a closing one forgets it."""
+        peers = self._peer_client_ids
+        if is_closing or client_id:
+            peers.pop(peer, None)
+        if client_id and not is_closing:
+            peers[peer] = client_id
+            while len(peers) > MAX_PEERS:
+                del peers[next(iter(peers))]
 
     def _note_ping(self, client_id: int) -> None:
         pings = self._last_ping_s

@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import ml_dtypes
+import numpy as np
 import pytest
 
 from fastdecode.actors.kvshard import KVShard, ShardConfig
 from fastdecode.actors.runtime import ActorError
 from fastdecode.actors.shard_drain import DrainableShard, drain
-from fastdecode.transport.shard_messages import Allocate, Configure, Free, GetStats
+from fastdecode.transport.shard_messages import Allocate, Attend, Configure, Free, GetStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,3 +127,38 @@ def test_the_session_timeout_is_twice_the_executors_dead_peer_window() -> None:
     cluster = ClusterConfig()
     window_s = (cluster.liveness + 1) * cluster.heartbeat_interval_s
     assert ShardConfig(kv_memory_bytes=1 << 20).session_timeout_s == 2 * window_s
+
+
+def _attend_one(seq_id: int) -> Attend:
+    q = np.zeros((1, 2, 64), ml_dtypes.bfloat16)
+    return Attend(0, np.array([seq_id], np.int64), q, q, q)
+
+
+def test_a_draining_shard_serves_what_it_holds_and_refuses_new_sequences(drainable) -> None:
+    """The drain used to refuse attends at once, so an Executor with nowhere else to go lost every sequence."""
+    _configure(drainable, 1)
+    drainable.on_allocate(Allocate((1, 2)))
+    drainable.is_draining = True
+    assert drainable.on_attend(_attend_one(1)).o.shape == (1, 2, 64)
+    for message in (Allocate(()), Allocate((3,))):  # the empty one is the Executor's drain probe
+        with pytest.raises(ActorError) as info:
+            drainable.on_allocate(message)
+        assert info.value.code == "draining"
+    drainable.on_free(Free((2,)))
+    assert drainable.num_sequences == 1
+
+
+async def test_the_drain_waits_for_a_live_executor_until_the_deadline_then_refuses(drainable) -> None:
+    """No request for longer than the idle limit, but the holder's heartbeats come (a busy Executor): the shard
+    waits to its deadline, then refuses the sequences' work with a message naming the deadline."""
+    _configure(drainable, 1)
+    drainable.on_allocate(Allocate((1,)))
+    drainable.seconds_since_ping = {1: 0.1}.get
+    drainable.last_request_s -= 10.0
+    start = time.monotonic()
+    num_left = await drain(drainable, timeout_s=0.5, hurry=asyncio.Event(), idle_s=0.1, poll_s=0.01, grace_s=0.1)
+    assert num_left == 1 and time.monotonic() - start >= 0.5
+    with pytest.raises(ActorError) as info:
+        drainable.on_attend(_attend_one(1))
+    assert info.value.code == "draining" and "deadline" in info.value.message
+    drainable.on_free(Free((1,)))  # freeing is still served

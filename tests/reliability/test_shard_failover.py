@@ -33,7 +33,7 @@ NUM_REQUESTS = 16
 def make_requests(model) -> list[tuple[list[int], SamplingParams]]:
     rng = random.Random(11)
     return [([rng.randrange(3, model.config.vocab_size) for _ in range(rng.randrange(4, 32))],
-             SamplingParams(max_tokens=rng.randrange(40, 60), temperature=0.0, ignore_eos=True))
+             SamplingParams(max_tokens=rng.randrange(120, 160), temperature=0.0, ignore_eos=True))
             for _ in range(NUM_REQUESTS)]
 
 

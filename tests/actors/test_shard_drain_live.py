@@ -1,0 +1,102 @@
+"""A draining shard that is the Executor's only node: a live in-process cluster over a daemon's DrainableShard.
+
+With nowhere to move its sequences, the shard keeps serving them (the Executor refuses new requests meanwhile)
+until they finish, or until its drain deadline passes: then they end with a clear error and the shard stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from fastdecode.actors.cluster import Cluster, ClusterConfig
+from fastdecode.actors.executor_config import UnavailableError
+from fastdecode.actors.kvshard import KVShard, ShardConfig
+from fastdecode.actors.request import SamplingParams
+from fastdecode.actors.runtime import ActorServer
+from fastdecode.actors.shard_drain import DrainableShard, drain
+from fastdecode.transport.shard_messages import SHARD_CHANNEL
+from executor_helpers import collect, reference_greedy
+from greedy_compare import assert_same_greedy
+
+pytestmark = pytest.mark.timeout(60)
+
+TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu")
+PROMPTS = ([5, 6, 7, 8, 9], [11, 3, 40, 2], [100, 101, 102, 103, 104, 105])
+# a few ms per step of the tiny model: the drain probe (every 0.25 s) sees the drain long before they end
+SLOW_S_PER_GB = 20.0
+
+
+async def _serve_drainable() -> tuple[DrainableShard, ActorServer, str]:
+    """The daemon's set-up (cli/start_shard.py), served in this process."""
+    config = ShardConfig(kv_memory_bytes=16 << 20, num_threads=1, is_calibrating=False,
+                         slowdown_s_per_gb=SLOW_S_PER_GB)
+    actor = DrainableShard(KVShard(config))
+    server = ActorServer(actor, SHARD_CHANNEL, f"inproc://fastdecode-drain-{uuid.uuid4().hex[:12]}", name="kvshard")
+    actor.seconds_since_ping = server.seconds_since_ping
+    return actor, server, await server.start()
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_last_shard_drains_by_serving_its_sequences_to_their_end(tiny_model) -> None:
+    model, _ = tiny_model
+    actor, server, address = await _serve_drainable()
+    num_tokens = 240
+    try:
+        async with await Cluster.start(ClusterConfig(**TINY, shard_addresses=(address,))) as cluster:
+            params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
+            streams = [cluster.submit(prompt, params) for prompt in PROMPTS]
+            first = await asyncio.gather(*(anext(s) for s in streams))
+            draining = asyncio.create_task(drain(actor, timeout_s=30.0, hurry=asyncio.Event()))
+            node = cluster.executor.nodes[0]
+            await _until(lambda: node.is_kept)  # the Executor saw the drain and keeps the node serving
+            with pytest.raises(UnavailableError):
+                cluster.submit([3, 4, 5], params)  # no new work while its only node drains
+            rest = await asyncio.gather(*(collect(s) for s in streams))
+            num_left = await asyncio.wait_for(draining, 10.0)
+    finally:
+        await server.stop()
+    assert num_left == 0
+    for prompt, head, (tokens, reason) in zip(PROMPTS, first, rest):
+        tokens = [head.token_id, *tokens]
+        assert reason == "length" and len(tokens) == num_tokens
+        ref_tokens, gaps = reference_greedy(model, prompt, num_tokens)
+        assert_same_greedy(tokens, ref_tokens, gaps, label="drained last shard", min_compared=8)
+
+
+async def test_at_the_drain_deadline_the_sequences_fail_clearly_and_the_shard_stops() -> None:
+    actor, server, address = await _serve_drainable()
+    timeout_s = 0.8
+    try:
+        async with await Cluster.start(ClusterConfig(**TINY, shard_addresses=(address,))) as cluster:
+            params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+            streams = [cluster.submit(prompt, params) for prompt in PROMPTS]
+            await asyncio.gather(*(anext(s) for s in streams))
+            start = time.monotonic()
+            draining = asyncio.create_task(drain(actor, timeout_s=timeout_s, hurry=asyncio.Event()))
+            ends = await asyncio.gather(*(_last_event_and_count(s) for s in streams))
+            await asyncio.wait_for(draining, 5.0)
+            stopped_after_s = time.monotonic() - start
+            await server.stop()  # what the daemon does once drain() returns
+    finally:
+        await server.stop()
+    assert timeout_s <= stopped_after_s < timeout_s + 2.0
+    for event, num_tokens in ends:
+        assert event.finish_reason == "error" and event.is_retryable
+        assert "no KV node is left" in event.error and "drain deadline" in event.error, event.error
+        assert num_tokens > 20  # served during the drain, not failed at its start
+
+
+async def _last_event_and_count(stream):
+    num_tokens, event = 0, None
+    async for event in stream:
+        num_tokens += event.token_id >= 0
+    return event, num_tokens

@@ -1,0 +1,112 @@
+"""A shard serves one client session: a stranger's socket may not free, allocate or attend on its KV.
+
+Served as the daemon serves it (a DrainableShard behind an RpcServer whose ``admit`` hook is the shard's),
+with real DEALER sockets: the Executor's own (which sent Configure), a second one of the same session that
+declared itself by a heartbeat (the Executor's attend link), and a stranger's.
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from fastdecode.actors.kvshard import KVShard, ShardConfig
+from fastdecode.actors.runtime import ActorError, build_handler_table
+from fastdecode.actors.shard_drain import NOT_SESSION_OWNER, DrainableShard
+from fastdecode.transport.client import RpcClient
+from fastdecode.transport.codec import Codec
+from fastdecode.transport.control_messages import ErrorReply, Ok, Ping
+from fastdecode.transport.errors import RemoteRequestError
+from fastdecode.transport.server import RpcServer
+from fastdecode.transport.shard_messages import SHARD_CHANNEL, Allocate, Attend, Configure, Free, GetStats
+
+pytestmark = pytest.mark.timeout(30)
+
+SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=64, kv_dtype="float32")
+SESSION = 12345
+
+
+@pytest.fixture
+async def served():
+    shard = DrainableShard(KVShard(ShardConfig(kv_memory_bytes=16 << 20, num_threads=1, is_calibrating=False)))
+    handlers = build_handler_table(shard, SHARD_CHANNEL)
+
+    def on_request(peer: bytes, request_id: int, message) -> None:  # the handlers, run right here
+        try:
+            reply = handlers[type(message)](message) or Ok()
+        except ActorError as exc:
+            reply = ErrorReply(exc.code, exc.message)
+        server.reply(peer, request_id, reply)
+
+    server = RpcServer(f"inproc://fastdecode-session-{uuid.uuid4().hex[:12]}", Codec(SHARD_CHANNEL), on_request,
+                       admit=shard.admit)
+    address = await server.start()
+    clients = []
+
+    def connect() -> RpcClient:
+        client = RpcClient(address, Codec(SHARD_CHANNEL), timeout_s=5.0)
+        client.start()
+        clients.append(client)
+        return client
+
+    yield shard, connect
+    for client in clients:
+        await client.close()
+    await server.close()
+    shard.close()
+
+
+def _attend(seq_ids: list[int]) -> Attend:
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((len(seq_ids), 2, 64), dtype=np.float32)
+    kv = rng.standard_normal((len(seq_ids), 2, 64), dtype=np.float32)
+    return Attend(0, np.array(seq_ids, np.int64), q, kv, kv)
+
+
+async def test_a_strangers_requests_are_refused_and_the_sessions_are_served(served) -> None:
+    shard, connect = served
+    owner, link, stranger = connect(), connect(), connect()
+    owner.client_id = SESSION
+    await owner.request(Configure(**SHAPE, session_id=SESSION))
+    await owner.request(Allocate((1, 2, 3)))
+    for message in (Free(tuple(range(1000))), Free((1,)), Allocate((7,)), _attend([1])):
+        with pytest.raises(RemoteRequestError) as info:
+            await stranger.request(message)
+        assert info.value.code == NOT_SESSION_OWNER, message
+    assert shard.num_sequences == 3  # nothing of the session's was touched
+    assert (await stranger.request(GetStats())).num_sequences == 3  # stats are anyone's
+    with pytest.raises(RemoteRequestError) as info:  # nor does a heartbeat of another session let it in
+        await stranger.request(Ping(client_id=SESSION + 1))
+        await stranger.request(Free((1,)))
+    assert info.value.code == NOT_SESSION_OWNER
+    await link.request(Ping(client_id=SESSION))  # the attend link declares its session: served
+    assert (await link.request(_attend([1, 2]))).o.shape == (2, 2, 64)
+    await owner.request(Free((3,)))
+    assert shard.num_sequences == 2
+
+
+async def test_a_stranger_is_refused_even_after_a_configure_the_shard_refused(served) -> None:
+    shard, connect = served
+    owner, stranger = connect(), connect()
+    owner.client_id = SESSION
+    await owner.request(Configure(**SHAPE, session_id=SESSION))
+    await owner.request(Allocate((1,)))
+    with pytest.raises(RemoteRequestError, match="busy|another Executor"):
+        await stranger.request(Configure(**SHAPE, session_id=SESSION + 1))
+    with pytest.raises(RemoteRequestError) as info:
+        await stranger.request(Free((1,)))
+    assert info.value.code == NOT_SESSION_OWNER and shard.num_sequences == 1
+
+
+async def test_a_free_naming_an_unknown_sequence_frees_nothing(served) -> None:
+    shard, connect = served
+    owner = connect()
+    await owner.request(Configure(**SHAPE, session_id=SESSION))
+    await owner.request(Allocate((1, 2)))
+    with pytest.raises(RemoteRequestError) as info:
+        await owner.request(Free((1, 2, 99)))
+    assert info.value.code == "unknown_sequence" and "nothing was freed" in info.value.message
+    assert shard.num_sequences == 2
+    await owner.request(Free((1, 2)))
+    assert shard.num_sequences == 0
