@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class ClusterConfig:
     liveness: int = 3
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         has_shards = bool(self.num_shards or self.shard_addresses)
@@ -81,8 +83,54 @@ class ClusterConfig:
             raise ValueError("shard KV memory must be at least 1 MiB")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError("num_cpus must be at least 1")
-        if self.heartbeat_interval_s <= 0 or self.liveness < 1:
+        if not 0 < self.heartbeat_interval_s < math.inf or self.liveness < 1:
             raise ValueError("heartbeat_interval_s must be positive and liveness at least 1")
+
+
+def _check_field_types(config: ClusterConfig) -> None:
+    """TypeError naming the field of a ClusterConfig given a value of the wrong type, before a value check
+    compares it (or iterates a str); a list of shard addresses is kept as a tuple."""
+    for name in ("model", "dtype", "device"):
+        value = getattr(config, name)
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+    for name in ("seed", "num_shards", "liveness"):
+        _check_int(name, getattr(config, name))
+    for name in ("shard_kv_memory_bytes", "gpu_kv_memory_bytes", "num_cpus", "expected_mean_context"):
+        _check_int(name, getattr(config, name), is_none_ok=True)
+    for name in ("is_tracing", "is_shard_loop_threaded", "is_cuda_graphs", "is_compiled"):
+        if not isinstance(getattr(config, name), bool):
+            raise TypeError(f"{name} must be a bool, got {getattr(config, name)!r}")
+    if config.mode is not None and not isinstance(config.mode, str):
+        raise TypeError(f"mode must be one of {MODES} or None, got {config.mode!r}")
+    if config.curve_dir is not None and not isinstance(config.curve_dir, (str, os.PathLike)):
+        raise TypeError(f"curve_dir must be a folder path or None, got {config.curve_dir!r}")
+    interval = config.heartbeat_interval_s
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        raise TypeError(f"heartbeat_interval_s must be a number of seconds, got {interval!r}")
+    if not isinstance(config.executor, ExecutorConfig):
+        raise TypeError(f"executor must be an ExecutorConfig, got {type(config.executor).__name__}: write "
+                        "executor=ExecutorConfig(max_queue=10, ...), or give its fields to LLM(...) as keywords")
+    addresses = config.shard_addresses
+    if isinstance(addresses, str):  # refused, not taken as one address: a comma-joined list would look like one
+        raise TypeError(f"shard_addresses must be a list or tuple of addresses, got the str {addresses!r}: "
+                        f"write ({addresses!r},) for one shard")
+    if not isinstance(addresses, (list, tuple)) or not all(isinstance(a, str) and a for a in addresses):
+        raise TypeError(f"shard_addresses must be a list or tuple of addresses like 'tcp://host:5555', "
+                        f"got {addresses!r}")
+    object.__setattr__(config, "shard_addresses", tuple(addresses))
+
+
+def _check_int(name: str, value: object, *, is_none_ok: bool = False) -> None:
+    if (value is None and is_none_ok) or (isinstance(value, int) and not isinstance(value, bool)):
+        return
+    expected = "an int or None" if is_none_ok else "an int"
+    hint = ""
+    if name.endswith("_bytes"):
+        expected = "a number of bytes (an int) or None"
+        if isinstance(value, str):  # the CLI's size parser lives in cli/, which actors/ must not import
+            hint = f": for a size as text use fastdecode.cli.sizes.parse_size({value!r}), or write e.g. 512 << 20"
+    raise TypeError(f"{name} must be {expected}, got {value!r}{hint}")
 
 
 CUDA_EXECUTOR_CPUS = 2  # cores left to the Executor's Python threads on CUDA (dense thread, event loop)

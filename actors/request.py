@@ -131,9 +131,9 @@ class TokenEvent:
 class GenerationResult:
     """A finished request: what ``generate`` returns per prompt.
 
-    It also reads as vLLM's ``RequestOutput`` (``prompt``, ``prompt_token_ids``, ``finished`` and
-    ``outputs[0]``'s ``text``, ``token_ids``, ``finish_reason``, ``stop_reason``, ``logprobs``, ``index``), for code
-    written against vLLM's ``LLM.generate``.
+    It also reads as vLLM's ``RequestOutput`` (``request_id``, ``prompt``, ``prompt_token_ids``, ``prompt_logprobs``,
+    ``finished`` and ``outputs[0]``'s ``text``, ``token_ids``, ``cumulative_logprob``, ``finish_reason``,
+    ``stop_reason``, ``logprobs``, ``index``), for code written against vLLM's ``LLM.generate``.
     """
 
     prompt_token_ids: list[int]
@@ -143,6 +143,8 @@ class GenerationResult:
     logprobs: list[float] = field(default_factory=list)  # of each generated token, where asked for
     prompt: str | None = None  # the prompt's text, where it was given as text
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it (None: EOS, length)
+    request_id: str | None = None  # the engine's id of the request (a str, as vLLM's)
+    num_logprobs: int | None = None  # the request's SamplingParams.logprobs: None where it asked for none
 
     @property
     def outputs(self) -> list["CompletionOutput"]:
@@ -152,6 +154,15 @@ class GenerationResult:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prompt_logprobs(self) -> None:
+        """vLLM's ``RequestOutput.prompt_logprobs``: always None (prompt logprobs are refused)."""
+        return None
+
+    @property
+    def is_logprobs_requested(self) -> bool:
+        return self.num_logprobs is not None or bool(self.logprobs)
 
 
 class CompletionOutput:
@@ -186,6 +197,12 @@ class CompletionOutput:
     def logprobs(self) -> list[float] | None:
         return self._result.logprobs or None
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the sampled tokens' logprobs where the request asked for logprobs, else None (vLLM's)."""
+        return float(sum(self._result.logprobs)) if self._result.is_logprobs_requested else None
+
     def __repr__(self) -> str:
         return (f"CompletionOutput(index=0, text={self.text!r}, token_ids={self.token_ids!r}, "
-                f"finish_reason={self.finish_reason!r}, stop_reason={self.stop_reason!r})")
+                f"cumulative_logprob={self.cumulative_logprob!r}, finish_reason={self.finish_reason!r}, "
+                f"stop_reason={self.stop_reason!r})")

@@ -175,3 +175,46 @@ def test_submit_without_params_runs_the_defaults(llm):
     outputs = llm._call(run())
     assert len([o for o in outputs if o.token_id >= 0]) == llm.get_default_sampling_params().max_tokens or \
         outputs[-1].finish_reason == "stop"
+
+
+def test_results_carry_vllms_request_id_cumulative_logprob_and_prompt_logprobs(llm):
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=0)
+    first, second = llm.generate([PROMPT, PROMPT], [with_logprobs, GREEDY], use_tqdm=False)
+    completion = first.outputs[0]
+    assert len(completion.logprobs) == 3 and completion.cumulative_logprob == pytest.approx(sum(completion.logprobs))
+    assert completion.cumulative_logprob <= 0.0
+    # no logprobs asked: None, as vLLM (though its batch-mate asked, so the engine computed them)
+    assert second.outputs[0].cumulative_logprob is None and second.outputs[0].logprobs is None
+    assert first.request_id.isdigit() and second.request_id.isdigit() and first.request_id != second.request_id
+    assert first.prompt_logprobs is None and first.finished
+
+
+def test_vllm_engine_keywords_go_into_the_nested_configs():
+    with LLM("random:tiny", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, **TINY) as llm:
+        executor = llm._llm.cluster.config.executor
+        assert (executor.max_model_len, executor.max_num_batched_tokens, executor.max_num_seqs) == (64, 32, 4)
+        assert llm._llm.max_model_len == 64
+        with pytest.raises(RequestError, match="context is 64"):
+            llm.generate([PROMPT * 13], GREEDY)  # 65 tokens
+    with pytest.raises(TypeError, match="unknown argument.*gpu_memory_utilization.*max_num_seqs"):
+        LLM("random:tiny", gpu_memory_utilization=0.9, **TINY)
+
+
+def test_get_tokenizer_and_chat_take_the_servers_chat_template(llm):
+    tokenizer = llm.get_tokenizer()
+    assert tokenizer is llm.tokenizer
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    (result,) = llm.chat(conversation, GREEDY, use_tqdm=False)
+    # the server's chat route: Tokenizer.encode_chat with no special tokens added (the template writes them)
+    assert result.prompt_token_ids == tokenizer.encode_chat(conversation, add_special_tokens=False)
+    assert result.prompt == tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    (same,) = llm.generate({"prompt_token_ids": result.prompt_token_ids}, GREEDY, use_tqdm=False)
+    assert result.token_ids == same.token_ids and len(result.token_ids) == 3
+    batch = llm.chat([conversation, [{"role": "user", "content": "bye"}]], sampling_params=GREEDY, use_tqdm=False)
+    assert len(batch) == 2 and batch[0].prompt_token_ids == result.prompt_token_ids
+    assert batch[1].prompt_token_ids != result.prompt_token_ids
+    with pytest.raises(RequestError, match=r"messages\[0\].role") as info:
+        llm.chat([{"content": "no role"}], GREEDY)
+    assert info.value.param == "messages[0].role"
+    with pytest.raises(TypeError, match="messages must be"):
+        llm.chat("hello", GREEDY)

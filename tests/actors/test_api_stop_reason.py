@@ -50,6 +50,9 @@ class ScriptedCluster:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> ScriptedRequest:
         return ScriptedRequest(*self.script)
 
+    async def stop(self) -> None:
+        self.script = ([], "length")
+
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
@@ -63,6 +66,7 @@ async def run(tokenizer: Tokenizer, token_ids: list[int], finish_reason: str, pa
     llm = AsyncLLM(cluster)
     outputs = [out async for out in llm.stream([5, 6], params)]
     result = await llm.generate([5, 6], params)
+    await llm.stop()  # an AsyncLLM collected unstopped warns
     assert result.stop_reason == outputs[-1].stop_reason == result.outputs[0].stop_reason
     assert all(out.stop_reason is None for out in outputs[:-1])
     return outputs[-1], result

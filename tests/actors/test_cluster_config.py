@@ -47,3 +47,29 @@ def test_default_shard_memory_is_a_third_of_the_available_memory_shared_within_b
     assert cluster.default_shard_kv_bytes(2) == 2 << 30
     monkeypatch.setattr(cluster, "free_memory_bytes", lambda device: 1 << 20)
     assert cluster.default_shard_kv_bytes(1) == cluster.MIN_EMBEDDED_KV_BYTES
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(shard_addresses="tcp://h:1"), r"shard_addresses must be a list.*\('tcp://h:1',\)"),
+    (dict(shard_addresses=("tcp://h:1", 5)), "shard_addresses must be a list"),
+    (dict(num_shards="2"), "num_shards must be an int"),
+    (dict(num_shards=1.5), "num_shards must be an int"),
+    (dict(num_shards=True), "num_shards must be an int"),
+    (dict(shard_kv_memory_bytes="512MiB"), r"shard_kv_memory_bytes must be a number of bytes.*parse_size"),
+    (dict(gpu_kv_memory_bytes=1.5e9), "gpu_kv_memory_bytes must be a number of bytes"),
+    (dict(num_cpus="2"), "num_cpus must be an int or None"),
+    (dict(model=None), "model must be a non-empty str"),
+    (dict(executor={"max_queue": 10}), r"executor must be an ExecutorConfig.*ExecutorConfig\(max_queue=10"),
+    (dict(seed="0"), "seed must be an int"),
+    (dict(is_tracing="yes"), "is_tracing must be a bool"),
+    (dict(heartbeat_interval_s="1"), "heartbeat_interval_s must be a number"),
+])
+def test_cluster_config_names_the_field_of_a_wrong_type(fields, message):
+    with pytest.raises(TypeError, match=message):
+        ClusterConfig(**fields)
+
+
+def test_cluster_config_keeps_a_list_of_shard_addresses_as_a_tuple():
+    config = ClusterConfig(shard_addresses=["tcp://h:1", "tcp://h:2"])
+    assert config.shard_addresses == ("tcp://h:1", "tcp://h:2")
+    hash(config)  # frozen and hashable, as a tuple keeps it

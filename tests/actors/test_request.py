@@ -86,3 +86,18 @@ def test_generation_result_reads_as_vllm_request_output():
 def test_completion_without_logprobs_has_none():
     result = GenerationResult(prompt_token_ids=[1])
     assert result.outputs[0].logprobs is None and not result.finished and result.prompt is None
+
+
+def test_cumulative_logprob_is_the_sum_where_logprobs_were_asked_for():
+    asked = GenerationResult(prompt_token_ids=[1], token_ids=[5, 6], logprobs=[-0.5, -1.0], num_logprobs=2)
+    assert asked.outputs[0].cumulative_logprob == -1.5
+    assert "cumulative_logprob=-1.5" in repr(asked.outputs[0])
+    # asked with logprobs=0, nothing generated yet: 0.0 (vLLM starts at 0.0), not None
+    assert GenerationResult(prompt_token_ids=[1], num_logprobs=0).outputs[0].cumulative_logprob == 0.0
+    not_asked = GenerationResult(prompt_token_ids=[1], token_ids=[5])
+    assert not_asked.outputs[0].cumulative_logprob is None
+
+
+def test_request_output_fields_vllm_code_reads():
+    result = GenerationResult(prompt_token_ids=[1], request_id="7")
+    assert (result.request_id, result.prompt_logprobs) == ("7", None)

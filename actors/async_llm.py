@@ -1,0 +1,338 @@
+"""The asynchronous embedding API: ``AsyncLLM``, a running cluster with tokenization, detokenization and stop
+strings, and the stream of outputs of each request (``fastdecode.actors.api`` re-exports it)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import warnings
+import weakref
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from fastdecode.actors.api_inputs import (
+    PROMPT_KEYS,
+    PromptInput,
+    TokenizedPrompt,
+    as_batch,
+    check_params,
+    cluster_config,
+    params_per_prompt,
+    token_ids,
+)
+from fastdecode.actors.cluster import Cluster, ClusterConfig
+from fastdecode.actors.detokenize import Detokenizer
+from fastdecode.actors.executor_config import check_prompt
+from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
+
+
+@dataclass(frozen=True)
+class StreamOutput:
+    """One step of a request's stream: a token and the text it completed."""
+
+    request_id: int
+    token_id: int  # -1 on a final event that carries no token (abort, error, stop string)
+    text: str  # new text since the previous output (may be empty mid-character)
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last output
+    error: str | None = None
+    is_retryable: bool = False  # an error of the server's state (shutting down, no KV node left): try again
+    # vLLM's stop_reason, on a "stop" output: the stop string or stop token id that ended the request; None for
+    # the tokenizer's EOS (a generation_config EOS id other than that one counts as a stop token id, as in vLLM)
+    stop_reason: int | str | None = None
+
+
+def primary_eos_token_id(tokenizer: object) -> int | None:
+    """The tokenizer's own EOS id (vLLM's ``tokenizer.eos_token_id``), or None when it names no EOS token."""
+    eos_token = getattr(tokenizer, "eos_token", None)
+    backend = getattr(tokenizer, "backend", None)
+    return None if eos_token is None or backend is None else backend.token_to_id(eos_token)
+
+
+def token_stop_reason(token_id: int, params: SamplingParams, eos_token_id: int | None) -> int | None:
+    """The stop_reason of a request the engine stopped on ``token_id`` (a stop token id or an EOS id): None for
+    the primary EOS ``eos_token_id`` (unless ignore_eos), else the token id. vLLM checks the primary EOS first
+    and adds the generation_config's other EOS ids to the stop token ids, which report themselves."""
+    if not params.ignore_eos and token_id == eos_token_id:
+        return None
+    return token_id
+
+
+class SubmittedStream:
+    """The outputs of a request already submitted (AsyncLLM.submit). Unlike an async generator never started,
+    ``aclose()`` cancels the request even if nothing was read."""
+
+    def __init__(self, request, outputs: AsyncGenerator[StreamOutput, None]) -> None:
+        self._request = request
+        self._outputs = outputs
+
+    def __aiter__(self) -> "SubmittedStream":
+        return self
+
+    async def __anext__(self) -> StreamOutput:
+        return await self._outputs.__anext__()
+
+    async def aclose(self) -> None:
+        self._request.cancel()
+        await self._outputs.aclose()
+
+
+class AsyncLLM:
+    """A running cluster with tokenization, detokenization and stop strings.
+
+    It lives on the event loop it was made on (``loop``): its calls from another thread's loop raise
+    RuntimeError (run them there with ``asyncio.run_coroutine_threadsafe(coro, llm.loop)``). One collected
+    without ``stop()`` warns (ResourceWarning) and stops its cluster on its loop if that still runs."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.tokenizer = cluster.tokenizer
+        self.model_config = cluster.model.config
+        self.eos_token_id = primary_eos_token_id(self.tokenizer)
+        self.default_params = self.get_default_sampling_params()
+        self.is_closed = False
+        self._loop = _running_loop()  # None until the first call made on a loop
+        self._stop_task: asyncio.Task | None = None
+        self._finalizer = weakref.finalize(self, _release_unstopped, self._loop, cluster)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without SamplingParams runs with (vLLM's ``LLM.get_default_sampling_params``): the
+        model's generation_config.json values (its max_new_tokens as max_tokens) over SamplingParams()."""
+        defaults = self.model_config.sampling_defaults
+        fields = defaults.sampling_fields()
+        if defaults.max_tokens is not None:
+            fields["max_tokens"] = defaults.max_tokens
+        return SamplingParams(**fields)
+
+    @classmethod
+    async def start(cls, model: str | ClusterConfig | None = None, *, config: ClusterConfig | None = None,
+                    **fields) -> "AsyncLLM":
+        """Start a cluster: ``start(ClusterConfig(...))``, or ``start("smollm2", num_shards=2, ...)``."""
+        return cls(await Cluster.start(cluster_config(model, config, **fields)))
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop this AsyncLLM and its cluster run on."""
+        return self._loop
+
+    def check_loop(self, *, is_loop_needed: bool = True) -> None:
+        """RuntimeError unless called on this AsyncLLM's event loop (a stream bound to it would never wake up
+        elsewhere); without ``is_loop_needed``, a call outside any loop passes too."""
+        running = _running_loop()
+        if self._loop is None and running is not None:
+            self._loop = running
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _release_unstopped, running, self.cluster)
+        if running is self._loop or (running is None and not is_loop_needed):
+            return
+        where = "from another event loop" if running is not None else "outside any running event loop"
+        raise RuntimeError(f"this AsyncLLM runs on the event loop it was started on, and was called {where} "
+                           f"(thread {threading.current_thread().name!r}): run the call on its loop, e.g. "
+                           "asyncio.run_coroutine_threadsafe(coro, llm.loop).result() from another thread")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.cluster.executor.max_model_len
+
+    @property
+    def max_num_choices(self) -> int:
+        """The most engine requests one call may submit together: every one waits at first, so the queue's
+        length (those past what runs at once wait their turn, as in vLLM)."""
+        return max(1, self.cluster.executor.config.max_queue)
+
+    def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
+        """One prompt as token ids; TypeError (naming ``prompt``) for what is not a prompt."""
+        if isinstance(prompt, TokenizedPrompt):
+            return prompt
+        if isinstance(prompt, str):
+            return TokenizedPrompt(self.tokenizer.encode(prompt), prompt)
+        if not isinstance(prompt, Mapping):
+            return TokenizedPrompt(token_ids(prompt, "prompt token ids"))
+        unknown = sorted(str(k) for k in prompt if k not in PROMPT_KEYS)
+        text = prompt.get("prompt")
+        if unknown or not any(k in prompt for k in PROMPT_KEYS):
+            keys = sorted(map(str, prompt))
+            raise TypeError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids', got keys {keys}")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"the prompt dict's 'prompt' must be a str, got {type(text).__name__}")
+        if "prompt_token_ids" in prompt:  # vLLM's TokensPrompt: the ids are what runs, the text is kept
+            return TokenizedPrompt(token_ids(prompt["prompt_token_ids"], "prompt_token_ids"), text)
+        return TokenizedPrompt(self.tokenizer.encode(text), text)
+
+    def encode(self, prompt: PromptInput) -> list[int]:
+        return self.tokenize(prompt).token_ids
+
+    def check_prompt(self, prompt: TokenizedPrompt) -> None:
+        """RequestError if the Executor would refuse the prompt (empty, unknown ids, too long)."""
+        check_prompt(prompt.token_ids, self.model_config.vocab_size, self.max_model_len)
+
+    def check_open(self) -> None:
+        if self.is_closed:
+            raise RuntimeError("LLM is closed")
+
+    def chat_prompt(self, conversation: Sequence[Mapping[str, object]], *, add_generation_prompt: bool = True,
+                    chat_template_kwargs: Mapping[str, object] | None = None) -> TokenizedPrompt:
+        """One conversation as the server's chat route makes its prompt: its messages checked by the same
+        parser (RequestError naming the bad one), then the model's chat template (``Tokenizer.encode_chat``,
+        no special tokens added: the template writes them). The prompt's text is the rendered template."""
+        from fastdecode.actors.frontend.errors import ApiError
+        from fastdecode.actors.frontend.openai_request import parse_messages
+
+        try:
+            messages = [dict(m) for m in parse_messages(list(conversation))]
+        except ApiError as exc:
+            raise RequestError(exc.message, exc.param) from None
+        kwargs = dict(chat_template_kwargs or {})
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return TokenizedPrompt(ids, text)
+
+    def stream(self, prompt: PromptInput | TokenizedPrompt,
+               params: SamplingParams | None = None) -> AsyncGenerator[StreamOutput, None]:
+        """Tokens of one request as they come. The arguments are checked now; the request is submitted
+        when iteration starts. Leaving the loop early cancels the request and frees its KV once the
+        generator is closed: at once for an inline ``async for``, otherwise use
+        ``contextlib.aclosing(llm.stream(...))`` (or ``await gen.aclose()``)."""
+        self.check_open()
+        self.check_loop(is_loop_needed=False)  # the generator may be made outside a loop, to iterate on ours
+        return self._stream(self.tokenize(prompt).token_ids, check_params(params, default=self.default_params))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "SubmittedStream":
+        """Submit now (refusals raise here: QueueFullError, UnavailableError, RequestError) and return the
+        request's outputs, which ``aclose()`` cancels whether or not they were read."""
+        self.check_open()
+        self.check_loop()
+        params = check_params(params, default=self.default_params)
+        request = self.cluster.submit(prompt_ids, params)
+        return SubmittedStream(request, self._stream(prompt_ids, params, request))
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams,
+                      request=None) -> AsyncGenerator[StreamOutput, None]:
+        if request is None:
+            self.check_loop()
+            request = self.cluster.submit(prompt_ids, params)
+        detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
+        try:
+            async for event in request:
+                if event.finish_reason in ("abort", "error"):
+                    yield StreamOutput(event.request_id, -1, detokenizer.finish(), None, (),
+                                       event.finish_reason, event.error, event.is_retryable)
+                    return
+                if event.finish_reason == "stop":
+                    # The engine stops only on a stop token id or EOS (stop strings are found here). As in
+                    # vLLM without include_stop_str_in_output, the token counts as generated but its text
+                    # is left out.
+                    yield StreamOutput(event.request_id, event.token_id, detokenizer.finish(), event.logprob,
+                                       event.top_logprobs, "stop",
+                                       stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id))
+                    return
+                text, hit_stop = detokenizer.add(event.token_id)
+                if hit_stop:
+                    request.cancel(is_stop=True)
+                    yield StreamOutput(event.request_id, event.token_id, text, event.logprob,
+                                       event.top_logprobs, "stop", stop_reason=detokenizer.stop_string)
+                    return
+                if event.finish_reason is not None:
+                    text += detokenizer.finish()
+                yield StreamOutput(event.request_id, event.token_id, text, event.logprob, event.top_logprobs,
+                                   event.finish_reason)
+        finally:
+            request.cancel()  # no-op once finished; frees the KV of an abandoned stream
+
+    async def generate(self, prompt: PromptInput | TokenizedPrompt,
+                       params: SamplingParams | None = None) -> GenerationResult:
+        """One request to its end; RequestError if it failed."""
+        self.check_open()
+        self.check_loop()
+        tokenized = self.tokenize(prompt)
+        params = check_params(params, default=self.default_params)
+        result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text,
+                                  num_logprobs=params.logprobs)
+        async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
+            async for out in outputs:
+                result.request_id = str(out.request_id)  # the engine's id (a str, as vLLM's)
+                if out.token_id >= 0:
+                    result.token_ids.append(out.token_id)
+                    if out.logprob is not None and params.logprobs is not None:  # a batch-mate's ask is not ours
+                        result.logprobs.append(out.logprob)
+                result.text += out.text
+                if out.finish_reason == "error":
+                    raise RequestError(out.error or "generation failed")
+                result.finish_reason = out.finish_reason
+                result.stop_reason = out.stop_reason
+        return result
+
+    def prepare_batch(self, prompts: PromptInput | Sequence[PromptInput],
+                      params: SamplingParams | Sequence[SamplingParams] | None = None,
+                      ) -> list[tuple[TokenizedPrompt, SamplingParams]]:
+        """Tokenize and check a batch before any of it is submitted (TypeError, ValueError, RequestError)."""
+        self.check_open()
+        batch = [self.tokenize(p) for p in as_batch(prompts)]
+        per_prompt = params_per_prompt(params, len(batch), default=self.default_params)
+        for i, prompt in enumerate(batch):
+            try:
+                self.check_prompt(prompt)
+            except RequestError as exc:
+                raise RequestError(f"prompt {i}: {exc}", "prompt") from None
+        return list(zip(batch, per_prompt))
+
+    async def run_batch(self, batch: Sequence[tuple[TokenizedPrompt, SamplingParams]], *,
+                        on_result: Callable[[GenerationResult], None] | None = None) -> list[GenerationResult]:
+        """All of a prepared batch at once (continuous batching), results in prompt order. If one fails,
+        or this is cancelled, every other request of the batch is cancelled before this returns."""
+        self.check_loop()
+        async def one(prompt: TokenizedPrompt, params: SamplingParams) -> GenerationResult:
+            result = await self.generate(prompt, params)
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        tasks = [asyncio.ensure_future(one(prompt, params)) for prompt, params in batch]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def stop(self) -> None:
+        if not self.is_closed:
+            self.check_loop()
+            self.is_closed = True
+            self._finalizer.detach()
+            await self.cluster.stop()
+
+    def shutdown(self) -> "asyncio.Task[None]":
+        """vLLM's ``AsyncLLM.shutdown()``: ``stop()`` as a task of this AsyncLLM's loop (call it there).
+        A plain call starts the stop; ``await llm.shutdown()`` also waits for it to end."""
+        self.check_loop()
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self.stop())
+        return self._stop_task
+
+    async def __aenter__(self) -> "AsyncLLM":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs on this thread
+        return None
+
+
+def _release_unstopped(loop: asyncio.AbstractEventLoop | None, cluster: Cluster) -> None:
+    """An AsyncLLM collected without stop(): warn, and stop its cluster on its loop if that is still open;
+    once the loop is closed only the dense thread can be let go (the sockets and shards need the loop)."""
+    warnings.warn("an AsyncLLM was collected without stop(): its cluster is stopped now if its event loop still "
+                  "runs; use 'async with', or await llm.stop() (or llm.shutdown())", ResourceWarning, stacklevel=2)
+    if loop is not None and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: release what needs no loop, below
+            loop.call_soon_threadsafe(lambda: loop.create_task(cluster.stop()))
+            return
+    cluster.executor.runner.close()

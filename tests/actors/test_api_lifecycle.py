@@ -1,0 +1,134 @@
+"""What an ``LLM``/``AsyncLLM`` holds is let go: on close()/shutdown(), and when one is dropped unclosed; and an
+``AsyncLLM`` called from another thread's event loop refuses at once instead of hanging."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+
+import pytest
+
+from fastdecode.actors.api import LLM, AsyncLLM
+from fastdecode.actors.cluster import ClusterConfig
+from fastdecode.actors.request import SamplingParams
+
+TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu", num_shards=0)
+PROMPT = [318, 72, 101, 302, 111]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+THREAD_WAIT_S = 10.0  # a guard: a hung call fails the test instead of the suite
+
+
+def _thread_names() -> list[str]:
+    return sorted(t.name for t in threading.enumerate())
+
+
+def _num_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _num_dense_threads() -> int:
+    return sum(t.name.startswith("fd-dense") for t in threading.enumerate())
+
+
+def test_a_dropped_llm_releases_its_threads_and_fds():
+    with LLM(**TINY) as warm:  # the first use starts what lives as long as the process (tqdm's monitor...)
+        warm.generate(PROMPT, GREEDY, use_tqdm=False)
+    gc.collect()
+    threads, fds = _thread_names(), _num_fds()
+    for _ in range(3):
+        llm = LLM(**TINY)
+        assert llm.generate(PROMPT, GREEDY, use_tqdm=False)[0].finish_reason == "length"
+        inner = llm._llm
+        del llm  # never closed
+        assert inner.is_closed  # its finalizer stopped the cluster at once
+    gc.collect()
+    assert _thread_names() == threads
+    assert _num_fds() == fds
+
+
+def test_shutdown_is_close():
+    llm = LLM(**TINY)
+    llm.shutdown()
+    assert llm.is_closed and llm._llm.is_closed
+    with pytest.raises(RuntimeError, match="LLM is closed"):
+        llm.generate(PROMPT, GREEDY)
+    llm.shutdown()  # twice is fine
+
+
+async def test_an_asyncllm_collected_unstopped_warns_and_stops_its_cluster():
+    before = _num_dense_threads()
+    llm = await AsyncLLM.start(ClusterConfig(**TINY))
+    await llm.generate(PROMPT, GREEDY)  # the dense thread starts with the first step
+    assert _num_dense_threads() == before + 1 and llm.loop is asyncio.get_running_loop()
+    with pytest.warns(ResourceWarning, match="collected without stop"):
+        del llm
+        gc.collect()
+    deadline = time.monotonic() + 2.0
+    while _num_dense_threads() > before:  # stopped by a task on this loop
+        assert time.monotonic() < deadline, "the cluster of a dropped AsyncLLM was not stopped"
+        await asyncio.sleep(0.01)
+
+
+def test_an_asyncllm_collected_after_its_loop_closed_lets_its_dense_thread_go():
+    before = _num_dense_threads()
+    async def start_and_step() -> AsyncLLM:
+        started = await AsyncLLM.start(ClusterConfig(**TINY))
+        await started.generate(PROMPT, GREEDY)  # the dense thread starts with the first step
+        return started
+
+    llm = asyncio.run(start_and_step())  # the loop closes, the AsyncLLM lives on
+    assert _num_dense_threads() == before + 1
+    with pytest.warns(ResourceWarning, match="collected without stop"):
+        del llm
+        gc.collect()
+    assert _num_dense_threads() == before
+
+
+async def test_asyncllm_shutdown_stops_it():
+    llm = await AsyncLLM.start(ClusterConfig(**TINY))
+    await llm.shutdown()
+    assert llm.is_closed
+    with pytest.raises(RuntimeError, match="LLM is closed"):
+        await llm.generate(PROMPT, GREEDY)
+
+
+def test_a_call_from_another_threads_loop_is_refused_not_hung():
+    """The AsyncLLM runs on the LLM's thread; a coroutine on this thread's own loop gets a RuntimeError that names
+    the way (run_coroutine_threadsafe), which then works."""
+    with LLM(**TINY) as llm:
+        async_llm = llm._llm
+        outcomes: list[object] = []
+
+        async def from_another_loop() -> None:
+            for call in (lambda: async_llm.generate(PROMPT, GREEDY), lambda: async_llm.submit(PROMPT, GREEDY),
+                         lambda: async_llm.stream(PROMPT, GREEDY), lambda: async_llm.shutdown()):
+                try:
+                    result = call()
+                    if asyncio.iscoroutine(result):
+                        await result
+                    outcomes.append(result)
+                except RuntimeError as exc:
+                    outcomes.append(exc)
+            future = asyncio.run_coroutine_threadsafe(async_llm.generate(PROMPT, GREEDY), async_llm.loop)
+            outcomes.append(await asyncio.wrap_future(future))
+
+        thread = threading.Thread(target=lambda: asyncio.run(from_another_loop()), daemon=True)
+        thread.start()
+        thread.join(THREAD_WAIT_S)
+        assert not thread.is_alive(), "a call from another event loop hung"
+        *refusals, result = outcomes
+        assert len(refusals) == 4
+        assert all(isinstance(r, RuntimeError) and "run_coroutine_threadsafe" in str(r) for r in refusals), refusals
+        assert result.finish_reason == "length" and len(result.token_ids) == 3
+        assert not async_llm.is_closed
+
+
+def test_a_stream_made_outside_a_loop_runs_on_its_loop():
+    with LLM(**TINY) as llm:
+        stream = llm._llm.stream(PROMPT, GREEDY)  # no loop runs here: checked when iterated
+
+        async def read() -> list[int]:
+            return [out.token_id async for out in stream]
+        assert len(llm._call(read())) == 3
