@@ -272,10 +272,10 @@ class Scheduler:
         if num == 0:
             return []
         loads = self.node_loads()
+        limits = {i: reserved_output_limit(node, self.config.max_reserved_output) for i, node in self._nodes.items()}
         admitted: list[int] = []
         for record in waiting[:num]:
-            reserved_lens = {i: record.reserved_final_len(reserved_output_limit(node, self.config.max_reserved_output))
-                             for i, node in self._nodes.items()}
+            reserved_lens = {i: record.reserved_final_len(limit) for i, limit in limits.items()}
             node_id = choose_node(loads.values(), record.context_len, reserved_lens, overcommit=self.config.overcommit)
             if node_id is None:
                 break  # first come, first served: the head waits for room
