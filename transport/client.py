@@ -69,6 +69,7 @@ class RpcClient:
         self._last_recv_s = 0.0
         self._peer_instance_id: int | None = None  # from the first Pong
         self.client_id = 0  # carried by every heartbeat (Ping.client_id): the session this client serves, once known
+        self.routing_id: bytes | None = None  # the socket's identity at the server, the same after a reconnect
         self._loop_time = time.monotonic  # the running loop's clock once started
 
     @property
@@ -93,6 +94,7 @@ class RpcClient:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise OSError(f"{self._name}: cannot connect to {self.address}: {exc}") from exc
+        self.routing_id = sock.getsockopt(zmq.ROUTING_ID)
         self._loop_time = loop.time
         self._last_recv_s = loop.time()
         self._pump = SocketPump(sock, self._on_frames, name=self._name)

@@ -7,7 +7,8 @@ them: several milliseconds per layer on the H100 host (docs/benchmarks.md). So t
 thread talks to each shard over a DEALER socket of its own, made from the shard
 client's Context (the same CURVE set-up; a ROUTER serves any number of peers), with
 the same codec and envelope as RpcClient. Sends and receives block in ``zmq.poll``,
-which releases the GIL.
+which releases the GIL. Its ``routing_id`` stays its identity at the server across
+reconnects (transport/sockets.py), so the session its first Ping declared holds.
 
 The asynchronous client stays the peer's owner: its heartbeats decide liveness. The
 link checks ``is_alive()`` between poll slices, so a dead peer (silent, or
@@ -50,6 +51,7 @@ class BlockingLink:
         self._ctx = ctx
         self._is_alive = is_alive
         self._sock: zmq.Socket | None = None
+        self.routing_id: bytes | None = None  # the socket's identity at the server once made (transport/sockets.py)
         self._request_ids = itertools.count(1)
         self._is_closed = False
 
@@ -63,6 +65,7 @@ class BlockingLink:
             except zmq.ZMQError as exc:
                 sock.close(linger=0)
                 raise PeerDeadError(f"cannot connect to {self.address}: {exc}") from exc
+            self.routing_id = sock.getsockopt(zmq.ROUTING_ID)
             self._sock = sock
         return self._sock
 

@@ -13,6 +13,8 @@ server restarted at the same address (say by systemd, within the heartbeat
 window) answers Pings with another id, and its clients learn that the requests
 they were waiting on are lost (transport/client.py).  A Ping's ``client_id`` (an Executor's session) is
 remembered with its time, for ``seconds_since_ping``, and as the session of the peer (the socket) that sent it.
+A peer is known by its DEALER's routing id, which the transport's DEALERs set themselves so that it survives a
+reconnect; the ROUTER hands it over to the new connection (transport/sockets.py).
 
 ``admit(peer, client_id, message)``, when given, sees every other request first, on the loop, with the
 ``client_id`` its peer declared in its last Ping (0: none); an error reply it returns is sent instead of

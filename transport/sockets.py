@@ -11,6 +11,17 @@ sender's memory, so a handler must not keep them past its reply).  After a
 timeout or a dead peer the request may still be queued in ZeroMQ: its buffers
 must then not be written again while the socket lives.
 
+Identity: a ROUTER knows each peer by a routing id.  One that a DEALER does not set is drawn by the ROUTER
+for each connection, so a DEALER whose TCP connection is re-established (a network blip, neither process
+restarted) would come back as a new peer, and what the server remembers of it (the client session its Ping
+declared: transport/server.py) would be lost.  Every DEALER made here therefore sets ``zmq.ROUTING_ID`` before
+it connects: 16 random bytes whose first is not 0 (ZeroMQ reserves ids starting with a zero byte for those it
+draws).  ZeroMQ sends it in the handshake of every connection (inside the encrypted INITIATE under CURVE), so
+it is the same peer after a reconnect.  Every ROUTER made here sets ``zmq.ROUTER_HANDOVER``: a connection that
+arrives with an id the ROUTER still holds (the old connection's reset has not reached the server yet) takes the
+id over and the old connection is closed; without it ZeroMQ ignores the new connection until the old one ends.
+Replies the ROUTER had queued on the old connection are lost with it, as before (the request times out).
+
 IPv6: ZeroMQ resolves tcp hosts as IPv4 unless a socket has ``zmq.IPV6`` set, so a
 bind to ``tcp://[::1]:5555`` failed ("No such device") and a connect never
 completed.  The sockets made here turn it on for a tcp address whose host is an
@@ -21,8 +32,11 @@ IPv4 bind as ``tcp://[::ffff:127.0.0.1]:PORT`` and may resolve ``localhost`` to
 """
 from __future__ import annotations
 
+import secrets
+
 import zmq
 
+ROUTING_ID_BYTES = 16
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 2000  # capped back-off of ZeroMQ's own reconnects
 LINGER_MS = 200
@@ -50,18 +64,28 @@ class _Socket(zmq.Socket):
         return super().connect(addr)
 
 
+def new_routing_id() -> bytes:
+    """A DEALER's routing id: ``ROUTING_ID_BYTES`` random bytes, the first not 0 (reserved by ZeroMQ)."""
+    return bytes([1 + secrets.randbelow(255)]) + secrets.token_bytes(ROUTING_ID_BYTES - 1)
+
+
 def make_socket(ctx: zmq.Context, socket_type: int, *, max_message_bytes: int) -> zmq.Socket:
     """A plain (non-asyncio) socket of ``ctx`` with our limits, for a SocketPump.
 
     Inbound frames over ``max_message_bytes`` make ZeroMQ drop the peer.  ``ctx``
     may be a ``zmq.asyncio.Context``: inproc:// peers must share the Context.
-    Binding or connecting it to an IPv6 literal (``tcp://[::1]:5555``) turns IPv6 on.
+    Binding or connecting it to an IPv6 literal (``tcp://[::1]:5555``) turns IPv6 on.  A DEALER gets a random
+    routing id of its own, a ROUTER hands a known id over to a new connection (see above).
     """
     sock = ctx.socket(socket_type, socket_class=_Socket)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    if socket_type == zmq.DEALER:
+        sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
+    elif socket_type == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     return sock
 
 

@@ -2,7 +2,8 @@
 
 Served as the daemon serves it (a DrainableShard behind an RpcServer whose ``admit`` hook is the shard's),
 with real DEALER sockets: the Executor's own (which sent Configure), a second one of the same session that
-declared itself by a heartbeat (the Executor's attend link), and a stranger's.
+declared itself by a heartbeat (the Executor's attend link), and a stranger's. Over tcp, the attend link stays
+its session's after its connection is cut and re-established (tests/tcp_proxy.py).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
+from tcp_proxy import TcpProxy
 
 from fastdecode.actors.kvshard import KVShard, ShardConfig
 from fastdecode.actors.runtime import ActorError, build_handler_table
@@ -27,8 +29,9 @@ SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=64, kv_dtype="float32")
 SESSION = 12345
 
 
-@pytest.fixture
-async def served():
+@pytest.fixture(params=["inproc"])
+async def served(request):
+    """(shard, connect): served over inproc, or over loopback tcp for a test that asks for it (indirect "tcp")."""
     shard = DrainableShard(KVShard(ShardConfig(kv_memory_bytes=16 << 20, num_threads=1, is_calibrating=False)))
     handlers = build_handler_table(shard, SHARD_CHANNEL)
 
@@ -39,13 +42,13 @@ async def served():
             reply = ErrorReply(exc.code, exc.message)
         server.reply(peer, request_id, reply)
 
-    server = RpcServer(f"inproc://fastdecode-session-{uuid.uuid4().hex[:12]}", Codec(SHARD_CHANNEL), on_request,
-                       admit=shard.admit)
+    address = "tcp://127.0.0.1:0" if request.param == "tcp" else f"inproc://fastdecode-session-{uuid.uuid4().hex[:12]}"
+    server = RpcServer(address, Codec(SHARD_CHANNEL), on_request, admit=shard.admit)
     address = await server.start()
     clients = []
 
-    def connect() -> RpcClient:
-        client = RpcClient(address, Codec(SHARD_CHANNEL), timeout_s=5.0)
+    def connect(at: str = address, **options) -> RpcClient:
+        client = RpcClient(at, Codec(SHARD_CHANNEL), timeout_s=5.0, **options)
         client.start()
         clients.append(client)
         return client
@@ -110,3 +113,24 @@ async def test_a_free_naming_an_unknown_sequence_frees_nothing(served) -> None:
     assert shard.num_sequences == 2
     await owner.request(Free((1, 2)))
     assert shard.num_sequences == 0
+
+
+@pytest.mark.parametrize("served", ["tcp"], indirect=True)
+async def test_the_attend_link_stays_the_sessions_after_a_reconnect(served) -> None:
+    """A network blip re-establishes the link's connection: its next Attend is served, with no new heartbeat."""
+    shard, connect = served
+    owner = connect()
+    owner.client_id = SESSION
+    await owner.request(Configure(**SHAPE, session_id=SESSION))
+    await owner.request(Allocate((1, 2)))
+    proxy = TcpProxy(int(owner.address.rsplit(":", 1)[1]))
+    try:
+        link = connect(await proxy.start(), heartbeat_interval_s=60.0)  # declares itself once, as ShardClient.link
+        await link.request(Ping(client_id=SESSION))
+        assert (await link.request(_attend([1, 2]))).o.shape == (2, 2, 64)
+        proxy.cut()
+        await proxy.wait_accepted(2)
+        assert (await link.request(_attend([1, 2]))).o.shape == (2, 2, 64)
+        assert shard.num_sequences == 2 and proxy.num_accepted == 2
+    finally:
+        await proxy.close()
