@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.thread  # noqa: F401  (its exit hook registers before ours)
 import contextlib
 import threading
 import weakref
@@ -55,23 +56,23 @@ class LLM:
     ``LLM(ClusterConfig(...))``, or vLLM's ``LLM("smollm2")`` / ``LLM(model="smollm2", num_shards=2,
     max_model_len=2048)``: a model name plus ClusterConfig fields, and those of its ExecutorConfig and
     SchedulerConfig, as keywords. ``close()`` (or ``shutdown()``, or leaving ``with``) stops the cluster and the
-    thread; an LLM collected without it is closed then (as vLLM's, through a finalizer)."""
+    thread; an LLM collected without it is closed then (as vLLM's, through a finalizer), and one still open at
+    interpreter exit is closed before the thread pools shut down."""
 
     def __init__(self, model: str | ClusterConfig | None = None, *, config: ClusterConfig | None = None,
                  **fields) -> None:
         cluster = cluster_config(model, config, **fields)  # a bad argument starts nothing
-        loop = asyncio.new_event_loop()
         # the thread holds the loop, not this LLM: an LLM dropped unclosed is collected, and its finalizer runs
-        thread = threading.Thread(target=_serve_loop, args=(loop,), name="fastdecode-llm", daemon=True)
-        thread.start()
+        serving = _LoopThread()
         try:
-            llm: AsyncLLM = run_on(loop, AsyncLLM.start(cluster))
+            llm: AsyncLLM = run_on(serving.loop, AsyncLLM.start(cluster))
         except BaseException:
-            _end_loop(loop, thread)
+            serving.end()
             raise
-        self._loop, self._thread, self._llm = loop, thread, llm
+        self._loop, self._llm = serving.loop, llm
         self.tokenizer = llm.tokenizer
-        self._finalizer = weakref.finalize(self, _shut_down, loop, thread, llm)
+        self._finalizer = weakref.finalize(self, _shut_down, serving, llm)
+        _close_before_thread_pools_exit(self._finalizer)
 
     @property
     def is_closed(self) -> bool:
@@ -161,32 +162,63 @@ def run_on(loop: asyncio.AbstractEventLoop, coro):
         raise
 
 
-def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """An LLM's thread: serve ``loop`` until stopped, then join its worker threads and close it."""
-    try:
-        loop.run_forever()
-    finally:
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+class _LoopThread:
+    """An LLM's event loop and the daemon thread that serves it. It holds the tasks it starts (asyncio keeps only
+    weak references to tasks) until they end; the thread holds it, so they live as long as the loop runs."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task] = set()
+        self.thread = threading.Thread(target=self._serve, name="fastdecode-llm", daemon=True)
+        self.thread.start()
+
+    @property
+    def is_current(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def start_task(self, coro) -> asyncio.Task:
+        """On the loop's thread: ``coro`` as a task, held until done."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _serve(self) -> None:
+        """Serve the loop until stopped, then join its worker threads and close it."""
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
+
+    def end(self) -> None:
+        """Stop the loop and (off its thread) wait for the thread to end."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)  # runs once run_forever has started
+            if not self.is_current:
+                self.thread.join()
 
 
-def _end_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    if thread.is_alive():
-        loop.call_soon_threadsafe(loop.stop)  # runs once run_forever has started
-        if threading.current_thread() is not thread:
-            thread.join()
-
-
-def _shut_down(loop: asyncio.AbstractEventLoop, thread: threading.Thread, llm: AsyncLLM) -> None:
+def _shut_down(serving: _LoopThread, llm: AsyncLLM) -> None:
     """An LLM's close(), run at most once: by close(), when the LLM is collected, or at interpreter exit."""
-    if threading.current_thread() is thread:  # collected on its own loop's thread: stop there, then end it
-        loop.create_task(llm.stop()).add_done_callback(lambda _: loop.stop())
+    if serving.is_current:  # collected on its own loop's thread: stop there, then end it
+        serving.start_task(llm.stop()).add_done_callback(lambda _: serving.loop.stop())
         return
     try:
-        if thread.is_alive():
-            run_on(loop, llm.stop())
+        if serving.thread.is_alive():
+            run_on(serving.loop, llm.stop())
     finally:
-        _end_loop(loop, thread)
+        serving.end()
+
+
+def _close_before_thread_pools_exit(finalizer: weakref.finalize) -> None:
+    """Run an LLM's finalizer at interpreter exit before concurrent.futures shuts every thread pool down (its
+    exit hook, registered through ``threading._register_atexit`` when concurrent.futures.thread was imported,
+    above; these hooks run last-registered first, and all before weakref's atexit finalizers).
+    Stopping the cluster needs those pools (the dense thread, the loop's default executor). An LLM made while
+    the interpreter already exits keeps weakref's atexit hook alone."""
+    with contextlib.suppress(RuntimeError):  # "can't register atexit after shutdown"
+        threading._register_atexit(finalizer)  # a closed LLM's finalizer does nothing (and holds nothing)
 
 
 def _settle(done: concurrent.futures.Future, task: asyncio.Task) -> None:

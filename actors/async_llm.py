@@ -3,7 +3,9 @@ strings, and the stream of outputs of each request (``fastdecode.actors.api`` re
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import logging
 import threading
 import warnings
 import weakref
@@ -24,6 +26,10 @@ from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.detokenize import Detokenizer
 from fastdecode.actors.executor_config import check_prompt
 from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
+
+log = logging.getLogger("fastdecode.api")
+
+STOP_HOLD_POLL_S = 1.0  # how often the holder of a dropped AsyncLLM's stop looks whether its loop was closed
 
 
 @dataclass(frozen=True)
@@ -332,7 +338,26 @@ def _release_unstopped(loop: asyncio.AbstractEventLoop | None, cluster: Cluster)
     warnings.warn("an AsyncLLM was collected without stop(): its cluster is stopped now if its event loop still "
                   "runs; use 'async with', or await llm.stop() (or llm.shutdown())", ResourceWarning, stacklevel=2)
     if loop is not None and not loop.is_closed():
-        with contextlib.suppress(RuntimeError):  # closed meanwhile: release what needs no loop, below
-            loop.call_soon_threadsafe(lambda: loop.create_task(cluster.stop()))
+        stop = cluster.stop()
+        try:
+            stopping = asyncio.run_coroutine_threadsafe(stop, loop)
+        except RuntimeError:  # closed meanwhile: release what needs no loop, below
+            stop.close()
+        else:
+            # asyncio holds tasks weakly, and what this task stops holds nothing outside it: a thread holds it
+            threading.Thread(target=_hold_until_done, args=(stopping, loop), name="fastdecode-stop",
+                             daemon=True).start()
             return
     cluster.executor.runner.close()
+
+
+def _hold_until_done(stopping: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
+    """Hold a dropped AsyncLLM's stop (its future, so its task) until it ends, or its loop closed without it."""
+    while True:
+        done, _ = concurrent.futures.wait([stopping], timeout=STOP_HOLD_POLL_S)
+        if done:
+            if not stopping.cancelled() and stopping.exception() is not None:
+                log.warning("stopping the cluster of a dropped AsyncLLM failed", exc_info=stopping.exception())
+            return
+        if loop.is_closed():
+            return

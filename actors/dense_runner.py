@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -91,3 +92,23 @@ class DenseRunner:
 
     def close(self) -> None:
         self._compute.shutdown(wait=True)
+
+    async def close_off_loop(self) -> None:
+        """``close()`` on a thread of its own, awaited without blocking the loop (a step still on the compute
+        thread may wait for shards this loop serves). Not through the loop's default executor: at interpreter
+        exit, or once ``loop.shutdown_default_executor()`` ran, that takes no new work."""
+        closed: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Thread(target=self._close_into, args=(closed,), name="fd-dense-close", daemon=True).start()
+        await asyncio.wrap_future(closed)
+
+    def _close_into(self, closed: concurrent.futures.Future) -> None:
+        is_awaited = closed.set_running_or_notify_cancel()  # False once the awaiting task was cancelled
+        try:
+            self.close()
+        except BaseException as exc:
+            if not is_awaited:
+                raise
+            closed.set_exception(exc)
+        else:
+            if is_awaited:
+                closed.set_result(None)

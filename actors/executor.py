@@ -149,7 +149,7 @@ class Executor:
         self.prefills.clear()
         # a step may still run on the dense thread: wait for it off the loop, which may be what serves the
         # in-process shards that step is waiting for
-        await asyncio.to_thread(self.runner.close)
+        await self.runner.close_off_loop()
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:

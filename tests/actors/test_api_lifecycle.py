@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import weakref
 
 import pytest
 
+from fastdecode.actors import api, async_llm
 from fastdecode.actors.api import LLM, AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.request import SamplingParams
@@ -132,3 +138,108 @@ def test_a_stream_made_outside_a_loop_runs_on_its_loop():
         async def read() -> list[int]:
             return [out.token_id async for out in stream]
         assert len(llm._call(read())) == 3
+
+
+# A script that leaves LLMs unclosed (no shard; an in-process shard; one on its own loop's thread, whose stop joins
+# that thread through the default executor) and exits: at exit their clusters must be stopped before the thread pools
+# shut down. An atexit hook (run after the LLMs' close) reports it.
+EXIT_UNCLOSED = textwrap.dedent("""
+    import atexit, threading
+    from fastdecode.actors.api import LLM
+    from fastdecode.actors.request import SamplingParams
+    llms = [LLM(model="random:tiny", seed=0, dtype="float32", device="cpu", num_shards=n,
+                shard_kv_memory_bytes=16 << 20 if n else None, is_shard_loop_threaded=is_threaded)
+            for n, is_threaded in ((0, False), (1, False), (1, True))]
+    for llm in llms:
+        print(llm.generate([318, 72, 101], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                           use_tqdm=False)[0].finish_reason)
+    def report():
+        names = sorted(t.name for t in threading.enumerate() if t.name.startswith(("fastdecode", "fd-", "kvshard")))
+        print("closed", [llm._llm.is_closed for llm in llms], "threads", names, flush=True)
+    atexit.register(report)
+""")
+
+
+@pytest.mark.slow
+def test_an_llm_left_unclosed_at_exit_stops_its_cluster_silently():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", EXIT_UNCLOSED], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    for bad in ("Traceback", "RuntimeError", "Task was destroyed", "never awaited"):
+        assert bad not in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["length"] * 3 + ["closed [True, True, True] threads []"], done.stdout
+
+
+def test_a_cluster_stops_after_its_loops_default_executor_shut_down():
+    """asyncio.run, and the interpreter's exit, shut the default executor down: stopping must not need it."""
+    before = _num_dense_threads()
+
+    async def run() -> bool:
+        llm = await AsyncLLM.start(ClusterConfig(**TINY))
+        await llm.generate(PROMPT, GREEDY)  # the dense thread starts with the first step
+        await asyncio.get_running_loop().shutdown_default_executor()
+        await llm.stop()
+        return llm.is_closed
+
+    assert asyncio.run(run())
+    assert _num_dense_threads() == before
+
+
+class _StopAwaitingAFuture:
+    """A cluster (or AsyncLLM) whose stop() waits on a future only its own task holds: the task is collectable
+    unless whoever started it holds it. ``gate`` (weak) lets the test end the wait."""
+
+    def __init__(self) -> None:
+        self.gate: weakref.ref | None = None
+        self.is_stopped = False
+
+    async def stop(self) -> None:
+        gate = asyncio.get_running_loop().create_future()
+        self.gate = weakref.ref(gate)
+        await gate
+        self.is_stopped = True
+
+
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + THREAD_WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_an_llm_collected_on_its_own_thread_holds_its_stop_until_done():
+    serving = api._LoopThread()
+    llm = _StopAwaitingAFuture()
+    try:
+        serving.loop.call_soon_threadsafe(api._shut_down, serving, llm)  # as when collected on that thread
+        _wait_for(lambda: llm.gate is not None, "the stop did not start")
+        collected: concurrent.futures.Future = concurrent.futures.Future()
+        serving.loop.call_soon_threadsafe(lambda: collected.set_result(gc.collect()))  # once the stop waits
+        collected.result(THREAD_WAIT_S)
+        gate = llm.gate()
+        assert gate is not None, "the stop's task was collected before it ended"
+        serving.loop.call_soon_threadsafe(gate.set_result, None)
+        del gate
+        serving.thread.join(THREAD_WAIT_S)
+        assert llm.is_stopped and not serving.thread.is_alive()  # the stop ended, then the loop and its thread
+    finally:
+        serving.end()
+
+
+async def test_an_asyncllm_collected_unstopped_holds_its_clusters_stop_until_done():
+    cluster = _StopAwaitingAFuture()
+    with pytest.warns(ResourceWarning, match="collected without stop"):
+        async_llm._release_unstopped(asyncio.get_running_loop(), cluster)
+    deadline = time.monotonic() + THREAD_WAIT_S
+    while cluster.gate is None:
+        assert time.monotonic() < deadline, "the stop did not start"
+        await asyncio.sleep(0.005)
+    gc.collect()  # the stop waits on its gate meanwhile
+    gate = cluster.gate()
+    assert gate is not None, "the stop's task was collected before it ended"
+    gate.set_result(None)
+    del gate
+    while not cluster.is_stopped or any(t.name == "fastdecode-stop" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the stop, or the thread holding it, did not end"
+        await asyncio.sleep(0.005)
