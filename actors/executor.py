@@ -38,7 +38,7 @@ from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
 from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
-from fastdecode.actors.node_drain import DrainProbe, retire_nodes
+from fastdecode.actors.node_drain import retire_nodes
 from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector, reopen
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
@@ -94,7 +94,6 @@ class Executor:
         self._reconnector = Reconnector(node_factories or [None] * len(nodes), on_ready=self._wakeup.set,
                                         backoff=reconnect_backoff)
         self._orphans: dict[int, set[int]] = {}  # node index -> sequences a lost epoch of it may still hold
-        self._drain_probe = DrainProbe()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -306,7 +305,6 @@ class Executor:
     async def _apply_node_changes(self) -> None:
         """At a step boundary: find draining nodes, retire failed ones (or keep a draining one serving), take back
         returned ones, keep the scheduler in step."""
-        await self._drain_probe.run(self.nodes)
         for node in self.nodes:
             node.refresh()
         for index in retire_nodes(self.nodes, self.scheduler.nodes, [s.node_index for s in self._sequences.values()]):

@@ -133,9 +133,12 @@ class GuardedNode(KVNode):
         return client is None or client.is_alive
 
     def refresh(self) -> None:
-        """Notice a heartbeat loss that happened between calls (of a live node, or a draining one kept serving)."""
+        """Notice what the heartbeats told between calls: a loss (of a live node, or a draining one kept serving),
+        or a shard that drains (its Pongs say so)."""
         if (self.is_alive or self.is_kept) and not self.is_answering:
             self.mark(NodeState.DEAD, "no heartbeat answer")
+        elif self.is_alive and getattr(getattr(self.inner, "client", None), "is_draining", False):
+            self.mark(NodeState.DRAINING, "its heartbeat says it drains")
 
     def mark(self, state: NodeState, reason: str) -> None:
         """Move to DRAINING or DEAD (never back: a node that returns is a new epoch)."""

@@ -2,9 +2,9 @@
 
 A shard daemon that got SIGTERM (actors/shard_drain.py) refuses new sequences with ``draining`` but still
 attends for the ones it holds, until they are gone or its drain deadline passes. The Executor learns of the
-drain when one of its allocations is refused, or from ``DrainProbe``: an empty Allocate sent to every live
-node at most every ``DRAIN_PROBE_S``, at a step boundary (a draining shard refuses it; any other node
-allocates nothing).
+drain when one of its allocations is refused, or from the shard's heartbeats: every Pong says whether its server
+drains (``Pong.is_draining``), and ``GuardedNode.refresh`` marks the node at the next step boundary, so no request
+of its own waits in the step.
 
 At a step boundary (``retire_nodes``) a draining node leaves like a failed one when some other live node
 of the scheduler could take its sequences: they are requeued, rebuilt there, and freed on it. With no such
@@ -14,44 +14,13 @@ leaves as soon as another node is live (one came back) or it fails (its drain de
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from fastdecode.actors.guarded_node import GuardedNode, NodeFailedError
-from fastdecode.transport.errors import RemoteRequestError
+from fastdecode.actors.guarded_node import GuardedNode
 
 log = logging.getLogger("fastdecode.executor")
-
-DRAIN_PROBE_S = 0.25  # how often the live nodes are asked whether they drain (one empty Allocate each)
-
-
-class DrainProbe:
-    """Asks the live nodes, at most every ``interval_s``, whether they drain; GuardedNode marks those that do."""
-
-    def __init__(self, interval_s: float = DRAIN_PROBE_S) -> None:
-        if interval_s < 0:
-            raise ValueError(f"interval_s must be at least 0, got {interval_s!r}")
-        self.interval_s = interval_s
-        self._last_s = float("-inf")
-
-    async def run(self, nodes: Sequence[GuardedNode]) -> None:
-        now = time.monotonic()
-        if now - self._last_s < self.interval_s:
-            return
-        self._last_s = now
-        await asyncio.gather(*(_probe(node) for node in nodes if node.is_alive))
-
-
-async def _probe(node: GuardedNode) -> None:
-    try:
-        await node.allocate([])
-    except NodeFailedError as exc:  # GuardedNode marked it DRAINING (or DEAD): the step boundary acts on it
-        log.debug("probe of KV node %s: %s", node.node_id, exc)
-    except RemoteRequestError as exc:  # an answer that says nothing of a drain: the next call will tell
-        log.warning("probe of KV node %s refused: %s", node.node_id, exc)
 
 
 def retire_nodes(nodes: Sequence[GuardedNode], in_scheduler: Iterable[int],

@@ -129,8 +129,10 @@ class ActorServer:
         name: str | None = None,
         inline_messages: tuple[type[Message], ...] = (),
         admit: AdmitCallback | None = None,
+        is_draining: Callable[[], bool] | None = None,
     ) -> None:
-        """``admit``: the server's gate before any handler (transport/server.py), e.g. a shard's session check."""
+        """``admit``: the server's gate before any handler (transport/server.py), e.g. a shard's session check;
+        ``is_draining``: what its Pongs say of a drain."""
         self.actor = actor
         self.name = name or type(actor).__name__
         self._handlers = build_handler_table(actor, channel)
@@ -140,7 +142,7 @@ class ActorServer:
                 raise TypeError(f"{cls.__name__} has no plain handler in {self.name}: it cannot run inline")
         self._inline = frozenset(inline_messages)
         self._server = RpcServer(address, Codec(channel, max_message_bytes=max_message_bytes), self._on_request,
-                                 ctx=ctx, name=self.name, admit=admit)
+                                 ctx=ctx, name=self.name, admit=admit, is_draining=is_draining)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: _Worker | None = None
         self._jobs: set[_Job] = set()  # queued or running on the worker, not yet answered

@@ -91,6 +91,11 @@ class ShardClient:
     def is_alive(self) -> bool:
         return self._rpc.is_alive
 
+    @property
+    def is_draining(self) -> bool:
+        """A heartbeat's Pong said the shard drains (SIGTERM on its daemon): move its sequences away."""
+        return self._rpc.is_peer_draining
+
     async def configure(self, *, num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str,
                         session_id: int = 0) -> ShardStats:
         """Set the KV shape; ``session_id`` (not 0) frees what another session left (see Configure)."""

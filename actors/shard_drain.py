@@ -36,7 +36,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from fastdecode.actors.runtime import ActorError
+from fastdecode.actors.runtime import ActorError, ActorServer
 from fastdecode.transport.control_messages import ErrorReply
 from fastdecode.transport.messages import Message
 from fastdecode.transport.shard_messages import (
@@ -47,6 +47,7 @@ from fastdecode.transport.shard_messages import (
     Configure,
     Free,
     GetStats,
+    SHARD_CHANNEL,
     ShardStats,
 )
 
@@ -176,3 +177,12 @@ async def drain(shard: DrainableShard, *, timeout_s: float, hurry: asyncio.Event
             await asyncio.sleep(poll_s)
         await asyncio.sleep(poll_s)  # the refusal's reply leaves the worker before the daemon stops
     return shard.num_sequences
+
+
+def drainable_server(actor: DrainableShard, address: str, *, ctx=None) -> ActorServer:
+    """The shard daemon's server (cli/start_shard.py): KV requests only from the connections of the session the
+    shard serves (``admit``), every Pong saying whether it drains, its heartbeats feeding the idle clock."""
+    server = ActorServer(actor, SHARD_CHANNEL, address, ctx=ctx, name="kvshard", admit=actor.admit,
+                         is_draining=lambda: actor.is_draining)
+    actor.seconds_since_ping = server.seconds_since_ping  # a live but idle Executor keeps the shard
+    return server

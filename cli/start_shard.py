@@ -91,16 +91,12 @@ async def _serve(listen: str, config, *, curve_dir: str | None, drain_timeout_s:
 async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain_timeout_s: float,  # noqa: ANN001
                                stop: asyncio.Event, hurry: asyncio.Event) -> None:
     from fastdecode.actors.kvshard import KVShard
-    from fastdecode.actors.runtime import ActorServer
-    from fastdecode.actors.shard_drain import DrainableShard, drain
+    from fastdecode.actors.shard_drain import DrainableShard, drain, drainable_server
     from fastdecode.transport.security import ServerKeys, server_context
-    from fastdecode.transport.shard_messages import SHARD_CHANNEL
 
     security = server_context(ServerKeys.load(curve_dir)) if curve_dir else None
     actor = DrainableShard(KVShard(config))
-    server = ActorServer(actor, SHARD_CHANNEL, listen, ctx=security.ctx if security else None, name="kvshard",
-                         admit=actor.admit)  # KV requests only from the connections of the session it serves
-    actor.seconds_since_ping = server.seconds_since_ping  # a live but idle Executor keeps the shard
+    server = drainable_server(actor, listen, ctx=security.ctx if security else None)
     try:
         address = await server.start()
         print(f"ready {address}", file=sys.stderr, flush=True)

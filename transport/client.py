@@ -68,6 +68,7 @@ class RpcClient:
         self._liveness = liveness
         self._last_recv_s = 0.0
         self._peer_instance_id: int | None = None  # from the first Pong
+        self.is_peer_draining = False  # a Pong said the server drains (it never says it stopped draining)
         self.client_id = 0  # carried by every heartbeat (Ping.client_id): the session this client serves, once known
         self.routing_id: bytes | None = None  # the socket's identity at the server, the same after a reconnect
         self._loop_time = time.monotonic  # the running loop's clock once started
@@ -153,8 +154,10 @@ class RpcClient:
             if future is not None and not future.done():
                 future.set_exception(exc)
             return
-        if type(reply) is Pong and not self._is_same_instance(reply.instance_id):
-            return
+        if type(reply) is Pong:
+            if not self._is_same_instance(reply.instance_id):
+                return
+            self.is_peer_draining = self.is_peer_draining or reply.is_draining
         future = self._waiting.get(request_id)
         if future is not None and not future.done():
             future.set_result(reply)

@@ -18,11 +18,13 @@ class Pong(Message):
 
     ``instance_id`` is drawn at random by each server when it starts.  A client that sees it change knows the
     process behind the address was restarted and the requests the old one held are lost: it declares the peer
-    dead, as if heartbeats had been missed (transport/client.py).
+    dead, as if heartbeats had been missed (transport/client.py).  ``is_draining`` tells a client, within a
+    heartbeat, that the server is draining (actors/node_drain.py), with no request of its own.
     """
 
     KIND = 2
     instance_id: int = int_field(min_value=0, max_value=MAX_INSTANCE_ID)
+    is_draining: bool = False  # the server is draining (a shard daemon after SIGTERM): its clients move away
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,13 @@ class RpcServer:
         ctx: zmq.asyncio.Context | None = None,
         name: str = "rpc",
         admit: AdmitCallback | None = None,
+        is_draining: Callable[[], bool] | None = None,
     ) -> None:
         self._requested_address = address
         self._codec = codec
         self._on_request = on_request
         self.admit = admit
+        self._is_draining = is_draining  # what every Pong says of the server's drain (None: never draining)
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._name = name
         self._pump: SocketPump | None = None
@@ -110,7 +112,7 @@ class RpcServer:
             elif message.client_id:
                 self._note_ping(message.client_id)
             self._note_peer(peer, message.client_id, is_closing=message.is_closing)
-            self.reply(peer, request_id, Pong(self.instance_id))
+            self.reply(peer, request_id, Pong(self.instance_id, self._is_draining is not None and self._is_draining()))
             return
         if self.admit is not None:
             refusal = self.admit(peer, self._peer_client_ids.get(peer, 0), message)

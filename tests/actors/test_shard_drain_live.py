@@ -16,8 +16,7 @@ from fastdecode.actors.executor_config import UnavailableError
 from fastdecode.actors.kvshard import KVShard, ShardConfig
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.runtime import ActorServer
-from fastdecode.actors.shard_drain import DrainableShard, drain
-from fastdecode.transport.shard_messages import SHARD_CHANNEL
+from fastdecode.actors.shard_drain import DrainableShard, drain, drainable_server
 from executor_helpers import collect, reference_greedy
 from greedy_compare import assert_same_greedy
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 
 TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu")
 PROMPTS = ([5, 6, 7, 8, 9], [11, 3, 40, 2], [100, 101, 102, 103, 104, 105])
-# a few ms per step of the tiny model: the drain probe (every 0.25 s) sees the drain long before they end
+# a few ms per step of the tiny model: the heartbeats (every 0.1 s here) tell the drain long before they end
 SLOW_S_PER_GB = 20.0
 
 
@@ -34,8 +33,7 @@ async def _serve_drainable() -> tuple[DrainableShard, ActorServer, str]:
     config = ShardConfig(kv_memory_bytes=16 << 20, num_threads=1, is_calibrating=False,
                          slowdown_s_per_gb=SLOW_S_PER_GB)
     actor = DrainableShard(KVShard(config))
-    server = ActorServer(actor, SHARD_CHANNEL, f"inproc://fastdecode-drain-{uuid.uuid4().hex[:12]}", name="kvshard")
-    actor.seconds_since_ping = server.seconds_since_ping
+    server = drainable_server(actor, f"inproc://fastdecode-drain-{uuid.uuid4().hex[:12]}")
     return actor, server, await server.start()
 
 
@@ -51,7 +49,8 @@ async def test_the_last_shard_drains_by_serving_its_sequences_to_their_end(tiny_
     actor, server, address = await _serve_drainable()
     num_tokens = 240
     try:
-        async with await Cluster.start(ClusterConfig(**TINY, shard_addresses=(address,))) as cluster:
+        config = ClusterConfig(**TINY, shard_addresses=(address,), heartbeat_interval_s=0.1)
+        async with await Cluster.start(config) as cluster:
             params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
             streams = [cluster.submit(prompt, params) for prompt in PROMPTS]
             first = await asyncio.gather(*(anext(s) for s in streams))
@@ -76,7 +75,8 @@ async def test_at_the_drain_deadline_the_sequences_fail_clearly_and_the_shard_st
     actor, server, address = await _serve_drainable()
     timeout_s = 0.8
     try:
-        async with await Cluster.start(ClusterConfig(**TINY, shard_addresses=(address,))) as cluster:
+        config = ClusterConfig(**TINY, shard_addresses=(address,), heartbeat_interval_s=0.1)
+        async with await Cluster.start(config) as cluster:
             params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
             streams = [cluster.submit(prompt, params) for prompt in PROMPTS]
             await asyncio.gather(*(anext(s) for s in streams))

@@ -179,16 +179,17 @@ def test_bad_messages_raise_protocol_error(frames, has_request_id) -> None:
     assert (info.value.request_id == 5) if has_request_id else info.value.request_id is None
 
 
-def test_pong_carries_a_64_bit_instance_id_and_refuses_anything_else() -> None:
+def test_pong_carries_a_64_bit_instance_id_and_the_drain_and_refuses_anything_else() -> None:
     codec = Codec(SHARD_CHANNEL)
     for instance_id in (0, 12345, 2**64 - 1):
-        _, pong = codec.decode(codec.encode(5, Pong(instance_id)))
-        assert type(pong) is Pong and pong.instance_id == instance_id
+        for is_draining in (False, True):
+            _, pong = codec.decode(codec.encode(5, Pong(instance_id, is_draining)))
+            assert type(pong) is Pong and (pong.instance_id, pong.is_draining) == (instance_id, is_draining)
     for bad in ("12345", True, None, -1, 1.5, b"\x01"):
         with pytest.raises(ProtocolError, match="instance_id") as info:
-            codec.decode([_envelope(Pong.KIND, 5, [bad])])
+            codec.decode([_envelope(Pong.KIND, 5, [bad, False])])
         assert info.value.request_id == 5
-    with pytest.raises(ProtocolError, match="expected 1 fields"):
+    with pytest.raises(ProtocolError, match="expected 2 fields"):
         codec.decode([_envelope(Pong.KIND, 5, [])])  # a Pong without an instance id
     for bad in ("12345", True, -1, 2**64):
         with pytest.raises(ValueError, match="instance_id"):

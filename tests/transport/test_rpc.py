@@ -218,3 +218,25 @@ def test_client_argument_validation() -> None:
         RpcClient("inproc://x", codec, liveness=0)
     with pytest.raises(ValueError):
         RpcClient("inproc://x", codec, timeout_s=0)
+
+
+async def test_the_heartbeats_tell_a_client_that_the_server_drains(ctx) -> None:
+    codec = Codec(SHARD_CHANNEL)
+    is_draining = [False]
+    server = RpcServer("inproc://rpc-drain", codec, lambda peer, request_id, message: None, ctx=ctx,
+                       is_draining=lambda: is_draining[0])
+    bound = await server.start()
+    client = RpcClient(bound, codec, ctx=ctx, heartbeat_interval_s=0.02, liveness=3)
+    client.start()
+    try:
+        await client.ping(timeout_s=2.0)
+        assert not client.is_peer_draining
+        is_draining[0] = True
+        deadline = time.monotonic() + 2.0
+        while not client.is_peer_draining:  # the next heartbeat's Pong says so, with no request of the client's
+            assert time.monotonic() < deadline, "no heartbeat told the drain"
+            await asyncio.sleep(0.01)
+        assert client.is_alive
+    finally:
+        await client.close()
+        await server.close()
