@@ -307,7 +307,7 @@ class Executor:
         returned ones, keep the scheduler in step."""
         for node in self.nodes:
             node.refresh()
-        for index in retire_nodes(self.nodes, self.scheduler.nodes, [s.node_index for s in self._sequences.values()]):
+        for index in retire_nodes(self.nodes, self.scheduler.nodes, (s.node_index for s in self._sequences.values())):
             self._reconnector.watch(index)
             if self.nodes[index].state is NodeState.DEAD:
                 await self.nodes[index].close()  # stop its heartbeats; the reconnect makes a new client

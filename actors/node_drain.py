@@ -28,7 +28,9 @@ def retire_nodes(nodes: Sequence[GuardedNode], in_scheduler: Iterable[int],
     """Mark retired (and log) the failed or draining nodes whose sequences leave now; their indices.
     ``placed_on``: the node index of each live sequence (None: not placed). A draining node is kept instead while
     no live node of the scheduler could take its sequences; a kept one leaves once one could, or once it failed
-    an attend or died."""
+    an attend or died. ``placed_on`` is read only when some node is neither alive nor retired (not every step)."""
+    if all(node.is_alive or node.is_retired for node in nodes):
+        return []
     has_live_other = any(nodes[i].is_alive for i in in_scheduler)
     num_held = Counter(placed_on)
     leaving = []
