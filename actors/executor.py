@@ -314,6 +314,8 @@ class Executor:
         for index, fresh in self._reconnector.take_ready():
             await self._restore(index, fresh)
         for index in sorted(self.scheduler.nodes):
+            if self.nodes[index].is_kept:
+                self.scheduler.close_node(index)  # it serves what it holds; admissions go elsewhere or wait
             if not self.nodes[index].can_attend and len(self.scheduler.nodes) > 1:
                 for preemption in self.scheduler.remove_node(index):
                     await self._requeue(self._sequences[preemption.seq_id])

@@ -42,6 +42,7 @@ class Scheduler:
         self.config = config
         self.gpu = gpu
         self._nodes: dict[int, NodeModel] = {}
+        self._closed: set[int] = set()  # nodes that keep their sequences but take no new one (close_node)
         for node in nodes:
             self.add_node(node)
         if not self._nodes:
@@ -67,6 +68,13 @@ class Scheduler:
             raise ValueError(f"node {node.node_id} has {node.num_layers} layers, the others {layers.pop()}")
         self._nodes[node.node_id] = node
 
+    def close_node(self, node_id: int) -> None:
+        """Place no new sequence on ``node_id``; the ones it holds run on (a draining node kept serving them).
+        It stays closed until it is removed."""
+        if node_id not in self._nodes:
+            raise KeyError(f"unknown node {node_id}")
+        self._closed.add(node_id)
+
     def remove_node(self, node_id: int) -> list[Preemption]:
         """Take a node away (it died or is drained): its sequences are requeued with their progress."""
         if node_id not in self._nodes:
@@ -76,6 +84,7 @@ class Scheduler:
         on_node = sorted(r.seq_id for r in self._table.running() if r.node_id == node_id)
         preempted = [self._preempt(seq_id) for seq_id in on_node]
         del self._nodes[node_id]
+        self._closed.discard(node_id)
         return preempted
 
     def node_loads(self) -> dict[int, NodeLoad]:
@@ -271,7 +280,7 @@ class Scheduler:
         num = self._admission.num_to_admit(list(self._table.running()), waiting)
         if num == 0:
             return []
-        loads = self.node_loads()
+        loads = {i: load for i, load in self.node_loads().items() if i not in self._closed}
         limits = {i: reserved_output_limit(node, self.config.max_reserved_output) for i, node in self._nodes.items()}
         admitted: list[int] = []
         for record in waiting[:num]:

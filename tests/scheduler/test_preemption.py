@@ -199,3 +199,24 @@ def test_a_reservation_slides_ahead_of_the_sequence_and_stops_at_max_tokens():
     assert [r.reserved_final_len(64) for r in records] == [32 + 100, 32 + 50 + 64]
     assert [r.reserved_final_len(None) for r in records] == [32 + 100, 32 + 1000]
     assert sched.node_loads()[0].num_final_tokens == 132 + 146
+
+
+def test_a_closed_node_keeps_its_sequences_and_takes_no_new_one_until_removed():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, admission="all-at-once"), [node(0, 10_000), node(1, 10_000)])
+    for seq_id in range(4):
+        sched.add_request(seq_id, 10, 50)
+    sched.schedule()
+    on_zero = sorted(s for s in range(4) if sched.sequence(s).node_id == 0)
+    assert on_zero
+    sched.close_node(0)
+    for seq_id in range(4, 8):
+        sched.add_request(seq_id, 10, 50)
+    plan = sched.schedule()
+    assert [a.node_id for a in plan.admitted] == [1] * 4  # the closed node takes none of the newcomers
+    assert sorted(s for s in range(8) if sched.sequence(s).node_id == 0) == on_zero  # and keeps what it held
+    sched.remove_node(1)
+    for seq_id in range(4, 8):
+        assert not sched.sequence(seq_id).is_running
+    assert sched.schedule().admitted == ()  # only the closed node is left: the requeued ones wait
+    with pytest.raises(KeyError):
+        sched.close_node(5)
