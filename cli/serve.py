@@ -7,7 +7,6 @@ The API key may come from ``FASTDECODE_API_KEY`` (``API_KEY_ENV``: read here and
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE
+from fastdecode.cli.start_shard import LOG_LEVEL_OPTION, configure_logging
 from fastdecode.scheduler.config import ADMISSION_MODES
 from fastdecode.transport.errors import TransportError
 
@@ -94,6 +94,10 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="CORS: request headers browsers may send (JSON list or comma-separated)."),
         click.option("--allow-credentials/--no-allow-credentials", "is_credentials_allowed", default=False,
                      show_default=True, help="CORS: let browsers send cookies and HTTP auth along."),
+        LOG_LEVEL_OPTION,
+        click.option("--disable-uvicorn-access-log", "--disable-access-log", "is_access_log_disabled", is_flag=True,
+                     help="No INFO line per HTTP request (client, method, path without query, status, bytes, "
+                          "seconds); vLLM's name."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -108,7 +112,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
                  is_insecure_bind_any: bool = False, allowed_origins: tuple[str, ...] = ("*",),
                  allowed_methods: tuple[str, ...] = ("*",), allowed_headers: tuple[str, ...] = ("*",),
-                 is_credentials_allowed: bool = False):
+                 is_credentials_allowed: bool = False, is_access_log_disabled: bool = False):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
     from fastdecode.transport.sockets import is_loopback_address
 
@@ -132,18 +136,19 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
         frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None,
                                   allowed_origins=allowed_origins, allowed_methods=allowed_methods,
                                   allowed_headers=allowed_headers, is_credentials_allowed=is_credentials_allowed)
-        return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port, drain_timeout_s=drain_timeout_s)
+        return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port, drain_timeout_s=drain_timeout_s,
+                           is_access_logged=not is_access_log_disabled)
     except ValueError as exc:
         raise OneLineError(str(exc)) from None
 
 
-def run_server(config) -> None:
-    """Serve until SIGTERM/SIGINT; start-up failures become one line and exit code 2."""
+def run_server(config, *, log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT, logging at ``log_level`` and above; start-up failures become one line and exit
+    code 2."""
     from fastdecode.actors.frontend import serve
     from fastdecode.transport.event_loop import run_event_loop
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    configure_logging(log_level)
     model = config.cluster.model
 
     def announce(url: str) -> None:
@@ -168,20 +173,21 @@ def run_server(config) -> None:
 @click.option("--kv-memory", "kv_memory_bytes", default=None, type=SIZE,
               help="KV memory per in-process shard, e.g. 2GiB (default: a share of free memory).")
 def serve_command(num_shards: int | None, shard_addresses: tuple[str, ...], kv_memory_bytes: int | None,
-                  **options: Any) -> None:
+                  log_level: str, **options: Any) -> None:
     """Serve a model over OpenAI-compatible HTTP and WebSocket (the whole cluster in one process)."""
     if num_shards is not None and shard_addresses:
         raise OneLineError("give either --shards or --shard, not both")
     if num_shards is None:
         num_shards = 0 if shard_addresses else 1
     run_server(build_config(num_shards=num_shards, shard_addresses=shard_addresses,
-                            kv_memory_bytes=kv_memory_bytes, **options))
+                            kv_memory_bytes=kv_memory_bytes, **options), log_level=log_level)
 
 
 @click.command("start-gpu", cls=OneLineCommand)
 @_common_options
 @click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR", required=True,
               help="A running shard daemon (repeatable; at least one).")
-def start_gpu_command(shard_addresses: tuple[str, ...], **options: Any) -> None:
+def start_gpu_command(shard_addresses: tuple[str, ...], log_level: str, **options: Any) -> None:
     """The GPU-host daemon: the Executor and the Frontend in front of remote shards."""
-    run_server(build_config(num_shards=0, shard_addresses=shard_addresses, kv_memory_bytes=None, **options))
+    run_server(build_config(num_shards=0, shard_addresses=shard_addresses, kv_memory_bytes=None, **options),
+               log_level=log_level)

@@ -27,6 +27,19 @@ from fastdecode.native import ISA_NAMES
 
 log = logging.getLogger("fastdecode.start_shard")
 TCP_ADDRESS = re.compile(r"tcp://(\[[^\[\]]+\]|[^:\[\]]+):(.*)")  # host (an IPv6 one in brackets), port
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The daemons' --log-level (start-shard here; serve and start-gpu reuse it): the level of the root logger, so of
+# fastdecode's loggers and of the access log too (its lines are INFO).
+LOG_LEVEL_OPTION = click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+                                help="Least severe log records written to stderr.")
+
+
+def configure_logging(log_level: str) -> None:
+    """Log records at ``log_level`` (one of ``LOG_LEVELS``) and above to stderr, one line each."""
+    level = log_level.upper()
+    logging.basicConfig(stream=sys.stderr, level=level, format=LOG_FORMAT)
+    logging.getLogger().setLevel(level)  # basicConfig leaves an already configured root as it is
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -132,14 +145,12 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
               help="Allow a non-loopback --listen without --curve-dir (anyone who reaches it can use it).")
 @click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(0, 86400), default=30.0,
               show_default=True, help="On SIGTERM: seconds to wait for the Executor to move the sequences away.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+@LOG_LEVEL_OPTION
 def start_shard(listen: str, kv_memory: int, threads: int | None, page_size: int, cpu_list: tuple[int, ...] | None,
                 isa: str | None, no_calibrate: bool, slowdown_s_per_gb: float, log_level: str, curve_dir: str | None,
                 is_insecure_bind_any: bool, drain_timeout_s: float) -> None:
     """Run one KVShard (KV-cache and attention on this host's CPUs) until SIGTERM/SIGINT."""
-    logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     from fastdecode.actors.kvshard import ShardConfig
     from fastdecode.transport.event_loop import run_event_loop
     from fastdecode.transport.sockets import is_loopback_address

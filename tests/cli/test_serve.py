@@ -102,7 +102,7 @@ def test_cors_options_reach_the_frontend_config(monkeypatch, command):
     import fastdecode.cli.serve as serve_module
 
     configs = []
-    monkeypatch.setattr(serve_module, "run_server", configs.append)
+    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
     shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
     runner = CliRunner()
     assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
@@ -149,10 +149,12 @@ def test_busy_port_is_refused():
 
 
 def test_sigint_stops_cleanly():
-    server = live_server.LiveServer(*live_server.TINY_ARGS, "--shards", "0")
+    """(At ``--log-level warning``: the server's INFO lines, "cluster up" and the like, are left out.)"""
+    server = live_server.LiveServer(*live_server.TINY_ARGS, "--shards", "0", "--log-level", "warning")
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(30) == 0
     assert "stopped" in server.log()
+    assert " INFO " not in server.log() and "serving random:tiny on http://" in server.log()
     assert server.stop() == 0
 
 
@@ -207,3 +209,42 @@ def test_default_model_served_equals_generate(smollm2_model):
     assert "Paris" in chat_text
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     assert completion.choices[0].text == reference_generate(model, tokenizer, tokenizer.encode(prompt), greedy).text
+
+
+# ---- log level and access log ------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_log_options_reach_the_server(monkeypatch, command):
+    """``--log-level`` as start-shard's (choices, default info); vLLM's ``--disable-uvicorn-access-log``."""
+    import fastdecode.cli.serve as serve_module
+
+    calls = []
+    monkeypatch.setattr(serve_module, "run_server", lambda config, **kwargs: calls.append((config, kwargs)))
+    shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
+    runner = CliRunner()
+    assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
+    assert calls[-1][0].is_access_logged is True and calls[-1][1] == {"log_level": "info"}
+    result = runner.invoke(main, [command, *TINY, *shard, "--log-level", "warning", "--disable-uvicorn-access-log"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1][0].is_access_logged is False and calls[-1][1] == {"log_level": "warning"}
+    assert runner.invoke(main, [command, *TINY, *shard, "--disable-access-log"]).exit_code == 0
+    assert calls[-1][0].is_access_logged is False and calls[-1][1] == {"log_level": "info"}
+    assert "--log-level" in refuse(command, *TINY, *shard, "--log-level", "chatty")
+    for help_of in ("start-shard", command):  # one definition: the same choices and default
+        assert "--log-level [debug|info|warning|error]" in runner.invoke(main, [help_of, "--help"]).output
+
+
+@pytest.mark.parametrize("level", ["debug", "warning"])
+def test_configure_logging_sets_the_root_level(level):
+    """What serve, start-gpu and start-shard do with ``--log-level``, even where logging was set up before."""
+    import logging
+
+    from fastdecode.cli.start_shard import configure_logging
+
+    root = logging.getLogger()
+    before = root.level
+    try:
+        configure_logging(level)
+        assert root.level == getattr(logging, level.upper())
+        assert logging.getLogger("fastdecode.frontend.access").getEffectiveLevel() == root.level
+    finally:
+        root.setLevel(before)
