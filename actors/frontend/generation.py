@@ -11,10 +11,15 @@ failed) closes the streams, which cancels the requests and frees their KV.
 ``interleaved`` reads several choices' outputs as they come.  Metrics are recorded
 as outputs pass, and so is the ``stop_reason`` the last output carries (vLLM's:
 the stop string or stop token id that ended the request; None for EOS and length).
+A request submitted and then cancelled before its first token (the client left
+while it was queued) ends as vLLM's ``abort``, as one cancelled later does; each
+ended request leaves one INFO line on the "fastdecode.frontend" logger (ids,
+reason, token counts and times, never the prompt).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -30,6 +35,8 @@ from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import RequestError, SamplingParams
+
+log = logging.getLogger("fastdecode.frontend")
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a 429's Retry-After: the queue moves by whole requests finishing
 
@@ -91,7 +98,7 @@ def generation_error(out: StreamOutput) -> ApiError:
 class Generation:
     """The outputs of one admitted engine request (one choice of a response), and its usage figures."""
 
-    def __init__(self, prompt_ids: list[int], stream: AsyncIterator[StreamOutput], first: StreamOutput | None,
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stream: AsyncIterator[StreamOutput],
                  metrics: FrontendMetrics, arrived_at: float, *, index: int = 0, prompt_index: int = 0) -> None:
         self.prompt_ids = prompt_ids
         self.index = index  # the choice's index in the response
@@ -99,11 +106,18 @@ class Generation:
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the last output's (set with finish_reason)
+        self.request_id: int | None = None  # the engine's, once an output came
+        self._params = params
         self._stream = stream
-        self._first: StreamOutput | None = first
+        self._first: StreamOutput | None = None
         self._metrics = metrics
         self._arrived_at = arrived_at
         self._last_token_at = arrived_at
+        self._first_token_s: float | None = None  # time to first token
+
+    async def read_first(self) -> None:
+        """Wait for the first output (it is handed out first by ``outputs``); a refusal raises ``ApiError``."""
+        self._first = await _first_output(self._stream)
 
     async def outputs(self) -> AsyncIterator[StreamOutput]:
         """Every output, the first one included; the last has ``finish_reason`` set."""
@@ -121,8 +135,12 @@ class Generation:
 
     def _record(self, out: StreamOutput) -> None:
         now = time.monotonic()
+        self.request_id = out.request_id
         if out.token_id >= 0:
-            self._metrics.on_token(now - self._last_token_at, is_first=self.num_output_tokens == 0)
+            is_first = self.num_output_tokens == 0
+            self._metrics.on_token(now - self._last_token_at, is_first=is_first)
+            if is_first:
+                self._first_token_s = now - self._arrived_at
             self.num_output_tokens += 1
             self._last_token_at = now
         if out.finish_reason is not None:
@@ -135,7 +153,15 @@ class Generation:
                 "total_tokens": num_prompt + self.num_output_tokens}
 
     def end(self) -> None:
-        self._metrics.on_finished(self.finish_reason or "abort", time.monotonic() - self._arrived_at)
+        """Count the request as ended (``abort`` if it had not finished: cancelled) and log it."""
+        finish_reason = self.finish_reason or "abort"
+        e2e_s = time.monotonic() - self._arrived_at
+        self._metrics.on_finished(finish_reason, e2e_s, num_prompt_tokens=len(self.prompt_ids),
+                                  num_generation_tokens=self.num_output_tokens, max_tokens=self._params.max_tokens)
+        ttft = "-" if self._first_token_s is None else f"{self._first_token_s:.3f}s"
+        log.info("request %s (choice %d) finished: %s, %d prompt tokens, %d completion tokens, TTFT %s, e2e %.3fs",
+                 "-" if self.request_id is None else self.request_id, self.index, finish_reason,
+                 len(self.prompt_ids), self.num_output_tokens, ttft, e2e_s)
 
 
 def admission_error(exc: BaseException) -> ApiError | None:
@@ -172,20 +198,23 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         prompt_ids = await prompt_token_ids(llm, one)
         submissions += [(prompt_index, prompt_ids, one.sampling_params(len(prompt_ids), llm.max_model_len, defaults,
                                                                        sample_index=i)) for i in range(num_samples)]
-    streams = []
+    streams: list[AsyncIterator[StreamOutput]] = []
     try:
-        if len(submissions) == 1:
-            streams.append(llm.stream(submissions[0][1], submissions[0][2]))
-            firsts = [await _first_output(streams[0])]
-        else:
-            for _, prompt_ids, params in submissions:
-                streams.append(_submitted(llm, prompt_ids, params))
-            firsts = [None] * len(streams)
         generations = []
-        for index, ((prompt_index, prompt_ids, _), stream, first) in enumerate(zip(submissions, streams, firsts)):
-            metrics.on_admitted(len(prompt_ids))
-            generations.append(Generation(prompt_ids, stream, first, metrics, arrived_at, index=index,
+        for index, (prompt_index, prompt_ids, params) in enumerate(submissions):
+            # one choice is submitted as its first output is awaited, several at once
+            streams.append(llm.stream(prompt_ids, params) if len(submissions) == 1
+                           else _submitted(llm, prompt_ids, params))
+            generations.append(Generation(prompt_ids, params, streams[-1], metrics, arrived_at, index=index,
                                           prompt_index=prompt_index))
+        try:
+            if len(generations) == 1:
+                await generations[0].read_first()
+        except asyncio.CancelledError:  # the client left while its request waited: vLLM counts an abort
+            _admit(metrics, generations, num_samples)
+            generations[0].end()
+            raise
+        _admit(metrics, generations, num_samples)
         try:
             yield generations
         finally:
@@ -194,6 +223,13 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     finally:
         for stream in streams:
             await stream.aclose()
+
+
+def _admit(metrics: FrontendMetrics, generations: list[Generation], num_samples: int) -> None:
+    for generation in generations:
+        metrics.on_admitted(len(generation.prompt_ids))
+    for _ in range(len(generations) // num_samples):
+        metrics.on_prompt_admitted(num_samples)
 
 
 async def _first_output(stream: AsyncIterator[StreamOutput]) -> StreamOutput:

@@ -58,7 +58,7 @@ class FrontendState:
 
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
-        self.metrics = FrontendMetrics()
+        self.metrics = FrontendMetrics(config.served_model_name)
         self._llm: AsyncLLM | None = None
         self._tokenizer: Tokenizer | None = None  # the attached engine's, kept once it is detached
         self.is_draining = False  # stopping: running requests finish, new ones get 503

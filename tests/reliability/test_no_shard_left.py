@@ -14,7 +14,7 @@ import pytest
 
 from daemons import free_port
 from fastdecode.actors.shard_daemons import start_shard_daemon, wait_ready
-from serve_helpers import TINY_ARGS, LiveServer
+from serve_helpers import TINY_ARGS, LiveServer, metric_values
 
 
 def start_shard(address: str) -> subprocess.Popen:
@@ -49,7 +49,7 @@ def test_no_shard_left_gives_503_until_one_returns():
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             running = pool.submit(request, server.url, "/v1/completions",
                                   {"prompt": "a long one", "max_tokens": 2000, "ignore_eos": True})
-            while "fastdecode_num_requests_running 1.0" not in metrics(server.url):
+            while metric_values(metrics(server.url), "fastdecode_num_requests_running") != [1.0]:
                 assert not running.done(), running.result()
                 time.sleep(0.02)
             shard.send_signal(signal.SIGKILL)

@@ -70,13 +70,13 @@ async def run_with_a_lost_shard(config: ClusterConfig, model, lose_shard) -> tup
         assert reasons == ["length"] * len(streams), reasons
         assert not cluster.executor.nodes[victim].is_alive
         assert all(used == 0 for used in await cluster.kv_used_bytes())  # the survivors hold nothing now
-        metrics = (await FrontendMetrics().render(cluster)).decode()
+        metrics = (await FrontendMetrics("random:tiny").render(cluster)).decode()
         return tokens, cluster.executor.num_recovered, metrics
 
 
 def check(tokens, references, requests, num_recovered, metrics, label):
     assert num_recovered > 0
-    match = re.search(r"^fastdecode_sequences_recovered_total (\S+)$", metrics, re.M)
+    match = re.search(r"^fastdecode_sequences_recovered_total\{model_name=\"random:tiny\"\} (\S+)$", metrics, re.M)
     assert match and float(match.group(1)) == num_recovered
     for i, ((prompt, params), ours, (ref, gaps)) in enumerate(zip(requests, tokens, references)):
         assert len(ours) == params.max_tokens

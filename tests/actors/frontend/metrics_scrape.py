@@ -8,13 +8,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample as ``{(name, sorted labels): value}``."""
+    """Every sample as ``{(name, sorted labels): value}``, less the ``model_name`` label every fastdecode series
+    carries (one served model: its name is checked in test_metrics.py)."""
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/metrics") as response:
             assert response.status == 200
             text = await response.text()
     return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }

@@ -18,4 +18,4 @@ async def test_not_ready_until_the_engine_is_attached():
         assert [m["id"] for m in (await models.json())["data"]] == ["m"]
         metrics = await client.get("/metrics")
         assert metrics.status == 200
-        assert 'fastdecode_request_rejected_total{status_code="503"} 1.0' in await metrics.text()
+        assert 'fastdecode_request_rejected_total{model_name="m",status_code="503"} 1.0' in await metrics.text()

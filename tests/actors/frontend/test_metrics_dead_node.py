@@ -48,7 +48,7 @@ async def test_killed_shard_reports_down_and_holds_no_kv_once_idle():
                                shard_addresses=tuple(address for _, address in daemons),
                                heartbeat_interval_s=0.05, liveness=2)
         async with await Cluster.start(config) as cluster:
-            metrics = FrontendMetrics()
+            metrics = FrontendMetrics("m")
             params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
             streams = [cluster.submit(list(range(3, 3 + 8 * (i + 1))), params) for i in range(4)]
             readers = asyncio.gather(*(collect(stream) for stream in streams))
@@ -87,7 +87,7 @@ async def test_draining_node_is_down_with_its_bytes_and_a_vanished_node_reports_
     draining.mark(NodeState.DRAINING, "SIGTERM")
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
                                num_preempted=0, nodes=[draining, leaving])
-    metrics, cluster = FrontendMetrics(), SimpleNamespace(executor=executor)
+    metrics, cluster = FrontendMetrics("m"), SimpleNamespace(executor=executor)
     assert (await node_gauges(metrics, cluster))["x"]["fastdecode_kv_node_up"] == 1
     executor.nodes = [draining]  # "x" is no longer one of the Executor's nodes
     gauges = await node_gauges(metrics, cluster)

@@ -27,7 +27,7 @@ async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
                                num_preempted=0,
                                nodes=[GuardedNode(Node("a", 100), epoch=1),
                                       GuardedNode(Node("b", 200, fails=True), epoch=1)])
-    text = (await FrontendMetrics().render(SimpleNamespace(executor=executor))).decode()
+    text = (await FrontendMetrics("m").render(SimpleNamespace(executor=executor))).decode()
     samples = {(s.name, s.labels.get("node")): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert samples[("fastdecode_kv_used_bytes", "a")] == 100
@@ -37,7 +37,7 @@ async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
 
 async def test_engine_counts_are_prometheus_counters():
     """Steps, recovered and preempted sequences only grow: counters (``_total``, for rate()), not gauges."""
-    metrics = FrontendMetrics()
+    metrics = FrontendMetrics("m")
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=7, num_recovered=2,
                                num_preempted=1, nodes=[])
     await metrics.render(SimpleNamespace(executor=executor))
@@ -81,7 +81,7 @@ async def test_a_silent_shard_is_down_at_once_and_each_node_is_asked_once():
     silent.num_reads = heard.num_reads = 0
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
                                num_preempted=0, nodes=nodes)
-    text = (await FrontendMetrics().render(SimpleNamespace(executor=executor))).decode()
+    text = (await FrontendMetrics("m").render(SimpleNamespace(executor=executor))).decode()
     samples = {(s.name, s.labels.get("node")): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert [samples[("fastdecode_kv_node_up", n)] for n in ("s", "h", "local")] == [0, 1, 1]

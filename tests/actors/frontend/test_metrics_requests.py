@@ -1,0 +1,145 @@
+"""What /metrics tells a vLLM dashboard about requests: the model_name label, vLLM's buckets, every finish
+reason from the start, aborts before the first token, the per-request histograms, the KV usage fraction, the
+process collectors, and the one log line per finished request.  No engine: stand-ins play the outputs."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app_client import ScriptedLLM
+from fastdecode.actors.frontend.generation import start_generation, start_generations
+from fastdecode.actors.frontend.metrics import FrontendMetrics, count_buckets
+from fastdecode.actors.frontend.openai_request import GenerateRequest
+from fastdecode.actors.guarded_node import GuardedNode, NodeState
+from test_metrics_nodes import Node
+
+MODEL = "my-model"
+PROMPT = (5, 6, 7, 8, 9)
+
+
+def parse_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics text as ``{(name, sorted labels, model_name included): value}``."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def samples_of(metrics: FrontendMetrics, cluster=None) -> dict[tuple[str, tuple], float]:
+    return parse_samples((await metrics.render(cluster)).decode())
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted({"model_name": MODEL, **labels}.items())))]
+
+
+def upper_bounds(samples: dict, name: str) -> list[float]:
+    return sorted(float(dict(labels)["le"]) for n, labels in samples if n == f"{name}_bucket")
+
+
+class QueuedLLM(ScriptedLLM):
+    """An engine whose requests wait in its queue forever: no first token ever comes."""
+
+    def stream(self, prompt_ids, params):
+        self.seeds.append(params.seed)
+        return self._queued()
+
+    submit = stream
+
+    async def _queued(self):
+        self.num_open += 1
+        try:
+            await asyncio.Event().wait()
+            yield  # never reached: makes this an async generator
+        finally:
+            self.num_open -= 1
+
+
+async def test_every_series_has_the_model_name_and_every_reason_exists_at_start():
+    samples = await samples_of(FrontendMetrics(MODEL))
+    ours = [(name, dict(labels)) for name, labels in samples if name.startswith("fastdecode_")]
+    assert ours and all(labels.get("model_name") == MODEL for _, labels in ours)
+    for reason in ("stop", "length", "abort", "error"):
+        assert value(samples, "fastdecode_request_success_total", finished_reason=reason) == 0
+
+
+async def test_buckets_are_vllms():
+    samples = await samples_of(FrontendMetrics(MODEL))
+    inf = float("inf")
+    assert upper_bounds(samples, "fastdecode_e2e_request_latency_seconds")[-2:] == [7680.0, inf]
+    assert upper_bounds(samples, "fastdecode_e2e_request_latency_seconds")[-7:-2] == [120, 240, 480, 960, 1920]
+    assert upper_bounds(samples, "fastdecode_time_to_first_token_seconds")[-5:] == [80, 160, 640, 2560, inf]
+    assert upper_bounds(samples, "fastdecode_time_per_output_token_seconds")[:2] == [0.01, 0.025]
+    assert upper_bounds(samples, "fastdecode_time_per_output_token_seconds")[-2:] == [80, inf]
+    assert upper_bounds(samples, "fastdecode_request_params_n") == [1, 2, 5, 10, 20, inf]
+    assert count_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
+    assert upper_bounds(samples, "fastdecode_request_prompt_tokens")[:4] == [1, 2, 5, 10]
+
+
+async def test_process_platform_and_gc_collectors_are_on_the_registry():
+    names = {name for name, _ in await samples_of(FrontendMetrics(MODEL))}
+    assert {"process_cpu_seconds_total", "python_info", "python_gc_objects_collected_total"} <= names
+
+
+async def test_kv_cache_usage_is_used_over_capacity_of_live_nodes():
+    """Dead and draining nodes are left out (vLLM's kv_cache_usage_perc: the fraction of the cache in use)."""
+    dead, draining = GuardedNode(Node("c", 900), epoch=1), GuardedNode(Node("d", 50), epoch=1)
+    dead.mark(NodeState.DEAD, "test")
+    draining.mark(NodeState.DRAINING, "test")
+    nodes = [GuardedNode(Node("a", 100), epoch=1), GuardedNode(Node("b", 300), epoch=1), dead, draining]
+    executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
+                               num_preempted=0, nodes=nodes)
+    samples = await samples_of(FrontendMetrics(MODEL), SimpleNamespace(executor=executor))
+    assert value(samples, "fastdecode_kv_cache_usage_perc") == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+async def test_a_request_cancelled_before_its_first_token_counts_as_abort(num_samples):
+    """The client leaves while its request waits in the queue: vLLM counts an abort, with its e2e time and
+    prompt tokens."""
+    metrics, llm = FrontendMetrics(MODEL), QueuedLLM()
+    request = GenerateRequest(model=None, prompt=PROMPT, max_tokens=9, num_samples=num_samples)
+
+    async def client():
+        async with start_generations(llm, metrics, request) as generations:
+            for generation in generations:
+                async for _ in generation.outputs():
+                    pass
+
+    task = asyncio.create_task(client())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    samples = await samples_of(metrics)
+    assert value(samples, "fastdecode_request_success_total", finished_reason="abort") == num_samples
+    assert value(samples, "fastdecode_e2e_request_latency_seconds_count") == num_samples
+    assert value(samples, "fastdecode_prompt_tokens_total") == len(PROMPT) * num_samples
+    assert value(samples, "fastdecode_request_prompt_tokens_sum") == len(PROMPT) * num_samples
+    assert value(samples, "fastdecode_request_generation_tokens_sum") == 0
+    assert value(samples, "fastdecode_request_params_n_count") == 1
+    assert value(samples, "fastdecode_request_params_n_sum") == num_samples
+    assert llm.num_open == 0  # cancelled in the engine too
+
+
+async def test_a_finished_request_fills_the_histograms_and_logs_one_line(caplog):
+    metrics = FrontendMetrics(MODEL)
+    request = GenerateRequest(model=None, prompt="Keep this prompt out of the logs", max_tokens=3)
+    with caplog.at_level(logging.INFO, logger="fastdecode.frontend"):
+        async with start_generation(ScriptedLLM(), metrics, request) as generation:
+            async for _ in generation.outputs():
+                pass
+    samples = await samples_of(metrics)
+    assert value(samples, "fastdecode_request_success_total", finished_reason="length") == 1
+    assert value(samples, "fastdecode_request_generation_tokens_sum") == 3
+    assert value(samples, "fastdecode_request_prompt_tokens_sum") == len(generation.prompt_ids)
+    assert value(samples, "fastdecode_request_params_max_tokens_sum") == 3
+    assert value(samples, "fastdecode_request_params_n_sum") == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastdecode.frontend" and "finished" in r.getMessage()]
+    assert len(lines) == 1
+    assert "request 1 " in lines[0] and "length" in lines[0]
+    assert f"{len(generation.prompt_ids)} prompt tokens" in lines[0] and "3 completion tokens" in lines[0]
+    assert "TTFT 0." in lines[0] and "e2e 0." in lines[0]
+    assert "Keep this prompt" not in caplog.text
