@@ -15,10 +15,12 @@ import asyncio
 import dataclasses
 import functools
 import gc
+import itertools
 import logging
 import math
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,12 +29,14 @@ from fastdecode.actors.dense_profile import measure_dense_profile, time_prefill
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
+from fastdecode.actors.kvshard import BUSY
 from fastdecode.actors.model import load_model, resolve_device
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch, planned_lengths
+from fastdecode.transport.errors import RemoteRequestError
 
 log = logging.getLogger("fastdecode.cluster")
 
@@ -40,6 +44,11 @@ MIN_EMBEDDED_KV_BYTES = 64 << 20
 MAX_EMBEDDED_KV_BYTES = 8 << 30
 MODES = ("gpu-only", "shards", "hybrid")
 GPU_KV_FREE_FRACTION = 0.8  # default GPU KV pool: this share of the device memory free after loading
+# A shard held by another Executor session refuses Configure ``busy`` until that session has been silent for the
+# shard's session timeout (8 s by default): an Executor restarted right after a crash waits that out (retrying
+# every TAKEOVER_RETRY_S) instead of failing, and is refused only if the other one's heartbeats go on.
+TAKEOVER_WAIT_S = 12.0
+TAKEOVER_RETRY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -366,11 +375,26 @@ class ShardLinks:
         client = await ShardClient.connect(address, ctx=ctx, heartbeat_interval_s=self.heartbeat_interval_s,
                                            liveness=self.liveness)
         try:
-            await client.configure(**self.shape, session_id=self.session_id)
+            await self._configure(client)
         except BaseException:
             await client.close()
             raise
         return ShardKVNode(client)
+
+    async def _configure(self, client: ShardClient) -> None:
+        """Configure the shard for this session, waiting up to TAKEOVER_WAIT_S while another session holds it."""
+        deadline_s = time.monotonic() + TAKEOVER_WAIT_S
+        for attempt in itertools.count():
+            try:
+                await client.configure(**self.shape, session_id=self.session_id)
+                return
+            except RemoteRequestError as exc:
+                if exc.code != BUSY or time.monotonic() >= deadline_s:
+                    raise
+                if attempt == 0:
+                    log.warning("shard %s: %s; waiting up to %.0f s for that session to lapse", client.address,
+                                exc.message, TAKEOVER_WAIT_S)
+            await asyncio.sleep(TAKEOVER_RETRY_S)
 
     async def stop(self) -> None:
         if self.ctx is not None:
