@@ -38,7 +38,7 @@ from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
 from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
-from fastdecode.actors.node_drain import retire_nodes
+from fastdecode.actors.node_drain import no_live_node_error, retire_nodes
 from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector, reopen
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
@@ -155,7 +155,7 @@ class Executor:
         if self.is_draining:
             raise UnavailableError("the server is shutting down and takes no new requests")
         if not self.has_live_node:
-            raise UnavailableError("no KV node is reachable; retry when one returns")
+            raise no_live_node_error(self.nodes)
         check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")

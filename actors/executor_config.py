@@ -88,4 +88,13 @@ class QueueFullError(RequestError):
 
 
 class UnavailableError(RequestError):
-    """The Executor takes no request now: it is draining, or no KV node is alive (retry later)."""
+    """The Executor takes no request now: it is draining, or no KV node is alive (retry later). ``code``: the
+    OpenAI error code the frontend answers with."""
+
+    code = "unavailable"
+
+
+class KVNodesDrainingError(UnavailableError):
+    """No KV node takes new sequences: the ones left drain (their shard daemons are stopping)."""
+
+    code = "draining"

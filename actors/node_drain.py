@@ -18,6 +18,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from fastdecode.actors.executor_config import KVNodesDrainingError, UnavailableError
 from fastdecode.actors.guarded_node import GuardedNode
 
 log = logging.getLogger("fastdecode.executor")
@@ -50,3 +51,12 @@ def retire_nodes(nodes: Sequence[GuardedNode], in_scheduler: Iterable[int],
                     node.failure, num_held[index])
         leaving.append(index)
     return leaving
+
+
+def no_live_node_error(nodes: Sequence[GuardedNode]) -> UnavailableError:
+    """Why a new request is refused while no node is alive: the nodes left drain (kept serving what they hold), or
+    none answers."""
+    if any(node.is_kept for node in nodes):
+        return KVNodesDrainingError("the KV nodes left are draining (their shard daemons are stopping) and take no "
+                                    "new sequence; retry when another returns")
+    return UnavailableError("no KV node is reachable; retry when one returns")

@@ -170,7 +170,7 @@ def admission_error(exc: BaseException) -> ApiError | None:
         return ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full",
                         retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
     if isinstance(exc, UnavailableError):
-        return ApiError(503, f"{exc}", code="unavailable")
+        return ApiError(503, f"{exc}", code=exc.code)
     if isinstance(exc, RequestError):
         return bad_request(str(exc), exc.param or "prompt")
     return None

@@ -57,8 +57,9 @@ async def test_the_last_shard_drains_by_serving_its_sequences_to_their_end(tiny_
             draining = asyncio.create_task(drain(actor, timeout_s=30.0, hurry=asyncio.Event()))
             node = cluster.executor.nodes[0]
             await _until(lambda: node.is_kept)  # the Executor saw the drain and keeps the node serving
-            with pytest.raises(UnavailableError):
+            with pytest.raises(UnavailableError) as info:
                 cluster.submit([3, 4, 5], params)  # no new work while its only node drains
+            assert info.value.code == "draining" and "draining" in str(info.value)  # not "unreachable"
             rest = await asyncio.gather(*(collect(s) for s in streams))
             num_left = await asyncio.wait_for(draining, 10.0)
     finally:

@@ -158,3 +158,13 @@ def test_a_failed_generation_answers_503_when_a_retry_may_succeed():
     assert (down.status, down.code, down.message) == (503, "unavailable", "no KV node is left")
     broken = generation_error(StreamOutput(1, -1, "", finish_reason="error", error="internal error"))
     assert (broken.status, broken.message) == (500, "internal error")
+
+
+def test_refusals_while_the_kv_nodes_drain_or_are_gone_answer_503_with_their_code():
+    from fastdecode.actors.executor_config import KVNodesDrainingError, UnavailableError
+    from fastdecode.actors.frontend.generation import admission_error
+
+    draining = admission_error(KVNodesDrainingError("the KV nodes left are draining"))
+    gone = admission_error(UnavailableError("no KV node is reachable"))
+    assert (draining.status, draining.code) == (503, "draining")
+    assert (gone.status, gone.code) == (503, "unavailable")
