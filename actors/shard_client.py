@@ -100,6 +100,8 @@ class ShardClient:
                         session_id: int = 0) -> ShardStats:
         """Set the KV shape; ``session_id`` (not 0) frees what another session left (see Configure)."""
         self._rpc.client_id = session_id  # from now on the heartbeats say whose they are (Ping.client_id)
+        # and the shard knows this socket's session before its first KV request (shard_drain.DrainableShard.admit)
+        await self._rpc.request(Ping(client_id=session_id))
         message = Configure(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
                             session_id=session_id)
         return await self._rpc.request(message, timeout_s=max(self._rpc.timeout_s, CONFIGURE_TIMEOUT_S))

@@ -1,9 +1,9 @@
 """A KVShard that can drain: on SIGTERM a shard daemon first lets the Executor move its sequences away.
 
 Once ``is_draining`` is set, every request that would place a new sequence
-(Configure, Allocate -- an empty one too: the Executor's drain probe) is refused
-with the error code ``draining``; the sequences the shard holds are still served
-(AppendPrompt, Attend, Free), and so is GetStats. The Executor takes that code as
+(Configure, Allocate) is refused with the error code ``draining``, and every Pong
+says the server drains; the sequences the shard holds are still served
+(AppendPrompt, Attend, Free), and so is GetStats. The Executor takes either as
 a planned removal: where another node can take the sequences it rebuilds them
 there and frees them here; where none can (this is its last node) it keeps
 decoding them here (actors/node_drain.py). The daemon exits when the shard holds
@@ -18,9 +18,9 @@ passed, and the daemon waits a moment for the Executor to hear it.
 A shard serves one client session (an Executor) at a time: ``admit`` (the server's
 hook, on the loop, before a request is queued) refuses a request that touches KV
 (Allocate, Free, AppendPrompt, Attend) with ``not_session_owner`` unless its peer
-(socket) belongs to the session the shard serves: it sent that session's Configure,
-or its heartbeats carry that session's id (an Executor's attend link declares
-itself so). Configure keeps its own rule (``busy`` while the holder is live) and
+(socket) belongs to the session the shard serves: its Pings carry that session's id
+(a ShardClient declares its session so before its Configure, and its attend link
+when it is made). Configure keeps its own rule (``busy`` while the holder is live) and
 GetStats is anyone's.
 
 Activity is the last request of any kind but GetStats: a stats poll is no
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 DRAINING = "draining"  # the ErrorReply code of a draining shard
 NOT_SESSION_OWNER = "not_session_owner"  # the ErrorReply code of a request from outside the shard's session
-MAX_CONFIGURING_PEERS = 256  # peers whose Configure's session is remembered (the most recent)
 DRAIN_POLL_S = 0.05
 DRAIN_IDLE_S = 2.0  # draining with no request, nor heartbeat, for this long: no Executor is moving the sequences
 DRAIN_GRACE_S = 0.5  # past the deadline: how long the Executor has to hear it before the daemon goes
@@ -75,7 +74,6 @@ class DrainableShard:
         self.last_request_s = time.monotonic()  # when a handler other than GetStats last ran
         # seconds since a heartbeat tagged with a session came (the daemon's ActorServer.seconds_since_ping)
         self.seconds_since_ping: Callable[[int], float | None] | None = None
-        self._configured_by: dict[bytes, int] = {}  # peer -> session of its last Configure (the loop's thread)
 
     def seconds_since_request(self) -> float:
         return time.monotonic() - self.last_request_s
@@ -92,15 +90,11 @@ class DrainableShard:
 
     def admit(self, peer: bytes, client_id: int, message: Message) -> ErrorReply | None:
         """The server's hook (transport/server.py): None lets the request through; ``client_id`` is the session
-        the peer's heartbeats carry (0: none)."""
-        if isinstance(message, Configure):
-            self._configured_by.pop(peer, None)
-            self._configured_by[peer] = message.session_id
-            while len(self._configured_by) > MAX_CONFIGURING_PEERS:
-                del self._configured_by[next(iter(self._configured_by))]
-            return None
+        the peer's Pings declared (0: none; a ShardClient declares its session before its Configure, and its
+        attend link when it is made). Configure itself goes through: the shard decides whether a new session may
+        take over (``busy``)."""
         holder = self.shard.session_id
-        if isinstance(message, GetStats) or not holder or holder in (client_id, self._configured_by.get(peer)):
+        if isinstance(message, (Configure, GetStats)) or not holder or holder == client_id:
             return None
         return ErrorReply(NOT_SESSION_OWNER, f"this shard serves another client session (Executor); "
                                              f"{type(message).__name__} is taken only from that session's "

@@ -1,8 +1,8 @@
 """A shard serves one client session: a stranger's socket may not free, allocate or attend on its KV.
 
 Served as the daemon serves it (a DrainableShard behind an RpcServer whose ``admit`` hook is the shard's),
-with real DEALER sockets: the Executor's own (which sent Configure), a second one of the same session that
-declared itself by a heartbeat (the Executor's attend link), and a stranger's. Over tcp, the attend link stays
+with real DEALER sockets: the Executor's own (which declared its session by a Ping, then sent Configure), a
+second one of the same session that declared itself by a Ping (the Executor's attend link), and a stranger's. Over tcp, the attend link stays
 its session's after its connection is cut and re-established (tests/tcp_proxy.py).
 """
 from __future__ import annotations
@@ -71,6 +71,7 @@ async def test_a_strangers_requests_are_refused_and_the_sessions_are_served(serv
     shard, connect = served
     owner, link, stranger = connect(), connect(), connect()
     owner.client_id = SESSION
+    await owner.request(Ping(client_id=SESSION))  # as ShardClient.configure declares its session first
     await owner.request(Configure(**SHAPE, session_id=SESSION))
     await owner.request(Allocate((1, 2, 3)))
     for message in (Free(tuple(range(1000))), Free((1,)), Allocate((7,)), _attend([1])):
@@ -93,6 +94,7 @@ async def test_a_stranger_is_refused_even_after_a_configure_the_shard_refused(se
     shard, connect = served
     owner, stranger = connect(), connect()
     owner.client_id = SESSION
+    await owner.request(Ping(client_id=SESSION))  # as ShardClient.configure declares its session first
     await owner.request(Configure(**SHAPE, session_id=SESSION))
     await owner.request(Allocate((1,)))
     with pytest.raises(RemoteRequestError, match="busy|another Executor"):
@@ -105,6 +107,7 @@ async def test_a_stranger_is_refused_even_after_a_configure_the_shard_refused(se
 async def test_a_free_naming_an_unknown_sequence_frees_nothing(served) -> None:
     shard, connect = served
     owner = connect()
+    await owner.request(Ping(client_id=SESSION))  # as ShardClient.configure declares its session first
     await owner.request(Configure(**SHAPE, session_id=SESSION))
     await owner.request(Allocate((1, 2)))
     with pytest.raises(RemoteRequestError) as info:
@@ -121,6 +124,7 @@ async def test_the_attend_link_stays_the_sessions_after_a_reconnect(served) -> N
     shard, connect = served
     owner = connect()
     owner.client_id = SESSION
+    await owner.request(Ping(client_id=SESSION))  # as ShardClient.configure declares its session first
     await owner.request(Configure(**SHAPE, session_id=SESSION))
     await owner.request(Allocate((1, 2)))
     proxy = TcpProxy(int(owner.address.rsplit(":", 1)[1]))
