@@ -9,16 +9,10 @@ import pytest
 
 from fastdecode.actors.api import AsyncLLM, primary_eos_token_id
 from fastdecode.actors.model.config import SamplingDefaults
-from fastdecode.actors.model.synthetic_tokenizer import (
-    BOS_TOKEN,
-    BOS_TOKEN_ID,
-    EOS_TOKEN,
-    EOS_TOKEN_ID,
-    NUM_TEXT_TOKENS,
-    build_synthetic_tokenizer,
-)
+from fastdecode.actors.model.synthetic_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import SamplingParams, TokenEvent
+from synthetic_tokenizers import synthetic_tokenizer
 
 SECOND_EOS = BOS_TOKEN_ID  # a generation_config EOS id other than the tokenizer's own (e.g. Llama-3's <|eot_id|>)
 
@@ -56,8 +50,7 @@ class ScriptedCluster:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-                     eos_token_ids=(EOS_TOKEN_ID, SECOND_EOS))
+    return synthetic_tokenizer(eos_token_ids=(EOS_TOKEN_ID, SECOND_EOS))
 
 
 async def run(tokenizer: Tokenizer, token_ids: list[int], finish_reason: str, params: SamplingParams):

@@ -12,14 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from fastdecode.actors.api import StreamOutput
 from fastdecode.actors.frontend import FrontendConfig, FrontendState, build_app
 from fastdecode.actors.model.config import SamplingDefaults
-from fastdecode.actors.model.synthetic_tokenizer import (
-    BOS_TOKEN,
-    EOS_TOKEN,
-    NUM_TEXT_TOKENS,
-    build_synthetic_tokenizer,
-)
-from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import SamplingParams
+from synthetic_tokenizers import synthetic_tokenizer
 
 TOKEN_ID = 72  # what ScriptedLLM plays ("H")
 
@@ -40,8 +34,7 @@ class ScriptedLLM:
     with seed ``failing_seed`` fails after its first token.  ``num_open`` counts the streams not yet closed."""
 
     def __init__(self, failing_seed: int | None = None) -> None:
-        self.tokenizer = Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN,
-                                   eos_token=EOS_TOKEN)
+        self.tokenizer = synthetic_tokenizer()
         self.max_model_len, self.max_num_choices = 512, 8
         self.model_config = SimpleNamespace(sampling_defaults=SamplingDefaults())
         self.cluster = SimpleNamespace(executor=SimpleNamespace(has_live_node=True))  # what /health asks

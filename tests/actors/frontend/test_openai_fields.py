@@ -8,15 +8,8 @@ from fastdecode.actors.api import StreamOutput
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.openai_request import parse_chat, parse_completion, parse_stream_request
 from fastdecode.actors.frontend.openai_response import ResponseBuilder
-from fastdecode.actors.model.synthetic_tokenizer import (
-    BOS_TOKEN,
-    CHAT_TEMPLATE,
-    EOS_TOKEN,
-    EOS_TOKEN_ID,
-    NUM_TEXT_TOKENS,
-    build_synthetic_tokenizer,
-)
-from fastdecode.actors.model.tokenizer import Tokenizer
+from fastdecode.actors.model.synthetic_tokenizer import CHAT_TEMPLATE, EOS_TOKEN, EOS_TOKEN_ID
+from synthetic_tokenizers import synthetic_tokenizer
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 PROMPT = {"prompt": "hi"}
@@ -24,8 +17,7 @@ PROMPT = {"prompt": "hi"}
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-                     chat_template=CHAT_TEMPLATE)
+    return synthetic_tokenizer(chat_template=CHAT_TEMPLATE)
 
 
 def refused(parse, body) -> ApiError:

@@ -10,14 +10,8 @@ import pytest
 from app_client import app_client
 from fastdecode.actors.api import StreamOutput
 from fastdecode.actors.model.config import SamplingDefaults
-from fastdecode.actors.model.synthetic_tokenizer import (
-    BOS_TOKEN,
-    CHAT_TEMPLATE,
-    EOS_TOKEN,
-    NUM_TEXT_TOKENS,
-    build_synthetic_tokenizer,
-)
-from fastdecode.actors.model.tokenizer import Tokenizer
+from fastdecode.actors.model.synthetic_tokenizer import CHAT_TEMPLATE
+from synthetic_tokenizers import synthetic_tokenizer
 
 THINKING_TEMPLATE = "{% if enable_thinking %}<think>{% endif %}" + CHAT_TEMPLATE
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Paris?"}]
@@ -27,8 +21,7 @@ class RecordingLLM:
     """What the routes use of an ``AsyncLLM``; every request ends at once, its prompt ids kept."""
 
     def __init__(self) -> None:
-        self.tokenizer = Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN,
-                                   eos_token=EOS_TOKEN, chat_template=THINKING_TEMPLATE, add_bos_token=True)
+        self.tokenizer = synthetic_tokenizer(chat_template=THINKING_TEMPLATE, add_bos_token=True)
         self.max_model_len, self.max_num_choices = 512, 8
         self.model_config = SimpleNamespace(sampling_defaults=SamplingDefaults())
         self.prompts: list[list[int]] = []

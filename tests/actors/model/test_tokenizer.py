@@ -5,15 +5,9 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models
 
-from fastdecode.actors.model.synthetic_tokenizer import (
-    BOS_TOKEN,
-    BOS_TOKEN_ID,
-    CHAT_TEMPLATE,
-    EOS_TOKEN,
-    NUM_TEXT_TOKENS,
-    build_synthetic_tokenizer,
-)
+from fastdecode.actors.model.synthetic_tokenizer import BOS_TOKEN, BOS_TOKEN_ID, CHAT_TEMPLATE
 from fastdecode.actors.model.tokenizer import Tokenizer
+from synthetic_tokenizers import synthetic_tokenizer
 
 THINKING_TEMPLATE = "{% if enable_thinking %}<think>{% endif %}" + CHAT_TEMPLATE
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -21,8 +15,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return Tokenizer(build_synthetic_tokenizer(NUM_TEXT_TOKENS + 2), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-                     chat_template=THINKING_TEMPLATE, add_bos_token=True)
+    return synthetic_tokenizer(chat_template=THINKING_TEMPLATE, add_bos_token=True)
 
 
 def test_encode_chat_takes_template_variables_and_special_tokens(tokenizer):
