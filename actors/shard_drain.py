@@ -69,8 +69,9 @@ class DrainableShard:
     def __init__(self, shard: "KVShard") -> None:
         self.shard = shard
         self.is_draining = False  # set from the event loop; read by handlers (a plain bool)
-        self.deadline_s: float | None = None  # the drain deadline once it passed: everything is refused
-        self.num_refused_late = 0  # requests refused since the deadline passed
+        # once the drain's deadline passed, its timeout (for the refusals' message): everything is refused
+        self.timed_out_after_s: float | None = None
+        self.has_refused_late = False  # a request was refused since the deadline passed
         self.last_request_s = time.monotonic()  # when a handler other than GetStats last ran
         # seconds since a heartbeat tagged with a session came (the daemon's ActorServer.seconds_since_ping)
         self.seconds_since_ping: Callable[[int], float | None] | None = None
@@ -110,10 +111,10 @@ class DrainableShard:
     def _refuse_if_late(self) -> None:
         """Work on a sequence the shard holds: refused once the drain deadline passed."""
         self.last_request_s = time.monotonic()
-        if self.deadline_s is not None:
-            self.num_refused_late += 1
-            raise ActorError(DRAINING, f"this shard is shutting down: its drain deadline ({self.deadline_s:g} s) "
-                                       "passed and the sequences it holds are lost")
+        if self.timed_out_after_s is not None:
+            self.has_refused_late = True
+            raise ActorError(DRAINING, f"this shard is shutting down: its drain deadline "
+                                       f"({self.timed_out_after_s:g} s) passed and the sequences it holds are lost")
 
     def on_configure(self, message: Configure) -> ShardStats:
         previous_s = self.last_request_s
@@ -165,9 +166,9 @@ async def drain(shard: DrainableShard, *, timeout_s: float, hurry: asyncio.Event
         await asyncio.sleep(poll_s)
     if shard.num_sequences and not hurry.is_set():
         log.warning("drain deadline (%g s) passed with %d sequence(s) still here", timeout_s, shard.num_sequences)
-        shard.deadline_s = timeout_s
+        shard.timed_out_after_s = timeout_s
         grace_end_s = time.monotonic() + grace_s
-        while not shard.num_refused_late and time.monotonic() < grace_end_s and not hurry.is_set():
+        while not shard.has_refused_late and time.monotonic() < grace_end_s and not hurry.is_set():
             await asyncio.sleep(poll_s)
         await asyncio.sleep(poll_s)  # the refusal's reply leaves the worker before the daemon stops
     return shard.num_sequences
