@@ -14,7 +14,7 @@ import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE
-from fastdecode.cli.start_shard import LOG_LEVEL_OPTION, configure_logging
+from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
 from fastdecode.scheduler.config import ADMISSION_MODES
 from fastdecode.transport.errors import TransportError
 

@@ -22,24 +22,12 @@ import sys
 import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError
+from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
 from fastdecode.cli.sizes import SIZE, format_size
 from fastdecode.native import ISA_NAMES
 
 log = logging.getLogger("fastdecode.start_shard")
 TCP_ADDRESS = re.compile(r"tcp://(\[[^\[\]]+\]|[^:\[\]]+):(.*)")  # host (an IPv6 one in brackets), port
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# The daemons' --log-level (start-shard here; serve and start-gpu reuse it): the level of the root logger, so of
-# fastdecode's loggers and of the access log too (its lines are INFO).
-LOG_LEVEL_OPTION = click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
-                                help="Least severe log records written to stderr.")
-
-
-def configure_logging(log_level: str) -> None:
-    """Log records at ``log_level`` (one of ``LOG_LEVELS``) and above to stderr, one line each."""
-    level = log_level.upper()
-    logging.basicConfig(stream=sys.stderr, level=level, format=LOG_FORMAT)
-    logging.getLogger().setLevel(level)  # basicConfig leaves an already configured root as it is
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:

@@ -238,7 +238,7 @@ def test_configure_logging_sets_the_root_level(level):
     """What serve, start-gpu and start-shard do with ``--log-level``, even where logging was set up before."""
     import logging
 
-    from fastdecode.cli.start_shard import configure_logging
+    from fastdecode.cli.log_options import configure_logging
 
     root = logging.getLogger()
     before = root.level
