@@ -222,10 +222,7 @@ class StepGraphs:
         its bucket's program over padding rows (a replay on CUDA; it writes only scratch columns), what
         the scheduler's whole-step model starts from. Captures those buckets. Runs on the dense thread."""
         samples = []
-        for batch in sorted(set(batches)):
-            rows = min(bucket_for(batch), self.node.num_slots)
-            if rows > self.max_rows:
-                continue  # never a graph: the eager path runs it
+        for batch, rows in self._graph_rows(batches):
             bucket = self._bucket(rows)
             bucket.inputs.copy_(torch.from_numpy(padding_inputs(self.node, rows)))
             best = float("inf")
@@ -242,6 +239,23 @@ class StepGraphs:
                     best = min(best, time.perf_counter() - start)
             samples.append((batch, best))
         return samples
+
+    def warm_up(self, batches) -> None:
+        """Makes the buckets of ``batches`` (compiles, captures) and runs each once over padding rows, as its
+        first mini-batch would (it writes only scratch columns). Runs on the dense thread."""
+        for _, rows in self._graph_rows(batches):
+            bucket = self._bucket(rows)
+            bucket.inputs.copy_(torch.from_numpy(padding_inputs(self.node, rows)))
+            if self.is_graphed:
+                bucket.graph.replay()
+            else:
+                step_program(self.model, self.node, bucket.inputs)
+
+    def _graph_rows(self, batches) -> list[tuple[int, int]]:
+        """(batch, its bucket's rows) for each of ``batches`` that runs as a graph (the eager path runs the
+        others)."""
+        pairs = [(batch, min(bucket_for(batch), self.node.num_slots)) for batch in sorted(set(batches))]
+        return [(batch, rows) for batch, rows in pairs if rows <= self.max_rows]
 
     def _bucket(self, rows: int) -> _Bucket:
         bucket = self._buckets.get(rows)

@@ -174,7 +174,8 @@ class DecodeStep:
     # ---- the layered step, on the dense thread ---------------------------------------------------
     def _layered_step(self, minibatches: list[MiniBatch], first_lane: int = 0) -> list[torch.Tensor]:
         num_layers = self.model.num_layers
-        dense = [self._dense_program(mb, first_lane + i) for i, mb in enumerate(minibatches)]
+        dense = [self.dense_program(*self._inputs(mb, self.model.device), first_lane + i)
+                 for i, mb in enumerate(minibatches)]
         staging = [self._staging_for(first_lane + i, len(mb.seqs)) for i, mb in enumerate(minibatches)]
         pending: list[list[_Call]] = []
         self._in_flight = pending
@@ -193,11 +194,11 @@ class DecodeStep:
                     self._trace_dense(mb, "dense", start)
         return logits
 
-    def _dense_program(self, mb: MiniBatch, lane: int) -> EagerDense | GraphDense:
-        """The mini-batch's dense segments: CUDA graph replays where made and the batch fits, else eager."""
-        tokens, positions = self._inputs(mb, self.model.device)
+    def dense_program(self, tokens: torch.Tensor, positions: torch.Tensor, lane: int) -> EagerDense | GraphDense:
+        """The dense segments of a mini-batch of these rows on ``lane``: CUDA graph replays where made and the
+        batch fits, else eager."""
         if self.layer_graphs is not None:
-            segments = self.layer_graphs.segments(lane, len(mb.seqs))
+            segments = self.layer_graphs.segments(lane, tokens.shape[0])
             if segments is not None:
                 return GraphDense(self.layer_graphs, segments, tokens, positions)
         return EagerDense(self.model, tokens, positions)

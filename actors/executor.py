@@ -45,6 +45,7 @@ from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator, sample
 from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
+from fastdecode.actors.warm_up import needs_warm_up, warm_up
 from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler
 from fastdecode.transport.errors import RemoteRequestError
 
@@ -100,6 +101,8 @@ class Executor:
         stats = await asyncio.gather(*(n.stats() for n in self.nodes))
         num_layers = self.model.config.num_layers
         graphs, whole_step = self.decoder.graphs, None
+        if self.config.is_warmed_up and needs_warm_up(self.model, self.decoder):
+            await self.runner.run(warm_up, self.model, self.decoder)
         if graphs is not None and self.config.profile_batches:  # time the steps as they will run
             samples = await self.runner.run(graphs.profile, self.config.profile_batches)
             if len(samples) >= 2:

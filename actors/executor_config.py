@@ -26,6 +26,8 @@ class ExecutorConfig:
     # the device, before the host has read them (hides the host's time between steps)
     is_launching_ahead: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # compiled dense segments or CUDA graphs: compile and capture them before serving (actors/warm_up.py)
+    is_warmed_up: bool = True
     # batch sizes of the start-up dense-step sweep (the scheduler's GPU model); () skips it
     profile_batches: tuple[int, ...] = ()
     # chunked prefill, as vLLM: the most tokens one step carries, each sequence decoding in it counting one and

@@ -17,13 +17,20 @@ def _expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return kv.transpose(0, 1).repeat_interleave(group, dim=0)
 
 
+def _as_rows(o: torch.Tensor) -> torch.Tensor:
+    """``o[T,Hq,D]`` in the standard contiguous layout, strides included where T is 1 (which ``contiguous()``
+    leaves as they were): the layout of a decode step's attention output, so that the compiled post-attention
+    segment serves prompts and decode steps with the same graphs (a transposed o compiled its own at start-up)."""
+    return o.clone(memory_format=torch.contiguous_format)
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal self-attention of one prompt: q[T,Hq,D], k/v[T,Hkv,D] -> o[T,Hq,D]."""
     num_heads = q.shape[1]
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1), _expand_kv(k, num_heads), _expand_kv(v, num_heads), is_causal=True
     )
-    return o.transpose(0, 1)
+    return _as_rows(o.transpose(0, 1))
 
 
 def prefill_attention_with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
@@ -42,7 +49,7 @@ def prefill_attention_with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1), _expand_kv(keys, num_heads), _expand_kv(values, num_heads), attn_mask=is_visible
     )
-    return o.transpose(0, 1)
+    return _as_rows(o.transpose(0, 1))
 
 
 def prefill_attention_ragged(
