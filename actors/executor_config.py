@@ -62,8 +62,13 @@ class ExecutorConfig:
     def max_len_for(self, context: int, node_tokens: int | None = None) -> int:
         """The longest sequence admitted for a model of ``context`` positions, on KV nodes the largest of
         which holds ``node_tokens`` tokens of one sequence (None: not known yet). A sequence must fit one
-        node whole: a longer ``max_model_len`` given is an error; the model's own context is cut (logged)."""
-        length = min(self.max_model_len or context, context)
+        node whole: a longer ``max_model_len`` given is an error; the model's own context is cut (logged).
+        A ``max_model_len`` past the model's context is an error too, as in vLLM (RoPE and the weights were
+        made for that many positions)."""
+        if self.max_model_len is not None and self.max_model_len > context:
+            raise ValueError(f"max_model_len {self.max_model_len} is longer than the model's context of {context} "
+                             "positions (max_position_embeddings); give at most that")
+        length = self.max_model_len or context
         if node_tokens is None or node_tokens >= length:
             return length
         if self.max_model_len is not None or node_tokens < 2:

@@ -76,6 +76,12 @@ def test_a_context_no_kv_node_holds_is_refused_at_start():
     assert "does not fit the KV-cache" in line and "max_model_len 4096" in line
 
 
+def test_a_context_past_the_models_is_refused_at_start():
+    """vLLM refuses a --max-model-len past the model's own context at start; it was cut to it silently."""
+    line = refuse("serve", *TINY, "--shards", "0", "--max-model-len", "4096")
+    assert "max_model_len 4096 is longer than the model's context of 2048" in line
+
+
 def test_scheduler_options_reach_the_config():
     from fastdecode.cli.serve import build_config
 
