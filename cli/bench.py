@@ -118,29 +118,34 @@ async def run_offline(options: dict) -> dict:
             "kv_bytes_per_token": cluster.model.config.kv_bytes_per_token(cluster.model.dtype.itemsize),
         }
         node_stats = [await node.stats() for node in cluster.executor.nodes]
-        result["node_attn_gbps"] = {node.node_id: stats.attn_gbps
+        # a node that attended nothing in the run reports its start-up calibration as its rate: null here
+        result["node_attn_gbps"] = {node.node_id: stats.attn_gbps if node.node_id in summary["node_busy_s"] else None
                                     for node, stats in zip(cluster.executor.nodes, node_stats)}
         if predicted and step_s:
             result["predicted_step_ms"] = statistics.median(predicted) * 1e3
             result["prediction_error"] = result["predicted_step_ms"] / result["step_ms"] - 1
         if options["out"]:
             tag = f"{result['mode']}-b{batch}-{'pipe' if options['pipeline'] else 'nopipe'}"
-            write_trace_files(trace, options["out"], tag)
+            result["trace"], result["plot"] = write_trace_files(trace, options["out"], tag)
         return result
 
 
-def write_trace_files(trace, out_dir: str, tag: str) -> None:
-    """The step trace as JSON, then its timeline PNG. A timeline that cannot be drawn (no matplotlib, or no decode
-    step to draw) is a warning line: the benchmark's figures and the trace stand without it."""
+def write_trace_files(trace, out_dir: str, tag: str) -> tuple[str, str | None]:
+    """The step trace as JSON, then its timeline PNG: their paths (the PNG's None where it was not drawn). A
+    timeline that cannot be drawn (no matplotlib, or no decode step to draw) is a warning line: the benchmark's
+    figures and the trace stand without it."""
     from fastdecode.cli.trace_plot import render_timeline
 
     os.makedirs(out_dir, exist_ok=True)
-    trace.write(os.path.join(out_dir, f"trace-{tag}.json"))
+    trace_path = os.path.join(out_dir, f"trace-{tag}.json")
+    trace.write(trace_path)
     timeline_path = os.path.join(out_dir, f"timeline-{tag}.png")
     try:
         render_timeline(trace.to_json(), timeline_path)
     except (PlotUnavailableError, ValueError) as exc:
         warn_plot_skipped(timeline_path, exc)
+        return trace_path, None
+    return trace_path, timeline_path
 
 
 @click.group("bench")

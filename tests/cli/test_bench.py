@@ -31,6 +31,16 @@ async def test_the_chunked_prefill_limit_reaches_the_executor(monkeypatch):
     assert (await run_offline(options()))["max_num_batched_tokens"] == 256  # the CPU's default
 
 
+async def test_a_shard_that_attended_nothing_reports_no_rate(monkeypatch):
+    """One sequence over two shards: the idle one's rate would be its start-up calibration, not a measurement."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = await run_offline(options(mode="shards", shards=2, kv_memory=16 << 20, batch=1))
+    rates = result["node_attn_gbps"]
+    assert len(rates) == 2 and set(result["node_busy_s"]) < set(rates)
+    assert [rates[node] > 0 for node in result["node_busy_s"]] == [True]
+    assert [rate for node, rate in rates.items() if node not in result["node_busy_s"]] == [None]
+
+
 async def test_hybrid_reports_its_start_up_choice(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = await run_offline(options(mode="hybrid", shards=1, kv_memory=64 << 20))  # not a third of the RAM

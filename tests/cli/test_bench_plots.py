@@ -3,6 +3,7 @@ each skipped PNG is one warning line on stderr (matplotlib missing names the [pl
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -31,11 +32,20 @@ def test_offline_without_matplotlib_prints_json_and_writes_the_trace(tmp_path, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out, warnings = run(["offline", *TINY, "--output-len", "3", "--out", str(tmp_path)])
     assert out["batch"] == 2 and out["tokens_per_s"] > 0
+    assert out["plot"] is None and out["trace"] == str(tmp_path / "trace-gpu-only-b2-pipe.json")
     trace = json.loads((tmp_path / "trace-gpu-only-b2-pipe.json").read_text())
     assert trace["steps"]
     assert not (tmp_path / "timeline-gpu-only-b2-pipe.png").exists()
     assert f"Warning: {tmp_path / 'timeline-gpu-only-b2-pipe.png'} not drawn: drawing plots needs matplotlib, " \
            f"which is not installed: {HINT}" in warnings
+
+
+def test_offline_names_the_files_it_wrote(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, _ = run(["offline", *TINY, "--output-len", "3", "--out", str(tmp_path)])
+    assert out["plot"] == str(tmp_path / "timeline-gpu-only-b2-pipe.png") and os.path.exists(out["plot"])
+    assert out["trace"] == str(tmp_path / "trace-gpu-only-b2-pipe.json") and os.path.exists(out["trace"])
 
 
 def test_offline_with_no_decode_step_still_prints_json(tmp_path, monkeypatch):
