@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdecode.actors.prefill import prefill_chunk
+from fastdecode.actors.prefill import prefill_chunk, prefill_hidden, prompt_token_logprobs
+from fastdecode.actors.request import PromptLogprob
 from fastdecode.actors.sequence import Sequence
 
 MIN_PREFILL_TOKENS = 64  # the budget's floor (or the whole limit, if smaller): a prefill always progresses
@@ -26,7 +27,9 @@ MIN_PREFILL_TOKENS = 64  # the budget's floor (or the whole limit, if smaller): 
 class PrefillJob:
     """One admitted sequence's prefill: the tokens to prefill and, once chunked, the K/V of the positions done so
     far (``[num_layers, len, Hkv, D]``). A preempted or recovering sequence is rebuilt from prompt + its output but
-    the last token (``is_resumed``), which the next decode step feeds in: its next token is not sampled then."""
+    the last token (``is_resumed``), which the next decode step feeds in: its next token is not sampled then.
+    A fresh prompt whose request asks for ``prompt_logprobs`` (``num_prompt_logprobs``) gathers them chunk by chunk
+    in ``prompt_logprobs``; a resumed one does not: its stream had them with its first token."""
 
     seq: Sequence
     node_index: int
@@ -35,11 +38,15 @@ class PrefillJob:
     num_done: int = 0
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    num_prompt_logprobs: int | None = None
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
 
     @classmethod
     def for_sequence(cls, seq: Sequence, node_index: int) -> "PrefillJob":
         is_resumed = bool(seq.output_ids)
-        return cls(seq, node_index, seq.all_ids[:-1] if is_resumed else list(seq.prompt_ids), is_resumed)
+        if is_resumed:
+            return cls(seq, node_index, seq.all_ids[:-1], is_resumed)
+        return cls(seq, node_index, list(seq.prompt_ids), is_resumed, num_prompt_logprobs=seq.params.prompt_logprobs)
 
     @property
     def num_left(self) -> int:
@@ -54,7 +61,15 @@ class PrefillJob:
         tokens = torch.tensor(self.token_ids[start:end], dtype=torch.long, device=model.device)
         past_k = None if self.keys is None else self.keys[:, :start]
         past_v = None if self.values is None else self.values[:, :start]
-        logits, keys, values = prefill_chunk(model, tokens, start, past_k, past_v)
+        if self.num_prompt_logprobs is None:
+            logits, keys, values = prefill_chunk(model, tokens, start, past_k, past_v)
+        else:
+            hidden, keys, values = prefill_hidden(model, tokens, start, past_k, past_v)
+            logits = model.logits(hidden[-1:])
+            # each position's logits score the prompt token after it (the last one's, the first output token)
+            next_ids = torch.tensor(self.token_ids[start + 1:end + 1], dtype=torch.long, device=model.device)
+            scored = prompt_token_logprobs(model, hidden, next_ids, self.num_prompt_logprobs)
+            self.prompt_logprobs = (*(self.prompt_logprobs or (None,)), *scored)  # the first token follows nothing
         self.num_done = end
         if start > 0 or self.num_left:  # chunked: gather the chunks' K/V in the job's buffers
             if self.keys is None:

@@ -369,14 +369,16 @@ class Executor:
                     continue
                 if placing is not None:
                     await placing
-                placing = asyncio.ensure_future(self._place(job.seq, job.node_index, job.is_resumed, *computed))
+                placing = asyncio.ensure_future(self._place(job.seq, job.node_index, job.is_resumed, *computed,
+                                                            job.prompt_logprobs))
             if placing is not None:
                 await placing
         finally:
             if placing is not None and not placing.done():
                 placing.cancel()
 
-    async def _place(self, seq: Sequence, node_index: int, is_resumed: bool, logits, k, v) -> None:
+    async def _place(self, seq: Sequence, node_index: int, is_resumed: bool, logits, k, v,
+                     prompt_logprobs: tuple | None) -> None:
         node = self.nodes[node_index]
         # placed from here on (as the scheduler sees it): a node failure requeues it at the next step
         seq.node_index, seq.node_epoch, seq.status = node_index, node.epoch, SeqStatus.RUNNING
@@ -402,7 +404,7 @@ class Executor:
             seq.is_recovering = False
             self.num_recovered += 1
         if not is_resumed:
-            await self._sample_and_emit([seq], logits)
+            await self._sample_and_emit([seq], logits, prompt_logprobs=prompt_logprobs)
 
     # ---- decode -------------------------------------------------------------------------------
     async def _decode(self, groups: list[list[Sequence]]) -> None:
@@ -483,14 +485,18 @@ class Executor:
             tops = [tuple(zip(ids[i], lps[i]))[: s.params.logprobs or 0] for i, s in enumerate(seqs)]
         return token_ids, logprobs, tops
 
-    async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False) -> None:
+    async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False,
+                               prompt_logprobs: tuple | None = None) -> None:
+        """Sample a token for each of ``seqs`` and hand it to its stream; ``prompt_logprobs``: those of the one
+        sequence a prefill just placed, which go with its first token."""
         token_ids, logprobs, tops = await self.runner.run(self._sample, seqs, logits, is_ahead)
         self.scheduler.on_tokens([s.seq_id for s in seqs])
         for seq, token_id, logprob, top in zip(seqs, token_ids, logprobs, tops):
             seq.output_ids.append(token_id)
             reason = finish_reason_after(seq, token_id, eos_token_ids=self.eos_token_ids,
                                          max_model_len=self.max_model_len)
-            event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason)
+            event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason,
+                               prompt_logprobs=prompt_logprobs)
             if reason is None:
                 self._pending_events.append((seq, event))
             else:

@@ -28,10 +28,11 @@ class SamplingParams:
     """Sampling and stopping for one request (OpenAI/vLLM meanings).
 
     ``temperature < SAMPLING_EPS`` (0 included) is greedy: a smaller one would
-    underflow in float32 and divide by zero.  ``top_k`` -1 or 0 and ``top_p == 1`` disable
-    those filters.  ``seed`` makes a sampled request reproducible on its own,
-    whatever else is in the batch.  ``stop`` is one stop string or a sequence of them,
-    ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.
+    underflow in float32 and divide by zero.  ``top_k`` -1 or 0, ``top_p == 1`` and ``min_p == 0`` disable
+    those filters.  ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits (OpenAI's; a
+    dict or pairs, stored as sorted pairs); ids past the vocabulary are the caller's to refuse.  ``seed`` makes a
+    sampled request reproducible on its own, whatever else is in the batch.  ``stop`` is one stop string or a
+    sequence of them, ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.
     """
 
     max_tokens: int = 16
@@ -46,7 +47,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # number of top logprobs to return per token; None = none
+    prompt_logprobs: int | None = None  # number of top logprobs to return per prompt token; None = none
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> RequestError:
@@ -55,13 +59,14 @@ class SamplingParams:
         # vLLM's ``stop: str | list[str]``: a str is one stop string, not its characters
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop", is_str_one=True))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad("max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         if self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, f"{name} must be a finite number, got {value!r}")
@@ -69,6 +74,8 @@ class SamplingParams:
             raise bad("temperature", f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise bad("top_k", f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k < -1:
@@ -85,6 +92,11 @@ class SamplingParams:
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
         ):
             raise bad("logprobs", f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            isinstance(self.prompt_logprobs, bool) or not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise bad("prompt_logprobs", f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "stop must be a non-empty string or a list of them")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
@@ -93,6 +105,24 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+
+def _bias_pairs(value) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted ``(token id, bias)`` pairs: from a dict or pairs; None is none."""
+    if value is None:
+        return ()
+    try:
+        pairs = sorted(dict(value).items())
+    except (TypeError, ValueError):
+        raise RequestError("logit_bias must map token ids to biases", "logit_bias") from None
+    for token_id, bias in pairs:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got {token_id!r}",
+                               "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+            raise RequestError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token_id}",
+                               "logit_bias")
+    return tuple((token_id, float(bias)) for token_id, bias in pairs)
 
 
 def _as_tuple(value, param: str, *, is_str_one: bool = False) -> tuple:
@@ -107,6 +137,16 @@ def _as_tuple(value, param: str, *, is_str_one: bool = False) -> tuple:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """The model's logprob of one prompt token given the tokens before it, that token's rank in the model's
+    distribution (1: the most likely) and the ``prompt_logprobs`` most likely tokens there, best first."""
+
+    logprob: float
+    rank: int
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token of one request, as the engine reports it.
 
@@ -114,7 +154,8 @@ class TokenEvent:
     token or stop string), ``"length"`` (max_tokens or the context end),
     ``"abort"`` (cancelled) or ``"error"`` (then ``error`` says why and
     ``token_id`` is -1; ``is_retryable`` when the server, not the request, is
-    what failed: shutting down, or no KV node left).
+    what failed: shutting down, or no KV node left).  A request that asked for ``prompt_logprobs`` gets them
+    on its first event (index 0) only: one entry per prompt token, None for the first, which follows nothing.
     """
 
     request_id: int
@@ -125,6 +166,7 @@ class TokenEvent:
     finish_reason: str | None = None
     error: str | None = None
     is_retryable: bool = False
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Batched token sampling over logits[B, V] with per-row ``SamplingParams``.
 
-Order per row (vLLM's): min_tokens masks EOS/stop ids; repetition, frequency and
-presence penalties; greedy rows take the argmax here; others divide by the
-temperature, keep the top-k then the top-p nucleus, and draw with the row's own
+Order per row (vLLM's): min_tokens masks EOS/stop ids; the logit bias is added;
+repetition, frequency and presence penalties; greedy rows take the argmax here;
+others divide by the temperature, drop what min_p drops (tokens less likely than
+min_p times the best one), keep the top-k then the top-p nucleus, and draw with the row's own
 ``torch.Generator`` when it has a seed, so a seeded request's tokens never depend
 on what else is in the batch.  Logprobs are those of the raw model distribution.
 A batch of plain greedy rows (``SamplingRow.is_argmax``) is one argmax kernel.
@@ -38,9 +39,10 @@ class SamplingRow:
 
     def __post_init__(self) -> None:
         p = self.params
-        # greedy with nothing that changes the logits or asks for logprobs (min_tokens aside)
+        # greedy with nothing that changes the logits or asks for logprobs (min_tokens aside; min_p always keeps
+        # the best token)
         self._is_plain_greedy = (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
-                                 and not p.frequency_penalty and not p.presence_penalty)
+                                 and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias)
 
     @property
     def is_argmax(self) -> bool:
@@ -106,6 +108,25 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     logits -= column([r.params.presence_penalty for r in rows]) * (output_counts > 0).float()
 
 
+def _add_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Each row's ``logit_bias`` added to its logits (ids past the vocabulary are left out)."""
+    vocab_size = logits.shape[1]
+    biased = [(index, token_id, bias) for index, row in enumerate(rows) for token_id, bias in row.params.logit_bias
+              if token_id < vocab_size]
+    if biased:
+        row_index, token_index, bias = zip(*biased)
+        device = logits.device
+        logits.index_put_((_upload(row_index, torch.int64, device), _upload(token_index, torch.int64, device)),
+                          _upload(bias, torch.float32, device), accumulate=True)
+
+
+def _min_p_mask(scaled: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """True where a token's probability is below its row's ``min_p`` times the best token's (vLLM's min_p)."""
+    probs = scaled.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * _upload(min_p, torch.float32, scaled.device).unsqueeze(1)
+    return probs < threshold
+
+
 def _top_k_top_p_mask(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """True where a token falls outside its row's top-k or top-p set (the best one never does)."""
     device, vocab_size = logits.device, logits.shape[1]
@@ -150,6 +171,8 @@ def sample(
     if masked:
         row_index, token_index = zip(*masked)
         logits[_upload(row_index, torch.int64, device), _upload(token_index, torch.int64, device)] = float("-inf")
+    if any(r.params.logit_bias for r in rows):
+        _add_logit_bias(logits, rows)
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty for r in rows):
         _apply_penalties(logits, rows)
 
@@ -159,6 +182,9 @@ def sample(
         temperature = _upload([1.0 if g else r.params.temperature for g, r in zip(is_greedy, rows)],
                               torch.float32, device).unsqueeze(1)
         scaled = logits / temperature
+        min_p = [0.0 if g else r.params.min_p for g, r in zip(is_greedy, rows)]
+        if any(min_p):
+            scaled = scaled.masked_fill(_min_p_mask(scaled, min_p), float("-inf"))
         top_k = [r.params.top_k for r in rows]
         top_p = [r.params.top_p for r in rows]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):

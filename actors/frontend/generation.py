@@ -19,6 +19,7 @@ reason, token counts and times, never the prompt).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -31,7 +32,7 @@ from fastdecode.actors.api import AsyncLLM, StreamOutput, SubmittedStream
 from fastdecode.actors.executor import QueueFullError, UnavailableError
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
-from fastdecode.actors.frontend.openai_request import GenerateRequest
+from fastdecode.actors.frontend.openai_request import GenerateRequest, check_logit_bias
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import RequestError, SamplingParams
@@ -96,13 +97,20 @@ def generation_error(out: StreamOutput) -> ApiError:
 
 
 class Generation:
-    """The outputs of one admitted engine request (one choice of a response), and its usage figures."""
+    """The outputs of one admitted engine request (one choice of a response), and its usage figures.
+
+    ``echo_text``: the prompt's text, which the choice's text starts with (completions' echo), else None.
+    ``is_output_dropped``: an echo without generation (max_tokens 0): the one token generated is not shown, the
+    request ends as ``length`` with no output token."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stream: AsyncIterator[StreamOutput],
-                 metrics: FrontendMetrics, arrived_at: float, *, index: int = 0, prompt_index: int = 0) -> None:
+                 metrics: FrontendMetrics, arrived_at: float, *, index: int = 0, prompt_index: int = 0,
+                 echo_text: str | None = None, is_output_dropped: bool = False) -> None:
         self.prompt_ids = prompt_ids
         self.index = index  # the choice's index in the response
         self.prompt_index = prompt_index
+        self.echo_text = echo_text
+        self.is_output_dropped = is_output_dropped
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the last output's (set with finish_reason)
@@ -123,15 +131,25 @@ class Generation:
         """Every output, the first one included; the last has ``finish_reason`` set."""
         if self._first is not None:
             first, self._first = self._first, None
+            first = self._shown(first)
             self._record(first)
             yield first
             if first.finish_reason is not None:
                 return
         async for out in self._stream:
+            out = self._shown(out)
             self._record(out)
             yield out
             if out.finish_reason is not None:
                 return
+
+    def _shown(self, out: StreamOutput) -> StreamOutput:
+        """``out`` as the response shows it: an echo without generation ends with no token (its one token, which
+        ended the request, is dropped)."""
+        if not self.is_output_dropped or out.token_id < 0:
+            return out
+        return dataclasses.replace(out, token_id=-1, text="", logprob=None, top_logprobs=(), finish_reason="length",
+                                   stop_reason=None)
 
     def _record(self, out: StreamOutput) -> None:
         now = time.monotonic()
@@ -193,20 +211,25 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
                           f"{num_samples}); this server queues at most {max_num_choices} (--max-queue)",
                           "n" if num_samples > 1 else "prompt")
     defaults = llm.model_config.sampling_defaults
-    submissions = []  # (prompt index, prompt ids, params) per choice, in choice order
+    submissions = []  # (prompt index, prompt ids, params, echoed text) per choice, in choice order
     for prompt_index, one in enumerate(request.per_prompt()):
         prompt_ids = await prompt_token_ids(llm, one)
+        echo_text = await _echo_text(llm, one, prompt_ids) if request.is_echo else None
         submissions += [(prompt_index, prompt_ids, one.sampling_params(len(prompt_ids), llm.max_model_len, defaults,
-                                                                       sample_index=i)) for i in range(num_samples)]
+                                                                       sample_index=i), echo_text)
+                        for i in range(num_samples)]
+        if request.sampling.get("logit_bias"):
+            check_logit_bias(submissions[-1][2], llm.model_config.vocab_size)
     streams: list[AsyncIterator[StreamOutput]] = []
     try:
         generations = []
-        for index, (prompt_index, prompt_ids, params) in enumerate(submissions):
+        for index, (prompt_index, prompt_ids, params, echo_text) in enumerate(submissions):
             # one choice is submitted as its first output is awaited, several at once
             streams.append(llm.stream(prompt_ids, params) if len(submissions) == 1
                            else _submitted(llm, prompt_ids, params))
             generations.append(Generation(prompt_ids, params, streams[-1], metrics, arrived_at, index=index,
-                                          prompt_index=prompt_index))
+                                          prompt_index=prompt_index, echo_text=echo_text,
+                                          is_output_dropped=request.is_echo and request.max_tokens == 0))
         try:
             if len(generations) == 1:
                 await generations[0].read_first()
@@ -223,6 +246,13 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     finally:
         for stream in streams:
             await stream.aclose()
+
+
+async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[int]) -> str:
+    """The text an echo repeats: the prompt as given, or its token ids decoded (vLLM's)."""
+    if isinstance(request.prompt, str):
+        return request.prompt
+    return await asyncio.to_thread(llm.tokenizer.decode, list(prompt_ids))
 
 
 def _admit(metrics: FrontendMetrics, generations: list[Generation], num_samples: int) -> None:

@@ -28,8 +28,6 @@ MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an in
 # vLLM/OpenAI fields this server does not implement -> the values that change nothing; any other value is
 # refused rather than silently ignored
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}),
-    "min_p": (None, 0),
     "guided_json": (None,),
     "guided_choice": (None,),
     "guided_regex": (None,),
@@ -72,7 +70,7 @@ class GenerateRequest:
     prompts: tuple[str | tuple[int, ...], ...] = ()  # a completions batch of several prompts (then prompt is None)
     num_samples: int = 1  # n: samples per prompt, each its own engine request (choices: prompts x n)
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens/logprobs
-    max_tokens: int | None = None  # None: up to the end of the context
+    max_tokens: int | None = None  # None: up to the end of the context; 0 (with echo only): the prompt alone
     num_logprobs: int | None = None  # top logprobs per token; None: no logprobs at all
     is_stream: bool = False
     is_usage_streamed: bool = False
@@ -80,6 +78,7 @@ class GenerateRequest:
     add_special_tokens: bool | None = None  # None: the route's default (completions True, chat False)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra chat template variables
     is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
+    is_echo: bool = False  # completions' echo: each choice's text starts with its prompt's
 
     @property
     def num_prompts(self) -> int:
@@ -94,7 +93,8 @@ class GenerateRequest:
         """The engine's parameters, checking that prompt plus output fit the context; ``defaults`` (the
         model's generation config) fill the sampling fields the request left out, and a left-out output
         limit, as in vLLM.  Sample ``sample_index`` of n takes ``seed + sample_index`` (vLLM's parallel
-        sampling), so each sample is the single request with that seed."""
+        sampling), so each sample is the single request with that seed.  An echo with ``max_tokens`` 0 generates
+        one token, which the response leaves out (vLLM's echo without generation)."""
         defaults = defaults or SamplingDefaults()
         room = max_model_len - num_prompt_tokens
         if room < 1:
@@ -104,7 +104,7 @@ class GenerateRequest:
         if self.max_tokens is None:
             max_tokens = room if defaults.max_tokens is None else min(room, defaults.max_tokens)
         else:
-            max_tokens = self.max_tokens
+            max_tokens = max(self.max_tokens, 1)
         if max_tokens > room:
             raise ApiError(400, f"this model's context is {max_model_len} tokens; the prompt has "
                                 f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more",
@@ -142,8 +142,9 @@ async def parse_body(raw: bytes | str, parse: Callable[[dict[str, Any]], T]) -> 
 def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     """``POST /v1/completions``."""
     _refuse_unsupported(body)
-    if body.get("echo"):
-        raise bad_request("echo is not supported", "echo")
+    is_echo = boolean_field(body, "echo")
+    if is_echo and body.get("logprobs") is not None:
+        raise bad_request("echo with logprobs is not supported: it needs the prompt's logprobs", "echo")
     if body.get("suffix") is not None:
         raise bad_request("suffix is not supported", "suffix")
     _check_response_format(body)
@@ -152,19 +153,20 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     return GenerateRequest(
         model=model_field(body), prompt=prompts[0] if len(prompts) == 1 else None,
         prompts=prompts if len(prompts) > 1 else (), num_samples=_num_samples(body),
-        sampling=_sampling(body), max_tokens=_max_tokens(body, default=16),
+        sampling=_sampling(body), max_tokens=_max_tokens(body, default=16, is_zero_allowed=is_echo),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=is_stream,
         is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
-        is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
+        is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"), is_echo=is_echo,
     )
 
 
 def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     """``POST /v1/chat/completions``."""
     _refuse_unsupported(body, is_chat=True)
-    _check_tools(body)
+    tools = _check_tools(body)
     _check_response_format(body)
+    template_kwargs = {"tools": tools, **template_kwargs_field(body)} if tools else template_kwargs_field(body)
     num_logprobs = None
     if boolean_field(body, "logprobs"):
         num_logprobs = _logprobs_count(body, "top_logprobs") or 0
@@ -179,7 +181,7 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
         num_logprobs=num_logprobs, is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
         is_usage_continuous=_continuous_usage(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
-        chat_template_kwargs=template_kwargs_field(body),
+        chat_template_kwargs=template_kwargs,
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
     )
 
@@ -211,8 +213,10 @@ def _refuse_unsupported(body: dict[str, Any], *, is_chat: bool = False) -> None:
             raise bad_request(f"{name} is not supported", name)
 
 
-def _check_tools(body: dict[str, Any]) -> None:
-    """vLLM's ``check_tool_usage``: a tool_choice other than "none" needs tools; tools are not supported here."""
+def _check_tools(body: dict[str, Any]) -> list[Any] | None:
+    """vLLM's ``check_tool_usage``: a tool_choice other than "none" needs tools.  Tool calls are not supported
+    here: tools pass only with ``tool_choice: "none"``, and are returned to go to the chat template's ``tools``
+    variable (vLLM renders them; a template without it ignores them)."""
     tools, tool_choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise bad_request("tools must be a list", "tools")
@@ -220,8 +224,9 @@ def _check_tools(body: dict[str, Any]) -> None:
         raise bad_request("`tools` must not be an empty array.", "tools")
     if tool_choice is not None and tool_choice != "none" and tools is None:
         raise bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
-    if tools:
-        raise bad_request("tools are not supported", "tools")
+    if tools and tool_choice != "none":
+        raise bad_request('tools are not supported (only with tool_choice: "none", which calls none)', "tools")
+    return tools
 
 
 def _check_response_format(body: dict[str, Any]) -> None:
@@ -291,7 +296,8 @@ def _prompt(value: Any, name: str = "prompt") -> str | tuple[int, ...]:
 
 
 def parse_messages(value: Any) -> tuple[dict[str, str], ...]:
-    """Chat ``messages`` as ``{role, content}`` dicts (text parts joined); 400 naming the bad message."""
+    """Chat ``messages`` as ``{role, content}`` dicts (text parts joined); 400 naming the bad message.  An assistant
+    message's null content (OpenAI's, beside tool_calls in a replayed history) is empty text."""
     if not isinstance(value, list) or not value:
         raise bad_request("messages must be a non-empty list", "messages")
     messages = []
@@ -307,6 +313,8 @@ def parse_messages(value: Any) -> tuple[dict[str, str], ...]:
             if not all(isinstance(p, str) for p in parts):
                 raise bad_request(f"{param}.content: only text parts are supported", f"{param}.content")
             content = "\n".join(parts)  # as vLLM joins text parts
+        elif content is None and role == "assistant":
+            content = ""
         if not isinstance(content, str):
             raise bad_request(f"{param}.content must be a string or a list of text parts", f"{param}.content")
         messages.append({"role": checked_text(role, f"{param}.role"),
@@ -326,9 +334,11 @@ def checked_text(value: str, param: str) -> str:
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         if body.get(name) is not None:
             fields[name] = _number(body, name)
+    if body.get("logit_bias") is not None:
+        fields["logit_bias"] = _logit_bias(body)
     for name in ("top_k", "min_tokens", "seed"):
         if body.get(name) is not None:
             fields[name] = _integer(body, name)
@@ -349,12 +359,38 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _max_tokens(body: dict[str, Any], *, default: int | None, name: str = "max_tokens") -> int | None:
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: an object of token ids (as strings, JSON's keys) to biases; the ranges are
+    ``SamplingParams``'s to check, the ids against the vocabulary ``check_logit_bias``'s."""
+    value = body["logit_bias"]
+    if not isinstance(value, dict):
+        raise bad_request("logit_bias must be an object of token ids to biases", "logit_bias")
+    biases = {}
+    for key, bias in value.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 19:
+            raise bad_request(f"logit_bias keys must be token ids, got {shown(key)}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise bad_request(f"logit_bias values must be numbers, got {shown(bias)}", "logit_bias")
+        biases[int(key)] = bias
+    return biases
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """400 for a ``logit_bias`` token id outside the vocabulary (as vLLM)."""
+    bad = [token_id for token_id, _ in params.logit_bias if token_id >= vocab_size]
+    if bad:
+        raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab_size})", "logit_bias")
+
+
+def _max_tokens(body: dict[str, Any], *, default: int | None, name: str = "max_tokens",
+                is_zero_allowed: bool = False) -> int | None:
+    """The output limit; 0 only where ``is_zero_allowed`` (an echo: the prompt alone, as vLLM)."""
     if body.get(name) is None:
         return default
     value = _integer(body, name)
-    if value < 1:
-        raise bad_request(f"{name} must be at least 1, got {value}", name)
+    if value < 1 and not (value == 0 and is_zero_allowed):
+        lowest = "0 (with echo)" if is_zero_allowed else "1"
+        raise bad_request(f"{name} must be at least {lowest}, got {value}", name)
     return value
 
 

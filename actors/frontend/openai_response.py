@@ -45,9 +45,10 @@ class ResponseBuilder:
 
     # ---- whole responses ------------------------------------------------------------------------
     def choice(self, outputs: Sequence[StreamOutput], finish_reason: str | None, *, wants_logprobs: bool,
-               stop_reason: int | str | None = None, index: int = 0) -> dict[str, Any]:
-        """One whole choice of a response from its outputs."""
-        text = "".join(out.text for out in outputs)
+               stop_reason: int | str | None = None, index: int = 0, echo_text: str = "") -> dict[str, Any]:
+        """One whole choice of a response from its outputs; its text starts with ``echo_text`` (completions'
+        echo: the prompt's)."""
+        text = echo_text + "".join(out.text for out in outputs)
         tokens = [out for out in outputs if out.token_id >= 0]
         logprobs = self._logprobs(tokens) if wants_logprobs else None
         if self.is_chat:
@@ -68,10 +69,11 @@ class ResponseBuilder:
                   "finish_reason": None, "stop_reason": None}
         return self._envelope([choice], is_chunk=True)
 
-    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0, index: int = 0) -> dict[str, Any]:
+    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0, index: int = 0,
+              echo_text: str = "") -> dict[str, Any]:
         """One stream chunk of choice ``index`` (its ``stop_reason`` is ``out``'s); ``text_offset``: where this
         token's text starts in the completion (the token texts before it, as the non-streamed ``text_offset``
-        counts them)."""
+        counts them); ``echo_text``: the prompt's text, which a completion's first chunk starts with (echo)."""
         logprobs = self._logprobs([out], text_offset) if wants_logprobs and out.token_id >= 0 else None
         reason = out.finish_reason
         if self.is_chat:
@@ -79,7 +81,7 @@ class ResponseBuilder:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
                       "stop_reason": out.stop_reason}
         else:
-            choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": reason,
+            choice = {"index": index, "text": echo_text + out.text, "logprobs": logprobs, "finish_reason": reason,
                       "stop_reason": out.stop_reason}
         return self._envelope([choice], is_chunk=True)
 

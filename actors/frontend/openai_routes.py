@@ -72,7 +72,8 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
                 outputs[generation.index].append(out)
         wants_logprobs = body.num_logprobs is not None
         choices = [builder.choice(outputs[g.index], g.finish_reason, wants_logprobs=wants_logprobs,
-                                  stop_reason=g.stop_reason, index=g.index) for g in generations]
+                                  stop_reason=g.stop_reason, index=g.index, echo_text=g.echo_text or "")
+                   for g in generations]
         return web.json_response(builder.complete_choices(choices, total_usage(generations)))
 
 
@@ -80,11 +81,12 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                   generations: list[Generation]) -> web.StreamResponse:
     """Chunks as tokens come, the choices' interleaved, each with its index; a failed choice (the server shutting
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
-    ends with ``data: [DONE]``."""
+    ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's)."""
     wants_logprobs = body.num_logprobs is not None
     is_offset_needed = wants_logprobs and not builder.is_chat
     text_offsets = {g.index: 0 for g in generations}  # of each choice's next token text, for completions' logprobs
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
+    echo_left = {g.index: g.echo_text for g in generations if g.echo_text}  # prompt text not streamed yet
     events = await EventStream.open(request)
     is_failed = False
     try:
@@ -100,9 +102,10 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                 index = generation.index
                 if out.token_id >= 0:
                     num_sent[index] += 1
-                if not out.text and out.finish_reason is None and not wants_logprobs:
+                if not out.text and out.finish_reason is None and not wants_logprobs and index not in echo_left:
                     continue  # half a character: nothing to show yet
-                chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offsets[index], index=index)
+                chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offsets[index], index=index,
+                                      echo_text=echo_left.pop(index, ""))
                 await events.send(_with_usage(chunk, body, generation, num_sent[index]))
                 if is_offset_needed and out.token_id >= 0:
                     text_offsets[index] += len(builder.token_text(out.token_id))
