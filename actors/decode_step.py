@@ -15,6 +15,7 @@ one call (one CUDA graph replay where graphs were made).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,13 +52,15 @@ class MiniBatch:
 
 
 class _Call:
-    """One node's attend in flight: ``ended`` is when its reply was first seen waiting."""
+    """One node's attend in flight: ``ended`` is when its reply was first seen waiting, ``is_received`` once
+    ``end_attend`` took the reply."""
 
-    __slots__ = ("node_index", "start_row", "pending", "begun", "ended")
+    __slots__ = ("node_index", "start_row", "pending", "begun", "ended", "is_received")
 
     def __init__(self, node_index: int, start_row: int, pending: object, begun: float) -> None:
         self.node_index, self.start_row, self.pending, self.begun = node_index, start_row, pending, begun
         self.ended: float | None = None
+        self.is_received = False
 
 
 class _Staging:
@@ -219,12 +222,26 @@ class DecodeStep:
             self.trace.add(self.step_index, mb.index, "gpu", kind, start, self.trace.now())
 
     def _note_arrivals(self) -> None:
-        """Stamp the calls of every mini-batch whose replies are in: a node's time ends when its reply
-        is there, not when this thread gets round to it (the scheduler learns service times from it)."""
+        """Stamp the calls whose replies are in: a node's time ends when its reply is there, not when this
+        thread gets round to it (the scheduler learns service times from it). Calls seen in one poll share
+        its clock reading."""
+        now = time.perf_counter()
+        for call in self._oldest_calls().values():
+            if call.ended is None and self.nodes[call.node_index].is_attend_done(call.pending):
+                call.ended = now
+
+    def _oldest_calls(self, skip: Iterable[_Call] = ()) -> dict[int, _Call]:
+        """Each node's oldest call whose reply is not received yet (leaving out ``skip``): the only one
+        ``is_attend_done`` can speak for, since a node answers its calls in the order they went out
+        and its link only tells that some reply is waiting."""
+        skipped = {id(call) for call in skip}
+        oldest: dict[int, _Call] = {}
         for calls in self._in_flight:
             for call in calls:
-                if call.ended is None and self.nodes[call.node_index].is_attend_done(call.pending):
-                    call.ended = time.perf_counter()
+                first = oldest.get(call.node_index)
+                if not (call.is_received or id(call) in skipped) and (first is None or call.begun < first.begun):
+                    oldest[call.node_index] = call
+        return oldest
 
     def _send(self, mb: MiniBatch, layer: int, q, k, v, dense_start: float,
               staging: _Staging | None) -> list[_Call]:
@@ -254,11 +271,21 @@ class DecodeStep:
     def _collect(self, mb: MiniBatch, calls: list[_Call], staging: _Staging | None) -> torch.Tensor:
         """Wait for ``calls``; their outputs in row order, on the Executor's device."""
         self._note_arrivals()
+        following = self._oldest_calls(skip=calls)  # each node's next call, in another mini-batch
         parts: list[torch.Tensor] = []
         for call in calls:
             node = self.nodes[call.node_index]
             parts.append(node.end_attend(call.pending))
-            ended = call.ended if call.ended is not None else time.perf_counter()
+            call.is_received = True
+            seen = time.perf_counter()
+            after = following.get(call.node_index)
+            if after is not None and after.ended is None and node.is_attend_done(after.pending):
+                # the node's next reply was in as soon as this one was taken: both ended before this thread
+                # looked, in a split it cannot tell, so both end at this reading (one observation)
+                call.ended = after.ended = seen
+            elif call.ended is None:
+                call.ended = seen
+            ended = call.ended
             self._attend_times.append((call.node_index, mb.slice_tokens[call.start_row], call.begun, ended))
             if self.trace is not None:
                 origin = self.trace.origin_s

@@ -15,6 +15,13 @@ previous call if that was later, to its end::
 Calls that never overlap keep their whole round trip.  Re-simulating a step with
 these service times puts every call's end where it was measured.
 
+The caller stamps a call's end when it first sees the reply waiting.  Calls of one
+node stamped with the same clock reading were all done by then, but how the node
+split that time between them is not known (giving the last one ``end - end`` = 0
+would be a time of nothing for its bytes): they become one observation, their mean
+call, with their mean bytes and their joint service time divided by their number,
+which a time linear in bytes predicts exactly.
+
 Pure arithmetic on the caller's clock readings (any monotonic clock, seconds).
 """
 from __future__ import annotations
@@ -52,14 +59,21 @@ class AttendCall:
 
 
 def service_times(calls: Iterable[AttendCall]) -> list[tuple[AttendCall, float]]:
-    """Each call with the seconds its node spent on it, grouped by node, in the order they ended."""
-    by_node: dict[int, list[AttendCall]] = {}
+    """Each call with the seconds its node spent on it, grouped by node, in the order they ended.
+
+    Calls of one node that ended at the same clock reading come back as one call (their mean
+    call: mean bytes, the earliest start, that end) with their mean service time.
+    """
+    by_end: dict[tuple[int, float], list[AttendCall]] = {}
     for call in calls:
-        by_node.setdefault(call.node_id, []).append(call)
+        by_end.setdefault((call.node_id, call.end_s), []).append(call)
     result: list[tuple[AttendCall, float]] = []
-    for node_id in sorted(by_node):
-        previous_end = -math.inf
-        for call in sorted(by_node[node_id], key=lambda c: (c.end_s, c.start_s)):
-            result.append((call, max(call.end_s - max(call.start_s, previous_end), MIN_SERVICE_S)))
-            previous_end = call.end_s
+    previous_end: dict[int, float] = {}
+    for (node_id, end_s), group in sorted(by_end.items()):
+        start_s = min(c.start_s for c in group)
+        joint_s = end_s - max(start_s, previous_end.get(node_id, -math.inf))
+        previous_end[node_id] = end_s
+        call = group[0] if len(group) == 1 else AttendCall(
+            node_id, sum(c.kv_bytes for c in group) / len(group), start_s, end_s)
+        result.append((call, max(joint_s / len(group), MIN_SERVICE_S)))
     return result

@@ -103,10 +103,19 @@ class ShardPerfModel:
     mean).  Live calls that all read about the same bytes (a flat, load-stabilised
     batch) so keep the calibrated slope and correct the overhead; calls over a
     wide range of sizes re-measure the slope.  A fit with a negative overhead
-    falls back to a line through the origin; the bandwidth stays positive.
+    falls back to a line through the origin.
+
+    The refitted bandwidth stays within ``MAX_SPEEDUP`` times and ``1 / MAX_SLOWDOWN``
+    of the calibrated one.  The calibration measured the node's own memory reading
+    the same cache, so live traffic cannot make it much faster; a busy host can make
+    it several times slower.  Without the band a few noisy calls (a measured time of
+    about nothing for many bytes) can turn the slope flat, and a node that predicts
+    the same time whatever it holds draws every new sequence to it.
     """
 
     MIN_RELATIVE_SPREAD = 0.05
+    MAX_SPEEDUP = 2.0
+    MAX_SLOWDOWN = 16.0
 
     def __init__(
         self, overhead_s: float, bandwidth_bytes_per_s: float, *, update_rate: float = 0.05, prior_weight: float = 5.0
@@ -192,13 +201,15 @@ class ShardPerfModel:
         if strength == 0.0:  # only calls of 0 bytes so far: all of it is overhead
             self._overhead_s = m.mean_y
             return
-        slope = (m.cov_xy + strength * self._prior_slope) / (m.cov_xx + strength)
-        slope = max(slope, 1e-3 * self._prior_slope)
+        slope = self._within_band((m.cov_xy + strength * self._prior_slope) / (m.cov_xx + strength))
         intercept = m.mean_y - slope * m.mean_x
-        if intercept < 0:
-            intercept = 0.0
-            slope = m.mean_y / m.mean_x
+        if intercept < 0:  # a line through the origin instead, its slope within the band too
+            slope = self._within_band(m.mean_y / m.mean_x)
+            intercept = max(m.mean_y - slope * m.mean_x, 0.0)
         self._overhead_s, self._seconds_per_byte = intercept, slope
+
+    def _within_band(self, slope: float) -> float:
+        return min(max(slope, self._prior_slope / self.MAX_SPEEDUP), self._prior_slope * self.MAX_SLOWDOWN)
 
 
 class GpuPerfModel:

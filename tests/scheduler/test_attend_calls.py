@@ -32,9 +32,24 @@ def test_calls_are_taken_in_the_order_they_ended():
     assert services([first, second]) == [(0, 1 * MS), (0, 4 * MS)]
 
 
-def test_two_calls_ending_together_give_the_second_a_tiny_positive_time():
-    (_, s1), (_, s2) = service_times([AttendCall(0, 10, 0.0, 1 * MS), AttendCall(0, 10, 0.0, 1 * MS)])
-    assert s1 == pytest.approx(1 * MS) and 0 < s2 < 1e-6
+def test_calls_of_one_node_ending_at_one_reading_are_one_observation_their_mean_call():
+    # both replies were first seen at 5 ms: the node spent 5 - 1 = 4 ms on the two, split unknown
+    a, b = AttendCall(0, 100, 1 * MS, 5 * MS), AttendCall(0, 300, 2 * MS, 5 * MS)
+    earlier, other_node = AttendCall(0, 10, 0.0, 1 * MS), AttendCall(1, 10, 0.0, 5 * MS)
+    result = service_times([b, other_node, a, earlier])
+    assert [(call.node_id, call.kv_bytes, seconds) for call, seconds in result] == [
+        (0, 10, pytest.approx(1 * MS)), (0, 200, pytest.approx(2 * MS)), (1, 10, pytest.approx(5 * MS))]
+    assert (result[1][0].start_s, result[1][0].end_s) == (1 * MS, 5 * MS)
+    # a later call counts from the group's end
+    later = AttendCall(0, 10, 4 * MS, 6 * MS)
+    assert services([a, b, later])[1] == (0, 1 * MS)
+
+
+def test_a_mean_call_is_what_a_linear_time_model_predicts():
+    # truth: 0.5 ms + 1 us per byte; two calls of 1000 and 3000 bytes back to back take 5 ms together
+    calls = [AttendCall(0, 1000, 0.0, 5 * MS), AttendCall(0, 3000, 0.0, 5 * MS)]
+    [(call, seconds)] = service_times(calls)
+    assert seconds == pytest.approx(0.5 * MS + call.kv_bytes * 1e-6)
 
 
 def test_bad_calls_are_refused():
