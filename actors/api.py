@@ -39,13 +39,14 @@ from fastdecode.actors.async_llm import (
     StreamOutput,
     SubmittedStream,
     primary_eos_token_id,
+    prompt_logprob_dicts,
     token_stop_reason,
 )
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.request import GenerationResult, SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "StreamOutput", "SubmittedStream", "TokenizedPrompt", "primary_eos_token_id",
-           "token_stop_reason", "run_on"]
+           "prompt_logprob_dicts", "token_stop_reason", "run_on"]
 
 CANCEL_WAIT_S = 10.0  # how long an interrupted ``LLM`` call waits for its requests to be cancelled
 

@@ -25,7 +25,7 @@ from fastdecode.actors.api_inputs import (
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.detokenize import Detokenizer
 from fastdecode.actors.executor_config import check_prompt
-from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
+from fastdecode.actors.request import GenerationResult, Logprob, PromptLogprob, RequestError, SamplingParams
 
 log = logging.getLogger("fastdecode.api")
 
@@ -34,7 +34,8 @@ STOP_HOLD_POLL_S = 1.0  # how often the holder of a dropped AsyncLLM's stop look
 
 @dataclass(frozen=True)
 class StreamOutput:
-    """One step of a request's stream: a token and the text it completed."""
+    """One step of a request's stream: a token and the text it completed; the first one also carries the prompt's
+    logprobs where the request asked for them (``SamplingParams.prompt_logprobs``: see ``TokenEvent``)."""
 
     request_id: int
     token_id: int  # -1 on a final event that carries no token (abort, error, stop string)
@@ -47,6 +48,32 @@ class StreamOutput:
     # vLLM's stop_reason, on a "stop" output: the stop string or stop token id that ended the request; None for
     # the tokenizer's EOS (a generation_config EOS id other than that one counts as a stop token id, as in vLLM)
     stop_reason: int | str | None = None
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+
+
+def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[PromptLogprob | None],
+                         token_text: Callable[[int], str]) -> list[dict[int, Logprob] | None]:
+    """The engine's prompt logprobs in vLLM's shape: None for the first prompt token, then per prompt token
+    ``{token id: Logprob}`` of that token, then of the most likely ones there (each token once), their text from
+    ``token_text``."""
+    texts: dict[int, str] = {}  # a prompt repeats its tokens, and the likely ones repeat more
+
+    def logprob(token_id: int, value: float, rank: int) -> Logprob:
+        if token_id not in texts:
+            texts[token_id] = token_text(token_id)
+        return Logprob(value, rank, texts[token_id])
+
+    dicts: list[dict[int, Logprob] | None] = []
+    for token_id, entry in zip(prompt_ids, prompt_logprobs):
+        if entry is None:
+            dicts.append(None)
+            continue
+        position = {token_id: logprob(token_id, entry.logprob, entry.rank)}
+        for rank, (top_id, value) in enumerate(entry.top_logprobs, start=1):
+            if top_id not in position:
+                position[top_id] = logprob(top_id, value, rank)
+        dicts.append(position)
+    return dicts
 
 
 def primary_eos_token_id(tokenizer: object) -> int | None:
@@ -166,6 +193,9 @@ class AsyncLLM:
             return TokenizedPrompt(token_ids(prompt["prompt_token_ids"], "prompt_token_ids"), text)
         return TokenizedPrompt(self.tokenizer.encode(text), text)
 
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def encode(self, prompt: PromptInput) -> list[int]:
         return self.tokenize(prompt).token_ids
 
@@ -223,7 +253,8 @@ class AsyncLLM:
             async for event in request:
                 if event.finish_reason in ("abort", "error"):
                     yield StreamOutput(event.request_id, -1, detokenizer.finish(), None, (),
-                                       event.finish_reason, event.error, event.is_retryable)
+                                       event.finish_reason, event.error, event.is_retryable,
+                                       prompt_logprobs=event.prompt_logprobs)
                     return
                 if event.finish_reason == "stop":
                     # The engine stops only on a stop token id or EOS (stop strings are found here). As in
@@ -231,18 +262,20 @@ class AsyncLLM:
                     # is left out.
                     yield StreamOutput(event.request_id, event.token_id, detokenizer.finish(), event.logprob,
                                        event.top_logprobs, "stop",
-                                       stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id))
+                                       stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id),
+                                       prompt_logprobs=event.prompt_logprobs)
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:
                     request.cancel(is_stop=True)
                     yield StreamOutput(event.request_id, event.token_id, text, event.logprob,
-                                       event.top_logprobs, "stop", stop_reason=detokenizer.stop_string)
+                                       event.top_logprobs, "stop", stop_reason=detokenizer.stop_string,
+                                       prompt_logprobs=event.prompt_logprobs)
                     return
                 if event.finish_reason is not None:
                     text += detokenizer.finish()
                 yield StreamOutput(event.request_id, event.token_id, text, event.logprob, event.top_logprobs,
-                                   event.finish_reason)
+                                   event.finish_reason, prompt_logprobs=event.prompt_logprobs)
         finally:
             request.cancel()  # no-op once finished; frees the KV of an abandoned stream
 
@@ -258,6 +291,9 @@ class AsyncLLM:
         async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
             async for out in outputs:
                 result.request_id = str(out.request_id)  # the engine's id (a str, as vLLM's)
+                if out.prompt_logprobs is not None:  # off the loop: a long prompt's tokens take a while to decode
+                    result.prompt_logprobs = await asyncio.to_thread(
+                        prompt_logprob_dicts, tokenized.token_ids, out.prompt_logprobs, self._token_text)
                 if out.token_id >= 0:
                     result.token_ids.append(out.token_id)
                     if out.logprob is not None and params.logprobs is not None:  # a batch-mate's ask is not ours

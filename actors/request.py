@@ -147,6 +147,15 @@ class PromptLogprob:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """vLLM's ``Logprob``: one token's logprob at one position, its rank there (1: the most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token of one request, as the engine reports it.
 
@@ -187,6 +196,9 @@ class GenerationResult:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it (None: EOS, length)
     request_id: str | None = None  # the engine's id of the request (a str, as vLLM's)
     num_logprobs: int | None = None  # the request's SamplingParams.logprobs: None where it asked for none
+    # vLLM's: where SamplingParams.prompt_logprobs asked, None for the first prompt token, then per prompt token
+    # {token id: Logprob} of that token and the most likely ones there; else None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def outputs(self) -> list["CompletionOutput"]:
@@ -196,11 +208,6 @@ class GenerationResult:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-    @property
-    def prompt_logprobs(self) -> None:
-        """vLLM's ``RequestOutput.prompt_logprobs``: always None (prompt logprobs are refused)."""
-        return None
 
     @property
     def is_logprobs_requested(self) -> bool:

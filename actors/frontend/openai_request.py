@@ -33,7 +33,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "guided_regex": (None,),
     "guided_grammar": (None,),
     "guided_decoding_backend": (None,),
-    "prompt_logprobs": (None,),
     "use_beam_search": (None, False),
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
@@ -72,6 +71,7 @@ class GenerateRequest:
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields but max_tokens/logprobs
     max_tokens: int | None = None  # None: up to the end of the context; 0 (with echo only): the prompt alone
     num_logprobs: int | None = None  # top logprobs per token; None: no logprobs at all
+    num_prompt_logprobs: int | None = None  # top logprobs per prompt token (vLLM's prompt_logprobs); None: none
     is_stream: bool = False
     is_usage_streamed: bool = False
     is_usage_continuous: bool = False  # usage on every chunk (vLLM's stream_options.continuous_usage_stats)
@@ -94,7 +94,8 @@ class GenerateRequest:
         model's generation config) fill the sampling fields the request left out, and a left-out output
         limit, as in vLLM.  Sample ``sample_index`` of n takes ``seed + sample_index`` (vLLM's parallel
         sampling), so each sample is the single request with that seed.  An echo with ``max_tokens`` 0 generates
-        one token, which the response leaves out (vLLM's echo without generation)."""
+        one token, which the response leaves out (vLLM's echo without generation); an echo with logprobs asks for
+        the prompt's too, as many top ones as ``logprobs`` unless ``prompt_logprobs`` says (vLLM's)."""
         defaults = defaults or SamplingDefaults()
         room = max_model_len - num_prompt_tokens
         if room < 1:
@@ -112,8 +113,12 @@ class GenerateRequest:
         fields = {**defaults.sampling_fields(), **self.sampling}
         if fields.get("seed") is not None:
             fields["seed"] += sample_index
+        prompt_logprobs = self.num_prompt_logprobs
+        if prompt_logprobs is None and self.is_echo:
+            prompt_logprobs = self.num_logprobs
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, **fields)
+            return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, prompt_logprobs=prompt_logprobs,
+                                  **fields)
         except RequestError as exc:
             raise bad_request(str(exc), exc.param) from None
 
@@ -143,8 +148,6 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     """``POST /v1/completions``."""
     _refuse_unsupported(body)
     is_echo = boolean_field(body, "echo")
-    if is_echo and body.get("logprobs") is not None:
-        raise bad_request("echo with logprobs is not supported: it needs the prompt's logprobs", "echo")
     if body.get("suffix") is not None:
         raise bad_request("suffix is not supported", "suffix")
     _check_response_format(body)
@@ -154,8 +157,9 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
         model=model_field(body), prompt=prompts[0] if len(prompts) == 1 else None,
         prompts=prompts if len(prompts) > 1 else (), num_samples=_num_samples(body),
         sampling=_sampling(body), max_tokens=_max_tokens(body, default=16, is_zero_allowed=is_echo),
-        num_logprobs=_logprobs_count(body, "logprobs"), is_stream=is_stream,
-        is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
+        num_logprobs=_logprobs_count(body, "logprobs"), num_prompt_logprobs=_prompt_logprobs(body, is_stream),
+        is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
+        is_usage_continuous=_continuous_usage(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"), is_echo=is_echo,
     )
@@ -178,8 +182,8 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
         model=model_field(body), messages=parse_messages(body.get("messages")), num_samples=_num_samples(body),
         sampling=_sampling(body),
         max_tokens=_max_tokens(body, default=None, name=limit_name),
-        num_logprobs=num_logprobs, is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
-        is_usage_continuous=_continuous_usage(body),
+        num_logprobs=num_logprobs, num_prompt_logprobs=_prompt_logprobs(body, is_stream), is_stream=is_stream,
+        is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         chat_template_kwargs=template_kwargs,
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
@@ -190,6 +194,7 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
     """The one JSON message of a ``/v1/stream`` WebSocket: ``prompt`` or ``messages`` plus sampling fields."""
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
     _refuse_unsupported(body, is_chat=has_messages)
+    _prompt_logprobs(body, is_stream=True)
     if has_prompt == has_messages:
         raise bad_request("give exactly one of prompt and messages")
     if _num_samples(body) != 1:
@@ -400,6 +405,15 @@ def _logprobs_count(body: dict[str, Any], name: str) -> int | None:
     value = _integer(body, name)
     if not 0 <= value <= MAX_LOGPROBS:
         raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    return value
+
+
+def _prompt_logprobs(body: dict[str, Any], is_stream: bool) -> int | None:
+    """vLLM's ``prompt_logprobs``: top logprobs per prompt token, refused on a stream as vLLM does (the response
+    carries them whole)."""
+    value = _logprobs_count(body, "prompt_logprobs")
+    if value is not None and is_stream:
+        raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
     return value
 
 

@@ -3,7 +3,10 @@
 ``ResponseBuilder`` holds what every chunk of one response repeats (id, creation
 time, model name, kind) and turns engine outputs into JSON objects.  Every choice
 carries vLLM's ``stop_reason``: the stop string or stop token id that ended the
-request, else null.
+request, else null.  A request that asked for the prompt's logprobs (vLLM's
+``prompt_logprobs``, or completions' echo with logprobs) gets them in vLLM's shape:
+on each completions choice, or once on a chat response; an echo's ``logprobs``
+cover the prompt's tokens first.
 """
 from __future__ import annotations
 
@@ -13,9 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastdecode.actors.api import StreamOutput
+from fastdecode.actors.api import StreamOutput, prompt_logprob_dicts
+from fastdecode.actors.request import PromptLogprob
 
 MIN_LOGPROB = -9999.0  # what OpenAI and vLLM show for -inf (JSON has no infinity)
+# one echoed prompt token in a completion's logprobs: (token id, its logprob, the top (id, logprob) pairs); the
+# first prompt token's logprob and top are None
+EchoStep = tuple[int, float | None, Sequence[tuple[int, float]] | None]
 
 
 @dataclass(frozen=True)
@@ -25,15 +32,17 @@ class ResponseBuilder:
     token_text: Callable[[int], str]  # the text of one token id, for logprobs
     token_bytes: Callable[[int], bytes] | None = None  # its raw bytes, for chat logprobs; None: its text's
     is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
+    num_logprobs: int | None = None  # completions' logprobs: the top tokens an echoed prompt token shows
     response_id: str = ""
     created: int = 0
 
     @classmethod
     def new(cls, model: str, *, is_chat: bool, token_text: Callable[[int], str],
-            token_bytes: Callable[[int], bytes] | None = None, is_token_id_text: bool = False) -> "ResponseBuilder":
+            token_bytes: Callable[[int], bytes] | None = None, is_token_id_text: bool = False,
+            num_logprobs: int | None = None) -> "ResponseBuilder":
         prefix = "chatcmpl" if is_chat else "cmpl"
-        return cls(model, is_chat, token_text, token_bytes, is_token_id_text, f"{prefix}-{uuid.uuid4().hex}",
-                   int(time.time()))
+        return cls(model, is_chat, token_text, token_bytes, is_token_id_text, num_logprobs,
+                   f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
     def _envelope(self, choices: list[dict[str, Any]], *, is_chunk: bool) -> dict[str, Any]:
         if self.is_chat:
@@ -45,22 +54,42 @@ class ResponseBuilder:
 
     # ---- whole responses ------------------------------------------------------------------------
     def choice(self, outputs: Sequence[StreamOutput], finish_reason: str | None, *, wants_logprobs: bool,
-               stop_reason: int | str | None = None, index: int = 0, echo_text: str = "") -> dict[str, Any]:
+               stop_reason: int | str | None = None, index: int = 0, echo_text: str | None = None,
+               prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
         """One whole choice of a response from its outputs; its text starts with ``echo_text`` (completions'
-        echo: the prompt's)."""
-        text = echo_text + "".join(out.text for out in outputs)
+        echo: the prompt's), its logprobs with those of the prompt's tokens ``prompt_ids`` (where the first output
+        carries them).  A chat choice leaves the prompt's logprobs to the response (``complete_choices``)."""
+        text = (echo_text or "") + "".join(out.text for out in outputs)
         tokens = [out for out in outputs if out.token_id >= 0]
-        logprobs = self._logprobs(tokens) if wants_logprobs else None
         if self.is_chat:
+            logprobs = self._logprobs(tokens) if wants_logprobs else None
             return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": finish_reason, "stop_reason": stop_reason}
+        prompt_logprobs = outputs[0].prompt_logprobs if outputs else None
+        echoed = self._echoed(prompt_ids, prompt_logprobs) if echo_text is not None else []
+        logprobs = self._logprobs(tokens, echoed=echoed) if wants_logprobs else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-                "stop_reason": stop_reason}
+                "stop_reason": stop_reason, "prompt_logprobs": self.prompt_logprobs(prompt_ids, prompt_logprobs)}
 
-    def complete_choices(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+    def complete_choices(self, choices: list[dict[str, Any]], usage: dict[str, Any], *,
+                         prompt_logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+        """The whole response; a chat one carries its prompt's ``prompt_logprobs`` (vLLM's, once per response)."""
         body = self._envelope(choices, is_chunk=False)
+        if self.is_chat:
+            body["prompt_logprobs"] = prompt_logprobs
         body["usage"] = usage
         return body
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int],
+                        prompt_logprobs: Sequence[PromptLogprob | None] | None) -> list[dict[str, Any] | None] | None:
+        """vLLM's ``prompt_logprobs``: null for the first prompt token, then per prompt token an object of token ids
+        (the token's, then the most likely ones') to ``{logprob, rank, decoded_token}``; null where none were asked."""
+        if prompt_logprobs is None:
+            return None
+        return [None if position is None else
+                {str(token_id): {"logprob": _shown_logprob(lp.logprob), "rank": lp.rank,
+                                 "decoded_token": lp.decoded_token} for token_id, lp in position.items()}
+                for position in prompt_logprob_dicts(prompt_ids, prompt_logprobs, self.token_text)]
 
     # ---- stream chunks ---------------------------------------------------------------------------
     def role_chunk(self, index: int = 0) -> dict[str, Any]:
@@ -70,19 +99,22 @@ class ResponseBuilder:
         return self._envelope([choice], is_chunk=True)
 
     def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0, index: int = 0,
-              echo_text: str = "") -> dict[str, Any]:
+              echo_text: str | None = None, prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
         """One stream chunk of choice ``index`` (its ``stop_reason`` is ``out``'s); ``text_offset``: where this
         token's text starts in the completion (the token texts before it, as the non-streamed ``text_offset``
-        counts them); ``echo_text``: the prompt's text, which a completion's first chunk starts with (echo)."""
-        logprobs = self._logprobs([out], text_offset) if wants_logprobs and out.token_id >= 0 else None
+        counts them); ``echo_text``: the prompt's text, which a completion's first chunk starts with (echo), its
+        logprobs with those of the prompt's tokens ``prompt_ids``."""
+        echoed = self._echoed(prompt_ids, out.prompt_logprobs) if echo_text is not None else []
+        tokens = [out] if out.token_id >= 0 else []
+        logprobs = self._logprobs(tokens, text_offset, echoed=echoed) if wants_logprobs and (tokens or echoed) else None
         reason = out.finish_reason
         if self.is_chat:
             delta = {"content": out.text} if out.text or reason is None else {}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
                       "stop_reason": out.stop_reason}
         else:
-            choice = {"index": index, "text": echo_text + out.text, "logprobs": logprobs, "finish_reason": reason,
-                      "stop_reason": out.stop_reason}
+            choice = {"index": index, "text": (echo_text or "") + out.text, "logprobs": logprobs,
+                      "finish_reason": reason, "stop_reason": out.stop_reason}
         return self._envelope([choice], is_chunk=True)
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
@@ -95,27 +127,45 @@ class ResponseBuilder:
         """A token as logprobs name it: its text, or ``token_id:<id>`` when the request asked for ids."""
         return f"token_id:{token_id}" if self.is_token_id_text else self.token_text(token_id)
 
-    def _logprobs(self, outputs: Sequence[StreamOutput], text_offset: int = 0) -> dict[str, Any]:
+    def echoed_text_length(self, prompt_ids: Sequence[int]) -> int:
+        """How far an echo's prompt tokens move ``text_offset``: the length of their texts."""
+        return sum(len(self.token_text(token_id)) for token_id in prompt_ids)
+
+    def _echoed(self, prompt_ids: Sequence[int], prompt_logprobs: Sequence[PromptLogprob | None] | None,
+                ) -> list[EchoStep]:
+        """An echo's prompt tokens as steps of a completion's logprobs, their top tokens no more than the request's
+        logprobs (the engine made ``prompt_logprobs`` of them); none where the prompt's logprobs did not come."""
+        if prompt_logprobs is None:
+            return []
+        return [(token_id, None, None) if entry is None
+                else (token_id, entry.logprob, entry.top_logprobs[:self.num_logprobs or 0])
+                for token_id, entry in zip(prompt_ids, prompt_logprobs)]
+
+    def _logprobs(self, outputs: Sequence[StreamOutput], text_offset: int = 0, *,
+                  echoed: Sequence[EchoStep] = ()) -> dict[str, Any]:
+        """The logprobs object of ``outputs``; a completion's starts with the steps ``echoed`` (``_echoed``)."""
         if self.is_chat:
             return {"content": [self._chat_logprob(out) for out in outputs]}
-        tokens = [self.logprob_token(out.token_id) for out in outputs]
+        steps = [*echoed, *((out.token_id, out.logprob, out.top_logprobs) for out in outputs)]
         offsets, position = [], text_offset
-        for out in outputs:
+        for token_id, _, _ in steps:
             offsets.append(position)
-            position += len(self.token_text(out.token_id))
+            position += len(self.token_text(token_id))
         return {
-            "tokens": tokens,
-            "token_logprobs": [_shown_logprob(out.logprob) for out in outputs],
-            "top_logprobs": [self._completion_top(out) for out in outputs],
+            "tokens": [self.logprob_token(token_id) for token_id, _, _ in steps],
+            "token_logprobs": [_shown_logprob(logprob) for _, logprob, _ in steps],
+            "top_logprobs": [None if top is None else self._completion_top(token_id, logprob, top)
+                             for token_id, logprob, top in steps],
             "text_offset": offsets,
         }
 
-    def _completion_top(self, out: StreamOutput) -> dict[str, float | None]:
-        """The sampled token, then the top ones (as vLLM and OpenAI: up to N + 1 entries)."""
-        top = {self.logprob_token(out.token_id): _shown_logprob(out.logprob)}
-        for token_id, logprob in out.top_logprobs:
-            top.setdefault(self.logprob_token(token_id), _shown_logprob(logprob))
-        return top
+    def _completion_top(self, token_id: int, logprob: float | None,
+                        top: Sequence[tuple[int, float]]) -> dict[str, float | None]:
+        """The token itself, then the top ones (as vLLM and OpenAI: up to N + 1 entries)."""
+        shown = {self.logprob_token(token_id): _shown_logprob(logprob)}
+        for top_id, top_logprob in top:
+            shown.setdefault(self.logprob_token(top_id), _shown_logprob(top_logprob))
+        return shown
 
     def _chat_logprob(self, out: StreamOutput) -> dict[str, Any]:
         def entry(token_id: int, logprob: float | None) -> dict[str, Any]:

@@ -60,7 +60,8 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
     body = await parse_body(await request.read(), parse)
     state.check_model(body.model)
     builder = ResponseBuilder.new(state.config.served_model_name, is_chat=is_chat, token_text=state.token_text,
-                                  token_bytes=state.token_bytes, is_token_id_text=body.is_token_id_text)
+                                  token_bytes=state.token_bytes, is_token_id_text=body.is_token_id_text,
+                                  num_logprobs=body.num_logprobs)
     async with start_generations(llm, state.metrics, body, max_num_choices=llm.max_num_choices) as generations:
         if body.is_stream:
             return await _stream(request, body, builder, generations)
@@ -72,21 +73,28 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
                 outputs[generation.index].append(out)
         wants_logprobs = body.num_logprobs is not None
         choices = [builder.choice(outputs[g.index], g.finish_reason, wants_logprobs=wants_logprobs,
-                                  stop_reason=g.stop_reason, index=g.index, echo_text=g.echo_text or "")
+                                  stop_reason=g.stop_reason, index=g.index, echo_text=g.echo_text,
+                                  prompt_ids=g.prompt_ids)
                    for g in generations]
-        return web.json_response(builder.complete_choices(choices, total_usage(generations)))
+        prompt_logprobs = None
+        if is_chat:  # vLLM's chat shows them once: its choices share its one prompt
+            first = generations[0]
+            prompt_logprobs = builder.prompt_logprobs(first.prompt_ids, outputs[first.index][0].prompt_logprobs)
+        return web.json_response(builder.complete_choices(choices, total_usage(generations),
+                                                          prompt_logprobs=prompt_logprobs))
 
 
 async def _stream(request: web.Request, body: GenerateRequest, builder: ResponseBuilder,
                   generations: list[Generation]) -> web.StreamResponse:
     """Chunks as tokens come, the choices' interleaved, each with its index; a failed choice (the server shutting
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
-    ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's)."""
+    ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's), and its
+    logprobs with the prompt's tokens'."""
     wants_logprobs = body.num_logprobs is not None
     is_offset_needed = wants_logprobs and not builder.is_chat
     text_offsets = {g.index: 0 for g in generations}  # of each choice's next token text, for completions' logprobs
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
-    echo_left = {g.index: g.echo_text for g in generations if g.echo_text}  # prompt text not streamed yet
+    echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
     events = await EventStream.open(request)
     is_failed = False
     try:
@@ -104,9 +112,12 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                     num_sent[index] += 1
                 if not out.text and out.finish_reason is None and not wants_logprobs and index not in echo_left:
                     continue  # half a character: nothing to show yet
+                echo_text = echo_left.pop(index, None)
                 chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offsets[index], index=index,
-                                      echo_text=echo_left.pop(index, ""))
+                                      echo_text=echo_text, prompt_ids=generation.prompt_ids)
                 await events.send(_with_usage(chunk, body, generation, num_sent[index]))
+                if is_offset_needed and echo_text is not None and out.prompt_logprobs is not None:
+                    text_offsets[index] += builder.echoed_text_length(generation.prompt_ids)
                 if is_offset_needed and out.token_id >= 0:
                     text_offsets[index] += len(builder.token_text(out.token_id))
         if body.is_usage_streamed and not is_failed:

@@ -120,6 +120,23 @@ async def test_prompt_forms(llm):
     assert result.outputs[0].text == result.text and result.outputs[0].token_ids is result.token_ids
 
 
+@pytest.mark.parametrize("ending", ["running", "length", "stop_token_ids", "stop"])
+async def test_prompt_logprobs_come_on_the_first_output_however_it_ends(llm, tiny_model, ending):
+    """The first output carries the prompt's logprobs whether the request goes on or ends with its first token
+    (its length, a stop token id, a stop string); no other output does."""
+    first_id = _free_run(tiny_model).token_ids[0]
+    fields = {"running": {}, "length": {"max_tokens": 1}, "stop_token_ids": {"stop_token_ids": (first_id,)},
+              "stop": {"stop": (tiny_model[1].decode([first_id]),)}}[ending]
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": 3, "ignore_eos": True, "prompt_logprobs": 1,
+                               **fields})
+    outputs = [out async for out in llm.stream(PROMPT, params)]
+    assert len(outputs) == (3 if ending == "running" else 1)
+    assert outputs[-1].finish_reason == ("length" if ending in ("running", "length") else "stop")
+    assert [out.prompt_logprobs is not None for out in outputs] == [True] + [False] * (len(outputs) - 1)
+    shown = outputs[0].prompt_logprobs
+    assert len(shown) == len(PROMPT) and shown[0] is None and all(len(e.top_logprobs) == 1 for e in shown[1:])
+
+
 async def test_closed_llm_refuses_requests():
     llm = await AsyncLLM.start(ClusterConfig(**TINY))
     await llm.stop()

@@ -16,8 +16,9 @@ from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.executor import ExecutorConfig
 from fastdecode.actors.executor_config import QueueFullError
 from fastdecode.actors.model.errors import ModelError
-from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.request import Logprob, RequestError, SamplingParams
 from fastdecode.cli.make_random_model import make_random_model
+from test_prompt_logprobs import reference_logprobs
 
 TINY = dict(seed=0, dtype="float32", device="cpu", num_shards=0)
 PROMPT = [318, 72, 101, 302, 111]
@@ -187,6 +188,25 @@ def test_results_carry_vllms_request_id_cumulative_logprob_and_prompt_logprobs(l
     assert second.outputs[0].cumulative_logprob is None and second.outputs[0].logprobs is None
     assert first.request_id.isdigit() and second.request_id.isdigit() and first.request_id != second.request_id
     assert first.prompt_logprobs is None and first.finished
+
+
+def test_prompt_logprobs_read_as_vllms(llm, tiny_model):
+    """vLLM's ``RequestOutput.prompt_logprobs``: None first, then per prompt token {token id: Logprob} of that token
+    (first) and of the top ones, as the model's full forward pass scores them; None where not asked."""
+    model, tokenizer = tiny_model
+    asked = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    result, plain = llm.generate([PROMPT, PROMPT], [asked, GREEDY], use_tqdm=False)
+    assert plain.prompt_logprobs is None
+    shown, ref = result.prompt_logprobs, reference_logprobs(model, PROMPT)
+    assert len(shown) == len(PROMPT) and shown[0] is None
+    for position in range(1, len(PROMPT)):
+        entries, row = shown[position], ref[position - 1]
+        assert next(iter(entries)) == PROMPT[position] and 2 <= len(entries) <= 3
+        for token_id, logprob in entries.items():
+            assert isinstance(logprob, Logprob)
+            assert logprob.logprob == pytest.approx(float(row[token_id]), abs=1e-4)
+            assert logprob.decoded_token == tokenizer.decode([token_id], skip_special_tokens=False)
+        assert sorted(lp.rank for lp in entries.values() if lp.rank <= 2) == [1, 2]
 
 
 def test_vllm_engine_keywords_go_into_the_nested_configs():

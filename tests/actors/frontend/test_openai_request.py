@@ -46,7 +46,7 @@ def test_completion_default_max_tokens_is_16():
 
 @pytest.mark.parametrize("body", [
     {"prompt": "a", "n": 0}, {"prompt": "a", "best_of": 3}, {"prompt": "a", "n": 2, "best_of": 1},
-    {"prompt": "a", "max_tokens": 0}, {"prompt": "a", "echo": True, "stream": True, "logprobs": 1},
+    {"prompt": "a", "max_tokens": 0}, {"prompt": "a", "prompt_logprobs": 21}, {"prompt": "a", "prompt_logprobs": -1},
     {"prompt": "a", "logit_bias": {"x": 5}}, {"prompt": True}, {"prompt": [1, True]}, {"prompt": "a", "seed": 1.5},
     {"prompt": "a", "ignore_eos": 1}, {"prompt": "a", "temperature": float("nan")},
 ])
@@ -54,6 +54,31 @@ def test_completion_refusals(body):
     with pytest.raises(ApiError) as refused:
         parse_completion(body)
     assert refused.value.status == 400
+
+
+def test_echo_with_logprobs_asks_for_the_prompts_logprobs():
+    """vLLM's: an echo's prompt logprobs are as many as its logprobs, unless prompt_logprobs says; no echo, none."""
+    def prompt_logprobs(body):
+        return parse_completion({"prompt": [1, 2], **body}).sampling_params(2, 100).prompt_logprobs
+
+    assert prompt_logprobs({"echo": True, "logprobs": 3, "max_tokens": 0}) == 3
+    assert prompt_logprobs({"echo": True, "logprobs": 3, "prompt_logprobs": 1, "stream": False}) == 1
+    assert prompt_logprobs({"echo": True, "logprobs": 0, "stream": True}) == 0  # a stream echoes them too
+    assert prompt_logprobs({"logprobs": 3}) is None and prompt_logprobs({"echo": True}) is None
+    assert prompt_logprobs({"prompt_logprobs": 2}) == 2
+    chat = parse_chat({"messages": CHAT, "prompt_logprobs": 4})
+    assert chat.sampling_params(2, 100).prompt_logprobs == 4
+
+
+@pytest.mark.parametrize("parse", [
+    lambda b: parse_completion({"prompt": "a", **b}), lambda b: parse_chat({"messages": CHAT, **b}),
+    lambda b: parse_stream_request({"prompt": "a", **b}),
+], ids=["completions", "chat", "websocket"])
+def test_prompt_logprobs_are_refused_on_a_stream(parse):
+    with pytest.raises(ApiError) as refused:
+        parse({"prompt_logprobs": 1, "stream": True})
+    assert (refused.value.status, refused.value.param) == (400, "prompt_logprobs")
+    assert "stream" in refused.value.message
 
 
 def test_stream_request_needs_exactly_one_prompt_kind():
@@ -112,8 +137,8 @@ def test_int64_bounds_are_accepted_for_the_seed():
 
 UNSUPPORTED = [
     ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("guided_regex", "a+"),
-    ("guided_grammar", "root ::= 'a'"), ("guided_decoding_backend", "xgrammar"), ("prompt_logprobs", 1),
-    ("prompt_logprobs", 0), ("use_beam_search", True), ("bad_words", ["x"]), ("allowed_token_ids", [1, 2]),
+    ("guided_grammar", "root ::= 'a'"), ("guided_decoding_backend", "xgrammar"), ("use_beam_search", True),
+    ("bad_words", ["x"]), ("allowed_token_ids", [1, 2]),
     ("truncate_prompt_tokens", 8), ("include_stop_str_in_output", True), ("continue_final_message", True),
     ("skip_special_tokens", False),
 ]
