@@ -221,14 +221,15 @@ class DecodeStep:
         if self.trace is not None:
             self.trace.add(self.step_index, mb.index, "gpu", kind, start, self.trace.now())
 
-    def _note_arrivals(self) -> None:
+    def _note_arrivals(self) -> float:
         """Stamp the calls whose replies are in: a node's time ends when its reply is there, not when this
         thread gets round to it (the scheduler learns service times from it). Calls seen in one poll share
-        its clock reading."""
+        its clock reading, which is returned."""
         now = time.perf_counter()
         for call in self._oldest_calls().values():
             if call.ended is None and self.nodes[call.node_index].is_attend_done(call.pending):
                 call.ended = now
+        return now
 
     def _oldest_calls(self, skip: Iterable[_Call] = ()) -> dict[int, _Call]:
         """Each node's oldest call whose reply is not received yet (leaving out ``skip``): the only one
@@ -270,7 +271,7 @@ class DecodeStep:
 
     def _collect(self, mb: MiniBatch, calls: list[_Call], staging: _Staging | None) -> torch.Tensor:
         """Wait for ``calls``; their outputs in row order, on the Executor's device."""
-        self._note_arrivals()
+        looked = self._note_arrivals()
         following = self._oldest_calls(skip=calls)  # each node's next call, in another mini-batch
         parts: list[torch.Tensor] = []
         for call in calls:
@@ -280,9 +281,12 @@ class DecodeStep:
             seen = time.perf_counter()
             after = following.get(call.node_index)
             if after is not None and after.ended is None and node.is_attend_done(after.pending):
-                # the node's next reply was in as soon as this one was taken: both ended before this thread
-                # looked, in a split it cannot tell, so both end at this reading (one observation)
-                call.ended = after.ended = seen
+                # the node's next reply was in as soon as this one was taken: both ended before this look, in a
+                # split this thread cannot tell, so both end at this reading (one observation); but a call
+                # stamped at an earlier look (with the call before it) keeps that stamp
+                if call.ended is None or call.ended >= looked:
+                    call.ended = seen
+                after.ended = seen
             elif call.ended is None:
                 call.ended = seen
             ended = call.ended

@@ -102,3 +102,22 @@ def test_calls_done_before_the_thread_looked_share_one_stamp_and_are_one_observa
     assert times[0][3] == times[1][3]
     [(call, seconds)] = service_times(AttendCall(node, tokens, start, end) for node, tokens, start, end in times)
     assert call.kv_bytes == 100 and seconds == pytest.approx(1.5 * MS, abs=5e-6)  # 3 ms for the two
+
+
+def test_a_call_stamped_with_its_predecessor_keeps_that_stamp(step):
+    """A and B were both in when A was taken (one stamp); when B is taken, A's next-layer call C is in too: C is
+    stamped then, B keeps the stamp it shares with A (it was overwritten, and A alone took the time of both)."""
+    step, clock, shard = step
+    a, b = send_both(step, clock, shard)
+    clock.now = 2.5 * MS  # both in
+    step._collect(minibatch(0), [a], None)
+    c = _Call(0, 0, shard.send(clock.now), clock.now)  # A's next layer: 2.5 -> 3.5 ms
+    step._in_flight[0] = [c]
+    clock.now = 4 * MS  # the thread was busy again: C is in too
+    step._collect(minibatch(1), [b], None)
+    assert b.ended == a.ended and c.ended == pytest.approx(4 * MS, abs=5e-6)
+    step._collect(minibatch(0), [c], None)
+    assert c.ended == pytest.approx(4 * MS, abs=5e-6)
+    times = step.drain_attend_times()
+    observations = service_times(AttendCall(node, tokens, start, end) for node, tokens, start, end in times)
+    assert [seconds / MS for _, seconds in observations] == pytest.approx([1.25, 1.5], abs=0.01)
