@@ -111,6 +111,9 @@ class GenerateRequest:
                                 f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more",
                            param="max_tokens", code="context_length_exceeded")
         fields = {**defaults.sampling_fields(), **self.sampling}
+        if self.max_tokens == 0 and self.sampling.get("min_tokens"):  # not the 1 generated behind the echo
+            raise bad_request(f"min_tokens ({self.sampling['min_tokens']}) must not exceed max_tokens (0)",
+                              "min_tokens")
         if fields.get("seed") is not None:
             fields["seed"] += sample_index
         prompt_logprobs = self.num_prompt_logprobs

@@ -65,3 +65,13 @@ async def test_max_tokens_0_without_echo_is_refused(openai_client, fields, param
     with pytest.raises(openai.BadRequestError) as caught:
         await openai_client.completions.create(model="tiny", prompt=PROMPT, **fields)
     assert caught.value.body["param"] == param
+
+
+async def test_min_tokens_with_max_tokens_0_names_the_limit_the_request_gave(openai_client):
+    """The echo's max_tokens 0 generates one token behind the scenes; the refusal must not name that 1."""
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await openai_client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True,
+                                               extra_body={"min_tokens": 5})
+    assert caught.value.body["param"] == "min_tokens"
+    assert "min_tokens (5) must not exceed max_tokens (0)" in caught.value.body["message"]
