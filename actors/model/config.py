@@ -287,19 +287,19 @@ def _refuse_unsupported(raw: dict[str, Any], model_type: str) -> None:
 
 
 def _parse_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
-    # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters.
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta = float(params["rope_theta"])
-        scaling: dict[str, Any] | None = params
-    else:
-        theta = float(raw.get("rope_theta", 10000.0))
-        scaling = raw.get("rope_scaling")
-    if not scaling:
+    """RoPE's theta and scaling. transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters,
+    which may lack the theta (then top-level) and may sit beside a rope_scaling added by hand: transformers applies
+    whichever of the two scales, so both are read (a scaling ignored here gave wrong tokens without a word)."""
+    params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    scalings = [s for s in (params, raw.get("rope_scaling")) if isinstance(s, dict)
+                and s.get("rope_type", s.get("type", "default")) != "default"]
+    kinds = {s.get("rope_type", s.get("type")) for s in scalings}
+    if not scalings:
         return theta, None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return theta, None
+    if len(kinds) > 1:
+        raise ModelError(f"rope_parameters and rope_scaling name different RoPE scalings ({', '.join(sorted(kinds))})")
+    scaling, kind = scalings[0], kinds.pop()
     if kind != "llama3":
         raise ModelError(f"unsupported rope_scaling type {kind!r}; supported: llama3")
     return theta, Llama3RopeScaling(

@@ -48,6 +48,23 @@ def test_transformers5_rope_parameters_form():
     assert ModelConfig.from_hf_dict(raw) == ModelConfig.from_hf_dict(LLAMA31_8B)
 
 
+def test_a_scaling_in_either_rope_field_is_read():
+    """transformers 5 applies a rope_scaling added beside a default rope_parameters, and a rope_parameters without
+    its theta; both loaded unscaled here (wrong tokens without a word)."""
+    plain = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    beside = {**plain, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+              "rope_scaling": LLAMA31_8B["rope_scaling"]}
+    no_theta = {**plain, "rope_theta": 500000.0, "rope_parameters": LLAMA31_8B["rope_scaling"]}
+    for raw in (beside, no_theta):
+        assert ModelConfig.from_hf_dict(raw) == ModelConfig.from_hf_dict(LLAMA31_8B)
+    for raw in ({**beside, "rope_scaling": {"type": "linear", "factor": 2.0}},
+                {**no_theta, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}):
+        with pytest.raises(ModelError, match="unsupported rope_scaling type 'linear'"):
+            ModelConfig.from_hf_dict(raw)
+    with pytest.raises(ModelError, match="different RoPE scalings"):
+        ModelConfig.from_hf_dict({**beside, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
 def test_to_hf_dict_round_trips():
     for config in PRESETS.values():
         assert ModelConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
