@@ -103,7 +103,10 @@ class Tokenizer:
         self.eos_token = eos_token
         self.bos_token_id = None if bos_token is None else backend.token_to_id(bos_token)
         eos_id = None if eos_token is None else backend.token_to_id(eos_token)
-        self.eos_token_ids: tuple[int, ...] = eos_token_ids or (() if eos_id is None else (eos_id,))
+        # the model's EOS ids (config, generation config) and the tokenizer's own, on which vLLM stops as well: a
+        # chat fine-tune whose config names </s> while its tokenizer's EOS is <|im_end|> would run on past it
+        self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids) + (
+            (eos_id,) if eos_id is not None and eos_id not in eos_token_ids else ())
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
         self._template = None if chat_template is None else _compile_chat_template(chat_template)

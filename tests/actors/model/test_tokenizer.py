@@ -46,3 +46,14 @@ def test_token_bytes_of_byte_fallback_and_metaspace_tokens():
     tokenizer = Tokenizer(backend)
     assert [tokenizer.token_bytes(t) for t in (1, 2, 3)] == [b"\xc3", b"\xa9", b" hi"]
     assert tokenizer.decode([1, 2]) == "é"
+
+
+def test_the_tokenizers_eos_stops_beside_the_models(tokenizer):
+    """vLLM stops on the tokenizer's EOS as well as the config's EOS ids: a chat fine-tune whose config names </s>
+    while its tokenizer's EOS is <|im_end|> ran on past it."""
+    backend, eos_id = tokenizer.backend, tokenizer.backend.token_to_id(tokenizer.eos_token)
+    other = next(i for i in range(backend.get_vocab_size()) if i != eos_id)
+    assert Tokenizer(backend, eos_token=tokenizer.eos_token, eos_token_ids=(other,)).eos_token_ids == (other, eos_id)
+    assert Tokenizer(backend, eos_token=tokenizer.eos_token, eos_token_ids=(eos_id,)).eos_token_ids == (eos_id,)
+    assert Tokenizer(backend, eos_token=tokenizer.eos_token).eos_token_ids == (eos_id,)
+    assert Tokenizer(backend, eos_token_ids=(other,)).eos_token_ids == (other,)
