@@ -1,7 +1,7 @@
 """Hugging Face model folders: reading (config, safetensors, tokenizer) and writing.
 
 A folder holds ``config.json``, one or several ``*.safetensors`` (with
-``model.safetensors.index.json`` when sharded), ``tokenizer.json``,
+``model.safetensors.index.json`` when sharded; older folders: ``pytorch_model*.bin``), ``tokenizer.json``,
 ``tokenizer_config.json`` (chat template) and ``generation_config.json`` (EOS ids and the
 recommended sampling defaults).
 """
@@ -87,8 +87,35 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return files
     paths = sorted(folder.glob("*.safetensors"))
     if not paths:
-        raise ModelError(f"no *.safetensors weights in {folder}")
+        paths = sorted(folder.glob("pytorch_model*.bin"))  # the older format, as vLLM loads it
+    if not paths:
+        raise ModelError(f"no *.safetensors (or pytorch_model*.bin) weights in {folder}")
     return {f"#{i}": path for i, path in enumerate(paths)}
+
+
+class _TorchFile:
+    """A ``pytorch_model*.bin`` read as a safetensors handle is: its tensors by name. Loaded with
+    ``weights_only`` (no code from the file runs) and memory-mapped."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # a damaged or non-torch file: pickle, zip and torch raise many kinds
+            raise ModelError(f"corrupt weights file {path}: {exc}") from None
+        if not isinstance(self._tensors, dict):
+            raise ModelError(f"corrupt weights file {path}: not a state dict")
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def _open_weights(path: Path, stack: ExitStack):
+    if path.suffix == ".bin":
+        return _TorchFile(path)
+    return stack.enter_context(safe_open(str(path), framework="pt"))
 
 
 def load_hf_model(folder: Path, *, dtype: torch.dtype, device: torch.device) -> tuple[LlamaModel, Tokenizer]:
@@ -99,7 +126,7 @@ def load_hf_model(folder: Path, *, dtype: torch.dtype, device: torch.device) -> 
     model = LlamaModel(config, dtype=dtype, device=device)
     with ExitStack() as stack:
         try:
-            handles = {path: stack.enter_context(safe_open(str(path), framework="pt")) for path in set(files.values())}
+            handles = {path: _open_weights(path, stack) for path in set(files.values())}
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"corrupt safetensors file in {folder}: {exc}") from None
         located = {name: handles[path] for name, path in files.items() if not name.startswith("#")}

@@ -107,6 +107,25 @@ def test_sharded_folder_round_trips(tmp_path, monkeypatch, tiny_model):
     assert all(torch.equal(x, y) for x, y in zip(model.parameters(), back.parameters()))
 
 
+def test_a_folder_of_pytorch_model_bin_files_loads_the_same_weights(written_tiny, tmp_path):
+    """Older folders hold pickled state dicts (one file, or shards), which vLLM loads; they were refused."""
+    from safetensors.torch import load_file
+
+    state = load_file(written_tiny / "model.safetensors")
+    names = sorted(state)
+    for folder, shards in ((tmp_path / "one", [names]), (tmp_path / "two", [names[::2], names[1::2]])):
+        _copy_folder(written_tiny, folder)
+        (folder / "model.safetensors").unlink()
+        for number, part in enumerate(shards, start=1):
+            torch.save({name: state[name] for name in part}, folder / f"pytorch_model-{number:05d}.bin")
+        back, _ = load_model(str(folder), dtype="float32", device="cpu")
+        expected, _ = load_model(str(written_tiny), dtype="float32", device="cpu")
+        assert all(torch.equal(x, y) for x, y in zip(expected.parameters(), back.parameters()))
+    (tmp_path / "two" / "pytorch_model-00001.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ModelError, match="corrupt weights file .*pytorch_model-00001.bin"):
+        load_model(str(tmp_path / "two"), dtype="float32", device="cpu")
+
+
 def _copy_folder(src, dst):
     dst.mkdir()
     for path in src.iterdir():
