@@ -45,12 +45,12 @@ async def model(request: web.Request) -> web.Response:
 
 
 def _model_card(request: web.Request) -> dict[str, Any]:
+    """The served model's card; 503 ``not_ready`` while the model loads: clients (and benchmark tools) that wait
+    for ``/v1/models`` to answer before sending requests, as they may with vLLM, which answers nothing before it
+    is ready, would otherwise start while every request still gets a 503."""
     state = request.app[STATE]
-    card: dict[str, Any] = {"id": state.config.served_model_name, "object": "model",
-                            "created": request.app[CREATED_AT], "owned_by": "fastdecode"}
-    if state.llm is not None:
-        card["max_model_len"] = state.llm.max_model_len
-    return card
+    return {"id": state.config.served_model_name, "object": "model", "created": request.app[CREATED_AT],
+            "owned_by": "fastdecode", "max_model_len": state.started_llm().max_model_len}
 
 
 async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], GenerateRequest], *,

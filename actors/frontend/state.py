@@ -80,9 +80,14 @@ class FrontendState:
         return self._llm is not None and not self.is_draining
 
     def require_llm(self) -> AsyncLLM:
+        """The engine, for a new request: 503 while draining or not started."""
         if self.is_draining:
             raise ApiError(503, "the server is draining (shutting down): it takes no new requests",
                            code="draining")
+        return self.started_llm()
+
+    def started_llm(self) -> AsyncLLM:
+        """The engine once attached (draining or not); 503 ``not_ready`` before."""
         if self._llm is None:
             raise ApiError(503, "the model is not ready (starting or stopping)", code="not_ready")
         return self._llm

@@ -14,8 +14,9 @@ async def test_not_ready_until_the_engine_is_attached():
         response = await client.post("/v1/completions", json={"prompt": "x"})
         assert response.status == 503
         assert (await response.json())["error"]["code"] == "not_ready"
-        models = await client.get("/v1/models")
-        assert [m["id"] for m in (await models.json())["data"]] == ["m"]
+        for path in ("/v1/models", "/v1/models/m"):  # clients that wait for /v1/models wait for the model
+            models = await client.get(path)
+            assert models.status == 503 and (await models.json())["error"]["code"] == "not_ready"
         metrics = await client.get("/metrics")
         assert metrics.status == 200
-        assert 'fastdecode_request_rejected_total{model_name="m",status_code="503"} 1.0' in await metrics.text()
+        assert 'fastdecode_request_rejected_total{model_name="m",status_code="503"} 3.0' in await metrics.text()

@@ -34,7 +34,7 @@ async def test_default_preflight_is_answered_without_the_key():
             refused = await client.post(path, json=BODY, headers={"Origin": EVIL})
             assert refused.status == 401
             assert refused.headers["Access-Control-Allow-Origin"] == "*"
-        plain = await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        plain = await client.get("/version", headers={"Authorization": f"Bearer {KEY}"})
         assert "Access-Control-Allow-Origin" not in plain.headers  # no Origin: not a browser's cross-site call
 
 
@@ -50,10 +50,10 @@ async def test_allowed_origin_is_named_and_others_get_nothing():
         assert (await refused.json())["error"]["code"] == "cors_refused"
         assert not [name for name in refused.headers if name.lower().startswith("access-control-")]
         auth = {"Authorization": f"Bearer {KEY}"}
-        allowed = await client.get("/v1/models", headers={**auth, "Origin": UI})
+        allowed = await client.get("/version", headers={**auth, "Origin": UI})
         assert allowed.status == 200 and allowed.headers["Access-Control-Allow-Origin"] == UI
         assert allowed.headers["Access-Control-Allow-Credentials"] == "true"
-        other = await client.get("/v1/models", headers={**auth, "Origin": EVIL})
+        other = await client.get("/version", headers={**auth, "Origin": EVIL})
         assert other.status == 200
         assert not [name for name in other.headers if name.lower().startswith("access-control-")]
 
