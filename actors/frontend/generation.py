@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -249,10 +250,12 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
 
 
 async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[int]) -> str:
-    """The text an echo repeats: the prompt as given, or its token ids decoded (vLLM's)."""
+    """The text an echo repeats: the prompt as given, or its token ids decoded with their special tokens (vLLM's:
+    the echoed logprobs name each token, so the text holds every one of them)."""
     if isinstance(request.prompt, str):
         return request.prompt
-    return await asyncio.to_thread(llm.tokenizer.decode, list(prompt_ids))
+    return await asyncio.to_thread(functools.partial(llm.tokenizer.decode, skip_special_tokens=False),
+                                   list(prompt_ids))
 
 
 def _admit(metrics: FrontendMetrics, generations: list[Generation], num_samples: int) -> None:

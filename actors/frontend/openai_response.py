@@ -161,10 +161,12 @@ class ResponseBuilder:
 
     def _completion_top(self, token_id: int, logprob: float | None,
                         top: Sequence[tuple[int, float]]) -> dict[str, float | None]:
-        """The token itself, then the top ones (as vLLM and OpenAI: up to N + 1 entries)."""
+        """The token itself, then the top ones (as vLLM and OpenAI: up to N + 1 entries). Tokens of the same text
+        (byte tokens all show as U+FFFD) share a key, which holds the later one's, as vLLM's: the best token's value
+        wins over the sampled one's, so a client's "is the token the best" check (lm-eval's is_greedy) stays true."""
         shown = {self.logprob_token(token_id): _shown_logprob(logprob)}
         for top_id, top_logprob in top:
-            shown.setdefault(self.logprob_token(top_id), _shown_logprob(top_logprob))
+            shown[self.logprob_token(top_id)] = _shown_logprob(top_logprob)
         return shown
 
     def _chat_logprob(self, out: StreamOutput) -> dict[str, Any]:

@@ -32,7 +32,7 @@ async def test_echo_with_max_tokens_0_returns_the_prompt_alone(openai_client, ti
     ids = tokenizer.encode(PROMPT)
     response = await openai_client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, **GREEDY)
     (choice,) = response.choices
-    assert choice.text == tokenizer.decode(ids)  # token ids echo as their text
+    assert choice.text == tokenizer.decode(ids, skip_special_tokens=False)  # token ids echo as their text, BOS too
     assert choice.finish_reason == "length" and choice.logprobs is None
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids), 0)
 

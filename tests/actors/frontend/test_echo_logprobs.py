@@ -14,6 +14,7 @@ from conftest import API_KEY
 from fastdecode.actors.api import StreamOutput
 from fastdecode.actors.frontend.openai_response import ResponseBuilder
 from fastdecode.actors.model import TorchKVCache
+from fastdecode.actors.model.synthetic_tokenizer import BOS_TOKEN, BOS_TOKEN_ID
 from fastdecode.actors.reference import run_tokens
 from fastdecode.actors.request import PromptLogprob
 
@@ -188,3 +189,27 @@ async def test_prompt_logprobs_on_a_stream_are_refused(tiny_server, route, body)
     status, response = await post(tiny_server, route, {**body, "prompt_logprobs": 1, "stream": True})
     assert status == 400 and response["error"]["param"] == "prompt_logprobs"
     assert "stream" in response["error"]["message"]
+
+
+async def test_an_echoed_special_token_is_in_the_text_its_offsets_index(tiny_server, tiny_model, prompt_ids):
+    """A token-id prompt starting with BOS (lm-eval's prefix token for an empty context): the echoed text kept
+    the tokens but dropped the special one, so text_offset pointed past the text."""
+    ids = [BOS_TOKEN_ID, *prompt_ids[:4]]
+    status, response = await post(tiny_server, "/v1/completions",
+                                  {"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert status == 200, response
+    choice = response["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["text"] == "".join(logprobs["tokens"]) and choice["text"].startswith(BOS_TOKEN)
+    assert [choice["text"][offset:] for offset in logprobs["text_offset"]][-1] == logprobs["tokens"][-1]
+
+
+def test_a_shared_token_text_shows_the_best_tokens_logprob(tiny_model):
+    """Byte tokens all show as U+FFFD: the sampled token and a better one shared a key that kept the sampled
+    one's value, and lm-eval's is_greedy (the token's logprob is the top's maximum) came out true."""
+    sampled, best = 5, 6
+    made = ResponseBuilder.new("m", is_chat=False, num_logprobs=1, token_text=lambda t: "\ufffd")
+    out = StreamOutput(1, sampled, "\ufffd", -2.8, ((best, -2.3),), "length")
+    choice = made.choice([out], "length", wants_logprobs=True)
+    assert choice["logprobs"]["top_logprobs"] == [{"\ufffd": -2.3}]
+    assert choice["logprobs"]["token_logprobs"] == [-2.8]
