@@ -47,7 +47,8 @@ def os_reason(exc: OSError) -> str:
 
 
 @click.command("make-random-model", cls=OneLineCommand)
-@click.option("--preset", required=True, help="tiny, smollm2-135m, llama3-8b, llama3-70b or qwen2-7b.")
+@click.option("--preset", required=True,
+              help="tiny, tiny-qwen3, smollm2-135m, llama3-8b, llama3-70b, qwen2-7b or qwen3-8b.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Weights seed.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to create.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))

@@ -1,8 +1,9 @@
 """``ModelConfig``: the shape of a Llama-family model, parsed from a HF ``config.json``.
 
 Supported: Llama 2/3/3.1 (``rope_scaling`` type ``llama3``), Mistral (without an
-active sliding window), Qwen2 (qkv bias), SmolLM2, in float16/bfloat16/float32.  Anything else (quantized
-checkpoints included) is refused with a ``ModelError`` naming the reason.
+active sliding window), Qwen2 (qkv bias), Qwen3 dense (a per-head RMSNorm on q and k), SmolLM2, in
+float16/bfloat16/float32.  Anything else (quantized checkpoints and mixture-of-experts models included) is
+refused with a ``ModelError`` naming the reason.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from typing import Any
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.request import RequestError, SamplingParams
 
-# HF architecture name -> (model_type, has qkv bias)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("llama", False),
-    "MistralForCausalLM": ("mistral", False),
-    "Qwen2ForCausalLM": ("qwen2", True),
+# HF architecture name -> (model_type, has qkv bias, has q/k norm)
+ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {
+    "LlamaForCausalLM": ("llama", False, False),
+    "MistralForCausalLM": ("mistral", False, False),
+    "Qwen2ForCausalLM": ("qwen2", True, False),
+    "Qwen3ForCausalLM": ("qwen3", False, True),
 }
-_ARCH_BY_MODEL_TYPE = {model_type: arch for arch, (model_type, _) in ARCHITECTURES.items()}
+_ARCH_BY_MODEL_TYPE = {model_type: arch for arch, (model_type, _, _) in ARCHITECTURES.items()}
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,12 @@ class ModelConfig:
     def model_type(self) -> str:
         return ARCHITECTURES[self.architecture][0]
 
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head of q and of k, before RoPE (the architecture's, never a choice: a
+        Qwen3 without them would be another model under the same name)."""
+        return ARCHITECTURES[self.architecture][2]
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of K and V cache one token occupies over all layers."""
         return 2 * self.num_layers * self.kv_size * dtype_bytes
@@ -155,6 +163,7 @@ class ModelConfig:
         per_layer = (
             hidden * (self.q_size + 2 * self.kv_size)  # qkv
             + (self.q_size + 2 * self.kv_size if self.qkv_bias else 0)
+            + (2 * self.head_dim if self.qk_norm else 0)  # q and k norms
             + self.q_size * hidden  # o
             + 3 * hidden * self.intermediate_size  # gate, up, down
             + 2 * hidden  # two norms
@@ -172,7 +181,7 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ModelError("config.json must hold a JSON object")
         architecture = _architecture_of(raw)
-        model_type, qkv_bias = ARCHITECTURES[architecture]
+        model_type, qkv_bias, _ = ARCHITECTURES[architecture]
         _refuse_unsupported(raw, model_type)
         try:
             num_heads = int(raw["num_attention_heads"])
@@ -224,11 +233,11 @@ class ModelConfig:
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3"):
             raw.update(attention_bias=False, mlp_bias=False)
-        if self.model_type in ("mistral", "qwen2"):
+        if self.model_type in ("mistral", "qwen2", "qwen3"):
             raw["sliding_window"] = None
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             raw["use_sliding_window"] = False
         if self.bos_token_id is not None:
             raw["bos_token_id"] = self.bos_token_id
@@ -245,11 +254,19 @@ def _architecture_of(raw: dict[str, Any]) -> str:
         if name in ARCHITECTURES:
             return name
     if architectures:
-        raise ModelError(f"unsupported architecture {architectures[0]!r}; supported: {', '.join(ARCHITECTURES)}")
+        raise ModelError(f"unsupported architecture {architectures[0]!r}{_moe_note(architectures[0])}; "
+                         f"supported: {', '.join(ARCHITECTURES)}")
     model_type = raw.get("model_type")
     if model_type in _ARCH_BY_MODEL_TYPE:
         return _ARCH_BY_MODEL_TYPE[model_type]
-    raise ModelError(f"unsupported model_type {model_type!r}; supported: {', '.join(_ARCH_BY_MODEL_TYPE)}")
+    raise ModelError(f"unsupported model_type {model_type!r}{_moe_note(model_type)}; "
+                     f"supported: {', '.join(_ARCH_BY_MODEL_TYPE)}")
+
+
+def _moe_note(name: Any) -> str:
+    """Why a mixture-of-experts name (Qwen3MoeForCausalLM, qwen3_moe, ...) is refused: its dense sibling may
+    run, so the error says the experts are what is missing."""
+    return " (mixture-of-experts models are not supported)" if "moe" in str(name).lower() else ""
 
 
 def _refuse_unsupported(raw: dict[str, Any], model_type: str) -> None:
@@ -265,16 +282,14 @@ def _refuse_unsupported(raw: dict[str, Any], model_type: str) -> None:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ModelError(f"unsupported hidden_act {act!r}; only silu is supported")
-    if model_type == "llama" and raw.get("attention_bias"):
-        raise ModelError("unsupported config: attention_bias=true (biases on q/k/v/o) for a llama model")
+    if model_type in ("llama", "qwen3") and raw.get("attention_bias"):
+        raise ModelError(f"unsupported config: attention_bias=true (biases on q/k/v/o) for a {model_type} model")
     if raw.get("mlp_bias"):
         raise ModelError("unsupported config: mlp_bias=true")
     window = raw.get("sliding_window")
     max_pos = raw.get("max_position_embeddings", 2048)
-    if model_type == "qwen2":
-        if raw.get("use_sliding_window") and window and int(raw.get("max_window_layers", 0)) < int(
-            raw.get("num_hidden_layers", 0)
-        ):
+    if model_type in ("qwen2", "qwen3"):
+        if raw.get("use_sliding_window") and window and _has_window_layers(raw):
             raise ModelError(f"unsupported config: an active sliding window ({window} tokens)")
     elif window is not None and int(window) < int(max_pos):
         raise ModelError(
@@ -284,6 +299,16 @@ def _refuse_unsupported(raw: dict[str, Any], model_type: str) -> None:
     partial = raw.get("partial_rotary_factor", 1.0)
     if partial not in (None, 1, 1.0):
         raise ModelError(f"unsupported config: partial_rotary_factor={partial}")
+
+
+def _has_window_layers(raw: dict[str, Any]) -> bool:
+    """Whether a Qwen2/Qwen3 config with ``use_sliding_window`` puts a layer under the window: transformers follows
+    ``layer_types`` where the file has it (transformers 5 writes it), else windows the layers from
+    ``max_window_layers`` on."""
+    layer_types = raw.get("layer_types")
+    if isinstance(layer_types, list):
+        return "sliding_attention" in layer_types
+    return int(raw.get("max_window_layers", 0)) < int(raw.get("num_hidden_layers", 0))
 
 
 def _parse_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:

@@ -26,24 +26,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def _project_qkv(h: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, cos: torch.Tensor,
-                 sin: torch.Tensor, head_shapes: tuple[int, int, int]):
-    """The fused QKV projection of normed ``h``, RoPE applied to q and k: q[N,Hq,D], k, v[N,Hkv,D]."""
+def _project_qkv(h: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+                 q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float, head_shapes: tuple[int, int, int]):
+    """The fused QKV projection of normed ``h``, RoPE applied to q and k: q[N,Hq,D], k, v[N,Hkv,D].
+    With ``q_norm``/``k_norm`` (Qwen3; None otherwise) each head of q and of k is RMS-normed over its
+    ``D`` values before RoPE, as transformers' ``Qwen3Attention`` does."""
     num_heads, num_kv_heads, head_dim = head_shapes
     qkv = F.linear(h, qkv_weight, qkv_bias)
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_size].view(-1, num_heads, head_dim)
     k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
     v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def _pre_attention(x: torch.Tensor, positions: torch.Tensor, input_norm: torch.Tensor, qkv_weight: torch.Tensor,
-                   qkv_bias: torch.Tensor | None, rope_cos: torch.Tensor, rope_sin: torch.Tensor, eps: float,
+                   qkv_bias: torch.Tensor | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                   rope_cos: torch.Tensor, rope_sin: torch.Tensor, eps: float,
                    head_shapes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's input norm, fused QKV projection and RoPE (a pure function of its tensors)."""
-    return _project_qkv(rms_norm(x, input_norm, eps), qkv_weight, qkv_bias, rope_cos[positions], rope_sin[positions],
-                        head_shapes)
+    """One layer's input norm, fused QKV projection, q/k norms and RoPE (a pure function of its tensors)."""
+    return _project_qkv(rms_norm(x, input_norm, eps), qkv_weight, qkv_bias, q_norm, k_norm, rope_cos[positions],
+                        rope_sin[positions], eps, head_shapes)
 
 
 def _post_attention(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, post_norm: torch.Tensor,
@@ -63,8 +69,9 @@ def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _step_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_norm: torch.Tensor,
-                qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, eps: float,
-                head_shapes: tuple[int, int, int], kv_rows: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+                qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, q_norm: torch.Tensor | None,
+                k_norm: torch.Tensor | None, eps: float, head_shapes: tuple[int, int, int], kv_rows: torch.Tensor,
+                write_index: torch.Tensor) -> torch.Tensor:
     """The first layer's dense part of a decode step: q, with the new k and v written into a KV pool.
     ``cos``/``sin`` are the rows' RoPE values, gathered once per step. ``kv_rows`` is the layer's pool seen
     as ``[rows, D]`` and ``write_index`` says where the rows of ``stack((k, v))`` (``[2, N, Hkv, D]`` flat)
@@ -72,22 +79,23 @@ def _step_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_nor
     instead of a stack and an index_copy of their own per layer. (One buffer for q and kv, written by one
     kernel, was slower on the H100: inductor's kernel for that concatenation took 6.9 µs per layer at 32
     rows against 2 + 2 for two outputs.)"""
-    q, k, v = _project_qkv(rms_norm(x, input_norm, eps), qkv_weight, qkv_bias, cos, sin, head_shapes)
+    q, k, v = _project_qkv(rms_norm(x, input_norm, eps), qkv_weight, qkv_bias, q_norm, k_norm, cos, sin, eps,
+                           head_shapes)
     kv_rows.index_put_((write_index,), torch.stack((k, v)).view(-1, kv_rows.shape[-1]))
     return q
 
 
 def _step_between(x: torch.Tensor, o: torch.Tensor, o_weight: torch.Tensor, post_norm: torch.Tensor,
                   gate_up_weight: torch.Tensor, down_weight: torch.Tensor, next_norm: torch.Tensor,
-                  next_qkv_weight: torch.Tensor, next_qkv_bias: torch.Tensor | None, cos: torch.Tensor,
-                  sin: torch.Tensor, eps: float, head_shapes: tuple[int, int, int], next_kv_rows: torch.Tensor,
-                  write_index: torch.Tensor):
+                  next_qkv_weight: torch.Tensor, next_qkv_bias: torch.Tensor | None, next_q_norm: torch.Tensor | None,
+                  next_k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                  head_shapes: tuple[int, int, int], next_kv_rows: torch.Tensor, write_index: torch.Tensor):
     """A layer's post-attention part and the next layer's pre-attention part as one function, so the
     residual add and the next norm fuse: the layer's output x and the next layer's q (its k and v
     written into ``next_kv_rows``, as ``_step_first`` does)."""
     x = _post_attention(x, o, o_weight, post_norm, gate_up_weight, down_weight, eps)
-    q = _step_first(x, cos, sin, next_norm, next_qkv_weight, next_qkv_bias, eps, head_shapes, next_kv_rows,
-                    write_index)
+    q = _step_first(x, cos, sin, next_norm, next_qkv_weight, next_qkv_bias, next_q_norm, next_k_norm, eps,
+                    head_shapes, next_kv_rows, write_index)
     return x, q
 
 
@@ -103,7 +111,7 @@ def has_triton() -> bool:
 
 
 class DecoderLayer(nn.Module):
-    """One layer's weights, q/k/v and gate/up fused into single matrices."""
+    """One layer's weights, q/k/v and gate/up fused into single matrices (q/k norms: Qwen3 only)."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -115,6 +123,8 @@ class DecoderLayer(nn.Module):
         self.input_norm = empty(hidden)
         self.qkv_weight = empty(qkv_rows, hidden)
         self.qkv_bias = empty(qkv_rows) if config.qkv_bias else None
+        self.q_norm = empty(config.head_dim) if config.qk_norm else None
+        self.k_norm = empty(config.head_dim) if config.qk_norm else None
         self.o_weight = empty(hidden, config.q_size)
         self.post_norm = empty(hidden)
         self.gate_up_weight = empty(2 * config.intermediate_size, hidden)
@@ -122,7 +132,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Weights and dense computation of a Llama/Mistral/Qwen2/SmolLM2 model.
+    """Weights and dense computation of a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model.
 
     Parameters are allocated uninitialised in ``dtype`` on ``device``; a source
     (``actors.model.weights``) fills them.
@@ -173,8 +183,8 @@ class LlamaModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x[N, hidden], positions LongTensor[N] -> q[N,Hq,D], k[N,Hkv,D], v[N,Hkv,D], RoPE applied."""
         weights = self.layers[layer]
-        return self._pre(x, positions, weights.input_norm, weights.qkv_weight, weights.qkv_bias,
-                         self.rope_cos, self.rope_sin, self.config.rms_norm_eps, self._head_shapes)
+        return self._pre(x, positions, weights.input_norm, weights.qkv_weight, weights.qkv_bias, weights.q_norm,
+                         weights.k_norm, self.rope_cos, self.rope_sin, self.config.rms_norm_eps, self._head_shapes)
 
     def post_attention(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """x[N, hidden] (the layer's input), o[N,Hq,D] -> the layer's output x[N, hidden]."""
@@ -191,16 +201,17 @@ class LlamaModel(nn.Module):
         """Layer 0's dense part of a decode step: q[N,Hq,D], its k and v stored at ``write_index`` of
         ``kv_rows`` (layer 0's pool as ``[rows, D]``; RoPE from ``rope_at``)."""
         weights = self.layers[0]
-        return self._first(x, cos, sin, weights.input_norm, weights.qkv_weight, weights.qkv_bias,
-                           self.config.rms_norm_eps, self._head_shapes, kv_rows, write_index)
+        return self._first(x, cos, sin, weights.input_norm, weights.qkv_weight, weights.qkv_bias, weights.q_norm,
+                           weights.k_norm, self.config.rms_norm_eps, self._head_shapes, kv_rows, write_index)
 
     def step_between(self, layer: int, x: torch.Tensor, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      next_kv_rows: torch.Tensor, write_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``post_attention(layer)`` and layer+1's ``step_first`` in one call: (x, q)."""
         weights, following = self.layers[layer], self.layers[layer + 1]
         return self._between(x, o, weights.o_weight, weights.post_norm, weights.gate_up_weight, weights.down_weight,
-                             following.input_norm, following.qkv_weight, following.qkv_bias, cos, sin,
-                             self.config.rms_norm_eps, self._head_shapes, next_kv_rows, write_index)
+                             following.input_norm, following.qkv_weight, following.qkv_bias, following.q_norm,
+                             following.k_norm, cos, sin, self.config.rms_norm_eps, self._head_shapes, next_kv_rows,
+                             write_index)
 
     def compile_dense(self, is_compiled: bool = True, *, backend: str = "inductor") -> None:
         """Run the per-layer dense segments through ``torch.compile`` (CUDA), or back in eager mode

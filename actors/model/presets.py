@@ -37,6 +37,18 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, architecture="Qwen2ForCausalLM",
         **_SPECIALS,
     ),
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, architecture="Qwen3ForCausalLM", **_SPECIALS,
+    ),
+    # Qwen3's layout at tiny's size: q/k norms, heads wider than hidden/heads (as Qwen3-0.6B's), a tied head
+    "tiny-qwen3": ModelConfig(
+        vocab_size=NUM_TEXT_TOKENS + 2, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, architecture="Qwen3ForCausalLM",
+        **_SPECIALS,
+    ),
 }
 
 

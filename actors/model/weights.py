@@ -42,6 +42,9 @@ def hf_slices(model: LlamaModel) -> Iterator[tuple[str, torch.Tensor]]:
             yield prefix + "self_attn.q_proj.bias", layer.qkv_bias[:q]
             yield prefix + "self_attn.k_proj.bias", layer.qkv_bias[q:q + kv]
             yield prefix + "self_attn.v_proj.bias", layer.qkv_bias[q + kv:]
+        if layer.q_norm is not None:
+            yield prefix + "self_attn.q_norm.weight", layer.q_norm
+            yield prefix + "self_attn.k_norm.weight", layer.k_norm
         yield prefix + "self_attn.o_proj.weight", layer.o_weight
         yield prefix + "post_attention_layernorm.weight", layer.post_norm
         yield prefix + "mlp.gate_proj.weight", layer.gate_up_weight[:inter]

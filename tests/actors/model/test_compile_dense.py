@@ -36,9 +36,10 @@ def _segments(model, num_rows: int, seed: int):
     return q, k, v, model.post_attention(1, x, q), first_q, first_rows, *between, between_rows
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])  # tiny-qwen3: the q/k norms in every segment
 @torch.no_grad()
-def test_traced_segments_match_eager_across_batch_sizes_without_recompiling_per_layer():
-    model, _ = load_model("random:tiny", dtype="float32", device="cpu", seed=3)
+def test_traced_segments_match_eager_across_batch_sizes_without_recompiling_per_layer(preset):
+    model, _ = load_model(f"random:{preset}", dtype="float32", device="cpu", seed=3)
     expected = {rows: _segments(model, rows, rows) for rows in (1, 3, 8, 5)}
     model.compile_dense(backend="aot_eager")
     assert model.is_dense_compiled
@@ -58,9 +59,10 @@ def test_traced_segments_match_eager_across_batch_sizes_without_recompiling_per_
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])
 @torch.no_grad()
-def test_inductor_segments_on_cuda_are_close_to_eager():
-    model, _ = load_model("random:tiny", dtype="bfloat16", device="cuda", seed=3)
+def test_inductor_segments_on_cuda_are_close_to_eager(preset):
+    model, _ = load_model(f"random:{preset}", dtype="bfloat16", device="cuda", seed=3)
     expected = {rows: _segments(model, rows, rows) for rows in (1, 4, 16)}
     model.compile_dense()
     assert model.is_dense_compiled

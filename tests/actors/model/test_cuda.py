@@ -63,3 +63,8 @@ def test_llama3_8b_random_weights_fit_without_a_float32_copy():
 @pytest.mark.slow
 def test_llama3_70b_random_weights_fit_an_h200():
     _check_big_preset("llama3-70b")
+
+
+@pytest.mark.slow
+def test_qwen3_8b_random_weights_fit_without_a_float32_copy():
+    _check_big_preset("qwen3-8b")

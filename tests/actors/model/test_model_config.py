@@ -26,6 +26,14 @@ QWEN2_7B = {
     "use_sliding_window": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "hidden_act": "silu",
     "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
 }
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
+    "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "max_position_embeddings": 40960, "max_window_layers": 36, "sliding_window": None,
+    "use_sliding_window": False, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151645,
+}
 
 
 def test_llama31_config_parses():
@@ -40,6 +48,25 @@ def test_llama31_config_parses():
 def test_qwen2_config_has_qkv_bias_and_inactive_window():
     config = ModelConfig.from_hf_dict(QWEN2_7B)
     assert config.qkv_bias and config.architecture == "Qwen2ForCausalLM" and config.eos_token_ids == (151643,)
+
+
+def test_qwen3_config_has_qk_norm_and_matches_the_preset():
+    config = ModelConfig.from_hf_dict(QWEN3_8B)
+    assert config.qk_norm and not config.qkv_bias and config.architecture == "Qwen3ForCausalLM"
+    preset = PRESETS["qwen3-8b"]
+    assert dataclasses.replace(config, bos_token_id=preset.bos_token_id, eos_token_ids=preset.eos_token_ids) == preset
+    assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+    assert not ModelConfig.from_hf_dict(LLAMA31_8B).qk_norm
+
+
+def test_qwen3_moe_and_attention_bias_are_refused():
+    moe = {**QWEN3_8B, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128}
+    with pytest.raises(ModelError, match="'Qwen3MoeForCausalLM' \\(mixture-of-experts models are not supported\\)"):
+        ModelConfig.from_hf_dict(moe)
+    with pytest.raises(ModelError, match="'qwen3_moe' \\(mixture-of-experts"):
+        ModelConfig.from_hf_dict({k: v for k, v in moe.items() if k != "architectures"})
+    with pytest.raises(ModelError, match="attention_bias=true .* qwen3 model"):
+        ModelConfig.from_hf_dict({**QWEN3_8B, "attention_bias": True})
 
 
 def test_transformers5_rope_parameters_form():
@@ -104,13 +131,24 @@ def test_active_sliding_window_is_refused():
     assert ModelConfig.from_hf_dict({**mistral, "sliding_window": None}).architecture == "MistralForCausalLM"
     with pytest.raises(ModelError, match="sliding window"):
         ModelConfig.from_hf_dict({**QWEN2_7B, "use_sliding_window": True, "max_window_layers": 20})
+    window = {**QWEN3_8B, "use_sliding_window": True, "sliding_window": 4096}
+    assert ModelConfig.from_hf_dict(window).qk_norm  # max_window_layers = all 36 layers: none is windowed
+    with pytest.raises(ModelError, match="sliding window \\(4096 tokens\\)"):
+        ModelConfig.from_hf_dict({**window, "max_window_layers": 28})
+    # transformers 5 writes layer_types, which it follows instead of max_window_layers
+    full, sliding = ["full_attention"] * 36, ["full_attention"] * 28 + ["sliding_attention"] * 8
+    assert ModelConfig.from_hf_dict({**window, "max_window_layers": 28, "layer_types": full}).qk_norm
+    with pytest.raises(ModelError, match="sliding window"):
+        ModelConfig.from_hf_dict({**window, "layer_types": sliding})
+    assert ModelConfig.from_hf_dict({**QWEN3_8B, "layer_types": sliding}).qk_norm  # use_sliding_window false
 
 
 def test_sizes_of_known_models():
-    # published parameter counts: Llama-3.1-8B 8.03B, 70B 70.55B, Qwen2-7B 7.62B, SmolLM2-135M 134.5M
+    # published parameter counts: Llama-3.1-8B 8.03B, 70B 70.55B, Qwen2-7B 7.62B, Qwen3-8B 8.19B, SmolLM2-135M 134.5M
     assert round(PRESETS["llama3-8b"].num_params / 1e9, 2) == 8.03
     assert round(PRESETS["llama3-70b"].num_params / 1e9, 2) == 70.55
     assert round(PRESETS["qwen2-7b"].num_params / 1e9, 2) == 7.62
+    assert round(PRESETS["qwen3-8b"].num_params / 1e9, 2) == 8.19
     assert round(PRESETS["smollm2-135m"].num_params / 1e6, 1) == 134.5
     assert PRESETS["llama3-8b"].kv_bytes_per_token(2) == 128 * 1024  # DESIGN.md: 128 KiB per token
     assert PRESETS["llama3-8b"].weight_bytes(2) == 2 * PRESETS["llama3-8b"].num_params
