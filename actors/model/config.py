@@ -148,7 +148,7 @@ class ModelConfig:
         return ARCHITECTURES[self.architecture][0]
 
     @property
-    def qk_norm(self) -> bool:
+    def has_qk_norm(self) -> bool:
         """Qwen3: an RMSNorm over each head of q and of k, before RoPE (the architecture's, never a choice: a
         Qwen3 without them would be another model under the same name)."""
         return ARCHITECTURES[self.architecture][2]
@@ -163,7 +163,7 @@ class ModelConfig:
         per_layer = (
             hidden * (self.q_size + 2 * self.kv_size)  # qkv
             + (self.q_size + 2 * self.kv_size if self.qkv_bias else 0)
-            + (2 * self.head_dim if self.qk_norm else 0)  # q and k norms
+            + (2 * self.head_dim if self.has_qk_norm else 0)  # q and k norms
             + self.q_size * hidden  # o
             + 3 * hidden * self.intermediate_size  # gate, up, down
             + 2 * hidden  # two norms
@@ -312,26 +312,23 @@ def _has_window_layers(raw: dict[str, Any]) -> bool:
 
 
 def _parse_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
-    """RoPE's theta and scaling. transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters,
-    which may lack the theta (then top-level) and may sit beside a rope_scaling added by hand: transformers applies
-    whichever of the two scales, so both are read (a scaling ignored here gave wrong tokens without a word)."""
-    params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    scalings = [s for s in (params, raw.get("rope_scaling")) if isinstance(s, dict)
-                and s.get("rope_type", s.get("type", "default")) != "default"]
-    kinds = {s.get("rope_type", s.get("type")) for s in scalings}
-    if not scalings:
+    """RoPE's theta and scaling, read as transformers reads them. 4.x writes rope_theta + rope_scaling; 5.x writes
+    rope_parameters, which may lack the theta (then the top-level one). A rope_scaling beside it (added by hand, as
+    guides say) replaces it whole, theta included (its own, else the top-level one, else 10000): mixing the two
+    fields, or reading one of them only, gave other RoPE values than transformers' without a word."""
+    scaling, params = raw.get("rope_scaling"), raw.get("rope_parameters")
+    source = scaling if isinstance(scaling, dict) else params if isinstance(params, dict) else {}
+    theta = float(source.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = source.get("rope_type", source.get("type", "default"))
+    if kind == "default":
         return theta, None
-    if len(kinds) > 1:
-        raise ModelError(f"rope_parameters and rope_scaling name different RoPE scalings ({', '.join(sorted(kinds))})")
-    scaling, kind = scalings[0], kinds.pop()
     if kind != "llama3":
         raise ModelError(f"unsupported rope_scaling type {kind!r}; supported: llama3")
     return theta, Llama3RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        factor=float(source["factor"]),
+        low_freq_factor=float(source["low_freq_factor"]),
+        high_freq_factor=float(source["high_freq_factor"]),
+        original_max_position_embeddings=int(source["original_max_position_embeddings"]),
     )
 
 

@@ -52,11 +52,11 @@ def test_qwen2_config_has_qkv_bias_and_inactive_window():
 
 def test_qwen3_config_has_qk_norm_and_matches_the_preset():
     config = ModelConfig.from_hf_dict(QWEN3_8B)
-    assert config.qk_norm and not config.qkv_bias and config.architecture == "Qwen3ForCausalLM"
+    assert config.has_qk_norm and not config.qkv_bias and config.architecture == "Qwen3ForCausalLM"
     preset = PRESETS["qwen3-8b"]
     assert dataclasses.replace(config, bos_token_id=preset.bos_token_id, eos_token_ids=preset.eos_token_ids) == preset
     assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
-    assert not ModelConfig.from_hf_dict(LLAMA31_8B).qk_norm
+    assert not ModelConfig.from_hf_dict(LLAMA31_8B).has_qk_norm
 
 
 def test_qwen3_moe_and_attention_bias_are_refused():
@@ -75,21 +75,39 @@ def test_transformers5_rope_parameters_form():
     assert ModelConfig.from_hf_dict(raw) == ModelConfig.from_hf_dict(LLAMA31_8B)
 
 
-def test_a_scaling_in_either_rope_field_is_read():
-    """transformers 5 applies a rope_scaling added beside a default rope_parameters, and a rope_parameters without
-    its theta; both loaded unscaled here (wrong tokens without a word)."""
+def _llama3(factor: float) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("fields", [
+    {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "rope_scaling": _llama3(8.0)},
+    {"rope_theta": 500000.0, "rope_parameters": _llama3(8.0)},
+    {"rope_parameters": {"rope_theta": 500000.0, **_llama3(8.0)}, "rope_scaling": _llama3(2.0)},
+    {"rope_theta": 1000.0, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}},
+    {"rope_theta": 1000.0, "rope_scaling": {"rope_theta": 500000.0, **_llama3(8.0)}},
+    {"rope_theta": 500000.0, "rope_scaling": _llama3(8.0)},
+], ids=["scaling-beside-default-parameters", "parameters-without-theta", "two-llama3-factors",
+        "parameters-theta-over-top-level", "scaling-with-its-own-theta", "transformers-4"])
+def test_rope_fields_are_read_as_transformers_reads_them(fields):
+    """A rope_scaling added beside a transformers-5 rope_parameters, a rope_parameters without its theta, ...: one
+    of them was dropped or the two mixed, and the model loaded with other RoPE values than transformers' (wrong
+    tokens without a word)."""
+    transformers = pytest.importorskip("transformers")
     plain = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_theta", "rope_scaling")}
-    beside = {**plain, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
-              "rope_scaling": LLAMA31_8B["rope_scaling"]}
-    no_theta = {**plain, "rope_theta": 500000.0, "rope_parameters": LLAMA31_8B["rope_scaling"]}
-    for raw in (beside, no_theta):
-        assert ModelConfig.from_hf_dict(raw) == ModelConfig.from_hf_dict(LLAMA31_8B)
-    for raw in ({**beside, "rope_scaling": {"type": "linear", "factor": 2.0}},
-                {**no_theta, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}):
+    expected = transformers.LlamaConfig(**json.loads(json.dumps({**plain, **fields}))).rope_parameters
+    ours = ModelConfig.from_hf_dict({**plain, **fields})
+    assert ours.rope_theta == expected["rope_theta"]
+    assert (ours.rope_scaling and ours.rope_scaling.factor) == expected.get("factor")
+
+
+def test_a_rope_scaling_of_another_kind_in_either_field_is_refused():
+    plain = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    linear = {"rope_type": "linear", "factor": 2.0}
+    for fields in ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}, "rope_scaling": linear},
+                   {"rope_theta": 5e5, "rope_parameters": linear}):
         with pytest.raises(ModelError, match="unsupported rope_scaling type 'linear'"):
-            ModelConfig.from_hf_dict(raw)
-    with pytest.raises(ModelError, match="different RoPE scalings"):
-        ModelConfig.from_hf_dict({**beside, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+            ModelConfig.from_hf_dict({**plain, **fields})
 
 
 def test_to_hf_dict_round_trips():
@@ -132,15 +150,15 @@ def test_active_sliding_window_is_refused():
     with pytest.raises(ModelError, match="sliding window"):
         ModelConfig.from_hf_dict({**QWEN2_7B, "use_sliding_window": True, "max_window_layers": 20})
     window = {**QWEN3_8B, "use_sliding_window": True, "sliding_window": 4096}
-    assert ModelConfig.from_hf_dict(window).qk_norm  # max_window_layers = all 36 layers: none is windowed
+    assert ModelConfig.from_hf_dict(window).has_qk_norm  # max_window_layers = all 36 layers: none is windowed
     with pytest.raises(ModelError, match="sliding window \\(4096 tokens\\)"):
         ModelConfig.from_hf_dict({**window, "max_window_layers": 28})
     # transformers 5 writes layer_types, which it follows instead of max_window_layers
     full, sliding = ["full_attention"] * 36, ["full_attention"] * 28 + ["sliding_attention"] * 8
-    assert ModelConfig.from_hf_dict({**window, "max_window_layers": 28, "layer_types": full}).qk_norm
+    assert ModelConfig.from_hf_dict({**window, "max_window_layers": 28, "layer_types": full}).has_qk_norm
     with pytest.raises(ModelError, match="sliding window"):
         ModelConfig.from_hf_dict({**window, "layer_types": sliding})
-    assert ModelConfig.from_hf_dict({**QWEN3_8B, "layer_types": sliding}).qk_norm  # use_sliding_window false
+    assert ModelConfig.from_hf_dict({**QWEN3_8B, "layer_types": sliding}).has_qk_norm  # use_sliding_window false
 
 
 def test_sizes_of_known_models():
