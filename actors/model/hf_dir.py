@@ -8,6 +8,7 @@ recommended sampling defaults).
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,12 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 
 class _TorchFile:
     """A ``pytorch_model*.bin`` read as a safetensors handle is: its tensors by name. Loaded with
-    ``weights_only`` (no code from the file runs) and memory-mapped."""
+    ``weights_only`` (no code from the file runs), memory-mapped where the file is torch's zip format (the
+    pre-1.6 format cannot be; vLLM loads it too)."""
 
     def __init__(self, path: Path) -> None:
         try:
-            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as exc:  # a damaged or non-torch file: pickle, zip and torch raise many kinds
             raise ModelError(f"corrupt weights file {path}: {exc}") from None
         if not isinstance(self._tensors, dict):

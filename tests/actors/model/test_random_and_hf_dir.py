@@ -113,11 +113,14 @@ def test_a_folder_of_pytorch_model_bin_files_loads_the_same_weights(written_tiny
 
     state = load_file(written_tiny / "model.safetensors")
     names = sorted(state)
-    for folder, shards in ((tmp_path / "one", [names]), (tmp_path / "two", [names[::2], names[1::2]])):
+    cases = ((tmp_path / "one", [names], True), (tmp_path / "two", [names[::2], names[1::2]], True),
+             (tmp_path / "legacy", [names], False))  # torch's format before 1.6: no mmap
+    for folder, shards, is_zip in cases:
         _copy_folder(written_tiny, folder)
         (folder / "model.safetensors").unlink()
         for number, part in enumerate(shards, start=1):
-            torch.save({name: state[name] for name in part}, folder / f"pytorch_model-{number:05d}.bin")
+            torch.save({name: state[name] for name in part}, folder / f"pytorch_model-{number:05d}.bin",
+                       _use_new_zipfile_serialization=is_zip)
         back, _ = load_model(str(folder), dtype="float32", device="cpu")
         expected, _ = load_model(str(written_tiny), dtype="float32", device="cpu")
         assert all(torch.equal(x, y) for x, y in zip(expected.parameters(), back.parameters()))
