@@ -162,8 +162,9 @@ class ResponseBuilder:
     def _completion_top(self, token_id: int, logprob: float | None,
                         top: Sequence[tuple[int, float]]) -> dict[str, float | None]:
         """The token itself, then the top ones (as vLLM and OpenAI: up to N + 1 entries). Tokens of the same text
-        (byte tokens all show as U+FFFD) share a key, which holds the later one's, as vLLM's: the best token's value
-        wins over the sampled one's, so a client's "is the token the best" check (lm-eval's is_greedy) stays true."""
+        (byte tokens all show as U+FFFD) share a key, which holds the last of them, as vLLM's dict does: a top token
+        after the sampled one overrides its value (with logprobs 1, the best token's: lm-eval's is_greedy check is
+        then right; with more, a lower-ranked namesake may override it in vLLM too)."""
         shown = {self.logprob_token(token_id): _shown_logprob(logprob)}
         for top_id, top_logprob in top:
             shown[self.logprob_token(top_id)] = _shown_logprob(top_logprob)

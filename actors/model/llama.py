@@ -123,8 +123,8 @@ class DecoderLayer(nn.Module):
         self.input_norm = empty(hidden)
         self.qkv_weight = empty(qkv_rows, hidden)
         self.qkv_bias = empty(qkv_rows) if config.qkv_bias else None
-        self.q_norm = empty(config.head_dim) if config.qk_norm else None
-        self.k_norm = empty(config.head_dim) if config.qk_norm else None
+        self.q_norm = empty(config.head_dim) if config.has_qk_norm else None
+        self.k_norm = empty(config.head_dim) if config.has_qk_norm else None
         self.o_weight = empty(hidden, config.q_size)
         self.post_norm = empty(hidden)
         self.gate_up_weight = empty(2 * config.intermediate_size, hidden)

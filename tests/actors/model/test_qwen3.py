@@ -57,7 +57,7 @@ def _prompt(tokenizer) -> list[int]:
 def test_config_written_by_transformers_parses(transformers_folder):
     folder, _ = transformers_folder
     config = load_model(str(folder), dtype="float32", device="cpu")[0].config
-    assert config.architecture == "Qwen3ForCausalLM" and config.qk_norm and not config.qkv_bias
+    assert config.architecture == "Qwen3ForCausalLM" and config.has_qk_norm and not config.qkv_bias
     assert (config.head_dim, config.q_size, config.hidden_size) == (32, 128, 64)
 
 
@@ -100,7 +100,7 @@ def test_make_random_model_folder_round_trips_and_transformers_agrees(tmp_path):
     make_random_model("tiny-qwen3", SEED, out)
     ours, tokenizer = load_model("random:tiny-qwen3", dtype="float32", device="cpu", seed=SEED)
     back, _ = load_model(str(out), dtype="float32", device="cpu")
-    assert back.config == ours.config and ours.config.qk_norm
+    assert back.config == ours.config and ours.config.has_qk_norm
     assert all(torch.equal(x, y) for x, y in zip(ours.parameters(), back.parameters()))
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                                      output_loading_info=True)
