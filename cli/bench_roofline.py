@@ -122,18 +122,25 @@ def weight_bytes_read(model, batch: int) -> int:
     return total
 
 
+def transformers_model(cfg):
+    """transformers' own model of ``cfg``'s architecture (Qwen2's biases, Qwen3's q/k norms: a Llama of the same
+    sizes would leave them out of the baseline), random weights in the default dtype and device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.model_type, **fields))
+
+
 def transformers_step_ms(cfg, batch: int, prompt_len: int, output_len: int, device, *, is_compiled: bool) -> float:
     """transformers ``generate`` with a static cache: (t(1 + N) - t(1)) / N per step. Both lengths
     run once untimed first, so a compiled forward (``is_compiled``) compiles outside the timed calls."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(hf).eval()
+            model = transformers_model(cfg).eval()
     finally:
         torch.set_default_dtype(previous)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)

@@ -56,3 +56,16 @@ def test_gpu_kv_memory_gone_once_the_model_is_loaded_is_one_line_error(monkeypat
                                         "--batch", "2", "--prompt-len", "4", "--output-len", "2"])
     assert_one_line_error(result, "--gpu-kv-memory: GPU KV memory of 2.0 MiB is more than this host has available "
                                   "(0.0 MiB)")
+
+
+@pytest.mark.parametrize("preset, architecture", [("tiny", "LlamaForCausalLM"), ("tiny-qwen3", "Qwen3ForCausalLM")])
+def test_the_transformers_baseline_is_the_presets_own_architecture(preset, architecture):
+    """roofline's transformers baseline was a Llama of the same sizes for every preset: without Qwen3's q/k norms
+    (or Qwen2's biases) it did less work than the model it stood for."""
+    pytest.importorskip("transformers")
+    from fastdecode.actors.model.presets import PRESETS
+
+    model = bench_roofline.transformers_model(PRESETS[preset])
+    assert type(model).__name__ == architecture
+    ours = PRESETS[preset].num_params
+    assert sum(p.numel() for p in model.parameters()) == ours
