@@ -91,3 +91,23 @@ def test_bad_values_are_refused(fields, param):
     with pytest.raises(RequestError) as caught:
         SamplingParams(**fields)
     assert caught.value.param == param
+
+
+def test_large_biases_on_several_rows_add_exactly_what_they_say():
+    """Biases over much of the vocabulary (the whole of it on one row), none on another: each row's logits move by
+    its own biases, ids past the vocabulary left out; greedy rows then take the biased argmax."""
+    from fastdecode.actors.sampling import _add_logit_bias
+
+    vocab, gen = 300, torch.Generator().manual_seed(0)
+    dense = [torch.zeros(vocab), torch.zeros(vocab), torch.zeros(vocab)]
+    biases = [{t: float(torch.randint(-100, 101, (), generator=gen)) for t in range(vocab + 5)},  # 5 past it
+              {}, {t: 3.5 for t in range(0, vocab, 7)}]
+    for row, bias in zip(dense, biases):
+        for token_id, value in bias.items():
+            if token_id < vocab:
+                row[token_id] = value
+    rows = [SamplingRow(SamplingParams(temperature=0.0, logit_bias=bias), [1], []) for bias in biases]
+    logits = torch.randn(3, vocab, generator=gen)
+    biased = logits.clone()
+    _add_logit_bias(biased, rows)
+    torch.testing.assert_close(biased, logits + torch.stack(dense), rtol=0, atol=0)
