@@ -369,16 +369,15 @@ class Executor:
                     continue
                 if placing is not None:
                     await placing
-                placing = asyncio.ensure_future(self._place(job.seq, job.node_index, job.is_resumed, *computed,
-                                                            job.prompt_logprobs))
+                placing = asyncio.ensure_future(self._place(job, *computed))
             if placing is not None:
                 await placing
         finally:
             if placing is not None and not placing.done():
                 placing.cancel()
 
-    async def _place(self, seq: Sequence, node_index: int, is_resumed: bool, logits, k, v,
-                     prompt_logprobs: tuple | None) -> None:
+    async def _place(self, job: PrefillJob, logits, k, v) -> None:
+        seq, node_index = job.seq, job.node_index
         node = self.nodes[node_index]
         # placed from here on (as the scheduler sees it): a node failure requeues it at the next step
         seq.node_index, seq.node_epoch, seq.status = node_index, node.epoch, SeqStatus.RUNNING
@@ -403,8 +402,8 @@ class Executor:
         if seq.is_recovering:
             seq.is_recovering = False
             self.num_recovered += 1
-        if not is_resumed:
-            await self._sample_and_emit([seq], logits, prompt_logprobs=prompt_logprobs)
+        if not job.is_resumed:
+            await self._sample_and_emit([seq], logits, prompt_logprobs=job.prompt_logprobs)
 
     # ---- decode -------------------------------------------------------------------------------
     async def _decode(self, groups: list[list[Sequence]]) -> None:
@@ -467,22 +466,16 @@ class Executor:
         """Token ids, logprobs and top logprobs as Python values (runs on the dense thread).
         ``is_ahead``: launch the next step with the sampled tokens before they reach the host."""
         out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=self._eos_tuple)
-        fields = [t for t in (out.token_ids, out.logprobs, out.top_token_ids, out.top_logprobs) if t is not None]
+        fields = out.tensors
         if is_ahead and self.runner.is_cuda:  # copied out on the side stream, so reading them waits only for them
             fields, copied = self.runner.start_host_copies(fields)
             is_ahead = self.decoder.launch_ahead(out.token_ids)
             copied.synchronize()
         elif is_ahead:
             is_ahead = self.decoder.launch_ahead(out.token_ids)
-        values = [t.tolist() for t in fields]
-        token_ids = values[0]
+        token_ids, logprobs, tops = out.rows([t.tolist() for t in fields], [s.params.logprobs for s in seqs])
         if is_ahead:
             self.decoder.confirm_ahead(token_ids)
-        logprobs = values[1] if out.logprobs is not None else [None] * len(seqs)
-        tops: list[tuple] = [()] * len(seqs)
-        if out.top_token_ids is not None:
-            ids, lps = values[2], values[3]
-            tops = [tuple(zip(ids[i], lps[i]))[: s.params.logprobs or 0] for i, s in enumerate(seqs)]
         return token_ids, logprobs, tops
 
     async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False,

@@ -69,6 +69,22 @@ class SamplerOutput:
     top_token_ids: torch.Tensor | None = None  # [B, N] by decreasing logprob
     top_logprobs: torch.Tensor | None = None  # [B, N]
 
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The fields this output has, in order (what goes to the host)."""
+        return [t for t in (self.token_ids, self.logprobs, self.top_token_ids, self.top_logprobs) if t is not None]
+
+    def rows(self, values: list[list], num_logprobs: Sequence[int | None]) -> tuple[list, list, list]:
+        """``values`` (``tensors`` as host lists) per row: token ids, logprobs (None where not made) and top
+        ``(token id, logprob)`` pairs, each row's cut to its own ``num_logprobs`` (None: none)."""
+        num_rows = len(num_logprobs)
+        logprobs = values[1] if self.logprobs is not None else [None] * num_rows
+        tops: list[tuple] = [()] * num_rows
+        if self.top_token_ids is not None:
+            ids, lps = values[2], values[3]
+            tops = [tuple(zip(ids[i], lps[i]))[: n or 0] for i, n in enumerate(num_logprobs)]
+        return values[0], logprobs, tops
+
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A request's own generator (None without a seed: it then shares torch's default one)."""
