@@ -223,18 +223,13 @@ class StepGraphs:
         the scheduler's whole-step model starts from. Captures those buckets. Runs on the dense thread."""
         samples = []
         for batch, rows in self._graph_rows(batches):
-            bucket = self._bucket(rows)
-            bucket.inputs.copy_(torch.from_numpy(padding_inputs(self.node, rows)))
+            bucket = self._padding_bucket(rows)
             best = float("inf")
             for repeat in range(repeats + 1):  # the first is a warm-up
                 if self.is_graphed:
                     torch.cuda.synchronize(self.model.device)
                 start = time.perf_counter()
-                if self.is_graphed:
-                    bucket.graph.replay()
-                    torch.cuda.synchronize(self.model.device)
-                else:
-                    step_program(self.model, self.node, bucket.inputs)
+                self._run_once(bucket)
                 if repeat:
                     best = min(best, time.perf_counter() - start)
             samples.append((batch, best))
@@ -244,12 +239,21 @@ class StepGraphs:
         """Makes the buckets of ``batches`` (compiles, captures) and runs each once over padding rows, as its
         first mini-batch would (it writes only scratch columns). Runs on the dense thread."""
         for _, rows in self._graph_rows(batches):
-            bucket = self._bucket(rows)
-            bucket.inputs.copy_(torch.from_numpy(padding_inputs(self.node, rows)))
-            if self.is_graphed:
-                bucket.graph.replay()
-            else:
-                step_program(self.model, self.node, bucket.inputs)
+            self._run_once(self._padding_bucket(rows))
+
+    def _padding_bucket(self, rows: int) -> _Bucket:
+        """The bucket of ``rows`` rows (made if new), its inputs all padding."""
+        bucket = self._bucket(rows)
+        bucket.inputs.copy_(torch.from_numpy(padding_inputs(self.node, rows)))
+        return bucket
+
+    def _run_once(self, bucket: _Bucket) -> None:
+        """One step of ``bucket``'s program, done when this returns: its replay on CUDA, else eagerly."""
+        if self.is_graphed:
+            bucket.graph.replay()
+            torch.cuda.synchronize(self.model.device)
+        else:
+            step_program(self.model, self.node, bucket.inputs)
 
     def _graph_rows(self, batches) -> list[tuple[int, int]]:
         """(batch, its bucket's rows) for each of ``batches`` that runs as a graph (the eager path runs the
