@@ -230,10 +230,7 @@ class Executor:
         plan = self.scheduler.schedule()
         for preemption in plan.preempted:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
-        for admission in plan.admitted:
-            if self.nodes[admission.node_id].is_kept:  # a draining node takes no new sequence: back in the queue
-                self.scheduler.preempt(admission.seq_id)
-                continue
+        for admission in plan.admitted:  # never to a kept draining node: _apply_node_changes closed it
             self.prefills.add(self._sequences[admission.seq_id], admission.node_id)
         if self.prefills:
             self._emit_pending()  # prefills take a while: the streams should not wait for them

@@ -129,15 +129,19 @@ class GuardedNode(KVNode):
         the Executor marks the node dead only at its next ``refresh``, a step boundary."""
         if self.state is NodeState.DEAD:
             return False
-        client = getattr(self.inner, "client", None)
-        return client is None or client.is_alive
+        return self._shard_client is None or self._shard_client.is_alive
+
+    @property
+    def _shard_client(self):
+        """The shard client of a node over ZeroMQ (its heartbeats); None for a node on the Executor's device."""
+        return getattr(self.inner, "client", None)
 
     def refresh(self) -> None:
         """Notice what the heartbeats told between calls: a loss (of a live node, or a draining one kept serving),
         or a shard that drains (its Pongs say so)."""
         if (self.is_alive or self.is_kept) and not self.is_answering:
             self.mark(NodeState.DEAD, "no heartbeat answer")
-        elif self.is_alive and getattr(getattr(self.inner, "client", None), "is_draining", False):
+        elif self.is_alive and self._shard_client is not None and self._shard_client.is_draining:
             self.mark(NodeState.DRAINING, "its heartbeat says it drains")
 
     def mark(self, state: NodeState, reason: str) -> None:

@@ -8,8 +8,8 @@ of its own waits in the step.
 
 At a step boundary (``retire_nodes``) a draining node leaves like a failed one when some other live node
 of the scheduler could take its sequences: they are requeued, rebuilt there, and freed on it. With no such
-node it is *kept* (``GuardedNode.is_kept``): its sequences go on decoding there, it takes no new one (the
-Executor puts an admission to it back in the queue, and refuses new requests while no node is live), and it
+node it is *kept* (``GuardedNode.is_kept``): its sequences go on decoding there, it takes no new one (it is
+closed in the scheduler, and the Executor refuses new requests while no node is live), and it
 leaves as soon as another node is live (one came back) or it fails (its drain deadline passed, or it died).
 """
 from __future__ import annotations

@@ -16,5 +16,5 @@ LOG_LEVEL_OPTION = click.option("--log-level", type=click.Choice(LOG_LEVELS), de
 def configure_logging(log_level: str) -> None:
     """Log records at ``log_level`` (one of ``LOG_LEVELS``) and above to stderr, one line each."""
     level = log_level.upper()
-    logging.basicConfig(stream=sys.stderr, level=level, format=LOG_FORMAT)
-    logging.getLogger().setLevel(level)  # basicConfig leaves an already configured root as it is
+    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT)
+    logging.getLogger().setLevel(level)  # here, not in basicConfig, which leaves a configured root as it is

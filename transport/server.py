@@ -123,20 +123,13 @@ class RpcServer:
 
     def _note_peer(self, peer: bytes, client_id: int, *, is_closing: bool) -> None:
         """A Ping naming no client (0) leaves what the peer declared before; a closing one forgets it."""
-        peers = self._peer_client_ids
         if is_closing or client_id:
-            peers.pop(peer, None)
+            self._peer_client_ids.pop(peer, None)
         if client_id and not is_closing:
-            peers[peer] = client_id
-            while len(peers) > MAX_PEERS:
-                del peers[next(iter(peers))]
+            _remember(self._peer_client_ids, peer, client_id, MAX_PEERS)
 
     def _note_ping(self, client_id: int) -> None:
-        pings = self._last_ping_s
-        pings.pop(client_id, None)
-        pings[client_id] = time.monotonic()  # the newest last: the oldest go first when there are too many
-        while len(pings) > MAX_PING_CLIENTS:
-            del pings[next(iter(pings))]
+        _remember(self._last_ping_s, client_id, time.monotonic(), MAX_PING_CLIENTS)
 
     def seconds_since_ping(self, client_id: int) -> float | None:
         """Seconds since a heartbeat tagged ``client_id`` came (None: none remembered)."""
@@ -174,3 +167,12 @@ class RpcServer:
         if self._pump is not None:
             self._pump.close(linger_ms=LINGER_MS)
             self._pump = None
+
+
+def _remember(entries: dict, key, value, limit: int) -> None:
+    """``entries[key] = value`` as the newest entry, the oldest dropped past ``limit`` (a peer flooding new ids
+    cannot grow the map)."""
+    entries.pop(key, None)
+    entries[key] = value
+    while len(entries) > limit:
+        del entries[next(iter(entries))]

@@ -35,7 +35,6 @@ _TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                   20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                 240.0, 480.0, 960.0, 1920.0, 7680.0)
-_N_BUCKETS = (1, 2, 5, 10, 20)
 _MAX_COUNT_BUCKET = 1_000_000
 
 
@@ -92,7 +91,7 @@ class FrontendMetrics:
         self.request_params_max_tokens = self._histogram(
             "fastdecode_request_params_max_tokens", "The max_tokens of each finished request.", counts)
         self.request_params_n = self._histogram(
-            "fastdecode_request_params_n", "The n (samples per prompt) of each admitted prompt.", _N_BUCKETS)
+            "fastdecode_request_params_n", "The n (samples per prompt) of each admitted prompt.", count_buckets(20))
         self.num_requests_waiting = self._gauge("fastdecode_num_requests_waiting", "Requests waiting to be admitted.")
         self.num_requests_running = self._gauge("fastdecode_num_requests_running", "Sequences in the decode batch.")
         self.kv_cache_usage_perc = self._gauge(
