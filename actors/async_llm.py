@@ -199,9 +199,10 @@ class AsyncLLM:
     def encode(self, prompt: PromptInput) -> list[int]:
         return self.tokenize(prompt).token_ids
 
-    def check_prompt(self, prompt: TokenizedPrompt) -> None:
-        """RequestError if the Executor would refuse the prompt (empty, unknown ids, too long)."""
-        check_prompt(prompt.token_ids, self.model_config.vocab_size, self.max_model_len)
+    def check_prompt(self, prompt: TokenizedPrompt, params: SamplingParams | None = None) -> None:
+        """RequestError if the Executor would refuse the prompt (empty, unknown ids, too long) or ``params``
+        (a logit_bias outside the vocabulary)."""
+        check_prompt(prompt.token_ids, self.model_config.vocab_size, self.max_model_len, params)
 
     def check_open(self) -> None:
         if self.is_closed:
@@ -312,11 +313,11 @@ class AsyncLLM:
         self.check_open()
         batch = [self.tokenize(p) for p in as_batch(prompts)]
         per_prompt = params_per_prompt(params, len(batch), default=self.default_params)
-        for i, prompt in enumerate(batch):
+        for i, (prompt, prompt_params) in enumerate(zip(batch, per_prompt)):
             try:
-                self.check_prompt(prompt)
+                self.check_prompt(prompt, prompt_params)
             except RequestError as exc:
-                raise RequestError(f"prompt {i}: {exc}", "prompt") from None
+                raise RequestError(f"prompt {i}: {exc}", exc.param or "prompt") from None
         return list(zip(batch, per_prompt))
 
     async def run_batch(self, batch: Sequence[tuple[TokenizedPrompt, SamplingParams]], *,

@@ -159,7 +159,7 @@ class Executor:
             raise UnavailableError("the server is shutting down and takes no new requests")
         if not self.has_live_node:
             raise no_live_node_error(self.nodes)
-        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len)
+        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
         seq_id = next(self._ids)

@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fastdecode.actors.request import RequestError
+from fastdecode.actors.request import RequestError, SamplingParams
 from fastdecode.scheduler import SchedulerConfig
 
 if TYPE_CHECKING:
@@ -79,8 +79,13 @@ class ExecutorConfig:
         return node_tokens
 
 
-def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int) -> None:
-    """RequestError unless the prompt is token ids of the vocabulary that leave room for one more."""
+def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
+                 params: SamplingParams | None = None) -> None:
+    """RequestError unless the prompt is token ids of the vocabulary that leave room for one more, and the
+    ``logit_bias`` of ``params`` (when given) names tokens of the vocabulary (as vLLM: a 400 over HTTP)."""
+    if params is not None and params.logit_bias and params.logit_bias[-1][0] >= vocab_size:  # sorted by id
+        raise RequestError(f"logit_bias token id {params.logit_bias[-1][0]} is outside the vocabulary (size "
+                           f"{vocab_size})", "logit_bias")
     if not prompt_ids:
         raise RequestError("the prompt is empty")
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):

@@ -30,8 +30,8 @@ class SamplingParams:
     ``temperature < SAMPLING_EPS`` (0 included) is greedy: a smaller one would
     underflow in float32 and divide by zero.  ``top_k`` -1 or 0, ``top_p == 1`` and ``min_p == 0`` disable
     those filters.  ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits (OpenAI's; a
-    dict or pairs, stored as sorted pairs); ids past the vocabulary are the caller's to refuse.  ``seed`` makes a
-    sampled request reproducible on its own, whatever else is in the batch.  ``stop`` is one stop string or a
+    dict or pairs, stored as sorted pairs); ids past the vocabulary are refused at submission
+    (``check_prompt``).  ``seed`` makes a sampled request reproducible on its own, whatever else is in the batch.  ``stop`` is one stop string or a
     sequence of them, ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.
     """
 

@@ -141,17 +141,17 @@ def _add_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     row_index = torch.cat([torch.full((ids.shape[0],), index, dtype=torch.int64) for index, ids, _ in biased])
     token_index = torch.cat([ids for _, ids, _ in biased])
     bias = torch.cat([values for _, _, values in biased])
-    kept = token_index < logits.shape[1]
+    kept = token_index < logits.shape[1]  # the Executor refuses such ids (check_prompt); sample() is public
     device = logits.device
     logits.index_put_((row_index[kept].to(device, non_blocking=True), token_index[kept].to(device, non_blocking=True)),
                       bias[kept].to(device, non_blocking=True), accumulate=True)
 
 
 def _min_p_mask(scaled: torch.Tensor, min_p: list[float]) -> torch.Tensor:
-    """True where a token's probability is below its row's ``min_p`` times the best token's (vLLM's min_p)."""
-    probs = scaled.softmax(dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * _upload(min_p, torch.float32, scaled.device).unsqueeze(1)
-    return probs < threshold
+    """True where a token's probability is below its row's ``min_p`` times the best token's (vLLM's min_p), in
+    log space: ``p < min_p * p_max`` is ``logit < logit_max + log(min_p)`` (no softmax; min_p 0 masks nothing)."""
+    log_min_p = _upload(min_p, torch.float32, scaled.device).log().unsqueeze(1)
+    return scaled < scaled.amax(dim=-1, keepdim=True) + log_min_p
 
 
 def _top_k_top_p_mask(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

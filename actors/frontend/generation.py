@@ -33,7 +33,7 @@ from fastdecode.actors.api import AsyncLLM, StreamOutput, SubmittedStream
 from fastdecode.actors.executor import QueueFullError, UnavailableError
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
-from fastdecode.actors.frontend.openai_request import GenerateRequest, check_logit_bias
+from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import RequestError, SamplingParams
@@ -219,8 +219,6 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         submissions += [(prompt_index, prompt_ids, one.sampling_params(len(prompt_ids), llm.max_model_len, defaults,
                                                                        sample_index=i), echo_text)
                         for i in range(num_samples)]
-        if request.sampling.get("logit_bias"):
-            check_logit_bias(submissions[-1][2], llm.model_config.vocab_size)
     streams: list[AsyncIterator[StreamOutput]] = []
     try:
         generations = []

@@ -369,7 +369,7 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
 
 def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
     """OpenAI's ``logit_bias``: an object of token ids (as strings, JSON's keys) to biases; the ranges are
-    ``SamplingParams``'s to check, the ids against the vocabulary ``check_logit_bias``'s."""
+    ``SamplingParams``'s to check, the ids against the vocabulary the Executor's (``check_prompt``)."""
     value = body["logit_bias"]
     if not isinstance(value, dict):
         raise bad_request("logit_bias must be an object of token ids to biases", "logit_bias")
@@ -381,13 +381,6 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
             raise bad_request(f"logit_bias values must be numbers, got {shown(bias)}", "logit_bias")
         biases[int(key)] = bias
     return biases
-
-
-def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
-    """400 for a ``logit_bias`` token id outside the vocabulary (as vLLM)."""
-    bad = [token_id for token_id, _ in params.logit_bias if token_id >= vocab_size]
-    if bad:
-        raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab_size})", "logit_bias")
 
 
 def _max_tokens(body: dict[str, Any], *, default: int | None, name: str = "max_tokens",

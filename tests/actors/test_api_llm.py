@@ -238,3 +238,14 @@ def test_get_tokenizer_and_chat_take_the_servers_chat_template(llm):
     assert info.value.param == "messages[0].role"
     with pytest.raises(TypeError, match="messages must be"):
         llm.chat("hello", GREEDY)
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused_before_any_prompt_runs(llm):
+    """Only the HTTP route checked the ids; the Python API ran the request and the bias was dropped unsaid."""
+    from fastdecode.actors.model.presets import PRESETS
+
+    vocab_size = PRESETS["tiny"].vocab_size
+    bad = SamplingParams(max_tokens=2, logit_bias={vocab_size: 5.0})
+    with pytest.raises(RequestError, match=f"logit_bias token id {vocab_size} is outside the vocabulary") as refused:
+        llm.generate(["hello", "there"], [SamplingParams(max_tokens=2), bad], use_tqdm=False)
+    assert refused.value.param == "logit_bias"
