@@ -15,7 +15,6 @@ one call (one CUDA graph replay where graphs were made).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,27 +220,29 @@ class DecodeStep:
         if self.trace is not None:
             self.trace.add(self.step_index, mb.index, "gpu", kind, start, self.trace.now())
 
-    def _note_arrivals(self) -> float:
+    def _note_arrivals(self, heads: dict[int, list[_Call]] | None = None) -> float:
         """Stamp the calls whose replies are in: a node's time ends when its reply is there, not when this
         thread gets round to it (the scheduler learns service times from it). Calls seen in one poll share
-        its clock reading, which is returned."""
+        its clock reading, which is returned. ``heads``: ``_oldest_calls()``, when the caller has it."""
         now = time.perf_counter()
-        for call in self._oldest_calls().values():
-            if call.ended is None and self.nodes[call.node_index].is_attend_done(call.pending):
-                call.ended = now
+        for first, *_ in (self._oldest_calls() if heads is None else heads).values():
+            if first.ended is None and self.nodes[first.node_index].is_attend_done(first.pending):
+                first.ended = now
         return now
 
-    def _oldest_calls(self, skip: Iterable[_Call] = ()) -> dict[int, _Call]:
-        """Each node's oldest call whose reply is not received yet (leaving out ``skip``): the only one
-        ``is_attend_done`` can speak for, since a node answers its calls in the order they went out
-        and its link only tells that some reply is waiting."""
-        skipped = {id(call) for call in skip}
-        oldest: dict[int, _Call] = {}
+    def _oldest_calls(self) -> dict[int, list[_Call]]:
+        """Each node's two oldest calls whose replies are not received yet, oldest first. Only the first is one
+        ``is_attend_done`` can speak for, since a node answers its calls in the order they went out and its
+        link only tells that some reply is waiting; the second is the one after it (``_collect``)."""
+        oldest: dict[int, list[_Call]] = {}
         for calls in self._in_flight:
             for call in calls:
-                first = oldest.get(call.node_index)
-                if not (call.is_received or id(call) in skipped) and (first is None or call.begun < first.begun):
-                    oldest[call.node_index] = call
+                if not call.is_received:
+                    pair = oldest.setdefault(call.node_index, [])
+                    pair.append(call)
+                    if len(pair) > 1:
+                        pair.sort(key=lambda c: c.begun)
+                        del pair[2:]
         return oldest
 
     def _send(self, mb: MiniBatch, layer: int, q, k, v, dense_start: float,
@@ -271,15 +272,16 @@ class DecodeStep:
 
     def _collect(self, mb: MiniBatch, calls: list[_Call], staging: _Staging | None) -> torch.Tensor:
         """Wait for ``calls``; their outputs in row order, on the Executor's device."""
-        looked = self._note_arrivals()
-        following = self._oldest_calls(skip=calls)  # each node's next call, in another mini-batch
+        heads = self._oldest_calls()
+        looked = self._note_arrivals(heads)
         parts: list[torch.Tensor] = []
         for call in calls:
             node = self.nodes[call.node_index]
             parts.append(node.end_attend(call.pending))
             call.is_received = True
             seen = time.perf_counter()
-            after = following.get(call.node_index)
+            # the node's next call, in another mini-batch
+            after = next((c for c in heads.get(call.node_index, ()) if c is not call), None)
             if after is not None and after.ended is None and node.is_attend_done(after.pending):
                 # the node's next reply was in as soon as this one was taken: both ended before this look, in a
                 # split this thread cannot tell, so both end at this reading (one observation); but a call
