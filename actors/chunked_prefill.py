@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdecode.actors.prefill import prefill_chunk, prefill_hidden, prompt_token_logprobs
+from fastdecode.actors.prefill import prefill_hidden, prompt_token_logprobs
 from fastdecode.actors.request import PromptLogprob
 from fastdecode.actors.sequence import Sequence
 
@@ -61,11 +61,9 @@ class PrefillJob:
         tokens = torch.tensor(self.token_ids[start:end], dtype=torch.long, device=model.device)
         past_k = None if self.keys is None else self.keys[:, :start]
         past_v = None if self.values is None else self.values[:, :start]
-        if self.num_prompt_logprobs is None:
-            logits, keys, values = prefill_chunk(model, tokens, start, past_k, past_v)
-        else:
-            hidden, keys, values = prefill_hidden(model, tokens, start, past_k, past_v)
-            logits = model.logits(hidden[-1:])
+        hidden, keys, values = prefill_hidden(model, tokens, start, past_k, past_v)
+        logits = model.logits(hidden[-1:])
+        if self.num_prompt_logprobs is not None:
             # each position's logits score the prompt token after it (the last one's, the first output token)
             next_ids = torch.tensor(self.token_ids[start + 1:end + 1], dtype=torch.long, device=model.device)
             scored = prompt_token_logprobs(model, hidden, next_ids, self.num_prompt_logprobs)

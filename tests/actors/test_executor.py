@@ -241,7 +241,7 @@ async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_mo
     _, tokenizer = tiny_model
     spans: dict[str, list[tuple[float, float]]] = {"forward": [], "append": []}
     loop = asyncio.get_running_loop()
-    real_prefill = prefill_module.prefill_chunk
+    real_prefill = prefill_module.prefill_hidden
 
     def timed_prefill(*args):
         start = loop.time()
@@ -249,7 +249,7 @@ async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_mo
         spans["forward"].append((start, loop.time()))
         return result
 
-    monkeypatch.setattr(prefill_module, "prefill_chunk", timed_prefill)
+    monkeypatch.setattr(prefill_module, "prefill_hidden", timed_prefill)
     config = ClusterConfig(**TINY, num_shards=1, shard_kv_memory_bytes=16 << 20)
     async with await Cluster.start(config) as cluster:
         node = cluster.executor.nodes[0]
