@@ -55,23 +55,16 @@ def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[Pr
                          token_text: Callable[[int], str]) -> list[dict[int, Logprob] | None]:
     """The engine's prompt logprobs in vLLM's shape: None for the first prompt token, then per prompt token
     ``{token id: Logprob}`` of that token, then of the most likely ones there (each token once), their text from
-    ``token_text``."""
-    texts: dict[int, str] = {}  # a prompt repeats its tokens, and the likely ones repeat more
-
-    def logprob(token_id: int, value: float, rank: int) -> Logprob:
-        if token_id not in texts:
-            texts[token_id] = token_text(token_id)
-        return Logprob(value, rank, texts[token_id])
-
+    ``token_text`` (``Tokenizer.token_text``, which decodes each token once)."""
     dicts: list[dict[int, Logprob] | None] = []
     for token_id, entry in zip(prompt_ids, prompt_logprobs):
         if entry is None:
             dicts.append(None)
             continue
-        position = {token_id: logprob(token_id, entry.logprob, entry.rank)}
+        position = {token_id: Logprob(entry.logprob, entry.rank, token_text(token_id))}
         for rank, (top_id, value) in enumerate(entry.top_logprobs, start=1):
             if top_id not in position:
-                position[top_id] = logprob(top_id, value, rank)
+                position[top_id] = Logprob(value, rank, token_text(top_id))
         dicts.append(position)
     return dicts
 
@@ -193,9 +186,6 @@ class AsyncLLM:
             return TokenizedPrompt(token_ids(prompt["prompt_token_ids"], "prompt_token_ids"), text)
         return TokenizedPrompt(self.tokenizer.encode(text), text)
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
     def encode(self, prompt: PromptInput) -> list[int]:
         return self.tokenize(prompt).token_ids
 
@@ -294,7 +284,7 @@ class AsyncLLM:
                 result.request_id = str(out.request_id)  # the engine's id (a str, as vLLM's)
                 if out.prompt_logprobs is not None:  # off the loop: a long prompt's tokens take a while to decode
                     result.prompt_logprobs = await asyncio.to_thread(
-                        prompt_logprob_dicts, tokenized.token_ids, out.prompt_logprobs, self._token_text)
+                        prompt_logprob_dicts, tokenized.token_ids, out.prompt_logprobs, self.tokenizer.token_text)
                 if out.token_id >= 0:
                     result.token_ids.append(out.token_id)
                     if out.logprob is not None and params.logprobs is not None:  # a batch-mate's ask is not ours

@@ -100,7 +100,7 @@ class FrontendState:
                            param="model", code="model_not_found")
 
     def token_text(self, token_id: int) -> str:
-        return self._attached_tokenizer().decode([token_id], skip_special_tokens=False)
+        return self._attached_tokenizer().token_text(token_id)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token ``token_id`` stands for (a byte-fallback token: its one byte)."""

@@ -113,6 +113,7 @@ class Tokenizer:
         added_tokens = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(token_id for token_id, token in added_tokens.items() if token.special)
         self._added_token_ids = frozenset(added_tokens)
+        self._token_texts: dict[int, str] = {}  # token_text's, made once per token (the vocabulary bounds it)
         self._is_byte_level_decoder = _has_byte_level_step(_component_json(backend.decoder))
         self.max_chars_per_token = _max_chars_per_token(backend)
 
@@ -152,6 +153,14 @@ class Tokenizer:
     def token_str(self, token_id: int) -> str | None:
         """The vocabulary's spelling of a token id (``Ġ`` for a byte-level space), None outside the vocabulary."""
         return self.backend.id_to_token(token_id)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as logprobs name it (special tokens spelled out), decoded once per token: responses
+        name the same tokens over and over (a prompt's, and the likely ones at each position)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token id stands for: a byte-level BPE spells every byte as one character, a
