@@ -3,9 +3,9 @@
 // Work is split by the data only: each sequence is cut into chunks of chunk_pages pages (the last one
 // takes the remainder, from half a chunk to one and a half); every chunk
 // (all KV heads, pages read front to back) is one work item, handed out in order over the team,
-// producing partial softmax states; a second loop merges each sequence's chunks in chunk order (a
-// sequence of one chunk is finished at once by the thread that ran it). The thread count therefore
-// never changes the arithmetic: 1 and N threads give bitwise-equal outputs.
+// producing partial softmax states; the thread that completes a sequence's last chunk merges its chunks
+// in chunk order (a sequence of one chunk is finished at once by the thread that ran it). The thread
+// count therefore never changes the arithmetic: 1 and N threads give bitwise-equal outputs.
 #include <math.h>
 #include <omp.h>
 
@@ -37,7 +37,7 @@ static int32_t check_attend_args(fd_pool &pool, int32_t layer, int64_t batch, co
 // The new token of one sequence, written one KV head at a time by the chunk kernel (ChunkTask::write_token).
 struct TokenWrite {
     const fd_pool *pool;
-    const std::vector<int32_t> *pages;
+    const int32_t *pages;   // the sequence's page table
     int64_t pos;
     const uint8_t *k, *v;
     int32_t dtype;
@@ -45,7 +45,7 @@ struct TokenWrite {
 
 static void write_token_head(const void *ctx, int head) {
     const TokenWrite &w = *static_cast<const TokenWrite *>(ctx);
-    pool_write_next_token(*w.pool, *w.pages, w.pos, head, w.k, w.v, w.dtype);
+    pool_write_next_token(*w.pool, w.pages, w.pos, head, w.k, w.v, w.dtype);
 }
 
 int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *seq_ids, int32_t num_q_heads,
@@ -71,7 +71,8 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
     sc.seq_first_item.clear();
     for (int64_t b = 0; b < batch; ++b) {
         SeqState &s = *sc.seqs[(size_t)b];
-        s.pages[layer].reserve((size_t)pool.pages_for(s.lens[layer] + 1));
+        s.pages[layer].reserve((size_t)pool.pages_for(s.lens[layer] + 1));   // the table stays where it is below
+        const int32_t *const table = s.pages[layer].data();
         const int64_t n = s.lens[layer] + 1;
         // A remainder under half a chunk joins the last full chunk (a sequence of 513 tokens is one item,
         // not 512 + 1: a nearly empty item costs its set-up, state and merge for almost no KV).
@@ -80,15 +81,17 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
         for (int64_t c = 0; c < num_chunks; ++c) {
             const int64_t t0 = c * chunk_tokens, t1 = c == num_chunks - 1 ? n : t0 + chunk_tokens;
             sc.items.push_back(WorkItem{(int32_t)b, (int32_t)(t0 / P), (int32_t)pool.pages_for(t1 - t0),
-                                        (int32_t)(t1 - t0), c == num_chunks - 1});
+                                        (int32_t)(t1 - t0), c == num_chunks - 1, table});
         }
     }
     sc.seq_first_item.push_back((int64_t)sc.items.size());
-    // Sequences of more than one chunk are merged after all items; a single-chunk sequence is finished by
-    // the kernel that runs its item, head by head, from that thread's own state slot (still in its cache).
-    sc.merge_seqs.clear();
+    // A single-chunk sequence is finished by the kernel that runs its item, head by head, from that thread's own
+    // state slot (still in its cache). A sequence of more chunks is merged by the thread that completes its last
+    // one, in chunk order whoever that is, while their states are still cached: merged after all items, 64x2048's
+    // states had left the caches and the merge took 2% of its time (docs/benchmarks.md, "Session 14").
+    sc.chunks_left.resize((size_t)batch);
     for (int64_t b = 0; b < batch; ++b)
-        if (sc.seq_first_item[(size_t)b + 1] - sc.seq_first_item[(size_t)b] > 1) sc.merge_seqs.push_back(b);
+        sc.chunks_left[(size_t)b] = (int32_t)(sc.seq_first_item[(size_t)b + 1] - sc.seq_first_item[(size_t)b]);
     const size_t num_items = sc.items.size(), row_floats = (size_t)num_q_heads * D;
     constexpr size_t kLineFloats = 64 / sizeof(float);
     const size_t rows_padded = ((size_t)num_q_heads + kLineFloats - 1) / kLineFloats * kLineFloats;
@@ -161,25 +164,29 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             const WorkItem &it = sc.items[i];
             const bool is_single = it.is_last && it.first_page == 0;
             float *const item_state = state + (is_single ? num_items + (size_t)omp_get_thread_num() : i) * state_floats;
-            const SeqState &s = *sc.seqs[(size_t)it.batch_index];
-            const std::vector<int32_t> &pages = s.pages[layer];
             const size_t off = (size_t)it.batch_index * token_bytes;
-            const TokenWrite token{&cpool, &pages, s.lens[layer] - 1, static_cast<const uint8_t *>(k) + off,
-                                   static_cast<const uint8_t *>(v) + off, in_dtype};
+            // The last chunk ends at the new token.
+            const TokenWrite token{&cpool, it.seq_pages, (int64_t)it.first_page * P + it.num_tokens - 1,
+                                   static_cast<const uint8_t *>(k) + off, static_cast<const uint8_t *>(v) + off, in_dtype};
             ChunkTask task;
             const Finish finish{&merge, it.batch_index, item_state, G};
             task.finish_head = is_single ? +finish_head : nullptr;
             task.finish_ctx = &finish;
             task.write_token = it.is_last ? write_token_head : nullptr;
             task.write_ctx = &token;
+            if (it.is_last) {
+                task.token_src_k = token.k;
+                task.token_src_v = token.v;
+                task.token_src_bytes = token_bytes;
+            }
             task.base = cpool.base;
-            task.pages = pages.data() + it.first_page;
+            task.pages = it.seq_pages + it.first_page;
             task.page_bytes = cpool.page_bytes;
             task.block_bytes = cpool.block_bytes;
             task.num_pages = it.num_pages;
             if (i_next < num_items) {
                 const WorkItem &next = sc.items[i_next];
-                task.next_page = cpool.page_ptr(sc.seqs[(size_t)next.batch_index]->pages[layer][(size_t)next.first_page]);
+                task.next_page = cpool.page_ptr(next.seq_pages[next.first_page]);
             }
             task.num_tokens = it.num_tokens;
             task.prefetch_far = cpool.prefetch_far;
@@ -195,14 +202,13 @@ int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *
             task.l = task.m + rows_padded;
             if (use_bf16_q) chunk_bf16(&task);
             else kt.chunk[cpool.kv_dtype](&task);
+            // acq_rel: the thread that takes the count to zero sees every other chunk's state
+            if (!is_single && __atomic_sub_fetch(&sc.chunks_left[(size_t)it.batch_index], 1, __ATOMIC_ACQ_REL) == 0) {
+                const int64_t first = sc.seq_first_item[(size_t)it.batch_index];
+                merge(it.batch_index, state + (size_t)first * state_floats,
+                      (int32_t)(sc.seq_first_item[(size_t)it.batch_index + 1] - first), 0, num_q_heads);
+            }
             i = i_next;
-        }
-#pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
-        for (size_t j = 0; j < sc.merge_seqs.size(); ++j) {
-            const int64_t b = sc.merge_seqs[j], first = sc.seq_first_item[(size_t)b];
-            merge(b, state + (size_t)first * state_floats, (int32_t)(sc.seq_first_item[(size_t)b + 1] - first), 0,
-                  num_q_heads);
         }
     }
     return FD_OK;

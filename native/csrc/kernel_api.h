@@ -37,6 +37,11 @@ struct ChunkTask {
     // those lines in (written up front, each of its ~70 lines per head was a miss of its own).
     void (*write_token)(const void *write_ctx, int head);
     const void *write_ctx;
+    // The caller's rows that write_token copies (k and v, each [num_kv_heads][head_dim], token_src_bytes in
+    // all), or null: prefetched on the last walked page. The call's KV walk has evicted them, and each head's
+    // copy waited on their misses (docs/benchmarks.md, "Session 14").
+    const uint8_t *token_src_k = nullptr, *token_src_v = nullptr;
+    size_t token_src_bytes = 0;
     // A work item that is its whole sequence (else null): finish_head(finish_ctx, h) writes the output rows of KV
     // head h's query heads as soon as the kernel has read that head's last page, so the merge and the output
     // stores of one head overlap the prefetch of the next instead of running after the item with none in flight.

@@ -344,11 +344,26 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         const bool is_short = kPrefetchBlocks > 0 && ShortPage::applies(DT, n, P);   // a one-page item's page
         if (is_short) ShortPage::fetch_head(page, block, n, D, P);   // head 0's
         const bool with_short = short_page && pi == num_walked - 1;
+        // The new token's source rows: every head's into L2 when the last walked page starts, head h's into L1
+        // when that page starts head h (about one head step before write_token copies them).
+        const bool is_token_page = task->token_src_k && pi == (num_walked > 0 ? num_walked - 1 : 0);
+        if (is_token_page)
+            for (size_t off = 0; off < task->token_src_bytes; off += 64) {
+                __builtin_prefetch(task->token_src_k + off, 0, 2);
+                __builtin_prefetch(task->token_src_v + off, 0, 2);
+            }
         for (int h = 0; h < H; ++h) {
             if (task->write_token && pi == task->num_pages - 1) task->write_token(task->write_ctx, h);
             const uint8_t *kb = page + 2 * block * h, *vb = kb + block;
             const uint8_t *short_kb = with_short ? short_page + 2 * block * h : nullptr;
             if (short_kb) ShortPage::fetch_head(short_kb, block, last_n, D, P);
+            if (is_token_page) {
+                const size_t row_bytes = task->token_src_bytes / H;
+                for (size_t off = 0; off < row_bytes; off += 64) {
+                    __builtin_prefetch(task->token_src_k + h * row_bytes + off, 0, FD_PREFETCH_LOCALITY);
+                    __builtin_prefetch(task->token_src_v + h * row_bytes + off, 0, FD_PREFETCH_LOCALITY);
+                }
+            }
             const int k_block = 2 * (pi * H + h);   // this head's K block in reading order
             // The blocks kPrefetchBlocks, +1 and +2 after this head's K: the score pass's near one, the value
             // pass's near one (the score pass's far one) and the value pass's far one.
@@ -379,6 +394,13 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
 static void merge_kernel(const fdn::MergeTask *task) {
     const int D = task->head_dim, R = task->num_rows, C = task->num_chunks;
     const size_t S = task->chunk_stride;
+    if (C == 1) {   // a sequence of one chunk: its rows scaled by 1 / l (what the loop below does with weight 1)
+        for (int g = 0; g < R; ++g) {
+            fdn::store_row(task->out, (size_t)g * D, task->out_dtype, task->acc + (size_t)g * D, D, 1.0f / task->l[g]);
+            if (task->lse) task->lse[g] = task->m[g] + logf(task->l[g]);
+        }
+        return;
+    }
     alignas(64) float o[fdn::kMaxHeadDim];
     for (int g = 0; g < R; ++g) {
         float M = -INFINITY;

@@ -112,12 +112,18 @@ static inline void copy_elem(void *dst, size_t di, int32_t ddt, const void *src,
 }
 
 // The token's K and V rows of one head, stored as they come (same dtype): typed copies with the strides
-// found once. A bf16 K pair (two head dims of the token) is adjacent in the page (k_hi == 1): one 32-bit store.
+// found once. A bf16 K pair (two head dims of the token) is adjacent in the page (k_hi == 1): one 32-bit store;
+// a K tile held by rows takes the whole row at once. A bf16 V pair row is written as 32-bit words (the token and
+// its pair partner): an even token sets the partner's half to zero (it is not written yet, and the kernels mask
+// it), an odd one keeps it. Element by element, 192 narrow stores per head took 2% of 256x512's time
+// (docs/benchmarks.md, "Session 14").
 template <class T>
 static void write_token_same(uint8_t *kb, uint8_t *vb, const T *k, const T *v, size_t k0, size_t k_step, size_t k_hi,
                              int D, int P, int dt, int slot, int v_tile) {
     T *kt = reinterpret_cast<T *>(kb) + k0;
-    if (sizeof(T) == 2 && k_hi == 1) {
+    if (sizeof(T) == 2 && k_hi == 1 && k_step == 2) {
+        memcpy(kt, k, sizeof(T) * (size_t)D);
+    } else if (sizeof(T) == 2 && k_hi == 1) {
         for (int r = 0; r < D / 2; ++r) memcpy(kt + (size_t)r * k_step, k + 2 * r, 4);
     } else {
         for (int r = 0; r < D / 2; ++r) {
@@ -129,14 +135,24 @@ static void write_token_same(uint8_t *kb, uint8_t *vb, const T *k, const T *v, s
         const size_t v0 = v_index(dt, slot, d0, D, P), v_stride = d0 + 1 < D ? v_index(dt, slot, d0 + 1, D, P) - v0 : 1;
         T *vt = reinterpret_cast<T *>(vb) + v0;
         const int d1 = d0 + v_tile < D ? d0 + v_tile : D;
+        if (sizeof(T) == 2 && v_stride == 2) {   // bf16 pairs: the word of tokens slot & ~1 and slot | 1
+            uint32_t *word = reinterpret_cast<uint32_t *>(vt - (slot & 1));
+            const uint16_t *src = reinterpret_cast<const uint16_t *>(v);
+            if (slot & 1) {
+                for (int d = d0; d < d1; ++d) word[d - d0] = (word[d - d0] & 0xFFFFu) | (uint32_t)src[d] << 16;
+            } else {
+                for (int d = d0; d < d1; ++d) word[d - d0] = src[d];
+            }
+            continue;
+        }
         for (int d = d0; d < d1; ++d) vt[(size_t)(d - d0) * v_stride] = v[d];
     }
 }
 
-void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+void pool_write_token(const fd_pool &pool, const int32_t *pages, int64_t pos, int head,
                       const void *k, const void *v, int32_t src_dtype, int page_tokens) {
     const int P = pool.page_size, D = pool.head_dim;
-    uint8_t *page = pool.page_ptr(pages[(size_t)(pos / P)]);
+    uint8_t *page = pool.page_ptr(pages[pos / P]);
     const int slot = (int)(pos % P);
     const int h0 = head < 0 ? 0 : head, h1 = head < 0 ? pool.num_kv_heads : head + 1;
     // The token's places, from the layout once: K dim d at k0 + (d / 2) * k_step + (d % 2) * k_hi; V dims
@@ -183,10 +199,10 @@ void pool_complete_k_tile(const fd_pool &pool, uint8_t *page, int head, int befo
     }
 }
 
-void pool_write_next_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+void pool_write_next_token(const fd_pool &pool, const int32_t *pages, int64_t pos, int head,
                            const void *k, const void *v, int32_t src_dtype) {
     const int slot = (int)(pos % pool.page_size);
-    pool_complete_k_tile(pool, pool.page_ptr(pages[(size_t)(pos / pool.page_size)]), head, slot, slot + 1);
+    pool_complete_k_tile(pool, pool.page_ptr(pages[pos / pool.page_size]), head, slot, slot + 1);
     pool_write_token(pool, pages, pos, head, k, v, src_dtype, slot + 1);
 }
 
@@ -241,7 +257,7 @@ int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_to
             pool_complete_k_tile(cpool, cpool.page_ptr(s->pages[l][(size_t)page]), -1, before, after);
             for (int64_t pos = pos0; pos < pos1; ++pos) {
                 const size_t off = (layer_base + (size_t)(pos - start) * token_elems) * es;
-                pool_write_token(cpool, s->pages[l], pos, -1, static_cast<const uint8_t *>(k) + off,
+                pool_write_token(cpool, s->pages[l].data(), pos, -1, static_cast<const uint8_t *>(k) + off,
                                  static_cast<const uint8_t *>(v) + off, src_dtype, after);
             }
         }

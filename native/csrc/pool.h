@@ -29,12 +29,16 @@ struct SeqState {
 struct WorkItem {
     int32_t batch_index, first_page, num_pages, num_tokens;
     int32_t is_last;       // this chunk holds the new token: the chunk kernel writes it (ChunkTask::write_token)
+    // The sequence's page table at this layer (room reserved for the new token's page before it is taken), so a
+    // thread starting an item reads it and the item alone: through the sequence's state it took three dependent
+    // cache misses per item, which the call's KV walk had evicted.
+    const int32_t *seq_pages;
 };
 
 struct AttendScratch {
     std::vector<WorkItem> items;
     std::vector<int64_t> seq_first_item;     // [b] -> first item; one past the end appended
-    std::vector<int64_t> merge_seqs;         // sequences of more than one item, merged after all items
+    std::vector<int32_t> chunks_left;        // [b] -> its items not yet run (the thread that runs the last merges)
     std::vector<float> q;                    // [B][Hq][D] float32, scaled
     // Per work item: its partial state (acc [Hq][D], then m [Hq] and l [Hq], each padded), on 64-byte
     // lines of its own: items run on different cores at once, and a line shared by two of them would
@@ -80,13 +84,13 @@ int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_to
 int32_t pool_read(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_tokens, float *k_out, float *v_out);
 // Writes token `pos` of one KV head (or all heads when head < 0) from k, v rows [Hkv][D] of src_dtype, in the
 // layout of its page once that holds page_tokens tokens (kernel_api.h: k_index_at).
-void pool_write_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+void pool_write_token(const fd_pool &pool, const int32_t *pages, int64_t pos, int head,
                       const void *k, const void *v, int32_t src_dtype, int page_tokens);
 // A page going from `before` to `after` tokens: the K tile held by rows at `before` that is full at `after`
 // (if any) is rewritten into pairs, for one KV head or all (head < 0). Before the new tokens are written.
 void pool_complete_k_tile(const fd_pool &pool, uint8_t *page, int head, int before, int after);
 // The decode step's write: token pos, the page's last, after every earlier one (completes its K tile).
-void pool_write_next_token(const fd_pool &pool, const std::vector<int32_t> &pages, int64_t pos, int head,
+void pool_write_next_token(const fd_pool &pool, const int32_t *pages, int64_t pos, int head,
                            const void *k, const void *v, int32_t src_dtype);
 int32_t pool_attend(fd_pool &pool, int32_t layer, int64_t batch, const int64_t *seq_ids, int32_t num_q_heads,
                     const void *q, int32_t q_dtype, const void *k, const void *v, int32_t in_dtype, void *out,
