@@ -394,13 +394,6 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
 static void merge_kernel(const fdn::MergeTask *task) {
     const int D = task->head_dim, R = task->num_rows, C = task->num_chunks;
     const size_t S = task->chunk_stride;
-    if (C == 1) {   // a sequence of one chunk: its rows scaled by 1 / l (what the loop below does with weight 1)
-        for (int g = 0; g < R; ++g) {
-            fdn::store_row(task->out, (size_t)g * D, task->out_dtype, task->acc + (size_t)g * D, D, 1.0f / task->l[g]);
-            if (task->lse) task->lse[g] = task->m[g] + logf(task->l[g]);
-        }
-        return;
-    }
     alignas(64) float o[fdn::kMaxHeadDim];
     for (int g = 0; g < R; ++g) {
         float M = -INFINITY;
@@ -410,7 +403,8 @@ static void merge_kernel(const fdn::MergeTask *task) {
         for (int c = 0; c < C; ++c) {
             const float mc = task->m[c * S + g];
             if (mc == -INFINITY) continue;
-            const float w = expf(mc - M);
+            const float gap = mc - M;
+            const float w = gap == 0.0f ? 1.0f : expf(gap);   // the largest chunk's (a one-chunk sequence's only) weight
             L += task->l[c * S + g] * w;
             const V::R wv = V::set1(w);
             const float *ac = task->acc + c * S + (size_t)g * D;

@@ -184,3 +184,34 @@ def test_bf16_q_groups_head_dims_and_page_sizes(rng, isa, head_dim, page_size, o
                                               head_dim=head_dim, lengths=lengths, page_size=page_size,
                                               chunk_tokens=2 * page_size, out_dtype=out_dtype)
         assert_close(out, lse, o_ref, lse_ref, out_dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_degenerate_rows_of_one_chunk_finish_as_merged_ones(isa):
+    # A sequence of one chunk is finished by the kernel that ran it, a longer one by merging its chunks, and both
+    # must finish a row the same way. Scores that all overflow to -inf give a NaN row with lse -inf (torch's SDPA
+    # gives NaN too) however many chunks; a one-chunk row whose sum ends at -0.0 is stored as +0.0, as the merge
+    # stores it. A shortcut for one chunk once answered 1.0 (or an lse of NaN) and -0.0 here.
+    head_dim = 16
+
+    def attend(num_cached, q_row, k_row, v_cached, v_new, k_cached=0.0):
+        with KVPool(num_layers=1, num_kv_heads=1, head_dim=head_dim, kv_dtype="float32", capacity_bytes=1 << 20,
+                    page_size=16, num_threads=2, isa=isa, chunk_tokens=64) as pool:
+            pool.allocate(0)
+            pool.append(0, 0, np.full((num_cached, 1, head_dim), k_cached, np.float32),
+                        np.full((num_cached, 1, head_dim), v_cached, np.float32))
+            lse = np.empty((1, 1), np.float32)
+            out = pool.attend(0, np.array([0]), q_row.reshape(1, 1, head_dim), k_row.reshape(1, 1, head_dim),
+                              np.full((1, 1, head_dim), v_new, np.float32), lse=lse)
+            return out, lse[0, 0]
+
+    huge = np.full(head_dim, 1e30, np.float32)
+    for num_cached in (1, 4 * 64):   # one chunk of 64 tokens, then five
+        out, lse = attend(num_cached, huge, -huge, 1.0, 1.0, k_cached=-1e30)
+        assert np.isnan(out).all() and lse == -np.inf, (num_cached, out, lse)
+    # token 0: score 0, value -1e-20 (its weight exp(-80) times it underflows to -0.0); new token: score 80, value -0
+    q, k = np.zeros(head_dim, np.float32), np.zeros(head_dim, np.float32)
+    q[0], k[0] = 1.0, 320.0
+    out, lse = attend(1, q, k, -1e-20, -0.0)
+    assert out.tobytes() == np.zeros_like(out).tobytes(), out
+    assert lse == np.float32(80.0)
