@@ -391,6 +391,9 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
     }
 }
 
+// A row's output is the chunks' accumulators, each weighted by exp(m_c - M), over the weighted sum of their l; the
+// first chunk that holds any score starts the sum (w * acc, no added zero), so a sequence of one chunk is its acc / l
+// exactly, and is stored straight from its state without the weighting.
 static void merge_kernel(const fdn::MergeTask *task) {
     const int D = task->head_dim, R = task->num_rows, C = task->num_chunks;
     const size_t S = task->chunk_stride;
@@ -398,18 +401,31 @@ static void merge_kernel(const fdn::MergeTask *task) {
     for (int g = 0; g < R; ++g) {
         float M = -INFINITY;
         for (int c = 0; c < C; ++c) M = task->m[c * S + g] > M ? task->m[c * S + g] : M;
+        if (C == 1 && std::isfinite(M)) {   // what the loop below gives it, weight 1
+            fdn::store_row(task->out, (size_t)g * D, task->out_dtype, task->acc + (size_t)g * D, D, 1.0f / task->l[g]);
+            if (task->lse) task->lse[g] = M + logf(task->l[g]);
+            continue;
+        }
         float L = 0.0f;
-        for (int d = 0; d < D; d += V::W) V::store(o + d, V::zero());
+        bool is_first = true;
         for (int c = 0; c < C; ++c) {
             const float mc = task->m[c * S + g];
             if (mc == -INFINITY) continue;
             const float gap = mc - M;
-            const float w = gap == 0.0f ? 1.0f : expf(gap);   // the largest chunk's (a one-chunk sequence's only) weight
-            L += task->l[c * S + g] * w;
+            const float w = gap == 0.0f ? 1.0f : expf(gap);   // the largest chunk's weight is 1
             const V::R wv = V::set1(w);
             const float *ac = task->acc + c * S + (size_t)g * D;
-            for (int d = 0; d < D; d += V::W) V::store(o + d, V::fma(wv, V::load(ac + d), V::load(o + d)));
+            if (is_first) {
+                L = task->l[c * S + g] * w;
+                for (int d = 0; d < D; d += V::W) V::store(o + d, V::mul(wv, V::load(ac + d)));
+                is_first = false;
+            } else {
+                L += task->l[c * S + g] * w;
+                for (int d = 0; d < D; d += V::W) V::store(o + d, V::fma(wv, V::load(ac + d), V::load(o + d)));
+            }
         }
+        if (is_first)   // no chunk holds a score (all -inf): 0 / 0
+            for (int d = 0; d < D; d += V::W) V::store(o + d, V::zero());
         const float inv = 1.0f / L;
         fdn::store_row(task->out, (size_t)g * D, task->out_dtype, o, D, inv);
         if (task->lse) task->lse[g] = M + logf(L);
