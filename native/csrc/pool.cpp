@@ -115,8 +115,8 @@ static inline void copy_elem(void *dst, size_t di, int32_t ddt, const void *src,
 // found once. A bf16 K pair (two head dims of the token) is adjacent in the page (k_hi == 1): one 32-bit store;
 // a K tile held by rows takes the whole row at once. A bf16 V pair row is written as 32-bit words (the token and
 // its pair partner): an even token sets the partner's half to zero (it is not written yet, and the kernels mask
-// it), an odd one keeps it. Element by element, 192 narrow stores per head took 2% of 256x512's time
-// (docs/benchmarks.md, "Session 14").
+// it), an odd one keeps it. The copy took 2.3-2.6% of 256x512's samples, mostly waiting on the caller's rows
+// (now prefetched: ChunkTask::token_src_k) and then on 192 narrow stores per head (docs/benchmarks.md, "Session 14").
 template <class T>
 static void write_token_same(uint8_t *kb, uint8_t *vb, const T *k, const T *v, size_t k0, size_t k_step, size_t k_hi,
                              int D, int P, int dt, int slot, int v_tile) {
