@@ -345,8 +345,9 @@ static void chunk_kernel(const fdn::ChunkTask *task) {
         if (is_short) ShortPage::fetch_head(page, block, n, D, P);   // head 0's
         const bool with_short = short_page && pi == num_walked - 1;
         // The new token's source rows: every head's into L2 when the last walked page starts, head h's into L1
-        // when that page starts head h (about one head step before write_token copies them).
-        const bool is_token_page = task->token_src_k && pi == (num_walked > 0 ? num_walked - 1 : 0);
+        // when that page starts head h (about one head step before write_token copies them). There is always a
+        // walked page: a short last page is left out of the walk only behind another.
+        const bool is_token_page = task->token_src_k && pi == num_walked - 1;
         if (is_token_page)
             for (size_t off = 0; off < task->token_src_bytes; off += 64) {
                 __builtin_prefetch(task->token_src_k + off, 0, 2);
