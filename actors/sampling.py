@@ -143,8 +143,8 @@ def _add_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     bias = torch.cat([values for _, _, values in biased])
     kept = token_index < logits.shape[1]  # the Executor refuses such ids (check_prompt); sample() is public
     device = logits.device
-    logits.index_put_((row_index[kept].to(device, non_blocking=True), token_index[kept].to(device, non_blocking=True)),
-                      bias[kept].to(device, non_blocking=True), accumulate=True)
+    logits.index_put_((_upload(row_index[kept], torch.int64, device), _upload(token_index[kept], torch.int64, device)),
+                      _upload(bias[kept], torch.float32, device), accumulate=True)
 
 
 def _min_p_mask(scaled: torch.Tensor, min_p: list[float]) -> torch.Tensor:

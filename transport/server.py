@@ -123,9 +123,9 @@ class RpcServer:
 
     def _note_peer(self, peer: bytes, client_id: int, *, is_closing: bool) -> None:
         """A Ping naming no client (0) leaves what the peer declared before; a closing one forgets it."""
-        if is_closing or client_id:
+        if is_closing:
             self._peer_client_ids.pop(peer, None)
-        if client_id and not is_closing:
+        elif client_id:
             _remember(self._peer_client_ids, peer, client_id, MAX_PEERS)
 
     def _note_ping(self, client_id: int) -> None:

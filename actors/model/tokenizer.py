@@ -168,7 +168,7 @@ class Tokenizer:
         UTF-8 character gets its own bytes, where its decoded text is U+FFFD."""
         piece = self.backend.id_to_token(token_id)
         if piece is None or token_id in self._added_token_ids:  # added tokens match their own text
-            return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+            return self.token_text(token_id).encode("utf-8")
         if self._is_byte_level_decoder and all(char in _BYTE_OF_CHAR for char in piece):
             return bytes(_BYTE_OF_CHAR[char] for char in piece)
         match = _BYTE_FALLBACK.fullmatch(piece)
