@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastdecode.actors.api import StreamOutput, prompt_logprob_dicts
@@ -32,9 +32,15 @@ class ResponseBuilder:
     token_text: Callable[[int], str]  # the text of one token id, for logprobs
     token_bytes: Callable[[int], bytes] | None = None  # its raw bytes, for chat logprobs; None: its text's
     is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
-    num_logprobs: int | None = None  # completions' logprobs: the top tokens an echoed prompt token shows
+    num_logprobs: int | None = None  # the request's logprobs (None: none asked); top tokens an echoed token shows
     response_id: str = ""
     created: int = 0
+    # A completion stream's choice index -> where its next token's text starts (its logprobs' text_offset).
+    _next_offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.num_logprobs is not None
 
     @classmethod
     def new(cls, model: str, *, is_chat: bool, token_text: Callable[[int], str],
@@ -53,7 +59,7 @@ class ResponseBuilder:
                 "choices": choices}
 
     # ---- whole responses ------------------------------------------------------------------------
-    def choice(self, outputs: Sequence[StreamOutput], finish_reason: str | None, *, wants_logprobs: bool,
+    def choice(self, outputs: Sequence[StreamOutput], finish_reason: str | None, *,
                stop_reason: int | str | None = None, index: int = 0, echo_text: str | None = None,
                prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
         """One whole choice of a response from its outputs; its text starts with ``echo_text`` (completions'
@@ -62,12 +68,12 @@ class ResponseBuilder:
         text = (echo_text or "") + "".join(out.text for out in outputs)
         tokens = [out for out in outputs if out.token_id >= 0]
         if self.is_chat:
-            logprobs = self._logprobs(tokens) if wants_logprobs else None
+            logprobs = self._logprobs(tokens)[0] if self.wants_logprobs else None
             return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": finish_reason, "stop_reason": stop_reason}
         prompt_logprobs = outputs[0].prompt_logprobs if outputs else None
         echoed = self._echoed(prompt_ids, prompt_logprobs) if echo_text is not None else []
-        logprobs = self._logprobs(tokens, echoed=echoed) if wants_logprobs else None
+        logprobs = self._logprobs(tokens, echoed=echoed)[0] if self.wants_logprobs else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": stop_reason, "prompt_logprobs": self.prompt_logprobs(prompt_ids, prompt_logprobs)}
 
@@ -98,15 +104,18 @@ class ResponseBuilder:
                   "finish_reason": None, "stop_reason": None}
         return self._envelope([choice], is_chunk=True)
 
-    def chunk(self, out: StreamOutput, *, wants_logprobs: bool, text_offset: int = 0, index: int = 0,
-              echo_text: str | None = None, prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
-        """One stream chunk of choice ``index`` (its ``stop_reason`` is ``out``'s); ``text_offset``: where this
-        token's text starts in the completion (the token texts before it, as the non-streamed ``text_offset``
-        counts them); ``echo_text``: the prompt's text, which a completion's first chunk starts with (echo), its
-        logprobs with those of the prompt's tokens ``prompt_ids``."""
+    def chunk(self, out: StreamOutput, *, index: int = 0, echo_text: str | None = None,
+              prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
+        """The next stream chunk of choice ``index`` (its ``stop_reason`` is ``out``'s); ``echo_text``: the prompt's
+        text, which a completion's first chunk starts with (echo), its logprobs with those of the prompt's tokens
+        ``prompt_ids``. A completion's logprobs count text_offset from the choice's earlier chunks, as the
+        non-streamed response counts it."""
         echoed = self._echoed(prompt_ids, out.prompt_logprobs) if echo_text is not None else []
         tokens = [out] if out.token_id >= 0 else []
-        logprobs = self._logprobs(tokens, text_offset, echoed=echoed) if wants_logprobs and (tokens or echoed) else None
+        logprobs = None
+        if self.wants_logprobs and (tokens or echoed):
+            logprobs, self._next_offsets[index] = self._logprobs(tokens, self._next_offsets.get(index, 0),
+                                                                 echoed=echoed)
         reason = out.finish_reason
         if self.is_chat:
             delta = {"content": out.text} if out.text or reason is None else {}
@@ -127,10 +136,6 @@ class ResponseBuilder:
         """A token as logprobs name it: its text, or ``token_id:<id>`` when the request asked for ids."""
         return f"token_id:{token_id}" if self.is_token_id_text else self.token_text(token_id)
 
-    def echoed_text_length(self, prompt_ids: Sequence[int]) -> int:
-        """How far an echo's prompt tokens move ``text_offset``: the length of their texts."""
-        return sum(len(self.token_text(token_id)) for token_id in prompt_ids)
-
     def _echoed(self, prompt_ids: Sequence[int], prompt_logprobs: Sequence[PromptLogprob | None] | None,
                 ) -> list[EchoStep]:
         """An echo's prompt tokens as steps of a completion's logprobs, their top tokens no more than the request's
@@ -142,10 +147,11 @@ class ResponseBuilder:
                 for token_id, entry in zip(prompt_ids, prompt_logprobs)]
 
     def _logprobs(self, outputs: Sequence[StreamOutput], text_offset: int = 0, *,
-                  echoed: Sequence[EchoStep] = ()) -> dict[str, Any]:
-        """The logprobs object of ``outputs``; a completion's starts with the steps ``echoed`` (``_echoed``)."""
+                  echoed: Sequence[EchoStep] = ()) -> tuple[dict[str, Any], int]:
+        """The logprobs object of ``outputs`` and where the text after them starts; a completion's starts with the
+        steps ``echoed`` (``_echoed``) and its text at ``text_offset``."""
         if self.is_chat:
-            return {"content": [self._chat_logprob(out) for out in outputs]}
+            return {"content": [self._chat_logprob(out) for out in outputs]}, text_offset
         steps = [*echoed, *((out.token_id, out.logprob, out.top_logprobs) for out in outputs)]
         offsets, position = [], text_offset
         for token_id, _, _ in steps:
@@ -157,7 +163,7 @@ class ResponseBuilder:
             "top_logprobs": [None if top is None else self._completion_top(token_id, logprob, top)
                              for token_id, logprob, top in steps],
             "text_offset": offsets,
-        }
+        }, position
 
     def _completion_top(self, token_id: int, logprob: float | None,
                         top: Sequence[tuple[int, float]]) -> dict[str, float | None]:

@@ -71,10 +71,8 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
                 if out.finish_reason == "error":
                     raise generation_error(out)  # the other choices are cancelled on the way out
                 outputs[generation.index].append(out)
-        wants_logprobs = body.num_logprobs is not None
-        choices = [builder.choice(outputs[g.index], g.finish_reason, wants_logprobs=wants_logprobs,
-                                  stop_reason=g.stop_reason, index=g.index, echo_text=g.echo_text,
-                                  prompt_ids=g.prompt_ids)
+        choices = [builder.choice(outputs[g.index], g.finish_reason, stop_reason=g.stop_reason, index=g.index,
+                                  echo_text=g.echo_text, prompt_ids=g.prompt_ids)
                    for g in generations]
         prompt_logprobs = None
         if is_chat:  # vLLM's chat shows them once: its choices share its one prompt
@@ -90,9 +88,6 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
     ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's), and its
     logprobs with the prompt's tokens'."""
-    wants_logprobs = body.num_logprobs is not None
-    is_offset_needed = wants_logprobs and not builder.is_chat
-    text_offsets = {g.index: 0 for g in generations}  # of each choice's next token text, for completions' logprobs
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
     events = await EventStream.open(request)
@@ -110,16 +105,11 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                 index = generation.index
                 if out.token_id >= 0:
                     num_sent[index] += 1
-                if not out.text and out.finish_reason is None and not wants_logprobs and index not in echo_left:
+                if not out.text and out.finish_reason is None and not builder.wants_logprobs and index not in echo_left:
                     continue  # half a character: nothing to show yet
                 echo_text = echo_left.pop(index, None)
-                chunk = builder.chunk(out, wants_logprobs=wants_logprobs, text_offset=text_offsets[index], index=index,
-                                      echo_text=echo_text, prompt_ids=generation.prompt_ids)
+                chunk = builder.chunk(out, index=index, echo_text=echo_text, prompt_ids=generation.prompt_ids)
                 await events.send(_with_usage(chunk, body, generation, num_sent[index]))
-                if is_offset_needed and echo_text is not None and out.prompt_logprobs is not None:
-                    text_offsets[index] += builder.echoed_text_length(generation.prompt_ids)
-                if is_offset_needed and out.token_id >= 0:
-                    text_offsets[index] += len(builder.token_text(out.token_id))
         if body.is_usage_streamed and not is_failed:
             await events.send(builder.usage_chunk(total_usage(generations)))
         await events.done()

@@ -94,7 +94,7 @@ def test_echoed_tokens_are_named_as_generated_ones_and_show_at_most_logprobs_top
     made = ResponseBuilder.new("m", is_chat=False, is_token_id_text=True, num_logprobs=1,
                                token_text=lambda t: tokenizer.decode([t], skip_special_tokens=False))
     out = StreamOutput(1, a, "x", -0.3, ((a, -0.3),), "length", prompt_logprobs=prompt_logprobs)
-    choice = made.choice([out], "length", wants_logprobs=True, echo_text="abc", prompt_ids=[a, b, c])
+    choice = made.choice([out], "length", echo_text="abc", prompt_ids=[a, b, c])
     logprobs = choice["logprobs"]
     assert logprobs["tokens"] == [f"token_id:{t}" for t in (a, b, c, a)]
     assert logprobs["token_logprobs"] == [None, -0.5, -9999.0, -0.3]
@@ -210,6 +210,6 @@ def test_a_shared_token_text_shows_the_best_tokens_logprob(tiny_model):
     sampled, best = 5, 6
     made = ResponseBuilder.new("m", is_chat=False, num_logprobs=1, token_text=lambda t: "\ufffd")
     out = StreamOutput(1, sampled, "\ufffd", -2.8, ((best, -2.3),), "length")
-    choice = made.choice([out], "length", wants_logprobs=True)
+    choice = made.choice([out], "length")
     assert choice["logprobs"]["top_logprobs"] == [{"\ufffd": -2.3}]
     assert choice["logprobs"]["token_logprobs"] == [-2.8]

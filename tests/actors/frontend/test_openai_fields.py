@@ -77,8 +77,9 @@ def test_sampling_value_out_of_range_names_its_field(field, value):
     assert caught.value.status == 400 and caught.value.param == field
 
 
-def builder(tokenizer, *, is_chat: bool, is_token_id_text: bool = False) -> ResponseBuilder:
-    return ResponseBuilder.new("m", is_chat=is_chat, is_token_id_text=is_token_id_text,
+def builder(tokenizer, *, is_chat: bool, is_token_id_text: bool = False,
+            num_logprobs: int | None = None) -> ResponseBuilder:
+    return ResponseBuilder.new("m", is_chat=is_chat, is_token_id_text=is_token_id_text, num_logprobs=num_logprobs,
                                token_text=lambda t: tokenizer.decode([t], skip_special_tokens=False),
                                token_bytes=tokenizer.token_bytes)
 
@@ -86,16 +87,16 @@ def builder(tokenizer, *, is_chat: bool, is_token_id_text: bool = False) -> Resp
 def test_completion_top_logprobs_hold_the_sampled_token(tokenizer):
     a, b, c = (tokenizer.encode(x, add_special_tokens=False)[0] for x in ("a", "b", "c"))
     out = StreamOutput(1, a, "a", -0.5, ((b, -0.2), (c, -1.0)), "stop")
-    made = builder(tokenizer, is_chat=False)
-    logprobs = made.complete_choices([made.choice([out], "stop", wants_logprobs=True)], {})["choices"][0]
+    made = builder(tokenizer, is_chat=False, num_logprobs=2)
+    logprobs = made.complete_choices([made.choice([out], "stop")], {})["choices"][0]
     assert logprobs["logprobs"]["top_logprobs"] == [{"a": -0.5, "b": -0.2, "c": -1.0}]  # N + 1 entries
     only = StreamOutput(1, a, "a", -0.5, (), None)
-    chunk = builder(tokenizer, is_chat=False).chunk(only, wants_logprobs=True)
+    chunk = builder(tokenizer, is_chat=False, num_logprobs=0).chunk(only)
     assert chunk["choices"][0]["logprobs"]["top_logprobs"] == [{"a": -0.5}]  # logprobs: 0
     inside = StreamOutput(1, a, "a", -0.5, ((a, -0.5), (b, -2.0)), None)
-    chunk = builder(tokenizer, is_chat=False).chunk(inside, wants_logprobs=True)
+    chunk = builder(tokenizer, is_chat=False, num_logprobs=1).chunk(inside)
     assert chunk["choices"][0]["logprobs"]["top_logprobs"] == [{"a": -0.5, "b": -2.0}]
-    as_ids = builder(tokenizer, is_chat=False, is_token_id_text=True).chunk(out, wants_logprobs=True)
+    as_ids = builder(tokenizer, is_chat=False, is_token_id_text=True, num_logprobs=2).chunk(out)
     assert as_ids["choices"][0]["logprobs"]["tokens"] == [f"token_id:{a}"]
     assert as_ids["choices"][0]["logprobs"]["top_logprobs"] == [{f"token_id:{a}": -0.5, f"token_id:{b}": -0.2,
                                                                  f"token_id:{c}": -1.0}]
@@ -105,11 +106,11 @@ def test_every_choice_has_a_stop_reason(tokenizer):
     out = StreamOutput(1, 5, "x", finish_reason="stop")
     for is_chat in (False, True):
         made = builder(tokenizer, is_chat=is_chat)
-        choice = made.choice([out], "stop", wants_logprobs=False, stop_reason="END")
+        choice = made.choice([out], "stop", stop_reason="END")
         assert made.complete_choices([choice], {})["choices"][0]["stop_reason"] == "END"
         stopped = StreamOutput(1, 5, "x", finish_reason="stop", stop_reason=7)
-        assert made.chunk(stopped, wants_logprobs=False)["choices"][0]["stop_reason"] == 7  # the output's own
-        assert made.chunk(StreamOutput(1, 5, "x"), wants_logprobs=False)["choices"][0]["stop_reason"] is None
+        assert made.chunk(stopped)["choices"][0]["stop_reason"] == 7  # the output's own
+        assert made.chunk(StreamOutput(1, 5, "x"))["choices"][0]["stop_reason"] is None
     assert builder(tokenizer, is_chat=True).role_chunk()["choices"][0]["stop_reason"] is None
 
 
@@ -117,7 +118,7 @@ def test_chat_logprob_bytes_are_each_tokens_own_bytes(tokenizer):
     """"é" is two byte-level tokens (0xC3, 0xA9): each one's bytes are its byte, not U+FFFD's three."""
     first, second = tokenizer.encode("é", add_special_tokens=False)
     out = StreamOutput(1, first, "", -0.1, ((second, -3.0),))
-    item = builder(tokenizer, is_chat=True).chunk(out, wants_logprobs=True)["choices"][0]["logprobs"]["content"][0]
+    item = builder(tokenizer, is_chat=True, num_logprobs=1).chunk(out)["choices"][0]["logprobs"]["content"][0]
     assert item["bytes"] == [0xC3] and item["top_logprobs"][0]["bytes"] == [0xA9]
     assert item["token"] == tokenizer.decode([first], skip_special_tokens=False)
     word = tokenizer.encode(" France", add_special_tokens=False)
