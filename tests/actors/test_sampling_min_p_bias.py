@@ -111,3 +111,31 @@ def test_large_biases_on_several_rows_add_exactly_what_they_say():
     biased = logits.clone()
     _add_logit_bias(biased, rows)
     torch.testing.assert_close(biased, logits + torch.stack(dense), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_batch_picks_what_the_cpu_picks():
+    """The GPU sampler (its host lists and bias tensors uploaded pinned and asynchronously) against the CPU one on the
+    same logits: biases, penalties, min_tokens masking, greedy rows and rows whose filters leave one token."""
+    vocab = 4000
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(11)) * 3
+    wide_bias = {t: float((t * 37) % 201 - 100) for t in range(0, vocab, 3)}
+
+    def rows(device: str) -> list[SamplingRow]:
+        params = [SamplingParams(temperature=0.0, logit_bias=wide_bias, logprobs=3),
+                  SamplingParams(temperature=0.0, repetition_penalty=1.7, frequency_penalty=0.5, logprobs=0),
+                  SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[int(logits[2].argmax())]),
+                  SamplingParams(temperature=1.3, top_k=1, seed=5, logit_bias={17: 60}),
+                  SamplingParams(temperature=0.8, min_p=1.0, seed=6, presence_penalty=1.0),
+                  SamplingParams(temperature=0.0)]
+        history = [int(t) for t in logits[1].topk(5).indices]  # the penalties hit row 1's best tokens
+        return [SamplingRow(p, [1, 2, *history], history[:2], make_generator(p.seed, device)) for p in params]
+
+    on_cpu = sample(logits, rows("cpu"))
+    on_gpu = sample(logits.cuda(), rows("cuda"))
+    assert on_gpu.token_ids.device.type == "cuda"
+    assert on_gpu.token_ids.tolist() == on_cpu.token_ids.tolist()
+    assert on_cpu.token_ids[3] == 17 and on_cpu.token_ids[2] != logits[2].argmax()
+    torch.testing.assert_close(on_gpu.logprobs.cpu(), on_cpu.logprobs, rtol=0, atol=1e-4)
+    assert on_gpu.top_token_ids.tolist() == on_cpu.top_token_ids.tolist()
