@@ -201,38 +201,45 @@ class Executor:
     # ---- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
+            self._wakeup.clear()  # what sets it from here on (a request, an abort, a node back) ends the wait below
+            is_waiting = True
             if not self._sequences:
-                self._wakeup.clear()
                 try:
                     await self._apply_node_changes()
                 except Exception:  # a node that fails while being restored is retried later
                     log.exception("node bookkeeping failed")
+            else:
+                try:
+                    is_waiting = not await self.step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a failed step must not kill the server: fail its requests
+                    log.exception("step failed")
+                    await self._fail_all(f"internal error in the decode step: {exc}")
+                    is_waiting = False
+            if is_waiting:  # idle, or every sequence waits for a node to take it: nothing in a step would suspend
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), NODE_POLL_S)
                 except TimeoutError:
                     pass  # time to look at the nodes' heartbeats again
-                continue
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a failed step must not kill the server: fail its requests
-                log.exception("step failed")
-                await self._fail_all(f"internal error in the decode step: {exc}")
 
-    async def step(self) -> None:
+    async def step(self) -> bool:
+        """One step: abort what was asked, follow the nodes, admit, prefill and decode. False when it had nothing to
+        run: its sequences wait for room or for a node that could take them (the only one drains, or the one that
+        could hold a long sequence is away)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         await self._reap()
         await self._apply_node_changes()
         if not self._sequences:
-            return
+            return True
         plan = self.scheduler.schedule()
         for preemption in plan.preempted:
             await self._preempt(self._sequences[preemption.seq_id], preemption.node_id)
         for admission in plan.admitted:  # never to a kept draining node: _apply_node_changes closed it
             self.prefills.add(self._sequences[admission.seq_id], admission.node_id)
-        if self.prefills:
+        had_prefills = bool(self.prefills)
+        if had_prefills:
             self._emit_pending()  # prefills take a while: the streams should not wait for them
             num_decoding = sum(1 for ids in plan.minibatches for s in map(self._sequences.get, ids)
                                if s is not None and self._is_placed(s))
@@ -244,8 +251,11 @@ class Executor:
             await self._decode(minibatches)
         else:
             self._emit_pending()
+            if not (plan.admitted or plan.preempted or had_prefills):
+                return False  # not a step: the metrics' step count and time stay those of the last one run
         self.num_steps += 1
         self.last_step_s = loop.time() - start
+        return True
 
     def _is_placed(self, seq: Sequence) -> bool:
         """The sequence's KV is on a node that attends (live, or draining and kept), in the epoch it was placed in."""
@@ -340,9 +350,13 @@ class Executor:
         self.nodes[index] = node
         if old.state is NodeState.DRAINING:
             await old.close()
-        if index not in self.scheduler.nodes:
-            self.scheduler.add_node(node_model(index, stats, num_layers=self.model.config.num_layers,
-                                               kv_bytes_per_token=self.kv_bytes_per_token))
+        model = node_model(index, stats, num_layers=self.model.config.num_layers,
+                           kv_bytes_per_token=self.kv_bytes_per_token)
+        if index in self.scheduler.nodes:  # the last node, never removed: closed while it drained, its model old
+            for preemption in self.scheduler.replace_node(model):
+                await self._requeue(self._sequences[preemption.seq_id])
+        else:
+            self.scheduler.add_node(model)
         log.info("KV node %d (%s) is back as epoch %d", index, node.node_id, node.epoch)
 
     # ---- preemption and prefill --------------------------------------------------------------

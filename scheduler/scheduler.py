@@ -63,14 +63,30 @@ class Scheduler:
     def add_node(self, node: NodeModel) -> None:
         if node.node_id in self._nodes:
             raise ValueError(f"node {node.node_id} is already registered")
-        layers = {n.num_layers for n in self._nodes.values()}
+        self._check_layers(node, self._nodes.values())
+        self._nodes[node.node_id] = node
+
+    def replace_node(self, node: NodeModel) -> list[Preemption]:
+        """A registered node came back as a new instance (the last node is never removed while it is away): its
+        model is the new one (capacity, page size and speed may differ), it takes new sequences again, and the
+        sequences still placed on it are requeued with their progress (their KV went with the old instance)."""
+        if node.node_id not in self._nodes:
+            raise KeyError(f"unknown node {node.node_id}")
+        self._check_layers(node, self._nodes.values())
+        preempted = self._requeue_node(node.node_id)
+        self._nodes[node.node_id] = node
+        self._closed.discard(node.node_id)
+        return preempted
+
+    @staticmethod
+    def _check_layers(node: NodeModel, others: Iterable[NodeModel]) -> None:
+        layers = {n.num_layers for n in others}
         if layers and node.num_layers not in layers:
             raise ValueError(f"node {node.node_id} has {node.num_layers} layers, the others {layers.pop()}")
-        self._nodes[node.node_id] = node
 
     def close_node(self, node_id: int) -> None:
         """Place no new sequence on ``node_id``; the ones it holds run on (a draining node kept serving them).
-        It stays closed until it is removed."""
+        It stays closed until it is removed or replaced."""
         if node_id not in self._nodes:
             raise KeyError(f"unknown node {node_id}")
         self._closed.add(node_id)
@@ -81,11 +97,15 @@ class Scheduler:
             raise KeyError(f"unknown node {node_id}")
         if len(self._nodes) == 1:
             raise ValueError("cannot remove the last node")
-        on_node = sorted(r.seq_id for r in self._table.running() if r.node_id == node_id)
-        preempted = [self._preempt(seq_id) for seq_id in on_node]
+        preempted = self._requeue_node(node_id)
         del self._nodes[node_id]
         self._closed.discard(node_id)
         return preempted
+
+    def _requeue_node(self, node_id: int) -> list[Preemption]:
+        """Every sequence running on ``node_id`` back to the queue, in id order."""
+        return [self._preempt(seq_id) for seq_id in sorted(r.seq_id for r in self._table.running()
+                                                           if r.node_id == node_id)]
 
     def node_loads(self) -> dict[int, NodeLoad]:
         return self._table.node_loads(self._nodes, self.config.max_reserved_output)

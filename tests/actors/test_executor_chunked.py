@@ -46,12 +46,14 @@ async def start_executor(model, max_num_batched_tokens, *, num_nodes: int = 1, n
 
 
 def after_each_step(executor: Executor, callback) -> None:
-    """Call ``callback()`` after every step the Executor's loop runs."""
+    """Call ``callback()`` after every step the Executor's loop runs (not after one that had nothing to run)."""
     real_step = executor.step
 
-    async def step() -> None:
-        await real_step()
-        callback()
+    async def step() -> bool:
+        did_run = await real_step()
+        if did_run:
+            callback()
+        return did_run
 
     executor.step = step
 

@@ -17,6 +17,8 @@ from fastdecode.actors.kvshard import KVShard, ShardConfig
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.runtime import ActorServer
 from fastdecode.actors.shard_drain import DrainableShard, drain, drainable_server
+from fastdecode.actors.executor_config import ExecutorConfig
+from fastdecode.scheduler.config import SchedulerConfig
 from executor_helpers import collect, reference_greedy
 from greedy_compare import assert_same_greedy
 
@@ -28,12 +30,12 @@ PROMPTS = ([5, 6, 7, 8, 9], [11, 3, 40, 2], [100, 101, 102, 103, 104, 105])
 SLOW_S_PER_GB = 20.0
 
 
-async def _serve_drainable() -> tuple[DrainableShard, ActorServer, str]:
+async def _serve_drainable(address: str | None = None) -> tuple[DrainableShard, ActorServer, str]:
     """The daemon's set-up (cli/start_shard.py), served in this process."""
     config = ShardConfig(kv_memory_bytes=16 << 20, num_threads=1, is_calibrating=False,
                          slowdown_s_per_gb=SLOW_S_PER_GB)
     actor = DrainableShard(KVShard(config))
-    server = drainable_server(actor, f"inproc://fastdecode-drain-{uuid.uuid4().hex[:12]}")
+    server = drainable_server(actor, address or f"inproc://fastdecode-drain-{uuid.uuid4().hex[:12]}")
     return actor, server, await server.start()
 
 
@@ -101,3 +103,37 @@ async def _last_event_and_count(stream):
     async for event in stream:
         num_tokens += event.token_id >= 0
     return event, num_tokens
+
+
+async def test_a_queued_request_behind_a_draining_last_shard_ends_and_its_restart_serves_again(tiny_model) -> None:
+    """A rolling restart of the only shard with a request queued behind the batch limit: while the shard drains the
+    queued request cannot be placed, and the Executor must keep its loop (heartbeats, the drain, the other streams)
+    running rather than spin on it; once the shard has stopped the request ends with a retryable error, and the shard
+    restarted at the same address takes new requests (it used to stay closed to admissions for good)."""
+    model, _ = tiny_model
+    actor, server, address = await _serve_drainable()
+    restarted = None
+    try:
+        config = ClusterConfig(**TINY, shard_addresses=(address,), heartbeat_interval_s=0.1,
+                               executor=ExecutorConfig(scheduler=SchedulerConfig(max_num_seqs=2)))
+        async with await Cluster.start(config) as cluster:
+            params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+            streams = [cluster.submit(prompt, params) for prompt in PROMPTS]  # the third waits for a place
+            await asyncio.gather(*(anext(s) for s in streams[:2]))
+            draining = asyncio.create_task(drain(actor, timeout_s=30.0, hurry=asyncio.Event(), idle_s=0.3))
+            ran = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams[:2])), 20.0)
+            assert [reason for _, reason in ran] == ["length", "length"]
+            assert await asyncio.wait_for(draining, 10.0) == 0
+            await server.stop()  # what the daemon does once drain() returns
+            queued = await asyncio.wait_for(_last_event_and_count(streams[2]), 10.0)
+            assert queued[0].finish_reason == "error" and queued[0].is_retryable, queued[0]
+            restarted, restarted_server, _ = await _serve_drainable(address)  # systemd starts it again
+            await _until(lambda: cluster.executor.has_live_node)
+            tokens, reason = await asyncio.wait_for(collect(cluster.submit(PROMPTS[2], params)), 20.0)
+    finally:
+        await server.stop()
+        if restarted is not None:
+            await restarted_server.stop()
+    assert reason == "length" and len(tokens) == 60
+    ref_tokens, gaps = reference_greedy(model, PROMPTS[2], 60)
+    assert_same_greedy(tokens, ref_tokens, gaps, label="restarted shard", min_compared=8)

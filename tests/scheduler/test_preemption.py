@@ -220,3 +220,22 @@ def test_a_closed_node_keeps_its_sequences_and_takes_no_new_one_until_removed():
     assert sched.schedule().admitted == ()  # only the closed node is left: the requeued ones wait
     with pytest.raises(KeyError):
         sched.close_node(5)
+
+
+def test_a_replaced_last_node_opens_again_with_its_new_model_and_requeues_what_it_held():
+    """The last node is never removed: when it comes back as a new instance it replaces its old model (here half
+    the capacity), takes new sequences again, and the ones still placed on the old instance wait to be rebuilt."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, admission="all-at-once"), [node(0, 10_000)])
+    sched.add_request(0, 10, 50)
+    sched.schedule()
+    sched.close_node(0)
+    sched.add_request(1, 10, 50)
+    assert sched.schedule().admitted == ()
+    preempted = sched.replace_node(node(0, 5_000))
+    assert [(p.seq_id, p.node_id) for p in preempted] == [(0, 0)]
+    assert sched.nodes[0].capacity_bytes == 5_000 * KV
+    assert sorted(a.seq_id for a in sched.schedule().admitted) == [0, 1]
+    with pytest.raises(KeyError):
+        sched.replace_node(node(3, 100))
+    with pytest.raises(ValueError, match="layers"):
+        sched.replace_node(NodeModel(0, 5_000 * KV, KV, 3, PAGE, ShardPerfModel(10e-6, 1e9)))
