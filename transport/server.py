@@ -115,7 +115,7 @@ class RpcServer:
             self.reply(peer, request_id, Pong(self.instance_id, self._is_draining is not None and self._is_draining()))
             return
         if self.admit is not None:
-            refusal = self.admit(peer, self._peer_client_ids.get(peer, 0), message)
+            refusal = self.admit(peer, self._peer_in_use(peer), message)
             if refusal is not None:
                 self.reply(peer, request_id, refusal)
                 return
@@ -127,6 +127,14 @@ class RpcServer:
             self._peer_client_ids.pop(peer, None)
         elif client_id:
             _remember(self._peer_client_ids, peer, client_id, MAX_PEERS)
+
+    def _peer_in_use(self, peer: bytes) -> int:
+        """The client_id ``peer`` declared (0: none), which its request keeps among the newest MAX_PEERS: a link
+        declares itself once (the Executor's attend link), and newer peers must not push out one in use."""
+        client_id = self._peer_client_ids.pop(peer, 0)
+        if client_id:
+            self._peer_client_ids[peer] = client_id
+        return client_id
 
     def _note_ping(self, client_id: int) -> None:
         _remember(self._last_ping_s, client_id, time.monotonic(), MAX_PING_CLIENTS)

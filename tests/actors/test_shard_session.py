@@ -138,3 +138,20 @@ async def test_the_attend_link_stays_the_sessions_after_a_reconnect(served) -> N
         assert shard.num_sequences == 2 and proxy.num_accepted == 2
     finally:
         await proxy.close()
+
+
+async def test_an_attend_link_in_use_outlives_many_newer_peers(served, monkeypatch) -> None:
+    """The server remembers the declared session of its most recent MAX_PEERS peers; the attend link declares
+    itself once, so a stream of newer peers (say an Executor crash-looping against a shard another one holds) used
+    to push it out, and its next Attend was refused as a stranger's. A peer's requests keep it among the recent."""
+    monkeypatch.setattr("fastdecode.transport.server.MAX_PEERS", 3)
+    shard, connect = served
+    owner, link = connect(), connect(heartbeat_interval_s=60.0)
+    owner.client_id = SESSION
+    await owner.request(Ping(client_id=SESSION))
+    await owner.request(Configure(**SHAPE, session_id=SESSION))
+    await owner.request(Allocate((1, 2)))
+    await link.request(Ping(client_id=SESSION))
+    for other_session in range(1, 8):
+        await connect(heartbeat_interval_s=60.0).request(Ping(client_id=other_session))
+        assert (await link.request(_attend([1, 2]))).o.shape == (2, 2, 64), other_session
