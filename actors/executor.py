@@ -92,6 +92,7 @@ class Executor:
         self.num_recovered = 0  # sequences rebuilt on another node after theirs failed or drained
         self.num_preempted = 0  # sequences whose KV was dropped for room (planned, or refused by a node)
         self.is_draining = False
+        self.is_stopped = False  # stop() began: no request is taken any more
         self._reconnector = Reconnector(node_factories or [None] * len(nodes), on_ready=self._wakeup.set,
                                         backoff=reconnect_backoff)
         self._orphans: dict[int, set[int]] = {}  # node index -> sequences a lost epoch of it may still hold
@@ -134,8 +135,9 @@ class Executor:
         return not self._sequences
 
     async def stop(self) -> None:
-        """Stop the loop; unfinished requests end with an error event."""
-        await self._reconnector.close()
+        """Stop the loop, then the reconnects (the loop starts them); unfinished requests end with an error event,
+        and later ones are refused."""
+        self.is_stopped = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -143,6 +145,7 @@ class Executor:
             except asyncio.CancelledError:
                 pass  # the loop was cancelled on purpose
             self._task = None
+        await self._reconnector.close()
         self._emit_pending()
         for seq in list(self._sequences.values()):
             seq.emit(TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error",
@@ -155,7 +158,7 @@ class Executor:
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        if self.is_draining:
+        if self.is_draining or self.is_stopped:
             raise UnavailableError("the server is shutting down and takes no new requests")
         if not self.has_live_node:
             raise no_live_node_error(self.nodes)

@@ -41,13 +41,15 @@ class Reconnector:
         self._backoff = backoff
         self._tasks: dict[int, asyncio.Task] = {}
         self._ready: list[tuple[int, KVNode]] = []
+        self._is_closed = False
 
     def can_reconnect(self, index: int) -> bool:
         return index < len(self._factories) and self._factories[index] is not None
 
     def watch(self, index: int) -> None:
-        """Start reconnecting node ``index`` (no-op if it has no factory or is already being retried)."""
-        if not self.can_reconnect(index) or index in self._tasks:
+        """Start reconnecting node ``index`` (no-op if it has no factory, is already being retried, or the
+        reconnector is closed)."""
+        if self._is_closed or not self.can_reconnect(index) or index in self._tasks:
             return
         self._tasks[index] = asyncio.get_running_loop().create_task(self._reconnect(index),
                                                                     name=f"fastdecode-reconnect-{index}")
@@ -80,7 +82,8 @@ class Reconnector:
             return
 
     async def close(self) -> None:
-        """Stop retrying; close nodes that came back but were never taken."""
+        """Stop retrying, for good; close nodes that came back but were never taken."""
+        self._is_closed = True
         tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()
@@ -100,3 +103,6 @@ async def reopen(index: int, fresh: KVNode, orphans: list[int]) -> NodeStats | N
         log.warning("KV node %d failed again while coming back: %s: %s", index, type(exc).__name__, exc)
         await fresh.close()
         return None
+    except asyncio.CancelledError:  # the Executor stops: nothing else holds the fresh client (its heartbeats)
+        await fresh.close()
+        raise

@@ -10,7 +10,7 @@ import pytest
 from fastdecode.actors.executor import Executor, ExecutorConfig, UnavailableError
 from fastdecode.actors.guarded_node import FAULT_CODES, LOST_STATE_CODES, REFUSED_CODES, UNKNOWN_SEQUENCE, NodeState
 from fastdecode.actors.kv_nodes import LocalKVNode
-from fastdecode.actors.recovery import Backoff
+from fastdecode.actors.recovery import Backoff, Reconnector, reopen
 from fastdecode.actors.request import SamplingParams
 from greedy_compare import assert_same_greedy
 from reliability_helpers import KillableNode, Revivable, collect, reference_greedy
@@ -174,3 +174,33 @@ async def test_a_node_refusing_or_failing_an_attend_loses_no_token(tiny_model, o
     finally:
         await executor.stop()
     check_solo(model, requests, outputs, f"node answered {answer}, pipeline={is_pipelined}")
+
+
+async def test_a_stopping_executor_leaves_no_reconnect_and_no_fresh_client_behind(tiny_model):
+    """Executor.stop() used to close the reconnector before cancelling the loop: a step boundary could then start a
+    new reconnect, and a loop cancelled while reopening a node that came back left that client (its heartbeats, which
+    keep a shard daemon's session held) open."""
+    model, _ = tiny_model
+    factory = Revivable(LocalKVNode.for_model("n0", model, 16 << 20), "n0")
+    reconnector = Reconnector([factory], on_ready=lambda: None, backoff=FAST_BACKOFF)
+    await reconnector.close()
+    reconnector.watch(0)
+    await asyncio.sleep(0.05)
+    assert factory.num_attempts == 0
+
+    class Hanging(KillableNode):
+        is_closed = False
+
+        async def stats(self):
+            await asyncio.Event().wait()
+
+        async def close(self):
+            self.is_closed = True
+
+    fresh = Hanging(factory.inner, "n0")
+    reopening = asyncio.create_task(reopen(0, fresh, []))
+    await asyncio.sleep(0.01)
+    reopening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reopening
+    assert fresh.is_closed
