@@ -236,7 +236,8 @@ class AsyncLLM:
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams,
                       request=None) -> AsyncGenerator[StreamOutput, None]:
-        if request is None:
+        if request is None:  # stream(): submitted now, when iteration starts
+            self.check_open()
             self.check_loop()
             request = self.cluster.submit(prompt_ids, params)
         detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
@@ -331,18 +332,18 @@ class AsyncLLM:
             raise
 
     async def stop(self) -> None:
-        if not self.is_closed:
-            self.check_loop()
-            self.is_closed = True
-            self._finalizer.detach()
-            await self.cluster.stop()
+        """Stop the cluster and wait for it. There is one stop: a later call (``async with``'s exit after
+        ``shutdown()``) waits for the one under way, which a cancelled caller does not cancel."""
+        await asyncio.shield(self.shutdown())
 
     def shutdown(self) -> "asyncio.Task[None]":
-        """vLLM's ``AsyncLLM.shutdown()``: ``stop()`` as a task of this AsyncLLM's loop (call it there).
-        A plain call starts the stop; ``await llm.shutdown()`` also waits for it to end."""
+        """vLLM's ``AsyncLLM.shutdown()``: the stop as a task of this AsyncLLM's loop (call it there). A plain
+        call starts it; ``await llm.shutdown()`` also waits for it to end."""
         self.check_loop()
         if self._stop_task is None:
-            self._stop_task = asyncio.ensure_future(self.stop())
+            self.is_closed = True
+            self._finalizer.detach()
+            self._stop_task = asyncio.ensure_future(self.cluster.stop())
         return self._stop_task
 
     async def __aenter__(self) -> "AsyncLLM":

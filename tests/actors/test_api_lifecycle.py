@@ -18,6 +18,7 @@ import pytest
 from fastdecode.actors import api, async_llm
 from fastdecode.actors.api import LLM, AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
+from fastdecode.actors.executor_config import UnavailableError
 from fastdecode.actors.request import SamplingParams
 
 TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu", num_shards=0)
@@ -98,6 +99,29 @@ async def test_asyncllm_shutdown_stops_it():
     assert llm.is_closed
     with pytest.raises(RuntimeError, match="LLM is closed"):
         await llm.generate(PROMPT, GREEDY)
+
+
+async def test_a_stream_made_before_the_stop_and_read_after_it_is_refused_not_hung():
+    """stream() submits when iteration starts; one that starts after the stop (or while it runs) used to reach an
+    Executor whose loop had ended, and waited for ever."""
+    llm = await AsyncLLM.start(ClusterConfig(**TINY))
+    early = llm.stream(PROMPT, GREEDY)
+    await llm.stop()
+    with pytest.raises(RuntimeError, match="LLM is closed"):
+        await asyncio.wait_for(anext(early), THREAD_WAIT_S)
+    with pytest.raises(UnavailableError, match="shutting down"):
+        llm.cluster.submit(PROMPT, GREEDY)  # the Executor itself refuses once stopped
+
+
+async def test_stop_after_an_unawaited_shutdown_waits_for_that_stop():
+    """``llm.shutdown()`` not awaited, then ``async with``'s exit: the exit used to return at once (closed already)
+    while the stop ran on, and the loop's end could cancel it half-way; now it waits for the same stop."""
+    before = _num_dense_threads()
+    async with await AsyncLLM.start(ClusterConfig(**TINY)) as llm:
+        await llm.generate(PROMPT, GREEDY)  # the dense thread starts with the first step
+        stopping = llm.shutdown()
+    assert stopping.done() and stopping.exception() is None
+    assert llm.cluster.executor._task is None and _num_dense_threads() == before
 
 
 def test_a_call_from_another_threads_loop_is_refused_not_hung():
