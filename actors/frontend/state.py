@@ -113,16 +113,11 @@ class FrontendState:
 
 
 def log_sampling_defaults(llm: AsyncLLM) -> None:
-    """Say at start-up which sampling defaults the model's generation config sets (vLLM logs it too), and
-    that a min_p among them is not applied."""
-    defaults = llm.model_config.sampling_defaults
-    described = defaults.describe()
+    """Say at start-up which sampling defaults the model's generation config sets (vLLM logs it too)."""
+    described = llm.model_config.sampling_defaults.describe()
     if described:
         log.warning("default sampling parameters have been overridden by the model's Hugging Face generation "
                     "config (generation_config.json): %s; a request's own values still win", described)
-    if defaults.min_p:
-        log.warning("the model's generation config recommends min_p=%s, which this server does not implement: "
-                    "it is not applied (requests that ask for min_p > 0 are refused)", defaults.min_p)
 
 
 STATE = web.AppKey("fastdecode_frontend_state", FrontendState)

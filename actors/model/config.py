@@ -24,12 +24,13 @@ ARCHITECTURES: dict[str, tuple[str, bool, bool]] = {
 _ARCH_BY_MODEL_TYPE = {model_type: arch for arch, (model_type, _, _) in ARCHITECTURES.items()}
 
 
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """Sampling values the model's creator recommends (``generation_config.json``), used for the fields a
     request leaves out, as vLLM does with its default ``--generation-config auto``.  None: not given.
-
-    ``min_p`` is kept only to be reported: this server does not implement it.
     """
 
     temperature: float | None = None
@@ -46,21 +47,17 @@ class SamplingDefaults:
             SamplingParams(**self.sampling_fields())
         except RequestError as exc:
             raise ModelError(f"generation config {exc}") from None
-        if self.min_p is not None and (isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
-                                       or not 0.0 <= self.min_p <= 1.0):
-            raise ModelError(f"generation config min_p must be a number in [0, 1], got {self.min_p!r}")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 1):
             raise ModelError(f"generation config max_new_tokens must be a positive integer, got {self.max_tokens!r}")
 
     def sampling_fields(self) -> dict[str, Any]:
-        """The ``SamplingParams`` fields these defaults set (min_p, unsupported, and max_tokens left out)."""
-        names = ("temperature", "top_p", "top_k", "repetition_penalty")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The ``SamplingParams`` fields these defaults set (max_tokens, the output limit, left out)."""
+        return {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
 
     def describe(self) -> str:
         """``name=value`` of every default that applies, for the start-up log; empty when none."""
-        names = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")
+        names = (*_SAMPLING_FIELDS, "max_tokens")
         return ", ".join(f"{name}={getattr(self, name)}" for name in names if getattr(self, name) is not None)
 
 

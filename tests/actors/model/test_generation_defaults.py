@@ -36,7 +36,9 @@ def test_values_equal_to_transformers_defaults_are_not_defaults(tmp_path):
     generation = {"temperature": 1.0, "top_k": 50, "top_p": 0.9, "max_new_tokens": 64, "min_p": 0.05}
     defaults = read_hf_config(hf_folder(tmp_path, generation)).sampling_defaults
     assert defaults == SamplingDefaults(top_p=0.9, max_tokens=64, min_p=0.05)
-    assert defaults.sampling_fields() == {"top_p": 0.9}
+    assert defaults.sampling_fields() == {"top_p": 0.9, "min_p": 0.05}
+    assert parse_chat(CHAT).sampling_params(5, 100, defaults).min_p == 0.05  # applied, as vLLM applies it
+    assert parse_chat({**CHAT, "min_p": 0.0}).sampling_params(5, 100, defaults).min_p == 0.0
 
 
 def test_no_generation_config_no_defaults(tmp_path):
@@ -45,7 +47,7 @@ def test_no_generation_config_no_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("generation", [{"temperature": "hot"}, {"top_p": 0}, {"top_k": 2.5}, {"top_k": -5},
-                                        {"repetition_penalty": -1}, {"max_new_tokens": 0}])
+                                        {"repetition_penalty": -1}, {"max_new_tokens": 0}, {"min_p": 1.5}])
 def test_bad_generation_config_values_are_refused_at_load(tmp_path, generation):
     with pytest.raises(ModelError, match="generation_config.json"):
         read_hf_config(hf_folder(tmp_path, generation))
@@ -73,7 +75,7 @@ def test_max_new_tokens_is_the_default_output_limit_within_the_context():
     assert parse_completion({"prompt": "x"}).sampling_params(5, 100, defaults).max_tokens == 16
 
 
-def test_attaching_the_engine_logs_the_defaults_and_warns_of_min_p(caplog):
+def test_attaching_the_engine_logs_the_defaults(caplog):
     state = FrontendState(FrontendConfig(served_model_name="m"))
     defaults = SamplingDefaults(temperature=0.7, top_k=20, min_p=0.05)
     llm = SimpleNamespace(tokenizer=None, model_config=SimpleNamespace(sampling_defaults=defaults))
@@ -81,8 +83,8 @@ def test_attaching_the_engine_logs_the_defaults_and_warns_of_min_p(caplog):
         state.llm = llm
     messages = [record.getMessage() for record in caplog.records]
     assert any("overridden by the model's Hugging Face generation config" in m and "temperature=0.7" in m
-               and "top_k=20" in m and "min_p" not in m for m in messages), messages
-    assert any("min_p=0.05" in m and "not implement" in m for m in messages), messages
+               and "top_k=20" in m and "min_p=0.05" in m for m in messages), messages
+    assert not any("not implement" in m for m in messages), messages
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fastdecode.frontend"):
         state.llm = SimpleNamespace(tokenizer=None, model_config=SimpleNamespace(sampling_defaults=SamplingDefaults()))
