@@ -11,6 +11,7 @@ failed) closes the streams, which cancels the requests and frees their KV.
 ``interleaved`` reads several choices' outputs as they come.  Metrics are recorded
 as outputs pass, and so is the ``stop_reason`` the last output carries (vLLM's:
 the stop string or stop token id that ended the request; None for EOS and length).
+``json_response`` builds and serializes a response over many tokens off the loop too.
 A request submitted and then cancelled before its first token (the client left
 while it was queued) ends as vLLM's ``abort``, as one cancelled later does; each
 ended request leaves one INFO line on the "fastdecode.frontend" logger (ids,
@@ -21,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
+from aiohttp import web
 from jinja2 import TemplateError
 
 from fastdecode.actors.api import AsyncLLM, StreamOutput, SubmittedStream
@@ -41,6 +44,8 @@ from fastdecode.actors.request import RequestError, SamplingParams
 log = logging.getLogger("fastdecode.frontend")
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a 429's Retry-After: the queue moves by whole requests finishing
+# a response over more tokens than this is built and serialized on a worker thread (json_response)
+LARGE_RESPONSE_TOKENS = 4096
 
 
 async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
@@ -245,6 +250,15 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     finally:
         for stream in streams:
             await stream.aclose()
+
+
+async def json_response(build: Callable[[], dict[str, Any]], *, num_tokens: int) -> web.Response:
+    """``build()`` as a JSON response. One over more than LARGE_RESPONSE_TOKENS tokens (a long prompt's logprobs or
+    echo, a long text's tokens and their strings) is built and serialized on a worker thread: on the loop it took
+    seconds, stalling every step's attends (in-process shards share the loop), the heartbeats and the other streams."""
+    if num_tokens <= LARGE_RESPONSE_TOKENS:
+        return web.json_response(build())
+    return web.json_response(text=await asyncio.to_thread(lambda: json.dumps(build())))
 
 
 async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[int]) -> str:

@@ -13,6 +13,7 @@ from fastdecode.actors.frontend.generation import (
     Generation,
     generation_error,
     interleaved,
+    json_response,
     start_generations,
     total_usage,
 )
@@ -71,15 +72,22 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
                 if out.finish_reason == "error":
                     raise generation_error(out)  # the other choices are cancelled on the way out
                 outputs[generation.index].append(out)
-        choices = [builder.choice(outputs[g.index], g.finish_reason, stop_reason=g.stop_reason, index=g.index,
-                                  echo_text=g.echo_text, prompt_ids=g.prompt_ids)
-                   for g in generations]
-        prompt_logprobs = None
-        if is_chat:  # vLLM's chat shows them once: its choices share its one prompt
-            first = generations[0]
-            prompt_logprobs = builder.prompt_logprobs(first.prompt_ids, outputs[first.index][0].prompt_logprobs)
-        return web.json_response(builder.complete_choices(choices, total_usage(generations),
-                                                          prompt_logprobs=prompt_logprobs))
+        usage = total_usage(generations)
+
+        def build() -> dict[str, Any]:
+            choices = [builder.choice(outputs[g.index], g.finish_reason, stop_reason=g.stop_reason, index=g.index,
+                                      echo_text=g.echo_text, prompt_ids=g.prompt_ids)
+                       for g in generations]
+            prompt_logprobs = None
+            if is_chat:  # vLLM's chat shows them once: its choices share its one prompt
+                first = generations[0]
+                prompt_logprobs = builder.prompt_logprobs(first.prompt_ids, outputs[first.index][0].prompt_logprobs)
+            return builder.complete_choices(choices, usage, prompt_logprobs=prompt_logprobs)
+
+        # prompt tokens count where the response shows them (echo, prompt logprobs)
+        shows_prompt = body.is_echo or body.num_prompt_logprobs is not None
+        num_tokens = sum(len(outputs[g.index]) + shows_prompt * len(g.prompt_ids) for g in generations)
+        return await json_response(build, num_tokens=num_tokens)
 
 
 async def _stream(request: web.Request, body: GenerateRequest, builder: ResponseBuilder,

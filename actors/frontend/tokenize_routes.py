@@ -18,7 +18,7 @@ from aiohttp import web
 
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import bad_request
-from fastdecode.actors.frontend.generation import chat_token_ids
+from fastdecode.actors.frontend.generation import chat_token_ids, json_response
 from fastdecode.actors.frontend.openai_request import (
     boolean_field,
     checked_text,
@@ -55,11 +55,14 @@ async def tokenize(request: web.Request) -> web.Response:
         checked_text(prompt, "prompt")
         add_special_tokens = boolean_field(body, "add_special_tokens", default=True)
         token_ids = await asyncio.to_thread(tokenizer.encode, prompt, add_special_tokens=add_special_tokens)
-    token_strs = None
-    if boolean_field(body, "return_token_strs"):
-        token_strs = [tokenizer.token_str(token_id) for token_id in token_ids]
-    return web.json_response({"count": len(token_ids), "max_model_len": llm.max_model_len, "tokens": token_ids,
-                              "token_strs": token_strs})
+    is_with_strs = boolean_field(body, "return_token_strs")
+
+    def build() -> dict[str, Any]:
+        token_strs = [tokenizer.token_str(token_id) for token_id in token_ids] if is_with_strs else None
+        return {"count": len(token_ids), "max_model_len": llm.max_model_len, "tokens": token_ids,
+                "token_strs": token_strs}
+
+    return await json_response(build, num_tokens=len(token_ids))
 
 
 async def detokenize(request: web.Request) -> web.Response:

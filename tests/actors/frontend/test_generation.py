@@ -6,6 +6,8 @@ tokenizing and the context checks use; every request below ends before anything 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 from types import SimpleNamespace
 
@@ -13,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from fastdecode.actors.frontend import FrontendConfig, FrontendState, build_app
-from fastdecode.actors.frontend.generation import prompt_token_ids
+from fastdecode.actors.frontend.generation import LARGE_RESPONSE_TOKENS, json_response, prompt_token_ids
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.model.synthetic_tokenizer import (
@@ -168,3 +170,39 @@ def test_refusals_while_the_kv_nodes_drain_or_are_gone_answer_503_with_their_cod
     gone = admission_error(UnavailableError("no KV node is reachable"))
     assert (draining.status, draining.code) == (503, "draining")
     assert (gone.status, gone.code) == (503, "unavailable")
+
+
+async def test_a_long_tokenization_with_its_token_strings_is_answered_off_the_loop():
+    """/tokenize with return_token_strs on about a MiB of text: its quarter-million token strings and the JSON
+    around them were built on the loop, after the tokenizing that already ran off it."""
+    llm = engine(max_model_len=1 << 20)
+    spelled_on: set[threading.Thread] = set()
+    token_str = llm.tokenizer.token_str
+    llm.tokenizer.token_str = lambda token_id: spelled_on.add(threading.current_thread()) or token_str(token_id)
+    state = FrontendState(FrontendConfig(served_model_name="m"))
+    state.llm = llm
+    async with TestClient(TestServer(build_app(state))) as client:
+        async def ask() -> dict:
+            response = await client.post("/tokenize", json={"prompt": BIG_TEXT, "return_token_strs": True})
+            assert response.status == 200
+            return await response.json()
+
+        answer, gap, num_ticks, took = await max_loop_gap(ask())
+    assert spelled_on and threading.main_thread() not in spelled_on
+    assert gap < took / 3, f"the event loop stalled {gap:.2f} s of the {took:.2f} s"
+    assert num_ticks >= 5
+    assert answer["count"] == len(answer["tokens"]) == len(answer["token_strs"]) > LARGE_RESPONSE_TOKENS
+    assert answer["token_strs"][:3] == [llm.tokenizer.token_str(t) for t in answer["tokens"][:3]]
+
+
+async def test_json_response_builds_a_small_answer_on_the_loop_and_a_large_one_on_a_worker():
+    threads = []
+
+    def build() -> dict:
+        threads.append(threading.current_thread())
+        return {"ok": [1, 2]}
+
+    for num_tokens in (LARGE_RESPONSE_TOKENS, LARGE_RESPONSE_TOKENS + 1):
+        response = await json_response(build, num_tokens=num_tokens)
+        assert json.loads(response.text) == {"ok": [1, 2]} and response.content_type == "application/json"
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
