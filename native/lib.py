@@ -181,6 +181,14 @@ def _dtype_code(name: str, arr: np.ndarray) -> int:
     return code
 
 
+def _int32(name: str, value: int) -> int:
+    """``value`` for a C int32 argument or field; ValueError where ctypes would silently wrap it (2**32 is 0)."""
+    value = int(value)
+    if not -(1 << 31) <= value < 1 << 31:
+        raise ValueError(f"{name} ({value}) does not fit in a 32-bit int")
+    return value
+
+
 def _checked(name: str, arr: object, shape: tuple[int, ...], *, is_output: bool = False) -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(arr).__name__}")
@@ -204,8 +212,12 @@ class KVPool:
         if page_size <= 0 or chunk_tokens <= 0 or chunk_tokens % page_size:
             raise ValueError(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of page_size ({page_size})")
         num_threads, cpus, num_cpus = _team(num_threads, cpu_list)
+        num_layers, num_kv_heads, head_dim, page_size = (_int32(name, value) for name, value in (
+            ("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+            ("page_size", page_size)))
         config = _PoolConfig(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                             kv_dtype=_KV_DTYPES[kv_dtype], page_size=page_size, chunk_pages=chunk_tokens // page_size,
+                             kv_dtype=_KV_DTYPES[kv_dtype], page_size=page_size,
+                             chunk_pages=_int32("chunk_tokens / page_size", chunk_tokens // page_size),
                              capacity_bytes=int(capacity_bytes), num_threads=num_threads, num_cpus=num_cpus,
                              cpu_list=cpus, isa=_isa_code(isa), prefetch_far=_prefetch_far_code(prefetch_far))
         self._lock = threading.Lock()
@@ -298,13 +310,15 @@ class KVPool:
     def seq_len(self, seq_id: int, layer: int) -> int:
         out = ctypes.c_int64()
         with self._lock:
-            _check(_LIB.fd_seq_len(self._live_handle(), int(seq_id), int(layer), ctypes.byref(out)))
+            _check(_LIB.fd_seq_len(self._live_handle(), int(seq_id), _int32("layer", layer), ctypes.byref(out)))
         return out.value
 
     def append(self, seq_id: int, layer: int | None, k: np.ndarray, v: np.ndarray) -> None:
         """Appends T tokens: k, v [T, Hkv, D] at ``layer``, or [L, T, Hkv, D] on all layers when layer is None.
         All-or-nothing: a full pool raises NativeError and changes nothing."""
         lead = 2 if layer is None else 1
+        if layer is not None and not 0 <= layer < self.num_layers:  # the library reads -1 as every layer
+            raise ValueError(f"layer {layer} is outside [0, {self.num_layers}) (None: every layer)")
         if not isinstance(k, np.ndarray) or k.ndim != lead + 2:
             raise ValueError(f"k must be a {lead + 2}-d numpy array")
         shape = ((self.num_layers,) if layer is None else ()) + (k.shape[lead - 1], self.num_kv_heads, self.head_dim)
@@ -319,11 +333,11 @@ class KVPool:
     def read(self, seq_id: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the cache at one layer, dequantised to float32 [T, Hkv, D]."""
         with self._lock:
-            handle, length = self._live_handle(), ctypes.c_int64()
-            _check(_LIB.fd_seq_len(handle, int(seq_id), int(layer), ctypes.byref(length)))
+            handle, length, layer = self._live_handle(), ctypes.c_int64(), _int32("layer", layer)
+            _check(_LIB.fd_seq_len(handle, int(seq_id), layer, ctypes.byref(length)))
             k = np.empty((length.value, self.num_kv_heads, self.head_dim), np.float32)
             v = np.empty_like(k)
-            _check(_LIB.fd_read(handle, int(seq_id), int(layer), length.value, k.ctypes.data, v.ctypes.data))
+            _check(_LIB.fd_read(handle, int(seq_id), layer, length.value, k.ctypes.data, v.ctypes.data))
         return k, v
 
     def attend(self, layer: int, seq_ids: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
@@ -355,7 +369,7 @@ class KVPool:
             lse_ptr = lse.ctypes.data
         codes = (_dtype_code("q", q), _dtype_code("k", k), _dtype_code("out", out))
         with self._lock:
-            _check(_LIB.fd_attend(self._live_handle(), int(layer), batch, ids.ctypes.data, num_q_heads,
+            _check(_LIB.fd_attend(self._live_handle(), _int32("layer", layer), batch, ids.ctypes.data, num_q_heads,
                                   q.ctypes.data, codes[0], k.ctypes.data, v.ctypes.data, codes[1],
                                   out.ctypes.data, codes[2], lse_ptr))
         return out
@@ -367,6 +381,7 @@ class ReadBuffer:
     def __init__(self, num_bytes: int, *, num_threads: int | None = None, cpu_list: list[int] | None = None):
         self.num_threads, self._cpus, self._num_cpus = _team(num_threads, cpu_list)
         self.num_bytes = int(num_bytes) // 4096 * 4096
+        self._lock = threading.Lock()  # close() waits for a measurement under way (it unmaps what that reads)
         self._ptr = ctypes.c_void_p()
         _check(_LIB.fd_buffer_create(self.num_bytes, self.num_threads, self._cpus, self._num_cpus,
                                      ctypes.byref(self._ptr)))
@@ -375,18 +390,23 @@ class ReadBuffer:
 
     def measure_gbps(self, *, num_runs: int = 5, isa: str | None = None) -> float:
         """Best of ``num_runs`` vectorised all-thread reads of the whole buffer, in GB/s (1e9 B/s)."""
-        if not self._ptr:
-            raise NativeError(1, "the read buffer is closed")
         gbps = ctypes.c_double()
-        _check(_LIB.fd_read_bandwidth(self._ptr, self.num_bytes, self.num_threads, self._cpus, self._num_cpus,
-                                      _isa_code(isa), int(num_runs), ctypes.byref(gbps)))
+        with self._lock:
+            if not self._ptr:
+                raise NativeError(1, "the read buffer is closed")
+            _check(_LIB.fd_read_bandwidth(self._ptr, self.num_bytes, self.num_threads, self._cpus, self._num_cpus,
+                                          _isa_code(isa), _int32("num_runs", num_runs), ctypes.byref(gbps)))
         return gbps.value
 
     def close(self) -> None:
-        if getattr(self, "_ptr", None):
-            self.array = None
-            _LIB.fd_buffer_destroy(self._ptr, self.num_bytes)
-            self._ptr = ctypes.c_void_p()
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            if self._ptr:
+                self.array = None
+                _LIB.fd_buffer_destroy(self._ptr, self.num_bytes)
+                self._ptr = ctypes.c_void_p()
 
     def __enter__(self) -> ReadBuffer:
         return self

@@ -243,7 +243,9 @@ int32_t fd_pool_get_info(fd_pool *pool, fd_pool_info *info) {
 int32_t fd_pool_can_allocate_tokens(fd_pool *pool, int64_t num_tokens_per_layer, int32_t *out_ok) {
     if (!out_ok || num_tokens_per_layer < 0) return set_error("bad argument"), FD_EINVAL;
     return with_pool(pool, [&](fd_pool &p) -> int32_t {
-        *out_ok = p.pages_for(num_tokens_per_layer) * p.num_layers <= (int64_t)p.free_pages.size();
+        // an append takes at most INT32_MAX tokens (and a larger count would overflow the page arithmetic)
+        *out_ok = num_tokens_per_layer <= INT32_MAX &&
+                  p.pages_for(num_tokens_per_layer) * p.num_layers <= (int64_t)p.free_pages.size();
         return FD_OK;
     });
 }

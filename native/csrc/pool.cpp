@@ -5,7 +5,13 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include <memory>
+
 namespace fdn {
+
+// The most tokens a chunk (the unit a long sequence is split into across threads) may hold: far above any useful
+// size (the default is 512), low enough that page arithmetic on it stays well inside int.
+static constexpr int kMaxChunkTokens = 1 << 20;
 
 static bool valid_dtype(int32_t dtype) { return dtype == FD_F32 || dtype == FD_F16 || dtype == FD_BF16; }
 
@@ -16,11 +22,15 @@ int32_t pool_create(const fd_pool_config &c, const KernelTable *kernels, int32_t
     if (c.page_size < 16 || c.page_size > 256 || c.page_size % 16)
         return set_error("page_size must be a multiple of 16 in [16, 256], got %d", c.page_size), FD_EINVAL;
     if (!valid_dtype(c.kv_dtype)) return set_error("unknown kv dtype code %d", c.kv_dtype), FD_EINVAL;
-    if (c.chunk_pages < 1) return set_error("chunk_pages must be >= 1"), FD_EINVAL;
+    if (c.chunk_pages < 1 || c.chunk_pages > kMaxChunkTokens / c.page_size)
+        return set_error("chunk_pages must be in [1, %d] for pages of %d tokens (chunks of at most %d tokens)",
+                         kMaxChunkTokens / c.page_size, c.page_size, kMaxChunkTokens), FD_EINVAL;
     if (c.prefetch_far < 0 || c.prefetch_far > 1) return set_error("prefetch_far must be 0 or 1"), FD_EINVAL;
     if (int32_t st = check_team_args(c.num_threads, c.cpu_list, c.num_cpus)) return st;
 
-    fd_pool *pool = new fd_pool();
+    // Owned here until it is handed out: a bad_alloc below (caught at the boundary) frees it and its mapping.
+    std::unique_ptr<fd_pool, void (*)(fd_pool *)> owned(new fd_pool(), pool_destroy);
+    fd_pool *pool = owned.get();
     pool->num_layers = c.num_layers;
     pool->num_kv_heads = c.num_kv_heads;
     pool->head_dim = c.head_dim;
@@ -39,16 +49,11 @@ int32_t pool_create(const fd_pool_config &c, const KernelTable *kernels, int32_t
     if (pool->num_pages < 1 || pool->num_pages > INT32_MAX) {
         set_error("capacity_bytes %lld holds %lld pages of %zu bytes; need between 1 and 2^31-1",
                   (long long)c.capacity_bytes, (long long)pool->num_pages, pool->page_bytes);
-        delete pool;
         return FD_EINVAL;
     }
     pool->map_bytes = (size_t)pool->num_pages * pool->page_bytes;
     void *mem = mmap(nullptr, pool->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED) {
-        set_error("mmap of %zu bytes failed", pool->map_bytes);
-        delete pool;
-        return FD_ENOMEM;
-    }
+    if (mem == MAP_FAILED) return set_error("mmap of %zu bytes failed", pool->map_bytes), FD_ENOMEM;
     madvise(mem, pool->map_bytes, MADV_HUGEPAGE);
     pool->base = static_cast<uint8_t *>(mem);
     // Pre-fault: the team's threads touch the pages first.
@@ -67,7 +72,7 @@ int32_t pool_create(const fd_pool_config &c, const KernelTable *kernels, int32_t
     }
     pool->free_pages.resize((size_t)num_pages);
     for (int64_t i = 0; i < num_pages; ++i) pool->free_pages[(size_t)i] = (int32_t)(num_pages - 1 - i);
-    *out = pool;
+    *out = owned.release();
     return FD_OK;
 }
 
@@ -210,6 +215,7 @@ int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_to
                     const void *v, int32_t src_dtype) {
     if (!valid_dtype(src_dtype)) return set_error("unknown source dtype code %d", src_dtype), FD_EINVAL;
     if (num_tokens < 0 || num_tokens > INT32_MAX) return set_error("bad token count %lld", (long long)num_tokens), FD_EINVAL;
+    if (layer < -1) return set_error("layer %d out of range [0, %d) (or -1: every layer)", layer, pool.num_layers), FD_EINVAL;
     SeqState *s = nullptr;
     const int32_t l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? pool.num_layers : layer + 1;
     if (int32_t st = pool_find(pool, seq_id, l0, &s)) return st;
@@ -220,17 +226,18 @@ int32_t pool_append(fd_pool &pool, int64_t seq_id, int32_t layer, int64_t num_to
     if (needed > (int64_t)pool.free_pages.size())
         return set_error("KV pool full: append of %lld tokens needs %lld pages, %zu free", (long long)num_tokens,
                          (long long)needed, pool.free_pages.size()), FD_EFULL;
-    // Plan the write units first (may allocate), then reserve pages (cannot fail).
+    // Plan the write units and grow every layer's page list first (may allocate, so may fail with the pool as it
+    // was), then take the pages (cannot fail).
     std::vector<int64_t> unit_layer, unit_page;
     for (int32_t l = l0; l < l1; ++l) {
         for (int64_t p = s->lens[l] / pool.page_size; p < pool.pages_for(s->lens[l] + num_tokens); ++p) {
             unit_layer.push_back(l);
             unit_page.push_back(p);
         }
+        s->pages[l].reserve((size_t)pool.pages_for(s->lens[l] + num_tokens));
     }
     for (int32_t l = l0; l < l1; ++l) {
         const int64_t want = pool.pages_for(s->lens[l] + num_tokens);
-        s->pages[l].reserve((size_t)want);
         while ((int64_t)s->pages[l].size() < want) {
             s->pages[l].push_back(pool.free_pages.back());
             pool.free_pages.pop_back();

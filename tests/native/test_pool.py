@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fastdecode.native import lib
 from fastdecode.native.lib import (ISA_ENV_VAR, PREFETCH_FAR_ENV_VAR, STATUS_FULL, KVPool, NativeError,
                                    available_isas, bf16_dot_cost, default_isa, prefetch_far_default)
 
@@ -250,3 +251,48 @@ def test_reading_the_pools_memory_reports_a_rate_and_leaves_the_cache_unchanged(
             pool.measure_read_gbps(num_runs=0)
     with pytest.raises(NativeError, match="closed"):
         pool.measure_read_gbps()
+
+
+def test_arguments_c_would_misread_are_refused_before_they_reach_it(rng):
+    """A found read-only review: append at layer -1 with one layer's k, v (the library reads -1 as every layer, so
+    it read L times the buffer); ints ctypes wraps (2**32 is layer 0); chunks whose token count overflowed int;
+    a token count so large that the page arithmetic wrapped and said it fits."""
+    with make_pool(num_pages=8) as pool:
+        pool.allocate(1)
+        k, v, _, _ = random_kv(rng, (5, H, D), "bfloat16")
+        for layer in (-1, -2, L):
+            with pytest.raises(ValueError, match="outside"):
+                pool.append(1, layer, k, v)
+        status = lib._LIB.fd_append(pool._live_handle(), 1, -2, 5, k.ctypes.data, v.ctypes.data,
+                                    lib._dtype_code("k", k))
+        assert status != 0 and "out of range" in lib._LIB.fd_last_error().decode()  # the library refuses too
+        assert pool.seq_len(1, 0) == 0 and pool.num_free_pages == 8  # nothing written
+        q = np.zeros((1, H, D), np.float32)
+        with pytest.raises(ValueError, match="32-bit"):
+            pool.attend(1 << 32, np.array([1]), q, q, q)
+        with pytest.raises(ValueError, match="32-bit"):
+            pool.read(1, 1 << 32)
+        assert not pool.can_allocate_tokens((1 << 63) - 1)
+    with pytest.raises(NativeError, match="chunk_pages"):
+        make_pool(chunk_tokens=P << 20)  # 2**25 tokens a chunk: chunk_pages fits int32, chunk_pages * P did not
+    with pytest.raises(ValueError, match="32-bit"):
+        make_pool(chunk_tokens=P << 32)
+    with pytest.raises(ValueError, match="32-bit"):
+        KVPool(num_layers=(1 << 32) + 1, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16", capacity_bytes=1 << 20)
+
+
+def test_closing_a_read_buffer_waits_for_its_measurement():
+    """close() unmapped the buffer while another thread's measurement read it (a crash); it now waits."""
+    import threading
+
+    buf = lib.ReadBuffer(256 << 20, num_threads=2)
+    results = []
+    measuring = threading.Thread(target=lambda: results.append(buf.measure_gbps(num_runs=20)))
+    measuring.start()
+    while not buf._lock.locked() and measuring.is_alive():
+        pass
+    buf.close()
+    measuring.join()
+    assert len(results) == 1 and results[0] > 0 and buf.array is None
+    with pytest.raises(NativeError, match="closed"):
+        buf.measure_gbps()
