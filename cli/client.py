@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError
+from fastdecode.cli.serve import API_KEY_ENV
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/stream"
 OPEN_TIMEOUT_S = 10.0
@@ -88,7 +89,8 @@ def _error_message(body: bytes | None) -> str:
 @click.command("client", cls=OneLineCommand)
 @click.argument("prompt")
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="The server's /v1/stream WebSocket.")
-@click.option("--api-key", default=None, help="Bearer key, if the server needs one.")
+@click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,
+              help="Bearer key, if the server needs one.")
 @click.option("--max-tokens", default=128, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
 @click.option("--seed", default=None, type=int, help="Sampling seed.")

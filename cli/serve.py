@@ -98,10 +98,23 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--disable-uvicorn-access-log", "--disable-access-log", "is_access_log_disabled", is_flag=True,
                      help="No INFO line per HTTP request (client, method, path without query, status, bytes, "
                           "seconds); vLLM's name."),
+        click.option("--disable-log-requests", "is_request_log_disabled", is_flag=True,
+                     help="No INFO line per finished request (ids, finish reason, token counts, TTFT, e2e); "
+                          "vLLM's name."),
+        click.argument("model_tag", required=False, metavar="[MODEL]"),
     ]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _model(ctx: click.Context, model_tag: str | None, model: str) -> str:
+    """The model: vLLM's positional ``serve MODEL``, or --model (one of them)."""
+    if model_tag is None:
+        return model
+    if ctx.get_parameter_source("model") is not click.core.ParameterSource.DEFAULT and model != model_tag:
+        raise OneLineError(f"give the model once: as an argument ({model_tag}) or with --model ({model})")
+    return model_tag
 
 
 def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
@@ -142,13 +155,18 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
         raise OneLineError(str(exc)) from None
 
 
-def run_server(config, *, log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT, logging at ``log_level`` and above; start-up failures become one line and exit
-    code 2."""
+def run_server(config, *, log_level: str = "info", is_request_log_disabled: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, logging at ``log_level`` and above (without the per-request lines when
+    ``is_request_log_disabled``); start-up failures become one line and exit code 2."""
+    import logging
+
     from fastdecode.actors.frontend import serve
+    from fastdecode.actors.frontend.generation import REQUEST_LOGGER
     from fastdecode.transport.event_loop import run_event_loop
 
     configure_logging(log_level)
+    if is_request_log_disabled:
+        logging.getLogger(REQUEST_LOGGER).setLevel(logging.WARNING)
     model = config.cluster.model
 
     def announce(url: str) -> None:
@@ -172,22 +190,30 @@ def run_server(config, *, log_level: str = "info") -> None:
               help="A running shard daemon (repeatable); replaces in-process shards.")
 @click.option("--kv-memory", "kv_memory_bytes", default=None, type=SIZE,
               help="KV memory per in-process shard, e.g. 2GiB (default: a share of free memory).")
-def serve_command(num_shards: int | None, shard_addresses: tuple[str, ...], kv_memory_bytes: int | None,
-                  log_level: str, **options: Any) -> None:
-    """Serve a model over OpenAI-compatible HTTP and WebSocket (the whole cluster in one process)."""
+@click.pass_context
+def serve_command(ctx: click.Context, num_shards: int | None, shard_addresses: tuple[str, ...],
+                  kv_memory_bytes: int | None, log_level: str, is_request_log_disabled: bool, model_tag: str | None,
+                  model: str, **options: Any) -> None:
+    """Serve MODEL (or --model) over OpenAI-compatible HTTP and WebSocket (the whole cluster in one process)."""
     if num_shards is not None and shard_addresses:
         raise OneLineError("give either --shards or --shard, not both")
+    if kv_memory_bytes is not None and shard_addresses:
+        raise OneLineError("--kv-memory sizes in-process shards: a shard daemon has its own (start-shard --kv-memory)")
     if num_shards is None:
         num_shards = 0 if shard_addresses else 1
-    run_server(build_config(num_shards=num_shards, shard_addresses=shard_addresses,
-                            kv_memory_bytes=kv_memory_bytes, **options), log_level=log_level)
+    run_server(build_config(num_shards=num_shards, shard_addresses=shard_addresses, kv_memory_bytes=kv_memory_bytes,
+                            model=_model(ctx, model_tag, model), **options),
+               log_level=log_level, is_request_log_disabled=is_request_log_disabled)
 
 
 @click.command("start-gpu", cls=OneLineCommand)
 @_common_options
 @click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR", required=True,
               help="A running shard daemon (repeatable; at least one).")
-def start_gpu_command(shard_addresses: tuple[str, ...], log_level: str, **options: Any) -> None:
-    """The GPU-host daemon: the Executor and the Frontend in front of remote shards."""
-    run_server(build_config(num_shards=0, shard_addresses=shard_addresses, kv_memory_bytes=None, **options),
-               log_level=log_level)
+@click.pass_context
+def start_gpu_command(ctx: click.Context, shard_addresses: tuple[str, ...], log_level: str,
+                      is_request_log_disabled: bool, model_tag: str | None, model: str, **options: Any) -> None:
+    """The GPU-host daemon for MODEL (or --model): the Executor and the Frontend in front of remote shards."""
+    run_server(build_config(num_shards=0, shard_addresses=shard_addresses, kv_memory_bytes=None,
+                            model=_model(ctx, model_tag, model), **options),
+               log_level=log_level, is_request_log_disabled=is_request_log_disabled)

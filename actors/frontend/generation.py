@@ -14,8 +14,8 @@ the stop string or stop token id that ended the request; None for EOS and length
 ``json_response`` builds and serializes a response over many tokens off the loop too.
 A request submitted and then cancelled before its first token (the client left
 while it was queued) ends as vLLM's ``abort``, as one cancelled later does; each
-ended request leaves one INFO line on the "fastdecode.frontend" logger (ids,
-reason, token counts and times, never the prompt).
+ended request leaves one INFO line on the "fastdecode.frontend.requests" logger (ids,
+reason, token counts and times, never the prompt; ``--disable-log-requests`` silences it).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import RequestError, SamplingParams
 
 log = logging.getLogger("fastdecode.frontend")
+REQUEST_LOGGER = "fastdecode.frontend.requests"  # one INFO line per ended request
+request_log = logging.getLogger(REQUEST_LOGGER)
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a 429's Retry-After: the queue moves by whole requests finishing
 # a response over more tokens than this is built and serialized on a worker thread (json_response)
@@ -183,9 +185,10 @@ class Generation:
         self._metrics.on_finished(finish_reason, e2e_s, num_prompt_tokens=len(self.prompt_ids),
                                   num_generation_tokens=self.num_output_tokens, max_tokens=self._params.max_tokens)
         ttft = "-" if self._first_token_s is None else f"{self._first_token_s:.3f}s"
-        log.info("request %s (choice %d) finished: %s, %d prompt tokens, %d completion tokens, TTFT %s, e2e %.3fs",
-                 "-" if self.request_id is None else self.request_id, self.index, finish_reason,
-                 len(self.prompt_ids), self.num_output_tokens, ttft, e2e_s)
+        request_log.info("request %s (choice %d) finished: %s, %d prompt tokens, %d completion tokens, TTFT %s, "
+                         "e2e %.3fs",
+                         "-" if self.request_id is None else self.request_id, self.index, finish_reason,
+                         len(self.prompt_ids), self.num_output_tokens, ttft, e2e_s)
 
 
 def admission_error(exc: BaseException) -> ApiError | None:

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -228,12 +229,15 @@ def test_log_options_reach_the_server(monkeypatch, command):
     shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
     runner = CliRunner()
     assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
-    assert calls[-1][0].is_access_logged is True and calls[-1][1] == {"log_level": "info"}
-    result = runner.invoke(main, [command, *TINY, *shard, "--log-level", "warning", "--disable-uvicorn-access-log"])
+    assert calls[-1][0].is_access_logged is True
+    assert calls[-1][1] == {"log_level": "info", "is_request_log_disabled": False}
+    result = runner.invoke(main, [command, *TINY, *shard, "--log-level", "warning", "--disable-uvicorn-access-log",
+                                  "--disable-log-requests"])
     assert result.exit_code == 0, result.output
-    assert calls[-1][0].is_access_logged is False and calls[-1][1] == {"log_level": "warning"}
+    assert calls[-1][0].is_access_logged is False
+    assert calls[-1][1] == {"log_level": "warning", "is_request_log_disabled": True}
     assert runner.invoke(main, [command, *TINY, *shard, "--disable-access-log"]).exit_code == 0
-    assert calls[-1][0].is_access_logged is False and calls[-1][1] == {"log_level": "info"}
+    assert calls[-1][0].is_access_logged is False and calls[-1][1]["log_level"] == "info"
     assert "--log-level" in refuse(command, *TINY, *shard, "--log-level", "chatty")
     for help_of in ("start-shard", command):  # one definition: the same choices and default
         assert "--log-level [debug|info|warning|error]" in runner.invoke(main, [help_of, "--help"]).output
@@ -254,3 +258,42 @@ def test_configure_logging_sets_the_root_level(level):
         assert logging.getLogger("fastdecode.frontend.access").getEffectiveLevel() == root.level
     finally:
         root.setLevel(before)
+
+
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_the_model_may_be_given_as_vllms_positional_argument(monkeypatch, command):
+    """``vllm serve MODEL``: the same here, or --model; both at once only when they agree."""
+    import fastdecode.cli.serve as serve_module
+
+    configs = []
+    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
+    shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
+    runner = CliRunner()
+    rest = [*TINY[2:], *shard]  # TINY less its --model
+    for args in (["random:tiny", *rest], [*TINY, *shard], ["random:tiny", "--model", "random:tiny", *rest]):
+        result = runner.invoke(main, [command, *args])
+        assert result.exit_code == 0, result.output
+        assert configs[-1].cluster.model == "random:tiny" and configs[-1].frontend.served_model_name == "random:tiny"
+    assert "give the model once" in refuse(command, "random:tiny", "--model", "smollm2", *rest)
+
+
+def test_kv_memory_with_shard_daemons_is_refused_not_ignored():
+    assert "start-shard --kv-memory" in refuse("serve", *TINY, "--shard", "tcp://127.0.0.1:5555", "--kv-memory", "1GiB")
+
+
+def test_disable_log_requests_silences_only_the_request_lines(monkeypatch):
+    import logging
+
+    import fastdecode.actors.frontend as frontend
+    import fastdecode.cli.serve as serve_module
+    from fastdecode.actors.frontend.generation import REQUEST_LOGGER
+
+    monkeypatch.setattr(frontend, "serve", lambda config, on_ready: None)
+    monkeypatch.setattr("fastdecode.transport.event_loop.run_event_loop", lambda coro: None)
+    request_logger, root = logging.getLogger(REQUEST_LOGGER), logging.getLogger()
+    monkeypatch.setattr(request_logger, "level", request_logger.level)  # both restored after the test
+    monkeypatch.setattr(root, "level", root.level)
+    serve_module.run_server(SimpleNamespace(cluster=SimpleNamespace(model="m")), log_level="info",
+                            is_request_log_disabled=True)
+    assert not request_logger.isEnabledFor(logging.INFO) and logging.getLogger("fastdecode.frontend").isEnabledFor(
+        logging.INFO)

@@ -137,7 +137,8 @@ async def test_a_finished_request_fills_the_histograms_and_logs_one_line(caplog)
     assert value(samples, "fastdecode_request_prompt_tokens_sum") == len(generation.prompt_ids)
     assert value(samples, "fastdecode_request_params_max_tokens_sum") == 3
     assert value(samples, "fastdecode_request_params_n_sum") == 1
-    lines = [r.getMessage() for r in caplog.records if r.name == "fastdecode.frontend" and "finished" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "fastdecode.frontend.requests" and "finished" in r.getMessage()]
     assert len(lines) == 1
     assert "request 1 " in lines[0] and "length" in lines[0]
     assert f"{len(generation.prompt_ids)} prompt tokens" in lines[0] and "3 completion tokens" in lines[0]
