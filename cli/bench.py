@@ -201,6 +201,8 @@ def offline(**options) -> None:
                 result = asyncio.run(run_offline(options))
         except GpuKVMemoryError as exc:
             raise OneLineError(f"--gpu-kv-memory: {exc}; give a smaller size") from None
+        except ValueError as exc:  # a configuration the engine refuses (a length past the context, --shards 0...)
+            raise OneLineError(str(exc)) from None
     click.echo(json.dumps(result))
 
 

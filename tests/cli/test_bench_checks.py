@@ -69,3 +69,12 @@ def test_the_transformers_baseline_is_the_presets_own_architecture(preset, archi
     assert type(model).__name__ == architecture
     ours = PRESETS[preset].num_params
     assert sum(p.numel() for p in model.parameters()) == ours
+
+
+def test_a_configuration_the_engine_refuses_is_one_line_error():
+    """A length past the model's context (offline asks prompt + output of it) used to end in a traceback."""
+    result = CliRunner().invoke(bench, ["offline", *TINY, "--shards", "0", "--batch", "1", "--prompt-len", "4096",
+                                        "--output-len", "8"])
+    assert_one_line_error(result, "max_model_len")
+    result = CliRunner().invoke(bench, ["offline", *TINY, "--mode", "shards", "--shards", "0"])
+    assert_one_line_error(result, "shards mode needs shards")
