@@ -16,6 +16,7 @@ Prints one JSON object last on stdout.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -290,6 +291,10 @@ async def run_roofline(options: dict) -> dict:
 def roofline(**options) -> None:
     """The gpu-only decode step against the HBM roofline (CUDA only)."""
     require_cuda(options["device"])
+    if options["transformers_batches"] and importlib.util.find_spec("transformers") is None:
+        # known before the sweep, not after it (the comparison runs last)
+        raise OneLineError("--transformers-batches compares with transformers, which is not installed: install it "
+                           "(the [test] extra has it) or give --transformers-batches ''")
     with one_line_errors():
         result = asyncio.run(run_roofline(options))
     click.echo(json.dumps(result))

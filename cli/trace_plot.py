@@ -53,7 +53,10 @@ def trace_plot(trace_file: str, out_path: str, max_steps: int) -> None:
     try:
         with open(trace_file) as f:
             trace = json.load(f)
-        render_timeline(trace, out_path, max_steps=max_steps)
+        try:
+            render_timeline(trace, out_path, max_steps=max_steps)
+        except OSError as exc:  # the PNG could not be written (no such folder, no permission)
+            raise OneLineError(f"cannot write {out_path}: {exc.strerror or exc}") from None
     except PlotUnavailableError as exc:
         raise OneLineError(str(exc)) from None
     except (ValueError, KeyError, TypeError) as exc:

@@ -1,6 +1,8 @@
 """Checks the bench commands make before any work: roofline's CUDA, offline's --gpu-kv-memory."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -78,3 +80,18 @@ def test_a_configuration_the_engine_refuses_is_one_line_error():
     assert_one_line_error(result, "max_model_len")
     result = CliRunner().invoke(bench, ["offline", *TINY, "--mode", "shards", "--shards", "0"])
     assert_one_line_error(result, "shards mode needs shards")
+
+
+def test_roofline_without_transformers_says_so_before_the_sweep(monkeypatch):
+    """The transformers comparison runs after the whole GPU sweep: without transformers it used to end there, in a
+    traceback, with the sweep's JSON lost."""
+    import importlib.util
+
+    monkeypatch.setattr(bench_roofline, "require_cuda", lambda device: None)
+    monkeypatch.setattr(bench_roofline, "run_roofline", no_work)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers"
+                        else real_find_spec(name, *a))
+    assert_one_line_error(CliRunner().invoke(bench, ["roofline"]), "transformers, which is not installed")
+    monkeypatch.setattr(bench_roofline, "run_roofline", lambda options: asyncio.sleep(0, {"rows": []}))
+    assert CliRunner().invoke(bench, ["roofline", "--transformers-batches", ""]).exit_code == 0

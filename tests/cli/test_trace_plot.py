@@ -45,3 +45,10 @@ def test_trace_plot_rejects_a_file_that_is_no_trace(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"Error: {bad} is not a step trace: the trace has no decode steps"]
 
+
+
+def test_trace_plot_to_a_folder_that_does_not_exist_is_one_line(tmp_path):
+    out = tmp_path / "missing" / "t.png"
+    result = CliRunner().invoke(trace_plot, [write_trace(tmp_path / "t.json"), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"Error: cannot write {out}: No such file or directory"]
