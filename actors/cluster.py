@@ -31,6 +31,7 @@ from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
 from fastdecode.actors.kvshard import BUSY
 from fastdecode.actors.model import load_model, resolve_device
+from fastdecode.actors.model.hf_dir import chosen_sampling_defaults
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
@@ -70,6 +71,9 @@ class ClusterConfig:
     is_compiled: bool = True  # CUDA devices: the per-layer dense segments through torch.compile (fused kernels)
     expected_mean_context: int | None = None  # hybrid choice's mean context; None: 3/4 of the max length
     curve_dir: str | None = None  # CURVE keys for the links to shard daemons (fdctl keygen); None: plain
+    # the sampling defaults (vLLM's --generation-config): auto, the model's generation_config.json; vllm, none; or a
+    # folder holding the generation_config.json to use
+    generation_config: str = "auto"
     heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
     liveness: int = 3
 
@@ -99,7 +103,7 @@ class ClusterConfig:
 def _check_field_types(config: ClusterConfig) -> None:
     """TypeError naming the field of a ClusterConfig given a value of the wrong type, before a value check
     compares it (or iterates a str); a list of shard addresses is kept as a tuple."""
-    for name in ("model", "dtype", "device"):
+    for name in ("model", "dtype", "device", "generation_config"):
         value = getattr(config, name)
         if not isinstance(value, str) or not value:
             raise TypeError(f"{name} must be a non-empty str, got {value!r}")
@@ -201,8 +205,11 @@ class Cluster:
         shard_cpus = shard_cpu_lists(cpus[executor_threads:], config.num_shards, shard_threads)
         torch.set_num_threads(executor_torch_threads(executor_threads, is_cuda=device.type == "cuda",
                                                      has_shards=bool(config.num_shards or config.shard_addresses)))
+        defaults = chosen_sampling_defaults(config.generation_config)  # a bad folder is refused before the load
         model, tokenizer = await asyncio.to_thread(
             load_model, config.model, dtype=config.dtype, device=str(device), seed=config.seed)
+        if defaults is not None:
+            model.config = dataclasses.replace(model.config, sampling_defaults=defaults)
         if config.is_compiled and device.type == "cuda":
             model.compile_dense()
         cfg = model.config

@@ -76,6 +76,9 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--seed", default=0, show_default=True, type=int, help="Weights' seed for random: models."),
+        click.option("--generation-config", default="auto", show_default=True,
+                     help="Sampling defaults for what a request leaves out (vLLM's): auto, the model's "
+                          "generation_config.json; vllm, none; or a folder holding the generation_config.json to use."),
         click.option("--no-pipeline", "is_unpipelined", is_flag=True,
                      help="One mini-batch per step instead of two overlapped ones."),
         click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True,
@@ -119,6 +122,7 @@ def _model(ctx: click.Context, model_tag: str | None, model: str) -> str:
 
 def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  max_model_len: int | None, max_num_seqs: int, max_queue: int, dtype: str, device: str, seed: int,
+                 generation_config: str = "auto",
                  admission: str = "sls", overcommit: float = 1.0, max_reserved_output: int = 4096,
                  max_num_batched_tokens: int | None = None,
                  is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
@@ -143,7 +147,8 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                                   scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, admission=admission,
                                                             overcommit=overcommit,
                                                             max_reserved_output=max_reserved_output or None))
-        cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, num_shards=num_shards,
+        cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, generation_config=generation_config,
+                                num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
                                 executor=executor, curve_dir=curve_dir)
         frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None,

@@ -61,6 +61,22 @@ def read_hf_config(folder: Path) -> ModelConfig:
     return dataclasses.replace(config, sampling_defaults=defaults)
 
 
+def chosen_sampling_defaults(source: str) -> SamplingDefaults | None:
+    """The sampling defaults vLLM's ``--generation-config`` picks: ``auto``, the model's own (None here); ``vllm``,
+    none (the engine's); a folder, the ``generation_config.json`` in it (ModelError when it has none or a bad one)."""
+    if source == "auto":
+        return None
+    if source == "vllm":
+        return SamplingDefaults()
+    folder = Path(source)
+    if not (folder / "generation_config.json").is_file():
+        raise ModelError(f"--generation-config {source}: no generation_config.json there (or give auto or vllm)")
+    try:
+        return sampling_defaults(read_json(folder / "generation_config.json", required=True))
+    except ModelError as exc:
+        raise ModelError(f"bad generation_config.json in {folder}: {exc}") from None
+
+
 def sampling_defaults(generation: dict[str, Any]) -> SamplingDefaults:
     """The sampling defaults of a ``generation_config.json`` object (vLLM's ``get_diff_sampling_param``)."""
     values = {}

@@ -11,7 +11,7 @@ from fastdecode.actors.frontend import FrontendConfig, FrontendState
 from fastdecode.actors.frontend.openai_request import parse_chat, parse_completion, parse_stream_request
 from fastdecode.actors.model import ModelError
 from fastdecode.actors.model.config import SamplingDefaults
-from fastdecode.actors.model.hf_dir import read_hf_config
+from fastdecode.actors.model.hf_dir import chosen_sampling_defaults, read_hf_config
 from fastdecode.actors.model.presets import PRESETS
 
 QWEN2_GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 3], "do_sample": True, "temperature": 0.7,
@@ -89,3 +89,46 @@ def test_attaching_the_engine_logs_the_defaults(caplog):
     with caplog.at_level(logging.INFO, logger="fastdecode.frontend"):
         state.llm = SimpleNamespace(tokenizer=None, model_config=SimpleNamespace(sampling_defaults=SamplingDefaults()))
     assert not caplog.records
+
+
+def test_generation_config_picks_the_models_none_or_a_folders_defaults(tmp_path):
+    """vLLM's --generation-config: auto (the model's; None here), vllm (none), or a folder's generation_config.json."""
+    assert chosen_sampling_defaults("auto") is None
+    assert chosen_sampling_defaults("vllm") == SamplingDefaults()
+    folder = hf_folder(tmp_path, QWEN2_GENERATION)
+    assert chosen_sampling_defaults(str(folder)) == SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20,
+                                                                      repetition_penalty=1.05)
+    with pytest.raises(ModelError, match="no generation_config.json"):
+        chosen_sampling_defaults(str(tmp_path / "nowhere"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    with pytest.raises(ModelError, match="bad generation_config.json"):
+        chosen_sampling_defaults(str(folder))
+
+
+async def test_a_cluster_serves_with_the_generation_config_it_was_given(tmp_path):
+    from fastdecode.actors.api import AsyncLLM
+    from fastdecode.actors.cluster import ClusterConfig
+
+    folder = hf_folder(tmp_path, {"temperature": 0.5, "min_p": 0.1})
+    config = ClusterConfig(model="random:tiny", dtype="float32", device="cpu", num_shards=0,
+                           generation_config=str(folder))
+    async with await AsyncLLM.start(config) as llm:
+        assert llm.model_config.sampling_defaults == SamplingDefaults(temperature=0.5, min_p=0.1)
+        params = llm.get_default_sampling_params()
+        assert (params.temperature, params.min_p) == (0.5, 0.1)
+    with pytest.raises(TypeError, match="generation_config"):
+        ClusterConfig(model="random:tiny", generation_config=None)
+
+
+def test_the_generation_config_option_reaches_the_cluster(monkeypatch):
+    from click.testing import CliRunner
+
+    import fastdecode.cli.serve as serve_module
+    from fastdecode.cli.main import main
+
+    configs = []
+    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
+    assert CliRunner().invoke(main, ["serve", "random:tiny"]).exit_code == 0
+    assert configs[-1].cluster.generation_config == "auto"
+    assert CliRunner().invoke(main, ["serve", "random:tiny", "--generation-config", "vllm"]).exit_code == 0
+    assert configs[-1].cluster.generation_config == "vllm"
