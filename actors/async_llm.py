@@ -87,11 +87,13 @@ def token_stop_reason(token_id: int, params: SamplingParams, eos_token_id: int |
 
 class SubmittedStream:
     """The outputs of a request already submitted (AsyncLLM.submit). Unlike an async generator never started,
-    ``aclose()`` cancels the request even if nothing was read."""
+    ``aclose()`` cancels the request even if nothing was read; so does dropping it unclosed (when it is collected),
+    which used to leave the request running to its max_tokens."""
 
     def __init__(self, request, outputs: AsyncGenerator[StreamOutput, None]) -> None:
         self._request = request
         self._outputs = outputs
+        weakref.finalize(self, _cancel_dropped, asyncio.get_running_loop(), request)
 
     def __aiter__(self) -> "SubmittedStream":
         return self
@@ -351,6 +353,13 @@ class AsyncLLM:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def _cancel_dropped(loop: asyncio.AbstractEventLoop, request) -> None:
+    """A SubmittedStream collected unclosed: cancel its request on its loop (collection may run on any thread); a
+    request that ended, or was closed, is left as it is."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: its Executor stopped with it
+        loop.call_soon_threadsafe(request.cancel)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -86,6 +86,20 @@ async def test_aclose_frees_a_named_stream_at_once(llm):
     assert await llm.cluster.kv_used_bytes() == [0]
 
 
+async def test_a_submitted_stream_dropped_unread_cancels_its_request(llm):
+    """An app that submits, then fails before it reads or closes the stream: the request used to run on to its
+    max_tokens, holding a batch slot and its KV."""
+    import gc
+
+    executor = llm.cluster.executor
+    submitted = llm.submit(PROMPT, LONG)
+    await _until(lambda: executor.num_running == 1)
+    del submitted
+    gc.collect()
+    await _until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=1.0)
+    assert await llm.cluster.kv_used_bytes() == [0]
+
+
 async def test_aclosing_context_frees_on_early_exit(llm):
     executor = llm.cluster.executor
     async with contextlib.aclosing(llm.stream(PROMPT, LONG)) as outputs:
