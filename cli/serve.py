@@ -42,6 +42,13 @@ class NameList(click.ParamType):
         return tuple(names)
 
 
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other names
+
+
+def _dtype_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return DTYPE_ALIASES.get(value, value)
+
+
 def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--model", default="smollm2", show_default=True,
@@ -72,8 +79,9 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Most tokens one step carries (each decoding sequence counts 1); a longer prompt is "
                           "prefilled in chunks over several steps while the others keep decoding. 0: no chunking. "
                           "[default: 2048 on a GPU, 256 on a CPU]"),
-        click.option("--dtype", default="auto", show_default=True,
-                     type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
+        click.option("--dtype", default="auto", show_default=True, callback=_dtype_option,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES]),
+                     help="Weights' and activations' dtype (vLLM's names: half is float16, float is float32)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--seed", default=0, show_default=True, type=int, help="Weights' seed for random: models."),
         click.option("--generation-config", default="auto", show_default=True,

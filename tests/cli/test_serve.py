@@ -297,3 +297,13 @@ def test_disable_log_requests_silences_only_the_request_lines(monkeypatch):
                             is_request_log_disabled=True)
     assert not request_logger.isEnabledFor(logging.INFO) and logging.getLogger("fastdecode.frontend").isEnabledFor(
         logging.INFO)
+
+
+def test_vllms_dtype_names_half_and_float_are_taken(monkeypatch):
+    import fastdecode.cli.serve as serve_module
+
+    configs = []
+    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
+    for name, dtype in (("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
+        assert CliRunner().invoke(main, ["serve", "random:tiny", "--dtype", name]).exit_code == 0
+        assert configs[-1].cluster.dtype == dtype
