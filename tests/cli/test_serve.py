@@ -29,6 +29,20 @@ _spec.loader.exec_module(live_server)
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--device", "cpu", "--port", "0"]
 
 
+@pytest.fixture
+def server_configs(monkeypatch) -> list:
+    """The ServeConfig of every serve/start-gpu run in the test, which builds it and serves nothing."""
+    import fastdecode.cli.serve as serve_module
+
+    configs = []
+    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
+    return configs
+
+
+def shard_args(command: str) -> list[str]:
+    return ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
+
+
 def refuse(*args: str) -> str:
     """Run ``fdctl`` in-process; it must fail with exit 2 and one ``Error:`` line on stderr."""
     result = CliRunner().invoke(main, list(args))
@@ -104,13 +118,9 @@ def test_scheduler_options_reach_the_config():
 
 
 @pytest.mark.parametrize("command", ["serve", "start-gpu"])
-def test_cors_options_reach_the_frontend_config(monkeypatch, command):
+def test_cors_options_reach_the_frontend_config(server_configs, command):
     """vLLM's option names and defaults; lists as a JSON list (vLLM's syntax) or comma-separated."""
-    import fastdecode.cli.serve as serve_module
-
-    configs = []
-    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
-    shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
+    configs, shard = server_configs, shard_args(command)
     runner = CliRunner()
     assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
     default = configs[-1].frontend
@@ -226,7 +236,7 @@ def test_log_options_reach_the_server(monkeypatch, command):
 
     calls = []
     monkeypatch.setattr(serve_module, "run_server", lambda config, **kwargs: calls.append((config, kwargs)))
-    shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
+    shard = shard_args(command)
     runner = CliRunner()
     assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
     assert calls[-1][0].is_access_logged is True
@@ -261,13 +271,9 @@ def test_configure_logging_sets_the_root_level(level):
 
 
 @pytest.mark.parametrize("command", ["serve", "start-gpu"])
-def test_the_model_may_be_given_as_vllms_positional_argument(monkeypatch, command):
+def test_the_model_may_be_given_as_vllms_positional_argument(server_configs, command):
     """``vllm serve MODEL``: the same here, or --model; both at once only when they agree."""
-    import fastdecode.cli.serve as serve_module
-
-    configs = []
-    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
-    shard = ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
+    configs, shard = server_configs, shard_args(command)
     runner = CliRunner()
     rest = [*TINY[2:], *shard]  # TINY less its --model
     for args in (["random:tiny", *rest], [*TINY, *shard], ["random:tiny", "--model", "random:tiny", *rest]):
@@ -299,11 +305,7 @@ def test_disable_log_requests_silences_only_the_request_lines(monkeypatch):
         logging.INFO)
 
 
-def test_vllms_dtype_names_half_and_float_are_taken(monkeypatch):
-    import fastdecode.cli.serve as serve_module
-
-    configs = []
-    monkeypatch.setattr(serve_module, "run_server", lambda config, **_: configs.append(config))
+def test_vllms_dtype_names_half_and_float_are_taken(server_configs):
     for name, dtype in (("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
         assert CliRunner().invoke(main, ["serve", "random:tiny", "--dtype", name]).exit_code == 0
-        assert configs[-1].cluster.dtype == dtype
+        assert server_configs[-1].cluster.dtype == dtype
