@@ -7,7 +7,8 @@ Logs go to stderr; once the shard accepts requests it prints exactly one line
 or SIGINT drains: the shard refuses new work with ``draining`` so the Executor
 moves its sequences away and frees them; once it holds none (or after
 ``--drain-timeout``, or at a second signal) it closes the socket, frees the pool
-and exits 0.  With ``--curve-dir`` the link is CURVE-encrypted and only listed
+and exits 0; a further signal while the request under way still runs (a Configure calibrating a large pool)
+exits 1 without waiting for it.  With ``--curve-dir`` the link is CURVE-encrypted and only listed
 client keys get in; without keys it binds only to loopback unless
 ``--insecure-bind-any``.  The model's KV shape arrives later from the Executor
 (Configure).  Imports no torch.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 
@@ -27,6 +29,7 @@ from fastdecode.cli.sizes import SIZE, format_size
 from fastdecode.native import ISA_NAMES
 
 log = logging.getLogger("fastdecode.start_shard")
+HURRIED_STOP_S = 2.0  # after a further signal, how long the stop may still wait for the request under way
 TCP_ADDRESS = re.compile(r"tcp://(\[[^\[\]]+\]|[^:\[\]]+):(.*)")  # host (an IPv6 one in brackets), port
 
 
@@ -107,10 +110,29 @@ async def _serve_until_stopped(listen: str, config, curve_dir: str | None, drain
         if num_left:
             log.warning("stopping with %d sequence(s) not moved away", num_left)
     finally:
-        await server.stop()
+        if not await stop_unless_hurried(server, hurry):
+            log.warning("stopping at once, without waiting for the request under way")
+            os._exit(1)  # the worker thread is in the native library; nothing else holds state worth saving
         if security is not None:
             security.close()
     log.info("shard on %s stopped", listen)
+
+
+async def stop_unless_hurried(server, hurry: asyncio.Event, *, grace_s: float = HURRIED_STOP_S) -> bool:  # noqa: ANN001
+    """``server.stop()``, which waits for the request being handled: a Configure pre-faults and calibrates the
+    pool, for a minute on a large one. Once ``hurry`` is set (a further signal, now or before) it waits ``grace_s``
+    more at most; False when the stop did not end by then."""
+    stopping = asyncio.ensure_future(server.stop())
+    if not hurry.is_set():
+        hurried = asyncio.ensure_future(hurry.wait())
+        try:
+            await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+    done, _ = await asyncio.wait({stopping}, timeout=grace_s)
+    if done:
+        stopping.result()  # its error, if it failed
+    return bool(done)
 
 
 @click.command("start-shard", cls=OneLineCommand)

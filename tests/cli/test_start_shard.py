@@ -283,3 +283,25 @@ async def test_a_second_executor_is_refused_with_one_line_while_the_first_runs()
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.finish()
         ctx.destroy(linger=0)
+
+
+async def test_a_further_signal_stops_waiting_for_the_request_under_way() -> None:
+    """server.stop() waits for the handler that runs (a Configure calibrating a large pool takes a minute); a second
+    SIGTERM/SIGINT used to do nothing then. The stop now gives up a short grace after one."""
+    from fastdecode.cli.start_shard import stop_unless_hurried
+
+    class Server:
+        def __init__(self, stop_s: float) -> None:
+            self.stop_s = stop_s
+
+        async def stop(self) -> None:
+            await asyncio.sleep(self.stop_s)
+
+    hurry = asyncio.Event()
+    assert await stop_unless_hurried(Server(0.01), hurry, grace_s=0.05)  # a quick stop: waited for
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, hurry.set)
+    start = time.monotonic()
+    assert not await stop_unless_hurried(Server(60.0), hurry, grace_s=0.05)
+    assert time.monotonic() - start < 1.0
+    assert not await stop_unless_hurried(Server(60.0), hurry, grace_s=0.05)  # hurried before: the grace only
