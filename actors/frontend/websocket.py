@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.generation import Generation, generation_error, start_generation
 from fastdecode.actors.frontend.middleware import is_origin_allowed
-from fastdecode.actors.frontend.openai_request import parse_body, parse_stream_request
+from fastdecode.actors.frontend.openai_request import GenerateRequest, parse_body, parse_stream_request
 from fastdecode.actors.frontend.state import STATE, FrontendState
 
 log = logging.getLogger("fastdecode.frontend")
@@ -59,17 +59,24 @@ async def _serve_one(ws: web.WebSocketResponse, state: FrontendState) -> None:
         raise bad_request("send the request as one JSON text message")
     body = await parse_body(message.data, parse_stream_request)
     state.check_model(body.model)
+    # the client may close while its request waits in the queue, before any output: watched from the start
+    serving = asyncio.create_task(_generate(ws, state, body))
+    closed = asyncio.create_task(_wait_for_close(ws))
+    try:
+        await asyncio.wait({serving, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()  # a refusal (ApiError) goes back to the client
+    finally:
+        for task in (serving, closed):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+                await task
+
+
+async def _generate(ws: web.WebSocketResponse, state: FrontendState, body: GenerateRequest) -> None:
     async with start_generation(state.require_llm(), state.metrics, body) as generation:
-        sender = asyncio.create_task(_send_outputs(ws, generation, wants_logprobs=body.num_logprobs is not None))
-        closed = asyncio.create_task(_wait_for_close(ws))
-        try:
-            await asyncio.wait({sender, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sender, closed):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
-                    await task
-    # leaving the block closes the stream: an unfinished request is cancelled and its KV freed
+        await _send_outputs(ws, generation, wants_logprobs=body.num_logprobs is not None)
+    # leaving the block (cancelled included) closes the stream: an unfinished request is cancelled, its KV freed
 
 
 async def _send_outputs(ws: web.WebSocketResponse, generation: Generation, *, wants_logprobs: bool) -> None:

@@ -3,7 +3,9 @@ while the others wait (they used to hold every byte back until the last was admi
 choices than the queue holds is a 400 naming ``n`` (an idle server answered 429 to every retry)."""
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
@@ -11,6 +13,7 @@ from live_server import TINY_ARGS, LiveServer
 from metrics_scrape import scrape
 
 WAITING = ("fastdecode_num_requests_waiting", ())
+RUNNING = ("fastdecode_num_requests_running", ())
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +48,26 @@ async def test_more_choices_than_the_queue_holds_is_a_400_naming_n(one_running_s
                                 json={"prompt": "hi", "n": 5, "max_tokens": 2}) as response:
             assert response.status == 400 and "Retry-After" not in response.headers
             assert (await response.json())["error"]["param"] == "n"
+
+
+async def test_a_websocket_closed_while_its_request_waits_leaves_the_queue_at_once(one_running_server):
+    """Nothing read the socket before the first output came: a client that closed politely while queued waited for
+    the server's close until its request had been admitted (after the one ahead of it) and prefilled."""
+    url = one_running_server.url
+    body = {"prompt": [1, 2, 3], "max_tokens": 2040, "temperature": 0, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/completions", json=body) as running:
+            await running.content.readline()  # the first request runs, for a few seconds
+            ws = await session.ws_connect(url.replace("http", "ws") + "/v1/stream")
+            await ws.send_json({"prompt": [4, 5, 6], "max_tokens": 8})
+            for _ in range(200):
+                if (await scrape(url))[WAITING] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert (await scrape(url))[WAITING] == 1
+            start = time.monotonic()
+            await ws.close()  # waits for the server's close frame
+            took_s = time.monotonic() - start
+            samples = await scrape(url)
+    assert took_s < 1.0, f"the server answered the close after {took_s:.1f} s"
+    assert samples[WAITING] == 0 and samples[RUNNING] == 1  # it left the queue; the first one still runs
