@@ -26,9 +26,12 @@ class ApiError(Exception):
     """A request the server answers with an error status (never a crash)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: int | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 retry_after_s: int | None = None, headers: Mapping[str, str] | None = None,
+                 is_admitted: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        # an admitted request that failed while generating: counted as finished with ``error``, not as rejected
+        self.is_admitted = is_admitted
         self.message = message
         self.param = param
         self.code = code

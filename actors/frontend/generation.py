@@ -101,7 +101,9 @@ def generation_error(out: StreamOutput) -> ApiError:
     """What a request that failed mid-generation answers: 503 when the server's state failed it (shutting
     down, no KV node left: a retry may succeed), else 500."""
     message = out.error or "generation failed"
-    return ApiError(503, message, code="unavailable") if out.is_retryable else ApiError(500, message)
+    if out.is_retryable:
+        return ApiError(503, message, code="unavailable", is_admitted=True)
+    return ApiError(500, message, is_admitted=True)
 
 
 class Generation:
@@ -130,6 +132,8 @@ class Generation:
         self._arrived_at = arrived_at
         self._last_token_at = arrived_at
         self._first_token_s: float | None = None  # time to first token
+        self._finished_at: float | None = None  # when its last output came (e2e ends there, as vLLM's per request)
+        self._is_prefilled = False  # its first output came: its prompt counts in prompt_tokens_total
 
     async def read_first(self) -> None:
         """Wait for the first output (it is handed out first by ``outputs``); a refusal raises ``ApiError``."""
@@ -162,6 +166,9 @@ class Generation:
     def _record(self, out: StreamOutput) -> None:
         now = time.monotonic()
         self.request_id = out.request_id
+        if not self._is_prefilled and out.finish_reason not in ("abort", "error"):
+            self._is_prefilled = True  # as vLLM, a prompt counts once its prefill gave an output
+            self._metrics.on_prefilled(len(self.prompt_ids))
         if out.token_id >= 0:
             is_first = self.num_output_tokens == 0
             self._metrics.on_token(now - self._last_token_at, is_first=is_first)
@@ -172,6 +179,7 @@ class Generation:
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
             self.stop_reason = out.stop_reason
+            self._finished_at = now
 
     def usage(self) -> dict[str, Any]:
         num_prompt = len(self.prompt_ids)
@@ -181,7 +189,7 @@ class Generation:
     def end(self) -> None:
         """Count the request as ended (``abort`` if it had not finished: cancelled) and log it."""
         finish_reason = self.finish_reason or "abort"
-        e2e_s = time.monotonic() - self._arrived_at
+        e2e_s = (self._finished_at or time.monotonic()) - self._arrived_at  # not the response's writing after it
         self._metrics.on_finished(finish_reason, e2e_s, num_prompt_tokens=len(self.prompt_ids),
                                   num_generation_tokens=self.num_output_tokens, max_tokens=self._params.max_tokens)
         ttft = "-" if self._first_token_s is None else f"{self._first_token_s:.3f}s"
@@ -274,8 +282,6 @@ async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[i
 
 
 def _admit(metrics: FrontendMetrics, generations: list[Generation], num_samples: int) -> None:
-    for generation in generations:
-        metrics.on_admitted(len(generation.prompt_ids))
     for _ in range(len(generations) // num_samples):
         metrics.on_prompt_admitted(num_samples)
 

@@ -127,7 +127,9 @@ class FrontendMetrics:
     def on_rejected(self, status: int) -> None:
         self.request_rejected.labels(self.model_name, str(status)).inc()
 
-    def on_admitted(self, num_prompt_tokens: int) -> None:
+    def on_prefilled(self, num_prompt_tokens: int) -> None:
+        """A request's prompt was prefilled (its first output came): vLLM counts prompt tokens then, so one
+        cancelled while it waited, or refused, adds none."""
         self.prompt_tokens.inc(num_prompt_tokens)
 
     def on_prompt_admitted(self, num_samples: int) -> None:

@@ -57,7 +57,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ApiError as exc:
-        metrics.on_rejected(exc.status)
+        if not exc.is_admitted:
+            metrics.on_rejected(exc.status)
         return exc.response()
     except web.HTTPException as exc:
         if exc.status < 400:

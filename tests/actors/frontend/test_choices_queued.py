@@ -68,6 +68,10 @@ async def test_a_websocket_closed_while_its_request_waits_leaves_the_queue_at_on
             start = time.monotonic()
             await ws.close()  # waits for the server's close frame
             took_s = time.monotonic() - start
-            samples = await scrape(url)
+            for _ in range(100):  # the Executor drops it at its next step
+                samples = await scrape(url)
+                if samples[WAITING] == 0:
+                    break
+                await asyncio.sleep(0.01)
     assert took_s < 1.0, f"the server answered the close after {took_s:.1f} s"
     assert samples[WAITING] == 0 and samples[RUNNING] == 1  # it left the queue; the first one still runs

@@ -14,6 +14,7 @@ from app_client import ScriptedLLM
 from fastdecode.actors.frontend.generation import start_generation, start_generations
 from fastdecode.actors.frontend.metrics import FrontendMetrics, count_buckets
 from fastdecode.actors.frontend.openai_request import GenerateRequest
+from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.guarded_node import GuardedNode, NodeState
 from test_metrics_nodes import Node
 
@@ -97,8 +98,8 @@ async def test_kv_cache_usage_is_used_over_capacity_of_live_nodes():
 
 @pytest.mark.parametrize("num_samples", [1, 2])
 async def test_a_request_cancelled_before_its_first_token_counts_as_abort(num_samples):
-    """The client leaves while its request waits in the queue: vLLM counts an abort, with its e2e time and
-    prompt tokens."""
+    """The client leaves while its request waits in the queue: vLLM counts an abort, with its e2e time and its prompt
+    in the per-request histogram; prompt_tokens_total counts prefilled prompts only (vLLM's, at the first output)."""
     metrics, llm = FrontendMetrics(MODEL), QueuedLLM()
     request = GenerateRequest(model=None, prompt=PROMPT, max_tokens=9, num_samples=num_samples)
 
@@ -116,7 +117,7 @@ async def test_a_request_cancelled_before_its_first_token_counts_as_abort(num_sa
     samples = await samples_of(metrics)
     assert value(samples, "fastdecode_request_success_total", finished_reason="abort") == num_samples
     assert value(samples, "fastdecode_e2e_request_latency_seconds_count") == num_samples
-    assert value(samples, "fastdecode_prompt_tokens_total") == len(PROMPT) * num_samples
+    assert value(samples, "fastdecode_prompt_tokens_total") == 0
     assert value(samples, "fastdecode_request_prompt_tokens_sum") == len(PROMPT) * num_samples
     assert value(samples, "fastdecode_request_generation_tokens_sum") == 0
     assert value(samples, "fastdecode_request_params_n_count") == 1
@@ -144,3 +145,33 @@ async def test_a_finished_request_fills_the_histograms_and_logs_one_line(caplog)
     assert f"{len(generation.prompt_ids)} prompt tokens" in lines[0] and "3 completion tokens" in lines[0]
     assert "TTFT 0." in lines[0] and "e2e 0." in lines[0]
     assert "Keep this prompt" not in caplog.text
+
+
+async def test_a_request_failing_mid_generation_is_one_error_not_also_a_rejection():
+    """A non-streaming completion whose engine request fails after a token answers 500, and used to count twice:
+    as a finished request with ``error`` and, through the error middleware, as a rejected one."""
+    from app_client import app_client
+
+    llm = ScriptedLLM(failing_seed=7)
+    async with app_client(llm) as client:
+        metrics = client.server.app[STATE].metrics
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "seed": 7})
+        assert response.status == 500
+        samples = await samples_of(metrics)
+    errors = [v for (name, labels), v in samples.items()
+              if name == "fastdecode_request_success_total" and ("finished_reason", "error") in labels]
+    assert errors == [1]
+    assert not [k for k, v in samples.items() if k[0] == "fastdecode_request_rejected_total" and v]
+
+
+async def test_e2e_ends_when_the_request_finishes_not_when_its_response_is_written():
+    """vLLM takes each request's e2e at its finish; the time the response took afterwards (building, writing to a
+    slow client) used to count, and several choices all took the last one's end."""
+    metrics = FrontendMetrics(MODEL)
+    request = GenerateRequest(model=None, prompt=PROMPT, max_tokens=3)
+    async with start_generation(ScriptedLLM(), metrics, request) as generation:
+        async for _ in generation.outputs():
+            pass
+        await asyncio.sleep(0.5)  # the response is still being written
+    e2e_s = value(await samples_of(metrics), "fastdecode_e2e_request_latency_seconds_sum")
+    assert 0.02 <= e2e_s < 0.4
