@@ -378,7 +378,11 @@ class Executor:
         try:
             for job, num_tokens in work:
                 host_copies = self.runner.host_copies if self.nodes[job.node_index].is_host else None
-                computed = await self.runner.run(job.run_chunk, self.model, num_tokens, host_copies)
+                try:
+                    computed = await self.runner.run(job.run_chunk, self.model, num_tokens, host_copies)
+                except torch.OutOfMemoryError as exc:
+                    await self._prefill_out_of_memory(job, exc)
+                    continue
                 if computed is None:
                     continue
                 if placing is not None:
@@ -389,6 +393,19 @@ class Executor:
         finally:
             if placing is not None and not placing.done():
                 placing.cancel()
+
+    async def _prefill_out_of_memory(self, job: PrefillJob, exc: torch.OutOfMemoryError) -> None:
+        """A prompt's prefill ran out of GPU memory (its K/V is staged beside the GPU KV pool): that request ends
+        with a clear error and the rest go on. It used to fail the step, and so every running request."""
+        seq = job.seq
+        log.warning("sequence %d: the prefill of its %d tokens ran out of GPU memory: %s", seq.seq_id,
+                    len(job.token_ids), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed pass held, back for the others
+        message = (f"the prefill of this prompt ({len(job.token_ids)} tokens) ran out of GPU memory; a shorter "
+                   "prompt fits (or a server started with a smaller --max-model-len, whose GPU KV pool leaves more)")
+        await self._finish(seq, TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error", error=message),
+                           is_counted=False)
 
     async def _place(self, job: PrefillJob, logits, k, v) -> None:
         seq, node_index = job.seq, job.node_index

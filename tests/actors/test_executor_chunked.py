@@ -295,3 +295,39 @@ async def test_the_last_node_dying_mid_prefill_fails_the_request_and_drops_the_j
         assert len(executor.prefills) == 0 and held_by(nodes, stream.request_id) == []
     finally:
         await executor.stop()
+
+
+@pytest.mark.parametrize("limit", [64, 0], ids=["chunked", "whole"])
+async def test_a_prefill_out_of_gpu_memory_fails_that_request_alone(tiny_model, monkeypatch, limit):
+    """A long prompt's prefill stages its K/V beside the GPU KV pool and may run out of GPU memory; the error used
+    to fail the step, so every running request. Now that request ends with a clear error and the rest go on."""
+    import torch
+
+    from fastdecode.actors.chunked_prefill import PrefillJob
+
+    model, _ = tiny_model
+    real_run_chunk = PrefillJob.run_chunk
+
+    def run_chunk(job, *args, **kwargs):
+        if len(job.token_ids) == 300:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.50 GiB")
+        return real_run_chunk(job, *args, **kwargs)
+
+    monkeypatch.setattr(PrefillJob, "run_chunk", run_chunk)
+    executor, nodes = await start_executor(model, limit)
+    try:
+        running = executor.submit(prompt(5), greedy(60))
+        first = await anext(running)
+        failed = executor.submit(prompt(300, 1), greedy(8))
+        events = [event async for event in failed]
+        rest, reason = await collect(running)
+        after = await collect(executor.submit(prompt(7, 2), greedy(6)))
+    finally:
+        await executor.stop()
+    assert events[-1].finish_reason == "error" and "ran out of GPU memory" in events[-1].error
+    assert not events[-1].is_retryable and all(e.token_id < 0 for e in events)
+    assert reason == "length" and len([first.token_id, *rest]) == 60
+    ref_tokens, gaps = reference_greedy(model, prompt(5), 60)
+    assert_same_greedy([first.token_id, *rest], ref_tokens, gaps, label="beside a failed prefill")
+    assert after[1] == "length" and len(after[0]) == 6
+    assert not nodes[0].inner._num_tokens  # nothing left behind
