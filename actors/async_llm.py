@@ -49,6 +49,7 @@ class StreamOutput:
     # the tokenizer's EOS (a generation_config EOS id other than that one counts as a stop token id, as in vLLM)
     stop_reason: int | str | None = None
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    made_at: float | None = None  # the engine's time of its event (TokenEvent.made_at); None: not known
 
 
 def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[PromptLogprob | None],
@@ -245,10 +246,11 @@ class AsyncLLM:
         detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
         try:
             async for event in request:
+                made_at = event.made_at
                 if event.finish_reason in ("abort", "error"):
                     yield StreamOutput(event.request_id, -1, detokenizer.finish(), None, (),
                                        event.finish_reason, event.error, event.is_retryable,
-                                       prompt_logprobs=event.prompt_logprobs)
+                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at)
                     return
                 if event.finish_reason == "stop":
                     # The engine stops only on a stop token id or EOS (stop strings are found here). As in
@@ -257,19 +259,19 @@ class AsyncLLM:
                     yield StreamOutput(event.request_id, event.token_id, detokenizer.finish(), event.logprob,
                                        event.top_logprobs, "stop",
                                        stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id),
-                                       prompt_logprobs=event.prompt_logprobs)
+                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at)
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:
                     request.cancel(is_stop=True)
                     yield StreamOutput(event.request_id, event.token_id, text, event.logprob,
                                        event.top_logprobs, "stop", stop_reason=detokenizer.stop_string,
-                                       prompt_logprobs=event.prompt_logprobs)
+                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at)
                     return
                 if event.finish_reason is not None:
                     text += detokenizer.finish()
                 yield StreamOutput(event.request_id, event.token_id, text, event.logprob, event.top_logprobs,
-                                   event.finish_reason, prompt_logprobs=event.prompt_logprobs)
+                                   event.finish_reason, prompt_logprobs=event.prompt_logprobs, made_at=made_at)
         finally:
             request.cancel()  # no-op once finished; frees the KV of an abandoned stream
 

@@ -6,6 +6,7 @@ the Frontend and the embedding API. Plain data, validated on construction.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -176,6 +177,9 @@ class TokenEvent:
     error: str | None = None
     is_retryable: bool = False
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    # when the engine made it (time.monotonic()): what latency metrics count, not when a reader took it (vLLM's
+    # engine timestamps; a slow client must not show as slow tokens)
+    made_at: float = field(default_factory=time.monotonic, compare=False)
 
 
 @dataclass

@@ -164,7 +164,7 @@ class Generation:
                                    stop_reason=None)
 
     def _record(self, out: StreamOutput) -> None:
-        now = time.monotonic()
+        now = out.made_at if out.made_at is not None else time.monotonic()  # the engine's time, not the reader's
         self.request_id = out.request_id
         if not self._is_prefilled and out.finish_reason not in ("abort", "error"):
             self._is_prefilled = True  # as vLLM, a prompt counts once its prefill gave an output

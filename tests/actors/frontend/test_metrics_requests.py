@@ -175,3 +175,22 @@ async def test_e2e_ends_when_the_request_finishes_not_when_its_response_is_writt
         await asyncio.sleep(0.5)  # the response is still being written
     e2e_s = value(await samples_of(metrics), "fastdecode_e2e_request_latency_seconds_sum")
     assert 0.02 <= e2e_s < 0.4
+
+
+async def test_token_latencies_are_the_engines_not_the_readers():
+    """A slow reader (a client whose socket backs up) used to show as slow tokens: outputs were timestamped when
+    the response took them. They now carry the engine's time of each token (vLLM's engine timestamps)."""
+    from fastdecode.actors.api import AsyncLLM
+    from fastdecode.actors.cluster import ClusterConfig
+
+    metrics = FrontendMetrics(MODEL)
+    request = GenerateRequest(model=None, prompt=PROMPT, max_tokens=6, sampling={"temperature": 0.0})
+    async with await AsyncLLM.start(ClusterConfig(model="random:tiny", dtype="float32", device="cpu",
+                                                  num_shards=0)) as llm:
+        async with start_generation(llm, metrics, request) as generation:
+            async for _ in generation.outputs():
+                await asyncio.sleep(0.2)  # the reader is slow; the engine is done in a few ms
+    samples = await samples_of(metrics)
+    assert value(samples, "fastdecode_time_per_output_token_seconds_count") == 5
+    assert value(samples, "fastdecode_time_per_output_token_seconds_sum") < 0.4  # not 5 x 0.2 s
+    assert value(samples, "fastdecode_e2e_request_latency_seconds_sum") < 0.6
