@@ -148,8 +148,7 @@ class Executor:
         await self._reconnector.close()
         self._emit_pending()
         for seq in list(self._sequences.values()):
-            seq.emit(TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error",
-                                error="the server is shutting down", is_retryable=True))
+            seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
         self._sequences.clear()
         self.prefills.clear()
         # a step may still run on the dense thread: wait for it off the loop, which may be what serves the
@@ -302,15 +301,12 @@ class Executor:
         requested, self._abort_requested = self._abort_requested, {}
         for seq in [s for s in map(self._sequences.get, sorted(requested)) if s is not None]:
             is_stop = requested[seq.seq_id] and seq.status == SeqStatus.RUNNING
-            event = TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="stop" if is_stop else "abort")
-            await self._finish(seq, event, is_counted=is_stop)
+            await self._finish(seq, seq.end_event("stop" if is_stop else "abort"), is_counted=is_stop)
 
     async def _fail_all(self, message: str, *, is_retryable: bool = False) -> None:
         for seq in list(self._sequences.values()):
-            event = TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error", error=message,
-                               is_retryable=is_retryable)
             try:
-                await self._finish(seq, event, is_counted=False)
+                await self._finish(seq, seq.end_event("error", message, is_retryable=is_retryable), is_counted=False)
             except Exception:  # the node may be what failed; the request has its error event anyway
                 log.exception("freeing sequence %d failed", seq.seq_id)
 
@@ -396,16 +392,13 @@ class Executor:
 
     async def _prefill_out_of_memory(self, job: PrefillJob, exc: torch.OutOfMemoryError) -> None:
         """A prompt's prefill ran out of GPU memory (its K/V is staged beside the GPU KV pool): that request ends
-        with a clear error and the rest go on. It used to fail the step, and so every running request."""
-        seq = job.seq
-        log.warning("sequence %d: the prefill of its %d tokens ran out of GPU memory: %s", seq.seq_id,
-                    len(job.token_ids), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        if self.model.device.type == "cuda":
-            torch.cuda.empty_cache()  # what the failed pass held, back for the others
+        with a clear error and the rest go on (it used to fail the step, so every running request)."""
+        log.warning("sequence %d: the prefill of its %d tokens ran out of GPU memory: %s", job.seq.seq_id,
+                    len(job.token_ids), exc)
+        torch.cuda.empty_cache()  # what the failed pass held, back for the others (a no-op without CUDA)
         message = (f"the prefill of this prompt ({len(job.token_ids)} tokens) ran out of GPU memory; a shorter "
                    "prompt fits (or a server started with a smaller --max-model-len, whose GPU KV pool leaves more)")
-        await self._finish(seq, TokenEvent(seq.seq_id, -1, len(seq.output_ids), finish_reason="error", error=message),
-                           is_counted=False)
+        await self._finish(job.seq, job.seq.end_event("error", message), is_counted=False)
 
     async def _place(self, job: PrefillJob, logits, k, v) -> None:
         seq, node_index = job.seq, job.node_index
@@ -514,13 +507,14 @@ class Executor:
         """Sample a token for each of ``seqs`` and hand it to its stream; ``prompt_logprobs``: those of the one
         sequence a prefill just placed, which go with its first token."""
         token_ids, logprobs, tops = await self.runner.run(self._sample, seqs, logits, is_ahead)
+        made_at = time.monotonic()  # the step's tokens' time, once for the batch
         self.scheduler.on_tokens([s.seq_id for s in seqs])
         for seq, token_id, logprob, top in zip(seqs, token_ids, logprobs, tops):
             seq.output_ids.append(token_id)
             reason = finish_reason_after(seq, token_id, eos_token_ids=self.eos_token_ids,
                                          max_model_len=self.max_model_len)
             event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason,
-                               prompt_logprobs=prompt_logprobs)
+                               prompt_logprobs=prompt_logprobs, made_at=made_at)
             if reason is None:
                 self._pending_events.append((seq, event))
             else:

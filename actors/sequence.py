@@ -80,6 +80,11 @@ class Sequence:
     def emit(self, event: TokenEvent) -> None:
         self.events.put_nowait(event)
 
+    def end_event(self, finish_reason: str, error: str | None = None, *, is_retryable: bool = False) -> TokenEvent:
+        """The event that ends the request with no token (abort, a stop string, an error)."""
+        return TokenEvent(self.seq_id, -1, len(self.output_ids), finish_reason=finish_reason, error=error,
+                          is_retryable=is_retryable)
+
 
 def finish_reason_after(
     seq: Sequence, token_id: int, *, eos_token_ids: frozenset[int], max_model_len: int
