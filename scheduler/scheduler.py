@@ -63,7 +63,7 @@ class Scheduler:
     def add_node(self, node: NodeModel) -> None:
         if node.node_id in self._nodes:
             raise ValueError(f"node {node.node_id} is already registered")
-        self._check_layers(node, self._nodes.values())
+        self._check_layers(node)
         self._nodes[node.node_id] = node
 
     def replace_node(self, node: NodeModel) -> list[Preemption]:
@@ -72,15 +72,14 @@ class Scheduler:
         sequences still placed on it are requeued with their progress (their KV went with the old instance)."""
         if node.node_id not in self._nodes:
             raise KeyError(f"unknown node {node.node_id}")
-        self._check_layers(node, self._nodes.values())
+        self._check_layers(node)
         preempted = self._requeue_node(node.node_id)
         self._nodes[node.node_id] = node
         self._closed.discard(node.node_id)
         return preempted
 
-    @staticmethod
-    def _check_layers(node: NodeModel, others: Iterable[NodeModel]) -> None:
-        layers = {n.num_layers for n in others}
+    def _check_layers(self, node: NodeModel) -> None:
+        layers = {n.num_layers for n in self._nodes.values()}
         if layers and node.num_layers not in layers:
             raise ValueError(f"node {node.node_id} has {node.num_layers} layers, the others {layers.pop()}")
 

@@ -131,9 +131,9 @@ class RpcServer:
     def _peer_in_use(self, peer: bytes) -> int:
         """The client_id ``peer`` declared (0: none), which its request keeps among the newest MAX_PEERS: a link
         declares itself once (the Executor's attend link), and newer peers must not push out one in use."""
-        client_id = self._peer_client_ids.pop(peer, 0)
+        client_id = self._peer_client_ids.get(peer, 0)
         if client_id:
-            self._peer_client_ids[peer] = client_id
+            _remember(self._peer_client_ids, peer, client_id, MAX_PEERS)
         return client_id
 
     def _note_ping(self, client_id: int) -> None:
