@@ -327,10 +327,11 @@ async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):
     step graphs made for it (None without CUDA graphs).
 
     With CUDA graphs the gpu-only side is judged by a timed whole-step replay at the batch the GPU
-    node holds: the eager dense profile over-rates that step, which would favour hybrid where it is
-    not faster. The replay already pays the KV reading (the graphed attention reads every column of
-    a slot, whatever its length), so nothing is added for it: adding the node's calibrated attention
-    time made the 70B gpu-only step 55-58 ms against 41 ms measured on the H200 host."""
+    node holds, every row at the planned mean context: the eager dense profile over-rates that step,
+    which would favour hybrid where it is not faster. The replay pays the KV reading itself (attention
+    that stops at a row's length reads the mean context of each slot; the masked kinds read every
+    column), so nothing is added for it: adding the node's calibrated attention time made the 70B
+    gpu-only step 55-58 ms against 41 ms measured on the H200 host."""
     batch = config.executor.max_num_seqs
     profile = config.executor.profile_batches or tuple(sorted({1, max(2, batch // 2), batch}))
     gpu_model = await asyncio.to_thread(measure_dense_profile, model, profile)
@@ -346,7 +347,8 @@ async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):
         from fastdecode.actors.cuda_graphs import StepGraphs
 
         graphs = StepGraphs(model, nodes[0], max_batch=batch)
-        samples = await asyncio.to_thread(graphs.profile, [on_gpu])
+        context_len = min(round(mean_context), nodes[0].config.slot_len)
+        samples = await asyncio.to_thread(graphs.profile, [on_gpu], context_len=context_len)
         if samples:
             measured = samples[0][1]
     prompt_len, _ = planned_lengths(mean_context, final_len)

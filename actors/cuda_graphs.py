@@ -217,13 +217,20 @@ class StepGraphs:
                  else upload(torch.from_numpy(slots), bucket.inputs.device))
         return bucket.logits.index_select(0, index)
 
-    def profile(self, batches, *, repeats: int = 3) -> list[tuple[int, float]]:
+    def profile(self, batches, *, context_len: int = 1, repeats: int = 3) -> list[tuple[int, float]]:
         """(batch, best-of-``repeats`` seconds of one whole step) for each batch that runs as a graph:
         its bucket's program over padding rows (a replay on CUDA; it writes only scratch columns), what
-        the scheduler's whole-step model starts from. Captures those buckets. Runs on the dense thread."""
+        the scheduler's whole-step model starts from. Captures those buckets. Runs on the dense thread.
+
+        ``context_len``: the length every row attends over (at most the node's ``slot_len``). Attention
+        that stops at a row's length (Triton, flex) reads that many columns of each slot, so a step
+        timed at the planned mean context pays its KV reading; at 1 it times the dense work alone."""
+        if not 1 <= context_len <= self.node.config.slot_len:
+            raise ValueError(f"context_len must be in 1..{self.node.config.slot_len}, got {context_len}")
         samples = []
         for batch, rows in self._graph_rows(batches):
             bucket = self._padding_bucket(rows)
+            bucket.inputs[_LENGTHS, :batch].fill_(context_len)  # the rest stay padding, as in a real step
             best = float("inf")
             for repeat in range(repeats + 1):  # the first is a warm-up
                 if self.is_graphed:

@@ -97,7 +97,7 @@ def choose_mode(gpu: GpuPerfModel, gpu_node: NodeModel, shards: list[NodeModel],
     """gpu-only or hybrid for ``batch`` sequences of ``mean_context`` tokens, ``final_len`` at most.
 
     ``measured_gpu_only_step_s``: the gpu-only step as it really runs (a whole-step CUDA graph replay
-    at ``gpu_only_batch``, its KV reading added), instead of the eager dense profile's estimate.
+    at ``gpu_only_batch``, its rows attending over ``mean_context``), instead of the eager dense profile's estimate.
     ``prefill_s``: one sequence's prefill; the output length per sequence comes from ``planned_lengths``."""
     if batch < 1 or mean_context <= 0 or final_len < 1:
         raise ValueError("batch, mean_context and final_len must be positive")

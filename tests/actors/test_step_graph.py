@@ -177,6 +177,44 @@ async def test_the_scheduler_predicts_whole_steps_from_timed_replays_and_learns_
     assert abs(statistics.median(predicted) / statistics.median(measured) - 1) < 0.15
 
 
+def test_a_profile_attends_its_rows_over_the_context_it_is_given(tiny_model, monkeypatch):
+    """StepGraphs.profile(context_len=L) runs the batch's rows at length L (the bucket's spare rows stay
+    padding), so attention that stops at a row's length pays the planned KV reading; L is checked."""
+    from fastdecode.actors import cuda_graphs
+
+    model, _ = tiny_model
+    graphs = StepGraphs(model, make_node(model, 4), max_batch=4, is_graphed=False)
+    seen = []
+    program = cuda_graphs.step_program
+    monkeypatch.setattr(cuda_graphs, "step_program",
+                        lambda m, n, inputs: seen.append(inputs[3].tolist()) or program(m, n, inputs))
+    graphs.profile([3], context_len=SLOT_LEN, repeats=1)
+    assert seen == [[SLOT_LEN] * 3 + [1]] * 2  # the warm-up and one timed run
+    seen.clear()
+    graphs.profile([3], repeats=1)
+    assert seen == [[1] * 4] * 2
+    for context_len in (0, SLOT_LEN + 1):
+        with pytest.raises(ValueError, match="context_len"):
+            graphs.profile([3], context_len=context_len)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_profile_at_a_long_context_pays_the_kv_reading_cuda():
+    """On CUDA the default static attention stops at each row's length: a whole step timed at 8k tokens
+    per row reads 32 slots' KV (6 GB at SmolLM2-135M's shapes) and takes longer than one at length 1."""
+    from fastdecode.actors.model import load_model
+
+    model, _ = load_model("random:smollm2-135m", dtype="bfloat16", device="cuda", seed=0)
+    slot_len, rows = 8192, 32
+    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=gpu_kv_bytes(model, rows, slot_len),
+                                                             slot_len=slot_len, is_calibrating=False))
+    graphs = StepGraphs(model, node, max_batch=rows)
+    [(_, short_s)] = graphs.profile([rows])
+    [(_, long_s)] = graphs.profile([rows], context_len=slot_len)
+    kv_bytes = rows * slot_len * model.config.kv_bytes_per_token(model.dtype.itemsize)
+    assert long_s - short_s > kv_bytes / 8e12, (short_s, long_s)  # no GPU reads HBM at 8 TB/s
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_profiled_replays_leave_the_slots_as_they_were_cuda():
     """StepGraphs.profile replays padding-only buckets: real rows decode afterwards as if it never ran."""
