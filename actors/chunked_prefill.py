@@ -5,7 +5,8 @@ decoding in it counts one, the admitted prompts share the rest, first come first
 served. A prompt that fits what is left is prefilled whole in this step (the
 Executor's ``_prefill_all``, which overlaps placements); the first one that does not
 gets the rest of the budget and is prefilled a chunk per step, its K/V so far kept
-on the Executor's device in its ``PrefillJob``. Its sequence is not RUNNING until its
+on the Executor's device in its ``PrefillJob`` (buffers for the whole prompt, which the
+chunks attend over in place). Its sequence is not RUNNING until its
 last chunk is placed, so the decode steps run on without it: a long prompt no longer
 stalls the running streams for its whole prefill. A job dies with its sequence's
 admission: abort, preemption, requeue off a failed node, stop (``PrefillQueue.drop``).
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdecode.actors.prefill import prefill_hidden, prompt_token_logprobs
+from fastdecode.actors.prefill import kv_buffers, prefill_hidden, prompt_token_logprobs
 from fastdecode.actors.request import PromptLogprob
 from fastdecode.actors.sequence import Sequence
 
@@ -25,8 +26,8 @@ MIN_PREFILL_TOKENS = 64  # the budget's floor (or the whole limit, if smaller): 
 
 @dataclass(eq=False)
 class PrefillJob:
-    """One admitted sequence's prefill: the tokens to prefill and, once chunked, the K/V of the positions done so
-    far (``[num_layers, len, Hkv, D]``). A preempted or recovering sequence is rebuilt from prompt + its output but
+    """One admitted sequence's prefill: the tokens to prefill and, once chunked, the K/V buffers of the whole prompt
+    (``[num_layers, len, Hkv, D]``), filled up to ``num_done``: each chunk writes its K/V there and attends in place. A preempted or recovering sequence is rebuilt from prompt + its output but
     the last token (``is_resumed``), which the next decode step feeds in: its next token is not sampled then.
     A fresh prompt whose request asks for ``prompt_logprobs`` (``num_prompt_logprobs``) gathers them chunk by chunk
     in ``prompt_logprobs``; a resumed one does not: its stream had them with its first token."""
@@ -59,9 +60,9 @@ class PrefillJob:
         start = self.num_done
         end = start + min(num_tokens, self.num_left)
         tokens = torch.tensor(self.token_ids[start:end], dtype=torch.long, device=model.device)
-        past_k = None if self.keys is None else self.keys[:, :start]
-        past_v = None if self.values is None else self.values[:, :start]
-        hidden, keys, values = prefill_hidden(model, tokens, start, past_k, past_v)
+        if self.keys is None and end < len(self.token_ids):  # chunked: buffers for the whole prompt
+            self.keys, self.values = kv_buffers(model, len(self.token_ids))
+        hidden, keys, values = prefill_hidden(model, tokens, start, self.keys, self.values)
         logits = model.logits(hidden[-1:])
         if self.num_prompt_logprobs is not None:
             # each position's logits score the prompt token after it (the last one's, the first output token)
@@ -69,15 +70,9 @@ class PrefillJob:
             scored = prompt_token_logprobs(model, hidden, next_ids, self.num_prompt_logprobs)
             self.prompt_logprobs = (*(self.prompt_logprobs or (None,)), *scored)  # the first token follows nothing
         self.num_done = end
-        if start > 0 or self.num_left:  # chunked: gather the chunks' K/V in the job's buffers
-            if self.keys is None:
-                shape = (keys.shape[0], len(self.token_ids), *keys.shape[2:])
-                self.keys, self.values = keys.new_empty(shape), values.new_empty(shape)
-            self.keys[:, start:end] = keys
-            self.values[:, start:end] = values
-            if self.num_left:
-                return None
-            keys, values, self.keys, self.values = self.keys, self.values, None, None
+        if self.num_left:
+            return None
+        self.keys = self.values = None  # handed over with the last chunk
         if host_copies is not None:
             keys, values = host_copies(keys, values)
         return logits, keys, values

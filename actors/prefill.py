@@ -2,8 +2,9 @@
 
 The K/V of every layer come back stacked ``[num_layers, T, Hkv, D]`` so they can
 go to the owning KV node in one message. A prompt may also be prefilled a chunk
-at a time (``prefill_chunk``), each chunk attending over the K/V of the chunks
-before it (chunked prefill: ``fastdecode.actors.chunked_prefill``). A request that asks for
+at a time (``prefill_hidden`` at a start position), each chunk written into the
+prompt's K/V buffers and attending over the chunks before it there (chunked
+prefill: ``fastdecode.actors.chunked_prefill``). A request that asks for
 ``prompt_logprobs`` also gets the logprob of each prompt token from the positions before it
 (``prompt_token_logprobs``), computed a slice of positions at a time so that no ``[T, vocab]`` tensor is kept.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastdecode.actors.model import prefill_attention
-from fastdecode.actors.model.attention import prefill_attention_with_prefix
+from fastdecode.actors.model.attention import prefill_attention_after
 from fastdecode.actors.request import PromptLogprob
 
 PROMPT_LOGPROB_ROWS = 256  # positions whose logits are made at once: 256 x a 150k vocabulary is 150 MB of float32
@@ -20,37 +21,46 @@ PROMPT_LOGPROB_ROWS = 256  # positions whose logits are made at once: 256 x a 15
 
 def prefill(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits of the last position ``[1, vocab]``, keys, values) for one prompt."""
-    return prefill_chunk(model, token_ids, 0, None, None)
-
-
-def prefill_chunk(model, token_ids: torch.Tensor, start: int, past_k: torch.Tensor | None,
-                  past_v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits of the chunk's last position ``[1, vocab]``, the chunk's keys, values ``[num_layers, T, Hkv, D]``)
-    for the prompt tokens ``token_ids`` at positions ``start``.., after the earlier positions' K/V ``past_k``,
-    ``past_v`` ``[num_layers, start, Hkv, D]`` (None when ``start`` is 0)."""
-    x, keys, values = prefill_hidden(model, token_ids, start, past_k, past_v)
+    x, keys, values = prefill_hidden(model, token_ids)
     return model.logits(x[-1:]), keys, values
 
 
-def prefill_hidden(model, token_ids: torch.Tensor, start: int, past_k: torch.Tensor | None,
-                   past_v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``prefill_chunk`` with the hidden states of every position of the chunk ``[T, hidden]`` in place of the
-    last one's logits."""
-    num_past = 0 if past_k is None else past_k.shape[1]
-    if (past_k is None) != (past_v is None) or num_past != start:
-        raise ValueError(f"a chunk at position {start} needs the K/V of the {start} positions before it, "
-                         f"got {None if past_k is None else tuple(past_k.shape)}")
-    positions = torch.arange(start, start + token_ids.shape[0], dtype=torch.long, device=token_ids.device)
+def kv_buffers(model, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty keys, values ``[num_layers, num_tokens, Hkv, D]`` of a prompt, on the model's device."""
+    config = model.config
+    keys = torch.empty((config.num_layers, num_tokens, config.num_kv_heads, config.head_dim), dtype=model.dtype,
+                       device=model.device)
+    return keys, torch.empty_like(keys)
+
+
+def prefill_hidden(model, token_ids: torch.Tensor, start: int = 0, keys: torch.Tensor | None = None,
+                   values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states of every position of the chunk ``[T, hidden]``, keys, values) for the prompt tokens
+    ``token_ids`` at positions ``start``..``start + T``.
+
+    ``keys``/``values`` ``[num_layers, N, Hkv, D]`` (N >= start + T) hold the K/V of the positions before
+    ``start``; each layer writes the chunk's K/V into them and attends over that layer's first ``start + T``
+    positions in place, so a long prompt's chunks neither copy its prefix nor hold a second copy of it. None
+    (only at ``start`` 0): buffers of exactly T positions are made. Returns the buffers."""
+    num_new = token_ids.shape[0]
+    end = start + num_new
+    if keys is None or values is None:
+        if start or keys is not None or values is not None:
+            raise ValueError(f"a chunk at position {start} needs the buffers holding the K/V before it")
+        keys, values = kv_buffers(model, num_new)
+    elif keys.shape != values.shape or keys.shape[1] < end:
+        raise ValueError(f"a chunk of positions {start}..{end} needs K/V buffers of at least {end} positions, "
+                         f"got {tuple(keys.shape)}, {tuple(values.shape)}")
+    positions = torch.arange(start, end, dtype=torch.long, device=token_ids.device)
     x = model.embed(token_ids)
-    keys, values = [], []
     for layer in range(model.num_layers):
         q, k, v = model.pre_attention(layer, x, positions)
-        keys.append(k)
-        values.append(v)
-        o = (prefill_attention(q, k, v) if past_k is None
-             else prefill_attention_with_prefix(q, k, v, past_k[layer], past_v[layer]))
+        keys[layer, start:end] = k
+        values[layer, start:end] = v
+        o = (prefill_attention(q, k, v) if start == 0
+             else prefill_attention_after(q, keys[layer, :end], values[layer, :end]))
         x = model.post_attention(layer, x, o)
-    return x, torch.stack(keys), torch.stack(values)
+    return x, keys, values
 
 
 def prompt_token_logprobs(model, hidden: torch.Tensor, next_token_ids: torch.Tensor,

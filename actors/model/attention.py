@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def _expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -25,30 +26,32 @@ def _as_rows(o: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention of one prompt: q[T,Hq,D], k/v[T,Hkv,D] -> o[T,Hq,D]."""
-    num_heads = q.shape[1]
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), _expand_kv(k, num_heads), _expand_kv(v, num_heads), is_causal=True
-    )
-    return _as_rows(o.transpose(0, 1))
+    """Causal self-attention of one prompt: q[T,Hq,D], k/v[T,Hkv,D] -> o[T,Hq,D]. Each KV head is read for
+    its group of query heads as it is (no copy per query head)."""
+    return _attend(q, k, v, is_causal=True)
 
 
-def prefill_attention_with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
-                                  past_v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a prompt's chunk after ``P`` earlier positions: q[T,Hq,D], k/v[T,Hkv,D] of the chunk,
-    past_k/past_v[P,Hkv,D] of the positions before it -> o[T,Hq,D]; query i (position P+i) sees keys 0..P+i."""
-    if past_k.shape != past_v.shape or past_k.dim() != 3 or past_k.shape[1:] != k.shape[1:]:
-        raise ValueError(f"past_k and past_v must both be [P, {k.shape[1]}, {k.shape[2]}], got "
-                         f"{tuple(past_k.shape)}, {tuple(past_v.shape)}")
-    num_past, num_new = past_k.shape[0], q.shape[0]
-    if num_past == 0:
-        return prefill_attention(q, k, v)
-    num_heads = q.shape[1]
-    keys, values = torch.cat((past_k, k)), torch.cat((past_v, v))
-    is_visible = torch.ones(num_new, num_past + num_new, dtype=torch.bool, device=q.device).tril(num_past)
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), _expand_kv(keys, num_heads), _expand_kv(values, num_heads), attn_mask=is_visible
-    )
+def prefill_attention_after(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a prompt's chunk, the last ``T`` of ``S`` positions: q[T,Hq,D] over keys/values
+    [S,Hkv,D] (the ``S - T`` earlier positions, then the chunk's own), query i (position S-T+i) seeing keys
+    0..S-T+i. keys/values may be views of a larger buffer: nothing is copied or expanded per query head, and no
+    [T, S] mask is made (torch's lower-right causal bias, which the fused kernels run as such)."""
+    if keys.shape != values.shape or keys.dim() != 3 or keys.shape[1:] != (keys.shape[1], q.shape[2]) \
+            or keys.shape[0] < q.shape[0]:
+        raise ValueError(f"keys and values must both be [S >= {q.shape[0]}, Hkv, {q.shape[2]}], got "
+                         f"{tuple(keys.shape)}, {tuple(values.shape)}")
+    num_new, num_all = q.shape[0], keys.shape[0]
+    if num_new == num_all:
+        return prefill_attention(q, keys, values)
+    return _attend(q, keys, values, mask=causal_lower_right(num_new, num_all))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+            mask=None) -> torch.Tensor:
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads do not share {k.shape[1]} KV heads evenly")
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                       is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
     return _as_rows(o.transpose(0, 1))
 
 

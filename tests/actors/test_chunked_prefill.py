@@ -1,4 +1,4 @@
-"""Chunked prefill's parts: attention after a prefix, ``prefill_chunk`` against ``prefill``, the per-step
+"""Chunked prefill's parts: attention after a prefix, chunks in place against ``prefill``, the per-step
 token budget of ``PrefillQueue`` and the config field."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from fastdecode.actors.chunked_prefill import MIN_PREFILL_TOKENS, PrefillQueue
 from fastdecode.actors.executor_config import ExecutorConfig
 from fastdecode.actors.model import prefill_attention
-from fastdecode.actors.model.attention import prefill_attention_with_prefix
-from fastdecode.actors.prefill import prefill, prefill_chunk
+from fastdecode.actors.model.attention import prefill_attention_after
+from fastdecode.actors.prefill import kv_buffers, prefill, prefill_hidden
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.sequence import EventChannel, Sequence
 
@@ -39,17 +39,48 @@ def test_attention_after_a_prefix_equals_the_rows_of_causal_attention():
     q, k, v = torch.randn(11, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
     whole = prefill_attention(q, k, v)
     for split in (0, 1, 6, 10):
-        part = prefill_attention_with_prefix(q[split:], k[split:], v[split:], k[:split], v[:split])
+        part = prefill_attention_after(q[split:], k, v)
         torch.testing.assert_close(part, whole[split:], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="past_k and past_v"):
-        prefill_attention_with_prefix(q[4:], k[4:], v[4:], k[:4], v[:3])
+    with pytest.raises(ValueError, match="keys and values"):
+        prefill_attention_after(q[4:], k, v[:10])
+    with pytest.raises(ValueError, match="keys and values"):
+        prefill_attention_after(q, k[:10], v[:10])
 
 
-def test_prefill_chunk_checks_the_prefix_length(tiny_model):
+def test_attention_reads_each_kv_head_for_its_query_group():
+    """Query head h reads KV head h // G (G = Hq / Hkv), as a per-head expanded copy would, with or without a prefix."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(9, 8, 16), torch.randn(9, 2, 16), torch.randn(9, 2, 16)
+    expanded_k, expanded_v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+    torch.testing.assert_close(prefill_attention(q, k, v), prefill_attention(q, expanded_k, expanded_v))
+    torch.testing.assert_close(prefill_attention_after(q[5:], k, v),
+                               prefill_attention_after(q[5:], expanded_k, expanded_v))
+    with pytest.raises(ValueError, match="evenly"):
+        prefill_attention(q[:, :6], torch.randn(9, 4, 16), torch.randn(9, 4, 16))
+
+
+def test_a_chunk_needs_buffers_holding_what_comes_before_it(tiny_model):
     model, _ = tiny_model
     _, k, v = prefill(model, torch.tensor([5, 6, 7, 8]))
-    with pytest.raises(ValueError, match="needs the K/V of the 3 positions"):
-        prefill_chunk(model, torch.tensor([9]), 3, k, v)
+    with pytest.raises(ValueError, match="at least 5 positions"):
+        prefill_hidden(model, torch.tensor([9]), 4, k, v)
+    with pytest.raises(ValueError, match="needs the buffers"):
+        prefill_hidden(model, torch.tensor([9]), 3)
+
+
+def test_a_chunk_writes_its_kv_into_the_buffers_and_leaves_the_prefix(tiny_model):
+    """The chunks of a prompt fill one pair of buffers in place (the prefix is neither copied nor changed)."""
+    model, _ = tiny_model
+    token_ids = torch.tensor([5, 6, 7, 8, 9, 10, 11])
+    _, whole_k, whole_v = prefill(model, token_ids)
+    keys, values = kv_buffers(model, 7)
+    prefill_hidden(model, token_ids[:4], 0, keys, values)
+    prefix = keys[:, :4].clone()
+    _, out_k, out_v = prefill_hidden(model, token_ids[4:], 4, keys, values)
+    assert out_k is keys and out_v is values
+    torch.testing.assert_close(keys[:, :4], prefix, atol=0, rtol=0)
+    torch.testing.assert_close(keys, whole_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, whole_v, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 32, 45])
