@@ -44,7 +44,8 @@ log = logging.getLogger("fastdecode.cluster")
 MIN_EMBEDDED_KV_BYTES = 64 << 20
 MAX_EMBEDDED_KV_BYTES = 8 << 30
 MODES = ("gpu-only", "shards", "hybrid")
-GPU_KV_FREE_FRACTION = 0.8  # default GPU KV pool: this share of the device memory free after loading
+GPU_KV_FREE_FRACTION = 0.8  # default GPU KV pool: this share of the device memory free after loading,
+GPU_PREFILL_FREE_FRACTION = 0.9  # or less: this share less one longest prompt's K/V, which prefill stages beside it
 # A shard held by another Executor session refuses Configure ``busy`` until that session has been silent for the
 # shard's session timeout (8 s by default): an Executor restarted right after a crash waits that out (retrying
 # every TAKEOVER_RETRY_S) instead of failing, and is refused only if the other one's heartbeats go on.
@@ -312,11 +313,25 @@ def max_len(config: ClusterConfig, model) -> int:
     return config.executor.max_len_for(model.config.max_position_embeddings)
 
 
+def default_gpu_kv_bytes(free_bytes: int, max_len: int, kv_bytes_per_token: int) -> int:
+    """The default GPU KV pool: ``GPU_KV_FREE_FRACTION`` of the free memory, less where a prompt of ``max_len``
+    tokens would not fit beside it. A prompt's prefill stages its K/V (``max_len * kv_bytes_per_token``) outside
+    the pool until it is placed, and the step's activations need room too: at a long context on a large model
+    (16 GiB for 128k tokens of Llama-3-8B) that is more than the fifth of the memory the fraction leaves."""
+    staging = max_len * kv_bytes_per_token
+    return max(0, min(int(free_bytes * GPU_KV_FREE_FRACTION), int(free_bytes * GPU_PREFILL_FREE_FRACTION) - staging))
+
+
 def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
     memory = config.gpu_kv_memory_bytes
     if memory is None:
         if model.device.type == "cuda":
-            memory = int(free_memory_bytes(model.device) * GPU_KV_FREE_FRACTION)
+            free, length = free_memory_bytes(model.device), max_len(config, model)
+            memory = default_gpu_kv_bytes(free, length, model.config.kv_bytes_per_token(model.dtype.itemsize))
+            if memory < 1:
+                raise ValueError(f"the {free / (1 << 30):.1f} GiB of GPU memory free after loading the model holds "
+                                 f"no KV pool beside the prefill of a {length}-token prompt: give a smaller "
+                                 "max_model_len")
         else:
             memory = default_shard_kv_bytes(1)
     return GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))

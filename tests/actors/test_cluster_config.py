@@ -49,6 +49,20 @@ def test_default_shard_memory_is_a_third_of_the_available_memory_shared_within_b
     assert cluster.default_shard_kv_bytes(1) == cluster.MIN_EMBEDDED_KV_BYTES
 
 
+def test_the_default_gpu_pool_leaves_room_for_the_longest_prompt_to_be_prefilled():
+    from fastdecode.actors.cluster import default_gpu_kv_bytes
+
+    gib = 1 << 30
+    llama3_8b = 128 << 10  # KV bytes per token in bf16
+    # 8k tokens stage 1 GiB: 0.8 of 63 GiB free, as before
+    assert default_gpu_kv_bytes(63 * gib, 8192, llama3_8b) == int(63 * gib * 0.8)
+    # 128k tokens stage 16 GiB, more than the fifth the fraction leaves: 0.9 of it less those 16 GiB
+    pool = default_gpu_kv_bytes(63 * gib, 131072, llama3_8b)
+    assert pool == int(63 * gib * 0.9) - 16 * gib
+    assert 63 * gib - pool >= 16 * gib + 6 * gib
+    assert default_gpu_kv_bytes(10 * gib, 131072, llama3_8b) == 0  # nothing fits: the node says so
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(shard_addresses="tcp://h:1"), r"shard_addresses must be a list.*\('tcp://h:1',\)"),
     (dict(shard_addresses=("tcp://h:1", 5)), "shard_addresses must be a list"),
