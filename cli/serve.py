@@ -81,7 +81,9 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "[default: 2048 on a GPU, 256 on a CPU]"),
         click.option("--dtype", default="auto", show_default=True, callback=_dtype_option,
                      type=click.Choice(["auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES]),
-                     help="Weights' and activations' dtype (vLLM's names: half is float16, float is float32)."),
+                     help="Weights' and activations' dtype (vLLM's names: half is float16, float is float32). "
+                          "auto: on a GPU the checkpoint's half type (float16 stays float16, others bfloat16), "
+                          "on a CPU float32."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--seed", default=0, show_default=True, type=int, help="Weights' seed for random: models."),
         click.option("--generation-config", default="auto", show_default=True,

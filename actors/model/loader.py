@@ -14,6 +14,7 @@ import torch
 
 from fastdecode.actors.model.config import ModelConfig
 from fastdecode.actors.model.errors import ModelError
+from fastdecode.actors.model.jsonfile import read_json
 from fastdecode.actors.model.llama import LlamaModel
 from fastdecode.actors.model.tokenizer import Tokenizer
 
@@ -44,12 +45,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
-    """``auto`` is float32 on CPU and bfloat16 on CUDA."""
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None,
+                  stored: torch.dtype | None = None) -> torch.dtype:
+    """``auto`` is float32 on CPU. On CUDA it is the checkpoint's half type, as vLLM picks: ``stored`` float16
+    stays float16; bfloat16, float32 or nothing stored gives bfloat16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+        if device is None or device.type != "cuda":
+            return torch.float32
+        return torch.float16 if stored == torch.float16 else torch.bfloat16
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -106,6 +111,26 @@ def resolve_config(name: str) -> ModelConfig:
     raise ModelError(f"unknown model {name!r}: not a folder, not 'smollm2', not 'random:<preset>'")
 
 
+def stored_dtype(name: str) -> torch.dtype | None:
+    """The dtype a model's checkpoint declares (config.json's ``torch_dtype``, or transformers 5's ``dtype``);
+    None for ``random:`` presets, a name it does not know, or none declared."""
+    if name.startswith(RANDOM_PREFIX):
+        return None
+    if name == DEFAULT_MODEL:
+        return torch.float32  # its quantised GGUF is converted to float32
+    if not Path(name).is_dir():
+        return None
+    raw = read_json(Path(name) / "config.json", required=True)
+    declared = raw.get("torch_dtype") or raw.get("dtype")
+    return DTYPES.get(declared) if isinstance(declared, str) else None
+
+
+def model_dtype(name: str, dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype ``load_model`` gives model ``name`` on ``device`` for ``dtype`` (``resolve_dtype``), without
+    loading it."""
+    return resolve_dtype(dtype, device, stored_dtype(name) if dtype == "auto" else None)
+
+
 def load_model(
     name: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
     seed: int = 0,
@@ -114,7 +139,7 @@ def load_model(
     from fastdecode.actors.model.hf_dir import load_hf_model
 
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = model_dtype(name, dtype, torch_device)
     if torch_device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

@@ -105,3 +105,25 @@ def test_half_precision_checkpoints_still_load(written_tiny, tmp_path, dtype):
     model, _ = _load(folder)
     expected = load_file(str(written_tiny / "model.safetensors"))["model.norm.weight"].to(dtype).float()
     assert torch.equal(model.final_norm, expected)
+
+
+@pytest.mark.parametrize("declared, key, on_gpu", [
+    ("float16", "torch_dtype", torch.float16), ("bfloat16", "torch_dtype", torch.bfloat16),
+    ("float32", "torch_dtype", torch.bfloat16), ("float16", "dtype", torch.float16), (None, None, torch.bfloat16),
+])
+def test_auto_dtype_keeps_a_half_checkpoint_half_on_a_gpu(written_tiny, tmp_path, declared, key, on_gpu):
+    """vLLM's --dtype auto: a float16 checkpoint serves in float16 on a GPU, others in bfloat16; float32 on a CPU.
+    config.json declares it as torch_dtype, or as transformers 5's dtype."""
+    from fastdecode.actors.model.loader import model_dtype
+
+    folder = _copy_folder(written_tiny, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    if key is not None:
+        config[key] = declared
+    (folder / "config.json").write_text(json.dumps(config))
+    assert model_dtype(str(folder), "auto", torch.device("cuda")) == on_gpu
+    assert model_dtype(str(folder), "auto", torch.device("cpu")) == torch.float32
+    assert model_dtype(str(folder), "float16", torch.device("cpu")) == torch.float16
+    assert model_dtype("random:tiny", "auto", torch.device("cuda")) == torch.bfloat16
+    assert model_dtype("smollm2", "auto", torch.device("cuda")) == torch.bfloat16
