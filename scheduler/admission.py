@@ -18,6 +18,11 @@ checks through placement):
   state's total plus ``sls_load_headroom``.  Below ``sls_free_load`` of the batch
   (running plus waiting sequences) there is nothing to stabilise: every waiting
   sequence starts at once, as in ``"all-at-once"``, still under the context limit.
+A derived limit makes room for the batch's longest sequence beside B - 1 steady
+shares, so one long request does not hold the batch down while it runs.
+Sequences that already generated tokens (preempted for room, or requeued off a
+failed or draining node) were part of the steady load: those at the head of the
+queue start outside the rate and the limit, as soon as placement finds room.
 
 The plan is redone as sequences finish: the expected output length is the
 mean ``max_tokens`` of arrivals times the observed fraction of ``max_tokens``
@@ -143,6 +148,8 @@ class AdmissionPolicy:
         self._completion.add(min(1.0, max(num_generated, 1) / max_tokens))
 
     def on_admitted(self, num_admitted: int) -> None:
+        """``num_admitted`` new sequences started (resumed ones, which ``num_to_admit`` lets through outside the
+        rate, are not counted: they were already part of the load)."""
         self._credit = max(0.0, self._credit - num_admitted)
 
     # --- decision ------------------------------------------------------------------
@@ -161,18 +168,30 @@ class AdmissionPolicy:
             num = num_candidates
         else:
             num = min(num_candidates, group * math.floor(self._credit / group))
+        num_resumed = next((i for i, s in enumerate(waiting[:num_candidates]) if s.num_generated == 0),
+                           num_candidates)
         limit = self.context_limit
         if num == 0 or limit is None:
-            return num
+            return max(num, num_resumed)
         live = [(s.context_len, self.expected_remaining(s)) for s in running]
         while num > 0:
-            group_items = [(s.context_len, self.expected_remaining(s)) for s in waiting[:num]]
-            if predicted_peak_context(live + group_items) <= limit:
+            items = live + [(s.context_len, self.expected_remaining(s)) for s in waiting[:num]]
+            if predicted_peak_context(items) <= self._limit_with(limit, items):
                 break
             num -= 1
         if num == 0 and not running:
             num = 1  # never stall an idle system on a prompt larger than the limit
-        return num
+        return max(num, num_resumed)
+
+    def _limit_with(self, limit: int, items: list[tuple[int, int]]) -> float:
+        """The context limit for a batch of ``items``: a derived limit makes room for the longest of them beside
+        B - 1 others of the steady share, so that one long request neither waits for the batch to empty nor
+        holds it down to a few sequences while it runs. A limit the config gives is kept as it is."""
+        if self.config.max_total_context is not None:
+            return limit
+        longest = max(context_len + num_remaining - 1 for context_len, num_remaining in items)
+        batch = self.config.max_num_seqs
+        return max(limit, longest + limit * (batch - 1) / batch)
 
     def _credit_cap(self) -> float:
         return 2.0 * max(self.group_size, math.ceil(self.rate_per_step))

@@ -143,6 +143,59 @@ def test_the_context_limit_holds_a_lightly_loaded_server_back_too():
     assert policy.num_to_admit([], waiting) == 3  # 3 x 600 tokens fit under 2000, 4 do not
 
 
+def test_one_long_request_neither_waits_for_the_batch_to_empty_nor_holds_it_down():
+    """SLS at B=16 on short chat requests (200-token prompts, 128 out) that keep the batch near full; one 7,800-token
+    prompt arrives. It starts within a few steps, and while it runs the short ones keep the batch near full (the
+    derived limit made no room for it: it waited for the batch to empty, then ran with one or two beside it)."""
+    policy = make_policy(batch=16)
+    running = arrivals(policy, 13, prompt=200, max_tokens=128)
+    for age, seq in enumerate(running):
+        seq.num_generated = age * 9
+    long = Seq(7800, 300)
+    policy.on_arrival(long.prompt_len, long.max_tokens)
+    waiting = [long]
+    started, sizes = None, []
+    for step in range(400):
+        waiting += arrivals(policy, 1 if step % 10 == 0 else 0, prompt=200, max_tokens=128)  # 0.8 of the rate
+        num = policy.num_to_admit(running, waiting)
+        if long in waiting[:num]:
+            started = step
+        running += waiting[:num]
+        del waiting[:num]
+        policy.on_admitted(num)
+        if long in running and long.num_generated > 20:
+            sizes.append(len(running))
+        for seq in running:
+            seq.num_generated += 1
+        for seq in [s for s in running if s.is_done]:
+            running.remove(seq)
+            policy.on_finish(seq.num_generated, seq.max_tokens)
+    assert started is not None and started <= 16
+    assert min(sizes) >= 10 and len(sizes) > 200
+    assert len(waiting) <= 4
+
+
+def test_a_given_context_limit_stays_a_hard_one():
+    policy = make_policy(batch=16, max_total_context=3000)
+    running = arrivals(policy, 4, prompt=200, max_tokens=100)
+    waiting = arrivals(policy, 1, prompt=2900, max_tokens=100)
+    assert all(policy.num_to_admit(running, waiting) == 0 for _ in range(50))
+
+
+def test_resumed_sequences_start_at_once_outside_the_rate():
+    """Sequences requeued off a failed node (or preempted) come back as soon as there is room, not at the pacing rate,
+    and do not use up the new arrivals' credit."""
+    policy = make_policy(batch=64)
+    running = arrivals(policy, 39, prompt=100, max_tokens=512)
+    resumed = arrivals(policy, 25, prompt=100, max_tokens=512)
+    for seq in resumed:
+        seq.num_generated = 40
+    fresh = arrivals(policy, 5, prompt=100, max_tokens=512)
+    policy.num_to_admit(running, [])  # the rate's credit: under one sequence per step
+    assert policy.num_to_admit(running, resumed + fresh) == 25
+    assert policy.num_to_admit(running[:-3], fresh + resumed) <= 1  # only at the head: first come, first served
+
+
 def test_max_num_seqs_bounds_both_modes():
     for mode in ("sls", "all-at-once"):
         policy = make_policy(mode, batch=3, sls_min_group_size=8, max_total_context=10**9)
