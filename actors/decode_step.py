@@ -105,12 +105,17 @@ class DecodeStep:
         times, self._attend_times = self._attend_times, []
         return times
 
+    def is_whole_step(self, minibatches: list[MiniBatch]) -> bool:
+        """The mini-batches' nodes all attend on the Executor's device now: each runs as one dense-thread call (on
+        CUDA a launch, which returns before the device is done), not layer by layer with the nodes' round trips."""
+        return all(self.nodes[n].can_attend_now for mb in minibatches for n, _, _ in mb.node_slices)
+
     async def run(self, minibatches: list[MiniBatch], *, is_pipelined: bool) -> list[torch.Tensor]:
         """Logits ``[rows, vocab]`` for each mini-batch, in order. ``is_pipelined``: the mini-batches
         take turns layer by layer (else each runs all its layers before the next starts)."""
         self.step_index += 1
         self._graph_rows, self.was_ahead = None, False
-        if all(self.nodes[n].can_attend_now for mb in minibatches for n, _, _ in mb.node_slices):
+        if self.is_whole_step(minibatches):
             is_alone = len(minibatches) == 1  # (its logits may stay in the graph's buffer until sampled)
             return [await self._dense(mb, "step", self._whole_step, mb, is_alone) for mb in minibatches]
         if is_pipelined:

@@ -82,8 +82,10 @@ class Executor:
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._abort_requested: dict[int, bool] = {}  # of _sequences, reaped at the next step -> is_stop
         self.prefills = PrefillQueue(config.batched_tokens_for(model.device))  # admitted, not (wholly) prefilled
-        # a step's token events (not a request's last), handed to the streams once the next decode step
-        # is under way, so the readers' wake-ups overlap the GPU instead of delaying the next replay
+        # a step's token events (not a request's last), handed to the streams as the next decode step starts:
+        # after its launch where that is a CUDA replay, so the readers' wake-ups overlap the GPU instead of
+        # delaying it; before a step that runs to its end (layer by layer over the shards, or on the CPU),
+        # which would hold them for all of it
         self._pending_events: list[tuple[Sequence, TokenEvent]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -436,11 +438,13 @@ class Executor:
         minibatches = [MiniBatch.build(i, group) for i, group in enumerate(groups)]
         ran = [[s.seq_id for s in mb.seqs] for mb in minibatches]  # the split as it runs
         predicted_s = self.scheduler.predict_decode_s(ran) if self.trace is not None else 0.0
+        if not (self.runner.is_cuda and not self.runner.is_synchronous and self.decoder.is_whole_step(minibatches)):
+            self._emit_pending()  # this step runs to its end before the await returns: they would wait all of it
         trace_start = self.trace.now() if self.trace is not None else 0.0
         start = time.perf_counter()
         logits = await self.decoder.run(minibatches, is_pipelined=self.config.is_pipelined)
         decode_s = time.perf_counter() - start
-        self._emit_pending()  # the previous step's tokens go out while the GPU works on this one
+        self._emit_pending()  # after a CUDA launch: the previous step's tokens go out while the GPU works
         if self.trace is not None:
             self.trace.add_step(self.decoder.step_index, trace_start, self.trace.now(),
                                 sum(len(mb.seqs) for mb in minibatches))

@@ -48,6 +48,31 @@ async def test_greedy_matches_reference(tiny_model, references, num_shards, is_p
         assert_same_greedy(ours, tokens, gaps, label=f"{num_shards} shards, pipeline={is_pipelined}")
 
 
+@pytest.mark.parametrize("num_shards", [0, 1], ids=["cpu-whole-step", "shard-layered"])
+async def test_a_token_reaches_its_stream_before_the_next_step_ends(num_shards):
+    """A decode step that runs to its end before its await returns (on the CPU, or layer by layer over shards) hands
+    the previous step's tokens to the streams before it runs, not after: they used to wait a whole step."""
+    config = ClusterConfig(**TINY, num_shards=num_shards, shard_kv_memory_bytes=16 << 20)
+    async with await Cluster.start(config) as cluster:
+        decoder = cluster.executor.decoder
+        num_finished = 0
+        run = decoder.run
+
+        async def counted_run(*args, **kwargs):
+            nonlocal num_finished
+            logits = await run(*args, **kwargs)
+            num_finished += 1
+            return logits
+
+        decoder.run = counted_run
+        finished_at = []  # decode steps finished when each token reached the stream
+        async for event in cluster.submit([5, 6, 7], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)):
+            finished_at.append(num_finished)
+    # token 0 comes from the prefill, token i from the i-th decode step: it is out before step i + 1 ends
+    assert len(finished_at) == 6
+    assert all(finished <= index for index, finished in enumerate(finished_at) if index < 5)
+
+
 async def test_start_up_objects_are_frozen_while_serving_and_handed_back_at_stop(tiny_model):
     """What start-up made stays out of the cyclic collector's passes while the cluster serves (a hybrid start
     that dropped its shards stepped 3% slower than gpu-only without it); stop() hands it back, so a process
