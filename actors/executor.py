@@ -47,6 +47,7 @@ from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish
 from fastdecode.actors.trace import StepTrace
 from fastdecode.actors.warm_up import needs_warm_up, warm_up
 from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler
+from fastdecode.scheduler.scheduler import NoNodeFitsError
 from fastdecode.transport.errors import RemoteRequestError
 
 log = logging.getLogger("fastdecode.executor")
@@ -170,6 +171,8 @@ class Executor:
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
         try:
             self.scheduler.add_request(seq_id, len(prompt_ids), max_tokens)
+        except NoNodeFitsError as exc:  # within max_model_len: the nodes that could hold it are away
+            raise UnavailableError(f"{exc} now; retry later") from None
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         seq = Sequence(seq_id, list(prompt_ids), params, EventChannel(),

@@ -35,6 +35,11 @@ from fastdecode.scheduler.step_model import DecodeStepModel, MiniBatchLoad
 MESSAGE_OVERHEAD_RATE = 0.05  # EWMA rate of the per-message cost (the first samples weigh alike)
 
 
+class NoNodeFitsError(ValueError):
+    """A request well-formed, within the context length, that no node there now could hold even empty (the ones
+    that could are away)."""
+
+
 class Scheduler:
     """Owns the sequence bookkeeping; decides each step from the node and GPU models."""
 
@@ -127,12 +132,12 @@ class Scheduler:
         return dataclasses.replace(self._table.get(seq_id))
 
     def add_request(self, seq_id: int, prompt_len: int, max_tokens: int) -> None:
-        """Queue a new sequence; ValueError if it is malformed or could never fit on any node."""
+        """Queue a new sequence; ValueError if it is malformed, NoNodeFitsError if no node now could hold it."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         check_lengths(prompt_len, prompt_len + max_tokens)
         if not can_ever_fit(self._nodes.values(), prompt_len + max_tokens):
-            raise ValueError(
+            raise NoNodeFitsError(
                 f"sequence {seq_id} needs {prompt_len + max_tokens} tokens of KV-cache, more than any node holds"
             )
         self._table.add(seq_id, prompt_len, max_tokens)

@@ -204,3 +204,24 @@ async def test_a_stopping_executor_leaves_no_reconnect_and_no_fresh_client_behin
     with pytest.raises(asyncio.CancelledError):
         await reopening
     assert fresh.is_closed
+
+
+async def test_a_request_only_an_absent_node_could_hold_is_told_to_retry(tiny_model, one_torch_thread):
+    """max_model_len comes from the largest node; while it is away a request that only it could hold is refused
+    as unavailable (503, retryable), not as a bad request (400): it is within the model's limits."""
+    model, _ = tiny_model
+    token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
+    inners = [LocalKVNode.for_model("small", model, 64 * token_bytes),
+              LocalKVNode.for_model("large", model, 4096 * token_bytes)]
+    nodes = [KillableNode(inner, inner.node_id) for inner in inners]
+    executor = Executor(model, nodes, ExecutorConfig(max_model_len=1024), eos_token_ids=[])
+    await executor.start()
+    try:
+        executor.nodes[1].mark(NodeState.DEAD, "its host went away")
+        await executor.step()  # the node bookkeeping at a step boundary removes it
+        with pytest.raises(UnavailableError, match="retry later"):
+            executor.submit(list(range(3, 203)), greedy(8))
+        tokens, reason = await collect(executor.submit([5, 6, 7], greedy(8)))  # the small node still serves
+        assert reason == "length" and len(tokens) == 8
+    finally:
+        await executor.stop()
