@@ -77,6 +77,9 @@ class ClusterConfig:
     generation_config: str = "auto"
     heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
     liveness: int = 3
+    # a shard whose attend has not answered in this long is dead, though its heartbeats go on (its worker is stuck):
+    # an attend takes milliseconds, and the whole decode step waits for it
+    attend_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -99,6 +102,8 @@ class ClusterConfig:
             raise ValueError("num_cpus must be at least 1")
         if not 0 < self.heartbeat_interval_s < math.inf or self.liveness < 1:
             raise ValueError("heartbeat_interval_s must be positive and liveness at least 1")
+        if not 0 < self.attend_timeout_s < math.inf:
+            raise ValueError("attend_timeout_s must be a positive number of seconds")
 
 
 def _check_field_types(config: ClusterConfig) -> None:
@@ -119,9 +124,10 @@ def _check_field_types(config: ClusterConfig) -> None:
         raise TypeError(f"mode must be one of {MODES} or None, got {config.mode!r}")
     if config.curve_dir is not None and not isinstance(config.curve_dir, (str, os.PathLike)):
         raise TypeError(f"curve_dir must be a folder path or None, got {config.curve_dir!r}")
-    interval = config.heartbeat_interval_s
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
-        raise TypeError(f"heartbeat_interval_s must be a number of seconds, got {interval!r}")
+    for name in ("heartbeat_interval_s", "attend_timeout_s"):
+        seconds = getattr(config, name)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"{name} must be a number of seconds, got {seconds!r}")
     if not isinstance(config.executor, ExecutorConfig):
         raise TypeError(f"executor must be an ExecutorConfig, got {type(config.executor).__name__}: write "
                         "executor=ExecutorConfig(max_queue=10, ...), or give its fields to LLM(...) as keywords")
@@ -381,6 +387,7 @@ class ShardLinks:
     ctx: object | None  # a CURVE client Context, None for the process-wide plain one
     heartbeat_interval_s: float
     liveness: int
+    attend_timeout_s: float
     # this cluster's run, the same on every (re)connect: a shard frees what an earlier run left behind
     session_id: int = field(default_factory=lambda: secrets.randbits(63) or 1)
 
@@ -391,13 +398,13 @@ class ShardLinks:
             from fastdecode.transport.security import ClientKeys, client_context
 
             ctx = client_context(ClientKeys.load(config.curve_dir))
-        return cls(shape, ctx, config.heartbeat_interval_s, config.liveness)
+        return cls(shape, ctx, config.heartbeat_interval_s, config.liveness, config.attend_timeout_s)
 
     async def connect(self, address: str) -> ShardKVNode:
         """Connect to a shard (in-process shards share the process-wide Context) and configure it."""
         ctx = None if address.startswith("inproc://") else self.ctx
         client = await ShardClient.connect(address, ctx=ctx, heartbeat_interval_s=self.heartbeat_interval_s,
-                                           liveness=self.liveness)
+                                           liveness=self.liveness, attend_timeout_s=self.attend_timeout_s)
         try:
             await self._configure(client)
         except BaseException:

@@ -50,11 +50,15 @@ CONFIGURE_TIMEOUT_S = 3600.0
 class ShardClient:
     """An async client of one KVShard.  Safe to use from many tasks of one event loop at once."""
 
-    def __init__(self, rpc: RpcClient, *, ctx: zmq.asyncio.Context, codec: Codec) -> None:
+    def __init__(self, rpc: RpcClient, *, ctx: zmq.asyncio.Context, codec: Codec,
+                 attend_timeout_s: float | None = None) -> None:
         self._rpc = rpc
         self._ctx = ctx
         self._codec = codec
         self._link: BlockingLink | None = None
+        # an attend's reply, at most (None: the client's timeout_s). Heartbeats are answered off the shard's
+        # worker, so a worker stuck in a call looks alive: this is what finds it, and the whole step waits meanwhile
+        self.attend_timeout_s = attend_timeout_s or rpc.timeout_s
 
     @classmethod
     async def connect(
@@ -66,6 +70,7 @@ class ShardClient:
         heartbeat_interval_s: float = 1.0,
         liveness: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        attend_timeout_s: float | None = None,
     ) -> ShardClient:
         """Connect and wait for the shard to answer a ping (PeerDeadError if it does not within the window)."""
         ctx = ctx or zmq.asyncio.Context.instance()
@@ -81,7 +86,7 @@ class ShardClient:
         except BaseException:
             await rpc.close()
             raise
-        return cls(rpc, ctx=ctx, codec=codec)
+        return cls(rpc, ctx=ctx, codec=codec, attend_timeout_s=attend_timeout_s)
 
     @property
     def address(self) -> str:
@@ -136,14 +141,15 @@ class ShardClient:
         modify q, k, v while the call is in flight (they are sent without a copy).
         """
         ids = np.asarray(seq_ids, dtype=np.int64)
-        result = await self._rpc.request(Attend(int(layer), ids, q, k, v, bool(want_lse)))
+        result = await self._rpc.request(Attend(int(layer), ids, q, k, v, bool(want_lse)),
+                                         timeout_s=self.attend_timeout_s)
         return result.o, result.lse
 
     @property
     def link(self) -> BlockingLink:
         """The dense thread's blocking connection to this shard (made on first use; see transport/link.py)."""
         if self._link is None:
-            self._link = BlockingLink(self.address, self._codec, ctx=self._ctx, timeout_s=self._rpc.timeout_s,
+            self._link = BlockingLink(self.address, self._codec, ctx=self._ctx, timeout_s=self.attend_timeout_s,
                                    is_alive=lambda: self._rpc.is_alive)
             # The shard takes KV requests only from its session's connections (shard_drain.DrainableShard.admit):
             # this socket names the session first (its Pong comes back as a late reply the link drops).

@@ -114,3 +114,31 @@ def test_dead_peer_and_timeout_fail_the_wait_and_close_the_link():
             dead.send(message)
     finally:
         ctx.destroy(linger=0)
+
+
+async def test_a_stuck_worker_fails_the_attend_at_its_timeout_though_its_heartbeats_go_on():
+    """Heartbeats are answered off the shard's worker: a worker stuck in a call (here: slowed to 2 s an attend) looks alive.
+    The attend's own timeout finds it, on the link and on the async client, well before the 60 s of other calls."""
+    address, shard = await start_embedded_shard(threads=1, kv_memory_bytes=8 << 20, is_calibrating=False,
+                                                slowdown_s_per_gb=1000.0)
+    client = await ShardClient.connect(address, heartbeat_interval_s=0.1, attend_timeout_s=0.5)
+    try:
+        await client.configure(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                               kv_dtype="bfloat16")
+        rng = np.random.default_rng(4)
+        prompt = rng.standard_normal((NUM_LAYERS, 4096, NUM_KV_HEADS, HEAD_DIM)).astype(BF16)  # 2 MB a layer: 2 s
+        await client.allocate([1])
+        await client.append_prompt(1, prompt, prompt)
+        message = attend_message(rng, 0, [1])
+        link = client.link
+        start = time.monotonic()
+        with pytest.raises(RequestTimeoutError):
+            await asyncio.to_thread(lambda: link.receive(link.send(message), AttendResult))
+        assert time.monotonic() - start < 1.5
+        assert client.is_alive  # its heartbeats went on all along
+        with pytest.raises(RequestTimeoutError):
+            await client.attend(1, message.seq_ids, message.q, message.k, message.v)
+        assert time.monotonic() - start < 3.0
+    finally:
+        await client.close()
+        await shard.stop()

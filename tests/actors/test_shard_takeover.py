@@ -33,7 +33,7 @@ class HeldShard:
 @pytest.fixture
 def links(monkeypatch):
     monkeypatch.setattr(cluster, "TAKEOVER_RETRY_S", 0.01)
-    return ShardLinks(shape={}, ctx=None, heartbeat_interval_s=1.0, liveness=3)
+    return ShardLinks(shape={}, ctx=None, heartbeat_interval_s=1.0, liveness=3, attend_timeout_s=10.0)
 
 
 def connect_to(monkeypatch, shard: HeldShard):
