@@ -186,8 +186,13 @@ class KVShard:
         known). Another session is refused while that one is live: its heartbeats still come (an idle Executor
         sends nothing else), or, where none was heard, it holds sequences and sent a request within
         ``session_timeout_s``. Without either figure another session takes the shard at once."""
+        timeout_s = self.config.session_timeout_s
+        if (not message.session_id and self._session_id and holder_ping_s is not None and holder_ping_s < timeout_s
+                and (self._shape is None or self._shape.shape != message.shape)):
+            raise ActorError(BUSY, f"an Executor (client session) uses this shard: its last heartbeat came "
+                                   f"{holder_ping_s:.1f} s ago; a client that names no session may not configure "
+                                   f"it for {self._describe(message)}")
         if message.session_id and message.session_id != self._session_id:
-            timeout_s = self.config.session_timeout_s
             if self._session_id and holder_ping_s is not None and holder_ping_s < timeout_s:
                 raise ActorError(BUSY, f"another Executor (client session) uses this shard: its last heartbeat "
                                        f"came {holder_ping_s:.1f} s ago. A shard serves one Executor at a time: "

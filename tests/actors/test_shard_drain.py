@@ -121,6 +121,23 @@ def test_an_idle_executor_whose_heartbeats_come_keeps_the_shard(drainable) -> No
         _configure(drainable, 3)
 
 
+def test_a_client_naming_no_session_cannot_reshape_a_held_shard(drainable) -> None:
+    """A held, idle shard (no sequence) whose Executor's heartbeats come: a Configure naming no session (session 0)
+    with another shape is refused, not obeyed (it used to rebuild the pool, and the holder's next prompt failed the
+    shape check, losing the shard for good). The same shape is only asked for its stats; a lapsed holder lets it in."""
+    timeout_s = drainable.shard.config.session_timeout_s
+    heard = {1: 0.5}
+    drainable.seconds_since_ping = heard.get
+    _configure(drainable, 1)
+    with pytest.raises(ActorError) as info:
+        drainable.on_configure(Configure(**{**SHAPE, "head_dim": 128}, session_id=0))
+    assert info.value.code == "busy" and "names no session" in info.value.message
+    assert drainable.on_configure(Configure(**SHAPE, session_id=0)).num_sequences == 0
+    assert _configure(drainable, 1).num_sequences == 0  # still the holder's, in its shape
+    heard[1] = timeout_s + 0.1
+    drainable.on_configure(Configure(**{**SHAPE, "head_dim": 128}, session_id=0))
+
+
 def test_the_session_timeout_is_twice_the_executors_dead_peer_window() -> None:
     from fastdecode.actors.cluster import ClusterConfig
 
