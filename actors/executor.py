@@ -321,7 +321,8 @@ class Executor:
         returned ones, keep the scheduler in step."""
         for node in self.nodes:
             node.refresh()
-        for index in retire_nodes(self.nodes, self.scheduler.nodes, (s.node_index for s in self._sequences.values())):
+        retired = retire_nodes(self.nodes, self.scheduler.nodes, (s.node_index for s in self._sequences.values()))
+        for index in retired:
             self._reconnector.watch(index)
             if self.nodes[index].state is NodeState.DEAD:
                 await self.nodes[index].close()  # stop its heartbeats; the reconnect makes a new client
@@ -333,6 +334,9 @@ class Executor:
             if not self.nodes[index].can_attend and len(self.scheduler.nodes) > 1:
                 for preemption in self.scheduler.remove_node(index):
                     await self._requeue(self._sequences[preemption.seq_id])
+        for index in retired:  # a drained node, its sequences freed above: its daemon stops, so its client goes
+            if self.nodes[index].state is NodeState.DRAINING and index not in self.scheduler.nodes:
+                await self.nodes[index].close()
         if not any(self.nodes[i].can_attend for i in self.scheduler.nodes) and self._sequences:
             reasons = "; ".join(f"{n.node_id}: {n.failure}" for n in self.nodes)
             await self._fail_all(f"no KV node is left ({reasons})", is_retryable=True)

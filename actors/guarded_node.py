@@ -103,6 +103,7 @@ class GuardedNode(KVNode):
         self.is_kept = False  # DRAINING, but still attending for its sequences (no other node could take them)
         self.has_lost_attend = False  # an attend failed: what it held may be half-appended, it cannot be kept
         self.refused_seq_ids: set[int] = set()  # attends refused for want of room, since take_refused()
+        self.is_closed = False
 
     @property
     def is_alive(self) -> bool:
@@ -275,4 +276,7 @@ class GuardedNode(KVNode):
         return await self.inner.stats()
 
     async def close(self) -> None:
-        await self.inner.close()
+        """Close the inner node once (a retired one is closed when it leaves, and again by nothing)."""
+        if not self.is_closed:
+            self.is_closed = True
+            await self.inner.close()

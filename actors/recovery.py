@@ -18,6 +18,8 @@ from fastdecode.actors.kv_nodes import KVNode, NodeStats
 
 log = logging.getLogger("fastdecode.executor")
 
+QUIET_AFTER_ATTEMPTS = 5  # a node's failed reconnects are logged at INFO this often, then at DEBUG
+
 NodeFactory = Callable[[], Awaitable[KVNode]]
 
 
@@ -71,7 +73,9 @@ class Reconnector:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure to come back is retried; the reason is logged
-                log.info("KV node %d not back yet (attempt %d): %s: %s", index, attempt, type(exc).__name__, exc)
+                level = logging.INFO if attempt <= QUIET_AFTER_ATTEMPTS else logging.DEBUG  # gone for good, maybe
+                log.log(level, "KV node %d not back yet (attempt %d): %s: %s", index, attempt, type(exc).__name__,
+                        exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff.max_s)
                 continue

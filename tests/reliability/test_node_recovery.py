@@ -225,3 +225,29 @@ async def test_a_request_only_an_absent_node_could_hold_is_told_to_retry(tiny_mo
         assert reason == "length" and len(tokens) == 8
     finally:
         await executor.stop()
+
+
+async def test_a_drained_node_is_closed_once_its_sequences_moved_away(tiny_model, one_torch_thread):
+    """A shard daemon stops once its drain is over: its client is closed as its node leaves (its heartbeats and
+    reconnecting sockets used to run for the life of the server), once, and the other node serves on."""
+    model, _ = tiny_model
+    nodes = [KillableNode(LocalKVNode.for_model(f"n{i}", model, 16 << 20), f"n{i}") for i in range(2)]
+    closed = []
+
+    async def close():
+        closed.append(0)
+
+    nodes[0].close = close
+    executor = Executor(model, nodes, ExecutorConfig(), eos_token_ids=[])
+    await executor.start()
+    try:
+        streams = [executor.submit(p, s) for p, s in make_requests(model, 6, seed=5)]
+        await asyncio.gather(*(anext(s) for s in streams))
+        nodes[0].is_draining = True
+        await asyncio.gather(*(collect(s) for s in streams))
+        tokens, reason = await collect(executor.submit([5, 6, 7], greedy(6)))
+        assert reason == "length" and len(tokens) == 6
+        assert executor.nodes[0].is_retired and closed == [0]
+    finally:
+        await executor.stop()
+    assert closed == [0]  # not again at stop
