@@ -30,7 +30,8 @@ from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
 from fastdecode.actors.kvshard import BUSY
-from fastdecode.actors.model import load_model, resolve_device
+from fastdecode.actors.model import load_model, resolve_config, resolve_device
+from fastdecode.actors.model.loader import model_dtype
 from fastdecode.actors.model.hf_dir import chosen_sampling_defaults
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
@@ -213,20 +214,22 @@ class Cluster:
         torch.set_num_threads(executor_torch_threads(executor_threads, is_cuda=device.type == "cuda",
                                                      has_shards=bool(config.num_shards or config.shard_addresses)))
         defaults = chosen_sampling_defaults(config.generation_config)  # a bad folder is refused before the load
-        model, tokenizer = await asyncio.to_thread(
-            load_model, config.model, dtype=config.dtype, device=str(device), seed=config.seed)
+        links = await _links_before_loading(config, device)
+        try:
+            model, tokenizer = await asyncio.to_thread(
+                load_model, config.model, dtype=config.dtype, device=str(device), seed=config.seed)
+        except BaseException:
+            await links.stop()
+            raise
         if defaults is not None:
             model.config = dataclasses.replace(model.config, sampling_defaults=defaults)
         if config.is_compiled and device.type == "cuda":
             model.compile_dense()
         cfg = model.config
-        kv_dtype = KV_DTYPE_NAMES[model.dtype]
         nodes: list[KVNode] = []
         handles = []
         factories: dict[int, object] = {}  # id(shard node) -> how to connect it again after a failure
         try:
-            links = ShardLinks.open(config, shape=dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                                                       head_dim=cfg.head_dim, kv_dtype=kv_dtype))
             handles.append(links)
             addresses = list(config.shard_addresses)
             kv_bytes = config.shard_kv_memory_bytes or default_shard_kv_bytes(config.num_shards)
@@ -314,6 +317,22 @@ class Cluster:
         await self.stop()
 
 
+async def _links_before_loading(config: ClusterConfig, device: torch.device) -> "ShardLinks":
+    """What can be checked before the weights load (minutes, for a large model), checked: the model's config, the
+    max_model_len against its context, the CURVE keys, and that every shard daemon answers. The shard links."""
+    cfg = await asyncio.to_thread(resolve_config, config.model)
+    config.executor.max_len_for(cfg.max_position_embeddings)
+    shape = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                 kv_dtype=KV_DTYPE_NAMES[model_dtype(config.model, config.dtype, device)])
+    links = ShardLinks.open(config, shape=shape)
+    try:
+        await asyncio.gather(*(links.ping(address) for address in config.shard_addresses))
+    except BaseException:
+        await links.stop()
+        raise
+    return links
+
+
 def max_len(config: ClusterConfig, model) -> int:
     """The longest sequence the Executor admits (a GPU KV slot's length)."""
     return config.executor.max_len_for(model.config.max_position_embeddings)
@@ -399,6 +418,12 @@ class ShardLinks:
 
             ctx = client_context(ClientKeys.load(config.curve_dir))
         return cls(shape, ctx, config.heartbeat_interval_s, config.liveness, config.attend_timeout_s)
+
+    async def ping(self, address: str) -> None:
+        """PeerDeadError unless a shard answers at ``address`` within the heartbeat window."""
+        client = await ShardClient.connect(address, ctx=self.ctx, heartbeat_interval_s=self.heartbeat_interval_s,
+                                           liveness=self.liveness)
+        await client.close()
 
     async def connect(self, address: str) -> ShardKVNode:
         """Connect to a shard (in-process shards share the process-wide Context) and configure it."""

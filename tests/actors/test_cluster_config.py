@@ -87,3 +87,32 @@ def test_cluster_config_keeps_a_list_of_shard_addresses_as_a_tuple():
     config = ClusterConfig(shard_addresses=["tcp://h:1", "tcp://h:2"])
     assert config.shard_addresses == ("tcp://h:1", "tcp://h:2")
     hash(config)  # frozen and hashable, as a tuple keeps it
+
+
+@pytest.mark.parametrize("fields, error", [
+    (dict(shard_addresses=("tcp://127.0.0.1:{port}",), heartbeat_interval_s=0.1), "no KVShard answers"),
+    (dict(executor=dict(max_model_len=10**6)), "max_model_len"),
+    (dict(curve_dir="{tmp}", shard_addresses=("tcp://127.0.0.1:{port}",)), "client.secret|public|secret"),
+    (dict(model="random:no-such-preset"), "unknown random preset"),
+])
+async def test_start_up_mistakes_are_found_before_the_weights_load(monkeypatch, tmp_path, fields, error):
+    """A wrong shard address, a max_model_len past the model's context, a keys folder without the client's keys or
+    an unknown model fail at once: the weights (minutes of loading for a large model) are not touched first."""
+    import fastdecode.actors.cluster as cluster
+    from daemons import free_port
+
+    from fastdecode.actors.cluster import Cluster
+    from fastdecode.actors.executor_config import ExecutorConfig
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded first")
+
+    monkeypatch.setattr(cluster, "load_model", no_load)
+    port = free_port()
+    values = {key: (tuple(a.format(port=port) for a in value) if key == "shard_addresses"
+                    else ExecutorConfig(**value) if key == "executor"
+                    else value.format(tmp=tmp_path) if isinstance(value, str) else value)
+              for key, value in fields.items()}
+    config = ClusterConfig(**{"model": "random:tiny", "device": "cpu", **values})
+    with pytest.raises(Exception, match=error):
+        await Cluster.start(config)
