@@ -12,6 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """A test skipped without CUDA is a ``cuda`` test (``pytest -m cuda`` on a GPU host runs every one of them),
+    whether it carries the marker or only the skip."""
+    for item in items:
+        if any("CUDA" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module's torch work on one thread (restored afterwards).
