@@ -9,11 +9,10 @@ then run one decode step over the mini-batches and sample. Prefills share a step
 token budget with its decodes: a long prompt is prefilled in chunks over several
 steps (``chunked_prefill``) while the running sequences go on decoding.
 
-KV nodes fail and come back (``GuardedNode``, ``Reconnector``): at each step
-boundary a failed or draining node leaves the scheduler and the sequences it
-held are requeued; they are rebuilt on surviving nodes by prefilling prompt plus
-the tokens already generated, so their streams go on with no token duplicated or
-missing. Rows of a node that failed during a decode step are dropped from that
+KV nodes fail and come back (``NodeBook``): at each step boundary a failed or
+draining node leaves the scheduler and the sequences it held are requeued; they
+are rebuilt on surviving nodes by prefilling prompt plus the tokens already
+generated, so their streams go on with no token duplicated or missing. Rows of a node that failed during a decode step are dropped from that
 step's sampling and decoded again once rebuilt; rows of the other nodes complete
 normally. A node that returns is a new epoch and is used again. A draining node
 that no other node can relieve keeps serving its sequences (``node_drain``). With
@@ -36,10 +35,11 @@ from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
-from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError, NodeState, free_leftovers
+from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError
 from fastdecode.actors.kv_nodes import KVNode, node_model
-from fastdecode.actors.node_drain import no_live_node_error, retire_nodes
-from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector, reopen
+from fastdecode.actors.node_book import NodeBook
+from fastdecode.actors.node_drain import no_live_node_error
+from fastdecode.actors.recovery import Backoff, NodeFactory
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator, sample
@@ -67,12 +67,16 @@ class Executor:
         if node_factories is not None and len(node_factories) != len(nodes):
             raise ValueError("give one node factory (or None) per node")
         self.model = model
-        self.nodes: list[GuardedNode] = [GuardedNode(node, epoch=1) for node in nodes]
+        self._wakeup = asyncio.Event()
+        self.kv_bytes_per_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
+        self.node_book = NodeBook(nodes, node_factories or [None] * len(nodes), backoff=reconnect_backoff,
+                                  on_ready=self._wakeup.set, num_layers=model.config.num_layers,
+                                  kv_bytes_per_token=self.kv_bytes_per_token)
+        self.nodes = self.node_book.nodes
         self.config = config
         self.max_model_len = config.max_len_for(model.config.max_position_embeddings)
         self.eos_token_ids = frozenset(eos_token_ids)
         self._eos_tuple = tuple(self.eos_token_ids)
-        self.kv_bytes_per_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
         self.trace = trace
         self.gpu_model = gpu_model
         self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
@@ -88,7 +92,6 @@ class Executor:
         # delaying it; before a step that runs to its end (layer by layer over the shards, or on the CPU),
         # which would hold them for all of it
         self._pending_events: list[tuple[Sequence, TokenEvent]] = []
-        self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.num_steps = 0
         self.last_step_s = 0.0
@@ -96,9 +99,6 @@ class Executor:
         self.num_preempted = 0  # sequences whose KV was dropped for room (planned, or refused by a node)
         self.is_draining = False
         self.is_stopped = False  # stop() began: no request is taken any more
-        self._reconnector = Reconnector(node_factories or [None] * len(nodes), on_ready=self._wakeup.set,
-                                        backoff=reconnect_backoff)
-        self._orphans: dict[int, set[int]] = {}  # node index -> sequences a lost epoch of it may still hold
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -148,7 +148,7 @@ class Executor:
             except asyncio.CancelledError:
                 pass  # the loop was cancelled on purpose
             self._task = None
-        await self._reconnector.close()
+        await self.node_book.close()
         self._emit_pending()
         for seq in list(self._sequences.values()):
             seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
@@ -272,21 +272,14 @@ class Executor:
         return node.can_attend and node.epoch == seq.node_epoch
 
     async def _release(self, seq: Sequence) -> None:
-        """Free the sequence's KV on its node, if it holds any. KV on a dead node is remembered as an
-        orphan of that node, freed if the same shard comes back; an older epoch's KV is never sent to a newer one.
-        A prefill under way (chunked) is dropped with its K/V so far."""
+        """Free the sequence's KV on its node, if it holds any (``NodeBook.release``); a prefill under way (chunked)
+        is dropped with its K/V so far."""
         self.prefills.drop(seq.seq_id)
         if seq.status is not SeqStatus.RUNNING:
             return
         node_index, seq.node_index = seq.node_index, None
         seq.status = SeqStatus.WAITING
-        node = self.nodes[node_index]
-        if node.epoch != seq.node_epoch:
-            return
-        try:
-            await free_leftovers(node, [seq.seq_id])  # a prompt refused half-way may have left nothing
-        except NodeFailedError:
-            self._orphans.setdefault(node_index, set()).add(seq.seq_id)
+        await self.node_book.release(seq.seq_id, node_index, seq.node_epoch)
 
     async def _finish(self, seq: Sequence, event: TokenEvent, *, is_counted: bool) -> None:
         """Leave the batch: forget it in the scheduler, free KV at once, tell the stream."""
@@ -317,55 +310,17 @@ class Executor:
 
     # ---- failed, draining and returning nodes -------------------------------------------------
     async def _apply_node_changes(self) -> None:
-        """At a step boundary: find draining nodes, retire failed ones (or keep a draining one serving), take back
-        returned ones, keep the scheduler in step."""
-        for node in self.nodes:
-            node.refresh()
-        retired = retire_nodes(self.nodes, self.scheduler.nodes, (s.node_index for s in self._sequences.values()))
-        for index in retired:
-            self._reconnector.watch(index)
-            if self.nodes[index].state is NodeState.DEAD:
-                await self.nodes[index].close()  # stop its heartbeats; the reconnect makes a new client
-        for index, fresh in self._reconnector.take_ready():
-            await self._restore(index, fresh)
-        for index in sorted(self.scheduler.nodes):
-            if self.nodes[index].is_kept:
-                self.scheduler.close_node(index)  # it serves what it holds; admissions go elsewhere or wait
-            if not self.nodes[index].can_attend and len(self.scheduler.nodes) > 1:
-                for preemption in self.scheduler.remove_node(index):
-                    await self._requeue(self._sequences[preemption.seq_id])
-        for index in retired:  # a drained node, its sequences freed above: its daemon stops, so its client goes
-            if self.nodes[index].state is NodeState.DRAINING and index not in self.scheduler.nodes:
-                await self.nodes[index].close()
+        """At a step boundary: follow the nodes (``NodeBook.follow``); with none left that attends, fail what runs."""
+        await self.node_book.follow(self.scheduler, (s.node_index for s in self._sequences.values()), self._requeue)
         if not any(self.nodes[i].can_attend for i in self.scheduler.nodes) and self._sequences:
             reasons = "; ".join(f"{n.node_id}: {n.failure}" for n in self.nodes)
             await self._fail_all(f"no KV node is left ({reasons})", is_retryable=True)
 
-    async def _requeue(self, seq: Sequence) -> None:
-        """The scheduler requeued ``seq`` off a failed or draining node: drop its KV there, rebuild it later."""
+    async def _requeue(self, seq_id: int) -> None:
+        """The scheduler requeued a sequence off a failed or draining node: drop its KV there, rebuild it later."""
+        seq = self._sequences[seq_id]
         await self._release(seq)
         seq.is_recovering = True
-
-    async def _restore(self, index: int, fresh: KVNode) -> None:
-        """Node ``index`` came back: a new epoch; free what an older epoch may have left; schedule on it again."""
-        old = self.nodes[index]
-        stats = await reopen(index, fresh, sorted(self._orphans.get(index, set())))
-        if stats is None:  # it failed again at once: keep trying
-            self._reconnector.watch(index)
-            return
-        self._orphans.pop(index, None)
-        node = GuardedNode(fresh, epoch=old.epoch + 1)
-        self.nodes[index] = node
-        if old.state is NodeState.DRAINING:
-            await old.close()
-        model = node_model(index, stats, num_layers=self.model.config.num_layers,
-                           kv_bytes_per_token=self.kv_bytes_per_token)
-        if index in self.scheduler.nodes:  # the last node, never removed: closed while it drained, its model old
-            for preemption in self.scheduler.replace_node(model):
-                await self._requeue(self._sequences[preemption.seq_id])
-        else:
-            self.scheduler.add_node(model)
-        log.info("KV node %d (%s) is back as epoch %d", index, node.node_id, node.epoch)
 
     # ---- preemption and prefill --------------------------------------------------------------
     async def _preempt(self, seq: Sequence, node_index: int) -> None:

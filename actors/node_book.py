@@ -1,0 +1,92 @@
+"""The Executor's KV nodes over their lives: failed, draining and returning ones, at step boundaries.
+
+``NodeBook`` holds the guarded nodes (the list the decode step reads too), their reconnects and what a
+lost epoch of a node may still hold. At each step boundary (``follow``) it notices what the heartbeats
+told, retires failed nodes and drained ones (or keeps a draining one serving when no other node could
+take its sequences: ``node_drain``), takes back nodes that returned as a new epoch, and keeps the
+scheduler's node set in step; sequences that must leave a node go back to the Executor (``requeue``),
+which rebuilds them elsewhere. KV of a dead node is remembered and freed if the same shard returns; an
+older epoch's KV is never sent to a newer one.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from fastdecode.actors.guarded_node import GuardedNode, NodeFailedError, NodeState, free_leftovers
+from fastdecode.actors.kv_nodes import KVNode, node_model
+from fastdecode.actors.node_drain import retire_nodes
+from fastdecode.actors.recovery import Backoff, NodeFactory, Reconnector, reopen
+from fastdecode.scheduler import Scheduler
+
+log = logging.getLogger("fastdecode.executor")
+
+
+class NodeBook:
+    def __init__(self, nodes: list[KVNode], factories: list[NodeFactory | None], *, backoff: Backoff,
+                 on_ready: Callable[[], None], num_layers: int, kv_bytes_per_token: int) -> None:
+        self.nodes: list[GuardedNode] = [GuardedNode(node, epoch=1) for node in nodes]
+        self._reconnector = Reconnector(factories, on_ready=on_ready, backoff=backoff)
+        self._orphans: dict[int, set[int]] = {}  # node index -> sequences a lost epoch of it may still hold
+        self._num_layers = num_layers
+        self._kv_bytes_per_token = kv_bytes_per_token
+
+    async def release(self, seq_id: int, node_index: int, epoch: int) -> None:
+        """Free a sequence's KV on the node it was placed on in ``epoch``: nothing on a newer epoch; remembered as an
+        orphan of a node that is dead now."""
+        node = self.nodes[node_index]
+        if node.epoch != epoch:
+            return
+        try:
+            await free_leftovers(node, [seq_id])  # a prompt refused half-way may have left nothing
+        except NodeFailedError:
+            self._orphans.setdefault(node_index, set()).add(seq_id)
+
+    async def follow(self, scheduler: Scheduler, placed_on: Iterable[int | None],
+                     requeue: Callable[[int], Awaitable[None]]) -> None:
+        """At a step boundary: find draining nodes, retire failed ones (or keep a draining one serving), take back
+        returned ones, keep the scheduler in step. ``placed_on``: the node index of each live sequence (None: not
+        placed); ``requeue(seq_id)``: a sequence the scheduler took off a node, to rebuild elsewhere."""
+        for node in self.nodes:
+            node.refresh()
+        retired = retire_nodes(self.nodes, scheduler.nodes, placed_on)
+        for index in retired:
+            self._reconnector.watch(index)
+            if self.nodes[index].state is NodeState.DEAD:
+                await self.nodes[index].close()  # stop its heartbeats; the reconnect makes a new client
+        for index, fresh in self._reconnector.take_ready():
+            await self._restore(scheduler, index, fresh, requeue)
+        for index in sorted(scheduler.nodes):
+            if self.nodes[index].is_kept:
+                scheduler.close_node(index)  # it serves what it holds; admissions go elsewhere or wait
+            if not self.nodes[index].can_attend and len(scheduler.nodes) > 1:
+                for preemption in scheduler.remove_node(index):
+                    await requeue(preemption.seq_id)
+        for index in retired:  # a drained node, its sequences freed above: its daemon stops, so its client goes
+            if self.nodes[index].state is NodeState.DRAINING and index not in scheduler.nodes:
+                await self.nodes[index].close()
+
+    async def _restore(self, scheduler: Scheduler, index: int, fresh: KVNode,
+                       requeue: Callable[[int], Awaitable[None]]) -> None:
+        """Node ``index`` came back: a new epoch; free what an older epoch may have left; schedule on it again."""
+        old = self.nodes[index]
+        stats = await reopen(index, fresh, sorted(self._orphans.get(index, set())))
+        if stats is None:  # it failed again at once: keep trying
+            self._reconnector.watch(index)
+            return
+        self._orphans.pop(index, None)
+        node = GuardedNode(fresh, epoch=old.epoch + 1)
+        self.nodes[index] = node
+        if old.state is NodeState.DRAINING:
+            await old.close()
+        model = node_model(index, stats, num_layers=self._num_layers, kv_bytes_per_token=self._kv_bytes_per_token)
+        if index in scheduler.nodes:  # the last node, never removed: closed while it drained, its model old
+            for preemption in scheduler.replace_node(model):
+                await requeue(preemption.seq_id)
+        else:
+            scheduler.add_node(model)
+        log.info("KV node %d (%s) is back as epoch %d", index, node.node_id, node.epoch)
+
+    async def close(self) -> None:
+        """Stop the reconnects (the nodes themselves are their owner's to close)."""
+        await self._reconnector.close()
