@@ -34,6 +34,7 @@ from jinja2 import TemplateError
 
 from fastdecode.actors.api import AsyncLLM, StreamOutput, SubmittedStream
 from fastdecode.actors.executor import QueueFullError, UnavailableError
+from fastdecode.actors.executor_config import check_prompt
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
@@ -227,14 +228,14 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         raise bad_request(f"the request asks for {num_choices} choices ({request.num_prompts} prompt(s) x n="
                           f"{num_samples}); this server queues at most {max_num_choices} (--max-queue)",
                           "n" if num_samples > 1 else "prompt")
+    _check_logit_bias_size(llm, request)
     defaults = llm.model_config.sampling_defaults
     submissions = []  # (prompt index, prompt ids, params, echoed text) per choice, in choice order
     for prompt_index, one in enumerate(request.per_prompt()):
         prompt_ids = await prompt_token_ids(llm, one)
-        echo_text = await _echo_text(llm, one, prompt_ids) if request.is_echo else None
-        submissions += [(prompt_index, prompt_ids, one.sampling_params(len(prompt_ids), llm.max_model_len, defaults,
-                                                                       sample_index=i), echo_text)
-                        for i in range(num_samples)]
+        samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults)
+        echo_text = await _echo_text(llm, one, prompt_ids, samples_params[0]) if request.is_echo else None
+        submissions += [(prompt_index, prompt_ids, params, echo_text) for params in samples_params]
     streams: list[AsyncIterator[StreamOutput]] = []
     try:
         generations = []
@@ -272,11 +273,25 @@ async def json_response(build: Callable[[], dict[str, Any]], *, num_tokens: int)
     return web.json_response(text=await asyncio.to_thread(lambda: json.dumps(build())))
 
 
-async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[int]) -> str:
+def _check_logit_bias_size(llm: AsyncLLM, request: GenerateRequest) -> None:
+    """A logit_bias of more entries than the vocabulary has tokens names one outside it, which submission refuses
+    (``check_prompt``): refused before it is sorted and checked, which takes a tenth of a second per 150k entries."""
+    num_biased = len(request.sampling.get("logit_bias") or ())
+    if num_biased and num_biased > llm.model_config.vocab_size:
+        raise bad_request(f"logit_bias has {num_biased} entries, more than this model's vocabulary of "
+                          f"{llm.model_config.vocab_size} tokens", "logit_bias")
+
+
+async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[int], params: SamplingParams) -> str:
     """The text an echo repeats: the prompt as given, or its token ids decoded with their special tokens (vLLM's:
-    the echoed logprobs name each token, so the text holds every one of them)."""
+    the echoed logprobs name each token, so the text holds every one of them).  The ids are checked first as their
+    submission checks them, for the same 400 (the tokenizer fails on one outside 32 bits)."""
     if isinstance(request.prompt, str):
         return request.prompt
+    try:
+        check_prompt(prompt_ids, llm.model_config.vocab_size, llm.max_model_len, params)
+    except RequestError as exc:
+        raise admission_error(exc) or exc from None
     return await asyncio.to_thread(functools.partial(llm.tokenizer.decode, skip_special_tokens=False),
                                    list(prompt_ids))
 

@@ -24,6 +24,10 @@ MAX_LOGPROBS = 20
 LARGE_BODY_BYTES = 1 << 20  # bodies from this size are decoded and checked off the event loop
 T = TypeVar("T")
 MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an int64 (vLLM bounds seed so)
+# a request's stop strings, every one searched for at every token on the event loop (100k of them took 83 ms a token);
+# vLLM has no limit, OpenAI takes 4, TGI 4 by default
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 16384  # their characters in all
 
 # vLLM/OpenAI fields this server does not implement -> the values that change nothing; any other value is
 # refused rather than silently ignored
@@ -89,13 +93,12 @@ class GenerateRequest:
         return [dataclasses.replace(self, prompt=p, prompts=()) for p in self.prompts] or [self]
 
     def sampling_params(self, num_prompt_tokens: int, max_model_len: int,
-                        defaults: SamplingDefaults | None = None, *, sample_index: int = 0) -> SamplingParams:
+                        defaults: SamplingDefaults | None = None) -> SamplingParams:
         """The engine's parameters, checking that prompt plus output fit the context; ``defaults`` (the
         model's generation config) fill the sampling fields the request left out, and a left-out output
-        limit, as in vLLM.  Sample ``sample_index`` of n takes ``seed + sample_index`` (vLLM's parallel
-        sampling), so each sample is the single request with that seed.  An echo with ``max_tokens`` 0 generates
-        one token, which the response leaves out (vLLM's echo without generation); an echo with logprobs asks for
-        the prompt's too, as many top ones as ``logprobs`` unless ``prompt_logprobs`` says (vLLM's)."""
+        limit, as in vLLM.  An echo with ``max_tokens`` 0 generates one token, which the response leaves out (vLLM's
+        echo without generation); an echo with logprobs asks for the prompt's too, as many top ones as ``logprobs``
+        unless ``prompt_logprobs`` says (vLLM's)."""
         defaults = defaults or SamplingDefaults()
         room = max_model_len - num_prompt_tokens
         if room < 1:
@@ -114,8 +117,6 @@ class GenerateRequest:
         if self.max_tokens == 0 and self.sampling.get("min_tokens"):  # not the 1 generated behind the echo
             raise bad_request(f"min_tokens ({self.sampling['min_tokens']}) must not exceed max_tokens (0)",
                               "min_tokens")
-        if fields.get("seed") is not None:
-            fields["seed"] += sample_index
         prompt_logprobs = self.num_prompt_logprobs
         if prompt_logprobs is None and self.is_echo:
             prompt_logprobs = self.num_logprobs
@@ -124,6 +125,16 @@ class GenerateRequest:
                                   **fields)
         except RequestError as exc:
             raise bad_request(str(exc), exc.param) from None
+
+    def samples_params(self, num_prompt_tokens: int, max_model_len: int,
+                       defaults: SamplingDefaults | None = None) -> list[SamplingParams]:
+        """``sampling_params`` of each of the n samples: sample i takes ``seed + i`` (vLLM's parallel sampling), so
+        each sample is the single request with that seed.  Made and checked once, the samples differing in their
+        seeds alone: a logit_bias over much of the vocabulary takes a tenth of a second to sort and check."""
+        params = self.sampling_params(num_prompt_tokens, max_model_len, defaults)
+        if params.seed is None:
+            return [params] * self.num_samples
+        return [params.with_seed(params.seed + index) for index in range(self.num_samples)]
 
 
 def decode_body(raw: bytes | str) -> dict[str, Any]:
@@ -150,10 +161,7 @@ async def parse_body(raw: bytes | str, parse: Callable[[dict[str, Any]], T]) -> 
 def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     """``POST /v1/completions``."""
     _refuse_unsupported(body)
-    is_echo = boolean_field(body, "echo")
-    if body.get("suffix") is not None:
-        raise bad_request("suffix is not supported", "suffix")
-    _check_response_format(body)
+    is_echo = _completion_echo(body)
     prompts = _prompts(body.get("prompt"))
     is_stream = boolean_field(body, "stream")
     return GenerateRequest(
@@ -171,20 +179,16 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
 def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     """``POST /v1/chat/completions``."""
     _refuse_unsupported(body, is_chat=True)
-    tools = _check_tools(body)
-    _check_response_format(body)
-    template_kwargs = {"tools": tools, **template_kwargs_field(body)} if tools else template_kwargs_field(body)
+    template_kwargs = _chat_template_kwargs(body)
     num_logprobs = None
     if boolean_field(body, "logprobs"):
         num_logprobs = _logprobs_count(body, "top_logprobs") or 0
     elif body.get("top_logprobs") is not None:
         raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
     is_stream = boolean_field(body, "stream")
-    limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return GenerateRequest(
         model=model_field(body), messages=parse_messages(body.get("messages")), num_samples=_num_samples(body),
-        sampling=_sampling(body),
-        max_tokens=_max_tokens(body, default=None, name=limit_name),
+        sampling=_sampling(body), max_tokens=_chat_max_tokens(body),
         num_logprobs=num_logprobs, num_prompt_logprobs=_prompt_logprobs(body, is_stream), is_stream=is_stream,
         is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
@@ -194,7 +198,9 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
 
 
 def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
-    """The one JSON message of a ``/v1/stream`` WebSocket: ``prompt`` or ``messages`` plus sampling fields."""
+    """The one JSON message of a ``/v1/stream`` WebSocket: ``prompt`` or ``messages`` plus sampling fields, a prompt's
+    checked as ``/v1/completions`` checks them and messages' as the chat route's (``max_completion_tokens``, tools,
+    response_format).  A prompt's ``echo`` is refused: the token messages have no place for the prompt's text."""
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
     _refuse_unsupported(body, is_chat=has_messages)
     _prompt_logprobs(body, is_stream=True)
@@ -202,14 +208,17 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
         raise bad_request("give exactly one of prompt and messages")
     if _num_samples(body) != 1:
         raise bad_request("n must be 1 on the WebSocket stream (one choice per socket)", "n")
+    if has_prompt and _completion_echo(body):
+        raise bad_request("echo is not supported on the WebSocket stream", "echo")
     return GenerateRequest(
         model=model_field(body),
         prompt=_one_prompt(body["prompt"]) if has_prompt else None,
         messages=parse_messages(body["messages"]) if has_messages else None,
-        sampling=_sampling(body), max_tokens=_max_tokens(body, default=None),
+        sampling=_sampling(body),
+        max_tokens=_chat_max_tokens(body) if has_messages else _max_tokens(body, default=None),
         num_logprobs=_logprobs_count(body, "logprobs"), is_stream=True,
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
-        chat_template_kwargs=template_kwargs_field(body) if has_messages else {},
+        chat_template_kwargs=_chat_template_kwargs(body) if has_messages else {},
     )
 
 
@@ -219,6 +228,24 @@ def _refuse_unsupported(body: dict[str, Any], *, is_chat: bool = False) -> None:
     for name, harmless in unsupported.items():
         if body.get(name) not in harmless:
             raise bad_request(f"{name} is not supported", name)
+
+
+def _completion_echo(body: dict[str, Any]) -> bool:
+    """The completions ``echo``, checking the fields only completions take (``suffix``, refused) and
+    ``response_format``."""
+    is_echo = boolean_field(body, "echo")
+    if body.get("suffix") is not None:
+        raise bad_request("suffix is not supported", "suffix")
+    _check_response_format(body)
+    return is_echo
+
+
+def _chat_template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """The variables a chat's template gets (``tools`` among them, where given), checking the fields only chat
+    takes (``tools``, ``tool_choice``) and ``response_format``."""
+    tools = _check_tools(body)
+    _check_response_format(body)
+    return {"tools": tools, **template_kwargs_field(body)} if tools else template_kwargs_field(body)
 
 
 def _check_tools(body: dict[str, Any]) -> list[Any] | None:
@@ -358,6 +385,13 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise bad_request("stop must be a non-empty string or a list of them", "stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop has {len(stop)} strings: at most {MAX_STOP_STRINGS} stop strings are allowed",
+                              "stop")
+        num_chars = sum(len(s) for s in stop)
+        if num_chars > MAX_STOP_CHARS:
+            raise bad_request(f"stop has {num_chars} characters in all: at most {MAX_STOP_CHARS} characters are "
+                              "allowed", "stop")
         fields["stop"] = tuple(stop)
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is not None:
@@ -381,6 +415,13 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
             raise bad_request(f"logit_bias values must be numbers, got {shown(bias)}", "logit_bias")
         biases[int(key)] = bias
     return biases
+
+
+def _chat_max_tokens(body: dict[str, Any]) -> int | None:
+    """Chat's output limit: ``max_completion_tokens`` (OpenAI's newer name) where given, else ``max_tokens``; None
+    (up to the end of the context) when neither is."""
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return _max_tokens(body, default=None, name=name)
 
 
 def _max_tokens(body: dict[str, Any], *, default: int | None, name: str = "max_tokens",

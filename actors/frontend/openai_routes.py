@@ -10,6 +10,7 @@ from aiohttp import web
 
 from fastdecode.actors.api import StreamOutput
 from fastdecode.actors.frontend.generation import (
+    LARGE_RESPONSE_TOKENS,
     Generation,
     generation_error,
     interleaved,
@@ -116,8 +117,16 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                 if not out.text and out.finish_reason is None and not builder.wants_logprobs and index not in echo_left:
                     continue  # half a character: nothing to show yet
                 echo_text = echo_left.pop(index, None)
-                chunk = builder.chunk(out, index=index, echo_text=echo_text, prompt_ids=generation.prompt_ids)
-                await events.send(_with_usage(chunk, body, generation, num_sent[index]))
+
+                def build() -> dict[str, Any]:  # called (or awaited) before the next output is taken
+                    chunk = builder.chunk(out, index=index, echo_text=echo_text, prompt_ids=generation.prompt_ids)
+                    return _with_usage(chunk, body, generation, num_sent[index])
+
+                # an echo's first chunk shows every prompt token: over many, built off the loop (as json_response)
+                if echo_text is not None and len(generation.prompt_ids) > LARGE_RESPONSE_TOKENS:
+                    await events.send_built(build)
+                else:
+                    await events.send(build())
         if body.is_usage_streamed and not is_failed:
             await events.send(builder.usage_chunk(total_usage(generations)))
         await events.done()

@@ -1,7 +1,9 @@
 """Server-sent events: one ``data: <json>`` event per chunk, ending with ``data: [DONE]``."""
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,9 +26,18 @@ class EventStream:
         return cls(response)
 
     async def send(self, data: dict[str, Any]) -> None:
-        line = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        await self.response.write(f"data: {line}\n\n".encode("utf-8"))
+        await self.response.write(_event(data))
+
+    async def send_built(self, build: Callable[[], dict[str, Any]]) -> None:
+        """``build()`` as the next event, built and serialized on a worker thread: a chunk over a long prompt (an
+        echo's text and logprobs) took as long as a whole response over as many tokens, on the event loop."""
+        await self.response.write(await asyncio.to_thread(lambda: _event(build())))
 
     async def done(self) -> None:
         await self.response.write(b"data: [DONE]\n\n")
         await self.response.write_eof()
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    line = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {line}\n\n".encode("utf-8")

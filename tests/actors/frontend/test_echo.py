@@ -75,3 +75,19 @@ async def test_min_tokens_with_max_tokens_0_names_the_limit_the_request_gave(ope
                                                extra_body={"min_tokens": 5})
     assert caught.value.body["param"] == "min_tokens"
     assert "min_tokens (5) must not exceed max_tokens (0)" in caught.value.body["message"]
+
+
+@pytest.mark.parametrize("token_id", [-1, "vocab", 2**32], ids=["negative", "vocab-size", "past-32-bits"])
+async def test_echoed_token_ids_outside_the_vocabulary_are_the_400_they_are_without_echo(openai_client, tiny_model,
+                                                                                          token_id):
+    """The echo decoded the ids before the engine checked them: the tokenizer's OverflowError on -1 was a 500."""
+    openai = pytest.importorskip("openai")
+    vocab_size = tiny_model[0].config.vocab_size
+    prompt = [1, vocab_size if token_id == "vocab" else token_id]
+    errors = []
+    for echo in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await openai_client.completions.create(model="tiny", prompt=prompt, echo=echo, max_tokens=1)
+        errors.append(caught.value.body)
+    assert errors[0] == errors[1]
+    assert errors[1]["param"] == "prompt" and f"[0, {vocab_size})" in errors[1]["message"]

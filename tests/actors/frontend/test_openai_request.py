@@ -9,6 +9,8 @@ import pytest
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.openai_request import (
     LARGE_BODY_BYTES,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
     decode_body,
     parse_body,
     parse_chat,
@@ -178,11 +180,11 @@ def test_a_list_of_prompts_and_n_choices():
     batch = parse_completion({"prompt": ["a", [5, 6]], "n": 3, "best_of": 3, "seed": 40, "temperature": 0.5})
     assert (batch.prompt, batch.prompts, batch.num_prompts, batch.num_samples) == (None, ("a", (5, 6)), 2, 3)
     assert [one.prompt for one in batch.per_prompt()] == ["a", (5, 6)]
-    assert [batch.sampling_params(2, 100, sample_index=i).seed for i in range(3)] == [40, 41, 42]
+    assert [params.seed for params in batch.samples_params(2, 100)] == [40, 41, 42]
     assert parse_completion({"prompt": ["a"]}).per_prompt()[0].prompt == "a"  # a batch of one is one prompt
     assert parse_completion({"prompt": [[5, 6]]}).prompt == (5, 6)
     unseeded = parse_completion({"prompt": "a", "n": 2})
-    assert unseeded.sampling_params(2, 100, sample_index=1).seed is None and unseeded.num_prompts == 1
+    assert [params.seed for params in unseeded.samples_params(2, 100)] == [None, None] and unseeded.num_prompts == 1
     assert parse_chat({"messages": [{"role": "user", "content": "a"}], "n": 4}).num_samples == 4
     with pytest.raises(ApiError) as refused:
         parse_stream_request({"prompt": "a", "n": 2})
@@ -213,3 +215,74 @@ async def test_a_large_body_is_decoded_and_checked_off_the_event_loop():
     assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
     with pytest.raises(ApiError, match="nested too deeply"):
         await parse_body('{"a": ' * 100000 + "1" + "}" * 100000, parse)
+
+
+PARSERS = [lambda b: parse_completion({"prompt": "a", **b}), lambda b: parse_chat({"messages": CHAT, **b}),
+           lambda b: parse_stream_request({"prompt": "a", **b})]
+
+
+@pytest.mark.parametrize("parse", PARSERS, ids=["completions", "chat", "websocket"])
+def test_stop_strings_are_limited_in_number_and_length(parse):
+    """Every stop string is searched for at every token, on the event loop: 100k of them took 83 ms a token."""
+    most = ["s"] * MAX_STOP_STRINGS
+    assert parse({"stop": most}).sampling["stop"] == tuple(most)
+    longest = ["a" * (MAX_STOP_CHARS // 2), "b" * (MAX_STOP_CHARS - MAX_STOP_CHARS // 2)]
+    assert parse({"stop": longest}).sampling["stop"] == tuple(longest)
+    for stop, fragment in ([*most, "s"], f"at most {MAX_STOP_STRINGS} stop strings"), \
+                          ([*longest[:-1], longest[-1] + "b"], f"at most {MAX_STOP_CHARS} characters"), \
+                          ("c" * (MAX_STOP_CHARS + 1), f"at most {MAX_STOP_CHARS} characters"):
+        with pytest.raises(ApiError) as refused:
+            parse({"stop": stop})
+        assert (refused.value.status, refused.value.param) == (400, "stop")
+        assert fragment in refused.value.message
+
+
+def test_samples_params_checks_the_logit_bias_once(monkeypatch):
+    from fastdecode.actors import request as request_module
+
+    biases_checked = []
+    bias_pairs = request_module._bias_pairs
+    monkeypatch.setattr(request_module, "_bias_pairs", lambda value: biases_checked.append(value) or bias_pairs(value))
+    request = parse_completion({"prompt": "a", "n": 5, "seed": 3, "logit_bias": {"4": 2, "1": -1}})
+    samples = request.samples_params(2, 100)
+    assert [params.seed for params in samples] == [3, 4, 5, 6, 7]
+    assert all(params.logit_bias == ((1, -1.0), (4, 2.0)) for params in samples)
+    assert [value for value in biases_checked if value] == [{4: 2, 1: -1}]
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "suffix": "b"}, "suffix"),
+    ({"prompt": "a", "echo": True}, "echo"),  # no place for the prompt's text in the token messages
+    ({"prompt": "a", "echo": 1}, "echo"),
+    ({"prompt": "a", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": CHAT, "tools": TOOLS}, "tools"),
+    ({"messages": CHAT, "tools": []}, "tools"),
+    ({"messages": CHAT, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+])
+def test_the_stream_request_refuses_what_the_http_routes_refuse(body, param):
+    """The WebSocket took these silently: a json_object format, tool calls, a suffix and an echo were ignored."""
+    with pytest.raises(ApiError) as refused:
+        parse_stream_request(body)
+    assert (refused.value.status, refused.value.param) == (400, param)
+    if param not in ("echo", "max_completion_tokens"):  # completions honour echo; chat says max_completion_tokens
+        http_parse = parse_completion if "prompt" in body else parse_chat
+        with pytest.raises(ApiError) as http_refused:
+            http_parse(body)
+        assert http_refused.value.message == refused.value.message
+
+
+def test_the_stream_request_takes_chat_fields_as_the_chat_route_does():
+    chat = {"messages": CHAT, "max_completion_tokens": 5, "max_tokens": 9, "tools": TOOLS, "tool_choice": "none",
+            "response_format": {"type": "text"}}
+    request = parse_stream_request(chat)
+    assert request.max_tokens == parse_chat(chat).max_tokens == 5  # OpenAI's newer name wins, as on the chat route
+    assert request.chat_template_kwargs == parse_chat(chat).chat_template_kwargs == {"tools": TOOLS}
+    assert parse_stream_request({"messages": CHAT, "max_tokens": 9}).max_tokens == 9
+    # a prompt has no template: tools are not a completions field, as /v1/completions leaves them alone
+    prompt = parse_stream_request({"prompt": "a", "max_tokens": 4, "echo": False, "suffix": None, "tools": TOOLS})
+    assert (prompt.max_tokens, prompt.is_echo, prompt.chat_template_kwargs) == (4, False, {})

@@ -56,6 +56,13 @@ async def test_chat_messages_and_logprobs(tiny_server, tiny_model):
     (json.dumps({"prompt": "x", "model": "other"}), "does not exist"),
     ('{"prompt": "x", "temperature": 1' + "0" * 400 + "}", "temperature must be a finite number"),
     (json.dumps({"prompt": "x", "guided_regex": "a+"}), "guided_regex is not supported"),
+    # what the HTTP routes refuse, the WebSocket took and ignored
+    (json.dumps({"prompt": "x", "suffix": "y"}), "suffix is not supported"),
+    (json.dumps({"prompt": "x", "echo": True}), "echo is not supported"),
+    (json.dumps({"prompt": "x", "response_format": {"type": "json_object"}}), "only the text response_format"),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}),
+     "tools are not supported"),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"}), "`tools` must be set"),
 ])
 async def test_bad_request_gets_an_error_message(tiny_server, request_text, fragment):
     async with connect(tiny_server.ws_url, additional_headers=AUTH) as ws:
@@ -64,6 +71,14 @@ async def test_bad_request_gets_an_error_message(tiny_server, request_text, frag
     assert len(messages) == 1 and messages[0]["type"] == "error"
     assert fragment in messages[0]["message"]
     assert (await stream(tiny_server.ws_url, {"prompt": "x", "max_tokens": 2}))[-1]["type"] == "done"
+
+
+async def test_chat_messages_take_max_completion_tokens_as_the_chat_route_does(tiny_server):
+    """OpenAI's newer name of the chat output limit was ignored: the stream ran to the end of the context."""
+    chat = [{"role": "user", "content": "Hi"}]
+    messages = await stream(tiny_server.ws_url, {"messages": chat, "max_completion_tokens": 3, "ignore_eos": True})
+    assert [m["type"] for m in messages] == ["token"] * 3 + ["done"]
+    assert (messages[-1]["finish_reason"], messages[-1]["usage"]["completion_tokens"]) == ("length", 3)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["missing", "wrong"])
