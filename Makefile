@@ -9,13 +9,16 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fastdecode-installed
 MODEL ?= smollm2
 NATIVE_SOURCES := $(wildcard native/csrc/*.cpp native/csrc/*.h)
+IS_NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
 
 .PHONY: setup serve test clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c '$(IS_NEW_ENOUGH)' 2>/dev/null || { echo "fastdecode needs Python 3.11 or newer and $(PYTHON) is older or missing: run make PYTHON=python3.11 $(or $(MAKECMDGOALS),setup)" >&2; exit 1; }
+# made again if it has no pip (made before python3-venv was installed) or an older Python (made with another PYTHON)
+	$(PY) -c '$(IS_NEW_ENOUGH)' 2>/dev/null && $(PIP) --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
