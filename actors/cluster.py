@@ -76,6 +76,7 @@ class ClusterConfig:
     # the sampling defaults (vLLM's --generation-config): auto, the model's generation_config.json; vllm, none; or a
     # folder holding the generation_config.json to use
     generation_config: str = "auto"
+    chat_template: str | None = None  # vLLM's --chat-template: Jinja source used instead of the tokenizer's
     heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
     liveness: int = 3
     # a shard whose attend has not answered in this long is dead, though its heartbeats go on (its worker is stuck):
@@ -121,6 +122,8 @@ def _check_field_types(config: ClusterConfig) -> None:
     for name in ("is_tracing", "is_shard_loop_threaded", "is_cuda_graphs", "is_compiled"):
         if not isinstance(getattr(config, name), bool):
             raise TypeError(f"{name} must be a bool, got {getattr(config, name)!r}")
+    if config.chat_template is not None and not isinstance(config.chat_template, str):
+        raise TypeError(f"chat_template must be the template's Jinja source or None, got {config.chat_template!r}")
     if config.mode is not None and not isinstance(config.mode, str):
         raise TypeError(f"mode must be one of {MODES} or None, got {config.mode!r}")
     if config.curve_dir is not None and not isinstance(config.curve_dir, (str, os.PathLike)):
@@ -223,6 +226,8 @@ class Cluster:
             raise
         if defaults is not None:
             model.config = dataclasses.replace(model.config, sampling_defaults=defaults)
+        if config.chat_template is not None:
+            tokenizer = tokenizer.with_chat_template(config.chat_template)
         if config.is_compiled and device.type == "cuda":
             model.compile_dense()
         cfg = model.config

@@ -36,8 +36,8 @@ class OneLineCommand(click.Command):
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn the errors bad input causes (model, request, usage, a shard that does not answer or refuses)
-    into ``OneLineError``."""
+    """Turn the errors bad input causes (model, request, usage, a shard that does not answer or refuses) and
+    file-system errors (a read-only folder, a full disk) into ``OneLineError``."""
     from fastdecode.actors.model.errors import ModelError
     from fastdecode.actors.request import RequestError
     from fastdecode.transport.errors import TransportError
@@ -49,6 +49,8 @@ def one_line_errors() -> Iterator[None]:
         raise OneLineError(message) from None
     except TransportError as exc:
         raise OneLineError(shard_error_message(exc)) from None
+    except OSError as exc:
+        raise OneLineError(str(exc)) from None
 
 
 def shard_error_message(exc: Exception) -> str:

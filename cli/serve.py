@@ -43,10 +43,76 @@ class NameList(click.ParamType):
 
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other names
+SERVED_MODEL_NAME = "--served-model-name"
+JINJA_CHARS = "{}\n"  # vLLM's test: a --chat-template holding one of them is a template, not a file path
 
 
 def _dtype_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return DTYPE_ALIASES.get(value, value)
+
+
+def _served_model_name(ctx: click.Context, param: click.Parameter, names: tuple[str, ...]) -> str | None:
+    """One name: vLLM's further names are aliases a request's "model" may use, which the Frontend does not take."""
+    if len(names) > 1:
+        raise click.BadParameter(
+            f"this server answers to one model name, got {len(names)}: {', '.join(map(repr, names))} (vLLM's "
+            "further names are aliases, not taken here; a MODEL right after the name is read as a name too, as by "
+            "vLLM: give it first or with --model)", ctx, param)
+    return names[0] if names else None
+
+
+def _chat_template(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """vLLM's --chat-template: a file's text, or the template itself when no such file opens and the value holds
+    '{', '}' or a newline; checked to parse here, before the model loads."""
+    from fastdecode.actors.model.errors import ModelError
+    from fastdecode.actors.model.tokenizer import compile_chat_template
+
+    if value is None:
+        return None
+    try:
+        with open(value, encoding="utf-8") as handle:
+            template = handle.read()
+    except OSError as exc:
+        if not any(char in value for char in JINJA_CHARS):
+            raise click.BadParameter(f"{value!r} looks like a file path, but it cannot be opened: "
+                                     f"{exc.strerror or exc}", ctx, param) from None
+        template = value
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{value} is not UTF-8 text: {exc.reason}", ctx, param) from None
+    try:
+        compile_chat_template(template)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return template
+
+
+class ServeCommand(OneLineCommand):
+    """``serve`` and ``start-gpu``: ``--served-model-name`` takes the values up to the next option, as vLLM's
+    (``--served-model-name a b``), so that a second name is not taken for the positional MODEL."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _values_as_repeats(args, SERVED_MODEL_NAME))
+
+
+def _values_as_repeats(args: list[str], option: str) -> list[str]:
+    """``args`` with an option's further values repeated after it: ``--opt a b --x`` is ``--opt a --opt b --x``."""
+    rewritten: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        rewritten.append(arg)
+        index += 1
+        if arg == "--":  # the rest is positional
+            return rewritten + args[index:]
+        if arg == option and index < len(args):
+            rewritten.append(args[index])  # its value, even one that starts with '-'
+            index += 1
+        elif not arg.startswith(option + "="):
+            continue
+        while index < len(args) and not args[index].startswith("-"):
+            rewritten += [option, args[index]]
+            index += 1
+    return rewritten
 
 
 def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,7 +123,9 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--port", default=8000, show_default=True, type=int, help="Port to bind (0: any free one)."),
         click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,
                      help="Bearer key every /v1 request must present."),
-        click.option("--served-model-name", default=None, help="Model id in the API (default: --model)."),
+        click.option(SERVED_MODEL_NAME, multiple=True, callback=_served_model_name,
+                     help="Model id in the API (default: --model); one name (vLLM's further names, aliases, are "
+                          "refused)."),
         click.option("--max-model-len", default=None, type=int, help="Context length (default: the model's)."),
         click.option("--max-num-seqs", default=256, show_default=True, type=int,
                      help="Most sequences decoded together; more wait in the queue."),
@@ -85,7 +153,12 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "auto: on a GPU the checkpoint's half type (float16 stays float16, others bfloat16), "
                           "on a CPU float32."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Weights' seed for random: models."),
+        click.option("--seed", default=0, show_default=True, type=int,
+                     help="Seed of torch's generators, from which requests without their own seed draw (vLLM's), "
+                          "and of the weights of random: models."),
+        click.option("--chat-template", default=None, callback=_chat_template,
+                     help="Chat template used instead of the tokenizer's (vLLM's): a file, or the Jinja template "
+                          "itself."),
         click.option("--generation-config", default="auto", show_default=True,
                      help="Sampling defaults for what a request leaves out (vLLM's): auto, the model's "
                           "generation_config.json; vllm, none; or a folder holding the generation_config.json to use."),
@@ -132,7 +205,7 @@ def _model(ctx: click.Context, model_tag: str | None, model: str) -> str:
 
 def build_config(*, model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
                  max_model_len: int | None, max_num_seqs: int, max_queue: int, dtype: str, device: str, seed: int,
-                 generation_config: str = "auto",
+                 generation_config: str = "auto", chat_template: str | None = None,
                  admission: str = "sls", overcommit: float = 1.0, max_reserved_output: int = 4096,
                  max_num_batched_tokens: int | None = None,
                  is_unpipelined: bool, num_shards: int, shard_addresses: tuple[str, ...],
@@ -160,7 +233,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
         cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, generation_config=generation_config,
                                 num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
-                                executor=executor, curve_dir=curve_dir)
+                                executor=executor, curve_dir=curve_dir, chat_template=chat_template)
         frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None,
                                   allowed_origins=allowed_origins, allowed_methods=allowed_methods,
                                   allowed_headers=allowed_headers, is_credentials_allowed=is_credentials_allowed)
@@ -175,6 +248,8 @@ def run_server(config, *, log_level: str = "info", is_request_log_disabled: bool
     ``is_request_log_disabled``); start-up failures become one line and exit code 2."""
     import logging
 
+    import torch
+
     from fastdecode.actors.frontend import serve
     from fastdecode.actors.frontend.generation import REQUEST_LOGGER
     from fastdecode.transport.event_loop import run_event_loop
@@ -182,6 +257,8 @@ def run_server(config, *, log_level: str = "info", is_request_log_disabled: bool
     configure_logging(log_level)
     if is_request_log_disabled:
         logging.getLogger(REQUEST_LOGGER).setLevel(logging.WARNING)
+    # vLLM's --seed: a request without its own seed draws from torch's default generators (actors/sampling.py)
+    torch.manual_seed(config.cluster.seed)
     model = config.cluster.model
 
     def announce(url: str) -> None:
@@ -197,7 +274,7 @@ def run_server(config, *, log_level: str = "info", is_request_log_disabled: bool
     click.echo("stopped", err=True)
 
 
-@click.command("serve", cls=OneLineCommand)
+@click.command("serve", cls=ServeCommand)
 @_common_options
 @click.option("--shards", "num_shards", default=None, type=int,
               help="In-process KV shards (default 1; 0: single process, KV in torch).")
@@ -221,7 +298,7 @@ def serve_command(ctx: click.Context, num_shards: int | None, shard_addresses: t
                log_level=log_level, is_request_log_disabled=is_request_log_disabled)
 
 
-@click.command("start-gpu", cls=OneLineCommand)
+@click.command("start-gpu", cls=ServeCommand)
 @_common_options
 @click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR", required=True,
               help="A running shard daemon (repeatable; at least one).")

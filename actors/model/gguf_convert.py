@@ -174,7 +174,9 @@ def gguf_tokenizer(reader: Any) -> Any:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Write ``gguf_path`` as a HF folder at ``out_dir`` (atomically; no-op if it exists)."""
+    """Write ``gguf_path`` as a HF folder at ``out_dir`` (atomically; no-op if it exists); ``OSError`` if it
+    cannot write there (a read-only folder, a full disk)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
@@ -189,7 +191,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         write_json(staging / "generation_config.json",
                    {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids)})
         gguf_tokenizer(reader).save(staging)
-        save_file(gguf_tensors(reader, config), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(gguf_tensors(reader, config), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+            raise OSError(f"cannot write {staging / 'model.safetensors'}: {exc}") from None
         try:
             os.rename(staging, out_dir)
         except OSError:

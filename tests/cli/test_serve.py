@@ -39,6 +39,16 @@ def server_configs(monkeypatch) -> list:
     return configs
 
 
+@pytest.fixture
+def torch_rng_restored():
+    """torch's CPU generator as it was (run_server seeds it with --seed)."""
+    import torch
+
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+
+
 def shard_args(command: str) -> list[str]:
     return ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
 
@@ -287,6 +297,7 @@ def test_kv_memory_with_shard_daemons_is_refused_not_ignored():
     assert "start-shard --kv-memory" in refuse("serve", *TINY, "--shard", "tcp://127.0.0.1:5555", "--kv-memory", "1GiB")
 
 
+@pytest.mark.usefixtures("torch_rng_restored")
 def test_disable_log_requests_silences_only_the_request_lines(monkeypatch):
     import logging
 
@@ -299,7 +310,7 @@ def test_disable_log_requests_silences_only_the_request_lines(monkeypatch):
     request_logger, root = logging.getLogger(REQUEST_LOGGER), logging.getLogger()
     monkeypatch.setattr(request_logger, "level", request_logger.level)  # both restored after the test
     monkeypatch.setattr(root, "level", root.level)
-    serve_module.run_server(SimpleNamespace(cluster=SimpleNamespace(model="m")), log_level="info",
+    serve_module.run_server(SimpleNamespace(cluster=SimpleNamespace(model="m", seed=0)), log_level="info",
                             is_request_log_disabled=True)
     assert not request_logger.isEnabledFor(logging.INFO) and logging.getLogger("fastdecode.frontend").isEnabledFor(
         logging.INFO)
@@ -309,3 +320,84 @@ def test_vllms_dtype_names_half_and_float_are_taken(server_configs):
     for name, dtype in (("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
         assert CliRunner().invoke(main, ["serve", "random:tiny", "--dtype", name]).exit_code == 0
         assert server_configs[-1].cluster.dtype == dtype
+
+
+# ---- --chat-template, --served-model-name, --seed ----------------------------------------------------
+BRACKETS_TEMPLATE = "{% for message in messages %}[{{ message.content }}]{% endfor %}"
+
+
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_chat_template_is_a_file_or_the_template_itself(server_configs, command, tmp_path):
+    """vLLM's --chat-template: a file's text, or, when it cannot be opened and holds '{', '}' or a newline, the
+    template itself."""
+    configs, shard = server_configs, shard_args(command)
+    runner = CliRunner()
+    assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
+    assert configs[-1].cluster.chat_template is None  # the tokenizer's own
+    path = tmp_path / "brackets.jinja"
+    path.write_text(BRACKETS_TEMPLATE + "\n", encoding="utf-8")
+    for given, template in ((str(path), BRACKETS_TEMPLATE + "\n"), (BRACKETS_TEMPLATE, BRACKETS_TEMPLATE)):
+        result = runner.invoke(main, [command, *TINY, *shard, "--chat-template", given])
+        assert result.exit_code == 0, result.output
+        assert configs[-1].cluster.chat_template == template
+
+
+def test_a_chat_template_that_cannot_be_used_is_refused_before_the_model_loads(tmp_path):
+    line = refuse("serve", *TINY, "--chat-template", str(tmp_path / "missing.jinja"))
+    assert "--chat-template" in line and "missing.jinja" in line and "No such file" in line
+    assert "does not parse" in refuse("serve", *TINY, "--chat-template", "{% for message in messages %}")
+
+
+def test_chat_template_reaches_the_served_tokenizer():
+    """What /tokenize (and so a chat completion) renders is the --chat-template, not the model's."""
+    with live_server.LiveServer(*live_server.TINY_ARGS, "--shards", "0", "--chat-template", BRACKETS_TEMPLATE) as server:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        request = urllib.request.Request(server.url + "/tokenize", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            tokens = json.loads(response.read())["tokens"]
+    from fastdecode.actors.model import load_model
+
+    _, tokenizer = load_model("random:tiny", dtype="float32", device="cpu")
+    assert tokens == tokenizer.encode("[hi][yo]", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_several_served_model_names_are_refused_naming_the_flag(server_configs, command):
+    """vLLM's --served-model-name takes one or more names (aliases); this server answers to one. A second name
+    used to become the positional MODEL ('unknown model b', or 'give the model once')."""
+    configs, shard = server_configs, shard_args(command)
+    rest = [*TINY[2:], *shard]  # TINY less its --model
+    for args in ([*TINY, *shard, "--served-model-name", "a", "b"], ["random:tiny", *rest, "--served-model-name", "a", "b"],
+                 ["--served-model-name", "a", "b", *rest]):
+        line = refuse(command, *args)
+        assert "--served-model-name" in line and "'a', 'b'" in line, line
+    assert "'a', 'b', 'c'" in refuse(command, *TINY, *shard, "--served-model-name", "a", "b", "c", "--port", "0")
+    result = CliRunner().invoke(main, [command, *TINY, *shard, "--served-model-name", "a"])
+    assert result.exit_code == 0, result.output
+    assert configs[-1].frontend.served_model_name == "a" and configs[-1].cluster.model == "random:tiny"
+    result = CliRunner().invoke(main, [command, "random:tiny", "--served-model-name=a", *rest])
+    assert result.exit_code == 0, result.output
+    assert configs[-1].frontend.served_model_name == "a"
+
+
+@pytest.mark.usefixtures("torch_rng_restored")
+def test_seed_seeds_the_draws_of_requests_without_a_seed(monkeypatch):
+    """vLLM's --seed seeds torch's generators too: a request without a seed draws from the default generator
+    (actors/sampling.py), so a server's sampled tokens repeat from one start to the next, and --seed changes them."""
+    import torch
+
+    import fastdecode.actors.frontend as frontend
+    import fastdecode.cli.serve as serve_module
+
+    draws = []
+
+    async def serve(config, on_ready):
+        draws.append(torch.rand(4))
+
+    monkeypatch.setattr(frontend, "serve", serve)
+    for seed in (5, 5, 6):
+        serve_module.run_server(SimpleNamespace(cluster=SimpleNamespace(model="m", seed=seed)))
+    torch.manual_seed(5)
+    assert torch.equal(draws[0], torch.rand(4))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])

@@ -1,10 +1,12 @@
-"""``Tokenizer``: chat encoding with template variables and special tokens, and each token's spelling and bytes."""
+"""``Tokenizer``: chat encoding with template variables and special tokens, the chat template it reads or is given,
+and each token's spelling and bytes."""
 from __future__ import annotations
 
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models
 
+from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.synthetic_tokenizer import BOS_TOKEN, BOS_TOKEN_ID, CHAT_TEMPLATE
 from fastdecode.actors.model.tokenizer import Tokenizer
 from synthetic_tokenizers import synthetic_tokenizer
@@ -57,3 +59,35 @@ def test_the_tokenizers_eos_stops_beside_the_models(tokenizer):
     assert Tokenizer(backend, eos_token=tokenizer.eos_token, eos_token_ids=(eos_id,)).eos_token_ids == (eos_id,)
     assert Tokenizer(backend, eos_token=tokenizer.eos_token).eos_token_ids == (eos_id,)
     assert Tokenizer(backend, eos_token_ids=(other,)).eos_token_ids == (other,)
+
+
+BRACKETS_TEMPLATE = "{{ bos_token }}{% for message in messages %}[{{ message.content }}]{% endfor %}"
+
+
+def test_a_chat_template_jinja_file_wins_over_tokenizer_configs(tokenizer, tmp_path):
+    """transformers (and so vLLM) reads chat_template.jinja over tokenizer_config.json's chat_template."""
+    tokenizer.save(tmp_path)  # tokenizer_config.json holds THINKING_TEMPLATE
+    assert Tokenizer.from_dir(tmp_path).chat_template == THINKING_TEMPLATE
+    (tmp_path / "chat_template.jinja").write_text(BRACKETS_TEMPLATE, encoding="utf-8")
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.chat_template == BRACKETS_TEMPLATE
+    assert loaded.apply_chat_template(MESSAGES) == BOS_TOKEN + "[hi]"
+
+
+def test_with_chat_template_changes_only_the_template(tokenizer):
+    """vLLM's --chat-template: another template over the same vocabulary, BOS/EOS handling and special tokens; the
+    tokenizer it came from keeps its own."""
+    other = tokenizer.with_chat_template(BRACKETS_TEMPLATE)
+    assert other.apply_chat_template(MESSAGES) == BOS_TOKEN + "[hi]"
+    assert other.chat_template == BRACKETS_TEMPLATE and tokenizer.chat_template == THINKING_TEMPLATE
+    assert other.encode("hi there") == tokenizer.encode("hi there")
+    assert (other.eos_token_ids, other.bos_token_id, other.special_token_ids) == (
+        tokenizer.eos_token_ids, tokenizer.bos_token_id, tokenizer.special_token_ids)
+    with pytest.raises(ModelError, match="chat template does not parse"):
+        tokenizer.with_chat_template("{% for message in messages %}")
+
+
+def test_save_into_a_folder_it_cannot_write_raises_os_error(tokenizer, tmp_path):
+    """The Rust library raises a bare Exception; a full disk or a missing folder is an OSError naming the file."""
+    with pytest.raises(OSError, match="tokenizer.json"):
+        tokenizer.save(tmp_path / "missing")
