@@ -50,9 +50,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: boo
             mask=None) -> torch.Tensor:
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not share {k.shape[1]} KV heads evenly")
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                       is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
-    return _as_rows(o.transpose(0, 1))
+    # batched [1, heads, tokens, D]: the fused (flash, memory-efficient) kernels take four dimensions; given three,
+    # SDPA falls back to the math one, which makes the [Hq, T, S] scores (32 GB for a 2k chunk after 120k tokens)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
+    return _as_rows(o[0].transpose(0, 1))
 
 
 def prefill_attention_ragged(
