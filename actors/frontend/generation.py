@@ -228,7 +228,7 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         raise bad_request(f"the request asks for {num_choices} choices ({request.num_prompts} prompt(s) x n="
                           f"{num_samples}); this server queues at most {max_num_choices} (--max-queue)",
                           "n" if num_samples > 1 else "prompt")
-    _check_logit_bias_size(llm, request)
+    _check_token_id_sizes(llm, request)
     defaults = llm.model_config.sampling_defaults
     submissions = []  # (prompt index, prompt ids, params, echoed text) per choice, in choice order
     for prompt_index, one in enumerate(request.per_prompt()):
@@ -273,13 +273,16 @@ async def json_response(build: Callable[[], dict[str, Any]], *, num_tokens: int)
     return web.json_response(text=await asyncio.to_thread(lambda: json.dumps(build())))
 
 
-def _check_logit_bias_size(llm: AsyncLLM, request: GenerateRequest) -> None:
+def _check_token_id_sizes(llm: AsyncLLM, request: GenerateRequest) -> None:
     """A logit_bias of more entries than the vocabulary has tokens names one outside it, which submission refuses
-    (``check_prompt``): refused before it is sorted and checked, which takes a tenth of a second per 150k entries."""
-    num_biased = len(request.sampling.get("logit_bias") or ())
-    if num_biased and num_biased > llm.model_config.vocab_size:
-        raise bad_request(f"logit_bias has {num_biased} entries, more than this model's vocabulary of "
-                          f"{llm.model_config.vocab_size} tokens", "logit_bias")
+    (``check_prompt``): refused before it is sorted and checked, which takes a tenth of a second per 150k entries.
+    More stop_token_ids than that repeat some: each generated token is looked up among them on the event loop."""
+    vocab_size = llm.model_config.vocab_size
+    for name, kind in (("logit_bias", "entries"), ("stop_token_ids", "ids")):
+        num_ids = len(request.sampling.get(name) or ())
+        if num_ids > vocab_size:
+            raise bad_request(f"{name} has {num_ids} {kind}, more than this model's vocabulary of {vocab_size} "
+                              "tokens", name)
 
 
 async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[int], params: SamplingParams) -> str:

@@ -83,6 +83,22 @@ async def test_a_logit_bias_larger_than_the_vocabulary_is_refused_before_it_is_s
     assert bias_sizes_checked == [] and llm.seeds == []  # refused before anything was built or submitted
 
 
+async def test_more_stop_token_ids_than_the_vocabulary_are_refused():
+    """Each generated token is looked up among a request's stop_token_ids on the event loop: more than the vocabulary
+    has repeat some, and are refused before anything is submitted."""
+    llm = PromptScoringLLM()
+    vocab_size = llm.model_config.vocab_size
+    async with app_client(llm) as client:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                                               "stop_token_ids": [1] * (vocab_size + 1)})
+        error = (await response.json())["error"]
+        assert (response.status, error["param"]) == (400, "stop_token_ids")
+        assert f"{vocab_size + 1} ids" in error["message"] and llm.seeds == []
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                                               "stop_token_ids": [1] * vocab_size})
+        assert response.status == 200, await response.text()
+
+
 @pytest.mark.parametrize("num_prompt_tokens, is_off_loop", [(3, False), (LARGE_RESPONSE_TOKENS + 1, True)],
                          ids=["short", "long"])
 async def test_a_long_prompts_streamed_echo_is_built_off_the_loop(monkeypatch, num_prompt_tokens, is_off_loop):
