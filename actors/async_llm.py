@@ -317,11 +317,16 @@ class AsyncLLM:
 
     async def run_batch(self, batch: Sequence[tuple[TokenizedPrompt, SamplingParams]], *,
                         on_result: Callable[[GenerationResult], None] | None = None) -> list[GenerationResult]:
-        """All of a prepared batch at once (continuous batching), results in prompt order. If one fails,
-        or this is cancelled, every other request of the batch is cancelled before this returns."""
+        """All of a prepared batch (continuous batching), results in prompt order. At most ``max_num_choices`` are
+        submitted at a time, the rest as those finish, so a batch larger than the queue runs to its end (vLLM's
+        ``LLM.generate`` over any number of prompts). If one fails, or this is cancelled, every other request of the
+        batch is cancelled before this returns."""
         self.check_loop()
+        slots = asyncio.Semaphore(self.max_num_choices)
+
         async def one(prompt: TokenizedPrompt, params: SamplingParams) -> GenerationResult:
-            result = await self.generate(prompt, params)
+            async with slots:
+                result = await self.generate(prompt, params)
             if on_result is not None:
                 on_result(result)
             return result

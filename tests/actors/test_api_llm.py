@@ -85,14 +85,33 @@ def test_bad_prompt_in_a_batch_submits_nothing(llm):
     assert _is_idle(llm)
 
 
-def test_a_request_failing_after_submission_cancels_the_others():
-    """The third of four requests is refused at submission (queue full): the two already queued are
-    cancelled before ``generate`` raises, instead of decoding 1500 tokens in the background."""
-    with LLM("random:tiny", executor=ExecutorConfig(max_queue=2), **TINY) as llm:
+def test_a_request_failing_after_submission_cancels_the_others(monkeypatch):
+    """The third of four requests is refused at submission: the two already queued are cancelled before ``generate``
+    raises, instead of decoding 1500 tokens in the background."""
+    with LLM("random:tiny", **TINY) as llm:
+        cluster = llm._llm.cluster
+        submit, num_submitted = cluster.submit, []
+
+        def third_refused(prompt_ids, params):
+            num_submitted.append(1)
+            if len(num_submitted) == 3:
+                raise QueueFullError("too many requests waiting (2)")
+            return submit(prompt_ids, params)
+
+        monkeypatch.setattr(cluster, "submit", third_refused)
         with pytest.raises(QueueFullError):
             llm.generate([PROMPT] * 4, LONG, use_tqdm=False)
         _until_idle(llm, timeout_s=0.5)
+        monkeypatch.setattr(cluster, "submit", submit)
         assert llm.generate(PROMPT, GREEDY)[0].finish_reason == "length"  # still serving
+
+
+def test_a_batch_larger_than_the_queue_runs_to_its_end():
+    """vLLM's LLM.generate takes any number of prompts: with a queue of 2, 7 prompts go in as earlier ones finish
+    (they all used to be submitted at once, and the third failed the whole call)."""
+    with LLM("random:tiny", executor=ExecutorConfig(max_queue=2), **TINY) as llm:
+        outputs = llm.generate([PROMPT] * 7, GREEDY, use_tqdm=False)
+    assert [len(out.outputs[0].token_ids) for out in outputs] == [GREEDY.max_tokens] * 7
 
 
 def test_ctrl_c_cancels_the_calls_requests(llm):
