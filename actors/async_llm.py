@@ -70,6 +70,23 @@ def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[Pr
     return dicts
 
 
+def sample_logprob_dicts(token_ids: Sequence[int], logprobs: Sequence[float],
+                         tops: Sequence[Sequence[tuple[int, float]]],
+                         token_text: Callable[[int], str]) -> list[dict[int, Logprob]]:
+    """The generated tokens' logprobs in vLLM's shape (``CompletionOutput.logprobs``): per token ``{token id: Logprob}``
+    of the sampled token, then of the most likely ones there (rank 1 the likeliest; the sampled token's rank is its
+    place among them, None when it is not among them)."""
+    dicts = []
+    for token_id, logprob, top in zip(token_ids, logprobs, tops):
+        ranks = {top_id: rank for rank, (top_id, _) in enumerate(top, start=1)}
+        position = {token_id: Logprob(logprob, ranks.get(token_id), token_text(token_id))}
+        for top_id, value in top:
+            if top_id not in position:
+                position[top_id] = Logprob(value, ranks[top_id], token_text(top_id))
+        dicts.append(position)
+    return dicts
+
+
 def primary_eos_token_id(tokenizer: object) -> int | None:
     """The tokenizer's own EOS id (vLLM's ``tokenizer.eos_token_id``), or None when it names no EOS token."""
     eos_token = getattr(tokenizer, "eos_token", None)
@@ -284,6 +301,7 @@ class AsyncLLM:
         params = check_params(params, default=self.default_params)
         result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text,
                                   num_logprobs=params.logprobs)
+        tops: list[tuple[tuple[int, float], ...]] = []  # of each sampled token, where logprobs were asked for
         async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
             async for out in outputs:
                 result.request_id = str(out.request_id)  # the engine's id (a str, as vLLM's)
@@ -294,11 +312,15 @@ class AsyncLLM:
                     result.token_ids.append(out.token_id)
                     if out.logprob is not None and params.logprobs is not None:  # a batch-mate's ask is not ours
                         result.logprobs.append(out.logprob)
+                        tops.append(tuple(out.top_logprobs[:params.logprobs]))
                 result.text += out.text
                 if out.finish_reason == "error":
                     raise RequestError(out.error or "generation failed")
                 result.finish_reason = out.finish_reason
                 result.stop_reason = out.stop_reason
+        if params.logprobs is not None:
+            result.position_logprobs = await asyncio.to_thread(
+                sample_logprob_dicts, result.token_ids, result.logprobs, tops, self.tokenizer.token_text)
         return result
 
     def prepare_batch(self, prompts: PromptInput | Sequence[PromptInput],

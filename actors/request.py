@@ -213,6 +213,9 @@ class GenerationResult:
     # vLLM's: where SamplingParams.prompt_logprobs asked, None for the first prompt token, then per prompt token
     # {token id: Logprob} of that token and the most likely ones there; else None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # vLLM's CompletionOutput.logprobs, where SamplingParams.logprobs asked: per generated token {token id: Logprob}
+    # of the sampled token, then of the most likely ones there
+    position_logprobs: list[dict[int, Logprob]] | None = None
 
     @property
     def outputs(self) -> list["CompletionOutput"]:
@@ -231,8 +234,8 @@ class GenerationResult:
 class CompletionOutput:
     """vLLM's ``CompletionOutput`` read through a ``GenerationResult``: a view, it copies nothing.
 
-    ``logprobs`` are the generated tokens' own logprobs (floats, not vLLM's per-position dicts),
-    None where the request asked for none."""
+    ``logprobs`` are vLLM's per-position dicts (the sampled token's ``Logprob``, then the most likely ones), None
+    where the request asked for none; ``GenerationResult.logprobs`` keeps the sampled tokens' floats."""
 
     __slots__ = ("_result",)
     index = 0
@@ -257,8 +260,8 @@ class CompletionOutput:
         return self._result.stop_reason
 
     @property
-    def logprobs(self) -> list[float] | None:
-        return self._result.logprobs or None
+    def logprobs(self) -> list[dict[int, Logprob]] | None:
+        return self._result.position_logprobs
 
     @property
     def cumulative_logprob(self) -> float | None:

@@ -201,12 +201,31 @@ def test_results_carry_vllms_request_id_cumulative_logprob_and_prompt_logprobs(l
     with_logprobs = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=0)
     first, second = llm.generate([PROMPT, PROMPT], [with_logprobs, GREEDY], use_tqdm=False)
     completion = first.outputs[0]
-    assert len(completion.logprobs) == 3 and completion.cumulative_logprob == pytest.approx(sum(completion.logprobs))
+    assert len(first.logprobs) == 3 and completion.cumulative_logprob == pytest.approx(sum(first.logprobs))
     assert completion.cumulative_logprob <= 0.0
+    # logprobs=0: vLLM's per-position dicts hold the sampled token alone
+    assert [list(position) for position in completion.logprobs] == [[t] for t in completion.token_ids]
     # no logprobs asked: None, as vLLM (though its batch-mate asked, so the engine computed them)
     assert second.outputs[0].cumulative_logprob is None and second.outputs[0].logprobs is None
     assert first.request_id.isdigit() and second.request_id.isdigit() and first.request_id != second.request_id
     assert first.prompt_logprobs is None and first.finished
+
+
+def test_logprobs_read_as_vllms_per_position_dicts(llm, tiny_model):
+    """vLLM's ``CompletionOutput.logprobs``: per generated token {token id: Logprob} of the sampled token (first),
+    then of the N most likely there, ranked from 1, each with its text; the sampled one's logprob is the float
+    GenerationResult.logprobs keeps. Greedy: the sampled token is the likeliest, rank 1."""
+    _, tokenizer = tiny_model
+    [result] = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3),
+                            use_tqdm=False)
+    positions = result.outputs[0].logprobs
+    assert len(positions) == 4
+    for token_id, logprob, position in zip(result.token_ids, result.logprobs, positions):
+        assert next(iter(position)) == token_id and len(position) == 3
+        assert position[token_id].logprob == pytest.approx(logprob) and position[token_id].rank == 1
+        assert sorted(entry.rank for entry in position.values()) == [1, 2, 3]
+        assert all(entry.decoded_token == tokenizer.token_text(t) for t, entry in position.items())
+        assert max(entry.logprob for entry in position.values()) == pytest.approx(logprob)
 
 
 def test_prompt_logprobs_read_as_vllms(llm, tiny_model):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
+from fastdecode.actors.request import GenerationResult, Logprob, RequestError, SamplingParams
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -70,12 +70,14 @@ def test_top_k_disabled_or_positive_is_accepted(top_k):
 
 
 def test_generation_result_reads_as_vllm_request_output():
+    positions = [{5: Logprob(-0.5, 1, "h")}, {6: Logprob(-1.0, 2, "i"), 9: Logprob(-0.7, 1, "!")}]
     result = GenerationResult(prompt_token_ids=[1, 2], token_ids=[5, 6], text="hi", finish_reason="length",
-                              logprobs=[-0.5, -1.0], prompt="ab")
+                              logprobs=[-0.5, -1.0], prompt="ab", position_logprobs=positions)
     (completion,) = result.outputs
     assert (result.prompt, result.prompt_token_ids, result.finished) == ("ab", [1, 2], True)
     assert (completion.index, completion.text, completion.finish_reason) == (0, "hi", "length")
-    assert completion.token_ids is result.token_ids and completion.logprobs is result.logprobs  # a view
+    assert completion.token_ids is result.token_ids and completion.logprobs is positions  # a view
+    assert completion.cumulative_logprob == -1.5
     result.text += "!"
     result.token_ids.append(7)
     assert completion.text == "hi!" and completion.token_ids == [5, 6, 7]
