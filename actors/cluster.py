@@ -77,6 +77,10 @@ class ClusterConfig:
     # folder holding the generation_config.json to use
     generation_config: str = "auto"
     chat_template: str | None = None  # vLLM's --chat-template: Jinja source used instead of the tokenizer's
+    # what start-up made (the model, compiled code) kept out of the cyclic collector's passes while serving, as
+    # long-lived servers do after warm-up (fdctl serve, start-gpu and bench set it); off, an embedding app's heap
+    # is left as it is
+    is_heap_frozen: bool = False
     heartbeat_interval_s: float = 1.0  # shard heartbeats; a silent shard is dead after (liveness + 1) of them
     liveness: int = 3
     # a shard whose attend has not answered in this long is dead, though its heartbeats go on (its worker is stuck):
@@ -119,7 +123,7 @@ def _check_field_types(config: ClusterConfig) -> None:
         _check_int(name, getattr(config, name))
     for name in ("shard_kv_memory_bytes", "gpu_kv_memory_bytes", "num_cpus", "expected_mean_context"):
         _check_int(name, getattr(config, name), is_none_ok=True)
-    for name in ("is_tracing", "is_shard_loop_threaded", "is_cuda_graphs", "is_compiled"):
+    for name in ("is_tracing", "is_shard_loop_threaded", "is_cuda_graphs", "is_compiled", "is_heap_frozen"):
         if not isinstance(getattr(config, name), bool):
             raise TypeError(f"{name} must be a bool, got {getattr(config, name)!r}")
     if config.chat_template is not None and not isinstance(config.chat_template, str):
@@ -200,13 +204,14 @@ class Cluster:
     """The running cluster. Use ``await Cluster.start(config)`` or ``async with``."""
 
     def __init__(self, config: ClusterConfig, model, tokenizer, executor: Executor, handles,
-                 mode_choice: ModeChoice | None = None) -> None:
+                 mode_choice: ModeChoice | None = None, *, torch_threads_before: int | None = None) -> None:
         self.mode_choice = mode_choice  # hybrid mode: the start-up prediction that kept or dropped the shards
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.executor = executor
         self._handles = handles  # in-process shards to stop
+        self._torch_threads_before = torch_threads_before  # the process's torch threads, given back at stop
 
     @classmethod
     async def start(cls, config: ClusterConfig) -> "Cluster":
@@ -214,6 +219,7 @@ class Cluster:
         device = resolve_device(config.device)
         executor_threads, shard_threads = split_threads(len(cpus), config.num_shards, is_cuda=device.type == "cuda")
         shard_cpus = shard_cpu_lists(cpus[executor_threads:], config.num_shards, shard_threads)
+        torch_threads_before = torch.get_num_threads()
         torch.set_num_threads(executor_torch_threads(executor_threads, is_cuda=device.type == "cuda",
                                                      has_shards=bool(config.num_shards or config.shard_addresses)))
         defaults = chosen_sampling_defaults(config.generation_config)  # a bad folder is refused before the load
@@ -292,15 +298,17 @@ class Cluster:
             await executor.start()
         except BaseException:
             await _close_all(nodes, handles)
+            torch.set_num_threads(torch_threads_before)
             raise
         log.info("cluster up: model %s on %s (%s), %d KV node(s), executor threads %d, shard threads %d",
                  config.model, device, model.dtype, len(nodes), executor_threads, shard_threads)
         # What start-up made (the model, compiled code, and in hybrid mode whatever the dropped shards left)
         # stays for good: kept out of the cyclic collector's passes while serving, as long-lived serving
         # processes do after warm-up; stop() hands it back.
-        gc.collect()
-        gc.freeze()
-        return cls(config, model, tokenizer, executor, handles, mode_choice)
+        if config.is_heap_frozen:
+            gc.collect()
+            gc.freeze()
+        return cls(config, model, tokenizer, executor, handles, mode_choice, torch_threads_before=torch_threads_before)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         return self.executor.submit(prompt_ids, params)
@@ -313,7 +321,10 @@ class Cluster:
     async def stop(self) -> None:
         await self.executor.stop()
         await _close_all(self.executor.nodes, self._handles)
-        gc.unfreeze()
+        if self.config.is_heap_frozen:
+            gc.unfreeze()
+        if self._torch_threads_before is not None:
+            torch.set_num_threads(self._torch_threads_before)
 
     async def __aenter__(self) -> "Cluster":
         return self

@@ -55,7 +55,7 @@ async def run_offline(options: dict) -> dict:
                                 max_num_batched_tokens=options.get("max_num_batched_tokens"),
                                 scheduler=SchedulerConfig(max_num_seqs=batch, admission="all-at-once"),
                                 profile_batches=tuple(sorted({1, max(2, batch // 2), batch}))),
-        is_tracing=True, is_shard_loop_threaded=options.get("shard_own_loop", False),
+        is_tracing=True, is_shard_loop_threaded=options.get("shard_own_loop", False), is_heap_frozen=True,
     )
     async with await Cluster.start(config) as cluster:
         vocab = cluster.model.config.vocab_size

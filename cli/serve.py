@@ -233,7 +233,8 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
         cluster = ClusterConfig(model=model, seed=seed, dtype=dtype, device=device, generation_config=generation_config,
                                 num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
-                                executor=executor, curve_dir=curve_dir, chat_template=chat_template)
+                                executor=executor, curve_dir=curve_dir, chat_template=chat_template,
+                                is_heap_frozen=True)
         frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None,
                                   allowed_origins=allowed_origins, allowed_methods=allowed_methods,
                                   allowed_headers=allowed_headers, is_credentials_allowed=is_credentials_allowed)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import random
 
@@ -73,15 +74,24 @@ async def test_a_token_reaches_its_stream_before_the_next_step_ends(num_shards):
     assert all(finished <= index for index, finished in enumerate(finished_at) if index < 5)
 
 
-async def test_start_up_objects_are_frozen_while_serving_and_handed_back_at_stop(tiny_model):
+async def test_start_up_objects_are_frozen_while_serving_where_asked_and_handed_back_at_stop(tiny_model):
     """What start-up made stays out of the cyclic collector's passes while the cluster serves (a hybrid start
     that dropped its shards stepped 3% slower than gpu-only without it); stop() hands it back, so a process
-    that starts clusters in turn frees each one's garbage."""
+    that starts clusters in turn frees each one's garbage. Only where the config asks (the servers do): an embedding
+    app's heap, and its torch threads, are as it had them, during and after."""
+    import torch
+
     gc.unfreeze()
-    async with await Cluster.start(ClusterConfig(**TINY, num_shards=1, shard_kv_memory_bytes=16 << 20)) as cluster:
+    threads = torch.get_num_threads()
+    config = ClusterConfig(**TINY, num_shards=1, shard_kv_memory_bytes=16 << 20)
+    async with await Cluster.start(dataclasses.replace(config, is_heap_frozen=True)) as cluster:
         assert gc.get_freeze_count() > 0
         await run_greedy(cluster, [[5, 6, 7]])
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and torch.get_num_threads() == threads
+    async with await Cluster.start(config) as cluster:
+        assert gc.get_freeze_count() == 0
+        await run_greedy(cluster, [[5, 6, 7]])
+    assert torch.get_num_threads() == threads
 
 
 async def test_staggered_concurrent_requests_match_solo_runs(tiny_model):
