@@ -277,10 +277,9 @@ def _check_token_id_sizes(llm: AsyncLLM, request: GenerateRequest) -> None:
     """A logit_bias of more entries than the vocabulary has tokens names one outside it, which submission refuses
     (``check_prompt``): refused before it is sorted and checked, which takes a tenth of a second per 150k entries.
     More stop_token_ids than that repeat some: each generated token is looked up among them on the event loop."""
-    vocab_size = llm.model_config.vocab_size
     for name, kind in (("logit_bias", "entries"), ("stop_token_ids", "ids")):
         num_ids = len(request.sampling.get(name) or ())
-        if num_ids > vocab_size:
+        if num_ids and num_ids > (vocab_size := llm.model_config.vocab_size):
             raise bad_request(f"{name} has {num_ids} {kind}, more than this model's vocabulary of {vocab_size} "
                               "tokens", name)
 
