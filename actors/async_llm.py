@@ -182,6 +182,12 @@ class AsyncLLM:
         return self.cluster.executor.max_model_len
 
     @property
+    def max_prompt_chars(self) -> int:
+        """No token stands for more than the tokenizer's ``max_chars_per_token`` characters: text longer than this has
+        more tokens than the context holds, refused without the seconds of tokenizing it."""
+        return self.max_model_len * self.tokenizer.max_chars_per_token
+
+    @property
     def max_num_choices(self) -> int:
         """The most engine requests one call may submit together: every one waits at first, so the queue's
         length (those past what runs at once wait their turn, as in vLLM)."""
@@ -297,7 +303,7 @@ class AsyncLLM:
         """One request to its end; RequestError if it failed."""
         self.check_open()
         self.check_loop()
-        tokenized = self.tokenize(prompt)
+        tokenized = await self._tokenize_off_loop(prompt)
         params = check_params(params, default=self.default_params)
         result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text,
                                   num_logprobs=params.logprobs)
@@ -322,6 +328,17 @@ class AsyncLLM:
             result.position_logprobs = await asyncio.to_thread(
                 sample_logprob_dicts, result.token_ids, result.logprobs, tops, self.tokenizer.token_text)
         return result
+
+    async def _tokenize_off_loop(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
+        """``tokenize`` on a worker thread where there is text to tokenize (this loop runs the Executor and the
+        in-process shards), text past ``max_prompt_chars`` refused first."""
+        text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, Mapping) else None
+        if not isinstance(text, str) or (isinstance(prompt, Mapping) and "prompt_token_ids" in prompt):
+            return self.tokenize(prompt)
+        if len(text) > self.max_prompt_chars:
+            raise RequestError(f"the prompt is too long for this model's context: {len(text)} characters, more than "
+                               f"its {self.max_model_len} tokens can hold (at most {self.max_prompt_chars})", "prompt")
+        return await asyncio.to_thread(self.tokenize, prompt)
 
     def prepare_batch(self, prompts: PromptInput | Sequence[PromptInput],
                       params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -2,6 +2,7 @@
 decoding after a call fails or is interrupted."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import signal
@@ -287,3 +288,26 @@ def test_a_logit_bias_outside_the_vocabulary_is_refused_before_any_prompt_runs(l
     with pytest.raises(RequestError, match=f"logit_bias token id {vocab_size} is outside the vocabulary") as refused:
         llm.generate(["hello", "there"], [SamplingParams(max_tokens=2), bad], use_tqdm=False)
     assert refused.value.param == "logit_bias"
+
+
+def test_async_generate_tokenizes_text_off_the_loop_and_refuses_text_past_the_context_first(monkeypatch):
+    """AsyncLLM.generate's loop also runs the Executor: a text prompt is tokenized on a worker thread, and text longer
+    than the context could hold is refused before it is tokenized."""
+    from fastdecode.actors.async_llm import AsyncLLM
+
+    async def run():
+        async with await AsyncLLM.start(ClusterConfig(model="random:tiny", **TINY)) as llm:
+            threads = []
+            encode = llm.tokenizer.encode
+            monkeypatch.setattr(llm.tokenizer, "encode",
+                                lambda *a, **k: threads.append(threading.current_thread()) or encode(*a, **k))
+            result = await llm.generate("hello there", GREEDY)
+            assert len(result.token_ids) == GREEDY.max_tokens
+            assert threads and threading.main_thread() not in threads
+            with pytest.raises(RequestError, match="characters") as info:
+                await llm.generate("a" * (llm.max_prompt_chars + 1), GREEDY)
+            assert info.value.param == "prompt" and len(threads) == 1
+            result = await llm.generate({"prompt": "hi", "prompt_token_ids": PROMPT}, GREEDY)  # ids run, no tokenizing
+            assert len(threads) == 1 and result.prompt == "hi"
+
+    asyncio.run(run())
