@@ -118,22 +118,35 @@ class SamplingParams:
         return params
 
 
+class LogitBias(tuple):
+    """``logit_bias`` as sorted, checked ``(token id, bias)`` pairs (``of``): a ``SamplingParams`` given one takes it
+    as it is, so one request's many prompts and samples sort and check a large bias once."""
+
+    @classmethod
+    def of(cls, value) -> "LogitBias":
+        """From a dict or pairs (None: none); RequestError naming ``logit_bias`` for what is not ids to biases in
+        [-100, 100]."""
+        if value is None:
+            return cls()
+        if isinstance(value, LogitBias):
+            return value
+        try:
+            pairs = sorted(dict(value).items())
+        except (TypeError, ValueError):
+            raise RequestError("logit_bias must map token ids to biases", "logit_bias") from None
+        for token_id, bias in pairs:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got {token_id!r}",
+                                   "logit_bias")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+                raise RequestError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token "
+                                   f"{token_id}", "logit_bias")
+        return cls((token_id, float(bias)) for token_id, bias in pairs)
+
+
 def _bias_pairs(value) -> tuple[tuple[int, float], ...]:
-    """``logit_bias`` as sorted ``(token id, bias)`` pairs: from a dict or pairs; None is none."""
-    if value is None:
-        return ()
-    try:
-        pairs = sorted(dict(value).items())
-    except (TypeError, ValueError):
-        raise RequestError("logit_bias must map token ids to biases", "logit_bias") from None
-    for token_id, bias in pairs:
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-            raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got {token_id!r}",
-                               "logit_bias")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
-            raise RequestError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token_id}",
-                               "logit_bias")
-    return tuple((token_id, float(bias)) for token_id, bias in pairs)
+    """``logit_bias`` as sorted ``(token id, bias)`` pairs: from a dict, pairs or a ``LogitBias``; None is none."""
+    return LogitBias.of(value)
 
 
 def _as_tuple(value, param: str, *, is_str_one: bool = False) -> tuple:

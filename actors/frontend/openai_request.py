@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.model.config import SamplingDefaults
-from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.request import LogitBias, RequestError, SamplingParams
 
 MAX_LOGPROBS = 20
 LARGE_BODY_BYTES = 1 << 20  # bodies from this size are decoded and checked off the event loop
@@ -401,9 +401,9 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
-    """OpenAI's ``logit_bias``: an object of token ids (as strings, JSON's keys) to biases; the ranges are
-    ``SamplingParams``'s to check, the ids against the vocabulary the Executor's (``check_prompt``)."""
+def _logit_bias(body: dict[str, Any]) -> LogitBias:
+    """OpenAI's ``logit_bias``: an object of token ids (as strings, JSON's keys) to biases in [-100, 100], sorted and
+    checked here once (``LogitBias``); the ids against the vocabulary are the Executor's to check (``check_prompt``)."""
     value = body["logit_bias"]
     if not isinstance(value, dict):
         raise bad_request("logit_bias must be an object of token ids to biases", "logit_bias")
@@ -414,7 +414,10 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
         if isinstance(bias, bool) or not isinstance(bias, (int, float)):
             raise bad_request(f"logit_bias values must be numbers, got {shown(bias)}", "logit_bias")
         biases[int(key)] = bias
-    return biases
+    try:  # sorted and checked once here (off the loop for a large body), not again for each prompt or sample
+        return LogitBias.of(biases)
+    except RequestError as exc:
+        raise bad_request(str(exc), "logit_bias") from None
 
 
 def _chat_max_tokens(body: dict[str, Any]) -> int | None:

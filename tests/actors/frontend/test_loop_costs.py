@@ -43,16 +43,16 @@ class PromptScoringLLM(ScriptedLLM):
 
 @pytest.fixture
 def bias_sizes_checked(monkeypatch) -> list[int]:
-    """The size of every non-empty logit_bias that SamplingParams sorted and checked."""
+    """The size of every non-empty logit_bias that was sorted and checked (a LogitBias is taken as it is)."""
     sizes: list[int] = []
-    bias_pairs = request_module._bias_pairs
+    of = request_module.LogitBias.of.__func__
 
-    def counted(value):
-        if value:
+    def counted(cls, value):
+        if value and not isinstance(value, request_module.LogitBias):
             sizes.append(len(value))
-        return bias_pairs(value)
+        return of(cls, value)
 
-    monkeypatch.setattr(request_module, "_bias_pairs", counted)
+    monkeypatch.setattr(request_module.LogitBias, "of", classmethod(counted))
     return sizes
 
 
@@ -68,9 +68,23 @@ async def test_n_seeded_samples_sort_and_check_their_logit_bias_once(bias_sizes_
     assert bias_sizes_checked == [vocab_size]
 
 
+async def test_many_prompts_share_one_sorted_and_checked_logit_bias(bias_sizes_checked):
+    """A list of prompts with a large logit_bias: sorted and checked once, when the request is parsed (off the loop
+    for a large body), not again for each prompt's parameters, which are built on the loop."""
+    llm = PromptScoringLLM()
+    vocab_size = llm.model_config.vocab_size
+    bias = {str(token_id): 1.0 for token_id in range(vocab_size)}
+    async with app_client(llm) as client:
+        response = await client.post("/v1/completions", json={"prompt": [[TOKEN_ID]] * 5, "max_tokens": 1,
+                                                               "seed": 1, "logit_bias": bias})
+        assert response.status == 200, await response.text()
+        assert len((await response.json())["choices"]) == 5
+    assert bias_sizes_checked == [vocab_size]
+
+
 @pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "hi"}),
                                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
-async def test_a_logit_bias_larger_than_the_vocabulary_is_refused_before_it_is_sorted(bias_sizes_checked, route,
+async def test_a_logit_bias_larger_than_the_vocabulary_is_refused_before_anything_is_built(bias_sizes_checked, route,
                                                                                       body):
     llm = PromptScoringLLM()
     vocab_size = llm.model_config.vocab_size
@@ -80,7 +94,9 @@ async def test_a_logit_bias_larger_than_the_vocabulary_is_refused_before_it_is_s
         error = (await response.json())["error"]
     assert (response.status, error["param"]) == (400, "logit_bias")
     assert f"{vocab_size + 1} entries" in error["message"] and f"{vocab_size}" in error["message"]
-    assert bias_sizes_checked == [] and llm.seeds == []  # refused before anything was built or submitted
+    # sorted once as it was parsed (off the loop: a body this large is), then refused before any prompt's parameters
+    # were built or anything was submitted
+    assert bias_sizes_checked == [vocab_size + 1] and llm.seeds == []
 
 
 async def test_more_stop_token_ids_than_the_vocabulary_are_refused():

@@ -241,13 +241,19 @@ def test_samples_params_checks_the_logit_bias_once(monkeypatch):
     from fastdecode.actors import request as request_module
 
     biases_checked = []
-    bias_pairs = request_module._bias_pairs
-    monkeypatch.setattr(request_module, "_bias_pairs", lambda value: biases_checked.append(value) or bias_pairs(value))
+    of = request_module.LogitBias.of.__func__
+
+    def counted(cls, value):
+        if value and not isinstance(value, cls):
+            biases_checked.append(value)
+        return of(cls, value)
+
+    monkeypatch.setattr(request_module.LogitBias, "of", classmethod(counted))
     request = parse_completion({"prompt": "a", "n": 5, "seed": 3, "logit_bias": {"4": 2, "1": -1}})
     samples = request.samples_params(2, 100)
     assert [params.seed for params in samples] == [3, 4, 5, 6, 7]
     assert all(params.logit_bias == ((1, -1.0), (4, 2.0)) for params in samples)
-    assert [value for value in biases_checked if value] == [{4: 2, 1: -1}]
+    assert biases_checked == [{4: 2, 1: -1}]  # when parsed, and not again
 
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
