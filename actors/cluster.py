@@ -32,6 +32,7 @@ from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_mo
 from fastdecode.actors.kvshard import BUSY
 from fastdecode.actors.model import load_model, resolve_config, resolve_device
 from fastdecode.actors.model.loader import model_dtype
+from fastdecode.actors.model.tokenizer import compile_chat_template
 from fastdecode.actors.model.hf_dir import chosen_sampling_defaults
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
@@ -227,13 +228,13 @@ class Cluster:
         try:
             model, tokenizer = await asyncio.to_thread(
                 load_model, config.model, dtype=config.dtype, device=str(device), seed=config.seed)
+            if config.chat_template is not None:
+                tokenizer = tokenizer.with_chat_template(config.chat_template)
         except BaseException:
             await links.stop()
             raise
         if defaults is not None:
             model.config = dataclasses.replace(model.config, sampling_defaults=defaults)
-        if config.chat_template is not None:
-            tokenizer = tokenizer.with_chat_template(config.chat_template)
         if config.is_compiled and device.type == "cuda":
             model.compile_dense()
         cfg = model.config
@@ -335,9 +336,12 @@ class Cluster:
 
 async def _links_before_loading(config: ClusterConfig, device: torch.device) -> "ShardLinks":
     """What can be checked before the weights load (minutes, for a large model), checked: the model's config, the
-    max_model_len against its context, the CURVE keys, and that every shard daemon answers. The shard links."""
+    max_model_len against its context, the chat template, the CURVE keys, and that every shard daemon answers. The
+    shard links."""
     cfg = await asyncio.to_thread(resolve_config, config.model)
     config.executor.max_len_for(cfg.max_position_embeddings)
+    if config.chat_template is not None:
+        compile_chat_template(config.chat_template)
     shape = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                  kv_dtype=KV_DTYPE_NAMES[model_dtype(config.model, config.dtype, device)])
     links = ShardLinks.open(config, shape=shape)
@@ -443,9 +447,12 @@ class ShardLinks:
 
     async def connect(self, address: str) -> ShardKVNode:
         """Connect to a shard (in-process shards share the process-wide Context) and configure it."""
-        ctx = None if address.startswith("inproc://") else self.ctx
-        client = await ShardClient.connect(address, ctx=ctx, heartbeat_interval_s=self.heartbeat_interval_s,
-                                           liveness=self.liveness, attend_timeout_s=self.attend_timeout_s)
+        is_in_process = address.startswith("inproc://")
+        # an in-process shard may answer on this process's event loop, which a long handler can hold: its attends
+        # keep the client's own timeout rather than fail the only node at a stall of the loop
+        client = await ShardClient.connect(address, ctx=None if is_in_process else self.ctx,
+                                           heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
+                                           attend_timeout_s=None if is_in_process else self.attend_timeout_s)
         try:
             await self._configure(client)
         except BaseException:

@@ -94,6 +94,7 @@ def test_cluster_config_keeps_a_list_of_shard_addresses_as_a_tuple():
     (dict(executor=dict(max_model_len=10**6)), "max_model_len"),
     (dict(curve_dir="{tmp}", shard_addresses=("tcp://127.0.0.1:{port}",)), "client.secret|public|secret"),
     (dict(model="random:no-such-preset"), "unknown random preset"),
+    (dict(chat_template="{% for m in messages %}"), "chat template"),
 ])
 async def test_start_up_mistakes_are_found_before_the_weights_load(monkeypatch, tmp_path, fields, error):
     """A wrong shard address, a max_model_len past the model's context, a keys folder without the client's keys or
@@ -111,7 +112,7 @@ async def test_start_up_mistakes_are_found_before_the_weights_load(monkeypatch, 
     port = free_port()
     values = {key: (tuple(a.format(port=port) for a in value) if key == "shard_addresses"
                     else ExecutorConfig(**value) if key == "executor"
-                    else value.format(tmp=tmp_path) if isinstance(value, str) else value)
+                    else value.format(tmp=tmp_path) if key == "curve_dir" else value)
               for key, value in fields.items()}
     config = ClusterConfig(**{"model": "random:tiny", "device": "cpu", **values})
     with pytest.raises(Exception, match=error):
