@@ -16,9 +16,11 @@ IS_NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
-	@$(PYTHON) -c '$(IS_NEW_ENOUGH)' 2>/dev/null || { echo "fastdecode needs Python 3.11 or newer and $(PYTHON) is older or missing: run make PYTHON=python3.11 $(or $(MAKECMDGOALS),setup)" >&2; exit 1; }
-# made again if it has no pip (made before python3-venv was installed) or an older Python (made with another PYTHON)
-	$(PY) -c '$(IS_NEW_ENOUGH)' 2>/dev/null && $(PIP) --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
+# the venv is kept if its Python is new enough and has pip; else made again (one left without pip, made before
+# python3-venv was installed, or of an older Python) with $(PYTHON), which must then be 3.11 or newer
+	@$(PY) -c '$(IS_NEW_ENOUGH)' 2>/dev/null && $(PIP) --version >/dev/null 2>&1 || { \
+	  $(PYTHON) -c '$(IS_NEW_ENOUGH)' 2>/dev/null || { echo "fastdecode needs Python 3.11 or newer and $(PYTHON) is older or missing: run make PYTHON=python3.11 $(or $(MAKECMDGOALS),setup)" >&2; exit 1; }; \
+	  echo "$(PYTHON) -m venv --clear $(VENV)"; $(PYTHON) -m venv --clear $(VENV); }
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'

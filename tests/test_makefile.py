@@ -98,3 +98,13 @@ def test_a_working_venv_is_kept_and_an_up_to_date_stamp_does_nothing(project, tm
     log.unlink()
     assert make(project, python).returncode == 0
     assert calls(log) == []
+
+
+def test_a_working_venv_needs_no_new_python_outside_it(project, tmp_path):
+    """Made once with make PYTHON=python3.11 where python3 is 3.10: a later plain make (after a pull touched
+    pyproject.toml) keeps the working venv instead of refusing the older system python."""
+    log = tmp_path / "calls.log"
+    fake_python(project / ".venv" / "bin", log, is_old=False)
+    result = make(project, fake_python(tmp_path / "system", log, is_old=True))
+    assert result.returncode == 0, result.stderr
+    assert not [call for call in calls(log) if "-m venv" in call or "/system/" in call]
