@@ -6,6 +6,7 @@ The API key may come from ``FASTDECODE_API_KEY`` (``API_KEY_ENV``: read here and
 """
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
 from typing import Any
@@ -76,7 +77,7 @@ def _chat_template(ctx: click.Context, param: click.Parameter, value: str | None
         if not any(char in value for char in JINJA_CHARS):
             raise click.BadParameter(f"{value!r} looks like a file path, but it cannot be opened: "
                                      f"{exc.strerror or exc}", ctx, param) from None
-        template = value
+        template = codecs.decode(value, "unicode_escape")  # vLLM's: an inline '\n' is a newline
     except UnicodeDecodeError as exc:
         raise click.BadParameter(f"{value} is not UTF-8 text: {exc.reason}", ctx, param) from None
     try:
@@ -104,11 +105,10 @@ def _values_as_repeats(args: list[str], option: str) -> list[str]:
         index += 1
         if arg == "--":  # the rest is positional
             return rewritten + args[index:]
-        if arg == option and index < len(args):
-            rewritten.append(args[index])  # its value, even one that starts with '-'
-            index += 1
-        elif not arg.startswith(option + "="):
-            continue
+        if arg != option or index == len(args):
+            continue  # '--opt=a' is one value, as argparse reads it
+        rewritten.append(args[index])  # its value, even one that starts with '-'
+        index += 1
         while index < len(args) and not args[index].startswith("-"):
             rewritten += [option, args[index]]
             index += 1

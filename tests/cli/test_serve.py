@@ -336,7 +336,9 @@ def test_chat_template_is_a_file_or_the_template_itself(server_configs, command,
     assert configs[-1].cluster.chat_template is None  # the tokenizer's own
     path = tmp_path / "brackets.jinja"
     path.write_text(BRACKETS_TEMPLATE + "\n", encoding="utf-8")
-    for given, template in ((str(path), BRACKETS_TEMPLATE + "\n"), (BRACKETS_TEMPLATE, BRACKETS_TEMPLATE)):
+    # inline, vLLM decodes escapes: a '\n' written in the shell is a newline in the template
+    for given, template in ((str(path), BRACKETS_TEMPLATE + "\n"), (BRACKETS_TEMPLATE, BRACKETS_TEMPLATE),
+                            (BRACKETS_TEMPLATE + "\\n", BRACKETS_TEMPLATE + "\n")):
         result = runner.invoke(main, [command, *TINY, *shard, "--chat-template", given])
         assert result.exit_code == 0, result.output
         assert configs[-1].cluster.chat_template == template
@@ -379,6 +381,10 @@ def test_several_served_model_names_are_refused_naming_the_flag(server_configs, 
     result = CliRunner().invoke(main, [command, "random:tiny", "--served-model-name=a", *rest])
     assert result.exit_code == 0, result.output
     assert configs[-1].frontend.served_model_name == "a"
+    # '--opt=a' is one value, as argparse (vLLM) reads it: the MODEL after it stays the MODEL
+    result = CliRunner().invoke(main, [command, "--served-model-name=a", "random:tiny", *rest])
+    assert result.exit_code == 0, result.output
+    assert (configs[-1].frontend.served_model_name, configs[-1].cluster.model) == ("a", "random:tiny")
 
 
 @pytest.mark.usefixtures("torch_rng_restored")
