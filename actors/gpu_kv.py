@@ -265,8 +265,10 @@ class GpuKVNode(KVNode):
             keys = pool[0, start:start + num_rows, :, :rows.max_len]
             values = pool[1, start:start + num_rows, :, :rows.max_len]
         else:
-            keys = pool[0].index_select(0, rows.slot_index)[:, :, :rows.max_len]
-            values = pool[1].index_select(0, rows.slot_index)[:, :, :rows.max_len]
+            # cut to the rows' longest context before the gather, which copies what it selects: cut after it, each
+            # row copied its whole slot (every column up to max_model_len)
+            keys = pool[0, :, :, :rows.max_len].index_select(0, rows.slot_index)
+            values = pool[1, :, :, :rows.max_len].index_select(0, rows.slot_index)
         query = q.view(num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(query, keys, values, attn_mask=rows.mask, scale=self._scale)
         return o.reshape(num_rows, num_heads, head_dim)
