@@ -40,9 +40,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ModelError(f"unknown device {device!r}; use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and resolved.index not in (None, 0):
+        # the dense thread, CUDA graphs and Triton launches work on the current device, which stays the first
+        raise ModelError(f"device {device}: give the GPU as vLLM does, CUDA_VISIBLE_DEVICES={resolved.index} with "
+                         "device cuda")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("device cuda was asked for but no CUDA GPU is available")
-    return torch.device(device)
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None,

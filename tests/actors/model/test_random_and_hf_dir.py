@@ -175,6 +175,11 @@ def test_unknown_names_and_options():
         load_model("random:tiny", dtype="float64")
     with pytest.raises(ModelError, match="unknown device"):
         load_model("random:tiny", device="tpu")
+    with pytest.raises(ModelError, match="unknown device"):
+        load_model("random:tiny", device="cuda:x")
+    # the dense thread, CUDA graphs and Triton kernels work on the current GPU: another one is chosen as vLLM does
+    with pytest.raises(ModelError, match="CUDA_VISIBLE_DEVICES=1 with device cuda"):
+        load_model("random:tiny", device="cuda:1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
