@@ -333,11 +333,17 @@ class Executor:
     async def _prefill_all(self, work: list[tuple[PrefillJob, int]]) -> None:
         """Run this step's prefills (``PrefillQueue.take_step``) in order, each forward pass overlapping the
         placement of the prompt done before it (its K/V copied to the host, shipped to its node, its first token
-        sampled); a prompt with chunks still to come waits for later steps."""
+        sampled); a prompt with chunks still to come waits for later steps. A prompt placed on a node of the
+        Executor's device holds its staged K/V there until placed: that placement ends before the next forward pass
+        stages another prompt's (the default GPU pool leaves room for one)."""
         placing: asyncio.Future | None = None
+        placing_is_host = False
         try:
             for job, num_tokens in work:
                 host_copies = self.runner.host_copies if self.nodes[job.node_index].is_host else None
+                if placing is not None and not placing_is_host:
+                    await placing
+                    placing = None
                 try:
                     computed = await self.runner.run(job.run_chunk, self.model, num_tokens, host_copies)
                 except torch.OutOfMemoryError as exc:
@@ -348,6 +354,7 @@ class Executor:
                 if placing is not None:
                     await placing
                 placing = asyncio.ensure_future(self._place(job, *computed))
+                placing_is_host = host_copies is not None
             if placing is not None:
                 await placing
         finally:

@@ -331,3 +331,37 @@ async def test_a_prefill_out_of_gpu_memory_fails_that_request_alone(tiny_model, 
     assert_same_greedy([first.token_id, *rest], ref_tokens, gaps, label="beside a failed prefill")
     assert after[1] == "length" and len(after[0]) == 6
     assert not nodes[0].inner._num_tokens  # nothing left behind
+
+
+async def test_a_prompt_placed_on_the_executors_device_is_placed_before_the_next_one_is_staged(tiny_model,
+                                                                                            one_torch_thread):
+    """A node on the Executor's device (not a host) holds a prompt's staged K/V beside its pool until placed: the next
+    prompt's forward pass waits for that placement, so two prompts' K/V are never staged at once (the default GPU
+    pool leaves room for one). Host nodes keep the overlap."""
+    from fastdecode.actors.chunked_prefill import PrefillJob
+
+    model, _ = tiny_model
+    executor, _ = await start_executor(model, 0)  # every prompt whole, in one step
+    events = []
+    run_chunk, place = PrefillJob.run_chunk, executor._place
+
+    def logged_run(job, *args):
+        events.append(("run", job.seq.seq_id))
+        return run_chunk(job, *args)
+
+    async def logged_place(job, *args):
+        await place(job, *args)
+        events.append(("placed", job.seq.seq_id))
+
+    executor._place = logged_place
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(PrefillJob, "run_chunk", logged_run)
+            streams = [executor.submit(prompt(40, salt), greedy(2)) for salt in range(3)]
+            await asyncio.gather(*(collect(s) for s in streams))
+    finally:
+        await executor.stop()
+    seq_ids = sorted({seq_id for _, seq_id in events})
+    assert len(seq_ids) == 3
+    for first, second in zip(seq_ids, seq_ids[1:]):
+        assert events.index(("placed", first)) < events.index(("run", second)), events
