@@ -50,11 +50,26 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: boo
             mask=None) -> torch.Tensor:
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not share {k.shape[1]} KV heads evenly")
+    is_gqa = q.shape[1] != k.shape[1]
+    if is_gqa and not _is_flash_gpu(q):
+        # on CUDA only flash takes GQA; elsewhere there (fp32, pre-Ampere GPUs) SDPA would take the math kernel and
+        # its [Hq, T, S] float32 scores: K/V expanded per query head let the memory-efficient kernel run instead
+        group = q.shape[1] // k.shape[1]
+        k, v, is_gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
     # batched [1, heads, tokens, D]: the fused (flash, memory-efficient) kernels take four dimensions; given three,
     # SDPA falls back to the math one, which makes the [Hq, T, S] scores (32 GB for a 2k chunk after 120k tokens)
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                       attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
+                                       attn_mask=mask, is_causal=is_causal, enable_gqa=is_gqa)
     return _as_rows(o[0].transpose(0, 1))
+
+
+def _is_flash_gpu(q: torch.Tensor) -> bool:
+    """Not a CUDA tensor that flash attention cannot take (it needs fp16/bf16, an Ampere or later GPU, head dim at
+    most 256). The CPU's kernels take GQA as they are."""
+    if q.device.type != "cuda":
+        return True
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def prefill_attention_ragged(

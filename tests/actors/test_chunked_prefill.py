@@ -146,3 +146,33 @@ def test_config_default_chunks_and_zero_or_none_turns_it_off():
     assert (ExecutorConfig().batched_tokens_for(cpu), ExecutorConfig().batched_tokens_for(gpu)) == (256, 2048)
     assert ExecutorConfig(max_num_batched_tokens=0).batched_tokens_for(gpu) is None  # 0: no chunking
     assert ExecutorConfig(max_num_batched_tokens=512).batched_tokens_for(cpu) == 512
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_chunk_after_a_long_prefix_makes_no_score_matrix_cuda(dtype):
+    """A 2048-token chunk after 30k tokens with Llama-3-8B's heads (GQA 4): the [32, 2048, 32k] float32 scores the math
+    kernel makes are 8 GiB; a fused kernel needs under 2 GiB (float32, which flash does not take, through the
+    memory-efficient one with K/V expanded per query head). The result is the small case's masked reference."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    num_new, num_all = 2048, 32768
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
+
+    q, keys, values = rand(num_new, 32, 128), rand(num_all, 8, 128), rand(num_all, 8, 128)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    prefill_attention_after(q, keys, values)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 2 << 30
+    small_q, small_k, small_v = q[:64], keys[:256], values[:256]
+    visible = torch.ones(64, 256, dtype=torch.bool, device=device).tril(192)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        small_q.float().transpose(0, 1), small_k.float().repeat_interleave(4, 1).transpose(0, 1),
+        small_v.float().repeat_interleave(4, 1).transpose(0, 1), attn_mask=visible).transpose(0, 1)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(prefill_attention_after(small_q, small_k, small_v).float(), expected,
+                               atol=tolerance, rtol=tolerance)
