@@ -3,7 +3,8 @@ WebSocket stream request.
 
 Each parser turns a decoded JSON object into a ``GenerateRequest`` or raises
 ``ApiError(400)`` naming the bad field: a wrong type, a number past the float
-or int64 range, or a field this server does not implement.  Other value ranges
+or int64 range (the typed fields are ``body_fields``'), or a field this server
+does not implement.  Other value ranges
 are left to ``SamplingParams``, which raises ``RequestError`` with a clear message.
 """
 from __future__ import annotations
@@ -11,23 +12,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from fastdecode.actors.frontend.body_fields import (
+    boolean_field,
+    chat_max_tokens,
+    continuous_usage_field,
+    include_usage_field,
+    integer_field,
+    is_int,
+    logprobs_count,
+    max_tokens_field,
+    prompt_logprobs_field,
+    sampling_fields,
+    shown,
+)
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.model.config import SamplingDefaults
-from fastdecode.actors.request import LogitBias, RequestError, SamplingParams
+from fastdecode.actors.request import RequestError, SamplingParams
 
-MAX_LOGPROBS = 20
 LARGE_BODY_BYTES = 1 << 20  # bodies from this size are decoded and checked off the event loop
 T = TypeVar("T")
-MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an int64 (vLLM bounds seed so)
-# a request's stop strings, every one searched for at every token on the event loop (100k of them took 83 ms a token);
-# vLLM has no limit, OpenAI takes 4, TGI 4 by default
-MAX_STOP_STRINGS = 64
-MAX_STOP_CHARS = 16384  # their characters in all
 
 # vLLM/OpenAI fields this server does not implement -> the values that change nothing; any other value is
 # refused rather than silently ignored
@@ -167,10 +174,10 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     return GenerateRequest(
         model=model_field(body), prompt=prompts[0] if len(prompts) == 1 else None,
         prompts=prompts if len(prompts) > 1 else (), num_samples=_num_samples(body),
-        sampling=_sampling(body), max_tokens=_max_tokens(body, default=16, is_zero_allowed=is_echo),
-        num_logprobs=_logprobs_count(body, "logprobs"), num_prompt_logprobs=_prompt_logprobs(body, is_stream),
-        is_stream=is_stream, is_usage_streamed=_include_usage(body, is_stream),
-        is_usage_continuous=_continuous_usage(body),
+        sampling=sampling_fields(body), max_tokens=max_tokens_field(body, default=16, is_zero_allowed=is_echo),
+        num_logprobs=logprobs_count(body, "logprobs"), num_prompt_logprobs=prompt_logprobs_field(body, is_stream),
+        is_stream=is_stream, is_usage_streamed=include_usage_field(body, is_stream),
+        is_usage_continuous=continuous_usage_field(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"), is_echo=is_echo,
     )
@@ -182,15 +189,15 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     template_kwargs = _chat_template_kwargs(body)
     num_logprobs = None
     if boolean_field(body, "logprobs"):
-        num_logprobs = _logprobs_count(body, "top_logprobs") or 0
+        num_logprobs = logprobs_count(body, "top_logprobs") or 0
     elif body.get("top_logprobs") is not None:
         raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
     is_stream = boolean_field(body, "stream")
     return GenerateRequest(
         model=model_field(body), messages=parse_messages(body.get("messages")), num_samples=_num_samples(body),
-        sampling=_sampling(body), max_tokens=_chat_max_tokens(body),
-        num_logprobs=num_logprobs, num_prompt_logprobs=_prompt_logprobs(body, is_stream), is_stream=is_stream,
-        is_usage_streamed=_include_usage(body, is_stream), is_usage_continuous=_continuous_usage(body),
+        sampling=sampling_fields(body), max_tokens=chat_max_tokens(body),
+        num_logprobs=num_logprobs, num_prompt_logprobs=prompt_logprobs_field(body, is_stream), is_stream=is_stream,
+        is_usage_streamed=include_usage_field(body, is_stream), is_usage_continuous=continuous_usage_field(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         chat_template_kwargs=template_kwargs,
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
@@ -203,7 +210,7 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
     response_format).  A prompt's ``echo`` is refused: the token messages have no place for the prompt's text."""
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
     _refuse_unsupported(body, is_chat=has_messages)
-    _prompt_logprobs(body, is_stream=True)
+    prompt_logprobs_field(body, is_stream=True)
     if has_prompt == has_messages:
         raise bad_request("give exactly one of prompt and messages")
     if _num_samples(body) != 1:
@@ -214,9 +221,9 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
         model=model_field(body),
         prompt=_one_prompt(body["prompt"]) if has_prompt else None,
         messages=parse_messages(body["messages"]) if has_messages else None,
-        sampling=_sampling(body),
-        max_tokens=_chat_max_tokens(body) if has_messages else _max_tokens(body, default=None),
-        num_logprobs=_logprobs_count(body, "logprobs"), is_stream=True,
+        sampling=sampling_fields(body),
+        max_tokens=chat_max_tokens(body) if has_messages else max_tokens_field(body, default=None),
+        num_logprobs=logprobs_count(body, "logprobs"), is_stream=True,
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         chat_template_kwargs=_chat_template_kwargs(body) if has_messages else {},
     )
@@ -295,7 +302,7 @@ def model_field(body: dict[str, Any]) -> str | None:
 
 def _num_samples(body: dict[str, Any]) -> int:
     """``n`` (default 1); vLLM's ``best_of``, where given, must equal it: every sample is returned."""
-    num_samples = 1 if body.get("n") is None else _integer(body, "n")
+    num_samples = 1 if body.get("n") is None else integer_field(body, "n")
     if num_samples < 1:
         raise bad_request(f"n must be at least 1, got {num_samples}", "n")
     best_of = body.get("best_of")
@@ -364,160 +371,4 @@ def checked_text(value: str, param: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise bad_request(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}", param) from None
-    return value
-
-
-def _sampling(body: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
-        if body.get(name) is not None:
-            fields[name] = _number(body, name)
-    if body.get("logit_bias") is not None:
-        fields["logit_bias"] = _logit_bias(body)
-    for name in ("top_k", "min_tokens", "seed"):
-        if body.get(name) is not None:
-            fields[name] = _integer(body, name)
-    if body.get("ignore_eos") is not None:
-        fields["ignore_eos"] = boolean_field(body, "ignore_eos")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad_request("stop must be a non-empty string or a list of them", "stop")
-        if len(stop) > MAX_STOP_STRINGS:
-            raise bad_request(f"stop has {len(stop)} strings: at most {MAX_STOP_STRINGS} stop strings are allowed",
-                              "stop")
-        num_chars = sum(len(s) for s in stop)
-        if num_chars > MAX_STOP_CHARS:
-            raise bad_request(f"stop has {num_chars} characters in all: at most {MAX_STOP_CHARS} characters are "
-                              "allowed", "stop")
-        fields["stop"] = tuple(stop)
-    stop_token_ids = body.get("stop_token_ids")
-    if stop_token_ids is not None:
-        if not isinstance(stop_token_ids, list) or not all(is_int(t) for t in stop_token_ids):
-            raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
-        fields["stop_token_ids"] = tuple(stop_token_ids)
-    return fields
-
-
-def _logit_bias(body: dict[str, Any]) -> LogitBias:
-    """OpenAI's ``logit_bias``: an object of token ids (as strings, JSON's keys) to biases in [-100, 100], sorted and
-    checked here once (``LogitBias``); the ids against the vocabulary are the Executor's to check (``check_prompt``)."""
-    value = body["logit_bias"]
-    if not isinstance(value, dict):
-        raise bad_request("logit_bias must be an object of token ids to biases", "logit_bias")
-    biases = {}
-    for key, bias in value.items():
-        if not key.isascii() or not key.isdigit() or len(key) > 19:
-            raise bad_request(f"logit_bias keys must be token ids, got {shown(key)}", "logit_bias")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
-            raise bad_request(f"logit_bias values must be numbers, got {shown(bias)}", "logit_bias")
-        biases[int(key)] = bias
-    try:  # sorted and checked once here (off the loop for a large body), not again for each prompt or sample
-        return LogitBias.of(biases)
-    except RequestError as exc:
-        raise bad_request(str(exc), "logit_bias") from None
-
-
-def _chat_max_tokens(body: dict[str, Any]) -> int | None:
-    """Chat's output limit: ``max_completion_tokens`` (OpenAI's newer name) where given, else ``max_tokens``; None
-    (up to the end of the context) when neither is."""
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return _max_tokens(body, default=None, name=name)
-
-
-def _max_tokens(body: dict[str, Any], *, default: int | None, name: str = "max_tokens",
-                is_zero_allowed: bool = False) -> int | None:
-    """The output limit; 0 only where ``is_zero_allowed`` (an echo: the prompt alone, as vLLM)."""
-    if body.get(name) is None:
-        return default
-    value = _integer(body, name)
-    if value < 1 and not (value == 0 and is_zero_allowed):
-        lowest = "0 (with echo)" if is_zero_allowed else "1"
-        raise bad_request(f"{name} must be at least {lowest}, got {value}", name)
-    return value
-
-
-def _logprobs_count(body: dict[str, Any], name: str) -> int | None:
-    if body.get(name) is None:
-        return None
-    value = _integer(body, name)
-    if not 0 <= value <= MAX_LOGPROBS:
-        raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
-    return value
-
-
-def _prompt_logprobs(body: dict[str, Any], is_stream: bool) -> int | None:
-    """vLLM's ``prompt_logprobs``: top logprobs per prompt token, refused on a stream as vLLM does (the response
-    carries them whole)."""
-    value = _logprobs_count(body, "prompt_logprobs")
-    if value is not None and is_stream:
-        raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
-    return value
-
-
-def _include_usage(body: dict[str, Any], is_stream: bool) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not is_stream:
-        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
-    if not isinstance(options, dict):
-        raise bad_request("stream_options must be an object", "stream_options")
-    return boolean_field(options, "include_usage")
-
-
-def _continuous_usage(body: dict[str, Any]) -> bool:
-    """``stream_options.continuous_usage_stats``: usage on every chunk, as in vLLM only together with
-    ``include_usage`` (the options are checked by ``_include_usage`` first)."""
-    options = body.get("stream_options")
-    if not isinstance(options, dict):
-        return False
-    is_continuous = boolean_field(options, "continuous_usage_stats")
-    return is_continuous and boolean_field(options, "include_usage")
-
-
-def is_int(value: Any) -> bool:
-    """A JSON integer (``true``/``false`` are not)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def shown(value: Any) -> str:
-    """``repr(value)`` cut short: a request may send a number of hundreds of digits."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
-
-
-def _integer(body: dict[str, Any], name: str) -> int:
-    value = body.get(name)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not is_int(value):
-        raise bad_request(f"{name} must be an integer, got {shown(value)}", name)
-    if not MIN_INT64 <= value <= MAX_INT64:
-        raise bad_request(f"{name} must be in [{MIN_INT64}, {MAX_INT64}], got {shown(value)}", name)
-    return value
-
-
-def _number(body: dict[str, Any], name: str) -> float:
-    value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request(f"{name} must be a finite number, got {shown(value)}", name)
-    try:
-        number = float(value)
-    except OverflowError:  # an int past the float range
-        number = math.inf
-    if not math.isfinite(number):
-        raise bad_request(f"{name} must be a finite number, got {shown(value)}", name)
-    return number
-
-
-def boolean_field(body: dict[str, Any], name: str, *, default: bool | None = False) -> bool | None:
-    """``body[name]`` as a bool, ``default`` when omitted or null; 400 naming the field for any other type."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false, got {shown(value)}", name)
     return value

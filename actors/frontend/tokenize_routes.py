@@ -19,14 +19,12 @@ from aiohttp import web
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import bad_request
 from fastdecode.actors.frontend.generation import chat_token_ids, json_response
+from fastdecode.actors.frontend.body_fields import boolean_field, is_int, shown
 from fastdecode.actors.frontend.openai_request import (
-    boolean_field,
     checked_text,
-    is_int,
     model_field,
     parse_body,
     parse_messages,
-    shown,
     template_kwargs_field,
 )
 from fastdecode.actors.frontend.state import STATE

@@ -7,10 +7,9 @@ import threading
 import pytest
 
 from fastdecode.actors.frontend.errors import ApiError
+from fastdecode.actors.frontend.body_fields import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from fastdecode.actors.frontend.openai_request import (
     LARGE_BODY_BYTES,
-    MAX_STOP_CHARS,
-    MAX_STOP_STRINGS,
     decode_body,
     parse_body,
     parse_chat,

@@ -1,0 +1,173 @@
+"""Typed fields of an OpenAI request body: numbers within the float and int64 ranges, booleans, the sampling fields
+(stop strings and logit_bias bounded), output limits, logprob counts and stream options. Each raises ``ApiError(400)``
+naming the field; ``openai_request`` builds the requests from them."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastdecode.actors.frontend.errors import bad_request
+from fastdecode.actors.request import LogitBias, RequestError
+
+MAX_LOGPROBS = 20
+MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an int64 (vLLM bounds seed so)
+# a request's stop strings, every one searched for at every token on the event loop (100k of them took 83 ms a token);
+# vLLM has no limit, OpenAI takes 4, TGI 4 by default
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 16384  # their characters in all
+
+
+def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        if body.get(name) is not None:
+            fields[name] = number_field(body, name)
+    if body.get("logit_bias") is not None:
+        fields["logit_bias"] = logit_bias_field(body)
+    for name in ("top_k", "min_tokens", "seed"):
+        if body.get(name) is not None:
+            fields[name] = integer_field(body, name)
+    if body.get("ignore_eos") is not None:
+        fields["ignore_eos"] = boolean_field(body, "ignore_eos")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise bad_request("stop must be a non-empty string or a list of them", "stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop has {len(stop)} strings: at most {MAX_STOP_STRINGS} stop strings are allowed",
+                              "stop")
+        num_chars = sum(len(s) for s in stop)
+        if num_chars > MAX_STOP_CHARS:
+            raise bad_request(f"stop has {num_chars} characters in all: at most {MAX_STOP_CHARS} characters are "
+                              "allowed", "stop")
+        fields["stop"] = tuple(stop)
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None:
+        if not isinstance(stop_token_ids, list) or not all(is_int(t) for t in stop_token_ids):
+            raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
+        fields["stop_token_ids"] = tuple(stop_token_ids)
+    return fields
+
+
+def logit_bias_field(body: dict[str, Any]) -> LogitBias:
+    """OpenAI's ``logit_bias``: an object of token ids (as strings, JSON's keys) to biases in [-100, 100], sorted and
+    checked here once (``LogitBias``); the ids against the vocabulary are the Executor's to check (``check_prompt``)."""
+    value = body["logit_bias"]
+    if not isinstance(value, dict):
+        raise bad_request("logit_bias must be an object of token ids to biases", "logit_bias")
+    biases = {}
+    for key, bias in value.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 19:
+            raise bad_request(f"logit_bias keys must be token ids, got {shown(key)}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise bad_request(f"logit_bias values must be numbers, got {shown(bias)}", "logit_bias")
+        biases[int(key)] = bias
+    try:  # sorted and checked once here (off the loop for a large body), not again for each prompt or sample
+        return LogitBias.of(biases)
+    except RequestError as exc:
+        raise bad_request(str(exc), "logit_bias") from None
+
+
+def chat_max_tokens(body: dict[str, Any]) -> int | None:
+    """Chat's output limit: ``max_completion_tokens`` (OpenAI's newer name) where given, else ``max_tokens``; None
+    (up to the end of the context) when neither is."""
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return max_tokens_field(body, default=None, name=name)
+
+
+def max_tokens_field(body: dict[str, Any], *, default: int | None, name: str = "max_tokens",
+                is_zero_allowed: bool = False) -> int | None:
+    """The output limit; 0 only where ``is_zero_allowed`` (an echo: the prompt alone, as vLLM)."""
+    if body.get(name) is None:
+        return default
+    value = integer_field(body, name)
+    if value < 1 and not (value == 0 and is_zero_allowed):
+        lowest = "0 (with echo)" if is_zero_allowed else "1"
+        raise bad_request(f"{name} must be at least {lowest}, got {value}", name)
+    return value
+
+
+def logprobs_count(body: dict[str, Any], name: str) -> int | None:
+    if body.get(name) is None:
+        return None
+    value = integer_field(body, name)
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    return value
+
+
+def prompt_logprobs_field(body: dict[str, Any], is_stream: bool) -> int | None:
+    """vLLM's ``prompt_logprobs``: top logprobs per prompt token, refused on a stream as vLLM does (the response
+    carries them whole)."""
+    value = logprobs_count(body, "prompt_logprobs")
+    if value is not None and is_stream:
+        raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+    return value
+
+
+def include_usage_field(body: dict[str, Any], is_stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not is_stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    if not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    return boolean_field(options, "include_usage")
+
+
+def continuous_usage_field(body: dict[str, Any]) -> bool:
+    """``stream_options.continuous_usage_stats``: usage on every chunk, as in vLLM only together with
+    ``include_usage`` (the options are checked by ``include_usage_field`` first)."""
+    options = body.get("stream_options")
+    if not isinstance(options, dict):
+        return False
+    is_continuous = boolean_field(options, "continuous_usage_stats")
+    return is_continuous and boolean_field(options, "include_usage")
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer (``true``/``false`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short: a request may send a number of hundreds of digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
+
+
+def integer_field(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not is_int(value):
+        raise bad_request(f"{name} must be an integer, got {shown(value)}", name)
+    if not MIN_INT64 <= value <= MAX_INT64:
+        raise bad_request(f"{name} must be in [{MIN_INT64}, {MAX_INT64}], got {shown(value)}", name)
+    return value
+
+
+def number_field(body: dict[str, Any], name: str) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"{name} must be a finite number, got {shown(value)}", name)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise bad_request(f"{name} must be a finite number, got {shown(value)}", name)
+    return number
+
+
+def boolean_field(body: dict[str, Any], name: str, *, default: bool | None = False) -> bool | None:
+    """``body[name]`` as a bool, ``default`` when omitted or null; 400 naming the field for any other type."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false, got {shown(value)}", name)
+    return value
