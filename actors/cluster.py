@@ -28,8 +28,9 @@ import torch
 from fastdecode.actors.dense_profile import measure_dense_profile, time_prefill
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
+from fastdecode.actors.host_memory import available_memory_bytes
 from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
-from fastdecode.actors.kvshard import BUSY
+from fastdecode.actors.kvshard import BUSY, shape_problem
 from fastdecode.actors.model import load_model, resolve_config, resolve_device
 from fastdecode.actors.model.loader import model_dtype
 from fastdecode.actors.model.tokenizer import compile_chat_template
@@ -342,6 +343,15 @@ async def _links_before_loading(config: ClusterConfig, device: torch.device) -> 
     config.executor.max_len_for(cfg.max_position_embeddings)
     if config.chat_template is not None:
         compile_chat_template(config.chat_template)
+    if (config.num_shards or config.shard_addresses) and \
+            (problem := shape_problem(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)) is not None:
+        raise ValueError(f"this model has {problem}: serve it without shards")
+    if config.num_shards and config.shard_kv_memory_bytes:
+        total, available = config.num_shards * config.shard_kv_memory_bytes, available_memory_bytes()
+        if total > available:  # their pools pre-fault it all, at once: more gets this process OOM-killed
+            raise ValueError(f"{config.num_shards} in-process shards of {config.shard_kv_memory_bytes / (1 << 30):.1f} "
+                             f"GiB of KV each take more memory than this host can give now "
+                             f"({available / (1 << 30):.1f} GiB available): give a smaller --kv-memory")
     shape = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                  kv_dtype=KV_DTYPE_NAMES[model_dtype(config.model, config.dtype, device)])
     links = ShardLinks.open(config, shape=shape)

@@ -31,7 +31,6 @@ from per-row lengths, so no shape or host value changes from one step to the nex
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastdecode.actors.host_memory import available_memory_bytes
 from fastdecode.actors.kv_nodes import KVNode, NodeStats
 from fastdecode.actors.static_attention import STATIC_ATTENTIONS, StaticAttention
 
@@ -90,20 +90,12 @@ def gpu_kv_bytes(model, num_slots: int, slot_len: int) -> int:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Bytes free on ``device`` now: CUDA's free memory, or on the CPU the RAM available now (MemAvailable,
-    which counts the page cache the kernel can drop; the free pages where /proc/meminfo is not there)."""
+    """Bytes free on ``device`` now: CUDA's free memory, or on the CPU the RAM available now
+    (``host_memory.available_memory_bytes``: MemAvailable, within the container's limit)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            lines = meminfo.read().splitlines()
-    except OSError:  # not Linux
-        lines = []
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_memory_bytes()
 
 
 def check_gpu_kv_memory(memory_bytes: int, device: torch.device) -> None:

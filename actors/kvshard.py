@@ -23,8 +23,19 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 
+from fastdecode.actors.host_memory import available_memory_bytes
 from fastdecode.actors.runtime import ActorError
-from fastdecode.native.lib import DEFAULT_CHUNK_TOKENS, ISA_NAMES, KVPool, NativeError, Status, available_isas
+from fastdecode.native.lib import (
+    DEFAULT_CHUNK_TOKENS,
+    HEAD_DIM_MULTIPLE,
+    ISA_NAMES,
+    MAX_GROUP,
+    MAX_HEAD_DIM,
+    KVPool,
+    NativeError,
+    Status,
+    available_isas,
+)
 from fastdecode.transport.shard_messages import (
     Allocate,
     AppendPrompt,
@@ -218,6 +229,11 @@ class KVShard:
                                        f"{self._describe(message)}")
             self._pool.close()
             self._pool, self._shape = None, None
+        available = available_memory_bytes()
+        if self.config.kv_memory_bytes > available:  # the pool pre-faults it all: more gets the process OOM-killed
+            raise ActorError(OUT_OF_MEMORY, f"this shard's KV memory of {_in_gib(self.config.kv_memory_bytes)} is more "
+                                            f"than this host can give now ({_in_gib(available)} available): start it "
+                                            "with a smaller --kv-memory")
         with _as_actor_errors():
             self._pool = KVPool(
                 num_layers=message.num_layers, num_kv_heads=message.num_kv_heads, head_dim=message.head_dim,
@@ -392,3 +408,20 @@ class KVShard:
             self._pool.close()
             self._pool = None
         self._lengths.clear()
+
+
+def shape_problem(num_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
+    """Why a model's attention shape is one a shard cannot serve (a Configure would pass, then every attend fail), or
+    None: a GQA group past the kernels' ``MAX_GROUP`` query heads per KV head, or a head dim they do not take."""
+    group = num_heads // num_kv_heads
+    if group > MAX_GROUP:
+        return (f"{num_heads} query heads per {num_kv_heads} KV heads ({group} to a group); the shards' attention "
+                f"takes at most {MAX_GROUP}")
+    if not (HEAD_DIM_MULTIPLE <= head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0):
+        return (f"a head dim of {head_dim}; the shards' attention takes a multiple of {HEAD_DIM_MULTIPLE} up to "
+                f"{MAX_HEAD_DIM}")
+    return None
+
+
+def _in_gib(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 30):.1f} GiB"

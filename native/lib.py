@@ -24,6 +24,10 @@ ABI_VERSION = 5
 ISA_ENV_VAR = "FASTDECODE_NATIVE_ISA"
 PREFETCH_FAR_ENV_VAR = "FASTDECODE_NATIVE_PREFETCH_FAR"
 DEFAULT_CHUNK_TOKENS = 512
+# what the kernels take (native/csrc/kernel_api.h, pool.cpp): query heads per KV head, and the head dim
+MAX_GROUP = 16
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 16
 
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
 _KV_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}

@@ -117,3 +117,16 @@ async def test_start_up_mistakes_are_found_before_the_weights_load(monkeypatch, 
     config = ClusterConfig(**{"model": "random:tiny", "device": "cpu", **values})
     with pytest.raises(Exception, match=error):
         await Cluster.start(config)
+
+
+async def test_in_process_shards_past_the_memory_available_are_refused_before_the_load(monkeypatch):
+    """Each in-process shard's --kv-memory passes on its own, but they pre-fault their pools at once: more in all than
+    the host can give now is refused before the weights load, rather than the server being OOM-killed."""
+    import fastdecode.actors.cluster as cluster
+    from fastdecode.actors.cluster import Cluster
+
+    monkeypatch.setattr(cluster, "available_memory_bytes", lambda: 100 << 20)
+    monkeypatch.setattr(cluster, "load_model", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    config = ClusterConfig(model="random:tiny", device="cpu", num_shards=4, shard_kv_memory_bytes=32 << 20)
+    with pytest.raises(ValueError, match="4 in-process shards .* more memory than this host can give now"):
+        await Cluster.start(config)

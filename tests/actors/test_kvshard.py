@@ -455,3 +455,42 @@ def test_live_shard_survives_hostile_messages(live_shard) -> None:
     assert type(result) is AttendResult
     assert np.array_equal(result.o.view(np.uint16), expected.view(np.uint16))
     reference.close()
+
+
+def test_a_pool_larger_than_the_memory_available_now_is_refused_at_configure(monkeypatch) -> None:
+    """The pool pre-faults all its memory: asked for more than the host can give now (MemAvailable, within the
+    container's limit), Configure is refused with a clear error instead of the shard being OOM-killed."""
+    import fastdecode.actors.kvshard as kvshard
+
+    shard = KVShard(ShardConfig(kv_memory_bytes=8 << 20, num_threads=1, is_calibrating=False))
+    monkeypatch.setattr(kvshard, "available_memory_bytes", lambda: 4 << 20)
+    with pytest.raises(ActorError) as info:
+        shard.on_configure(SHAPE)
+    assert info.value.code == "out_of_memory" and "0.0 GiB available" in info.value.message
+    monkeypatch.setattr(kvshard, "available_memory_bytes", lambda: 64 << 20)
+    assert shard.on_configure(SHAPE).capacity_bytes > 0
+    shard.close()
+
+
+def test_what_the_shards_attention_cannot_serve_is_named() -> None:
+    from fastdecode.actors.kvshard import shape_problem
+
+    assert shape_problem(32, 8, 128) is None and shape_problem(128, 8, 128) is None  # group 16: the most
+    assert "32 to a group" in shape_problem(64, 2, 128)
+    assert shape_problem(32, 8, 96) is None and "head dim of 72" in shape_problem(32, 8, 72)
+    assert "head dim of 512" in shape_problem(32, 8, 512)
+
+
+def test_the_memory_available_is_capped_by_the_containers_limit(tmp_path) -> None:
+    from fastdecode.actors.host_memory import _cgroup_room
+
+    own = tmp_path / "cgroup"
+    own.write_text("0::/pod/app\n")
+    group = tmp_path / "root" / "pod" / "app"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text("1073741824\n")
+    (group / "memory.current").write_text("268435456\n")
+    assert _cgroup_room(own, tmp_path / "root") == 768 << 20
+    (group / "memory.max").write_text("max\n")
+    assert _cgroup_room(own, tmp_path / "root") is None
+    assert _cgroup_room(tmp_path / "no-such-file", tmp_path / "root") is None
