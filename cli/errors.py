@@ -36,15 +36,16 @@ class OneLineCommand(click.Command):
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn the errors bad input causes (model, request, usage, a shard that does not answer or refuses) and
-    file-system errors (a read-only folder, a full disk) into ``OneLineError``."""
+    """Turn the errors bad input causes (model, request, usage, CURVE keys, a shard that does not answer or refuses)
+    and file-system errors (a read-only folder, a full disk) into ``OneLineError``."""
     from fastdecode.actors.model.errors import ModelError
     from fastdecode.actors.request import RequestError
     from fastdecode.transport.errors import TransportError
+    from fastdecode.transport.security import CurveKeyError
 
     try:
         yield
-    except (ModelError, RequestError, click.UsageError) as exc:
+    except (ModelError, RequestError, CurveKeyError, click.UsageError) as exc:
         message = exc.format_message() if isinstance(exc, click.UsageError) else str(exc)
         raise OneLineError(message) from None
     except TransportError as exc:

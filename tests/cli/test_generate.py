@@ -158,3 +158,13 @@ def test_default_model_says_paris(smollm2_model, one_torch_thread):
     result = _run("generate", "--prompt", "The capital of France is", "--max-tokens", "8")
     assert result.exit_code == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_a_keys_folder_without_the_clients_keys_is_one_line_exit_2(tmp_path):
+    """--curve-dir holding only what a shard host has (not client.secret): one line naming the missing key file."""
+    result = _run("generate", "--model", "random:tiny", "--prompt", "x", "--shard", "tcp://127.0.0.1:9",
+                  "--curve-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.strip().splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "missing key file" in errors[0], result.stderr
+    assert "Traceback" not in result.output
