@@ -6,18 +6,25 @@ timestamps in seconds, shifted to start at 0). Each request streams (SSE) a prom
 of token ids with ``max_tokens`` and ``ignore_eos``: slices of the ids that the
 server's ``POST /tokenize`` (vLLM's shape) gives for a seeded random text, so they
 are valid for any model; ids drawn from ``[0, --vocab)`` instead when ``--vocab``
-is given or the server has no ``/tokenize``. TTFT is the time to the first content
-chunk, TPOT = (last - first chunk) / (completion tokens - 1), the completion tokens
-coming from the streamed usage. ``--api-key`` (or ``FASTDECODE_API_KEY``, as for
-``fdctl serve``) is sent as a Bearer key on every request. Progress on stderr; one
-JSON object last on stdout, also when no request succeeded (then one ``Error:``
+is given or the server has no ``/tokenize``. Every request is sent when it arrives
+(no client-side connection pool limit), or with ``--max-concurrency N`` (vLLM's)
+when one of N places is free; a request's clock starts when it is sent. TTFT is the
+time to the first content chunk, TPOT = (last - first chunk) / (completion tokens - 1),
+the completion tokens coming from the streamed usage, ITL the gaps between content
+chunks (all requests' together). ``--goodput ttft:500 tpot:50 e2el:2000`` (vLLM's
+service level objectives, milliseconds) adds ``goodput_requests_per_s``: requests
+meeting every given objective per second. ``--api-key`` (or ``FASTDECODE_API_KEY``,
+as for ``fdctl serve``) is sent as a Bearer key on every request. Progress on stderr;
+one JSON object last on stdout, also when no request succeeded (then one ``Error:``
 line and exit 1); with ``--out`` also ``latency.png``.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
+import math
 import os
 import random
 import string
@@ -33,24 +40,35 @@ from fastdecode.cli.serve import API_KEY_ENV
 
 
 def read_trace(path: str, limit: int) -> list[tuple[float, int, int]]:
-    """(arrival s from the first, prompt tokens, output tokens) from a BurstGPT-style CSV."""
+    """(arrival s from the first, prompt tokens, output tokens) from a BurstGPT-style CSV (UTF-8, a byte order
+    mark allowed)."""
     try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
     except OSError as exc:
         raise OneLineError(f"cannot read trace {path}: {exc}") from None
-    columns = {name.strip().lower(): name for name in (rows[0].keys() if rows else ())}
+    except UnicodeDecodeError as exc:
+        raise OneLineError(f"trace {path} is not UTF-8 text: {exc}") from None
+    except csv.Error as exc:
+        raise OneLineError(f"trace {path} is not a CSV file: {exc}") from None
+    columns = {name.strip().lower(): name for name in reader.fieldnames or ()}
     missing = [c for c in ("timestamp", "request tokens", "response tokens") if c not in columns]
     if missing:
         raise OneLineError(f"trace {path} lacks column(s) {', '.join(missing)} (has {', '.join(columns) or 'none'})")
     out = []
     for number, row in enumerate(rows[:limit], start=2):
-        try:
-            out.append((float(row[columns["timestamp"]]), int(float(row[columns["request tokens"]])),
+        try:  # a short row gives None (TypeError); inf tokens an OverflowError
+            timestamp = float(row[columns["timestamp"]])
+            if not math.isfinite(timestamp):
+                raise ValueError(timestamp)
+            out.append((timestamp, int(float(row[columns["request tokens"]])),
                         int(float(row[columns["response tokens"]]))))
-        except ValueError:
-            raise OneLineError(f"trace {path} line {number}: not numbers: {row}") from None
-    start = min((t for t, _, _ in out), default=0.0)
+        except (ValueError, TypeError, OverflowError):
+            raise OneLineError(f"trace {path} line {number}: missing or not numbers: {row}") from None
+    if not out:
+        raise OneLineError(f"trace {path} has no requests, only its header")
+    start = min(t for t, _, _ in out)
     return sorted((t - start, max(1, p), max(1, o)) for t, p, o in out)
 
 
@@ -61,6 +79,38 @@ def poisson_schedule(rate: float, count: int, prompt_len: int, output_len: int,
         out.append((clock, prompt_len, output_len))
         clock += rng.expovariate(rate)
     return out
+
+
+GOODPUT_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "e2el": "latency_s"}  # vLLM's names: a result's keys
+
+
+def parse_goodput(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    """``--goodput`` values, each one or more KEY:VALUE pairs (space- or comma-separated), as {metric: ms}."""
+    slo_ms: dict[str, float] = {}
+    for pair in " ".join(values).replace(",", " ").split():
+        key, is_pair, value = pair.partition(":")
+        if not is_pair:
+            raise click.BadParameter(f"{pair!r}: give service level objectives as KEY:VALUE pairs, the value in "
+                                     "milliseconds, e.g. ttft:500 tpot:50")
+        if key not in GOODPUT_METRICS:
+            raise click.BadParameter(f"unknown metric {key!r} ({', '.join(GOODPUT_METRICS)})")
+        if key in slo_ms:
+            raise click.BadParameter(f"{key!r} is given twice")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = math.nan
+        if not (math.isfinite(ms) and ms >= 0):
+            raise click.BadParameter(f"{pair!r}: {key} must be a non-negative number of milliseconds")
+        slo_ms[key] = ms
+    return slo_ms
+
+
+def is_good(result: dict, slo_ms: dict[str, float]) -> bool:
+    """Whether a finished request meets every service level objective of ``slo_ms`` (a request of one token has no
+    TPOT to miss, as in vLLM)."""
+    return all(result[GOODPUT_METRICS[key]] is None or result[GOODPUT_METRICS[key]] <= ms / 1e3
+               for key, ms in slo_ms.items())
 
 
 def http_error(status: int, body: str) -> str:
@@ -139,6 +189,7 @@ async def one_request(session, url: str, model: str, prompt: list[int], max_toke
     start = time.perf_counter()
     first = last = None
     tokens = 0
+    itl: list[float] = []  # the gaps between content chunks
     async with session.post(f"{url}/v1/completions", json=body) as response:
         if response.status != 200:
             return {"error": http_error(response.status, await response.text())}
@@ -152,12 +203,15 @@ async def one_request(session, url: str, model: str, prompt: list[int], max_toke
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if any(choice.get("text") is not None for choice in chunk.get("choices", ())):
-                last = time.perf_counter()
+                now = time.perf_counter()
+                if last is not None:
+                    itl.append(now - last)
+                last = now
                 first = first or last
     if first is None:
         return {"error": "no tokens streamed"}
     return {"ttft_s": first - start, "tpot_s": (last - first) / (tokens - 1) if tokens > 1 else None,
-            "tokens": tokens, "latency_s": last - start}
+            "tokens": tokens, "latency_s": last - start, "itl_s": itl}
 
 
 async def run_serve_bench(options: dict) -> dict:
@@ -173,7 +227,11 @@ async def run_serve_bench(options: dict) -> dict:
     url = options["url"].rstrip("/")
     timeout = aiohttp.ClientTimeout(total=options["timeout"])
     headers = {"Authorization": f"Bearer {options['api_key']}"} if options["api_key"] else None
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+    max_concurrency = options["max_concurrency"]
+    # aiohttp's default connector holds at most 100 connections: a request past them would wait in the client, and
+    # the wait would count as the server's latency (vLLM's benchmark_serving sets the same limits)
+    connector = aiohttp.TCPConnector(limit=max_concurrency or 0, limit_per_host=max_concurrency or 0)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers, connector=connector) as session:
         try:
             async with session.get(f"{url}/v1/models") as response:
                 status, body = response.status, await response.text()
@@ -189,14 +247,16 @@ async def run_serve_bench(options: dict) -> dict:
                                                      max(p for _, p, _ in schedule), rng)
         bar = tqdm(total=len(schedule), desc="requests", unit="req", mininterval=0.5)
         results: list[dict] = []
+        places = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
 
         async def fire(at: float, prompt_len: int, output_len: int) -> None:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - origin)))
             prompt = make_prompt(prompt_len)
-            try:
-                results.append(await one_request(session, url, model, prompt, output_len))
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                results.append({"error": f"{type(exc).__name__}: {exc}"})
+            async with places:  # the request's clock starts once it has a place
+                try:
+                    results.append(await one_request(session, url, model, prompt, output_len))
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    results.append({"error": f"{type(exc).__name__}: {exc}"})
             bar.update(1)
 
         origin = time.perf_counter()
@@ -205,13 +265,18 @@ async def run_serve_bench(options: dict) -> dict:
         bar.close()
     done = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
+    slo_ms = options["goodput"]
     summary = {"url": url, "model": model, "num_requests": len(schedule), "num_ok": len(done),
                "num_errors": len(errors), "errors": sorted(set(errors))[:5],
                "first_error": errors[0] if errors else None, "prompt_ids": prompt_ids,
-               "rate": None if options["trace"] else options["rate"], "trace": options["trace"], "wall_s": wall,
+               "rate": None if options["trace"] else options["rate"], "trace": options["trace"],
+               "max_concurrency": max_concurrency, "wall_s": wall,
                "tokens_per_s": sum(r["tokens"] for r in done) / wall, "requests_per_s": len(done) / wall,
+               "goodput_slo_ms": slo_ms,
+               "goodput_requests_per_s": sum(is_good(r, slo_ms) for r in done) / wall if slo_ms else None,
                "ttft_s": percentiles([r["ttft_s"] for r in done]),
                "tpot_s": percentiles([r["tpot_s"] for r in done if r["tpot_s"] is not None]),
+               "itl_s": percentiles([gap for r in done for gap in r["itl_s"]]),
                "latency_s": percentiles([r["latency_s"] for r in done])}
     if options["out"]:
         ordered = lambda key: [(i / max(1, len(done) - 1), v) for i, v in  # noqa: E731
@@ -232,6 +297,13 @@ async def run_serve_bench(options: dict) -> dict:
               help="Poisson arrival rate, requests/s (ignored with --trace).")
 @click.option("--num-requests", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--trace", default=None, help="BurstGPT-style CSV: timestamp, request tokens, response tokens.")
+@click.option("--max-concurrency", default=None, type=click.IntRange(1),
+              help="Most requests in flight at once (vLLM's); an arrival past them waits for a place, its clock "
+                   "starting when it is sent. [default: no limit]")
+@click.option("--goodput", multiple=True, callback=parse_goodput, metavar="KEY:MS",
+              help="Service level objectives, vLLM's: ttft, tpot, e2el (end-to-end latency) in milliseconds, e.g. "
+                   "--goodput 'ttft:500 tpot:50' (repeatable); goodput_requests_per_s counts the requests meeting "
+                   "every one.")
 @click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--output-len", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--vocab", default=None, type=click.IntRange(2),
@@ -241,7 +313,7 @@ async def run_serve_bench(options: dict) -> dict:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default=None, help="Folder for latency.png.")
 def serve_command(**options) -> None:
-    """Poisson (or trace) load on a running server; TTFT/TPOT percentiles and tokens/s."""
+    """Poisson (or trace) load on a running server; TTFT/TPOT/ITL percentiles, tokens/s and goodput."""
     result = asyncio.run(run_serve_bench(options))
     click.echo(json.dumps(result))
     if result["num_ok"] == 0:
