@@ -6,7 +6,10 @@ progress bar on stderr and, last on stdout, one JSON object: tokens/s, the
 decode step time, time to first token and time per output token percentiles,
 per-node busy fractions and the pipeline overlap from the step trace. With
 ``--out DIR`` it also writes the trace (JSON) and its timeline (PNG; skipped with a
-warning line on stderr where matplotlib, the ``[plot]`` extra, is not installed).
+warning line on stderr where matplotlib, the ``[plot]`` extra, is not installed);
+with ``--write-gpu-profile FILE`` the Executor's start-up sweep of the dense step (at
+batch 1, batch / 2 and batch) as the ``--gpu-profile`` file of ``fdctl plan`` and
+``fdctl bench project``.
 """
 from __future__ import annotations
 
@@ -25,12 +28,17 @@ from fastdecode.cli.sizes import parse_size
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p90, p99 and the mean of ``values`` ({} for none); a percentile interpolates linearly between the two
+    ranks around q * (n - 1), numpy's default and what vLLM reports."""
     if not values:
         return {}
     ordered = sorted(values)
 
     def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        rank = q * (len(ordered) - 1)
+        low = int(rank)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
 
@@ -58,6 +66,8 @@ async def run_offline(options: dict) -> dict:
         is_tracing=True, is_shard_loop_threaded=options.get("shard_own_loop", False), is_heap_frozen=True,
     )
     async with await Cluster.start(config) as cluster:
+        if options.get("write_gpu_profile"):  # before the run: its steps refine the Executor's model
+            write_gpu_profile(cluster, options["model"], options["write_gpu_profile"])
         vocab = cluster.model.config.vocab_size
         rng = random.Random(options["seed"])
         params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -127,7 +137,29 @@ async def run_offline(options: dict) -> dict:
         if options["out"]:
             tag = f"{result['mode']}-b{batch}-{'pipe' if options['pipeline'] else 'nopipe'}"
             result["trace"], result["plot"] = write_trace_files(trace, options["out"], tag)
+        if options.get("write_gpu_profile"):
+            result["gpu_profile"] = options["write_gpu_profile"]
         return result
+
+
+def write_gpu_profile(cluster, model_name: str, path: str) -> None:
+    """The Executor's start-up sweep of the dense step as a GPU profile file (``GpuProfile.to_json_dict``); the
+    device's name and memory where it is a CUDA GPU, no memory (not checked by the plan) elsewhere."""
+    import torch
+
+    from fastdecode.scheduler import GpuProfile
+
+    model = cluster.model
+    is_cuda = model.device.type == "cuda"
+    profile = GpuProfile(
+        dense_step_s=tuple(cluster.executor.gpu_model.samples),
+        device_name=torch.cuda.get_device_name(model.device) if is_cuda else str(model.device),
+        memory_bytes=torch.cuda.get_device_properties(model.device).total_memory if is_cuda else None,
+        model=model_name, dtype=str(model.dtype).removeprefix("torch."), num_layers=model.config.num_layers,
+    )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(json.dumps(profile.to_json_dict(), indent=2) + "\n")
 
 
 def write_trace_files(trace, out_dir: str, tag: str) -> tuple[str, str | None]:
@@ -176,6 +208,9 @@ def bench() -> None:
 @click.option("--shard-own-loop", is_flag=True, help="In-process shards on their own thread and event loop.")
 @click.option("--out", default=None, help="Folder for the trace JSON and timeline PNG.")
 @click.option("--sweep-batch", default=None, help="Comma-separated batch sizes, run in turn (overrides --batch).")
+@click.option("--write-gpu-profile", default=None, type=click.Path(dir_okay=False),
+              help="Write the Executor's dense-step sweep (batch 1, batch/2, batch) as a --gpu-profile file for "
+                   "fdctl plan and bench project.")
 def offline(**options) -> None:
     """Generate a fixed batch to a fixed length and report throughput."""
     if options["shard"]:
@@ -187,6 +222,8 @@ def offline(**options) -> None:
             batches = parse_int_list(options["sweep_batch"], "--sweep-batch") if options["sweep_batch"] else None
         except ValueError as exc:
             raise OneLineError(str(exc)) from None
+        if batches and options["write_gpu_profile"]:
+            raise OneLineError("--write-gpu-profile writes one run's profile: give --batch, not --sweep-batch")
         from fastdecode.actors.gpu_kv import GpuKVMemoryError, check_gpu_kv_memory
         from fastdecode.actors.model.loader import resolve_device
 

@@ -4,7 +4,8 @@ No model weights are loaded: the scheduler's plan math (``plan_deployment``) run
 once per host count, each host one shard of ``--per-host-gbps`` read bandwidth
 (the plan may use fewer if they already keep up with the GPU). The gpu-only row
 holds as many sequences as fit in the GPU memory left beside the weights; its step
-is the dense step at that batch plus reading their KV at the HBM bandwidth.
+is the dense step at that batch plus reading their KV at the HBM bandwidth (no row
+where a ``--gpu-profile`` has no ``memory_bytes``: the GPU memory is unknown).
 Prints one JSON object last on stdout; with ``--out`` also ``projection.png`` (skipped
 with a warning line, and ``"plot": null``, where matplotlib is not installed).
 """
@@ -18,10 +19,15 @@ import click
 
 from fastdecode.cli.bench_plot import line_plots
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
+from fastdecode.cli.plan import FiniteFloatRange
 
 
 def gpu_only_row(shape, dense_step_s, request, max_batch: int, hbm_bytes_per_s: float) -> dict:
-    """Tokens/s with every sequence's KV on the GPU: batch limited by GPU memory, step = dense + KV read."""
+    """Tokens/s with every sequence's KV on the GPU: batch limited by GPU memory, step = dense + KV read. A
+    ``max_batch`` below 0 is the plan's for a GPU of unknown memory."""
+    if max_batch < 0:
+        return {"batch": None, "tokens_per_s": None, "ms_per_token": None,
+                "note": "GPU memory unknown: the profile has no memory_bytes"}
     if max_batch < 1:
         return {"batch": 0, "tokens_per_s": 0.0, "ms_per_token": None, "note": "no sequence's KV fits on the GPU"}
     kv_read_s = max_batch * request.mean_context * shape.kv_bytes_per_token / hbm_bytes_per_s
@@ -31,27 +37,24 @@ def gpu_only_row(shape, dense_step_s, request, max_batch: int, hbm_bytes_per_s: 
 
 
 def project(options: dict) -> dict:
-    from fastdecode.cli.plan import DTYPE_BYTES, load_profile, resolve_model_config, shape_of
-    from fastdecode.scheduler import GPU_SPECS, PlanError, PlanRequest, plan_deployment
+    from fastdecode.cli.plan import DTYPE_BYTES, resolve_gpu, resolve_model_config, shape_of
+    from fastdecode.scheduler import GPU_SPECS, PlanRequest, plan_deployment
 
-    shape = shape_of(resolve_model_config(options["model"]), DTYPE_BYTES[options["dtype"]])
+    config = resolve_model_config(options["model"])
+    shape = shape_of(config, DTYPE_BYTES[options["dtype"]])
     spec = GPU_SPECS[options["gpu"] or "h100"]
-    if options["gpu_profile"]:
-        profile = load_profile(options["gpu_profile"])
-        dense_step_s, memory, label = profile.perf_model().predict, profile.memory_bytes, (
-            profile.device_name or options["gpu_profile"])
-    else:
-        dense_step_s, memory, label = (lambda b: spec.dense_step_s(shape, b)), spec.memory_bytes, spec.name
+    dense_step_s, memory, label = resolve_gpu(options["gpu"], options["gpu_profile"], shape, options["model"])
     hbm = options["hbm_gbps"] * 1e9 if options["hbm_gbps"] else spec.hbm_bytes_per_s
     rows = []
     gpu_only = None
     for hosts in range(1, options["max_hosts"] + 1):
-        request = PlanRequest(prompt_len=options["prompt_len"], output_len=options["output_len"],
-                              shard_bytes_per_s=(options["per_host_gbps"] * 1e9,), max_shards=hosts,
-                              shard_overhead_s=options["shard_overhead_us"] * 1e-6)
-        try:
+        try:  # a request the plan refuses (PlanRequest's checks), or nothing feasible (a PlanError)
+            request = PlanRequest(prompt_len=options["prompt_len"], output_len=options["output_len"],
+                                  shard_bytes_per_s=(options["per_host_gbps"] * 1e9,), max_shards=hosts,
+                                  shard_overhead_s=options["shard_overhead_us"] * 1e-6,
+                                  max_model_len=config.max_position_embeddings)
             result = plan_deployment(shape, dense_step_s, request, memory)
-        except PlanError as exc:
+        except ValueError as exc:
             raise OneLineError(str(exc)) from None
         if gpu_only is None:
             gpu_only = gpu_only_row(shape, dense_step_s, request, result.gpu_only_max_batch, hbm)
@@ -65,18 +68,22 @@ def project(options: dict) -> dict:
                "per_host_gbps": options["per_host_gbps"], "prompt_len": options["prompt_len"],
                "output_len": options["output_len"], "hbm_gbps": hbm / 1e9, "gpu_only": gpu_only, "rows": rows}
     if options["out"]:
+        gpu_only_series = {} if gpu_only["batch"] is None else {
+            f"gpu-only (batch {gpu_only['batch']})": [(r["hosts"], gpu_only["tokens_per_s"]) for r in rows]}
         summary["plot"] = line_plots(
             os.path.join(options["out"], "projection.png"),
             f"{options['model']} on {label}: hosts of {options['per_host_gbps']:g} GB/s, prompt "
             f"{options['prompt_len']}, output {options['output_len']}",
             [{"xlabel": "CPU hosts", "ylabel": "tokens/s (model)", "series": {
                 "fastdecode (GPU + CPU hosts)": [(r["hosts"], r["tokens_per_s"]) for r in rows],
-                f"gpu-only (batch {gpu_only['batch']})": [(r["hosts"], gpu_only["tokens_per_s"]) for r in rows]}}])
+                **gpu_only_series}}])
     return summary
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"gpu-only: batch {summary['gpu_only']['batch']}, {summary['gpu_only']['tokens_per_s']:,.0f} tokens/s",
+    gpu_only = summary["gpu_only"]
+    lines = [f"gpu-only: {gpu_only['note']}" if gpu_only["batch"] is None else
+             f"gpu-only: batch {gpu_only['batch']}, {gpu_only['tokens_per_s']:,.0f} tokens/s",
              "hosts  used  batch  tokens/s  ms/token  bound   x gpu-only"]
     for r in summary["rows"]:
         speedup = f"{r['speedup_vs_gpu_only']:.2f}" if r["speedup_vs_gpu_only"] else "-"
@@ -87,14 +94,15 @@ def format_table(summary: dict) -> str:
 
 @click.command("project", cls=OneLineCommand)
 @click.option("--model", required=True, help="HF folder, smollm2, a preset (llama3-8b...) or random:<preset>.")
-@click.option("--per-host-gbps", required=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--per-host-gbps", required=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Measured attention read GB/s of one CPU host.")
 @click.option("--max-hosts", default=16, show_default=True, type=click.IntRange(1, 256))
 @click.option("--gpu", type=click.Choice(["h100", "h200", "a10"]), default=None, help="Analytical GPU (default h100).")
 @click.option("--gpu-profile", type=click.Path(dir_okay=False), default=None, help="Measured dense profile (JSON).")
-@click.option("--hbm-gbps", type=float, default=None, help="GPU memory bandwidth for gpu-only KV reads "
-              "(default: the --gpu spec's, h100 with a profile).")
-@click.option("--shard-overhead-us", type=float, default=100.0, show_default=True, help="Per attend call.")
+@click.option("--hbm-gbps", type=FiniteFloatRange(min=0, min_open=True), default=None,
+              help="GPU memory bandwidth for gpu-only KV reads (default: the --gpu spec's, h100 with a profile).")
+@click.option("--shard-overhead-us", type=FiniteFloatRange(min=0), default=100.0, show_default=True,
+              help="Per attend call.")
 @click.option("--prompt-len", required=True, type=click.IntRange(1))
 @click.option("--output-len", required=True, type=click.IntRange(1))
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float8"]), default="bfloat16", show_default=True)

@@ -25,6 +25,7 @@ import time
 
 import click
 
+from fastdecode.cli.bench_plot import parse_int_list
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 
 
@@ -200,6 +201,17 @@ def render_roofline(result: dict, out_path: str) -> None:
     plt.close(fig)
 
 
+def parse_static_attentions(text: str) -> list[str]:
+    """``--static-attention``'s comma-separated kernels; OneLineError naming one that is not a kernel."""
+    from fastdecode.actors.static_attention import STATIC_ATTENTIONS
+
+    kinds = [kind.strip() for kind in text.split(",")]
+    for kind in kinds:
+        if kind not in STATIC_ATTENTIONS:
+            raise OneLineError(f"--static-attention: {kind!r} is not one of {', '.join(STATIC_ATTENTIONS)}")
+    return kinds
+
+
 def require_cuda(device: str) -> None:
     """OneLineError unless ``device`` names a CUDA device that torch can use: checked before any work."""
     import torch
@@ -219,7 +231,7 @@ async def run_roofline(options: dict) -> dict:
     bandwidth = copy_bandwidth_gbps(device)
     model, _ = await asyncio.to_thread(load_model, options["model"], dtype=options["dtype"], device=str(device),
                                        seed=options["seed"])
-    batches = [int(b) for b in options["batches"].split(",")]
+    batches = options["batches"]
     prompt_len, output_len = options["prompt_len"], options["output_len"]
     mean_context = prompt_len + output_len / 2
     kv_token = model.config.kv_bytes_per_token(model.dtype.itemsize)
@@ -228,7 +240,7 @@ async def run_roofline(options: dict) -> dict:
     compiled = {"on": [True], "off": [False], "both": [True, False]}[options["compile"]]
     aheads = {"on": [True], "off": [False], "both": [True, False]}[options["launch_ahead"]]
     runs = [(True, kind, is_compiled, is_ahead) for is_compiled in compiled
-            for kind in options["static_attention"].split(",") for is_ahead in aheads]
+            for kind in options["static_attention"] for is_ahead in aheads]
     if options["compare_eager"]:
         runs.append((False, "sdpa", compiled[0], False))
     for is_graphs, static_attention, is_compiled, is_ahead in runs:
@@ -255,7 +267,7 @@ async def run_roofline(options: dict) -> dict:
             if r["cuda_graphs"]:
                 ours[r["batch"]] = min(ours.get(r["batch"], float("inf")), r["step_ms"])
         result["transformers"] = []
-        for batch in (int(b) for b in options["transformers_batches"].split(",")):
+        for batch in options["transformers_batches"]:
             step = transformers_step_ms(cfg, batch, prompt_len, output_len, device,
                                         is_compiled=options["transformers_compile"])
             result["transformers"].append({"batch": batch, "hf_step_ms": step, "ours_step_ms": ours.get(batch),
@@ -290,6 +302,13 @@ async def run_roofline(options: dict) -> dict:
 @click.option("--out", default=None, help="Folder for roofline.png (step time against batch).")
 def roofline(**options) -> None:
     """The gpu-only decode step against the HBM roofline (CUDA only)."""
+    try:  # before any work (the bandwidth measurement, the model load, the sweep)
+        options["batches"] = parse_int_list(options["batches"], "--batches")
+        text = options["transformers_batches"]
+        options["transformers_batches"] = parse_int_list(text, "--transformers-batches") if text.strip() else []
+    except ValueError as exc:
+        raise OneLineError(str(exc)) from None
+    options["static_attention"] = parse_static_attentions(options["static_attention"])
     require_cuda(options["device"])
     if options["transformers_batches"] and importlib.util.find_spec("transformers") is None:
         # known before the sweep, not after it (the comparison runs last)

@@ -7,6 +7,8 @@ into its plain inputs and prints the result.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -17,6 +19,16 @@ from fastdecode.scheduler.model_shape import ModelShape
 from fastdecode.scheduler.plan import PlanError, PlanRequest, PlanResult, plan_deployment
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float8": 1}
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses inf and nan, which it lets through (nan compares false to any bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
 
 
 def shape_of(config, dtype_bytes: int) -> ModelShape:
@@ -62,6 +74,22 @@ def load_profile(path: str) -> GpuProfile:
         raise OneLineError(f"bad GPU profile {path}: {exc}") from None
 
 
+def resolve_gpu(gpu: str | None, gpu_profile: str | None, shape: ModelShape,
+                model_name: str) -> tuple[Callable[[float], float], int | None, str]:
+    """(seconds of one dense pass of a batch, the GPU's memory in bytes or None where unknown, a label) from
+    ``--gpu`` (h100 when neither is given) or ``--gpu-profile``; a profile measured on a model of another depth is
+    refused."""
+    if gpu_profile:
+        profile = load_profile(gpu_profile)
+        if profile.num_layers is not None and profile.num_layers != shape.num_layers:
+            raise OneLineError(
+                f"the profile was measured on a {profile.num_layers}-layer model, {model_name} has {shape.num_layers}"
+            )
+        return profile.perf_model().predict, profile.memory_bytes, profile.device_name or gpu_profile
+    spec = GPU_SPECS[gpu or "h100"]
+    return (lambda b: spec.dense_step_s(shape, b)), spec.memory_bytes, spec.name
+
+
 def format_text(model: str, gpu_label: str, request: PlanRequest, result: PlanResult) -> str:
     shards = ", ".join(f"{g:g}" for g in sorted(set(result.shard_gbps), reverse=True))
     lines = [
@@ -82,10 +110,11 @@ def format_text(model: str, gpu_label: str, request: PlanRequest, result: PlanRe
 @click.option("--gpu", type=click.Choice(sorted(GPU_SPECS)), default=None, help="Built-in analytical GPU (default h100).")
 @click.option("--gpu-profile", type=click.Path(dir_okay=False), default=None, help="Measured dense-step profile (JSON).")
 @click.option("--shard-gbps", type=float, multiple=True, help="Read GB/s of a shard; repeat for a fixed pool. [60]")
-@click.option("--shard-mem-gib", type=float, multiple=True,
+@click.option("--shard-mem-gib", type=FiniteFloatRange(min=0, min_open=True), multiple=True,
               help="Memory of each shard (GiB), one figure for all; unset: not a limit.")
 @click.option("--max-shards", type=int, default=64, show_default=True, help="Most shards with one --shard-gbps.")
-@click.option("--shard-overhead-us", type=float, default=100.0, show_default=True, help="Per attend call.")
+@click.option("--shard-overhead-us", type=FiniteFloatRange(min=0), default=100.0, show_default=True,
+              help="Per attend call.")
 @click.option("--link-gbps", type=float, default=50.0, show_default=True, help="GPU<->host link for q, k, v, o.")
 @click.option("--prompt-len", type=int, required=True)
 @click.option("--output-len", type=int, required=True)
@@ -103,6 +132,7 @@ def plan(
     if len(set(shard_mem_gib)) > 1:  # click kept the last of a repeated option silently
         raise click.UsageError("--shard-mem-gib is one figure for every shard: the plan does not model shards of "
                                "different memory (give the smallest, or plan each kind of host on its own)")
+    config = resolve_model_config(model_name)
     try:
         request = PlanRequest(
             prompt_len=prompt_len,
@@ -113,22 +143,12 @@ def plan(
             shard_memory_bytes=int(shard_mem_gib[0] * (1 << 30)) if shard_mem_gib else None,
             link_bytes_per_s=link_gbps * 1e9,
             max_latency_s=None if max_latency_ms is None else max_latency_ms / 1e3,
+            max_model_len=config.max_position_embeddings,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    shape = shape_of(resolve_model_config(model_name), DTYPE_BYTES[dtype])
-    if gpu_profile:
-        profile = load_profile(gpu_profile)
-        if profile.num_layers is not None and profile.num_layers != shape.num_layers:
-            raise OneLineError(
-                f"the profile was measured on a {profile.num_layers}-layer model, {model_name} has {shape.num_layers}"
-            )
-        dense_step_s, memory, gpu_label = profile.perf_model().predict, profile.memory_bytes, (
-            profile.device_name or gpu_profile
-        )
-    else:
-        spec = GPU_SPECS[gpu or "h100"]
-        dense_step_s, memory, gpu_label = (lambda b: spec.dense_step_s(shape, b)), spec.memory_bytes, spec.name
+    shape = shape_of(config, DTYPE_BYTES[dtype])
+    dense_step_s, memory, gpu_label = resolve_gpu(gpu, gpu_profile, shape, model_name)
     try:
         result = plan_deployment(shape, dense_step_s, request, memory)
     except PlanError as exc:

@@ -47,7 +47,8 @@ def render_timeline(trace: dict, out_path: str, *, max_steps: int = 4) -> None:
 @click.command("trace-plot", cls=OneLineCommand)
 @click.argument("trace_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_path", required=True, help="PNG file to write.")
-@click.option("--steps", "max_steps", default=4, show_default=True, help="How many final steps to draw.")
+@click.option("--steps", "max_steps", default=4, show_default=True, type=click.IntRange(1),
+              help="How many final steps to draw.")
 def trace_plot(trace_file: str, out_path: str, max_steps: int) -> None:
     """Render a step trace as a PNG timeline of GPU and shard busy time."""
     try:

@@ -11,7 +11,9 @@ i.e. it reads the weights once (memory-bound for small b) or is compute-bound
 for large b, plus the kernel launches of every layer.
 
 Measured: the Executor times dense passes over a sweep of batch sizes at start-up
-and writes them as JSON (``GpuProfile.to_json_dict``)::
+(``ExecutorConfig.profile_batches``); ``fdctl bench offline --write-gpu-profile FILE``
+writes its sweep (batch 1, batch / 2 and batch) as JSON (``GpuProfile.to_json_dict``),
+the device's name and memory where it runs on a CUDA GPU::
 
     {
       "format": "fastdecode.gpu-profile",
@@ -27,7 +29,8 @@ and writes them as JSON (``GpuProfile.to_json_dict``)::
 ``dense_step_s`` maps a batch size (a JSON object key, so a string of digits)
 to the seconds of one dense pass of that many sequences.  ``memory_bytes``,
 ``device_name``, ``model``, ``dtype`` and ``num_layers`` are informative and
-may be absent (``memory_bytes`` then comes from ``--gpu`` or is not checked).
+may be absent (without ``memory_bytes`` the GPU memory is not checked). A file
+written by hand in this shape serves as well.
 """
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ of b = B/2 (see DESIGN.md, "Pipelines" and "Performance model"):
 - Throughput = B / latency.  Host memory holds every sequence at its final
   length: ``B * ceil((P + O) / page) * page * kv_bytes_per_token``.
 
+A request longer than the model's context (``max_model_len``, when given) is
+refused: a server would refuse every such request.
+
 The recommended batch is the smallest B whose throughput is within
 ``throughput_fraction`` of the best feasible one (past the knee throughput
 creeps up while latency grows linearly), subject to the latency limit, GPU
@@ -60,9 +63,11 @@ class PlanRequest:
     page_size: int = 16
     throughput_fraction: float = 0.9
     gpu_reserve_bytes: int = 2 << 30  # CUDA context, allocator slack
+    max_model_len: int | None = None  # the model's context (max_position_embeddings); None: not checked
 
     def __post_init__(self) -> None:
-        for name in ("prompt_len", "output_len", "max_shards", "max_batch", "page_size"):
+        optional = ("max_model_len",) if self.max_model_len is not None else ()
+        for name in ("prompt_len", "output_len", "max_shards", "max_batch", "page_size", *optional):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -155,6 +160,11 @@ def plan_deployment(
     shape: ModelShape, dense_step_s: Callable[[int], float], req: PlanRequest, gpu_memory_bytes: int | None = None
 ) -> PlanResult:
     """Recommend a batch size and shard count; PlanError if nothing is feasible."""
+    if req.max_model_len is not None and req.final_len > req.max_model_len:
+        raise PlanError(
+            f"prompt {req.prompt_len} + output {req.output_len} = {req.final_len} tokens do not fit the model's "
+            f"context of {req.max_model_len} tokens (max_position_embeddings): a server refuses such requests"
+        )
     layers = shape.num_layers
     page_tokens = math.ceil(req.final_len / req.page_size) * req.page_size
     seq_host_bytes = page_tokens * shape.kv_bytes_per_token

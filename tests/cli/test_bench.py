@@ -82,3 +82,27 @@ def test_generation_failing_mid_run_is_one_line_error(monkeypatch):
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1] == "Error: generation failed: no KV node left"
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("values", [[3.0], [2.0, 1.0], list(range(10, 0, -1)), [0.5 * i * i for i in range(37)],
+                                    list(range(100)), list(range(250))])
+def test_percentiles_interpolate_between_ranks_as_numpy_does(values):
+    """p99 picked the rank above q * n: the maximum of any run of fewer than 100 requests. vLLM reports numpy's
+    default, linear interpolation at q * (n - 1)."""
+    import numpy as np
+
+    from fastdecode.cli.bench import percentiles
+
+    figures = percentiles(values)
+    assert set(figures) == {"p50", "p90", "p99", "mean"}
+    for name, q in (("p50", 50), ("p90", 90), ("p99", 99)):
+        assert figures[name] == pytest.approx(float(np.percentile(values, q)), abs=1e-12), name
+    assert figures["mean"] == pytest.approx(float(np.mean(values)))
+
+
+def test_percentiles_of_one_to_ten():
+    from fastdecode.cli.bench import percentiles
+
+    assert percentiles([float(i) for i in range(1, 11)]) == pytest.approx({"p50": 5.5, "p90": 9.1, "p99": 9.91,
+                                                                           "mean": 5.5})
+    assert percentiles([]) == {}

@@ -95,3 +95,34 @@ def test_roofline_without_transformers_says_so_before_the_sweep(monkeypatch):
     assert_one_line_error(CliRunner().invoke(bench, ["roofline"]), "transformers, which is not installed")
     monkeypatch.setattr(bench_roofline, "run_roofline", lambda options: asyncio.sleep(0, {"rows": []}))
     assert CliRunner().invoke(bench, ["roofline", "--transformers-batches", ""]).exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batches", "1,x"], "--batches must be comma-separated positive integers, got '1,x'"),
+    (["--batches", "0,4"], "--batches must be comma-separated positive integers, got '0,4'"),
+    (["--transformers-batches", "16,y"], "--transformers-batches must be comma-separated positive integers"),
+    (["--static-attention", "sdpa,flash"], "--static-attention: 'flash' is not one of sdpa, matmul, compiled, "
+                                           "flex, triton, auto"),
+])
+def test_roofline_options_are_checked_before_any_work(monkeypatch, args, message):
+    """--batches and --transformers-batches were parsed, and --static-attention checked, after the bandwidth
+    measurement and the model load (the transformers list after the whole sweep): checked first now, before even
+    the CUDA check, so no GPU is needed to see it."""
+    monkeypatch.setattr(bench_roofline, "run_roofline", no_work)
+    monkeypatch.setattr(bench_roofline, "require_cuda", no_work)
+    assert_one_line_error(CliRunner().invoke(bench, ["roofline", *args]), message)
+
+
+def test_roofline_passes_the_parsed_lists_on(monkeypatch):
+    seen = {}
+
+    async def record(options):
+        seen.update(options)
+        return {"rows": []}
+
+    monkeypatch.setattr(bench_roofline, "require_cuda", lambda device: None)
+    monkeypatch.setattr(bench_roofline, "run_roofline", record)
+    result = CliRunner().invoke(bench, ["roofline", "--batches", "1, 8", "--transformers-batches", "",
+                                        "--static-attention", "sdpa,matmul"])
+    assert result.exit_code == 0, result.output
+    assert (seen["batches"], seen["transformers_batches"], seen["static_attention"]) == ([1, 8], [], ["sdpa", "matmul"])

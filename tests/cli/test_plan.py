@@ -74,3 +74,29 @@ def test_errors_are_clear(tmp_path):
         assert result.exit_code != 0, args
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--shard-mem-gib", "inf"), "Invalid value for '--shard-mem-gib': inf is not a finite number"),  # OverflowError
+    (("--shard-mem-gib", "nan"), "Invalid value for '--shard-mem-gib': nan is not a finite number"),
+    (("--shard-mem-gib", "0"), "Invalid value for '--shard-mem-gib': 0.0 is not in the range x>0"),
+    (("--shard-overhead-us", "inf"), "Invalid value for '--shard-overhead-us': inf is not a finite number"),
+    (("--shard-overhead-us", "-5"), "Invalid value for '--shard-overhead-us': -5.0 is not in the range x>=0"),
+])
+def test_non_finite_or_out_of_range_figures_are_one_line_errors(args, message):
+    result = run("--model", "llama3-8b", *args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines() == [f"Error: {message}."]
+
+
+def test_a_length_past_the_models_context_is_refused():
+    """random:tiny's context is 2048 tokens: a plan for 2000 + 100 plans requests its server refuses."""
+    result = CliRunner().invoke(main, ["plan", "--model", "random:tiny", "--prompt-len", "2000", "--output-len", "100"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines() == [
+        "Error: prompt 2000 + output 100 = 2100 tokens do not fit the model's context of 2048 tokens "
+        "(max_position_embeddings): a server refuses such requests"]
+    fits = CliRunner().invoke(main, ["plan", "--model", "random:tiny", "--prompt-len", "2000", "--output-len", "48",
+                                     "--json"])
+    assert fits.exit_code == 0, fits.output
+    assert json.loads(fits.output)["mean_context_tokens"] == 2024

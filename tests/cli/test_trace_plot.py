@@ -52,3 +52,14 @@ def test_trace_plot_to_a_folder_that_does_not_exist_is_one_line(tmp_path):
     result = CliRunner().invoke(trace_plot, [write_trace(tmp_path / "t.json"), "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [f"Error: cannot write {out}: No such file or directory"]
+
+
+def test_trace_plot_steps_below_one_is_one_line(tmp_path):
+    """--steps 0 drew every step ([-0:] is the whole list) and a negative count all but the first ones."""
+    out = tmp_path / "t.png"
+    for steps in ("0", "-1"):
+        result = CliRunner().invoke(trace_plot, [write_trace(tmp_path / "t.json"), "--out", str(out), "--steps", steps])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [
+            f"Error: Invalid value for '--steps': {steps} is not in the range x>=1."]
+        assert not out.exists()

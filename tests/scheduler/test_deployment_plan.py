@@ -127,3 +127,12 @@ def test_shape_and_spec_validation():
                          vocab_size=100, head_dim=16)
     with pytest.raises(ValueError, match="efficiency"):
         GpuSpec("x", 1e12, 1e14, 1 << 30, hbm_efficiency=1.5)
+
+
+def test_a_request_past_the_models_context_is_refused():
+    assert plan_on(LLAMA3_8B, "h100", prompt_len=1000, output_len=24, max_model_len=1024).batch_size >= 2
+    with pytest.raises(PlanError, match=r"prompt 1000 \+ output 25 = 1025 tokens do not fit the model's context "
+                                        r"of 1024 tokens"):
+        plan_on(LLAMA3_8B, "h100", prompt_len=1000, output_len=25, max_model_len=1024)
+    with pytest.raises(ValueError, match="max_model_len must be a positive integer"):
+        PlanRequest(prompt_len=1, output_len=1, max_model_len=0)
