@@ -35,6 +35,18 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def root_log_level_restored():
+    """The root logger's level as it was: ``serve``, ``start-gpu`` and ``start-shard`` run in-process (CliRunner)
+    set it from ``--log-level`` (cli/log_options.py), which would change what later tests log and capture."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """``random:tiny`` (seed 0) in float32 on the CPU: ``(model, tokenizer)``."""

@@ -110,6 +110,19 @@ async def test_aclosing_context_frees_on_early_exit(llm):
     assert await llm.cluster.kv_used_bytes() == [0]
 
 
+async def test_breaking_an_inline_stream_frees_at_once(llm):
+    """README "Embedding API": leaving an inline ``async for out in llm.stream(...)`` (nothing else holds the
+    generator) cancels the request at once, with no aclose() or aclosing() of the caller's; the 1500-token request
+    would run on well past the half second otherwise."""
+    executor = llm.cluster.executor
+    async for out in llm.stream(PROMPT, LONG):
+        if out.token_id >= 0 and executor.num_running == 1:
+            break
+    assert executor.num_running == 1  # running when left (it is cancelled on the loop's next turns)
+    await _until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
+    assert await llm.cluster.kv_used_bytes() == [0]
+
+
 async def test_stream_checks_its_arguments_when_called(llm):
     with pytest.raises(TypeError, match="params must be a SamplingParams"):
         llm.stream(PROMPT, {"max_tokens": 4})

@@ -8,6 +8,7 @@ import pytest
 import fastdecode.actors.cluster as cluster
 from fastdecode.actors.cluster import ShardLinks
 from fastdecode.actors.kv_nodes import ShardKVNode
+from fastdecode.actors.kvshard import ShardConfig
 from fastdecode.transport.errors import RemoteRequestError
 
 
@@ -58,3 +59,13 @@ async def test_a_shard_whose_other_session_stays_live_is_refused_in_the_end(link
     with pytest.raises(RemoteRequestError, match="another Executor"):
         await links.connect(shard.address)
     assert shard.is_closed and shard.num_configures > 1
+
+
+def test_the_takeover_wait_outlasts_the_shards_session_timeout():
+    """README: "an Executor restarted right after a crash waits that out, up to 12 s". A shard refuses the new
+    session ``busy`` until the dead one has been silent for its ``session_timeout_s`` (8 s); an Executor that
+    gave up sooner, or just as that lapses, with no retry (every TAKEOVER_RETRY_S) left after it, would fail
+    every restart that comes right after a crash instead of taking its shards over."""
+    session_timeout_s = ShardConfig(kv_memory_bytes=1 << 20).session_timeout_s
+    assert cluster.TAKEOVER_WAIT_S > session_timeout_s + cluster.TAKEOVER_RETRY_S
+    assert (cluster.TAKEOVER_WAIT_S, session_timeout_s) == (12.0, 8.0)  # the README's figures

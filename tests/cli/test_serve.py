@@ -49,6 +49,14 @@ def torch_rng_restored():
     torch.set_rng_state(state)
 
 
+@pytest.fixture(autouse=True)
+def process_state_restored(root_log_level_restored, torch_rng_restored):
+    """Every test here leaves the root logger's level and torch's generator as it found them: a run that reaches the
+    real run_server (``refuse`` of a shard nobody answers, of a busy port...) sets the one from --log-level and seeds
+    the other with --seed."""
+    yield
+
+
 def shard_args(command: str) -> list[str]:
     return ["--shard", "tcp://127.0.0.1:5555"] if command == "start-gpu" else []
 
@@ -144,6 +152,22 @@ def test_cors_options_reach_the_frontend_config(server_configs, command):
     assert frontend.allowed_origins == ("https://a.example", "http://b:8")
     assert frontend.allowed_methods == ("GET", "POST") and frontend.allowed_headers == ("Authorization",)
     assert frontend.is_credentials_allowed is True
+
+
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_the_api_key_may_come_from_the_environment(server_configs, command):
+    """FASTDECODE_API_KEY stands for --api-key (which wins over it): the key reaches the Frontend, and with it a
+    non-loopback --host is served, not refused for want of a key."""
+    configs, shard = server_configs, shard_args(command)
+    runner = CliRunner(env={"FASTDECODE_API_KEY": "env-key"})
+    result = runner.invoke(main, [command, *TINY, *shard, "--host", "0.0.0.0"])
+    assert result.exit_code == 0, result.output
+    assert (configs[-1].frontend.api_key, configs[-1].host) == ("env-key", "0.0.0.0")
+    result = runner.invoke(main, [command, *TINY, *shard, "--api-key", "flag-key"])
+    assert result.exit_code == 0, result.output
+    assert configs[-1].frontend.api_key == "flag-key"
+    result = CliRunner(env={"FASTDECODE_API_KEY": None}).invoke(main, [command, *TINY, *shard, "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "without --api-key" in result.output
 
 
 def test_bad_cors_options_are_one_line():
@@ -297,7 +321,6 @@ def test_kv_memory_with_shard_daemons_is_refused_not_ignored():
     assert "start-shard --kv-memory" in refuse("serve", *TINY, "--shard", "tcp://127.0.0.1:5555", "--kv-memory", "1GiB")
 
 
-@pytest.mark.usefixtures("torch_rng_restored")
 def test_disable_log_requests_silences_only_the_request_lines(monkeypatch):
     import logging
 
@@ -387,7 +410,6 @@ def test_several_served_model_names_are_refused_naming_the_flag(server_configs, 
     assert (configs[-1].frontend.served_model_name, configs[-1].cluster.model) == ("a", "random:tiny")
 
 
-@pytest.mark.usefixtures("torch_rng_restored")
 def test_seed_seeds_the_draws_of_requests_without_a_seed(monkeypatch):
     """vLLM's --seed seeds torch's generators too: a request without a seed draws from the default generator
     (actors/sampling.py), so a server's sampled tokens repeat from one start to the next, and --seed changes them."""

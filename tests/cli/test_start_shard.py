@@ -23,7 +23,8 @@ from fastdecode.cli.start_shard import check_listen_address, parse_cpu_list, sta
 from fastdecode.native.lib import KVPool
 from fastdecode.transport.errors import PeerDeadError, RemoteRequestError, RequestTimeoutError
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60),
+              pytest.mark.usefixtures("root_log_level_restored")]  # start_shard in-process sets it from --log-level
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, NUM_Q_HEADS = 2, 2, 64, 8

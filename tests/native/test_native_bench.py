@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from fastdecode.native import bench
 from fastdecode.native.lib import (ISA_ENV_VAR, PREFETCH_FAR_ENV_VAR, bf16_dot_cost, default_isa,
                                    prefetch_far_default)
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # main() sets torch's thread count: restored after
 def test_bench_prints_one_json_object_last(capsys):
     bench.main(["--json", "--cases", "2x300", "--runs", "1",
                 "--read-bytes", str(64 << 20), "--threads", "1"])

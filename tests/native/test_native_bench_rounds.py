@@ -10,6 +10,7 @@ import pytest
 from fastdecode.native import bench
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # main() sets torch's thread count: restored after
 def test_two_rounds_report_the_best_of_each_figure(capsys):
     bench.main(["--json", "--cases", "2x300,3x100", "--rounds", "2", "--runs", "1",
                 "--read-bytes", str(64 << 20), "--threads", "1"])

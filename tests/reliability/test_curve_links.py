@@ -1,11 +1,17 @@
 """CURVE on the shard link: an unlisted client key is refused (logged, no message reaches the shard),
-a client without CURVE gets nowhere, the listed key works; no keys means loopback only."""
+a client without CURVE gets nowhere, the listed key works; no keys means loopback only; start-gpu with the
+shard's keys serves."""
 from __future__ import annotations
+
+import json
+import urllib.request
 
 import pytest
 import zmq
 from click.testing import CliRunner
 
+from fastdecode.actors.reference import reference_generate
+from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import ShardClient
 from fastdecode.actors.shard_daemons import shard_daemons
 from fastdecode.cli.main import main
@@ -14,6 +20,7 @@ from fastdecode.transport.codec import Codec
 from fastdecode.transport.errors import PeerDeadError, RequestTimeoutError
 from fastdecode.transport.security import ClientKeys, CurveKeyError, ServerKeys, client_context, write_keys
 from fastdecode.transport.shard_messages import SHARD_CHANNEL, Allocate, Configure
+from serve_helpers import TINY_ARGS, LiveServer
 
 SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=16, kv_dtype="float32")
 
@@ -76,8 +83,31 @@ def test_keygen_command_writes_a_usable_folder(tmp_path):
     assert client.public in server.authorized and client.server_public == server.public
 
 
+@pytest.mark.usefixtures("root_log_level_restored")  # start-shard in-process sets it from --log-level
 def test_without_keys_daemons_bind_only_to_loopback():
-    result = CliRunner().invoke(main, ["start-shard", "--listen", "tcp://0.0.0.0:0", "--kv-memory", "16MiB"])
+    runner = CliRunner(env={"FASTDECODE_API_KEY": None})  # a key in the caller's environment would let serve run
+    result = runner.invoke(main, ["start-shard", "--listen", "tcp://0.0.0.0:0", "--kv-memory", "16MiB"])
     assert result.exit_code == 2 and "--insecure-bind-any" in result.output
-    result = CliRunner().invoke(main, ["serve", "--model", "random:tiny", "--host", "0.0.0.0", "--port", "0"])
+    result = runner.invoke(main, ["serve", "--model", "random:tiny", "--host", "0.0.0.0", "--port", "0"])
     assert result.exit_code == 2 and "--insecure-bind-any" in result.output
+
+
+def test_start_gpu_with_the_shards_keys_serves_a_request(tmp_path, tiny_model):
+    """The README's pair on loopback: ``start-shard --curve-dir keys/`` and ``start-gpu --shard ... --curve-dir
+    keys/`` with the folder ``fdctl keygen`` wrote; a completion goes through the encrypted link, greedy text as
+    the reference engine's, and the shard refused no client."""
+    keys = tmp_path / "keys"
+    result = CliRunner().invoke(main, ["keygen", "--out", str(keys)])
+    assert result.exit_code == 0, result.output
+    with shard_daemons(1, extra_args=("--no-calibrate", "--curve-dir", str(keys))) as [daemon]:
+        with LiveServer(*TINY_ARGS, "--shard", daemon.address, "--curve-dir", str(keys), command="start-gpu") as server:
+            body = json.dumps({"prompt": "Hello", "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+            request = urllib.request.Request(server.url + "/v1/completions", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                text = json.loads(response.read())["choices"][0]["text"]
+        log = daemon.log_text()
+    assert "refused a CURVE client" not in log, log
+    model, tokenizer = tiny_model
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    assert text == reference_generate(model, tokenizer, tokenizer.encode("Hello"), params).text
