@@ -243,13 +243,24 @@ class AsyncLLM:
 
     def stream(self, prompt: PromptInput | TokenizedPrompt,
                params: SamplingParams | None = None) -> AsyncGenerator[StreamOutput, None]:
-        """Tokens of one request as they come. The arguments are checked now; the request is submitted
-        when iteration starts. Leaving the loop early cancels the request and frees its KV once the
+        """Tokens of one request as they come. The arguments are checked now; a text prompt is tokenized when
+        iteration starts, off the loop (text past ``max_prompt_chars`` refused untokenized), and the request is
+        submitted then. Leaving the loop early cancels the request and frees its KV once the
         generator is closed: at once for an inline ``async for``, otherwise use
         ``contextlib.aclosing(llm.stream(...))`` (or ``await gen.aclose()``)."""
         self.check_open()
         self.check_loop(is_loop_needed=False)  # the generator may be made outside a loop, to iterate on ours
-        return self._stream(self.tokenize(prompt).token_ids, check_params(params, default=self.default_params))
+        params = check_params(params, default=self.default_params)
+        if self._text_to_tokenize(prompt) is None:
+            return self._stream(self.tokenize(prompt).token_ids, params)
+        return self._stream_text(prompt, params)
+
+    async def _stream_text(self, prompt: PromptInput, params: SamplingParams) -> AsyncGenerator[StreamOutput, None]:
+        """``stream`` of a text prompt: tokenized when iteration starts, off the loop (``_tokenize_off_loop``)."""
+        tokenized = await self._tokenize_off_loop(prompt)
+        async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
+            async for out in outputs:
+                yield out
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> "SubmittedStream":
         """Submit now (refusals raise here: QueueFullError, UnavailableError, RequestError) and return the
@@ -329,11 +340,20 @@ class AsyncLLM:
                 sample_logprob_dicts, result.token_ids, result.logprobs, tops, self.tokenizer.token_text)
         return result
 
+    @staticmethod
+    def _text_to_tokenize(prompt: PromptInput | TokenizedPrompt) -> str | None:
+        """The text ``tokenize`` would encode for ``prompt``; None where it runs given ids (or refuses the prompt)."""
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, Mapping) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"]
+        return None
+
     async def _tokenize_off_loop(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
         """``tokenize`` on a worker thread where there is text to tokenize (this loop runs the Executor and the
         in-process shards), text past ``max_prompt_chars`` refused first."""
-        text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, Mapping) else None
-        if not isinstance(text, str) or (isinstance(prompt, Mapping) and "prompt_token_ids" in prompt):
+        text = self._text_to_tokenize(prompt)
+        if text is None:
             return self.tokenize(prompt)
         if len(text) > self.max_prompt_chars:
             raise RequestError(f"the prompt is too long for this model's context: {len(text)} characters, more than "

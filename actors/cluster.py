@@ -217,11 +217,19 @@ class Cluster:
 
     @classmethod
     async def start(cls, config: ClusterConfig) -> "Cluster":
+        torch_threads_before = torch.get_num_threads()  # the process's, given back at stop or a failed start
+        try:
+            return await cls._start(config, torch_threads_before)
+        except BaseException:
+            torch.set_num_threads(torch_threads_before)
+            raise
+
+    @classmethod
+    async def _start(cls, config: ClusterConfig, torch_threads_before: int) -> "Cluster":
         cpus = sorted(os.sched_getaffinity(0))[: config.num_cpus or None]
         device = resolve_device(config.device)
         executor_threads, shard_threads = split_threads(len(cpus), config.num_shards, is_cuda=device.type == "cuda")
         shard_cpus = shard_cpu_lists(cpus[executor_threads:], config.num_shards, shard_threads)
-        torch_threads_before = torch.get_num_threads()
         torch.set_num_threads(executor_torch_threads(executor_threads, is_cuda=device.type == "cuda",
                                                      has_shards=bool(config.num_shards or config.shard_addresses)))
         defaults = chosen_sampling_defaults(config.generation_config)  # a bad folder is refused before the load
@@ -300,7 +308,6 @@ class Cluster:
             await executor.start()
         except BaseException:
             await _close_all(nodes, handles)
-            torch.set_num_threads(torch_threads_before)
             raise
         log.info("cluster up: model %s on %s (%s), %d KV node(s), executor threads %d, shard threads %d",
                  config.model, device, model.dtype, len(nodes), executor_threads, shard_threads)

@@ -28,7 +28,9 @@ def _meminfo_available() -> int:
 
 
 def _cgroup_room(own_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
-    """The cgroup v2 limit less what the group uses now, None without a limit (or off cgroup v2)."""
+    """The cgroup v2 limit less what the group uses now, None without a limit (or off cgroup v2). The group's
+    inactive file pages (page cache the kernel drops as the group nears its limit: a model's weights just read) are
+    not counted as used, as container tools count them."""
     try:
         own = own_cgroup.read_text(encoding="ascii").splitlines()
         path = next(line.split(":", 2)[2] for line in own if line.startswith("0::"))
@@ -36,6 +38,16 @@ def _cgroup_room(own_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGRO
         limit = (group / "memory.max").read_text(encoding="ascii").strip()
         if limit == "max":
             return None
-        return max(0, int(limit) - int((group / "memory.current").read_text(encoding="ascii").strip()))
+        used = int((group / "memory.current").read_text(encoding="ascii").strip())
+        return max(0, int(limit) - used + _inactive_file_bytes(group))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
+
+
+def _inactive_file_bytes(group: Path) -> int:
+    try:
+        lines = (group / "memory.stat").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return 0
+    stat = dict(line.split(" ", 1) for line in lines if " " in line)
+    return int(stat.get("inactive_file", 0))

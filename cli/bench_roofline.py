@@ -216,8 +216,10 @@ def require_cuda(device: str) -> None:
     """OneLineError unless ``device`` names a CUDA device that torch can use: checked before any work."""
     import torch
 
-    if not device.startswith("cuda"):
-        raise OneLineError(f"bench roofline measures a CUDA GPU: --device must be cuda or cuda:N, got {device!r}")
+    if device not in ("cuda", "cuda:0"):
+        hint = (f"give the GPU as vLLM does, CUDA_VISIBLE_DEVICES={device[5:]} with --device cuda"
+                if device.startswith("cuda:") else "--device must be cuda")
+        raise OneLineError(f"bench roofline measures a CUDA GPU: {hint}, got {device!r}")
     if not torch.cuda.is_available():
         raise OneLineError("bench roofline needs a CUDA GPU, and torch sees none here (a CPU-only build or no driver)")
 

@@ -11,9 +11,9 @@ is given or the server has no ``/tokenize``. Every request is sent when it arriv
 when one of N places is free; a request's clock starts when it is sent. TTFT is the
 time to the first content chunk, TPOT = (last - first chunk) / (completion tokens - 1),
 the completion tokens coming from the streamed usage, ITL the gaps between content
-chunks (all requests' together). ``--goodput ttft:500 tpot:50 e2el:2000`` (vLLM's
-service level objectives, milliseconds) adds ``goodput_requests_per_s``: requests
-meeting every given objective per second. ``--api-key`` (or ``FASTDECODE_API_KEY``,
+chunks (all requests' together). ``--goodput 'ttft:500 tpot:50 e2el:2000'`` (vLLM's
+service level objectives in milliseconds; quoted, or the option repeated) adds
+``goodput_requests_per_s``: requests meeting every given objective per second. ``--api-key`` (or ``FASTDECODE_API_KEY``,
 as for ``fdctl serve``) is sent as a Bearer key on every request. Progress on stderr;
 one JSON object last on stdout, also when no request succeeded (then one ``Error:``
 line and exit 1); with ``--out`` also ``latency.png``.

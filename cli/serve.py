@@ -77,7 +77,10 @@ def _chat_template(ctx: click.Context, param: click.Parameter, value: str | None
         if not any(char in value for char in JINJA_CHARS):
             raise click.BadParameter(f"{value!r} looks like a file path, but it cannot be opened: "
                                      f"{exc.strerror or exc}", ctx, param) from None
-        template = codecs.decode(value, "unicode_escape")  # vLLM's: an inline '\n' is a newline
+        try:
+            template = codecs.decode(value, "unicode_escape")  # vLLM's: an inline '\n' is a newline
+        except UnicodeDecodeError as escape:
+            raise click.BadParameter(f"the template's escapes do not decode: {escape.reason}", ctx, param) from None
     except UnicodeDecodeError as exc:
         raise click.BadParameter(f"{value} is not UTF-8 text: {exc.reason}", ctx, param) from None
     try:

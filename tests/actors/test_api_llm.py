@@ -309,5 +309,12 @@ def test_async_generate_tokenizes_text_off_the_loop_and_refuses_text_past_the_co
             assert info.value.param == "prompt" and len(threads) == 1
             result = await llm.generate({"prompt": "hi", "prompt_token_ids": PROMPT}, GREEDY)  # ids run, no tokenizing
             assert len(threads) == 1 and result.prompt == "hi"
+            outputs = [out async for out in llm.stream("hello there", GREEDY)]  # stream() too
+            assert sum(out.token_id >= 0 for out in outputs) == GREEDY.max_tokens
+            assert len(threads) == 2 and threading.main_thread() not in threads
+            with pytest.raises(RequestError, match="characters"):
+                async for _ in llm.stream("a" * (llm.max_prompt_chars + 1), GREEDY):
+                    pass
+            assert len(threads) == 2
 
     asyncio.run(run())

@@ -1,4 +1,7 @@
+import os
+
 import pytest
+import torch
 
 from fastdecode.actors.cluster import ClusterConfig, executor_torch_threads, shard_cpu_lists, split_threads
 
@@ -115,8 +118,14 @@ async def test_start_up_mistakes_are_found_before_the_weights_load(monkeypatch, 
                     else value.format(tmp=tmp_path) if key == "curve_dir" else value)
               for key, value in fields.items()}
     config = ClusterConfig(**{"model": "random:tiny", "device": "cpu", **values})
-    with pytest.raises(Exception, match=error):
-        await Cluster.start(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) + 1)  # what no start sets: its own count must come back
+    try:
+        with pytest.raises(Exception, match=error):
+            await Cluster.start(config)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0)) + 1  # an embedding app's, as it had them
+    finally:
+        torch.set_num_threads(threads)
 
 
 async def test_in_process_shards_past_the_memory_available_are_refused_before_the_load(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -73,6 +74,8 @@ def test_matches_float64_reference_on_cuda():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                    reason="the [test] extra brings Triton on Linux x86-64 only")
 def test_matches_float64_reference_in_tritons_interpreter():
     """The same kernels run by Triton's CPU interpreter (float16: it has no bfloat16), in a process of its own
     (the interpreter is chosen when the kernels are defined). Triton is in the [test] extra: without it this fails

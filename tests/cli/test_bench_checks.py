@@ -37,6 +37,9 @@ def test_roofline_on_a_cpu_device_is_one_line_error(monkeypatch):
     monkeypatch.setattr(bench_roofline, "run_roofline", no_work)
     result = CliRunner().invoke(bench, ["roofline", "--device", "cpu"])
     assert_one_line_error(result, "--device must be cuda")
+    # another GPU is chosen as vLLM does (the engine refuses cuda:1, after the bandwidth run had been measured)
+    result = CliRunner().invoke(bench, ["roofline", "--device", "cuda:1"])
+    assert_one_line_error(result, "CUDA_VISIBLE_DEVICES=1 with --device cuda")
 
 
 def test_gpu_kv_memory_past_the_free_memory_is_refused_before_any_work(monkeypatch):

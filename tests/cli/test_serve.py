@@ -371,6 +371,7 @@ def test_a_chat_template_that_cannot_be_used_is_refused_before_the_model_loads(t
     line = refuse("serve", *TINY, "--chat-template", str(tmp_path / "missing.jinja"))
     assert "--chat-template" in line and "missing.jinja" in line and "No such file" in line
     assert "does not parse" in refuse("serve", *TINY, "--chat-template", "{% for message in messages %}")
+    assert "escapes do not decode" in refuse("serve", *TINY, "--chat-template", '{{ "C:\\users" }}')
 
 
 def test_chat_template_reaches_the_served_tokenizer():
