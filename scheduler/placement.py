@@ -12,7 +12,8 @@ Room means, in pages of each node (``ceil(tokens / page_size)`` per layer):
 - later: the pages every resident will hold at its reserved final length, plus
   the new one's, fit in ``overcommit`` times the node's memory.  With
   ``overcommit == 1`` a node never runs out while its sequences stay within their
-  reservations (always, when no max_tokens exceeds ``max_reserved_output``); above 1,
+  reservations (always, when no max_tokens exceeds the reservation limit,
+  ``min(max_reserved_output, an eighth of the node's tokens)``); above 1,
   or when a sequence outgrows its reservation, a node that does fill up preempts its
   youngest sequence (see ``preemption``).
 """

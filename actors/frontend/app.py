@@ -14,12 +14,12 @@ from fastdecode.actors.frontend.middleware import (
     cors_middleware,
     errors_middleware,
 )
+from fastdecode.actors.frontend.openai_request import MAX_BODY_BYTES
 from fastdecode.actors.frontend.openai_routes import CREATED_AT, chat_completions, completions, model, models
 from fastdecode.actors.frontend.state import STATE, FrontendState
 from fastdecode.actors.frontend.tokenize_routes import detokenize, tokenize
 from fastdecode.actors.frontend.websocket import stream_socket
 
-MAX_BODY_BYTES = 16 << 20
 VERSION = web.AppKey("fastdecode_version", str)
 
 

@@ -34,6 +34,7 @@ from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.request import RequestError, SamplingParams
 
 LARGE_BODY_BYTES = 1 << 20  # bodies from this size are decoded and checked off the event loop
+MAX_BODY_BYTES = 16 << 20  # a request body (or WebSocket message) past this is refused (413)
 T = TypeVar("T")
 
 # vLLM/OpenAI fields this server does not implement -> the values that change nothing; any other value is

@@ -20,7 +20,12 @@ from aiohttp import WSMsgType, web
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.generation import Generation, generation_error, start_generation
 from fastdecode.actors.frontend.middleware import is_origin_allowed
-from fastdecode.actors.frontend.openai_request import GenerateRequest, parse_body, parse_stream_request
+from fastdecode.actors.frontend.openai_request import (
+    MAX_BODY_BYTES,
+    GenerateRequest,
+    parse_body,
+    parse_stream_request,
+)
 from fastdecode.actors.frontend.state import STATE, FrontendState
 
 log = logging.getLogger("fastdecode.frontend")
@@ -36,7 +41,7 @@ async def stream_socket(request: web.Request) -> web.WebSocketResponse:
         raise ApiError(403, f"the origin {origin} may not open this WebSocket (see --allowed-origins)",
                        code="origin_not_allowed")
     state.require_llm()  # refuse before the upgrade while not ready (auth is checked by the middleware)
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S)
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_BODY_BYTES)  # the HTTP routes' body limit
     await ws.prepare(request)
     try:
         await _serve_one(ws, state)

@@ -104,3 +104,13 @@ async def test_client_that_closes_cancels_its_request(tiny_server):
     after = await until_aborted_and_freed(tiny_server.url, num_aborted + 1)
     assert after.get(ABORTED, 0) == num_aborted + 1
     assert is_freed(after)
+
+
+async def test_a_message_as_large_as_an_http_body_gets_an_answer(tiny_server):
+    """A 5 MB request (past aiohttp's 4 MiB WebSocket default, within the HTTP routes' 16 MiB) is read and answered:
+    here its prompt is too long for the context, an error event with its status, not a silent close (1009)."""
+    async with connect(tiny_server.ws_url, additional_headers=AUTH, max_size=None) as ws:
+        await ws.send(json.dumps({"prompt": "a" * (5 << 20), "max_tokens": 2}))
+        messages = [json.loads(raw) async for raw in ws]
+    assert len(messages) == 1 and messages[0]["type"] == "error" and messages[0]["status"] == 400
+    assert "too long" in messages[0]["message"]
