@@ -15,12 +15,9 @@ import asyncio
 import dataclasses
 import functools
 import gc
-import itertools
 import logging
 import math
 import os
-import secrets
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,18 +26,18 @@ from fastdecode.actors.dense_profile import measure_dense_profile, time_prefill
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
 from fastdecode.actors.host_memory import available_memory_bytes
-from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
-from fastdecode.actors.kvshard import BUSY, shape_problem
+from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, node_model
+from fastdecode.actors.kvshard import shape_problem
 from fastdecode.actors.model import load_model, resolve_config, resolve_device
 from fastdecode.actors.model.loader import model_dtype
 from fastdecode.actors.model.tokenizer import compile_chat_template
 from fastdecode.actors.model.hf_dir import chosen_sampling_defaults
 from fastdecode.actors.request import SamplingParams
-from fastdecode.actors.shard_client import ShardClient, start_embedded_shard
+from fastdecode.actors.shard_client import start_embedded_shard
+from fastdecode.actors.shard_links import ShardLinks
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch, planned_lengths
-from fastdecode.transport.errors import RemoteRequestError
 
 log = logging.getLogger("fastdecode.cluster")
 
@@ -49,11 +46,6 @@ MAX_EMBEDDED_KV_BYTES = 8 << 30
 MODES = ("gpu-only", "shards", "hybrid")
 GPU_KV_FREE_FRACTION = 0.8  # default GPU KV pool: this share of the device memory free after loading,
 GPU_PREFILL_FREE_FRACTION = 0.9  # or less: this share less one longest prompt's K/V, which prefill stages beside it
-# A shard held by another Executor session refuses Configure ``busy`` until that session has been silent for the
-# shard's session timeout (8 s by default): an Executor restarted right after a crash waits that out (retrying
-# every TAKEOVER_RETRY_S) instead of failing, and is refused only if the other one's heartbeats go on.
-TAKEOVER_WAIT_S = 12.0
-TAKEOVER_RETRY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -342,7 +334,7 @@ class Cluster:
         await self.stop()
 
 
-async def _links_before_loading(config: ClusterConfig, device: torch.device) -> "ShardLinks":
+async def _links_before_loading(config: ClusterConfig, device: torch.device) -> ShardLinks:
     """What can be checked before the weights load (minutes, for a large model), checked: the model's config, the
     max_model_len against its context, the chat template, the CURVE keys, and that every shard daemon answers. The
     shard links."""
@@ -433,68 +425,6 @@ async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):
     return gpu_model, choose_mode(gpu_model, models[0], models[1:], batch=batch, mean_context=mean_context,
                                   final_len=final_len, measured_gpu_only_step_s=measured,
                                   prefill_s=prefill_s), graphs
-
-
-@dataclass
-class ShardLinks:
-    """How the Executor reaches shard daemons: plain or CURVE sockets, heartbeats, and the model's KV shape."""
-
-    shape: dict
-    ctx: object | None  # a CURVE client Context, None for the process-wide plain one
-    heartbeat_interval_s: float
-    liveness: int
-    attend_timeout_s: float
-    # this cluster's run, the same on every (re)connect: a shard frees what an earlier run left behind
-    session_id: int = field(default_factory=lambda: secrets.randbits(63) or 1)
-
-    @classmethod
-    def open(cls, config: ClusterConfig, *, shape: dict) -> "ShardLinks":
-        ctx = None
-        if config.curve_dir is not None:
-            from fastdecode.transport.security import ClientKeys, client_context
-
-            ctx = client_context(ClientKeys.load(config.curve_dir))
-        return cls(shape, ctx, config.heartbeat_interval_s, config.liveness, config.attend_timeout_s)
-
-    async def ping(self, address: str) -> None:
-        """PeerDeadError unless a shard answers at ``address`` within the heartbeat window."""
-        client = await ShardClient.connect(address, ctx=self.ctx, heartbeat_interval_s=self.heartbeat_interval_s,
-                                           liveness=self.liveness)
-        await client.close()
-
-    async def connect(self, address: str) -> ShardKVNode:
-        """Connect to a shard (in-process shards share the process-wide Context) and configure it."""
-        is_in_process = address.startswith("inproc://")
-        # an in-process shard may answer on this process's event loop, which a long handler can hold: its attends
-        # keep the client's own timeout rather than fail the only node at a stall of the loop
-        client = await ShardClient.connect(address, ctx=None if is_in_process else self.ctx,
-                                           heartbeat_interval_s=self.heartbeat_interval_s, liveness=self.liveness,
-                                           attend_timeout_s=None if is_in_process else self.attend_timeout_s)
-        try:
-            await self._configure(client)
-        except BaseException:
-            await client.close()
-            raise
-        return ShardKVNode(client)
-
-    async def _configure(self, client: ShardClient) -> None:
-        """Configure the shard for this session, waiting up to TAKEOVER_WAIT_S while another session holds it."""
-        deadline_s = time.monotonic() + TAKEOVER_WAIT_S
-        for attempt in itertools.count():
-            try:
-                await client.configure(**self.shape, session_id=self.session_id)
-                return
-            except RemoteRequestError as exc:
-                if exc.code != BUSY or time.monotonic() >= deadline_s:
-                    raise
-                if attempt == 0:
-                    log.warning("shard %s: %s; waiting up to %.0f s for that session to lapse", client.address,
-                                exc.message, TAKEOVER_WAIT_S)
-            await asyncio.sleep(TAKEOVER_RETRY_S)
-
-    async def stop(self) -> None:
-        if self.ctx is not None:
-            self.ctx.destroy(linger=0)
 
 
 async def _close_all(nodes: list[KVNode], handles) -> None:

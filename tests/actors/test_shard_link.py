@@ -147,7 +147,8 @@ async def test_a_stuck_worker_fails_the_attend_at_its_timeout_though_its_heartbe
 async def test_an_in_process_shard_keeps_the_clients_timeout_for_its_attends():
     """An in-process shard may answer on this process's event loop: a handler holding the loop for 10 s must not fail
     the only node, so its attends keep the client's timeout; a daemon's get the cluster's attend_timeout_s."""
-    from fastdecode.actors.cluster import ClusterConfig, ShardLinks
+    from fastdecode.actors.cluster import ClusterConfig
+    from fastdecode.actors.shard_links import ShardLinks
 
     shape = dict(num_layers=NUM_LAYERS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, kv_dtype="bfloat16")
     links = ShardLinks.open(ClusterConfig(attend_timeout_s=2.5), shape=shape)

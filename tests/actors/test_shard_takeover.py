@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import fastdecode.actors.cluster as cluster
-from fastdecode.actors.cluster import ShardLinks
+import fastdecode.actors.shard_links as shard_links
+from fastdecode.actors.shard_links import ShardLinks
 from fastdecode.actors.kv_nodes import ShardKVNode
 from fastdecode.actors.kvshard import ShardConfig
 from fastdecode.transport.errors import RemoteRequestError
@@ -33,7 +33,7 @@ class HeldShard:
 
 @pytest.fixture
 def links(monkeypatch):
-    monkeypatch.setattr(cluster, "TAKEOVER_RETRY_S", 0.01)
+    monkeypatch.setattr(shard_links, "TAKEOVER_RETRY_S", 0.01)
     return ShardLinks(shape={}, ctx=None, heartbeat_interval_s=1.0, liveness=3, attend_timeout_s=10.0)
 
 
@@ -41,7 +41,7 @@ def connect_to(monkeypatch, shard: HeldShard):
     async def connect(address, **kwargs):
         return shard
 
-    monkeypatch.setattr(cluster.ShardClient, "connect", connect)
+    monkeypatch.setattr(shard_links.ShardClient, "connect", connect)
 
 
 async def test_a_shard_held_by_a_lapsing_session_is_waited_for(links, monkeypatch, caplog):
@@ -53,7 +53,7 @@ async def test_a_shard_held_by_a_lapsing_session_is_waited_for(links, monkeypatc
 
 
 async def test_a_shard_whose_other_session_stays_live_is_refused_in_the_end(links, monkeypatch):
-    monkeypatch.setattr(cluster, "TAKEOVER_WAIT_S", 0.1)
+    monkeypatch.setattr(shard_links, "TAKEOVER_WAIT_S", 0.1)
     shard = HeldShard(num_refusals=10**6)
     connect_to(monkeypatch, shard)
     with pytest.raises(RemoteRequestError, match="another Executor"):
@@ -67,5 +67,5 @@ def test_the_takeover_wait_outlasts_the_shards_session_timeout():
     gave up sooner, or just as that lapses, with no retry (every TAKEOVER_RETRY_S) left after it, would fail
     every restart that comes right after a crash instead of taking its shards over."""
     session_timeout_s = ShardConfig(kv_memory_bytes=1 << 20).session_timeout_s
-    assert cluster.TAKEOVER_WAIT_S > session_timeout_s + cluster.TAKEOVER_RETRY_S
-    assert (cluster.TAKEOVER_WAIT_S, session_timeout_s) == (12.0, 8.0)  # the README's figures
+    assert shard_links.TAKEOVER_WAIT_S > session_timeout_s + shard_links.TAKEOVER_RETRY_S
+    assert (shard_links.TAKEOVER_WAIT_S, session_timeout_s) == (12.0, 8.0)  # the README's figures
