@@ -407,7 +407,8 @@ class Executor:
         minibatches = [MiniBatch.build(i, group) for i, group in enumerate(groups)]
         ran = [[s.seq_id for s in mb.seqs] for mb in minibatches]  # the split as it runs
         predicted_s = self.scheduler.predict_decode_s(ran) if self.trace is not None else 0.0
-        if not (self.runner.is_cuda and not self.runner.is_synchronous and self.decoder.is_whole_step(minibatches)):
+        is_async_cuda = self.runner.is_cuda and not self.runner.is_synchronous  # a dense call returns at its launch
+        if not (is_async_cuda and self.decoder.is_whole_step(minibatches)):
             self._emit_pending()  # this step runs to its end before the await returns: they would wait all of it
         trace_start = self.trace.now() if self.trace is not None else 0.0
         start = time.perf_counter()
@@ -426,7 +427,7 @@ class Executor:
             if self.nodes[node_index].can_attend])
         if all_alive:  # an untraced CUDA graph step returns at its launch, one launched ahead ran before it:
             # its time is not the step's
-            is_timed = (self.runner.is_synchronous or not self.runner.is_cuda) and not self.decoder.was_ahead
+            is_timed = not is_async_cuda and not self.decoder.was_ahead
             self.scheduler.observe_decode(ran, decode_s, is_device_time_included=is_timed)
         # one sampler call for the whole step (rows are sampled independently). Rows whose node
         # failed during the step got zeros from it: no token for them now; they are rebuilt

@@ -198,13 +198,14 @@ class KVShard:
         sends nothing else), or, where none was heard, it holds sequences and sent a request within
         ``session_timeout_s``. Without either figure another session takes the shard at once."""
         timeout_s = self.config.session_timeout_s
-        if (not message.session_id and self._session_id and holder_ping_s is not None and holder_ping_s < timeout_s
-                and (self._shape is None or self._shape.shape != message.shape)):
+        is_holder_live = bool(self._session_id) and holder_ping_s is not None and holder_ping_s < timeout_s
+        is_reshape = self._shape is None or self._shape.shape != message.shape
+        if not message.session_id and is_holder_live and is_reshape:
             raise ActorError(BUSY, f"an Executor (client session) uses this shard: its last heartbeat came "
                                    f"{holder_ping_s:.1f} s ago; a client that names no session may not configure "
                                    f"it for {self._describe(message)}")
         if message.session_id and message.session_id != self._session_id:
-            if self._session_id and holder_ping_s is not None and holder_ping_s < timeout_s:
+            if is_holder_live:
                 raise ActorError(BUSY, f"another Executor (client session) uses this shard: its last heartbeat "
                                        f"came {holder_ping_s:.1f} s ago. A shard serves one Executor at a time: "
                                        "stop the other one, or give this one other shards (retry once it has "

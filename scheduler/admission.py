@@ -147,10 +147,11 @@ class AdmissionPolicy:
         """A sequence finished after ``num_generated`` of its ``max_tokens``: re-plan."""
         self._completion.add(min(1.0, max(num_generated, 1) / max_tokens))
 
-    def on_admitted(self, num_admitted: int) -> None:
-        """``num_admitted`` new sequences started (resumed ones, which ``num_to_admit`` lets through outside the
-        rate, are not counted: they were already part of the load)."""
-        self._credit = max(0.0, self._credit - num_admitted)
+    def on_admitted(self, admitted: Sequence[_Seq]) -> None:
+        """``admitted`` started: the new ones use up credit; resumed ones (``num_generated`` > 0), which
+        ``num_to_admit`` lets through outside the rate, do not: they were already part of the load."""
+        num_new = sum(1 for seq in admitted if seq.num_generated == 0)
+        self._credit = max(0.0, self._credit - num_new)
 
     # --- decision ------------------------------------------------------------------
     def num_to_admit(self, running: Sequence[_Seq], waiting: Sequence[_Seq]) -> int:

@@ -321,5 +321,5 @@ class Scheduler:
                 load.num_final_tokens + reserved_lens[node_id],
             )
             admitted.append(record.seq_id)
-        self._admission.on_admitted(sum(1 for record in waiting[:len(admitted)] if record.num_generated == 0))
+        self._admission.on_admitted(waiting[:len(admitted)])  # admission stops at the first that finds no room
         return admitted

@@ -27,9 +27,9 @@ def drive(policy, waiting, num_steps):
     running, history = [], []
     for _ in range(num_steps):
         num = policy.num_to_admit(running, waiting)
+        policy.on_admitted(waiting[:num])
         running += waiting[:num]
         del waiting[:num]
-        policy.on_admitted(num)
         history.append((num, len(running), sum(s.context_len for s in running)))
         for seq in running:
             seq.num_generated += 1
@@ -160,9 +160,9 @@ def test_one_long_request_neither_waits_for_the_batch_to_empty_nor_holds_it_down
         num = policy.num_to_admit(running, waiting)
         if long in waiting[:num]:
             started = step
+        policy.on_admitted(waiting[:num])
         running += waiting[:num]
         del waiting[:num]
-        policy.on_admitted(num)
         if long in running and long.num_generated > 20:
             sizes.append(len(running))
         for seq in running:
