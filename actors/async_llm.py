@@ -62,11 +62,7 @@ def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[Pr
         if entry is None:
             dicts.append(None)
             continue
-        position = {token_id: Logprob(entry.logprob, entry.rank, token_text(token_id))}
-        for rank, (top_id, value) in enumerate(entry.top_logprobs, start=1):
-            if top_id not in position:
-                position[top_id] = Logprob(value, rank, token_text(top_id))
-        dicts.append(position)
+        dicts.append(_position(token_id, entry.logprob, entry.rank, entry.top_logprobs, token_text))
     return dicts
 
 
@@ -76,15 +72,20 @@ def sample_logprob_dicts(token_ids: Sequence[int], logprobs: Sequence[float],
     """The generated tokens' logprobs in vLLM's shape (``CompletionOutput.logprobs``): per token ``{token id: Logprob}``
     of the sampled token, then of the most likely ones there (rank 1 the likeliest; the sampled token's rank is its
     place among them, None when it is not among them)."""
-    dicts = []
-    for token_id, logprob, top in zip(token_ids, logprobs, tops):
-        ranks = {top_id: rank for rank, (top_id, _) in enumerate(top, start=1)}
-        position = {token_id: Logprob(logprob, ranks.get(token_id), token_text(token_id))}
-        for top_id, value in top:
-            if top_id not in position:
-                position[top_id] = Logprob(value, ranks[top_id], token_text(top_id))
-        dicts.append(position)
-    return dicts
+    return [_position(token_id, logprob, next((rank for rank, (top_id, _) in enumerate(top, start=1)
+                                               if top_id == token_id), None), top, token_text)
+            for token_id, logprob, top in zip(token_ids, logprobs, tops)]
+
+
+def _position(token_id: int, logprob: float, rank: int | None, top: Sequence[tuple[int, float]],
+              token_text: Callable[[int], str]) -> dict[int, Logprob]:
+    """One position's ``{token id: Logprob}``: the token there first, then the most likely ones (ranked from 1), each
+    token once."""
+    position = {token_id: Logprob(logprob, rank, token_text(token_id))}
+    for top_rank, (top_id, value) in enumerate(top, start=1):
+        if top_id not in position:
+            position[top_id] = Logprob(value, top_rank, token_text(top_id))
+    return position
 
 
 def primary_eos_token_id(tokenizer: object) -> int | None:
@@ -111,7 +112,7 @@ class SubmittedStream:
     def __init__(self, request, outputs: AsyncGenerator[StreamOutput, None]) -> None:
         self._request = request
         self._outputs = outputs
-        weakref.finalize(self, _cancel_dropped, asyncio.get_running_loop(), request)
+        self._finalizer = weakref.finalize(self, _cancel_dropped, asyncio.get_running_loop(), request)
 
     def __aiter__(self) -> "SubmittedStream":
         return self
@@ -120,6 +121,7 @@ class SubmittedStream:
         return await self._outputs.__anext__()
 
     async def aclose(self) -> None:
+        self._finalizer.detach()  # closed: nothing left for the collector to cancel
         self._request.cancel()
         await self._outputs.aclose()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -117,22 +118,25 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                 if not out.text and out.finish_reason is None and not builder.wants_logprobs and index not in echo_left:
                     continue  # half a character: nothing to show yet
                 echo_text = echo_left.pop(index, None)
-
-                def build() -> dict[str, Any]:  # called (or awaited) before the next output is taken
-                    chunk = builder.chunk(out, index=index, echo_text=echo_text, prompt_ids=generation.prompt_ids)
-                    return _with_usage(chunk, body, generation, num_sent[index])
-
+                parts = (builder, body, generation, out, echo_text, num_sent[index])
                 # an echo's first chunk shows every prompt token: over many, built off the loop (as json_response)
                 if echo_text is not None and len(generation.prompt_ids) > LARGE_RESPONSE_TOKENS:
-                    await events.send_built(build)
+                    await events.send_built(functools.partial(_stream_chunk, *parts))
                 else:
-                    await events.send(build())
+                    await events.send(_stream_chunk(*parts))
         if body.is_usage_streamed and not is_failed:
             await events.send(builder.usage_chunk(total_usage(generations)))
         await events.done()
     except ConnectionResetError:
         log.info("client left during a stream; request cancelled")
     return events.response
+
+
+def _stream_chunk(builder: ResponseBuilder, body: GenerateRequest, generation: Generation, out: StreamOutput,
+                  echo_text: str | None, num_sent: int) -> dict[str, Any]:
+    """One output's stream chunk, with the usage so far where asked."""
+    chunk = builder.chunk(out, index=generation.index, echo_text=echo_text, prompt_ids=generation.prompt_ids)
+    return _with_usage(chunk, body, generation, num_sent)
 
 
 def _with_usage(chunk: dict[str, Any], body: GenerateRequest, generation: Generation,
