@@ -30,17 +30,12 @@ from fastdecode.cli.sizes import parse_size
 def percentiles(values: list[float]) -> dict[str, float]:
     """p50, p90, p99 and the mean of ``values`` ({} for none); a percentile interpolates linearly between the two
     ranks around q * (n - 1), numpy's default and what vLLM reports."""
+    import numpy as np
+
     if not values:
         return {}
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        rank = q * (len(ordered) - 1)
-        low = int(rank)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
+    p50, p90, p99 = (float(p) for p in np.percentile(values, (50, 90, 99)))
+    return {"p50": p50, "p90": p90, "p99": p99, "mean": statistics.fmean(values)}
 
 
 async def run_offline(options: dict) -> dict:

@@ -19,7 +19,7 @@ import click
 
 from fastdecode.cli.bench_plot import line_plots
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
-from fastdecode.cli.plan import FiniteFloatRange
+from fastdecode.cli.plan import DTYPE_BYTES, FiniteFloatRange, resolve_gpu, resolve_model_config, shape_of
 
 
 def gpu_only_row(shape, dense_step_s, request, max_batch: int, hbm_bytes_per_s: float) -> dict:
@@ -37,14 +37,12 @@ def gpu_only_row(shape, dense_step_s, request, max_batch: int, hbm_bytes_per_s: 
 
 
 def project(options: dict) -> dict:
-    from fastdecode.cli.plan import DTYPE_BYTES, resolve_gpu, resolve_model_config, shape_of
     from fastdecode.scheduler import GPU_SPECS, PlanRequest, plan_deployment
 
     config = resolve_model_config(options["model"])
     shape = shape_of(config, DTYPE_BYTES[options["dtype"]])
-    spec = GPU_SPECS[options["gpu"] or "h100"]
     dense_step_s, memory, label = resolve_gpu(options["gpu"], options["gpu_profile"], shape, options["model"])
-    hbm = options["hbm_gbps"] * 1e9 if options["hbm_gbps"] else spec.hbm_bytes_per_s
+    hbm = options["hbm_gbps"] * 1e9 if options["hbm_gbps"] else GPU_SPECS[options["gpu"] or "h100"].hbm_bytes_per_s
     rows = []
     gpu_only = None
     for hosts in range(1, options["max_hosts"] + 1):
