@@ -9,7 +9,7 @@ import json
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from test_bench_serve_prompts import serving
+from fake_openai import FakeOpenAI, serving
 
 from fastdecode.cli.bench import bench
 from fastdecode.cli.bench_serve import is_good, read_trace
@@ -19,7 +19,7 @@ from fastdecode.cli.serve import API_KEY_ENV
 pytestmark = pytest.mark.timeout(30)
 
 
-class HoldingServer:
+class HoldingServer(FakeOpenAI):
     """/v1/models and a streaming /v1/completions that holds each request until ``target`` are in progress at once
     (or ``hold_s`` passed), then streams ``max_tokens`` one-token chunks ``gap_s`` apart; counts the peak of
     requests in progress."""
@@ -28,15 +28,6 @@ class HoldingServer:
         self.target, self.hold_s, self.gap_s = target, hold_s, gap_s
         self.in_progress = self.peak = self.num_served = 0
         self.reached = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", self.completions)
-        return app
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

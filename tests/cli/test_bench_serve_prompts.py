@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
+from fake_openai import FakeOpenAI, serving
 
 from fastdecode.cli.bench import bench
 from fastdecode.cli.serve import API_KEY_ENV
@@ -19,7 +17,7 @@ pytestmark = pytest.mark.timeout(30)
 VOCAB = 40  # far below bench serve's fallback draw of [0, 1000)
 
 
-class FakeServer:
+class FakeServer(FakeOpenAI):
     """/v1/models, an optional /tokenize (one id per letter) refusing texts over ``max_chars``, and a streaming
     /v1/completions that refuses ids outside [0, VOCAB) as fastdecode does; records what it was sent."""
 
@@ -29,16 +27,9 @@ class FakeServer:
         self.tokenized: list[int] = []
         self.prompts: list[list[int]] = []
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", self.completions)
+    def extra_routes(self, app: web.Application) -> None:
         if self.has_tokenize:
             app.router.add_post("/tokenize", self.tokenize)
-        return app
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -62,26 +53,6 @@ class FakeServer:
         usage = {"choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": body["max_tokens"]}}
         await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         return response
-
-
-@contextmanager
-def serving(fake: FakeServer) -> Iterator[str]:
-    """Runs ``fake`` on a free loopback port in a thread of its own; yields its URL."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(fake.app())
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def bench_serve(url: str, *args: str):
