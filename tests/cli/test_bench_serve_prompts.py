@@ -2,7 +2,6 @@
 ids by default, the old ``[0, 1000)`` draw when the server has no /tokenize, and exit 1 when nothing succeeded."""
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
