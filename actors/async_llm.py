@@ -50,6 +50,7 @@ class StreamOutput:
     stop_reason: int | str | None = None
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     made_at: float | None = None  # the engine's time of its event (TokenEvent.made_at); None: not known
+    rank: int | None = None  # the token's rank in the raw distribution (1: the likeliest), with ``logprob``
 
 
 def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[PromptLogprob | None],
@@ -66,15 +67,14 @@ def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[Pr
     return dicts
 
 
-def sample_logprob_dicts(token_ids: Sequence[int], logprobs: Sequence[float],
+def sample_logprob_dicts(token_ids: Sequence[int], logprobs: Sequence[float], ranks: Sequence[int | None],
                          tops: Sequence[Sequence[tuple[int, float]]],
                          token_text: Callable[[int], str]) -> list[dict[int, Logprob]]:
     """The generated tokens' logprobs in vLLM's shape (``CompletionOutput.logprobs``): per token ``{token id: Logprob}``
-    of the sampled token, then of the most likely ones there (rank 1 the likeliest; the sampled token's rank is its
-    place among them, None when it is not among them)."""
-    return [_position(token_id, logprob, next((rank for rank, (top_id, _) in enumerate(top, start=1)
-                                               if top_id == token_id), None), top, token_text)
-            for token_id, logprob, top in zip(token_ids, logprobs, tops)]
+    of the sampled token (with its rank in the whole distribution), then of the most likely ones there (rank 1 the
+    likeliest)."""
+    return [_position(token_id, logprob, rank, top, token_text)
+            for token_id, logprob, rank, top in zip(token_ids, logprobs, ranks, tops)]
 
 
 def _position(token_id: int, logprob: float, rank: int | None, top: Sequence[tuple[int, float]],
@@ -295,19 +295,20 @@ class AsyncLLM:
                     yield StreamOutput(event.request_id, event.token_id, detokenizer.finish(), event.logprob,
                                        event.top_logprobs, "stop",
                                        stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id),
-                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at)
+                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at, rank=event.rank)
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:
                     request.cancel(is_stop=True)
                     yield StreamOutput(event.request_id, event.token_id, text, event.logprob,
                                        event.top_logprobs, "stop", stop_reason=detokenizer.stop_string,
-                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at)
+                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at, rank=event.rank)
                     return
                 if event.finish_reason is not None:
                     text += detokenizer.finish()
                 yield StreamOutput(event.request_id, event.token_id, text, event.logprob, event.top_logprobs,
-                                   event.finish_reason, prompt_logprobs=event.prompt_logprobs, made_at=made_at)
+                                   event.finish_reason, prompt_logprobs=event.prompt_logprobs, made_at=made_at,
+                                   rank=event.rank)
         finally:
             request.cancel()  # no-op once finished; frees the KV of an abandoned stream
 
@@ -320,7 +321,8 @@ class AsyncLLM:
         params = check_params(params, default=self.default_params)
         result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text,
                                   num_logprobs=params.logprobs)
-        tops: list[tuple[tuple[int, float], ...]] = []  # of each sampled token, where logprobs were asked for
+        ranks: list[int | None] = []  # of each sampled token, where logprobs were asked for
+        tops: list[tuple[tuple[int, float], ...]] = []
         async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
             async for out in outputs:
                 result.request_id = str(out.request_id)  # the engine's id (a str, as vLLM's)
@@ -331,6 +333,7 @@ class AsyncLLM:
                     result.token_ids.append(out.token_id)
                     if out.logprob is not None and params.logprobs is not None:  # a batch-mate's ask is not ours
                         result.logprobs.append(out.logprob)
+                        ranks.append(out.rank)
                         tops.append(tuple(out.top_logprobs[:params.logprobs]))
                 result.text += out.text
                 if out.finish_reason == "error":
@@ -339,7 +342,7 @@ class AsyncLLM:
                 result.stop_reason = out.stop_reason
         if params.logprobs is not None:
             result.position_logprobs = await asyncio.to_thread(
-                sample_logprob_dicts, result.token_ids, result.logprobs, tops, self.tokenizer.token_text)
+                sample_logprob_dicts, result.token_ids, result.logprobs, ranks, tops, self.tokenizer.token_text)
         return result
 
     @staticmethod

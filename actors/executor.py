@@ -471,24 +471,24 @@ class Executor:
             copied.synchronize()
         elif is_ahead:
             is_ahead = self.decoder.launch_ahead(out.token_ids)
-        token_ids, logprobs, tops = out.rows([t.tolist() for t in fields], [s.params.logprobs for s in seqs])
+        rows = out.rows([t.tolist() for t in fields], [s.params.logprobs for s in seqs])
         if is_ahead:
-            self.decoder.confirm_ahead(token_ids)
-        return token_ids, logprobs, tops
+            self.decoder.confirm_ahead(rows.token_ids)
+        return rows
 
     async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False,
                                prompt_logprobs: tuple | None = None) -> None:
         """Sample a token for each of ``seqs`` and hand it to its stream; ``prompt_logprobs``: those of the one
         sequence a prefill just placed, which go with its first token."""
-        token_ids, logprobs, tops = await self.runner.run(self._sample, seqs, logits, is_ahead)
+        rows = await self.runner.run(self._sample, seqs, logits, is_ahead)
         made_at = time.monotonic()  # the step's tokens' time, once for the batch
         self.scheduler.on_tokens([s.seq_id for s in seqs])
-        for seq, token_id, logprob, top in zip(seqs, token_ids, logprobs, tops):
+        for seq, token_id, logprob, rank, top in zip(seqs, *rows):
             seq.output_ids.append(token_id)
             reason = finish_reason_after(seq, token_id, eos_token_ids=self.eos_token_ids,
                                          max_model_len=self.max_model_len)
             event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason,
-                               prompt_logprobs=prompt_logprobs, made_at=made_at)
+                               prompt_logprobs=prompt_logprobs, rank=rank, made_at=made_at)
             if reason is None:
                 self._pending_events.append((seq, event))
             else:

@@ -200,6 +200,7 @@ class TokenEvent:
     error: str | None = None
     is_retryable: bool = False
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    rank: int | None = None  # the token's rank in the raw distribution (1: the likeliest), with ``logprob``
     # when the engine made it (time.monotonic()): what latency metrics count, not when a reader took it (vLLM's
     # engine timestamps; a slow client must not show as slow tokens)
     made_at: float = field(default_factory=time.monotonic, compare=False)

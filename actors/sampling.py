@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -66,24 +67,36 @@ class SamplingRow:
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor | None = None  # [B] raw logprob of the chosen token
+    ranks: torch.Tensor | None = None  # [B] the chosen token's rank in the raw distribution (1: the likeliest)
     top_token_ids: torch.Tensor | None = None  # [B, N] by decreasing logprob
     top_logprobs: torch.Tensor | None = None  # [B, N]
 
     @property
     def tensors(self) -> list[torch.Tensor]:
         """The fields this output has, in order (what goes to the host)."""
-        return [t for t in (self.token_ids, self.logprobs, self.top_token_ids, self.top_logprobs) if t is not None]
+        return [t for t in (self.token_ids, self.logprobs, self.ranks, self.top_token_ids, self.top_logprobs)
+                if t is not None]
 
-    def rows(self, values: list[list], num_logprobs: Sequence[int | None]) -> tuple[list, list, list]:
-        """``values`` (``tensors`` as host lists) per row: token ids, logprobs (None where not made) and top
-        ``(token id, logprob)`` pairs, each row's cut to its own ``num_logprobs`` (None: none)."""
+    def rows(self, values: list[list], num_logprobs: Sequence[int | None]) -> SampledRows:
+        """``values`` (``tensors`` as host lists) per row: token ids, logprobs and ranks (None where not made) and
+        top ``(token id, logprob)`` pairs, each row's cut to its own ``num_logprobs`` (None: none)."""
         num_rows = len(num_logprobs)
-        logprobs = values[1] if self.logprobs is not None else [None] * num_rows
+        if self.logprobs is None:
+            return SampledRows(values[0], [None] * num_rows, [None] * num_rows, [()] * num_rows)
         tops: list[tuple] = [()] * num_rows
         if self.top_token_ids is not None:
-            ids, lps = values[2], values[3]
+            ids, lps = values[3], values[4]
             tops = [tuple(zip(ids[i], lps[i]))[: n or 0] for i, n in enumerate(num_logprobs)]
-        return values[0], logprobs, tops
+        return SampledRows(values[0], values[1], values[2], tops)
+
+
+class SampledRows(NamedTuple):
+    """A sampled batch on the host, per row: the token, its raw logprob and rank (None where no row asked for
+    logprobs), and the most likely ``(token id, logprob)`` pairs the row asked for."""
+    token_ids: list[int]
+    logprobs: list[float | None]
+    ranks: list[int | None]
+    tops: list[tuple]
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -228,7 +241,10 @@ def sample(
     if raw_logprobs is None:
         return SamplerOutput(token_ids=token_ids)
     chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    # vLLM's rank: 1 + the tokens strictly likelier than the chosen one (ties share the better rank)
+    ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
     if num_top == 0:
-        return SamplerOutput(token_ids=token_ids, logprobs=chosen)
+        return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks)
     top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)
-    return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_token_ids=top_ids, top_logprobs=top_values)
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks, top_token_ids=top_ids,
+                         top_logprobs=top_values)

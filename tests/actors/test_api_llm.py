@@ -229,6 +229,22 @@ def test_logprobs_read_as_vllms_per_position_dicts(llm, tiny_model):
         assert max(entry.logprob for entry in position.values()) == pytest.approx(logprob)
 
 
+def test_a_sampled_token_has_its_rank_in_the_whole_distribution(llm, tiny_model):
+    """vLLM gives the sampled token's rank even where it is not among the top N: 1 + the tokens likelier than it
+    in the raw distribution (here scored again by the model's full forward pass over prompt and output)."""
+    model, _ = tiny_model
+    params = SamplingParams(temperature=3.0, seed=7, max_tokens=12, ignore_eos=True, logprobs=1)
+    [result] = llm.generate([PROMPT], params, use_tqdm=False)
+    ref = reference_logprobs(model, PROMPT + result.token_ids[:-1])
+    ranks = []
+    for step, (token_id, position) in enumerate(zip(result.token_ids, result.outputs[0].logprobs)):
+        row = ref[len(PROMPT) - 1 + step]
+        rank = position[token_id].rank
+        assert int((row > row[token_id] + 1e-4).sum()) < rank <= int((row > row[token_id] - 1e-4).sum()) + 1
+        ranks.append(rank)
+    assert max(ranks) > 1  # at this temperature some tokens come from outside the top one
+
+
 def test_prompt_logprobs_read_as_vllms(llm, tiny_model):
     """vLLM's ``RequestOutput.prompt_logprobs``: None first, then per prompt token {token id: Logprob} of that token
     (first) and of the top ones, as the model's full forward pass scores them; None where not asked."""
