@@ -286,7 +286,7 @@ class Cluster:
             executor = Executor(model, nodes, executor_config,
                                 eos_token_ids=tokenizer.eos_token_ids or cfg.eos_token_ids,
                                 trace=StepTrace() if config.is_tracing else None, gpu_model=gpu_model,
-                                node_factories=[factories.get(id(n)) for n in nodes])
+                                node_factories=[factories.get(id(n)) for n in nodes], seed=config.seed)
             gpu_node = nodes[0] if nodes and isinstance(nodes[0], GpuKVNode) else None
             if config.is_cuda_graphs and device.type == "cuda" and gpu_node is not None:
                 from fastdecode.actors.cuda_graphs import StepGraphs

@@ -60,8 +60,9 @@ class Executor:
     def __init__(self, model, nodes: list[KVNode], config: ExecutorConfig, *, eos_token_ids,
                  trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None,
                  node_factories: list[NodeFactory | None] | None = None,
-                 reconnect_backoff: Backoff = Backoff()) -> None:
-        """``node_factories[i]``, when given, makes a fresh node ``i`` after it failed (None: it never returns)."""
+                 reconnect_backoff: Backoff = Backoff(), seed: int = 0) -> None:
+        """``node_factories[i]``, when given, makes a fresh node ``i`` after it failed (None: it never returns).
+        ``seed`` seeds the generator that requests without a seed of their own draw from (vLLM's ``seed``)."""
         if not nodes:
             raise ValueError("the Executor needs at least one KV node")
         if node_factories is not None and len(node_factories) != len(nodes):
@@ -80,6 +81,7 @@ class Executor:
         self.trace = trace
         self.gpu_model = gpu_model
         self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
+        self._generator = torch.Generator(device=model.device).manual_seed(seed % (1 << 64))
         self.decoder = DecodeStep(model, self.nodes, self.runner, trace)  # the same list: restored nodes show
         self.scheduler: Scheduler | None = None  # made by start(), from the nodes' capacities
         self.predicted_steps_s: list[float] = []  # with a trace: the step model's prediction of each traced step
@@ -463,7 +465,7 @@ class Executor:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, is_ahead: bool = False):
         """Token ids, logprobs and top logprobs as Python values (runs on the dense thread).
         ``is_ahead``: launch the next step with the sampled tokens before they reach the host."""
-        out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=self._eos_tuple)
+        out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=self._eos_tuple, generator=self._generator)
         fields = out.tensors
         if is_ahead and self.runner.is_cuda:  # copied out on the side stream, so reading them waits only for them
             fields, copied = self.runner.start_host_copies(fields)

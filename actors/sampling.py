@@ -100,7 +100,7 @@ class SampledRows(NamedTuple):
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A request's own generator (None without a seed: it then shares torch's default one)."""
+    """A request's own generator (None without a seed: it then draws from the engine's)."""
     if seed is None:
         return None
     generator = torch.Generator(device=device)
@@ -189,8 +189,10 @@ def sample(
     rows: Sequence[SamplingRow],
     *,
     eos_token_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
 ) -> SamplerOutput:
-    """One token per row of ``logits`` [B, V] (rows in the order of ``rows``)."""
+    """One token per row of ``logits`` [B, V] (rows in the order of ``rows``); rows without a generator of their
+    own draw from ``generator`` (the engine's, seeded by its ``seed``; None: torch's default one)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [len(rows), vocab], got {tuple(logits.shape)} for {len(rows)} rows")
     if all(r.is_argmax for r in rows):  # the common greedy batch: one kernel, no copy of the logits
@@ -231,7 +233,7 @@ def sample(
             scaled = scaled.masked_fill(_top_k_top_p_mask(scaled, top_k, top_p), float("-inf"))
         probs = scaled.softmax(dim=-1)
         # exponential race: argmax(p / E) with E ~ Exp(1) draws from p
-        noise = torch.empty_like(probs).exponential_()
+        noise = torch.empty_like(probs).exponential_(generator=generator)
         for index, row in enumerate(rows):
             if row.generator is not None and not is_greedy[index]:
                 noise[index].exponential_(generator=row.generator)

@@ -157,8 +157,8 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "on a CPU float32."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--seed", default=0, show_default=True, type=int,
-                     help="Seed of torch's generators, from which requests without their own seed draw (vLLM's), "
-                          "and of the weights of random: models."),
+                     help="Seed of the engine's generator, from which requests without their own seed draw "
+                          "(vLLM's), and of the weights of random: models."),
         click.option("--chat-template", default=None, callback=_chat_template,
                      help="Chat template used instead of the tokenizer's (vLLM's): a file, or the Jinja template "
                           "itself."),
@@ -252,8 +252,6 @@ def run_server(config, *, log_level: str = "info", is_request_log_disabled: bool
     ``is_request_log_disabled``); start-up failures become one line and exit code 2."""
     import logging
 
-    import torch
-
     from fastdecode.actors.frontend import serve
     from fastdecode.actors.frontend.generation import REQUEST_LOGGER
     from fastdecode.transport.event_loop import run_event_loop
@@ -261,8 +259,6 @@ def run_server(config, *, log_level: str = "info", is_request_log_disabled: bool
     configure_logging(log_level)
     if is_request_log_disabled:
         logging.getLogger(REQUEST_LOGGER).setLevel(logging.WARNING)
-    # vLLM's --seed: a request without its own seed draws from torch's default generators (actors/sampling.py)
-    torch.manual_seed(config.cluster.seed)
     model = config.cluster.model
 
     def announce(url: str) -> None:

@@ -245,6 +245,23 @@ def test_a_sampled_token_has_its_rank_in_the_whole_distribution(llm, tiny_model)
     assert max(ranks) > 1  # at this temperature some tokens come from outside the top one
 
 
+def test_the_engine_seed_makes_unseeded_sampling_repeat_whatever_the_app_does_with_torch():
+    """vLLM's ``seed``: requests without a seed of their own draw from the engine's generator, so an LLM started
+    with the same seed samples the same tokens (however the app seeds or draws from torch's default generator),
+    and another seed samples others."""
+    import torch
+
+    params = SamplingParams(temperature=1.5, max_tokens=12, ignore_eos=True)
+    outputs = []
+    for seed, app_seed in ((3, 1), (3, 2), (4, 1)):
+        torch.manual_seed(app_seed)
+        with LLM("random:tiny", **{**TINY, "seed": seed}) as llm:
+            torch.rand(7)
+            outputs.append([r.token_ids for r in llm.generate([PROMPT, PROMPT], params, use_tqdm=False)])
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+    assert outputs[0][0] != outputs[0][1]  # two requests of one call draw different tokens
+
+
 def test_prompt_logprobs_read_as_vllms(llm, tiny_model):
     """vLLM's ``RequestOutput.prompt_logprobs``: None first, then per prompt token {token id: Logprob} of that token
     (first) and of the top ones, as the model's full forward pass scores them; None where not asked."""

@@ -409,24 +409,3 @@ def test_several_served_model_names_are_refused_naming_the_flag(server_configs, 
     result = CliRunner().invoke(main, [command, "--served-model-name=a", "random:tiny", *rest])
     assert result.exit_code == 0, result.output
     assert (configs[-1].frontend.served_model_name, configs[-1].cluster.model) == ("a", "random:tiny")
-
-
-def test_seed_seeds_the_draws_of_requests_without_a_seed(monkeypatch):
-    """vLLM's --seed seeds torch's generators too: a request without a seed draws from the default generator
-    (actors/sampling.py), so a server's sampled tokens repeat from one start to the next, and --seed changes them."""
-    import torch
-
-    import fastdecode.actors.frontend as frontend
-    import fastdecode.cli.serve as serve_module
-
-    draws = []
-
-    async def serve(config, on_ready):
-        draws.append(torch.rand(4))
-
-    monkeypatch.setattr(frontend, "serve", serve)
-    for seed in (5, 5, 6):
-        serve_module.run_server(SimpleNamespace(cluster=SimpleNamespace(model="m", seed=seed)))
-    torch.manual_seed(5)
-    assert torch.equal(draws[0], torch.rand(4))
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
