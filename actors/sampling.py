@@ -178,7 +178,7 @@ def _top_k_top_p_mask(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the better-ranked tokens
     p = _upload(top_p, torch.float32, device).unsqueeze(1)
-    removed_sorted |= mass_before > p
+    removed_sorted |= (mass_before > p) & (p < 1.0)  # top_p 1 keeps all: the cumsum's rounding may pass 1
     removed_sorted[:, 0] = False
     return torch.zeros_like(removed_sorted).scatter(1, order, removed_sorted)
 
@@ -207,7 +207,7 @@ def sample(
         (index, token_id)
         for index, row in enumerate(rows)
         if len(row.output_token_ids) < row.params.min_tokens
-        for token_id in {*row.params.stop_token_ids, *(() if row.params.ignore_eos else eos_token_ids)}
+        for token_id in {*row.params.stop_token_ids, *eos_token_ids}  # EOS too with ignore_eos, as vLLM
         if 0 <= token_id < vocab_size
     ]
     if masked:

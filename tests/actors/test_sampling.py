@@ -134,8 +134,22 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     params = SamplingParams(temperature=0.0, min_tokens=2, max_tokens=5, stop_token_ids=(3,))
     assert int(sample(logits, [_row(params, output=[11])], eos_token_ids=(2,)).token_ids[0]) not in (2, 3)
     assert int(sample(logits, [_row(params, output=[11, 12])], eos_token_ids=(2,)).token_ids[0]) == 2
+    # ignore_eos changes stopping only: EOS stays masked until min_tokens (vLLM's min_tokens processor), then may come
     ignoring = SamplingParams(temperature=0.0, min_tokens=2, max_tokens=5, ignore_eos=True)
-    assert int(sample(logits, [_row(ignoring, output=[])], eos_token_ids=(2,)).token_ids[0]) == 2
+    assert int(sample(logits, [_row(ignoring, output=[])], eos_token_ids=(2,)).token_ids[0]) == 3
+    assert int(sample(logits, [_row(ignoring, output=[11, 12])], eos_token_ids=(2,)).token_ids[0]) == 2
+
+
+def test_top_p_one_masks_nothing_beside_a_row_that_filters():
+    """A row with top_p 1 keeps its whole distribution when a batch-mate's top-p or top-k makes the batch filter: the
+    float cumsum over a large vocabulary passes 1.0 before its tail, which must not be cut (else a seeded row's
+    tokens would depend on its batch)."""
+    from fastdecode.actors.sampling import _top_k_top_p_mask
+
+    logits = torch.randn(4, 128_256, generator=torch.Generator().manual_seed(3))
+    mask = _top_k_top_p_mask(logits, [0, 0, 0, 5], [1.0, 0.5, 1.0, 1.0])
+    assert not mask[0].any() and not mask[2].any()
+    assert mask[1].any() and int((~mask[3]).sum()) == 5
 
 
 def test_logprobs_are_of_the_raw_distribution():
