@@ -170,6 +170,7 @@ class Executor:
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
         seq_id = next(self._ids)
+        params = params.within(self.max_model_len - len(prompt_ids))
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
         try:
             self.scheduler.add_request(seq_id, len(prompt_ids), max_tokens)

@@ -87,7 +87,7 @@ def reference_generate(
             result.finish_reason = "stop"
         elif detokenizer.add(token)[1]:
             result.finish_reason = "stop"
-        elif len(result.token_ids) >= params.max_tokens or len(prompt) + len(result.token_ids) >= context:
+        elif len(result.token_ids) >= (params.max_tokens or context) or len(prompt) + len(result.token_ids) >= context:
             result.finish_reason = "length"
         if result.finish_reason is not None:
             break

@@ -37,7 +37,7 @@ class SamplingParams:
     sequence of them, ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the end of the context (vLLM's)
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -62,11 +62,12 @@ class SamplingParams:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop", is_str_one=True))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise bad("max_tokens", f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             value = getattr(self, name)
@@ -115,6 +116,15 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
         params = copy.copy(self)
         object.__setattr__(params, "seed", seed)
+        return params
+
+    def within(self, room: int) -> "SamplingParams":
+        """These parameters for a prompt that leaves ``room`` tokens of the context: ``max_tokens`` None (vLLM's
+        "to the end of the context") becomes ``room``; the other fields are not checked again."""
+        if self.max_tokens is not None:
+            return self
+        params = copy.copy(self)
+        object.__setattr__(params, "max_tokens", room)
         return params
 
 

@@ -79,9 +79,12 @@ def chat_max_tokens(body: dict[str, Any]) -> int | None:
 
 def max_tokens_field(body: dict[str, Any], *, default: int | None, name: str = "max_tokens",
                 is_zero_allowed: bool = False) -> int | None:
-    """The output limit; 0 only where ``is_zero_allowed`` (an echo: the prompt alone, as vLLM)."""
-    if body.get(name) is None:
+    """The output limit: ``default`` where the field is left out, None (to the end of the context) where it is null
+    (vLLM's ``max_tokens: int | None = 16``); 0 only where ``is_zero_allowed`` (an echo: the prompt alone, as vLLM)."""
+    if name not in body:
         return default
+    if body[name] is None:
+        return None
     value = integer_field(body, name)
     if value < 1 and not (value == 0 and is_zero_allowed):
         lowest = "0 (with echo)" if is_zero_allowed else "1"

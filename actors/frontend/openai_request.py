@@ -103,8 +103,8 @@ class GenerateRequest:
     def sampling_params(self, num_prompt_tokens: int, max_model_len: int,
                         defaults: SamplingDefaults | None = None) -> SamplingParams:
         """The engine's parameters, checking that prompt plus output fit the context; ``defaults`` (the
-        model's generation config) fill the sampling fields the request left out, and a left-out output
-        limit, as in vLLM.  An echo with ``max_tokens`` 0 generates one token, which the response leaves out (vLLM's
+        model's generation config) fill the sampling fields the request left out, and their ``max_tokens``
+        (max_new_tokens) caps the output of every request, as in vLLM.  An echo with ``max_tokens`` 0 generates one token, which the response leaves out (vLLM's
         echo without generation); an echo with logprobs asks for the prompt's too, as many top ones as ``logprobs``
         unless ``prompt_logprobs`` says (vLLM's)."""
         defaults = defaults or SamplingDefaults()
@@ -113,14 +113,13 @@ class GenerateRequest:
             raise ApiError(400, f"the prompt has {num_prompt_tokens} tokens; this model's context is "
                                 f"{max_model_len} tokens and at least one must be generated",
                            param="prompt", code="context_length_exceeded")
-        if self.max_tokens is None:
-            max_tokens = room if defaults.max_tokens is None else min(room, defaults.max_tokens)
-        else:
-            max_tokens = max(self.max_tokens, 1)
+        max_tokens = room if self.max_tokens is None else max(self.max_tokens, 1)
         if max_tokens > room:
             raise ApiError(400, f"this model's context is {max_model_len} tokens; the prompt has "
                                 f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more",
                            param="max_tokens", code="context_length_exceeded")
+        if defaults.max_tokens is not None:  # the generation config's max_new_tokens caps every request (vLLM's)
+            max_tokens = min(max_tokens, defaults.max_tokens)
         fields = {**defaults.sampling_fields(), **self.sampling}
         if self.max_tokens == 0 and self.sampling.get("min_tokens"):  # not the 1 generated behind the echo
             raise bad_request(f"min_tokens ({self.sampling['min_tokens']}) must not exceed max_tokens (0)",

@@ -281,6 +281,14 @@ def test_prompt_logprobs_read_as_vllms(llm, tiny_model):
         assert sorted(lp.rank for lp in entries.values() if lp.rank <= 2) == [1, 2]
 
 
+def test_max_tokens_none_generates_to_the_end_of_the_context():
+    """vLLM's ``SamplingParams(max_tokens=None)``: no output limit but the context."""
+    with LLM("random:tiny", max_model_len=24, **TINY) as llm:
+        [result] = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True),
+                                use_tqdm=False)
+    assert len(result.token_ids) == 24 - len(PROMPT) and result.finish_reason == "length"
+
+
 def test_vllm_engine_keywords_go_into_the_nested_configs():
     with LLM("random:tiny", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, **TINY) as llm:
         executor = llm._llm.cluster.config.executor

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from fastdecode.actors.frontend import FrontendConfig, FrontendState
+from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.openai_request import parse_chat, parse_completion, parse_stream_request
 from fastdecode.actors.model import ModelError
 from fastdecode.actors.model.config import SamplingDefaults
@@ -65,14 +66,21 @@ def test_defaults_fill_only_what_a_request_leaves_out():
     assert (params.temperature, params.top_k) == (0.7, 20)
 
 
-def test_max_new_tokens_is_the_default_output_limit_within_the_context():
+def test_max_new_tokens_caps_every_requests_output_within_the_context():
+    """vLLM's --generation-config: max_new_tokens is a server-wide limit on the output of every request."""
     defaults = SamplingDefaults(max_tokens=30)
     assert parse_chat(CHAT).sampling_params(5, 100, defaults).max_tokens == 30
     assert parse_chat(CHAT).sampling_params(80, 100, defaults).max_tokens == 20  # only the room left
-    assert parse_chat({**CHAT, "max_tokens": 50}).sampling_params(5, 100, defaults).max_tokens == 50
+    assert parse_chat({**CHAT, "max_tokens": 50}).sampling_params(5, 100, defaults).max_tokens == 30
+    assert parse_chat({**CHAT, "max_tokens": 12}).sampling_params(5, 100, defaults).max_tokens == 12
     assert parse_chat(CHAT).sampling_params(5, 100).max_tokens == 95
-    # completions default to 16 tokens (vLLM's CompletionRequest), so the model's limit does not apply there
+    # completions default to 16 tokens (vLLM's CompletionRequest), under the cap; an explicit null is the room left
     assert parse_completion({"prompt": "x"}).sampling_params(5, 100, defaults).max_tokens == 16
+    assert parse_completion({"prompt": "x"}).sampling_params(5, 100, SamplingDefaults(max_tokens=8)).max_tokens == 8
+    assert parse_completion({"prompt": "x", "max_tokens": None}).sampling_params(5, 100).max_tokens == 95
+    assert parse_completion({"prompt": "x", "max_tokens": None}).sampling_params(5, 100, defaults).max_tokens == 30
+    with pytest.raises(ApiError, match="max_tokens asks for 96"):  # past the context: refused before the cap
+        parse_chat({**CHAT, "max_tokens": 96}).sampling_params(5, 100, defaults)
 
 
 def test_attaching_the_engine_logs_the_defaults(caplog):
