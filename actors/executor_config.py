@@ -46,13 +46,21 @@ class ExecutorConfig:
             raise ValueError("max_queue must be non-negative")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        if tokens and tokens < self.max_num_seqs:
+            log.warning("max_num_batched_tokens %d is below max_num_seqs %d: each decoding sequence takes a token of "
+                        "it, so a large batch leaves prefill little and may never fill (vLLM refuses this)",
+                        tokens, self.max_num_seqs)
 
     def batched_tokens_for(self, device: "torch.device") -> int | None:
-        """The step's token limit on ``device`` (None: no limit). By default vLLM's 2048 on a GPU, and 256 on a
-        CPU, whose prefill runs about a hundred times slower: a 2048-token chunk of even SmolLM2-135M holds the
-        running streams for seconds there."""
+        """The step's token limit on ``device`` (None: no limit). By default vLLM's 2048 on a GPU, or twice
+        max_num_seqs where that is more (each decoding sequence takes one token of it: a full batch leaves prefill
+        half, where 2048 would leave it the 64-token floor and the batch would never fill); 256 on a CPU, whose
+        prefill runs about a hundred times slower: a 2048-token chunk of even SmolLM2-135M holds the running
+        streams for seconds there."""
         if self.max_num_batched_tokens is None:
-            return DEFAULT_BATCHED_TOKENS_CPU if device.type == "cpu" else DEFAULT_BATCHED_TOKENS_GPU
+            if device.type == "cpu":
+                return DEFAULT_BATCHED_TOKENS_CPU
+            return max(DEFAULT_BATCHED_TOKENS_GPU, 2 * self.max_num_seqs)
         return self.max_num_batched_tokens or None
 
     @property

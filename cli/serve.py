@@ -149,7 +149,7 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=0),
                      help="Most tokens one step carries (each decoding sequence counts 1); a longer prompt is "
                           "prefilled in chunks over several steps while the others keep decoding. 0: no chunking. "
-                          "[default: 2048 on a GPU, 256 on a CPU]"),
+                          "[default: 2048 on a GPU (or twice --max-num-seqs where more), 256 on a CPU]"),
         click.option("--dtype", default="auto", show_default=True, callback=_dtype_option,
                      type=click.Choice(["auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES]),
                      help="Weights' and activations' dtype (vLLM's names: half is float16, float is float32). "

@@ -12,6 +12,7 @@ from fastdecode.actors.model.attention import prefill_attention_after
 from fastdecode.actors.prefill import kv_buffers, prefill, prefill_hidden
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.sequence import EventChannel, Sequence
+from fastdecode.scheduler import SchedulerConfig
 
 
 def make_seq(seq_id: int, num_tokens: int, outputs: tuple[int, ...] = ()) -> Sequence:
@@ -146,6 +147,20 @@ def test_config_default_chunks_and_zero_or_none_turns_it_off():
     assert (ExecutorConfig().batched_tokens_for(cpu), ExecutorConfig().batched_tokens_for(gpu)) == (256, 2048)
     assert ExecutorConfig(max_num_batched_tokens=0).batched_tokens_for(gpu) is None  # 0: no chunking
     assert ExecutorConfig(max_num_batched_tokens=512).batched_tokens_for(cpu) == 512
+
+
+def test_the_gpu_default_grows_with_max_num_seqs_so_a_full_batch_still_prefills(caplog):
+    """Each decoding sequence takes a token of the step's budget: with 2048 and a batch of 2048 prefill would get
+    its floor alone and the batch would never fill. The default is twice max_num_seqs where that is more than 2048;
+    an explicit budget below max_num_seqs is taken, with a warning."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    big = ExecutorConfig(scheduler=SchedulerConfig(max_num_seqs=4096))
+    assert (big.batched_tokens_for(gpu), big.batched_tokens_for(cpu)) == (8192, 256)
+    assert ExecutorConfig(scheduler=SchedulerConfig(max_num_seqs=1024)).batched_tokens_for(gpu) == 2048
+    assert not caplog.records
+    explicit = ExecutorConfig(max_num_batched_tokens=1000, scheduler=SchedulerConfig(max_num_seqs=4096))
+    assert explicit.batched_tokens_for(gpu) == 1000
+    assert "below max_num_seqs 4096" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
