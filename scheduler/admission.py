@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Protocol
 
 from fastdecode.scheduler.config import SchedulerConfig
@@ -60,8 +61,18 @@ def predicted_peak_context(items: Iterable[tuple[int, int]], horizon: int | None
     the total is highest just before some item leaves or at the horizon, so only
     those instants are checked.  ``horizon=None`` looks until the last one leaves.
     """
-    ordered = sorted(items, key=lambda item: -item[1])
+    return predicted_peak_and_step(items, horizon)[0]
+
+
+def predicted_peak_and_step(items: Iterable[tuple[int, int]], horizon: int | None = None) -> tuple[int, int]:
+    """``predicted_peak_context`` and the step (from now) at which the total reaches it.
+
+    Without a horizon, the total at that step is the sum of ``context_len + step`` over the items with more than
+    ``step`` remaining steps (items have at least one), so taking some items out lowers it by theirs alone.
+    """
+    ordered = sorted(items, key=itemgetter(1), reverse=True)
     peak = 0
+    peak_step = 0
     context_sum = 0
     count = 0
     for index, (context_len, num_remaining) in enumerate(ordered):
@@ -72,8 +83,9 @@ def predicted_peak_context(items: Iterable[tuple[int, int]], horizon: int | None
             steps = max(num_remaining - 1, 0)
             if horizon is not None:
                 steps = min(steps, horizon)
-            peak = max(peak, context_sum + steps * count)
-    return peak
+            if context_sum + steps * count > peak:
+                peak, peak_step = context_sum + steps * count, steps
+    return peak, peak_step
 
 
 class _RunningMean:
@@ -174,23 +186,37 @@ class AdmissionPolicy:
         limit = self.context_limit
         if num == 0 or limit is None:
             return max(num, num_resumed)
-        live = [(s.context_len, self.expected_remaining(s)) for s in running]
+        live = sorted(((s.context_len, self.expected_remaining(s)) for s in running), key=itemgetter(1), reverse=True)
+        candidates = [(s.context_len, self.expected_remaining(s)) for s in waiting[:num]]
+        longest_live = max((context_len + num_remaining - 1 for context_len, num_remaining in live), default=0)
+        # Whether the first ``num`` candidates fit is not monotone in ``num`` (the longest raises a derived limit),
+        # so each ``num`` is tried from the top down, but the peak is not recomputed for each: the total at the step
+        # of the last computed peak, less what the candidates taken out since then added at that step, is a lower
+        # bound of the peak, and while that bound is over the limit the candidates cannot fit.
+        bound, peak_step = 0, 0  # nothing computed yet: 0 bounds any peak
         while num > 0:
-            items = live + [(s.context_len, self.expected_remaining(s)) for s in waiting[:num]]
-            if predicted_peak_context(items) <= self._limit_with(limit, items):
-                break
+            added = candidates[:num]
+            longest = max(longest_live, max(context_len + num_remaining - 1 for context_len, num_remaining in added))
+            allowed = self._limit_with(limit, longest)
+            if bound <= allowed:
+                bound, peak_step = predicted_peak_and_step(live + added)
+                if bound <= allowed:
+                    break
+            context_len, num_remaining = candidates[num - 1]
+            if num_remaining > peak_step:
+                bound -= context_len + peak_step
             num -= 1
         if num == 0 and not running:
             num = 1  # never stall an idle system on a prompt larger than the limit
         return max(num, num_resumed)
 
-    def _limit_with(self, limit: int, items: list[tuple[int, int]]) -> float:
-        """The context limit for a batch of ``items``: a derived limit makes room for the longest of them beside
-        B - 1 others of the steady share, so that one long request neither waits for the batch to empty nor
-        holds it down to a few sequences while it runs. A limit the config gives is kept as it is."""
+    def _limit_with(self, limit: int, longest: int) -> float:
+        """The context limit for a batch whose longest item reaches ``longest`` tokens (context_len + remaining
+        steps - 1): a derived limit makes room for the longest beside B - 1 others of the steady share, so that one
+        long request neither waits for the batch to empty nor holds it down to a few sequences while it runs. A
+        limit the config gives is kept as it is."""
         if self.config.max_total_context is not None:
             return limit
-        longest = max(context_len + num_remaining - 1 for context_len, num_remaining in items)
         batch = self.config.max_num_seqs
         return max(limit, longest + limit * (batch - 1) / batch)
 
