@@ -23,6 +23,7 @@ import torch
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.kv_nodes import KVNode
 from fastdecode.actors.layer_graphs import EagerDense, GraphDense, LayerGraphs
+from fastdecode.actors.sampling import SampledRows, sample
 from fastdecode.actors.sequence import Sequence
 from fastdecode.actors.tensor_io import to_numpy
 from fastdecode.actors.trace import StepTrace
@@ -157,13 +158,22 @@ class DecodeStep:
         """The last step was one graph replay over ``num_rows`` rows (so the next can be launched ahead)."""
         return self._graph_rows is not None and len(self._graph_rows) == num_rows
 
-    def launch_ahead(self, token_ids: torch.Tensor) -> bool:
-        """On the dense thread: start the next step of the last step's rows with their sampled tokens
-        (a device tensor in row order) before the host has them (``StepGraphs.launch_ahead``)."""
-        return self.graphs.launch_ahead(self._graph_rows, token_ids)
-
-    def confirm_ahead(self, token_ids: list[int]) -> None:
-        self.graphs.confirm_ahead(token_ids)
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor, eos_token_ids: tuple[int, ...],
+               generator: torch.Generator, is_ahead: bool = False) -> SampledRows:
+        """On the dense thread: a token for each of ``seqs`` (``sampling.sample``), with logprobs, as host values.
+        ``is_ahead``: launch the next step with the sampled tokens before they reach the host."""
+        out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=eos_token_ids, generator=generator)
+        fields = out.tensors
+        if is_ahead and self.runner.is_cuda:  # copied out on the side stream, so reading them waits only for them
+            fields, copied = self.runner.start_host_copies(fields)
+            is_ahead = self.graphs.launch_ahead(self._graph_rows, out.token_ids)
+            copied.synchronize()
+        elif is_ahead:
+            is_ahead = self.graphs.launch_ahead(self._graph_rows, out.token_ids)
+        rows = out.rows([t.tolist() for t in fields], [s.params.logprobs for s in seqs])
+        if is_ahead:
+            self.graphs.confirm_ahead(rows.token_ids)
+        return rows
 
     def _is_on_graph_node(self, mb: MiniBatch) -> bool:
         """Every row of ``mb`` is on the node the step graphs were made for."""

@@ -42,7 +42,7 @@ from fastdecode.actors.node_drain import no_live_node_error
 from fastdecode.actors.recovery import Backoff, NodeFactory
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
-from fastdecode.actors.sampling import make_generator, sample
+from fastdecode.actors.sampling import make_generator
 from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
 from fastdecode.actors.warm_up import needs_warm_up, warm_up
@@ -274,42 +274,54 @@ class Executor:
         node = self.nodes[seq.node_index]
         return node.can_attend and node.epoch == seq.node_epoch
 
-    async def _release(self, seq: Sequence) -> None:
-        """Free the sequence's KV on its node, if it holds any (``NodeBook.release``); a prefill under way (chunked)
-        is dropped with its K/V so far."""
+    def _unplace(self, seq: Sequence) -> tuple[int, int, int] | None:
+        """Take the sequence off its node here: ``(seq id, node index, epoch)`` for ``NodeBook.release`` to free its
+        KV there, None if it holds none; a prefill under way (chunked) is dropped with its K/V so far."""
         self.prefills.drop(seq.seq_id)
         if seq.status is not SeqStatus.RUNNING:
-            return
+            return None
         node_index, seq.node_index = seq.node_index, None
         seq.status = SeqStatus.WAITING
-        await self.node_book.release(seq.seq_id, node_index, seq.node_epoch)
+        return seq.seq_id, node_index, seq.node_epoch
 
-    async def _finish(self, seq: Sequence, event: TokenEvent, *, is_counted: bool) -> None:
-        """Leave the batch: forget it in the scheduler, free KV at once, tell the stream."""
+    async def _release(self, seq: Sequence) -> None:
+        """Free the sequence's KV on its node, if it holds any."""
+        placed = self._unplace(seq)
+        if placed is not None:
+            await self.node_book.release([placed])
+
+    async def _finish_all(self, ending: list[tuple[Sequence, TokenEvent, bool]]) -> None:
+        """Leave the batch: forget each in the scheduler (``is_counted``: finished, else aborted), free their KV at
+        once (one Free per node for them all), tell their streams."""
         self._emit_pending()  # a stream's events stay in order
-        if is_counted:
-            self.scheduler.on_finished(seq.seq_id)
-        else:
-            self.scheduler.abort(seq.seq_id)
-        self._sequences.pop(seq.seq_id, None)
+        placed = []
+        for seq, _, is_counted in ending:
+            if is_counted:
+                self.scheduler.on_finished(seq.seq_id)
+            else:
+                self.scheduler.abort(seq.seq_id)
+            self._sequences.pop(seq.seq_id, None)
+            placed.append(self._unplace(seq))
         try:
-            await self._release(seq)
+            await self.node_book.release([p for p in placed if p is not None])
         finally:
-            seq.status = SeqStatus.FINISHED
-            seq.emit(event)
+            for seq, event, _ in ending:
+                seq.status = SeqStatus.FINISHED
+                seq.emit(event)
 
     async def _reap(self) -> None:
         requested, self._abort_requested = self._abort_requested, {}
-        for seq in [s for s in map(self._sequences.get, sorted(requested)) if s is not None]:
-            is_stop = requested[seq.seq_id] and seq.status == SeqStatus.RUNNING
-            await self._finish(seq, seq.end_event("stop" if is_stop else "abort"), is_counted=is_stop)
+        seqs = [s for s in map(self._sequences.get, sorted(requested)) if s is not None]
+        stops = [requested[seq.seq_id] and seq.status == SeqStatus.RUNNING for seq in seqs]
+        await self._finish_all([(seq, seq.end_event("stop" if is_stop else "abort"), is_stop)
+                                for seq, is_stop in zip(seqs, stops)])
 
     async def _fail_all(self, message: str, *, is_retryable: bool = False) -> None:
-        for seq in list(self._sequences.values()):
-            try:
-                await self._finish(seq, seq.end_event("error", message, is_retryable=is_retryable), is_counted=False)
-            except Exception:  # the node may be what failed; the request has its error event anyway
-                log.exception("freeing sequence %d failed", seq.seq_id)
+        try:
+            await self._finish_all([(seq, seq.end_event("error", message, is_retryable=is_retryable), False)
+                                    for seq in list(self._sequences.values())])
+        except Exception:  # the node may be what failed; the requests have their error events anyway
+            log.exception("freeing the failed sequences' KV failed")
 
     # ---- failed, draining and returning nodes -------------------------------------------------
     async def _apply_node_changes(self) -> None:
@@ -372,7 +384,7 @@ class Executor:
         torch.cuda.empty_cache()  # what the failed pass held, back for the others (a no-op without CUDA)
         message = (f"the prefill of this prompt ({len(job.token_ids)} tokens) ran out of GPU memory; a shorter "
                    "prompt fits (or a server started with a smaller --max-model-len, whose GPU KV pool leaves more)")
-        await self._finish(job.seq, job.seq.end_event("error", message), is_counted=False)
+        await self._finish_all([(job.seq, job.seq.end_event("error", message), False)])
 
     async def _place(self, job: PrefillJob, logits, k, v) -> None:
         seq, node_index = job.seq, job.node_index
@@ -463,29 +475,14 @@ class Executor:
         for seq, event in pending:
             seq.emit(event)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, is_ahead: bool = False):
-        """Token ids, logprobs and top logprobs as Python values (runs on the dense thread).
-        ``is_ahead``: launch the next step with the sampled tokens before they reach the host."""
-        out = sample(logits, [s.sampling_row for s in seqs], eos_token_ids=self._eos_tuple, generator=self._generator)
-        fields = out.tensors
-        if is_ahead and self.runner.is_cuda:  # copied out on the side stream, so reading them waits only for them
-            fields, copied = self.runner.start_host_copies(fields)
-            is_ahead = self.decoder.launch_ahead(out.token_ids)
-            copied.synchronize()
-        elif is_ahead:
-            is_ahead = self.decoder.launch_ahead(out.token_ids)
-        rows = out.rows([t.tolist() for t in fields], [s.params.logprobs for s in seqs])
-        if is_ahead:
-            self.decoder.confirm_ahead(rows.token_ids)
-        return rows
-
     async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False,
                                prompt_logprobs: tuple | None = None) -> None:
         """Sample a token for each of ``seqs`` and hand it to its stream; ``prompt_logprobs``: those of the one
         sequence a prefill just placed, which go with its first token."""
-        rows = await self.runner.run(self._sample, seqs, logits, is_ahead)
+        rows = await self.runner.run(self.decoder.sample, seqs, logits, self._eos_tuple, self._generator, is_ahead)
         made_at = time.monotonic()  # the step's tokens' time, once for the batch
         self.scheduler.on_tokens([s.seq_id for s in seqs])
+        ending = []
         for seq, token_id, logprob, rank, top in zip(seqs, *rows):
             seq.output_ids.append(token_id)
             reason = finish_reason_after(seq, token_id, eos_token_ids=self.eos_token_ids,
@@ -495,4 +492,6 @@ class Executor:
             if reason is None:
                 self._pending_events.append((seq, event))
             else:
-                await self._finish(seq, event, is_counted=True)
+                ending.append((seq, event, True))
+        if ending:
+            await self._finish_all(ending)

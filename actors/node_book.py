@@ -10,8 +10,9 @@ older epoch's KV is never sent to a newer one.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from fastdecode.actors.guarded_node import GuardedNode, NodeFailedError, NodeState, free_leftovers
 from fastdecode.actors.kv_nodes import KVNode, node_model
@@ -31,16 +32,22 @@ class NodeBook:
         self._num_layers = num_layers
         self._kv_bytes_per_token = kv_bytes_per_token
 
-    async def release(self, seq_id: int, node_index: int, epoch: int) -> None:
-        """Free a sequence's KV on the node it was placed on in ``epoch``: nothing on a newer epoch; remembered as an
-        orphan of a node that is dead now."""
-        node = self.nodes[node_index]
-        if node.epoch != epoch:
-            return
-        try:
-            await free_leftovers(node, [seq_id])  # a prompt refused half-way may have left nothing
-        except NodeFailedError:
-            self._orphans.setdefault(node_index, set()).add(seq_id)
+    async def release(self, placed: Sequence[tuple[int, int, int]]) -> None:
+        """Free sequences' KV, each ``(seq id, node index, epoch)`` on the node it was placed on in that epoch (nothing
+        on a newer epoch), with one Free per node, the nodes at once; remembered as orphans of a node that is dead
+        now."""
+        by_node: dict[int, list[int]] = {}
+        for seq_id, node_index, epoch in placed:
+            if self.nodes[node_index].epoch == epoch:
+                by_node.setdefault(node_index, []).append(seq_id)
+
+        async def free(node_index: int, seq_ids: list[int]) -> None:
+            try:
+                await free_leftovers(self.nodes[node_index], seq_ids)  # a prompt refused half-way may have left nothing
+            except NodeFailedError:
+                self._orphans.setdefault(node_index, set()).update(seq_ids)
+
+        await asyncio.gather(*(free(index, seq_ids) for index, seq_ids in by_node.items()))
 
     async def follow(self, scheduler: Scheduler, placed_on: Iterable[int | None],
                      requeue: Callable[[int], Awaitable[None]]) -> None:

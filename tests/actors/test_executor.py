@@ -187,6 +187,25 @@ async def test_cancelled_requests_free_their_kv(tiny_model):
         assert reason == "length" and len(tokens) == GREEDY.max_tokens
 
 
+async def test_sequences_ending_in_one_step_are_freed_with_one_free_per_node(tiny_model):
+    """A cohort that ends together (one max_tokens) is freed with a Free per node and mini-batch, not a round trip
+    per sequence one after another while every other stream waits."""
+    _, tokenizer = tiny_model
+    config = ClusterConfig(**TINY, num_shards=2, shard_kv_memory_bytes=16 << 20)
+    async with await Cluster.start(config) as cluster:
+        frees = []
+        for node in cluster.executor.nodes:
+            def recording(seq_ids, node=node, free=node.free):
+                frees.append((node.node_id, len(seq_ids)))
+                return free(seq_ids)
+            node.free = recording
+        cohort = [p for p in prompts(tokenizer) for _ in range(3)]
+        results = await asyncio.gather(*(collect(cluster.submit(p, GREEDY)) for p in cohort))
+        assert all(reason == "length" and len(tokens) == GREEDY.max_tokens for tokens, reason in results)
+        assert sum(n for _, n in frees) == len(cohort) and all(used == 0 for used in await cluster.kv_used_bytes())
+        assert len(frees) <= 2 * len(cluster.executor.nodes) < len(cohort)
+
+
 async def test_a_stop_string_end_counts_as_a_finish_and_a_client_gone_does_not(tiny_model):
     """Admission learns output lengths from finished requests: one ended by its stop string is one (its
     length counts), one whose client went away is not."""
