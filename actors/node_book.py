@@ -56,7 +56,7 @@ class NodeBook:
         placed); ``requeue(seq_id)``: a sequence the scheduler took off a node, to rebuild elsewhere."""
         for node in self.nodes:
             node.refresh()
-        retired = retire_nodes(self.nodes, scheduler.nodes, placed_on)
+        retired = retire_nodes(self.nodes, scheduler, placed_on)
         for index in retired:
             self._reconnector.watch(index)
             if self.nodes[index].state is NodeState.DEAD:

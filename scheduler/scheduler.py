@@ -114,6 +114,16 @@ class Scheduler:
     def node_loads(self) -> dict[int, NodeLoad]:
         return self._table.node_loads(self._nodes, self.config.max_reserved_output)
 
+    def can_relieve(self, node_ids: Iterable[int], onto: Iterable[int]) -> bool:
+        """Whether the open nodes among ``onto`` have room now for every sequence running on ``node_ids`` (say they
+        drain), on top of what they hold, each placed in arrival order as admission would place it."""
+        leaving = set(node_ids)
+        targets = set(onto) - leaving - self._closed
+        loads = {i: load for i, load in self.node_loads().items() if i in targets}
+        records = sorted((r for r in self._table.running() if r.node_id in leaving), key=lambda r: r.arrival_index)
+        limits = self._reserved_output_limits()
+        return all(self._place(record, loads, limits) is not None for record in records)
+
     # --- requests ------------------------------------------------------------------
     @property
     def admission(self) -> AdmissionPolicy:
@@ -298,21 +308,39 @@ class Scheduler:
         return Preemption(seq_id, node_id, record.num_generated)
 
     def _admit(self) -> list[int]:
+        running = list(self._table.running())
+        if len(running) >= self.config.max_num_seqs:
+            # No free slot: nothing to admit, whatever waits (the queue may hold thousands: it is not read). The
+            # policy is still asked, with no candidate, as every step, for its pacing (SLS's credit).
+            self._admission.num_to_admit(running, [])
+            return []
         # A sequence no node left could hold even empty (the one that could was removed) waits for such a
         # node to return without holding the queue behind it; the others keep first come, first served.
         waiting = [r for r in self._table.waiting() if can_ever_fit(self._nodes.values(), r.expected_final_len)]
-        num = self._admission.num_to_admit(list(self._table.running()), waiting)
+        num = self._admission.num_to_admit(running, waiting)
         if num == 0:
             return []
         loads = {i: load for i, load in self.node_loads().items() if i not in self._closed}
-        limits = {i: reserved_output_limit(node, self.config.max_reserved_output) for i, node in self._nodes.items()}
+        limits = self._reserved_output_limits()
         admitted: list[int] = []
         for record in waiting[:num]:
-            reserved_lens = {i: record.reserved_final_len(limit) for i, limit in limits.items()}
-            node_id = choose_node(loads.values(), record.context_len, reserved_lens, overcommit=self.config.overcommit)
+            node_id = self._place(record, loads, limits)
             if node_id is None:
                 break  # first come, first served: the head waits for room
             self._table.start(record.seq_id, node_id, self._num_steps)
+            admitted.append(record.seq_id)
+        self._admission.on_admitted(waiting[:len(admitted)])  # admission stops at the first that finds no room
+        return admitted
+
+    def _reserved_output_limits(self) -> dict[int, int | None]:
+        return {i: reserved_output_limit(node, self.config.max_reserved_output) for i, node in self._nodes.items()}
+
+    def _place(self, record: SequenceRecord, loads: dict[int, NodeLoad], limits: dict[int, int | None]) -> int | None:
+        """The node of ``loads`` that ``record`` would start on (None: none has room), its load counted there.
+        ``limits``: each node's ``reserved_output_limit``."""
+        reserved_lens = {i: record.reserved_final_len(limit) for i, limit in limits.items()}
+        node_id = choose_node(loads.values(), record.context_len, reserved_lens, overcommit=self.config.overcommit)
+        if node_id is not None:
             node, load = self._nodes[node_id], loads[node_id]
             loads[node_id] = NodeLoad(
                 node,
@@ -320,6 +348,4 @@ class Scheduler:
                 load.num_committed_pages + node.pages_for(reserved_lens[node_id]),
                 load.num_final_tokens + reserved_lens[node_id],
             )
-            admitted.append(record.seq_id)
-        self._admission.on_admitted(waiting[:len(admitted)])  # admission stops at the first that finds no room
-        return admitted
+        return node_id

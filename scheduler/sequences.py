@@ -11,7 +11,6 @@ token and samples the one after, so nothing is lost or sampled twice.
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,11 +62,16 @@ class SequenceRecord:
 
 
 class SequenceTable:
-    """Waiting queue (FCFS by arrival, preempted sequences back in their arrival order) and running set."""
+    """Waiting queue (FCFS by arrival, preempted sequences back in their arrival order) and running set.
+
+    The queue is always in arrival order (new sequences arrive last, requeued ones go back by theirs), so it is
+    kept as a dict of seq ids: a start or an abort anywhere in it takes O(1); a requeue appends, and the queue is
+    put back in arrival order when it is next read."""
 
     def __init__(self) -> None:
         self._records: dict[int, SequenceRecord] = {}
-        self._waiting: deque[int] = deque()
+        self._waiting: dict[int, None] = {}  # in arrival order unless _is_waiting_unsorted
+        self._is_waiting_unsorted = False
         self._running: dict[int, SequenceRecord] = {}
         self._num_arrivals = 0
 
@@ -89,6 +93,9 @@ class SequenceTable:
         return len(self._running)
 
     def waiting(self) -> Iterator[SequenceRecord]:
+        if self._is_waiting_unsorted:
+            self._waiting = dict.fromkeys(sorted(self._waiting, key=lambda i: self._records[i].arrival_index))
+            self._is_waiting_unsorted = False
         return (self._records[i] for i in self._waiting)
 
     def running(self) -> Iterator[SequenceRecord]:
@@ -100,18 +107,15 @@ class SequenceTable:
         record = SequenceRecord(seq_id, int(prompt_len), int(max_tokens), arrival_index=self._num_arrivals)
         self._num_arrivals += 1
         self._records[seq_id] = record
-        self._waiting.append(seq_id)
+        self._waiting[seq_id] = None
         return record
 
     def start(self, seq_id: int, node_id: int, step: int) -> SequenceRecord:
         """Move a waiting sequence to running on ``node_id`` (mini-batch still unassigned): the head of the
         queue, or one behind sequences that wait for a node able to hold them (the scheduler's choice)."""
-        if self._waiting and self._waiting[0] == seq_id:
-            self._waiting.popleft()
-        elif seq_id in self._waiting:
-            self._waiting.remove(seq_id)
-        else:
+        if seq_id not in self._waiting:
             raise ValueError(f"sequence {seq_id} is not waiting")
+        del self._waiting[seq_id]
         record = self._records[seq_id]
         record.node_id, record.minibatch, record.admit_step = node_id, None, step
         self._running[seq_id] = record
@@ -122,11 +126,8 @@ class SequenceTable:
         record = self._running.pop(seq_id)
         record.node_id = record.minibatch = None
         record.num_preemptions += 1
-        position = next(
-            (i for i, other in enumerate(self._waiting) if self._records[other].arrival_index > record.arrival_index),
-            len(self._waiting),
-        )
-        self._waiting.insert(position, seq_id)
+        self._waiting[seq_id] = None
+        self._is_waiting_unsorted = True
         return record
 
     def remove(self, seq_id: int) -> SequenceRecord:
@@ -134,7 +135,7 @@ class SequenceTable:
         record = self.get(seq_id)
         del self._records[seq_id]
         if self._running.pop(seq_id, None) is None:
-            self._waiting.remove(seq_id)
+            del self._waiting[seq_id]
         return record
 
     def node_loads(self, nodes: dict[int, NodeModel], max_reserved_output: int | None = None) -> dict[int, NodeLoad]:
