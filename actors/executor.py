@@ -54,6 +54,7 @@ log = logging.getLogger("fastdecode.executor")
 
 NODE_POLL_S = 0.5  # an idle Executor looks at its nodes' heartbeats this often
 DRAIN_POLL_S = 0.05
+STOP_FREE_TIMEOUT_S = 2.0  # the most stop() waits to free the KV of unfinished requests
 
 
 class Executor:
@@ -154,11 +155,17 @@ class Executor:
         self._emit_pending()
         for seq in list(self._sequences.values()):
             seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
+        placed = [p for p in map(self._unplace, self._sequences.values()) if p is not None]
         self._sequences.clear()
         self.prefills.clear()
         # a step may still run on the dense thread: wait for it off the loop, which may be what serves the
         # in-process shards that step is waiting for
         await self.runner.close_off_loop()
+        # then free what the unfinished requests held, so that a server started next is not refused by busy shards
+        try:
+            await asyncio.wait_for(self.node_book.release(placed), STOP_FREE_TIMEOUT_S)
+        except Exception as exc:  # a node that is gone keeps them until its session lapses (as after a crash)
+            log.warning("freeing %d unfinished sequence(s) at stop failed: %s", len(placed), exc)
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:

@@ -206,6 +206,23 @@ async def test_sequences_ending_in_one_step_are_freed_with_one_free_per_node(tin
         assert len(frees) <= 2 * len(cluster.executor.nodes) < len(cohort)
 
 
+async def test_stopping_frees_the_kv_of_unfinished_requests_on_the_shards(tiny_model):
+    """A server stopped with requests under way frees their KV on the shards (a daemon would otherwise stay busy
+    with them, and refuse the next server, until their session lapsed); the requests end with a retryable error."""
+    _, tokenizer = tiny_model
+    config = ClusterConfig(**TINY, num_shards=2, shard_kv_memory_bytes=16 << 20)
+    long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    async with await Cluster.start(config) as cluster:
+        streams = [cluster.submit(p, long) for p in prompts(tokenizer)]
+        for stream in streams:
+            await anext(stream)
+        assert sum(await cluster.kv_used_bytes()) > 0
+        await cluster.executor.stop()
+        assert all(used == 0 for used in await cluster.kv_used_bytes())
+        ends = [[e async for e in stream][-1] for stream in streams]
+        assert all(e.finish_reason == "error" and e.is_retryable for e in ends)
+
+
 async def test_a_stop_string_end_counts_as_a_finish_and_a_client_gone_does_not(tiny_model):
     """Admission learns output lengths from finished requests: one ended by its stop string is one (its
     length counts), one whose client went away is not."""
