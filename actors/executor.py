@@ -155,7 +155,7 @@ class Executor:
         self._emit_pending()
         for seq in list(self._sequences.values()):
             seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
-        placed = [p for p in map(self._unplace, self._sequences.values()) if p is not None]
+        placed = [self._unplace(seq) for seq in self._sequences.values()]
         self._sequences.clear()
         self.prefills.clear()
         # a step may still run on the dense thread: wait for it off the loop, which may be what serves the
@@ -293,9 +293,7 @@ class Executor:
 
     async def _release(self, seq: Sequence) -> None:
         """Free the sequence's KV on its node, if it holds any."""
-        placed = self._unplace(seq)
-        if placed is not None:
-            await self.node_book.release([placed])
+        await self.node_book.release([self._unplace(seq)])
 
     async def _finish_all(self, ending: list[tuple[Sequence, TokenEvent, bool]]) -> None:
         """Leave the batch: forget each in the scheduler (``is_counted``: finished, else aborted), free their KV at
@@ -303,14 +301,11 @@ class Executor:
         self._emit_pending()  # a stream's events stay in order
         placed = []
         for seq, _, is_counted in ending:
-            if is_counted:
-                self.scheduler.on_finished(seq.seq_id)
-            else:
-                self.scheduler.abort(seq.seq_id)
+            (self.scheduler.on_finished if is_counted else self.scheduler.abort)(seq.seq_id)
             self._sequences.pop(seq.seq_id, None)
             placed.append(self._unplace(seq))
         try:
-            await self.node_book.release([p for p in placed if p is not None])
+            await self.node_book.release(placed)
         finally:
             for seq, event, _ in ending:
                 seq.status = SeqStatus.FINISHED

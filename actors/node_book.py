@@ -32,12 +32,12 @@ class NodeBook:
         self._num_layers = num_layers
         self._kv_bytes_per_token = kv_bytes_per_token
 
-    async def release(self, placed: Sequence[tuple[int, int, int]]) -> None:
+    async def release(self, placed: Sequence[tuple[int, int, int] | None]) -> None:
         """Free sequences' KV, each ``(seq id, node index, epoch)`` on the node it was placed on in that epoch (nothing
-        on a newer epoch), with one Free per node, the nodes at once; remembered as orphans of a node that is dead
-        now."""
+        on a newer epoch; None: one that holds none), with one Free per node, the nodes at once; remembered as
+        orphans of a node that is dead now."""
         by_node: dict[int, list[int]] = {}
-        for seq_id, node_index, epoch in placed:
+        for seq_id, node_index, epoch in filter(None, placed):
             if self.nodes[node_index].epoch == epoch:
                 by_node.setdefault(node_index, []).append(seq_id)
 
