@@ -214,6 +214,27 @@ async def test_raw_garbage_gets_error_reply_or_is_dropped(ctx, caplog) -> None:
     await echo.server.close()
 
 
+async def test_a_flood_of_unreadable_messages_leaves_a_few_log_lines_and_the_server_serves(ctx, caplog) -> None:
+    """A peer sending junk as fast as it can: every message is dropped and counted, but the log gets a line per
+    interval (with the count held back), not one per message."""
+    echo, client = await _pair(ctx, "tcp://127.0.0.1:0")
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(echo.server.address)
+    for _ in range(500):
+        await raw.send_multipart([b"\xc1junk"])
+    assert type(await client.request(Free((1,)))) is Ok  # behind the junk on the server's socket
+    for _ in range(100):
+        if echo.server.num_dropped == 500:
+            break
+        await asyncio.sleep(0.01)
+    assert echo.server.num_dropped == 500
+    lines = [r for r in caplog.records if "dropped an unreadable message" in r.getMessage()]
+    assert 1 <= len(lines) <= 2
+    raw.close(linger=0)
+    await client.close()
+    await echo.server.close()
+
+
 def test_client_argument_validation() -> None:
     codec = Codec(SHARD_CHANNEL)
     with pytest.raises(ValueError):
