@@ -26,7 +26,7 @@ from fastdecode.actors.dense_profile import measure_dense_profile, time_prefill
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
 from fastdecode.actors.host_memory import available_memory_bytes
-from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, node_model
+from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
 from fastdecode.actors.kvshard import shape_problem
 from fastdecode.actors.model import load_model, resolve_config, resolve_device
 from fastdecode.actors.model.loader import model_dtype
@@ -140,7 +140,21 @@ def _check_field_types(config: ClusterConfig) -> None:
     if not isinstance(addresses, (list, tuple)) or not all(isinstance(a, str) and a for a in addresses):
         raise TypeError(f"shard_addresses must be a list or tuple of addresses like 'tcp://host:5555', "
                         f"got {addresses!r}")
+    repeated = sorted({a for a in addresses if addresses.count(a) > 1})
+    if repeated:
+        raise ValueError(f"shard address {repeated[0]} is given twice: give each shard daemon once")
     object.__setattr__(config, "shard_addresses", tuple(addresses))
+
+
+def _check_distinct_daemons(nodes: list[ShardKVNode]) -> None:
+    """ValueError if two shard addresses reach one daemon (``tcp://localhost:P`` and ``tcp://127.0.0.1:P``, say):
+    its memory would count twice and its pool overflow."""
+    seen: dict[int, str] = {}
+    for node in nodes:
+        address = seen.setdefault(node.client.instance_id, node.client.address)
+        if address != node.client.address:
+            raise ValueError(f"shard addresses {address} and {node.client.address} reach the same shard daemon: "
+                             "give each once")
 
 
 def _check_int(name: str, value: object, *, is_none_ok: bool = False) -> None:
@@ -263,6 +277,7 @@ class Cluster:
             failed = [node for node in connected if isinstance(node, BaseException)]
             if failed:
                 raise failed[0]
+            _check_distinct_daemons(nodes)
             executor_config = config.executor
             gpu_model = None
             mode_choice = None

@@ -97,6 +97,12 @@ class ShardClient:
         return self._rpc.is_alive
 
     @property
+    def instance_id(self) -> int | None:
+        """The shard daemon's instance id (its first Pong's; ``connect`` waits for one): two addresses that reach
+        one daemon give the same."""
+        return self._rpc.peer_instance_id
+
+    @property
     def is_draining(self) -> bool:
         """A heartbeat's Pong said the shard drains (SIGTERM on its daemon): move its sequences away."""
         return self._rpc.is_peer_draining

@@ -82,6 +82,11 @@ class RpcClient:
         return self._pump is not None and self._dead_error is None
 
     @property
+    def peer_instance_id(self) -> int | None:
+        """The server's instance id, from its first Pong (None before one came): one per server process."""
+        return self._peer_instance_id
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 

@@ -278,6 +278,19 @@ async def test_two_shard_daemons_over_tcp(tiny_model, references):
         assert_same_greedy(ours, tokens, gaps, label="2 daemons over tcp")
 
 
+async def test_one_shard_daemon_given_twice_is_refused():
+    """The same daemon twice (the same address, or two that reach it) would count its memory twice and overflow its
+    pool: refused, naming the addresses."""
+    from daemons import shard_daemons
+
+    with shard_daemons(1) as [(_, address)]:
+        with pytest.raises(ValueError, match="given twice"):
+            ClusterConfig(**TINY, shard_addresses=(address, address))
+        alias = address.replace("127.0.0.1", "localhost")
+        with pytest.raises(ValueError, match="reach the same shard daemon"):
+            await Cluster.start(ClusterConfig(**TINY, shard_addresses=(address, alias)))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("num_shards", [1, 3], ids=["1-shard", "3-shards"])
