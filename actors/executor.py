@@ -55,6 +55,7 @@ log = logging.getLogger("fastdecode.executor")
 NODE_POLL_S = 0.5  # an idle Executor looks at its nodes' heartbeats this often
 DRAIN_POLL_S = 0.05
 STOP_FREE_TIMEOUT_S = 2.0  # the most stop() waits to free the KV of unfinished requests
+STRANDED = "the KV node that held this sequence left, and no node left can hold its length; retry later"
 
 
 class Executor:
@@ -232,7 +233,7 @@ class Executor:
                     raise
                 except Exception as exc:  # a failed step must not kill the server: fail its requests
                     log.exception("step failed")
-                    await self._fail_all(f"internal error in the decode step: {exc}")
+                    await self._fail(list(self._sequences.values()), f"internal error in the decode step: {exc}")
                     is_waiting = False
             if is_waiting:  # idle, or every sequence waits for a node to take it: nothing in a step would suspend
                 try:
@@ -318,20 +319,24 @@ class Executor:
         await self._finish_all([(seq, seq.end_event("stop" if is_stop else "abort"), is_stop)
                                 for seq, is_stop in zip(seqs, stops)])
 
-    async def _fail_all(self, message: str, *, is_retryable: bool = False) -> None:
+    async def _fail(self, seqs: list[Sequence], message: str, *, is_retryable: bool = False) -> None:
         try:
             await self._finish_all([(seq, seq.end_event("error", message, is_retryable=is_retryable), False)
-                                    for seq in list(self._sequences.values())])
+                                    for seq in seqs])
         except Exception:  # the node may be what failed; the requests have their error events anyway
             log.exception("freeing the failed sequences' KV failed")
 
     # ---- failed, draining and returning nodes -------------------------------------------------
     async def _apply_node_changes(self) -> None:
-        """At a step boundary: follow the nodes (``NodeBook.follow``); with none left that attends, fail what runs."""
+        """At a step boundary: follow the nodes (``NodeBook.follow``); with none left that attends, fail what runs,
+        else what no node left could ever hold (requeued off a larger node that left), as ``submit`` refuses it."""
+        before = set(self.scheduler.nodes)
         await self.node_book.follow(self.scheduler, (s.node_index for s in self._sequences.values()), self._requeue)
         if not any(self.nodes[i].can_attend for i in self.scheduler.nodes) and self._sequences:
             reasons = "; ".join(f"{n.node_id}: {n.failure}" for n in self.nodes)
-            await self._fail_all(f"no KV node is left ({reasons})", is_retryable=True)
+            await self._fail(list(self._sequences.values()), f"no KV node is left ({reasons})", is_retryable=True)
+        elif before - set(self.scheduler.nodes):  # a node left: what only it could hold cannot wait for it
+            await self._fail([self._sequences[i] for i in self.scheduler.stranded()], STRANDED, is_retryable=True)
 
     async def _requeue(self, seq_id: int) -> None:
         """The scheduler requeued a sequence off a failed or draining node: drop its KV there, rebuild it later."""

@@ -114,6 +114,10 @@ class Scheduler:
     def node_loads(self) -> dict[int, NodeLoad]:
         return self._table.node_loads(self._nodes, self.config.max_reserved_output)
 
+    def stranded(self) -> list[int]:
+        """Waiting sequences that no node now could hold even empty (the one that could was removed): ids."""
+        return [r.seq_id for r in self._table.waiting() if not can_ever_fit(self._nodes.values(), r.expected_final_len)]
+
     def can_relieve(self, node_ids: Iterable[int], onto: Iterable[int]) -> bool:
         """Whether the open nodes among ``onto`` have room now for every sequence running on ``node_ids`` (say they
         drain), on top of what they hold, each placed in arrival order as admission would place it."""
@@ -314,8 +318,8 @@ class Scheduler:
             # policy is still asked, with no candidate, as every step, for its pacing (SLS's credit).
             self._admission.num_to_admit(running, [])
             return []
-        # A sequence no node left could hold even empty (the one that could was removed) waits for such a
-        # node to return without holding the queue behind it; the others keep first come, first served.
+        # A sequence no node left could hold even empty (the one that could was removed: the Executor ends it,
+        # ``stranded``) does not hold the queue behind it; the others keep first come, first served.
         waiting = [r for r in self._table.waiting() if can_ever_fit(self._nodes.values(), r.expected_final_len)]
         num = self._admission.num_to_admit(running, waiting)
         if num == 0:

@@ -227,6 +227,31 @@ async def test_a_request_only_an_absent_node_could_hold_is_told_to_retry(tiny_mo
         await executor.stop()
 
 
+async def test_a_running_request_only_a_node_that_left_could_hold_ends_with_retry(tiny_model, one_torch_thread):
+    """A sequence requeued off the only node that could hold its length is not left waiting with its stream silent:
+    it ends with a retryable error (503), as a new request of its length is refused; the others go on."""
+    model, _ = tiny_model
+    token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
+    inners = [LocalKVNode.for_model("small", model, 64 * token_bytes),
+              LocalKVNode.for_model("large", model, 4096 * token_bytes)]
+    nodes = [KillableNode(inner, inner.node_id) for inner in inners]
+    executor = Executor(model, nodes, ExecutorConfig(max_model_len=1024), eos_token_ids=[])
+    await executor.start()
+    try:
+        long = executor.submit(list(range(3, 203)), greedy(400))
+        short = executor.submit([5, 6, 7], greedy(24))
+        first = await anext(long)
+        assert first.finish_reason is None and inners[1]._num_tokens  # on the large node: only it could hold it
+        executor.nodes[1].mark(NodeState.DEAD, "its host went away")
+        events = [first] + [event async for event in long]
+        assert events[-1].finish_reason == "error" and events[-1].is_retryable and "retry later" in events[-1].error
+        tokens, reason = await collect(short)
+        assert reason == "length" and len(tokens) == 24
+        assert executor.num_waiting == 0 and executor.num_running == 0
+    finally:
+        await executor.stop()
+
+
 async def test_a_drained_node_is_closed_once_its_sequences_moved_away(tiny_model, one_torch_thread):
     """A shard daemon stops once its drain is over: its client is closed as its node leaves (its heartbeats and
     reconnecting sockets used to run for the life of the server), once, and the other node serves on."""
