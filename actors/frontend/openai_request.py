@@ -337,9 +337,11 @@ def _prompt(value: Any, name: str = "prompt") -> str | tuple[int, ...]:
     raise bad_request(f"{name} must be a non-empty string or a non-empty list of token ids", "prompt")
 
 
-def parse_messages(value: Any) -> tuple[dict[str, str], ...]:
-    """Chat ``messages`` as ``{role, content}`` dicts (text parts joined); 400 naming the bad message.  An assistant
-    message's null content (OpenAI's, beside tool_calls in a replayed history) is empty text."""
+def parse_messages(value: Any) -> tuple[dict[str, Any], ...]:
+    """Chat ``messages`` as ``{role, content}`` dicts (text parts joined), with a message's ``name``, a tool
+    message's ``tool_call_id`` and an assistant message's ``tool_calls`` for the chat template, as vLLM passes them
+    (a call's JSON ``arguments`` as an object); 400 naming the bad message.  An assistant message's null content
+    (OpenAI's, beside tool_calls in a replayed history) is empty text."""
     if not isinstance(value, list) or not value:
         raise bad_request("messages must be a non-empty list", "messages")
     messages = []
@@ -359,9 +361,37 @@ def parse_messages(value: Any) -> tuple[dict[str, str], ...]:
             content = ""
         if not isinstance(content, str):
             raise bad_request(f"{param}.content must be a string or a list of text parts", f"{param}.content")
-        messages.append({"role": checked_text(role, f"{param}.role"),
-                         "content": checked_text(content, f"{param}.content")})
+        parsed = {"role": checked_text(role, f"{param}.role"), "content": checked_text(content, f"{param}.content")}
+        for name in ("name", "tool_call_id"):
+            if message.get(name) is not None:
+                if not isinstance(message[name], str):
+                    raise bad_request(f"{param}.{name} must be a string", f"{param}.{name}")
+                parsed[name] = checked_text(message[name], f"{param}.{name}")
+        if message.get("tool_calls") is not None:
+            parsed["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
+        messages.append(parsed)
     return tuple(messages)
+
+
+def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
+    """A replayed assistant message's ``tool_calls``: ``[{id, type, function: {name, arguments}}]``, the arguments a
+    JSON string (OpenAI's), given to the template as the object they encode (vLLM's: templates index them)."""
+    if not isinstance(value, list):
+        raise bad_request(f"{param} must be a list", param)
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments", ""), str):
+            raise bad_request(f"{param}[{index}] must be {{\"id\", \"type\": \"function\", \"function\": "
+                              f"{{\"name\", \"arguments\": a JSON string}}}}", f"{param}[{index}]")
+        arguments: Any = function.get("arguments", "")
+        try:
+            arguments = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError:
+            pass  # kept as the text it is, as vLLM keeps it
+        calls.append({**call, "function": {**function, "arguments": arguments}})
+    return calls
 
 
 def checked_text(value: str, param: str) -> str:

@@ -66,6 +66,28 @@ async def test_tools_with_tool_choice_none_go_to_the_template_only():
         assert refused(parse_chat, {**CHAT, "tools": TOOLS, "tool_choice": choice}).param == "tools"
 
 
+async def test_a_replayed_tool_call_history_reaches_the_template_with_its_calls_ids_and_names():
+    """vLLM gives the chat template each message's ``name``, a tool message's ``tool_call_id`` and an assistant
+    message's ``tool_calls`` (the arguments' JSON as an object, as templates index it); malformed ones are 400s."""
+    history = [{**HISTORY[0], "name": "bob"},
+               {**HISTORY[1], "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               HISTORY[2]]
+    request = parse_chat({"messages": history, "tools": TOOLS, "tool_choice": "none"})
+    template = ("{% for m in messages %}[{{ m['role'] }}{% if m['name'] %} {{ m['name'] }}{% endif %}"
+                "{% for c in m['tool_calls'] or [] %} call {{ c['id'] }} {{ c['function']['name'] }}"
+                "({{ c['function']['arguments']['city'] }}){% endfor %}"
+                "{% if m['tool_call_id'] %} for {{ m['tool_call_id'] }}{% endif %}: {{ m['content'] }}]{% endfor %}")
+    tokenizer = synthetic_tokenizer(chat_template=template)
+    ids = await chat_token_ids(tokenizer, request.messages, template_kwargs=request.chat_template_kwargs)
+    assert tokenizer.decode(ids) == ("[user bob: Weather in Paris?][assistant call c1 get_weather(Paris): ]"
+                                     "[tool for c1: sunny]")
+    for bad, param in (({**HISTORY[1], "tool_calls": {"id": "c1"}}, "messages[1].tool_calls"),
+                       ({**HISTORY[1], "tool_calls": [{"id": "c1"}]}, "messages[1].tool_calls[0]"),
+                       ({**HISTORY[2], "tool_call_id": 7}, "messages[1].tool_call_id")):
+        assert refused(parse_chat, {"messages": [HISTORY[0], bad]}).param == param
+
+
 # ---- live ------------------------------------------------------------------------------------------------------
 async def test_logit_bias_forces_and_bans_tokens_over_http(openai_client, tiny_model):
     tokenizer = tiny_model[1]
