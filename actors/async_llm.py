@@ -193,7 +193,7 @@ class AsyncLLM:
     def max_num_choices(self) -> int:
         """The most engine requests one call may submit together: every one waits at first, so the queue's
         length (those past what runs at once wait their turn, as in vLLM)."""
-        return max(1, self.cluster.executor.config.max_queue)
+        return self.cluster.executor.config.max_queue
 
     def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
         """One prompt as token ids; TypeError (naming ``prompt``) for what is not a prompt."""

@@ -42,8 +42,9 @@ class ExecutorConfig:
             raise ValueError(f"max_num_batched_tokens must be a non-negative integer or None, got {tokens!r}")
         if any(b < 1 for b in self.profile_batches) or len(set(self.profile_batches)) == 1:
             raise ValueError("profile_batches must be two or more distinct positive batch sizes")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be non-negative")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 1:
+            raise ValueError(f"max_queue must be a positive integer (every request waits in the queue before it "
+                             f"runs), got {self.max_queue!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
         if tokens and tokens < self.max_num_seqs:

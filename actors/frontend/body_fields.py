@@ -103,11 +103,11 @@ def logprobs_count(body: dict[str, Any], name: str) -> int | None:
 
 def prompt_logprobs_field(body: dict[str, Any], is_stream: bool) -> int | None:
     """vLLM's ``prompt_logprobs``: top logprobs per prompt token, refused on a stream as vLLM does (the response
-    carries them whole)."""
+    carries them whole) unless 0, which vLLM takes there (and a stream shows none)."""
     value = logprobs_count(body, "prompt_logprobs")
-    if value is not None and is_stream:
+    if value and is_stream:
         raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
-    return value
+    return None if is_stream else value
 
 
 def include_usage_field(body: dict[str, Any], is_stream: bool) -> bool:

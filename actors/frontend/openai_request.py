@@ -190,7 +190,7 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     num_logprobs = None
     if boolean_field(body, "logprobs"):
         num_logprobs = logprobs_count(body, "top_logprobs") or 0
-    elif body.get("top_logprobs") is not None:
+    elif logprobs_count(body, "top_logprobs"):  # 0 is taken without logprobs (vLLM's check)
         raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
     is_stream = boolean_field(body, "stream")
     return GenerateRequest(

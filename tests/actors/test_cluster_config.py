@@ -28,6 +28,15 @@ def test_cluster_config_refuses_contradictions():
         ClusterConfig(num_shards=-1)
 
 
+@pytest.mark.parametrize("max_queue", [0, -1, True, 2.5])
+def test_a_queue_that_could_hold_no_request_is_refused(max_queue):
+    """Every request waits in the queue before it runs: --max-queue 0 would answer every request 429 forever."""
+    from fastdecode.actors.executor_config import ExecutorConfig
+
+    with pytest.raises(ValueError, match="max_queue must be a positive integer"):
+        ExecutorConfig(max_queue=max_queue)
+
+
 def test_executor_runs_torch_single_threaded_beside_shards_on_cuda():
     assert executor_torch_threads(2, is_cuda=True, has_shards=True) == 1
     assert executor_torch_threads(16, is_cuda=True, has_shards=False) == 16

@@ -88,6 +88,16 @@ async def test_a_replayed_tool_call_history_reaches_the_template_with_its_calls_
         assert refused(parse_chat, {"messages": [HISTORY[0], bad]}).param == param
 
 
+def test_a_logprob_count_of_zero_is_taken_where_vllm_takes_it():
+    """vLLM refuses top_logprobs without logprobs, and prompt_logprobs on a stream, only for a count above 0."""
+    assert parse_chat({**CHAT, "top_logprobs": 0}).num_logprobs is None
+    assert parse_chat({**CHAT, "top_logprobs": 0, "logprobs": False}).num_logprobs is None
+    assert refused(parse_chat, {**CHAT, "top_logprobs": 2}).param == "top_logprobs"
+    streamed = parse_completion({"prompt": "hi", "prompt_logprobs": 0, "stream": True})
+    assert streamed.is_stream and streamed.num_prompt_logprobs is None
+    assert refused(parse_completion, {"prompt": "hi", "prompt_logprobs": 1, "stream": True}).param == "prompt_logprobs"
+
+
 # ---- live ------------------------------------------------------------------------------------------------------
 async def test_logit_bias_forces_and_bans_tokens_over_http(openai_client, tiny_model):
     tokenizer = tiny_model[1]
