@@ -299,6 +299,8 @@ class Executor:
     async def _finish_all(self, ending: list[tuple[Sequence, TokenEvent, bool]]) -> None:
         """Leave the batch: forget each in the scheduler (``is_counted``: finished, else aborted), free their KV at
         once (one Free per node for them all), tell their streams."""
+        if not ending:  # the step's events wait for the next decode launch (see _pending_events)
+            return
         self._emit_pending()  # a stream's events stay in order
         placed = []
         for seq, _, is_counted in ending:
