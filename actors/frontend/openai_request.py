@@ -375,21 +375,28 @@ def parse_messages(value: Any) -> tuple[dict[str, Any], ...]:
 
 def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
     """A replayed assistant message's ``tool_calls``: ``[{id, type, function: {name, arguments}}]``, the arguments a
-    JSON string (OpenAI's), given to the template as the object they encode (vLLM's: templates index them)."""
+    JSON string (OpenAI's) given to the template as the object it encodes, as vLLM does (templates index them); an
+    object (transformers' style, through ``LLM.chat``) is taken as it is, and none as ``{}``."""
     if not isinstance(value, list):
         raise bad_request(f"{param} must be a list", param)
     calls = []
     for index, call in enumerate(value):
         function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
-                or not isinstance(function.get("arguments", ""), str):
+                or not isinstance(arguments, (str, dict, list, type(None))):
             raise bad_request(f"{param}[{index}] must be {{\"id\", \"type\": \"function\", \"function\": "
                               f"{{\"name\", \"arguments\": a JSON string}}}}", f"{param}[{index}]")
-        arguments: Any = function.get("arguments", "")
-        try:
-            arguments = json.loads(arguments) if arguments else {}
-        except json.JSONDecodeError:
-            pass  # kept as the text it is, as vLLM keeps it
+        if not arguments:
+            arguments = {}
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # kept as the text it is, as vLLM keeps it
+            except RecursionError:
+                raise bad_request(f"{param}[{index}].function.arguments nest too deeply",
+                                  f"{param}[{index}].function.arguments") from None
         calls.append({**call, "function": {**function, "arguments": arguments}})
     return calls
 

@@ -82,6 +82,14 @@ async def test_a_replayed_tool_call_history_reaches_the_template_with_its_calls_
     ids = await chat_token_ids(tokenizer, request.messages, template_kwargs=request.chat_template_kwargs)
     assert tokenizer.decode(ids) == ("[user bob: Weather in Paris?][assistant call c1 get_weather(Paris): ]"
                                      "[tool for c1: sunny]")
+    # transformers' style (LLM.chat): the arguments already an object, or none
+    for arguments, shown in (({"city": "Oslo"}, {"city": "Oslo"}), (None, {}), ("", {})):
+        call = {"id": "c2", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        [_, message] = parse_chat({"messages": [HISTORY[0], {**HISTORY[1], "tool_calls": [call]}]}).messages
+        assert message["tool_calls"][0]["function"]["arguments"] == shown
+    deep = {"id": "c3", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}
+    assert refused(parse_chat, {"messages": [HISTORY[0], {**HISTORY[1], "tool_calls": [deep]}]}).param == \
+        "messages[1].tool_calls[0].function.arguments"
     for bad, param in (({**HISTORY[1], "tool_calls": {"id": "c1"}}, "messages[1].tool_calls"),
                        ({**HISTORY[1], "tool_calls": [{"id": "c1"}]}, "messages[1].tool_calls[0]"),
                        ({**HISTORY[2], "tool_call_id": 7}, "messages[1].tool_call_id")):
