@@ -206,16 +206,21 @@ async def test_a_stopping_executor_leaves_no_reconnect_and_no_fresh_client_behin
     assert fresh.is_closed
 
 
-async def test_a_request_only_an_absent_node_could_hold_is_told_to_retry(tiny_model, one_torch_thread):
-    """max_model_len comes from the largest node; while it is away a request that only it could hold is refused
-    as unavailable (503, retryable), not as a bad request (400): it is within the model's limits."""
-    model, _ = tiny_model
+async def start_small_and_large(model):
+    """An Executor over a node of 64 tokens and one of 4096 (max_model_len 1024 fits the large one only)."""
     token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
     inners = [LocalKVNode.for_model("small", model, 64 * token_bytes),
               LocalKVNode.for_model("large", model, 4096 * token_bytes)]
     nodes = [KillableNode(inner, inner.node_id) for inner in inners]
     executor = Executor(model, nodes, ExecutorConfig(max_model_len=1024), eos_token_ids=[])
     await executor.start()
+    return executor, inners
+
+
+async def test_a_request_only_an_absent_node_could_hold_is_told_to_retry(tiny_model, one_torch_thread):
+    """max_model_len comes from the largest node; while it is away a request that only it could hold is refused
+    as unavailable (503, retryable), not as a bad request (400): it is within the model's limits."""
+    executor, inners = await start_small_and_large(tiny_model[0])
     try:
         executor.nodes[1].mark(NodeState.DEAD, "its host went away")
         await executor.step()  # the node bookkeeping at a step boundary removes it
@@ -245,13 +250,7 @@ async def test_a_step_without_aborts_leaves_the_token_events_for_the_next_decode
 async def test_a_running_request_only_a_node_that_left_could_hold_ends_with_retry(tiny_model, one_torch_thread):
     """A sequence requeued off the only node that could hold its length is not left waiting with its stream silent:
     it ends with a retryable error (503), as a new request of its length is refused; the others go on."""
-    model, _ = tiny_model
-    token_bytes = model.config.kv_bytes_per_token(model.dtype.itemsize)
-    inners = [LocalKVNode.for_model("small", model, 64 * token_bytes),
-              LocalKVNode.for_model("large", model, 4096 * token_bytes)]
-    nodes = [KillableNode(inner, inner.node_id) for inner in inners]
-    executor = Executor(model, nodes, ExecutorConfig(max_model_len=1024), eos_token_ids=[])
-    await executor.start()
+    executor, inners = await start_small_and_large(tiny_model[0])
     try:
         long = executor.submit(list(range(3, 203)), greedy(400))
         short = executor.submit([5, 6, 7], greedy(24))
