@@ -163,10 +163,7 @@ class Executor:
         # in-process shards that step is waiting for
         await self.runner.close_off_loop()
         # then free what the unfinished requests held, so that a server started next is not refused by busy shards
-        try:
-            await asyncio.wait_for(self.node_book.release(placed), STOP_FREE_TIMEOUT_S)
-        except Exception as exc:  # a node that is gone keeps them until its session lapses (as after a crash)
-            log.warning("freeing %d unfinished sequence(s) at stop failed: %s", len(placed), exc)
+        await self.node_book.release_within(placed, STOP_FREE_TIMEOUT_S)
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
@@ -214,7 +211,7 @@ class Executor:
 
     @property
     def has_live_node(self) -> bool:
-        return any(node.is_alive for node in self.nodes)
+        return bool(self.live_nodes)
 
     # ---- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:

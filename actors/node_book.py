@@ -49,6 +49,14 @@ class NodeBook:
 
         await asyncio.gather(*(free(index, seq_ids) for index, seq_ids in by_node.items()))
 
+    async def release_within(self, placed: Sequence[tuple[int, int, int] | None], timeout_s: float) -> None:
+        """``release``, given up after ``timeout_s`` and never raising (at shutdown): a node that is gone keeps them
+        until its session lapses, as after a crash."""
+        try:
+            await asyncio.wait_for(self.release(placed), timeout_s)
+        except Exception as exc:
+            log.warning("freeing %d sequence(s) failed: %s", sum(p is not None for p in placed), exc)
+
     async def follow(self, scheduler: Scheduler, placed_on: Iterable[int | None],
                      requeue: Callable[[int], Awaitable[None]]) -> None:
         """At a step boundary: find draining nodes, retire failed ones (or keep a draining one serving), take back
