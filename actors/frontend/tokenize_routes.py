@@ -35,7 +35,6 @@ TOKENIZE_UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "continue_final_message": (None, False),
     "chat_template": (None,),
     "mm_processor_kwargs": (None, {}),
-    "tools": (None, []),
 }
 
 
@@ -77,15 +76,19 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def _tokenize_chat(tokenizer: Tokenizer, body: dict[str, Any]) -> list[int]:
-    """The chat's ids as a chat completion of the same messages, template variables and ``add_special_tokens``
-    tokenizes its prompt."""
+    """The chat's ids as a chat completion of the same messages, template variables (``tools`` among them, as
+    vLLM's chat tokenize request takes them) and ``add_special_tokens`` tokenizes its prompt."""
     for name, harmless in TOKENIZE_UNSUPPORTED_FIELDS.items():
         if body.get(name) not in harmless:
             raise bad_request(f"{name} is not supported", name)
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools must be a list", "tools")
+    template_kwargs = template_kwargs_field(body)
     return await chat_token_ids(tokenizer, parse_messages(body["messages"]),
                                 add_generation_prompt=boolean_field(body, "add_generation_prompt", default=True),
                                 add_special_tokens=boolean_field(body, "add_special_tokens", default=False),
-                                template_kwargs=template_kwargs_field(body))
+                                template_kwargs={"tools": tools, **template_kwargs} if tools else template_kwargs)
 
 
 async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]:

@@ -65,7 +65,7 @@ async def test_tokenize_gives_the_ids_a_chat_completion_runs(served, extra):
     ({"chat_template_kwargs": {"add_special_tokens": True}}, "chat_template_kwargs"),
     ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
-    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": {"type": "function"}, "tool_choice": "none"}, "tools"),
     ({"add_generation_prompt": "no"}, "add_generation_prompt"),
 ])
 async def test_tokenize_refuses_what_the_chat_route_refuses(served, body, param):
@@ -74,3 +74,19 @@ async def test_tokenize_refuses_what_the_chat_route_refuses(served, body, param)
     assert status == 400 and got["error"]["param"] == param, got
     status, got = await post(client, "/v1/chat/completions", {"messages": MESSAGES, **body})
     assert status == 400, got
+
+
+async def test_tokenize_renders_the_tools_a_chat_completion_renders(served):
+    """A chat completion with tools and tool_choice "none" gives them to the template; /tokenize of the same body
+    counts the same prompt (vLLM's chat tokenize request takes tools)."""
+    client, llm = served
+    llm.tokenizer = synthetic_tokenizer(chat_template="{% for t in tools or [] %}[{{ t['function']['name'] }}]"
+                                                      "{% endfor %}" + CHAT_TEMPLATE)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"messages": MESSAGES, "tools": tools, "tool_choice": "none"}
+    status, completion = await post(client, "/v1/chat/completions", {**body, "max_tokens": 1})
+    assert status == 200, completion
+    status, tokenized = await post(client, "/tokenize", body)
+    assert status == 200, tokenized
+    assert tokenized["tokens"] == llm.prompts[-1] and tokenized["count"] == completion["usage"]["prompt_tokens"]
+    assert llm.prompts[-1] != llm.tokenizer.encode_chat(MESSAGES)  # the tools are in it
