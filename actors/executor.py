@@ -240,8 +240,7 @@ class Executor:
 
     async def step(self) -> bool:
         """One step: abort what was asked, follow the nodes, admit, prefill and decode. False when it had nothing to
-        run: its sequences wait for room or for a node that could take them (the only one drains, or the one that
-        could hold a long sequence is away)."""
+        run: its sequences wait for room or for a node that could take them (the only one drains)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         await self._reap()
