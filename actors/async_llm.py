@@ -88,6 +88,17 @@ def _position(token_id: int, logprob: float, rank: int | None, top: Sequence[tup
     return position
 
 
+def check_text_fits(num_chars: int, max_model_len: int, max_chars_per_token: int, param: str = "prompt") -> None:
+    """RequestError (naming ``param``) for text of more characters than ``max_model_len`` tokens of at most
+    ``max_chars_per_token`` each hold: the refusal its token count would give, without the seconds of tokenizing
+    it. (A chat template that drops message text could have made it fit; that is text the model never sees.)"""
+    max_chars = max_model_len * max_chars_per_token
+    if num_chars > max_chars:
+        text = "the prompt" if param == "prompt" else "the text of the messages"
+        raise RequestError(f"{text} is too long for this model's context: {num_chars} characters, more than its "
+                           f"{max_model_len} tokens can hold (at most {max_chars})", param)
+
+
 def primary_eos_token_id(tokenizer: object) -> int | None:
     """The tokenizer's own EOS id (vLLM's ``tokenizer.eos_token_id``), or None when it names no EOS token."""
     eos_token = getattr(tokenizer, "eos_token", None)
@@ -188,6 +199,7 @@ class AsyncLLM:
         """No token stands for more than the tokenizer's ``max_chars_per_token`` characters: text longer than this has
         more tokens than the context holds, refused without the seconds of tokenizing it."""
         return self.max_model_len * self.tokenizer.max_chars_per_token
+
 
     @property
     def max_num_choices(self) -> int:
@@ -334,7 +346,7 @@ class AsyncLLM:
                     if out.logprob is not None and params.logprobs is not None:  # a batch-mate's ask is not ours
                         result.logprobs.append(out.logprob)
                         ranks.append(out.rank)
-                        tops.append(tuple(out.top_logprobs[:params.logprobs]))
+                        tops.append(out.top_logprobs)  # cut to this request's logprobs by the sampler
                 result.text += out.text
                 if out.finish_reason == "error":
                     raise RequestError(out.error or "generation failed")
@@ -360,9 +372,7 @@ class AsyncLLM:
         text = self._text_to_tokenize(prompt)
         if text is None:
             return self.tokenize(prompt)
-        if len(text) > self.max_prompt_chars:
-            raise RequestError(f"the prompt is too long for this model's context: {len(text)} characters, more than "
-                               f"its {self.max_model_len} tokens can hold (at most {self.max_prompt_chars})", "prompt")
+        check_text_fits(len(text), self.max_model_len, self.tokenizer.max_chars_per_token)
         return await asyncio.to_thread(self.tokenize, prompt)
 
     def prepare_batch(self, prompts: PromptInput | Sequence[PromptInput],

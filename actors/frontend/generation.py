@@ -33,6 +33,7 @@ from aiohttp import web
 from jinja2 import TemplateError
 
 from fastdecode.actors.api import AsyncLLM, StreamOutput, SubmittedStream
+from fastdecode.actors.async_llm import check_text_fits
 from fastdecode.actors.executor import QueueFullError, UnavailableError
 from fastdecode.actors.executor_config import check_prompt
 from fastdecode.actors.frontend.errors import ApiError, bad_request
@@ -85,17 +86,12 @@ async def chat_token_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]
 
 
 def _check_text_fits(llm: AsyncLLM, num_chars: int, param: str) -> None:
-    """Refuse text with more characters than the whole context could hold, before tokenizing it.
-
-    No token stands for more than ``max_chars_per_token`` characters, so such text has more tokens than
-    the context: the same refusal the token count would give, without the seconds of tokenizing.  (A
-    chat template that drops message text could have made it fit; that is text the model never sees.)"""
-    max_chars = llm.max_model_len * llm.tokenizer.max_chars_per_token
-    if num_chars > max_chars:
-        text = "the prompt" if param == "prompt" else "the text of the messages"
-        raise ApiError(400, f"{text} is too long for this model's context: {num_chars} characters, more than "
-                            f"its {llm.max_model_len} tokens can hold (at most {max_chars})",
-                       param=param, code="context_length_exceeded")
+    """Refuse text with more characters than the whole context could hold, before tokenizing it
+    (``async_llm.check_text_fits``), as a 400 ``context_length_exceeded``."""
+    try:
+        check_text_fits(num_chars, llm.max_model_len, llm.tokenizer.max_chars_per_token, param)
+    except RequestError as exc:
+        raise ApiError(400, str(exc), param=param, code="context_length_exceeded") from None
 
 
 def generation_error(out: StreamOutput) -> ApiError:
@@ -275,8 +271,8 @@ async def json_response(build: Callable[[], dict[str, Any]], *, num_tokens: int)
 
 def _check_token_id_sizes(llm: AsyncLLM, request: GenerateRequest) -> None:
     """A logit_bias of more entries than the vocabulary has tokens names one outside it, which submission refuses
-    (``check_prompt``): refused before it is sorted and checked, which takes a tenth of a second per 150k entries.
-    More stop_token_ids than that repeat some: each generated token is looked up among them on the event loop."""
+    (``check_prompt``): refused before any prompt's parameters are built or submitted. More stop_token_ids than that
+    repeat some: each generated token is looked up among them on the event loop."""
     for name, kind in (("logit_bias", "entries"), ("stop_token_ids", "ids")):
         num_ids = len(request.sampling.get(name) or ())
         if num_ids and num_ids > (vocab_size := llm.model_config.vocab_size):

@@ -252,18 +252,29 @@ def _chat_template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     takes (``tools``, ``tool_choice``) and ``response_format``."""
     tools = _check_tools(body)
     _check_response_format(body)
+    return template_variables(body, tools)
+
+
+def template_variables(body: dict[str, Any], tools: list[Any] | None) -> dict[str, Any]:
+    """A chat's ``chat_template_kwargs`` with ``tools`` (where given) for the template's ``tools`` variable."""
     return {"tools": tools, **template_kwargs_field(body)} if tools else template_kwargs_field(body)
+
+
+def tools_field(body: dict[str, Any]) -> list[Any] | None:
+    """``tools``: None or a non-empty list (vLLM's)."""
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools must be a list", "tools")
+    if tools == []:
+        raise bad_request("`tools` must not be an empty array.", "tools")
+    return tools
 
 
 def _check_tools(body: dict[str, Any]) -> list[Any] | None:
     """vLLM's ``check_tool_usage``: a tool_choice other than "none" needs tools.  Tool calls are not supported
     here: tools pass only with ``tool_choice: "none"``, and are returned to go to the chat template's ``tools``
     variable (vLLM renders them; a template without it ignores them)."""
-    tools, tool_choice = body.get("tools"), body.get("tool_choice")
-    if tools is not None and not isinstance(tools, list):
-        raise bad_request("tools must be a list", "tools")
-    if tools == []:
-        raise bad_request("`tools` must not be an empty array.", "tools")
+    tools, tool_choice = tools_field(body), body.get("tool_choice")
     if tool_choice is not None and tool_choice != "none" and tools is None:
         raise bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
     if tools and tool_choice != "none":

@@ -25,7 +25,8 @@ from fastdecode.actors.frontend.openai_request import (
     model_field,
     parse_body,
     parse_messages,
-    template_kwargs_field,
+    template_variables,
+    tools_field,
 )
 from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.model.tokenizer import Tokenizer
@@ -81,14 +82,10 @@ async def _tokenize_chat(tokenizer: Tokenizer, body: dict[str, Any]) -> list[int
     for name, harmless in TOKENIZE_UNSUPPORTED_FIELDS.items():
         if body.get(name) not in harmless:
             raise bad_request(f"{name} is not supported", name)
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise bad_request("tools must be a list", "tools")
-    template_kwargs = template_kwargs_field(body)
     return await chat_token_ids(tokenizer, parse_messages(body["messages"]),
                                 add_generation_prompt=boolean_field(body, "add_generation_prompt", default=True),
                                 add_special_tokens=boolean_field(body, "add_special_tokens", default=False),
-                                template_kwargs={"tools": tools, **template_kwargs} if tools else template_kwargs)
+                                template_kwargs=template_variables(body, tools_field(body)))
 
 
 async def _checked_body(request: web.Request) -> tuple[AsyncLLM, dict[str, Any]]:
