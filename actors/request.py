@@ -110,21 +110,22 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
     def with_seed(self, seed: int) -> "SamplingParams":
-        """These parameters with another ``seed`` (n samples of one request differ there alone), the other fields not
-        checked again: a ``logit_bias`` over much of the vocabulary takes a tenth of a second to sort and check."""
+        """These parameters with another ``seed`` (n samples of one request differ there alone)."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
-        params = copy.copy(self)
-        object.__setattr__(params, "seed", seed)
-        return params
+        return self._replaced(seed=seed)
 
     def within(self, room: int) -> "SamplingParams":
         """These parameters for a prompt that leaves ``room`` tokens of the context: ``max_tokens`` None (vLLM's
-        "to the end of the context") becomes ``room``; the other fields are not checked again."""
-        if self.max_tokens is not None:
-            return self
+        "to the end of the context") becomes ``room``."""
+        return self if self.max_tokens is not None else self._replaced(max_tokens=room)
+
+    def _replaced(self, **fields) -> "SamplingParams":
+        """A copy with ``fields`` set, the others not checked again (``__post_init__`` goes over every stop string,
+        stop token id and bias entry)."""
         params = copy.copy(self)
-        object.__setattr__(params, "max_tokens", room)
+        for name, value in fields.items():
+            object.__setattr__(params, name, value)
         return params
 
 
