@@ -43,7 +43,7 @@ from fastdecode.actors.recovery import Backoff, NodeFactory
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator
-from fastdecode.actors.sequence import EventChannel, Sequence, SeqStatus, finish_reason_after
+from fastdecode.actors.sequence import EventChannel, HeldEvents, Sequence, SeqStatus, finish_reason_after
 from fastdecode.actors.trace import StepTrace
 from fastdecode.actors.warm_up import needs_warm_up, warm_up
 from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler
@@ -83,7 +83,7 @@ class Executor:
         self.trace = trace
         self.gpu_model = gpu_model
         self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
-        self._generator = torch.Generator(device=model.device).manual_seed(seed % (1 << 64))
+        self._generator = make_generator(seed, model.device)
         self.decoder = DecodeStep(model, self.nodes, self.runner, trace)  # the same list: restored nodes show
         self.scheduler: Scheduler | None = None  # made by start(), from the nodes' capacities
         self.predicted_steps_s: list[float] = []  # with a trace: the step model's prediction of each traced step
@@ -91,11 +91,7 @@ class Executor:
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._abort_requested: dict[int, bool] = {}  # of _sequences, reaped at the next step -> is_stop
         self.prefills = PrefillQueue(config.batched_tokens_for(model.device))  # admitted, not (wholly) prefilled
-        # a step's token events (not a request's last), handed to the streams as the next decode step starts:
-        # after its launch where that is a CUDA replay, so the readers' wake-ups overlap the GPU instead of
-        # delaying it; before a step that runs to its end (layer by layer over the shards, or on the CPU),
-        # which would hold them for all of it
-        self._pending_events: list[tuple[Sequence, TokenEvent]] = []
+        self._held = HeldEvents()  # a step's token events, handed out as the next decode step starts
         self._task: asyncio.Task | None = None
         self.num_steps = 0
         self.last_step_s = 0.0
@@ -153,7 +149,7 @@ class Executor:
                 pass  # the loop was cancelled on purpose
             self._task = None
         await self.node_book.close()
-        self._emit_pending()
+        self._held.emit()
         for seq in list(self._sequences.values()):
             seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
         placed = [self._unplace(seq) for seq in self._sequences.values()]
@@ -254,7 +250,7 @@ class Executor:
             self.prefills.add(self._sequences[admission.seq_id], admission.node_id)
         had_prefills = bool(self.prefills)
         if had_prefills:
-            self._emit_pending()  # prefills take a while: the streams should not wait for them
+            self._held.emit()  # prefills take a while: the streams should not wait for them
             num_decoding = sum(1 for ids in plan.minibatches for s in map(self._sequences.get, ids)
                                if s is not None and self._is_placed(s))
             await self._prefill_all(self.prefills.take_step(num_decoding))
@@ -264,7 +260,7 @@ class Executor:
         if minibatches:
             await self._decode(minibatches)
         else:
-            self._emit_pending()
+            self._held.emit()
             if not (plan.admitted or plan.preempted or had_prefills):
                 return False  # not a step: the metrics' step count and time stay those of the last one run
         self.num_steps += 1
@@ -288,16 +284,12 @@ class Executor:
         seq.status = SeqStatus.WAITING
         return seq.seq_id, node_index, seq.node_epoch
 
-    async def _release(self, seq: Sequence) -> None:
-        """Free the sequence's KV on its node, if it holds any."""
-        await self.node_book.release([self._unplace(seq)])
-
     async def _finish_all(self, ending: list[tuple[Sequence, TokenEvent, bool]]) -> None:
         """Leave the batch: forget each in the scheduler (``is_counted``: finished, else aborted), free their KV at
         once (one Free per node for them all), tell their streams."""
-        if not ending:  # the step's events wait for the next decode launch (see _pending_events)
+        if not ending:
             return
-        self._emit_pending()  # a stream's events stay in order
+        self._held.emit({seq.seq_id for seq, _, _ in ending})  # a stream's events stay in order
         placed = []
         for seq, _, is_counted in ending:
             (self.scheduler.on_finished if is_counted else self.scheduler.abort)(seq.seq_id)
@@ -336,11 +328,13 @@ class Executor:
         elif before - set(self.scheduler.nodes):  # a node left: what only it could hold cannot wait for it
             await self._fail([self._sequences[i] for i in self.scheduler.stranded()], STRANDED, is_retryable=True)
 
-    async def _requeue(self, seq_id: int) -> None:
-        """The scheduler requeued a sequence off a failed or draining node: drop its KV there, rebuild it later."""
-        seq = self._sequences[seq_id]
-        await self._release(seq)
-        seq.is_recovering = True
+    async def _requeue(self, seq_ids: list[int]) -> None:
+        """The scheduler requeued sequences off a failed or draining node: drop their KV there (one Free), rebuild
+        them later."""
+        seqs = [self._sequences[seq_id] for seq_id in seq_ids]
+        await self.node_book.release([self._unplace(seq) for seq in seqs])
+        for seq in seqs:
+            seq.is_recovering = True
 
     # ---- preemption and prefill --------------------------------------------------------------
     async def _preempt(self, seq: Sequence, node_index: int) -> None:
@@ -348,7 +342,7 @@ class Executor:
                  len(seq.output_ids))
         seq.num_preemptions += 1
         self.num_preempted += 1
-        await self._release(seq)
+        await self.node_book.release([self._unplace(seq)])
 
     async def _prefill_all(self, work: list[tuple[PrefillJob, int]]) -> None:
         """Run this step's prefills (``PrefillQueue.take_step``) in order, each forward pass overlapping the
@@ -429,12 +423,12 @@ class Executor:
         predicted_s = self.scheduler.predict_decode_s(ran) if self.trace is not None else 0.0
         is_async_cuda = self.runner.is_cuda and not self.runner.is_synchronous  # a dense call returns at its launch
         if not (is_async_cuda and self.decoder.is_whole_step(minibatches)):
-            self._emit_pending()  # this step runs to its end before the await returns: they would wait all of it
+            self._held.emit()  # this step runs to its end before the await returns: they would wait all of it
         trace_start = self.trace.now() if self.trace is not None else 0.0
         start = time.perf_counter()
         logits = await self.decoder.run(minibatches, is_pipelined=self.config.is_pipelined)
         decode_s = time.perf_counter() - start
-        self._emit_pending()  # after a CUDA launch: the previous step's tokens go out while the GPU works
+        self._held.emit()  # after a CUDA launch: the previous step's tokens go out while the GPU works
         if self.trace is not None:
             self.trace.add_step(self.decoder.step_index, trace_start, self.trace.now(),
                                 sum(len(mb.seqs) for mb in minibatches))
@@ -475,11 +469,6 @@ class Executor:
                         and self.decoder.can_launch_ahead(len(all_seqs)))
             await self._sample_and_emit(all_seqs, all_logits, is_ahead=is_ahead)
 
-    def _emit_pending(self) -> None:
-        pending, self._pending_events = self._pending_events, []
-        for seq, event in pending:
-            seq.emit(event)
-
     async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False,
                                prompt_logprobs: tuple | None = None) -> None:
         """Sample a token for each of ``seqs`` and hand it to its stream; ``prompt_logprobs``: those of the one
@@ -495,7 +484,7 @@ class Executor:
             event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason,
                                prompt_logprobs=prompt_logprobs, rank=rank, made_at=made_at)
             if reason is None:
-                self._pending_events.append((seq, event))
+                self._held.hold(seq, event)
             else:
                 ending.append((seq, event, True))
         if ending:

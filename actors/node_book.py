@@ -58,10 +58,10 @@ class NodeBook:
             log.warning("freeing %d sequence(s) failed: %s", sum(p is not None for p in placed), exc)
 
     async def follow(self, scheduler: Scheduler, placed_on: Iterable[int | None],
-                     requeue: Callable[[int], Awaitable[None]]) -> None:
+                     requeue: Callable[[list[int]], Awaitable[None]]) -> None:
         """At a step boundary: find draining nodes, retire failed ones (or keep a draining one serving), take back
         returned ones, keep the scheduler in step. ``placed_on``: the node index of each live sequence (None: not
-        placed); ``requeue(seq_id)``: a sequence the scheduler took off a node, to rebuild elsewhere."""
+        placed); ``requeue(seq_ids)``: the sequences the scheduler took off a node, to rebuild elsewhere."""
         for node in self.nodes:
             node.refresh()
         retired = retire_nodes(self.nodes, scheduler, placed_on)
@@ -75,14 +75,13 @@ class NodeBook:
             if self.nodes[index].is_kept:
                 scheduler.close_node(index)  # it serves what it holds; admissions go elsewhere or wait
             if not self.nodes[index].can_attend and len(scheduler.nodes) > 1:
-                for preemption in scheduler.remove_node(index):
-                    await requeue(preemption.seq_id)
+                await requeue([preemption.seq_id for preemption in scheduler.remove_node(index)])
         for index in retired:  # a drained node, its sequences freed above: its daemon stops, so its client goes
             if self.nodes[index].state is NodeState.DRAINING and index not in scheduler.nodes:
                 await self.nodes[index].close()
 
     async def _restore(self, scheduler: Scheduler, index: int, fresh: KVNode,
-                       requeue: Callable[[int], Awaitable[None]]) -> None:
+                       requeue: Callable[[list[int]], Awaitable[None]]) -> None:
         """Node ``index`` came back: a new epoch; free what an older epoch may have left; schedule on it again."""
         old = self.nodes[index]
         stats = await reopen(index, fresh, sorted(self._orphans.get(index, set())))
@@ -96,8 +95,7 @@ class NodeBook:
             await old.close()
         model = node_model(index, stats, num_layers=self._num_layers, kv_bytes_per_token=self._kv_bytes_per_token)
         if index in scheduler.nodes:  # the last node, never removed: closed while it drained, its model old
-            for preemption in scheduler.replace_node(model):
-                await requeue(preemption.seq_id)
+            await requeue([preemption.seq_id for preemption in scheduler.replace_node(model)])
         else:
             scheduler.add_node(model)
         log.info("KV node %d (%s) is back as epoch %d", index, node.node_id, node.epoch)

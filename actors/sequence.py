@@ -86,6 +86,29 @@ class Sequence:
                           is_retryable=is_retryable)
 
 
+class HeldEvents:
+    """A step's token events (not a request's last), held and handed to the streams as the next decode step starts:
+    after its launch where that is a CUDA replay, so the readers' wake-ups overlap the GPU instead of delaying it;
+    before a step that runs to its end (layer by layer over the shards, or on the CPU), which would hold them for all
+    of it. A sequence that ends gets its own held events first, so its stream sees them in order."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[Sequence, TokenEvent]] = []
+
+    def hold(self, seq: Sequence, event: TokenEvent) -> None:
+        self._held.append((seq, event))
+
+    def emit(self, seq_ids: set[int] | None = None) -> None:
+        """Hand the held events to their streams: all, or those of ``seq_ids`` alone (the others stay held)."""
+        if seq_ids is None:
+            emitted, self._held = self._held, []
+        else:
+            emitted = [(seq, event) for seq, event in self._held if seq.seq_id in seq_ids]
+            self._held = [(seq, event) for seq, event in self._held if seq.seq_id not in seq_ids]
+        for seq, event in emitted:
+            seq.emit(event)
+
+
 def finish_reason_after(
     seq: Sequence, token_id: int, *, eos_token_ids: frozenset[int], max_model_len: int
 ) -> str | None:

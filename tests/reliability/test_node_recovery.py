@@ -239,7 +239,7 @@ async def test_a_step_without_aborts_leaves_the_token_events_for_the_next_decode
     executor, *_ = await start_executor(model, 1)
     try:
         emitted = []
-        executor._emit_pending = lambda: emitted.append(True)
+        executor._held.emit = lambda *seq_ids: emitted.append(True)
         await executor._reap()
         await executor._apply_node_changes()
         assert emitted == []
