@@ -36,6 +36,7 @@ spreads the ages out again.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
@@ -186,20 +187,20 @@ class AdmissionPolicy:
         limit = self.context_limit
         if num == 0 or limit is None:
             return max(num, num_resumed)
-        live = sorted(((s.context_len, self.expected_remaining(s)) for s in running), key=itemgetter(1), reverse=True)
+        live = [(s.context_len, self.expected_remaining(s)) for s in running]
         candidates = [(s.context_len, self.expected_remaining(s)) for s in waiting[:num]]
-        longest_live = max((context_len + num_remaining - 1 for context_len, num_remaining in live), default=0)
+        # the longest item with the first i candidates in, for each i
+        longest = list(itertools.accumulate((context_len + remaining - 1 for context_len, remaining in candidates),
+                                            max, initial=max((c + r - 1 for c, r in live), default=0)))
         # Whether the first ``num`` candidates fit is not monotone in ``num`` (the longest raises a derived limit),
         # so each ``num`` is tried from the top down, but the peak is not recomputed for each: the total at the step
         # of the last computed peak, less what the candidates taken out since then added at that step, is a lower
         # bound of the peak, and while that bound is over the limit the candidates cannot fit.
         bound, peak_step = 0, 0  # nothing computed yet: 0 bounds any peak
         while num > 0:
-            added = candidates[:num]
-            longest = max(longest_live, max(context_len + num_remaining - 1 for context_len, num_remaining in added))
-            allowed = self._limit_with(limit, longest)
+            allowed = self._limit_with(limit, longest[num])
             if bound <= allowed:
-                bound, peak_step = predicted_peak_and_step(live + added)
+                bound, peak_step = predicted_peak_and_step(live + candidates[:num])
                 if bound <= allowed:
                     break
             context_len, num_remaining = candidates[num - 1]
