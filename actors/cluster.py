@@ -26,7 +26,7 @@ from fastdecode.actors.dense_profile import measure_dense_profile, time_prefill
 from fastdecode.actors.executor import Executor, ExecutorConfig, RequestStream
 from fastdecode.actors.gpu_kv import GpuKVConfig, GpuKVNode, free_memory_bytes
 from fastdecode.actors.host_memory import available_memory_bytes
-from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, ShardKVNode, node_model
+from fastdecode.actors.kv_nodes import KVNode, LocalKVNode, node_model
 from fastdecode.actors.kvshard import shape_problem
 from fastdecode.actors.model import load_model, resolve_config, resolve_device
 from fastdecode.actors.model.loader import model_dtype
@@ -146,15 +146,14 @@ def _check_field_types(config: ClusterConfig) -> None:
     object.__setattr__(config, "shard_addresses", tuple(addresses))
 
 
-def _check_distinct_daemons(nodes: list[ShardKVNode]) -> None:
+def _check_distinct_daemons(addresses: tuple[str, ...], instance_ids: list[int]) -> None:
     """ValueError if two shard addresses reach one daemon (``tcp://localhost:P`` and ``tcp://127.0.0.1:P``, say):
     its memory would count twice and its pool overflow."""
     seen: dict[int, str] = {}
-    for node in nodes:
-        address = seen.setdefault(node.client.instance_id, node.client.address)
-        if address != node.client.address:
-            raise ValueError(f"shard addresses {address} and {node.client.address} reach the same shard daemon: "
-                             "give each once")
+    for address, instance_id in zip(addresses, instance_ids):
+        first = seen.setdefault(instance_id, address)
+        if first != address:
+            raise ValueError(f"shard addresses {first} and {address} reach the same shard daemon: give each once")
 
 
 def _check_int(name: str, value: object, *, is_none_ok: bool = False) -> None:
@@ -277,7 +276,6 @@ class Cluster:
             failed = [node for node in connected if isinstance(node, BaseException)]
             if failed:
                 raise failed[0]
-            _check_distinct_daemons(nodes)
             executor_config = config.executor
             gpu_model = None
             mode_choice = None
@@ -370,7 +368,8 @@ async def _links_before_loading(config: ClusterConfig, device: torch.device) -> 
                  kv_dtype=KV_DTYPE_NAMES[model_dtype(config.model, config.dtype, device)])
     links = ShardLinks.open(config, shape=shape)
     try:
-        await asyncio.gather(*(links.ping(address) for address in config.shard_addresses))
+        instance_ids = await asyncio.gather(*(links.ping(address) for address in config.shard_addresses))
+        _check_distinct_daemons(config.shard_addresses, instance_ids)
     except BaseException:
         await links.stop()
         raise

@@ -48,11 +48,13 @@ class ShardLinks:
             ctx = client_context(ClientKeys.load(config.curve_dir))
         return cls(shape, ctx, config.heartbeat_interval_s, config.liveness, config.attend_timeout_s)
 
-    async def ping(self, address: str) -> None:
-        """PeerDeadError unless a shard answers at ``address`` within the heartbeat window."""
+    async def ping(self, address: str) -> int:
+        """The instance id of the shard daemon at ``address`` (two addresses that reach one daemon give the same);
+        PeerDeadError unless it answers within the heartbeat window."""
         client = await ShardClient.connect(address, ctx=self.ctx, heartbeat_interval_s=self.heartbeat_interval_s,
                                            liveness=self.liveness)
         await client.close()
+        return client.instance_id
 
     async def connect(self, address: str) -> ShardKVNode:
         """Connect to a shard (in-process shards share the process-wide Context) and configure it."""
