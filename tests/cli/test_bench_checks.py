@@ -10,19 +10,13 @@ from click.testing import CliRunner
 from fastdecode.actors import gpu_kv
 from fastdecode.cli import bench_roofline
 from fastdecode.cli.bench import bench
+from one_line_errors import assert_one_line_error
 
 TINY = ["--model", "random:tiny", "--dtype", "float32", "--device", "cpu"]
 
 
 def no_work(*args, **kwargs):
     raise AssertionError("the benchmark ran")
-
-
-def assert_one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the host without CUDA")
