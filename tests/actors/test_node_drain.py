@@ -5,14 +5,8 @@ from types import SimpleNamespace
 
 from fastdecode.actors.guarded_node import GuardedNode, NodeState
 from fastdecode.actors.node_drain import retire_nodes
-from fastdecode.scheduler import NodeModel, Scheduler, SchedulerConfig, ShardPerfModel
-
-KV = 1024  # bytes per token, all layers
-PAGE = 16
-
-
-def model(node_id: int, capacity_tokens: int) -> NodeModel:
-    return NodeModel(node_id, capacity_tokens * KV, KV, 2, PAGE, ShardPerfModel(10e-6, 1e9))
+from fastdecode.scheduler import Scheduler, SchedulerConfig
+from scheduler_helpers import PAGE, node
 
 
 def guarded(name: str) -> GuardedNode:
@@ -26,7 +20,7 @@ def placed(sched: Scheduler, seq_ids) -> list[int | None]:
 def cluster(capacities: list[int], num_seqs: int) -> tuple[Scheduler, list[GuardedNode]]:
     """Nodes of these capacities (tokens) and ``num_seqs`` running sequences of 2 pages each (16 + 16 tokens)."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=64, admission="all-at-once", max_reserved_output=None),
-                      [model(i, capacity) for i, capacity in enumerate(capacities)])
+                      [node(i, capacity) for i, capacity in enumerate(capacities)])
     for seq_id in range(num_seqs):
         sched.add_request(seq_id, PAGE, PAGE)
     assert len(sched.schedule().admitted) == num_seqs

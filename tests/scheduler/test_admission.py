@@ -1,25 +1,8 @@
-from dataclasses import dataclass
-
 import pytest
 
 from fastdecode.scheduler.admission import AdmissionPolicy, predicted_peak_context
 from fastdecode.scheduler.config import SchedulerConfig
-
-
-@dataclass
-class Seq:
-    prompt_len: int
-    max_tokens: int
-    num_generated: int = 0
-    stop_at: int | None = None  # finishes early after this many tokens
-
-    @property
-    def context_len(self):
-        return self.prompt_len + self.num_generated
-
-    @property
-    def is_done(self):
-        return self.num_generated >= (self.stop_at or self.max_tokens)
+from scheduler_helpers import Seq
 
 
 def drive(policy, waiting, num_steps):

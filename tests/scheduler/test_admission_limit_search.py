@@ -4,22 +4,10 @@ computes only when a cheaper lower bound cannot rule the candidates out."""
 import copy
 import math
 import random
-from dataclasses import dataclass
-
 from fastdecode.scheduler import admission
 from fastdecode.scheduler.admission import AdmissionPolicy
 from fastdecode.scheduler.config import SchedulerConfig
-
-
-@dataclass
-class Seq:
-    prompt_len: int
-    max_tokens: int
-    num_generated: int = 0
-
-    @property
-    def context_len(self):
-        return self.prompt_len + self.num_generated
+from scheduler_helpers import Seq
 
 
 def brute_force_peak(items):

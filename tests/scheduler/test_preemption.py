@@ -7,13 +7,7 @@ from fastdecode.scheduler.node import NodeModel
 from fastdecode.scheduler.perf_model import ShardPerfModel
 from fastdecode.scheduler.preemption import Resident, choose_victims, youngest
 from fastdecode.scheduler.scheduler import Scheduler
-
-KV = 1024  # bytes per token, all layers
-PAGE = 16
-
-
-def node(node_id, capacity_tokens, speed=1.0):
-    return NodeModel(node_id, capacity_tokens * KV, KV, 2, PAGE, ShardPerfModel(10e-6, speed * 1e9))
+from scheduler_helpers import KV, PAGE, node
 
 
 def test_choose_victims_youngest_first_until_it_fits():

@@ -4,12 +4,7 @@ from __future__ import annotations
 import fastdecode.scheduler.scheduler as scheduler_module
 from fastdecode.scheduler import NodeModel, Scheduler, SchedulerConfig, ShardPerfModel
 from fastdecode.scheduler.sequences import SequenceTable
-
-KV = 1024  # bytes per token, all layers
-
-
-def node(node_id: int, capacity_tokens: int = 1_000_000) -> NodeModel:
-    return NodeModel(node_id, capacity_tokens * KV, KV, 2, 16, ShardPerfModel(10e-6, 1e9))
+from scheduler_helpers import node
 
 
 def waiting_ids(table: SequenceTable) -> list[int]:
