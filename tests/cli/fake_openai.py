@@ -3,6 +3,7 @@ naming one model, and the ``/v1/completions`` (plus any ``extra_routes``) a subc
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,20 @@ class FakeOpenAI:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+    @staticmethod
+    async def stream_tokens(request: web.Request, body: dict, *, gap_s: float = 0.0) -> web.StreamResponse:
+        """A completion streamed as vLLM streams it: ``max_tokens`` chunks of "a" (``gap_s`` apart), then the usage
+        chunk and ``[DONE]``."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(body["max_tokens"]):
+            if i and gap_s:
+                await asyncio.sleep(gap_s)
+            await response.write(b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n')
+        usage = {"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}}
+        await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        return response
 
 
 @contextmanager

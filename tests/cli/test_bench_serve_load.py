@@ -41,15 +41,7 @@ class HoldingServer(FakeOpenAI):
                 await asyncio.wait_for(self.reached.wait(), self.hold_s)
             except asyncio.TimeoutError:
                 pass
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            for i in range(body["max_tokens"]):
-                if i:
-                    await asyncio.sleep(self.gap_s)
-                await response.write(b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n')
-            usage = {"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),
-                                              "completion_tokens": body["max_tokens"]}}
-            await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+            response = await self.stream_tokens(request, body, gap_s=self.gap_s)
             self.num_served += 1
             return response
         finally:

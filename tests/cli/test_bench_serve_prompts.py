@@ -45,13 +45,7 @@ class FakeServer(FakeOpenAI):
             return web.json_response({"error": {"message": f"prompt token ids must be integers in [0, {VOCAB})"}},
                                      status=400)
         self.prompts.append(prompt)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for _ in range(body["max_tokens"]):
-            await response.write(b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n')
-        usage = {"choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": body["max_tokens"]}}
-        await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
-        return response
+        return await self.stream_tokens(request, body)
 
 
 def bench_serve(url: str, *args: str):
