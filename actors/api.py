@@ -39,10 +39,10 @@ from fastdecode.actors.async_llm import (
     StreamOutput,
     SubmittedStream,
     primary_eos_token_id,
-    prompt_logprob_dicts,
     token_stop_reason,
 )
 from fastdecode.actors.cluster import ClusterConfig
+from fastdecode.actors.logprob_dicts import prompt_logprob_dicts
 from fastdecode.actors.request import GenerationResult, SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "StreamOutput", "SubmittedStream", "TokenizedPrompt", "primary_eos_token_id",

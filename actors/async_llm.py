@@ -9,7 +9,7 @@ import logging
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fastdecode.actors.api_inputs import (
@@ -25,7 +25,9 @@ from fastdecode.actors.api_inputs import (
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.detokenize import Detokenizer
 from fastdecode.actors.executor_config import check_prompt
-from fastdecode.actors.request import GenerationResult, Logprob, PromptLogprob, RequestError, SamplingParams
+from fastdecode.actors.logprob_dicts import prompt_logprob_dicts, sample_logprob_dicts
+from fastdecode.actors.named_requests import NamedRequest, NamedRequests
+from fastdecode.actors.request import GenerationResult, PromptLogprob, RequestError, SamplingParams
 
 log = logging.getLogger("fastdecode.api")
 
@@ -37,7 +39,7 @@ class StreamOutput:
     """One step of a request's stream: a token and the text it completed; the first one also carries the prompt's
     logprobs where the request asked for them (``SamplingParams.prompt_logprobs``: see ``TokenEvent``)."""
 
-    request_id: int
+    request_id: int | str  # the caller's id where it named the request (a str), else the engine's
     token_id: int  # -1 on a final event that carries no token (abort, error, stop string)
     text: str  # new text since the previous output (may be empty mid-character)
     logprob: float | None = None
@@ -51,41 +53,6 @@ class StreamOutput:
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     made_at: float | None = None  # the engine's time of its event (TokenEvent.made_at); None: not known
     rank: int | None = None  # the token's rank in the raw distribution (1: the likeliest), with ``logprob``
-
-
-def prompt_logprob_dicts(prompt_ids: Sequence[int], prompt_logprobs: Sequence[PromptLogprob | None],
-                         token_text: Callable[[int], str]) -> list[dict[int, Logprob] | None]:
-    """The engine's prompt logprobs in vLLM's shape: None for the first prompt token, then per prompt token
-    ``{token id: Logprob}`` of that token, then of the most likely ones there (each token once), their text from
-    ``token_text`` (``Tokenizer.token_text``, which decodes each token once)."""
-    dicts: list[dict[int, Logprob] | None] = []
-    for token_id, entry in zip(prompt_ids, prompt_logprobs):
-        if entry is None:
-            dicts.append(None)
-            continue
-        dicts.append(_position(token_id, entry.logprob, entry.rank, entry.top_logprobs, token_text))
-    return dicts
-
-
-def sample_logprob_dicts(token_ids: Sequence[int], logprobs: Sequence[float], ranks: Sequence[int | None],
-                         tops: Sequence[Sequence[tuple[int, float]]],
-                         token_text: Callable[[int], str]) -> list[dict[int, Logprob]]:
-    """The generated tokens' logprobs in vLLM's shape (``CompletionOutput.logprobs``): per token ``{token id: Logprob}``
-    of the sampled token (with its rank in the whole distribution), then of the most likely ones there (rank 1 the
-    likeliest)."""
-    return [_position(token_id, logprob, rank, top, token_text)
-            for token_id, logprob, rank, top in zip(token_ids, logprobs, ranks, tops)]
-
-
-def _position(token_id: int, logprob: float, rank: int | None, top: Sequence[tuple[int, float]],
-              token_text: Callable[[int], str]) -> dict[int, Logprob]:
-    """One position's ``{token id: Logprob}``: the token there first, then the most likely ones (ranked from 1), each
-    token once."""
-    position = {token_id: Logprob(logprob, rank, token_text(token_id))}
-    for top_rank, (top_id, value) in enumerate(top, start=1):
-        if top_id not in position:
-            position[top_id] = Logprob(value, top_rank, token_text(top_id))
-    return position
 
 
 def check_text_fits(num_chars: int, max_model_len: int, max_chars_per_token: int, param: str = "prompt") -> None:
@@ -153,6 +120,7 @@ class AsyncLLM:
         self.is_closed = False
         self._loop = _running_loop()  # None until the first call made on a loop
         self._stop_task: asyncio.Task | None = None
+        self.named_requests = NamedRequests()  # the live requests named by their callers (vLLM's request_id)
         self._finalizer = weakref.finalize(self, _release_unstopped, self._loop, cluster)
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -255,26 +223,33 @@ class AsyncLLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         return TokenizedPrompt(ids, text)
 
-    def stream(self, prompt: PromptInput | TokenizedPrompt,
-               params: SamplingParams | None = None) -> AsyncGenerator[StreamOutput, None]:
+    def stream(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None = None,
+               request_id: str | None = None) -> AsyncGenerator[StreamOutput, None]:
         """Tokens of one request as they come. The arguments are checked now; a text prompt is tokenized when
         iteration starts, off the loop (text past ``max_prompt_chars`` refused untokenized), and the request is
         submitted then. Leaving the loop early cancels the request and frees its KV once the
         generator is closed: at once for an inline ``async for``, otherwise use
-        ``contextlib.aclosing(llm.stream(...))`` (or ``await gen.aclose()``)."""
+        ``contextlib.aclosing(llm.stream(...))`` (or ``await gen.aclose()``). ``request_id`` (vLLM's) names the
+        request: its outputs carry it and ``abort(request_id)`` ends it; ValueError while a live request has it."""
         self.check_open()
         self.check_loop(is_loop_needed=False)  # the generator may be made outside a loop, to iterate on ours
         params = check_params(params, default=self.default_params)
+        self.named_requests.check_free(request_id)  # checked again when it starts (NamedRequests.hold)
         if self._text_to_tokenize(prompt) is None:
-            return self._stream(self.tokenize(prompt).token_ids, params)
-        return self._stream_text(prompt, params)
+            prompt = self.tokenize(prompt)
+            if request_id is None:
+                return self._stream(prompt.token_ids, params)
+        return self._stream_prompt(prompt, params, request_id)
 
-    async def _stream_text(self, prompt: PromptInput, params: SamplingParams) -> AsyncGenerator[StreamOutput, None]:
-        """``stream`` of a text prompt: tokenized when iteration starts, off the loop (``_tokenize_off_loop``)."""
-        tokenized = await self._tokenize_off_loop(prompt)
-        async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
-            async for out in outputs:
-                yield out
+    async def _stream_prompt(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams,
+                             request_id: str | None) -> AsyncGenerator[StreamOutput, None]:
+        """``stream`` of a text prompt, tokenized when iteration starts, off the loop (``_tokenize_off_loop``), or
+        of a named request, its name held from then until the stream ends (``NamedRequests.hold``)."""
+        with self.named_requests.hold(request_id) as named:
+            tokenized = await self._tokenize_off_loop(prompt)
+            async with contextlib.aclosing(self._stream(tokenized.token_ids, params, named=named)) as outputs:
+                async for out in outputs:
+                    yield out
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> "SubmittedStream":
         """Submit now (refusals raise here: QueueFullError, UnavailableError, RequestError) and return the
@@ -285,18 +260,24 @@ class AsyncLLM:
         request = self.cluster.submit(prompt_ids, params)
         return SubmittedStream(request, self._stream(prompt_ids, params, request))
 
-    async def _stream(self, prompt_ids: list[int], params: SamplingParams,
-                      request=None) -> AsyncGenerator[StreamOutput, None]:
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams, request=None,
+                      named: NamedRequest | None = None) -> AsyncGenerator[StreamOutput, None]:
         if request is None:  # stream(): submitted now, when iteration starts
             self.check_open()
             self.check_loop()
+            if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: never submitted
+                yield StreamOutput(named.request_id, -1, "", finish_reason="abort")
+                return
             request = self.cluster.submit(prompt_ids, params)
+            if named is not None:
+                named.seq_id = request.request_id  # abort(name) ends it from here on
         detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
         try:
             async for event in request:
                 made_at = event.made_at
+                output_id = event.request_id if named is None else named.request_id
                 if event.finish_reason in ("abort", "error"):
-                    yield StreamOutput(event.request_id, -1, detokenizer.finish(), None, (),
+                    yield StreamOutput(output_id, -1, detokenizer.finish(), None, (),
                                        event.finish_reason, event.error, event.is_retryable,
                                        prompt_logprobs=event.prompt_logprobs, made_at=made_at)
                     return
@@ -304,7 +285,7 @@ class AsyncLLM:
                     # The engine stops only on a stop token id or EOS (stop strings are found here). As in
                     # vLLM without include_stop_str_in_output, the token counts as generated but its text
                     # is left out.
-                    yield StreamOutput(event.request_id, event.token_id, detokenizer.finish(), event.logprob,
+                    yield StreamOutput(output_id, event.token_id, detokenizer.finish(), event.logprob,
                                        event.top_logprobs, "stop",
                                        stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id),
                                        prompt_logprobs=event.prompt_logprobs, made_at=made_at, rank=event.rank)
@@ -312,32 +293,38 @@ class AsyncLLM:
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:
                     request.cancel(is_stop=True)
-                    yield StreamOutput(event.request_id, event.token_id, text, event.logprob,
+                    yield StreamOutput(output_id, event.token_id, text, event.logprob,
                                        event.top_logprobs, "stop", stop_reason=detokenizer.stop_string,
                                        prompt_logprobs=event.prompt_logprobs, made_at=made_at, rank=event.rank)
                     return
                 if event.finish_reason is not None:
                     text += detokenizer.finish()
-                yield StreamOutput(event.request_id, event.token_id, text, event.logprob, event.top_logprobs,
+                yield StreamOutput(output_id, event.token_id, text, event.logprob, event.top_logprobs,
                                    event.finish_reason, prompt_logprobs=event.prompt_logprobs, made_at=made_at,
                                    rank=event.rank)
         finally:
             request.cancel()  # no-op once finished; frees the KV of an abandoned stream
 
-    async def generate(self, prompt: PromptInput | TokenizedPrompt,
-                       params: SamplingParams | None = None) -> GenerationResult:
-        """One request to its end; RequestError if it failed."""
+    async def generate(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> GenerationResult:
+        """One request to its end; RequestError if it failed. ``request_id`` as in ``stream``: a request ended by
+        ``abort(request_id)`` returns what it made, its finish_reason "abort"."""
         self.check_open()
         self.check_loop()
+        with self.named_requests.hold(request_id) as named:  # abort(request_id) ends it from here on
+            return await self._generate(prompt, params, named)
+
+    async def _generate(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None,
+                        named: NamedRequest | None) -> GenerationResult:
         tokenized = await self._tokenize_off_loop(prompt)
         params = check_params(params, default=self.default_params)
         result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text,
                                   num_logprobs=params.logprobs)
         ranks: list[int | None] = []  # of each sampled token, where logprobs were asked for
         tops: list[tuple[tuple[int, float], ...]] = []
-        async with contextlib.aclosing(self._stream(tokenized.token_ids, params)) as outputs:
+        async with contextlib.aclosing(self._stream(tokenized.token_ids, params, named=named)) as outputs:
             async for out in outputs:
-                result.request_id = str(out.request_id)  # the engine's id (a str, as vLLM's)
+                result.request_id = str(out.request_id)  # the caller's id, else the engine's (a str, as vLLM's)
                 if out.prompt_logprobs is not None:  # off the loop: a long prompt's tokens take a while to decode
                     result.prompt_logprobs = await asyncio.to_thread(
                         prompt_logprob_dicts, tokenized.token_ids, out.prompt_logprobs, self.tokenizer.token_text)
@@ -356,6 +343,14 @@ class AsyncLLM:
             result.position_logprobs = await asyncio.to_thread(
                 sample_logprob_dicts, result.token_ids, result.logprobs, ranks, tops, self.tokenizer.token_text)
         return result
+
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """vLLM's ``AsyncLLM.abort``: end the live requests of these ids, in the engine as closing their streams
+        does (``Executor.abort``), but their streams read on to the engine's end, an output of finish_reason
+        "abort". An id no live request has (unknown, finished) is passed over."""
+        self.check_loop()
+        for seq_id in self.named_requests.abort(request_id):
+            self.cluster.executor.abort(seq_id)
 
     @staticmethod
     def _text_to_tokenize(prompt: PromptInput | TokenizedPrompt) -> str | None:

@@ -233,7 +233,7 @@ class GenerationResult:
     logprobs: list[float] = field(default_factory=list)  # of each generated token, where asked for
     prompt: str | None = None  # the prompt's text, where it was given as text
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it (None: EOS, length)
-    request_id: str | None = None  # the engine's id of the request (a str, as vLLM's)
+    request_id: str | None = None  # the caller's request_id where it gave one, else the engine's id (a str, as vLLM's)
     num_logprobs: int | None = None  # the request's SamplingParams.logprobs: None where it asked for none
     # vLLM's: where SamplingParams.prompt_logprobs asked, None for the first prompt token, then per prompt token
     # {token id: Logprob} of that token and the most likely ones there; else None
