@@ -13,11 +13,12 @@ admission: abort, preemption, requeue off a failed node, stop (``PrefillQueue.dr
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from fastdecode.actors.prefill import kv_buffers, prefill_hidden, prompt_token_logprobs
+from fastdecode.actors.prefill import kv_buffers, prefill_hidden, prefill_hidden_ragged, prompt_token_logprobs
 from fastdecode.actors.request import PromptLogprob
 from fastdecode.actors.sequence import Sequence
 
@@ -65,10 +66,7 @@ class PrefillJob:
         hidden, keys, values = prefill_hidden(model, tokens, start, self.keys, self.values)
         logits = model.logits(hidden[-1:])
         if self.num_prompt_logprobs is not None:
-            # each position's logits score the prompt token after it (the last one's, the first output token)
-            next_ids = torch.tensor(self.token_ids[start + 1:end + 1], dtype=torch.long, device=model.device)
-            scored = prompt_token_logprobs(model, hidden, next_ids, self.num_prompt_logprobs)
-            self.prompt_logprobs = (*(self.prompt_logprobs or (None,)), *scored)  # the first token follows nothing
+            self.prompt_logprobs = (*(self.prompt_logprobs or (None,)), *self.score_prompt(model, hidden, start, end))
         self.num_done = end
         if self.num_left:
             return None
@@ -76,6 +74,56 @@ class PrefillJob:
         if host_copies is not None:
             keys, values = host_copies(keys, values)
         return logits, keys, values
+
+    def score_prompt(self, model, hidden: torch.Tensor, start: int, end: int) -> list[PromptLogprob]:
+        """The prompt logprobs that positions ``start``..``end`` (``hidden``) give: each position's logits score the
+        prompt token after it (the last one's, the first output token; the first token follows nothing)."""
+        next_ids = torch.tensor(self.token_ids[start + 1:end + 1], dtype=torch.long, device=model.device)
+        return prompt_token_logprobs(model, hidden, next_ids, self.num_prompt_logprobs)
+
+
+def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
+    """On the dense thread: prefill the whole prompts of ``jobs`` (none begun) in one forward pass, their tokens
+    laid end to end (``prefill_hidden_ragged``), so many short prompts cost about what one prompt of their total
+    length does. (logits of each prompt's last position ``[len(jobs), vocab]``, each job's (keys, values)), the
+    K/V views of one buffer (one host copy for them all through ``host_copies``, as ``run_chunk``)."""
+    if any(job.num_done for job in jobs):
+        raise ValueError("prefill_together takes whole prompts; a prompt begun in chunks goes on in run_chunk")
+    seq_lens = [len(job.token_ids) for job in jobs]
+    tokens = torch.tensor([t for job in jobs for t in job.token_ids], dtype=torch.long, device=model.device)
+    hidden, keys, values = prefill_hidden_ragged(model, tokens, seq_lens)
+    ends = list(itertools.accumulate(seq_lens))
+    logits = model.logits(hidden[torch.tensor(ends, device=model.device) - 1])
+    scored = [None if job.num_prompt_logprobs is None else job.score_prompt(model, hidden[end - n:end], 0, n)
+              for job, n, end in zip(jobs, seq_lens, ends)]
+    for job, n, scores in zip(jobs, seq_lens, scored):  # once all went well: a failed pass leaves the jobs as they were
+        job.num_done = n
+        if scores is not None:
+            job.prompt_logprobs = (None, *scores)
+    if host_copies is not None:
+        keys, values = host_copies(keys, values)
+    return logits, [(keys[:, end - n:end], values[:, end - n:end]) for n, end in zip(seq_lens, ends)]
+
+
+def forward_passes(work: list[tuple[PrefillJob, int]], max_tokens: int, kind) -> list[list[tuple[PrefillJob, int]]]:
+    """A step's prefills (``PrefillQueue.take_step``) as forward passes. Prompts prefilled whole in this step share
+    passes with others of their ``kind(job)`` (where their K/V go: the host or the Executor's device), up to
+    ``max_tokens`` tokens a pass, in order; a prompt done in chunks (begun, or not done in this step) is a pass of its
+    own. A pass of one job runs ``run_chunk``, of more ``prefill_together``."""
+    passes: list[list[tuple[PrefillJob, int]]] = []
+    open_passes: dict[object, tuple[list[tuple[PrefillJob, int]], int]] = {}  # kind -> (pass, its tokens)
+    for job, num_tokens in work:
+        if job.num_done or num_tokens < job.num_left:
+            passes.append([(job, num_tokens)])
+            continue
+        key = kind(job)
+        batch, total = open_passes.get(key, (None, 0))
+        if batch is None or total + num_tokens > max_tokens:
+            batch, total = [], 0
+            passes.append(batch)
+        batch.append((job, num_tokens))
+        open_passes[key] = (batch, total + num_tokens)
+    return passes
 
 
 class PrefillQueue:

@@ -4,10 +4,11 @@
 steps while there is work. Each step: reap cancelled requests (KV freed at once),
 ask the scheduler for a plan (``fastdecode.scheduler``: preemptions, admissions
 with placement, the two mini-batches), carry it out (free preempted KV, prefill
-admitted sequences on the Executor's device and ship their K/V to their node),
-then run one decode step over the mini-batches and sample. Prefills share a step's
-token budget with its decodes: a long prompt is prefilled in chunks over several
-steps (``chunked_prefill``) while the running sequences go on decoding.
+admitted sequences on the Executor's device, prompts admitted together in shared
+forward passes, and ship their K/V to their node: ``prefill_steps``), then run one
+decode step over the mini-batches and sample. Prefills share a step's token budget
+with its decodes: a long prompt is prefilled in chunks over several steps
+(``chunked_prefill``) while the running sequences go on decoding.
 
 KV nodes fail and come back (``NodeBook``): at each step boundary a failed or
 draining node leaves the scheduler and the sequences it held are requeued; they
@@ -30,15 +31,16 @@ import time
 
 import torch
 
-from fastdecode.actors.chunked_prefill import PrefillJob, PrefillQueue
+from fastdecode.actors.chunked_prefill import PrefillQueue
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
-from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError
+from fastdecode.actors.guarded_node import GuardedNode
 from fastdecode.actors.kv_nodes import KVNode, node_model
 from fastdecode.actors.node_book import NodeBook
 from fastdecode.actors.node_drain import no_live_node_error
+from fastdecode.actors.prefill_steps import PrefillSteps
 from fastdecode.actors.recovery import Backoff, NodeFactory
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
@@ -48,7 +50,6 @@ from fastdecode.actors.trace import StepTrace
 from fastdecode.actors.warm_up import needs_warm_up, warm_up
 from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler
 from fastdecode.scheduler.scheduler import NoNodeFitsError
-from fastdecode.transport.errors import RemoteRequestError
 
 log = logging.getLogger("fastdecode.executor")
 
@@ -58,7 +59,7 @@ STOP_FREE_TIMEOUT_S = 2.0  # the most stop() waits to free the KV of unfinished 
 STRANDED = "the KV node that held this sequence left, and no node left can hold its length; retry later"
 
 
-class Executor:
+class Executor(PrefillSteps):
     def __init__(self, model, nodes: list[KVNode], config: ExecutorConfig, *, eos_token_ids,
                  trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None,
                  node_factories: list[NodeFactory | None] | None = None,
@@ -344,76 +345,6 @@ class Executor:
         self.num_preempted += 1
         await self.node_book.release([self._unplace(seq)])
 
-    async def _prefill_all(self, work: list[tuple[PrefillJob, int]]) -> None:
-        """Run this step's prefills (``PrefillQueue.take_step``) in order, each forward pass overlapping the
-        placement of the prompt done before it (its K/V copied to the host, shipped to its node, its first token
-        sampled); a prompt with chunks still to come waits for later steps. A prompt placed on a node of the
-        Executor's device holds its staged K/V there until placed: that placement ends before the next forward pass
-        stages another prompt's (the default GPU pool leaves room for one)."""
-        placing: asyncio.Future | None = None
-        placing_is_host = False
-        try:
-            for job, num_tokens in work:
-                host_copies = self.runner.host_copies if self.nodes[job.node_index].is_host else None
-                if placing is not None and not placing_is_host:
-                    await placing
-                    placing = None
-                try:
-                    computed = await self.runner.run(job.run_chunk, self.model, num_tokens, host_copies)
-                except torch.OutOfMemoryError as exc:
-                    await self._prefill_out_of_memory(job, exc)
-                    continue
-                if computed is None:
-                    continue
-                if placing is not None:
-                    await placing
-                placing = asyncio.ensure_future(self._place(job, *computed))
-                placing_is_host = host_copies is not None
-            if placing is not None:
-                await placing
-        finally:
-            if placing is not None and not placing.done():
-                placing.cancel()
-
-    async def _prefill_out_of_memory(self, job: PrefillJob, exc: torch.OutOfMemoryError) -> None:
-        """A prompt's prefill ran out of GPU memory (its K/V is staged beside the GPU KV pool): that request ends
-        with a clear error and the rest go on (it used to fail the step, so every running request)."""
-        log.warning("sequence %d: the prefill of its %d tokens ran out of GPU memory: %s", job.seq.seq_id,
-                    len(job.token_ids), exc)
-        torch.cuda.empty_cache()  # what the failed pass held, back for the others (a no-op without CUDA)
-        message = (f"the prefill of this prompt ({len(job.token_ids)} tokens) ran out of GPU memory; a shorter "
-                   "prompt fits (or a server started with a smaller --max-model-len, whose GPU KV pool leaves more)")
-        await self._finish_all([(job.seq, job.seq.end_event("error", message), False)])
-
-    async def _place(self, job: PrefillJob, logits, k, v) -> None:
-        seq, node_index = job.seq, job.node_index
-        node = self.nodes[node_index]
-        # placed from here on (as the scheduler sees it): a node failure requeues it at the next step
-        seq.node_index, seq.node_epoch, seq.status = node_index, node.epoch, SeqStatus.RUNNING
-        is_allocated = False
-        try:
-            await node.allocate([seq.seq_id])
-            is_allocated = True
-            await node.append_prompt(seq.seq_id, k, v)
-        except NodeFailedError as exc:
-            log.warning("prefill of sequence %d not placed: %s", seq.seq_id, exc)
-            if not is_allocated and node.can_be_kept:  # a draining node refused it: nothing there, queue it again
-                self.scheduler.preempt(seq.seq_id)
-                seq.node_index, seq.status = None, SeqStatus.WAITING
-            return
-        except RemoteRequestError as exc:
-            if exc.code not in REFUSED_CODES:
-                raise
-            # the node had less room than the scheduler's model of it: requeue, as a refused attend does
-            self.scheduler.preempt(seq.seq_id)
-            await self._preempt(seq, node_index)
-            return
-        if seq.is_recovering:
-            seq.is_recovering = False
-            self.num_recovered += 1
-        if not job.is_resumed:
-            await self._sample_and_emit([seq], logits, prompt_logprobs=job.prompt_logprobs)
-
     # ---- decode -------------------------------------------------------------------------------
     async def _decode(self, groups: list[list[Sequence]]) -> None:
         if not self.config.is_pipelined:
@@ -470,19 +401,19 @@ class Executor:
             await self._sample_and_emit(all_seqs, all_logits, is_ahead=is_ahead)
 
     async def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, *, is_ahead: bool = False,
-                               prompt_logprobs: tuple | None = None) -> None:
-        """Sample a token for each of ``seqs`` and hand it to its stream; ``prompt_logprobs``: those of the one
-        sequence a prefill just placed, which go with its first token."""
+                               prompt_logprobs: list[tuple | None] | None = None) -> None:
+        """Sample a token for each of ``seqs`` and hand it to its stream; ``prompt_logprobs``: those of each of the
+        sequences a prefill just placed, which go with their first tokens."""
         rows = await self.runner.run(self.decoder.sample, seqs, logits, self._eos_tuple, self._generator, is_ahead)
         made_at = time.monotonic()  # the step's tokens' time, once for the batch
         self.scheduler.on_tokens([s.seq_id for s in seqs])
         ending = []
-        for seq, token_id, logprob, rank, top in zip(seqs, *rows):
+        for i, (seq, token_id, logprob, rank, top) in enumerate(zip(seqs, *rows)):
             seq.output_ids.append(token_id)
             reason = finish_reason_after(seq, token_id, eos_token_ids=self.eos_token_ids,
                                          max_model_len=self.max_model_len)
             event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason,
-                               prompt_logprobs=prompt_logprobs, rank=rank, made_at=made_at)
+                               prompt_logprobs=prompt_logprobs and prompt_logprobs[i], rank=rank, made_at=made_at)
             if reason is None:
                 self._held.hold(seq, event)
             else:

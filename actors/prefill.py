@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastdecode.actors.model import prefill_attention
-from fastdecode.actors.model.attention import prefill_attention_after
+from fastdecode.actors.model.attention import prefill_attention_after, prefill_attention_ragged
 from fastdecode.actors.request import PromptLogprob
 
 PROMPT_LOGPROB_ROWS = 256  # positions whose logits are made at once: 256 x a 150k vocabulary is 150 MB of float32
@@ -52,15 +52,44 @@ def prefill_hidden(model, token_ids: torch.Tensor, start: int = 0, keys: torch.T
         raise ValueError(f"a chunk of positions {start}..{end} needs K/V buffers of at least {end} positions, "
                          f"got {tuple(keys.shape)}, {tuple(values.shape)}")
     positions = torch.arange(start, end, dtype=torch.long, device=token_ids.device)
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (prefill_attention(q, k, v) if start == 0
+                else prefill_attention_after(q, keys[layer, :end], values[layer, :end]))
+
+    return _run_layers(model, token_ids, positions, keys, values, slice(start, end), attend), keys, values
+
+
+def prefill_hidden_ragged(model, token_ids: torch.Tensor,
+                          seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states ``[N, hidden]``, keys, values ``[num_layers, N, Hkv, D]``) of several whole prompts laid end
+    to end, ``token_ids`` ``[N]`` with N the sum of ``seq_lens``, in one forward pass: the dense layers run on all
+    N rows at once and each prompt attends over its own positions only (``prefill_attention_ragged``)."""
+    num_tokens = token_ids.shape[0]
+    if sum(seq_lens) != num_tokens or min(seq_lens, default=1) < 1:
+        raise ValueError(f"prompt lengths {seq_lens} do not cut {num_tokens} tokens into whole prompts")
+    lengths = torch.tensor(seq_lens)
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    positions = (torch.arange(num_tokens) - starts).to(token_ids.device, non_blocking=True)
+    keys, values = kv_buffers(model, num_tokens)
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return prefill_attention_ragged(q, k, v, seq_lens)
+
+    return _run_layers(model, token_ids, positions, keys, values, slice(0, num_tokens), attend), keys, values
+
+
+def _run_layers(model, token_ids: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                rows: slice, attend) -> torch.Tensor:
+    """The forward pass over ``token_ids`` at ``positions``: each layer writes its K/V into ``keys``/``values`` at
+    ``rows`` and attends with ``attend(layer, q, k, v)``; the last hidden states ``[T, hidden]``."""
     x = model.embed(token_ids)
     for layer in range(model.num_layers):
         q, k, v = model.pre_attention(layer, x, positions)
-        keys[layer, start:end] = k
-        values[layer, start:end] = v
-        o = (prefill_attention(q, k, v) if start == 0
-             else prefill_attention_after(q, keys[layer, :end], values[layer, :end]))
-        x = model.post_attention(layer, x, o)
-    return x, keys, values
+        keys[layer, rows] = k
+        values[layer, rows] = v
+        x = model.post_attention(layer, x, attend(layer, q, k, v))
+    return x
 
 
 def prompt_token_logprobs(model, hidden: torch.Tensor, next_token_ids: torch.Tensor,

@@ -5,6 +5,9 @@ same job on CPU hosts and is checked against this.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
 import math
 
 import torch
@@ -48,19 +51,25 @@ def prefill_attention_after(q: torch.Tensor, keys: torch.Tensor, values: torch.T
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
             mask=None) -> torch.Tensor:
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"{q.shape[1]} query heads do not share {k.shape[1]} KV heads evenly")
-    is_gqa = q.shape[1] != k.shape[1]
+    # batched [1, tokens, heads, D]: the fused (flash, memory-efficient) kernels take four dimensions; given three,
+    # SDPA falls back to the math one, which makes the [Hq, T, S] scores (32 GB for a 2k chunk after 120k tokens)
+    return _attend_batch(q[None], k[None], v[None], is_causal=is_causal, mask=mask)[0]
+
+
+def _attend_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+                  mask=None) -> torch.Tensor:
+    """SDPA over ``[B, T, Hq, D]`` queries and ``[B, S, Hkv, D]`` keys/values -> ``[B, T, Hq, D]`` rows."""
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads do not share {k.shape[2]} KV heads evenly")
+    is_gqa = q.shape[2] != k.shape[2]
     if is_gqa and not _is_flash_gpu(q):
         # on CUDA only flash takes GQA; elsewhere there (fp32, pre-Ampere GPUs) SDPA would take the math kernel and
         # its [Hq, T, S] float32 scores: K/V expanded per query head let the memory-efficient kernel run instead
-        group = q.shape[1] // k.shape[1]
-        k, v, is_gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
-    # batched [1, heads, tokens, D]: the fused (flash, memory-efficient) kernels take four dimensions; given three,
-    # SDPA falls back to the math one, which makes the [Hq, T, S] scores (32 GB for a 2k chunk after 120k tokens)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        group = q.shape[2] // k.shape[2]
+        k, v, is_gqa = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask, is_causal=is_causal, enable_gqa=is_gqa)
-    return _as_rows(o[0].transpose(0, 1))
+    return _as_rows(o.transpose(1, 2))
 
 
 def _is_flash_gpu(q: torch.Tensor) -> bool:
@@ -75,14 +84,51 @@ def _is_flash_gpu(q: torch.Tensor) -> bool:
 def prefill_attention_ragged(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
 ) -> torch.Tensor:
-    """Causal attention for several prompts laid end to end (flat layout), each on its own."""
+    """Causal attention for several prompts laid end to end (flat layout), each on its own: q[N,Hq,D],
+    k/v[N,Hkv,D] with N the sum of ``seq_lens`` -> o[N,Hq,D]. Prompts of one length go through SDPA as one batch;
+    others through flash attention's varlen kernel on a GPU that has it, else one SDPA call per prompt."""
     if sum(seq_lens) != q.shape[0]:
         raise ValueError(f"seq_lens sum to {sum(seq_lens)} but there are {q.shape[0]} tokens")
-    parts = [
-        prefill_attention(qs, ks, vs)
-        for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))
-    ]
-    return torch.cat(parts) if parts else q.new_empty(q.shape)
+    if not seq_lens:
+        return q.new_empty(q.shape)
+    if len(set(seq_lens)) == 1:
+        num, length = len(seq_lens), seq_lens[0]
+        o = _attend_batch(q.view(num, length, *q.shape[1:]), k.view(num, length, *k.shape[1:]),
+                          v.view(num, length, *v.shape[1:]), is_causal=True)
+        return o.view(q.shape)
+    if _varlen_causal() is not None and _is_flash_gpu(q) and q.dtype in (torch.float16, torch.bfloat16):
+        return _attend_varlen(q, k, v, seq_lens)
+    return torch.cat([prefill_attention(qs, ks, vs)
+                      for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))])
+
+
+@functools.cache
+def _varlen_causal():
+    """torch's varlen flash attention with its causal mask and GQA flags bound, None where this torch lacks it.
+    Its causal flag changed after 2.10 (``is_causal`` to a window of ``(-1, 0)``); GQA came later."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    if "window_size" in parameters:
+        causal = functools.partial(varlen_attn, window_size=(-1, 0))
+    elif "is_causal" in parameters:
+        causal = functools.partial(varlen_attn, is_causal=True)
+    else:
+        return None
+    return causal, "enable_gqa" in parameters
+
+
+def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    causal, has_gqa = _varlen_causal()
+    if q.shape[1] != k.shape[1] and not has_gqa:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    bounds = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32).to(q.device, non_blocking=True)
+    longest = max(seq_lens)
+    extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    return _as_rows(causal(q, k, v, bounds, bounds, longest, longest, **extra))
 
 
 class _SequenceCache:

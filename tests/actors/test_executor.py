@@ -318,14 +318,16 @@ async def test_greedy_matches_reference_on_cuda(num_shards, is_pipelined):
 
 
 async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_model, references, monkeypatch):
-    """Admitted together, prompt i+1's forward pass runs while prompt i's K/V is still being shipped,
-    and the tokens stay the reference's."""
+    """Admitted together, pass i+1's forward runs while pass i's K/V is still being shipped, and the tokens stay
+    the reference's (each prompt a pass of its own here: passes of at most one token)."""
     import fastdecode.actors.chunked_prefill as prefill_module
+    import fastdecode.actors.prefill_steps as steps_module
 
     _, tokenizer = tiny_model
     spans: dict[str, list[tuple[float, float]]] = {"forward": [], "append": []}
     loop = asyncio.get_running_loop()
-    real_prefill = prefill_module.prefill_hidden
+    real_prefill, real_passes = prefill_module.prefill_hidden, steps_module.forward_passes
+    monkeypatch.setattr(steps_module, "forward_passes", lambda work, _, kind: real_passes(work, 1, kind))
 
     def timed_prefill(*args):
         start = loop.time()

@@ -338,25 +338,29 @@ async def test_a_prompt_placed_on_the_executors_device_is_placed_before_the_next
     """A node on the Executor's device (not a host) holds a prompt's staged K/V beside its pool until placed: the next
     prompt's forward pass waits for that placement, so two prompts' K/V are never staged at once (the default GPU
     pool leaves room for one). Host nodes keep the overlap."""
+    import fastdecode.actors.prefill_steps as steps_module
     from fastdecode.actors.chunked_prefill import PrefillJob
 
     model, _ = tiny_model
     executor, _ = await start_executor(model, 0)  # every prompt whole, in one step
     events = []
-    run_chunk, place = PrefillJob.run_chunk, executor._place
+    run_chunk, place, passes = PrefillJob.run_chunk, executor._place, steps_module.forward_passes
 
     def logged_run(job, *args):
         events.append(("run", job.seq.seq_id))
         return run_chunk(job, *args)
 
     async def logged_place(job, *args):
-        await place(job, *args)
+        is_placed = await place(job, *args)
         events.append(("placed", job.seq.seq_id))
+        return is_placed
 
     executor._place = logged_place
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(PrefillJob, "run_chunk", logged_run)
+            # a pass per prompt (at most one token each): passes of several prompts are the pool's one staging
+            patch.setattr(steps_module, "forward_passes", lambda work, _, kind: passes(work, 1, kind))
             streams = [executor.submit(prompt(40, salt), greedy(2)) for salt in range(3)]
             await asyncio.gather(*(collect(s) for s in streams))
     finally:

@@ -59,13 +59,28 @@ def test_attend_batches_rows_of_different_sequences():
     assert cache.num_tokens(10, layer=0) == 0
 
 
-def test_ragged_prefill_keeps_prompts_apart():
-    q, k, v = _qkv(num_tokens=7)
-    out = prefill_attention_ragged(q, k, v, [3, 4])
-    torch.testing.assert_close(out[:3], prefill_attention(q[:3], k[:3], v[:3]))
-    torch.testing.assert_close(out[3:], prefill_attention(q[3:], k[3:], v[3:]))
+@pytest.mark.parametrize("seq_lens", [[3, 4], [3, 3, 3], [1, 5, 1]])  # per prompt / one SDPA batch / per prompt
+def test_ragged_prefill_keeps_prompts_apart(seq_lens):
+    q, k, v = _qkv(num_tokens=sum(seq_lens))
+    out = prefill_attention_ragged(q, k, v, seq_lens)
+    start = 0
+    for length in seq_lens:
+        part = slice(start, start + length)
+        torch.testing.assert_close(out[part], _naive_causal(q[part], k[part], v[part]), atol=1e-5, rtol=1e-5)
+        start += length
     with pytest.raises(ValueError, match="sum to"):
-        prefill_attention_ragged(q, k, v, [3, 3])
+        prefill_attention_ragged(q, k, v, seq_lens[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seq_lens", [[5, 130, 1, 64], [64, 64]])  # flash's varlen kernel / one SDPA batch
+def test_ragged_prefill_on_gpu_matches_each_prompt_alone(seq_lens):
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(num_tokens=sum(seq_lens), num_heads=8, num_kv_heads=2,
+                                                          head_dim=64))
+    out = prefill_attention_ragged(q, k, v, seq_lens)
+    alone = torch.cat([prefill_attention(qs, ks, vs)
+                       for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))])
+    torch.testing.assert_close(out.float(), alone.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_cache_grows_past_its_first_buffer():
