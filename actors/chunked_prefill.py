@@ -85,8 +85,8 @@ class PrefillJob:
 def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
     """On the dense thread: prefill the whole prompts of ``jobs`` (none begun) in one forward pass, their tokens
     laid end to end (``prefill_hidden_ragged``), so many short prompts cost about what one prompt of their total
-    length does. (logits of each prompt's last position ``[len(jobs), vocab]``, each job's (keys, values)), the
-    K/V views of one buffer (one host copy for them all through ``host_copies``, as ``run_chunk``)."""
+    length does. (logits of each prompt's last position ``[len(jobs), vocab]``, each job's (keys, values)): views of
+    the pass's K/V buffers, or through ``host_copies`` (as ``run_chunk``) a contiguous host copy of each."""
     if any(job.num_done for job in jobs):
         raise ValueError("prefill_together takes whole prompts; a prompt begun in chunks goes on in run_chunk")
     seq_lens = [len(job.token_ids) for job in jobs]
@@ -96,13 +96,15 @@ def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
     logits = model.logits(hidden[torch.tensor(ends, device=model.device) - 1])
     scored = [None if job.num_prompt_logprobs is None else job.score_prompt(model, hidden[end - n:end], 0, n)
               for job, n, end in zip(jobs, seq_lens, ends)]
+    kvs = [(keys[:, end - n:end], values[:, end - n:end]) for n, end in zip(seq_lens, ends)]
+    if host_copies is not None:  # a contiguous host copy of each prompt's K/V, which its node ships as it is
+        copies = host_copies(*(t for kv in kvs for t in kv))
+        kvs = list(zip(copies[::2], copies[1::2]))
     for job, n, scores in zip(jobs, seq_lens, scored):  # once all went well: a failed pass leaves the jobs as they were
         job.num_done = n
         if scores is not None:
             job.prompt_logprobs = (None, *scores)
-    if host_copies is not None:
-        keys, values = host_copies(keys, values)
-    return logits, [(keys[:, end - n:end], values[:, end - n:end]) for n, end in zip(seq_lens, ends)]
+    return logits, kvs
 
 
 def forward_passes(work: list[tuple[PrefillJob, int]], max_tokens: int, kind) -> list[list[tuple[PrefillJob, int]]]:

@@ -49,14 +49,16 @@ class PrefillSteps:
                     placing = None
                 try:
                     computed = await self._prefill_pass(batch, self.runner.host_copies if is_host else None)
-                except torch.OutOfMemoryError as exc:
-                    if len(batch) > 1:  # the prompts on their own may fit
-                        log.warning("a prefill pass of %d prompts ran out of GPU memory; prefilling them one by one",
-                                    len(batch))
+                except Exception as exc:
+                    if len(batch) > 1:  # the prompts on their own may fit (or run where the shared pass failed)
+                        log.warning("a prefill pass of %d prompts failed (%s: %s); prefilling them one by one",
+                                    len(batch), type(exc).__name__, exc)
                         torch.cuda.empty_cache()
                         passes.extendleft([entry] for entry in reversed(batch))
-                    else:
+                    elif isinstance(exc, torch.OutOfMemoryError):
                         await self._prefill_out_of_memory(batch[0][0], exc)
+                    else:
+                        raise
                     continue
                 if computed is None:
                     continue

@@ -96,7 +96,7 @@ def prefill_attention_ragged(
         o = _attend_batch(q.view(num, length, *q.shape[1:]), k.view(num, length, *k.shape[1:]),
                           v.view(num, length, *v.shape[1:]), is_causal=True)
         return o.view(q.shape)
-    if _varlen_causal() is not None and _is_flash_gpu(q) and q.dtype in (torch.float16, torch.bfloat16):
+    if _can_run_varlen(q):
         return _attend_varlen(q, k, v, seq_lens)
     return torch.cat([prefill_attention(qs, ks, vs)
                       for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))])
@@ -118,6 +118,13 @@ def _varlen_causal():
     else:
         return None
     return causal, "enable_gqa" in parameters
+
+
+def _can_run_varlen(q: torch.Tensor) -> bool:
+    """Flash attention's varlen kernel takes these queries: CUDA only (it has no CPU kernel), fp16/bf16, a GPU and
+    a torch build that flash attention runs on, and a torch that has the call."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _is_flash_gpu(q)
+            and torch.backends.cuda.is_flash_attention_available() and _varlen_causal() is not None)
 
 
 def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
