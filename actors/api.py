@@ -92,7 +92,8 @@ class LLM:
         or a list of them. ``params`` (vLLM's ``sampling_params=``): one SamplingParams for all, one per
         prompt, or None for the default. ``use_tqdm`` is vLLM's name for ``show_progress``. Every prompt is
         checked before any is submitted; if one request fails, or the call is interrupted (Ctrl-C), the
-        call's other requests are cancelled."""
+        call's other requests are cancelled. With ``SamplingParams(n=...)`` a prompt's result holds its n samples
+        in ``outputs`` (see ``AsyncLLM.generate``)."""
         if self.is_closed:
             raise RuntimeError("LLM is closed")
         if sampling_params is not None:

@@ -3,11 +3,8 @@ strings, and the stream of outputs of each request (``fastdecode.actors.api`` re
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import logging
 import threading
-import warnings
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,13 +22,10 @@ from fastdecode.actors.api_inputs import (
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.detokenize import Detokenizer
 from fastdecode.actors.executor_config import check_prompt
-from fastdecode.actors.logprob_dicts import prompt_logprob_dicts, sample_logprob_dicts
+from fastdecode.actors.generation_results import gather_result, gather_samples
 from fastdecode.actors.named_requests import NamedRequest, NamedRequests
 from fastdecode.actors.request import GenerationResult, PromptLogprob, RequestError, SamplingParams
-
-log = logging.getLogger("fastdecode.api")
-
-STOP_HOLD_POLL_S = 1.0  # how often the holder of a dropped AsyncLLM's stop looks whether its loop was closed
+from fastdecode.actors.unclosed import cancel_dropped, release_unstopped
 
 
 @dataclass(frozen=True)
@@ -90,7 +84,12 @@ class SubmittedStream:
     def __init__(self, request, outputs: AsyncGenerator[StreamOutput, None]) -> None:
         self._request = request
         self._outputs = outputs
-        self._finalizer = weakref.finalize(self, _cancel_dropped, asyncio.get_running_loop(), request)
+        self._finalizer = weakref.finalize(self, cancel_dropped, asyncio.get_running_loop(), request)
+
+    @property
+    def request_id(self) -> int:
+        """The engine's id of the request."""
+        return self._request.request_id
 
     def __aiter__(self) -> "SubmittedStream":
         return self
@@ -121,7 +120,9 @@ class AsyncLLM:
         self._loop = _running_loop()  # None until the first call made on a loop
         self._stop_task: asyncio.Task | None = None
         self.named_requests = NamedRequests()  # the live requests named by their callers (vLLM's request_id)
-        self._finalizer = weakref.finalize(self, _release_unstopped, self._loop, cluster)
+        # the engine ids of samples 1.. of the live n > 1 requests, by sample 0's (the one a NamedRequest holds)
+        self._other_samples: dict[int, list[int]] = {}
+        self._finalizer = weakref.finalize(self, release_unstopped, self._loop, cluster)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a request without SamplingParams runs with (vLLM's ``LLM.get_default_sampling_params``): the
@@ -150,7 +151,7 @@ class AsyncLLM:
         if self._loop is None and running is not None:
             self._loop = running
             self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _release_unstopped, running, self.cluster)
+            self._finalizer = weakref.finalize(self, release_unstopped, running, self.cluster)
         if running is self._loop or (running is None and not is_loop_needed):
             return
         where = "from another event loop" if running is not None else "outside any running event loop"
@@ -230,10 +231,14 @@ class AsyncLLM:
         submitted then. Leaving the loop early cancels the request and frees its KV once the
         generator is closed: at once for an inline ``async for``, otherwise use
         ``contextlib.aclosing(llm.stream(...))`` (or ``await gen.aclose()``). ``request_id`` (vLLM's) names the
-        request: its outputs carry it and ``abort(request_id)`` ends it; ValueError while a live request has it."""
+        request: its outputs carry it and ``abort(request_id)`` ends it; ValueError while a live request has it.
+        A stream is one sample: ``params.n`` > 1 is a RequestError (``generate`` returns n samples)."""
         self.check_open()
         self.check_loop(is_loop_needed=False)  # the generator may be made outside a loop, to iterate on ours
         params = check_params(params, default=self.default_params)
+        if params.n != 1:
+            raise RequestError(f"a stream yields one sample's tokens, and n={params.n} asks for more: use generate "
+                               "for n samples, or one stream per sample (SamplingParams.samples())", "n")
         self.named_requests.check_free(request_id)  # checked again when it starts (NamedRequests.hold)
         if self._text_to_tokenize(prompt) is None:
             prompt = self.tokenize(prompt)
@@ -253,12 +258,16 @@ class AsyncLLM:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> "SubmittedStream":
         """Submit now (refusals raise here: QueueFullError, UnavailableError, RequestError) and return the
-        request's outputs, which ``aclose()`` cancels whether or not they were read."""
+        request's outputs, which ``aclose()`` cancels whether or not they were read. One sample: ``params.n`` > 1
+        is a RequestError (the engine's, ``SamplingParams.within``)."""
         self.check_open()
         self.check_loop()
-        params = check_params(params, default=self.default_params)
+        return self._submit(prompt_ids, check_params(params, default=self.default_params))
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams,
+                named: NamedRequest | None = None) -> "SubmittedStream":
         request = self.cluster.submit(prompt_ids, params)
-        return SubmittedStream(request, self._stream(prompt_ids, params, request))
+        return SubmittedStream(request, self._stream(prompt_ids, params, request, named))
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams, request=None,
                       named: NamedRequest | None = None) -> AsyncGenerator[StreamOutput, None]:
@@ -308,41 +317,50 @@ class AsyncLLM:
     async def generate(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> GenerationResult:
         """One request to its end; RequestError if it failed. ``request_id`` as in ``stream``: a request ended by
-        ``abort(request_id)`` returns what it made, its finish_reason "abort"."""
+        ``abort(request_id)`` returns what it made, its finish_reason "abort". ``params.n`` > 1 (vLLM's parallel
+        sampling): its n samples run together, each its own engine request (``SamplingParams.samples``: sample i
+        seeded seed + i), one result of n ``outputs``; an abort of its name ends them all."""
         self.check_open()
         self.check_loop()
-        with self.named_requests.hold(request_id) as named:  # abort(request_id) ends it from here on
-            return await self._generate(prompt, params, named)
-
-    async def _generate(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None,
-                        named: NamedRequest | None) -> GenerationResult:
-        tokenized = await self._tokenize_off_loop(prompt)
         params = check_params(params, default=self.default_params)
-        result = GenerationResult(prompt_token_ids=tokenized.token_ids, prompt=tokenized.text,
-                                  num_logprobs=params.logprobs)
-        ranks: list[int | None] = []  # of each sampled token, where logprobs were asked for
-        tops: list[tuple[tuple[int, float], ...]] = []
-        async with contextlib.aclosing(self._stream(tokenized.token_ids, params, named=named)) as outputs:
-            async for out in outputs:
-                result.request_id = str(out.request_id)  # the caller's id, else the engine's (a str, as vLLM's)
-                if out.prompt_logprobs is not None:  # off the loop: a long prompt's tokens take a while to decode
-                    result.prompt_logprobs = await asyncio.to_thread(
-                        prompt_logprob_dicts, tokenized.token_ids, out.prompt_logprobs, self.tokenizer.token_text)
-                if out.token_id >= 0:
-                    result.token_ids.append(out.token_id)
-                    if out.logprob is not None and params.logprobs is not None:  # a batch-mate's ask is not ours
-                        result.logprobs.append(out.logprob)
-                        ranks.append(out.rank)
-                        tops.append(out.top_logprobs)  # cut to this request's logprobs by the sampler
-                result.text += out.text
-                if out.finish_reason == "error":
-                    raise RequestError(out.error or "generation failed")
-                result.finish_reason = out.finish_reason
-                result.stop_reason = out.stop_reason
-        if params.logprobs is not None:
-            result.position_logprobs = await asyncio.to_thread(
-                sample_logprob_dicts, result.token_ids, result.logprobs, ranks, tops, self.tokenizer.token_text)
-        return result
+        self.check_num_samples(params)
+        with self.named_requests.hold(request_id) as named:  # abort(request_id) ends it from here on
+            tokenized = await self._tokenize_off_loop(prompt)
+            if params.n == 1:
+                outputs = self._stream(tokenized.token_ids, params, named=named)
+                return await gather_result(outputs, tokenized, params, self.tokenizer.token_text)
+            return await self._generate_samples(tokenized, params.samples(), named)
+
+    async def _generate_samples(self, prompt: TokenizedPrompt, samples: list[SamplingParams],
+                                named: NamedRequest | None) -> GenerationResult:
+        """The samples of one request submitted together (a refusal of one cancels those before it) and read
+        together; ``abort`` finds samples 1.. by sample 0's engine id, which ``named`` holds."""
+        if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: none is submitted
+            streams = [self._stream(prompt.token_ids, params, named=named) for params in samples]
+            return await gather_samples(streams, prompt, samples, self.tokenizer.token_text)
+        submitted: list[SubmittedStream] = []
+        try:
+            for params in samples:
+                submitted.append(self._submit(prompt.token_ids, params, named))
+        except BaseException:
+            for stream in submitted:
+                await stream.aclose()
+            raise
+        first_id, *other_ids = [stream.request_id for stream in submitted]
+        if named is not None:
+            named.seq_id = first_id
+        self._other_samples[first_id] = other_ids
+        try:
+            return await gather_samples(submitted, prompt, samples, self.tokenizer.token_text)
+        finally:
+            del self._other_samples[first_id]
+
+    def check_num_samples(self, params: SamplingParams) -> None:
+        """RequestError (param ``n``) for more samples than the queue holds: all of a request's are submitted
+        together, so they could never be admitted (the server's 400 for prompts x n past ``--max-queue``)."""
+        if params.n > 1 and params.n > self.max_num_choices:  # one sample always fits
+            raise RequestError(f"n={params.n} samples are more than this engine queues at once "
+                               f"({self.max_num_choices}, its max_queue)", "n")
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """vLLM's ``AsyncLLM.abort``: end the live requests of these ids, in the engine as closing their streams
@@ -350,7 +368,8 @@ class AsyncLLM:
         "abort". An id no live request has (unknown, finished) is passed over."""
         self.check_loop()
         for seq_id in self.named_requests.abort(request_id):
-            self.cluster.executor.abort(seq_id)
+            for sample_id in (seq_id, *self._other_samples.get(seq_id, ())):  # every sample of an n > 1 request
+                self.cluster.executor.abort(sample_id)
 
     @staticmethod
     def _text_to_tokenize(prompt: PromptInput | TokenizedPrompt) -> str | None:
@@ -380,22 +399,32 @@ class AsyncLLM:
         for i, (prompt, prompt_params) in enumerate(zip(batch, per_prompt)):
             try:
                 self.check_prompt(prompt, prompt_params)
+                self.check_num_samples(prompt_params)
             except RequestError as exc:
                 raise RequestError(f"prompt {i}: {exc}", exc.param or "prompt") from None
         return list(zip(batch, per_prompt))
 
     async def run_batch(self, batch: Sequence[tuple[TokenizedPrompt, SamplingParams]], *,
                         on_result: Callable[[GenerationResult], None] | None = None) -> list[GenerationResult]:
-        """All of a prepared batch (continuous batching), results in prompt order. At most ``max_num_choices`` are
-        submitted at a time, the rest as those finish, so a batch larger than the queue runs to its end (vLLM's
-        ``LLM.generate`` over any number of prompts). If one fails, or this is cancelled, every other request of the
-        batch is cancelled before this returns."""
+        """All of a prepared batch (continuous batching), results in prompt order. At most ``max_num_choices`` engine
+        requests (a prompt's n samples count n) are submitted at a time, the rest as those finish, so a batch larger
+        than the queue runs to its end (vLLM's ``LLM.generate`` over any number of prompts). If one fails, or this is
+        cancelled, every other request of the batch is cancelled before this returns."""
         self.check_loop()
         slots = asyncio.Semaphore(self.max_num_choices)
+        taking = asyncio.Lock()  # one prompt takes its n slots at a time: two holding some each could wait forever
 
         async def one(prompt: TokenizedPrompt, params: SamplingParams) -> GenerationResult:
-            async with slots:
+            num_taken = 0
+            try:
+                async with taking:
+                    for _ in range(params.n):
+                        await slots.acquire()
+                        num_taken += 1
                 result = await self.generate(prompt, params)
+            finally:
+                for _ in range(num_taken):
+                    slots.release()
             if on_result is not None:
                 on_result(result)
             return result
@@ -431,46 +460,8 @@ class AsyncLLM:
         await self.stop()
 
 
-def _cancel_dropped(loop: asyncio.AbstractEventLoop, request) -> None:
-    """A SubmittedStream collected unclosed: cancel its request on its loop (collection may run on any thread); a
-    request that ended, or was closed, is left as it is."""
-    with contextlib.suppress(RuntimeError):  # the loop is closed: its Executor stopped with it
-        loop.call_soon_threadsafe(request.cancel)
-
-
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:  # no loop runs on this thread
         return None
-
-
-def _release_unstopped(loop: asyncio.AbstractEventLoop | None, cluster: Cluster) -> None:
-    """An AsyncLLM collected without stop(): warn, and stop its cluster on its loop if that is still open;
-    once the loop is closed only the dense thread can be let go (the sockets and shards need the loop)."""
-    warnings.warn("an AsyncLLM was collected without stop(): its cluster is stopped now if its event loop still "
-                  "runs; use 'async with', or await llm.stop() (or llm.shutdown())", ResourceWarning, stacklevel=2)
-    if loop is not None and not loop.is_closed():
-        stop = cluster.stop()
-        try:
-            stopping = asyncio.run_coroutine_threadsafe(stop, loop)
-        except RuntimeError:  # closed meanwhile: release what needs no loop, below
-            stop.close()
-        else:
-            # asyncio holds tasks weakly, and what this task stops holds nothing outside it: a thread holds it
-            threading.Thread(target=_hold_until_done, args=(stopping, loop), name="fastdecode-stop",
-                             daemon=True).start()
-            return
-    cluster.executor.runner.close()
-
-
-def _hold_until_done(stopping: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
-    """Hold a dropped AsyncLLM's stop (its future, so its task) until it ends, or its loop closed without it."""
-    while True:
-        done, _ = concurrent.futures.wait([stopping], timeout=STOP_HOLD_POLL_S)
-        if done:
-            if not stopping.cancelled() and stopping.exception() is not None:
-                log.warning("stopping the cluster of a dropped AsyncLLM failed", exc_info=stopping.exception())
-            return
-        if loop.is_closed():
-            return

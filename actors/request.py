@@ -34,7 +34,8 @@ class SamplingParams:
     those filters.  ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits (OpenAI's; a
     dict or pairs, stored as sorted pairs); ids past the vocabulary are refused at submission
     (``check_prompt``).  ``seed`` makes a sampled request reproducible on its own, whatever else is in the batch.  ``stop`` is one stop string or a
-    sequence of them, ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.
+    sequence of them, ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.  ``n`` samples of
+    the prompt (vLLM's parallel sampling) are n engine requests of one sample each (``samples``).
     """
 
     max_tokens: int | None = 16  # None: up to the end of the context (vLLM's)
@@ -53,6 +54,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # number of top logprobs to return per token; None = none
     prompt_logprobs: int | None = None  # number of top logprobs to return per prompt token; None = none
+    n: int = 1  # samples of the prompt (vLLM's): AsyncLLM.generate's n outputs; an engine request is one sample
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> RequestError:
@@ -89,6 +91,8 @@ class SamplingParams:
             raise bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", f"n must be a positive integer, got {self.n!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (
@@ -115,9 +119,23 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
         return self._replaced(seed=seed)
 
+    def samples(self) -> list["SamplingParams"]:
+        """The ``n`` samples as engine requests of one sample each: sample i seeded ``seed + i`` where a seed is
+        given (vLLM's parallel sampling: each sample is the single request with that seed); the prompt's logprobs
+        are asked of sample 0 alone (vLLM's ``RequestOutput`` has them once)."""
+        first = self._replaced(n=1)
+        params = [first] + [first._replaced(prompt_logprobs=None)] * (self.n - 1)
+        if self.seed is None:
+            return params
+        return [one.with_seed(self.seed + index) for index, one in enumerate(params)]
+
     def within(self, room: int) -> "SamplingParams":
-        """These parameters for a prompt that leaves ``room`` tokens of the context: ``max_tokens`` None (vLLM's
-        "to the end of the context") becomes ``room``."""
+        """These parameters as one engine request runs them, for a prompt that leaves ``room`` tokens of the
+        context: ``max_tokens`` None (vLLM's "to the end of the context") becomes ``room``. RequestError (param
+        ``n``) for n > 1: an engine request is one sample, and would silently make one."""
+        if self.n != 1:
+            raise RequestError(f"an engine request is one sample, and these parameters ask for n={self.n}: submit "
+                               "each of SamplingParams.samples() (AsyncLLM.generate and LLM.generate do)", "n")
         return self if self.max_tokens is not None else self._replaced(max_tokens=room)
 
     def _replaced(self, **fields) -> "SamplingParams":
@@ -222,8 +240,9 @@ class GenerationResult:
     """A finished request: what ``generate`` returns per prompt.
 
     It also reads as vLLM's ``RequestOutput`` (``request_id``, ``prompt``, ``prompt_token_ids``, ``prompt_logprobs``,
-    ``finished`` and ``outputs[0]``'s ``text``, ``token_ids``, ``cumulative_logprob``, ``finish_reason``,
-    ``stop_reason``, ``logprobs``, ``index``), for code written against vLLM's ``LLM.generate``.
+    ``finished`` and ``outputs[i]``'s ``text``, ``token_ids``, ``cumulative_logprob``, ``finish_reason``,
+    ``stop_reason``, ``logprobs``, ``index``), for code written against vLLM's ``LLM.generate``. Its own fields are
+    sample 0's; a request of ``SamplingParams.n`` > 1 holds the other samples in ``other_samples``.
     """
 
     prompt_token_ids: list[int]
@@ -241,11 +260,13 @@ class GenerationResult:
     # vLLM's CompletionOutput.logprobs, where SamplingParams.logprobs asked: per generated token {token id: Logprob}
     # of the sampled token, then of the most likely ones there
     position_logprobs: list[dict[int, Logprob]] | None = None
+    # samples 1 to n-1 of a request of SamplingParams.n > 1, each read as this one (their prompt_logprobs None)
+    other_samples: list["GenerationResult"] = field(default_factory=list)
 
     @property
     def outputs(self) -> list["CompletionOutput"]:
-        """vLLM's ``RequestOutput.outputs``: one completion (``n`` is always 1 here)."""
-        return [CompletionOutput(self)]
+        """vLLM's ``RequestOutput.outputs``: the request's ``n`` completions, this result's own first (index 0)."""
+        return [CompletionOutput(sample, index) for index, sample in enumerate((self, *self.other_samples))]
 
     @property
     def finished(self) -> bool:
@@ -262,11 +283,16 @@ class CompletionOutput:
     ``logprobs`` are vLLM's per-position dicts (the sampled token's ``Logprob``, then the most likely ones), None
     where the request asked for none; ``GenerationResult.logprobs`` keeps the sampled tokens' floats."""
 
-    __slots__ = ("_result",)
-    index = 0
+    __slots__ = ("_result", "_index")
 
-    def __init__(self, result: GenerationResult) -> None:
+    def __init__(self, result: GenerationResult, index: int = 0) -> None:
         self._result = result
+        self._index = index
+
+    @property
+    def index(self) -> int:
+        """The sample's index among the request's ``n`` (vLLM's), from 0."""
+        return self._index
 
     @property
     def text(self) -> str:
@@ -294,6 +320,6 @@ class CompletionOutput:
         return float(sum(self._result.logprobs)) if self._result.is_logprobs_requested else None
 
     def __repr__(self) -> str:
-        return (f"CompletionOutput(index=0, text={self.text!r}, token_ids={self.token_ids!r}, "
+        return (f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids!r}, "
                 f"cumulative_logprob={self.cumulative_logprob!r}, finish_reason={self.finish_reason!r}, "
                 f"stop_reason={self.stop_reason!r})")

@@ -15,7 +15,7 @@ import weakref
 
 import pytest
 
-from fastdecode.actors import api, async_llm
+from fastdecode.actors import api, unclosed
 from fastdecode.actors.api import LLM, AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.executor_config import UnavailableError
@@ -254,7 +254,7 @@ def test_an_llm_collected_on_its_own_thread_holds_its_stop_until_done():
 async def test_an_asyncllm_collected_unstopped_holds_its_clusters_stop_until_done():
     cluster = _StopAwaitingAFuture()
     with pytest.warns(ResourceWarning, match="collected without stop"):
-        async_llm._release_unstopped(asyncio.get_running_loop(), cluster)
+        unclosed.release_unstopped(asyncio.get_running_loop(), cluster)
     deadline = time.monotonic() + THREAD_WAIT_S
     while cluster.gate is None:
         assert time.monotonic() < deadline, "the stop did not start"

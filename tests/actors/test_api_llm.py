@@ -23,7 +23,8 @@ from test_prompt_logprobs import reference_logprobs
 
 TINY = dict(seed=0, dtype="float32", device="cpu", num_shards=0)
 PROMPT = [318, 72, 101, 302, 111]
-GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+GREEDY_FIELDS = dict(temperature=0.0, max_tokens=3, ignore_eos=True)
+GREEDY = SamplingParams(**GREEDY_FIELDS)
 LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)  # seconds of decoding on random:tiny
 
 
@@ -113,6 +114,30 @@ def test_a_batch_larger_than_the_queue_runs_to_its_end():
     with LLM("random:tiny", executor=ExecutorConfig(max_queue=2), **TINY) as llm:
         outputs = llm.generate([PROMPT] * 7, GREEDY, use_tqdm=False)
     assert [len(out.outputs[0].token_ids) for out in outputs] == [GREEDY.max_tokens] * 7
+
+
+def test_n_samples_per_prompt_of_a_batch(llm):
+    """vLLM's ``LLM.generate(prompts, SamplingParams(n=...))``: per prompt one result of n outputs, sample i the
+    prompt's single request seeded seed + i; ``chat`` too."""
+    sampled = dict(temperature=0.8, max_tokens=4, ignore_eos=True)
+    results = llm.generate([PROMPT, "hello"], SamplingParams(n=3, seed=3, **sampled), use_tqdm=False)
+    assert [[o.index for o in r.outputs] for r in results] == [[0, 1, 2]] * 2
+    assert [r.prompt for r in results] == [None, "hello"]
+    singles = llm.generate([PROMPT] * 3, [SamplingParams(seed=3 + i, **sampled) for i in range(3)], use_tqdm=False)
+    assert [o.token_ids for o in results[0].outputs] == [s.token_ids for s in singles]
+    [chat] = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(n=2, **sampled), use_tqdm=False)
+    assert [len(o.token_ids) for o in chat.outputs] == [4, 4]
+
+
+def test_n_samples_of_a_batch_larger_than_the_queue_run_to_its_end():
+    """With a queue of 2, three prompts of n=2 go in one prompt's samples at a time (six at once were refused);
+    n past the queue could never be admitted: refused before anything runs."""
+    with LLM("random:tiny", executor=ExecutorConfig(max_queue=2), **TINY) as llm:
+        outputs = llm.generate([PROMPT] * 3, SamplingParams(n=2, **GREEDY_FIELDS), use_tqdm=False)
+        with pytest.raises(RequestError, match="n=3") as info:
+            llm.generate([PROMPT], SamplingParams(n=3), use_tqdm=False)
+    assert [[len(o.token_ids) for o in out.outputs] for out in outputs] == [[GREEDY.max_tokens] * 2] * 3
+    assert info.value.param == "n"
 
 
 def test_ctrl_c_cancels_the_calls_requests(llm):
