@@ -12,8 +12,8 @@ failed) closes the streams, which cancels the requests and frees their KV.
 as outputs pass, and so is the ``stop_reason`` the last output carries (vLLM's:
 the stop string or stop token id that ended the request; None for EOS and length).
 ``json_response`` builds and serializes a response over many tokens off the loop too.
-A request submitted and then cancelled before its first token (the client left
-while it was queued) ends as vLLM's ``abort``, as one cancelled later does; each
+A request cancelled before its first token (the client left while its prompt
+was tokenized or while it was queued) ends as vLLM's ``abort``, as one cancelled later does; each
 ended request leaves one INFO line on the "fastdecode.frontend.requests" logger (ids,
 reason, token counts and times, never the prompt; ``--disable-log-requests`` silences it).
 """
@@ -185,15 +185,23 @@ class Generation:
 
     def end(self) -> None:
         """Count the request as ended (``abort`` if it had not finished: cancelled) and log it."""
-        finish_reason = self.finish_reason or "abort"
         e2e_s = (self._finished_at or time.monotonic()) - self._arrived_at  # not the response's writing after it
-        self._metrics.on_finished(finish_reason, e2e_s, num_prompt_tokens=len(self.prompt_ids),
-                                  num_generation_tokens=self.num_output_tokens, max_tokens=self._params.max_tokens)
-        ttft = "-" if self._first_token_s is None else f"{self._first_token_s:.3f}s"
-        request_log.info("request %s (choice %d) finished: %s, %d prompt tokens, %d completion tokens, TTFT %s, "
-                         "e2e %.3fs",
-                         "-" if self.request_id is None else self.request_id, self.index, finish_reason,
-                         len(self.prompt_ids), self.num_output_tokens, ttft, e2e_s)
+        _end_choice(self._metrics, self.finish_reason or "abort", e2e_s, index=self.index,
+                    num_prompt_tokens=len(self.prompt_ids), max_tokens=self._params.max_tokens,
+                    num_output_tokens=self.num_output_tokens, request_id=self.request_id,
+                    first_token_s=self._first_token_s)
+
+
+def _end_choice(metrics: FrontendMetrics, finish_reason: str, e2e_s: float, *, index: int,
+                num_prompt_tokens: int | None, max_tokens: int | None, num_output_tokens: int = 0,
+                request_id: int | None = None, first_token_s: float | None = None) -> None:
+    """Count one choice as ended and log its line; a count of None is not known (its prompt was not tokenized)."""
+    metrics.on_finished(finish_reason, e2e_s, num_prompt_tokens=num_prompt_tokens,
+                        num_generation_tokens=num_output_tokens, max_tokens=max_tokens)
+    ttft = "-" if first_token_s is None else f"{first_token_s:.3f}s"
+    request_log.info("request %s (choice %d) finished: %s, %s prompt tokens, %d completion tokens, TTFT %s, e2e %.3fs",
+                     "-" if request_id is None else request_id, index, finish_reason,
+                     "-" if num_prompt_tokens is None else num_prompt_tokens, num_output_tokens, ttft, e2e_s)
 
 
 def admission_error(exc: BaseException) -> ApiError | None:
@@ -227,11 +235,15 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     _check_token_id_sizes(llm, request)
     defaults = llm.model_config.sampling_defaults
     submissions = []  # (prompt index, prompt ids, params, echoed text) per choice, in choice order
-    for prompt_index, one in enumerate(request.per_prompt()):
-        prompt_ids = await prompt_token_ids(llm, one)
-        samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults)
-        echo_text = await _echo_text(llm, one, prompt_ids, samples_params[0]) if request.is_echo else None
-        submissions += [(prompt_index, prompt_ids, params, echo_text) for params in samples_params]
+    try:
+        for prompt_index, one in enumerate(request.per_prompt()):
+            prompt_ids = await prompt_token_ids(llm, one)
+            samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults)
+            echo_text = await _echo_text(llm, one, prompt_ids, samples_params[0]) if request.is_echo else None
+            submissions += [(prompt_index, prompt_ids, params, echo_text) for params in samples_params]
+    except asyncio.CancelledError:  # the client left while its prompts were tokenized: an abort, as once queued
+        _end_unsubmitted(metrics, submissions, num_choices, time.monotonic() - arrived_at)
+        raise
     streams: list[AsyncIterator[StreamOutput]] = []
     try:
         generations = []
@@ -292,6 +304,19 @@ async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[i
         raise admission_error(exc) or exc from None
     return await asyncio.to_thread(functools.partial(llm.tokenizer.decode, skip_special_tokens=False),
                                    list(prompt_ids))
+
+
+def _end_unsubmitted(metrics: FrontendMetrics, submissions: list[tuple[int, list[int], SamplingParams, str | None]],
+                     num_choices: int, e2e_s: float) -> None:
+    """Count every choice of a request cancelled before it was submitted as an ``abort``: those of the prompts
+    tokenized (``submissions``) with their prompt tokens and max_tokens, the others with neither (not known)."""
+    for index in range(num_choices):
+        if index < len(submissions):
+            _, prompt_ids, params, _ = submissions[index]
+            _end_choice(metrics, "abort", e2e_s, index=index, num_prompt_tokens=len(prompt_ids),
+                        max_tokens=params.max_tokens)
+        else:
+            _end_choice(metrics, "abort", e2e_s, index=index, num_prompt_tokens=None, max_tokens=None)
 
 
 def _admit(metrics: FrontendMetrics, generations: list[Generation], num_samples: int) -> None:

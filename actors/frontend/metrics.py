@@ -140,14 +140,18 @@ class FrontendMetrics:
         self.generation_tokens.inc()
         (self.time_to_first_token if is_first else self.time_per_output_token).observe(since_previous_s)
 
-    def on_finished(self, finish_reason: str, e2e_s: float, *, num_prompt_tokens: int, num_generation_tokens: int,
-                    max_tokens: int) -> None:
-        """A request (one choice) ended: ``finish_reason`` one of FINISH_REASONS (abort: cancelled)."""
+    def on_finished(self, finish_reason: str, e2e_s: float, *, num_prompt_tokens: int | None,
+                    num_generation_tokens: int, max_tokens: int | None) -> None:
+        """A request (one choice) ended: ``finish_reason`` one of FINISH_REASONS (abort: cancelled).  A count of
+        None is not known (a request cancelled before its prompt was tokenized) and not observed, as vLLM leaves
+        out a max_tokens it has not."""
         self.request_success.labels(self.model_name, finish_reason).inc()
         self.e2e_request_latency.observe(e2e_s)
-        self.request_prompt_tokens.observe(num_prompt_tokens)
+        if num_prompt_tokens is not None:
+            self.request_prompt_tokens.observe(num_prompt_tokens)
         self.request_generation_tokens.observe(num_generation_tokens)
-        self.request_params_max_tokens.observe(max_tokens)
+        if max_tokens is not None:
+            self.request_params_max_tokens.observe(max_tokens)
 
     # ---- at scrape time ------------------------------------------------------------------------
     async def render(self, cluster) -> bytes:

@@ -5,7 +5,8 @@ fields).  The server answers ``{"type": "token", "text", "token_id"}`` per token
 (with ``logprob`` when asked), then ``{"type": "done", "finish_reason", "stop_reason", "usage"}``
 (``stop_reason``: the stop string or stop token id that ended it, else null, as in the OpenAI routes),
 or ``{"type": "error", "message", "status"}``, and closes.  A client that
-closes early cancels its request.  A browser's ``Origin`` outside ``--allowed-origins`` gets 403 before the
+closes early cancels its request.  One request per socket: a further message while it runs gets an error event
+(400) and the request runs on.  A browser's ``Origin`` outside ``--allowed-origins`` gets 403 before the
 upgrade (cross-site WebSocket hijacking: browsers apply no CORS to WebSockets).
 """
 from __future__ import annotations
@@ -46,8 +47,7 @@ async def stream_socket(request: web.Request) -> web.WebSocketResponse:
     try:
         await _serve_one(ws, state)
     except ApiError as exc:
-        state.metrics.on_rejected(exc.status)
-        await _send(ws, {"type": "error", "message": exc.message, "status": exc.status})
+        await _refuse(ws, state, exc)
     finally:
         await ws.close()
     return ws
@@ -66,7 +66,7 @@ async def _serve_one(ws: web.WebSocketResponse, state: FrontendState) -> None:
     state.check_model(body.model)
     # the client may close while its request waits in the queue, before any output: watched from the start
     serving = asyncio.create_task(_generate(ws, state, body))
-    closed = asyncio.create_task(_wait_for_close(ws))
+    closed = asyncio.create_task(_wait_for_close(ws, state))
     try:
         await asyncio.wait({serving, closed}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
@@ -100,12 +100,22 @@ async def _send_outputs(ws: web.WebSocketResponse, generation: Generation, *, wa
                         "stop_reason": generation.stop_reason, "usage": generation.usage()})
 
 
-async def _wait_for_close(ws: web.WebSocketResponse) -> None:
-    """Returns when the client closes or the connection drops; other messages are ignored."""
+async def _wait_for_close(ws: web.WebSocketResponse, state: FrontendState) -> None:
+    """Returns when the client closes or the connection drops.  A further request meanwhile is refused with an
+    error event (a 400, counted as such); the running request goes on."""
     while True:
         message = await ws.receive()
         if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             return
+        if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await _refuse(ws, state, bad_request("this socket is running a request and takes one request per "
+                                                 "socket; open a new socket for the next one"))
+
+
+async def _refuse(ws: web.WebSocketResponse, state: FrontendState, exc: ApiError) -> None:
+    """A refused request's error event, counted as rejected with its status."""
+    state.metrics.on_rejected(exc.status)
+    await _send(ws, {"type": "error", "message": exc.message, "status": exc.status})
 
 
 async def _send(ws: web.WebSocketResponse, message: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """``/v1/stream`` with a real ``websockets`` client: tokens, done, errors, keys, disconnects."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -114,3 +115,40 @@ async def test_a_message_as_large_as_an_http_body_gets_an_answer(tiny_server):
         messages = [json.loads(raw) async for raw in ws]
     assert len(messages) == 1 and messages[0]["type"] == "error" and messages[0]["status"] == 400
     assert "too long" in messages[0]["message"]
+
+
+@pytest.mark.parametrize("second", [json.dumps({"prompt": "B", "max_tokens": 3}), b"\x00\x01"], ids=["text", "binary"])
+async def test_a_second_request_on_a_busy_socket_gets_an_error_and_the_first_runs_on(tiny_server, second):
+    """One request per socket: a further message while the first request runs was silently ignored (its sender
+    waited for an answer that never came). It gets an error event and counts as a refused request (400); the
+    running request's tokens and ``done`` come as before, then the close."""
+    rejected = ("fastdecode_request_rejected_total", (("status_code", "400"),))
+    num_rejected = (await scrape(tiny_server.url)).get(rejected, 0)
+    async with connect(tiny_server.ws_url, additional_headers=AUTH) as ws:
+        await ws.send(json.dumps({"prompt": PROMPT, "max_tokens": 32, "ignore_eos": True}))
+        await ws.send(second)
+        messages = [json.loads(raw) async for raw in ws]
+    assert ws.close_code == 1000
+    errors = [i for i, m in enumerate(messages) if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0] < len(messages) - 1  # answered while the first request ran
+    error = messages.pop(errors[0])
+    assert error["status"] == 400 and "one request per socket" in error["message"]
+    assert "open a new socket" in error["message"]
+    assert [m["type"] for m in messages] == ["token"] * 32 + ["done"]
+    assert messages[-1]["finish_reason"] == "length" and messages[-1]["usage"]["completion_tokens"] == 32
+    assert (await scrape(tiny_server.url)).get(rejected, 0) == num_rejected + 1
+
+
+async def test_clients_that_close_right_after_sending_each_count_one_abort(tiny_server):
+    """5 clients closing at once after their request counted 1 abort: the others left while their prompts were
+    tokenized, which counted nothing."""
+    num_aborted = (await scrape(tiny_server.url)).get(ABORTED, 0)
+
+    async def send_and_leave(index: int) -> None:
+        async with connect(tiny_server.ws_url, additional_headers=AUTH) as ws:
+            await ws.send(json.dumps({"prompt": f"Item {index}", "max_tokens": 200, "ignore_eos": True}))
+
+    await asyncio.gather(*(send_and_leave(index) for index in range(5)))
+    after = await until_aborted_and_freed(tiny_server.url, num_aborted + 5)
+    assert after.get(ABORTED, 0) == num_aborted + 5
+    assert is_freed(after)
