@@ -66,6 +66,8 @@ def reference_generate(
 ) -> GenerationResult:
     """Generate one continuation; stops at EOS (unless ignore_eos), a stop token or
     string, ``max_tokens`` or the end of the model's context."""
+    if params.n != 1:
+        raise ValueError(f"reference_generate makes one sample; run each of SamplingParams.samples() (n={params.n})")
     prompt = list(prompt_token_ids)
     check_prompt(prompt, model)
     context = model.config.max_position_embeddings
