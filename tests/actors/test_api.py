@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 
+from api_helpers import until
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.reference import reference_generate
@@ -58,16 +59,6 @@ async def test_stop_token_text_is_left_out(tiny_model):
 LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
 
 
-async def _until(condition, timeout_s: float = 2.0) -> float:
-    """Seconds until ``condition()`` held (polled on the loop); fails after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not condition():
-        assert loop.time() - start < timeout_s, "condition not reached in time"
-        await asyncio.sleep(0.005)
-    return loop.time() - start
-
-
 @pytest.fixture
 async def llm():
     async with await AsyncLLM.start(**TINY) as started:  # a model name and ClusterConfig fields, as vLLM
@@ -82,7 +73,7 @@ async def test_aclose_frees_a_named_stream_at_once(llm):
             break
     assert executor.num_running == 1 and (await llm.cluster.kv_used_bytes())[0] > 0
     await outputs.aclose()
-    await _until(lambda: executor.num_running == 0, timeout_s=0.5)
+    await until(lambda: executor.num_running == 0, timeout_s=0.5)
     assert await llm.cluster.kv_used_bytes() == [0]
 
 
@@ -93,10 +84,10 @@ async def test_a_submitted_stream_dropped_unread_cancels_its_request(llm):
 
     executor = llm.cluster.executor
     submitted = llm.submit(PROMPT, LONG)
-    await _until(lambda: executor.num_running == 1)
+    await until(lambda: executor.num_running == 1)
     del submitted
     gc.collect()
-    await _until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=1.0)
+    await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=1.0)
     assert await llm.cluster.kv_used_bytes() == [0]
 
 
@@ -106,7 +97,7 @@ async def test_aclosing_context_frees_on_early_exit(llm):
         async for out in outputs:
             break
     assert out.token_id >= 0
-    await _until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
+    await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
     assert await llm.cluster.kv_used_bytes() == [0]
 
 
@@ -119,7 +110,7 @@ async def test_breaking_an_inline_stream_frees_at_once(llm):
         if out.token_id >= 0 and executor.num_running == 1:
             break
     assert executor.num_running == 1  # running when left (it is cancelled on the loop's next turns)
-    await _until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
+    await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
     assert await llm.cluster.kv_used_bytes() == [0]
 
 

@@ -4,39 +4,15 @@ stream is one sample, so ``stream`` and the engine's own ``submit`` refuse n > 1
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
-from fastdecode.actors.api import AsyncLLM
+from api_helpers import PROMPT, is_idle, llm, until  # noqa: F401 (llm: a fixture)
 from fastdecode.actors.executor_config import QueueFullError
 from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
 
-TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu", num_shards=0)
-PROMPT = [318, 72, 101, 302, 111]
 SAMPLED = dict(temperature=0.8, max_tokens=6, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True, n=3)  # runs well past any wait below
-THREAD_WAIT_S = 10.0  # a guard: a hung tokenizer thread fails the test instead of holding the suite
-
-
-async def _until(condition, timeout_s: float = 2.0) -> None:
-    """Poll ``condition()`` on the loop; fails after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not condition():
-        assert loop.time() - start < timeout_s, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
-async def _is_idle(llm: AsyncLLM) -> bool:
-    executor = llm.cluster.executor
-    return executor.num_running == 0 and executor.num_waiting == 0 and await llm.cluster.kv_used_bytes() == [0]
-
-
-@pytest.fixture
-async def llm():
-    async with await AsyncLLM.start(**TINY) as started:
-        yield started
 
 
 @pytest.mark.parametrize("n", [0, -1, "2", 2.0, True, None])
@@ -79,7 +55,7 @@ async def test_n_seeded_samples_are_the_single_requests_of_seed_plus_i(llm):
     assert len({tuple(s.token_ids) for s in singles}) > 1  # the seeds do differ: not one sample three times
     # the result's own fields are sample 0's, as before n
     assert (result.token_ids, result.text) == (singles[0].token_ids, singles[0].text)
-    assert await _is_idle(llm)
+    assert await is_idle(llm)
 
 
 async def test_n_greedy_samples_are_identical(llm):
@@ -110,7 +86,7 @@ async def test_stream_and_submit_refuse_n(llm):
         with pytest.raises(RequestError, match="n=2") as info:
             submit(PROMPT, SamplingParams(n=2))
         assert info.value.param == "n"
-    assert await _is_idle(llm)
+    assert await is_idle(llm)
 
 
 async def test_more_samples_than_the_queue_holds_are_refused(llm):
@@ -126,12 +102,12 @@ async def test_more_samples_than_the_queue_holds_are_refused(llm):
 async def test_abort_of_a_named_request_ends_all_its_samples(llm):
     executor = llm.cluster.executor
     task = asyncio.ensure_future(llm.generate(PROMPT, LONG, "three"))
-    await _until(lambda: executor.num_running == 3)
+    await until(lambda: executor.num_running == 3)
     await llm.abort("three")
     result = await asyncio.wait_for(task, timeout=2.0)
     assert [o.finish_reason for o in result.outputs] == ["abort"] * 3
     assert all(len(o.token_ids) < 50 for o in result.outputs) and result.request_id == "three"
-    assert await _is_idle(llm) and len(llm.named_requests) == 0
+    assert await is_idle(llm) and len(llm.named_requests) == 0
 
 
 async def test_a_refused_sample_cancels_those_submitted_before_it(llm, monkeypatch):
@@ -146,19 +122,6 @@ async def test_a_refused_sample_cancels_those_submitted_before_it(llm, monkeypat
     monkeypatch.setattr(llm.cluster, "submit", third_refused)
     with pytest.raises(QueueFullError):
         await llm.generate(PROMPT, LONG)
-    await _until(lambda: llm.cluster.executor.num_running == 0 and llm.cluster.executor.num_waiting == 0,
+    await until(lambda: llm.cluster.executor.num_running == 0 and llm.cluster.executor.num_waiting == 0,
                  timeout_s=0.5)
-    assert len(num_submitted) == 3 and await _is_idle(llm)
-
-
-async def test_abort_while_the_prompt_is_tokenized_submits_no_sample(llm, monkeypatch):
-    submitted, tokenizing, submit, tokenize = [], threading.Event(), llm.cluster.submit, llm.tokenize
-    monkeypatch.setattr(llm.cluster, "submit", lambda *args: submitted.append(args) or submit(*args))
-    monkeypatch.setattr(llm, "tokenize", lambda prompt: tokenizing.wait(THREAD_WAIT_S) and tokenize(prompt))
-    task = asyncio.ensure_future(llm.generate("Hello there", LONG, "early"))
-    await _until(lambda: "early" in llm.named_requests)
-    await llm.abort("early")
-    tokenizing.set()  # the tokenizer's thread goes on only now
-    result = await asyncio.wait_for(task, timeout=2.0)
-    assert [(o.index, o.finish_reason, o.token_ids) for o in result.outputs] == [(i, "abort", []) for i in range(3)]
-    assert submitted == [] and await _is_idle(llm) and len(llm.named_requests) == 0
+    assert len(num_submitted) == 3 and await is_idle(llm)
