@@ -3,7 +3,7 @@
 As vLLM's: a step carries at most ``max_num_batched_tokens`` tokens; each sequence
 decoding in it counts one, the admitted prompts share the rest, first come first
 served. A prompt that fits what is left is prefilled whole in this step (the
-Executor's ``_prefill_all``, which overlaps placements); the first one that does not
+Executor's ``PrefillPasses``, which overlaps placements); the first one that does not
 gets the rest of the budget and is prefilled a chunk per step, its K/V so far kept
 on the Executor's device in its ``PrefillJob`` (buffers for the whole prompt, which the
 chunks attend over in place). Its sequence is not RUNNING until its
@@ -107,22 +107,23 @@ def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
     return logits, kvs
 
 
-def forward_passes(work: list[tuple[PrefillJob, int]], max_tokens: int, kind) -> list[list[tuple[PrefillJob, int]]]:
-    """A step's prefills (``PrefillQueue.take_step``) as forward passes. Prompts prefilled whole in this step share
-    passes with others of their ``kind(job)`` (where their K/V go: the host or the Executor's device), up to
-    ``max_tokens`` tokens a pass, in order; a prompt done in chunks (begun, or not done in this step) is a pass of its
-    own. A pass of one job runs ``run_chunk``, of more ``prefill_together``."""
-    passes: list[list[tuple[PrefillJob, int]]] = []
+def forward_passes(work: list[tuple[PrefillJob, int]], max_tokens: int,
+                   kind) -> list[tuple[object, list[tuple[PrefillJob, int]]]]:
+    """A step's prefills (``PrefillQueue.take_step``) as forward passes ``(kind, [(job, num_tokens), ...])``. Prompts
+    prefilled whole in this step share passes with others of their ``kind(job)`` (where their K/V go: the host or
+    the Executor's device), up to ``max_tokens`` tokens a pass, in order; a prompt done in chunks (begun, or not done
+    in this step) is a pass of its own. A pass of one job runs ``run_chunk``, of more ``prefill_together``."""
+    passes: list[tuple[object, list[tuple[PrefillJob, int]]]] = []
     open_passes: dict[object, tuple[list[tuple[PrefillJob, int]], int]] = {}  # kind -> (pass, its tokens)
     for job, num_tokens in work:
-        if job.num_done or num_tokens < job.num_left:
-            passes.append([(job, num_tokens)])
-            continue
         key = kind(job)
+        if job.num_done or num_tokens < job.num_left:
+            passes.append((key, [(job, num_tokens)]))
+            continue
         batch, total = open_passes.get(key, (None, 0))
         if batch is None or total + num_tokens > max_tokens:
             batch, total = [], 0
-            passes.append(batch)
+            passes.append((key, batch))
         batch.append((job, num_tokens))
         open_passes[key] = (batch, total + num_tokens)
     return passes

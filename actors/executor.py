@@ -5,7 +5,7 @@ steps while there is work. Each step: reap cancelled requests (KV freed at once)
 ask the scheduler for a plan (``fastdecode.scheduler``: preemptions, admissions
 with placement, the two mini-batches), carry it out (free preempted KV, prefill
 admitted sequences on the Executor's device, prompts admitted together in shared
-forward passes, and ship their K/V to their node: ``prefill_steps``), then run one
+forward passes, and ship their K/V to their node: ``prefill_passes``), then run one
 decode step over the mini-batches and sample. Prefills share a step's token budget
 with its decodes: a long prompt is prefilled in chunks over several steps
 (``chunked_prefill``) while the running sequences go on decoding.
@@ -31,16 +31,16 @@ import time
 
 import torch
 
-from fastdecode.actors.chunked_prefill import PrefillQueue
+from fastdecode.actors.chunked_prefill import PrefillJob, PrefillQueue
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
-from fastdecode.actors.guarded_node import GuardedNode
+from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError
 from fastdecode.actors.kv_nodes import KVNode, node_model
 from fastdecode.actors.node_book import NodeBook
 from fastdecode.actors.node_drain import no_live_node_error
-from fastdecode.actors.prefill_steps import PrefillSteps
+from fastdecode.actors.prefill_passes import PrefillPasses
 from fastdecode.actors.recovery import Backoff, NodeFactory
 from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
@@ -50,6 +50,7 @@ from fastdecode.actors.trace import StepTrace
 from fastdecode.actors.warm_up import needs_warm_up, warm_up
 from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler
 from fastdecode.scheduler.scheduler import NoNodeFitsError
+from fastdecode.transport.errors import RemoteRequestError
 
 log = logging.getLogger("fastdecode.executor")
 
@@ -59,7 +60,7 @@ STOP_FREE_TIMEOUT_S = 2.0  # the most stop() waits to free the KV of unfinished 
 STRANDED = "the KV node that held this sequence left, and no node left can hold its length; retry later"
 
 
-class Executor(PrefillSteps):
+class Executor:
     def __init__(self, model, nodes: list[KVNode], config: ExecutorConfig, *, eos_token_ids,
                  trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None,
                  node_factories: list[NodeFactory | None] | None = None,
@@ -92,6 +93,8 @@ class Executor(PrefillSteps):
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._abort_requested: dict[int, bool] = {}  # of _sequences, reaped at the next step -> is_stop
         self.prefills = PrefillQueue(config.batched_tokens_for(model.device))  # admitted, not (wholly) prefilled
+        self.prefill_passes = PrefillPasses(model, self.runner, self.nodes, place=self._place_all,
+                                            out_of_memory=self._prefill_out_of_memory)
         self._held = HeldEvents()  # a step's token events, handed out as the next decode step starts
         self._task: asyncio.Task | None = None
         self.num_steps = 0
@@ -254,7 +257,7 @@ class Executor(PrefillSteps):
             self._held.emit()  # prefills take a while: the streams should not wait for them
             num_decoding = sum(1 for ids in plan.minibatches for s in map(self._sequences.get, ids)
                                if s is not None and self._is_placed(s))
-            await self._prefill_all(self.prefills.take_step(num_decoding))
+            await self.prefill_passes.run(self.prefills.take_step(num_decoding), self.max_model_len)
         minibatches = [[s for s in (self._sequences.get(i) for i in ids) if s is not None and self._is_placed(s)]
                        for ids in plan.minibatches]
         minibatches = [mb for mb in minibatches if mb]
@@ -344,6 +347,61 @@ class Executor(PrefillSteps):
         seq.num_preemptions += 1
         self.num_preempted += 1
         await self.node_book.release([self._unplace(seq)])
+
+    async def _prefill_out_of_memory(self, job: PrefillJob, exc: torch.OutOfMemoryError) -> None:
+        """A prompt's prefill ran out of GPU memory (its K/V is staged beside the GPU KV pool): that request ends
+        with a clear error and the rest go on (it used to fail the step, so every running request)."""
+        log.warning("sequence %d: the prefill of its %d tokens ran out of GPU memory: %s", job.seq.seq_id,
+                    len(job.token_ids), exc)
+        torch.cuda.empty_cache()  # what the failed pass held, back for the others (a no-op without CUDA)
+        message = (f"the prefill of this prompt ({len(job.token_ids)} tokens) ran out of GPU memory; a shorter "
+                   "prompt fits (or a server started with a smaller --max-model-len, whose GPU KV pool leaves more)")
+        await self._finish_all([(job.seq, job.seq.end_event("error", message), False)])
+
+    async def _place_all(self, jobs: list[PrefillJob], logits: torch.Tensor,
+                         kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Place a pass's prompts on their nodes (at once: each its own round trips), then sample the first token of
+        each fresh one placed (a resumed sequence's next token comes from the next decode step)."""
+        placed = await asyncio.gather(*(self._place(job, k, v) for job, (k, v) in zip(jobs, kvs)),
+                                      return_exceptions=True)  # each handles its node's failure; others re-raised
+        for outcome in placed:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        starting = [i for i, (job, is_placed) in enumerate(zip(jobs, placed)) if is_placed and not job.is_resumed]
+        if starting:
+            rows = logits if len(starting) == len(jobs) else logits[starting]
+            await self._sample_and_emit([jobs[i].seq for i in starting], rows,
+                                        prompt_logprobs=[jobs[i].prompt_logprobs for i in starting])
+
+    async def _place(self, job: PrefillJob, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Allocate the prompt's sequence on its node and store its K/V there; False where the node failed or
+        refused it (requeued)."""
+        seq, node_index = job.seq, job.node_index
+        node = self.nodes[node_index]
+        # placed from here on (as the scheduler sees it): a node failure requeues it at the next step
+        seq.node_index, seq.node_epoch, seq.status = node_index, node.epoch, SeqStatus.RUNNING
+        is_allocated = False
+        try:
+            await node.allocate([seq.seq_id])
+            is_allocated = True
+            await node.append_prompt(seq.seq_id, k, v)
+        except NodeFailedError as exc:
+            log.warning("prefill of sequence %d not placed: %s", seq.seq_id, exc)
+            if not is_allocated and node.can_be_kept:  # a draining node refused it: nothing there, queue it again
+                self.scheduler.preempt(seq.seq_id)
+                seq.node_index, seq.status = None, SeqStatus.WAITING
+            return False
+        except RemoteRequestError as exc:
+            if exc.code not in REFUSED_CODES:
+                raise
+            # the node had less room than the scheduler's model of it: requeue, as a refused attend does
+            self.scheduler.preempt(seq.seq_id)
+            await self._preempt(seq, node_index)
+            return False
+        if seq.is_recovering:
+            seq.is_recovering = False
+            self.num_recovered += 1
+        return True
 
     # ---- decode -------------------------------------------------------------------------------
     async def _decode(self, groups: list[list[Sequence]]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastdecode.actors.model import prefill_attention
-from fastdecode.actors.model.attention import prefill_attention_after, prefill_attention_ragged
+from fastdecode.actors.model.attention import RaggedPrompts, prefill_attention_after, prefill_attention_ragged
 from fastdecode.actors.request import PromptLogprob
 
 PROMPT_LOGPROB_ROWS = 256  # positions whose logits are made at once: 256 x a 150k vocabulary is 150 MB of float32
@@ -72,9 +72,10 @@ def prefill_hidden_ragged(model, token_ids: torch.Tensor,
     starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
     positions = (torch.arange(num_tokens) - starts).to(token_ids.device, non_blocking=True)
     keys, values = kv_buffers(model, num_tokens)
+    prompts = RaggedPrompts.of(seq_lens, model.device, model.dtype, model.config.head_dim)  # once, for every layer
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return prefill_attention_ragged(q, k, v, seq_lens)
+        return prefill_attention_ragged(q, k, v, prompts)
 
     return _run_layers(model, token_ids, positions, keys, values, slice(0, num_tokens), attend), keys, values
 

@@ -9,6 +9,8 @@ import functools
 import inspect
 import itertools
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +67,16 @@ def _attend_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causa
     if is_gqa and not _is_flash_gpu(q):
         # on CUDA only flash takes GQA; elsewhere there (fp32, pre-Ampere GPUs) SDPA would take the math kernel and
         # its [Hq, T, S] float32 scores: K/V expanded per query head let the memory-efficient kernel run instead
-        group = q.shape[2] // k.shape[2]
-        k, v, is_gqa = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False
+        k, v, is_gqa = *_per_query_head(q, k, v), False
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask, is_causal=is_causal, enable_gqa=is_gqa)
     return _as_rows(o.transpose(1, 2))
+
+
+def _per_query_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V repeated for each query head of their group (the heads axis is the second last in every layout here)."""
+    group = q.shape[-2] // k.shape[-2]
+    return k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
 
 
 def _is_flash_gpu(q: torch.Tensor) -> bool:
@@ -81,23 +88,50 @@ def _is_flash_gpu(q: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
-def prefill_attention_ragged(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class RaggedPrompts:
+    """Whole prompts laid end to end, as every layer of their shared forward pass attends over them: their lengths,
+    and what the attention call needs, made once per pass (not per layer): whether they are all of one length (one
+    SDPA batch), else the varlen kernel's cumulative bounds on the device (None: one SDPA call per prompt)."""
+
+    seq_lens: tuple[int, ...]
+    bounds: torch.Tensor | None  # int32 [P + 1] on the device, for flash's varlen kernel
+    is_uniform: bool
+
+    @classmethod
+    def of(cls, seq_lens: Sequence[int], device: torch.device | str, dtype: torch.dtype,
+           head_dim: int) -> "RaggedPrompts":
+        lengths = tuple(seq_lens)
+        is_uniform = len(set(lengths)) <= 1
+        bounds = None
+        if not is_uniform and _can_run_varlen(torch.device(device), dtype, head_dim):
+            bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(device, non_blocking=True)
+        return cls(lengths, bounds, is_uniform)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.seq_lens))
+
+
+def prefill_attention_ragged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             prompts: Sequence[int] | RaggedPrompts) -> torch.Tensor:
     """Causal attention for several prompts laid end to end (flat layout), each on its own: q[N,Hq,D],
-    k/v[N,Hkv,D] with N the sum of ``seq_lens`` -> o[N,Hq,D]. Prompts of one length go through SDPA as one batch;
-    others through flash attention's varlen kernel on a GPU that has it, else one SDPA call per prompt."""
-    if sum(seq_lens) != q.shape[0]:
-        raise ValueError(f"seq_lens sum to {sum(seq_lens)} but there are {q.shape[0]} tokens")
+    k/v[N,Hkv,D] with N the sum of the prompts' lengths -> o[N,Hq,D]. Prompts of one length go through SDPA as one
+    batch; others through flash attention's varlen kernel on a GPU that has it, else one SDPA call per prompt."""
+    if not isinstance(prompts, RaggedPrompts):
+        prompts = RaggedPrompts.of(prompts, q.device, q.dtype, q.shape[-1])
+    if prompts.num_tokens != q.shape[0]:
+        raise ValueError(f"seq_lens sum to {prompts.num_tokens} but there are {q.shape[0]} tokens")
+    seq_lens = prompts.seq_lens
     if not seq_lens:
         return q.new_empty(q.shape)
-    if len(set(seq_lens)) == 1:
+    if prompts.is_uniform:
         num, length = len(seq_lens), seq_lens[0]
         o = _attend_batch(q.view(num, length, *q.shape[1:]), k.view(num, length, *k.shape[1:]),
                           v.view(num, length, *v.shape[1:]), is_causal=True)
         return o.view(q.shape)
-    if _can_run_varlen(q):
-        return _attend_varlen(q, k, v, seq_lens)
+    if prompts.bounds is not None:
+        return _attend_varlen(q, k, v, prompts.bounds, max(seq_lens))
     return torch.cat([prefill_attention(qs, ks, vs)
                       for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))])
 
@@ -120,20 +154,20 @@ def _varlen_causal():
     return causal, "enable_gqa" in parameters
 
 
-def _can_run_varlen(q: torch.Tensor) -> bool:
-    """Flash attention's varlen kernel takes these queries: CUDA only (it has no CPU kernel), fp16/bf16, a GPU and
-    a torch build that flash attention runs on, and a torch that has the call."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _is_flash_gpu(q)
+def _can_run_varlen(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Flash attention's varlen kernel takes queries of this device, dtype and head size: CUDA only (it has no CPU
+    kernel), fp16/bf16, head dim at most 256 on an Ampere or later GPU, a torch build that flash attention runs on,
+    and a torch that has the call."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+            and torch.cuda.get_device_capability(device) >= (8, 0)
             and torch.backends.cuda.is_flash_attention_available() and _varlen_causal() is not None)
 
 
-def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
+                   longest: int) -> torch.Tensor:
     causal, has_gqa = _varlen_causal()
     if q.shape[1] != k.shape[1] and not has_gqa:
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    bounds = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32).to(q.device, non_blocking=True)
-    longest = max(seq_lens)
+        k, v = _per_query_head(q, k, v)
     extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     return _as_rows(causal(q, k, v, bounds, bounds, longest, longest, **extra))
 

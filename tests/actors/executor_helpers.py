@@ -1,11 +1,37 @@
-"""Reference greedy runs (with the top-2 gaps the equality rule needs) and stream collection."""
+"""Reference greedy runs (with the top-2 gaps the equality rule needs), stream collection, and the tiny model's
+Executor on one local KV node with its prompts and greedy parameters."""
 from __future__ import annotations
 
 import torch
 
+from fastdecode.actors.executor import Executor, ExecutorConfig
+from fastdecode.actors.kv_nodes import LocalKVNode
 from fastdecode.actors.model import TorchKVCache
 from fastdecode.actors.reference import run_tokens
+from fastdecode.actors.request import SamplingParams
+from fastdecode.scheduler import SchedulerConfig
 from greedy_compare import top2_gap
+
+TINY_TOKEN_BYTES = 512  # random:tiny's K and V of one token over its 2 layers, float32
+
+
+def prompt(length: int, salt: int = 0) -> list[int]:
+    return [3 + (i * 31 + salt * 17) % 250 for i in range(length)]
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+async def start_executor(model, max_num_batched_tokens: int, *, node_tokens: int = 32768,
+                         overcommit: float = 1.0) -> Executor:
+    """A started Executor of ``model`` on one local KV node of ``node_tokens`` tokens, all-at-once admission."""
+    node = LocalKVNode.for_model("n0", model, node_tokens * TINY_TOKEN_BYTES)
+    config = ExecutorConfig(max_num_batched_tokens=max_num_batched_tokens, is_pipelined=False,
+                            scheduler=SchedulerConfig(admission="all-at-once", overcommit=overcommit))
+    executor = Executor(model, [node], config, eos_token_ids=[])
+    await executor.start()
+    return executor
 
 
 @torch.no_grad()

@@ -321,7 +321,7 @@ async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_mo
     """Admitted together, pass i+1's forward runs while pass i's K/V is still being shipped, and the tokens stay
     the reference's (each prompt a pass of its own here: passes of at most one token)."""
     import fastdecode.actors.chunked_prefill as prefill_module
-    import fastdecode.actors.prefill_steps as steps_module
+    import fastdecode.actors.prefill_passes as steps_module
 
     _, tokenizer = tiny_model
     spans: dict[str, list[tuple[float, float]]] = {"forward": [], "append": []}

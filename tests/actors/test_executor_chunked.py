@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from executor_helpers import collect, reference_greedy
+from executor_helpers import TINY_TOKEN_BYTES, collect, greedy, prompt, reference_greedy
 from fastdecode.actors.executor import Executor, ExecutorConfig
 from fastdecode.actors.guarded_node import NodeState
 from fastdecode.actors.kv_nodes import LocalKVNode
-from fastdecode.actors.request import SamplingParams
 from fastdecode.scheduler import SchedulerConfig
 from greedy_compare import assert_same_greedy
 
@@ -23,15 +22,6 @@ _reliability = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_reliability)
 KillableNode = _reliability.KillableNode
 
-TINY_TOKEN_BYTES = 512  # random:tiny's K and V of one token over its 2 layers, float32
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-
-def prompt(length: int, salt: int = 0) -> list[int]:
-    return [3 + (i * 31 + salt * 17) % 250 for i in range(length)]
 
 
 async def start_executor(model, max_num_batched_tokens, *, num_nodes: int = 1, node_tokens: int = 32768,
@@ -338,7 +328,7 @@ async def test_a_prompt_placed_on_the_executors_device_is_placed_before_the_next
     """A node on the Executor's device (not a host) holds a prompt's staged K/V beside its pool until placed: the next
     prompt's forward pass waits for that placement, so two prompts' K/V are never staged at once (the default GPU
     pool leaves room for one). Host nodes keep the overlap."""
-    import fastdecode.actors.prefill_steps as steps_module
+    import fastdecode.actors.prefill_passes as steps_module
     from fastdecode.actors.chunked_prefill import PrefillJob
 
     model, _ = tiny_model

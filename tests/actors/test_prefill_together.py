@@ -7,16 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from executor_helpers import collect, reference_greedy
+from executor_helpers import collect, greedy, prompt, reference_greedy, start_executor
 from fastdecode.actors.chunked_prefill import PrefillJob, forward_passes, prefill_together
-from fastdecode.actors.executor import Executor, ExecutorConfig
-from fastdecode.actors.kv_nodes import LocalKVNode
+from fastdecode.actors.executor import Executor
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.sequence import EventChannel, Sequence
-from fastdecode.scheduler import SchedulerConfig
 from greedy_compare import assert_same_greedy
 
-TINY_TOKEN_BYTES = 512  # random:tiny's K and V of one token over its 2 layers, float32
 
 
 def make_job(seq_id: int, num_tokens: int, *, node_index: int = 0, prompt_logprobs: int | None = None) -> PrefillJob:
@@ -75,24 +72,9 @@ def test_a_steps_whole_prompts_share_passes_by_where_their_kv_goes():
     work = [(begun, 30), (host[0], 10), (device[0], 10), (host[1], 10), (host[2], 10), (device[1], 10),
             (host[3], 10), (cut, 25)]
     passes = forward_passes(work, 30, lambda job: job.node_index == 0)
-    assert [[job.seq.seq_id for job, _ in batch] for batch in passes] == [[1], [2, 3, 4], [6, 7], [5], [8]]
-    assert passes[-1] == [(cut, 25)] and passes[0] == [(begun, 30)]
-
-
-async def start_executor(model) -> Executor:
-    node = LocalKVNode.for_model("n0", model, 32768 * TINY_TOKEN_BYTES)
-    config = ExecutorConfig(max_num_batched_tokens=0, is_pipelined=False,
-                            scheduler=SchedulerConfig(admission="all-at-once"))
-    executor = Executor(model, [node], config, eos_token_ids=[])
-    await executor.start()
-    return executor
-
-
-def prompts_of(*lengths: int) -> list[list[int]]:
-    return [[3 + (i * 31 + salt * 17) % 250 for i in range(n)] for salt, n in enumerate(lengths)]
-
-
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [[job.seq.seq_id for job, _ in batch] for _, batch in passes] == [[1], [2, 3, 4], [6, 7], [5], [8]]
+    assert [kind for kind, _ in passes] == [True, True, False, True, True]
+    assert passes[-1] == (True, [(cut, 25)]) and passes[0] == (True, [(begun, 30)])
 
 
 async def test_prompts_admitted_together_are_prefilled_in_one_pass(tiny_model, monkeypatch):
@@ -109,12 +91,12 @@ async def test_prompts_admitted_together_are_prefilled_in_one_pass(tiny_model, m
         return real_ragged(model, tokens, seq_lens)
 
     monkeypatch.setattr(prefill_module, "prefill_hidden_ragged", counted)
-    executor = await start_executor(model)
-    prompts = prompts_of(9, 30, 1, 14, 22)
+    executor = await start_executor(model, 0)
+    prompts = [prompt(n, salt) for salt, n in enumerate([9, 30, 1, 14, 22])]
     try:
-        streams = [executor.submit(p, GREEDY) for p in prompts]  # in one go, before the loop runs: one admission
+        streams = [executor.submit(p, greedy(12)) for p in prompts]  # in one go, before the loop runs: one admission
         outputs = await asyncio.gather(*(collect(s) for s in streams))
-        later = await collect(executor.submit(prompts[0], GREEDY))
+        later = await collect(executor.submit(prompts[0], greedy(12)))
     finally:
         await executor.stop()
     assert passes == [[9, 30, 1, 14, 22]]
@@ -131,7 +113,7 @@ async def test_a_failed_shared_pass_runs_its_prompts_one_by_one(tiny_model, monk
     """The prompts of a pass that failed (out of GPU memory, or an error only the shared pass meets) are prefilled on
     their own instead, and every request still gets its reference tokens (a prompt that fails alone too ends with
     its own error: the Executor's OOM test)."""
-    import fastdecode.actors.prefill_steps as steps_module
+    import fastdecode.actors.prefill_passes as steps_module
 
     model, _ = tiny_model
 
@@ -139,10 +121,10 @@ async def test_a_failed_shared_pass_runs_its_prompts_one_by_one(tiny_model, monk
         raise error
 
     monkeypatch.setattr(steps_module, "prefill_together", failing)
-    executor = await start_executor(model)
-    prompts = prompts_of(12, 5, 20)
+    executor = await start_executor(model, 0)
+    prompts = [prompt(n, salt) for salt, n in enumerate([12, 5, 20])]
     try:
-        outputs = await asyncio.gather(*(collect(executor.submit(p, GREEDY)) for p in prompts))
+        outputs = await asyncio.gather(*(collect(executor.submit(p, greedy(12))) for p in prompts))
     finally:
         await executor.stop()
     for p, (tokens, reason) in zip(prompts, outputs):

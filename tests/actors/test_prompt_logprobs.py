@@ -8,21 +8,15 @@ import asyncio
 import pytest
 import torch
 
+from executor_helpers import prompt, start_executor
 from fastdecode.actors.chunked_prefill import PrefillJob
-from fastdecode.actors.executor import Executor, ExecutorConfig
-from fastdecode.actors.kv_nodes import LocalKVNode
+from fastdecode.actors.executor import Executor
 from fastdecode.actors.model import TorchKVCache
 from fastdecode.actors.reference import run_tokens
 from fastdecode.actors.request import RequestError, SamplingParams
 from fastdecode.actors.sequence import EventChannel, Sequence
-from fastdecode.scheduler import SchedulerConfig
 
-TINY_TOKEN_BYTES = 512  # random:tiny's K and V of one token over its 2 layers, float32
 ATOL = 1e-4  # chunked attention sums in another order than the whole prompt's
-
-
-def prompt(length: int, salt: int = 0) -> list[int]:
-    return [3 + (i * 31 + salt * 17) % 250 for i in range(length)]
 
 
 def params(num_top: int | None, max_tokens: int = 3) -> SamplingParams:
@@ -51,16 +45,6 @@ def check_against_reference(model, prompt_ids: list[int], num_top: int, got) -> 
         assert [lp for _, lp in entry.top_logprobs] == pytest.approx(top_values, abs=ATOL), position
         for token_id, logprob in entry.top_logprobs:  # each named token has the logprob the reference gives it
             assert float(row[token_id]) == pytest.approx(logprob, abs=ATOL)
-
-
-async def start_executor(model, max_num_batched_tokens: int, *, node_tokens: int = 32768,
-                         overcommit: float = 1.0) -> Executor:
-    node = LocalKVNode.for_model("n0", model, node_tokens * TINY_TOKEN_BYTES)
-    config = ExecutorConfig(max_num_batched_tokens=max_num_batched_tokens, is_pipelined=False,
-                            scheduler=SchedulerConfig(admission="all-at-once", overcommit=overcommit))
-    executor = Executor(model, [node], config, eos_token_ids=[])
-    await executor.start()
-    return executor
 
 
 async def events_of(stream) -> list:

@@ -83,7 +83,7 @@ def test_ragged_prefill_on_gpu_matches_each_prompt_alone(seq_lens, monkeypatch):
     q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(num_tokens=sum(seq_lens), num_heads=8, num_kv_heads=2,
                                                           head_dim=64))
     is_varlen = len(set(seq_lens)) > 1
-    if is_varlen and not attention._can_run_varlen(q):
+    if is_varlen and not attention._can_run_varlen(q.device, q.dtype, q.shape[-1]):
         pytest.skip("this torch or GPU has no flash varlen kernel")
     calls = []
     real_varlen = attention._attend_varlen
