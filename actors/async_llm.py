@@ -86,11 +86,6 @@ class SubmittedStream:
         self._outputs = outputs
         self._finalizer = weakref.finalize(self, cancel_dropped, asyncio.get_running_loop(), request)
 
-    @property
-    def request_id(self) -> int:
-        """The engine's id of the request."""
-        return self._request.request_id
-
     def __aiter__(self) -> "SubmittedStream":
         return self
 
@@ -120,8 +115,6 @@ class AsyncLLM:
         self._loop = _running_loop()  # None until the first call made on a loop
         self._stop_task: asyncio.Task | None = None
         self.named_requests = NamedRequests()  # the live requests named by their callers (vLLM's request_id)
-        # the engine ids of samples 1.. of the live n > 1 requests, by sample 0's (the one a NamedRequest holds)
-        self._other_samples: dict[int, list[int]] = {}
         self._finalizer = weakref.finalize(self, release_unstopped, self._loop, cluster)
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -267,6 +260,8 @@ class AsyncLLM:
     def _submit(self, prompt_ids: list[int], params: SamplingParams,
                 named: NamedRequest | None = None) -> "SubmittedStream":
         request = self.cluster.submit(prompt_ids, params)
+        if named is not None:
+            named.seq_ids.append(request.request_id)  # abort(name) ends it from here on
         return SubmittedStream(request, self._stream(prompt_ids, params, request, named))
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams, request=None,
@@ -279,12 +274,12 @@ class AsyncLLM:
                 return
             request = self.cluster.submit(prompt_ids, params)
             if named is not None:
-                named.seq_id = request.request_id  # abort(name) ends it from here on
+                named.seq_ids.append(request.request_id)  # abort(name) ends it from here on
         detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
+        output_id = request.request_id if named is None else named.request_id
         try:
             async for event in request:
                 made_at = event.made_at
-                output_id = event.request_id if named is None else named.request_id
                 if event.finish_reason in ("abort", "error"):
                     yield StreamOutput(output_id, -1, detokenizer.finish(), None, (),
                                        event.finish_reason, event.error, event.is_retryable,
@@ -329,36 +324,32 @@ class AsyncLLM:
             if params.n == 1:
                 outputs = self._stream(tokenized.token_ids, params, named=named)
                 return await gather_result(outputs, tokenized, params, self.tokenizer.token_text)
-            return await self._generate_samples(tokenized, params.samples(), named)
+            return await self._generate_samples(tokenized, params, named)
 
-    async def _generate_samples(self, prompt: TokenizedPrompt, samples: list[SamplingParams],
+    async def _generate_samples(self, prompt: TokenizedPrompt, params: SamplingParams,
                                 named: NamedRequest | None) -> GenerationResult:
-        """The samples of one request submitted together (a refusal of one cancels those before it) and read
-        together; ``abort`` finds samples 1.. by sample 0's engine id, which ``named`` holds."""
+        """The n samples of one request (``SamplingParams.samples``) submitted together (a refusal of one cancels
+        those before it) and read together; ``named`` holds the engine ids of them all, for ``abort``. The prompt's
+        logprobs are asked of sample 0 alone (vLLM's ``RequestOutput`` has them once)."""
+        first, *others = params.samples()
+        samples = [first, *(one._replaced(prompt_logprobs=None) for one in others)]
         if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: none is submitted
-            streams = [self._stream(prompt.token_ids, params, named=named) for params in samples]
+            streams = [self._stream(prompt.token_ids, sample, named=named) for sample in samples]
             return await gather_samples(streams, prompt, samples, self.tokenizer.token_text)
         submitted: list[SubmittedStream] = []
         try:
-            for params in samples:
-                submitted.append(self._submit(prompt.token_ids, params, named))
+            for sample in samples:
+                submitted.append(self._submit(prompt.token_ids, sample, named))
         except BaseException:
             for stream in submitted:
                 await stream.aclose()
             raise
-        first_id, *other_ids = [stream.request_id for stream in submitted]
-        if named is not None:
-            named.seq_id = first_id
-        self._other_samples[first_id] = other_ids
-        try:
-            return await gather_samples(submitted, prompt, samples, self.tokenizer.token_text)
-        finally:
-            del self._other_samples[first_id]
+        return await gather_samples(submitted, prompt, samples, self.tokenizer.token_text)
 
     def check_num_samples(self, params: SamplingParams) -> None:
         """RequestError (param ``n``) for more samples than the queue holds: all of a request's are submitted
         together, so they could never be admitted (the server's 400 for prompts x n past ``--max-queue``)."""
-        if params.n > 1 and params.n > self.max_num_choices:  # one sample always fits
+        if params.n > self.max_num_choices:
             raise RequestError(f"n={params.n} samples are more than this engine queues at once "
                                f"({self.max_num_choices}, its max_queue)", "n")
 
@@ -367,9 +358,8 @@ class AsyncLLM:
         does (``Executor.abort``), but their streams read on to the engine's end, an output of finish_reason
         "abort". An id no live request has (unknown, finished) is passed over."""
         self.check_loop()
-        for seq_id in self.named_requests.abort(request_id):
-            for sample_id in (seq_id, *self._other_samples.get(seq_id, ())):  # every sample of an n > 1 request
-                self.cluster.executor.abort(sample_id)
+        for seq_id in self.named_requests.abort(request_id):  # every sample of an n > 1 request
+            self.cluster.executor.abort(seq_id)
 
     @staticmethod
     def _text_to_tokenize(prompt: PromptInput | TokenizedPrompt) -> str | None:

@@ -61,9 +61,8 @@ async def gather_samples(streams: Sequence["Outputs"], prompt: TokenizedPrompt,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    finally:
         for stream in streams:  # a task cancelled before it started never closed its stream
             await stream.aclose()
+        raise
     first.other_samples = others
     return first

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class NamedRequest:
-    """One live named request: its engine id once submitted (None before: its prompt is tokenized), and whether
-    ``abort`` asked for its end (one aborted before its submission is never submitted)."""
+    """One live named request: the engine ids of its samples as each is submitted (none while its prompt is
+    tokenized; n of them for ``SamplingParams.n`` samples), and whether ``abort`` asked for its end (one aborted
+    before its submission is never submitted)."""
 
     request_id: str
-    seq_id: int | None = None
+    seq_ids: list[int] = field(default_factory=list)
     is_aborted: bool = False
 
 
@@ -55,8 +56,8 @@ class NamedRequests:
 
     def abort(self, request_ids: str | Iterable[str]) -> list[int]:
         """Mark the live requests of these names aborted (one not yet submitted never will be) and return the engine
-        ids of those submitted, for ``Executor.abort``; a name no live request holds (unknown, finished) is passed
-        over. TypeError, before any is marked, for a name that is not a str."""
+        ids of their samples submitted, for ``Executor.abort``; a name no live request holds (unknown, finished) is
+        passed over. TypeError, before any is marked, for a name that is not a str."""
         is_one = isinstance(request_ids, str) or not isinstance(request_ids, Iterable)
         ids = [request_ids] if is_one else list(request_ids)
         for request_id in ids:
@@ -64,8 +65,7 @@ class NamedRequests:
         seq_ids = []
         for named in filter(None, map(self._live.get, ids)):
             named.is_aborted = True
-            if named.seq_id is not None:
-                seq_ids.append(named.seq_id)
+            seq_ids += named.seq_ids
         return seq_ids
 
 

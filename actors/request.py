@@ -121,13 +121,11 @@ class SamplingParams:
 
     def samples(self) -> list["SamplingParams"]:
         """The ``n`` samples as engine requests of one sample each: sample i seeded ``seed + i`` where a seed is
-        given (vLLM's parallel sampling: each sample is the single request with that seed); the prompt's logprobs
-        are asked of sample 0 alone (vLLM's ``RequestOutput`` has them once)."""
-        first = self._replaced(n=1)
-        params = [first] + [first._replaced(prompt_logprobs=None)] * (self.n - 1)
+        given (vLLM's parallel sampling: each sample is the single request with that seed), the same otherwise."""
+        one = self._replaced(n=1)
         if self.seed is None:
-            return params
-        return [one.with_seed(self.seed + index) for index, one in enumerate(params)]
+            return [one] * self.n
+        return [one.with_seed(self.seed + index) for index in range(self.n)]
 
     def within(self, room: int) -> "SamplingParams":
         """These parameters as one engine request runs them, for a prompt that leaves ``room`` tokens of the

@@ -311,12 +311,11 @@ def _end_unsubmitted(metrics: FrontendMetrics, submissions: list[tuple[int, list
     """Count every choice of a request cancelled before it was submitted as an ``abort``: those of the prompts
     tokenized (``submissions``) with their prompt tokens and max_tokens, the others with neither (not known)."""
     for index in range(num_choices):
+        num_prompt_tokens = max_tokens = None  # not known: its prompt was not tokenized
         if index < len(submissions):
             _, prompt_ids, params, _ = submissions[index]
-            _end_choice(metrics, "abort", e2e_s, index=index, num_prompt_tokens=len(prompt_ids),
-                        max_tokens=params.max_tokens)
-        else:
-            _end_choice(metrics, "abort", e2e_s, index=index, num_prompt_tokens=None, max_tokens=None)
+            num_prompt_tokens, max_tokens = len(prompt_ids), params.max_tokens
+        _end_choice(metrics, "abort", e2e_s, index=index, num_prompt_tokens=num_prompt_tokens, max_tokens=max_tokens)
 
 
 def _admit(metrics: FrontendMetrics, generations: list[Generation], num_samples: int) -> None:

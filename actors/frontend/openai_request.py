@@ -102,9 +102,10 @@ class GenerateRequest:
 
     def sampling_params(self, num_prompt_tokens: int, max_model_len: int,
                         defaults: SamplingDefaults | None = None) -> SamplingParams:
-        """The engine's parameters, checking that prompt plus output fit the context; ``defaults`` (the
-        model's generation config) fill the sampling fields the request left out, and their ``max_tokens``
-        (max_new_tokens) caps the output of every request, as in vLLM.  An echo with ``max_tokens`` 0 generates one token, which the response leaves out (vLLM's
+        """The request's parameters (its ``n``: ``samples_params`` makes one engine request of each sample),
+        checking that prompt plus output fit the context; ``defaults`` (the model's generation config) fill the
+        sampling fields the request left out, and their ``max_tokens`` (max_new_tokens) caps the output of every
+        request, as in vLLM.  An echo with ``max_tokens`` 0 generates one token, which the response leaves out (vLLM's
         echo without generation); an echo with logprobs asks for the prompt's too, as many top ones as ``logprobs``
         unless ``prompt_logprobs`` says (vLLM's)."""
         defaults = defaults or SamplingDefaults()
@@ -129,19 +130,17 @@ class GenerateRequest:
             prompt_logprobs = self.num_logprobs
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, prompt_logprobs=prompt_logprobs,
-                                  **fields)
+                                  n=self.num_samples, **fields)
         except RequestError as exc:
             raise bad_request(str(exc), exc.param) from None
 
     def samples_params(self, num_prompt_tokens: int, max_model_len: int,
                        defaults: SamplingDefaults | None = None) -> list[SamplingParams]:
-        """``sampling_params`` of each of the n samples: sample i takes ``seed + i`` (vLLM's parallel sampling), so
-        each sample is the single request with that seed.  Made and checked once, the samples differing in their
-        seeds alone: a logit_bias over much of the vocabulary takes a tenth of a second to sort and check."""
-        params = self.sampling_params(num_prompt_tokens, max_model_len, defaults)
-        if params.seed is None:
-            return [params] * self.num_samples
-        return [params.with_seed(params.seed + index) for index in range(self.num_samples)]
+        """``sampling_params`` of each of the n samples (``SamplingParams.samples``: sample i takes ``seed + i``, so
+        each sample is the single request with that seed), each with the prompt's logprobs where asked (every choice
+        shows its own).  Made and checked once, the samples differing in their seeds alone: a logit_bias over much
+        of the vocabulary takes a tenth of a second to sort and check."""
+        return self.sampling_params(num_prompt_tokens, max_model_len, defaults).samples()
 
 
 def decode_body(raw: bytes | str) -> dict[str, Any]:

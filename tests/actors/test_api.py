@@ -1,20 +1,16 @@
 """AsyncLLM over a tiny in-process cluster: its text equals the reference engine's."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import pytest
 import torch
 
-from api_helpers import until
+from api_helpers import LONG, PROMPT, TINY, is_idle, llm, until  # noqa: F401 (llm: a fixture)
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.reference import reference_generate
 from fastdecode.actors.request import SamplingParams
-
-TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu", num_shards=0)
-PROMPT = [318, 72, 101, 302, 111]  # "<|bos|>Hello"; greedy on random:tiny: "n", 217, "_", " h", "3", "L", "3", ...
 
 
 async def _serve(params: SamplingParams):
@@ -56,15 +52,6 @@ async def test_stop_token_text_is_left_out(tiny_model):
     assert (reference.token_ids, reference.text, reference.finish_reason) == (ours.token_ids, ours.text, "stop")
 
 
-LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
-
-
-@pytest.fixture
-async def llm():
-    async with await AsyncLLM.start(**TINY) as started:  # a model name and ClusterConfig fields, as vLLM
-        yield started
-
-
 async def test_aclose_frees_a_named_stream_at_once(llm):
     executor = llm.cluster.executor
     outputs = llm.stream(PROMPT, LONG)
@@ -88,7 +75,7 @@ async def test_a_submitted_stream_dropped_unread_cancels_its_request(llm):
     del submitted
     gc.collect()
     await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=1.0)
-    assert await llm.cluster.kv_used_bytes() == [0]
+    assert await is_idle(llm)
 
 
 async def test_aclosing_context_frees_on_early_exit(llm):
@@ -98,7 +85,7 @@ async def test_aclosing_context_frees_on_early_exit(llm):
             break
     assert out.token_id >= 0
     await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
-    assert await llm.cluster.kv_used_bytes() == [0]
+    assert await is_idle(llm)
 
 
 async def test_breaking_an_inline_stream_frees_at_once(llm):
@@ -111,7 +98,7 @@ async def test_breaking_an_inline_stream_frees_at_once(llm):
             break
     assert executor.num_running == 1  # running when left (it is cancelled on the loop's next turns)
     await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
-    assert await llm.cluster.kv_used_bytes() == [0]
+    assert await is_idle(llm)
 
 
 async def test_stream_checks_its_arguments_when_called(llm):

@@ -7,12 +7,10 @@ import threading
 
 import pytest
 
-from api_helpers import PROMPT, THREAD_WAIT_S, is_idle, llm, until  # noqa: F401 (llm: a fixture)
-from fastdecode.actors.api import AsyncLLM
+from api_helpers import LONG, PROMPT, THREAD_WAIT_S, is_idle, llm, until  # noqa: F401 (llm: a fixture)
 from fastdecode.actors.request import SamplingParams
 
 SHORT = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)  # runs well past any wait below
 
 
 async def test_the_callers_id_is_reported_and_forgotten_when_the_request_ends(llm):

@@ -15,16 +15,14 @@ import weakref
 
 import pytest
 
+from api_helpers import PROMPT, THREAD_WAIT_S, TINY
 from fastdecode.actors import api, unclosed
 from fastdecode.actors.api import LLM, AsyncLLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.executor_config import UnavailableError
 from fastdecode.actors.request import SamplingParams
 
-TINY = dict(model="random:tiny", seed=0, dtype="float32", device="cpu", num_shards=0)
-PROMPT = [318, 72, 101, 302, 111]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-THREAD_WAIT_S = 10.0  # a guard: a hung call fails the test instead of the suite
 
 
 def _thread_names() -> list[str]:

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 
+from api_helpers import LONG, PROMPT
 from fastdecode.actors.api import LLM
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.executor import ExecutorConfig
@@ -22,10 +23,8 @@ from fastdecode.cli.make_random_model import make_random_model
 from test_prompt_logprobs import reference_logprobs
 
 TINY = dict(seed=0, dtype="float32", device="cpu", num_shards=0)
-PROMPT = [318, 72, 101, 302, 111]
 GREEDY_FIELDS = dict(temperature=0.0, max_tokens=3, ignore_eos=True)
 GREEDY = SamplingParams(**GREEDY_FIELDS)
-LONG = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)  # seconds of decoding on random:tiny
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def test_samples_are_one_engine_request_each_seeded_seed_plus_i():
     samples = params.samples()
     assert [(p.n, p.seed, p.temperature, p.logprobs) for p in samples] == [(1, 5, 0.8, 1), (1, 6, 0.8, 1),
                                                                            (1, 7, 0.8, 1)]
-    assert [p.prompt_logprobs for p in samples] == [2, None, None]  # the prompt's logprobs once, from sample 0
+    assert [p.prompt_logprobs for p in samples] == [2, 2, 2]  # each its own (the HTTP choices show theirs)
     unseeded = SamplingParams(n=2).samples()
     assert [(p.n, p.seed) for p in unseeded] == [(1, None), (1, None)]
     assert SamplingParams().samples() == [SamplingParams()]
@@ -76,6 +76,19 @@ async def test_prompt_logprobs_once_and_logprobs_per_sample(llm):
     for output in result.outputs:  # each sample's own, as the single request's (to float noise: batched apart)
         assert [list(p) for p in output.logprobs] == [list(p) for p in single.position_logprobs]
         assert output.cumulative_logprob == pytest.approx(single.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+async def test_the_prompts_logprobs_are_computed_for_sample_0_alone(llm, monkeypatch):
+    """vLLM's RequestOutput has the prompt's logprobs once: generate asks the engine for them once, however many
+    samples (the HTTP choices ask each, ``GenerateRequest.samples_params``)."""
+    submit, submitted = llm.cluster.submit, []
+    monkeypatch.setattr(llm.cluster, "submit", lambda ids, params: submitted.append(params) or submit(ids, params))
+    params = SamplingParams(temperature=0.8, max_tokens=2, seed=4, prompt_logprobs=1, logprobs=1, n=3)
+    result = await llm.generate(PROMPT, params)
+    assert [(p.n, p.seed, p.prompt_logprobs, p.logprobs) for p in submitted] == [(1, 4, 1, 1), (1, 5, None, 1),
+                                                                               (1, 6, None, 1)]
+    assert len(result.prompt_logprobs) == len(PROMPT) and len(result.outputs) == 3
+    assert await is_idle(llm)
 
 
 async def test_stream_and_submit_refuse_n(llm):

@@ -18,6 +18,8 @@ SECOND_EOS = BOS_TOKEN_ID  # a generation_config EOS id other than the tokenizer
 
 
 class ScriptedRequest:
+    request_id = 1  # the engine's id (RequestStream's), which its events carry
+
     def __init__(self, token_ids: list[int], finish_reason: str) -> None:
         self._token_ids = token_ids
         self._finish_reason = finish_reason
@@ -26,7 +28,7 @@ class ScriptedRequest:
     async def __aiter__(self):
         for index, token_id in enumerate(self._token_ids):
             is_last = index == len(self._token_ids) - 1
-            yield TokenEvent(1, token_id, index, finish_reason=self._finish_reason if is_last else None)
+            yield TokenEvent(self.request_id, token_id, index, finish_reason=self._finish_reason if is_last else None)
 
     def cancel(self, is_stop: bool = False) -> None:
         self.cancels.append(is_stop)
@@ -38,7 +40,7 @@ class ScriptedCluster:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.model = SimpleNamespace(config=SimpleNamespace(sampling_defaults=SamplingDefaults()))
-        self.executor = SimpleNamespace(max_model_len=256)
+        self.executor = SimpleNamespace(max_model_len=256, config=SimpleNamespace(max_queue=1))
         self.script: tuple[list[int], str] = ([], "length")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> ScriptedRequest:

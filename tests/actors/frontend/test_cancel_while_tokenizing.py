@@ -8,19 +8,18 @@ import asyncio
 import threading
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app_client import ScriptedLLM, app_client
 from fastdecode.actors.frontend.generation import start_generations
-from fastdecode.actors.frontend.metrics import FrontendMetrics
+from fastdecode.actors.frontend.metrics import FINISH_REASONS, FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.model.synthetic_tokenizer import BOS_TOKEN, EOS_TOKEN, NUM_TEXT_TOKENS, build_synthetic_tokenizer
 from fastdecode.actors.model.tokenizer import Tokenizer
+from metrics_scrape import samples_of
 
 HELD = "Hold this prompt"  # the text the tokenizer holds on
 THREAD_WAIT_S = 10.0  # the longest a held tokenizing waits (the test lets it go long before)
-FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class HoldingTokenizer(Tokenizer):
@@ -47,13 +46,6 @@ async def llm():
     engine.tokenizer.release.set()
 
 
-async def samples_of(metrics: FrontendMetrics) -> dict[tuple[str, tuple], float]:
-    """Every sample, less the ``model_name`` label."""
-    text = (await metrics.render(None)).decode()
-    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def finished(samples: dict) -> dict[str, float]:
     return {reason: samples[("fastdecode_request_success_total", (("finished_reason", reason),))]
             for reason in FINISH_REASONS}
@@ -69,7 +61,7 @@ async def settled(llm: ScriptedLLM, metrics: FrontendMetrics) -> dict:
     llm.tokenizer.release.set()
     await asyncio.sleep(0.1)
     assert llm.seeds == []  # nothing was submitted
-    return await samples_of(metrics)
+    return await samples_of(metrics, is_model_name_kept=False)
 
 
 @pytest.mark.parametrize(("prompts", "num_samples", "num_tokenized"), [
@@ -93,7 +85,8 @@ async def test_a_request_cancelled_while_its_prompt_is_tokenized_counts_each_cho
     with pytest.raises(asyncio.CancelledError):
         await task
     num_choices = len(prompts) * num_samples
-    assert finished(await samples_of(metrics)) == {"stop": 0, "length": 0, "abort": num_choices, "error": 0}
+    at_cancel = await samples_of(metrics, is_model_name_kept=False)
+    assert finished(at_cancel) == {"stop": 0, "length": 0, "abort": num_choices, "error": 0}
     samples = await settled(llm, metrics)
     assert finished(samples) == {"stop": 0, "length": 0, "abort": num_choices, "error": 0}  # counted once
     assert samples[("fastdecode_e2e_request_latency_seconds_count", ())] == num_choices
@@ -129,7 +122,7 @@ async def test_a_client_that_leaves_while_its_prompt_is_tokenized_counts_one_abo
         metrics = client.server.app[STATE].metrics
         await leave(client, llm, {"prompt": HELD, "max_tokens": 200, "ignore_eos": True, "stream": is_stream})
         for _ in range(250):  # the server notices the client leave and cancels its handler
-            if finished(await samples_of(metrics))["abort"]:
+            if finished(await samples_of(metrics, is_model_name_kept=False))["abort"]:
                 break
             await asyncio.sleep(0.02)
         samples = await settled(llm, metrics)

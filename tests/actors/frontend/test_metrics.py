@@ -4,7 +4,7 @@ from __future__ import annotations
 import aiohttp
 
 from conftest import API_KEY
-from test_metrics_requests import parse_samples
+from metrics_scrape import parse_samples
 
 EXPECTED_FAMILIES = {
     "fastdecode_request_success_total", "fastdecode_request_rejected_total", "fastdecode_prompt_tokens_total",

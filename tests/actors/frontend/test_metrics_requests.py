@@ -8,7 +8,6 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app_client import ScriptedLLM
 from fastdecode.actors.frontend.generation import start_generation, start_generations
@@ -16,20 +15,11 @@ from fastdecode.actors.frontend.metrics import FrontendMetrics, count_buckets
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.guarded_node import GuardedNode, NodeState
+from metrics_scrape import samples_of
 from test_metrics_nodes import Node
 
 MODEL = "my-model"
 PROMPT = (5, 6, 7, 8, 9)
-
-
-def parse_samples(text: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of a /metrics text as ``{(name, sorted labels, model_name included): value}``."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-async def samples_of(metrics: FrontendMetrics, cluster=None) -> dict[tuple[str, tuple], float]:
-    return parse_samples((await metrics.render(cluster)).decode())
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
