@@ -324,13 +324,13 @@ class Executor:
     async def _apply_node_changes(self) -> None:
         """At a step boundary: follow the nodes (``NodeBook.follow``); with none left that attends, fail what runs,
         else what no node left could ever hold (requeued off a larger node that left), as ``submit`` refuses it."""
-        before = set(self.scheduler.nodes)
-        await self.node_book.follow(self.scheduler, (s.node_index for s in self._sequences.values()), self._requeue)
+        stranded = await self.node_book.follow(self.scheduler, (s.node_index for s in self._sequences.values()),
+                                               self._requeue)
         if not any(self.nodes[i].can_attend for i in self.scheduler.nodes) and self._sequences:
             reasons = "; ".join(f"{n.node_id}: {n.failure}" for n in self.nodes)
             await self._fail(list(self._sequences.values()), f"no KV node is left ({reasons})", is_retryable=True)
-        elif before - set(self.scheduler.nodes):  # a node left: what only it could hold cannot wait for it
-            await self._fail([self._sequences[i] for i in self.scheduler.stranded()], STRANDED, is_retryable=True)
+        elif stranded:  # what only a node that left (or came back smaller) could hold cannot wait for it
+            await self._fail([self._sequences[i] for i in stranded], STRANDED, is_retryable=True)
 
     async def _requeue(self, seq_ids: list[int]) -> None:
         """The scheduler requeued sequences off a failed or draining node: drop their KV there (one Free), rebuild

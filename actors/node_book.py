@@ -58,10 +58,12 @@ class NodeBook:
             log.warning("freeing %d sequence(s) failed: %s", sum(p is not None for p in placed), exc)
 
     async def follow(self, scheduler: Scheduler, placed_on: Iterable[int | None],
-                     requeue: Callable[[list[int]], Awaitable[None]]) -> None:
+                     requeue: Callable[[list[int]], Awaitable[None]]) -> list[int]:
         """At a step boundary: find draining nodes, retire failed ones (or keep a draining one serving), take back
         returned ones, keep the scheduler in step. ``placed_on``: the node index of each live sequence (None: not
-        placed); ``requeue(seq_ids)``: the sequences the scheduler took off a node, to rebuild elsewhere."""
+        placed); ``requeue(seq_ids)``: the sequences the scheduler took off a node, to rebuild elsewhere. Returns the
+        waiting sequences no node could hold any more (``Scheduler.stranded``) where a node left or came back."""
+        models = dict(scheduler.nodes)
         for node in self.nodes:
             node.refresh()
         retired = retire_nodes(self.nodes, scheduler, placed_on)
@@ -79,6 +81,9 @@ class NodeBook:
         for index in retired:  # a drained node, its sequences freed above: its daemon stops, so its client goes
             if self.nodes[index].state is NodeState.DRAINING and index not in scheduler.nodes:
                 await self.nodes[index].close()
+        after = scheduler.nodes
+        is_gone_or_replaced = any(after.get(index) is not model for index, model in models.items())
+        return scheduler.stranded() if is_gone_or_replaced else []
 
     async def _restore(self, scheduler: Scheduler, index: int, fresh: KVNode,
                        requeue: Callable[[list[int]], Awaitable[None]]) -> None:

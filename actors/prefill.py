@@ -15,6 +15,7 @@ import torch
 from fastdecode.actors.model import prefill_attention
 from fastdecode.actors.model.attention import RaggedPrompts, prefill_attention_after, prefill_attention_ragged
 from fastdecode.actors.request import PromptLogprob
+from fastdecode.actors.sampling import logprob_and_rank
 
 PROMPT_LOGPROB_ROWS = 256  # positions whose logits are made at once: 256 x a 150k vocabulary is 150 MB of float32
 
@@ -61,18 +62,17 @@ def prefill_hidden(model, token_ids: torch.Tensor, start: int = 0, keys: torch.T
 
 
 def prefill_hidden_ragged(model, token_ids: torch.Tensor,
-                          seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          prompts: RaggedPrompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states ``[N, hidden]``, keys, values ``[num_layers, N, Hkv, D]``) of several whole prompts laid end
-    to end, ``token_ids`` ``[N]`` with N the sum of ``seq_lens``, in one forward pass: the dense layers run on all
-    N rows at once and each prompt attends over its own positions only (``prefill_attention_ragged``)."""
+    to end, ``token_ids`` ``[N]`` with N the prompts' ``num_tokens``, in one forward pass: the dense layers run on
+    all N rows at once and each prompt attends over its own positions only (``prefill_attention_ragged``)."""
     num_tokens = token_ids.shape[0]
-    if sum(seq_lens) != num_tokens or min(seq_lens, default=1) < 1:
-        raise ValueError(f"prompt lengths {seq_lens} do not cut {num_tokens} tokens into whole prompts")
-    lengths = torch.tensor(seq_lens)
-    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    if prompts.num_tokens != num_tokens:
+        raise ValueError(f"prompt lengths {list(prompts.seq_lens)} do not cut {num_tokens} tokens into whole prompts")
+    lengths = torch.tensor(prompts.seq_lens)
+    starts = torch.repeat_interleave(torch.tensor(prompts.ends) - lengths, lengths)
     positions = (torch.arange(num_tokens) - starts).to(token_ids.device, non_blocking=True)
     keys, values = kv_buffers(model, num_tokens)
-    prompts = RaggedPrompts.of(seq_lens, model.device, model.dtype, model.config.head_dim)  # once, for every layer
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return prefill_attention_ragged(q, k, v, prompts)
@@ -102,9 +102,9 @@ def prompt_token_logprobs(model, hidden: torch.Tensor, next_token_ids: torch.Ten
     for first in range(0, next_token_ids.shape[0], PROMPT_LOGPROB_ROWS):
         targets = next_token_ids[first:first + PROMPT_LOGPROB_ROWS]
         logprobs = model.logits(hidden[first:first + targets.shape[0]]).log_softmax(dim=-1)
-        token_logprobs = logprobs.gather(1, targets.unsqueeze(1))
-        chosen.append(token_logprobs.squeeze(1))
-        ranks.append((logprobs > token_logprobs).sum(dim=1) + 1)
+        token_logprobs, token_ranks = logprob_and_rank(logprobs, targets)
+        chosen.append(token_logprobs)
+        ranks.append(token_ranks)
         if num_top:
             values, ids = logprobs.topk(num_top, dim=-1)
             top_values.append(values)

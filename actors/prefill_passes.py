@@ -17,9 +17,11 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from fastdecode.actors.chunked_prefill import PrefillJob, forward_passes, prefill_together
+from fastdecode.actors.chunked_prefill import PrefillJob
 from fastdecode.actors.dense_runner import DenseRunner
 from fastdecode.actors.guarded_node import GuardedNode
+from fastdecode.actors.model.attention import RaggedPrompts
+from fastdecode.actors.prefill import prefill_hidden_ragged
 
 log = logging.getLogger("fastdecode.executor")
 
@@ -29,6 +31,54 @@ log = logging.getLogger("fastdecode.executor")
 SHARED_PASS_TOKENS = 2048
 
 Placement = Callable[[list[PrefillJob], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]], Awaitable[None]]
+
+
+def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
+    """On the dense thread: prefill the whole prompts of ``jobs`` (none begun) in one forward pass, their tokens
+    laid end to end (``prefill_hidden_ragged``), so many short prompts cost about what one prompt of their total
+    length does. (logits of each prompt's last position ``[len(jobs), vocab]``, each job's (keys, values)): views of
+    the pass's K/V buffers, or through ``host_copies`` (as ``run_chunk``) a contiguous host copy of each."""
+    if any(job.num_done for job in jobs):
+        raise ValueError("prefill_together takes whole prompts; a prompt begun in chunks goes on in run_chunk")
+    prompts = RaggedPrompts.of([len(job.token_ids) for job in jobs], model.device, model.dtype,
+                               model.config.head_dim)
+    seq_lens, ends = prompts.seq_lens, prompts.ends
+    tokens = torch.tensor([t for job in jobs for t in job.token_ids], dtype=torch.long, device=model.device)
+    hidden, keys, values = prefill_hidden_ragged(model, tokens, prompts)
+    logits = model.logits(hidden[torch.tensor(ends, device=model.device) - 1])
+    scored = [None if job.num_prompt_logprobs is None else job.score_prompt(model, hidden[end - n:end], 0, n)
+              for job, n, end in zip(jobs, seq_lens, ends)]
+    kvs = [(keys[:, end - n:end], values[:, end - n:end]) for n, end in zip(seq_lens, ends)]
+    if host_copies is not None:  # a contiguous host copy of each prompt's K/V, which its node ships as it is
+        copies = host_copies(*(t for kv in kvs for t in kv))
+        kvs = list(zip(copies[::2], copies[1::2]))
+    for job, n, scores in zip(jobs, seq_lens, scored):  # once all went well: a failed pass leaves the jobs as they were
+        job.num_done = n
+        if scores is not None:
+            job.prompt_logprobs = (None, *scores)
+    return logits, kvs
+
+
+def forward_passes(work: list[tuple[PrefillJob, int]], max_tokens: int,
+                   kind) -> list[tuple[object, list[tuple[PrefillJob, int]]]]:
+    """A step's prefills (``PrefillQueue.take_step``) as forward passes ``(kind, [(job, num_tokens), ...])``. Prompts
+    prefilled whole in this step share passes with others of their ``kind(job)`` (where their K/V go: the host or
+    the Executor's device), up to ``max_tokens`` tokens a pass, in order; a prompt done in chunks (begun, or not done
+    in this step) is a pass of its own. A pass of one job runs ``run_chunk``, of more ``prefill_together``."""
+    passes: list[tuple[object, list[tuple[PrefillJob, int]]]] = []
+    open_passes: dict[object, tuple[list[tuple[PrefillJob, int]], int]] = {}  # kind -> (pass, its tokens)
+    for job, num_tokens in work:
+        key = kind(job)
+        if job.num_done or num_tokens < job.num_left:
+            passes.append((key, [(job, num_tokens)]))
+            continue
+        batch, total = open_passes.get(key, (None, 0))
+        if batch is None or total + num_tokens > max_tokens:
+            batch, total = [], 0
+            passes.append((key, batch))
+        batch.append((job, num_tokens))
+        open_passes[key] = (batch, total + num_tokens)
+    return passes
 
 
 class PrefillPasses:

@@ -183,6 +183,13 @@ def _top_k_top_p_mask(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     return torch.zeros_like(removed_sorted).scatter(1, order, removed_sorted)
 
 
+def logprob_and_rank(logprobs: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's logprob of its token (``logprobs`` ``[N, vocab]``, ``token_ids`` ``[N]``) and vLLM's rank of it:
+    1 + the tokens strictly likelier (ties share the better rank)."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    return chosen, (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+
+
 @torch.no_grad()
 def sample(
     logits: torch.Tensor,
@@ -242,9 +249,7 @@ def sample(
 
     if raw_logprobs is None:
         return SamplerOutput(token_ids=token_ids)
-    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    # vLLM's rank: 1 + the tokens strictly likelier than the chosen one (ties share the better rank)
-    ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+    chosen, ranks = logprob_and_rank(raw_logprobs, token_ids)
     if num_top == 0:
         return SamplerOutput(token_ids=token_ids, logprobs=chosen, ranks=ranks)
     top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)

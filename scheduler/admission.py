@@ -55,18 +55,13 @@ class _Seq(Protocol):
     max_tokens: int
 
 
-def predicted_peak_context(items: Iterable[tuple[int, int]], horizon: int | None = None) -> int:
-    """Peak total context of (context_len, num_remaining_steps) items over the next ``horizon`` steps.
-
-    Each item grows by one token per step and leaves after its remaining steps;
-    the total is highest just before some item leaves or at the horizon, so only
-    those instants are checked.  ``horizon=None`` looks until the last one leaves.
-    """
-    return predicted_peak_and_step(items, horizon)[0]
-
-
 def predicted_peak_and_step(items: Iterable[tuple[int, int]], horizon: int | None = None) -> tuple[int, int]:
-    """``predicted_peak_context`` and the step (from now) at which the total reaches it.
+    """Peak total context of (context_len, num_remaining_steps) items over the next ``horizon`` steps, and the step
+    (from now) at which the total reaches it.
+
+    Each item grows by one token per step and leaves after its remaining steps; the total is highest just before
+    some item leaves or at the horizon, so only those instants are checked.  ``horizon=None`` looks until the last
+    one leaves.
 
     Without a horizon, the total at that step is the sum of ``context_len + step`` over the items with more than
     ``step`` remaining steps (items have at least one), so taking some items out lowers it by theirs alone.

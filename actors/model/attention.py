@@ -80,46 +80,52 @@ def _per_query_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
 
 
 def _is_flash_gpu(q: torch.Tensor) -> bool:
-    """Not a CUDA tensor that flash attention cannot take (it needs fp16/bf16, an Ampere or later GPU, head dim at
-    most 256). The CPU's kernels take GQA as they are."""
-    if q.device.type != "cuda":
-        return True
-    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+    """Not a CUDA tensor that flash attention cannot take (``_flash_takes``). The CPU's kernels take GQA as they
+    are."""
+    return q.device.type != "cuda" or _flash_takes(q.device, q.dtype, q.shape[-1])
+
+
+def _flash_takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Flash attention takes this on a CUDA device: fp16/bf16, head dim at most 256, an Ampere or later GPU."""
+    return (dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 @dataclass(frozen=True)
 class RaggedPrompts:
-    """Whole prompts laid end to end, as every layer of their shared forward pass attends over them: their lengths,
-    and what the attention call needs, made once per pass (not per layer): whether they are all of one length (one
-    SDPA batch), else the varlen kernel's cumulative bounds on the device (None: one SDPA call per prompt)."""
+    """Whole prompts laid end to end, as every layer of their shared forward pass attends over them, made once per
+    pass (not per layer): their lengths and where each ends, whether they are all of one length (one SDPA batch),
+    else the varlen kernel's cumulative bounds on the device (None: one SDPA call per prompt)."""
 
     seq_lens: tuple[int, ...]
+    ends: tuple[int, ...]  # where each prompt ends in the flat layout (the last: the number of tokens)
     bounds: torch.Tensor | None  # int32 [P + 1] on the device, for flash's varlen kernel
     is_uniform: bool
 
     @classmethod
     def of(cls, seq_lens: Sequence[int], device: torch.device | str, dtype: torch.dtype,
            head_dim: int) -> "RaggedPrompts":
+        """ValueError unless each length is at least one token."""
         lengths = tuple(seq_lens)
+        if min(lengths, default=1) < 1:
+            raise ValueError(f"prompt lengths {list(lengths)} are not all whole prompts of at least one token")
+        ends = tuple(itertools.accumulate(lengths))
         is_uniform = len(set(lengths)) <= 1
         bounds = None
         if not is_uniform and _can_run_varlen(torch.device(device), dtype, head_dim):
-            bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(device, non_blocking=True)
-        return cls(lengths, bounds, is_uniform)
+            bounds = torch.tensor((0, *ends), dtype=torch.int32).to(device, non_blocking=True)
+        return cls(lengths, ends, bounds, is_uniform)
 
     @property
     def num_tokens(self) -> int:
-        return int(sum(self.seq_lens))
+        return self.ends[-1] if self.ends else 0
 
 
 def prefill_attention_ragged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             prompts: Sequence[int] | RaggedPrompts) -> torch.Tensor:
+                             prompts: RaggedPrompts) -> torch.Tensor:
     """Causal attention for several prompts laid end to end (flat layout), each on its own: q[N,Hq,D],
-    k/v[N,Hkv,D] with N the sum of the prompts' lengths -> o[N,Hq,D]. Prompts of one length go through SDPA as one
+    k/v[N,Hkv,D] with N the prompts' ``num_tokens`` -> o[N,Hq,D]. Prompts of one length go through SDPA as one
     batch; others through flash attention's varlen kernel on a GPU that has it, else one SDPA call per prompt."""
-    if not isinstance(prompts, RaggedPrompts):
-        prompts = RaggedPrompts.of(prompts, q.device, q.dtype, q.shape[-1])
     if prompts.num_tokens != q.shape[0]:
         raise ValueError(f"seq_lens sum to {prompts.num_tokens} but there are {q.shape[0]} tokens")
     seq_lens = prompts.seq_lens
@@ -156,10 +162,9 @@ def _varlen_causal():
 
 def _can_run_varlen(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Flash attention's varlen kernel takes queries of this device, dtype and head size: CUDA only (it has no CPU
-    kernel), fp16/bf16, head dim at most 256 on an Ampere or later GPU, a torch build that flash attention runs on,
-    and a torch that has the call."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
-            and torch.cuda.get_device_capability(device) >= (8, 0)
+    kernel), what flash takes there (``_flash_takes``), a torch build that flash attention runs on, and a torch that
+    has the call."""
+    return (device.type == "cuda" and _flash_takes(device, dtype, head_dim)
             and torch.backends.cuda.is_flash_attention_available() and _varlen_causal() is not None)
 
 

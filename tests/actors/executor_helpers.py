@@ -23,15 +23,27 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-async def start_executor(model, max_num_batched_tokens: int, *, node_tokens: int = 32768,
-                         overcommit: float = 1.0) -> Executor:
-    """A started Executor of ``model`` on one local KV node of ``node_tokens`` tokens, all-at-once admission."""
-    node = LocalKVNode.for_model("n0", model, node_tokens * TINY_TOKEN_BYTES)
+async def start_executor(model, max_num_batched_tokens: int, *, num_nodes: int = 1, node_tokens: int = 32768,
+                         overcommit: float = 1.0, wrap=None) -> tuple[Executor, list]:
+    """A started Executor of ``model`` on ``num_nodes`` local KV nodes of ``node_tokens`` tokens each (each through
+    ``wrap(node)`` where given), all-at-once admission; and its nodes."""
+    nodes = [LocalKVNode.for_model(f"n{i}", model, node_tokens * TINY_TOKEN_BYTES) for i in range(num_nodes)]
+    if wrap is not None:
+        nodes = [wrap(node) for node in nodes]
     config = ExecutorConfig(max_num_batched_tokens=max_num_batched_tokens, is_pipelined=False,
                             scheduler=SchedulerConfig(admission="all-at-once", overcommit=overcommit))
-    executor = Executor(model, [node], config, eos_token_ids=[])
+    executor = Executor(model, nodes, config, eos_token_ids=[])
     await executor.start()
-    return executor
+    return executor, nodes
+
+
+def one_prompt_per_pass(monkeypatch) -> None:
+    """Cut every prefill pass to one prompt (passes of at most one token), as before prompts shared passes: for the
+    tests of what happens between one pass and the next."""
+    import fastdecode.actors.prefill_passes as prefill_passes
+
+    real = prefill_passes.forward_passes
+    monkeypatch.setattr(prefill_passes, "forward_passes", lambda work, _, kind: real(work, 1, kind))
 
 
 @torch.no_grad()

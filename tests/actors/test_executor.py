@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from executor_helpers import collect, reference_greedy
+from executor_helpers import collect, one_prompt_per_pass, reference_greedy, start_executor
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.executor import ExecutorConfig
 from fastdecode.actors.reference import reference_generate
@@ -321,13 +321,12 @@ async def test_a_prompts_forward_overlaps_the_previous_prompts_placement(tiny_mo
     """Admitted together, pass i+1's forward runs while pass i's K/V is still being shipped, and the tokens stay
     the reference's (each prompt a pass of its own here: passes of at most one token)."""
     import fastdecode.actors.chunked_prefill as prefill_module
-    import fastdecode.actors.prefill_passes as steps_module
 
     _, tokenizer = tiny_model
     spans: dict[str, list[tuple[float, float]]] = {"forward": [], "append": []}
     loop = asyncio.get_running_loop()
-    real_prefill, real_passes = prefill_module.prefill_hidden, steps_module.forward_passes
-    monkeypatch.setattr(steps_module, "forward_passes", lambda work, _, kind: real_passes(work, 1, kind))
+    real_prefill = prefill_module.prefill_hidden
+    one_prompt_per_pass(monkeypatch)
 
     def timed_prefill(*args):
         start = loop.time()
@@ -383,3 +382,18 @@ async def test_a_shard_refusing_a_prompt_for_room_requeues_it(tiny_model, refere
     for prompt, ours in zip(prompts(tokenizer), outputs):
         tokens, gaps = references[tuple(prompt)]
         assert_same_greedy(ours, tokens, gaps, label="prompt refused once")
+
+
+async def test_a_step_without_aborts_leaves_the_token_events_for_the_next_decode_launch(tiny_model):
+    """The events of a step go to the streams as the next decode step starts (after its launch on CUDA), not as the
+    step boundary reaps aborts, when it reaps none."""
+    model, _ = tiny_model
+    executor, _ = await start_executor(model, 0)
+    try:
+        emitted = []
+        executor._held.emit = lambda *seq_ids: emitted.append(True)
+        await executor._reap()
+        await executor._apply_node_changes()
+        assert emitted == []
+    finally:
+        await executor.stop()

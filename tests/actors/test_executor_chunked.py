@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from executor_helpers import TINY_TOKEN_BYTES, collect, greedy, prompt, reference_greedy
+from executor_helpers import collect, greedy, one_prompt_per_pass, prompt, reference_greedy
+from executor_helpers import start_executor as start_local
 from fastdecode.actors.executor import Executor, ExecutorConfig
 from fastdecode.actors.guarded_node import NodeState
 from fastdecode.actors.kv_nodes import LocalKVNode
@@ -24,15 +25,10 @@ KillableNode = _reliability.KillableNode
 
 
 
-async def start_executor(model, max_num_batched_tokens, *, num_nodes: int = 1, node_tokens: int = 32768,
-                         overcommit: float = 1.0) -> tuple[Executor, list]:
-    nodes = [KillableNode(LocalKVNode.for_model(f"n{i}", model, node_tokens * TINY_TOKEN_BYTES), f"n{i}")
-             for i in range(num_nodes)]
-    config = ExecutorConfig(max_num_batched_tokens=max_num_batched_tokens, is_pipelined=False,
-                            scheduler=SchedulerConfig(admission="all-at-once", overcommit=overcommit))
-    executor = Executor(model, nodes, config, eos_token_ids=[])
-    await executor.start()
-    return executor, nodes
+async def start_executor(model, max_num_batched_tokens, **kwargs) -> tuple[Executor, list]:
+    """``executor_helpers.start_executor`` with each node killable."""
+    return await start_local(model, max_num_batched_tokens, wrap=lambda node: KillableNode(node, node.node_id),
+                             **kwargs)
 
 
 def after_each_step(executor: Executor, callback) -> None:
@@ -328,13 +324,12 @@ async def test_a_prompt_placed_on_the_executors_device_is_placed_before_the_next
     """A node on the Executor's device (not a host) holds a prompt's staged K/V beside its pool until placed: the next
     prompt's forward pass waits for that placement, so two prompts' K/V are never staged at once (the default GPU
     pool leaves room for one). Host nodes keep the overlap."""
-    import fastdecode.actors.prefill_passes as steps_module
     from fastdecode.actors.chunked_prefill import PrefillJob
 
     model, _ = tiny_model
     executor, _ = await start_executor(model, 0)  # every prompt whole, in one step
     events = []
-    run_chunk, place, passes = PrefillJob.run_chunk, executor._place, steps_module.forward_passes
+    run_chunk, place = PrefillJob.run_chunk, executor._place
 
     def logged_run(job, *args):
         events.append(("run", job.seq.seq_id))
@@ -349,8 +344,7 @@ async def test_a_prompt_placed_on_the_executors_device_is_placed_before_the_next
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(PrefillJob, "run_chunk", logged_run)
-            # a pass per prompt (at most one token each): passes of several prompts are the pool's one staging
-            patch.setattr(steps_module, "forward_passes", lambda work, _, kind: passes(work, 1, kind))
+            one_prompt_per_pass(patch)  # passes of several prompts are the pool's one staging
             streams = [executor.submit(prompt(40, salt), greedy(2)) for salt in range(3)]
             await asyncio.gather(*(collect(s) for s in streams))
     finally:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from executor_helpers import collect, greedy, prompt, reference_greedy, start_executor
-from fastdecode.actors.chunked_prefill import PrefillJob, forward_passes, prefill_together
+from fastdecode.actors.chunked_prefill import PrefillJob
+from fastdecode.actors.prefill_passes import forward_passes, prefill_together
 from fastdecode.actors.executor import Executor
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.sequence import EventChannel, Sequence
@@ -80,18 +81,18 @@ def test_a_steps_whole_prompts_share_passes_by_where_their_kv_goes():
 async def test_prompts_admitted_together_are_prefilled_in_one_pass(tiny_model, monkeypatch):
     """Five prompts admitted in one step go through one forward pass (not five) and each gets the greedy tokens of
     its own reference run; the next step's prompt gets a pass of its own."""
-    import fastdecode.actors.chunked_prefill as prefill_module
+    import fastdecode.actors.prefill_passes as prefill_module
 
     model, _ = tiny_model
     passes = []
     real_ragged = prefill_module.prefill_hidden_ragged
 
-    def counted(model, tokens, seq_lens):
-        passes.append(list(seq_lens))
-        return real_ragged(model, tokens, seq_lens)
+    def counted(model, tokens, prompts):
+        passes.append(list(prompts.seq_lens))
+        return real_ragged(model, tokens, prompts)
 
     monkeypatch.setattr(prefill_module, "prefill_hidden_ragged", counted)
-    executor = await start_executor(model, 0)
+    executor, _ = await start_executor(model, 0)
     prompts = [prompt(n, salt) for salt, n in enumerate([9, 30, 1, 14, 22])]
     try:
         streams = [executor.submit(p, greedy(12)) for p in prompts]  # in one go, before the loop runs: one admission
@@ -121,7 +122,7 @@ async def test_a_failed_shared_pass_runs_its_prompts_one_by_one(tiny_model, monk
         raise error
 
     monkeypatch.setattr(steps_module, "prefill_together", failing)
-    executor = await start_executor(model, 0)
+    executor, _ = await start_executor(model, 0)
     prompts = [prompt(n, salt) for salt, n in enumerate([12, 5, 20])]
     try:
         outputs = await asyncio.gather(*(collect(executor.submit(p, greedy(12))) for p in prompts))

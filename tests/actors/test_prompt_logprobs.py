@@ -57,7 +57,7 @@ async def test_prompt_logprobs_are_the_full_forward_pass(tiny_model, max_num_bat
     them asking for none: each gets its own prompt's logprobs on its first event and on no other."""
     model, _ = tiny_model
     asks = [(prompt(150, 1), 5), (prompt(7, 2), 0), (prompt(40, 3), None), (prompt(90, 4), 20)]
-    executor = await start_executor(model, max_num_batched_tokens)
+    executor, _ = await start_executor(model, max_num_batched_tokens)
     try:
         streams = [executor.submit(ids, params(num_top)) for ids, num_top in asks]
         results = await asyncio.gather(*(events_of(s) for s in streams))
@@ -76,7 +76,7 @@ async def test_a_sequence_rebuilt_after_a_preemption_does_not_send_them_again(ti
     """A 64-token node, overcommitted: the younger sequence is preempted once it has tokens out, rebuilt from
     prompt plus output, and its stream still has the prompt logprobs on the first event only."""
     model, _ = tiny_model
-    executor = await start_executor(model, 0, node_tokens=64, overcommit=2.0)
+    executor, _ = await start_executor(model, 0, node_tokens=64, overcommit=2.0)
     preempted_with: list[int] = []  # tokens out when the sequence was preempted
     real_preempt = executor._preempt
 

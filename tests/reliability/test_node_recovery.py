@@ -232,21 +232,6 @@ async def test_a_request_only_an_absent_node_could_hold_is_told_to_retry(tiny_mo
         await executor.stop()
 
 
-async def test_a_step_without_aborts_leaves_the_token_events_for_the_next_decode_launch(tiny_model):
-    """The events of a step go to the streams as the next decode step starts (after its launch on CUDA), not as the
-    step boundary reaps aborts, when it reaps none."""
-    model, _ = tiny_model
-    executor, *_ = await start_executor(model, 1)
-    try:
-        emitted = []
-        executor._held.emit = lambda *seq_ids: emitted.append(True)
-        await executor._reap()
-        await executor._apply_node_changes()
-        assert emitted == []
-    finally:
-        await executor.stop()
-
-
 async def test_a_running_request_only_a_node_that_left_could_hold_ends_with_retry(tiny_model, one_torch_thread):
     """A sequence requeued off the only node that could hold its length is not left waiting with its stream silent:
     it ends with a retryable error (503), as a new request of its length is refused; the others go on."""

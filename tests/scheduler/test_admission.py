@@ -1,6 +1,6 @@
 import pytest
 
-from fastdecode.scheduler.admission import AdmissionPolicy, predicted_peak_context
+from fastdecode.scheduler.admission import AdmissionPolicy, predicted_peak_and_step
 from fastdecode.scheduler.config import SchedulerConfig
 from scheduler_helpers import Seq
 
@@ -185,6 +185,10 @@ def test_max_num_seqs_bounds_both_modes():
         waiting = arrivals(policy, 20)
         assert policy.num_to_admit([], waiting) == 3
         assert policy.num_to_admit(waiting[:3], waiting[3:]) == 0
+
+
+def predicted_peak_context(items, horizon=None) -> int:
+    return predicted_peak_and_step(items, horizon)[0]
 
 
 def test_predicted_peak_context():

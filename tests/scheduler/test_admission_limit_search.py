@@ -101,7 +101,7 @@ def test_a_blocked_queue_head_computes_the_peak_once_not_once_per_candidate(monk
     sequences with the first 8 waiting ones is computed once, and the lower bound it gives rules out 7 down to 1."""
     rng = random.Random(7)
     running = [Seq(rng.randint(100, 400), 64, num_generated=rng.randint(0, 63)) for _ in range(248)]
-    live_peak = admission.predicted_peak_context([(s.context_len, s.max_tokens - s.num_generated) for s in running])
+    live_peak, _ = admission.predicted_peak_and_step([(s.context_len, s.max_tokens - s.num_generated) for s in running])
     calls = []
     peak_and_step = admission.predicted_peak_and_step
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastdecode.actors.model import TorchKVCache, prefill_attention, prefill_attention_ragged
+from fastdecode.actors.model.attention import RaggedPrompts
 from fastdecode.actors.reference import run_tokens
 
 
@@ -63,7 +64,7 @@ def test_attend_batches_rows_of_different_sequences():
 @pytest.mark.parametrize("seq_lens", [[3, 4], [3, 3, 3], [1, 5, 1]])  # per prompt / one SDPA batch / per prompt
 def test_ragged_prefill_keeps_prompts_apart(seq_lens, dtype):
     q, k, v = (t.to(dtype) for t in _qkv(num_tokens=sum(seq_lens)))
-    out = prefill_attention_ragged(q, k, v, seq_lens)
+    out = prefill_attention_ragged(q, k, v, RaggedPrompts.of(seq_lens, q.device, q.dtype, q.shape[-1]))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     start = 0
     for length in seq_lens:
@@ -72,7 +73,7 @@ def test_ragged_prefill_keeps_prompts_apart(seq_lens, dtype):
         torch.testing.assert_close(out[part].float(), expected, atol=tolerance, rtol=tolerance)
         start += length
     with pytest.raises(ValueError, match="sum to"):
-        prefill_attention_ragged(q, k, v, seq_lens[1:])
+        prefill_attention_ragged(q, k, v, RaggedPrompts.of(seq_lens[1:], q.device, q.dtype, q.shape[-1]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -88,7 +89,7 @@ def test_ragged_prefill_on_gpu_matches_each_prompt_alone(seq_lens, monkeypatch):
     calls = []
     real_varlen = attention._attend_varlen
     monkeypatch.setattr(attention, "_attend_varlen", lambda *args: calls.append(1) or real_varlen(*args))
-    out = prefill_attention_ragged(q, k, v, seq_lens)
+    out = prefill_attention_ragged(q, k, v, RaggedPrompts.of(seq_lens, q.device, q.dtype, q.shape[-1]))
     assert len(calls) == is_varlen
     alone = torch.cat([prefill_attention(qs, ks, vs)
                        for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))])
