@@ -96,6 +96,9 @@ class ClusterConfig:
             raise ValueError("num_shards must be non-negative")
         if self.num_shards and self.shard_addresses:
             raise ValueError("give either in-process shards or shard addresses, not both")
+        repeated = sorted({a for a in self.shard_addresses if self.shard_addresses.count(a) > 1})
+        if repeated:
+            raise ValueError(f"shard address {repeated[0]} is given twice: give each shard daemon once")
         if self.shard_kv_memory_bytes is not None and self.shard_kv_memory_bytes < 1 << 20:
             raise ValueError("shard KV memory must be at least 1 MiB")
         if self.num_cpus is not None and self.num_cpus < 1:
@@ -140,20 +143,7 @@ def _check_field_types(config: ClusterConfig) -> None:
     if not isinstance(addresses, (list, tuple)) or not all(isinstance(a, str) and a for a in addresses):
         raise TypeError(f"shard_addresses must be a list or tuple of addresses like 'tcp://host:5555', "
                         f"got {addresses!r}")
-    repeated = sorted({a for a in addresses if addresses.count(a) > 1})
-    if repeated:
-        raise ValueError(f"shard address {repeated[0]} is given twice: give each shard daemon once")
     object.__setattr__(config, "shard_addresses", tuple(addresses))
-
-
-def _check_distinct_daemons(addresses: tuple[str, ...], instance_ids: list[int]) -> None:
-    """ValueError if two shard addresses reach one daemon (``tcp://localhost:P`` and ``tcp://127.0.0.1:P``, say):
-    its memory would count twice and its pool overflow."""
-    seen: dict[int, str] = {}
-    for address, instance_id in zip(addresses, instance_ids):
-        first = seen.setdefault(instance_id, address)
-        if first != address:
-            raise ValueError(f"shard addresses {first} and {address} reach the same shard daemon: give each once")
 
 
 def _check_int(name: str, value: object, *, is_none_ok: bool = False) -> None:
@@ -368,8 +358,7 @@ async def _links_before_loading(config: ClusterConfig, device: torch.device) -> 
                  kv_dtype=KV_DTYPE_NAMES[model_dtype(config.model, config.dtype, device)])
     links = ShardLinks.open(config, shape=shape)
     try:
-        instance_ids = await asyncio.gather(*(links.ping(address) for address in config.shard_addresses))
-        _check_distinct_daemons(config.shard_addresses, instance_ids)
+        await links.ping_distinct(config.shard_addresses)
     except BaseException:
         await links.stop()
         raise

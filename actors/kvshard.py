@@ -221,7 +221,7 @@ class KVShard:
                             len(self._lengths))
                 self.on_free(Free(tuple(self._lengths)))
             self._session_id = message.session_id
-        if self._shape is not None and self._shape.shape == message.shape:
+        if not is_reshape:
             return self.on_get_stats(GetStats())
         if self._pool is not None:
             if self._lengths:

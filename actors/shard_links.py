@@ -56,6 +56,17 @@ class ShardLinks:
         await client.close()
         return client.instance_id
 
+    async def ping_distinct(self, addresses: tuple[str, ...]) -> None:
+        """Ping every shard daemon at once: PeerDeadError unless each answers within the heartbeat window, ValueError
+        if two addresses reach one daemon (``tcp://localhost:P`` and ``tcp://127.0.0.1:P``, say): its memory would
+        count twice and its pool overflow."""
+        instance_ids = await asyncio.gather(*(self.ping(address) for address in addresses))
+        seen: dict[int, str] = {}
+        for address, instance_id in zip(addresses, instance_ids):
+            first = seen.setdefault(instance_id, address)
+            if first != address:
+                raise ValueError(f"shard addresses {first} and {address} reach the same shard daemon: give each once")
+
     async def connect(self, address: str) -> ShardKVNode:
         """Connect to a shard (in-process shards share the process-wide Context) and configure it."""
         is_in_process = address.startswith("inproc://")

@@ -10,10 +10,10 @@ A shard needs ``server.*`` and ``authorized_clients/``; an Executor needs
 ``client.*`` and ``server.public``. Security is set on a zmq Context as default
 socket options, so every socket the transport makes on that Context is a CURVE
 socket: ``server_context(keys)`` also starts a ZAP authenticator that admits only
-the listed client keys and logs every refused one; ``client_context(keys)``
-makes sockets that insist on the shard's public key. A client with an unlisted
-key never gets a message through: the handshake is refused before any frame
-reaches the actor.
+the listed client keys and counts every refused one (logged once per interval,
+with the count held back); ``client_context(keys)`` makes sockets that insist on
+the shard's public key. A client with an unlisted key never gets a message
+through: the handshake is refused before any frame reaches the actor.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
+
+from fastdecode.transport.log_throttle import ThrottledWarning
 
 log = logging.getLogger("fastdecode.security")
 
@@ -117,17 +119,19 @@ def write_keys(folder: str | os.PathLike, *, is_overwriting: bool = False) -> li
 
 
 class _AuthorizedKeys:
-    """The ZAP credentials callback: admit listed keys, log every refusal."""
+    """The ZAP credentials callback: admit listed keys, count every refusal and log them (a line per interval: anyone
+    who reaches the port can open connections with an unlisted key as fast as it likes)."""
 
     def __init__(self, authorized: frozenset[bytes]) -> None:
         self._authorized = authorized
         self.num_refused = 0
+        self._warn_refused = ThrottledWarning(log)
 
     def callback(self, domain: str, client_key: bytes) -> bool:
         if client_key in self._authorized:
             return True
         self.num_refused += 1
-        log.warning("refused a CURVE client with unlisted key %s", client_key.decode("ascii", "replace"))
+        self._warn_refused("refused a CURVE client with unlisted key %s", client_key.decode("ascii", "replace"))
         return False
 
 

@@ -33,6 +33,7 @@ import zmq.asyncio
 from fastdecode.transport.codec import Codec
 from fastdecode.transport.control_messages import PROTOCOL, ErrorReply, Ping, Pong
 from fastdecode.transport.errors import ProtocolError
+from fastdecode.transport.log_throttle import ThrottledWarning
 from fastdecode.transport.messages import Message
 from fastdecode.transport.pump import SocketPump
 from fastdecode.transport.sockets import LINGER_MS, make_socket
@@ -43,26 +44,6 @@ RequestCallback = Callable[[bytes, int, Message], None]
 AdmitCallback = Callable[[bytes, int, Message], "ErrorReply | None"]
 MAX_PING_CLIENTS = 256  # heartbeat senders remembered (the most recent); a shard has one Executor at a time
 MAX_PEERS = 1024  # peers whose declared client_id is remembered (the most recent)
-BAD_MESSAGE_LOG_INTERVAL_S = 10.0  # a flood of bad messages leaves a line this often, with the count held back
-
-
-class ThrottledWarning:
-    """Warnings logged at most once per ``interval_s`` each (by format string); those held back in between are
-    counted in the next line of theirs."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._next_s: dict[str, float] = {}
-        self._num_held: dict[str, int] = {}
-
-    def __call__(self, msg: str, *args) -> None:
-        now = time.monotonic()
-        if now < self._next_s.get(msg, float("-inf")):
-            self._num_held[msg] = self._num_held.get(msg, 0) + 1
-            return
-        held = self._num_held.pop(msg, 0)
-        log.warning(msg + (" (and %d more since the last such line)" if held else ""), *args, *((held,) if held else ()))
-        self._next_s[msg] = now + self.interval_s
 
 
 class RpcServer:
@@ -88,7 +69,7 @@ class RpcServer:
         self.address: str | None = None
         self.instance_id: int | None = None  # drawn by start(), carried by every Pong
         self.num_dropped = 0  # messages dropped without a reply (unreadable request id)
-        self._warn_bad = ThrottledWarning(BAD_MESSAGE_LOG_INTERVAL_S)  # a peer's junk must not flood the log
+        self._warn_bad = ThrottledWarning(log)  # a peer's junk must not flood the log
         self._last_ping_s: dict[int, float] = {}  # client_id -> when its last heartbeat came (oldest first)
         self._peer_client_ids: dict[bytes, int] = {}  # peer -> the client_id of its last Ping (oldest first)
 

@@ -28,15 +28,6 @@ def test_cluster_config_refuses_contradictions():
         ClusterConfig(num_shards=-1)
 
 
-@pytest.mark.parametrize("max_queue", [0, -1, True, 2.5])
-def test_a_queue_that_could_hold_no_request_is_refused(max_queue):
-    """Every request waits in the queue before it runs: --max-queue 0 would answer every request 429 forever."""
-    from fastdecode.actors.executor_config import ExecutorConfig
-
-    with pytest.raises(ValueError, match="max_queue must be a positive integer"):
-        ExecutorConfig(max_queue=max_queue)
-
-
 def test_executor_runs_torch_single_threaded_beside_shards_on_cuda():
     assert executor_torch_threads(2, is_cuda=True, has_shards=True) == 1
     assert executor_torch_threads(16, is_cuda=True, has_shards=False) == 16
@@ -50,6 +41,33 @@ def test_each_cluster_run_names_its_own_shard_session():
     first, second = (ShardLinks.open(ClusterConfig(), shape=shape) for _ in range(2))
     assert first.session_id != second.session_id  # a restarted Executor frees what the last one left
     assert all(0 < links.session_id < 1 << 63 for links in (first, second))
+
+
+async def test_two_addresses_that_reach_one_shard_daemon_are_refused():
+    """The same daemon under two addresses would count its memory twice and overflow its pool: refused before the
+    weights load, naming both addresses; distinct daemons pass."""
+    from fastdecode.actors.cluster import ShardLinks
+    from fastdecode.transport.codec import Codec
+    from fastdecode.transport.server import RpcServer
+    from fastdecode.transport.shard_messages import SHARD_CHANNEL
+
+    servers = [RpcServer("tcp://127.0.0.1:0", Codec(SHARD_CHANNEL), lambda peer, request_id, message: None)
+               for _ in range(2)]  # each answers Pings with its own instance id, as a shard daemon does
+    first, second = [await server.start() for server in servers]
+    alias = first.replace("127.0.0.1", "localhost")
+    links = ShardLinks(shape={}, ctx=None, heartbeat_interval_s=0.5, liveness=3, attend_timeout_s=10.0)
+    try:
+        await links.ping_distinct((first, second))
+        with pytest.raises(ValueError, match=f"shard addresses {first} and {alias} reach the same shard daemon"):
+            await links.ping_distinct((first, second, alias))
+    finally:
+        for server in servers:
+            await server.close()
+
+
+def test_a_shard_address_given_twice_is_refused():
+    with pytest.raises(ValueError, match="shard address tcp://h:1 is given twice: give each shard daemon once"):
+        ClusterConfig(shard_addresses=["tcp://h:2", "tcp://h:1", "tcp://h:1"])
 
 
 def test_default_shard_memory_is_a_third_of_the_available_memory_shared_within_bounds(monkeypatch):
