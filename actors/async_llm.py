@@ -22,7 +22,7 @@ from fastdecode.actors.api_inputs import (
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.detokenize import Detokenizer
 from fastdecode.actors.executor_config import check_prompt
-from fastdecode.actors.generation_results import gather_result, gather_samples
+from fastdecode.actors.generation_results import gather_samples
 from fastdecode.actors.named_requests import NamedRequest, NamedRequests
 from fastdecode.actors.request import GenerationResult, PromptLogprob, RequestError, SamplingParams
 from fastdecode.actors.unclosed import cancel_dropped, release_unstopped
@@ -49,11 +49,18 @@ class StreamOutput:
     rank: int | None = None  # the token's rank in the raw distribution (1: the likeliest), with ``logprob``
 
 
+def max_text_chars(max_model_len: int, max_chars_per_token: int) -> int:
+    """The most characters of text ``max_model_len`` tokens of at most ``max_chars_per_token`` each hold: text
+    longer has more tokens than the context holds (``AsyncLLM.max_prompt_chars``, ``check_text_fits``)."""
+    return max_model_len * max_chars_per_token
+
+
 def check_text_fits(num_chars: int, max_model_len: int, max_chars_per_token: int, param: str = "prompt") -> None:
     """RequestError (naming ``param``) for text of more characters than ``max_model_len`` tokens of at most
-    ``max_chars_per_token`` each hold: the refusal its token count would give, without the seconds of tokenizing
-    it. (A chat template that drops message text could have made it fit; that is text the model never sees.)"""
-    max_chars = max_model_len * max_chars_per_token
+    ``max_chars_per_token`` each hold (``max_text_chars``): the refusal its token count would give, without the
+    seconds of tokenizing it. (A chat template that drops message text could have made it fit; that is text the
+    model never sees.)"""
+    max_chars = max_text_chars(max_model_len, max_chars_per_token)
     if num_chars > max_chars:
         text = "the prompt" if param == "prompt" else "the text of the messages"
         raise RequestError(f"{text} is too long for this model's context: {num_chars} characters, more than its "
@@ -160,7 +167,7 @@ class AsyncLLM:
     def max_prompt_chars(self) -> int:
         """No token stands for more than the tokenizer's ``max_chars_per_token`` characters: text longer than this has
         more tokens than the context holds, refused without the seconds of tokenizing it."""
-        return self.max_model_len * self.tokenizer.max_chars_per_token
+        return max_text_chars(self.max_model_len, self.tokenizer.max_chars_per_token)
 
 
     @property
@@ -255,18 +262,13 @@ class AsyncLLM:
         is a RequestError (the engine's, ``SamplingParams.within``)."""
         self.check_open()
         self.check_loop()
-        return self._submit(prompt_ids, check_params(params, default=self.default_params))
-
-    def _submit(self, prompt_ids: list[int], params: SamplingParams,
-                named: NamedRequest | None = None) -> "SubmittedStream":
+        params = check_params(params, default=self.default_params)
         request = self.cluster.submit(prompt_ids, params)
-        if named is not None:
-            named.seq_ids.append(request.request_id)  # abort(name) ends it from here on
-        return SubmittedStream(request, self._stream(prompt_ids, params, request, named))
+        return SubmittedStream(request, self._stream(prompt_ids, params, request))
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams, request=None,
                       named: NamedRequest | None = None) -> AsyncGenerator[StreamOutput, None]:
-        if request is None:  # stream(): submitted now, when iteration starts
+        if request is None:  # stream() and generate(): submitted now, when iteration starts
             self.check_open()
             self.check_loop()
             if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: never submitted
@@ -314,37 +316,17 @@ class AsyncLLM:
         """One request to its end; RequestError if it failed. ``request_id`` as in ``stream``: a request ended by
         ``abort(request_id)`` returns what it made, its finish_reason "abort". ``params.n`` > 1 (vLLM's parallel
         sampling): its n samples run together, each its own engine request (``SamplingParams.samples``: sample i
-        seeded seed + i), one result of n ``outputs``; an abort of its name ends them all."""
+        seeded seed + i; the prompt's logprobs asked of sample 0 alone, as vLLM's ``RequestOutput`` has them once),
+        one result of n ``outputs``; a refusal of one cancels the others, and an abort of its name ends them all."""
         self.check_open()
         self.check_loop()
         params = check_params(params, default=self.default_params)
         self.check_num_samples(params)
         with self.named_requests.hold(request_id) as named:  # abort(request_id) ends it from here on
             tokenized = await self._tokenize_off_loop(prompt)
-            if params.n == 1:
-                outputs = self._stream(tokenized.token_ids, params, named=named)
-                return await gather_result(outputs, tokenized, params, self.tokenizer.token_text)
-            return await self._generate_samples(tokenized, params, named)
-
-    async def _generate_samples(self, prompt: TokenizedPrompt, params: SamplingParams,
-                                named: NamedRequest | None) -> GenerationResult:
-        """The n samples of one request (``SamplingParams.samples``) submitted together (a refusal of one cancels
-        those before it) and read together; ``named`` holds the engine ids of them all, for ``abort``. The prompt's
-        logprobs are asked of sample 0 alone (vLLM's ``RequestOutput`` has them once)."""
-        first, *others = params.samples()
-        samples = [first, *(one._replaced(prompt_logprobs=None) for one in others)]
-        if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: none is submitted
-            streams = [self._stream(prompt.token_ids, sample, named=named) for sample in samples]
-            return await gather_samples(streams, prompt, samples, self.tokenizer.token_text)
-        submitted: list[SubmittedStream] = []
-        try:
-            for sample in samples:
-                submitted.append(self._submit(prompt.token_ids, sample, named))
-        except BaseException:
-            for stream in submitted:
-                await stream.aclose()
-            raise
-        return await gather_samples(submitted, prompt, samples, self.tokenizer.token_text)
+            samples = params.samples(is_prompt_logprobs_once=True)
+            outputs = [self._stream(tokenized.token_ids, sample, named=named) for sample in samples]
+            return await gather_samples(outputs, tokenized, samples, self.tokenizer.token_text)
 
     def check_num_samples(self, params: SamplingParams) -> None:
         """RequestError (param ``n``) for more samples than the queue holds: all of a request's are submitted

@@ -51,8 +51,9 @@ async def gather_result(outputs: "Outputs", prompt: TokenizedPrompt, params: Sam
 async def gather_samples(streams: Sequence["Outputs"], prompt: TokenizedPrompt,
                          samples: Sequence[SamplingParams], token_text: TokenText) -> GenerationResult:
     """The streams of one request's samples (``SamplingParams.samples``), read together: sample 0's result holding
-    the others (``GenerationResult.other_samples``). If one fails, or this is cancelled, every stream is closed
-    (a submitted request cancelled, read or not) before this returns."""
+    the others (``GenerationResult.other_samples``). If one fails (its submission refused too), or this is
+    cancelled, every stream is closed (a submitted request cancelled, read or not; one submitted when first read
+    never submitted) before this returns."""
     tasks = [asyncio.ensure_future(gather_result(stream, prompt, params, token_text))
              for stream, params in zip(streams, samples)]
     try:

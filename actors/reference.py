@@ -65,12 +65,12 @@ def reference_generate(
     model: LlamaModel, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams
 ) -> GenerationResult:
     """Generate one continuation; stops at EOS (unless ignore_eos), a stop token or
-    string, ``max_tokens`` or the end of the model's context."""
-    if params.n != 1:
-        raise ValueError(f"reference_generate makes one sample; run each of SamplingParams.samples() (n={params.n})")
+    string, ``max_tokens`` or the end of the model's context. One sample, as an engine request: ``params.n`` > 1
+    is a RequestError (``SamplingParams.within``)."""
     prompt = list(prompt_token_ids)
     check_prompt(prompt, model)
     context = model.config.max_position_embeddings
+    params = params.within(context - len(prompt))
     eos_ids = tuple(tokenizer.eos_token_ids or model.config.eos_token_ids)
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     result = GenerationResult(prompt_token_ids=prompt)
@@ -89,7 +89,7 @@ def reference_generate(
             result.finish_reason = "stop"
         elif detokenizer.add(token)[1]:
             result.finish_reason = "stop"
-        elif len(result.token_ids) >= (params.max_tokens or context) or len(prompt) + len(result.token_ids) >= context:
+        elif len(result.token_ids) >= params.max_tokens or len(prompt) + len(result.token_ids) >= context:
             result.finish_reason = "length"
         if result.finish_reason is not None:
             break

@@ -119,13 +119,19 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
         return self._replaced(seed=seed)
 
-    def samples(self) -> list["SamplingParams"]:
+    def samples(self, is_prompt_logprobs_once: bool = False) -> list["SamplingParams"]:
         """The ``n`` samples as engine requests of one sample each: sample i seeded ``seed + i`` where a seed is
-        given (vLLM's parallel sampling: each sample is the single request with that seed), the same otherwise."""
+        given (vLLM's parallel sampling: each sample is the single request with that seed), the same otherwise.
+        Each asks the prompt's logprobs (the HTTP choices show theirs); with ``is_prompt_logprobs_once`` sample 0
+        alone does (vLLM's ``RequestOutput`` has them once: ``AsyncLLM.generate``)."""
         one = self._replaced(n=1)
         if self.seed is None:
-            return [one] * self.n
-        return [one.with_seed(self.seed + index) for index in range(self.n)]
+            samples = [one] * self.n
+        else:
+            samples = [one.with_seed(self.seed + index) for index in range(self.n)]
+        if is_prompt_logprobs_once:
+            samples[1:] = [sample._replaced(prompt_logprobs=None) for sample in samples[1:]]
+        return samples
 
     def within(self, room: int) -> "SamplingParams":
         """These parameters as one engine request runs them, for a prompt that leaves ``room`` tokens of the

@@ -19,7 +19,15 @@ import click
 
 from fastdecode.cli.bench_plot import line_plots
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
-from fastdecode.cli.plan import DTYPE_BYTES, FiniteFloatRange, resolve_gpu, resolve_model_config, shape_of
+from fastdecode.cli.plan import (
+    DEFAULT_GPU,
+    DTYPE_BYTES,
+    FiniteFloatRange,
+    gpu_spec,
+    resolve_gpu,
+    resolve_model_config,
+    shape_of,
+)
 
 
 def gpu_only_row(shape, dense_step_s, request, max_batch: int, hbm_bytes_per_s: float) -> dict:
@@ -37,12 +45,12 @@ def gpu_only_row(shape, dense_step_s, request, max_batch: int, hbm_bytes_per_s: 
 
 
 def project(options: dict) -> dict:
-    from fastdecode.scheduler import GPU_SPECS, PlanRequest, plan_deployment
+    from fastdecode.scheduler import PlanRequest, plan_deployment
 
     config = resolve_model_config(options["model"])
     shape = shape_of(config, DTYPE_BYTES[options["dtype"]])
     dense_step_s, memory, label = resolve_gpu(options["gpu"], options["gpu_profile"], shape, options["model"])
-    hbm = options["hbm_gbps"] * 1e9 if options["hbm_gbps"] else GPU_SPECS[options["gpu"] or "h100"].hbm_bytes_per_s
+    hbm = options["hbm_gbps"] * 1e9 if options["hbm_gbps"] else gpu_spec(options["gpu"]).hbm_bytes_per_s
     rows = []
     gpu_only = None
     for hosts in range(1, options["max_hosts"] + 1):
@@ -95,10 +103,10 @@ def format_table(summary: dict) -> str:
 @click.option("--per-host-gbps", required=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Measured attention read GB/s of one CPU host.")
 @click.option("--max-hosts", default=16, show_default=True, type=click.IntRange(1, 256))
-@click.option("--gpu", type=click.Choice(["h100", "h200", "a10"]), default=None, help="Analytical GPU (default h100).")
+@click.option("--gpu", type=click.Choice(["h100", "h200", "a10"]), default=None, help=f"Analytical GPU (default {DEFAULT_GPU}).")
 @click.option("--gpu-profile", type=click.Path(dir_okay=False), default=None, help="Measured dense profile (JSON).")
 @click.option("--hbm-gbps", type=FiniteFloatRange(min=0, min_open=True), default=None,
-              help="GPU memory bandwidth for gpu-only KV reads (default: the --gpu spec's, h100 with a profile).")
+              help=f"GPU memory bandwidth for gpu-only KV reads (default: the --gpu spec's, {DEFAULT_GPU} with a profile).")
 @click.option("--shard-overhead-us", type=FiniteFloatRange(min=0), default=100.0, show_default=True,
               help="Per attend call.")
 @click.option("--prompt-len", required=True, type=click.IntRange(1))

@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError
-from fastdecode.scheduler.gpu_profile import GPU_SPECS, GpuProfile
+from fastdecode.scheduler.gpu_profile import GPU_SPECS, GpuProfile, GpuSpec
 from fastdecode.scheduler.model_shape import ModelShape
 from fastdecode.scheduler.plan import PlanError, PlanRequest, PlanResult, plan_deployment
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float8": 1}
+DEFAULT_GPU = "h100"  # the analytical GPU where no --gpu is given (plan, bench project)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -74,6 +75,11 @@ def load_profile(path: str) -> GpuProfile:
         raise OneLineError(f"bad GPU profile {path}: {exc}") from None
 
 
+def gpu_spec(gpu: str | None) -> GpuSpec:
+    """The built-in spec of ``--gpu``, ``DEFAULT_GPU``'s where none is given."""
+    return GPU_SPECS[gpu or DEFAULT_GPU]
+
+
 def resolve_gpu(gpu: str | None, gpu_profile: str | None, shape: ModelShape,
                 model_name: str) -> tuple[Callable[[float], float], int | None, str]:
     """(seconds of one dense pass of a batch, the GPU's memory in bytes or None where unknown, a label) from
@@ -86,7 +92,7 @@ def resolve_gpu(gpu: str | None, gpu_profile: str | None, shape: ModelShape,
                 f"the profile was measured on a {profile.num_layers}-layer model, {model_name} has {shape.num_layers}"
             )
         return profile.perf_model().predict, profile.memory_bytes, profile.device_name or gpu_profile
-    spec = GPU_SPECS[gpu or "h100"]
+    spec = gpu_spec(gpu)
     return (lambda b: spec.dense_step_s(shape, b)), spec.memory_bytes, spec.name
 
 
@@ -107,7 +113,7 @@ def format_text(model: str, gpu_label: str, request: PlanRequest, result: PlanRe
 
 @click.command("plan", cls=OneLineCommand)
 @click.option("--model", "model_name", required=True, help="HF folder, smollm2, a preset (llama3-8b...) or random:<preset>.")
-@click.option("--gpu", type=click.Choice(sorted(GPU_SPECS)), default=None, help="Built-in analytical GPU (default h100).")
+@click.option("--gpu", type=click.Choice(sorted(GPU_SPECS)), default=None, help=f"Built-in analytical GPU (default {DEFAULT_GPU}).")
 @click.option("--gpu-profile", type=click.Path(dir_okay=False), default=None, help="Measured dense-step profile (JSON).")
 @click.option("--shard-gbps", type=float, multiple=True, help="Read GB/s of a shard; repeat for a fixed pool. [60]")
 @click.option("--shard-mem-gib", type=FiniteFloatRange(min=0, min_open=True), multiple=True,

@@ -6,11 +6,12 @@ import contextlib
 import pytest
 import torch
 
-from api_helpers import LONG, PROMPT, TINY, is_idle, llm, until  # noqa: F401 (llm: a fixture)
+from api_helpers import LONG, PROMPT, TINY, llm, until, until_idle  # noqa: F401 (llm: a fixture)
 from fastdecode.actors.api import AsyncLLM
+from fastdecode.actors.async_llm import check_text_fits, max_text_chars
 from fastdecode.actors.cluster import ClusterConfig
 from fastdecode.actors.reference import reference_generate
-from fastdecode.actors.request import SamplingParams
+from fastdecode.actors.request import RequestError, SamplingParams
 
 
 async def _serve(params: SamplingParams):
@@ -74,18 +75,15 @@ async def test_a_submitted_stream_dropped_unread_cancels_its_request(llm):
     await until(lambda: executor.num_running == 1)
     del submitted
     gc.collect()
-    await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=1.0)
-    assert await is_idle(llm)
+    await until_idle(llm, timeout_s=1.0)
 
 
 async def test_aclosing_context_frees_on_early_exit(llm):
-    executor = llm.cluster.executor
     async with contextlib.aclosing(llm.stream(PROMPT, LONG)) as outputs:
         async for out in outputs:
             break
     assert out.token_id >= 0
-    await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
-    assert await is_idle(llm)
+    await until_idle(llm)
 
 
 async def test_breaking_an_inline_stream_frees_at_once(llm):
@@ -97,8 +95,7 @@ async def test_breaking_an_inline_stream_frees_at_once(llm):
         if out.token_id >= 0 and executor.num_running == 1:
             break
     assert executor.num_running == 1  # running when left (it is cancelled on the loop's next turns)
-    await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
-    assert await is_idle(llm)
+    await until_idle(llm)
 
 
 async def test_stream_checks_its_arguments_when_called(llm):
@@ -154,3 +151,16 @@ async def test_closed_llm_refuses_requests():
         llm.stream(PROMPT, SamplingParams())
     with pytest.raises(RuntimeError, match="LLM is closed"):
         await llm.generate(PROMPT)
+
+
+async def test_text_past_what_the_context_holds_is_refused_by_one_limit(llm):
+    """``max_text_chars`` is the limit of both ``AsyncLLM.max_prompt_chars`` and ``check_text_fits``: text at it
+    passes, a character more is refused (untokenized), naming the field."""
+    assert llm.max_prompt_chars == max_text_chars(llm.max_model_len, llm.tokenizer.max_chars_per_token)
+    assert max_text_chars(64, 3) == 192
+    check_text_fits(192, 64, 3)
+    with pytest.raises(RequestError) as info:
+        check_text_fits(193, 64, 3, "messages")
+    assert info.value.param == "messages"
+    assert str(info.value) == ("the text of the messages is too long for this model's context: 193 characters, more "
+                               "than its 64 tokens can hold (at most 192)")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from api_helpers import LONG, PROMPT, THREAD_WAIT_S, is_idle, llm, until  # noqa: F401 (llm: a fixture)
+from api_helpers import LONG, PROMPT, THREAD_WAIT_S, is_idle, llm, until, until_idle  # noqa: F401 (llm: a fixture)
 from fastdecode.actors.request import SamplingParams
 
 SHORT = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
@@ -38,8 +38,7 @@ async def test_abort_ends_a_live_stream_with_an_abort_output_and_frees_it(llm):
     # the stream goes on only until the engine ends it (a step or so), then ends with vLLM's "abort" output
     assert len(seen) < 10 and seen[-1].finish_reason == "abort" and seen[-1].token_id == -1
     assert all(out.request_id == "long" for out in seen)
-    await until(lambda: executor.num_running == 0 and executor.num_waiting == 0, timeout_s=0.5)
-    assert await is_idle(llm) and len(llm.named_requests) == 0
+    await until_idle(llm)
 
 
 async def test_abort_ends_generate_and_takes_several_ids(llm):
@@ -49,7 +48,7 @@ async def test_abort_ends_generate_and_takes_several_ids(llm):
     results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=2.0)
     assert [r.finish_reason for r in results] == ["abort", "abort"]
     assert [r.request_id for r in results] == ["g0", "g1"] and all(len(r.token_ids) < 20 for r in results)
-    assert await is_idle(llm) and len(llm.named_requests) == 0
+    assert await is_idle(llm)
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -67,7 +66,7 @@ async def test_abort_while_the_prompt_is_tokenized_never_runs_it(llm, monkeypatc
     result = await asyncio.wait_for(task, timeout=2.0)
     assert result.request_id == "early"
     assert [(o.index, o.finish_reason, o.token_ids) for o in result.outputs] == [(i, "abort", []) for i in range(n)]
-    assert submitted == [] and await is_idle(llm) and len(llm.named_requests) == 0
+    assert submitted == [] and await is_idle(llm)
 
 
 async def test_abort_of_an_unknown_or_finished_id_is_a_no_op(llm):
@@ -93,7 +92,7 @@ async def test_a_live_id_is_refused_to_a_second_caller(llm):
     assert llm.cluster.executor.num_running == 1 and not first.done()  # the first one runs on, untouched
     await llm.abort("dup")
     assert (await asyncio.wait_for(first, timeout=2.0)).finish_reason == "abort"
-    assert await is_idle(llm) and len(llm.named_requests) == 0
+    assert await is_idle(llm)
 
 
 async def test_a_stream_made_before_the_name_was_taken_is_refused_when_it_starts(llm):
@@ -122,4 +121,4 @@ async def test_a_named_stream_closed_early_frees_its_request_and_name(llm):
     assert (await outputs.__anext__()).request_id == "closed"
     await outputs.aclose()
     await until(lambda: llm.cluster.executor.num_running == 0, timeout_s=0.5)
-    assert await is_idle(llm) and len(llm.named_requests) == 0
+    assert await is_idle(llm)

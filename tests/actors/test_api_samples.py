@@ -4,10 +4,11 @@ stream is one sample, so ``stream`` and the engine's own ``submit`` refuse n > 1
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from api_helpers import PROMPT, is_idle, llm, until  # noqa: F401 (llm: a fixture)
+from api_helpers import PROMPT, THREAD_WAIT_S, is_idle, llm, until, until_idle  # noqa: F401 (llm: a fixture)
 from fastdecode.actors.executor_config import QueueFullError
 from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
 
@@ -31,6 +32,17 @@ def test_samples_are_one_engine_request_each_seeded_seed_plus_i():
     unseeded = SamplingParams(n=2).samples()
     assert [(p.n, p.seed) for p in unseeded] == [(1, None), (1, None)]
     assert SamplingParams().samples() == [SamplingParams()]
+
+
+def test_samples_may_ask_the_prompts_logprobs_of_sample_0_alone():
+    """generate's samples (vLLM's RequestOutput has the prompt's logprobs once); the HTTP choices keep each its own."""
+    params = SamplingParams(n=3, seed=5, temperature=0.8, prompt_logprobs=2, logprobs=1)
+    once = params.samples(is_prompt_logprobs_once=True)
+    assert [p.prompt_logprobs for p in once] == [2, None, None]
+    assert [(p.n, p.seed, p.logprobs) for p in once] == [(1, 5, 1), (1, 6, 1), (1, 7, 1)]
+    assert once[0] == params.samples()[0]
+    assert SamplingParams(prompt_logprobs=2).samples(is_prompt_logprobs_once=True) == [
+        SamplingParams(prompt_logprobs=2)]
 
 
 def test_outputs_list_every_sample_with_its_index():
@@ -91,6 +103,25 @@ async def test_the_prompts_logprobs_are_computed_for_sample_0_alone(llm, monkeyp
     assert await is_idle(llm)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+async def test_a_shutdown_while_the_prompt_is_tokenized_submits_none_of_its_samples(llm, monkeypatch, n):
+    """n samples are submitted as one sample is: a shutdown while the text prompt is tokenized refuses them as
+    "LLM is closed" and none reaches the engine (n > 1 used to reach the stopping engine: an UnavailableError)."""
+    submitted, is_tokenizing, tokenizing = [], threading.Event(), threading.Event()
+    submit, tokenize = llm.cluster.submit, llm.tokenize
+    monkeypatch.setattr(llm.cluster, "submit", lambda *args: submitted.append(args) or submit(*args))
+    monkeypatch.setattr(llm, "tokenize",
+                        lambda prompt: is_tokenizing.set() or tokenizing.wait(THREAD_WAIT_S) and tokenize(prompt))
+    task = asyncio.ensure_future(llm.generate("Hello there", SamplingParams(max_tokens=4, n=n)))
+    await until(is_tokenizing.is_set)
+    stopping = llm.shutdown()
+    tokenizing.set()  # the tokenizer's thread goes on only now
+    with pytest.raises(RuntimeError, match="LLM is closed"):
+        await asyncio.wait_for(task, timeout=2.0)
+    await asyncio.wait_for(stopping, timeout=THREAD_WAIT_S)
+    assert submitted == []
+
+
 async def test_stream_and_submit_refuse_n(llm):
     with pytest.raises(RequestError, match="use generate") as info:
         llm.stream(PROMPT, SamplingParams(n=2))
@@ -120,7 +151,7 @@ async def test_abort_of_a_named_request_ends_all_its_samples(llm):
     result = await asyncio.wait_for(task, timeout=2.0)
     assert [o.finish_reason for o in result.outputs] == ["abort"] * 3
     assert all(len(o.token_ids) < 50 for o in result.outputs) and result.request_id == "three"
-    assert await is_idle(llm) and len(llm.named_requests) == 0
+    assert await is_idle(llm)
 
 
 async def test_a_refused_sample_cancels_those_submitted_before_it(llm, monkeypatch):
@@ -135,6 +166,5 @@ async def test_a_refused_sample_cancels_those_submitted_before_it(llm, monkeypat
     monkeypatch.setattr(llm.cluster, "submit", third_refused)
     with pytest.raises(QueueFullError):
         await llm.generate(PROMPT, LONG)
-    await until(lambda: llm.cluster.executor.num_running == 0 and llm.cluster.executor.num_waiting == 0,
-                 timeout_s=0.5)
-    assert len(num_submitted) == 3 and await is_idle(llm)
+    await until_idle(llm)
+    assert len(num_submitted) == 3
