@@ -26,7 +26,15 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
 
 
 def _thread_names() -> list[str]:
+    """The live threads' names once a stop's closing thread ("fd-dense-close", which ends just after it hands the
+    stop its result) has ended: under load it can still be alive for a moment after the stop returned."""
+    deadline = time.monotonic() + THREAD_WAIT_S
+    while any(t.name == CLOSING_THREAD for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return sorted(t.name for t in threading.enumerate())
+
+
+CLOSING_THREAD = "fd-dense-close"  # DenseRunner.close_off_loop's
 
 
 def _num_fds() -> int:
@@ -34,7 +42,8 @@ def _num_fds() -> int:
 
 
 def _num_dense_threads() -> int:
-    return sum(t.name.startswith("fd-dense") for t in threading.enumerate())
+    """The dense compute threads (ThreadPoolExecutor's "fd-dense_0"), not a stop's closing thread."""
+    return sum(t.name.startswith("fd-dense_") for t in threading.enumerate())
 
 
 def test_a_dropped_llm_releases_its_threads_and_fds():
