@@ -18,6 +18,13 @@ checks through placement):
   state's total plus ``sls_load_headroom``.  Below ``sls_free_load`` of the batch
   (running plus waiting sequences) there is nothing to stabilise: every waiting
   sequence starts at once, as in ``"all-at-once"``, still under the context limit.
+  SLS levels the attention time, so it paces only where attention bounds the
+  step: when the caller's step model (``predict_step_s``) predicts the step at
+  the predicted peak (live sequences grown to their expected ends, plus every
+  candidate) more than ``sls_attention_margin`` slower than the same step with
+  no context, i.e. attention is neither hidden under the pipeline's dense part
+  nor small against it.  Otherwise every candidate starts at once, outside the
+  rate and the derived limit (an explicit ``max_total_context`` still holds).
 A derived limit makes room for the batch's longest sequence beside B - 1 steady
 shares, so one long request does not hold the batch down while it runs.
 Sequences that already generated tokens (preempted for room, or requeued off a
@@ -38,11 +45,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
 from typing import Protocol
 
 from fastdecode.scheduler.config import SchedulerConfig
+
+StepPredictor = Callable[[int, float], float]  # (sequences, total context in tokens) -> seconds of a decode step
 
 
 class _Seq(Protocol):
@@ -162,8 +171,10 @@ class AdmissionPolicy:
         self._credit = max(0.0, self._credit - num_new)
 
     # --- decision ------------------------------------------------------------------
-    def num_to_admit(self, running: Sequence[_Seq], waiting: Sequence[_Seq]) -> int:
-        """How many sequences from the head of ``waiting`` to admit this step (call once per step)."""
+    def num_to_admit(self, running: Sequence[_Seq], waiting: Sequence[_Seq],
+                     predict_step_s: StepPredictor | None = None) -> int:
+        """How many sequences from the head of ``waiting`` to admit this step (call once per step).
+        ``predict_step_s``: the decode step's time model; without it SLS paces whatever the step's bound."""
         num_slots = max(0, self.config.max_num_seqs - len(running))
         num_candidates = min(num_slots, len(waiting))
         if self.config.admission == "all-at-once":
@@ -173,13 +184,15 @@ class AdmissionPolicy:
             self._credit = max(self._credit, float(group))  # cold start: the first group goes at once
         else:
             self._credit = min(self._credit + self.rate_per_step, self._credit_cap())
-        if len(running) + len(waiting) <= self.config.sls_free_load * self.config.max_num_seqs:
+        # attention does not bound the step (nothing to level), or the load is light: every candidate at once
+        is_light = self._is_attention_light(running, waiting[:num_candidates], predict_step_s)
+        if is_light or len(running) + len(waiting) <= self.config.sls_free_load * self.config.max_num_seqs:
             num = num_candidates
         else:
             num = min(num_candidates, group * math.floor(self._credit / group))
         num_resumed = next((i for i, s in enumerate(waiting[:num_candidates]) if s.num_generated == 0),
                            num_candidates)
-        limit = self.context_limit
+        limit = self.config.max_total_context if is_light else self.context_limit
         if num == 0 or limit is None:
             return max(num, num_resumed)
         live = [(s.context_len, self.expected_remaining(s)) for s in running]
@@ -205,6 +218,20 @@ class AdmissionPolicy:
         if num == 0 and not running:
             num = 1  # never stall an idle system on a prompt larger than the limit
         return max(num, num_resumed)
+
+    def _is_attention_light(self, running: Sequence[_Seq], candidates: Sequence[_Seq],
+                            predict_step_s: StepPredictor | None) -> bool:
+        """Whether admitting every candidate keeps the step from being bound by attention: the step predicted at
+        the peak total context of the running sequences and the candidates, each grown to its expected end, is at
+        most ``1 + sls_attention_margin`` times the step of as many sequences with no context (one token each,
+        so the attend calls' fixed cost counts on both sides). Both at the sequences still running at the peak."""
+        if predict_step_s is None or not candidates:
+            return False
+        items = [(s.context_len, self.expected_remaining(s)) for s in itertools.chain(running, candidates)]
+        peak, peak_step = predicted_peak_and_step(items)
+        num_seqs = sum(1 for _, num_remaining in items if num_remaining > peak_step)
+        margin = 1.0 + self.config.sls_attention_margin
+        return predict_step_s(num_seqs, peak) <= margin * predict_step_s(num_seqs, num_seqs)
 
     def _limit_with(self, limit: int, longest: int) -> float:
         """The context limit for a batch whose longest item reaches ``longest`` tokens (context_len + remaining

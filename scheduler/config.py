@@ -30,6 +30,10 @@ class SchedulerConfig:
     - ``sls_free_load``: while the running and waiting sequences together are at most this share of
       ``max_num_seqs``, SLS admits every waiting sequence at once (still under the context limit): a
       lightly loaded server starts requests as they come, and pacing starts only as the batch fills.
+    - ``sls_attention_margin``: SLS paces only where attention bounds the step: when the predicted decode step at
+      the predicted peak total context (live sequences grown to their expected ends, plus the candidates) is more
+      than this fraction slower than the same step with no context. Otherwise (attention hidden under the dense
+      part, or small against it) the candidates start at once: pacing would hold requests for no level to keep.
     - ``max_total_context``: an explicit SLS context limit in tokens (overrides the derived one).
     - ``estimate_rate``: EWMA rate of the running estimates (prompt and output lengths).
     - ``is_single_minibatch_allowed``: the split may put every sequence in one mini-batch
@@ -45,6 +49,7 @@ class SchedulerConfig:
     sls_min_group_size: int = 1
     sls_load_headroom: float = 0.1
     sls_free_load: float = 0.5
+    sls_attention_margin: float = 0.1
     max_total_context: int | None = None
     estimate_rate: float = 0.05
     rebalance_threshold: float = 0.02
@@ -71,6 +76,7 @@ class SchedulerConfig:
         number_in("overcommit", 1.0, 100.0)
         number_in("sls_load_headroom", 0.0, 10.0)
         number_in("sls_free_load", 0.0, 1.0)
+        number_in("sls_attention_margin", 0.0, 10.0)
         number_in("estimate_rate", 0.0, 1.0, low_open=True)
         number_in("rebalance_threshold", 0.0, 1.0)
         if self.max_total_context is not None:

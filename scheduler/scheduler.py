@@ -240,6 +240,16 @@ class Scheduler:
         concurrently), as the Executor measures it: its dense calls and attend round trips."""
         return self.step_model.predict(self._loads(minibatches))
 
+    def predict_unplaced_step_s(self, num_seqs: int, total_context: float) -> float:
+        """Predicted seconds of a decode step of ``num_seqs`` sequences holding ``total_context`` tokens, not placed
+        yet: spread evenly over the nodes open for new sequences (placement evens their attend times, so for like
+        nodes this is where it leads; a slower node is counted at an even share, which over-rates the step), split
+        as the Executor runs it. What SLS admission weighs a peak load with."""
+        node_ids = [i for i in self._nodes if i not in self._closed] or list(self._nodes)
+        share = total_context / len(node_ids)
+        return self.step_model.predict_unsplit(num_seqs, dict.fromkeys(node_ids, share),
+                                               is_single_allowed=self.config.is_single_minibatch_allowed)
+
     def observe_decode(self, minibatches: Iterable[Iterable[int]], seconds: float, *,
                        is_device_time_included: bool = True) -> float:
         """Feed a measured decode step of these groups (as run); returns the prediction's relative error.
@@ -321,7 +331,7 @@ class Scheduler:
         # A sequence no node left could hold even empty (the one that could was removed: the Executor ends it,
         # ``stranded``) does not hold the queue behind it; the others keep first come, first served.
         waiting = [r for r in self._table.waiting() if can_ever_fit(self._nodes.values(), r.expected_final_len)]
-        num = self._admission.num_to_admit(running, waiting)
+        num = self._admission.num_to_admit(running, waiting, self.predict_unplaced_step_s)
         if num == 0:
             return []
         loads = {i: load for i, load in self.node_loads().items() if i not in self._closed}

@@ -3,7 +3,11 @@
 ``python -m fastdecode.scheduler.simulate --json`` runs 1,024 sequences (prompt
 128, output 1,024, batch 256) on 4 shards, once per admission mode, through the
 real ``Scheduler`` and reports the peak total context and tokens/s of each and
-``peak_context_reduction = 1 - peak(sls) / peak(all-at-once)``.
+``peak_context_reduction = 1 - peak(sls) / peak(all-at-once)``.  SLS paces only
+where attention bounds the step (``SchedulerConfig.sls_attention_margin``), so the
+result also gives ``peak_step_ratio``, the predicted step at the all-at-once peak
+over the same step with no context, and ``is_sls_pacing``, whether that ratio is
+past the margin: where it is not, SLS admits as all-at-once does, and says so.
 
 Default parameters (plausible for the lent H100 host, all overridable):
 - model: Llama-3-8B shape in bf16 (32 layers, 8 KV heads of 128: 128 KiB of KV per token);
@@ -79,8 +83,7 @@ def _prefill_s(spec: GpuSpec, shape: ModelShape, num_tokens: int, link_bytes_per
     return spec.dense_step_s(shape, num_tokens) + num_tokens * shape.kv_bytes_per_token / link_bytes_per_s
 
 
-def run_mode(cfg: SimulationConfig, admission: str, shape: ModelShape = LLAMA3_8B) -> ModeResult:
-    """Simulate every sequence to completion under one admission mode."""
+def _scheduler(cfg: SimulationConfig, admission: str, shape: ModelShape) -> Scheduler:
     spec = GPU_SPECS[cfg.gpu]
     nodes = [
         NodeModel(
@@ -96,7 +99,21 @@ def run_mode(cfg: SimulationConfig, admission: str, shape: ModelShape = LLAMA3_8
     sched_cfg = SchedulerConfig(
         max_num_seqs=cfg.batch_size, admission=admission, sls_min_group_size=cfg.sls_min_group_size
     )
-    sched = Scheduler(sched_cfg, nodes, gpu=spec.sweep(shape).perf_model())
+    return Scheduler(sched_cfg, nodes, gpu=spec.sweep(shape).perf_model())
+
+
+def peak_step_ratio(cfg: SimulationConfig, shape: ModelShape = LLAMA3_8B) -> float:
+    """Predicted step of a full batch at the all-at-once peak context over the same step with no context."""
+    sched = _scheduler(cfg, "sls", shape)
+    batch = cfg.batch_size
+    return (sched.predict_unplaced_step_s(batch, batch * (cfg.prompt_len + cfg.output_len))
+            / sched.predict_unplaced_step_s(batch, batch))
+
+
+def run_mode(cfg: SimulationConfig, admission: str, shape: ModelShape = LLAMA3_8B) -> ModeResult:
+    """Simulate every sequence to completion under one admission mode."""
+    spec = GPU_SPECS[cfg.gpu]
+    sched = _scheduler(cfg, admission, shape)
     for seq_id in range(cfg.num_seqs):
         sched.add_request(seq_id, cfg.prompt_len, cfg.output_len)
     generated: dict[int, int] = {}
@@ -136,12 +153,15 @@ def simulate(cfg: SimulationConfig) -> dict:
     """Both modes and their comparison, as a JSON-ready dict."""
     all_at_once = run_mode(cfg, "all-at-once")
     sls = run_mode(cfg, "sls")
+    ratio = peak_step_ratio(cfg)
     return {
         "config": asdict(cfg),
         "all_at_once": asdict(all_at_once),
         "sls": asdict(sls),
         "peak_context_reduction": 1.0 - sls.peak_total_context / all_at_once.peak_total_context,
         "tokens_per_s_ratio": sls.tokens_per_s / all_at_once.tokens_per_s,
+        "peak_step_ratio": ratio,
+        "is_sls_pacing": ratio > 1.0 + SchedulerConfig().sls_attention_margin,
     }
 
 
@@ -171,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         print(f"peak context reduction {result['peak_context_reduction']:.1%}, "
               f"tokens/s ratio sls/all-at-once {result['tokens_per_s_ratio']:.3f}")
+        bound = "bounds" if result["is_sls_pacing"] else "does not bound"
+        verdict = "SLS paces" if result["is_sls_pacing"] else "SLS admits at once"
+        print(f"attention {bound} the step: {verdict} (step at the all-at-once peak "
+              f"{result['peak_step_ratio']:.2f}x the step with no context)")
     return 0
 
 

@@ -115,6 +115,20 @@ class DecodeStepModel:
         """Seconds of a decode step running ``minibatches`` (1 or 2) concurrently."""
         return self._simulate(minibatches, self.call_overhead_s)
 
+    def predict_unsplit(self, num_seqs: int, context_by_node: Mapping[int, float], *,
+                        is_single_allowed: bool = True) -> float:
+        """Seconds of a step of ``num_seqs`` sequences holding ``context_by_node`` tokens, not yet split: two
+        mini-batches of half the sequences and half of each node's context each (what the split aims at), or
+        one where ``is_single_allowed`` and that is faster. For a load that does not run yet (admission's peak)."""
+        if num_seqs < 1:
+            return 0.0
+        halves = [MiniBatchLoad(n, {i: c * n / num_seqs for i, c in context_by_node.items()})
+                  for n in ((num_seqs + 1) // 2, num_seqs // 2)]
+        step_s = self.predict(halves)
+        if is_single_allowed and num_seqs > 1:
+            step_s = min(step_s, self.predict([MiniBatchLoad(num_seqs, dict(context_by_node))]))
+        return step_s
+
     def observe(self, minibatches: Sequence[MiniBatchLoad], seconds: float, *,
                 is_device_time_included: bool = True) -> float:
         """Learn from a measured step; returns the relative error of the prediction made before.

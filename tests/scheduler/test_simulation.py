@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from fastdecode.scheduler.simulate import SimulationConfig, main, simulate
+from fastdecode.scheduler.config import SchedulerConfig
+from fastdecode.scheduler.simulate import SimulationConfig, main, peak_step_ratio, simulate
 
 
 @pytest.fixture(scope="session")
@@ -21,17 +22,29 @@ def test_sls_cuts_the_peak_context_by_at_least_35_percent(default_run):
     assert aao["peak_total_context"] == pytest.approx(256 * (128 + 1024), rel=0.01)
     assert sls["peak_total_context"] == pytest.approx(256 * (128 + 512), rel=0.02)
     assert default_run["peak_context_reduction"] >= 0.35
+    assert default_run["is_sls_pacing"] and default_run["peak_step_ratio"] > 5  # attention bounds the step there
     assert default_run["tokens_per_s_ratio"] >= 0.9  # not much slower
     assert sls["peak_step_ms"] < aao["peak_step_ms"]
 
 
+def test_the_default_configuration_is_attention_bound():
+    assert peak_step_ratio(SimulationConfig()) > 1.0 + SchedulerConfig().sls_attention_margin
+
+
 def test_main_prints_json(capsys):
+    """Slow shards: attention bounds the step and SLS cuts the peak. At the default 60 GB/s the same short batch's
+    peak context adds under a tenth to its step: SLS has nothing to level and admits as all-at-once, and says so."""
     args = ["--json", "--num-seqs", "48", "--batch-size", "16", "--output-len", "64", "--prompt-len", "16"]
+    assert main([*args, "--shard-gbps", "0.1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"config", "all_at_once", "sls", "peak_context_reduction", "tokens_per_s_ratio",
+                        "peak_step_ratio", "is_sls_pacing"}
+    assert out["all_at_once"]["num_tokens"] == 48 * 64
+    assert out["is_sls_pacing"] and out["peak_context_reduction"] > 0.2
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"config", "all_at_once", "sls", "peak_context_reduction", "tokens_per_s_ratio"}
-    assert out["all_at_once"]["num_tokens"] == 48 * 64
-    assert out["peak_context_reduction"] > 0.2
+    assert not out["is_sls_pacing"] and out["peak_step_ratio"] <= 1.1
+    assert out["peak_context_reduction"] == 0.0 and out["sls"] == out["all_at_once"]
 
 
 def test_main_rejects_bad_arguments(capsys):
