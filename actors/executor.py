@@ -127,7 +127,8 @@ class Executor:
         # with the pipeline on, the scheduler keeps two mini-batches even where it would pick one
         scheduler_config = dataclasses.replace(self.config.scheduler,
                                                is_single_minibatch_allowed=not self.config.is_pipelined)
-        self.scheduler = Scheduler(scheduler_config, models, gpu=self.gpu_model)
+        self.scheduler = Scheduler(scheduler_config, models, gpu=self.gpu_model,
+                                   is_pipelined=self.config.is_pipelined)
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
 
     async def drain(self, timeout_s: float) -> bool:

@@ -135,7 +135,8 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-queue", default=4096, show_default=True, type=int,
                      help="Most requests waiting; past it requests get 429."),
         click.option("--admission", default="sls", show_default=True, type=click.Choice(ADMISSION_MODES),
-                     help="sls: start sequences at a steady rate once the batch is half full; "
+                     help="sls: start sequences at a steady rate once the batch is half full, where the "
+                          "predicted step at the peak context is attention-bound (else at once); "
                           "all-at-once: fill every free slot at once."),
         click.option("--overcommit", default=1.0, show_default=True, type=click.FloatRange(1.0, 100.0),
                      help="How far the KV that running sequences reserve (prompt + max_tokens, see "

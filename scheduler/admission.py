@@ -45,13 +45,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Protocol
 
 from fastdecode.scheduler.config import SchedulerConfig
 
-StepPredictor = Callable[[int, float], float]  # (sequences, total context in tokens) -> seconds of a decode step
+# (sequences, their context in tokens by node: None for those not placed yet) -> seconds of a decode step
+StepPredictor = Callable[[int, Mapping[int | None, float]], float]
 
 
 class _Seq(Protocol):
@@ -184,8 +186,12 @@ class AdmissionPolicy:
             self._credit = max(self._credit, float(group))  # cold start: the first group goes at once
         else:
             self._credit = min(self._credit + self.rate_per_step, self._credit_cap())
+        if not num_candidates:
+            return 0
+        live = [(s.context_len, self.expected_remaining(s)) for s in running]
+        candidates = [(s.context_len, self.expected_remaining(s)) for s in waiting[:num_candidates]]
         # attention does not bound the step (nothing to level), or the load is light: every candidate at once
-        is_light = self._is_attention_light(running, waiting[:num_candidates], predict_step_s)
+        is_light = self._is_attention_light(running, live, candidates, predict_step_s)
         if is_light or len(running) + len(waiting) <= self.config.sls_free_load * self.config.max_num_seqs:
             num = num_candidates
         else:
@@ -195,8 +201,7 @@ class AdmissionPolicy:
         limit = self.config.max_total_context if is_light else self.context_limit
         if num == 0 or limit is None:
             return max(num, num_resumed)
-        live = [(s.context_len, self.expected_remaining(s)) for s in running]
-        candidates = [(s.context_len, self.expected_remaining(s)) for s in waiting[:num]]
+        del candidates[num:]
         # the longest item with the first i candidates in, for each i
         longest = list(itertools.accumulate((context_len + remaining - 1 for context_len, remaining in candidates),
                                             max, initial=max((c + r - 1 for c, r in live), default=0)))
@@ -219,19 +224,27 @@ class AdmissionPolicy:
             num = 1  # never stall an idle system on a prompt larger than the limit
         return max(num, num_resumed)
 
-    def _is_attention_light(self, running: Sequence[_Seq], candidates: Sequence[_Seq],
-                            predict_step_s: StepPredictor | None) -> bool:
+    def _is_attention_light(self, running: Sequence[_Seq], live: Sequence[tuple[int, int]],
+                            candidates: Sequence[tuple[int, int]], predict_step_s: StepPredictor | None) -> bool:
         """Whether admitting every candidate keeps the step from being bound by attention: the step predicted at
-        the peak total context of the running sequences and the candidates, each grown to its expected end, is at
-        most ``1 + sls_attention_margin`` times the step of as many sequences with no context (one token each,
-        so the attend calls' fixed cost counts on both sides). Both at the sequences still running at the peak."""
+        the peak total context of the running sequences and the candidates (``live`` and ``candidates``: their
+        context and expected remaining steps), each grown to its expected end, is at most ``1 +
+        sls_attention_margin`` times the step of the same sequences with no context (one token each, so the attend
+        calls' fixed cost counts on both sides). Both count the sequences still running at the peak, the running
+        ones on their nodes (``node_id``), the candidates not placed yet."""
         if predict_step_s is None or not candidates:
             return False
-        items = [(s.context_len, self.expected_remaining(s)) for s in itertools.chain(running, candidates)]
-        peak, peak_step = predicted_peak_and_step(items)
-        num_seqs = sum(1 for _, num_remaining in items if num_remaining > peak_step)
+        _, peak_step = predicted_peak_and_step(itertools.chain(live, candidates))
+        at_peak: dict[int | None, float] = defaultdict(float)
+        empty: dict[int | None, float] = defaultdict(float)
+        nodes = itertools.chain((getattr(s, "node_id", None) for s in running), itertools.repeat(None))
+        for node_id, (context_len, num_remaining) in zip(nodes, itertools.chain(live, candidates)):
+            if num_remaining > peak_step:  # still running at the peak
+                at_peak[node_id] += context_len + peak_step
+                empty[node_id] += 1.0
+        num_seqs = round(sum(empty.values()))
         margin = 1.0 + self.config.sls_attention_margin
-        return predict_step_s(num_seqs, peak) <= margin * predict_step_s(num_seqs, num_seqs)
+        return predict_step_s(num_seqs, at_peak) <= margin * predict_step_s(num_seqs, empty)
 
     def _limit_with(self, limit: int, longest: int) -> float:
         """The context limit for a batch whose longest item reaches ``longest`` tokens (context_len + remaining

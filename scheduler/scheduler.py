@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from fastdecode.scheduler.admission import AdmissionPolicy
+from fastdecode.scheduler.admission import AdmissionPolicy, StepPredictor
 from fastdecode.scheduler.attend_calls import AttendCall, service_times
 from fastdecode.scheduler.config import SchedulerConfig
 from fastdecode.scheduler.decisions import Admission, Preemption, StepPlan
@@ -43,8 +43,10 @@ class NoNodeFitsError(ValueError):
 class Scheduler:
     """Owns the sequence bookkeeping; decides each step from the node and GPU models."""
 
-    def __init__(self, config: SchedulerConfig, nodes: Iterable[NodeModel], gpu: GpuPerfModel | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, nodes: Iterable[NodeModel], gpu: GpuPerfModel | None = None, *,
+                 is_pipelined: bool = True) -> None:
         self.config = config
+        self.is_pipelined = is_pipelined  # False: the Executor runs a step's mini-batches merged, as one
         self.gpu = gpu
         self._nodes: dict[int, NodeModel] = {}
         self._closed: set[int] = set()  # nodes that keep their sequences but take no new one (close_node)
@@ -240,15 +242,28 @@ class Scheduler:
         concurrently), as the Executor measures it: its dense calls and attend round trips."""
         return self.step_model.predict(self._loads(minibatches))
 
-    def predict_unplaced_step_s(self, num_seqs: int, total_context: float) -> float:
-        """Predicted seconds of a decode step of ``num_seqs`` sequences holding ``total_context`` tokens, not placed
-        yet: spread evenly over the nodes open for new sequences (placement evens their attend times, so for like
-        nodes this is where it leads; a slower node is counted at an even share, which over-rates the step), split
-        as the Executor runs it. What SLS admission weighs a peak load with."""
-        node_ids = [i for i in self._nodes if i not in self._closed] or list(self._nodes)
-        share = total_context / len(node_ids)
-        return self.step_model.predict_unsplit(num_seqs, dict.fromkeys(node_ids, share),
+    def predict_unplaced_step_s(self, num_seqs: int, context_by_node: Mapping[int | None, float]) -> float:
+        """Predicted seconds of a decode step of ``num_seqs`` sequences holding ``context_by_node`` tokens, those
+        under None not placed yet: spread evenly over the nodes open for new sequences (placement evens their attend
+        times, so for like nodes this is where it leads; a slower node gets an even share, which over-rates the
+        step). Split as the Executor runs it: one mini-batch without the pipeline, else two halves or one. What SLS
+        admission weighs a peak load with."""
+        open_ids = [i for i in self._nodes if i not in self._closed] or list(self._nodes)
+        context = {i: float(context_by_node.get(i, 0.0)) for i in self._nodes}
+        for i in open_ids:
+            context[i] += context_by_node.get(None, 0.0) / len(open_ids)
+        if not self.is_pipelined:
+            return self.step_model.predict([MiniBatchLoad(num_seqs, context)]) if num_seqs else 0.0
+        return self.step_model.predict_unsplit(num_seqs, context,
                                                is_single_allowed=self.config.is_single_minibatch_allowed)
+
+    def _step_predictor(self) -> StepPredictor | None:
+        """``predict_unplaced_step_s`` where it weighs context: not where every open node is timed by a whole-step
+        model (the GPU KV node's CUDA graphs), which ignores it (then SLS paces as it would with no model)."""
+        open_ids = [i for i in self._nodes if i not in self._closed] or list(self._nodes)
+        if all(self._nodes[i].whole_step is not None for i in open_ids):
+            return None
+        return self.predict_unplaced_step_s
 
     def observe_decode(self, minibatches: Iterable[Iterable[int]], seconds: float, *,
                        is_device_time_included: bool = True) -> float:
@@ -331,7 +346,7 @@ class Scheduler:
         # A sequence no node left could hold even empty (the one that could was removed: the Executor ends it,
         # ``stranded``) does not hold the queue behind it; the others keep first come, first served.
         waiting = [r for r in self._table.waiting() if can_ever_fit(self._nodes.values(), r.expected_final_len)]
-        num = self._admission.num_to_admit(running, waiting, self.predict_unplaced_step_s)
+        num = self._admission.num_to_admit(running, waiting, self._step_predictor())
         if num == 0:
             return []
         loads = {i: load for i, load in self.node_loads().items() if i not in self._closed}

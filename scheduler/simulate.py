@@ -106,8 +106,8 @@ def peak_step_ratio(cfg: SimulationConfig, shape: ModelShape = LLAMA3_8B) -> flo
     """Predicted step of a full batch at the all-at-once peak context over the same step with no context."""
     sched = _scheduler(cfg, "sls", shape)
     batch = cfg.batch_size
-    return (sched.predict_unplaced_step_s(batch, batch * (cfg.prompt_len + cfg.output_len))
-            / sched.predict_unplaced_step_s(batch, batch))
+    return (sched.predict_unplaced_step_s(batch, {None: batch * (cfg.prompt_len + cfg.output_len)})
+            / sched.predict_unplaced_step_s(batch, {None: batch}))
 
 
 def run_mode(cfg: SimulationConfig, admission: str, shape: ModelShape = LLAMA3_8B) -> ModeResult:
