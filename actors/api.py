@@ -11,6 +11,12 @@ Async, one stream per request::
             async for out in outputs:
                 print(out.text, end="", flush=True)
 
+or vLLM's ``AsyncLLM.generate`` shape, results as the tokens come (``await llm.generate(...)`` gives the last)::
+
+        params = SamplingParams(max_tokens=16, output_kind=RequestOutputKind.DELTA)
+        async for out in llm.generate("The capital of France is", params, request_id="r1"):
+            print(out.outputs[0].text, end="", flush=True)
+
 Synchronous, a batch of prompts with a progress bar (vLLM's ``LLM`` shape)::
 
     llm = LLM("smollm2")  # or LLM(ClusterConfig(...)), or LLM(model=..., num_shards=2, ...)
@@ -42,11 +48,15 @@ from fastdecode.actors.async_llm import (
     token_stop_reason,
 )
 from fastdecode.actors.cluster import ClusterConfig
+from fastdecode.actors.engine_health import EngineDeadError
+from fastdecode.actors.generate_call import GenerateCall
+from fastdecode.actors.generation_results import StreamedResult
 from fastdecode.actors.logprob_dicts import prompt_logprob_dicts
-from fastdecode.actors.request import GenerationResult, SamplingParams
+from fastdecode.actors.request import GenerationResult, RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "StreamOutput", "SubmittedStream", "TokenizedPrompt", "primary_eos_token_id",
-           "prompt_logprob_dicts", "token_stop_reason", "run_on"]
+__all__ = ["LLM", "AsyncLLM", "EngineDeadError", "GenerateCall", "RequestOutputKind", "StreamOutput", "StreamedResult",
+           "SubmittedStream", "TokenizedPrompt", "primary_eos_token_id", "prompt_logprob_dicts", "token_stop_reason",
+           "run_on"]
 
 CANCEL_WAIT_S = 10.0  # how long an interrupted ``LLM`` call waits for its requests to be cancelled
 

@@ -1,13 +1,13 @@
 """The asynchronous embedding API: ``AsyncLLM``, a running cluster with tokenization, detokenization and stop
-strings, and the stream of outputs of each request (``fastdecode.actors.api`` re-exports it)."""
+strings, and the stream of outputs of each request (``stream_outputs``; ``fastdecode.actors.api`` re-exports them)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from fastdecode.actors.api_inputs import (
     PROMPT_KEYS,
@@ -21,32 +21,14 @@ from fastdecode.actors.api_inputs import (
 )
 from fastdecode.actors.cluster import Cluster, ClusterConfig
 from fastdecode.actors.detokenize import Detokenizer
+from fastdecode.actors.engine_health import EngineDeadError, EngineHealth
 from fastdecode.actors.executor_config import check_prompt
-from fastdecode.actors.generation_results import gather_samples
+from fastdecode.actors.generate_call import GenerateCall
+from fastdecode.actors.generation_results import final_result, stream_results
 from fastdecode.actors.named_requests import NamedRequest, NamedRequests
-from fastdecode.actors.request import GenerationResult, PromptLogprob, RequestError, SamplingParams
-from fastdecode.actors.unclosed import cancel_dropped, release_unstopped
-
-
-@dataclass(frozen=True)
-class StreamOutput:
-    """One step of a request's stream: a token and the text it completed; the first one also carries the prompt's
-    logprobs where the request asked for them (``SamplingParams.prompt_logprobs``: see ``TokenEvent``)."""
-
-    request_id: int | str  # the caller's id where it named the request (a str), else the engine's
-    token_id: int  # -1 on a final event that carries no token (abort, error, stop string)
-    text: str  # new text since the previous output (may be empty mid-character)
-    logprob: float | None = None
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on the last output
-    error: str | None = None
-    is_retryable: bool = False  # an error of the server's state (shutting down, no KV node left): try again
-    # vLLM's stop_reason, on a "stop" output: the stop string or stop token id that ended the request; None for
-    # the tokenizer's EOS (a generation_config EOS id other than that one counts as a stop token id, as in vLLM)
-    stop_reason: int | str | None = None
-    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
-    made_at: float | None = None  # the engine's time of its event (TokenEvent.made_at); None: not known
-    rank: int | None = None  # the token's rank in the raw distribution (1: the likeliest), with ``logprob``
+from fastdecode.actors.request import GenerationResult, RequestError, RequestOutputKind, SamplingParams
+from fastdecode.actors.stream_outputs import StreamOutput, SubmittedStream
+from fastdecode.actors.unclosed import release_unstopped
 
 
 def max_text_chars(max_model_len: int, max_chars_per_token: int) -> int:
@@ -83,28 +65,6 @@ def token_stop_reason(token_id: int, params: SamplingParams, eos_token_id: int |
     return token_id
 
 
-class SubmittedStream:
-    """The outputs of a request already submitted (AsyncLLM.submit). Unlike an async generator never started,
-    ``aclose()`` cancels the request even if nothing was read; so does dropping it unclosed (when it is collected),
-    which used to leave the request running to its max_tokens."""
-
-    def __init__(self, request, outputs: AsyncGenerator[StreamOutput, None]) -> None:
-        self._request = request
-        self._outputs = outputs
-        self._finalizer = weakref.finalize(self, cancel_dropped, asyncio.get_running_loop(), request)
-
-    def __aiter__(self) -> "SubmittedStream":
-        return self
-
-    async def __anext__(self) -> StreamOutput:
-        return await self._outputs.__anext__()
-
-    async def aclose(self) -> None:
-        self._finalizer.detach()  # closed: nothing left for the collector to cancel
-        self._request.cancel()
-        await self._outputs.aclose()
-
-
 class AsyncLLM:
     """A running cluster with tokenization, detokenization and stop strings.
 
@@ -122,6 +82,7 @@ class AsyncLLM:
         self._loop = _running_loop()  # None until the first call made on a loop
         self._stop_task: asyncio.Task | None = None
         self.named_requests = NamedRequests()  # the live requests named by their callers (vLLM's request_id)
+        self._health = EngineHealth(cluster.executor)  # whether its step loop runs (is_running, errored)
         self._finalizer = weakref.finalize(self, release_unstopped, self._loop, cluster)
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -176,36 +137,76 @@ class AsyncLLM:
         length (those past what runs at once wait their turn, as in vLLM)."""
         return self.cluster.executor.config.max_queue
 
-    def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
-        """One prompt as token ids; TypeError (naming ``prompt``) for what is not a prompt."""
+    def tokenize(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None = None) -> TokenizedPrompt:
+        """One prompt as token ids, cut to the ``truncate_prompt_tokens`` of ``params`` where given (its text kept as
+        given, as vLLM's); TypeError (naming ``prompt``) for what is not a prompt."""
         if isinstance(prompt, TokenizedPrompt):
-            return prompt
-        if isinstance(prompt, str):
-            return TokenizedPrompt(self.tokenizer.encode(prompt), prompt)
-        if not isinstance(prompt, Mapping):
-            return TokenizedPrompt(token_ids(prompt, "prompt token ids"))
-        unknown = sorted(str(k) for k in prompt if k not in PROMPT_KEYS)
-        text = prompt.get("prompt")
-        if unknown or not any(k in prompt for k in PROMPT_KEYS):
-            keys = sorted(map(str, prompt))
-            raise TypeError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids', got keys {keys}")
-        if text is not None and not isinstance(text, str):
-            raise TypeError(f"the prompt dict's 'prompt' must be a str, got {type(text).__name__}")
-        if "prompt_token_ids" in prompt:  # vLLM's TokensPrompt: the ids are what runs, the text is kept
-            return TokenizedPrompt(token_ids(prompt["prompt_token_ids"], "prompt_token_ids"), text)
-        return TokenizedPrompt(self.tokenizer.encode(text), text)
+            tokenized = prompt
+        elif isinstance(prompt, str):
+            tokenized = TokenizedPrompt(self.tokenizer.encode(prompt), prompt)
+        elif not isinstance(prompt, Mapping):
+            tokenized = TokenizedPrompt(token_ids(prompt, "prompt token ids"))
+        else:
+            unknown = sorted(str(k) for k in prompt if k not in PROMPT_KEYS)
+            text = prompt.get("prompt")
+            if unknown or not any(k in prompt for k in PROMPT_KEYS):
+                keys = sorted(map(str, prompt))
+                raise TypeError(f"a prompt dict takes 'prompt' (text) or 'prompt_token_ids', got keys {keys}")
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"the prompt dict's 'prompt' must be a str, got {type(text).__name__}")
+            if "prompt_token_ids" in prompt:  # vLLM's TokensPrompt: the ids are what runs, the text is kept
+                tokenized = TokenizedPrompt(token_ids(prompt["prompt_token_ids"], "prompt_token_ids"), text)
+            else:
+                tokenized = TokenizedPrompt(self.tokenizer.encode(text), text)
+        if params is None or params.truncate_prompt_tokens is None:
+            return tokenized
+        return TokenizedPrompt(params.truncated_prompt(tokenized.token_ids, self.max_model_len), tokenized.text)
 
     def encode(self, prompt: PromptInput) -> list[int]:
         return self.tokenize(prompt).token_ids
 
     def check_prompt(self, prompt: TokenizedPrompt, params: SamplingParams | None = None) -> None:
-        """RequestError if the Executor would refuse the prompt (empty, unknown ids, too long) or ``params``
-        (a logit_bias outside the vocabulary)."""
-        check_prompt(prompt.token_ids, self.model_config.vocab_size, self.max_model_len, params)
+        """RequestError if the Executor would refuse the prompt (empty, unknown ids, too long once cut to the
+        ``truncate_prompt_tokens`` of ``params``) or ``params`` (token ids outside the vocabulary, bad_words of no
+        token)."""
+        prompt_ids = prompt.token_ids
+        if params is not None:
+            prompt_ids = params.truncated_prompt(prompt_ids, self.max_model_len)
+            params = params.with_bad_words_token_ids(self.tokenizer)
+        check_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params,
+                     self.cluster.executor.eos_token_ids)
 
     def check_open(self) -> None:
+        """RuntimeError once closed; ``dead_error`` once the engine died (a request would never run)."""
         if self.is_closed:
             raise RuntimeError("LLM is closed")
+        if self.errored:
+            raise self.dead_error
+
+    @property
+    def is_running(self) -> bool:
+        """vLLM's: the engine's step loop runs, and no stop has begun."""
+        return not self.is_closed and self._health.is_running
+
+    @property
+    def is_stopped(self) -> bool:
+        """vLLM's: the engine serves no more, stopped (``stop()``, ``shutdown()``) or dead (``errored``)."""
+        return not self.is_running
+
+    @property
+    def errored(self) -> bool:
+        """vLLM's: the engine died, its step loop ended without a stop (``EngineHealth``); a stop is not an error."""
+        return self._health.errored
+
+    @property
+    def dead_error(self) -> EngineDeadError:
+        """vLLM's: the EngineDeadError of this engine, saying why it does not run (its ``__cause__`` what killed it)."""
+        return self._health.dead_error(is_closed=self.is_closed)
+
+    async def check_health(self) -> None:
+        """vLLM's: raise ``dead_error`` unless the engine runs (dead, or stopped)."""
+        if not self.is_running:
+            raise self.dead_error
 
     def chat_prompt(self, conversation: Sequence[Mapping[str, object]], *, add_generation_prompt: bool = True,
                     chat_template_kwargs: Mapping[str, object] | None = None) -> TokenizedPrompt:
@@ -251,7 +252,7 @@ class AsyncLLM:
         """``stream`` of a text prompt, tokenized when iteration starts, off the loop (``_tokenize_off_loop``), or
         of a named request, its name held from then until the stream ends (``NamedRequests.hold``)."""
         with self.named_requests.hold(request_id) as named:
-            tokenized = await self._tokenize_off_loop(prompt)
+            tokenized = await self._tokenize_off_loop(prompt, params)
             async with contextlib.aclosing(self._stream(tokenized.token_ids, params, named=named)) as outputs:
                 async for out in outputs:
                     yield out
@@ -262,7 +263,8 @@ class AsyncLLM:
         is a RequestError (the engine's, ``SamplingParams.within``)."""
         self.check_open()
         self.check_loop()
-        params = check_params(params, default=self.default_params)
+        params = check_params(params, default=self.default_params).with_bad_words_token_ids(self.tokenizer)
+        prompt_ids = params.truncated_prompt(prompt_ids, self.max_model_len)
         request = self.cluster.submit(prompt_ids, params)
         return SubmittedStream(request, self._stream(prompt_ids, params, request))
 
@@ -274,10 +276,12 @@ class AsyncLLM:
             if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: never submitted
                 yield StreamOutput(named.request_id, -1, "", finish_reason="abort")
                 return
+            params = params.with_bad_words_token_ids(self.tokenizer)
+            prompt_ids = params.truncated_prompt(prompt_ids, self.max_model_len)
             request = self.cluster.submit(prompt_ids, params)
             if named is not None:
                 named.seq_ids.append(request.request_id)  # abort(name) ends it from here on
-        detokenizer = Detokenizer(self.tokenizer, prompt_ids, stop=params.stop, min_tokens=params.min_tokens)
+        detokenizer = Detokenizer.for_params(self.tokenizer, prompt_ids, params)
         output_id = request.request_id if named is None else named.request_id
         try:
             async for event in request:
@@ -288,13 +292,15 @@ class AsyncLLM:
                                        prompt_logprobs=event.prompt_logprobs, made_at=made_at)
                     return
                 if event.finish_reason == "stop":
-                    # The engine stops only on a stop token id or EOS (stop strings are found here). As in
-                    # vLLM without include_stop_str_in_output, the token counts as generated but its text
-                    # is left out.
-                    yield StreamOutput(output_id, event.token_id, detokenizer.finish(), event.logprob,
-                                       event.top_logprobs, "stop",
-                                       stop_reason=token_stop_reason(event.token_id, params, self.eos_token_id),
-                                       prompt_logprobs=event.prompt_logprobs, made_at=made_at, rank=event.rank)
+                    # The engine stops only on a stop token id or EOS (stop strings are found here). As in vLLM, the
+                    # token counts as generated; its text is left out unless include_stop_str_in_output, when a stop
+                    # string it completes is the stop_reason.
+                    text = detokenizer.finish(event.token_id)
+                    stop_reason = detokenizer.stop_string or token_stop_reason(event.token_id, params,
+                                                                                self.eos_token_id)
+                    yield StreamOutput(output_id, event.token_id, text, event.logprob, event.top_logprobs, "stop",
+                                       stop_reason=stop_reason, prompt_logprobs=event.prompt_logprobs,
+                                       made_at=made_at, rank=event.rank)
                     return
                 text, hit_stop = detokenizer.add(event.token_id)
                 if hit_stop:
@@ -311,22 +317,43 @@ class AsyncLLM:
         finally:
             request.cancel()  # no-op once finished; frees the KV of an abandoned stream
 
-    async def generate(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> GenerationResult:
-        """One request to its end; RequestError if it failed. ``request_id`` as in ``stream``: a request ended by
-        ``abort(request_id)`` returns what it made, its finish_reason "abort". ``params.n`` > 1 (vLLM's parallel
-        sampling): its n samples run together, each its own engine request (``SamplingParams.samples``: sample i
-        seeded seed + i; the prompt's logprobs asked of sample 0 alone, as vLLM's ``RequestOutput`` has them once),
-        one result of n ``outputs``; a refusal of one cancels the others, and an abort of its name ends them all."""
+    def generate(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None = None,
+                 request_id: str | None = None) -> GenerateCall:
+        """One request: ``await`` it for its final result, or iterate it (``async for``) as vLLM's generator of
+        results as the tokens come, per ``params.output_kind`` (``stream_results``: CUMULATIVE, everything so far;
+        DELTA, what is new; FINAL_ONLY, the final result alone; a result's ``finished`` is True on the last). The
+        arguments are checked now; the request starts when awaited or iterated. RequestError if it failed (raised
+        out of the iteration). ``request_id`` as in ``stream``: a request ended by ``abort(request_id)`` ends with
+        finish_reason "abort", what it made kept. ``params.n`` > 1 (vLLM's parallel sampling): its n samples run
+        together, each its own engine request (``SamplingParams.samples``: sample i seeded seed + i; the prompt's
+        logprobs asked of sample 0 alone, as vLLM's ``RequestOutput`` has them once), awaited one result of n
+        ``outputs``, iterated one result per output of a sample (that sample's, its ``index``); a refusal of one
+        cancels the others, and an abort of its name ends them all."""
         self.check_open()
-        self.check_loop()
         params = check_params(params, default=self.default_params)
         self.check_num_samples(params)
+        self.named_requests.check_free(request_id)  # checked again when it starts (NamedRequests.hold)
+        return GenerateCall(self._generate(prompt, params, request_id),
+                            functools.partial(self._results, prompt, params, request_id, params.output_kind))
+
+    async def _generate(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams,
+                        request_id: str | None) -> GenerationResult:
+        """``generate`` awaited: its final result (FINAL_ONLY's one)."""
+        return await final_result(self._results(prompt, params, request_id, RequestOutputKind.FINAL_ONLY))
+
+    async def _results(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams, request_id: str | None,
+                       kind: RequestOutputKind) -> AsyncGenerator[GenerationResult, None]:
+        """``generate``'s results of ``kind``, its name held from when it starts until they end."""
+        self.check_open()
+        self.check_loop()
         with self.named_requests.hold(request_id) as named:  # abort(request_id) ends it from here on
-            tokenized = await self._tokenize_off_loop(prompt)
+            tokenized = await self._tokenize_off_loop(prompt, params)
             samples = params.samples(is_prompt_logprobs_once=True)
-            outputs = [self._stream(tokenized.token_ids, sample, named=named) for sample in samples]
-            return await gather_samples(outputs, tokenized, samples, self.tokenizer.token_text)
+            streams = [self._stream(tokenized.token_ids, sample, named=named) for sample in samples]
+            async with contextlib.aclosing(stream_results(streams, tokenized, samples, self.tokenizer.token_text,
+                                                          kind)) as results:
+                async for result in results:
+                    yield result
 
     def check_num_samples(self, params: SamplingParams) -> None:
         """RequestError (param ``n``) for more samples than the queue holds: all of a request's are submitted
@@ -352,14 +379,19 @@ class AsyncLLM:
             return prompt["prompt"]
         return None
 
-    async def _tokenize_off_loop(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
+    async def _tokenize_off_loop(self, prompt: PromptInput | TokenizedPrompt,
+                                 params: SamplingParams | None = None) -> TokenizedPrompt:
         """``tokenize`` on a worker thread where there is text to tokenize (this loop runs the Executor and the
-        in-process shards), text past ``max_prompt_chars`` refused first."""
+        in-process shards), text past ``max_prompt_chars`` refused first unless ``params`` truncate the prompt (as
+        vLLM: its tokens are cut to what fits)."""
         text = self._text_to_tokenize(prompt)
+        is_truncated = params is not None and params.truncate_prompt_tokens is not None
+        args = (prompt, params) if is_truncated else (prompt,)  # tokenize uses params for that alone
         if text is None:
-            return self.tokenize(prompt)
-        check_text_fits(len(text), self.max_model_len, self.tokenizer.max_chars_per_token)
-        return await asyncio.to_thread(self.tokenize, prompt)
+            return self.tokenize(*args)
+        if not is_truncated:
+            check_text_fits(len(text), self.max_model_len, self.tokenizer.max_chars_per_token)
+        return await asyncio.to_thread(self.tokenize, *args)
 
     def prepare_batch(self, prompts: PromptInput | Sequence[PromptInput],
                       params: SamplingParams | Sequence[SamplingParams] | None = None,

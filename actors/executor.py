@@ -103,6 +103,7 @@ class Executor:
         self.num_preempted = 0  # sequences whose KV was dropped for room (planned, or refused by a node)
         self.is_draining = False
         self.is_stopped = False  # stop() began: no request is taken any more
+        self.has_loop_ended = False  # the step loop ended without stop(): nothing would run a request
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,6 +131,7 @@ class Executor:
         self.scheduler = Scheduler(scheduler_config, models, gpu=self.gpu_model,
                                    is_pipelined=self.config.is_pipelined)
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
+        self._task.add_done_callback(self._on_loop_end)
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait until the accepted ones finished (True) or ``timeout_s`` passed."""
@@ -152,11 +154,14 @@ class Executor:
                 await self._task
             except asyncio.CancelledError:
                 pass  # the loop was cancelled on purpose
+            except Exception:  # it had died already (_on_loop_end): the nodes are still to be closed
+                pass
             self._task = None
         await self.node_book.close()
         self._held.emit()
         for seq in list(self._sequences.values()):
-            seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
+            if not self.has_loop_ended:  # else each one has ended already (_on_loop_end)
+                seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
         placed = [self._unplace(seq) for seq in self._sequences.values()]
         self._sequences.clear()
         self.prefills.clear()
@@ -166,13 +171,28 @@ class Executor:
         # then free what the unfinished requests held, so that a server started next is not refused by busy shards
         await self.node_book.release_within(placed, STOP_FREE_TIMEOUT_S)
 
+    def _on_loop_end(self, task: asyncio.Task) -> None:
+        """The step loop ended. Without a stop something got past its handling (a BaseException, a cancellation
+        raised inside a step): no step will run, so each request ends now with a retryable error, not at stop()
+        (which still frees their KV), and later ones are refused."""
+        if self.is_stopped:
+            return
+        self.has_loop_ended = True
+        cause = "cancelled" if task.cancelled() else repr(task.exception())
+        self._held.emit()
+        for seq in self._sequences.values():
+            seq.emit(seq.end_event("error", f"the engine's step loop ended ({cause}); the server must be restarted",
+                                   is_retryable=True))
+
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         if self.is_draining or self.is_stopped:
             raise UnavailableError("the server is shutting down and takes no new requests")
+        if self.has_loop_ended:
+            raise UnavailableError("the engine's step loop ended; the server must be restarted")
         if not self.has_live_node:
             raise no_live_node_error(self.nodes)
-        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params)
+        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params, self._eos_tuple)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
         seq_id = next(self._ids)

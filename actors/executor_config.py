@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -88,13 +89,41 @@ class ExecutorConfig:
         return node_tokens
 
 
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """RequestError unless the token ids ``params`` name (``logit_bias``, ``allowed_token_ids``) are of the
+    vocabulary, and its ``bad_words`` were tokenized (``SamplingParams.with_bad_words_token_ids``), as vLLM refuses
+    them at submission (a 400 over HTTP)."""
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias[-1:]]),  # both sorted by id
+                      ("allowed_token_ids", (params.allowed_token_ids or ())[-1:])):
+        if ids and ids[-1] >= vocab_size:
+            raise RequestError(f"{name} token id {ids[-1]} is outside the vocabulary (size {vocab_size})", name)
+    if params.bad_words and not params.bad_words_token_ids:
+        raise RequestError("bad_words must be tokenized before submission (SamplingParams.with_bad_words_token_ids;"
+                           " AsyncLLM and the server do it)", "bad_words")
+
+
+def check_samplable(params: SamplingParams, eos_token_ids: Iterable[int]) -> None:
+    """RequestError (``allowed_token_ids``) where the allowed tokens leave none to sample: each one a one-token bad
+    word, or, while ``min_tokens`` holds the stop back, a stop token id or EOS (masked then even with ignore_eos)."""
+    if params.allowed_token_ids is None:
+        return
+    left = set(params.allowed_token_ids) - {word[0] for word in params.bad_words_token_ids if len(word) == 1}
+    if params.min_tokens:
+        left -= {*params.stop_token_ids, *eos_token_ids}
+    if not left:
+        held = " or, before min_tokens, stop and EOS tokens" if params.min_tokens else ""
+        raise RequestError(f"allowed_token_ids leaves no token to sample: every one is a banned bad word{held}",
+                           "allowed_token_ids")
+
+
 def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
-                 params: SamplingParams | None = None) -> None:
-    """RequestError unless the prompt is token ids of the vocabulary that leave room for one more, and the
-    ``logit_bias`` of ``params`` (when given) names tokens of the vocabulary (as vLLM: a 400 over HTTP)."""
-    if params is not None and params.logit_bias and params.logit_bias[-1][0] >= vocab_size:  # sorted by id
-        raise RequestError(f"logit_bias token id {params.logit_bias[-1][0]} is outside the vocabulary (size "
-                           f"{vocab_size})", "logit_bias")
+                 params: SamplingParams | None = None, eos_token_ids: Iterable[int] = ()) -> None:
+    """RequestError unless the prompt is token ids of the vocabulary that leave room for one more, and the token ids
+    of ``params`` (when given) are of the vocabulary (``check_token_ids``) and leave a token to sample
+    (``check_samplable``, ``eos_token_ids`` the model's)."""
+    if params is not None:
+        check_token_ids(params, vocab_size)
+        check_samplable(params, eos_token_ids)
     if not prompt_ids:
         raise RequestError("the prompt is empty")
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdecode.actors.detokenize import Detokenizer
+from fastdecode.actors.executor_config import check_token_ids
 from fastdecode.actors.model.attention import TorchKVCache, prefill_attention
 from fastdecode.actors.model.llama import LlamaModel
 from fastdecode.actors.model.tokenizer import Tokenizer
@@ -19,9 +20,12 @@ from fastdecode.actors.sampling import SamplingRow, make_generator, sample
 _SEQ_ID = 0
 
 
-def check_prompt(prompt_token_ids: Sequence[int], model: LlamaModel) -> None:
-    """Refuse an empty prompt, ids outside the vocabulary, or no room left in the context."""
+def check_prompt(prompt_token_ids: Sequence[int], model: LlamaModel, params: SamplingParams | None = None) -> None:
+    """Refuse an empty prompt, ids outside the vocabulary, or no room left in the context, and token ids of
+    ``params`` outside the vocabulary (``executor_config.check_token_ids``)."""
     config = model.config
+    if params is not None:
+        check_token_ids(params, config.vocab_size)
     if not prompt_token_ids:
         raise RequestError("the prompt is empty")
     bad = [
@@ -67,15 +71,16 @@ def reference_generate(
     """Generate one continuation; stops at EOS (unless ignore_eos), a stop token or
     string, ``max_tokens`` or the end of the model's context. One sample, as an engine request: ``params.n`` > 1
     is a RequestError (``SamplingParams.within``)."""
-    prompt = list(prompt_token_ids)
-    check_prompt(prompt, model)
     context = model.config.max_position_embeddings
+    params = params.with_bad_words_token_ids(tokenizer)
+    prompt = params.truncated_prompt(list(prompt_token_ids), context)
+    check_prompt(prompt, model, params)
     params = params.within(context - len(prompt))
     eos_ids = tuple(tokenizer.eos_token_ids or model.config.eos_token_ids)
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     result = GenerationResult(prompt_token_ids=prompt)
     row = SamplingRow(params, prompt, result.token_ids, make_generator(params.seed, model.device))
-    detokenizer = Detokenizer(tokenizer, prompt, stop=params.stop, min_tokens=params.min_tokens)
+    detokenizer = Detokenizer.for_params(tokenizer, prompt, params)
     cache = TorchKVCache.for_model(model)
     cache.allocate(_SEQ_ID)
     logits = model.logits(run_tokens(model, cache, _SEQ_ID, prompt, 0)[-1:])
@@ -87,6 +92,7 @@ def reference_generate(
             result.logprobs.append(float(out.logprobs[0]))
         if token in stop_ids:
             result.finish_reason = "stop"
+            detokenizer.finish(token)  # its text kept with include_stop_str_in_output
         elif detokenizer.add(token)[1]:
             result.finish_reason = "stop"
         elif len(result.token_ids) >= params.max_tokens or len(prompt) + len(result.token_ids) >= context:

@@ -6,12 +6,15 @@ the Frontend and the embedding API. Plain data, validated on construction.
 from __future__ import annotations
 
 import copy
+import enum
 import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's ``_SAMPLING_EPS``)
+MAX_BAD_WORDS = 128  # token sequences of one request's bad_words (vLLM's VLLM_MAX_NUM_BAD_WORDS default)
 
 
 class RequestError(ValueError):
@@ -25,6 +28,16 @@ class RequestError(ValueError):
         self.param = param
 
 
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's ``RequestOutputKind``: what iterating ``AsyncLLM.generate`` yields (``SamplingParams.output_kind``).
+    CUMULATIVE: everything so far, at each output; DELTA: only what is new since the last; FINAL_ONLY: the final
+    output alone. Awaiting ``generate`` gives the final result whatever the kind."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling and stopping for one request (OpenAI/vLLM meanings).
@@ -36,6 +49,15 @@ class SamplingParams:
     (``check_prompt``).  ``seed`` makes a sampled request reproducible on its own, whatever else is in the batch.  ``stop`` is one stop string or a
     sequence of them, ``stop_token_ids`` a sequence of ids (None: none); both are stored as tuples.  ``n`` samples of
     the prompt (vLLM's parallel sampling) are n engine requests of one sample each (``samples``).
+
+    As vLLM's: ``include_stop_str_in_output`` keeps the stop string that ended the request in its text (and a stop
+    token's or EOS's text, which is empty for a special token skipped); ``skip_special_tokens`` leaves special
+    tokens out of the text; ``spaces_between_special_tokens`` False joins consecutive added tokens with no space
+    between (it acts only with skip_special_tokens False); ``truncate_prompt_tokens`` k >= 1 keeps the prompt's
+    last k tokens (-1: as many as ``max_tokens`` leaves of the context; ``truncated_prompt``); ``allowed_token_ids``
+    are the only tokens that may be sampled (ids past the vocabulary refused at submission); ``bad_words`` are words
+    that may not be generated: the last token of each word's tokens is banned where the output ends with the rest
+    (``with_bad_words_token_ids`` tokenizes them, with and without a leading space).
     """
 
     max_tokens: int | None = 16  # None: up to the end of the context (vLLM's)
@@ -52,9 +74,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's detokenizing and prompt fields (what they do: the class docstring's last paragraph)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None  # stored sorted and unique
+    bad_words: tuple[str, ...] = ()
     logprobs: int | None = None  # number of top logprobs to return per token; None = none
     prompt_logprobs: int | None = None  # number of top logprobs to return per prompt token; None = none
     n: int = 1  # samples of the prompt (vLLM's): AsyncLLM.generate's n outputs; an engine request is one sample
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what iterating AsyncLLM.generate yields (vLLM's)
+
+    _bad_words_token_ids: ClassVar[tuple[tuple[int, ...], ...]] = ()  # per instance once tokenized
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> RequestError:
@@ -93,6 +125,10 @@ class SamplingParams:
             raise bad("repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise bad("n", f"n must be a positive integer, got {self.n!r}")
+        if isinstance(self.output_kind, bool) or self.output_kind not in tuple(RequestOutputKind):
+            names = ", ".join(kind.name for kind in RequestOutputKind)
+            raise bad("output_kind", f"output_kind must be a RequestOutputKind ({names}), got {self.output_kind!r}")
+        object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (
@@ -108,10 +144,57 @@ class SamplingParams:
             raise bad("stop", "stop must be a non-empty string or a list of them")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "stop_token_ids must be non-negative integers")
+        for name in ("include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_truncate_prompt_tokens(self.truncate_prompt_tokens)
+        if self.allowed_token_ids is not None:
+            allowed = _as_tuple(self.allowed_token_ids, "allowed_token_ids")
+            if not allowed:
+                raise bad("allowed_token_ids", "allowed_token_ids must not be empty (None allows every token)")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in allowed):
+                raise bad("allowed_token_ids", "allowed_token_ids must be non-negative integers")
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
+        bad_words = tuple(dict.fromkeys(_as_tuple(self.bad_words, "bad_words")))  # unique, in order (vLLM's)
+        if not all(isinstance(word, str) and word for word in bad_words):
+            raise bad("bad_words", "bad_words must be a list of non-empty strings")
+        object.__setattr__(self, "bad_words", bad_words)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+    def truncated_prompt(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
+        """``prompt_ids`` cut to their last ``truncate_prompt_tokens`` (``truncate_prompt``)."""
+        return truncate_prompt(prompt_ids, self.truncate_prompt_tokens, max_model_len, self.max_tokens)
+
+    @property
+    def bad_words_token_ids(self) -> tuple[tuple[int, ...], ...]:
+        """The token ids of ``bad_words`` (``with_bad_words_token_ids``); () until they are tokenized."""
+        return self._bad_words_token_ids
+
+    def with_bad_words_token_ids(self, tokenizer) -> "SamplingParams":
+        """These parameters with ``bad_words`` tokenized by ``tokenizer`` (its ``encode(text,
+        add_special_tokens=False)``), as vLLM's ``update_from_tokenizer``: each word's tokens, and also those of
+        the word after a space where that makes a new first token of as many tokens (a word in mid-text).
+        RequestError (``bad_words``) for a word of no token, or more than MAX_BAD_WORDS sequences."""
+        if not self.bad_words or self._bad_words_token_ids:
+            return self
+        sequences: list[tuple[int, ...]] = []
+        for word in self.bad_words:
+            plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            if not plain:
+                raise RequestError(f"bad_words entry {word!r} tokenizes to no token", "bad_words")
+            spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            sequences.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+            if len(sequences) > MAX_BAD_WORDS:
+                raise RequestError(f"too many bad words after tokenization: more than {MAX_BAD_WORDS} token "
+                                   "sequences", "bad_words")
+        params = self._replaced()
+        object.__setattr__(params, "_bad_words_token_ids", tuple(sequences))
+        return params
 
     def with_seed(self, seed: int) -> "SamplingParams":
         """These parameters with another ``seed`` (n samples of one request differ there alone)."""
@@ -149,6 +232,32 @@ class SamplingParams:
         for name, value in fields.items():
             object.__setattr__(params, name, value)
         return params
+
+
+def check_truncate_prompt_tokens(value: object) -> None:
+    """RequestError (naming the field) unless ``value`` is None, -1 or a positive integer (vLLM's)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or value == -1)):
+        raise RequestError(f"truncate_prompt_tokens must be an integer >= 1 or -1, got {value!r}",
+                           "truncate_prompt_tokens")
+
+
+def truncate_prompt(prompt_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int,
+                    max_tokens: int | None) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last k tokens (None: all of them), before the prompt's length
+    is checked; -1 is k = what ``max_tokens`` (None: none) leaves of ``max_model_len``, and a k past that is a
+    RequestError naming the field, as vLLM's (its TokenizeParams)."""
+    if truncate_prompt_tokens is None:
+        return prompt_ids
+    max_input_tokens = max_model_len - (max_tokens or 0)
+    if truncate_prompt_tokens == -1:
+        truncate_prompt_tokens = max_input_tokens
+    elif truncate_prompt_tokens > max_input_tokens:
+        raise RequestError(f"truncate_prompt_tokens={truncate_prompt_tokens} cannot be greater than max_model_len - "
+                           f"max_tokens = {max_input_tokens}: request a smaller truncation size",
+                           "truncate_prompt_tokens")
+    if truncate_prompt_tokens < 1 or len(prompt_ids) <= truncate_prompt_tokens:
+        return prompt_ids
+    return list(prompt_ids[-truncate_prompt_tokens:])
 
 
 class LogitBias(tuple):

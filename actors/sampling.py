@@ -1,6 +1,7 @@
 """Batched token sampling over logits[B, V] with per-row ``SamplingParams``.
 
-Order per row (vLLM's): min_tokens masks EOS/stop ids; the logit bias is added;
+Order per row (vLLM's): min_tokens masks EOS/stop ids; tokens outside ``allowed_token_ids`` and those the bad
+words ban are masked; the logit bias is added;
 repetition, frequency and presence penalties; greedy rows take the argmax here;
 others divide by the temperature, drop what min_p drops (tokens less likely than
 min_p times the best one), keep the top-k then the top-p nucleus, and draw with the row's own
@@ -30,6 +31,7 @@ class SamplingRow:
     generator: torch.Generator | None = None
     _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
     _bias_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+    _allowed_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def prompt_tensor(self) -> torch.Tensor:
@@ -49,12 +51,31 @@ class SamplingRow:
                                   torch.tensor([b for _, b in pairs], dtype=torch.float32))
         return self._bias_tensors
 
+    @property
+    def allowed_tensor(self) -> torch.Tensor:
+        """The ``allowed_token_ids`` as an int64 host tensor, made once (the bias's reason)."""
+        if self._allowed_tensor is None:
+            self._allowed_tensor = torch.tensor(self.params.allowed_token_ids or (), dtype=torch.int64)
+        return self._allowed_tensor
+
+    def banned_token_ids(self) -> list[int]:
+        """vLLM's bad words at this step: the last token of each of the ``bad_words`` token sequences whose other
+        tokens end the output so far (a one-token word is always banned)."""
+        output = self.output_token_ids
+        banned = []
+        for word in self.params.bad_words_token_ids:
+            prefix = len(word) - 1
+            if prefix <= len(output) and (prefix == 0 or list(output[-prefix:]) == list(word[:-1])):
+                banned.append(word[-1])
+        return banned
+
     def __post_init__(self) -> None:
         p = self.params
         # greedy with nothing that changes the logits or asks for logprobs (min_tokens aside; min_p always keeps
         # the best token)
         self._is_plain_greedy = (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
-                                 and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias)
+                                 and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias
+                                 and p.allowed_token_ids is None and not p.bad_words_token_ids)
 
     @property
     def is_argmax(self) -> bool:
@@ -160,6 +181,27 @@ def _add_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
                       _upload(bias[kept], torch.float32, device), accumulate=True)
 
 
+def _mask_disallowed(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """-inf for the tokens a row may not sample: outside its ``allowed_token_ids`` (the rows that have them, in one
+    scatter over a mask of those rows), and its bad words' banned tokens this step (``banned_token_ids``)."""
+    device, vocab_size = logits.device, logits.shape[1]
+    allowed = [(index, row.allowed_tensor) for index, row in enumerate(rows) if row.params.allowed_token_ids]
+    if allowed:
+        ids = torch.cat([ids for _, ids in allowed])
+        mask_rows = torch.cat([torch.full((row_ids.shape[0],), i, dtype=torch.int64)
+                               for i, (_, row_ids) in enumerate(allowed)])
+        kept = ids < vocab_size  # the Executor refuses such ids (check_prompt); sample() is public
+        blocked = torch.ones((len(allowed), vocab_size), dtype=torch.bool, device=device)
+        blocked[_upload(mask_rows[kept], torch.int64, device), _upload(ids[kept], torch.int64, device)] = False
+        row_index = _upload([index for index, _ in allowed], torch.int64, device)
+        logits[row_index] = logits[row_index].masked_fill(blocked, float("-inf"))
+    banned = [(index, token_id) for index, row in enumerate(rows) if row.params.bad_words_token_ids
+              for token_id in row.banned_token_ids() if token_id < vocab_size]
+    if banned:
+        row_index, token_index = zip(*banned)
+        logits[_upload(row_index, torch.int64, device), _upload(token_index, torch.int64, device)] = float("-inf")
+
+
 def _min_p_mask(scaled: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     """True where a token's probability is below its row's ``min_p`` times the best token's (vLLM's min_p), in
     log space: ``p < min_p * p_max`` is ``logit < logit_max + log(min_p)`` (no softmax; min_p 0 masks nothing)."""
@@ -220,6 +262,8 @@ def sample(
     if masked:
         row_index, token_index = zip(*masked)
         logits[_upload(row_index, torch.int64, device), _upload(token_index, torch.int64, device)] = float("-inf")
+    if any(r.params.allowed_token_ids is not None or r.params.bad_words for r in rows):
+        _mask_disallowed(logits, rows)
     if any(r.params.logit_bias for r in rows):
         _add_logit_bias(logits, rows)
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty for r in rows):

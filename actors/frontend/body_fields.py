@@ -1,13 +1,13 @@
-"""Typed fields of an OpenAI request body: numbers within the float and int64 ranges, booleans, the sampling fields
-(stop strings and logit_bias bounded), output limits, logprob counts and stream options. Each raises ``ApiError(400)``
-naming the field; ``openai_request`` builds the requests from them."""
+"""Typed fields of an OpenAI request body: numbers within the float and int64 ranges, booleans, text the tokenizer
+can take, the sampling fields (stop strings, bad words and logit_bias bounded), output limits, logprob counts and
+stream options. Each raises ``ApiError(400)`` naming the field; ``openai_request`` builds the requests from them."""
 from __future__ import annotations
 
 import math
 from typing import Any
 
 from fastdecode.actors.frontend.errors import bad_request
-from fastdecode.actors.request import LogitBias, RequestError
+from fastdecode.actors.request import MAX_BAD_WORDS, LogitBias, RequestError, check_truncate_prompt_tokens
 
 MAX_LOGPROBS = 20
 MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an int64 (vLLM bounds seed so)
@@ -27,8 +27,14 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     for name in ("top_k", "min_tokens", "seed"):
         if body.get(name) is not None:
             fields[name] = integer_field(body, name)
-    if body.get("ignore_eos") is not None:
-        fields["ignore_eos"] = boolean_field(body, "ignore_eos")
+    for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"):
+        if body.get(name) is not None:
+            fields[name] = boolean_field(body, name)
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        if body.get(name) is not None:
+            fields[name] = token_ids_field(body, name)
+    if body.get("bad_words") is not None:
+        fields["bad_words"] = bad_words_field(body)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -43,12 +49,43 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
             raise bad_request(f"stop has {num_chars} characters in all: at most {MAX_STOP_CHARS} characters are "
                               "allowed", "stop")
         fields["stop"] = tuple(stop)
-    stop_token_ids = body.get("stop_token_ids")
-    if stop_token_ids is not None:
-        if not isinstance(stop_token_ids, list) or not all(is_int(t) for t in stop_token_ids):
-            raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
-        fields["stop_token_ids"] = tuple(stop_token_ids)
     return fields
+
+
+def token_ids_field(body: dict[str, Any], name: str) -> tuple[int, ...]:
+    """A list of token ids (``stop_token_ids``, ``allowed_token_ids``); their range is SamplingParams' and the
+    Executor's to check."""
+    value = body[name]
+    if not isinstance(value, list) or not all(is_int(t) for t in value):
+        raise bad_request(f"{name} must be a list of integers", name)
+    return tuple(value)
+
+
+def bad_words_field(body: dict[str, Any]) -> tuple[str, ...]:
+    """vLLM's ``bad_words``: a list of strings, each tokenized for the request (at most MAX_BAD_WORDS, which vLLM
+    allows as token sequences, and MAX_STOP_CHARS characters in all: tokenized on the event loop)."""
+    value = body["bad_words"]
+    if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
+        raise bad_request("bad_words must be a list of strings", "bad_words")
+    for word in value:
+        checked_text(word, "bad_words")
+    if len(value) > MAX_BAD_WORDS:
+        raise bad_request(f"bad_words has {len(value)} words: at most {MAX_BAD_WORDS} are allowed", "bad_words")
+    if sum(len(word) for word in value) > MAX_STOP_CHARS:
+        raise bad_request(f"bad_words has more than {MAX_STOP_CHARS} characters in all", "bad_words")
+    return tuple(value)
+
+
+def truncate_prompt_tokens_field(body: dict[str, Any]) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: None, -1 or a positive integer (``truncate_prompt``)."""
+    if body.get("truncate_prompt_tokens") is None:
+        return None
+    value = integer_field(body, "truncate_prompt_tokens")
+    try:
+        check_truncate_prompt_tokens(value)
+    except RequestError as exc:
+        raise bad_request(str(exc), exc.param) from None
+    return value
 
 
 def logit_bias_field(body: dict[str, Any]) -> LogitBias:
@@ -173,4 +210,14 @@ def boolean_field(body: dict[str, Any], name: str, *, default: bool | None = Fal
         return default
     if not isinstance(value, bool):
         raise bad_request(f"{name} must be true or false, got {shown(value)}", name)
+    return value
+
+
+def checked_text(value: str, param: str) -> str:
+    """``value`` itself if it is text the tokenizer can take: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which are no Unicode text (the tokenizer failed on them with a 500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}", param) from None
     return value

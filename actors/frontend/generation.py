@@ -39,6 +39,7 @@ from fastdecode.actors.executor_config import check_prompt
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
+from fastdecode.actors.generation_results import merged_outputs
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import RequestError, SamplingParams
@@ -54,19 +55,25 @@ LARGE_RESPONSE_TOKENS = 4096
 
 async def prompt_token_ids(llm: AsyncLLM, request: GenerateRequest) -> list[int]:
     """The request's prompt as token ids (chat messages through the model's chat template), tokenized off
-    the event loop, which also runs the Executor, in-process shards and heartbeats."""
+    the event loop, which also runs the Executor, in-process shards and heartbeats, then cut to its
+    ``truncate_prompt_tokens`` (vLLM's: text too long for the context is then tokenized, not refused)."""
     tokenizer = llm.tokenizer
+    is_truncated = request.truncate_prompt_tokens is not None
     if request.messages is not None:
-        _check_text_fits(llm, sum(len(m["content"]) for m in request.messages), "messages")
+        if not is_truncated:
+            _check_text_fits(llm, sum(len(m["content"]) for m in request.messages), "messages")
         # special tokens only when add_special_tokens asks (vLLM's chat default: the template writes them)
-        return await chat_token_ids(tokenizer, request.messages, add_special_tokens=bool(request.add_special_tokens),
-                                    template_kwargs=request.chat_template_kwargs)
-    assert request.prompt is not None
-    if isinstance(request.prompt, str):
-        _check_text_fits(llm, len(request.prompt), "prompt")
+        ids = await chat_token_ids(tokenizer, request.messages, add_special_tokens=bool(request.add_special_tokens),
+                                   template_kwargs=request.chat_template_kwargs)
+    elif isinstance(request.prompt, str):
+        if not is_truncated:
+            _check_text_fits(llm, len(request.prompt), "prompt")
         is_special = request.add_special_tokens is not False  # vLLM's completions default: true
-        return await asyncio.to_thread(tokenizer.encode, request.prompt, add_special_tokens=is_special)
-    return list(request.prompt)
+        ids = await asyncio.to_thread(tokenizer.encode, request.prompt, add_special_tokens=is_special)
+    else:
+        assert request.prompt is not None
+        ids = list(request.prompt)
+    return request.truncated(ids, llm.max_model_len)
 
 
 async def chat_token_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], *,
@@ -238,7 +245,7 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     try:
         for prompt_index, one in enumerate(request.per_prompt()):
             prompt_ids = await prompt_token_ids(llm, one)
-            samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults)
+            samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults, llm.tokenizer)
             echo_text = await _echo_text(llm, one, prompt_ids, samples_params[0]) if request.is_echo else None
             submissions += [(prompt_index, prompt_ids, params, echo_text) for params in samples_params]
     except asyncio.CancelledError:  # the client left while its prompts were tokenized: an abort, as once queued
@@ -350,38 +357,9 @@ async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[Gene
     """The outputs of every generation as they come, each with its generation, until all have ended.  Use it
     in ``contextlib.aclosing``: leaving early stops the readers (the requests are cancelled when
     ``start_generations`` closes their streams)."""
-    if len(generations) == 1:  # the common case: no reader task in between
-        (generation,) = generations
-        async with aclosing(generation.outputs()) as outputs:
-            async for out in outputs:
-                yield generation, out
-        return
-    queue: asyncio.Queue[tuple[Generation, StreamOutput | Exception | None]] = asyncio.Queue()
-
-    async def read(generation: Generation) -> None:
-        try:
-            async for out in generation.outputs():
-                queue.put_nowait((generation, out))
-        except Exception as exc:  # handed to the consumer, which raises it
-            queue.put_nowait((generation, exc))
-        else:
-            queue.put_nowait((generation, None))
-
-    readers = [asyncio.create_task(read(generation)) for generation in generations]
-    try:
-        num_open = len(readers)
-        while num_open:
-            generation, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is None:
-                num_open -= 1
-            else:
-                yield generation, item
-    finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+    async with aclosing(merged_outputs([generation.outputs() for generation in generations])) as outputs:
+        async for index, out in outputs:
+            yield generations[index], out
 
 
 def total_usage(generations: list[Generation]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from fastdecode.actors.frontend.body_fields import (
     boolean_field,
     chat_max_tokens,
+    checked_text,
     continuous_usage_field,
     include_usage_field,
     integer_field,
@@ -28,10 +29,11 @@ from fastdecode.actors.frontend.body_fields import (
     prompt_logprobs_field,
     sampling_fields,
     shown,
+    truncate_prompt_tokens_field,
 )
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.model.config import SamplingDefaults
-from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.request import RequestError, SamplingParams, truncate_prompt
 
 LARGE_BODY_BYTES = 1 << 20  # bodies from this size are decoded and checked off the event loop
 MAX_BODY_BYTES = 16 << 20  # a request body (or WebSocket message) past this is refused (413)
@@ -46,12 +48,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "guided_grammar": (None,),
     "guided_decoding_backend": (None,),
     "use_beam_search": (None, False),
-    "bad_words": (None, []),
-    "allowed_token_ids": (None,),
-    "truncate_prompt_tokens": (None,),
-    "include_stop_str_in_output": (None, False),
     "continue_final_message": (None, False),
-    "skip_special_tokens": (None, True),
     "structured_outputs": (None,),
     "logprob_token_ids": (None,),
     "truncation_side": (None,),
@@ -91,6 +88,7 @@ class GenerateRequest:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra chat template variables
     is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
     is_echo: bool = False  # completions' echo: each choice's text starts with its prompt's
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (``truncated``)
 
     @property
     def num_prompts(self) -> int:
@@ -134,13 +132,28 @@ class GenerateRequest:
         except RequestError as exc:
             raise bad_request(str(exc), exc.param) from None
 
-    def samples_params(self, num_prompt_tokens: int, max_model_len: int,
-                       defaults: SamplingDefaults | None = None) -> list[SamplingParams]:
+    def samples_params(self, num_prompt_tokens: int, max_model_len: int, defaults: SamplingDefaults | None = None,
+                       tokenizer: Any = None) -> list[SamplingParams]:
         """``sampling_params`` of each of the n samples (``SamplingParams.samples``: sample i takes ``seed + i``, so
         each sample is the single request with that seed), each with the prompt's logprobs where asked (every choice
-        shows its own).  Made and checked once, the samples differing in their seeds alone: a logit_bias over much
-        of the vocabulary takes a tenth of a second to sort and check."""
-        return self.sampling_params(num_prompt_tokens, max_model_len, defaults).samples()
+        shows its own), and its ``bad_words`` tokenized by ``tokenizer`` (where given).  Made and checked once, the
+        samples differing in their seeds alone: a logit_bias over much of the vocabulary takes a tenth of a second to
+        sort and check."""
+        params = self.sampling_params(num_prompt_tokens, max_model_len, defaults)
+        if tokenizer is not None:
+            try:
+                params = params.with_bad_words_token_ids(tokenizer)
+            except RequestError as exc:
+                raise bad_request(str(exc), exc.param) from None
+        return params.samples()
+
+    def truncated(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
+        """``prompt_ids`` cut to the request's ``truncate_prompt_tokens`` before their length is checked (vLLM's: -1
+        keeps what max_tokens leaves of the context); 400 naming the field for a size past that."""
+        try:
+            return truncate_prompt(prompt_ids, self.truncate_prompt_tokens, max_model_len, self.max_tokens)
+        except RequestError as exc:
+            raise bad_request(str(exc), exc.param) from None
 
 
 def decode_body(raw: bytes | str) -> dict[str, Any]:
@@ -179,6 +192,7 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
         is_usage_continuous=continuous_usage_field(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"), is_echo=is_echo,
+        truncate_prompt_tokens=truncate_prompt_tokens_field(body),
     )
 
 
@@ -200,6 +214,7 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         chat_template_kwargs=template_kwargs,
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
+        truncate_prompt_tokens=truncate_prompt_tokens_field(body),
     )
 
 
@@ -225,6 +240,7 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
         num_logprobs=logprobs_count(body, "logprobs"), is_stream=True,
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         chat_template_kwargs=_chat_template_kwargs(body) if has_messages else {},
+        truncate_prompt_tokens=truncate_prompt_tokens_field(body),
     )
 
 
@@ -409,13 +425,3 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
                                   f"{param}[{index}].function.arguments") from None
         calls.append({**call, "function": {**function, "arguments": arguments}})
     return calls
-
-
-def checked_text(value: str, param: str) -> str:
-    """``value`` itself if it is text the tokenizer can take: JSON's ``\\ud800`` escapes decode to lone
-    surrogates, which are no Unicode text (the tokenizer failed on them with a 500)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}", param) from None
-    return value

@@ -139,9 +139,7 @@ def test_int64_bounds_are_accepted_for_the_seed():
 UNSUPPORTED = [
     ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("guided_regex", "a+"),
     ("guided_grammar", "root ::= 'a'"), ("guided_decoding_backend", "xgrammar"), ("use_beam_search", True),
-    ("bad_words", ["x"]), ("allowed_token_ids", [1, 2]),
-    ("truncate_prompt_tokens", 8), ("include_stop_str_in_output", True), ("continue_final_message", True),
-    ("skip_special_tokens", False),
+    ("continue_final_message", True),
 ]
 HARMLESS = [
     ("min_p", 0), ("min_p", 0.0), ("min_p", None), ("guided_json", None), ("prompt_logprobs", None),
