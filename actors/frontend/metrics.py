@@ -4,7 +4,9 @@ What follows vLLM's v1 ``PrometheusStatLogger``: each series' meaning and unit, 
 (e2e latency to 7680 s, time to first token to 2560 s, token counts in 1-2-5 steps), the
 ``finished_reason`` values (stop, length, abort, error; every one exists at 0 from the start) and a
 ``model_name`` label (the served model name) on every series, which vLLM's Grafana dashboard filters on.
-What differs: the ``fastdecode_`` prefix instead of ``vllm:``; no ``engine`` label (one engine); the
+Each series vLLM also has is exposed twice, as ``fastdecode_*`` and under vLLM's own name (``vllm:*``,
+``VLLM_NAMES``), so a vLLM dashboard or alert reads this server unchanged. What differs: no ``engine`` label
+(one engine); the
 token-count buckets go on to 10^6 rather than stopping at max_model_len (the metrics exist before the
 engine that knows it; the buckets past it stay equal to +Inf, so quantiles are the same); and the KV
 series per node (``kv_*_bytes``, ``kv_node_up``), steps and recovered sequences, which vLLM has not.
@@ -24,6 +26,8 @@ import logging
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
                                PlatformCollector, ProcessCollector, generate_latest)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from fastdecode.actors.guarded_node import GuardedNode
 
@@ -50,6 +54,34 @@ def count_buckets(max_value: int) -> tuple[int, ...]:
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+_PREFIX, _VLLM_PREFIX = "fastdecode_", "vllm:"
+# the series vLLM's v1 PrometheusStatLogger has, by our name: each is exposed under vLLM's name too
+VLLM_NAMES = frozenset({
+    "fastdecode_request_success", "fastdecode_prompt_tokens", "fastdecode_generation_tokens",
+    "fastdecode_time_to_first_token_seconds", "fastdecode_time_per_output_token_seconds",
+    "fastdecode_e2e_request_latency_seconds", "fastdecode_request_prompt_tokens",
+    "fastdecode_request_generation_tokens", "fastdecode_request_params_max_tokens", "fastdecode_request_params_n",
+    "fastdecode_num_requests_waiting", "fastdecode_num_requests_running", "fastdecode_kv_cache_usage_perc",
+    "fastdecode_num_preemptions"})
+
+
+class VllmNamed:
+    """A collector of the ``VLLM_NAMES`` series of ``metrics`` (their parent Counters, Gauges and Histograms) under
+    vLLM's names: the same values at each scrape, ``fastdecode_`` read as ``vllm:``."""
+
+    def __init__(self, metrics: list) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # names are not checked against the registry's: they are ours with another prefix
+
+    def collect(self):
+        for metric in self._metrics:
+            for family in metric.collect():
+                renamed = Metric(_VLLM_PREFIX + family.name.removeprefix(_PREFIX), family.documentation, family.type)
+                renamed.samples = [Sample(_VLLM_PREFIX + sample.name.removeprefix(_PREFIX), *sample[1:])
+                                   for sample in family.samples]
+                yield renamed
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +98,10 @@ class FrontendMetrics:
         r = self.registry
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=r)
-        self.request_success = Counter(
+        self._vllm_named: list = []  # the parents of the series vLLM has too (VLLM_NAMES)
+        self.request_success = self._named(Counter(
             "fastdecode_request_success", "Requests that ended, by finish reason (stop, length, abort, error).",
-            ["model_name", "finished_reason"], registry=r)
+            ["model_name", "finished_reason"], registry=r))
         for reason in FINISH_REASONS:  # every reason has its series from the start
             self.request_success.labels(model_name, reason)
         self.request_rejected = Counter(
@@ -112,16 +145,25 @@ class FrontendMetrics:
             "fastdecode_num_preemptions",
             "Sequences preempted because their KV node was full (vLLM's num_preemptions).")
         self._seen: dict = {self.steps: 0, self.sequences_recovered: 0, self.preemptions: 0}
+        r.register(VllmNamed(self._vllm_named))
+
+    def _named(self, metric):
+        """``metric`` itself, kept for its vLLM-named copy where vLLM has the series (``VLLM_NAMES``)."""
+        if metric._name in VLLM_NAMES:
+            self._vllm_named.append(metric)
+        return metric
 
     def _counter(self, name: str, documentation: str):
-        return Counter(name, documentation, ["model_name"], registry=self.registry).labels(self.model_name)
+        return self._named(Counter(name, documentation, ["model_name"], registry=self.registry)).labels(
+            self.model_name)
 
     def _gauge(self, name: str, documentation: str):
-        return Gauge(name, documentation, ["model_name"], registry=self.registry).labels(self.model_name)
+        return self._named(Gauge(name, documentation, ["model_name"], registry=self.registry)).labels(
+            self.model_name)
 
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]):
-        return Histogram(name, documentation, ["model_name"], buckets=buckets,
-                         registry=self.registry).labels(self.model_name)
+        return self._named(Histogram(name, documentation, ["model_name"], buckets=buckets,
+                                     registry=self.registry)).labels(self.model_name)
 
     # ---- per request ---------------------------------------------------------------------------
     def on_rejected(self, status: int) -> None:

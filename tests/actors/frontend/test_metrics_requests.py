@@ -11,7 +11,7 @@ import pytest
 
 from app_client import ScriptedLLM
 from fastdecode.actors.frontend.generation import start_generation, start_generations
-from fastdecode.actors.frontend.metrics import FrontendMetrics, count_buckets
+from fastdecode.actors.frontend.metrics import VLLM_NAMES, FrontendMetrics, count_buckets
 from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.guarded_node import GuardedNode, NodeState
@@ -184,3 +184,27 @@ async def test_token_latencies_are_the_engines_not_the_readers():
     assert value(samples, "fastdecode_time_per_output_token_seconds_count") == 5
     assert value(samples, "fastdecode_time_per_output_token_seconds_sum") < 0.4  # not 5 x 0.2 s
     assert value(samples, "fastdecode_e2e_request_latency_seconds_sum") < 0.6
+
+
+async def test_the_series_vllm_has_are_exposed_under_vllms_names_too():
+    """A vLLM dashboard's queries (``vllm:num_requests_running``, ``rate(vllm:generation_tokens_total[1m])``,
+    ``vllm:e2e_request_latency_seconds_bucket``...) read the same values as the fastdecode series; ours alone
+    (steps, KV bytes per node) have no vllm: name."""
+    metrics = FrontendMetrics(MODEL)
+    metrics.on_token(0.05, is_first=True)
+    metrics.on_token(0.01, is_first=False)
+    metrics.on_finished("length", 0.5, num_prompt_tokens=5, num_generation_tokens=2, max_tokens=2)
+    samples = await samples_of(metrics)
+    ours = {(name.removeprefix("fastdecode_"), labels): value for (name, labels), value in samples.items()
+            if name.startswith("fastdecode_") and not name.endswith("_created")}
+    theirs = {(name.removeprefix("vllm:"), labels): value for (name, labels), value in samples.items()
+              if name.startswith("vllm:") and not name.endswith("_created")}
+    assert theirs and all(ours[key] == value for key, value in theirs.items())
+    families = {name.rsplit("_", 1)[0] if name.endswith(("_total", "_bucket", "_count", "_sum")) else name
+                for name, _ in theirs}
+    assert families == {name.removeprefix("fastdecode_") for name in VLLM_NAMES}
+    assert value(samples, "vllm:request_success_total", finished_reason="length") == 1
+    assert value(samples, "vllm:generation_tokens_total") == 2
+    assert value(samples, "vllm:time_to_first_token_seconds_bucket", le="0.06") == 1
+    assert not any(name.startswith("vllm:") and "kv_node_up" in name or name == "vllm:steps_total"
+                   for name, _ in samples)
