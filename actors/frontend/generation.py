@@ -87,9 +87,11 @@ async def chat_token_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]
                                        add_special_tokens=add_special_tokens, **(template_kwargs or {}))
     except ModelError as exc:
         raise bad_request(str(exc), "messages") from None
-    except (TemplateError, TypeError) as exc:  # what chat_template_kwargs made of the template
-        raise bad_request(f"the chat template failed with these chat_template_kwargs: {exc}",
-                          "chat_template_kwargs") from None
+    except (TemplateError, TypeError) as exc:  # the template's own refusal of these messages, or of the kwargs
+        if template_kwargs:
+            raise bad_request(f"the chat template failed with these chat_template_kwargs: {exc}",
+                              "chat_template_kwargs") from None
+        raise bad_request(f"the chat template failed on these messages: {exc}", "messages") from None
 
 
 def _check_text_fits(llm: AsyncLLM, num_chars: int, param: str) -> None:

@@ -90,3 +90,17 @@ async def test_tokenize_renders_the_tools_a_chat_completion_renders(served):
     assert status == 200, tokenized
     assert tokenized["tokens"] == llm.prompts[-1] and tokenized["count"] == completion["usage"]["prompt_tokens"]
     assert llm.prompts[-1] != llm.tokenizer.encode_chat(MESSAGES)  # the tools are in it
+
+
+async def test_a_template_that_refuses_the_messages_names_them_not_the_kwargs():
+    """A template that fails to render the messages (here it calls what a message has not) is about them, or the
+    template; only where the request gave chat_template_kwargs may they be what broke it."""
+    from fastdecode.actors.frontend.errors import ApiError
+    from fastdecode.actors.frontend.generation import chat_token_ids
+
+    strict = synthetic_tokenizer(chat_template="{{ messages[0].content.no_such_method() }}")
+    for kwargs, param in ((None, "messages"), ({"enable_thinking": True}, "chat_template_kwargs")):
+        with pytest.raises(ApiError) as refused:
+            await chat_token_ids(strict, MESSAGES, template_kwargs=kwargs)
+        assert (refused.value.status, refused.value.param) == (400, param)
+        assert "no_such_method" in refused.value.message and "chat template failed" in refused.value.message
