@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
-from fastdecode.cli.sizes import SIZE
+from fastdecode.cli.sizes import SIZE, CountParamType
 from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
 from fastdecode.scheduler.config import ADMISSION_MODES
 from fastdecode.transport.errors import TransportError
@@ -129,7 +129,8 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(SERVED_MODEL_NAME, multiple=True, callback=_served_model_name,
                      help="Model id in the API (default: --model); one name (vLLM's further names, aliases, are "
                           "refused)."),
-        click.option("--max-model-len", default=None, type=int, help="Context length (default: the model's)."),
+        click.option("--max-model-len", default=None, type=CountParamType(min=1),
+                     help="Context length (default: the model's); vLLM's forms: 4096, 4k (4000), 4K (4096)."),
         click.option("--max-num-seqs", default=256, show_default=True, type=int,
                      help="Most sequences decoded together; more wait in the queue."),
         click.option("--max-queue", default=4096, show_default=True, type=int,
@@ -147,7 +148,7 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "eighth of its node (a larger max_tokens, e.g. a chat request's default of the whole "
                           "context, counts as this many; a node that fills up preempts its youngest). 0: reserve "
                           "the whole max_tokens."),
-        click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=0),
+        click.option("--max-num-batched-tokens", default=None, type=CountParamType(min=0),
                      help="Most tokens one step carries (each decoding sequence counts 1); a longer prompt is "
                           "prefilled in chunks over several steps while the others keep decoding. 0: no chunking. "
                           "[default: 2048 on a GPU (or twice --max-num-seqs where more), 256 on a CPU]"),

@@ -115,6 +115,21 @@ def test_a_context_past_the_models_is_refused_at_start():
     assert "max_model_len 4096 is longer than the model's context of 2048" in line
 
 
+def test_token_counts_take_vllms_suffixes():
+    from fastdecode.cli.sizes import parse_count
+
+    assert [parse_count(t) for t in ("4096", "4k", "4K", "25.6k", "1m", "2M", " 8 ")] == [
+        4096, 4000, 4096, 25600, 10**6, 2 << 20, 8]
+    for bad, message in (("4KiB", "cannot read"), ("1.5K", "did you mean 1.5k"), ("1.0005k", "whole number"),
+                         ("-1", "cannot read"), ("", "cannot read")):
+        with pytest.raises(ValueError, match=message):
+            parse_count(bad)
+    line = refuse("serve", *TINY, "--shards", "0", "--max-model-len", "4K")  # read as 4096: past the model's
+    assert "max_model_len 4096 is longer than the model's context of 2048" in line
+    assert "less than 1" in refuse("serve", *TINY, "--shards", "0", "--max-model-len", "0")
+    assert "did you mean 2.5k" in refuse("serve", *TINY, "--max-num-batched-tokens", "2.5K")
+
+
 def test_scheduler_options_reach_the_config():
     from fastdecode.cli.serve import build_config
 
