@@ -150,12 +150,8 @@ class Executor:
         self.is_stopped = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass  # the loop was cancelled on purpose
-            except Exception:  # it had died already (_on_loop_end): the nodes are still to be closed
-                pass
+            # cancelled here, or dead already (_on_loop_end): either way the nodes are still to be closed
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await self.node_book.close()
         self._held.emit()
