@@ -17,7 +17,7 @@ from fastdecode.actors.model.synthetic_tokenizer import build_synthetic_tokenize
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.reference import reference_generate, run_tokens
 from fastdecode.actors.request import MAX_BAD_WORDS, RequestError, SamplingParams, truncate_prompt
-from fastdecode.actors.sampling import SamplingRow, sample
+from fastdecode.actors.sampling import SamplingRow, make_generator, sample
 
 BOS, EOS, THREE = 318, 319, 51  # random:tiny's <|bos|>, <|eos|> and "3" (greedy after PROMPT: n ? _ " h" 3 L 3 ...)
 GREEDY = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -113,6 +113,28 @@ def test_allowed_ids_mask_greedy_and_sampled_rows_of_a_mixed_batch():
     assert {d[3] for d in draws} <= {7, 8}
     raw = sample(logits[:1], [_row(temperature=0.0, allowed_token_ids=allowed, logprobs=0)])
     assert raw.logprobs[0] == logits[0].log_softmax(-1)[best_allowed]  # logprobs stay the model's raw ones
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_masks_pick_what_the_cpu_picks():
+    """allowed_token_ids and bad words on the GPU (the mask built on the device, the ids uploaded) against the CPU
+    on the same logits: greedy rows and a sampled one whose top_k of 1 leaves one token, with a plain row between."""
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(3)) * 3
+    best = [int(t) for t in logits[0].topk(3).indices]
+
+    def rows(device: str) -> list[SamplingRow]:
+        banned = SamplingParams(temperature=0.0, bad_words=["x"])
+        object.__setattr__(banned, "_bad_words_token_ids", ((best[0],), (5, best[1])))
+        params = [SamplingParams(temperature=0.0, allowed_token_ids=[17, 2999, best[2]], logprobs=2),
+                  SamplingParams(temperature=0.0), banned,
+                  SamplingParams(temperature=0.9, seed=4, top_k=1, allowed_token_ids=list(range(100, 3000, 7)))]
+        return [SamplingRow(p, [1], [5], make_generator(p.seed, device)) for p in params]
+
+    on_cpu, on_gpu = sample(logits, rows("cpu")), sample(logits.cuda(), rows("cuda"))
+    assert on_gpu.token_ids.tolist() == on_cpu.token_ids.tolist()
+    assert on_cpu.token_ids[0] == best[2] and on_cpu.token_ids[2] not in best[:2]
+    assert on_cpu.token_ids[3] in range(100, 3000, 7)
+    torch.testing.assert_close(on_gpu.logprobs.cpu(), on_cpu.logprobs, rtol=0, atol=1e-4)
 
 
 def test_bad_words_ban_their_last_token_after_the_rest_of_them():
