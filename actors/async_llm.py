@@ -94,6 +94,10 @@ class AsyncLLM:
             fields["max_tokens"] = defaults.max_tokens
         return SamplingParams(**fields)
 
+    async def get_tokenizer(self):
+        """vLLM's ``await engine.get_tokenizer()``: the model's Tokenizer (``encode``, ``decode``, chat templates)."""
+        return self.tokenizer
+
     @classmethod
     async def start(cls, model: str | ClusterConfig | None = None, *, config: ClusterConfig | None = None,
                     **fields) -> "AsyncLLM":

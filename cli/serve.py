@@ -124,8 +124,8 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="HF model folder, 'smollm2' or 'random:<preset>'."),
         click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind."),
         click.option("--port", default=8000, show_default=True, type=int, help="Port to bind (0: any free one)."),
-        click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,
-                     help="Bearer key every /v1 request must present."),
+        click.option("--api-key", default=None, envvar=[API_KEY_ENV, "VLLM_API_KEY"], show_envvar=True,
+                     help="Bearer key every /v1 request must present (or vLLM's VLLM_API_KEY)."),
         click.option(SERVED_MODEL_NAME, multiple=True, callback=_served_model_name,
                      help="Model id in the API (default: --model); one name (vLLM's further names, aliases, are "
                           "refused)."),
@@ -240,9 +240,10 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
                                 executor=executor, curve_dir=curve_dir, chat_template=chat_template,
                                 is_heap_frozen=True)
-        frontend = FrontendConfig(served_model_name=served_model_name or model, api_key=api_key or None,
-                                  allowed_origins=allowed_origins, allowed_methods=allowed_methods,
-                                  allowed_headers=allowed_headers, is_credentials_allowed=is_credentials_allowed)
+        frontend = FrontendConfig(served_model_name=served_model_name or model, model=model,
+                                  api_key=api_key or None, allowed_origins=allowed_origins,
+                                  allowed_methods=allowed_methods, allowed_headers=allowed_headers,
+                                  is_credentials_allowed=is_credentials_allowed)
         return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port, drain_timeout_s=drain_timeout_s,
                            is_access_logged=not is_access_log_disabled)
     except ValueError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -52,8 +53,15 @@ def _model_card(request: web.Request) -> dict[str, Any]:
     for ``/v1/models`` to answer before sending requests, as they may with vLLM, which answers nothing before it
     is ready, would otherwise start while every request still gets a 503."""
     state = request.app[STATE]
-    return {"id": state.config.served_model_name, "object": "model", "created": request.app[CREATED_AT],
-            "owned_by": "fastdecode", "max_model_len": state.started_llm().max_model_len}
+    name, created = state.config.served_model_name, request.app[CREATED_AT]
+    # vLLM's card: the model's path as root, no parent, one permission object that allows what the server does
+    permission = {"id": f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, f'{name}@{created}').hex}",
+                  "object": "model_permission", "created": created, "allow_create_engine": False,
+                  "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                  "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
+    return {"id": name, "object": "model", "created": created, "owned_by": "fastdecode",
+            "root": state.config.model or name, "parent": None, "max_model_len": state.started_llm().max_model_len,
+            "permission": [permission]}
 
 
 async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], GenerateRequest], *,

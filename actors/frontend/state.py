@@ -26,6 +26,7 @@ class FrontendConfig:
     ``"*"`` allows any."""
 
     served_model_name: str
+    model: str | None = None  # the model as given (--model): the model card's ``root``; None: the served name
     api_key: str | None = None  # None: no key needed
     allowed_origins: tuple[str, ...] = ("*",)
     allowed_methods: tuple[str, ...] = ("*",)

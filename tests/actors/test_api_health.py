@@ -122,3 +122,8 @@ async def test_the_cause_of_a_loop_that_raised_is_the_dead_errors():
     error = watch.dead_error(is_closed=False)
     assert watch.errored and not watch.is_running
     assert "Fatal: the step loop broke" in str(error) and isinstance(error.__cause__, Fatal)
+
+
+async def test_get_tokenizer_is_awaited_as_vllms(llm):
+    tokenizer = await llm.get_tokenizer()
+    assert tokenizer is llm.tokenizer and tokenizer.decode(tokenizer.encode("Hello")).endswith("Hello")

@@ -181,7 +181,12 @@ def test_the_api_key_may_come_from_the_environment(server_configs, command):
     result = runner.invoke(main, [command, *TINY, *shard, "--api-key", "flag-key"])
     assert result.exit_code == 0, result.output
     assert configs[-1].frontend.api_key == "flag-key"
-    result = CliRunner(env={"FASTDECODE_API_KEY": None}).invoke(main, [command, *TINY, *shard, "--host", "0.0.0.0"])
+    result = CliRunner(env={"FASTDECODE_API_KEY": None, "VLLM_API_KEY": "vllm-key"}).invoke(
+        main, [command, *TINY, *shard, "--host", "0.0.0.0"])  # vLLM's variable, where ours is not set
+    assert result.exit_code == 0, result.output
+    assert configs[-1].frontend.api_key == "vllm-key"
+    result = CliRunner(env={"FASTDECODE_API_KEY": None, "VLLM_API_KEY": None}).invoke(
+        main, [command, *TINY, *shard, "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "without --api-key" in result.output
 
 

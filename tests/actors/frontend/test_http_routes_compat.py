@@ -39,6 +39,10 @@ async def test_retrieve_model_and_its_created_time(name):
         assert card == listed and card["id"] == name and card["object"] == "model"
         assert before <= card["created"] <= time.time()
         assert card["max_model_len"] == 512
+        assert (card["owned_by"], card["root"], card["parent"]) == ("fastdecode", name, None)  # vLLM's card
+        (permission,) = card["permission"]
+        assert permission["object"] == "model_permission" and permission["id"].startswith("modelperm-")
+        assert permission["allow_sampling"] and permission["allow_logprobs"] and not permission["allow_fine_tuning"]
         unknown = await client.get("/v1/models/gpt-4")
         assert unknown.status == 404
         error = (await unknown.json())["error"]
@@ -80,3 +84,10 @@ async def test_websocket_route_without_the_upgrade_says_why():
         assert response.status == 400
         message = (await response.json())["error"]["message"]
         assert "Upgrade" in message and "WebSocket" in message
+
+
+async def test_the_cards_root_is_the_model_as_given():
+    config = FrontendConfig(served_model_name="chat", model="/models/SmolLM2-135M-Instruct")
+    async with app_client(ScriptedLLM(), config) as client:
+        card = (await (await client.get("/v1/models")).json())["data"][0]
+        assert (card["id"], card["root"]) == ("chat", "/models/SmolLM2-135M-Instruct")
