@@ -118,6 +118,13 @@ def _values_as_repeats(args: list[str], option: str) -> list[str]:
     return rewritten
 
 
+def _one_gpu(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value != 1:
+        raise click.BadParameter(f"{value}: fastdecode runs the model on one GPU and scales the KV-cache and "
+                                 "attention out over CPU shards instead (--shard); give 1 or leave it out", ctx, param)
+    return value
+
+
 def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--model", default="smollm2", show_default=True,
@@ -192,6 +199,18 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--disable-log-requests", "is_request_log_disabled", is_flag=True,
                      help="No INFO line per finished request (ids, finish reason, token counts, TTFT, e2e); "
                           "vLLM's name."),
+        click.option("--enforce-eager", "is_eager", is_flag=True,
+                     help="No CUDA graphs and no compiled dense segments: every step runs eagerly (vLLM's)."),
+        click.option("--tensor-parallel-size", "-tp", default=1, show_default=True, type=int, expose_value=False,
+                     callback=_one_gpu,
+                     help="vLLM's: 1 only. The model runs on one GPU; the KV-cache and attention scale out over "
+                          "shards (--shard) instead."),
+        click.option("--trust-remote-code", is_flag=True, expose_value=False,
+                     help="Taken for vLLM's command lines: fastdecode runs no code from a model folder (it builds "
+                          "the Llama architecture itself), so there is none to trust."),
+        click.option("--disable-log-stats", is_flag=True, expose_value=False,
+                     help="Taken for vLLM's command lines: fastdecode logs no periodic stats lines (the figures are "
+                          "on /metrics)."),
         click.argument("model_tag", required=False, metavar="[MODEL]"),
     ]
     for option in reversed(options):
@@ -217,7 +236,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
                  is_insecure_bind_any: bool = False, allowed_origins: tuple[str, ...] = ("*",),
                  allowed_methods: tuple[str, ...] = ("*",), allowed_headers: tuple[str, ...] = ("*",),
-                 is_credentials_allowed: bool = False, is_access_log_disabled: bool = False):
+                 is_credentials_allowed: bool = False, is_access_log_disabled: bool = False, is_eager: bool = False):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
     from fastdecode.transport.sockets import is_loopback_address
 
@@ -239,7 +258,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                                 num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
                                 executor=executor, curve_dir=curve_dir, chat_template=chat_template,
-                                is_heap_frozen=True)
+                                is_heap_frozen=True, is_cuda_graphs=not is_eager, is_compiled=not is_eager)
         frontend = FrontendConfig(served_model_name=served_model_name or model, model=model,
                                   api_key=api_key or None, allowed_origins=allowed_origins,
                                   allowed_methods=allowed_methods, allowed_headers=allowed_headers,

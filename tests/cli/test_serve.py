@@ -151,6 +151,22 @@ def test_scheduler_options_reach_the_config():
 
 
 @pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_vllms_common_flags_are_taken_where_they_mean_something_here(server_configs, command):
+    """A vLLM command line's --enforce-eager turns CUDA graphs and compiling off; --trust-remote-code and
+    --disable-log-stats have nothing to turn on or off here; --tensor-parallel-size takes 1 alone."""
+    configs, shard = server_configs, shard_args(command)
+    runner = CliRunner()
+    assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
+    assert (configs[-1].cluster.is_cuda_graphs, configs[-1].cluster.is_compiled) == (True, True)
+    flags = ["--enforce-eager", "--trust-remote-code", "--disable-log-stats", "--tensor-parallel-size", "1"]
+    result = runner.invoke(main, [command, *TINY, *shard, *flags])
+    assert result.exit_code == 0, result.output
+    assert (configs[-1].cluster.is_cuda_graphs, configs[-1].cluster.is_compiled) == (False, False)
+    refused = runner.invoke(main, [command, *TINY, *shard, "-tp", "2"])
+    assert refused.exit_code == 2 and "runs the model on one GPU" in refused.output
+
+
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
 def test_cors_options_reach_the_frontend_config(server_configs, command):
     """vLLM's option names and defaults; lists as a JSON list (vLLM's syntax) or comma-separated."""
     configs, shard = server_configs, shard_args(command)
