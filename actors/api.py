@@ -53,10 +53,11 @@ from fastdecode.actors.generate_call import GenerateCall
 from fastdecode.actors.generation_results import StreamedResult
 from fastdecode.actors.logprob_dicts import prompt_logprob_dicts
 from fastdecode.actors.request import GenerationResult, RequestOutputKind, SamplingParams
+from fastdecode.actors.structured_output import StructuredOutputs
 
 __all__ = ["LLM", "AsyncLLM", "EngineDeadError", "GenerateCall", "RequestOutputKind", "StreamOutput", "StreamedResult",
-           "SubmittedStream", "TokenizedPrompt", "primary_eos_token_id", "prompt_logprob_dicts", "token_stop_reason",
-           "run_on"]
+           "StructuredOutputs", "SubmittedStream", "TokenizedPrompt", "primary_eos_token_id", "prompt_logprob_dicts",
+           "token_stop_reason", "run_on"]
 
 CANCEL_WAIT_S = 10.0  # how long an interrupted ``LLM`` call waits for its requests to be cancelled
 

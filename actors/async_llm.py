@@ -94,6 +94,13 @@ class AsyncLLM:
             fields["max_tokens"] = defaults.max_tokens
         return SamplingParams(**fields)
 
+    async def compile_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the structured outputs of ``params`` (if any) on a worker thread, where a large schema does not
+        hold up the engine's loop; the submission finds it compiled. RequestError if it cannot be compiled."""
+        grammars = self.cluster.executor.grammars
+        if params.structured_outputs is not None and grammars is not None:
+            await asyncio.to_thread(grammars.compile, params.structured_outputs)
+
     async def get_tokenizer(self):
         """vLLM's ``await engine.get_tokenizer()``: the model's Tokenizer (``encode``, ``decode``, chat templates)."""
         return self.tokenizer
@@ -277,6 +284,7 @@ class AsyncLLM:
         if request is None:  # stream() and generate(): submitted now, when iteration starts
             self.check_open()
             self.check_loop()
+            await self.compile_structured_outputs(params)
             if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: never submitted
                 yield StreamOutput(named.request_id, -1, "", finish_reason="abort")
                 return

@@ -35,6 +35,7 @@ from fastdecode.actors.model.hf_dir import chosen_sampling_defaults
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import start_embedded_shard
 from fastdecode.actors.shard_links import ShardLinks
+from fastdecode.actors.structured_output import GrammarBackend
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch, planned_lengths
@@ -286,10 +287,11 @@ class Cluster:
             if not nodes:
                 kv_bytes = config.shard_kv_memory_bytes or default_shard_kv_bytes(1)
                 nodes.append(LocalKVNode.for_model("local", model, kv_bytes))
-            executor = Executor(model, nodes, executor_config,
-                                eos_token_ids=tokenizer.eos_token_ids or cfg.eos_token_ids,
+            eos_token_ids = tokenizer.eos_token_ids or cfg.eos_token_ids
+            executor = Executor(model, nodes, executor_config, eos_token_ids=eos_token_ids,
                                 trace=StepTrace() if config.is_tracing else None, gpu_model=gpu_model,
-                                node_factories=[factories.get(id(n)) for n in nodes], seed=config.seed)
+                                node_factories=[factories.get(id(n)) for n in nodes], seed=config.seed,
+                                grammars=GrammarBackend(tokenizer, cfg.vocab_size, eos_token_ids))
             gpu_node = nodes[0] if nodes and isinstance(nodes[0], GpuKVNode) else None
             if config.is_cuda_graphs and device.type == "cuda" and gpu_node is not None:
                 from fastdecode.actors.cuda_graphs import StepGraphs

@@ -1,25 +1,20 @@
 """The GPU Executor: owns the model and the step loop; KV lives on KV nodes.
 
-``Executor.submit`` queues a request and returns its token stream. The loop runs
-steps while there is work. Each step: reap cancelled requests (KV freed at once),
-ask the scheduler for a plan (``fastdecode.scheduler``: preemptions, admissions
-with placement, the two mini-batches), carry it out (free preempted KV, prefill
-admitted sequences on the Executor's device, prompts admitted together in shared
-forward passes, and ship their K/V to their node: ``prefill_passes``), then run one
-decode step over the mini-batches and sample. Prefills share a step's token budget
-with its decodes: a long prompt is prefilled in chunks over several steps
-(``chunked_prefill``) while the running sequences go on decoding.
+``Executor.submit`` queues a request and returns its token stream. The loop runs steps while there is work. Each
+step: reap cancelled requests (KV freed at once), ask the scheduler for a plan (``fastdecode.scheduler``:
+preemptions, admissions with placement, the two mini-batches), carry it out (free preempted KV, prefill admitted
+sequences on the Executor's device, prompts admitted together in shared forward passes, and ship their K/V to their
+node: ``prefill_passes``), then run one decode step over the mini-batches and sample. Prefills share a step's token
+budget with its decodes: a long prompt is prefilled in chunks over several steps (``chunked_prefill``) while the
+running sequences go on decoding.
 
-KV nodes fail and come back (``NodeBook``): at each step boundary a failed or
-draining node leaves the scheduler and the sequences it held are requeued; they
-are rebuilt on surviving nodes by prefilling prompt plus the tokens already
-generated, so their streams go on with no token duplicated or missing. Rows of a node that failed during a decode step are dropped from that
-step's sampling and decoded again once rebuilt; rows of the other nodes complete
-normally. A node that returns is a new epoch and is used again. A draining node
-that no other node can relieve keeps serving its sequences (``node_drain``). With
-no node left, running requests end with an error and new ones are refused
-(``UnavailableError``) until one returns. ``drain()`` stops admitting and lets
-the accepted requests finish.
+KV nodes fail and come back (``NodeBook``): at each step boundary a failed or draining node leaves the scheduler and
+the sequences it held are requeued; they are rebuilt on surviving nodes by prefilling prompt plus the tokens already
+generated, so their streams go on with no token duplicated or missing. Rows of a node that failed during a decode
+step are dropped from that step's sampling and decoded again once rebuilt; rows of the other nodes complete normally.
+A node that returns is a new epoch and is used again. A draining node that no other node can relieve keeps serving
+its sequences (``node_drain``). With no node left, running requests end with an error and new ones are refused
+(``UnavailableError``) until one returns. ``drain()`` stops admitting and lets the accepted requests finish.
 """
 from __future__ import annotations
 
@@ -46,6 +41,7 @@ from fastdecode.actors.request import RequestError, SamplingParams, TokenEvent
 from fastdecode.actors.request_stream import RequestStream
 from fastdecode.actors.sampling import make_generator
 from fastdecode.actors.sequence import EventChannel, HeldEvents, Sequence, SeqStatus, finish_reason_after
+from fastdecode.actors.structured_output import GrammarBackend, matcher_for
 from fastdecode.actors.trace import StepTrace
 from fastdecode.actors.warm_up import needs_warm_up, warm_up
 from fastdecode.scheduler import AttendCall, GpuPerfModel, Scheduler
@@ -64,9 +60,11 @@ class Executor:
     def __init__(self, model, nodes: list[KVNode], config: ExecutorConfig, *, eos_token_ids,
                  trace: StepTrace | None = None, gpu_model: GpuPerfModel | None = None,
                  node_factories: list[NodeFactory | None] | None = None,
-                 reconnect_backoff: Backoff = Backoff(), seed: int = 0) -> None:
+                 reconnect_backoff: Backoff = Backoff(), seed: int = 0,
+                 grammars: GrammarBackend | None = None) -> None:
         """``node_factories[i]``, when given, makes a fresh node ``i`` after it failed (None: it never returns).
-        ``seed`` seeds the generator that requests without a seed of their own draw from (vLLM's ``seed``)."""
+        ``seed`` seeds the generator that requests without a seed of their own draw from (vLLM's ``seed``).
+        ``grammars`` compiles structured outputs for the model's tokenizer (None: such requests are refused)."""
         if not nodes:
             raise ValueError("the Executor needs at least one KV node")
         if node_factories is not None and len(node_factories) != len(nodes):
@@ -84,6 +82,7 @@ class Executor:
         self._eos_tuple = tuple(self.eos_token_ids)
         self.trace = trace
         self.gpu_model = gpu_model
+        self.grammars = grammars
         self.runner = DenseRunner(model.device, is_synchronous=trace is not None)
         self._generator = make_generator(seed, model.device)
         self.decoder = DecodeStep(model, self.nodes, self.runner, trace)  # the same list: restored nodes show
@@ -191,6 +190,7 @@ class Executor:
         check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params, self._eos_tuple)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
+        matcher = matcher_for(self.grammars, params.structured_outputs)
         seq_id = next(self._ids)
         params = params.within(self.max_model_len - len(prompt_ids))
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
@@ -201,7 +201,7 @@ class Executor:
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         seq = Sequence(seq_id, list(prompt_ids), params, EventChannel(),
-                       generator=make_generator(params.seed, self.model.device))
+                       generator=make_generator(params.seed, self.model.device), matcher=matcher)
         self._sequences[seq_id] = seq
         self._wakeup.set()
         return RequestStream(self, seq)
@@ -485,6 +485,8 @@ class Executor:
         ending = []
         for i, (seq, token_id, logprob, rank, top) in enumerate(zip(seqs, *rows)):
             seq.output_ids.append(token_id)
+            if seq.matcher is not None:
+                seq.matcher.accept_token(token_id)
             reason = finish_reason_after(seq, token_id, eos_token_ids=self.eos_token_ids,
                                          max_model_len=self.max_model_len)
             event = TokenEvent(seq.seq_id, token_id, len(seq.output_ids) - 1, logprob, top, reason,

@@ -16,6 +16,7 @@ from fastdecode.actors.model.llama import LlamaModel
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
 from fastdecode.actors.sampling import SamplingRow, make_generator, sample
+from fastdecode.actors.structured_output import GrammarBackend
 
 _SEQ_ID = 0
 
@@ -79,7 +80,9 @@ def reference_generate(
     eos_ids = tuple(tokenizer.eos_token_ids or model.config.eos_token_ids)
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     result = GenerationResult(prompt_token_ids=prompt)
-    row = SamplingRow(params, prompt, result.token_ids, make_generator(params.seed, model.device))
+    spec = params.structured_outputs  # held to as the Executor holds it (GrammarBackend)
+    matcher = spec and GrammarBackend(tokenizer, model.config.vocab_size, eos_ids).matcher(spec)
+    row = SamplingRow(params, prompt, result.token_ids, make_generator(params.seed, model.device), matcher)
     detokenizer = Detokenizer.for_params(tokenizer, prompt, params)
     cache = TorchKVCache.for_model(model)
     cache.allocate(_SEQ_ID)
@@ -90,7 +93,9 @@ def reference_generate(
         result.token_ids.append(token)
         if out.logprobs is not None:
             result.logprobs.append(float(out.logprobs[0]))
-        if token in stop_ids:
+        if matcher:
+            matcher.accept_token(token)
+        if token in stop_ids or (matcher and matcher.is_terminated()):
             result.finish_reason = "stop"
             detokenizer.finish(token)  # its text kept with include_stop_str_in_output
         elif detokenizer.add(token)[1]:

@@ -11,7 +11,10 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from fastdecode.actors.structured_output import StructuredOutputs
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's ``_SAMPLING_EPS``)
 MAX_BAD_WORDS = 128  # token sequences of one request's bad_words (vLLM's VLLM_MAX_NUM_BAD_WORDS default)
@@ -85,6 +88,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # number of top logprobs to return per prompt token; None = none
     n: int = 1  # samples of the prompt (vLLM's): AsyncLLM.generate's n outputs; an engine request is one sample
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what iterating AsyncLLM.generate yields (vLLM's)
+    # vLLM's: the output held to a JSON schema, regex, choice or grammar (structured_output.StructuredOutputs; a
+    # dict of its fields is taken too)
+    structured_outputs: "StructuredOutputs | None" = None
 
     _bad_words_token_ids: ClassVar[tuple[tuple[int, ...], ...]] = ()  # per instance once tokenized
 
@@ -159,6 +165,19 @@ class SamplingParams:
         if not all(isinstance(word, str) and word for word in bad_words):
             raise bad("bad_words", "bad_words must be a list of non-empty strings")
         object.__setattr__(self, "bad_words", bad_words)
+        if self.structured_outputs is not None:
+            from fastdecode.actors.structured_output import StructuredOutputs
+
+            spec = self.structured_outputs
+            if isinstance(spec, dict):
+                try:
+                    spec = StructuredOutputs(**spec)
+                except TypeError as exc:  # a key it has not
+                    raise bad("structured_outputs", f"structured_outputs: {exc}") from None
+            if not isinstance(spec, StructuredOutputs):
+                raise bad("structured_outputs", "structured_outputs must be a StructuredOutputs (or a dict of its "
+                          f"fields), got {type(spec).__name__}")
+            object.__setattr__(self, "structured_outputs", spec)
 
     @property
     def is_greedy(self) -> bool:

@@ -1,7 +1,7 @@
 """Batched token sampling over logits[B, V] with per-row ``SamplingParams``.
 
 Order per row (vLLM's): min_tokens masks EOS/stop ids; tokens outside ``allowed_token_ids`` and those the bad
-words ban are masked; the logit bias is added;
+words ban are masked, then those a structured output's grammar does not allow next; the logit bias is added;
 repetition, frequency and presence penalties; greedy rows take the argmax here;
 others divide by the temperature, drop what min_p drops (tokens less likely than
 min_p times the best one), keep the top-k then the top-p nucleus, and draw with the row's own
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from fastdecode.actors.request import SamplingParams
+from fastdecode.actors.structured_output import apply_bitmasks
 from fastdecode.actors.tensor_io import upload
 
 
@@ -29,6 +30,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
+    matcher: Any = None  # the request's GrammarMatcher where it has structured outputs (structured_output.py)
     _prompt_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
     _bias_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
     _allowed_tensor: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -75,7 +77,8 @@ class SamplingRow:
         # the best token)
         self._is_plain_greedy = (p.is_greedy and p.logprobs is None and p.repetition_penalty == 1.0
                                  and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias
-                                 and p.allowed_token_ids is None and not p.bad_words_token_ids)
+                                 and p.allowed_token_ids is None and not p.bad_words_token_ids
+                                 and self.matcher is None)
 
     @property
     def is_argmax(self) -> bool:
@@ -264,6 +267,8 @@ def sample(
         logits[_upload(row_index, torch.int64, device), _upload(token_index, torch.int64, device)] = float("-inf")
     if any(r.params.allowed_token_ids is not None or r.params.bad_words for r in rows):
         _mask_disallowed(logits, rows)
+    if any(r.matcher is not None for r in rows):
+        apply_bitmasks(logits, [r.matcher for r in rows])
     if any(r.params.logit_bias for r in rows):
         _add_logit_bias(logits, rows)
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty for r in rows):

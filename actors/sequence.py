@@ -6,6 +6,7 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,10 +65,11 @@ class Sequence:
     is_abort_requested: bool = False
     num_preemptions: int = 0
     is_recovering: bool = False  # its node failed or drained: the next prefill rebuilds it elsewhere
+    matcher: Any = None  # its GrammarMatcher where it has structured outputs: advanced by each token
     sampling_row: SamplingRow = field(init=False, repr=False)  # the sampler's view, made once (live lists)
 
     def __post_init__(self) -> None:
-        self.sampling_row = SamplingRow(self.params, self.prompt_ids, self.output_ids, self.generator)
+        self.sampling_row = SamplingRow(self.params, self.prompt_ids, self.output_ids, self.generator, self.matcher)
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +122,8 @@ def finish_reason_after(
     """
     params = seq.params
     num_out = len(seq.output_ids)
+    if seq.matcher is not None and seq.matcher.is_terminated():  # its grammar took a stop token: complete
+        return "stop"
     if token_id in params.stop_token_ids and num_out >= params.min_tokens:
         return "stop"
     if not params.ignore_eos and token_id in eos_token_ids and num_out >= params.min_tokens:

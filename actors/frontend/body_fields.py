@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from fastdecode.actors.frontend.errors import bad_request
+from fastdecode.actors.frontend.structured_fields import structured_outputs_field
 from fastdecode.actors.request import MAX_BAD_WORDS, LogitBias, RequestError, check_truncate_prompt_tokens
 
 MAX_LOGPROBS = 20
@@ -35,6 +36,9 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
             fields[name] = token_ids_field(body, name)
     if body.get("bad_words") is not None:
         fields["bad_words"] = bad_words_field(body)
+    structured = structured_outputs_field(body)
+    if structured is not None:
+        fields["structured_outputs"] = structured
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

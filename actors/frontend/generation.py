@@ -248,6 +248,11 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         for prompt_index, one in enumerate(request.per_prompt()):
             prompt_ids = await prompt_token_ids(llm, one)
             samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults, llm.tokenizer)
+            if samples_params[0].structured_outputs is not None:  # compiled off the loop, once (cached)
+                try:
+                    await llm.compile_structured_outputs(samples_params[0])
+                except RequestError as exc:
+                    raise bad_request(str(exc), exc.param) from None
             echo_text = await _echo_text(llm, one, prompt_ids, samples_params[0]) if request.is_echo else None
             submissions += [(prompt_index, prompt_ids, params, echo_text) for params in samples_params]
     except asyncio.CancelledError:  # the client left while its prompts were tokenized: an abort, as once queued

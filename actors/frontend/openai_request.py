@@ -42,14 +42,9 @@ T = TypeVar("T")
 # vLLM/OpenAI fields this server does not implement -> the values that change nothing; any other value is
 # refused rather than silently ignored
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "guided_json": (None,),
-    "guided_choice": (None,),
-    "guided_regex": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
+    "guided_decoding_backend": (None, "auto", "xgrammar"),  # the one backend here
     "use_beam_search": (None, False),
     "continue_final_message": (None, False),
-    "structured_outputs": (None,),
     "logprob_token_ids": (None,),
     "truncation_side": (None,),
     "thinking_token_budget": (None,),
@@ -253,20 +248,17 @@ def _refuse_unsupported(body: dict[str, Any], *, is_chat: bool = False) -> None:
 
 
 def _completion_echo(body: dict[str, Any]) -> bool:
-    """The completions ``echo``, checking the fields only completions take (``suffix``, refused) and
-    ``response_format``."""
+    """The completions ``echo``, checking the field only completions take (``suffix``, refused)."""
     is_echo = boolean_field(body, "echo")
     if body.get("suffix") is not None:
         raise bad_request("suffix is not supported", "suffix")
-    _check_response_format(body)
     return is_echo
 
 
 def _chat_template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     """The variables a chat's template gets (``tools`` among them, where given), checking the fields only chat
-    takes (``tools``, ``tool_choice``) and ``response_format``."""
+    takes (``tools``, ``tool_choice``)."""
     tools = _check_tools(body)
-    _check_response_format(body)
     return template_variables(body, tools)
 
 
@@ -295,12 +287,6 @@ def _check_tools(body: dict[str, Any]) -> list[Any] | None:
     if tools and tool_choice != "none":
         raise bad_request('tools are not supported (only with tool_choice: "none", which calls none)', "tools")
     return tools
-
-
-def _check_response_format(body: dict[str, Any]) -> None:
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise bad_request("only the text response_format is supported", "response_format")
 
 
 def template_kwargs_field(body: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,8 @@ def refused(parse, body) -> ApiError:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("structured_outputs", {"json": {"type": "object"}}), ("logprob_token_ids", [1, 2]), ("truncation_side", "left"),
+    ("structured_outputs", {"json": {"type": "object"}, "structural_tag": "x"}), ("logprob_token_ids", [1, 2]),
+    ("truncation_side", "left"),
     ("thinking_token_budget", 10)])
 @pytest.mark.parametrize("parse, base", [(parse_completion, PROMPT), (parse_chat, CHAT)], ids=["completion", "chat"])
 def test_output_changing_vllm_fields_are_refused_on_both_routes(parse, base, field, value):
@@ -42,8 +43,9 @@ def test_chat_only_fields_are_refused(field, value):
     parse_chat({**CHAT, field: None})  # the harmless value passes
 
 
-def test_completion_response_format_other_than_text_is_refused():
-    assert refused(parse_completion, {**PROMPT, "response_format": {"type": "json_object"}}).param == "response_format"
+def test_completion_response_format_of_an_unknown_type_is_refused():
+    assert refused(parse_completion, {**PROMPT, "response_format": {"type": "xml"}}).param == "response_format"
+    assert refused(parse_completion, {**PROMPT, "response_format": {"type": "json_schema"}}).param == "response_format"
     parse_completion({**PROMPT, "response_format": {"type": "text"}})
 
 

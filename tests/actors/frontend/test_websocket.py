@@ -56,11 +56,11 @@ async def test_chat_messages_and_logprobs(tiny_server, tiny_model):
     (json.dumps({"prompt": "x", "temperature": -2}), "temperature"),
     (json.dumps({"prompt": "x", "model": "other"}), "does not exist"),
     ('{"prompt": "x", "temperature": 1' + "0" * 400 + "}", "temperature must be a finite number"),
-    (json.dumps({"prompt": "x", "guided_regex": "a+"}), "guided_regex is not supported"),
+    (json.dumps({"prompt": "x", "guided_regex": "(a+"}), "cannot be compiled"),
     # what the HTTP routes refuse, the WebSocket took and ignored
     (json.dumps({"prompt": "x", "suffix": "y"}), "suffix is not supported"),
     (json.dumps({"prompt": "x", "echo": True}), "echo is not supported"),
-    (json.dumps({"prompt": "x", "response_format": {"type": "json_object"}}), "only the text response_format"),
+    (json.dumps({"prompt": "x", "response_format": {"type": "xml"}}), "response_format type must be"),
     (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}),
      "tools are not supported"),
     (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"}), "`tools` must be set"),

@@ -1,0 +1,166 @@
+"""Structured outputs (vLLM's ``StructuredOutputsParams``, OpenAI's ``response_format``): a request's output held to
+a JSON schema, any JSON object, a regular expression, one of a list of choices, or an EBNF grammar.
+
+``StructuredOutputs`` is the request's plain, hashable spec (a ``SamplingParams`` field). ``GrammarBackend`` turns
+it into xgrammar's compiled grammar for the model's tokenizer (cached by spec: a server sees the same schema again
+and again) and gives each such request a ``GrammarMatcher``: before each token is sampled, the matcher's bitmask
+leaves only the tokens the grammar allows (``apply_bitmasks``); each token drawn advances it; once the grammar is
+complete only a stop token (EOS) is allowed, which ends the request with finish_reason "stop".
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastdecode.actors.request import RequestError
+
+if TYPE_CHECKING:
+    import torch
+
+PARAM = "structured_outputs"
+MAX_SPEC_CHARS = 1 << 16  # a schema, regex, grammar or the choices together: compiled on a worker thread, once each
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Exactly one of: ``json``, a JSON schema (a dict, or its text); ``json_object``, any JSON object; ``regex``;
+    ``choice``, one of these strings; ``grammar``, an EBNF grammar as xgrammar (and vLLM's default backend) takes
+    it, with a ``root`` rule. A schema is kept as canonical JSON text, so equal specs hash alike. As vLLM's,
+    ``disable_any_whitespace`` keeps JSON compact (else the whitespace JSON allows may come between tokens)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False  # JSON without the free whitespace between tokens a schema allows
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise RequestError("disable_any_whitespace must be true or false", PARAM)
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object is not False:
+            if self.json_object is not True:
+                raise RequestError(f"json_object must be true or false, got {self.json_object!r}", PARAM)
+            given.append("json_object")
+        if len(given) != 1:
+            raise RequestError("structured outputs take exactly one of json, json_object, regex, choice and "
+                               f"grammar, got {', '.join(given) or 'none'}", PARAM)
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise RequestError(f"the JSON schema is not JSON: {exc}", PARAM) from None
+            if not isinstance(schema, (dict, bool)):
+                raise RequestError("a JSON schema must be an object", PARAM)
+            object.__setattr__(self, "json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise RequestError(f"{name} must be a non-empty string", PARAM)
+        if self.choice is not None:
+            choice = self.choice
+            if isinstance(choice, str) or not isinstance(choice, Sequence) or not choice or not all(
+                    isinstance(c, str) and c for c in choice):
+                raise RequestError("choice must be a non-empty list of non-empty strings", PARAM)
+            object.__setattr__(self, "choice", tuple(choice))
+        if len(self.source) > MAX_SPEC_CHARS:
+            raise RequestError(f"the structured output spec has more than {MAX_SPEC_CHARS} characters", PARAM)
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None) \
+            if not self.json_object else "json_object"
+
+    @property
+    def source(self) -> str:
+        """What is compiled: the schema's text, the regex, the grammar, or the choices as an EBNF grammar."""
+        if self.json_object:
+            return ""
+        if self.choice is not None:  # JSON string literals are EBNF string literals, escapes and all
+            return "root ::= " + " | ".join(json.dumps(c) for c in self.choice)
+        return getattr(self, self.kind)
+
+
+class GrammarBackend:
+    """xgrammar for one model's tokenizer: compiled grammars (cached) and a matcher per request. Made at once,
+    xgrammar imported at the first compile (it brings transformers along); thread-safe, so compiling can run
+    off the event loop."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer  # a Tokenizer (its ``backend``, a tokenizers.Tokenizer) or that backend
+        self.vocab_size = vocab_size
+        self._stop_token_ids = [int(t) for t in stop_token_ids]
+        self._lock = threading.Lock()
+        self._compiler = None
+        self._compiled: dict[StructuredOutputs, Any] = {}
+
+    def compile(self, spec: StructuredOutputs):
+        """The compiled grammar of ``spec``; RequestError (param ``structured_outputs``) where xgrammar refuses it
+        (a schema it cannot hold to, a regex or grammar that does not parse)."""
+        with self._lock:
+            compiled = self._compiled.get(spec)
+            if compiled is None:
+                compiled = self._compile(spec)
+                self._compiled[spec] = compiled
+            return compiled
+
+    def matcher(self, spec: StructuredOutputs):
+        """A new GrammarMatcher for one request of ``spec``."""
+        import xgrammar
+
+        return xgrammar.GrammarMatcher(self.compile(spec))
+
+    def _compile(self, spec: StructuredOutputs):
+        compiler = self._get_compiler()
+        try:
+            if spec.json_object or spec.json is not None:  # any object: its keys and values left free
+                schema, is_strict = (spec.json, True) if spec.json is not None else ('{"type":"object"}', False)
+                return compiler.compile_json_schema(schema, any_whitespace=not spec.disable_any_whitespace,
+                                                    strict_mode=is_strict)
+            if spec.regex is not None:
+                return compiler.compile_regex(spec.regex)
+            return compiler.compile_grammar(spec.source)
+        except (RuntimeError, ValueError) as exc:  # xgrammar's parse and schema errors
+            raise RequestError(f"the {spec.kind} structured output cannot be compiled: {exc}", PARAM) from None
+
+    def _get_compiler(self):
+        if self._compiler is None:
+            try:
+                import xgrammar
+                from transformers import PreTrainedTokenizerFast
+            except ImportError as exc:  # a dependency, but an install may lack it: the request says so
+                raise RequestError(f"structured outputs need the xgrammar package ({exc})", PARAM) from None
+
+            backend = getattr(self._tokenizer, "backend", self._tokenizer)
+            info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=backend),
+                                                           vocab_size=self.vocab_size,
+                                                           stop_token_ids=self._stop_token_ids or None)
+            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+
+def matcher_for(grammars: GrammarBackend | None, spec: StructuredOutputs | None):
+    """A request's GrammarMatcher (None without structured outputs); RequestError where there is no backend."""
+    if spec is None:
+        return None
+    if grammars is None:
+        raise RequestError("this engine has no tokenizer to hold outputs to a grammar", PARAM)
+    return grammars.matcher(spec)
+
+
+def apply_bitmasks(logits: "torch.Tensor", matchers: Sequence[Any]) -> None:
+    """-inf for every token the grammar of a row does not allow next (rows whose matcher is None are left as they
+    are; a terminated matcher allows nothing more but its stop token was already drawn)."""
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[1])  # all allowed
+    for index, matcher in enumerate(matchers):
+        if matcher is not None and not matcher.is_terminated():
+            matcher.fill_next_token_bitmask(bitmask, index)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))

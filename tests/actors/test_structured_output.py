@@ -1,0 +1,135 @@
+"""Structured outputs (vLLM's ``structured_outputs``, OpenAI's ``response_format``): random:tiny's output, which
+left alone is no JSON at all, is held to a JSON schema, any JSON object, a regex, a choice or an EBNF grammar by
+xgrammar's token masks, greedy and sampled, and ends with "stop" once the grammar is complete."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from api_helpers import PROMPT, llm  # noqa: F401 (llm: a fixture)
+from fastdecode.actors.model.synthetic_tokenizer import build_synthetic_tokenizer
+from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.sampling import SamplingRow, sample
+from fastdecode.actors.structured_output import GrammarBackend, StructuredOutputs
+
+EOS = 319  # random:tiny's <|eos|>
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_specs_take_exactly_one_kind_and_hash_by_content():
+    assert StructuredOutputs(json=SCHEMA) == StructuredOutputs(json=json.dumps(SCHEMA, indent=2))
+    assert hash(StructuredOutputs(choice=["a", "b"])) == hash(StructuredOutputs(choice=("a", "b")))
+    assert StructuredOutputs(choice=["yes", 'say "no"']).source == 'root ::= "yes" | "say \\"no\\""'
+    for fields in ({}, {"regex": "a", "choice": ["a"]}, {"json": "{not json"}, {"json": [1]}, {"choice": "ab"},
+                   {"choice": []}, {"regex": ""}, {"json_object": "yes"}):
+        with pytest.raises(RequestError) as refused:
+            StructuredOutputs(**fields)
+        assert refused.value.param == "structured_outputs"
+    params = SamplingParams(structured_outputs={"regex": "[0-9]+"})
+    assert params.structured_outputs == StructuredOutputs(regex="[0-9]+")
+    with pytest.raises(RequestError, match="unexpected keyword"):
+        SamplingParams(structured_outputs={"jsonn": SCHEMA})
+
+
+def test_a_grammar_that_does_not_compile_is_a_request_error():
+    backend = GrammarBackend(build_synthetic_tokenizer(320), 320, [EOS])
+    for spec in (StructuredOutputs(regex="(unclosed"), StructuredOutputs(grammar="root ::= missing_rule")):
+        with pytest.raises(RequestError) as refused:
+            backend.compile(spec)
+        assert refused.value.param == "structured_outputs" and "cannot be compiled" in str(refused.value)
+
+
+def test_the_mask_leaves_what_the_grammar_allows_in_a_mixed_batch():
+    tokenizer = build_synthetic_tokenizer(320)
+    backend = GrammarBackend(tokenizer, 320, [EOS])
+    matcher = backend.matcher(StructuredOutputs(choice=["yes", "no"]))
+    logits = torch.randn(2, 320, generator=torch.Generator().manual_seed(0))
+    rows = [SamplingRow(SamplingParams(temperature=0.0), [1], [], matcher=matcher),
+            SamplingRow(SamplingParams(temperature=0.0), [1], [])]
+    assert not rows[0].is_argmax and rows[1].is_argmax
+    first = tokenizer.id_to_token(int(sample(logits, rows).token_ids[0]))
+    assert first in ("y", "n", "ye", "no") and int(sample(logits, rows).token_ids[1]) == int(logits[1].argmax())
+
+
+async def _text(llm, params: SamplingParams) -> tuple[str, str]:
+    result = await llm.generate(PROMPT, params)
+    return result.text, result.finish_reason
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_the_engine_holds_the_output_to_each_kind(llm, temperature):
+    base = dict(temperature=temperature, seed=3, max_tokens=120)
+    compact = {"json": SCHEMA, "disable_any_whitespace": True}  # else a random model may pad with spaces for ever
+    text, reason = await _text(llm, SamplingParams(**base, structured_outputs=compact))
+    value = json.loads(text, strict=False)  # JSON only because the mask leaves nothing else (strings may hold
+    # control characters: xgrammar's JSON strings allow them)
+    assert reason == "stop" and set(value) == {"name", "age"} and 0 <= value["age"] <= 150
+    assert isinstance(value["name"], str) and len(value["name"]) <= 8
+    text, reason = await _text(llm, SamplingParams(**base, structured_outputs={"choice": ["alpha", "beta 2"]}))
+    assert (text, reason) in (("alpha", "stop"), ("beta 2", "stop"))
+    text, reason = await _text(llm, SamplingParams(**base, structured_outputs={"regex": "[0-9]{3}-[a-c]+x"}))
+    assert re.fullmatch("[0-9]{3}-[a-c]+x", text) and reason == "stop"
+    grammar = 'root ::= "(" item ("," item)* ")"\nitem ::= [a-z] | "z9"'
+    text, reason = await _text(llm, SamplingParams(**base, structured_outputs={"grammar": grammar}))
+    assert re.fullmatch(r"\((?:[a-z]|z9)(?:,(?:[a-z]|z9))*\)", text) and reason == "stop"
+
+
+async def test_json_object_and_a_free_run_beside_it(llm):
+    """Any JSON object, while a plain request runs in the same batch unmasked (its text is no JSON)."""
+    import asyncio
+
+    held = SamplingParams(temperature=0.0, max_tokens=200,
+                          structured_outputs={"json_object": True, "disable_any_whitespace": True})
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    (text, reason), free_result = await asyncio.gather(_text(llm, held), llm.generate(PROMPT, free))
+    assert reason == "stop" and isinstance(json.loads(text, strict=False), dict)
+    with pytest.raises(ValueError):
+        json.loads(free_result.text)
+
+
+async def test_a_bad_spec_is_refused_before_anything_runs(llm):
+    with pytest.raises(RequestError) as refused:
+        await llm.generate(PROMPT, SamplingParams(structured_outputs={"regex": "(("}))
+    assert refused.value.param == "structured_outputs"
+    assert len((await llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=3))).token_ids) == 3
+
+
+async def test_the_engine_matches_the_reference_under_a_grammar(llm):
+    """Greedy under a regex, token for token the reference's (which holds to it the same way)."""
+    from fastdecode.actors.reference import reference_generate
+
+    params = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs={"regex": "[a-f]{2,9}\\.[0-9]"})
+    ours = await llm.generate(PROMPT, params)
+    model = llm.cluster.model
+    reference = reference_generate(model, llm.tokenizer, PROMPT, params)
+    assert (ours.token_ids, ours.text, ours.finish_reason) == (reference.token_ids, reference.text, "stop")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_grammar_mask_picks_what_the_cpu_picks():
+    """The bitmask applied to logits on the GPU (xgrammar's kernel) against the CPU: greedy rows under a regex and
+    a JSON grammar, a plain row between them, for a few steps."""
+    tokenizer = build_synthetic_tokenizer(320)
+    backend = GrammarBackend(tokenizer, 320, [EOS])
+    specs = [StructuredOutputs(regex="[a-f]{3}[0-9]{9}"), None, StructuredOutputs(json_object=True)]
+    generator = torch.Generator().manual_seed(5)
+    picked = {}
+    for device in ("cpu", "cuda"):
+        matchers = [spec and backend.matcher(spec) for spec in specs]
+        outputs = [[] for _ in specs]
+        rows = [SamplingRow(SamplingParams(temperature=0.0), [1], out, matcher=matcher)
+                for out, matcher in zip(outputs, matchers)]
+        generator.manual_seed(5)
+        for _ in range(6):
+            logits = torch.randn(3, 320, generator=generator).to(device)
+            for out, m, token in zip(outputs, matchers, sample(logits, rows).token_ids.tolist()):
+                out.append(token)
+                if m is not None and not m.is_terminated():  # a terminated one has ended its request
+                    assert m.accept_token(token)
+        picked[device] = outputs
+    assert picked["cuda"] == picked["cpu"]
