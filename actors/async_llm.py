@@ -97,9 +97,8 @@ class AsyncLLM:
     async def compile_structured_outputs(self, params: SamplingParams) -> None:
         """Compile the structured outputs of ``params`` (if any) on a worker thread, where a large schema does not
         hold up the engine's loop; the submission finds it compiled. RequestError if it cannot be compiled."""
-        grammars = self.cluster.executor.grammars
-        if params.structured_outputs is not None and grammars is not None:
-            await asyncio.to_thread(grammars.compile, params.structured_outputs)
+        if params.structured_outputs is not None and self.cluster.executor.grammars is not None:
+            await asyncio.to_thread(self.cluster.executor.grammars.compile, params.structured_outputs)
 
     async def get_tokenizer(self):
         """vLLM's ``await engine.get_tokenizer()``: the model's Tokenizer (``encode``, ``decode``, chat templates)."""
