@@ -59,8 +59,9 @@ def primary_eos_token_id(tokenizer: object) -> int | None:
 def token_stop_reason(token_id: int, params: SamplingParams, eos_token_id: int | None) -> int | None:
     """The stop_reason of a request the engine stopped on ``token_id`` (a stop token id or an EOS id): None for
     the primary EOS ``eos_token_id`` (unless ignore_eos), else the token id. vLLM checks the primary EOS first
-    and adds the generation_config's other EOS ids to the stop token ids, which report themselves."""
-    if not params.ignore_eos and token_id == eos_token_id:
+    and adds the generation_config's other EOS ids to the stop token ids, which report themselves. A structured
+    output ends on EOS when its grammar is complete, ignore_eos or not: None too."""
+    if (not params.ignore_eos or params.structured_outputs is not None) and token_id == eos_token_id:
         return None
     return token_id
 

@@ -190,7 +190,7 @@ class Executor:
         check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params, self._eos_tuple)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
-        matcher = matcher_for(self.grammars, params.structured_outputs)
+        matcher = matcher_for(self.grammars, params)
         seq_id = next(self._ids)
         params = params.within(self.max_model_len - len(prompt_ids))
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))

@@ -268,7 +268,7 @@ def sample(
     if any(r.params.allowed_token_ids is not None or r.params.bad_words for r in rows):
         _mask_disallowed(logits, rows)
     if any(r.matcher is not None for r in rows):
-        apply_bitmasks(logits, [r.matcher for r in rows])
+        apply_bitmasks(logits, [r.matcher for r in rows], eos_token_ids)
     if any(r.params.logit_bias for r in rows):
         _add_logit_bias(logits, rows)
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty for r in rows):

@@ -10,9 +10,10 @@ complete only a stop token (EOS) is allowed, which ends the request with finish_
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastdecode.actors.request import RequestError
@@ -20,16 +21,21 @@ from fastdecode.actors.request import RequestError
 if TYPE_CHECKING:
     import torch
 
+    from fastdecode.actors.request import SamplingParams
+
 PARAM = "structured_outputs"
-MAX_SPEC_CHARS = 1 << 16  # a schema, regex, grammar or the choices together: compiled on a worker thread, once each
+MAX_SPEC_CHARS = 1 << 20  # a schema, regex, grammar or the choices together (compiled on a worker thread)
+CACHE_BYTES = 512 << 20  # compiled grammars kept for reuse, the least recently used dropped past it (vLLM's default)
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[17:29:18] /project/cpp/x.cc:4944: " before a message
 
 
 @dataclass(frozen=True)
 class StructuredOutputs:
     """Exactly one of: ``json``, a JSON schema (a dict, or its text); ``json_object``, any JSON object; ``regex``;
     ``choice``, one of these strings; ``grammar``, an EBNF grammar as xgrammar (and vLLM's default backend) takes
-    it, with a ``root`` rule. A schema is kept as canonical JSON text, so equal specs hash alike. As vLLM's,
-    ``disable_any_whitespace`` keeps JSON compact (else the whitespace JSON allows may come between tokens)."""
+    it, with a ``root`` rule. A schema is kept as compact JSON text, its keys in their order (the model writes
+    them in it). As vLLM's, ``disable_any_whitespace`` keeps JSON compact (else the whitespace JSON allows may come
+    between tokens). ``param``: the request field the spec came from, named in its errors (not compared)."""
 
     json: str | dict | None = None
     regex: str | None = None
@@ -37,6 +43,7 @@ class StructuredOutputs:
     grammar: str | None = None
     json_object: bool = False
     disable_any_whitespace: bool = False  # JSON without the free whitespace between tokens a schema allows
+    param: str = field(default=PARAM, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.disable_any_whitespace, bool):
@@ -58,7 +65,7 @@ class StructuredOutputs:
                     raise RequestError(f"the JSON schema is not JSON: {exc}", PARAM) from None
             if not isinstance(schema, (dict, bool)):
                 raise RequestError("a JSON schema must be an object", PARAM)
-            object.__setattr__(self, "json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+            object.__setattr__(self, "json", json.dumps(schema, separators=(",", ":")))
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -96,27 +103,13 @@ class GrammarBackend:
         self._tokenizer = tokenizer  # a Tokenizer (its ``backend``, a tokenizers.Tokenizer) or that backend
         self.vocab_size = vocab_size
         self._stop_token_ids = [int(t) for t in stop_token_ids]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # making the compiler; xgrammar's compiler is itself thread-safe
         self._compiler = None
-        self._compiled: dict[StructuredOutputs, Any] = {}
 
     def compile(self, spec: StructuredOutputs):
-        """The compiled grammar of ``spec``; RequestError (param ``structured_outputs``) where xgrammar refuses it
-        (a schema it cannot hold to, a regex or grammar that does not parse)."""
-        with self._lock:
-            compiled = self._compiled.get(spec)
-            if compiled is None:
-                compiled = self._compile(spec)
-                self._compiled[spec] = compiled
-            return compiled
-
-    def matcher(self, spec: StructuredOutputs):
-        """A new GrammarMatcher for one request of ``spec``."""
-        import xgrammar
-
-        return xgrammar.GrammarMatcher(self.compile(spec))
-
-    def _compile(self, spec: StructuredOutputs):
+        """The compiled grammar of ``spec`` (xgrammar's compiler caches it, within CACHE_BYTES; compiles run in
+        parallel); RequestError (naming ``spec.param``) where xgrammar refuses it (a schema it cannot hold to, a
+        regex or grammar that does not parse)."""
         compiler = self._get_compiler()
         try:
             if spec.json_object or spec.json is not None:  # any object: its keys and values left free
@@ -126,37 +119,61 @@ class GrammarBackend:
             if spec.regex is not None:
                 return compiler.compile_regex(spec.regex)
             return compiler.compile_grammar(spec.source)
-        except (RuntimeError, ValueError) as exc:  # xgrammar's parse and schema errors
-            raise RequestError(f"the {spec.kind} structured output cannot be compiled: {exc}", PARAM) from None
+        except (RuntimeError, ValueError) as exc:  # xgrammar's parse and schema errors, without its log prefix
+            message = _XGRAMMAR_PREFIX.sub("", str(exc).strip())
+            raise RequestError(f"the {spec.kind} structured output cannot be compiled: {message}",
+                               spec.param) from None
+
+    def matcher(self, spec: StructuredOutputs, allowed_token_ids: Sequence[int] | None = None):
+        """A new GrammarMatcher for one request of ``spec``; RequestError where ``allowed_token_ids`` leave none of
+        the tokens its grammar may start with."""
+        import xgrammar
+
+        matcher = xgrammar.GrammarMatcher(self.compile(spec))
+        if allowed_token_ids:
+            bitmask = xgrammar.allocate_token_bitmask(1, self.vocab_size)
+            matcher.fill_next_token_bitmask(bitmask, 0)
+            words = bitmask[0].tolist()
+            if not any(words[t // 32] >> (t % 32) & 1 for t in allowed_token_ids if t < self.vocab_size):
+                raise RequestError("allowed_token_ids leaves none of the tokens the structured output may start "
+                                   "with", "allowed_token_ids")
+        return matcher
 
     def _get_compiler(self):
-        if self._compiler is None:
-            try:
-                import xgrammar
-                from transformers import PreTrainedTokenizerFast
-            except ImportError as exc:  # a dependency, but an install may lack it: the request says so
-                raise RequestError(f"structured outputs need the xgrammar package ({exc})", PARAM) from None
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = self._make_compiler()
+            return self._compiler
 
-            backend = getattr(self._tokenizer, "backend", self._tokenizer)
-            info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=backend),
-                                                           vocab_size=self.vocab_size,
-                                                           stop_token_ids=self._stop_token_ids or None)
-            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
-        return self._compiler
+    def _make_compiler(self):
+        try:
+            import xgrammar
+            from transformers import PreTrainedTokenizerFast
+        except ImportError as exc:  # a dependency, but an install may lack it: the request says so
+            raise RequestError(f"structured outputs need the xgrammar package ({exc})", PARAM) from None
+        backend = getattr(self._tokenizer, "backend", self._tokenizer)
+        info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=backend),
+                                                       vocab_size=self.vocab_size,
+                                                       stop_token_ids=self._stop_token_ids or None)
+        return xgrammar.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
 
 
-def matcher_for(grammars: GrammarBackend | None, spec: StructuredOutputs | None):
-    """A request's GrammarMatcher (None without structured outputs); RequestError where there is no backend."""
+def matcher_for(grammars: GrammarBackend | None, params: "SamplingParams"):
+    """A request's GrammarMatcher (None without structured outputs); RequestError where there is no backend, or
+    where its allowed_token_ids leave nothing the grammar may start with."""
+    spec = params.structured_outputs
     if spec is None:
         return None
     if grammars is None:
-        raise RequestError("this engine has no tokenizer to hold outputs to a grammar", PARAM)
-    return grammars.matcher(spec)
+        raise RequestError("this engine has no tokenizer to hold outputs to a grammar", spec.param)
+    return grammars.matcher(spec, params.allowed_token_ids)
 
 
-def apply_bitmasks(logits: "torch.Tensor", matchers: Sequence[Any]) -> None:
+def apply_bitmasks(logits: "torch.Tensor", matchers: Sequence[Any], eos_token_ids: Sequence[int] = ()) -> None:
     """-inf for every token the grammar of a row does not allow next (rows whose matcher is None are left as they
-    are; a terminated matcher allows nothing more but its stop token was already drawn)."""
+    are). A row the masks together leave nothing (a complete grammar, whose EOS min_tokens holds back; allowed ids
+    the grammar does not allow) may take EOS: the grammar's end wins, and its request ends with "stop"."""
+    import torch
     import xgrammar
 
     bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[1])  # all allowed
@@ -164,3 +181,8 @@ def apply_bitmasks(logits: "torch.Tensor", matchers: Sequence[Any]) -> None:
         if matcher is not None and not matcher.is_terminated():
             matcher.fill_next_token_bitmask(bitmask, index)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))
+    eos = [t for t in eos_token_ids if 0 <= t < logits.shape[1]]
+    if eos:
+        for index in torch.isneginf(logits).all(dim=1).nonzero().flatten().tolist():
+            if matchers[index] is not None:
+                logits[index, eos] = 0.0

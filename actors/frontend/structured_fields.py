@@ -35,7 +35,7 @@ def structured_outputs_field(body: dict[str, Any]) -> StructuredOutputs | None:
             raise bad_request(f"structured_outputs takes {', '.join(sorted(STRUCTURED_KEYS))}; "
                               f"{', '.join(unknown)} is not supported", "structured_outputs")
         options = {k: v for k, v in structured.items() if k in OPTION_KEYS}
-        fields = {k: v for k, v in structured.items() if k in STRUCTURED_KEYS - OPTION_KEYS}
+        fields = {k: v for k, v in structured.items() if k in STRUCTURED_KEYS - OPTION_KEYS}  # not "param"
         if fields or not options:  # options alone apply to the spec another field gives
             specs.append(("structured_outputs", _spec("structured_outputs", **fields, **options)))
     else:
@@ -64,7 +64,10 @@ def _replaced(param: str, spec: StructuredOutputs, options: dict[str, Any]) -> S
 
 def _response_format(value: Any) -> StructuredOutputs | None:
     """OpenAI's ``response_format``: ``text`` (None), ``json_object``, or ``json_schema`` with its ``schema``."""
-    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        raise bad_request(f"response_format must be an object with a type, got {type(value).__name__}",
+                          "response_format")
+    kind = value.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -80,6 +83,6 @@ def _response_format(value: Any) -> StructuredOutputs | None:
 
 def _spec(param: str, **fields: Any) -> StructuredOutputs:
     try:
-        return StructuredOutputs(**fields)
+        return StructuredOutputs(**fields, param=param)
     except RequestError as exc:
         raise bad_request(str(exc), param) from None

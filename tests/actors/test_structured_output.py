@@ -133,3 +133,55 @@ def test_on_cuda_the_grammar_mask_picks_what_the_cpu_picks():
                     assert m.accept_token(token)
         picked[device] = outputs
     assert picked["cuda"] == picked["cpu"]
+
+
+def test_a_schema_keeps_its_key_order_and_the_cache_is_bounded():
+    """The model writes an object's keys in the schema's order (reasoning before answer), so the spec keeps it; the
+    compiled grammars are xgrammar's cache's, within CACHE_BYTES, not kept for ever."""
+    from fastdecode.actors.structured_output import CACHE_BYTES
+
+    spec = StructuredOutputs(json={"type": "object", "properties": {"reasoning": {}, "answer": {}}})
+    assert spec.json.index("reasoning") < spec.json.index("answer")
+    backend = GrammarBackend(build_synthetic_tokenizer(320), 320, [EOS])
+    backend.compile(spec)
+    assert backend._get_compiler().cache_limit_bytes == CACHE_BYTES
+
+
+async def test_a_schemas_keys_come_in_its_order(llm):
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    text, reason = await _text(llm, SamplingParams(temperature=0.0, max_tokens=60, structured_outputs={
+        "json": schema, "disable_any_whitespace": True}))
+    assert reason == "stop" and list(json.loads(text)) == ["zeta", "alpha"]
+
+
+async def test_min_tokens_gives_way_to_a_complete_grammar(llm):
+    """A complete grammar allows only EOS, which min_tokens holds back: nothing could be sampled, and the engine
+    drew token 0. The grammar's end wins: the request ends with "stop" and its choice, stop_reason None (EOS),
+    ignore_eos or not."""
+    for ignore_eos in (False, True):
+        params = SamplingParams(temperature=0.0, max_tokens=20, min_tokens=15, ignore_eos=ignore_eos,
+                                skip_special_tokens=False, structured_outputs={"choice": ["alpha", "beta"]})
+        result = await llm.generate(PROMPT, params)
+        assert result.text in ("alpha", "beta") and result.finish_reason == "stop" and result.stop_reason is None
+        assert 0 not in result.token_ids and result.token_ids[-1] == EOS
+
+
+async def test_allowed_ids_that_the_grammar_cannot_start_with_are_refused(llm):
+    digits = SamplingParams(structured_outputs={"regex": "[0-9]+"}, allowed_token_ids=[72, 101])  # "H", "e"
+    with pytest.raises(RequestError) as refused:
+        await llm.generate(PROMPT, digits)
+    assert refused.value.param == "allowed_token_ids" and "may start with" in str(refused.value)
+
+
+def test_the_compiled_grammars_stay_within_the_cache_limit(monkeypatch):
+    """A client sending a new schema with every request must not grow the server without bound (each took some
+    MB, kept for ever): xgrammar's cache drops the least recently used past the limit."""
+    import fastdecode.actors.structured_output as structured
+
+    monkeypatch.setattr(structured, "CACHE_BYTES", 1 << 20)
+    backend = GrammarBackend(build_synthetic_tokenizer(320), 320, [EOS])
+    for i in range(40):
+        properties = {f"key{i}_{j}": {"type": "string"} for j in range(20)}
+        backend.compile(StructuredOutputs(json={"type": "object", "properties": properties}))
+    assert 0 < backend._get_compiler().get_cache_size_bytes() <= 1 << 20
