@@ -60,7 +60,7 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
 # keys of chat_template_kwargs the server sets itself (add_special_tokens: the request's own field, which
 # Tokenizer.encode_chat takes beside the template variables)
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "add_special_tokens", "bos_token",
-                                      "eos_token", "raise_exception", "strftime_now"})
+                                      "eos_token", "raise_exception", "strftime_now", "tokenize"})
 
 
 @dataclass(frozen=True)

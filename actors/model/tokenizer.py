@@ -135,13 +135,48 @@ class Tokenizer:
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+        """The chat rendered with the template: its text, or with ``tokenize`` its token ids (the template writes
+        any BOS). transformers' default is ``tokenize=True``; this one's is the text, which vLLM code asks for."""
         if self._template is None:
             raise ModelError("this model's tokenizer has no chat template")
-        return self._template.render(
+        text = self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
         )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    # ---- the parts of a transformers tokenizer that vLLM client code reads -------------------------------------
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's own EOS id (None without one); ``eos_token_ids`` also has the model config's."""
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return sorted(self.special_token_ids)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(self, text: str | list[str], *, add_special_tokens: bool = True) -> dict[str, Any]:
+        """transformers' call: ``{"input_ids", "attention_mask"}`` of a text, or lists of them for a list of texts."""
+        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([text] if isinstance(text, str)
+                                                                              else text)]
+        masks = [[1] * len(one) for one in ids]
+        return {"input_ids": ids[0], "attention_mask": masks[0]} if isinstance(text, str) else {
+            "input_ids": ids, "attention_mask": masks}
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
+        return self.backend.id_to_token(ids) if isinstance(ids, int) else [self.backend.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
 
     def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     add_special_tokens: bool = False, **template_kwargs: Any) -> list[int]:

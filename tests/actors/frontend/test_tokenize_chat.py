@@ -63,6 +63,7 @@ async def test_tokenize_gives_the_ids_a_chat_completion_runs(served, extra):
 @pytest.mark.parametrize("body, param", [
     ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
     ({"chat_template_kwargs": {"add_special_tokens": True}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),  # the server tokenizes, not the template
     ({"chat_template_kwargs": [1]}, "chat_template_kwargs"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"tools": {"type": "function"}, "tool_choice": "none"}, "tools"),

@@ -91,3 +91,20 @@ def test_save_into_a_folder_it_cannot_write_raises_os_error(tokenizer, tmp_path)
     """The Rust library raises a bare Exception; a full disk or a missing folder is an OSError naming the file."""
     with pytest.raises(OSError, match="tokenizer.json"):
         tokenizer.save(tmp_path / "missing")
+
+
+def test_the_transformers_surface_vllm_client_code_reads(tokenizer):
+    """vLLM code gets a transformers tokenizer from ``get_tokenizer()`` and reads eos_token_id, len(), calls it,
+    converts ids and tokens, and renders chats with ``tokenize`` True or False."""
+    ids = tokenizer.encode("Hello there", add_special_tokens=False)
+    assert tokenizer("Hello there", add_special_tokens=False) == {"input_ids": ids, "attention_mask": [1] * len(ids)}
+    assert tokenizer(["Hello", "there"])["input_ids"] == [tokenizer.encode("Hello"), tokenizer.encode("there")]
+    assert len(tokenizer) == tokenizer.vocab_size == len(tokenizer.get_vocab())
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokenizer.convert_tokens_to_ids(tokens) == ids and tokenizer.convert_ids_to_tokens(ids[0]) == tokens[0]
+    assert tokenizer.eos_token_id == tokenizer.backend.token_to_id(tokenizer.eos_token)
+    assert BOS_TOKEN_ID in tokenizer.all_special_ids and tokenizer.eos_token_id in tokenizer.all_special_ids
+    messages = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.apply_chat_template(messages) == text and isinstance(text, str)
+    assert tokenizer.apply_chat_template(messages, tokenize=True) == tokenizer.encode_chat(messages)
