@@ -182,8 +182,7 @@ class AsyncLLM:
         token)."""
         prompt_ids = prompt.token_ids
         if params is not None:
-            prompt_ids = params.truncated_prompt(prompt_ids, self.max_model_len)
-            params = params.with_bad_words_token_ids(self.tokenizer)
+            prompt_ids, params = self._for_submission(prompt_ids, params)
         check_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params,
                      self.cluster.executor.eos_token_ids)
 
@@ -274,10 +273,15 @@ class AsyncLLM:
         is a RequestError (the engine's, ``SamplingParams.within``)."""
         self.check_open()
         self.check_loop()
-        params = check_params(params, default=self.default_params).with_bad_words_token_ids(self.tokenizer)
-        prompt_ids = params.truncated_prompt(prompt_ids, self.max_model_len)
+        prompt_ids, params = self._for_submission(prompt_ids, check_params(params, default=self.default_params))
         request = self.cluster.submit(prompt_ids, params)
         return SubmittedStream(request, self._stream(prompt_ids, params, request))
+
+    def _for_submission(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """What the Executor takes: the prompt cut to the ``truncate_prompt_tokens`` of ``params``, and ``params``
+        with their bad words tokenized (once: samples made after it share them)."""
+        params = params.with_bad_words_token_ids(self.tokenizer)
+        return params.truncated_prompt(prompt_ids, self.max_model_len), params
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams, request=None,
                       named: NamedRequest | None = None) -> AsyncGenerator[StreamOutput, None]:
@@ -288,8 +292,7 @@ class AsyncLLM:
             if named is not None and named.is_aborted:  # aborted while its prompt was tokenized: never submitted
                 yield StreamOutput(named.request_id, -1, "", finish_reason="abort")
                 return
-            params = params.with_bad_words_token_ids(self.tokenizer)
-            prompt_ids = params.truncated_prompt(prompt_ids, self.max_model_len)
+            prompt_ids, params = self._for_submission(prompt_ids, params)
             request = self.cluster.submit(prompt_ids, params)
             if named is not None:
                 named.seq_ids.append(request.request_id)  # abort(name) ends it from here on
@@ -360,7 +363,7 @@ class AsyncLLM:
         self.check_loop()
         with self.named_requests.hold(request_id) as named:  # abort(request_id) ends it from here on
             tokenized = await self._tokenize_off_loop(prompt, params)
-            samples = params.samples(is_prompt_logprobs_once=True)
+            samples = params.with_bad_words_token_ids(self.tokenizer).samples(is_prompt_logprobs_once=True)
             streams = [self._stream(tokenized.token_ids, sample, named=named) for sample in samples]
             async with contextlib.aclosing(stream_results(streams, tokenized, samples, self.tokenizer.token_text,
                                                           kind)) as results:

@@ -1,17 +1,15 @@
-"""Whether an AsyncLLM's engine can serve (vLLM's ``is_running``, ``errored``, ``dead_error``): its Executor's step
-loop runs until ``stop()``. A step that raises an Exception fails the requests it ran and the loop goes on (the
-engine is not dead); the loop ends otherwise only when something gets past that handling (a BaseException, or a
-cancellation raised inside a step that ``stop()`` did not ask for), and then no request is run any more."""
+"""Whether an AsyncLLM's engine can serve (vLLM's ``is_running``, ``errored``, ``dead_error``), read off its
+Executor: its step loop runs until ``stop()``. A step that raises an Exception fails the requests it ran and the loop
+goes on (the engine is not dead); the loop ends otherwise only when something gets past that handling (a
+BaseException, or a cancellation raised inside a step that ``stop()`` did not ask for), and then the Executor ends
+its requests and records how (``Executor.loop_death``)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fastdecode.actors.executor import Executor
-
-log = logging.getLogger("fastdecode.api")
 
 
 class EngineDeadError(RuntimeError):
@@ -20,51 +18,38 @@ class EngineDeadError(RuntimeError):
     exception did."""
 
 
+def loop_death(task: asyncio.Task) -> tuple[str, BaseException | None]:
+    """How a step loop's task ended where stop() did not end it, and the exception that did (None: none did)."""
+    if task.cancelled():
+        return "a cancellation raised inside a step, which stop() did not ask for", None
+    cause = task.exception()
+    return (f"{type(cause).__name__}: {cause}" if cause is not None else "it returned"), cause
+
+
 class EngineHealth:
-    """Watches an Executor's step loop (its task, from ``Executor.start``): whether it runs, and how it ended where
-    it ended without ``Executor.stop()``. Holds the Executor, never the AsyncLLM (which must stay collectable)."""
+    """An Executor's step loop as vLLM's health surface. Holds the Executor, never the AsyncLLM (which must stay
+    collectable); a stand-in Executor without a loop is never running."""
 
     def __init__(self, executor: "Executor") -> None:
         self._executor = executor
-        # the loop's task (None: never started, or a stand-in Executor with no loop); Executor.stop() drops its own
-        # reference to it, this one still tells how the loop ended
-        self._task: asyncio.Task | None = getattr(executor, "_task", None)
-        self.death: str | None = None  # how the loop ended without stop(); None while it runs or after a stop
-        self.cause: BaseException | None = None  # the exception that ended it, where one did
-        if self._task is not None:
-            self._task.add_done_callback(self._on_loop_end)
 
     @property
     def is_running(self) -> bool:
         """The step loop runs and no stop has begun."""
-        return self._task is not None and not self._task.done() and not self._executor.is_stopped
+        return getattr(self._executor, "is_looping", False) and not self._executor.is_stopped
 
     @property
     def errored(self) -> bool:
         """The step loop ended without a stop: the engine takes no request it would run."""
-        return self.death is not None or (self._task is not None and self._task.done()
-                                          and not self._executor.is_stopped)
+        return getattr(self._executor, "loop_death", None) is not None
 
     def dead_error(self, *, is_closed: bool) -> EngineDeadError:
         """The error of an engine that does not run (``is_closed``: its AsyncLLM's stop began), saying why."""
         if self.errored:
-            error = EngineDeadError(f"the engine's step loop ended without stop() ({self.death or 'ending now'}): no "
+            error = EngineDeadError(f"the engine's step loop ended without stop() ({self._executor.loop_death}): no "
                                     "request is served any more; stop this AsyncLLM and start another")
-            error.__cause__ = self.cause
+            error.__cause__ = self._executor.loop_death_cause
             return error
         if is_closed or not self.is_running:
             return EngineDeadError("the engine was stopped (stop() or shutdown())")
         return EngineDeadError("the engine runs: nothing has ended it")
-
-    def _on_loop_end(self, task: asyncio.Task) -> None:
-        """Tell how the loop ended, where it was not stopped: an exception always (stop() cancels it), a
-        cancellation where no stop had begun."""
-        if task.cancelled():
-            if self._executor.is_stopped:
-                return
-            self.death = "a cancellation raised inside a step, which stop() did not ask for"
-        else:
-            self.cause = task.exception()
-            self.death = f"{type(self.cause).__name__}: {self.cause}" if self.cause is not None else "it returned"
-        log.error("the engine's step loop ended without stop(): %s; its running requests get no more tokens",
-                  self.death, exc_info=self.cause)

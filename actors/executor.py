@@ -11,10 +11,10 @@ running sequences go on decoding.
 KV nodes fail and come back (``NodeBook``): at each step boundary a failed or draining node leaves the scheduler and
 the sequences it held are requeued; they are rebuilt on surviving nodes by prefilling prompt plus the tokens already
 generated, so their streams go on with no token duplicated or missing. Rows of a node that failed during a decode
-step are dropped from that step's sampling and decoded again once rebuilt; rows of the other nodes complete normally.
-A node that returns is a new epoch and is used again. A draining node that no other node can relieve keeps serving
-its sequences (``node_drain``). With no node left, running requests end with an error and new ones are refused
-(``UnavailableError``) until one returns. ``drain()`` stops admitting and lets the accepted requests finish.
+step are dropped from its sampling and decoded again once rebuilt. A node that returns is a new epoch and is used
+again. A draining node that no other node can relieve keeps serving its sequences (``node_drain``). With no node
+left, running requests end with an error and new ones are refused (``UnavailableError``) until one returns.
+``drain()`` stops admitting and lets the accepted requests finish.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from fastdecode.actors.chunked_prefill import PrefillJob, PrefillQueue
 from fastdecode.actors.decode_step import DecodeStep, MiniBatch
 from fastdecode.actors.dense_profile import measure_dense_profile
 from fastdecode.actors.dense_runner import DenseRunner
+from fastdecode.actors.engine_health import loop_death
 from fastdecode.actors.executor_config import ExecutorConfig, QueueFullError, UnavailableError, check_prompt
 from fastdecode.actors.guarded_node import REFUSED_CODES, GuardedNode, NodeFailedError
 from fastdecode.actors.kv_nodes import KVNode, node_model
@@ -63,8 +64,7 @@ class Executor:
                  reconnect_backoff: Backoff = Backoff(), seed: int = 0,
                  grammars: GrammarBackend | None = None) -> None:
         """``node_factories[i]``, when given, makes a fresh node ``i`` after it failed (None: it never returns).
-        ``seed`` seeds the generator that requests without a seed of their own draw from (vLLM's ``seed``).
-        ``grammars`` compiles structured outputs for the model's tokenizer (None: such requests are refused)."""
+        ``seed`` seeds the engine's generator (vLLM's); ``grammars`` compiles structured outputs (None: refused)."""
         if not nodes:
             raise ValueError("the Executor needs at least one KV node")
         if node_factories is not None and len(node_factories) != len(nodes):
@@ -102,7 +102,8 @@ class Executor:
         self.num_preempted = 0  # sequences whose KV was dropped for room (planned, or refused by a node)
         self.is_draining = False
         self.is_stopped = False  # stop() began: no request is taken any more
-        self.has_loop_ended = False  # the step loop ended without stop(): nothing would run a request
+        self.loop_death: str | None = None  # how the step loop ended without stop() (engine_health.loop_death)
+        self.loop_death_cause: BaseException | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -132,6 +133,10 @@ class Executor:
         self._task = asyncio.create_task(self._loop(), name="fastdecode-executor")
         self._task.add_done_callback(self._on_loop_end)
 
+    @property
+    def is_looping(self) -> bool:  # the step loop runs: started, and neither stopped nor dead
+        return self._task is not None and not self._task.done()
+
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait until the accepted ones finished (True) or ``timeout_s`` passed."""
         self.is_draining = True
@@ -144,19 +149,15 @@ class Executor:
         return not self._sequences
 
     async def stop(self) -> None:
-        """Stop the loop, then the reconnects (the loop starts them); unfinished requests end with an error event,
-        and later ones are refused."""
+        """Stop the loop and the reconnects; unfinished requests end with an error, later ones are refused."""
         self.is_stopped = True
         if self._task is not None:
             self._task.cancel()
-            # cancelled here, or dead already (_on_loop_end): either way the nodes are still to be closed
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.gather(self._task, return_exceptions=True)  # cancelled here, or dead already
             self._task = None
         await self.node_book.close()
-        self._held.emit()
-        for seq in list(self._sequences.values()):
-            if not self.has_loop_ended:  # else each one has ended already (_on_loop_end)
-                seq.emit(seq.end_event("error", "the server is shutting down", is_retryable=True))
+        if self.loop_death is None:  # else each one has ended already (_on_loop_end)
+            self._end_all("the server is shutting down")
         placed = [self._unplace(seq) for seq in self._sequences.values()]
         self._sequences.clear()
         self.prefills.clear()
@@ -167,24 +168,24 @@ class Executor:
         await self.node_book.release_within(placed, STOP_FREE_TIMEOUT_S)
 
     def _on_loop_end(self, task: asyncio.Task) -> None:
-        """The step loop ended. Without a stop something got past its handling (a BaseException, a cancellation
-        raised inside a step): no step will run, so each request ends now with a retryable error, not at stop()
-        (which still frees their KV), and later ones are refused."""
+        """The step loop ended: without a stop, its requests end now (stop() frees their KV), later ones refused."""
         if self.is_stopped:
             return
-        self.has_loop_ended = True
-        cause = "cancelled" if task.cancelled() else repr(task.exception())
+        self.loop_death, self.loop_death_cause = loop_death(task)
+        log.error("the engine's step loop ended without stop(): %s", self.loop_death, exc_info=self.loop_death_cause)
+        self._end_all(f"the engine's step loop ended ({self.loop_death}); the server must be restarted")
+
+    def _end_all(self, message: str) -> None:
+        """Every unfinished request ends with a retryable error ``message``, after the tokens held for them."""
         self._held.emit()
         for seq in self._sequences.values():
-            seq.emit(seq.end_event("error", f"the engine's step loop ended ({cause}); the server must be restarted",
-                                   is_retryable=True))
+            seq.emit(seq.end_event("error", message, is_retryable=True))
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        if self.is_draining or self.is_stopped:
-            raise UnavailableError("the server is shutting down and takes no new requests")
-        if self.has_loop_ended:
-            raise UnavailableError("the engine's step loop ended; the server must be restarted")
+        if self.is_draining or self.is_stopped or self.loop_death is not None:
+            raise UnavailableError("the engine's step loop ended; the server must be restarted" if self.loop_death
+                                   else "the server is shutting down and takes no new requests")
         if not self.has_live_node:
             raise no_live_node_error(self.nodes)
         check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params, self._eos_tuple)

@@ -1,6 +1,6 @@
-"""What ``AsyncLLM.generate`` gives, built from the outputs of its samples' streams: awaited, one GenerationResult
-(vLLM's ``RequestOutput``), sample 0's holding the others (``gather_samples``); iterated, results as the tokens come,
-per ``SamplingParams.output_kind`` (``stream_results``, vLLM's ``AsyncLLM.generate`` generator)."""
+"""What ``AsyncLLM.generate`` gives, built from the outputs of its samples' streams (``stream_results``): awaited, one
+GenerationResult (vLLM's ``RequestOutput``), sample 0's holding the others (FINAL_ONLY's, ``final_result``); iterated,
+results as the tokens come, per ``SamplingParams.output_kind`` (vLLM's ``AsyncLLM.generate`` generator)."""
 from __future__ import annotations
 
 import asyncio
@@ -211,10 +211,3 @@ async def final_result(results: AsyncGenerator[GenerationResult, None]) -> Gener
         raise RuntimeError("the request's results ended with no result")
     return last
 
-
-async def gather_samples(streams: Sequence["Outputs"], prompt: TokenizedPrompt,
-                         samples: Sequence[SamplingParams], token_text: TokenText) -> GenerationResult:
-    """The streams of one request's samples (``SamplingParams.samples``), read together to their end: sample 0's
-    result holding the others (``GenerationResult.other_samples``). If one fails (its submission refused too), or
-    this is cancelled, every stream is closed before this returns (``stream_results``)."""
-    return await final_result(stream_results(streams, prompt, samples, token_text, RequestOutputKind.FINAL_ONLY))

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from fastdecode.actors.request import SamplingParams
 
 PARAM = "structured_outputs"
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 1 << 20  # a schema, regex, grammar or the choices together (compiled on a worker thread)
 CACHE_BYTES = 512 << 20  # compiled grammars kept for reuse, the least recently used dropped past it (vLLM's default)
 _XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[17:29:18] /project/cpp/x.cc:4944: " before a message
@@ -48,11 +49,9 @@ class StructuredOutputs:
     def __post_init__(self) -> None:
         if not isinstance(self.disable_any_whitespace, bool):
             raise RequestError("disable_any_whitespace must be true or false", PARAM)
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        if self.json_object is not False:
-            if self.json_object is not True:
-                raise RequestError(f"json_object must be true or false, got {self.json_object!r}", PARAM)
-            given.append("json_object")
+        if not isinstance(self.json_object, bool):
+            raise RequestError(f"json_object must be true or false, got {self.json_object!r}", PARAM)
+        given = self._kinds_given()
         if len(given) != 1:
             raise RequestError("structured outputs take exactly one of json, json_object, regex, choice and "
                                f"grammar, got {', '.join(given) or 'none'}", PARAM)
@@ -81,8 +80,11 @@ class StructuredOutputs:
 
     @property
     def kind(self) -> str:
-        return next(name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None) \
-            if not self.json_object else "json_object"
+        """Which of the kinds the spec is: json, json_object, regex, choice or grammar."""
+        return self._kinds_given()[0]
+
+    def _kinds_given(self) -> list[str]:
+        return [name for name in KINDS if getattr(self, name) not in (None, False)]
 
     @property
     def source(self) -> str:

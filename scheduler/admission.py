@@ -237,12 +237,13 @@ class AdmissionPolicy:
         _, peak_step = predicted_peak_and_step(itertools.chain(live, candidates))
         at_peak: dict[int | None, float] = defaultdict(float)
         empty: dict[int | None, float] = defaultdict(float)
+        num_seqs = 0
         nodes = itertools.chain((getattr(s, "node_id", None) for s in running), itertools.repeat(None))
         for node_id, (context_len, num_remaining) in zip(nodes, itertools.chain(live, candidates)):
             if num_remaining > peak_step:  # still running at the peak
                 at_peak[node_id] += context_len + peak_step
                 empty[node_id] += 1.0
-        num_seqs = round(sum(empty.values()))
+                num_seqs += 1
         margin = 1.0 + self.config.sls_attention_margin
         return predict_step_s(num_seqs, at_peak) <= margin * predict_step_s(num_seqs, empty)
 

@@ -248,7 +248,7 @@ class Scheduler:
         times, so for like nodes this is where it leads; a slower node gets an even share, which over-rates the
         step). Split as the Executor runs it: one mini-batch without the pipeline, else two halves or one. What SLS
         admission weighs a peak load with."""
-        open_ids = [i for i in self._nodes if i not in self._closed] or list(self._nodes)
+        open_ids = self._open_node_ids()
         context = {i: float(context_by_node.get(i, 0.0)) for i in self._nodes}
         for i in open_ids:
             context[i] += context_by_node.get(None, 0.0) / len(open_ids)
@@ -260,10 +260,13 @@ class Scheduler:
     def _step_predictor(self) -> StepPredictor | None:
         """``predict_unplaced_step_s`` where it weighs context: not where every open node is timed by a whole-step
         model (the GPU KV node's CUDA graphs), which ignores it (then SLS paces as it would with no model)."""
-        open_ids = [i for i in self._nodes if i not in self._closed] or list(self._nodes)
-        if all(self._nodes[i].whole_step is not None for i in open_ids):
+        if all(self._nodes[i].whole_step is not None for i in self._open_node_ids()):
             return None
         return self.predict_unplaced_step_s
+
+    def _open_node_ids(self) -> list[int]:
+        """The nodes that take new sequences (all of them where every one is closed: one must be counted)."""
+        return [i for i in self._nodes if i not in self._closed] or list(self._nodes)
 
     def observe_decode(self, minibatches: Iterable[Iterable[int]], seconds: float, *,
                        is_device_time_included: bool = True) -> float:

@@ -149,7 +149,7 @@ class FrontendMetrics:
 
     def _named(self, metric):
         """``metric`` itself, kept for its vLLM-named copy where vLLM has the series (``VLLM_NAMES``)."""
-        if metric._name in VLLM_NAMES:
+        if metric.describe()[0].name in VLLM_NAMES:
             self._vllm_named.append(metric)
         return metric
 

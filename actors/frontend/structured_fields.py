@@ -11,11 +11,11 @@ from typing import Any
 
 from fastdecode.actors.frontend.errors import bad_request
 from fastdecode.actors.request import RequestError
-from fastdecode.actors.structured_output import StructuredOutputs
+from fastdecode.actors.structured_output import KINDS, StructuredOutputs
 
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 OPTION_KEYS = frozenset({"disable_any_whitespace"})  # how a spec is held to, with it or with another field
-STRUCTURED_KEYS = frozenset({"json", "json_object", "regex", "choice", "grammar"}) | OPTION_KEYS
+STRUCTURED_KEYS = frozenset(KINDS) | OPTION_KEYS
 
 
 def structured_outputs_field(body: dict[str, Any]) -> StructuredOutputs | None:

@@ -4,7 +4,6 @@ ends without ``stop()`` leaves a dead engine, which refuses new requests; a stop
 from __future__ import annotations
 
 import asyncio
-import types
 
 import pytest
 
@@ -105,23 +104,29 @@ async def test_a_loop_that_died_of_an_exception_still_stops(monkeypatch):
     assert llm.is_stopped and llm.cluster.executor.is_stopped
 
 
-async def test_the_cause_of_a_loop_that_raised_is_the_dead_errors():
-    """A loop task that ends with an exception, as ``Executor._loop`` would with one its handling let through:
-    ``dead_error`` names it and chains it (the Executor's own stop re-raises it, so this is told on a bare task)."""
+async def test_the_cause_of_a_loop_that_raised_is_the_dead_errors(monkeypatch):
+    """A step that raises a BaseException gets past the loop's handling, which fails only Exceptions: the loop task
+    ends with it, and ``dead_error`` names it and chains it."""
 
     class Fatal(BaseException):
         pass
 
-    async def loop():
+    llm = await AsyncLLM.start(**TINY)
+    executor = llm.cluster.executor
+
+    async def fatal_step():
         raise Fatal("the step loop broke")
 
-    executor = types.SimpleNamespace(_task=asyncio.ensure_future(loop()), is_stopped=False)
+    monkeypatch.setattr(executor, "step", fatal_step)
+    stranded = asyncio.ensure_future(llm.generate(PROMPT, LONG))
+    await until(lambda: llm.errored)
     watch = EngineHealth(executor)
-    await asyncio.gather(executor._task, return_exceptions=True)
-    await asyncio.sleep(0)  # the done callback runs
     error = watch.dead_error(is_closed=False)
     assert watch.errored and not watch.is_running
     assert "Fatal: the step loop broke" in str(error) and isinstance(error.__cause__, Fatal)
+    with pytest.raises(RequestError):
+        await asyncio.wait_for(stranded, 5.0)
+    await llm.stop()
 
 
 async def test_get_tokenizer_is_awaited_as_vllms(llm):

@@ -1,5 +1,5 @@
-"""Gathering a request's outputs into its GenerationResult (``gather_result``) and its n samples' into one
-(``gather_samples``): each stream is closed once however it ends, no engine needed."""
+"""Gathering a request's n samples' outputs into one GenerationResult (``stream_results`` of FINAL_ONLY, what an
+awaited ``generate`` gives): each stream is closed once however it ends, no engine needed."""
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +8,14 @@ import pytest
 
 from fastdecode.actors.api_inputs import TokenizedPrompt
 from fastdecode.actors.async_llm import StreamOutput
-from fastdecode.actors.generation_results import gather_samples
-from fastdecode.actors.request import RequestError, SamplingParams
+from fastdecode.actors.generation_results import final_result, stream_results
+from fastdecode.actors.request import RequestError, RequestOutputKind, SamplingParams
 
 PROMPT = TokenizedPrompt([1, 2, 3], None)
+
+
+async def gather(streams, samples):
+    return await final_result(stream_results(streams, PROMPT, samples, str, RequestOutputKind.FINAL_ONLY))
 
 
 class CountedOutputs:
@@ -46,10 +50,10 @@ def tokens(request_id: int, token_ids: list[int]) -> list[StreamOutput]:
 async def test_samples_gathered_to_their_end_close_each_stream_once():
     streams = [CountedOutputs(tokens(7, [5, 6])), CountedOutputs(tokens(8, [9]))]
     samples = SamplingParams(n=2, max_tokens=2).samples()
-    result = await gather_samples(streams, PROMPT, samples, str)
+    result = await gather(streams, samples)
     assert [(o.index, o.token_ids, o.text, o.finish_reason) for o in result.outputs] == [
         (0, [5, 6], "<5><6>", "length"), (1, [9], "<9>", "length")]
-    assert [stream.num_closes for stream in streams] == [1, 1]  # by its own gather_result, and not again
+    assert [stream.num_closes for stream in streams] == [1, 1]  # by its own reader, and not again
 
 
 async def test_a_failed_sample_closes_every_stream_however_far_it_was_read():
@@ -57,5 +61,5 @@ async def test_a_failed_sample_closes_every_stream_however_far_it_was_read():
     failed = [StreamOutput(3, -1, "", finish_reason="error", error="the node failed")]
     streams = [CountedOutputs(failed), CountedOutputs(tokens(4, [5]), never)]
     with pytest.raises(RequestError, match="the node failed"):
-        await gather_samples(streams, PROMPT, SamplingParams(n=2).samples(), str)
+        await gather(streams, SamplingParams(n=2).samples())
     assert all(stream.num_closes >= 1 for stream in streams)
