@@ -16,6 +16,7 @@ import click
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE, CountParamType
 from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
+from fastdecode.actors.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 from fastdecode.scheduler.config import ADMISSION_MODES
 from fastdecode.transport.errors import TransportError
 
@@ -199,6 +200,15 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--disable-log-requests", "is_request_log_disabled", is_flag=True,
                      help="No INFO line per finished request (ids, finish reason, token counts, TTFT, e2e); "
                           "vLLM's name."),
+        click.option("--enable-auto-tool-choice", "is_auto_tool_choice", is_flag=True,
+                     help='Parse the tool calls a model chooses to write (tool_choice "auto", the default when a '
+                          "request gives tools) with --tool-call-parser (vLLM's). Named and required tool choices "
+                          "work without it."),
+        click.option("--tool-call-parser", default=None, type=click.Choice(TOOL_CALL_PARSERS),
+                     help="How the model writes tool calls: hermes (<tool_call> blocks: Hermes, Qwen 2.5 and later) "
+                          "or llama3_json (Llama 3.1 and later's JSON calls)."),
+        click.option("--response-role", default="assistant", show_default=True,
+                     help="The role of a chat response's message (vLLM's)."),
         click.option("--enforce-eager", "is_eager", is_flag=True,
                      help="No CUDA graphs and no compiled dense segments: every step runs eagerly (vLLM's)."),
         click.option("--tensor-parallel-size", "-tp", default=1, show_default=True, type=int, expose_value=False,
@@ -236,7 +246,9 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  kv_memory_bytes: int | None, drain_timeout_s: float = 30.0, curve_dir: str | None = None,
                  is_insecure_bind_any: bool = False, allowed_origins: tuple[str, ...] = ("*",),
                  allowed_methods: tuple[str, ...] = ("*",), allowed_headers: tuple[str, ...] = ("*",),
-                 is_credentials_allowed: bool = False, is_access_log_disabled: bool = False, is_eager: bool = False):
+                 is_credentials_allowed: bool = False, is_access_log_disabled: bool = False, is_eager: bool = False,
+                 is_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+                 response_role: str = "assistant"):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
     from fastdecode.transport.sockets import is_loopback_address
 
@@ -246,6 +258,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
     from fastdecode.actors.cluster import ClusterConfig
     from fastdecode.actors.executor import ExecutorConfig
     from fastdecode.actors.frontend import FrontendConfig, ServeConfig
+    from fastdecode.actors.frontend.tool_fields import ToolServing
     from fastdecode.scheduler import SchedulerConfig
 
     try:
@@ -262,7 +275,9 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
         frontend = FrontendConfig(served_model_name=served_model_name or model, model=model,
                                   api_key=api_key or None, allowed_origins=allowed_origins,
                                   allowed_methods=allowed_methods, allowed_headers=allowed_headers,
-                                  is_credentials_allowed=is_credentials_allowed)
+                                  is_credentials_allowed=is_credentials_allowed,
+                                  tool_serving=ToolServing(is_auto_tool_choice, tool_call_parser),
+                                  response_role=response_role)
         return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port, drain_timeout_s=drain_timeout_s,
                            is_access_logged=not is_access_log_disabled)
     except ValueError as exc:

@@ -9,6 +9,7 @@ from typing import Any
 from fastdecode.actors.frontend.errors import bad_request
 from fastdecode.actors.frontend.structured_fields import structured_outputs_field
 from fastdecode.actors.request import MAX_BAD_WORDS, LogitBias, RequestError, check_truncate_prompt_tokens
+from fastdecode.actors.structured_output import StructuredOutputs
 
 MAX_LOGPROBS = 20
 MIN_INT64, MAX_INT64 = -(1 << 63), (1 << 63) - 1  # every integer field is an int64 (vLLM bounds seed so)
@@ -18,7 +19,8 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 16384  # their characters in all
 
 
-def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+def sampling_fields(body: dict[str, Any], structured: tuple[str, StructuredOutputs] | None = None) -> dict[str, Any]:
+    """The body's sampling fields; ``structured``: a structured output another field implies (``tool_choice``)."""
     fields: dict[str, Any] = {}
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         if body.get(name) is not None:
@@ -36,9 +38,9 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
             fields[name] = token_ids_field(body, name)
     if body.get("bad_words") is not None:
         fields["bad_words"] = bad_words_field(body)
-    structured = structured_outputs_field(body)
-    if structured is not None:
-        fields["structured_outputs"] = structured
+    spec = structured_outputs_field(body, structured)
+    if spec is not None:
+        fields["structured_outputs"] = spec
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

@@ -32,6 +32,7 @@ from fastdecode.actors.frontend.body_fields import (
     truncate_prompt_tokens_field,
 )
 from fastdecode.actors.frontend.errors import ApiError, bad_request
+from fastdecode.actors.frontend.tool_fields import ToolCalling, ToolServing, tools_and_choice
 from fastdecode.actors.model.config import SamplingDefaults
 from fastdecode.actors.request import RequestError, SamplingParams, truncate_prompt
 
@@ -54,8 +55,6 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     # vLLM too refuses a request's own template unless started with --trust-request-chat-template
     "chat_template": (None,),
-    "functions": (None,),  # the legacy form of tools
-    "function_call": (None,),
 }
 # keys of chat_template_kwargs the server sets itself (add_special_tokens: the request's own field, which
 # Tokenizer.encode_chat takes beside the template variables)
@@ -84,6 +83,7 @@ class GenerateRequest:
     is_token_id_text: bool = False  # logprob tokens as "token_id:<id>" (vLLM's return_tokens_as_token_ids)
     is_echo: bool = False  # completions' echo: each choice's text starts with its prompt's
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (``truncated``)
+    tool_calling: ToolCalling | None = None  # chat: the calls to find in each choice's text (None: none)
 
     @property
     def num_prompts(self) -> int:
@@ -191,10 +191,11 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     )
 
 
-def parse_chat(body: dict[str, Any]) -> GenerateRequest:
-    """``POST /v1/chat/completions``."""
+def parse_chat(body: dict[str, Any], *, tool_serving: ToolServing = ToolServing()) -> GenerateRequest:
+    """``POST /v1/chat/completions``; ``tool_serving``: the server's tool calling (``tool_fields``)."""
     _refuse_unsupported(body, is_chat=True)
-    template_kwargs = _chat_template_kwargs(body)
+    tools, tool_calling = tools_and_choice(body, tool_serving)
+    template_kwargs = template_variables(body, tools)
     num_logprobs = None
     if boolean_field(body, "logprobs"):
         num_logprobs = logprobs_count(body, "top_logprobs") or 0
@@ -203,14 +204,25 @@ def parse_chat(body: dict[str, Any]) -> GenerateRequest:
     is_stream = boolean_field(body, "stream")
     return GenerateRequest(
         model=model_field(body), messages=parse_messages(body.get("messages")), num_samples=_num_samples(body),
-        sampling=sampling_fields(body), max_tokens=chat_max_tokens(body),
+        sampling=_tool_sampling_fields(body, tool_calling), max_tokens=chat_max_tokens(body),
         num_logprobs=num_logprobs, num_prompt_logprobs=prompt_logprobs_field(body, is_stream), is_stream=is_stream,
         is_usage_streamed=include_usage_field(body, is_stream), is_usage_continuous=continuous_usage_field(body),
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
         chat_template_kwargs=template_kwargs,
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
-        truncate_prompt_tokens=truncate_prompt_tokens_field(body),
+        truncate_prompt_tokens=truncate_prompt_tokens_field(body), tool_calling=tool_calling,
     )
+
+
+def _tool_sampling_fields(body: dict[str, Any], tool_calling: ToolCalling | None) -> dict[str, Any]:
+    """The sampling fields with what the tool choice asks: a named or required choice's structured output (which the
+    request's own options, such as disable_any_whitespace, apply to; its own spec is then a 400), and the special
+    tokens kept in the text for the hermes parser (vLLM's: its tags may be special tokens), unless the request says."""
+    spec = tool_calling.structured_outputs() if tool_calling is not None else None
+    sampling = sampling_fields(body, ("tool_choice", spec) if spec is not None else None)
+    if tool_calling is not None and tool_calling.parser == "hermes":
+        sampling = {"skip_special_tokens": False, **sampling}
+    return sampling
 
 
 def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
@@ -234,7 +246,7 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
         max_tokens=chat_max_tokens(body) if has_messages else max_tokens_field(body, default=None),
         num_logprobs=logprobs_count(body, "logprobs"), is_stream=True,
         add_special_tokens=boolean_field(body, "add_special_tokens", default=None),
-        chat_template_kwargs=_chat_template_kwargs(body) if has_messages else {},
+        chat_template_kwargs=template_variables(body, tools_and_choice(body, None)[0]) if has_messages else {},
         truncate_prompt_tokens=truncate_prompt_tokens_field(body),
     )
 
@@ -255,38 +267,9 @@ def _completion_echo(body: dict[str, Any]) -> bool:
     return is_echo
 
 
-def _chat_template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
-    """The variables a chat's template gets (``tools`` among them, where given), checking the fields only chat
-    takes (``tools``, ``tool_choice``)."""
-    tools = _check_tools(body)
-    return template_variables(body, tools)
-
-
 def template_variables(body: dict[str, Any], tools: list[Any] | None) -> dict[str, Any]:
     """A chat's ``chat_template_kwargs`` with ``tools`` (where given) for the template's ``tools`` variable."""
     return {"tools": tools, **template_kwargs_field(body)} if tools else template_kwargs_field(body)
-
-
-def tools_field(body: dict[str, Any]) -> list[Any] | None:
-    """``tools``: None or a non-empty list (vLLM's)."""
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise bad_request("tools must be a list", "tools")
-    if tools == []:
-        raise bad_request("`tools` must not be an empty array.", "tools")
-    return tools
-
-
-def _check_tools(body: dict[str, Any]) -> list[Any] | None:
-    """vLLM's ``check_tool_usage``: a tool_choice other than "none" needs tools.  Tool calls are not supported
-    here: tools pass only with ``tool_choice: "none"``, and are returned to go to the chat template's ``tools``
-    variable (vLLM renders them; a template without it ignores them)."""
-    tools, tool_choice = tools_field(body), body.get("tool_choice")
-    if tool_choice is not None and tool_choice != "none" and tools is None:
-        raise bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
-    if tools and tool_choice != "none":
-        raise bad_request('tools are not supported (only with tool_choice: "none", which calls none)', "tools")
-    return tools
 
 
 def template_kwargs_field(body: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastdecode.actors.api import StreamOutput, prompt_logprob_dicts
+from fastdecode.actors.frontend.tool_fields import ToolCalling
+from fastdecode.actors.tool_parsers import ToolDelta, extract
 from fastdecode.actors.request import PromptLogprob
 
 MIN_LOGPROB = -9999.0  # what OpenAI and vLLM show for -inf (JSON has no infinity)
@@ -35,6 +37,7 @@ class ResponseBuilder:
     num_logprobs: int | None = None  # the request's logprobs (None: none asked); top tokens an echoed token shows
     response_id: str = ""
     created: int = 0
+    role: str = "assistant"  # a chat message's (vLLM's --response-role)
     # A completion stream's choice index -> where its next token's text starts (its logprobs' text_offset).
     _next_offsets: dict[int, int] = field(default_factory=dict)
 
@@ -45,10 +48,10 @@ class ResponseBuilder:
     @classmethod
     def new(cls, model: str, *, is_chat: bool, token_text: Callable[[int], str],
             token_bytes: Callable[[int], bytes] | None = None, is_token_id_text: bool = False,
-            num_logprobs: int | None = None) -> "ResponseBuilder":
+            num_logprobs: int | None = None, role: str = "assistant") -> "ResponseBuilder":
         prefix = "chatcmpl" if is_chat else "cmpl"
         return cls(model, is_chat, token_text, token_bytes, is_token_id_text, num_logprobs,
-                   f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+                   f"{prefix}-{uuid.uuid4().hex}", int(time.time()), role)
 
     def _envelope(self, choices: list[dict[str, Any]], *, is_chunk: bool) -> dict[str, Any]:
         if self.is_chat:
@@ -61,21 +64,37 @@ class ResponseBuilder:
     # ---- whole responses ------------------------------------------------------------------------
     def choice(self, outputs: Sequence[StreamOutput], finish_reason: str | None, *,
                stop_reason: int | str | None = None, index: int = 0, echo_text: str | None = None,
-               prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
+               prompt_ids: Sequence[int] = (), tool_calling: ToolCalling | None = None) -> dict[str, Any]:
         """One whole choice of a response from its outputs; its text starts with ``echo_text`` (completions'
         echo: the prompt's), its logprobs with those of the prompt's tokens ``prompt_ids`` (where the first output
-        carries them).  A chat choice leaves the prompt's logprobs to the response (``complete_choices``)."""
+        carries them).  A chat choice leaves the prompt's logprobs to the response (``complete_choices``), and
+        shows the tool calls ``tool_calling`` finds in its text (``tool_message``)."""
         text = (echo_text or "") + "".join(out.text for out in outputs)
         tokens = [out for out in outputs if out.token_id >= 0]
         if self.is_chat:
             logprobs = self._logprobs(tokens)[0] if self.wants_logprobs else None
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": finish_reason, "stop_reason": stop_reason}
+            message: dict[str, Any] = {"role": self.role, "content": text, "tool_calls": []}
+            if tool_calling is not None:
+                message, finish_reason = self.tool_message(text, tool_calling, finish_reason)
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+                    "stop_reason": stop_reason}
         prompt_logprobs = outputs[0].prompt_logprobs if outputs else None
         echoed = self._echoed(prompt_ids, prompt_logprobs) if echo_text is not None else []
         logprobs = self._logprobs(tokens, echoed=echoed)[0] if self.wants_logprobs else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": stop_reason, "prompt_logprobs": self.prompt_logprobs(prompt_ids, prompt_logprobs)}
+
+    def tool_message(self, text: str, tool_calling: ToolCalling,
+                     finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A chat message with the tool calls found in ``text``, and the choice's finish reason: "tool_calls" where
+        the model chose to call (auto), as vLLM. The named and required forms' content is "" (vLLM's), auto's the
+        text around the calls (null when none is left)."""
+        content, calls = extract(tool_calling.extractor(), text)
+        if tool_calling.is_auto:
+            if calls:
+                return {"role": self.role, "content": content or None, "tool_calls": calls}, "tool_calls"
+            return {"role": self.role, "content": content, "tool_calls": []}, finish_reason
+        return {"role": self.role, "content": content, "tool_calls": calls}, finish_reason
 
     def complete_choices(self, choices: list[dict[str, Any]], usage: dict[str, Any], *,
                          prompt_logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
@@ -100,25 +119,32 @@ class ResponseBuilder:
     # ---- stream chunks ---------------------------------------------------------------------------
     def role_chunk(self, index: int = 0) -> dict[str, Any]:
         """The first chunk of a chat stream's choice ``index``: the assistant role, no content yet."""
-        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        choice = {"index": index, "delta": {"role": self.role, "content": ""}, "logprobs": None,
                   "finish_reason": None, "stop_reason": None}
         return self._envelope([choice], is_chunk=True)
 
     def chunk(self, out: StreamOutput, *, index: int = 0, echo_text: str | None = None,
-              prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
+              prompt_ids: Sequence[int] = (), tool_delta: ToolDelta | None = None,
+              finish_reason: str | None = None) -> dict[str, Any]:
         """The next stream chunk of choice ``index`` (its ``stop_reason`` is ``out``'s); ``echo_text``: the prompt's
         text, which a completion's first chunk starts with (echo), its logprobs with those of the prompt's tokens
         ``prompt_ids``. A completion's logprobs count text_offset from the choice's earlier chunks, as the
-        non-streamed response counts it."""
+        non-streamed response counts it. A chat choice whose tool calls are parsed shows ``tool_delta`` instead of
+        ``out``'s text, and ends with ``finish_reason`` (else ``out``'s)."""
         echoed = self._echoed(prompt_ids, out.prompt_logprobs) if echo_text is not None else []
         tokens = [out] if out.token_id >= 0 else []
         logprobs = None
         if self.wants_logprobs and (tokens or echoed):
             logprobs, self._next_offsets[index] = self._logprobs(tokens, self._next_offsets.get(index, 0),
                                                                  echoed=echoed)
-        reason = out.finish_reason
+        reason = finish_reason or out.finish_reason
         if self.is_chat:
-            delta = {"content": out.text} if out.text or reason is None else {}
+            if tool_delta is None:
+                delta: dict[str, Any] = {"content": out.text} if out.text or reason is None else {}
+            else:
+                delta = {"content": tool_delta.content} if tool_delta.content else {}
+                if tool_delta.calls:
+                    delta["tool_calls"] = tool_delta.calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
                       "stop_reason": out.stop_reason}
         else:

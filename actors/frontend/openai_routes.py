@@ -24,6 +24,7 @@ from fastdecode.actors.frontend.openai_request import GenerateRequest, parse_bod
 from fastdecode.actors.frontend.openai_response import ResponseBuilder
 from fastdecode.actors.frontend.sse import EventStream
 from fastdecode.actors.frontend.state import STATE
+from fastdecode.actors.tool_parsers import ToolDelta
 
 log = logging.getLogger("fastdecode.frontend")
 
@@ -35,7 +36,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, parse_chat, is_chat=True)
+    parse = functools.partial(parse_chat, tool_serving=request.app[STATE].config.tool_serving)
+    return await _generate(request, parse, is_chat=True)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -72,7 +74,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
     state.check_model(body.model)
     builder = ResponseBuilder.new(state.config.served_model_name, is_chat=is_chat, token_text=state.token_text,
                                   token_bytes=state.token_bytes, is_token_id_text=body.is_token_id_text,
-                                  num_logprobs=body.num_logprobs)
+                                  num_logprobs=body.num_logprobs, role=state.config.response_role)
     async with start_generations(llm, state.metrics, body, max_num_choices=llm.max_num_choices) as generations:
         if body.is_stream:
             return await _stream(request, body, builder, generations)
@@ -86,7 +88,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
 
         def build() -> dict[str, Any]:
             choices = [builder.choice(outputs[g.index], g.finish_reason, stop_reason=g.stop_reason, index=g.index,
-                                      echo_text=g.echo_text, prompt_ids=g.prompt_ids)
+                                      echo_text=g.echo_text, prompt_ids=g.prompt_ids, tool_calling=body.tool_calling)
                        for g in generations]
             prompt_logprobs = None
             if is_chat:  # vLLM's chat shows them once: its choices share its one prompt
@@ -105,9 +107,13 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
     """Chunks as tokens come, the choices' interleaved, each with its index; a failed choice (the server shutting
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
     ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's), and its
-    logprobs with the prompt's tokens'."""
+    logprobs with the prompt's tokens'.  A chat choice whose tool calls are parsed streams its content and calls as
+    its extractor finds them (``tool_parsers``), and ends as "tool_calls" where the model chose to call (auto)."""
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
+    tool_calling = body.tool_calling
+    extractors = {g.index: tool_calling.extractor() for g in generations} if tool_calling is not None else {}
+    called: set[int] = set()  # choices that called a tool
     events = await EventStream.open(request)
     is_failed = False
     try:
@@ -123,10 +129,20 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                 index = generation.index
                 if out.token_id >= 0:
                     num_sent[index] += 1
-                if not out.text and out.finish_reason is None and not builder.wants_logprobs and index not in echo_left:
-                    continue  # half a character: nothing to show yet
+                tool_delta, finish_reason = None, None
+                if extractors:
+                    tool_delta = extractors[index].feed(out.text)
+                    if out.finish_reason is not None:
+                        tool_delta += extractors[index].finish()
+                    if tool_delta.calls:
+                        called.add(index)
+                    if out.finish_reason is not None and index in called and tool_calling.is_auto:
+                        finish_reason = "tool_calls"
+                is_shown = bool(tool_delta.content or tool_delta.calls) if tool_delta is not None else bool(out.text)
+                if not is_shown and out.finish_reason is None and not builder.wants_logprobs and index not in echo_left:
+                    continue  # half a character, or text a tool call may take: nothing to show yet
                 echo_text = echo_left.pop(index, None)
-                parts = (builder, body, generation, out, echo_text, num_sent[index])
+                parts = (builder, body, generation, out, echo_text, num_sent[index], tool_delta, finish_reason)
                 # an echo's first chunk shows every prompt token: over many, built off the loop (as json_response)
                 if echo_text is not None and len(generation.prompt_ids) > LARGE_RESPONSE_TOKENS:
                     await events.send_built(functools.partial(_stream_chunk, *parts))
@@ -141,9 +157,11 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
 
 
 def _stream_chunk(builder: ResponseBuilder, body: GenerateRequest, generation: Generation, out: StreamOutput,
-                  echo_text: str | None, num_sent: int) -> dict[str, Any]:
+                  echo_text: str | None, num_sent: int, tool_delta: ToolDelta | None = None,
+                  finish_reason: str | None = None) -> dict[str, Any]:
     """One output's stream chunk, with the usage so far where asked."""
-    chunk = builder.chunk(out, index=generation.index, echo_text=echo_text, prompt_ids=generation.prompt_ids)
+    chunk = builder.chunk(out, index=generation.index, echo_text=echo_text, prompt_ids=generation.prompt_ids,
+                          tool_delta=tool_delta, finish_reason=finish_reason)
     return _with_usage(chunk, body, generation, num_sent)
 
 

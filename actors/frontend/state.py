@@ -10,6 +10,7 @@ from aiohttp import web
 from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.metrics import FrontendMetrics
+from fastdecode.actors.frontend.tool_fields import ToolServing
 from fastdecode.actors.model.tokenizer import Tokenizer
 
 log = logging.getLogger("fastdecode.frontend")
@@ -32,8 +33,12 @@ class FrontendConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     is_credentials_allowed: bool = False
+    tool_serving: ToolServing = ToolServing()  # --enable-auto-tool-choice, --tool-call-parser
+    response_role: str = "assistant"  # the role of a chat response's message (vLLM's --response-role)
 
     def __post_init__(self) -> None:
+        if not self.response_role:
+            raise ValueError("the response role must not be empty")
         if not self.served_model_name:
             raise ValueError("the served model name must not be empty")
         if self.api_key is not None and not self.api_key:

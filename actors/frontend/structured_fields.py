@@ -18,9 +18,11 @@ OPTION_KEYS = frozenset({"disable_any_whitespace"})  # how a spec is held to, wi
 STRUCTURED_KEYS = frozenset(KINDS) | OPTION_KEYS
 
 
-def structured_outputs_field(body: dict[str, Any]) -> StructuredOutputs | None:
-    """The request's structured outputs, or None for plain text."""
-    specs: list[tuple[str, StructuredOutputs]] = []
+def structured_outputs_field(body: dict[str, Any], given: tuple[str, StructuredOutputs] | None = None,
+                             ) -> StructuredOutputs | None:
+    """The request's structured outputs, or None for plain text; ``given``: the field and spec another field implies
+    (a named or required ``tool_choice``), which counts as one of them."""
+    specs: list[tuple[str, StructuredOutputs]] = [given] if given is not None else []
     response_format = body.get("response_format")
     if response_format is not None:
         spec = _response_format(response_format)

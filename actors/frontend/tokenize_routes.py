@@ -26,8 +26,8 @@ from fastdecode.actors.frontend.openai_request import (
     parse_body,
     parse_messages,
     template_variables,
-    tools_field,
 )
+from fastdecode.actors.frontend.tool_fields import tools_field
 from fastdecode.actors.frontend.state import STATE
 from fastdecode.actors.model.tokenizer import Tokenizer
 

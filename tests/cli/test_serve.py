@@ -167,6 +167,27 @@ def test_vllms_common_flags_are_taken_where_they_mean_something_here(server_conf
 
 
 @pytest.mark.parametrize("command", ["serve", "start-gpu"])
+def test_tool_calling_and_response_role_options_reach_the_frontend_config(server_configs, command):
+    """vLLM's --enable-auto-tool-choice (which needs --tool-call-parser), --tool-call-parser and --response-role."""
+    configs, shard = server_configs, shard_args(command)
+    runner = CliRunner()
+    assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
+    default = configs[-1].frontend
+    assert (default.tool_serving.is_auto_enabled, default.tool_serving.parser, default.response_role) == (
+        False, None, "assistant")
+    result = runner.invoke(main, [command, *TINY, *shard, "--enable-auto-tool-choice", "--tool-call-parser",
+                                  "llama3_json", "--response-role", "bot"])
+    assert result.exit_code == 0, result.output
+    frontend = configs[-1].frontend
+    assert (frontend.tool_serving.is_auto_enabled, frontend.tool_serving.parser, frontend.response_role) == (
+        True, "llama3_json", "bot")
+    alone = runner.invoke(main, [command, *TINY, *shard, "--enable-auto-tool-choice"])
+    assert alone.exit_code == 2 and "needs --tool-call-parser" in alone.output
+    unknown = runner.invoke(main, [command, *TINY, *shard, "--tool-call-parser", "mistral"])
+    assert unknown.exit_code == 2 and "hermes" in unknown.output
+
+
+@pytest.mark.parametrize("command", ["serve", "start-gpu"])
 def test_cors_options_reach_the_frontend_config(server_configs, command):
     """vLLM's option names and defaults; lists as a JSON list (vLLM's syntax) or comma-separated."""
     configs, shard = server_configs, shard_args(command)

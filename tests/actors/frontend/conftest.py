@@ -12,9 +12,10 @@ MAX_MODEL_LEN = 256
 @pytest.fixture(scope="session")
 def tiny_server():
     """``random:tiny`` (float32, CPU, seed 0) with one in-process KVShard, behind ``--api-key test-key``,
-    context 256."""
+    context 256, tool calls parsed as hermes writes them."""
     server = LiveServer(*TINY_ARGS, "--shards", "1", "--kv-memory", "256MiB", "--api-key", API_KEY,
-                        "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny")
+                        "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny",
+                        "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     yield server
     assert server.stop() == 0, f"the server did not stop cleanly on SIGTERM:\n{server.log()}"
 

@@ -261,7 +261,6 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
     ({"prompt": "a", "response_format": {"type": "xml"}}, "response_format"),
     ({"messages": CHAT, "response_format": {"type": "structural_tag"}}, "response_format"),
     ({"messages": CHAT, "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
-    ({"messages": CHAT, "tools": TOOLS}, "tools"),
     ({"messages": CHAT, "tools": []}, "tools"),
     ({"messages": CHAT, "tool_choice": "auto"}, "tool_choice"),
     ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),

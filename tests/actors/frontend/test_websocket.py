@@ -62,7 +62,9 @@ async def test_chat_messages_and_logprobs(tiny_server, tiny_model):
     (json.dumps({"prompt": "x", "echo": True}), "echo is not supported"),
     (json.dumps({"prompt": "x", "response_format": {"type": "xml"}}), "response_format type must be"),
     (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}),
-     "tools are not supported"),
+     "tools[0].function must be"),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}],
+                 "tools": [{"type": "function", "function": {"name": "f"}}]}), "tool calls are not parsed here"),
     (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"}), "`tools` must be set"),
 ])
 async def test_bad_request_gets_an_error_message(tiny_server, request_text, fragment):
