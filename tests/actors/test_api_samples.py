@@ -83,7 +83,15 @@ async def test_prompt_logprobs_once_and_logprobs_per_sample(llm):
     single = await llm.generate(PROMPT, params)
     result = await llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
                                                        prompt_logprobs=1, logprobs=1, n=2))
-    assert result.prompt_logprobs == single.prompt_logprobs and len(result.prompt_logprobs) == len(PROMPT)
+    # the same prompt logprobs, to float noise: the n requests' prefills may be batched together, the single's alone
+    assert len(result.prompt_logprobs) == len(single.prompt_logprobs) == len(PROMPT)
+    for position, expected in zip(result.prompt_logprobs, single.prompt_logprobs):
+        assert (position is None) == (expected is None)
+        if position is not None:
+            assert {t: (lp.rank, lp.decoded_token) for t, lp in position.items()} == {
+                t: (lp.rank, lp.decoded_token) for t, lp in expected.items()}
+            assert [lp.logprob for lp in position.values()] == pytest.approx(
+                [lp.logprob for lp in expected.values()], abs=1e-4)
     assert result.other_samples[0].prompt_logprobs is None  # asked of sample 0 alone
     for output in result.outputs:  # each sample's own, as the single request's (to float noise: batched apart)
         assert [list(p) for p in output.logprobs] == [list(p) for p in single.position_logprobs]
