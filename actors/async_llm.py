@@ -184,7 +184,7 @@ class AsyncLLM:
         if params is not None:
             prompt_ids, params = self._for_submission(prompt_ids, params)
         check_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params,
-                     self.cluster.executor.eos_token_ids)
+                     self.cluster.executor.eos_token_ids, self.cluster.executor.config.max_logprobs)
 
     def check_open(self) -> None:
         """RuntimeError once closed; ``dead_error`` once the engine died (a request would never run)."""

@@ -188,7 +188,8 @@ class Executor:
                                    else "the server is shutting down and takes no new requests")
         if not self.has_live_node:
             raise no_live_node_error(self.nodes)
-        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params, self._eos_tuple)
+        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params, self._eos_tuple,
+                     self.config.max_logprobs)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
         matcher = matcher_for(self.grammars, params)
@@ -351,8 +352,7 @@ class Executor:
             await self._fail([self._sequences[i] for i in stranded], STRANDED, is_retryable=True)
 
     async def _requeue(self, seq_ids: list[int]) -> None:
-        """The scheduler requeued sequences off a failed or draining node: drop their KV there (one Free), rebuild
-        them later."""
+        """The scheduler requeued sequences off a failed or draining node: drop their KV there, rebuild them later."""
         seqs = [self._sequences[seq_id] for seq_id in seq_ids]
         await self.node_book.release([self._unplace(seq) for seq in seqs])
         for seq in seqs:

@@ -36,8 +36,14 @@ class ExecutorConfig:
     # running sequences keep their pace); None: by the device (batched_tokens_for); 0: each admitted prompt is
     # prefilled whole at once
     max_num_batched_tokens: int | None = None
+    # the most top logprobs a request may ask per token (logprobs, prompt_logprobs), as vLLM's --max-logprobs;
+    # -1: the whole vocabulary
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer of at least -1 (-1: the whole vocabulary), got "
+                             f"{self.max_logprobs!r}")
         tokens = self.max_num_batched_tokens
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
             raise ValueError(f"max_num_batched_tokens must be a non-negative integer or None, got {tokens!r}")
@@ -117,13 +123,14 @@ def check_samplable(params: SamplingParams, eos_token_ids: Iterable[int]) -> Non
 
 
 def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
-                 params: SamplingParams | None = None, eos_token_ids: Iterable[int] = ()) -> None:
+                 params: SamplingParams | None = None, eos_token_ids: Iterable[int] = (), max_logprobs: int = -1) -> None:
     """RequestError unless the prompt is token ids of the vocabulary that leave room for one more, and the token ids
-    of ``params`` (when given) are of the vocabulary (``check_token_ids``) and leave a token to sample
-    (``check_samplable``, ``eos_token_ids`` the model's)."""
+    of ``params`` (when given) are of the vocabulary (``check_token_ids``), leave a token to sample
+    (``check_samplable``, ``eos_token_ids`` the model's) and ask at most ``max_logprobs`` top logprobs (-1: any)."""
     if params is not None:
         check_token_ids(params, vocab_size)
         check_samplable(params, eos_token_ids)
+        check_logprobs(params, vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size))
     if not prompt_ids:
         raise RequestError("the prompt is empty")
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
@@ -131,6 +138,15 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
     if len(prompt_ids) >= max_model_len:
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_model_len} "
                            "and at least one token must be generated")
+
+
+def check_logprobs(params: SamplingParams, max_logprobs: int) -> None:
+    """RequestError (vLLM's words) for more top logprobs per token than ``max_logprobs``."""
+    for name, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+        count = getattr(params, name)
+        if count is not None and count > max_logprobs:
+            raise RequestError(f"Requested {kind} logprobs of {count}, which is greater than max allowed: "
+                               f"{max_logprobs}", name)
 
 
 class QueueFullError(RequestError):

@@ -137,15 +137,10 @@ class SamplingParams:
         object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None and (
-            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20
-        ):
-            raise bad("logprobs", f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
-        if self.prompt_logprobs is not None and (
-            isinstance(self.prompt_logprobs, bool) or not isinstance(self.prompt_logprobs, int)
-            or not 0 <= self.prompt_logprobs <= 20
-        ):
-            raise bad("prompt_logprobs", f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):  # how many the engine allows is its max_logprobs'
+            count = getattr(self, name)
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+                raise bad(name, f"{name} must be a non-negative integer, got {count!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "stop must be a non-empty string or a list of them")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):

@@ -200,6 +200,9 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--disable-log-requests", "is_request_log_disabled", is_flag=True,
                      help="No INFO line per finished request (ids, finish reason, token counts, TTFT, e2e); "
                           "vLLM's name."),
+        click.option("--max-logprobs", default=20, show_default=True, type=click.IntRange(min=-1),
+                     help="The most top logprobs a request may ask per token (logprobs, top_logprobs, "
+                          "prompt_logprobs; more is a 400), vLLM's; -1: the whole vocabulary."),
         click.option("--enable-auto-tool-choice", "is_auto_tool_choice", is_flag=True,
                      help='Parse the tool calls a model chooses to write (tool_choice "auto", the default when a '
                           "request gives tools) with --tool-call-parser (vLLM's). Named and required tool choices "
@@ -248,7 +251,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  allowed_methods: tuple[str, ...] = ("*",), allowed_headers: tuple[str, ...] = ("*",),
                  is_credentials_allowed: bool = False, is_access_log_disabled: bool = False, is_eager: bool = False,
                  is_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
-                 response_role: str = "assistant"):
+                 response_role: str = "assistant", max_logprobs: int = 20):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
     from fastdecode.transport.sockets import is_loopback_address
 
@@ -263,7 +266,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
 
     try:
         executor = ExecutorConfig(max_model_len=max_model_len, max_queue=max_queue, is_pipelined=not is_unpipelined,
-                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  max_num_batched_tokens=max_num_batched_tokens, max_logprobs=max_logprobs,
                                   scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, admission=admission,
                                                             overcommit=overcommit,
                                                             max_reserved_output=max_reserved_output or None))

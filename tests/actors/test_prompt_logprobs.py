@@ -11,6 +11,7 @@ import torch
 from executor_helpers import prompt, start_executor
 from fastdecode.actors.chunked_prefill import PrefillJob
 from fastdecode.actors.executor import Executor
+from fastdecode.actors.executor_config import ExecutorConfig, check_prompt
 from fastdecode.actors.model import TorchKVCache
 from fastdecode.actors.reference import run_tokens
 from fastdecode.actors.request import RequestError, SamplingParams
@@ -106,7 +107,23 @@ def test_a_resumed_prefill_computes_no_prompt_logprobs():
     assert PrefillJob.for_sequence(resumed, 0).num_prompt_logprobs is None
 
 
-@pytest.mark.parametrize("value", [-1, 21, 1.5, True])
+def test_more_logprobs_than_the_engine_allows_are_refused_at_submission():
+    """As vLLM's --max-logprobs (default 20; -1: the vocabulary, which also caps any larger limit)."""
+    for name, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+        with pytest.raises(RequestError, match=f"Requested {kind} logprobs of 21, which is greater than max allowed: "
+                                               "20") as caught:
+            check_prompt([1, 2], 100, 50, SamplingParams(**{name: 21}), max_logprobs=20)
+        assert caught.value.param == name
+        check_prompt([1, 2], 100, 50, SamplingParams(**{name: 20}), max_logprobs=20)
+        check_prompt([1, 2], 100, 50, SamplingParams(**{name: 100}), max_logprobs=-1)
+        for limit in (-1, 1000):
+            with pytest.raises(RequestError, match="max allowed: 100"):
+                check_prompt([1, 2], 100, 50, SamplingParams(**{name: 101}), max_logprobs=limit)
+    with pytest.raises(ValueError, match="max_logprobs"):
+        ExecutorConfig(max_logprobs=-2)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
 def test_prompt_logprobs_out_of_range_are_refused(value):
     with pytest.raises(RequestError) as caught:
         SamplingParams(prompt_logprobs=value)

@@ -167,10 +167,16 @@ def test_vllms_common_flags_are_taken_where_they_mean_something_here(server_conf
 
 
 @pytest.mark.parametrize("command", ["serve", "start-gpu"])
-def test_tool_calling_and_response_role_options_reach_the_frontend_config(server_configs, command):
-    """vLLM's --enable-auto-tool-choice (which needs --tool-call-parser), --tool-call-parser and --response-role."""
+def test_tool_calling_response_role_and_max_logprobs_options_reach_the_config(server_configs, command):
+    """vLLM's --enable-auto-tool-choice (which needs --tool-call-parser), --tool-call-parser, --response-role and
+    --max-logprobs."""
     configs, shard = server_configs, shard_args(command)
     runner = CliRunner()
+    assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
+    assert configs[-1].cluster.executor.max_logprobs == 20
+    assert runner.invoke(main, [command, *TINY, *shard, "--max-logprobs", "-1"]).exit_code == 0
+    assert configs[-1].cluster.executor.max_logprobs == -1
+    assert runner.invoke(main, [command, *TINY, *shard, "--max-logprobs", "-2"]).exit_code == 2
     assert runner.invoke(main, [command, *TINY, *shard]).exit_code == 0
     default = configs[-1].frontend
     assert (default.tool_serving.is_auto_enabled, default.tool_serving.parser, default.response_role) == (
