@@ -32,6 +32,7 @@ from fastdecode.actors.model import load_model, resolve_config, resolve_device
 from fastdecode.actors.model.loader import model_dtype
 from fastdecode.actors.model.tokenizer import compile_chat_template
 from fastdecode.actors.model.hf_dir import chosen_sampling_defaults
+from fastdecode.actors.modes import MODES
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.shard_client import start_embedded_shard
 from fastdecode.actors.shard_links import ShardLinks
@@ -44,7 +45,6 @@ log = logging.getLogger("fastdecode.cluster")
 
 MIN_EMBEDDED_KV_BYTES = 64 << 20
 MAX_EMBEDDED_KV_BYTES = 8 << 30
-MODES = ("gpu-only", "shards", "hybrid")
 GPU_KV_FREE_FRACTION = 0.8  # default GPU KV pool: this share of the device memory free after loading,
 GPU_PREFILL_FREE_FRACTION = 0.9  # or less: this share less one longest prompt's K/V, which prefill stages beside it
 
@@ -64,6 +64,9 @@ class ClusterConfig:
     is_shard_loop_threaded: bool = False  # in-process shards on their own thread and event loop
     mode: str | None = None  # one of MODES; None: shards if any are given, else the local torch KV
     gpu_kv_memory_bytes: int | None = None  # GPU KV pool; None: a share of the free device memory
+    # vLLM's gpu_memory_utilization: the share of the CUDA device's memory this process may hold, the GPU KV pool
+    # sized to what is left of it (``utilization_kv_bytes``); None: gpu_kv_memory_bytes, or the default share
+    gpu_memory_utilization: float | None = None
     is_cuda_graphs: bool = True  # CUDA devices: GPU-KV steps and the shard path's dense segments as CUDA graphs
     is_compiled: bool = True  # CUDA devices: the per-layer dense segments through torch.compile (fused kernels)
     expected_mean_context: int | None = None  # hybrid choice's mean context; None: 3/4 of the max length
@@ -93,6 +96,12 @@ class ClusterConfig:
             raise ValueError(f"{self.mode} mode needs shards (num_shards or shard_addresses)")
         if self.gpu_kv_memory_bytes is not None and self.gpu_kv_memory_bytes < 1 << 20:
             raise ValueError("GPU KV memory must be at least 1 MiB")
+        utilization = self.gpu_memory_utilization
+        if utilization is not None:
+            if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+                raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
+            if self.gpu_kv_memory_bytes is not None:
+                raise ValueError("give either gpu_memory_utilization or gpu_kv_memory_bytes, not both")
         if self.num_shards < 0:
             raise ValueError("num_shards must be non-negative")
         if self.num_shards and self.shard_addresses:
@@ -381,17 +390,36 @@ def default_gpu_kv_bytes(free_bytes: int, max_len: int, kv_bytes_per_token: int)
     return max(0, min(int(free_bytes * GPU_KV_FREE_FRACTION), int(free_bytes * GPU_PREFILL_FREE_FRACTION) - staging))
 
 
+def utilization_kv_bytes(utilization: float, total_bytes: int, free_bytes: int, max_len: int,
+                         kv_bytes_per_token: int) -> int:
+    """The GPU KV pool under vLLM's ``gpu_memory_utilization``: of the ``utilization`` share of the device's memory,
+    what the memory in use now (the weights, other processes') leaves, and at most ``GPU_PREFILL_FREE_FRACTION`` of
+    the free memory (room for the step's activations), less one longest prompt's prefill staging (as the default)."""
+    budget = int(utilization * total_bytes) - (total_bytes - free_bytes)
+    return max(0, min(budget, int(free_bytes * GPU_PREFILL_FREE_FRACTION)) - max_len * kv_bytes_per_token)
+
+
 def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
     memory = config.gpu_kv_memory_bytes
     if memory is None:
         if model.device.type == "cuda":
-            free, length = free_memory_bytes(model.device), max_len(config, model)
-            memory = default_gpu_kv_bytes(free, length, model.config.kv_bytes_per_token(model.dtype.itemsize))
+            length, kv_bytes_per_token = max_len(config, model), model.config.kv_bytes_per_token(model.dtype.itemsize)
+            free, total = (int(b) for b in torch.cuda.mem_get_info(model.device))
+            if config.gpu_memory_utilization is None:
+                memory = default_gpu_kv_bytes(free, length, kv_bytes_per_token)
+                room = f"the {free / (1 << 30):.1f} GiB of GPU memory free after loading the model"
+            else:
+                memory = utilization_kv_bytes(config.gpu_memory_utilization, total, free, length, kv_bytes_per_token)
+                room = (f"gpu_memory_utilization {config.gpu_memory_utilization} of {total / (1 << 30):.1f} GiB, with "
+                        f"{(total - free) / (1 << 30):.1f} GiB in use after loading the model,")
             if memory < 1:
-                raise ValueError(f"the {free / (1 << 30):.1f} GiB of GPU memory free after loading the model holds "
-                                 f"no KV pool beside the prefill of a {length}-token prompt: give a smaller "
-                                 "max_model_len")
+                raise ValueError(f"{room} holds no KV pool beside the prefill of a {length}-token prompt: give a "
+                                 "smaller max_model_len" + (" or a larger gpu_memory_utilization"
+                                                            if config.gpu_memory_utilization is not None else ""))
         else:
+            if config.gpu_memory_utilization is not None:
+                log.warning("gpu_memory_utilization sizes a CUDA device's KV pool; on the CPU the pool is a share of "
+                            "the memory available (give gpu_kv_memory_bytes, --gpu-kv-memory, to set it)")
             memory = default_shard_kv_bytes(1)
     return GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
 

@@ -16,6 +16,7 @@ import click
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE, CountParamType
 from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
+from fastdecode.actors.modes import MODES
 from fastdecode.actors.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 from fastdecode.scheduler.config import ADMISSION_MODES
 from fastdecode.transport.errors import TransportError
@@ -200,6 +201,17 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--disable-log-requests", "is_request_log_disabled", is_flag=True,
                      help="No INFO line per finished request (ids, finish reason, token counts, TTFT, e2e); "
                           "vLLM's name."),
+        click.option("--mode", default=None, type=click.Choice(MODES),
+                     help="Where the KV-cache lives: shards (CPU shards attend, the default), gpu-only (on the GPU, "
+                          "each step one CUDA graph; no shards) or hybrid (the faster of the two for the batch, "
+                          "measured at start-up)."),
+        click.option("--gpu-memory-utilization", default=None, type=click.FloatRange(0, 1, min_open=True),
+                     help="vLLM's: the share of the GPU's memory this server may hold; the KV-cache on the GPU "
+                          "(--mode gpu-only or hybrid) gets what the weights leave of it. [default: 0.8 of the "
+                          "memory free after loading, less one longest prompt's prefill]"),
+        click.option("--gpu-kv-memory", "gpu_kv_memory_bytes", default=None, type=SIZE,
+                     help="The KV-cache on the GPU (--mode gpu-only or hybrid), e.g. 20GiB, instead of "
+                          "--gpu-memory-utilization."),
         click.option("--max-logprobs", default=20, show_default=True, type=click.IntRange(min=-1),
                      help="The most top logprobs a request may ask per token (logprobs, top_logprobs, "
                           "prompt_logprobs; more is a 400), vLLM's; -1: the whole vocabulary."),
@@ -251,7 +263,9 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  allowed_methods: tuple[str, ...] = ("*",), allowed_headers: tuple[str, ...] = ("*",),
                  is_credentials_allowed: bool = False, is_access_log_disabled: bool = False, is_eager: bool = False,
                  is_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
-                 response_role: str = "assistant", max_logprobs: int = 20):
+                 response_role: str = "assistant", max_logprobs: int = 20,
+                 gpu_memory_utilization: float | None = None, gpu_kv_memory_bytes: int | None = None,
+                 mode: str | None = None):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
     from fastdecode.transport.sockets import is_loopback_address
 
@@ -274,6 +288,8 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                                 num_shards=num_shards,
                                 shard_addresses=shard_addresses, shard_kv_memory_bytes=kv_memory_bytes,
                                 executor=executor, curve_dir=curve_dir, chat_template=chat_template,
+                                gpu_memory_utilization=gpu_memory_utilization, gpu_kv_memory_bytes=gpu_kv_memory_bytes,
+                                mode=mode,
                                 is_heap_frozen=True, is_cuda_graphs=not is_eager, is_compiled=not is_eager)
         frontend = FrontendConfig(served_model_name=served_model_name or model, model=model,
                                   api_key=api_key or None, allowed_origins=allowed_origins,
@@ -332,7 +348,7 @@ def serve_command(ctx: click.Context, num_shards: int | None, shard_addresses: t
     if kv_memory_bytes is not None and shard_addresses:
         raise OneLineError("--kv-memory sizes in-process shards: a shard daemon has its own (start-shard --kv-memory)")
     if num_shards is None:
-        num_shards = 0 if shard_addresses else 1
+        num_shards = 0 if shard_addresses or options.get("mode") == "gpu-only" else 1
     run_server(build_config(num_shards=num_shards, shard_addresses=shard_addresses, kv_memory_bytes=kv_memory_bytes,
                             model=_model(ctx, model_tag, model), **options),
                log_level=log_level, is_request_log_disabled=is_request_log_disabled)

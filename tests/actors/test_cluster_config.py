@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastdecode.actors.cluster import ClusterConfig, executor_torch_threads, shard_cpu_lists, split_threads
+from fastdecode.actors.executor_config import ExecutorConfig
 
 
 def test_split_threads_never_oversubscribes():
@@ -91,6 +92,45 @@ def test_the_default_gpu_pool_leaves_room_for_the_longest_prompt_to_be_prefilled
     assert pool == int(63 * gib * 0.9) - 16 * gib
     assert 63 * gib - pool >= 16 * gib + 6 * gib
     assert default_gpu_kv_bytes(10 * gib, 131072, llama3_8b) == 0  # nothing fits: the node says so
+
+
+def test_gpu_memory_utilization_sizes_the_pool_from_the_devices_whole_memory():
+    """vLLM's share of the whole device: what the weights (in use now) leave of it, less the prefill staging."""
+    from fastdecode.actors.cluster import utilization_kv_bytes
+
+    gib = 1 << 30
+    llama3_8b = 128 << 10
+    # 80 GiB device, 16 GiB of weights loaded: 0.9 leaves 72 - 16 = 56 GiB, less 1 GiB staging for 8k tokens
+    assert utilization_kv_bytes(0.9, 80 * gib, 64 * gib, 8192, llama3_8b) == 55 * gib
+    # 0.99 would take 63.2 GiB of the 64 free: held to 0.9 of the free (activations), less the staging
+    assert utilization_kv_bytes(0.99, 80 * gib, 64 * gib, 8192, llama3_8b) == int(64 * gib * 0.9) - gib
+    assert utilization_kv_bytes(0.2, 80 * gib, 64 * gib, 8192, llama3_8b) == 0  # the weights alone pass 0.2
+    for bad in (0, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+            ClusterConfig(gpu_memory_utilization=bad)
+    with pytest.raises(ValueError, match="not both"):
+        ClusterConfig(gpu_memory_utilization=0.5, gpu_kv_memory_bytes=1 << 30)
+
+
+@pytest.mark.cuda
+async def test_gpu_memory_utilization_sizes_the_cuda_pool():
+    import torch
+
+    from fastdecode.actors.api import AsyncLLM
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    config = ClusterConfig(model="random:tiny", device="cuda", mode="gpu-only", gpu_memory_utilization=0.5,
+                           is_cuda_graphs=False, is_compiled=False,
+                           executor=ExecutorConfig(max_model_len=256, is_warmed_up=False))
+    llm = await AsyncLLM.start(config)
+    try:
+        node = llm.cluster.executor.nodes[0]
+        free, total = torch.cuda.mem_get_info()
+        pool = node.config.memory_bytes
+        assert 0.3 * total < pool < 0.5 * total  # half the device, less what is in use (other tests' too)
+    finally:
+        await llm.stop()
 
 
 @pytest.mark.parametrize("fields, message", [

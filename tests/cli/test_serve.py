@@ -193,6 +193,25 @@ def test_tool_calling_response_role_and_max_logprobs_options_reach_the_config(se
     assert unknown.exit_code == 2 and "hermes" in unknown.output
 
 
+def test_mode_and_gpu_memory_options_reach_the_cluster_config(server_configs):
+    """--mode picks where the KV lives (gpu-only implies no shards); vLLM's --gpu-memory-utilization, or
+    --gpu-kv-memory, sizes the GPU's pool (one of them)."""
+    configs = server_configs
+    runner = CliRunner()
+    result = runner.invoke(main, ["serve", *TINY, "--mode", "gpu-only", "--gpu-memory-utilization", "0.85"])
+    assert result.exit_code == 0, result.output
+    cluster = configs[-1].cluster
+    assert (cluster.mode, cluster.num_shards, cluster.gpu_memory_utilization) == ("gpu-only", 0, 0.85)
+    result = runner.invoke(main, ["serve", *TINY, "--mode", "hybrid", "--shards", "2", "--gpu-kv-memory", "2GiB"])
+    assert result.exit_code == 0, result.output
+    assert (configs[-1].cluster.mode, configs[-1].cluster.gpu_kv_memory_bytes) == ("hybrid", 2 << 30)
+    for args, message in ((["--mode", "gpu-only", "--shards", "1"], "gpu-only mode takes no shards"),
+                          (["--gpu-memory-utilization", "0.5", "--gpu-kv-memory", "1GiB"], "not both"),
+                          (["--gpu-memory-utilization", "0"], "0<x<=1")):
+        refused = runner.invoke(main, ["serve", *TINY, *args])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
 @pytest.mark.parametrize("command", ["serve", "start-gpu"])
 def test_cors_options_reach_the_frontend_config(server_configs, command):
     """vLLM's option names and defaults; lists as a JSON list (vLLM's syntax) or comma-separated."""
