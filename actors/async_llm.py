@@ -148,6 +148,11 @@ class AsyncLLM:
         length (those past what runs at once wait their turn, as in vLLM)."""
         return self.cluster.executor.config.max_queue
 
+    @property
+    def max_logprobs(self) -> int:
+        """The most top logprobs a request may ask per token (vLLM's max_logprobs; -1: the whole vocabulary)."""
+        return self.cluster.executor.config.max_logprobs
+
     def tokenize(self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams | None = None) -> TokenizedPrompt:
         """One prompt as token ids, cut to the ``truncate_prompt_tokens`` of ``params`` where given (its text kept as
         given, as vLLM's); TypeError (naming ``prompt``) for what is not a prompt."""
@@ -184,7 +189,7 @@ class AsyncLLM:
         if params is not None:
             prompt_ids, params = self._for_submission(prompt_ids, params)
         check_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params,
-                     self.cluster.executor.eos_token_ids, self.cluster.executor.config.max_logprobs)
+                     self.cluster.executor.eos_token_ids, self.max_logprobs)
 
     def check_open(self) -> None:
         """RuntimeError once closed; ``dead_error`` once the engine died (a request would never run)."""

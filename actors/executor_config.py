@@ -123,7 +123,8 @@ def check_samplable(params: SamplingParams, eos_token_ids: Iterable[int]) -> Non
 
 
 def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
-                 params: SamplingParams | None = None, eos_token_ids: Iterable[int] = (), max_logprobs: int = -1) -> None:
+                 params: SamplingParams | None = None, eos_token_ids: Iterable[int] = (),
+                 max_logprobs: int = -1) -> None:
     """RequestError unless the prompt is token ids of the vocabulary that leave room for one more, and the token ids
     of ``params`` (when given) are of the vocabulary (``check_token_ids``), leave a token to sample
     (``check_samplable``, ``eos_token_ids`` the model's) and ask at most ``max_logprobs`` top logprobs (-1: any)."""

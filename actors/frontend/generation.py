@@ -314,7 +314,7 @@ async def _echo_text(llm: AsyncLLM, request: GenerateRequest, prompt_ids: list[i
         return request.prompt
     try:
         check_prompt(prompt_ids, llm.model_config.vocab_size, llm.max_model_len, params,
-                     max_logprobs=llm.cluster.executor.config.max_logprobs)
+                     max_logprobs=llm.max_logprobs)
     except RequestError as exc:
         raise admission_error(exc) or exc from None
     return await asyncio.to_thread(functools.partial(llm.tokenizer.decode, skip_special_tokens=False),
