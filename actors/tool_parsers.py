@@ -34,10 +34,12 @@ PARSERS = ("hermes", "llama3_json")  # --tool-call-parser's choices
 class ToolDelta:
     content: str = ""
     calls: list[dict[str, Any]] = field(default_factory=list)
+    reasoning: str = ""  # a reasoning model's thinking (``reasoning_parsers``), where it is split off
 
     def __iadd__(self, other: "ToolDelta") -> "ToolDelta":
         self.content += other.content
         self.calls += other.calls
+        self.reasoning += other.reasoning
         return self
 
 
@@ -55,15 +57,20 @@ def extract(extractor: Extractor, text: str) -> tuple[str, list[dict[str, Any]]]
     """The content and whole tool calls (``{"id", "type", "function": {"name", "arguments"}}``) of a whole text."""
     delta = extractor.feed(text)
     delta += extractor.finish()
+    return delta.content, merge_calls(delta.calls)
+
+
+def merge_calls(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whole calls from their stream deltas, in index order (a call's arguments joined)."""
     calls: dict[int, dict[str, Any]] = {}
-    for part in delta.calls:
+    for part in parts:
         call = calls.get(part["index"])
         if call is None:
             calls[part["index"]] = {"id": part["id"], "type": "function",
                                     "function": {"name": part["function"]["name"], "arguments": ""}}
             call = calls[part["index"]]
         call["function"]["arguments"] += part["function"]["arguments"]
-    return delta.content, [calls[index] for index in sorted(calls)]
+    return [calls[index] for index in sorted(calls)]
 
 
 class _Calls:
@@ -204,7 +211,7 @@ class HermesCalls:
                 self._pending = self._pending[start + len(self.START):]
                 self._in_call = True
                 continue
-            kept = _partial_suffix(self._pending, self.START)
+            kept = partial_suffix(self._pending, self.START)
             delta.content += self._content(self._pending[:len(self._pending) - kept])
             self._pending = self._pending[len(self._pending) - kept:]
             return delta
@@ -306,7 +313,7 @@ class Llama3JsonCalls:
         return delta
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """The length of the longest end of ``text`` that begins ``tag`` (held back: the tag may be arriving)."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:size]):

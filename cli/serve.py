@@ -17,6 +17,7 @@ from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE, CountParamType
 from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
 from fastdecode.actors.modes import MODES
+from fastdecode.actors.reasoning_parsers import REASONING_PARSERS
 from fastdecode.actors.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 from fastdecode.scheduler.config import ADMISSION_MODES
 from fastdecode.transport.errors import TransportError
@@ -222,6 +223,9 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tool-call-parser", default=None, type=click.Choice(TOOL_CALL_PARSERS),
                      help="How the model writes tool calls: hermes (<tool_call> blocks: Hermes, Qwen 2.5 and later) "
                           "or llama3_json (Llama 3.1 and later's JSON calls)."),
+        click.option("--reasoning-parser", default=None, type=click.Choice(REASONING_PARSERS),
+                     help="Split a reasoning model's <think> block from its answer (vLLM's): the chat response's "
+                          "reasoning_content. deepseek_r1 (DeepSeek-R1 and its distills) or qwen3."),
         click.option("--response-role", default="assistant", show_default=True,
                      help="The role of a chat response's message (vLLM's)."),
         click.option("--enforce-eager", "is_eager", is_flag=True,
@@ -263,7 +267,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  allowed_methods: tuple[str, ...] = ("*",), allowed_headers: tuple[str, ...] = ("*",),
                  is_credentials_allowed: bool = False, is_access_log_disabled: bool = False, is_eager: bool = False,
                  is_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
-                 response_role: str = "assistant", max_logprobs: int = 20,
+                 response_role: str = "assistant", max_logprobs: int = 20, reasoning_parser: str | None = None,
                  gpu_memory_utilization: float | None = None, gpu_kv_memory_bytes: int | None = None,
                  mode: str | None = None):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
@@ -296,7 +300,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                                   allowed_methods=allowed_methods, allowed_headers=allowed_headers,
                                   is_credentials_allowed=is_credentials_allowed,
                                   tool_serving=ToolServing(is_auto_tool_choice, tool_call_parser),
-                                  response_role=response_role)
+                                  response_role=response_role, reasoning_parser=reasoning_parser)
         return ServeConfig(cluster=cluster, frontend=frontend, host=host, port=port, drain_timeout_s=drain_timeout_s,
                            is_access_logged=not is_access_log_disabled)
     except ValueError as exc:

@@ -31,6 +31,7 @@ from fastdecode.actors.frontend.body_fields import (
     shown,
     truncate_prompt_tokens_field,
 )
+from fastdecode.actors.frontend.choice_text import ChoiceParsing
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.tool_fields import ToolCalling, ToolServing, tools_and_choice
 from fastdecode.actors.model.config import SamplingDefaults
@@ -84,6 +85,15 @@ class GenerateRequest:
     is_echo: bool = False  # completions' echo: each choice's text starts with its prompt's
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (``truncated``)
     tool_calling: ToolCalling | None = None  # chat: the calls to find in each choice's text (None: none)
+    reasoning_parser: str | None = None  # chat: the server's --reasoning-parser (None: the text is not split)
+    is_reasoning_shown: bool = True  # vLLM's include_reasoning
+
+    @property
+    def parsing(self) -> ChoiceParsing | None:
+        """How each chat choice's text is read (None: shown as it is)."""
+        if self.tool_calling is None and self.reasoning_parser is None:
+            return None
+        return ChoiceParsing(self.tool_calling, self.reasoning_parser, self.is_reasoning_shown)
 
     @property
     def num_prompts(self) -> int:
@@ -191,8 +201,10 @@ def parse_completion(body: dict[str, Any]) -> GenerateRequest:
     )
 
 
-def parse_chat(body: dict[str, Any], *, tool_serving: ToolServing = ToolServing()) -> GenerateRequest:
-    """``POST /v1/chat/completions``; ``tool_serving``: the server's tool calling (``tool_fields``)."""
+def parse_chat(body: dict[str, Any], *, tool_serving: ToolServing = ToolServing(),
+               reasoning_parser: str | None = None) -> GenerateRequest:
+    """``POST /v1/chat/completions``; ``tool_serving``: the server's tool calling (``tool_fields``);
+    ``reasoning_parser``: its --reasoning-parser (``choice_text``)."""
     _refuse_unsupported(body, is_chat=True)
     tools, tool_calling = tools_and_choice(body, tool_serving)
     template_kwargs = template_variables(body, tools)
@@ -211,6 +223,7 @@ def parse_chat(body: dict[str, Any], *, tool_serving: ToolServing = ToolServing(
         chat_template_kwargs=template_kwargs,
         is_token_id_text=boolean_field(body, "return_tokens_as_token_ids"),
         truncate_prompt_tokens=truncate_prompt_tokens_field(body), tool_calling=tool_calling,
+        reasoning_parser=reasoning_parser, is_reasoning_shown=boolean_field(body, "include_reasoning", default=True),
     )
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastdecode.actors.api import StreamOutput, prompt_logprob_dicts
-from fastdecode.actors.frontend.tool_fields import ToolCalling
-from fastdecode.actors.tool_parsers import ToolDelta, extract
+from fastdecode.actors.frontend.choice_text import ChoiceParsing
+from fastdecode.actors.tool_parsers import ToolDelta
 from fastdecode.actors.request import PromptLogprob
 
 MIN_LOGPROB = -9999.0  # what OpenAI and vLLM show for -inf (JSON has no infinity)
@@ -64,18 +64,18 @@ class ResponseBuilder:
     # ---- whole responses ------------------------------------------------------------------------
     def choice(self, outputs: Sequence[StreamOutput], finish_reason: str | None, *,
                stop_reason: int | str | None = None, index: int = 0, echo_text: str | None = None,
-               prompt_ids: Sequence[int] = (), tool_calling: ToolCalling | None = None) -> dict[str, Any]:
+               prompt_ids: Sequence[int] = (), parsing: ChoiceParsing | None = None) -> dict[str, Any]:
         """One whole choice of a response from its outputs; its text starts with ``echo_text`` (completions'
         echo: the prompt's), its logprobs with those of the prompt's tokens ``prompt_ids`` (where the first output
         carries them).  A chat choice leaves the prompt's logprobs to the response (``complete_choices``), and
-        shows the tool calls ``tool_calling`` finds in its text (``tool_message``)."""
+        shows its text as ``parsing`` reads it (reasoning, tool calls: ``ChoiceParsing.message``)."""
         text = (echo_text or "") + "".join(out.text for out in outputs)
         tokens = [out for out in outputs if out.token_id >= 0]
         if self.is_chat:
             logprobs = self._logprobs(tokens)[0] if self.wants_logprobs else None
             message: dict[str, Any] = {"role": self.role, "content": text, "tool_calls": []}
-            if tool_calling is not None:
-                message, finish_reason = self.tool_message(text, tool_calling, finish_reason)
+            if parsing is not None:
+                message, finish_reason = parsing.message(text, self.role, finish_reason)
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
                     "stop_reason": stop_reason}
         prompt_logprobs = outputs[0].prompt_logprobs if outputs else None
@@ -83,18 +83,6 @@ class ResponseBuilder:
         logprobs = self._logprobs(tokens, echoed=echoed)[0] if self.wants_logprobs else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": stop_reason, "prompt_logprobs": self.prompt_logprobs(prompt_ids, prompt_logprobs)}
-
-    def tool_message(self, text: str, tool_calling: ToolCalling,
-                     finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-        """A chat message with the tool calls found in ``text``, and the choice's finish reason: "tool_calls" where
-        the model chose to call (auto), as vLLM. The named and required forms' content is "" (vLLM's), auto's the
-        text around the calls (null when none is left)."""
-        content, calls = extract(tool_calling.extractor(), text)
-        if tool_calling.is_auto:
-            if calls:
-                return {"role": self.role, "content": content or None, "tool_calls": calls}, "tool_calls"
-            return {"role": self.role, "content": content, "tool_calls": []}, finish_reason
-        return {"role": self.role, "content": content, "tool_calls": calls}, finish_reason
 
     def complete_choices(self, choices: list[dict[str, Any]], usage: dict[str, Any], *,
                          prompt_logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
@@ -129,8 +117,9 @@ class ResponseBuilder:
         """The next stream chunk of choice ``index`` (its ``stop_reason`` is ``out``'s); ``echo_text``: the prompt's
         text, which a completion's first chunk starts with (echo), its logprobs with those of the prompt's tokens
         ``prompt_ids``. A completion's logprobs count text_offset from the choice's earlier chunks, as the
-        non-streamed response counts it. A chat choice whose tool calls are parsed shows ``tool_delta`` instead of
-        ``out``'s text, and ends with ``finish_reason`` (else ``out``'s)."""
+        non-streamed response counts it. A chat choice whose text is parsed (``ChoiceReader``) shows ``tool_delta``
+        (its reasoning, content and tool-call deltas) instead of ``out``'s text, and ends with ``finish_reason``
+        (else ``out``'s)."""
         echoed = self._echoed(prompt_ids, out.prompt_logprobs) if echo_text is not None else []
         tokens = [out] if out.token_id >= 0 else []
         logprobs = None
@@ -143,6 +132,8 @@ class ResponseBuilder:
                 delta: dict[str, Any] = {"content": out.text} if out.text or reason is None else {}
             else:
                 delta = {"content": tool_delta.content} if tool_delta.content else {}
+                if tool_delta.reasoning:
+                    delta["reasoning_content"] = delta["reasoning"] = tool_delta.reasoning
                 if tool_delta.calls:
                     delta["tool_calls"] = tool_delta.calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,

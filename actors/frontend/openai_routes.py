@@ -36,7 +36,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    parse = functools.partial(parse_chat, tool_serving=request.app[STATE].config.tool_serving)
+    config = request.app[STATE].config
+    parse = functools.partial(parse_chat, tool_serving=config.tool_serving, reasoning_parser=config.reasoning_parser)
     return await _generate(request, parse, is_chat=True)
 
 
@@ -88,7 +89,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
 
         def build() -> dict[str, Any]:
             choices = [builder.choice(outputs[g.index], g.finish_reason, stop_reason=g.stop_reason, index=g.index,
-                                      echo_text=g.echo_text, prompt_ids=g.prompt_ids, tool_calling=body.tool_calling)
+                                      echo_text=g.echo_text, prompt_ids=g.prompt_ids, parsing=body.parsing)
                        for g in generations]
             prompt_logprobs = None
             if is_chat:  # vLLM's chat shows them once: its choices share its one prompt
@@ -107,13 +108,12 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
     """Chunks as tokens come, the choices' interleaved, each with its index; a failed choice (the server shutting
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
     ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's), and its
-    logprobs with the prompt's tokens'.  A chat choice whose tool calls are parsed streams its content and calls as
-    its extractor finds them (``tool_parsers``), and ends as "tool_calls" where the model chose to call (auto)."""
+    logprobs with the prompt's tokens'.  A chat choice whose text is parsed streams its reasoning, content and tool
+    calls as its reader finds them (``choice_text``), and ends as "tool_calls" where the model chose to call (auto)."""
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
-    tool_calling = body.tool_calling
-    extractors = {g.index: tool_calling.extractor() for g in generations} if tool_calling is not None else {}
-    called: set[int] = set()  # choices that called a tool
+    parsing = body.parsing
+    readers = {g.index: parsing.reader() for g in generations} if parsing is not None else {}
     events = await EventStream.open(request)
     is_failed = False
     try:
@@ -130,17 +130,16 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                 if out.token_id >= 0:
                     num_sent[index] += 1
                 tool_delta, finish_reason = None, None
-                if extractors:
-                    tool_delta = extractors[index].feed(out.text)
+                if readers:
+                    reader = readers[index]
+                    tool_delta = reader.feed(out.text)
                     if out.finish_reason is not None:
-                        tool_delta += extractors[index].finish()
-                    if tool_delta.calls:
-                        called.add(index)
-                    if out.finish_reason is not None and index in called and tool_calling.is_auto:
-                        finish_reason = "tool_calls"
-                is_shown = bool(tool_delta.content or tool_delta.calls) if tool_delta is not None else bool(out.text)
+                        tool_delta += reader.finish()
+                        finish_reason = "tool_calls" if reader.has_auto_called else None
+                is_shown = bool(out.text) if tool_delta is None else bool(
+                    tool_delta.content or tool_delta.calls or tool_delta.reasoning)
                 if not is_shown and out.finish_reason is None and not builder.wants_logprobs and index not in echo_left:
-                    continue  # half a character, or text a tool call may take: nothing to show yet
+                    continue  # half a character, or text a tag or tool call may take: nothing to show yet
                 echo_text = echo_left.pop(index, None)
                 parts = (builder, body, generation, out, echo_text, num_sent[index], tool_delta, finish_reason)
                 # an echo's first chunk shows every prompt token: over many, built off the loop (as json_response)

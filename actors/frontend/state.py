@@ -11,6 +11,7 @@ from fastdecode.actors.api import AsyncLLM
 from fastdecode.actors.frontend.errors import ApiError
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.tool_fields import ToolServing
+from fastdecode.actors.reasoning_parsers import REASONING_PARSERS
 from fastdecode.actors.model.tokenizer import Tokenizer
 
 log = logging.getLogger("fastdecode.frontend")
@@ -35,10 +36,14 @@ class FrontendConfig:
     is_credentials_allowed: bool = False
     tool_serving: ToolServing = ToolServing()  # --enable-auto-tool-choice, --tool-call-parser
     response_role: str = "assistant"  # the role of a chat response's message (vLLM's --response-role)
+    reasoning_parser: str | None = None  # vLLM's --reasoning-parser: a chat choice's thinking split off (None: not)
 
     def __post_init__(self) -> None:
         if not self.response_role:
             raise ValueError("the response role must not be empty")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}: this server has "
+                             f"{', '.join(REASONING_PARSERS)}")
         if not self.served_model_name:
             raise ValueError("the served model name must not be empty")
         if self.api_key is not None and not self.api_key:

@@ -182,9 +182,10 @@ def test_tool_calling_response_role_and_max_logprobs_options_reach_the_config(se
     assert (default.tool_serving.is_auto_enabled, default.tool_serving.parser, default.response_role) == (
         False, None, "assistant")
     result = runner.invoke(main, [command, *TINY, *shard, "--enable-auto-tool-choice", "--tool-call-parser",
-                                  "llama3_json", "--response-role", "bot"])
+                                  "llama3_json", "--response-role", "bot", "--reasoning-parser", "qwen3"])
     assert result.exit_code == 0, result.output
     frontend = configs[-1].frontend
+    assert frontend.reasoning_parser == "qwen3" and default.reasoning_parser is None
     assert (frontend.tool_serving.is_auto_enabled, frontend.tool_serving.parser, frontend.response_role) == (
         True, "llama3_json", "bot")
     alone = runner.invoke(main, [command, *TINY, *shard, "--enable-auto-tool-choice"])

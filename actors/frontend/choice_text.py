@@ -1,0 +1,73 @@
+"""How the chat route shows a choice's text when the server parses it: a reasoning model's thinking split off
+(``--reasoning-parser``, shown as ``reasoning_content``), and in what is left the tool calls the request asks for
+(``tool_fields``), as vLLM finds tool calls in the content alone. One ``ChoiceReader`` per choice reads its text as
+it streams (``feed``, ``finish``); a whole response is the same reader fed the whole text (``ChoiceParsing.message``),
+so both show the same reasoning, content and calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastdecode.actors.frontend.tool_fields import ToolCalling
+from fastdecode.actors.reasoning_parsers import ThinkSplit
+from fastdecode.actors.tool_parsers import Extractor, ToolDelta, merge_calls
+
+
+@dataclass(frozen=True)
+class ChoiceParsing:
+    """What a chat request's choices are parsed for: ``tool_calling`` (None: no calls) and the server's
+    ``reasoning_parser`` (None: no split); ``is_reasoning_shown`` false (the request's ``include_reasoning``) drops
+    the reasoning."""
+
+    tool_calling: ToolCalling | None = None
+    reasoning_parser: str | None = None
+    is_reasoning_shown: bool = True
+
+    def reader(self) -> "ChoiceReader":
+        return ChoiceReader(self)
+
+    def message(self, text: str, role: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A whole choice's message, and its finish reason: "tool_calls" where the model chose to call (auto), as
+        vLLM's. A named or required call's content is what is not a call ("", as vLLM's, when all is), auto's the
+        text around the calls (null when none is left); with a reasoning parser, content left empty is null and
+        ``reasoning_content`` (and vLLM's newer ``reasoning``) holds the thinking, null where there was none."""
+        reader = self.reader()
+        delta = reader.feed(text)
+        delta += reader.finish()
+        calls = merge_calls(delta.calls)
+        content: str | None = delta.content
+        if (calls and self.tool_calling is not None and self.tool_calling.is_auto) or self.reasoning_parser:
+            content = content or None
+        message: dict[str, Any] = {"role": role, "content": content, "tool_calls": calls}
+        if self.reasoning_parser is not None:
+            message["reasoning_content"] = message["reasoning"] = delta.reasoning or None
+        return message, ("tool_calls" if reader.has_auto_called else finish_reason)
+
+
+class ChoiceReader:
+    def __init__(self, parsing: ChoiceParsing) -> None:
+        self._split = ThinkSplit(parsing.reasoning_parser) if parsing.reasoning_parser is not None else None
+        tool_calling = parsing.tool_calling
+        self._tools: Extractor | None = tool_calling.extractor() if tool_calling is not None else None
+        self._is_auto = tool_calling is not None and tool_calling.is_auto
+        self._is_reasoning_shown = parsing.is_reasoning_shown
+        self.has_auto_called = False  # the model chose to call a tool: the choice ends as "tool_calls"
+
+    def feed(self, text: str) -> ToolDelta:
+        reasoning, content = self._split.feed(text) if self._split is not None else ("", text)
+        return self._delta(reasoning, content, is_end=False)
+
+    def finish(self) -> ToolDelta:
+        reasoning, content = self._split.finish() if self._split is not None else ("", "")
+        return self._delta(reasoning, content, is_end=True)
+
+    def _delta(self, reasoning: str, content: str, *, is_end: bool) -> ToolDelta:
+        if self._tools is None:
+            delta = ToolDelta(content=content)
+        else:
+            delta = self._tools.feed(content) if content else ToolDelta()
+            if is_end:
+                delta += self._tools.finish()
+        delta.reasoning = reasoning if self._is_reasoning_shown else ""
+        self.has_auto_called |= self._is_auto and bool(delta.calls)
+        return delta

@@ -1,0 +1,66 @@
+"""A reasoning model's thinking split from its answer, as vLLM's reasoning parsers split it
+(``--reasoning-parser``): the text inside ``<think>...</think>`` is reasoning, the text after it content.
+
+- ``deepseek_r1`` (DeepSeek-R1 and its Llama and Qwen distills, whose chat template opens the ``<think>`` block in
+  the prompt): the text up to ``</think>`` is reasoning, a leading ``<think>`` dropped; a text that never closes
+  the block is all reasoning.
+- ``qwen3`` (Qwen3, QwQ): a text that starts with ``<think>`` reasons up to ``</think>``; any other text (thinking
+  turned off) is all content.
+
+``ThinkSplit`` reads one choice's text as it comes (``feed``) and at its end (``finish``), each returning the
+``(reasoning, content)`` pieces to show; a tag split between pieces is held back until it is known.
+"""
+from __future__ import annotations
+
+from fastdecode.actors.tool_parsers import partial_suffix
+
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # --reasoning-parser's choices
+
+
+class ThinkSplit:
+    START, END = "<think>", "</think>"
+
+    def __init__(self, parser: str) -> None:
+        if parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {parser!r}: this server has {', '.join(REASONING_PARSERS)}")
+        self._is_open_by_default = parser == "deepseek_r1"  # the prompt opened the block
+        self._state = "head"  # head: the start tag may still come; then "reasoning" or "content"
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self._held += text
+        reasoning = content = ""
+        if self._state == "head":
+            head = self._held.lstrip()
+            if self.START.startswith(head) and head != self.START:
+                return "", ""  # nothing yet, or the start tag arriving
+            if head.startswith(self.START):
+                self._state, self._held = "reasoning", head[len(self.START):]
+            else:
+                self._state = "reasoning" if self._is_open_by_default else "content"
+        if self._state == "reasoning":
+            end = self._held.find(self.END)
+            if end < 0:
+                kept = partial_suffix(self._held, self.END)
+                reasoning, self._held = self._held[:len(self._held) - kept], self._held[len(self._held) - kept:]
+                return reasoning, ""
+            reasoning, self._held = self._held[:end], self._held[end + len(self.END):]
+            self._state = "content"
+        content, self._held = self._held, ""
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back: a partial tag is text of the part it is in."""
+        held, self._held = self._held, ""
+        if self._state == "reasoning" or (self._state == "head" and self._is_open_by_default):
+            return held, ""
+        return "", held
+
+
+def split_reasoning(parser: str, text: str) -> tuple[str, str]:
+    """``(reasoning, content)`` of a whole text."""
+    split = ThinkSplit(parser)
+    reasoning, content = split.feed(text)
+    more_reasoning, more_content = split.finish()
+    return reasoning + more_reasoning, content + more_content
+
