@@ -220,6 +220,20 @@ class GpuPerfModel:
     last segment's slope (never negative).  ``observe`` moves the two knots around
     a measured batch by ``update_rate`` times the residual, split by their
     interpolation weights; a batch above the range becomes a new knot.
+
+    The samples are made non-decreasing in B: a batch timed slower than a larger
+    one gets the larger one's time.  A pass over more rows does all the work of a
+    smaller one; a smaller batch timed slower ran another kernel path at a slow
+    moment.  On the dev VM torch runs tiny's batch 1 on two threads and batches
+    2-8 on one, and in about half of the cluster starts the two-thread passes were
+    2-13x slower during the sweep (as with ``OMP_WAIT_POLICY=PASSIVE``, the second
+    thread asleep between parallel regions): batch 1 at 0.5-3.6 ms against 0.25 ms
+    at batch 8, and 0.27 ms when timed again later in the run.  Interpolated through
+    that knot, batch 2 (0.22 ms) was predicted at several times its pass, and the
+    step model's per-call overhead, which never goes below zero, could not take it
+    back: batch 4's steps (two mini-batches of 2) were over-predicted, by 15-20 %
+    in the failing live-test runs.  A dense time predicted too low, by contrast,
+    is what that overhead learns.
     """
 
     def __init__(self, samples: Iterable[tuple[int, float]], *, update_rate: float = 0.1) -> None:
@@ -233,6 +247,8 @@ class GpuPerfModel:
             raise ValueError("a GPU sweep needs samples at two or more distinct batch sizes")
         self._batches = sorted(grouped)
         self._seconds = [sum(grouped[b]) / len(grouped[b]) for b in self._batches]
+        for i in range(len(self._seconds) - 2, -1, -1):  # non-decreasing in B (see above)
+            self._seconds[i] = min(self._seconds[i], self._seconds[i + 1])
         self.errors = ErrorTracker(update_rate)
 
     @property

@@ -85,6 +85,16 @@ def test_gpu_model_interpolates_and_extrapolates():
         GpuPerfModel([(0, 1e-3), (8, 2e-3)])
 
 
+def test_gpu_model_takes_the_sweep_as_non_decreasing_in_batch():
+    # the dev VM's start-up sweep with batch 1 on a slow two-thread kernel path (batches 2-8 run on one thread)
+    model = GpuPerfModel([(1, 1.94e-3), (8, 0.263e-3), (32, 2.27e-3), (64, 1.9e-3), (128, 3e-3)])
+    assert model.samples == [(1, 0.263e-3), (8, 0.263e-3), (32, 1.9e-3), (64, 1.9e-3), (128, 3e-3)]
+    assert model.predict(2) == pytest.approx(0.263e-3)  # not 1.70 ms, interpolated through batch 1's time
+    assert model.predict(48) == pytest.approx(1.9e-3)
+    rising = [(1, 5e-3), (64, 5e-3), (256, 8e-3)]
+    assert GpuPerfModel(rising).samples == rising  # a sweep that never falls is kept as it is
+
+
 def test_gpu_model_learns_from_measured_steps():
     model = GpuPerfModel([(1, 5e-3), (128, 6e-3), (256, 9e-3)], update_rate=0.2)
     truth = {96: 7e-3, 200: 8.5e-3}

@@ -104,6 +104,20 @@ def test_the_overhead_still_grows_from_zero():
     assert model.call_overhead_s == pytest.approx(7e-4, rel=0.02)
 
 
+def test_a_sweep_that_timed_batch_1_slow_does_not_over_predict_two_mini_batches_of_2():
+    """The live test's failing case (batch 4, attention-bound): the start-up sweep timed batch 1 at 1.94 ms on a
+    kernel path batches 2-8 do not take (0.26 ms at 8).  Interpolated through it, a mini-batch of 2 paid 1.70 ms
+    of dense work per step, and the learned per-call overhead, at zero, could not take the excess back."""
+    nodes = {0: node(0, 2e-4, 1e9)}
+    truth = DecodeStepModel(nodes, LAYERS, flat_gpu(0.26e-3).predict, call_overhead_s=1.5e-4)
+    sweep = GpuPerfModel([(1, 1.94e-3), (8, 0.263e-3), (32, 0.37e-3)])
+    model = DecodeStepModel(nodes, LAYERS, sweep.predict)
+    step = [MiniBatchLoad(2, {0: 100}), MiniBatchLoad(2, {0: 100})]
+    for _ in range(40):
+        model.observe(step, truth.predict(step))
+    assert model.predict(step) == pytest.approx(truth.predict(step), rel=0.02)
+
+
 def test_bad_inputs_are_refused():
     model = DecodeStepModel({0: node(0, 1e-3, 1e9)}, LAYERS)
     with pytest.raises(ValueError):
