@@ -421,7 +421,10 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
                 log.warning("gpu_memory_utilization sizes a CUDA device's KV pool; on the CPU the pool is a share of "
                             "the memory available (give gpu_kv_memory_bytes, --gpu-kv-memory, to set it)")
             memory = default_shard_kv_bytes(1)
-    return GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
+    node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
+    log.info("GPU KV pool: %.2f GiB, %d sequences of up to %d tokens", memory / (1 << 30), node.num_slots,
+             node.config.slot_len)
+    return node
 
 
 async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):

@@ -320,8 +320,10 @@ def test_vllm_engine_keywords_go_into_the_nested_configs():
         assert llm._llm.max_model_len == 64
         with pytest.raises(RequestError, match="context is 64"):
             llm.generate([PROMPT * 13], GREEDY)  # 65 tokens
-    with pytest.raises(TypeError, match="unknown argument.*gpu_memory_utilization.*max_num_seqs"):
-        LLM("random:tiny", gpu_memory_utilization=0.9, **TINY)
+    with pytest.raises(TypeError, match="unknown argument.*swap_space.*max_num_seqs"):
+        LLM("random:tiny", swap_space=4, **TINY)
+    with LLM("random:tiny", gpu_memory_utilization=0.9, **TINY) as llm:  # vLLM's; sizes a CUDA device's GPU pool
+        assert llm._llm.cluster.config.gpu_memory_utilization == 0.9
 
 
 def test_get_tokenizer_and_chat_take_the_servers_chat_template(llm):

@@ -125,7 +125,7 @@ async def test_gpu_memory_utilization_sizes_the_cuda_pool():
                            executor=ExecutorConfig(max_model_len=256, is_warmed_up=False))
     llm = await AsyncLLM.start(config)
     try:
-        node = llm.cluster.executor.nodes[0]
+        node = llm.cluster.executor.nodes[0].inner  # the GPU node, behind its guard
         free, total = torch.cuda.mem_get_info()
         pool = node.config.memory_bytes
         assert 0.3 * total < pool < 0.5 * total  # half the device, less what is in use (other tests' too)
