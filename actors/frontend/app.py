@@ -16,6 +16,7 @@ from fastdecode.actors.frontend.middleware import (
 )
 from fastdecode.actors.frontend.openai_request import MAX_BODY_BYTES
 from fastdecode.actors.frontend.openai_routes import CREATED_AT, chat_completions, completions, model, models
+from fastdecode.actors.frontend.responses_api import responses
 from fastdecode.actors.frontend.state import STATE, FrontendState
 from fastdecode.actors.frontend.tokenize_routes import detokenize, tokenize
 from fastdecode.actors.frontend.websocket import stream_socket
@@ -72,6 +73,7 @@ def build_app(state: FrontendState) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", model)  # an id may hold a slash (org/name)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get(WEBSOCKET_PATH, stream_socket)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)

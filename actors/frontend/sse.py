@@ -1,4 +1,5 @@
-"""Server-sent events: one ``data: <json>`` event per chunk, ending with ``data: [DONE]``."""
+"""Server-sent events: one ``data: <json>`` event per chunk, ending with ``data: [DONE]`` (the completions routes), or
+named events (the Responses API)."""
 from __future__ import annotations
 
 import asyncio
@@ -27,6 +28,10 @@ class EventStream:
 
     async def send(self, data: dict[str, Any]) -> None:
         await self.response.write(_event(data))
+
+    async def send_event(self, name: str, data: dict[str, Any]) -> None:
+        """A named event (``event: <name>``), as OpenAI's Responses API streams them."""
+        await self.response.write(f"event: {name}\n".encode() + _event(data))
 
     async def send_built(self, build: Callable[[], dict[str, Any]]) -> None:
         """``build()`` as the next event, built and serialized on a worker thread: a chunk over a long prompt (an
