@@ -280,6 +280,11 @@ class Cluster:
             gpu_model = None
             mode_choice = None
             step_graphs = None  # made for the hybrid choice, kept for the Executor
+            if config.mode not in ("gpu-only", "hybrid") and (config.gpu_memory_utilization is not None
+                                                               or config.gpu_kv_memory_bytes is not None):
+                log.warning("gpu_memory_utilization and gpu_kv_memory_bytes size the GPU's KV pool of the gpu-only "
+                            "and hybrid modes; in %s mode the KV-cache is on the shards (or the CPU)",
+                            config.mode or "this")
             if config.mode in ("gpu-only", "hybrid"):
                 nodes.insert(0, await asyncio.to_thread(_make_gpu_node, config, model))
                 if config.mode == "hybrid":
@@ -422,8 +427,8 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
                             "the memory available (give gpu_kv_memory_bytes, --gpu-kv-memory, to set it)")
             memory = default_shard_kv_bytes(1)
     node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
-    log.info("GPU KV pool: %.2f GiB, %d sequences of up to %d tokens", memory / (1 << 30), node.num_slots,
-             node.config.slot_len)
+    log.info("%s KV pool: %.2f GiB, %d sequences of up to %d tokens", "GPU" if model.device.type == "cuda" else
+             "gpu-only mode's (on the CPU)", memory / (1 << 30), node.num_slots, node.config.slot_len)
     return node
 
 

@@ -191,7 +191,8 @@ class HermesCalls:
         self._calls = _Calls(is_parallel)
         self._pending = ""  # text not shown yet: a possible start tag's beginning, or an open block
         self._in_call = False
-        self._held_space = ""  # whitespace after a call, shown only if text follows
+        self._held_space = ""  # whitespace right after a call, shown only if text follows
+        self._is_after_call = False  # nothing but whitespace since the last call
 
     def feed(self, text: str) -> ToolDelta:
         self._pending += text
@@ -225,10 +226,11 @@ class HermesCalls:
         return ToolDelta(content=self._content(pending))
 
     def _content(self, text: str) -> str:
-        if not self._calls.num_calls:
+        if not self._is_after_call:
             return text
         text, self._held_space = self._held_space + text, ""
         if text.strip():
+            self._is_after_call = False
             return text
         self._held_space = text
         return ""
@@ -240,7 +242,7 @@ class HermesCalls:
             call = None
         if call is None:
             return ToolDelta(content=self._content(self.START + body + (self.END if is_closed else "")))
-        self._held_space = ""
+        self._held_space, self._is_after_call = "", True
         return ToolDelta(calls=self._calls.whole(*call))
 
 

@@ -27,21 +27,23 @@ class ChoiceParsing:
         return ChoiceReader(self)
 
     def message(self, text: str, role: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-        """A whole choice's message, and its finish reason: "tool_calls" where the model chose to call (auto), as
-        vLLM's. A named or required call's content is what is not a call ("", as vLLM's, when all is), auto's the
-        text around the calls (null when none is left); with a reasoning parser, content left empty is null and
-        ``reasoning_content`` (and vLLM's newer ``reasoning``) holds the thinking, null where there was none."""
+        """A whole choice's message, and its finish reason: "tool_calls" where an auto or required choice called,
+        as vLLM's ("stop" for a named call). A named or required call's content is what is not a call ("", as
+        vLLM's, when all is), auto's the text around the calls (null when none is left); with a reasoning parser,
+        content left empty is null (but a named or required call's) and ``reasoning_content`` (and vLLM's newer
+        ``reasoning``) holds the thinking, null where there was none."""
         reader = self.reader()
         delta = reader.feed(text)
         delta += reader.finish()
         calls = merge_calls(delta.calls)
         content: str | None = delta.content
-        if (calls and self.tool_calling is not None and self.tool_calling.is_auto) or self.reasoning_parser:
+        is_forced = self.tool_calling is not None and not self.tool_calling.is_auto  # named or required: "" kept
+        if not is_forced and (calls or self.reasoning_parser):
             content = content or None
         message: dict[str, Any] = {"role": role, "content": content, "tool_calls": calls}
         if self.reasoning_parser is not None:
             message["reasoning_content"] = message["reasoning"] = delta.reasoning or None
-        return message, ("tool_calls" if reader.has_auto_called else finish_reason)
+        return message, ("tool_calls" if reader.ends_as_tool_calls else finish_reason)
 
 
 class ChoiceReader:
@@ -49,9 +51,10 @@ class ChoiceReader:
         self._split = ThinkSplit(parsing.reasoning_parser) if parsing.reasoning_parser is not None else None
         tool_calling = parsing.tool_calling
         self._tools: Extractor | None = tool_calling.extractor() if tool_calling is not None else None
-        self._is_auto = tool_calling is not None and tool_calling.is_auto
+        # vLLM's: a choice that called through "auto" or "required" ends as "tool_calls", a named call as "stop"
+        self._is_ended_by_calls = tool_calling is not None and tool_calling.choice in ("auto", "required")
         self._is_reasoning_shown = parsing.is_reasoning_shown
-        self.has_auto_called = False  # the model chose to call a tool: the choice ends as "tool_calls"
+        self.ends_as_tool_calls = False
 
     def feed(self, text: str) -> ToolDelta:
         reasoning, content = self._split.feed(text) if self._split is not None else ("", text)
@@ -69,5 +72,5 @@ class ChoiceReader:
             if is_end:
                 delta += self._tools.finish()
         delta.reasoning = reasoning if self._is_reasoning_shown else ""
-        self.has_auto_called |= self._is_auto and bool(delta.calls)
+        self.ends_as_tool_calls |= self._is_ended_by_calls and bool(delta.calls)
         return delta

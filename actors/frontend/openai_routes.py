@@ -109,7 +109,7 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
     ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's), and its
     logprobs with the prompt's tokens'.  A chat choice whose text is parsed streams its reasoning, content and tool
-    calls as its reader finds them (``choice_text``), and ends as "tool_calls" where the model chose to call (auto)."""
+    calls as its reader finds them (``choice_text``), and ends as "tool_calls" where an auto or required choice called."""
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
     parsing = body.parsing
@@ -135,7 +135,7 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
                     tool_delta = reader.feed(out.text)
                     if out.finish_reason is not None:
                         tool_delta += reader.finish()
-                        finish_reason = "tool_calls" if reader.has_auto_called else None
+                        finish_reason = "tool_calls" if reader.ends_as_tool_calls else None
                 is_shown = bool(out.text) if tool_delta is None else bool(
                     tool_delta.content or tool_delta.calls or tool_delta.reasoning)
                 if not is_shown and out.finish_reason is None and not builder.wants_logprobs and index not in echo_left:

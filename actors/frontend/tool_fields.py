@@ -70,7 +70,10 @@ class ToolCalling:
         if self.choice == "named":
             schema = self._function(self.function_name)["parameters"] or {"type": "object", "properties": {}}
         elif self.choice == "required":
-            schema = self._required_schema()
+            try:
+                schema = self._required_schema()
+            except RecursionError:
+                raise bad_request("a tool's parameters nest too deeply", "tools") from None
         else:
             return None
         try:

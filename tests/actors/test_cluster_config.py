@@ -112,6 +112,19 @@ def test_gpu_memory_utilization_sizes_the_pool_from_the_devices_whole_memory():
         ClusterConfig(gpu_memory_utilization=0.5, gpu_kv_memory_bytes=1 << 30)
 
 
+async def test_gpu_memory_options_outside_the_gpu_modes_are_said_to_do_nothing(caplog):
+    """vLLM command lines pass --gpu-memory-utilization by habit: in shards mode (or with the local KV) it sizes no
+    pool, and the log says so."""
+    from fastdecode.actors.cluster import Cluster
+
+    config = ClusterConfig(model="random:tiny", device="cpu", dtype="float32", gpu_memory_utilization=0.5,
+                           shard_kv_memory_bytes=16 << 20, executor=ExecutorConfig(max_model_len=64))
+    with caplog.at_level("WARNING", logger="fastdecode.cluster"):
+        async with await Cluster.start(config):
+            pass
+    assert "in this mode the KV-cache is on the shards" in caplog.text
+
+
 @pytest.mark.cuda
 async def test_gpu_memory_utilization_sizes_the_cuda_pool():
     import torch

@@ -52,6 +52,8 @@ CASES = [
     (HermesCalls, "<tool_call>not json</tool_call> rest", "<tool_call>not json</tool_call> rest", []),
     (HermesCalls, f"<tool_call>{PARIS}", "", [("get_weather", '{"city": "Paris"}')]),  # cut before its end tag
     (HermesCalls, f"<tool_call>{PARIS}</tool_call> and more", " and more", [("get_weather", '{"city": "Paris"}')]),
+    (HermesCalls, f"A <tool_call>{PARIS}</tool_call> B <tool_call>{PARIS}</tool_call> C", "A  B  C",
+     [("get_weather", '{"city": "Paris"}')] * 2),  # the space before a call is kept, streamed too
     (HermesCalls, '<tool_call>{"name": "é", "arguments": {"q": "ü"}}</tool_call>', "", [("é", '{"q": "ü"}')]),
     (Llama3JsonCalls, PARIS, "", [("get_weather", '{"city": "Paris"}')]),
     (Llama3JsonCalls, ' <|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "arguments": {}}',

@@ -33,6 +33,10 @@ def test_the_message_holds_the_reasoning_apart_and_calls_from_the_content():
     hidden = parse_chat({"messages": CHAT, "include_reasoning": False}, reasoning_parser="qwen3").parsing
     assert hidden.message("<think>hmm</think>Sunny.", "assistant", "stop")[0]["reasoning_content"] is None
     assert parse_chat({"messages": CHAT}).parsing is None  # no parser, no tools: the text as it is
+    named = parse_chat({"messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {
+        "name": "get_weather"}}}, reasoning_parser="qwen3").parsing
+    message, finish_reason = named.message('{"city": "Oslo"}', "assistant", "stop")
+    assert (message["content"], finish_reason) == ("", "stop")  # vLLM's for a named call, with a parser too
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "get_time"}}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 HERMES = ToolServing(is_auto_enabled=True, parser="hermes")
+NESTED: dict = {}
+for _ in range(900):  # deep, but within what the body's JSON decoder takes
+    NESTED = {"x": NESTED}
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
 
 
@@ -84,6 +87,8 @@ def test_required_merges_the_tools_defs():
     ({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
     ({"tools": TOOLS, "functions": [{"name": "f"}]}, "functions", "not both"),
     ({"function_call": "auto"}, "function_call", "needs functions"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": NESTED}}], "tool_choice": "required"},
+     "tools", "nest too deeply"),
 ])
 def test_bad_tool_fields_are_a_400_naming_the_field(body, param, fragment):
     error = refused(body)
@@ -136,7 +141,7 @@ async def test_a_required_choice_calls_one_or_more_of_the_tools(openai_client):
                   seed=5, extra_body=COMPACT)
     choice = (await openai_client.chat.completions.create(**kwargs)).choices[0]
     calls = choice.message.tool_calls
-    assert choice.finish_reason == "stop", choice
+    assert choice.finish_reason == "tool_calls" and choice.message.content == ""  # vLLM's, for required calls
     assert calls and all(c.function.name in ("get_weather", "get_time") for c in calls), choice.message
     for call in calls:
         arguments = json.loads(call.function.arguments, strict=False)
@@ -145,6 +150,7 @@ async def test_a_required_choice_calls_one_or_more_of_the_tools(openai_client):
     parts = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
     assert [(p.index, p.function.name, p.function.arguments) for p in parts] == [
         (i, c.function.name, c.function.arguments) for i, c in enumerate(calls)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 HERMES_REGEX = r'I will look\.<tool_call>\{"name": "get_weather", "arguments": \{"city": "Paris", "unit": "c"\}\}' \
