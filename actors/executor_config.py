@@ -99,8 +99,10 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     """RequestError unless the token ids ``params`` name (``logit_bias``, ``allowed_token_ids``) are of the
     vocabulary, and its ``bad_words`` were tokenized (``SamplingParams.with_bad_words_token_ids``), as vLLM refuses
     them at submission (a 400 over HTTP)."""
+    end_id = params.reasoning_end_token_id
     for name, ids in (("logit_bias", [t for t, _ in params.logit_bias[-1:]]),  # both sorted by id
-                      ("allowed_token_ids", (params.allowed_token_ids or ())[-1:])):
+                      ("allowed_token_ids", (params.allowed_token_ids or ())[-1:]),
+                      ("reasoning_end_token_id", [] if end_id is None else [end_id])):
         if ids and ids[-1] >= vocab_size:
             raise RequestError(f"{name} token id {ids[-1]} is outside the vocabulary (size {vocab_size})", name)
     if params.bad_words and not params.bad_words_token_ids:

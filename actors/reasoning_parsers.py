@@ -9,8 +9,15 @@
 
 ``ThinkSplit`` reads one choice's text as it comes (``feed``) and at its end (``finish``), each returning the
 ``(reasoning, content)`` pieces to show; a tag split between pieces is held back until it is known.
+
+As vLLM's, a structured output (a schema, a named or required tool call) holds the answer, not the thinking:
+``grammar_start_token`` is the token after which it starts (``SamplingParams.reasoning_end_token_id``), where the
+tags are tokens of the model's vocabulary.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from fastdecode.actors.tool_parsers import partial_suffix
 
@@ -55,6 +62,29 @@ class ThinkSplit:
         if self._state == "reasoning" or (self._state == "head" and self._is_open_by_default):
             return held, ""
         return "", held
+
+
+def think_tag_ids(tokenizer: Any) -> tuple[int | None, int] | None:
+    """The ids of the ``<think>`` and ``</think>`` tokens (None where the end tag is no single token: a model that
+    does not think in tags)."""
+    start_id, end_id = (tokenizer.convert_tokens_to_ids(tag) for tag in (ThinkSplit.START, ThinkSplit.END))
+    return None if end_id is None else (start_id, end_id)
+
+
+def grammar_start_token(tokenizer: Any, prompt_ids: Sequence[int]) -> int | None:
+    """The token a structured output starts after: ``</think>``, unless the prompt has closed the thinking already
+    (Qwen3's template with ``enable_thinking: false``), or the tags are no tokens of this vocabulary (None: it holds
+    from the first token)."""
+    ids = think_tag_ids(tokenizer)
+    if ids is None:
+        return None
+    start_id, end_id = ids
+    for token_id in reversed(prompt_ids):
+        if token_id == end_id:
+            return None
+        if token_id == start_id:
+            break
+    return end_id
 
 
 def split_reasoning(parser: str, text: str) -> tuple[str, str]:

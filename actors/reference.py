@@ -16,7 +16,7 @@ from fastdecode.actors.model.llama import LlamaModel
 from fastdecode.actors.model.tokenizer import Tokenizer
 from fastdecode.actors.request import GenerationResult, RequestError, SamplingParams
 from fastdecode.actors.sampling import SamplingRow, make_generator, sample
-from fastdecode.actors.structured_output import GrammarBackend
+from fastdecode.actors.structured_output import GrammarBackend, matcher_for
 
 _SEQ_ID = 0
 
@@ -80,8 +80,9 @@ def reference_generate(
     eos_ids = tuple(tokenizer.eos_token_ids or model.config.eos_token_ids)
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     result = GenerationResult(prompt_token_ids=prompt)
-    spec = params.structured_outputs  # held to as the Executor holds it (GrammarBackend)
-    matcher = spec and GrammarBackend(tokenizer, model.config.vocab_size, eos_ids).matcher(spec)
+    # held to as the Executor holds it (matcher_for)
+    matcher = params.structured_outputs and matcher_for(GrammarBackend(tokenizer, model.config.vocab_size, eos_ids),
+                                                        params)
     row = SamplingRow(params, prompt, result.token_ids, make_generator(params.seed, model.device), matcher)
     detokenizer = Detokenizer.for_params(tokenizer, prompt, params)
     cache = TorchKVCache.for_model(model)

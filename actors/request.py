@@ -91,6 +91,9 @@ class SamplingParams:
     # vLLM's: the output held to a JSON schema, regex, choice or grammar (structured_output.StructuredOutputs; a
     # dict of its fields is taken too)
     structured_outputs: "StructuredOutputs | None" = None
+    # the token that ends a reasoning model's thinking: structured outputs hold the text after it only (vLLM applies
+    # a grammar once the thinking has ended); None: from the first token
+    reasoning_end_token_id: int | None = None
 
     _bad_words_token_ids: ClassVar[tuple[tuple[int, ...], ...]] = ()  # per instance once tokenized
 
@@ -129,6 +132,9 @@ class SamplingParams:
             raise bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        end_id = self.reasoning_end_token_id
+        if end_id is not None and (isinstance(end_id, bool) or not isinstance(end_id, int) or end_id < 0):
+            raise bad("reasoning_end_token_id", f"reasoning_end_token_id must be a token id, got {end_id!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise bad("n", f"n must be a positive integer, got {self.n!r}")
         if isinstance(self.output_kind, bool) or self.output_kind not in tuple(RequestOutputKind):
@@ -215,6 +221,12 @@ class SamplingParams:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
         return self._replaced(seed=seed)
+
+    def with_reasoning_end(self, token_id: int) -> "SamplingParams":
+        """These parameters with their structured output held after ``token_id`` (``reasoning_end_token_id``)."""
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise RequestError(f"reasoning_end_token_id must be a token id, got {token_id!r}", "reasoning_end_token_id")
+        return self._replaced(reasoning_end_token_id=token_id)
 
     def samples(self, is_prompt_logprobs_once: bool = False) -> list["SamplingParams"]:
         """The ``n`` samples as engine requests of one sample each: sample i seeded ``seed + i`` where a seed is

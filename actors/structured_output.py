@@ -161,14 +161,38 @@ class GrammarBackend:
 
 
 def matcher_for(grammars: GrammarBackend | None, params: "SamplingParams"):
-    """A request's GrammarMatcher (None without structured outputs); RequestError where there is no backend, or
-    where its allowed_token_ids leave nothing the grammar may start with."""
+    """A request's GrammarMatcher (None without structured outputs), one that starts after its
+    ``reasoning_end_token_id`` where it has one (``AfterToken``); RequestError where there is no backend, or where
+    its allowed_token_ids leave nothing the grammar may start with."""
     spec = params.structured_outputs
     if spec is None:
         return None
     if grammars is None:
         raise RequestError("this engine has no tokenizer to hold outputs to a grammar", spec.param)
-    return grammars.matcher(spec, params.allowed_token_ids)
+    matcher = grammars.matcher(spec, params.allowed_token_ids)
+    return matcher if params.reasoning_end_token_id is None else AfterToken(matcher, params.reasoning_end_token_id)
+
+
+class AfterToken:
+    """A GrammarMatcher that holds the output only once ``token_id`` has been generated (a reasoning model's end of
+    thinking): until then every token is allowed, and the grammar has not started (nor ended)."""
+
+    def __init__(self, matcher: Any, token_id: int) -> None:
+        self.matcher, self.token_id = matcher, token_id
+        self.is_started = False
+
+    def fill_next_token_bitmask(self, bitmask: Any, index: int) -> None:
+        if self.is_started:
+            self.matcher.fill_next_token_bitmask(bitmask, index)
+
+    def accept_token(self, token_id: int) -> bool:
+        if self.is_started:
+            return self.matcher.accept_token(token_id)
+        self.is_started = token_id == self.token_id
+        return True
+
+    def is_terminated(self) -> bool:
+        return self.is_started and self.matcher.is_terminated()
 
 
 def apply_bitmasks(logits: "torch.Tensor", matchers: Sequence[Any], eos_token_ids: Sequence[int] = ()) -> None:

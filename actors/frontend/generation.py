@@ -42,6 +42,7 @@ from fastdecode.actors.frontend.openai_request import GenerateRequest
 from fastdecode.actors.generation_results import merged_outputs
 from fastdecode.actors.model.errors import ModelError
 from fastdecode.actors.model.tokenizer import Tokenizer
+from fastdecode.actors.reasoning_parsers import grammar_start_token
 from fastdecode.actors.request import RequestError, SamplingParams
 
 log = logging.getLogger("fastdecode.frontend")
@@ -248,6 +249,11 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         for prompt_index, one in enumerate(request.per_prompt()):
             prompt_ids = await prompt_token_ids(llm, one)
             samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults, llm.tokenizer)
+            if one.reasoning_parser is not None and samples_params[0].structured_outputs is not None:
+                # a reasoning model's structured output holds its answer, after the thinking (vLLM's)
+                end_id = grammar_start_token(llm.tokenizer, prompt_ids)
+                if end_id is not None:
+                    samples_params = [params.with_reasoning_end(end_id) for params in samples_params]
             if samples_params[0].structured_outputs is not None:  # compiled off the loop, once (cached)
                 try:
                     await llm.compile_structured_outputs(samples_params[0])

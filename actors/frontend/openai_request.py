@@ -35,6 +35,7 @@ from fastdecode.actors.frontend.choice_text import ChoiceParsing
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.tool_fields import ToolCalling, ToolServing, tools_and_choice
 from fastdecode.actors.model.config import SamplingDefaults
+from fastdecode.actors.reasoning_parsers import think_tag_ids
 from fastdecode.actors.request import RequestError, SamplingParams, truncate_prompt
 
 LARGE_BODY_BYTES = 1 << 20  # bodies from this size are decoded and checked off the event loop
@@ -87,6 +88,14 @@ class GenerateRequest:
     tool_calling: ToolCalling | None = None  # chat: the calls to find in each choice's text (None: none)
     reasoning_parser: str | None = None  # chat: the server's --reasoning-parser (None: the text is not split)
     is_reasoning_shown: bool = True  # vLLM's include_reasoning
+
+    def for_tokenizer(self, tokenizer: Any) -> "GenerateRequest":
+        """This request as the model of ``tokenizer`` serves it: a structured output of a request whose thinking
+        would be split off holds the answer after the ``</think>`` token; where the tags are no tokens of the
+        vocabulary (a model that does not think in tags) it holds the whole text, which is then not split."""
+        if self.reasoning_parser is None or "structured_outputs" not in self.sampling or think_tag_ids(tokenizer):
+            return self
+        return dataclasses.replace(self, reasoning_parser=None)
 
     @property
     def parsing(self) -> ChoiceParsing | None:

@@ -71,7 +71,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
                     is_chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
     llm = state.require_llm()
-    body = await parse_body(await request.read(), parse)
+    body = (await parse_body(await request.read(), parse)).for_tokenizer(llm.tokenizer)
     state.check_model(body.model)
     builder = ResponseBuilder.new(state.config.served_model_name, is_chat=is_chat, token_text=state.token_text,
                                   token_bytes=state.token_bytes, is_token_id_text=body.is_token_id_text,

@@ -33,7 +33,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     llm = state.require_llm()
     raw = await parse_body(await request.read(), lambda decoded: decoded)
     config = state.config
-    body = parse_chat(chat_body_of(raw), tool_serving=config.tool_serving, reasoning_parser=config.reasoning_parser)
+    body = parse_chat(chat_body_of(raw), tool_serving=config.tool_serving,
+                      reasoning_parser=config.reasoning_parser).for_tokenizer(llm.tokenizer)
     state.check_model(body.model)
     shape = ResponseShape(raw, state.config.served_model_name)
     async with start_generations(llm, state.metrics, body) as generations:

@@ -185,3 +185,57 @@ def test_the_compiled_grammars_stay_within_the_cache_limit(monkeypatch):
         properties = {f"key{i}_{j}": {"type": "string"} for j in range(20)}
         backend.compile(StructuredOutputs(json={"type": "object", "properties": properties}))
     assert 0 < backend._get_compiler().get_cache_size_bytes() <= 1 << 20
+
+
+class _Matcher:
+    """A stand-in GrammarMatcher that counts what reaches it."""
+
+    def __init__(self) -> None:
+        self.accepted, self.filled = [], 0
+
+    def fill_next_token_bitmask(self, bitmask, index):
+        self.filled += 1
+
+    def accept_token(self, token_id):
+        self.accepted.append(token_id)
+        return True
+
+    def is_terminated(self):
+        return len(self.accepted) >= 2
+
+
+def test_a_grammar_after_a_token_starts_once_that_token_came():
+    from fastdecode.actors.structured_output import AfterToken
+
+    inner = _Matcher()
+    matcher = AfterToken(inner, 7)
+    for token_id in (3, 4):  # the thinking: free
+        matcher.fill_next_token_bitmask(None, 0)
+        assert matcher.accept_token(token_id) and not matcher.is_terminated()
+    matcher.accept_token(7)  # the end of thinking
+    assert (inner.accepted, inner.filled) == ([], 0)
+    matcher.fill_next_token_bitmask(None, 0)
+    matcher.accept_token(5)
+    matcher.accept_token(6)
+    assert (inner.accepted, inner.filled, matcher.is_terminated()) == ([5, 6], 1, True)
+
+
+async def test_the_engine_holds_the_output_after_the_reasoning_end_token(llm):
+    """A reasoning model's structured output holds its answer, after the thinking: here token T ends the
+    "thinking", and a bias makes the model write T first, which the regex alone would never allow."""
+    regex = "[0-9]{3}"
+    end_id = llm.tokenizer.encode("x", add_special_tokens=False)[-1]
+    base = dict(temperature=0.0, max_tokens=20, logit_bias={end_id: 100.0}, structured_outputs={"regex": regex})
+    after = await llm.generate(PROMPT, SamplingParams(**base, reasoning_end_token_id=end_id))
+    assert after.token_ids[0] == end_id and after.finish_reason == "stop"
+    assert re.fullmatch(regex, llm.tokenizer.decode(after.token_ids[1:]))
+    held = await llm.generate(PROMPT, SamplingParams(**base))  # from the first token: T is never allowed
+    assert end_id not in held.token_ids and re.fullmatch(regex, held.text)
+    with pytest.raises(RequestError) as refused:
+        await llm.generate(PROMPT, SamplingParams(**base, reasoning_end_token_id=10**6))
+    assert refused.value.param == "reasoning_end_token_id"
+    from fastdecode.actors.reference import reference_generate
+
+    reference = reference_generate(llm.cluster.model, llm.tokenizer, PROMPT,
+                                   SamplingParams(**base, reasoning_end_token_id=end_id))
+    assert reference.token_ids == after.token_ids
