@@ -188,8 +188,8 @@ class Executor:
                                    else "the server is shutting down and takes no new requests")
         if not self.has_live_node:
             raise no_live_node_error(self.nodes)
-        check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params, self._eos_tuple,
-                     self.config.max_logprobs)
+        params = check_prompt(prompt_ids, self.model.config.vocab_size, self.max_model_len, params,
+                              self._eos_tuple, self.config.max_logprobs)
         if self.num_waiting >= self.config.max_queue:
             raise QueueFullError(f"too many requests waiting ({self.num_waiting})")
         matcher = matcher_for(self.grammars, params)

@@ -126,11 +126,13 @@ def check_samplable(params: SamplingParams, eos_token_ids: Iterable[int]) -> Non
 
 def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
                  params: SamplingParams | None = None, eos_token_ids: Iterable[int] = (),
-                 max_logprobs: int = -1) -> None:
-    """RequestError unless the prompt is token ids of the vocabulary that leave room for one more, and the token ids
-    of ``params`` (when given) are of the vocabulary (``check_token_ids``), leave a token to sample
-    (``check_samplable``, ``eos_token_ids`` the model's) and ask at most ``max_logprobs`` top logprobs (-1: any)."""
+                 max_logprobs: int = -1) -> SamplingParams | None:
+    """``params`` as the engine runs them (a logprobs count of -1 as the vocabulary's size); RequestError unless the
+    prompt is token ids of the vocabulary that leave room for one more, and the token ids of ``params`` (when given)
+    are of the vocabulary (``check_token_ids``), leave a token to sample (``check_samplable``, ``eos_token_ids`` the
+    model's) and ask at most ``max_logprobs`` top logprobs (-1: any)."""
     if params is not None:
+        params = params.with_vocab_logprobs(vocab_size)
         check_token_ids(params, vocab_size)
         check_samplable(params, eos_token_ids)
         check_logprobs(params, vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size))
@@ -141,6 +143,7 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
     if len(prompt_ids) >= max_model_len:
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_model_len} "
                            "and at least one token must be generated")
+    return params
 
 
 def check_logprobs(params: SamplingParams, max_logprobs: int) -> None:

@@ -84,8 +84,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: tuple[int, ...] | None = None  # stored sorted and unique
     bad_words: tuple[str, ...] = ()
-    logprobs: int | None = None  # number of top logprobs to return per token; None = none
-    prompt_logprobs: int | None = None  # number of top logprobs to return per prompt token; None = none
+    logprobs: int | None = None  # number of top logprobs to return per token; None = none; -1: the vocabulary
+    prompt_logprobs: int | None = None  # number of top logprobs to return per prompt token; None = none; -1: all
     n: int = 1  # samples of the prompt (vLLM's): AsyncLLM.generate's n outputs; an engine request is one sample
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what iterating AsyncLLM.generate yields (vLLM's)
     # vLLM's: the output held to a JSON schema, regex, choice or grammar (structured_output.StructuredOutputs; a
@@ -145,8 +145,8 @@ class SamplingParams:
             raise bad("seed", f"seed must be an integer, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):  # how many the engine allows is its max_logprobs'
             count = getattr(self, name)
-            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-                raise bad(name, f"{name} must be a non-negative integer, got {count!r}")
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < -1):
+                raise bad(name, f"{name} must be a non-negative integer or -1 (the whole vocabulary), got {count!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "stop must be a non-empty string or a list of them")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
@@ -221,6 +221,12 @@ class SamplingParams:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
         return self._replaced(seed=seed)
+
+    def with_vocab_logprobs(self, vocab_size: int) -> "SamplingParams":
+        """These parameters with a ``logprobs`` or ``prompt_logprobs`` of -1 (vLLM's: the whole vocabulary) as
+        ``vocab_size``."""
+        fields = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(self, name) == -1}
+        return self._replaced(**fields) if fields else self
 
     def with_reasoning_end(self, token_id: int) -> "SamplingParams":
         """These parameters with their structured output held after ``token_id`` (``reasoning_end_token_id``)."""

@@ -135,12 +135,13 @@ def max_tokens_field(body: dict[str, Any], *, default: int | None, name: str = "
 
 
 def logprobs_count(body: dict[str, Any], name: str) -> int | None:
-    """A count of top logprobs; how many the server allows is its ``--max-logprobs`` (checked at submission)."""
+    """A count of top logprobs, -1 for the whole vocabulary (vLLM's); how many the server allows is its
+    ``--max-logprobs`` (checked at submission)."""
     if body.get(name) is None:
         return None
     value = integer_field(body, name)
-    if value < 0:
-        raise bad_request(f"{name} must be at least 0, got {value}", name)
+    if value < -1:
+        raise bad_request(f"{name} must be at least 0, or -1 (the whole vocabulary), got {value}", name)
     return value
 
 

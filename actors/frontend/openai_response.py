@@ -160,7 +160,8 @@ class ResponseBuilder:
         if prompt_logprobs is None:
             return []
         return [(token_id, None, None) if entry is None
-                else (token_id, entry.logprob, entry.top_logprobs[:self.num_logprobs or 0])
+                else (token_id, entry.logprob, entry.top_logprobs if self.num_logprobs == -1
+                      else entry.top_logprobs[:self.num_logprobs or 0])
                 for token_id, entry in zip(prompt_ids, prompt_logprobs)]
 
     def _logprobs(self, outputs: Sequence[StreamOutput], text_offset: int = 0, *,

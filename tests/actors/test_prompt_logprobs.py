@@ -121,10 +121,29 @@ def test_more_logprobs_than_the_engine_allows_are_refused_at_submission():
                 check_prompt([1, 2], 100, 50, SamplingParams(**{name: 101}), max_logprobs=limit)
     with pytest.raises(ValueError, match="max_logprobs"):
         ExecutorConfig(max_logprobs=-2)
+    # -1 asks for the whole vocabulary (vLLM's), which the engine's limit must allow
+    whole = check_prompt([1, 2], 100, 50, SamplingParams(logprobs=-1, prompt_logprobs=-1), max_logprobs=-1)
+    assert (whole.logprobs, whole.prompt_logprobs) == (100, 100)
+    with pytest.raises(RequestError, match="Requested sample logprobs of 100, which is greater than max allowed: 20"):
+        check_prompt([1, 2], 100, 50, SamplingParams(logprobs=-1), max_logprobs=20)
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True])
+@pytest.mark.parametrize("value", [-2, 1.5, True])
 def test_prompt_logprobs_out_of_range_are_refused(value):
     with pytest.raises(RequestError) as caught:
         SamplingParams(prompt_logprobs=value)
     assert caught.value.param == "prompt_logprobs"
+
+
+
+async def test_logprobs_of_the_whole_vocabulary():
+    """vLLM's logprobs=-1 and prompt_logprobs=-1: every token's logprob, where the engine's max_logprobs allows."""
+    from api_helpers import TINY
+    from fastdecode.actors.api import AsyncLLM
+
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=-1, prompt_logprobs=-1)
+    async with await AsyncLLM.start(**TINY, max_logprobs=-1) as llm:
+        result = await llm.generate([5, 6, 7], params)
+        vocab_size = llm.model_config.vocab_size
+    assert [len(position) for position in result.outputs[0].logprobs] == [vocab_size] * 2
+    assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs[1]) == vocab_size

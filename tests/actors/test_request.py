@@ -17,7 +17,7 @@ from fastdecode.actors.request import GenerationResult, Logprob, RequestError, S
     ({"frequency_penalty": -3.0}, "frequency_penalty"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"seed": "1"}, "seed"),
-    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": -2}, "logprobs"),
     ({"stop": ("",)}, "stop"),
     ({"stop_token_ids": (-1,)}, "stop_token_ids"),
 ])

@@ -47,7 +47,7 @@ def test_completion_default_max_tokens_is_16():
 
 @pytest.mark.parametrize("body", [
     {"prompt": "a", "n": 0}, {"prompt": "a", "best_of": 3}, {"prompt": "a", "n": 2, "best_of": 1},
-    {"prompt": "a", "max_tokens": 0}, {"prompt": "a", "prompt_logprobs": -1},
+    {"prompt": "a", "max_tokens": 0}, {"prompt": "a", "prompt_logprobs": -2},
     {"prompt": "a", "logit_bias": {"x": 5}}, {"prompt": True}, {"prompt": [1, True]}, {"prompt": "a", "seed": 1.5},
     {"prompt": "a", "ignore_eos": 1}, {"prompt": "a", "temperature": float("nan")},
 ])
