@@ -135,7 +135,7 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
         params = params.with_vocab_logprobs(vocab_size)
         check_token_ids(params, vocab_size)
         check_samplable(params, eos_token_ids)
-        check_logprobs(params, vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size))
+        check_logprobs(params, max_logprobs, vocab_size)
     if not prompt_ids:
         raise RequestError("the prompt is empty")
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
@@ -146,13 +146,16 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
     return params
 
 
-def check_logprobs(params: SamplingParams, max_logprobs: int) -> None:
-    """RequestError (vLLM's words) for more top logprobs per token than ``max_logprobs``."""
+def check_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
+    """RequestError (vLLM's words) for more top logprobs per token than ``max_logprobs`` allows (-1: the whole
+    vocabulary, which also caps a larger limit); a count of -1 asks for the whole vocabulary."""
+    limit = vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size)
     for name, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
         count = getattr(params, name)
-        if count is not None and count > max_logprobs:
-            raise RequestError(f"Requested {kind} logprobs of {count}, which is greater than max allowed: "
-                               f"{max_logprobs}", name)
+        count = vocab_size if count == -1 else count
+        if count is not None and count > limit:
+            raise RequestError(f"Requested {kind} logprobs of {count}, which is greater than max allowed: {limit}",
+                               name)
 
 
 class QueueFullError(RequestError):

@@ -35,7 +35,7 @@ from jinja2 import TemplateError
 from fastdecode.actors.api import AsyncLLM, StreamOutput, SubmittedStream
 from fastdecode.actors.async_llm import check_text_fits
 from fastdecode.actors.executor import QueueFullError, UnavailableError
-from fastdecode.actors.executor_config import check_prompt
+from fastdecode.actors.executor_config import check_logprobs, check_prompt
 from fastdecode.actors.frontend.errors import ApiError, bad_request
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.frontend.openai_request import GenerateRequest
@@ -249,6 +249,7 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
         for prompt_index, one in enumerate(request.per_prompt()):
             prompt_ids = await prompt_token_ids(llm, one)
             samples_params = one.samples_params(len(prompt_ids), llm.max_model_len, defaults, llm.tokenizer)
+            _check_logprobs(llm, one, samples_params[0])
             if one.reasoning_parser is not None and samples_params[0].structured_outputs is not None:
                 # a reasoning model's structured output holds its answer, after the thinking (vLLM's)
                 end_id = grammar_start_token(llm.tokenizer, prompt_ids)
@@ -299,6 +300,18 @@ async def json_response(build: Callable[[], dict[str, Any]], *, num_tokens: int)
     if num_tokens <= LARGE_RESPONSE_TOKENS:
         return web.json_response(build())
     return web.json_response(text=await asyncio.to_thread(lambda: json.dumps(build())))
+
+
+def _check_logprobs(llm: AsyncLLM, request: GenerateRequest, params: SamplingParams) -> None:
+    """The engine's max_logprobs check (``check_logprobs``) before submission, naming the field the request gave:
+    chat asks for top logprobs with ``top_logprobs``."""
+    if params.logprobs is None and params.prompt_logprobs is None:
+        return
+    try:
+        check_logprobs(params, llm.max_logprobs, llm.model_config.vocab_size)
+    except RequestError as exc:
+        is_chat_top = exc.param == "logprobs" and request.messages is not None
+        raise bad_request(str(exc), "top_logprobs" if is_chat_top else exc.param) from None
 
 
 def _check_token_id_sizes(llm: AsyncLLM, request: GenerateRequest) -> None:

@@ -36,7 +36,7 @@ class ScriptedLLM:
     def __init__(self, failing_seed: int | None = None) -> None:
         self.tokenizer = synthetic_tokenizer()
         self.max_model_len, self.max_num_choices, self.max_logprobs = 512, 8, 20
-        self.model_config = SimpleNamespace(sampling_defaults=SamplingDefaults())
+        self.model_config = SimpleNamespace(sampling_defaults=SamplingDefaults(), vocab_size=self.tokenizer.vocab_size)
         self.cluster = SimpleNamespace(executor=SimpleNamespace(has_live_node=True))  # what /health asks
         self.failing_seed = failing_seed
         self.seeds: list[int | None] = []

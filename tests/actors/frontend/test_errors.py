@@ -80,6 +80,19 @@ async def test_bad_chat_requests_get_400(tiny_server, body):
     assert_error_shape(payload)
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "logprobs"),  # the whole vocabulary, past 20
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 21},
+     "prompt_logprobs"),
+])
+async def test_logprobs_past_the_servers_limit_name_the_field_sent(tiny_server, path, body, param):
+    status, payload = await post(tiny_server.url, {"model": "tiny", "max_tokens": 2, **body}, path=path)
+    assert status == 400 and assert_error_shape(payload)["param"] == param, payload
+    assert "which is greater than max allowed: 20" in payload["error"]["message"]
+
+
 async def test_prompt_too_long_says_why(tiny_server):
     status, payload = await post(tiny_server.url, {**OK_BODY, "prompt": list(range(1, MAX_MODEL_LEN + 1))})
     assert status == 400

@@ -87,6 +87,7 @@ def test_required_merges_the_tools_defs():
     ({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
     ({"tools": TOOLS, "functions": [{"name": "f"}]}, "functions", "not both"),
     ({"function_call": "auto"}, "function_call", "needs functions"),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call", "not one of the functions"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": NESTED}}], "tool_choice": "required"},
      "tools", "nest too deeply"),
 ])
