@@ -109,7 +109,8 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
     ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's), and its
     logprobs with the prompt's tokens'.  A chat choice whose text is parsed streams its reasoning, content and tool
-    calls as its reader finds them (``choice_text``), and ends as "tool_calls" where an auto or required choice called."""
+    calls as its reader finds them (``choice_text``), and ends as "tool_calls" where an auto or required choice
+    called."""
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
     parsing = body.parsing

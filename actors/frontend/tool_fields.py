@@ -165,7 +165,8 @@ def _legacy_functions(body: dict[str, Any]) -> dict[str, Any]:
     call = body.get("function_call")
     names = [f.get("name") for f in functions if isinstance(f, dict)]
     if isinstance(call, dict) and call.get("name") not in names:
-        raise bad_request(f"function_call names {call.get('name')!r}, which is not one of the functions", "function_call")
+        raise bad_request(f"function_call names {call.get('name')!r}, which is not one of the functions",
+                          "function_call")
     if body.get("tool_choice") is None and call is not None:
         body["tool_choice"] = {"type": "function", "function": call} if isinstance(call, dict) else call
     return body
