@@ -56,12 +56,15 @@ class ThinkSplit:
         content, self._held = self._held, ""
         return reasoning, content
 
+    @property
+    def is_thinking(self) -> bool:
+        """The text so far is in the thinking (or, before the start tag is known, would be if no tag came)."""
+        return self._state == "reasoning" or (self._state == "head" and self._is_open_by_default)
+
     def finish(self) -> tuple[str, str]:
         """What was held back: a partial tag is text of the part it is in."""
         held, self._held = self._held, ""
-        if self._state == "reasoning" or (self._state == "head" and self._is_open_by_default):
-            return held, ""
-        return "", held
+        return (held, "") if self.is_thinking else ("", held)
 
 
 def think_tag_ids(tokenizer: Any) -> tuple[int | None, int] | None:

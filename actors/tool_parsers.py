@@ -10,8 +10,9 @@ the whole text (``extract``), so a streamed choice and a whole one show the same
 - ``RequiredCalls``: the text is a JSON array of ``{"name", "parameters"}`` objects (``tool_choice: "required"``);
   each call is sent once its object is complete.
 - ``HermesCalls`` (``--tool-call-parser hermes``: Hermes, Qwen 2.5 and later): calls are ``<tool_call>{"name",
-  "arguments"}</tool_call>`` blocks; the text before the first is content, the whitespace between and after them
-  is not. A block whose JSON is not a call stays content, tags and all.
+  "arguments"}</tool_call>`` blocks (``parameters`` taken for ``arguments``, as some models write it); the text
+  around them is content, but the whitespace right after a block. A block whose JSON is not a call stays content,
+  tags and all.
 - ``Llama3JsonCalls`` (``--tool-call-parser llama3_json``: Llama 3.1 and later's JSON tool calling): a text that
   starts (after whitespace) with ``{`` or ``<|python_tag|>`` is calls, JSON objects with ``name`` and ``arguments``
   (or ``parameters``) separated by ``;``; each call is sent once its object is complete, and what does not parse as
@@ -237,7 +238,7 @@ class HermesCalls:
 
     def _block(self, body: str, *, is_closed: bool) -> ToolDelta:
         try:
-            call = _as_call(json.loads(body, strict=False), ("arguments",))
+            call = _as_call(json.loads(body, strict=False), ("arguments", "parameters"))
         except ValueError:
             call = None
         if call is None:

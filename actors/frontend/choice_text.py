@@ -56,6 +56,11 @@ class ChoiceReader:
         self._is_reasoning_shown = parsing.is_reasoning_shown
         self.ends_as_tool_calls = False
 
+    @property
+    def is_thinking(self) -> bool:
+        """The text read so far ends in the thinking (a token read then counts as a reasoning token)."""
+        return self._split is not None and self._split.is_thinking
+
     def feed(self, text: str) -> ToolDelta:
         reasoning, content = self._split.feed(text) if self._split is not None else ("", text)
         return self._delta(reasoning, content, is_end=False)

@@ -8,11 +8,12 @@ does (sampling fields, tools, structured outputs), so both routes take the same 
   assistant's tool calls, consecutive ones in one message) and ``function_call_output`` items (tool messages);
   ``reasoning`` items are dropped (the template is not given a model's earlier thinking). ``instructions`` come
   first, as a system message.
-- ``tools``: function tools (``{"type": "function", "name", "description", "parameters"}``); ``tool_choice``
-  "none", "auto", "required" or ``{"type": "function", "name"}``; ``parallel_tool_calls``.
+- ``tools``: function tools (``{"type": "function", "name", "description", "parameters"}``; an empty list is none);
+  ``tool_choice`` "none", "auto" (without tools: none), "required" or ``{"type": "function", "name"}``;
+  ``parallel_tool_calls``.
 - ``text.format``: ``text``, ``json_object`` or ``json_schema`` (``name``, ``schema``): the chat's ``response_format``.
 - ``max_output_tokens``; ``temperature``, ``top_p`` and vLLM's extra sampling fields (``top_k``, ``min_p``,
-  ``seed``, ``stop``, ...); ``stream``.
+  ``seed``, ``stop``, ``structured_outputs``, ``guided_regex``, ...); ``stream``.
 
 What would change the output and is not done here is a 400 naming the field: ``previous_response_id`` and
 ``conversation`` (no response is kept: send the whole input), ``background``, ``reasoning.effort``, built-in tools
@@ -29,7 +30,8 @@ from fastdecode.actors.frontend.errors import bad_request
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "stop", "logit_bias", "min_tokens", "ignore_eos", "stop_token_ids",
                    "structured_outputs", "skip_special_tokens", "include_stop_str_in_output", "bad_words",
-                   "allowed_token_ids", "chat_template_kwargs", "include_reasoning", "model", "stream")
+                   "allowed_token_ids", "chat_template_kwargs", "include_reasoning", "model", "stream",
+                   "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 HARMLESS_FIELDS = ("store", "metadata", "user", "service_tier", "safety_identifier", "prompt_cache_key",
                    "stream_options")  # taken, changing nothing here
 REFUSED_FIELDS = {  # field -> its values that change nothing
@@ -49,9 +51,9 @@ def chat_body_of(body: dict[str, Any]) -> dict[str, Any]:
         raise bad_request(f"{unknown[0]} is not a Responses API field this server takes", unknown[0])
     for name, harmless in REFUSED_FIELDS.items():
         if body.get(name) not in harmless:
-            reason = ("no response is kept: send the whole conversation as input"
-                      if name in ("previous_response_id", "conversation") else "not supported")
-            raise bad_request(f"{name} is {reason}", name)
+            reason = ("; no response is kept: send the whole conversation as input"
+                      if name in ("previous_response_id", "conversation") else "")
+            raise bad_request(f"{name} is not supported{reason}", name)
     reasoning = body.get("reasoning")
     if reasoning is not None and (not isinstance(reasoning, dict)
                                   or any(reasoning.get(k) is not None for k in ("effort", "summary",
@@ -62,10 +64,11 @@ def chat_body_of(body: dict[str, Any]) -> dict[str, Any]:
     chat["messages"] = _instructions(body.get("instructions")) + _messages(body.get("input"))
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
-    if body.get("tools") is not None:
+    if body.get("tools"):  # an empty list is no tools (the Agents SDK sends one for an agent without tools)
         chat["tools"] = _tools(body["tools"])
-    if body.get("tool_choice") is not None:
-        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    choice = body.get("tool_choice")
+    if choice is not None and not (choice in ("auto", "none") and not chat.get("tools")):  # auto of none: none
+        chat["tool_choice"] = _tool_choice(choice)
     if body.get("parallel_tool_calls") is not None:
         chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     if body.get("text") is not None:
@@ -166,8 +169,8 @@ def _tool_choice(value: Any) -> Any:
     if isinstance(value, dict) and value.get("type") == "function":
         return {"type": "function", "function": {"name": value.get("name")}}
     if isinstance(value, dict):
-        raise bad_request(f"tool_choice {value!r} is not supported: give none, auto, required or "
-                          '{"type": "function", "name"}', "tool_choice")
+        raise bad_request(f"a tool_choice of type {value.get('type')!r} is not supported: give none, auto, required "
+                          'or {"type": "function", "name"}', "tool_choice")
     return value
 
 

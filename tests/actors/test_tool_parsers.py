@@ -51,6 +51,7 @@ CASES = [
     (HermesCalls, "plain text, a < sign and <tool_ca", "plain text, a < sign and <tool_ca", []),
     (HermesCalls, "<tool_call>not json</tool_call> rest", "<tool_call>not json</tool_call> rest", []),
     (HermesCalls, f"<tool_call>{PARIS}", "", [("get_weather", '{"city": "Paris"}')]),  # cut before its end tag
+    (HermesCalls, '<tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call>', "", [("f", '{"x": 1}')]),
     (HermesCalls, f"<tool_call>{PARIS}</tool_call> and more", " and more", [("get_weather", '{"city": "Paris"}')]),
     (HermesCalls, f"A <tool_call>{PARIS}</tool_call> B <tool_call>{PARIS}</tool_call> C", "A  B  C",
      [("get_weather", '{"city": "Paris"}')] * 2),  # the space before a call is kept, streamed too

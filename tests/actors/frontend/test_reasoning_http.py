@@ -147,3 +147,18 @@ async def test_thinking_then_a_call_whole_and_streamed(thinking_server):
 def _client(server):
     openai = pytest.importorskip("openai")
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+async def test_a_response_of_thinking_alone(thinking_server):
+    """The Responses API with a reasoning model cut while it thinks: one reasoning item, incomplete, no empty
+    message, its tokens counted as reasoning; the stream shows the same."""
+    kwargs = dict(model="thinker", input="Hi", max_output_tokens=6, temperature=0.8,
+                  extra_body={"seed": 1, "logit_bias": {str(END_THINK_ID): -100}})
+    client = _client(thinking_server)
+    response = await client.responses.create(**kwargs)
+    assert [(item.type, item.status) for item in response.output] == [("reasoning", "incomplete")]
+    assert response.status == "incomplete" and response.usage.output_tokens_details.reasoning_tokens == 6
+    events = [e async for e in await client.responses.create(**kwargs, stream=True)]
+    final = events[-1].response
+    assert [(item.type, item.status) for item in final.output] == [("reasoning", "incomplete")]
+    assert final.output[0].content[0].text == response.output[0].content[0].text

@@ -39,6 +39,9 @@ def test_input_items_become_the_chat_messages():
     with pytest.raises(ApiError, match="give one structured output"):  # a named call is a structured output too
         parse_chat(chat)
     assert chat_body_of({"input": "hi"})["messages"] == [{"role": "user", "content": "hi"}]
+    # the Agents SDK's agent without tools: an empty list, and auto of nothing, are no tools
+    assert "tools" not in chat_body_of({"input": "hi", "tools": [], "tool_choice": "auto"})
+    assert "tool_choice" not in chat_body_of({"input": "hi", "tools": [], "tool_choice": "auto"})
 
 
 @pytest.mark.parametrize("body, param", [
@@ -113,10 +116,30 @@ async def test_auto_finds_a_hermes_call_after_text(openai_client):
     assert again.output[0].type == "message" and again.usage.input_tokens > response.usage.input_tokens
 
 
-async def test_a_bad_request_is_a_400(openai_client):
+async def test_text_after_a_call_is_a_message_after_it_whole_and_streamed(openai_client):
+    regex = r'Ok <tool_call>\{"name": "get_weather", "arguments": \{"city": "Rome"\}\}</tool_call> done'
+    kwargs = dict(model="tiny", input="Weather?", tools=[TOOL], temperature=0, max_output_tokens=150,
+                  extra_body={"guided_regex": regex})
+    response = await openai_client.responses.create(**kwargs)
+    shown = [(i.type, i.content[0].text if i.type == "message" else i.arguments) for i in response.output]
+    assert shown == [("message", "Ok "), ("function_call", '{"city": "Rome"}'), ("message", " done")]
+    events = [e async for e in await openai_client.responses.create(**kwargs, stream=True)]
+    final = events[-1].response
+    assert [(i.type, i.content[0].text if i.type == "message" else i.arguments) for i in final.output] == shown
+    assert response.store is False and (response.temperature, response.top_p) == (0, 1.0)  # nothing kept; defaults
+
+
+async def test_a_bad_request_is_a_400_naming_the_responses_field(openai_client):
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError) as info:
         await openai_client.responses.create(model="tiny", input="hi", previous_response_id="resp_x")
-    assert "no response is kept" in str(info.value)
+    assert "previous_response_id is not supported; no response is kept" in str(info.value)
+    for fields, param in (({"max_output_tokens": 0}, "max_output_tokens"),
+                          ({"max_output_tokens": 100000}, "max_output_tokens"),
+                          ({"text": {"format": {"type": "json_schema", "name": "x",
+                                                "schema": {"type": "string", "pattern": "(("}}}}, "text.format")):
+        with pytest.raises(openai.BadRequestError) as info:
+            await openai_client.responses.create(model="tiny", input="hi", **fields)
+        assert info.value.body["param"] == param, info.value.body
     with pytest.raises(openai.NotFoundError):
         await openai_client.responses.create(model="other", input="hi")
