@@ -27,11 +27,14 @@ REASONING_PARSERS = ("deepseek_r1", "qwen3")  # --reasoning-parser's choices
 class ThinkSplit:
     START, END = "<think>", "</think>"
 
-    def __init__(self, parser: str) -> None:
+    def __init__(self, parser: str, prompt_thinking: str | None = None) -> None:
+        """``prompt_thinking``: where the prompt left the thinking (``prompt_thinking``): "open" (its template
+        opened the block: the text starts in it), "closed" (it closed it: the text is the answer), None (no tag in
+        the prompt: the parser's rule)."""
         if parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {parser!r}: this server has {', '.join(REASONING_PARSERS)}")
-        self._is_open_by_default = parser == "deepseek_r1"  # the prompt opened the block
-        self._state = "head"  # head: the start tag may still come; then "reasoning" or "content"
+        self._is_open_by_default = parser == "deepseek_r1"  # R1's template opens the block in the prompt
+        self._state = {"open": "reasoning", "closed": "content"}.get(prompt_thinking or "", "head")
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, str]:
@@ -74,20 +77,29 @@ def think_tag_ids(tokenizer: Any) -> tuple[int | None, int] | None:
     return None if end_id is None else (start_id, end_id)
 
 
-def grammar_start_token(tokenizer: Any, prompt_ids: Sequence[int]) -> int | None:
-    """The token a structured output starts after: ``</think>``, unless the prompt has closed the thinking already
-    (Qwen3's template with ``enable_thinking: false``), or the tags are no tokens of this vocabulary (None: it holds
-    from the first token)."""
+def prompt_thinking(tokenizer: Any, prompt_ids: Sequence[int]) -> str | None:
+    """Where the prompt leaves the thinking: "open" (its last think tag is ``<think>``: QwQ's and R1's templates),
+    "closed" (``</think>``: Qwen3's template with ``enable_thinking: false``), or None (no tag, or the tags are no
+    tokens of this vocabulary)."""
     ids = think_tag_ids(tokenizer)
     if ids is None:
         return None
     start_id, end_id = ids
     for token_id in reversed(prompt_ids):
         if token_id == end_id:
-            return None
+            return "closed"
         if token_id == start_id:
-            break
-    return end_id
+            return "open"
+    return None
+
+
+def grammar_start_token(tokenizer: Any, prompt_ids: Sequence[int]) -> int | None:
+    """The token a structured output starts after: ``</think>``, unless the prompt has closed the thinking already
+    or the tags are no tokens of this vocabulary (None: it holds from the first token)."""
+    ids = think_tag_ids(tokenizer)
+    if ids is None or prompt_thinking(tokenizer, prompt_ids) == "closed":
+        return None
+    return ids[1]
 
 
 def split_reasoning(parser: str, text: str) -> tuple[str, str]:

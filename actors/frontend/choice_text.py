@@ -5,11 +5,13 @@ it streams (``feed``, ``finish``); a whole response is the same reader fed the w
 so both show the same reasoning, content and calls."""
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastdecode.actors.frontend.tool_fields import ToolCalling
-from fastdecode.actors.reasoning_parsers import ThinkSplit
+from fastdecode.actors.reasoning_parsers import ThinkSplit, prompt_thinking
 from fastdecode.actors.tool_parsers import Extractor, ToolDelta, merge_calls
 
 
@@ -22,6 +24,14 @@ class ChoiceParsing:
     tool_calling: ToolCalling | None = None
     reasoning_parser: str | None = None
     is_reasoning_shown: bool = True
+    prompt_thinking: str | None = None  # where the choice's prompt left the thinking (reasoning_parsers)
+
+    def for_prompt(self, tokenizer: Any, prompt_ids: Sequence[int]) -> "ChoiceParsing":
+        """This parsing for a choice of ``prompt_ids``: its text starts in the thinking or in the answer as the
+        prompt left it (the grammar of a structured output starts where the same prompt says: generation.py)."""
+        if self.reasoning_parser is None:
+            return self
+        return dataclasses.replace(self, prompt_thinking=prompt_thinking(tokenizer, prompt_ids))
 
     def reader(self) -> "ChoiceReader":
         return ChoiceReader(self)
@@ -48,7 +58,8 @@ class ChoiceParsing:
 
 class ChoiceReader:
     def __init__(self, parsing: ChoiceParsing) -> None:
-        self._split = ThinkSplit(parsing.reasoning_parser) if parsing.reasoning_parser is not None else None
+        self._split = (ThinkSplit(parsing.reasoning_parser, parsing.prompt_thinking)
+                       if parsing.reasoning_parser is not None else None)
         tool_calling = parsing.tool_calling
         self._tools: Extractor | None = tool_calling.extractor() if tool_calling is not None else None
         # vLLM's: a choice that called through "auto" or "required" ends as "tool_calls", a named call as "stop"

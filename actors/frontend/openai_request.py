@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -96,6 +96,11 @@ class GenerateRequest:
         if self.reasoning_parser is None or "structured_outputs" not in self.sampling or think_tag_ids(tokenizer):
             return self
         return dataclasses.replace(self, reasoning_parser=None)
+
+    def parsing_for(self, tokenizer: Any, prompt_ids: Sequence[int]) -> ChoiceParsing | None:
+        """``parsing`` for a choice of ``prompt_ids`` (``ChoiceParsing.for_prompt``)."""
+        parsing = self.parsing
+        return None if parsing is None else parsing.for_prompt(tokenizer, prompt_ids)
 
     @property
     def parsing(self) -> ChoiceParsing | None:

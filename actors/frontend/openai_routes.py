@@ -89,7 +89,8 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
 
         def build() -> dict[str, Any]:
             choices = [builder.choice(outputs[g.index], g.finish_reason, stop_reason=g.stop_reason, index=g.index,
-                                      echo_text=g.echo_text, prompt_ids=g.prompt_ids, parsing=body.parsing)
+                                      echo_text=g.echo_text, prompt_ids=g.prompt_ids,
+                                      parsing=body.parsing_for(llm.tokenizer, g.prompt_ids))
                        for g in generations]
             prompt_logprobs = None
             if is_chat:  # vLLM's chat shows them once: its choices share its one prompt
@@ -113,8 +114,9 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
     called."""
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
-    parsing = body.parsing
-    readers = {g.index: parsing.reader() for g in generations} if parsing is not None else {}
+    tokenizer = request.app[STATE].started_llm().tokenizer
+    readers = {g.index: parsing.reader() for g in generations
+               if (parsing := body.parsing_for(tokenizer, g.prompt_ids)) is not None}
     events = await EventStream.open(request)
     is_failed = False
     try:

@@ -46,9 +46,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
         async with start_generations(llm, state.metrics, body) as generations:
             (generation,) = generations
             if body.is_stream:
-                return await _stream(request, body, shape, generation)
+                return await _stream(request, body, shape, generation, llm.tokenizer)
             writer = _ItemWriter(None)  # the stream's items, no events sent: both modes show the same items
-            await _write_all(writer, body, generation)
+            await _write_all(writer, body, generation, llm.tokenizer)
             return await json_response(lambda: shape.response(writer.items, generation, writer.num_reasoning_tokens),
                                        num_tokens=generation.num_output_tokens)
 
@@ -206,11 +206,11 @@ class _ItemWriter:
         self.items.append(done)
 
 
-async def _write_all(writer: _ItemWriter, body: GenerateRequest, generation: Generation) -> bool:
+async def _write_all(writer: _ItemWriter, body: GenerateRequest, generation: Generation, tokenizer: Any) -> bool:
     """Every output of the choice through the chat route's reader into items (an empty message where nothing was
     written), the last item "incomplete" where max_output_tokens cut it; False (after an ``error`` event) where
     the generation failed, which a whole response raises."""
-    reader = (body.parsing or ChoiceParsing()).reader()
+    reader = (body.parsing_for(tokenizer, generation.prompt_ids) or ChoiceParsing()).reader()
     async for out in generation.outputs():
         if out.finish_reason == "error":
             error = generation_error(out)
@@ -230,14 +230,14 @@ async def _write_all(writer: _ItemWriter, body: GenerateRequest, generation: Gen
     return True
 
 
-async def _stream(request: web.Request, body: GenerateRequest, shape: ResponseShape,
-                  generation: Generation) -> web.StreamResponse:
+async def _stream(request: web.Request, body: GenerateRequest, shape: ResponseShape, generation: Generation,
+                  tokenizer: Any) -> web.StreamResponse:
     events = await EventStream.open(request)
     writer = _ItemWriter(events)
     try:
         await writer.send("response.created", response=shape.response([], None, status="in_progress"))
         await writer.send("response.in_progress", response=shape.response([], None, status="in_progress"))
-        if await _write_all(writer, body, generation):
+        if await _write_all(writer, body, generation, tokenizer):
             response = shape.response(writer.items, generation, writer.num_reasoning_tokens)
             await writer.send(f"response.{response['status']}", response=response)
         with contextlib.suppress(ConnectionResetError):

@@ -162,3 +162,21 @@ async def test_a_response_of_thinking_alone(thinking_server):
     final = events[-1].response
     assert [(item.type, item.status) for item in final.output] == [("reasoning", "incomplete")]
     assert final.output[0].content[0].text == response.output[0].content[0].text
+
+
+def test_the_split_starts_where_the_prompt_left_the_thinking():
+    """QwQ's template opens the block in the prompt (qwen3 then reads the text as thinking up to </think>); Qwen3's
+    without thinking closes it (deepseek_r1 then reads all of it as the answer), as the grammar's start reads it."""
+    tokens = _Vocab(**{"<think>": 5, "</think>": 6})
+    named = {"messages": CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    opened = parse_chat(named, reasoning_parser="qwen3").parsing_for(tokens, [1, 2, 5])
+    message, _ = opened.message('Let me think.</think>{"city": "Oslo"}', "assistant", "stop")
+    assert message["reasoning_content"] == "Let me think."
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
+    closed = parse_chat(named, reasoning_parser="deepseek_r1").parsing_for(tokens, [1, 5, 9, 6])
+    message, _ = closed.message('{"city": "Oslo"}', "assistant", "stop")
+    assert message["reasoning_content"] is None
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
+    assert grammar_start_token(tokens, [1, 2, 5]) == 6 and grammar_start_token(tokens, [1, 5, 9, 6]) is None
+    untagged = parse_chat({"messages": CHAT}, reasoning_parser="qwen3").parsing_for(tokens, [1, 2])
+    assert untagged.message("Hi there", "assistant", "stop")[0]["content"] == "Hi there"  # the parser's own rule
