@@ -175,7 +175,7 @@ class RequiredCalls:
     def _element(self, text: str) -> ToolDelta:
         try:
             call = _as_call(json.loads(text, strict=False), ("parameters",))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what the decoder takes
             call = None
         if call is None:
             self._not_calls.append(text)
@@ -239,7 +239,7 @@ class HermesCalls:
     def _block(self, body: str, *, is_closed: bool) -> ToolDelta:
         try:
             call = _as_call(json.loads(body, strict=False), ("arguments", "parameters"))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what the decoder takes
             call = None
         if call is None:
             return ToolDelta(content=self._content(self.START + body + (self.END if is_closed else "")))
@@ -306,8 +306,8 @@ class Llama3JsonCalls:
                 return delta
             try:
                 value, end = self._decoder.raw_decode(self._text, position)
-            except ValueError:
-                return delta  # not complete yet (or not JSON: content at the finish)
+            except (ValueError, RecursionError):
+                return delta  # not complete yet (or not JSON, or nested too deeply: content at the finish)
             call = _as_call(value, ("arguments", "parameters"))
             if call is None:
                 return delta  # JSON but not a call: content at the finish

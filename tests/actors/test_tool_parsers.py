@@ -131,3 +131,11 @@ def test_each_call_has_its_own_id():
     _, calls = extract(HermesCalls(), f"<tool_call>{PARIS}</tool_call><tool_call>{PARIS}</tool_call>")
     assert len({c["id"] for c in calls}) == 2
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("make", [HermesCalls, Llama3JsonCalls, RequiredCalls])
+def test_json_nested_past_the_decoders_depth_is_content_not_a_crash(make):
+    deep = '{"a": ' * 3000 + "1" + "}" * 3000
+    text = {HermesCalls: f"<tool_call>{deep}</tool_call>", Llama3JsonCalls: deep, RequiredCalls: f"[{deep}]"}[make]
+    content, calls = extract(make(), text)
+    assert calls == [] and content == text
