@@ -284,11 +284,8 @@ class AsyncLLM:
 
     def _for_submission(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
         """What the Executor takes: the prompt cut to the ``truncate_prompt_tokens`` of ``params``, and ``params``
-        with their bad words tokenized (once: samples made after it share them) and a logprobs count of -1 as the
-        vocabulary's size."""
+        with their bad words tokenized (once: samples made after it share them)."""
         params = params.with_bad_words_token_ids(self.tokenizer)
-        if -1 in (params.logprobs, params.prompt_logprobs):
-            params = params.with_vocab_logprobs(self.model_config.vocab_size)
         return params.truncated_prompt(prompt_ids, self.max_model_len), params
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams, request=None,

@@ -283,7 +283,8 @@ class Cluster:
             if config.mode not in ("gpu-only", "hybrid") and (config.gpu_memory_utilization is not None
                                                                or config.gpu_kv_memory_bytes is not None):
                 log.warning("gpu_memory_utilization and gpu_kv_memory_bytes size the GPU's KV pool of the gpu-only "
-                            "and hybrid modes; in %s mode the KV-cache is on the shards (or the CPU)",
+                            "and hybrid modes; in %s mode the KV-cache is on the shards (or, without shards, in "
+                            "torch on the model's device)",
                             config.mode or "this")
             if config.mode in ("gpu-only", "hybrid"):
                 nodes.insert(0, await asyncio.to_thread(_make_gpu_node, config, model))
@@ -395,12 +396,13 @@ def default_gpu_kv_bytes(free_bytes: int, max_len: int, kv_bytes_per_token: int)
     return max(0, min(int(free_bytes * GPU_KV_FREE_FRACTION), int(free_bytes * GPU_PREFILL_FREE_FRACTION) - staging))
 
 
-def utilization_kv_bytes(utilization: float, total_bytes: int, free_bytes: int, max_len: int,
+def utilization_kv_bytes(utilization: float, total_bytes: int, free_bytes: int, own_bytes: int, max_len: int,
                          kv_bytes_per_token: int) -> int:
-    """The GPU KV pool under vLLM's ``gpu_memory_utilization``: of the ``utilization`` share of the device's memory,
-    what the memory in use now (the weights, other processes') leaves, and at most ``GPU_PREFILL_FREE_FRACTION`` of
-    the free memory (room for the step's activations), less one longest prompt's prefill staging (as the default)."""
-    budget = int(utilization * total_bytes) - (total_bytes - free_bytes)
+    """The GPU KV pool under vLLM's ``gpu_memory_utilization``, a share of the device for this server alone: what
+    the memory this process holds already (``own_bytes``: the weights) leaves of that share, and at most
+    ``GPU_PREFILL_FREE_FRACTION`` of the free memory (room for the step's activations, and for other processes'
+    memory: two servers at 0.5 fit), less one longest prompt's prefill staging (as the default)."""
+    budget = int(utilization * total_bytes) - own_bytes
     return max(0, min(budget, int(free_bytes * GPU_PREFILL_FREE_FRACTION)) - max_len * kv_bytes_per_token)
 
 
@@ -414,9 +416,11 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
                 memory = default_gpu_kv_bytes(free, length, kv_bytes_per_token)
                 room = f"the {free / (1 << 30):.1f} GiB of GPU memory free after loading the model"
             else:
-                memory = utilization_kv_bytes(config.gpu_memory_utilization, total, free, length, kv_bytes_per_token)
+                own = int(torch.cuda.memory_reserved(model.device))
+                memory = utilization_kv_bytes(config.gpu_memory_utilization, total, free, own, length,
+                                              kv_bytes_per_token)
                 room = (f"gpu_memory_utilization {config.gpu_memory_utilization} of {total / (1 << 30):.1f} GiB, with "
-                        f"{(total - free) / (1 << 30):.1f} GiB in use after loading the model,")
+                        f"{own / (1 << 30):.1f} GiB held by the model and {free / (1 << 30):.1f} GiB free,")
             if memory < 1:
                 raise ValueError(f"{room} holds no KV pool beside the prefill of a {length}-token prompt: give a "
                                  "smaller max_model_len" + (" or a larger gpu_memory_utilization"

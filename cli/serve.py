@@ -209,7 +209,8 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--gpu-memory-utilization", default=None, type=click.FloatRange(0, 1, min_open=True),
                      help="vLLM's: the share of the GPU's memory this server may hold; the KV-cache on the GPU "
                           "(--mode gpu-only or hybrid) gets what the weights leave of it. [default: 0.8 of the "
-                          "memory free after loading, less one longest prompt's prefill]"),
+                          "memory free after loading, or less where one longest prompt's prefill would not fit "
+                          "beside it]"),
         click.option("--gpu-kv-memory", "gpu_kv_memory_bytes", default=None, type=SIZE,
                      help="The KV-cache on the GPU (--mode gpu-only or hybrid), e.g. 20GiB, instead of "
                           "--gpu-memory-utilization."),

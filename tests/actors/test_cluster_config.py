@@ -101,10 +101,12 @@ def test_gpu_memory_utilization_sizes_the_pool_from_the_devices_whole_memory():
     gib = 1 << 30
     llama3_8b = 128 << 10
     # 80 GiB device, 16 GiB of weights loaded: 0.9 leaves 72 - 16 = 56 GiB, less 1 GiB staging for 8k tokens
-    assert utilization_kv_bytes(0.9, 80 * gib, 64 * gib, 8192, llama3_8b) == 55 * gib
+    assert utilization_kv_bytes(0.9, 80 * gib, 64 * gib, 16 * gib, 8192, llama3_8b) == 55 * gib
     # 0.99 would take 63.2 GiB of the 64 free: held to 0.9 of the free (activations), less the staging
-    assert utilization_kv_bytes(0.99, 80 * gib, 64 * gib, 8192, llama3_8b) == int(64 * gib * 0.9) - gib
-    assert utilization_kv_bytes(0.2, 80 * gib, 64 * gib, 8192, llama3_8b) == 0  # the weights alone pass 0.2
+    assert utilization_kv_bytes(0.99, 80 * gib, 64 * gib, 16 * gib, 8192, llama3_8b) == int(64 * gib * 0.9) - gib
+    assert utilization_kv_bytes(0.2, 80 * gib, 64 * gib, 16 * gib, 8192, llama3_8b) == 0  # the weights pass 0.2
+    # a second server at 0.5 beside one that holds 40 GiB: its own share, within what is free
+    assert utilization_kv_bytes(0.5, 80 * gib, 38 * gib, 2 * gib, 8192, llama3_8b) == int(38 * gib * 0.9) - gib
     for bad in (0, 1.5, "0.9", True):
         with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
             ClusterConfig(gpu_memory_utilization=bad)
