@@ -78,7 +78,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
                                   num_logprobs=body.num_logprobs, role=state.config.response_role)
     async with start_generations(llm, state.metrics, body, max_num_choices=llm.max_num_choices) as generations:
         if body.is_stream:
-            return await _stream(request, body, builder, generations)
+            return await _stream(request, body, builder, generations, llm.tokenizer)
         outputs: dict[int, list[StreamOutput]] = {g.index: [] for g in generations}
         async with contextlib.aclosing(interleaved(generations)) as merged:
             async for generation, out in merged:
@@ -105,7 +105,7 @@ async def _generate(request: web.Request, parse: Callable[[dict[str, Any]], Gene
 
 
 async def _stream(request: web.Request, body: GenerateRequest, builder: ResponseBuilder,
-                  generations: list[Generation]) -> web.StreamResponse:
+                  generations: list[Generation], tokenizer: Any) -> web.StreamResponse:
     """Chunks as tokens come, the choices' interleaved, each with its index; a failed choice (the server shutting
     down included) ends the whole stream with its error event (no usage chunk after it, as vLLM), and every stream
     ends with ``data: [DONE]``.  With echo, a choice's first chunk starts with its prompt's text (vLLM's), and its
@@ -114,7 +114,6 @@ async def _stream(request: web.Request, body: GenerateRequest, builder: Response
     called."""
     num_sent = {g.index: 0 for g in generations}  # tokens streamed per choice, for continuous usage
     echo_left = {g.index: g.echo_text for g in generations if g.echo_text is not None}  # prompt not streamed yet
-    tokenizer = request.app[STATE].started_llm().tokenizer
     readers = {g.index: parsing.reader() for g in generations
                if (parsing := body.parsing_for(tokenizer, g.prompt_ids)) is not None}
     events = await EventStream.open(request)
