@@ -101,11 +101,3 @@ def grammar_start_token(tokenizer: Any, prompt_ids: Sequence[int]) -> int | None
         return None
     return ids[1]
 
-
-def split_reasoning(parser: str, text: str) -> tuple[str, str]:
-    """``(reasoning, content)`` of a whole text."""
-    split = ThinkSplit(parser)
-    reasoning, content = split.feed(text)
-    more_reasoning, more_content = split.finish()
-    return reasoning + more_reasoning, content + more_content
-

@@ -3,7 +3,7 @@
 Each extractor reads one choice's text as it comes (``feed``) and once it has ended (``finish``); each call returns
 a ``ToolDelta``: the content to show and the tool-call deltas of OpenAI's stream (``{"index", "id", "type",
 "function": {"name", "arguments"}}``, the id, type and name in a call's first delta only).  A whole response feeds
-the whole text (``extract``), so a streamed choice and a whole one show the same calls and content.
+the whole text (``read_whole``), so a streamed choice and a whole one show the same calls and content.
 
 - ``NamedCall``: the text is the arguments of the one function ``tool_choice`` names (structured outputs held it to
   the function's parameters); its argument fragments stream as they come.
@@ -54,11 +54,12 @@ def make_tool_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"  # vLLM's form
 
 
-def extract(extractor: Extractor, text: str) -> tuple[str, list[dict[str, Any]]]:
-    """The content and whole tool calls (``{"id", "type", "function": {"name", "arguments"}}``) of a whole text."""
-    delta = extractor.feed(text)
-    delta += extractor.finish()
-    return delta.content, merge_calls(delta.calls)
+def read_whole(reader: Extractor, text: str) -> ToolDelta:
+    """What a reader (an extractor, or ``choice_text.ChoiceReader``) shows of a whole text: a whole response is the
+    stream's reading of one piece, so both show the same."""
+    delta = reader.feed(text)
+    delta += reader.finish()
+    return delta
 
 
 def merge_calls(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -184,7 +185,7 @@ class RequiredCalls:
 
 
 class HermesCalls:
-    """``<tool_call>{...}</tool_call>`` blocks; the text before the first is content."""
+    """``<tool_call>{...}</tool_call>`` blocks; the text around them is content."""
 
     START, END = "<tool_call>", "</tool_call>"
 
@@ -196,11 +197,15 @@ class HermesCalls:
         self._is_after_call = False  # nothing but whitespace since the last call
 
     def feed(self, text: str) -> ToolDelta:
+        # an open block's end tag is looked for in the new text only (and the tag's length before it), not again
+        # over the whole block at every token
+        search_from = max(0, len(self._pending) - len(self.END) + 1)
         self._pending += text
         delta = ToolDelta()
         while True:
             if self._in_call:
-                end = self._pending.find(self.END)
+                end = self._pending.find(self.END, search_from)
+                search_from = 0
                 if end < 0:
                     return delta
                 delta += self._block(self._pending[:end], is_closed=True)
@@ -275,7 +280,8 @@ class Llama3JsonCalls:
                 text, self._text = self._text, ""
                 return ToolDelta(content=text)
         # an object may have closed, or prose follows the calls
-        if "}" in text or not self._text[self._position:].lstrip(" \t\r\n;").startswith("{"):
+        position = _skip_separators(self._text, self._position)
+        if "}" in text or (position < len(self._text) and self._text[position] != "{"):
             return self._decoded()
         return ToolDelta()
 
@@ -294,9 +300,7 @@ class Llama3JsonCalls:
     def _decoded(self) -> ToolDelta:
         delta = ToolDelta()
         while self._mode == "calls":
-            position = self._position
-            while position < len(self._text) and self._text[position] in " \t\r\n;":
-                position += 1
+            position = _skip_separators(self._text, self._position)
             if position == len(self._text):
                 return delta
             if self._text[position] != "{":
@@ -314,6 +318,13 @@ class Llama3JsonCalls:
             delta.calls += self._calls.whole(*call)
             self._position = end
         return delta
+
+
+def _skip_separators(text: str, position: int) -> int:
+    """Where the next call object may start: ``position`` past whitespace and ``;``."""
+    while position < len(text) and text[position] in " \t\r\n;":
+        position += 1
+    return position
 
 
 def partial_suffix(text: str, tag: str) -> int:

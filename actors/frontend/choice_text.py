@@ -12,7 +12,7 @@ from typing import Any
 
 from fastdecode.actors.frontend.tool_fields import ToolCalling
 from fastdecode.actors.reasoning_parsers import ThinkSplit, prompt_thinking
-from fastdecode.actors.tool_parsers import Extractor, ToolDelta, merge_calls
+from fastdecode.actors.tool_parsers import Extractor, ToolDelta, merge_calls, read_whole
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,7 @@ class ChoiceParsing:
         content left empty is null (but a named or required call's) and ``reasoning_content`` (and vLLM's newer
         ``reasoning``) holds the thinking, null where there was none."""
         reader = self.reader()
-        delta = reader.feed(text)
-        delta += reader.finish()
+        delta = read_whole(reader, text)
         calls = merge_calls(delta.calls)
         content: str | None = delta.content
         is_forced = self.tool_calling is not None and not self.tool_calling.is_auto  # named or required: "" kept

@@ -2,11 +2,10 @@
 that any split of the text into stream pieces gives the same."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from fastdecode.actors.reasoning_parsers import ThinkSplit, split_reasoning
+from fastdecode.actors.reasoning_parsers import ThinkSplit
+from text_splits import cut_lists
 
 CASES = [
     # (parser, text, reasoning, content)
@@ -35,12 +34,8 @@ def streamed(parser: str, text: str, cuts: list[int]) -> tuple[str, str]:
 
 @pytest.mark.parametrize("parser, text, reasoning, content", CASES)
 def test_a_whole_text_and_every_split_of_it(parser, text, reasoning, content):
-    assert split_reasoning(parser, text) == (reasoning, content)
-    for cut in range(len(text) + 1):
-        assert streamed(parser, text, [cut]) == (reasoning, content), cut
-    rng = random.Random(len(text))
-    for _ in range(30):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text), rng.randrange(2, 10))))
+    assert streamed(parser, text, []) == (reasoning, content)  # the whole text at once
+    for cuts in cut_lists(text, num_random=30, max_pieces=10):
         assert streamed(parser, text, cuts) == (reasoning, content), cuts
 
 

@@ -3,21 +3,29 @@ into stream pieces gives the same content and calls (a streamed choice shows wha
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from fastdecode.actors.tool_parsers import (
+    Extractor,
     HermesCalls,
     Llama3JsonCalls,
     NamedCall,
     RequiredCalls,
     ToolDelta,
-    extract,
+    merge_calls,
+    read_whole,
 )
+from text_splits import cut_lists
 
 PARIS = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 CALL = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+def extract(extractor: Extractor, text: str) -> tuple[str, list[dict]]:
+    """The content and whole calls of a whole text, as the server reads a whole response."""
+    delta = read_whole(extractor, text)
+    return delta.content, merge_calls(delta.calls)
 
 
 def shown(content: str, calls: list[dict]) -> tuple[str, list[tuple[str, str]]]:
@@ -83,13 +91,8 @@ def test_a_whole_text(make, text, content, calls):
 
 @pytest.mark.parametrize("make, text, content, calls", CASES)
 def test_every_split_shows_what_the_whole_text_shows(make, text, content, calls):
-    for cut in range(len(text) + 1):
-        assert streamed(make, text, [cut]) == (content, calls), cut
-    rng = random.Random(len(text))
-    for _ in range(50):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text), rng.randrange(2, 12))))
+    for cuts in cut_lists(text, num_random=50, max_pieces=12, is_char_by_char=True):
         assert streamed(make, text, cuts) == (content, calls), cuts
-    assert streamed(make, text, list(range(1, len(text)))) == (content, calls)  # a character at a time
 
 
 def test_content_before_a_hermes_call_streams_before_the_call_closes():
