@@ -148,11 +148,11 @@ def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int,
 
 def check_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
     """RequestError (vLLM's words) for more top logprobs per token than ``max_logprobs`` allows (-1: the whole
-    vocabulary, which also caps a larger limit); a count of -1 asks for the whole vocabulary."""
+    vocabulary, which also caps a larger limit); ``params``' counts of -1 already made the vocabulary's size
+    (``SamplingParams.with_vocab_logprobs``)."""
     limit = vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size)
     for name, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
         count = getattr(params, name)
-        count = vocab_size if count == -1 else count
         if count is not None and count > limit:
             raise RequestError(f"Requested {kind} logprobs of {count}, which is greater than max allowed: {limit}",
                                name)

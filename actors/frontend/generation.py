@@ -308,7 +308,8 @@ def _check_logprobs(llm: AsyncLLM, request: GenerateRequest, params: SamplingPar
     if params.logprobs is None and params.prompt_logprobs is None:
         return
     try:
-        check_logprobs(params, llm.max_logprobs, llm.model_config.vocab_size)
+        vocab_size = llm.model_config.vocab_size
+        check_logprobs(params.with_vocab_logprobs(vocab_size), llm.max_logprobs, vocab_size)
     except RequestError as exc:
         is_chat_top = exc.param == "logprobs" and request.messages is not None
         raise bad_request(str(exc), "top_logprobs" if is_chat_top else exc.param) from None
