@@ -6,9 +6,17 @@
 // "Session 7"); one tdpbf16ps of 4 query rows takes 16 cycles for 1 KiB of K or V, against about 80 for the
 // same bytes as widened float32 FMAs.
 //
-// Tiles (fixed numbers: the instructions name them): 0 scores C [M][16 tokens], 1 q A [M][32 dims],
-// 2 K B [16 dim pairs][16 tokens x 2], 3 output C [M][16 dims], 4 probabilities A [M][32 tokens],
-// 5 V B [16 token pairs][16 dims x 2]; M = the query heads a pass takes at once (kernel_body.h's GB).
+// Tiles (fixed numbers: the instructions name them); M = the query heads a pass takes at once (kernel_body.h's GB):
+// - score pass: 1 q A [M][32 dims]; two chains, one per 16 tokens: C tiles 0 and 6 [M][16 tokens], K B tiles 2 and
+//   7 [16 dim pairs][16 tokens x 2];
+// - value pass: 4 probabilities A [M][32 tokens]; three chains over the head dims, 16 each: output C tiles 3, 0
+//   and 6 [M][16 dims], V B tiles 5, 2 and 7 [16 token pairs][16 dims x 2].
+// Tiles are not renamed: a tile load waits for the last instruction that reads the tile. With one C and one B
+// tile per pass, each step's loads waited for the step before's tile product and store, and a step's V or K
+// lines were read only after the step before's product; each pass ran as one chain of load, tile product and
+// store. Three value chains and two score chains run one core at about 1.2x the memory rate of the single
+// chain (0.92 of the read probe for 64x2048 with 2 threads on the dev VM, against 0.75-0.78; docs/benchmarks.md,
+// "Session 22").
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
@@ -34,9 +42,9 @@ struct alignas(64) TileConfig {
     uint16_t colsb[16] = {};
     uint8_t rows[16] = {};
     explicit TileConfig(int m) {
-        for (int t = 0; t < 6; ++t) colsb[t] = 64;
-        rows[0] = rows[1] = rows[3] = rows[4] = (uint8_t)m;   // the C and A tiles: one row per query head
-        rows[2] = rows[5] = 16;                               // the B tiles: 16 pairs of dims or tokens
+        for (int t = 0; t < 8; ++t) colsb[t] = 64;
+        rows[0] = rows[1] = rows[3] = rows[4] = rows[6] = (uint8_t)m;   // the C and A tiles: one row per query head
+        rows[2] = rows[5] = rows[7] = 16;                               // the B tiles: 16 pairs of dims or tokens
     }
 };
 
@@ -48,7 +56,8 @@ static int tile_rows(const fdn::ChunkTask &task) {
 }
 
 // Scores of the whole K tiles: s[g][t0 .. t0 + TV*16) = q[g] . K[t] * scale, 16 tokens per C tile, 32 head
-// dims per tile product. The pass's prefetch is spread over its tile products.
+// dims per tile product; the two C tiles' chains interleaved (one q tile load serves both). The pass's prefetch
+// is spread over its tile products.
 struct ScoreAmx {
     static constexpr bool kBf16Q = true;   // row_scores widens task.q_bf16 and applies task.scale
     template <int DT, int GB, int TV>
@@ -61,18 +70,24 @@ struct ScoreAmx {
         const int num_steps = TV * (D / 32);
         const size_t per_step = ((size_t)D * P * 2 / num_steps + 63) / 64 * 64;
         PrefetchWalk fetch(pf.for_scores, pf.for_scores_far, kb, per_step, per_step);
-        for (int j = 0; j < TV; ++j) {
-            const int t = t0 + 16 * j;
-            const long k_stride = (long)(fdn::k_index(DT, 2, t, D, P) - fdn::k_index(DT, 0, t, D, P)) * 2;   // pair rows
-            _tile_zero(0);
-            for (int c = 0; c < D / 32; ++c) {
+        static_assert(TV == 1 || TV == 2, "one or two score chains");
+        // Bytes between pair rows: the two C tiles' tokens lie in one K layout tile (kKTileTokens = 32).
+        const long k_stride = (long)(fdn::k_index(DT, 2, t0, D, P) - fdn::k_index(DT, 0, t0, D, P)) * 2;
+        _tile_zero(0);
+        if constexpr (TV == 2) _tile_zero(6);
+        for (int c = 0; c < D / 32; ++c) {
+            fetch.next();
+            _tile_loadd(1, q + 32 * c, (long)D * 2);
+            _tile_loadd(2, kb + fdn::k_index(DT, 32 * c, t0, D, P) * 2, k_stride);
+            _tile_dpbf16ps(0, 1, 2);
+            if constexpr (TV == 2) {
                 fetch.next();
-                _tile_loadd(1, q + 32 * c, (long)D * 2);
-                _tile_loadd(2, kb + fdn::k_index(DT, 32 * c, t, D, P) * 2, k_stride);
-                _tile_dpbf16ps(0, 1, 2);
+                _tile_loadd(7, kb + fdn::k_index(DT, 32 * c, t0 + 16, D, P) * 2, k_stride);
+                _tile_dpbf16ps(6, 1, 7);
             }
-            _tile_stored(0, s + t, (long)P * 4);
         }
+        _tile_stored(0, s + t0, (long)P * 4);
+        if constexpr (TV == 2) _tile_stored(6, s + t0 + 16, (long)P * 4);
         const V::R scale = V::set1(task.scale);
         for (int g = 0; g < GB; ++g)
             for (int j = 0; j < TV; ++j) V::store(s + g * P + t0 + j * V::W, V::mul(V::load(s + g * P + t0 + j * V::W), scale));
@@ -81,7 +96,7 @@ struct ScoreAmx {
 
 // Values of a full page from bf16 probabilities (chosen only when q, KV and the output are all bf16, as
 // ValueDotBf16): per 32 tokens and 16 head dims, the output rows are loaded into a C tile, take one tile
-// product and are stored back. A part-filled page (the last: its V rows past n hold no tokens) and pages
+// product and are stored back, in three chains (FD_VALUE_STEP). A part-filled page (the last: its V rows past n hold no tokens) and pages
 // not a whole number of 32 tokens take the float32 value tiles.
 struct ValueAmx {
     template <int DT, int GB>
@@ -97,15 +112,25 @@ struct ValueAmx {
         PrefetchWalk fetch(pf_v, pf_v_far, vb, per_step, per_step);
         for (int t = 0; t < P; t += 32) {
             _tile_loadd(4, pb + t, (long)P * 2);
-            for (int d = 0; d < D; d += 16) {
-                fetch.next();
-                const size_t v0 = fdn::v_index(DT, t, d, D, P);
-                const long v_stride = (long)(fdn::v_index(DT, t + 2, d, D, P) - v0) * 2;   // bytes between pair rows
-                _tile_loadd(3, acc + d, (long)D * 4);
-                _tile_loadd(5, vb + v0 * 2, v_stride);
-                _tile_dpbf16ps(3, 4, 5);
-                _tile_stored(3, acc + d, (long)D * 4);
+// One chain step: the output rows' head dims d .. d + 16 (C tile C) take the tile product of the probabilities
+// (tile 4) and the 32 tokens from t of V (B tile B). A macro: GCC's AMX intrinsics paste the tile number into
+// their asm text, so it must be a literal, not a template parameter.
+#define FD_VALUE_STEP(C, B, d)                                                                            \
+    do {                                                                                                  \
+        fetch.next();                                                                                     \
+        const size_t v0 = fdn::v_index(DT, t, d, D, P);                                                   \
+        const long v_stride = (long)(fdn::v_index(DT, t + 2, d, D, P) - v0) * 2; /* between pair rows */ \
+        _tile_loadd(C, acc + (d), (long)D * 4);                                                           \
+        _tile_loadd(B, vb + v0 * 2, v_stride);                                                            \
+        _tile_dpbf16ps(C, 4, B);                                                                          \
+        _tile_stored(C, acc + (d), (long)D * 4);                                                          \
+    } while (0)
+            for (int d = 0; d < D; d += 48) {   // D is a multiple of 32: the second and third steps may be past it
+                FD_VALUE_STEP(3, 5, d);
+                if (d + 16 < D) FD_VALUE_STEP(0, 2, d + 16);
+                if (d + 32 < D) FD_VALUE_STEP(6, 7, d + 32);
             }
+#undef FD_VALUE_STEP
         }
     }
 };
