@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdecode.actors.prefill import kv_buffers, prefill_hidden, prompt_token_logprobs
+from fastdecode.actors.prefix_cache import CachedBlock, PrefixCache, fill_prefix
 from fastdecode.actors.request import PromptLogprob
 from fastdecode.actors.sequence import Sequence
 
@@ -30,7 +31,9 @@ class PrefillJob:
     (``[num_layers, len, Hkv, D]``), filled up to ``num_done``: each chunk writes its K/V there and attends in place. A preempted or recovering sequence is rebuilt from prompt + its output but
     the last token (``is_resumed``), which the next decode step feeds in: its next token is not sampled then.
     A fresh prompt whose request asks for ``prompt_logprobs`` (``num_prompt_logprobs``) gathers them chunk by chunk
-    in ``prompt_logprobs``; a resumed one does not: its stream had them with its first token."""
+    in ``prompt_logprobs``; a resumed one does not: its stream had them with its first token.
+    With a ``PrefixCache`` (``cache``), the job starts after the cached blocks that begin its tokens (``cached``,
+    copied into its buffers by its first chunk), and its whole blocks are cached once it is done."""
 
     seq: Sequence
     node_index: int
@@ -41,13 +44,26 @@ class PrefillJob:
     values: torch.Tensor | None = None
     num_prompt_logprobs: int | None = None
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    cache: PrefixCache | None = None
+    cached: list[CachedBlock] | None = None
 
     @classmethod
-    def for_sequence(cls, seq: Sequence, node_index: int) -> "PrefillJob":
+    def for_sequence(cls, seq: Sequence, node_index: int, cache: PrefixCache | None = None) -> "PrefillJob":
         is_resumed = bool(seq.output_ids)
         if is_resumed:
-            return cls(seq, node_index, seq.all_ids[:-1], is_resumed)
-        return cls(seq, node_index, list(seq.prompt_ids), is_resumed, num_prompt_logprobs=seq.params.prompt_logprobs)
+            job = cls(seq, node_index, seq.all_ids[:-1], is_resumed, cache=cache)
+        else:
+            job = cls(seq, node_index, list(seq.prompt_ids), is_resumed,
+                      num_prompt_logprobs=seq.params.prompt_logprobs, cache=cache)
+        if cache is not None and job.num_prompt_logprobs is None:  # prompt logprobs score every prompt position
+            job.cached = cache.lookup(job.token_ids) or None
+            job.num_done = sum(block.keys.shape[1] for block in job.cached or ())
+        return job
+
+    @property
+    def num_cached(self) -> int:
+        """The prompt's leading tokens whose K/V come from the prefix cache."""
+        return sum(block.keys.shape[1] for block in self.cached or ())
 
     @property
     def num_left(self) -> int:
@@ -60,8 +76,10 @@ class PrefillJob:
         start = self.num_done
         end = start + min(num_tokens, self.num_left)
         tokens = torch.tensor(self.token_ids[start:end], dtype=torch.long, device=model.device)
-        if self.keys is None and end < len(self.token_ids):  # chunked: buffers for the whole prompt
+        if self.keys is None and (start or end < len(self.token_ids)):  # buffers for the whole prompt
             self.keys, self.values = kv_buffers(model, len(self.token_ids))
+            if fill_prefix(self.cached or [], self.keys, self.values) != start:
+                raise RuntimeError(f"a prefill at position {start} found no K/V before it")
         hidden, keys, values = prefill_hidden(model, tokens, start, self.keys, self.values)
         logits = model.logits(hidden[-1:])
         if self.num_prompt_logprobs is not None:
@@ -72,7 +90,13 @@ class PrefillJob:
         self.keys = self.values = None  # handed over with the last chunk
         if host_copies is not None:
             keys, values = host_copies(keys, values)
+        self.keep_blocks(keys, values)
         return logits, keys, values
+
+    def keep_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """On the dense thread, once the prompt's K/V are whole: its whole blocks into the prefix cache."""
+        if self.cache is not None:
+            self.cache.insert(self.token_ids, keys, values)
 
     def score_prompt(self, model, hidden: torch.Tensor, start: int, end: int) -> list[PromptLogprob]:
         """The prompt logprobs that positions ``start``..``end`` (``hidden``) give: each position's logits score the
@@ -84,8 +108,9 @@ class PrefillJob:
 class PrefillQueue:
     """The admitted sequences whose prefill is pending or under way, in admission order."""
 
-    def __init__(self, max_num_batched_tokens: int | None) -> None:
+    def __init__(self, max_num_batched_tokens: int | None, cache: PrefixCache | None = None) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens or None  # None: no limit, every prompt whole
+        self.cache = cache
         self._jobs: dict[int, PrefillJob] = {}
 
     def __len__(self) -> int:
@@ -100,7 +125,7 @@ class PrefillQueue:
     def add(self, seq: Sequence, node_index: int) -> None:
         if seq.seq_id in self._jobs:
             raise ValueError(f"sequence {seq.seq_id} is already being prefilled")
-        self._jobs[seq.seq_id] = PrefillJob.for_sequence(seq, node_index)
+        self._jobs[seq.seq_id] = PrefillJob.for_sequence(seq, node_index, self.cache)
 
     def drop(self, seq_id: int) -> bool:
         """Forget a sequence's prefill and the K/V computed so far (False if it had none)."""

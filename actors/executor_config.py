@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fastdecode.actors.prefix_cache import DEFAULT_CACHE_BYTES, PrefixCache
 from fastdecode.actors.request import RequestError, SamplingParams
 from fastdecode.scheduler import SchedulerConfig
 
@@ -39,11 +40,17 @@ class ExecutorConfig:
     # the most top logprobs a request may ask per token (logprobs, prompt_logprobs), as vLLM's --max-logprobs;
     # -1: the whole vocabulary
     max_logprobs: int = 20
+    # automatic prefix caching (actors/prefix_cache.py): host memory for the K/V of prompts' leading blocks, which
+    # later prompts that begin alike skip computing (vLLM's --enable-prefix-caching); 0: none
+    prefix_cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
         if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be an integer of at least -1 (-1: the whole vocabulary), got "
                              f"{self.max_logprobs!r}")
+        if isinstance(self.prefix_cache_bytes, bool) or not isinstance(self.prefix_cache_bytes, int) \
+                or self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be a non-negative integer, got {self.prefix_cache_bytes!r}")
         tokens = self.max_num_batched_tokens
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
             raise ValueError(f"max_num_batched_tokens must be a non-negative integer or None, got {tokens!r}")
@@ -70,6 +77,10 @@ class ExecutorConfig:
                 return DEFAULT_BATCHED_TOKENS_CPU
             return max(DEFAULT_BATCHED_TOKENS_GPU, 2 * self.max_num_seqs)
         return self.max_num_batched_tokens or None
+
+    def prefix_cache(self) -> PrefixCache | None:
+        """A new Executor's prefix cache, or None where prefix_cache_bytes is 0."""
+        return PrefixCache(self.prefix_cache_bytes) if self.prefix_cache_bytes else None
 
     @property
     def max_num_seqs(self) -> int:

@@ -56,6 +56,8 @@ def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
         job.num_done = n
         if scores is not None:
             job.prompt_logprobs = (None, *scores)
+    for job, (keys, values) in zip(jobs, kvs):
+        job.keep_blocks(keys, values)
     return logits, kvs
 
 

@@ -1,0 +1,138 @@
+"""Automatic prefix caching, as vLLM's: the K/V of prompts' leading blocks kept for the next prompts that begin alike.
+
+A prompt's tokens are cut into blocks of ``block_tokens``. A block is known by its own tokens and the block before
+it, so a block matches only where the whole prompt up to its end matches (a chain of exact keys: no hash can
+collide). After a prefill, ``insert`` keeps each whole block not yet held (its keys and values
+``[num_layers, block_tokens, Hkv, D]``, copied to host memory). Before the next prefill, ``lookup`` returns the
+longest run of held blocks from the prompt's start, leaving at least the prompt's last token to compute (its
+logits give the first output token). The prefill then starts after them (``PrefillJob``): the prompt's
+attention reads the cached K/V in place, and only the rest of the prompt runs through the model.
+
+Blocks are evicted least recently used once their bytes pass the budget. A lookup touches a prompt's blocks from
+the first on, so a block is never more recent than the blocks after it: later blocks go first, and no held block
+loses the block before it for long. Lookups run on the Executor's loop and inserts on the dense thread: a lock
+guards the table. A looked-up block's tensors are never written, so an eviction after the lookup only drops the
+table's reference.
+
+The K/V of a position depend only on the tokens up to it (causal attention, positions from 0), so a reused block
+gives what computing it again would, up to float rounding of the attention split at the block's end (as chunked
+prefill's chunks). A request that asks for prompt logprobs computes its whole prompt, as vLLM's.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_BLOCK_TOKENS = 32
+DEFAULT_CACHE_BYTES = 2 << 30  # host memory
+
+
+@dataclass(frozen=True, eq=False)
+class CachedBlock:
+    keys: torch.Tensor  # [num_layers, block_tokens, Hkv, D], host memory
+    values: torch.Tensor
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prompt tokens looked up and found, as vLLM's prefix_cache_queries and prefix_cache_hits counters."""
+
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    num_blocks: int = 0
+    num_bytes: int = 0
+
+
+class PrefixCache:
+    """Whole prompt blocks' K/V by their token chain, least recently used evicted past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+        if max_bytes < 0 or block_tokens < 1:
+            raise ValueError(f"a prefix cache needs max_bytes >= 0 and block_tokens >= 1, got {max_bytes}, "
+                             f"{block_tokens}")
+        self.max_bytes = max_bytes
+        self.block_tokens = block_tokens
+        self.stats = PrefixCacheStats()
+        # (key of the block before, or None; this block's tokens) -> block, least recently used first
+        self._blocks: OrderedDict[tuple, CachedBlock] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _keys(self, token_ids: list[int], num_blocks: int):
+        key = None
+        for i in range(num_blocks):
+            key = (key, tuple(token_ids[i * self.block_tokens:(i + 1) * self.block_tokens]))
+            yield key
+
+    def lookup(self, token_ids: list[int]) -> list[CachedBlock]:
+        """The held blocks that begin ``token_ids``, in order, at most up to its last token but one."""
+        num_blocks = (len(token_ids) - 1) // self.block_tokens
+        found: list[CachedBlock] = []
+        with self._lock:
+            self.stats.queried_tokens += len(token_ids)
+            for key in self._keys(token_ids, num_blocks):
+                block = self._blocks.get(key)
+                if block is None:
+                    break
+                self._blocks.move_to_end(key)
+                found.append(block)
+            self.stats.hit_tokens += len(found) * self.block_tokens
+        return found
+
+    def insert(self, token_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the whole blocks of a prompt whose K/V ``[num_layers, >= len(token_ids), Hkv, D]`` were computed
+        (any device): those not held yet are copied to host memory."""
+        if not self.max_bytes:
+            return
+        num_blocks = len(token_ids) // self.block_tokens
+        for index, key in enumerate(self._keys(token_ids, num_blocks)):
+            with self._lock:
+                if key in self._blocks:
+                    self._blocks.move_to_end(key)
+                    continue
+            span = slice(index * self.block_tokens, (index + 1) * self.block_tokens)
+            block = CachedBlock(_host_copy(keys[:, span]), _host_copy(values[:, span]))
+            if block.num_bytes > self.max_bytes:
+                return
+            with self._lock:
+                if key not in self._blocks:
+                    self._blocks[key] = block
+                    self.stats.num_blocks += 1
+                    self.stats.num_bytes += block.num_bytes
+                self._evict()
+
+    def _evict(self) -> None:
+        while self.stats.num_bytes > self.max_bytes:
+            _, block = self._blocks.popitem(last=False)
+            self.stats.num_blocks -= 1
+            self.stats.num_bytes -= block.num_bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+            self.stats.num_blocks = self.stats.num_bytes = 0
+
+
+def _host_copy(t: "torch.Tensor") -> "torch.Tensor":
+    import torch  # not at import: the command line reads DEFAULT_CACHE_BYTES without loading torch
+
+    return t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
+def fill_prefix(blocks: list[CachedBlock], keys: torch.Tensor, values: torch.Tensor) -> int:
+    """Copy ``blocks`` to the start of a prompt's K/V buffers ``[num_layers, N, Hkv, D]``; the tokens they hold."""
+    start = 0
+    for block in blocks:
+        end = start + block.keys.shape[1]
+        keys[:, start:end].copy_(block.keys)
+        values[:, start:end].copy_(block.values)
+        start = end
+    return start

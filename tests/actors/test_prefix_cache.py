@@ -1,0 +1,146 @@
+"""Automatic prefix caching: the cache's blocks by token chain, its eviction, and the Executor (random:tiny, float32,
+CPU) giving the reference's greedy tokens for a prompt whose start was cached, whole or in chunks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from executor_helpers import collect, greedy, prompt, reference_greedy, start_executor
+from fastdecode.actors.chunked_prefill import PrefillJob
+from fastdecode.actors.executor import ExecutorConfig
+from fastdecode.actors.prefill import prefill
+from fastdecode.actors.prefix_cache import PrefixCache
+from fastdecode.actors.request import SamplingParams
+from fastdecode.actors.sequence import EventChannel, Sequence
+from greedy_compare import assert_same_greedy
+
+BLOCK = 4
+
+
+def kv_of(token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V ``[2 layers, T, 1 head, 2 dims]`` that say which token and layer they belong to."""
+    ids = torch.tensor(token_ids, dtype=torch.float32).view(1, -1, 1, 1)
+    keys = ids.expand(2, -1, 1, 2) + torch.tensor([0.0, 1000.0]).view(2, 1, 1, 1)
+    return keys.clone(), -keys
+
+
+def block_tokens(blocks) -> list[list[int]]:
+    return [[int(t) for t in block.keys[0, :, 0, 0]] for block in blocks]
+
+
+def test_a_lookup_finds_the_blocks_that_begin_the_prompt_and_leaves_its_last_token():
+    cache = PrefixCache(1 << 20, BLOCK)
+    tokens = list(range(10, 22))  # 3 whole blocks
+    cache.insert(tokens, *kv_of(tokens))
+    found = cache.lookup(tokens + [99])
+    assert block_tokens(found) == [tokens[0:4], tokens[4:8], tokens[8:12]]
+    keys, values = kv_of(tokens)
+    assert torch.equal(found[1].keys, keys[:, 4:8]) and torch.equal(found[1].values, values[:, 4:8])
+    # the prompt itself: its last token is computed, so its last whole block is not taken
+    assert len(cache.lookup(tokens)) == 2
+    assert cache.lookup(tokens[:4]) == []
+    assert (cache.stats.queried_tokens, cache.stats.hit_tokens) == (13 + 12 + 4, 12 + 8)
+
+
+def test_a_block_matches_only_behind_the_same_blocks():
+    cache = PrefixCache(1 << 20, BLOCK)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8]
+    cache.insert(tokens, *kv_of(tokens))
+    assert cache.lookup([9, 9, 9, 9, 5, 6, 7, 8, 0]) == []  # block 2's tokens after another block 1
+    assert block_tokens(cache.lookup([1, 2, 3, 4, 5, 6, 7, 0, 0])) == [[1, 2, 3, 4]]
+
+
+def test_cached_blocks_are_copies():
+    cache = PrefixCache(1 << 20, BLOCK)
+    tokens = list(range(8))
+    keys, values = kv_of(tokens)
+    cache.insert(tokens, keys, values)
+    keys.zero_()
+    assert block_tokens(cache.lookup(tokens + [0])) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_the_least_recently_used_blocks_go_past_the_budget():
+    one_block = 2 * 2 * BLOCK * 1 * 2 * 4  # K and V of 2 layers, 4 tokens, 1 head, 2 float32 dims
+    cache = PrefixCache(2 * one_block, BLOCK)
+    a, b, c = ([salt] * BLOCK for salt in (1, 2, 3))
+    cache.insert(a, *kv_of(a))
+    cache.insert(b, *kv_of(b))
+    assert len(cache.lookup(a + [0])) == 1  # a is now the more recent
+    cache.insert(c, *kv_of(c))
+    assert (cache.stats.num_blocks, cache.stats.num_bytes) == (2, 2 * one_block)
+    assert cache.lookup(b + [0]) == []
+    assert len(cache.lookup(a + [0])) == 1 and len(cache.lookup(c + [0])) == 1
+
+
+def test_no_budget_keeps_nothing():
+    cache = PrefixCache(0, BLOCK)
+    cache.insert(list(range(8)), *kv_of(list(range(8))))
+    assert cache.stats.num_blocks == 0 and cache.lookup(list(range(9))) == []
+
+
+def test_a_prompt_logprobs_request_computes_its_whole_prompt():
+    cache = PrefixCache(1 << 20, BLOCK)
+    tokens = list(range(12))
+    cache.insert(tokens, *kv_of(tokens))
+    plain = Sequence(1, tokens + [5], SamplingParams(max_tokens=2), EventChannel())
+    scored = Sequence(2, tokens + [5], SamplingParams(max_tokens=2, prompt_logprobs=1), EventChannel())
+    assert PrefillJob.for_sequence(plain, 0, cache).num_done == 12
+    assert PrefillJob.for_sequence(scored, 0, cache).num_done == 0
+
+
+def test_the_executor_config_makes_the_cache():
+    assert ExecutorConfig(prefix_cache_bytes=0).prefix_cache() is None
+    assert ExecutorConfig(prefix_cache_bytes=1 << 20).prefix_cache().max_bytes == 1 << 20
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        ExecutorConfig(prefix_cache_bytes=-1)
+
+
+NUM_TOKENS = 12
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def tiny_on(request, tiny_model):
+    """random:tiny in float32 on the CPU, and on CUDA (where its blocks go to host memory and back)."""
+    if request.param == "cpu":
+        return tiny_model[0]
+    from fastdecode.actors.model import load_model
+
+    return load_model("random:tiny", dtype="float32", device="cuda", seed=0)[0]
+
+
+@pytest.mark.parametrize("limit", [0, 16], ids=["whole", "chunks-of-16"])
+async def test_a_cached_prefix_gives_the_greedy_tokens_of_the_whole_prompt(tiny_on, limit):
+    model = tiny_on
+    first = prompt(100, 7)
+    second = first + prompt(20, 8)  # begins with first's 3 whole 32-token blocks
+    executor, nodes = await start_executor(model, limit)
+    placed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each prompt's K/V as placed on the node
+    real_append = nodes[0].append_prompt
+
+    async def append_prompt(seq_id, keys, values):
+        placed[seq_id] = (keys.clone(), values.clone())
+        await real_append(seq_id, keys, values)
+
+    nodes[0].append_prompt = append_prompt
+    try:
+        cache = executor.prefills.cache
+        tokens_first, _ = await collect(executor.submit(first, greedy(NUM_TOKENS)))
+        assert cache.stats.hit_tokens == 0 and cache.stats.num_blocks == 3
+        stream = executor.submit(second, greedy(NUM_TOKENS))
+        tokens_second, reason = await collect(stream)
+        assert reason == "length"
+        assert cache.stats.hit_tokens == 96
+        with torch.no_grad():
+            _, keys, values = prefill(model, torch.tensor(second, device=model.device))
+        torch.testing.assert_close(placed[stream.request_id][0], keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(placed[stream.request_id][1], values, rtol=1e-5, atol=1e-5)
+        # the same prompt again: all of it but its last token's block (119 // 32 = 3 blocks)
+        tokens_again, _ = await collect(executor.submit(second, greedy(NUM_TOKENS)))
+        assert cache.stats.hit_tokens == 96 + 96
+    finally:
+        await executor.stop()
+    for ids, ours, label in ((first, tokens_first, "first"), (second, tokens_second, "second"),
+                             (second, tokens_again, "again")):
+        ref_tokens, gaps = reference_greedy(model, ids, NUM_TOKENS)
+        assert_same_greedy(ours, ref_tokens, gaps, label=f"{label}, limit {limit}")
