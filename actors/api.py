@@ -52,6 +52,7 @@ from fastdecode.actors.engine_health import EngineDeadError
 from fastdecode.actors.generate_call import GenerateCall
 from fastdecode.actors.generation_results import StreamedResult
 from fastdecode.actors.logprob_dicts import prompt_logprob_dicts
+from fastdecode.actors.prefix_cache import PrefixCacheStats
 from fastdecode.actors.request import GenerationResult, RequestOutputKind, SamplingParams
 from fastdecode.actors.structured_output import StructuredOutputs
 
@@ -89,6 +90,12 @@ class LLM:
     @property
     def is_closed(self) -> bool:
         return not self._finalizer.alive
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counts (tokens looked up and found, blocks and bytes held); None where it is off."""
+        cache = self._llm.cluster.executor.prefills.cache
+        return None if cache is None else cache.stats
 
     def _call(self, coro):
         return run_on(self._loop, coro)

@@ -239,6 +239,7 @@ def offline(**options) -> None:
 
 
 def _add_subcommands() -> None:
+    from fastdecode.cli.bench_prefix import prefix_cache_command
     from fastdecode.cli.bench_project import project_command
     from fastdecode.cli.bench_roofline import roofline
     from fastdecode.cli.bench_scaling import scaling_command
@@ -248,6 +249,7 @@ def _add_subcommands() -> None:
     bench.add_command(project_command)
     bench.add_command(scaling_command)
     bench.add_command(serve_command)
+    bench.add_command(prefix_cache_command)
 
 
 _add_subcommands()

@@ -17,6 +17,7 @@ from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE, CountParamType
 from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
 from fastdecode.actors.modes import MODES
+from fastdecode.actors.prefix_cache import DEFAULT_CACHE_BYTES
 from fastdecode.actors.reasoning_parsers import REASONING_PARSERS
 from fastdecode.actors.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 from fastdecode.scheduler.config import ADMISSION_MODES
@@ -214,6 +215,12 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--gpu-kv-memory", "gpu_kv_memory_bytes", default=None, type=SIZE,
                      help="The KV-cache on the GPU (--mode gpu-only or hybrid), e.g. 20GiB, instead of "
                           "--gpu-memory-utilization."),
+        click.option("--enable-prefix-caching/--no-enable-prefix-caching", "is_prefix_caching", default=True,
+                     show_default=True,
+                     help="Keep the K/V of prompts' leading 32-token blocks, so a later prompt that begins alike (a "
+                          "system prompt, a conversation's earlier turns) computes only the rest (vLLM's)."),
+        click.option("--prefix-cache-memory", "prefix_cache_memory_bytes", default="2GiB", show_default=True,
+                     type=SIZE, help="Host memory the prefix cache may hold; the least recently used blocks go."),
         click.option("--max-logprobs", default=20, show_default=True, type=click.IntRange(min=-1),
                      help="The most top logprobs a request may ask per token (logprobs, top_logprobs, "
                           "prompt_logprobs; more is a 400), vLLM's; -1: the whole vocabulary."),
@@ -270,7 +277,8 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
                  is_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
                  response_role: str = "assistant", max_logprobs: int = 20, reasoning_parser: str | None = None,
                  gpu_memory_utilization: float | None = None, gpu_kv_memory_bytes: int | None = None,
-                 mode: str | None = None):
+                 mode: str | None = None, is_prefix_caching: bool = True,
+                 prefix_cache_memory_bytes: int = DEFAULT_CACHE_BYTES):
     """A validated ``ServeConfig``; bad values raise ``OneLineError``."""
     from fastdecode.transport.sockets import is_loopback_address
 
@@ -286,6 +294,7 @@ def build_config(*, model: str, host: str, port: int, api_key: str | None, serve
     try:
         executor = ExecutorConfig(max_model_len=max_model_len, max_queue=max_queue, is_pipelined=not is_unpipelined,
                                   max_num_batched_tokens=max_num_batched_tokens, max_logprobs=max_logprobs,
+                                  prefix_cache_bytes=prefix_cache_memory_bytes if is_prefix_caching else 0,
                                   scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, admission=admission,
                                                             overcommit=overcommit,
                                                             max_reserved_output=max_reserved_output or None))

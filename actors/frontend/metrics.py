@@ -62,7 +62,7 @@ VLLM_NAMES = frozenset({
     "fastdecode_e2e_request_latency_seconds", "fastdecode_request_prompt_tokens",
     "fastdecode_request_generation_tokens", "fastdecode_request_params_max_tokens", "fastdecode_request_params_n",
     "fastdecode_num_requests_waiting", "fastdecode_num_requests_running", "fastdecode_kv_cache_usage_perc",
-    "fastdecode_num_preemptions"})
+    "fastdecode_num_preemptions", "fastdecode_prefix_cache_queries", "fastdecode_prefix_cache_hits"})
 
 
 class VllmNamed:
@@ -144,7 +144,12 @@ class FrontendMetrics:
         self.preemptions = self._counter(
             "fastdecode_num_preemptions",
             "Sequences preempted because their KV node was full (vLLM's num_preemptions).")
-        self._seen: dict = {self.steps: 0, self.sequences_recovered: 0, self.preemptions: 0}
+        self.prefix_cache_queries = self._counter(
+            "fastdecode_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's).")
+        self.prefix_cache_hits = self._counter(
+            "fastdecode_prefix_cache_hits", "Prompt tokens found in the prefix cache, not computed (vLLM's).")
+        self._seen: dict = {self.steps: 0, self.sequences_recovered: 0, self.preemptions: 0,
+                            self.prefix_cache_queries: 0, self.prefix_cache_hits: 0}
         r.register(VllmNamed(self._vllm_named))
 
     def _named(self, metric):
@@ -203,8 +208,11 @@ class FrontendMetrics:
             self.num_requests_waiting.set(executor.num_waiting)
             self.num_requests_running.set(executor.num_running)
             self.step_seconds.set(executor.last_step_s)
+            cache = executor.prefills.cache
             counts = ((self.steps, executor.num_steps), (self.sequences_recovered, executor.num_recovered),
-                      (self.preemptions, executor.num_preempted))
+                      (self.preemptions, executor.num_preempted),
+                      (self.prefix_cache_queries, cache.stats.queried_tokens if cache else 0),
+                      (self.prefix_cache_hits, cache.stats.hit_tokens if cache else 0))
             for counter, count in counts:
                 counter.inc(count - self._seen[counter])
                 self._seen[counter] = count

@@ -86,7 +86,8 @@ async def test_draining_node_is_down_with_its_bytes_and_a_vanished_node_reports_
     draining, leaving = GuardedNode(FakeNode("d", 300), epoch=1), GuardedNode(FakeNode("x", 500), epoch=1)
     draining.mark(NodeState.DRAINING, "SIGTERM")
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
-                               num_preempted=0, nodes=[draining, leaving])
+                               num_preempted=0, prefills=SimpleNamespace(cache=None),
+                               nodes=[draining, leaving])
     metrics, cluster = FrontendMetrics("m"), SimpleNamespace(executor=executor)
     assert (await node_gauges(metrics, cluster))["x"]["fastdecode_kv_node_up"] == 1
     executor.nodes = [draining]  # "x" is no longer one of the Executor's nodes

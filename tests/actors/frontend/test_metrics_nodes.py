@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastdecode.actors.frontend.metrics import FrontendMetrics
 from fastdecode.actors.guarded_node import GuardedNode
 from fastdecode.actors.kv_nodes import NodeStats
+from fastdecode.actors.prefix_cache import PrefixCache
 
 
 class Node:
@@ -24,7 +25,7 @@ class Node:
 
 async def test_a_node_failing_mid_scrape_skips_only_its_gauges():
     executor = SimpleNamespace(num_waiting=2, num_running=3, last_step_s=0.01, num_steps=7, num_recovered=0,
-                               num_preempted=0,
+                               num_preempted=0, prefills=SimpleNamespace(cache=None),
                                nodes=[GuardedNode(Node("a", 100), epoch=1),
                                       GuardedNode(Node("b", 200, fails=True), epoch=1)])
     text = (await FrontendMetrics("m").render(SimpleNamespace(executor=executor))).decode()
@@ -39,7 +40,7 @@ async def test_engine_counts_are_prometheus_counters():
     """Steps, recovered and preempted sequences only grow: counters (``_total``, for rate()), not gauges."""
     metrics = FrontendMetrics("m")
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=7, num_recovered=2,
-                               num_preempted=1, nodes=[])
+                               num_preempted=1, prefills=SimpleNamespace(cache=None), nodes=[])
     await metrics.render(SimpleNamespace(executor=executor))
     executor.num_steps, executor.num_recovered, executor.num_preempted = 10, 2, 4
     families = {f.name: f for f in text_string_to_metric_families(
@@ -50,6 +51,19 @@ async def test_engine_counts_are_prometheus_counters():
             if s.name == "fastdecode_sequences_recovered_total"] == [2]
     assert [s.value for s in families["fastdecode_num_preemptions"].samples
             if s.name == "fastdecode_num_preemptions_total"] == [4]
+
+
+async def test_prefix_cache_tokens_are_counters_under_vllm_names_too():
+    metrics = FrontendMetrics("m")
+    cache = PrefixCache(1 << 20, 4)
+    executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
+                               num_preempted=0, prefills=SimpleNamespace(cache=cache), nodes=[])
+    await metrics.render(SimpleNamespace(executor=executor))
+    cache.stats.queried_tokens, cache.stats.hit_tokens = 100, 64
+    samples = {s.name: s.value for f in text_string_to_metric_families(
+        (await metrics.render(SimpleNamespace(executor=executor))).decode()) for s in f.samples}
+    assert samples["fastdecode_prefix_cache_queries_total"] == samples["vllm:prefix_cache_queries_total"] == 100
+    assert samples["fastdecode_prefix_cache_hits_total"] == samples["vllm:prefix_cache_hits_total"] == 64
 
 
 class Client:
@@ -80,7 +94,7 @@ async def test_a_silent_shard_is_down_at_once_and_each_node_is_asked_once():
     assert nodes[0].is_alive  # not marked yet: the Executor notices at its next step boundary
     silent.num_reads = heard.num_reads = 0
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
-                               num_preempted=0, nodes=nodes)
+                               num_preempted=0, prefills=SimpleNamespace(cache=None), nodes=nodes)
     text = (await FrontendMetrics("m").render(SimpleNamespace(executor=executor))).decode()
     samples = {(s.name, s.labels.get("node")): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}

@@ -81,7 +81,7 @@ async def test_kv_cache_usage_is_used_over_capacity_of_live_nodes():
     draining.mark(NodeState.DRAINING, "test")
     nodes = [GuardedNode(Node("a", 100), epoch=1), GuardedNode(Node("b", 300), epoch=1), dead, draining]
     executor = SimpleNamespace(num_waiting=0, num_running=0, last_step_s=0.0, num_steps=0, num_recovered=0,
-                               num_preempted=0, nodes=nodes)
+                               num_preempted=0, prefills=SimpleNamespace(cache=None), nodes=nodes)
     samples = await samples_of(FrontendMetrics(MODEL), SimpleNamespace(executor=executor))
     assert value(samples, "fastdecode_kv_cache_usage_perc") == pytest.approx(0.2)
 
