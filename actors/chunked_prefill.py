@@ -88,13 +88,14 @@ class PrefillJob:
         if self.num_left:
             return None
         self.keys = self.values = None  # handed over with the last chunk
+        self.keep_blocks(keys, values)
         if host_copies is not None:
             keys, values = host_copies(keys, values)
-        self.keep_blocks(keys, values)
         return logits, keys, values
 
     def keep_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """On the dense thread, once the prompt's K/V are whole: its whole blocks into the prefix cache."""
+        """On the dense thread, once the prompt's K/V are whole (on the Executor's device): its whole blocks into
+        the prefix cache."""
         if self.cache is not None:
             self.cache.insert(self.token_ids, keys, values)
 

@@ -421,10 +421,12 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
                                               kv_bytes_per_token)
                 room = (f"gpu_memory_utilization {config.gpu_memory_utilization} of {total / (1 << 30):.1f} GiB, with "
                         f"{own / (1 << 30):.1f} GiB held by the model and {free / (1 << 30):.1f} GiB free,")
+            memory -= config.executor.prefix_cache_bytes  # the prefix cache's blocks live on the device too
             if memory < 1:
-                raise ValueError(f"{room} holds no KV pool beside the prefill of a {length}-token prompt: give a "
-                                 "smaller max_model_len" + (" or a larger gpu_memory_utilization"
-                                                            if config.gpu_memory_utilization is not None else ""))
+                raise ValueError(f"{room} holds no KV pool beside the prefix cache and the prefill of a {length}-token "
+                                 "prompt: give a smaller max_model_len or prefix cache" +
+                                 (" or a larger gpu_memory_utilization"
+                                  if config.gpu_memory_utilization is not None else ""))
         else:
             if config.gpu_memory_utilization is not None:
                 log.warning("gpu_memory_utilization sizes a CUDA device's KV pool; on the CPU the pool is a share of "

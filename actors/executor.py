@@ -91,7 +91,7 @@ class Executor:
         self._ids = itertools.count(1)
         self._sequences: dict[int, Sequence] = {}  # every live request, waiting or running
         self._abort_requested: dict[int, bool] = {}  # of _sequences, reaped at the next step -> is_stop
-        self.prefills = PrefillQueue(config.batched_tokens_for(model.device), config.prefix_cache())  # not prefilled
+        self.prefills = PrefillQueue(config.batched_tokens_for(model.device), config.prefix_cache(model.device))
         self.prefill_passes = PrefillPasses(model, self.runner, self.nodes, place=self._place_all,
                                             out_of_memory=self._prefill_out_of_memory)
         self._held = HeldEvents()  # a step's token events, handed out as the next decode step starts

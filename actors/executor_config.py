@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fastdecode.actors.prefix_cache import DEFAULT_CACHE_BYTES, PrefixCache
+from fastdecode.actors.prefix_cache import CUDA_MIN_HIT_TOKENS, DEFAULT_CACHE_BYTES, PrefixCache
 from fastdecode.actors.request import RequestError, SamplingParams
 from fastdecode.scheduler import SchedulerConfig
 
@@ -40,7 +40,7 @@ class ExecutorConfig:
     # the most top logprobs a request may ask per token (logprobs, prompt_logprobs), as vLLM's --max-logprobs;
     # -1: the whole vocabulary
     max_logprobs: int = 20
-    # automatic prefix caching (actors/prefix_cache.py): host memory for the K/V of prompts' leading blocks, which
+    # automatic prefix caching (actors/prefix_cache.py): device memory for the K/V of prompts' leading blocks, which
     # later prompts that begin alike skip computing (vLLM's --enable-prefix-caching); 0: none
     prefix_cache_bytes: int = DEFAULT_CACHE_BYTES
 
@@ -78,9 +78,11 @@ class ExecutorConfig:
             return max(DEFAULT_BATCHED_TOKENS_GPU, 2 * self.max_num_seqs)
         return self.max_num_batched_tokens or None
 
-    def prefix_cache(self) -> PrefixCache | None:
-        """A new Executor's prefix cache, or None where prefix_cache_bytes is 0."""
-        return PrefixCache(self.prefix_cache_bytes) if self.prefix_cache_bytes else None
+    def prefix_cache(self, device: "torch.device") -> PrefixCache | None:
+        """A new prefix cache for an Executor on ``device``, or None where prefix_cache_bytes is 0."""
+        if not self.prefix_cache_bytes:
+            return None
+        return PrefixCache(self.prefix_cache_bytes, min_hit_tokens=CUDA_MIN_HIT_TOKENS if device.type == "cuda" else 0)
 
     @property
     def max_num_seqs(self) -> int:

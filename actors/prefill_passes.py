@@ -49,6 +49,8 @@ def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
     scored = [None if job.num_prompt_logprobs is None else job.score_prompt(model, hidden[end - n:end], 0, n)
               for job, n, end in zip(jobs, seq_lens, ends)]
     kvs = [(keys[:, end - n:end], values[:, end - n:end]) for n, end in zip(seq_lens, ends)]
+    for job, (job_keys, job_values) in zip(jobs, kvs):
+        job.keep_blocks(job_keys, job_values)
     if host_copies is not None:  # a contiguous host copy of each prompt's K/V, which its node ships as it is
         copies = host_copies(*(t for kv in kvs for t in kv))
         kvs = list(zip(copies[::2], copies[1::2]))
@@ -56,8 +58,6 @@ def prefill_together(jobs: list[PrefillJob], model, host_copies=None):
         job.num_done = n
         if scores is not None:
             job.prompt_logprobs = (None, *scores)
-    for job, (keys, values) in zip(jobs, kvs):
-        job.keep_blocks(keys, values)
     return logits, kvs
 
 

@@ -3,7 +3,8 @@
 A prompt's tokens are cut into blocks of ``block_tokens``. A block is known by its own tokens and the block before
 it, so a block matches only where the whole prompt up to its end matches (a chain of exact keys: no hash can
 collide). After a prefill, ``insert`` keeps each whole block not yet held (its keys and values
-``[num_layers, block_tokens, Hkv, D]``, copied to host memory). Before the next prefill, ``lookup`` returns the
+``[num_layers, block_tokens, Hkv, D]``, copied where the prefill ran: the Executor's device). Before the next
+prefill, ``lookup`` returns the
 longest run of held blocks from the prompt's start, leaving at least the prompt's last token to compute (its
 logits give the first output token). The prefill then starts after them (``PrefillJob``): the prompt's
 attention reads the cached K/V in place, and only the rest of the prompt runs through the model.
@@ -20,6 +21,7 @@ prefill's chunks). A request that asks for prompt logprobs computes its whole pr
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,13 +30,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("fastdecode.executor")
+
 DEFAULT_BLOCK_TOKENS = 32
-DEFAULT_CACHE_BYTES = 2 << 30  # host memory
+# On CUDA a prompt starts after its cached blocks only where they hold this many tokens: a prefill pass costs about
+# the same from 32 tokens to 544 there (random:llama3-8b in bf16 on the H100 host: 27-33 ms for 32 tokens after 512
+# cached, 23-28 ms for all 544), and a prompt begun after its cache runs a pass of its own, where whole prompts share
+# passes. 2,048 cached tokens halved the time to first token (docs/benchmarks.md, "Session 22").
+CUDA_MIN_HIT_TOKENS = 1024
+DEFAULT_CACHE_BYTES = 2 << 30  # of the Executor's device (GPU memory on CUDA)
 
 
 @dataclass(frozen=True, eq=False)
 class CachedBlock:
-    keys: torch.Tensor  # [num_layers, block_tokens, Hkv, D], host memory
+    keys: torch.Tensor  # [num_layers, block_tokens, Hkv, D], on the Executor's device
     values: torch.Tensor
 
     @property
@@ -55,12 +64,14 @@ class PrefixCacheStats:
 class PrefixCache:
     """Whole prompt blocks' K/V by their token chain, least recently used evicted past ``max_bytes``."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                 min_hit_tokens: int = 0) -> None:
         if max_bytes < 0 or block_tokens < 1:
             raise ValueError(f"a prefix cache needs max_bytes >= 0 and block_tokens >= 1, got {max_bytes}, "
                              f"{block_tokens}")
         self.max_bytes = max_bytes
         self.block_tokens = block_tokens
+        self.min_hit_tokens = min_hit_tokens  # fewer cached tokens than this are not worth a pass of their own
         self.stats = PrefixCacheStats()
         # (key of the block before, or None; this block's tokens) -> block, least recently used first
         self._blocks: OrderedDict[tuple, CachedBlock] = OrderedDict()
@@ -73,7 +84,8 @@ class PrefixCache:
             yield key
 
     def lookup(self, token_ids: list[int]) -> list[CachedBlock]:
-        """The held blocks that begin ``token_ids``, in order, at most up to its last token but one."""
+        """The held blocks that begin ``token_ids``, in order, at most up to its last token but one; none where they
+        hold fewer than ``min_hit_tokens``."""
         num_blocks = (len(token_ids) - 1) // self.block_tokens
         found: list[CachedBlock] = []
         with self._lock:
@@ -84,12 +96,15 @@ class PrefixCache:
                     break
                 self._blocks.move_to_end(key)
                 found.append(block)
+            if len(found) * self.block_tokens < self.min_hit_tokens:
+                found = []
             self.stats.hit_tokens += len(found) * self.block_tokens
         return found
 
     def insert(self, token_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Keep the whole blocks of a prompt whose K/V ``[num_layers, >= len(token_ids), Hkv, D]`` were computed
-        (any device): those not held yet are copied to host memory."""
+        """Keep the whole blocks of a prompt whose K/V ``[num_layers, >= len(token_ids), Hkv, D]`` were computed:
+        those not held yet are copied, on the K/V's device. Out of device memory, the rest are not kept, and the
+        budget becomes what the cache holds."""
         if not self.max_bytes:
             return
         num_blocks = len(token_ids) // self.block_tokens
@@ -99,7 +114,16 @@ class PrefixCache:
                     self._blocks.move_to_end(key)
                     continue
             span = slice(index * self.block_tokens, (index + 1) * self.block_tokens)
-            block = CachedBlock(_host_copy(keys[:, span]), _host_copy(values[:, span]))
+            try:
+                block = CachedBlock(keys[:, span].clone(), values[:, span].clone())
+            except RuntimeError as exc:  # torch.OutOfMemoryError
+                if "out of memory" not in str(exc):
+                    raise
+                with self._lock:
+                    self.max_bytes = self.stats.num_bytes
+                log.warning("the prefix cache ran out of device memory at %.2f GiB: that is its budget now",
+                            self.max_bytes / (1 << 30))
+                return
             if block.num_bytes > self.max_bytes:
                 return
             with self._lock:
@@ -119,12 +143,6 @@ class PrefixCache:
         with self._lock:
             self._blocks.clear()
             self.stats.num_blocks = self.stats.num_bytes = 0
-
-
-def _host_copy(t: "torch.Tensor") -> "torch.Tensor":
-    import torch  # not at import: the command line reads DEFAULT_CACHE_BYTES without loading torch
-
-    return t.to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def fill_prefix(blocks: list[CachedBlock], keys: torch.Tensor, values: torch.Tensor) -> int:

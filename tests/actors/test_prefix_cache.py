@@ -9,7 +9,7 @@ from executor_helpers import collect, greedy, prompt, reference_greedy, start_ex
 from fastdecode.actors.chunked_prefill import PrefillJob
 from fastdecode.actors.executor import ExecutorConfig
 from fastdecode.actors.prefill import prefill
-from fastdecode.actors.prefix_cache import PrefixCache
+from fastdecode.actors.prefix_cache import CUDA_MIN_HIT_TOKENS, PrefixCache
 from fastdecode.actors.request import SamplingParams
 from fastdecode.actors.sequence import EventChannel, Sequence
 from greedy_compare import assert_same_greedy
@@ -72,6 +72,33 @@ def test_the_least_recently_used_blocks_go_past_the_budget():
     assert len(cache.lookup(a + [0])) == 1 and len(cache.lookup(c + [0])) == 1
 
 
+class Uncopyable:
+    """K/V whose blocks cannot be copied: ``error`` is raised."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getitem__(self, index):
+        return self
+
+    def clone(self):
+        raise self.error
+
+
+def test_out_of_device_memory_the_budget_becomes_what_is_held():
+    cache = PrefixCache(1 << 20, BLOCK)
+    tokens = list(range(8))
+    cache.insert(tokens, *kv_of(tokens))
+    held = cache.stats.num_bytes
+    full = Uncopyable(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"))
+    cache.insert(list(range(100, 108)), full, full)
+    assert (cache.max_bytes, cache.stats.num_bytes, cache.stats.num_blocks) == (held, held, 2)
+    assert len(cache.lookup(tokens + [0])) == 2
+    broken = Uncopyable(RuntimeError("device-side assert triggered"))
+    with pytest.raises(RuntimeError, match="device-side"):  # another error is not taken for a full device
+        cache.insert(list(range(200, 208)), broken, broken)
+
+
 def test_no_budget_keeps_nothing():
     cache = PrefixCache(0, BLOCK)
     cache.insert(list(range(8)), *kv_of(list(range(8))))
@@ -88,9 +115,21 @@ def test_a_prompt_logprobs_request_computes_its_whole_prompt():
     assert PrefillJob.for_sequence(scored, 0, cache).num_done == 0
 
 
+def test_a_short_hit_is_not_taken_where_a_minimum_is_set():
+    cache = PrefixCache(1 << 20, BLOCK, min_hit_tokens=12)
+    tokens = list(range(12))
+    cache.insert(tokens, *kv_of(tokens))
+    assert cache.lookup(tokens[:8] + [0]) == []  # two blocks: 8 tokens
+    assert len(cache.lookup(tokens + [0])) == 3
+    assert cache.stats.hit_tokens == 12
+
+
 def test_the_executor_config_makes_the_cache():
-    assert ExecutorConfig(prefix_cache_bytes=0).prefix_cache() is None
-    assert ExecutorConfig(prefix_cache_bytes=1 << 20).prefix_cache().max_bytes == 1 << 20
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ExecutorConfig(prefix_cache_bytes=0).prefix_cache(cpu) is None
+    on_cpu = ExecutorConfig(prefix_cache_bytes=1 << 20).prefix_cache(cpu)
+    assert (on_cpu.max_bytes, on_cpu.min_hit_tokens) == (1 << 20, 0)
+    assert ExecutorConfig().prefix_cache(cuda).min_hit_tokens == CUDA_MIN_HIT_TOKENS
     with pytest.raises(ValueError, match="prefix_cache_bytes"):
         ExecutorConfig(prefix_cache_bytes=-1)
 
@@ -101,7 +140,7 @@ NUM_TOKENS = 12
 @pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def tiny_on(request, tiny_model):
-    """random:tiny in float32 on the CPU, and on CUDA (where its blocks go to host memory and back)."""
+    """random:tiny in float32 on the CPU, and on CUDA (where its blocks are kept in GPU memory)."""
     if request.param == "cpu":
         return tiny_model[0]
     from fastdecode.actors.model import load_model
@@ -125,6 +164,7 @@ async def test_a_cached_prefix_gives_the_greedy_tokens_of_the_whole_prompt(tiny_
     nodes[0].append_prompt = append_prompt
     try:
         cache = executor.prefills.cache
+        cache.min_hit_tokens = 0  # on CUDA too: these prompts are short
         tokens_first, _ = await collect(executor.submit(first, greedy(NUM_TOKENS)))
         assert cache.stats.hit_tokens == 0 and cache.stats.num_blocks == 3
         stream = executor.submit(second, greedy(NUM_TOKENS))
