@@ -232,9 +232,11 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     """Submit every choice of ``request`` and hold them open: n samples of each prompt, each its own engine
     request, choice ``prompt_index * n + sample_index`` (vLLM's numbering).  Every prompt is tokenized and
     checked before any choice is submitted, and a refusal of any (``ApiError``: 400, 429 or 503) cancels them
-    all before a response starts.  A single choice's first output is awaited too (a request the server fails
-    at once gets its status); several choices are only submitted, so the response starts while some still
-    wait for room.  Leaving the block cancels every unfinished choice and frees its KV."""
+    all before a response starts.  A single choice of a whole (not streamed) response has its first output
+    awaited too (a request the server fails at once gets its status); otherwise the choices are only submitted, so
+    a stream's headers go out at once, as vLLM's, while its choices wait for room and prefill (before, a streamed
+    single choice sent nothing until its first token: a client with a time limit on headers gave up on a request
+    that was only queued).  Leaving the block cancels every unfinished choice and frees its KV."""
     arrived_at = time.monotonic()
     num_samples = request.num_samples
     num_choices = request.num_prompts * num_samples
@@ -268,15 +270,16 @@ async def start_generations(llm: AsyncLLM, metrics: FrontendMetrics, request: Ge
     streams: list[AsyncIterator[StreamOutput]] = []
     try:
         generations = []
+        is_first_awaited = len(submissions) == 1 and not request.is_stream
         for index, (prompt_index, prompt_ids, params, echo_text) in enumerate(submissions):
-            # one choice is submitted as its first output is awaited, several at once
-            streams.append(llm.stream(prompt_ids, params) if len(submissions) == 1
+            # an awaited choice is submitted as its first output is awaited, others at once
+            streams.append(llm.stream(prompt_ids, params) if is_first_awaited
                            else _submitted(llm, prompt_ids, params))
             generations.append(Generation(prompt_ids, params, streams[-1], metrics, arrived_at, index=index,
                                           prompt_index=prompt_index, echo_text=echo_text,
                                           is_output_dropped=request.is_echo and request.max_tokens == 0))
         try:
-            if len(generations) == 1:
+            if is_first_awaited:
                 await generations[0].read_first()
         except asyncio.CancelledError:  # the client left while its request waited: vLLM counts an abort
             _admit(metrics, generations, num_samples)

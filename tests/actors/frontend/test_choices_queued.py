@@ -42,6 +42,27 @@ async def test_the_stream_starts_while_a_choice_still_waits(one_running_server):
     assert tokens[0] and tokens[0] == tokens[1]  # greedy: the same text, the second after the first
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_queued_stream_of_one_choice_has_its_headers_at_once(one_running_server, route):
+    """As vLLM's: the headers go out once the request is submitted, not with its first token (a client with a time
+    limit on headers gave up on a request that was only queued)."""
+    url = one_running_server.url
+    running_body = {"prompt": [1, 2, 3], "max_tokens": 2040, "temperature": 0, "ignore_eos": True, "stream": True}
+    queued_body = {"max_tokens": 4, "stream": True, "temperature": 0}
+    queued_body.update({"prompt": [4, 5, 6]} if route == "/v1/completions"
+                       else {"messages": [{"role": "user", "content": "hi"}]})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/completions", json=running_body) as running:
+            await running.content.readline()  # the first request runs, for a few seconds
+            async with session.post(url + route, json=queued_body) as queued:
+                assert queued.status == 200 and queued.content_type == "text/event-stream"
+                assert (await scrape(url))[WAITING] == 1  # its headers came while it still waits
+                running.close()  # the queued one runs once the first is gone
+                lines = [raw.decode().strip() async for raw in queued.content if raw.strip()]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+
+
 async def test_more_choices_than_the_queue_holds_is_a_400_naming_n(one_running_server):
     async with aiohttp.ClientSession() as session:
         async with session.post(one_running_server.url + "/v1/completions",
