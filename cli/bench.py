@@ -25,6 +25,7 @@ import click
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.bench_plot import PlotUnavailableError, parse_int_list, warn_plot_skipped
 from fastdecode.cli.sizes import parse_size
+from fastdecode.cli.start_shard import shard_addresses_option
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -192,7 +193,8 @@ def bench() -> None:
 @click.option("--compile/--no-compile", default=True, show_default=True,
               help="CUDA: the per-layer dense segments through torch.compile.")
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(0), help="In-process KVShards.")
-@click.option("--shard", multiple=True, help="Address of a running shard daemon (repeatable).")
+@click.option("--shard", multiple=True, callback=shard_addresses_option,
+              help="Address of a running shard daemon (repeatable).")
 @click.option("--kv-memory", default=None, help="KV memory per in-process shard, e.g. 4GiB.")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)

@@ -17,6 +17,7 @@ import click
 
 from fastdecode.cli.errors import OneLineCommand, one_line_errors
 from fastdecode.cli.sizes import SIZE
+from fastdecode.cli.start_shard import shard_addresses_option
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ async def _generate_on_cluster(config, prompt_ids: list[int], params) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout.")
 @click.option("--shards", "num_shards", default=0, show_default=True, type=int,
               help="In-process KVShards (0: the single-process reference).")
-@click.option("--shard", "shard_addresses", multiple=True, help="Address of a running shard daemon (repeatable).")
+@click.option("--shard", "shard_addresses", multiple=True, callback=shard_addresses_option,
+              help="Address of a running shard daemon (repeatable).")
 @click.option("--curve-dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="CURVE key folder (fdctl keygen) for encrypted, authenticated shard links.")
 @click.option("--kv-memory", "kv_memory_bytes", default=None, type=SIZE,

@@ -16,6 +16,7 @@ import click
 from fastdecode.cli.errors import OneLineCommand, OneLineError, one_line_errors
 from fastdecode.cli.sizes import SIZE, CountParamType
 from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
+from fastdecode.cli.start_shard import shard_addresses_option
 from fastdecode.actors.modes import MODES
 from fastdecode.actors.prefix_cache import DEFAULT_CACHE_BYTES
 from fastdecode.actors.reasoning_parsers import REASONING_PARSERS
@@ -349,7 +350,7 @@ def run_server(config, *, log_level: str = "info", is_request_log_disabled: bool
 @_common_options
 @click.option("--shards", "num_shards", default=None, type=int,
               help="In-process KV shards (default 1; 0: single process, KV in torch).")
-@click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR",
+@click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR", callback=shard_addresses_option,
               help="A running shard daemon (repeatable); replaces in-process shards.")
 @click.option("--kv-memory", "kv_memory_bytes", default=None, type=SIZE,
               help="KV memory per in-process shard, e.g. 2GiB (default: a share of free memory).")
@@ -372,7 +373,7 @@ def serve_command(ctx: click.Context, num_shards: int | None, shard_addresses: t
 @click.command("start-gpu", cls=ServeCommand)
 @_common_options
 @click.option("--shard", "shard_addresses", multiple=True, metavar="ADDR", required=True,
-              help="A running shard daemon (repeatable; at least one).")
+              callback=shard_addresses_option, help="A running shard daemon (repeatable; at least one).")
 @click.pass_context
 def start_gpu_command(ctx: click.Context, shard_addresses: tuple[str, ...], log_level: str,
                       is_request_log_disabled: bool, model_tag: str | None, model: str, **options: Any) -> None:

@@ -67,6 +67,24 @@ def check_listen_address(listen: str) -> None:
         raise ValueError(f"port {port!r} of {listen!r} is not in 1..65535 (or 0 or *: any free port)")
 
 
+def shard_addresses_option(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Checks each ``--shard ADDR`` of a command that connects to shard daemons: the address a daemon listens on
+    (``check_listen_address``), with its own port (not 0 or *)."""
+    for address in value:
+        match = TCP_ADDRESS.fullmatch(address)
+        if match is None:
+            try:
+                check_listen_address(address)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), ctx, param) from None
+            continue
+        port = match.group(2)
+        if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+            raise click.BadParameter(f"port {port!r} of {address!r} is not in 1..65535: give the port the shard "
+                                     "daemon listens on", ctx, param)
+    return value
+
+
 def _listen_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         check_listen_address(value)
