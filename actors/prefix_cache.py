@@ -1,8 +1,8 @@
 """Automatic prefix caching, as vLLM's: the K/V of prompts' leading blocks kept for the next prompts that begin alike.
 
-A prompt's tokens are cut into blocks of ``block_tokens``. A block is known by its own tokens and the block before
-it, so a block matches only where the whole prompt up to its end matches (a chain of exact keys: no hash can
-collide). After a prefill, ``insert`` keeps each whole block not yet held (its keys and values
+A prompt's tokens are cut into blocks of ``block_tokens``. A block is known by its own tokens and the id of the block
+before it (ids are never reused), so a block matches only where the whole prompt up to its end matches: the keys are
+exact, with no hash to collide, and each costs its own block's tokens to hash and compare. After a prefill, ``insert`` keeps each whole block not yet held (its keys and values
 ``[num_layers, block_tokens, Hkv, D]``, copied where the prefill ran: the Executor's device). Before the next
 prefill, ``lookup`` returns the
 longest run of held blocks from the prompt's start, leaving at least the prompt's last token to compute (its
@@ -21,6 +21,7 @@ prefill's chunks). A request that asks for prompt logprobs computes its whole pr
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -43,6 +44,7 @@ DEFAULT_CACHE_BYTES = 2 << 30  # of the Executor's device (GPU memory on CUDA)
 
 @dataclass(frozen=True, eq=False)
 class CachedBlock:
+    block_id: int  # the key of the blocks after it
     keys: torch.Tensor  # [num_layers, block_tokens, Hkv, D], on the Executor's device
     values: torch.Tensor
 
@@ -75,13 +77,13 @@ class PrefixCache:
         self.stats = PrefixCacheStats()
         # (key of the block before, or None; this block's tokens) -> block, least recently used first
         self._blocks: OrderedDict[tuple, CachedBlock] = OrderedDict()
+        self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    def _keys(self, token_ids: list[int], num_blocks: int):
-        key = None
-        for i in range(num_blocks):
-            key = (key, tuple(token_ids[i * self.block_tokens:(i + 1) * self.block_tokens]))
-            yield key
+    def _key(self, parent: CachedBlock | None, token_ids: list[int], index: int) -> tuple:
+        """Block ``index`` of ``token_ids`` behind ``parent`` (None: the first block)."""
+        start = index * self.block_tokens
+        return None if parent is None else parent.block_id, tuple(token_ids[start:start + self.block_tokens])
 
     def lookup(self, token_ids: list[int]) -> list[CachedBlock]:
         """The held blocks that begin ``token_ids``, in order, at most up to its last token but one; none where they
@@ -90,7 +92,8 @@ class PrefixCache:
         found: list[CachedBlock] = []
         with self._lock:
             self.stats.queried_tokens += len(token_ids)
-            for key in self._keys(token_ids, num_blocks):
+            for index in range(num_blocks):
+                key = self._key(found[-1] if found else None, token_ids, index)
                 block = self._blocks.get(key)
                 if block is None:
                     break
@@ -107,15 +110,18 @@ class PrefixCache:
         budget becomes what the cache holds."""
         if not self.max_bytes:
             return
-        num_blocks = len(token_ids) // self.block_tokens
-        for index, key in enumerate(self._keys(token_ids, num_blocks)):
+        parent: CachedBlock | None = None
+        for index in range(len(token_ids) // self.block_tokens):
+            key = self._key(parent, token_ids, index)
             with self._lock:
-                if key in self._blocks:
+                held = self._blocks.get(key)
+                if held is not None:
                     self._blocks.move_to_end(key)
+                    parent = held
                     continue
             span = slice(index * self.block_tokens, (index + 1) * self.block_tokens)
             try:
-                block = CachedBlock(keys[:, span].clone(), values[:, span].clone())
+                copies = keys[:, span].clone(), values[:, span].clone()
             except RuntimeError as exc:  # torch.OutOfMemoryError
                 if "out of memory" not in str(exc):
                     raise
@@ -124,14 +130,16 @@ class PrefixCache:
                 log.warning("the prefix cache ran out of device memory at %.2f GiB: that is its budget now",
                             self.max_bytes / (1 << 30))
                 return
-            if block.num_bytes > self.max_bytes:
-                return
             with self._lock:
-                if key not in self._blocks:
-                    self._blocks[key] = block
+                parent = self._blocks.get(key)  # kept meanwhile by another prompt's insert
+                if parent is None:
+                    parent = CachedBlock(next(self._ids), *copies)
+                    if parent.num_bytes > self.max_bytes:
+                        return
+                    self._blocks[key] = parent
                     self.stats.num_blocks += 1
-                    self.stats.num_bytes += block.num_bytes
-                self._evict()
+                    self.stats.num_bytes += parent.num_bytes
+                    self._evict()
 
     def _evict(self) -> None:
         while self.stats.num_bytes > self.max_bytes:

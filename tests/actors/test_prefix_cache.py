@@ -50,6 +50,16 @@ def test_a_block_matches_only_behind_the_same_blocks():
     assert block_tokens(cache.lookup([1, 2, 3, 4, 5, 6, 7, 0, 0])) == [[1, 2, 3, 4]]
 
 
+def test_a_prompt_of_thousands_of_blocks():
+    """Each key held the whole chain before it: comparing two keys of a 32k-token prompt recursed past Python's
+    limit (RecursionError) and took time quadratic in its blocks."""
+    cache = PrefixCache(1 << 30, BLOCK)
+    tokens = list(range(4 * 3000))
+    cache.insert(tokens, *kv_of(tokens))
+    found = cache.lookup(list(tokens) + [0])
+    assert len(found) == 3000 and block_tokens(found[-1:]) == [tokens[-4:]]
+
+
 def test_cached_blocks_are_copies():
     cache = PrefixCache(1 << 20, BLOCK)
     tokens = list(range(8))
