@@ -33,6 +33,7 @@ import asyncio
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401  (its exit hook registers before ours)
 import contextlib
+import dataclasses
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -93,9 +94,9 @@ class LLM:
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
-        """The prefix cache's counts (tokens looked up and found, blocks and bytes held); None where it is off."""
+        """The prefix cache's counts now (tokens looked up and found, blocks and bytes held); None where it is off."""
         cache = self._llm.cluster.executor.prefills.cache
-        return None if cache is None else cache.stats
+        return None if cache is None else dataclasses.replace(cache.stats)
 
     def _call(self, coro):
         return run_on(self._loop, coro)

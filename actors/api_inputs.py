@@ -43,7 +43,7 @@ def cluster_config(model: str | ClusterConfig | None = None, config: ClusterConf
         fields["model"] = model
     if config is not None and not isinstance(config, ClusterConfig):
         raise TypeError(f"config must be a ClusterConfig, got {type(config).__name__}")
-    if "enable_prefix_caching" in fields and not fields.pop("enable_prefix_caching"):  # vLLM's switch
+    if fields.pop("enable_prefix_caching", None) is False:  # vLLM's switch (None: the default, on)
         fields["prefix_cache_bytes"] = 0
     unknown = sorted(set(fields) - CLUSTER_KEYS - EXECUTOR_KEYS - SCHEDULER_KEYS)
     if unknown:

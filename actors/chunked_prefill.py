@@ -33,7 +33,8 @@ class PrefillJob:
     A fresh prompt whose request asks for ``prompt_logprobs`` (``num_prompt_logprobs``) gathers them chunk by chunk
     in ``prompt_logprobs``; a resumed one does not: its stream had them with its first token.
     With a ``PrefixCache`` (``cache``), the job starts after the cached blocks that begin its tokens (``cached``,
-    copied into its buffers by its first chunk), and its whole blocks are cached once it is done."""
+    copied into its whole-prompt buffers by its first chunk, then let go), and its whole blocks are cached once it
+    is done."""
 
     seq: Sequence
     node_index: int
@@ -61,11 +62,6 @@ class PrefillJob:
         return job
 
     @property
-    def num_cached(self) -> int:
-        """The prompt's leading tokens whose K/V come from the prefix cache."""
-        return sum(block.keys.shape[1] for block in self.cached or ())
-
-    @property
     def num_left(self) -> int:
         return len(self.token_ids) - self.num_done
 
@@ -77,9 +73,11 @@ class PrefillJob:
         end = start + min(num_tokens, self.num_left)
         tokens = torch.tensor(self.token_ids[start:end], dtype=torch.long, device=model.device)
         if self.keys is None and (start or end < len(self.token_ids)):  # buffers for the whole prompt
-            self.keys, self.values = kv_buffers(model, len(self.token_ids))
-            if fill_prefix(self.cached or [], self.keys, self.values) != start:
+            keys, values = kv_buffers(model, len(self.token_ids))
+            if fill_prefix(self.cached or [], keys, values) != start:
                 raise RuntimeError(f"a prefill at position {start} found no K/V before it")
+            # set once filled (a pass that ran out of memory here is run again); the blocks are copied: let them go
+            self.keys, self.values, self.cached = keys, values, None
         hidden, keys, values = prefill_hidden(model, tokens, start, self.keys, self.values)
         logits = model.logits(hidden[-1:])
         if self.num_prompt_logprobs is not None:

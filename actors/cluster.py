@@ -287,7 +287,9 @@ class Cluster:
                             "torch on the model's device)",
                             config.mode or "this")
             if config.mode in ("gpu-only", "hybrid"):
-                nodes.insert(0, await asyncio.to_thread(_make_gpu_node, config, model))
+                pool_node, cache_bytes = await asyncio.to_thread(_make_gpu_node, config, model)
+                nodes.insert(0, pool_node)
+                executor_config = dataclasses.replace(executor_config, prefix_cache_bytes=cache_bytes)
                 if config.mode == "hybrid":
                     gpu_model, mode_choice, step_graphs = await _choose_mode(config, model, nodes)
                     log.info("hybrid choice: %s", mode_choice)
@@ -406,7 +408,17 @@ def utilization_kv_bytes(utilization: float, total_bytes: int, free_bytes: int, 
     return max(0, min(budget, int(free_bytes * GPU_PREFILL_FREE_FRACTION)) - max_len * kv_bytes_per_token)
 
 
-def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
+def gpu_prefix_cache_bytes(prefix_cache_bytes: int, share_bytes: int) -> int:
+    """The prefix cache's budget on a CUDA device whose KV pool is sized from its memory (``share_bytes``, what the
+    pool would get alone): at most a tenth of that share, the rest the pool's. vLLM's cache costs no memory (its
+    blocks are the pool's pages); here it holds copies, so it must not halve a small GPU's pool."""
+    return min(prefix_cache_bytes, max(0, share_bytes) // 10)
+
+
+def _make_gpu_node(config: ClusterConfig, model) -> tuple[GpuKVNode, int]:
+    """The GPU KV node of the gpu-only and hybrid modes, and the prefix cache's budget beside it (the config's,
+    unless the pool is sized from the device's memory: gpu_prefix_cache_bytes)."""
+    cache_bytes = config.executor.prefix_cache_bytes
     memory = config.gpu_kv_memory_bytes
     if memory is None:
         if model.device.type == "cuda":
@@ -421,7 +433,8 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
                                               kv_bytes_per_token)
                 room = (f"gpu_memory_utilization {config.gpu_memory_utilization} of {total / (1 << 30):.1f} GiB, with "
                         f"{own / (1 << 30):.1f} GiB held by the model and {free / (1 << 30):.1f} GiB free,")
-            memory -= config.executor.prefix_cache_bytes  # the prefix cache's blocks live on the device too
+            cache_bytes = gpu_prefix_cache_bytes(config.executor.prefix_cache_bytes, memory)
+            memory -= cache_bytes  # the prefix cache's blocks live on the device too
             if memory < 1:
                 raise ValueError(f"{room} holds no KV pool beside the prefix cache and the prefill of a {length}-token "
                                  "prompt: give a smaller max_model_len or prefix cache" +
@@ -433,9 +446,10 @@ def _make_gpu_node(config: ClusterConfig, model) -> GpuKVNode:
                             "the memory available (give gpu_kv_memory_bytes, --gpu-kv-memory, to set it)")
             memory = default_shard_kv_bytes(1)
     node = GpuKVNode.for_model("gpu-kv", model, GpuKVConfig(memory_bytes=memory, slot_len=max_len(config, model)))
-    log.info("%s KV pool: %.2f GiB, %d sequences of up to %d tokens", "GPU" if model.device.type == "cuda" else
-             "gpu-only mode's (on the CPU)", memory / (1 << 30), node.num_slots, node.config.slot_len)
-    return node
+    log.info("%s KV pool: %.2f GiB, %d sequences of up to %d tokens; prefix cache up to %.2f GiB",
+             "GPU" if model.device.type == "cuda" else "gpu-only mode's (on the CPU)", memory / (1 << 30),
+             node.num_slots, node.config.slot_len, cache_bytes / (1 << 30))
+    return node, cache_bytes
 
 
 async def _choose_mode(config: ClusterConfig, model, nodes: list[KVNode]):

@@ -83,6 +83,18 @@ def forward_passes(work: list[tuple[PrefillJob, int]], max_tokens: int,
     return passes
 
 
+def _free_prefix_cache(job: PrefillJob) -> bool:
+    """After a prefill ran out of device memory: empty the prefix cache, if it holds any blocks (True)."""
+    cache = job.cache
+    if cache is None or not cache.stats.num_bytes:
+        return False
+    log.warning("a prefill ran out of GPU memory: the prefix cache's %.2f GiB are freed and it runs again",
+                cache.stats.num_bytes / (1 << 30))
+    cache.clear()
+    torch.cuda.empty_cache()
+    return True
+
+
 class PrefillPasses:
     """Runs a step's prefills for the Executor: ``place(jobs, logits, kvs)`` places a pass's prompts once computed
     (and samples their first tokens), ``out_of_memory(job, exc)`` ends a prompt that ran out of memory alone."""
@@ -116,6 +128,8 @@ class PrefillPasses:
                                     exc_info=not isinstance(exc, torch.OutOfMemoryError))
                         torch.cuda.empty_cache()
                         passes.extendleft((is_host, [entry]) for entry in reversed(batch))
+                    elif isinstance(exc, torch.OutOfMemoryError) and _free_prefix_cache(batch[0][0]):
+                        passes.appendleft((is_host, batch))  # once more, in the memory the cache held
                     elif isinstance(exc, torch.OutOfMemoryError):
                         await self._out_of_memory(batch[0][0], exc)
                     else:

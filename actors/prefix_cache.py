@@ -2,18 +2,19 @@
 
 A prompt's tokens are cut into blocks of ``block_tokens``. A block is known by its own tokens and the id of the block
 before it (ids are never reused), so a block matches only where the whole prompt up to its end matches: the keys are
-exact, with no hash to collide, and each costs its own block's tokens to hash and compare. After a prefill, ``insert`` keeps each whole block not yet held (its keys and values
+exact, with no hash to collide, and each costs its own block's tokens to hash and compare. After a prefill,
+``insert`` keeps the prompt's leading whole blocks not yet held (their keys and values
 ``[num_layers, block_tokens, Hkv, D]``, copied where the prefill ran: the Executor's device). Before the next
-prefill, ``lookup`` returns the
-longest run of held blocks from the prompt's start, leaving at least the prompt's last token to compute (its
-logits give the first output token). The prefill then starts after them (``PrefillJob``): the prompt's
-attention reads the cached K/V in place, and only the rest of the prompt runs through the model.
+prefill, ``lookup`` returns the longest run of held blocks from the prompt's start, leaving at least the prompt's
+last token to compute (its logits give the first output token). The prefill then starts after them
+(``PrefillJob``): their K/V are copied into the prompt's buffers, where its attention reads them, and only the rest
+of the prompt runs through the model.
 
-Blocks are evicted least recently used once their bytes pass the budget. A lookup touches a prompt's blocks from
-the first on, so a block is never more recent than the blocks after it: later blocks go first, and no held block
-loses the block before it for long. Lookups run on the Executor's loop and inserts on the dense thread: a lock
-guards the table. A looked-up block's tensors are never written, so an eviction after the lookup only drops the
-table's reference.
+Blocks are evicted least recently used once their bytes pass the budget. A lookup or insert marks a prompt's
+blocks used from the last to the first, so a chain loses its tail first and a held block keeps the blocks before
+it; a prompt keeps at most as many leading blocks as the budget holds. Lookups run on the Executor's loop and
+inserts on the dense thread: a lock guards the table. A looked-up block's tensors are never written, so an eviction
+after the lookup only drops the table's reference.
 
 The K/V of a position depend only on the tokens up to it (causal attention, positions from 0), so a reused block
 gives what computing it again would, up to float rounding of the attention split at the block's end (as chunked
@@ -90,6 +91,7 @@ class PrefixCache:
         hold fewer than ``min_hit_tokens``."""
         num_blocks = (len(token_ids) - 1) // self.block_tokens
         found: list[CachedBlock] = []
+        keys: list[tuple] = []
         with self._lock:
             self.stats.queried_tokens += len(token_ids)
             for index in range(num_blocks):
@@ -97,49 +99,56 @@ class PrefixCache:
                 block = self._blocks.get(key)
                 if block is None:
                     break
-                self._blocks.move_to_end(key)
                 found.append(block)
+                keys.append(key)
+            self._touch(keys)
             if len(found) * self.block_tokens < self.min_hit_tokens:
                 found = []
             self.stats.hit_tokens += len(found) * self.block_tokens
         return found
 
     def insert(self, token_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Keep the whole blocks of a prompt whose K/V ``[num_layers, >= len(token_ids), Hkv, D]`` were computed:
-        those not held yet are copied, on the K/V's device. Out of device memory, the rest are not kept, and the
-        budget becomes what the cache holds."""
-        if not self.max_bytes:
-            return
+        """Keep the leading whole blocks of a prompt whose K/V ``[num_layers, >= len(token_ids), Hkv, D]`` were
+        computed, as many as the budget holds: those not held yet are copied, on the K/V's device. Out of memory
+        there, the rest of this prompt's are not kept (a prefill that runs out empties the cache: PrefillPasses)."""
         parent: CachedBlock | None = None
-        for index in range(len(token_ids) // self.block_tokens):
-            key = self._key(parent, token_ids, index)
-            with self._lock:
-                held = self._blocks.get(key)
-                if held is not None:
-                    self._blocks.move_to_end(key)
-                    parent = held
-                    continue
-            span = slice(index * self.block_tokens, (index + 1) * self.block_tokens)
-            try:
-                copies = keys[:, span].clone(), values[:, span].clone()
-            except RuntimeError as exc:  # torch.OutOfMemoryError
-                if "out of memory" not in str(exc):
-                    raise
+        touched: list[tuple] = []
+        num_layers, _, num_heads, head_dim = keys.shape
+        block_bytes = 2 * num_layers * self.block_tokens * num_heads * head_dim * keys.element_size()
+        try:
+            for index in range(min(len(token_ids), keys.shape[1]) // self.block_tokens):
+                if (index + 1) * block_bytes > self.max_bytes:  # the prompt's leading blocks fill the budget
+                    return
+                key = self._key(parent, token_ids, index)
                 with self._lock:
-                    self.max_bytes = self.stats.num_bytes
-                log.warning("the prefix cache ran out of device memory at %.2f GiB: that is its budget now",
-                            self.max_bytes / (1 << 30))
-                return
-            with self._lock:
-                parent = self._blocks.get(key)  # kept meanwhile by another prompt's insert
+                    parent = self._blocks.get(key)
                 if parent is None:
-                    parent = CachedBlock(next(self._ids), *copies)
-                    if parent.num_bytes > self.max_bytes:
+                    span = slice(index * self.block_tokens, (index + 1) * self.block_tokens)
+                    try:
+                        parent = CachedBlock(next(self._ids), keys[:, span].clone(), values[:, span].clone())
+                    except RuntimeError as exc:  # torch.OutOfMemoryError on CUDA, a RuntimeError on the CPU
+                        if "out of memory" not in str(exc) and "can't allocate memory" not in str(exc):
+                            raise
+                        log.warning("no memory for the prefix cache's blocks of a %d-token prompt: %s",
+                                    len(token_ids), exc)
                         return
-                    self._blocks[key] = parent
-                    self.stats.num_blocks += 1
-                    self.stats.num_bytes += parent.num_bytes
+                with self._lock:
+                    if key not in self._blocks:  # (another prompt's insert may have kept it meanwhile)
+                        self._blocks[key] = parent
+                        self.stats.num_blocks += 1
+                        self.stats.num_bytes += parent.num_bytes
+                    touched.append(key)
                     self._evict()
+        finally:
+            with self._lock:
+                self._touch(touched)
+
+    def _touch(self, keys: list[tuple]) -> None:
+        """Mark a prompt's blocks used, the last first: a chain loses its tail before its head (a block whose head
+        went could never be found again, yet would hold its bytes until evicted)."""
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
 
     def _evict(self) -> None:
         while self.stats.num_bytes > self.max_bytes:

@@ -221,8 +221,9 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Keep the K/V of prompts' leading 32-token blocks, so a later prompt that begins alike (a "
                           "system prompt, a conversation's earlier turns) computes only the rest (vLLM's)."),
         click.option("--prefix-cache-memory", "prefix_cache_memory_bytes", default="2GiB", show_default=True,
-                     type=SIZE, help="Memory of the model's device (the GPU's on CUDA, taken from a GPU KV pool's share) the "
-                                    "prefix cache may hold; the least recently used blocks go."),
+                     type=SIZE, help="Memory of the model's device (the GPU's on CUDA; at most a tenth of a GPU KV "
+                                    "pool sized from the device's memory) the prefix cache may hold; the least "
+                                    "recently used blocks go."),
         click.option("--max-logprobs", default=20, show_default=True, type=click.IntRange(min=-1),
                      help="The most top logprobs a request may ask per token (logprobs, top_logprobs, "
                           "prompt_logprobs; more is a 400), vLLM's; -1: the whole vocabulary."),

@@ -221,3 +221,13 @@ async def test_in_process_shards_past_the_memory_available_are_refused_before_th
     config = ClusterConfig(model="random:tiny", device="cpu", num_shards=4, shard_kv_memory_bytes=32 << 20)
     with pytest.raises(ValueError, match="4 in-process shards .* more memory than this host can give now"):
         await Cluster.start(config)
+
+
+def test_the_prefix_cache_takes_at_most_a_tenth_of_a_gpu_pool_sized_from_memory():
+    from fastdecode.actors.cluster import gpu_prefix_cache_bytes
+
+    gib = 1 << 30
+    assert gpu_prefix_cache_bytes(2 * gib, 60 * gib) == 2 * gib  # a large pool: the whole budget
+    assert gpu_prefix_cache_bytes(2 * gib, 6 * gib) == 6 * gib // 10  # a small one keeps nine tenths
+    assert gpu_prefix_cache_bytes(0, 60 * gib) == 0
+    assert gpu_prefix_cache_bytes(2 * gib, -1) == 0

@@ -83,10 +83,15 @@ def test_the_least_recently_used_blocks_go_past_the_budget():
 
 
 class Uncopyable:
-    """K/V whose blocks cannot be copied: ``error`` is raised."""
+    """K/V ``[2 layers, 8 tokens, 1 head, 2 dims]`` of float32 whose blocks cannot be copied: ``error`` is raised."""
+
+    shape = (2, 8, 1, 2)
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+    def element_size(self) -> int:
+        return 4
 
     def __getitem__(self, index):
         return self
@@ -95,18 +100,42 @@ class Uncopyable:
         raise self.error
 
 
-def test_out_of_device_memory_the_budget_becomes_what_is_held():
+@pytest.mark.parametrize("message", ["CUDA out of memory. Tried to allocate 2.00 MiB",
+                                     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 bytes"])
+def test_out_of_memory_a_prompts_blocks_are_not_kept_and_the_cache_goes_on(message):
     cache = PrefixCache(1 << 20, BLOCK)
     tokens = list(range(8))
     cache.insert(tokens, *kv_of(tokens))
     held = cache.stats.num_bytes
-    full = Uncopyable(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"))
+    full = Uncopyable(torch.OutOfMemoryError(message) if "CUDA" in message else RuntimeError(message))
     cache.insert(list(range(100, 108)), full, full)
-    assert (cache.max_bytes, cache.stats.num_bytes, cache.stats.num_blocks) == (held, held, 2)
+    assert (cache.max_bytes, cache.stats.num_bytes, cache.stats.num_blocks) == (1 << 20, held, 2)
     assert len(cache.lookup(tokens + [0])) == 2
+    other = list(range(200, 208))
+    cache.insert(other, *kv_of(other))  # the next prompt's blocks are kept
+    assert len(cache.lookup(other + [0])) == 2
     broken = Uncopyable(RuntimeError("device-side assert triggered"))
     with pytest.raises(RuntimeError, match="device-side"):  # another error is not taken for a full device
-        cache.insert(list(range(200, 208)), broken, broken)
+        cache.insert(list(range(300, 308)), broken, broken)
+
+
+def test_a_prompt_longer_than_the_budget_keeps_its_leading_blocks():
+    one_block = 2 * 2 * BLOCK * 1 * 2 * 4
+    cache = PrefixCache(3 * one_block, BLOCK)
+    long = list(range(5 * BLOCK))
+    cache.insert(long, *kv_of(long))
+    assert cache.stats.num_blocks == 3
+    assert block_tokens(cache.lookup(long + [0])) == [long[0:4], long[4:8], long[8:12]]
+
+
+def test_eviction_takes_a_chains_tail_first():
+    one_block = 2 * 2 * BLOCK * 1 * 2 * 4
+    cache = PrefixCache(4 * one_block, BLOCK)
+    a, b = list(range(3 * BLOCK)), list(range(100, 100 + 3 * BLOCK))
+    cache.insert(a, *kv_of(a))
+    cache.insert(b, *kv_of(b))  # 6 blocks for a budget of 4: two of a's go, its last ones
+    assert block_tokens(cache.lookup(a + [0])) == [a[0:4]]
+    assert len(cache.lookup(b + [0])) == 3
 
 
 def test_no_budget_keeps_nothing():
@@ -194,3 +223,68 @@ async def test_a_cached_prefix_gives_the_greedy_tokens_of_the_whole_prompt(tiny_
                              (second, tokens_again, "again")):
         ref_tokens, gaps = reference_greedy(model, ids, NUM_TOKENS)
         assert_same_greedy(ours, ref_tokens, gaps, label=f"{label}, limit {limit}")
+
+
+async def test_a_prefill_out_of_memory_empties_the_cache_and_runs_again(tiny_model, monkeypatch):
+    model, _ = tiny_model
+    first, second = prompt(100, 7), prompt(70, 9)
+    executor, _ = await start_executor(model, 0)
+    real_run_chunk = PrefillJob.run_chunk
+    failures = []
+
+    def run_chunk(job, *args, **kwargs):
+        if job.token_ids == second and not failures:
+            failures.append(job.seq.seq_id)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_run_chunk(job, *args, **kwargs)
+
+    try:
+        cache = executor.prefills.cache
+        await collect(executor.submit(first, greedy(2)))
+        assert cache.stats.num_blocks == 3
+        monkeypatch.setattr(PrefillJob, "run_chunk", run_chunk)
+        tokens, reason = await collect(executor.submit(second, greedy(NUM_TOKENS)))
+    finally:
+        await executor.stop()
+    assert failures and reason == "length"  # it ran again, in the memory the cache held
+    assert cache.stats.num_blocks == 2  # only the second prompt's: the first's were freed
+    ref_tokens, gaps = reference_greedy(model, second, NUM_TOKENS)
+    assert_same_greedy(tokens, ref_tokens, gaps, label="after the retry")
+
+
+async def test_without_cached_blocks_a_prefill_out_of_memory_ends_its_request(tiny_model, monkeypatch):
+    model, _ = tiny_model
+
+    def run_chunk(job, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    executor, _ = await start_executor(model, 0)
+    monkeypatch.setattr(PrefillJob, "run_chunk", run_chunk)
+    try:
+        stream = executor.submit(prompt(40, 3), greedy(4))
+        events = [event async for event in stream]
+    finally:
+        await executor.stop()
+    assert events[-1].finish_reason == "error" and "ran out of GPU memory" in events[-1].error
+
+
+async def test_prompts_prefilled_together_are_cached_each(tiny_model):
+    model, _ = tiny_model
+    a, b = prompt(70, 1), prompt(90, 2)
+    executor, _ = await start_executor(model, 0)
+    passes = []
+    real_take = executor.prefills.take_step
+    executor.prefills.take_step = lambda num_decoding: passes.append(real_take(num_decoding)) or passes[-1]
+    try:
+        cache = executor.prefills.cache
+        streams = [executor.submit(ids, greedy(2)) for ids in (a, b)]
+        for stream in streams:
+            await collect(stream)
+        assert [len(work) for work in passes if work][0] == 2  # one step took both prompts
+        assert cache.stats.num_blocks == 2 + 2
+        tokens, _ = await collect(executor.submit(b + prompt(10, 3), greedy(NUM_TOKENS)))
+        assert cache.stats.hit_tokens == 64
+    finally:
+        await executor.stop()
+    ref_tokens, gaps = reference_greedy(model, b + prompt(10, 3), NUM_TOKENS)
+    assert_same_greedy(tokens, ref_tokens, gaps, label="after a shared pass")

@@ -37,3 +37,4 @@ def test_llm_takes_vllms_keyword():
     assert cluster_config("random:tiny", enable_prefix_caching=False).executor.prefix_cache_bytes == 0
     assert cluster_config("random:tiny", enable_prefix_caching=True).executor.prefix_cache_bytes == DEFAULT_CACHE_BYTES
     assert cluster_config("random:tiny").executor.prefix_cache_bytes == DEFAULT_CACHE_BYTES
+    assert cluster_config("random:tiny", enable_prefix_caching=None).executor.prefix_cache_bytes == DEFAULT_CACHE_BYTES
