@@ -280,10 +280,14 @@ def parse_stream_request(body: dict[str, Any]) -> GenerateRequest:
 
 # ---- fields ---------------------------------------------------------------------------------
 def _refuse_unsupported(body: dict[str, Any], *, is_chat: bool = False) -> None:
+    """400 for a field this server does not do (unless given its harmless value), and for a ``user`` that is not a
+    string (taken and unused, but typed: vLLM's is a str)."""
     unsupported = {**UNSUPPORTED_FIELDS, **UNSUPPORTED_CHAT_FIELDS} if is_chat else UNSUPPORTED_FIELDS
     for name, harmless in unsupported.items():
         if body.get(name) not in harmless:
             raise bad_request(f"{name} is not supported", name)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad_request(f"user must be a string, got {shown(body['user'])}", "user")
 
 
 def _completion_echo(body: dict[str, Any]) -> bool:

@@ -287,3 +287,13 @@ def test_the_stream_request_takes_chat_fields_as_the_chat_route_does():
     # a prompt has no template: tools are not a completions field, as /v1/completions leaves them alone
     prompt = parse_stream_request({"prompt": "a", "max_tokens": 4, "echo": False, "suffix": None, "tools": TOOLS})
     assert (prompt.max_tokens, prompt.is_echo, prompt.chat_template_kwargs) == (4, False, {})
+
+
+@pytest.mark.parametrize("parse", [lambda b: parse_completion({"prompt": "a", **b}),
+                                   lambda b: parse_chat({"messages": CHAT, **b})], ids=["completions", "chat"])
+def test_user_is_taken_as_a_string_only(parse):
+    parse({"user": "alice"})
+    parse({"user": None})
+    with pytest.raises(ApiError) as info:
+        parse({"user": 5})
+    assert info.value.status == 400 and info.value.param == "user" and "user must be a string" in str(info.value)
