@@ -40,6 +40,7 @@ from fastdecode.actors.structured_output import GrammarBackend
 from fastdecode.actors.tensor_io import KV_DTYPE_NAMES
 from fastdecode.actors.trace import StepTrace
 from fastdecode.scheduler.hybrid import ModeChoice, choose_mode, gpu_only_batch, planned_lengths
+from fastdecode.transport.sockets import check_address
 
 log = logging.getLogger("fastdecode.cluster")
 
@@ -106,6 +107,8 @@ class ClusterConfig:
             raise ValueError("num_shards must be non-negative")
         if self.num_shards and self.shard_addresses:
             raise ValueError("give either in-process shards or shard addresses, not both")
+        for address in self.shard_addresses:
+            check_address(address, listener="the shard daemon")
         repeated = sorted({a for a in self.shard_addresses if self.shard_addresses.count(a) > 1})
         if repeated:
             raise ValueError(f"shard address {repeated[0]} is given twice: give each shard daemon once")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import sys
 
 import click
@@ -27,10 +26,10 @@ from fastdecode.cli.errors import OneLineCommand, OneLineError
 from fastdecode.cli.log_options import LOG_LEVEL_OPTION, configure_logging
 from fastdecode.cli.sizes import SIZE, format_size
 from fastdecode.native import ISA_NAMES
+from fastdecode.transport.sockets import check_address
 
 log = logging.getLogger("fastdecode.start_shard")
 HURRIED_STOP_S = 2.0  # after a further signal, how long the stop may still wait for the request under way
-TCP_ADDRESS = re.compile(r"tcp://(\[[^\[\]]+\]|[^:\[\]]+):(.*)")  # host (an IPv6 one in brackets), port
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -51,37 +50,18 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
 
 
 def check_listen_address(listen: str) -> None:
-    """ValueError unless ``listen`` is ``ipc://PATH`` or ``tcp://HOST:PORT`` with a port in 1..65535, ``0`` or
-    ``*`` (any free one); ZeroMQ would wrap a larger port silently (99999 binds 34463)."""
-    if listen.startswith("ipc://"):
-        if len(listen) == len("ipc://"):
-            raise ValueError(f"{listen!r} names no path: use ipc://PATH")
-        return
-    if not listen.startswith("tcp://"):
-        raise ValueError(f"{listen!r} must start with tcp:// or ipc://")
-    match = TCP_ADDRESS.fullmatch(listen)
-    if match is None:
-        raise ValueError(f"cannot read {listen!r}: use tcp://HOST:PORT (an IPv6 host in brackets: tcp://[::1]:PORT)")
-    port = match.group(2)
-    if port != "*" and not (port.isascii() and port.isdigit() and int(port) <= 65535):
-        raise ValueError(f"port {port!r} of {listen!r} is not in 1..65535 (or 0 or *: any free port)")
+    """ValueError unless ZeroMQ binds ``listen`` as given (``check_address``: any free port allowed)."""
+    check_address(listen)
 
 
 def shard_addresses_option(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    """Checks each ``--shard ADDR`` of a command that connects to shard daemons: the address a daemon listens on
-    (``check_listen_address``), with its own port (not 0 or *)."""
+    """Checks each ``--shard ADDR`` of a command that connects to shard daemons when the options are read (as
+    ClusterConfig does later): an address a daemon listens on, with its own port."""
     for address in value:
-        match = TCP_ADDRESS.fullmatch(address)
-        if match is None:
-            try:
-                check_listen_address(address)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), ctx, param) from None
-            continue
-        port = match.group(2)
-        if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
-            raise click.BadParameter(f"port {port!r} of {address!r} is not in 1..65535: give the port the shard "
-                                     "daemon listens on", ctx, param)
+        try:
+            check_address(address, listener="the shard daemon")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
     return value
 
 

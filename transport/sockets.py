@@ -32,6 +32,7 @@ IPv4 bind as ``tcp://[::ffff:127.0.0.1]:PORT`` and may resolve ``localhost`` to
 """
 from __future__ import annotations
 
+import re
 import secrets
 
 import zmq
@@ -87,6 +88,31 @@ def make_socket(ctx: zmq.Context, socket_type: int, *, max_message_bytes: int) -
     elif socket_type == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     return sock
+
+
+TCP_ADDRESS = re.compile(r"tcp://(\[[^\[\]]+\]|[^:\[\]]+):(.*)")  # host (an IPv6 one in brackets), port
+
+
+def check_address(address: str, *, listener: str | None = None) -> None:
+    """ValueError unless ZeroMQ takes ``address`` as given: ``ipc://PATH`` or ``tcp://HOST:PORT`` with a port in
+    1..65535 (ZeroMQ would wrap a larger one silently: 99999 binds 34463). ``listener`` None: an address to bind,
+    whose port may also be 0 or * (any free one); else one to connect to, where ``listener`` (named in the error)
+    listens on its own port."""
+    if address.startswith("ipc://"):
+        if len(address) == len("ipc://"):
+            raise ValueError(f"{address!r} names no path: use ipc://PATH")
+        return
+    if not address.startswith("tcp://"):
+        raise ValueError(f"{address!r} must start with tcp:// or ipc://")
+    match = TCP_ADDRESS.fullmatch(address)
+    if match is None:
+        raise ValueError(f"cannot read {address!r}: use tcp://HOST:PORT (an IPv6 host in brackets: tcp://[::1]:PORT)")
+    port = match.group(2)
+    if listener is None and port in ("0", "*"):
+        return
+    if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+        hint = " (or 0 or *: any free port)" if listener is None else f": give the port {listener} listens on"
+        raise ValueError(f"port {port!r} of {address!r} is not in 1..65535{hint}")
 
 
 def is_loopback_address(address: str) -> bool:

@@ -231,3 +231,11 @@ def test_the_prefix_cache_takes_at_most_a_tenth_of_a_gpu_pool_sized_from_memory(
     assert gpu_prefix_cache_bytes(2 * gib, 6 * gib) == 6 * gib // 10  # a small one keeps nine tenths
     assert gpu_prefix_cache_bytes(0, 60 * gib) == 0
     assert gpu_prefix_cache_bytes(2 * gib, -1) == 0
+
+
+def test_a_shard_address_zeromq_cannot_connect_to_is_refused():
+    """As fdctl's --shard: checked when the config is made, not when the first connect fails after loading."""
+    for address, words in (("127.0.0.1:5555", "must start with tcp:// or ipc://"),
+                           ("tcp://127.0.0.1:0", "give the port the shard daemon listens on")):
+        with pytest.raises(ValueError, match=words):
+            ClusterConfig(shard_addresses=(address,))

@@ -57,7 +57,7 @@ def test_one_shot_default_kv_memory_is_what_the_prompt_needs(tiny_model):
     assert one_shot_kv_bytes(model, floor_tokens + 1) == (floor_tokens // 256 + 1) * 256 * token_bytes
     long_prompt = cluster_config(options, model, num_prompt_tokens=model.config.max_position_embeddings - 1)
     assert long_prompt.executor.max_model_len == model.config.max_position_embeddings  # cut to the context
-    daemons = cluster_config(GenerateOptions(model="random:tiny", prompt_token_ids=(1,), shard_addresses=("x",)),
+    daemons = cluster_config(GenerateOptions(model="random:tiny", prompt_token_ids=(1,), shard_addresses=("tcp://x:1",)),
                              model, num_prompt_tokens=1)
     assert daemons.shard_kv_memory_bytes is None and daemons.executor.max_model_len is None
 
